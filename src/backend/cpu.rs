@@ -1,0 +1,592 @@
+//! The reference backend: every op in plain Rust over `Vec<T>`, `T` = f32 (a slow but real trainer)
+//! or f64 (the oracle for finite-difference gradient checks). Matrix products go through
+//! `matrixmultiply`; everything else is a readable loop. GPU kernels are compared with this file.
+
+use super::{AdamWStep, AttnShape, Backend, Dropout, HostWeight};
+use crate::quant::Quant4;
+use num_traits::Float;
+use std::marker::PhantomData;
+
+/// The float types the CPU backend runs in.
+pub trait Real: Float + Default + Send + Sync + std::fmt::Debug + std::iter::Sum + 'static {
+    /// `C (m×n) = alpha · A (m×k) · B (k×n) + beta · C`, all with explicit (row, col) strides.
+    #[allow(clippy::too_many_arguments)]
+    fn gemm(
+        m: usize,
+        k: usize,
+        n: usize,
+        alpha: Self,
+        a: &[Self],
+        a_strides: (isize, isize),
+        b: &[Self],
+        b_strides: (isize, isize),
+        beta: Self,
+        c: &mut [Self],
+        c_strides: (isize, isize),
+    );
+    fn of(x: f64) -> Self;
+    fn f64(self) -> f64;
+}
+
+macro_rules! impl_real {
+    ($t:ty, $gemm:path) => {
+        impl Real for $t {
+            fn gemm(
+                m: usize,
+                k: usize,
+                n: usize,
+                alpha: Self,
+                a: &[Self],
+                (rsa, csa): (isize, isize),
+                b: &[Self],
+                (rsb, csb): (isize, isize),
+                beta: Self,
+                c: &mut [Self],
+                (rsc, csc): (isize, isize),
+            ) {
+                if m == 0 || n == 0 {
+                    return;
+                }
+                // Bounds: the largest index each operand touches must lie inside its slice.
+                let last = |r: usize, c: usize, rs: isize, cs: isize| {
+                    (r.saturating_sub(1)) as isize * rs + (c.saturating_sub(1)) as isize * cs
+                };
+                assert!(k == 0 || (last(m, k, rsa, csa) as usize) < a.len(), "gemm: A out of bounds");
+                assert!(k == 0 || (last(k, n, rsb, csb) as usize) < b.len(), "gemm: B out of bounds");
+                assert!((last(m, n, rsc, csc) as usize) < c.len(), "gemm: C out of bounds");
+                // SAFETY: the asserts above keep every access of the kernel inside the slices.
+                unsafe {
+                    $gemm(
+                        m,
+                        k,
+                        n,
+                        alpha,
+                        a.as_ptr(),
+                        rsa,
+                        csa,
+                        b.as_ptr(),
+                        rsb,
+                        csb,
+                        beta,
+                        c.as_mut_ptr(),
+                        rsc,
+                        csc,
+                    )
+                }
+            }
+            fn of(x: f64) -> Self {
+                x as $t
+            }
+            fn f64(self) -> f64 {
+                self as f64
+            }
+        }
+    };
+}
+impl_real!(f32, matrixmultiply::sgemm);
+impl_real!(f64, matrixmultiply::dgemm);
+
+/// A frozen weight on the CPU: dense, or 4-bit and expanded a slab of rows at a time when used.
+#[derive(Debug, Clone)]
+pub enum CpuWeight<T> {
+    Dense { rows: usize, cols: usize, data: Vec<T> },
+    Quant4 { rows: usize, cols: usize, q: Quant4 },
+}
+
+impl<T: Real> CpuWeight<T> {
+    fn shape(&self) -> (usize, usize) {
+        match self {
+            CpuWeight::Dense { rows, cols, .. } | CpuWeight::Quant4 { rows, cols, .. } => (*rows, *cols),
+        }
+    }
+
+    /// Calls `f(first_row, rows_slab)` over row slabs of the weight (a borrowed view when dense,
+    /// a freshly dequantized slab when 4-bit) so that a 4-bit weight is never fully expanded.
+    fn for_each_slab(&self, mut f: impl FnMut(usize, &[T])) {
+        match self {
+            CpuWeight::Dense { data, .. } => f(0, data),
+            CpuWeight::Quant4 { rows, cols, q } => {
+                const SLAB_ROWS: usize = 256;
+                let mut tmp32 = vec![0f32; SLAB_ROWS.min(*rows) * cols];
+                let mut tmp: Vec<T> = vec![T::zero(); tmp32.len()];
+                let mut r0 = 0;
+                while r0 < *rows {
+                    let nr = SLAB_ROWS.min(rows - r0);
+                    let n = nr * cols;
+                    q.dequantize_range(r0 * cols, &mut tmp32[..n]);
+                    for (d, s) in tmp[..n].iter_mut().zip(&tmp32[..n]) {
+                        *d = T::of(*s as f64);
+                    }
+                    f(r0, &tmp[..n]);
+                    r0 += nr;
+                }
+            }
+        }
+    }
+}
+
+/// The CPU backend in float type `T`.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Cpu<T>(pub PhantomData<T>);
+
+impl<T> Cpu<T> {
+    pub const fn new() -> Self {
+        Cpu(PhantomData)
+    }
+}
+
+#[inline]
+fn silu<T: Real>(x: T) -> T {
+    x / (T::one() + (-x).exp())
+}
+
+impl<T: Real> Backend for Cpu<T> {
+    type Buf = Vec<T>;
+    type Weight = CpuWeight<T>;
+
+    fn name(&self) -> String {
+        format!("cpu ({})", std::any::type_name::<T>())
+    }
+
+    fn zeros(&self, n: usize) -> Vec<T> {
+        vec![T::zero(); n]
+    }
+    fn from_f32(&self, host: &[f32]) -> Vec<T> {
+        host.iter().map(|&x| T::of(x as f64)).collect()
+    }
+    fn from_f64(&self, host: &[f64]) -> Vec<T> {
+        host.iter().map(|&x| T::of(x)).collect()
+    }
+    fn to_f32(&self, buf: &Vec<T>) -> Vec<f32> {
+        buf.iter().map(|x| x.f64() as f32).collect()
+    }
+    fn to_f64(&self, buf: &Vec<T>) -> Vec<f64> {
+        buf.iter().map(|x| x.f64()).collect()
+    }
+    fn buf_len(&self, buf: &Vec<T>) -> usize {
+        buf.len()
+    }
+    fn upload_weight(&self, w: HostWeight) -> CpuWeight<T> {
+        match w {
+            HostWeight::Dense { rows, cols, data } => {
+                CpuWeight::Dense { rows, cols, data: data.iter().map(|&x| T::of(x as f64)).collect() }
+            }
+            HostWeight::Quant4 { rows, cols, q } => CpuWeight::Quant4 { rows, cols, q },
+        }
+    }
+    fn weight_shape(&self, w: &CpuWeight<T>) -> (usize, usize) {
+        w.shape()
+    }
+    fn weight_to_host(&self, w: &CpuWeight<T>) -> HostWeight {
+        match w {
+            CpuWeight::Dense { rows, cols, data } => {
+                HostWeight::Dense { rows: *rows, cols: *cols, data: data.iter().map(|x| x.f64() as f32).collect() }
+            }
+            CpuWeight::Quant4 { rows, cols, q } => HostWeight::Quant4 { rows: *rows, cols: *cols, q: q.clone() },
+        }
+    }
+    fn read_range(&self, buf: &Vec<T>, start: usize, len: usize) -> Vec<T> {
+        buf[start..start + len].to_vec()
+    }
+    fn write_range(&self, src: &Vec<T>, dst: &mut Vec<T>, offset: usize) {
+        dst[offset..offset + src.len()].copy_from_slice(src);
+    }
+
+    fn add_assign(&self, dst: &mut Vec<T>, src: &Vec<T>) {
+        assert_eq!(dst.len(), src.len(), "add_assign: length mismatch");
+        for (d, s) in dst.iter_mut().zip(src) {
+            *d = *d + *s;
+        }
+    }
+    fn add(&self, a: &Vec<T>, b: &Vec<T>, out: &mut Vec<T>) {
+        assert!(a.len() == b.len() && a.len() == out.len(), "add: length mismatch");
+        for ((o, x), y) in out.iter_mut().zip(a).zip(b) {
+            *o = *x + *y;
+        }
+    }
+    fn scale(&self, buf: &mut Vec<T>, s: f64) {
+        let s = T::of(s);
+        buf.iter_mut().for_each(|x| *x = *x * s);
+    }
+    fn sum_squares(&self, buf: &Vec<T>) -> f64 {
+        buf.iter().map(|x| x.f64() * x.f64()).sum()
+    }
+    fn has_non_finite(&self, buf: &Vec<T>) -> bool {
+        buf.iter().any(|x| !x.is_finite())
+    }
+
+    fn embedding(&self, table: &CpuWeight<T>, ids: &[u32], out: &mut Vec<T>) {
+        let (vocab, dim) = table.shape();
+        assert_eq!(out.len(), ids.len() * dim, "embedding: out has the wrong length");
+        match table {
+            CpuWeight::Dense { data, .. } => {
+                for (i, &id) in ids.iter().enumerate() {
+                    let id = id as usize;
+                    assert!(id < vocab, "token id {id} >= vocab {vocab}");
+                    out[i * dim..(i + 1) * dim].copy_from_slice(&data[id * dim..(id + 1) * dim]);
+                }
+            }
+            CpuWeight::Quant4 { q, .. } => {
+                let mut row = vec![0f32; dim];
+                for (i, &id) in ids.iter().enumerate() {
+                    let id = id as usize;
+                    assert!(id < vocab, "token id {id} >= vocab {vocab}");
+                    q.dequantize_range(id * dim, &mut row);
+                    for (o, r) in out[i * dim..(i + 1) * dim].iter_mut().zip(&row) {
+                        *o = T::of(*r as f64);
+                    }
+                }
+            }
+        }
+    }
+    fn embedding_backward(&self, ids: &[u32], dout: &Vec<T>, dim: usize, dtable: &mut Vec<T>) {
+        for (i, &id) in ids.iter().enumerate() {
+            let id = id as usize;
+            for j in 0..dim {
+                dtable[id * dim + j] = dtable[id * dim + j] + dout[i * dim + j];
+            }
+        }
+    }
+
+    fn rmsnorm(&self, x: &Vec<T>, w: &Vec<T>, dim: usize, eps: f64, out: &mut Vec<T>, rstd: &mut Vec<T>) {
+        let m = x.len() / dim;
+        assert!(out.len() == x.len() && rstd.len() == m && w.len() == dim, "rmsnorm: bad shapes");
+        for i in 0..m {
+            let row = &x[i * dim..(i + 1) * dim];
+            let ms = row.iter().map(|v| *v * *v).sum::<T>() / T::of(dim as f64);
+            let r = T::one() / (ms + T::of(eps)).sqrt();
+            rstd[i] = r;
+            for j in 0..dim {
+                out[i * dim + j] = row[j] * r * w[j];
+            }
+        }
+    }
+    fn rmsnorm_backward(&self, x: &Vec<T>, w: &Vec<T>, rstd: &Vec<T>, dout: &Vec<T>, dim: usize, dx: &mut Vec<T>) {
+        // y = x·r·w with r = (mean x² + eps)^-1/2  ⇒  dx = r·(g − x·r²·mean(g·x)), g = dy·w.
+        let m = x.len() / dim;
+        for i in 0..m {
+            let r = rstd[i];
+            let xs = &x[i * dim..(i + 1) * dim];
+            let dys = &dout[i * dim..(i + 1) * dim];
+            let dot = (0..dim).map(|j| dys[j] * w[j] * xs[j]).sum::<T>() / T::of(dim as f64);
+            for j in 0..dim {
+                dx[i * dim + j] = r * (dys[j] * w[j] - xs[j] * r * r * dot);
+            }
+        }
+    }
+
+    fn linear(&self, x: &Vec<T>, w: &CpuWeight<T>, m: usize, out: &mut Vec<T>) {
+        let (rows, cols) = w.shape();
+        assert!(x.len() == m * cols && out.len() == m * rows, "linear: bad shapes");
+        // out[:, r0..r0+nr] = x · slabᵀ, the slab being rows r0.. of W.
+        w.for_each_slab(|r0, slab| {
+            let nr = slab.len() / cols;
+            T::gemm(
+                m,
+                cols,
+                nr,
+                T::one(),
+                x,
+                (cols as isize, 1),
+                slab,
+                (1, cols as isize),
+                T::zero(),
+                &mut out[r0..],
+                (rows as isize, 1),
+            );
+        });
+    }
+    fn linear_backward_input(&self, dy: &Vec<T>, w: &CpuWeight<T>, m: usize, dx: &mut Vec<T>, accumulate: bool) {
+        let (rows, cols) = w.shape();
+        assert!(dy.len() == m * rows && dx.len() == m * cols, "linear_backward_input: bad shapes");
+        if !accumulate {
+            dx.iter_mut().for_each(|v| *v = T::zero());
+        }
+        // dx += dy[:, r0..r0+nr] · slab.
+        w.for_each_slab(|r0, slab| {
+            let nr = slab.len() / cols;
+            T::gemm(
+                m,
+                nr,
+                cols,
+                T::one(),
+                &dy[r0..],
+                (rows as isize, 1),
+                slab,
+                (cols as isize, 1),
+                T::one(),
+                dx,
+                (cols as isize, 1),
+            );
+        });
+    }
+
+    fn lora_forward(
+        &self,
+        x: &Vec<T>,
+        a: &Vec<T>,
+        b: &Vec<T>,
+        m: usize,
+        r: usize,
+        scale: f32,
+        dropout: Dropout,
+        u: &mut Vec<T>,
+        y: &mut Vec<T>,
+    ) {
+        let cols = a.len() / r;
+        let rows = b.len() / r;
+        assert!(x.len() == m * cols && u.len() == m * r && y.len() == m * rows, "lora_forward: bad shapes");
+        let xd = dropped(x, dropout);
+        T::gemm(m, cols, r, T::one(), &xd, (cols as isize, 1), a, (1, cols as isize), T::zero(), u, (r as isize, 1));
+        T::gemm(
+            m,
+            r,
+            rows,
+            T::of(scale as f64),
+            u,
+            (r as isize, 1),
+            b,
+            (1, r as isize),
+            T::one(),
+            y,
+            (rows as isize, 1),
+        );
+    }
+    fn lora_backward(
+        &self,
+        x: &Vec<T>,
+        a: &Vec<T>,
+        b: &Vec<T>,
+        u: &Vec<T>,
+        dy: &Vec<T>,
+        m: usize,
+        r: usize,
+        scale: f32,
+        dropout: Dropout,
+        da: &mut Vec<T>,
+        db: &mut Vec<T>,
+        dx: &mut Vec<T>,
+    ) {
+        let cols = a.len() / r;
+        let rows = b.len() / r;
+        let s = T::of(scale as f64);
+        // db (rows, r) += s · dyᵀ · u
+        T::gemm(rows, m, r, s, dy, (1, rows as isize), u, (r as isize, 1), T::one(), db, (r as isize, 1));
+        // du (m, r) = s · dy · B
+        let mut du = vec![T::zero(); m * r];
+        T::gemm(m, rows, r, s, dy, (rows as isize, 1), b, (r as isize, 1), T::zero(), &mut du, (r as isize, 1));
+        // da (r, cols) += duᵀ · drop(x)
+        let xd = dropped(x, dropout);
+        T::gemm(r, m, cols, T::one(), &du, (1, r as isize), &xd, (cols as isize, 1), T::one(), da, (cols as isize, 1));
+        // dx += drop'(du · A)
+        let mut dxd = vec![T::zero(); m * cols];
+        T::gemm(m, r, cols, T::one(), &du, (r as isize, 1), a, (cols as isize, 1), T::zero(), &mut dxd, (cols as isize, 1));
+        for (i, (d, g)) in dx.iter_mut().zip(&dxd).enumerate() {
+            *d = *d + *g * T::of(dropout.factor(i as u64) as f64);
+        }
+    }
+
+    fn rope(&self, x: &Vec<T>, cos: &Vec<T>, sin: &Vec<T>, heads: usize, head_dim: usize, inverse: bool, out: &mut Vec<T>) {
+        let half = head_dim / 2;
+        let m = x.len() / (heads * head_dim);
+        assert!(cos.len() == m * half && sin.len() == m * half && out.len() == x.len(), "rope: bad shapes");
+        for t in 0..m {
+            for h in 0..heads {
+                let base = (t * heads + h) * head_dim;
+                for i in 0..half {
+                    let c = cos[t * half + i];
+                    let s = if inverse { -sin[t * half + i] } else { sin[t * half + i] };
+                    let (x1, x2) = (x[base + i], x[base + half + i]);
+                    out[base + i] = x1 * c - x2 * s;
+                    out[base + half + i] = x2 * c + x1 * s;
+                }
+            }
+        }
+    }
+
+    fn attention(
+        &self,
+        q: &Vec<T>,
+        k: &Vec<T>,
+        v: &Vec<T>,
+        sh: AttnShape,
+        segments: Option<&[u32]>,
+        out: &mut Vec<T>,
+        lse: &mut Vec<T>,
+    ) {
+        let d = sh.head_dim;
+        let scale = T::of(1.0 / (d as f64).sqrt());
+        let mut p = vec![T::zero(); sh.kv_len];
+        for b in 0..sh.batch {
+            for h in 0..sh.heads {
+                let g = h / (sh.heads / sh.kv_heads);
+                for t in 0..sh.q_len {
+                    let qi = ((b * sh.q_len + t) * sh.heads + h) * d;
+                    let o = &mut out[qi..qi + d];
+                    o.iter_mut().for_each(|x| *x = T::zero());
+                    let li = (b * sh.heads + h) * sh.q_len + t;
+                    let visible = visible_keys(sh, segments, b, t);
+                    if visible.is_empty() {
+                        lse[li] = T::neg_infinity();
+                        continue;
+                    }
+                    let mut mx = T::neg_infinity();
+                    for &s in &visible {
+                        let ki = ((b * sh.kv_capacity + s) * sh.kv_heads + g) * d;
+                        let dot = (0..d).map(|j| q[qi + j] * k[ki + j]).sum::<T>() * scale;
+                        p[s] = dot;
+                        mx = mx.max(dot);
+                    }
+                    let mut denom = T::zero();
+                    for &s in &visible {
+                        p[s] = (p[s] - mx).exp();
+                        denom = denom + p[s];
+                    }
+                    for &s in &visible {
+                        let w = p[s] / denom;
+                        let vi = ((b * sh.kv_capacity + s) * sh.kv_heads + g) * d;
+                        for j in 0..d {
+                            o[j] = o[j] + w * v[vi + j];
+                        }
+                    }
+                    lse[li] = mx + denom.ln();
+                }
+            }
+        }
+    }
+    fn attention_backward(
+        &self,
+        q: &Vec<T>,
+        k: &Vec<T>,
+        v: &Vec<T>,
+        out: &Vec<T>,
+        lse: &Vec<T>,
+        dout: &Vec<T>,
+        sh: AttnShape,
+        segments: Option<&[u32]>,
+        dq: &mut Vec<T>,
+        dk: &mut Vec<T>,
+        dv: &mut Vec<T>,
+    ) {
+        // Recompute p = exp(s − lse); dv += pᵀ·do; dp = do·vᵀ; ds = p ⊙ (dp − rowsum(do ⊙ o)).
+        let d = sh.head_dim;
+        let scale = T::of(1.0 / (d as f64).sqrt());
+        dq.iter_mut().for_each(|x| *x = T::zero());
+        dk.iter_mut().for_each(|x| *x = T::zero());
+        dv.iter_mut().for_each(|x| *x = T::zero());
+        for b in 0..sh.batch {
+            for h in 0..sh.heads {
+                let g = h / (sh.heads / sh.kv_heads);
+                for t in 0..sh.q_len {
+                    let qi = ((b * sh.q_len + t) * sh.heads + h) * d;
+                    let li = (b * sh.heads + h) * sh.q_len + t;
+                    let visible = visible_keys(sh, segments, b, t);
+                    if visible.is_empty() {
+                        continue;
+                    }
+                    let delta = (0..d).map(|j| dout[qi + j] * out[qi + j]).sum::<T>();
+                    for &s in &visible {
+                        let ki = ((b * sh.kv_capacity + s) * sh.kv_heads + g) * d;
+                        let score = (0..d).map(|j| q[qi + j] * k[ki + j]).sum::<T>() * scale;
+                        let p = (score - lse[li]).exp();
+                        let dp = (0..d).map(|j| dout[qi + j] * v[ki + j]).sum::<T>();
+                        let ds = p * (dp - delta);
+                        for j in 0..d {
+                            dv[ki + j] = dv[ki + j] + p * dout[qi + j];
+                            dq[qi + j] = dq[qi + j] + ds * scale * k[ki + j];
+                            dk[ki + j] = dk[ki + j] + ds * scale * q[qi + j];
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn swiglu(&self, gate: &Vec<T>, up: &Vec<T>, out: &mut Vec<T>) {
+        for ((o, g), u) in out.iter_mut().zip(gate).zip(up) {
+            *o = silu(*g) * *u;
+        }
+    }
+    fn swiglu_backward(&self, gate: &Vec<T>, up: &Vec<T>, dout: &Vec<T>, dgate: &mut Vec<T>, dup: &mut Vec<T>) {
+        for i in 0..gate.len() {
+            let g = gate[i];
+            let sig = T::one() / (T::one() + (-g).exp());
+            dup[i] = dout[i] * g * sig;
+            // d silu/dg = σ(g)·(1 + g·(1 − σ(g)))
+            dgate[i] = dout[i] * up[i] * sig * (T::one() + g * (T::one() - sig));
+        }
+    }
+
+    fn cross_entropy(&self, logits: &Vec<T>, targets: &[i32], vocab: usize, scale: f32, dlogits: &mut Vec<T>) -> (f64, usize) {
+        let m = targets.len();
+        assert!(logits.len() == m * vocab && dlogits.len() == logits.len(), "cross_entropy: bad shapes");
+        let mut loss = 0f64;
+        let mut count = 0usize;
+        let s = T::of(scale as f64);
+        for i in 0..m {
+            let row = &logits[i * vocab..(i + 1) * vocab];
+            let drow = &mut dlogits[i * vocab..(i + 1) * vocab];
+            let t = targets[i];
+            if t < 0 {
+                drow.iter_mut().for_each(|x| *x = T::zero());
+                continue;
+            }
+            let t = t as usize;
+            assert!(t < vocab, "target {t} >= vocab {vocab}");
+            let mx = row.iter().fold(T::neg_infinity(), |a, &b| a.max(b));
+            let sum = row.iter().map(|&x| (x - mx).exp()).sum::<T>();
+            let lse = mx + sum.ln();
+            loss += (lse - row[t]).f64();
+            count += 1;
+            for j in 0..vocab {
+                drow[j] = (row[j] - lse).exp() * s;
+            }
+            drow[t] = drow[t] - s;
+        }
+        (loss, count)
+    }
+
+    fn adamw(&self, param: &mut Vec<T>, grad: &Vec<T>, m: &mut Vec<T>, v: &mut Vec<T>, hp: &AdamWStep) {
+        // bitsandbytes' 32-bit Adam kernel, in f32 whatever T is so CPU and GPU round alike:
+        // update with bias corrections folded into the step size, then decoupled weight decay.
+        let c1 = 1.0 - hp.beta1.powi(hp.step as i32);
+        let c2 = (1.0 - hp.beta2.powi(hp.step as i32)).sqrt();
+        let step_size = -hp.lr * c2 / c1;
+        for i in 0..param.len() {
+            let g = grad[i].f64() as f32 * hp.grad_scale;
+            let mi = m[i].f64() as f32 * hp.beta1 + (1.0 - hp.beta1) * g;
+            let vi = v[i].f64() as f32 * hp.beta2 + (1.0 - hp.beta2) * g * g;
+            let mut p = param[i].f64() as f32 + step_size * (mi / (vi.sqrt() + hp.eps * c2));
+            if hp.weight_decay > 0.0 {
+                p *= 1.0 - hp.lr * hp.weight_decay;
+            }
+            m[i] = T::of(mi as f64);
+            v[i] = T::of(vi as f64);
+            param[i] = T::of(p as f64);
+        }
+    }
+}
+
+/// `x` with inverted dropout applied (a copy when dropout is active).
+fn dropped<T: Real>(x: &[T], dropout: Dropout) -> std::borrow::Cow<'_, [T]> {
+    if !dropout.is_active() {
+        return std::borrow::Cow::Borrowed(x);
+    }
+    std::borrow::Cow::Owned(x.iter().enumerate().map(|(i, &v)| v * T::of(dropout.factor(i as u64) as f64)).collect())
+}
+
+/// Keys visible to query `t` of batch row `b`: causal by absolute position, same segment, not padding.
+fn visible_keys(sh: AttnShape, segments: Option<&[u32]>, b: usize, t: usize) -> Vec<usize> {
+    let pos = sh.q_offset + t;
+    let last = pos.min(sh.kv_len.saturating_sub(1));
+    match segments {
+        None => (0..=last).collect(),
+        Some(seg) => {
+            let qseg = seg[b * sh.kv_capacity + pos];
+            if qseg == 0 {
+                return vec![];
+            }
+            (0..=last).filter(|&s| seg[b * sh.kv_capacity + s] == qseg).collect()
+        }
+    }
+}

@@ -1,0 +1,267 @@
+//! The ops the Llama graph needs, forward and backward, over a backend's own buffers.
+//!
+//! Conventions for every op: buffers are flat and row-major; `m` is the number of token rows
+//! (batch × sequence); a linear weight is `(rows = out_features, cols = in_features)` as PyTorch stores
+//! it, so `linear` computes `y = x · Wᵀ`. Ops that write `out` overwrite it unless their name or
+//! an `accumulate` flag says they add into it.
+
+pub mod cpu;
+
+use crate::quant::Quant4;
+
+/// A frozen weight as it arrives from a checkpoint, before a backend takes it.
+#[derive(Debug, Clone)]
+pub enum HostWeight {
+    /// Dense values, `rows × cols`, row-major.
+    Dense { rows: usize, cols: usize, data: Vec<f32> },
+    /// 4-bit blockwise quantized (bitsandbytes layout) over the flattened `rows × cols` matrix.
+    Quant4 { rows: usize, cols: usize, q: Quant4 },
+}
+
+impl HostWeight {
+    pub fn shape(&self) -> (usize, usize) {
+        match self {
+            HostWeight::Dense { rows, cols, .. } | HostWeight::Quant4 { rows, cols, .. } => (*rows, *cols),
+        }
+    }
+    /// Dense f32 values (dequantized if needed).
+    pub fn to_f32(&self) -> Vec<f32> {
+        match self {
+            HostWeight::Dense { data, .. } => data.clone(),
+            HostWeight::Quant4 { q, .. } => q.dequantize(),
+        }
+    }
+}
+
+/// Inverted dropout whose mask is a pure function of `(seed, flat index)`: it is regenerated in
+/// backward and in a checkpointed replay instead of being stored, and a GPU kernel can compute the
+/// same mask from the same formula.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Dropout {
+    pub p: f32,
+    pub seed: u64,
+}
+
+impl Dropout {
+    pub const NONE: Dropout = Dropout { p: 0.0, seed: 0 };
+
+    pub fn is_active(&self) -> bool {
+        self.p > 0.0
+    }
+
+    /// The multiplier of element `idx`: 0 (dropped) or 1/(1-p) (kept).
+    #[inline]
+    pub fn factor(&self, idx: u64) -> f32 {
+        if self.p <= 0.0 {
+            return 1.0;
+        }
+        // splitmix64 of (seed, idx): cheap, stateless and identical on every device.
+        let mut z = self.seed.wrapping_add(idx.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^= z >> 31;
+        let u = (z >> 40) as f32 / (1u64 << 24) as f32; // uniform in [0, 1) with 24 bits
+        if u < self.p {
+            0.0
+        } else {
+            1.0 / (1.0 - self.p)
+        }
+    }
+}
+
+/// Geometry of one attention call. Queries are `(batch, q_len, heads, head_dim)`; keys and values
+/// `(batch, kv_capacity, kv_heads, head_dim)` of which the first `kv_len` rows are valid. Query `t`
+/// sits at absolute position `q_offset + t` and sees keys `s <= q_offset + t` (causal).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AttnShape {
+    pub batch: usize,
+    pub q_len: usize,
+    pub kv_len: usize,
+    pub kv_capacity: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    pub q_offset: usize,
+}
+
+impl AttnShape {
+    /// Training shape: queries and keys are the same `seq` positions.
+    pub fn square(batch: usize, seq: usize, heads: usize, kv_heads: usize, head_dim: usize) -> Self {
+        AttnShape { batch, q_len: seq, kv_len: seq, kv_capacity: seq, heads, kv_heads, head_dim, q_offset: 0 }
+    }
+}
+
+/// One AdamW update's hyper-parameters (bitsandbytes' 32-bit Adam with decoupled weight decay).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AdamWStep {
+    pub lr: f32,
+    pub beta1: f32,
+    pub beta2: f32,
+    pub eps: f32,
+    pub weight_decay: f32,
+    /// 1-based step count, for bias correction.
+    pub step: u32,
+    /// Multiplies the gradient first (gradient clipping's coefficient).
+    pub grad_scale: f32,
+}
+
+/// The ops of the Llama graph. `Buf` holds dense activations and trainable parameters in the
+/// backend's float type; `Weight` holds a frozen base weight (dense or 4-bit).
+pub trait Backend {
+    type Buf: Clone;
+    type Weight;
+
+    fn name(&self) -> String;
+
+    // ---- memory --------------------------------------------------------------------------------
+    fn zeros(&self, n: usize) -> Self::Buf;
+    fn from_f32(&self, host: &[f32]) -> Self::Buf;
+    fn from_f64(&self, host: &[f64]) -> Self::Buf;
+    fn to_f32(&self, buf: &Self::Buf) -> Vec<f32>;
+    fn to_f64(&self, buf: &Self::Buf) -> Vec<f64>;
+    fn buf_len(&self, buf: &Self::Buf) -> usize;
+    fn upload_weight(&self, w: HostWeight) -> Self::Weight;
+    /// `(rows, cols)` = `(out_features, in_features)`.
+    fn weight_shape(&self, w: &Self::Weight) -> (usize, usize);
+    fn weight_to_host(&self, w: &Self::Weight) -> HostWeight;
+    /// A copy of `len` elements starting at `start`.
+    fn read_range(&self, buf: &Self::Buf, start: usize, len: usize) -> Self::Buf;
+    /// Copies all of `src` into `dst` starting at `offset`.
+    fn write_range(&self, src: &Self::Buf, dst: &mut Self::Buf, offset: usize);
+
+    // ---- elementwise -----------------------------------------------------------------------------
+    /// `dst += src`.
+    fn add_assign(&self, dst: &mut Self::Buf, src: &Self::Buf);
+    /// `out = a + b`.
+    fn add(&self, a: &Self::Buf, b: &Self::Buf, out: &mut Self::Buf);
+    /// `buf *= s`.
+    fn scale(&self, buf: &mut Self::Buf, s: f64);
+    /// Σ buf², accumulated in f64 (for the global gradient norm).
+    fn sum_squares(&self, buf: &Self::Buf) -> f64;
+    /// True if any element is NaN or infinite.
+    fn has_non_finite(&self, buf: &Self::Buf) -> bool;
+
+    // ---- graph ops -------------------------------------------------------------------------------
+    /// `out[i] = table[ids[i]]`: `(m, dim)` rows gathered from a `(vocab, dim)` weight.
+    fn embedding(&self, table: &Self::Weight, ids: &[u32], out: &mut Self::Buf);
+    /// `dtable[ids[i]] += dout[i]` (only needed when an embedding is trained).
+    fn embedding_backward(&self, ids: &[u32], dout: &Self::Buf, dim: usize, dtable: &mut Self::Buf);
+    /// RMSNorm over rows of `dim`: `out = x / sqrt(mean(x²) + eps) * w`; saves `rstd` `(m)`.
+    fn rmsnorm(&self, x: &Self::Buf, w: &Self::Buf, dim: usize, eps: f64, out: &mut Self::Buf, rstd: &mut Self::Buf);
+    /// Input gradient of RMSNorm (the norm weight is frozen).
+    fn rmsnorm_backward(
+        &self,
+        x: &Self::Buf,
+        w: &Self::Buf,
+        rstd: &Self::Buf,
+        dout: &Self::Buf,
+        dim: usize,
+        dx: &mut Self::Buf,
+    );
+    /// `out (m, rows) = x (m, cols) · Wᵀ`.
+    fn linear(&self, x: &Self::Buf, w: &Self::Weight, m: usize, out: &mut Self::Buf);
+    /// `dx (m, cols) (+)= dy (m, rows) · W`.
+    fn linear_backward_input(&self, dy: &Self::Buf, w: &Self::Weight, m: usize, dx: &mut Self::Buf, accumulate: bool);
+    /// LoRA branch: `u (m, r) = drop(x) · Aᵀ`, then `y (m, out) += scale · u · Bᵀ`.
+    /// `a` is `(r, in)`, `b` is `(out, r)`.
+    #[allow(clippy::too_many_arguments)]
+    fn lora_forward(
+        &self,
+        x: &Self::Buf,
+        a: &Self::Buf,
+        b: &Self::Buf,
+        m: usize,
+        r: usize,
+        scale: f32,
+        dropout: Dropout,
+        u: &mut Self::Buf,
+        y: &mut Self::Buf,
+    );
+    /// LoRA backward: `da += (scale·dy·B)ᵀ · drop(x)`, `db += scale · dyᵀ · u`, `dx += drop'((scale·dy·B) · A)`.
+    #[allow(clippy::too_many_arguments)]
+    fn lora_backward(
+        &self,
+        x: &Self::Buf,
+        a: &Self::Buf,
+        b: &Self::Buf,
+        u: &Self::Buf,
+        dy: &Self::Buf,
+        m: usize,
+        r: usize,
+        scale: f32,
+        dropout: Dropout,
+        da: &mut Self::Buf,
+        db: &mut Self::Buf,
+        dx: &mut Self::Buf,
+    );
+    /// Rotary embedding (rotate-half layout) of `x (m, heads, head_dim)` by per-row tables
+    /// `cos, sin (m, head_dim/2)`; `inverse` rotates by the negative angle (the backward pass).
+    #[allow(clippy::too_many_arguments)]
+    fn rope(
+        &self,
+        x: &Self::Buf,
+        cos: &Self::Buf,
+        sin: &Self::Buf,
+        heads: usize,
+        head_dim: usize,
+        inverse: bool,
+        out: &mut Self::Buf,
+    );
+    /// Causal attention with GQA; `segments` (length `batch × kv_capacity`, position-indexed) masks
+    /// keys of other documents and padding (segment 0). Writes `out (batch, q_len, heads, head_dim)`
+    /// and the log-sum-exp `lse (batch, heads, q_len)` that backward reuses.
+    #[allow(clippy::too_many_arguments)]
+    fn attention(
+        &self,
+        q: &Self::Buf,
+        k: &Self::Buf,
+        v: &Self::Buf,
+        shape: AttnShape,
+        segments: Option<&[u32]>,
+        out: &mut Self::Buf,
+        lse: &mut Self::Buf,
+    );
+    #[allow(clippy::too_many_arguments)]
+    fn attention_backward(
+        &self,
+        q: &Self::Buf,
+        k: &Self::Buf,
+        v: &Self::Buf,
+        out: &Self::Buf,
+        lse: &Self::Buf,
+        dout: &Self::Buf,
+        shape: AttnShape,
+        segments: Option<&[u32]>,
+        dq: &mut Self::Buf,
+        dk: &mut Self::Buf,
+        dv: &mut Self::Buf,
+    );
+    /// `out = silu(gate) * up`.
+    fn swiglu(&self, gate: &Self::Buf, up: &Self::Buf, out: &mut Self::Buf);
+    fn swiglu_backward(
+        &self,
+        gate: &Self::Buf,
+        up: &Self::Buf,
+        dout: &Self::Buf,
+        dgate: &mut Self::Buf,
+        dup: &mut Self::Buf,
+    );
+    /// Cross-entropy of `logits (m, vocab)` against `targets` (-100 = ignored). Returns the summed
+    /// loss (f64) and the number of counted rows; writes `dlogits = scale · (softmax − onehot)` on
+    /// counted rows and 0 elsewhere.
+    fn cross_entropy(
+        &self,
+        logits: &Self::Buf,
+        targets: &[i32],
+        vocab: usize,
+        scale: f32,
+        dlogits: &mut Self::Buf,
+    ) -> (f64, usize);
+
+    // ---- optimizer -------------------------------------------------------------------------------
+    /// One 32-bit AdamW update of `param` with state `m`, `v`.
+    fn adamw(&self, param: &mut Self::Buf, grad: &Self::Buf, m: &mut Self::Buf, v: &mut Self::Buf, hp: &AdamWStep);
+}
+
+/// The token id that marks a position ignored by the loss (PyTorch's `ignore_index`).
+pub const IGNORE_INDEX: i32 = -100;

@@ -1,0 +1,561 @@
+//! The Llama graph: embedding → L × (RMSNorm → attention with RoPE and GQA → residual → RMSNorm →
+//! SwiGLU MLP → residual) → RMSNorm → lm_head → cross-entropy, written once over any [`Backend`]
+//! and used for training (recording a [`Tape`]), evaluation and cached decoding.
+
+use crate::backend::{AttnShape, Backend, Dropout, HostWeight, IGNORE_INDEX};
+use crate::config::{ModelConfig, QuantConfig};
+use crate::error::{Error, Result};
+use crate::model::lora::{Lora, LoraGrads, LoraPair, Proj};
+use crate::model::rope;
+use crate::model::weights::{HostTensor, WeightSource};
+use crate::quant::Quant4;
+use crate::tape::{Id, NormRef, Op, Tape};
+
+/// One decoder layer's frozen weights.
+pub struct Layer<B: Backend> {
+    /// `(hidden)`
+    pub attn_norm: B::Buf,
+    /// `(hidden)`
+    pub mlp_norm: B::Buf,
+    /// The seven projections, indexed by [`Proj`].
+    pub proj: [B::Weight; 7],
+}
+
+/// A Llama-family model with frozen weights on backend `B`.
+pub struct Llama<B: Backend> {
+    pub cfg: ModelConfig,
+    /// `(vocab, hidden)`
+    pub embed: B::Weight,
+    pub layers: Vec<Layer<B>>,
+    /// `(hidden)`
+    pub norm: B::Buf,
+    /// `(vocab, hidden)`; `None` when tied to `embed`.
+    pub lm_head: Option<B::Weight>,
+}
+
+/// Checks a tensor's shape against what the config implies.
+fn expect_shape(name: &str, t: &HostTensor, want: &[usize]) -> Result<()> {
+    if t.shape != want {
+        return Err(Error::tensor(name, format!("shape {:?} disagrees with the config, which implies {want:?}", t.shape)));
+    }
+    Ok(())
+}
+
+impl<B: Backend> Llama<B> {
+    /// Loads every tensor from `src`, checking shapes, and stores the seven projections of each layer
+    /// 4-bit when `quant` is given (embedding, norms and lm_head stay dense, as bitsandbytes leaves them).
+    pub fn load(be: &B, src: &dyn WeightSource, quant: Option<QuantConfig>) -> Result<Self> {
+        Self::load_with_progress(be, src, quant, &mut |_, _| {})
+    }
+
+    /// As [`Llama::load`], calling `progress(done, total)` after each tensor.
+    pub fn load_with_progress(
+        be: &B,
+        src: &dyn WeightSource,
+        quant: Option<QuantConfig>,
+        progress: &mut dyn FnMut(usize, usize),
+    ) -> Result<Self> {
+        let cfg = src.config().clone();
+        let (v, h) = (cfg.vocab_size, cfg.hidden_size);
+        let total = 2 + cfg.num_hidden_layers * 9 + usize::from(!cfg.tie_word_embeddings);
+        let mut done = 0;
+        let mut step = |done: &mut usize| {
+            *done += 1;
+            progress(*done, total);
+        };
+        let dense = |name: &str, want: &[usize]| -> Result<HostTensor> {
+            let t = src.tensor(name)?;
+            expect_shape(name, &t, want)?;
+            if let Some(i) = t.data.iter().position(|x| !x.is_finite()) {
+                return Err(Error::tensor(name, format!("holds a non-finite value at flat index {i}")));
+            }
+            Ok(t)
+        };
+        let weight = |t: HostTensor, q: Option<QuantConfig>| -> HostWeight {
+            let (rows, cols) = (t.shape[0], t.shape[1]);
+            match q {
+                Some(q) => HostWeight::Quant4 { rows, cols, q: Quant4::quantize(&t.data, &q) },
+                None => HostWeight::Dense { rows, cols, data: t.data },
+            }
+        };
+        let embed = be.upload_weight(weight(dense("model.embed_tokens.weight", &[v, h])?, None));
+        step(&mut done);
+        let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
+        for l in 0..cfg.num_hidden_layers {
+            let p = format!("model.layers.{l}");
+            let attn_norm = be.from_f32(&dense(&format!("{p}.input_layernorm.weight"), &[h])?.data);
+            let mlp_norm = be.from_f32(&dense(&format!("{p}.post_attention_layernorm.weight"), &[h])?.data);
+            step(&mut done);
+            step(&mut done);
+            let mut projs = Vec::with_capacity(7);
+            for pr in Proj::ALL {
+                let (o, i) = pr.shape(&cfg);
+                let name = format!("{p}.{}.weight", pr.hf_path());
+                projs.push(be.upload_weight(weight(dense(&name, &[o, i])?, quant)));
+                step(&mut done);
+            }
+            let proj: [B::Weight; 7] = projs.try_into().unwrap_or_else(|_| unreachable!("seven projections"));
+            layers.push(Layer { attn_norm, mlp_norm, proj });
+        }
+        let norm = be.from_f32(&dense("model.norm.weight", &[h])?.data);
+        step(&mut done);
+        let lm_head = if cfg.tie_word_embeddings {
+            None
+        } else {
+            let w = be.upload_weight(weight(dense("lm_head.weight", &[v, h])?, None));
+            step(&mut done);
+            Some(w)
+        };
+        Ok(Llama { cfg, embed, layers, norm, lm_head })
+    }
+
+    pub fn proj(&self, layer: usize, p: Proj) -> &B::Weight {
+        &self.layers[layer].proj[p as usize]
+    }
+    pub fn lm_head(&self) -> &B::Weight {
+        self.lm_head.as_ref().unwrap_or(&self.embed)
+    }
+}
+
+/// One token batch: `batch` rows of `seq` tokens, row-major.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Batch {
+    pub batch: usize,
+    pub seq: usize,
+    pub input_ids: Vec<u32>,
+    /// Unshifted labels as transformers takes them (`labels[t]` is the token at `t`; -100 = ignore).
+    pub labels: Vec<i32>,
+    /// Position of each token (resets at each document when packing).
+    pub positions: Vec<u32>,
+    /// Document id of each token (0 = padding); `None` = one document per row, no padding.
+    pub segments: Option<Vec<u32>>,
+}
+
+impl Batch {
+    /// A batch of equal-length rows with labels = inputs and positions 0..seq.
+    pub fn causal_lm(rows: &[Vec<u32>]) -> Self {
+        let seq = rows.first().map_or(0, |r| r.len());
+        assert!(rows.iter().all(|r| r.len() == seq), "rows must have equal length");
+        let input_ids: Vec<u32> = rows.concat();
+        let labels = input_ids.iter().map(|&t| t as i32).collect();
+        let positions = (0..rows.len()).flat_map(|_| 0..seq as u32).collect();
+        Batch { batch: rows.len(), seq, input_ids, labels, positions, segments: None }
+    }
+
+    /// Per-position targets: `labels` shifted left by one within each row (last position ignored),
+    /// as transformers' causal-LM loss does.
+    pub fn targets(&self) -> Vec<i32> {
+        let mut t = vec![IGNORE_INDEX; self.labels.len()];
+        for b in 0..self.batch {
+            for s in 0..self.seq.saturating_sub(1) {
+                t[b * self.seq + s] = self.labels[b * self.seq + s + 1];
+            }
+        }
+        t
+    }
+
+    /// Number of tokens the loss counts.
+    pub fn num_targets(&self) -> usize {
+        self.targets().iter().filter(|&&t| t != IGNORE_INDEX).count()
+    }
+}
+
+/// One layer's key/value cache for decoding: `(capacity, kv_heads, head_dim)` each, batch 1.
+pub struct KvLayer<B: Backend> {
+    pub k: B::Buf,
+    pub v: B::Buf,
+}
+
+/// The KV cache of every layer plus how many positions it holds.
+pub struct KvCache<B: Backend> {
+    pub layers: Vec<KvLayer<B>>,
+    pub len: usize,
+    pub capacity: usize,
+}
+
+impl<B: Backend> KvCache<B> {
+    pub fn new(be: &B, cfg: &ModelConfig, capacity: usize) -> Self {
+        let n = capacity * cfg.kv_dim();
+        KvCache {
+            layers: (0..cfg.num_hidden_layers).map(|_| KvLayer { k: be.zeros(n), v: be.zeros(n) }).collect(),
+            len: 0,
+            capacity,
+        }
+    }
+}
+
+/// Everything one forward pass shares: the model, adapters, RoPE tables, mask and dropout seed.
+pub struct Graph<'a, B: Backend> {
+    pub be: &'a B,
+    pub model: &'a Llama<B>,
+    pub lora: Option<&'a Lora<B>>,
+    /// `(m, head_dim/2)` each.
+    pub cos: B::Buf,
+    pub sin: B::Buf,
+    pub segments: Option<&'a [u32]>,
+    /// Attention geometry of a training pass (`None` while decoding with a cache).
+    pub shape: AttnShape,
+    /// Seed of this step's dropout masks; `None` disables dropout (evaluation, generation).
+    pub dropout_seed: Option<u64>,
+    pub checkpointing: bool,
+}
+
+impl<'a, B: Backend> Graph<'a, B> {
+    /// A graph for a training or evaluation pass over `batch`.
+    pub fn new(
+        be: &'a B,
+        model: &'a Llama<B>,
+        lora: Option<&'a Lora<B>>,
+        batch: &'a Batch,
+        dropout_seed: Option<u64>,
+        checkpointing: bool,
+    ) -> Self {
+        let c = &model.cfg;
+        let (cos, sin) = rope::tables(c, &batch.positions);
+        Graph {
+            be,
+            model,
+            lora,
+            cos: be.from_f32(&cos),
+            sin: be.from_f32(&sin),
+            segments: batch.segments.as_deref(),
+            shape: AttnShape::square(batch.batch, batch.seq, c.num_attention_heads, c.num_key_value_heads, c.head_dim),
+            dropout_seed,
+            checkpointing,
+        }
+    }
+
+    pub fn norm_weight(&self, n: NormRef) -> &B::Buf {
+        match n {
+            NormRef::Attn(l) => &self.model.layers[l].attn_norm,
+            NormRef::Mlp(l) => &self.model.layers[l].mlp_norm,
+            NormRef::Final => &self.model.norm,
+        }
+    }
+    pub fn lora_pair(&self, layer: usize, p: Proj) -> Option<&LoraPair<B>> {
+        self.lora.and_then(|l| l.layers[layer][p as usize].as_ref())
+    }
+    pub fn lora_rank(&self) -> usize {
+        self.lora.map_or(0, |l| l.cfg.r)
+    }
+    pub fn lora_scale(&self) -> f32 {
+        self.lora.map_or(0.0, |l| l.scaling())
+    }
+
+    /// Dropout of the LoRA branch of `(layer, proj)`: a seed derived from the step seed, so that a
+    /// checkpointed replay draws the same mask.
+    fn lora_dropout(&self, layer: usize, p: Proj) -> Dropout {
+        match (self.dropout_seed, self.lora) {
+            (Some(seed), Some(l)) if l.cfg.dropout > 0.0 => Dropout {
+                p: l.cfg.dropout as f32,
+                seed: seed ^ ((layer as u64 + 1) << 32) ^ ((p as u64 + 1) << 8),
+            },
+            _ => Dropout::NONE,
+        }
+    }
+
+    fn rmsnorm(&self, t: &mut Tape<B>, x: Id, norm: NormRef) -> Id {
+        let be = self.be;
+        let w = self.norm_weight(norm);
+        let dim = be.buf_len(w);
+        let xv = t.get(x);
+        let m = be.buf_len(xv) / dim;
+        let mut out = be.zeros(be.buf_len(xv));
+        let mut rstd = be.zeros(m);
+        be.rmsnorm(xv, w, dim, self.model.cfg.rms_norm_eps, &mut out, &mut rstd);
+        let (out, rstd) = (t.put(out), t.put(rstd));
+        t.record(Op::RmsNorm { x, norm, rstd, out });
+        out
+    }
+
+    fn linear(&self, t: &mut Tape<B>, x: Id, layer: usize, p: Proj) -> Id {
+        let be = self.be;
+        let w = self.model.proj(layer, p);
+        let (rows, cols) = be.weight_shape(w);
+        let xv = t.get(x);
+        let m = be.buf_len(xv) / cols;
+        let mut y = be.zeros(m * rows);
+        be.linear(xv, w, m, &mut y);
+        let lora = match self.lora_pair(layer, p) {
+            Some(pair) => {
+                let dropout = self.lora_dropout(layer, p);
+                let r = self.lora_rank();
+                let mut u = be.zeros(m * r);
+                be.lora_forward(xv, &pair.a, &pair.b, m, r, self.lora_scale(), dropout, &mut u, &mut y);
+                Some((t.put(u), dropout))
+            }
+            None => None,
+        };
+        let out = t.put(y);
+        t.record(Op::Linear { x, layer, proj: p, out, lora });
+        out
+    }
+
+    fn rope(&self, t: &mut Tape<B>, x: Id, heads: usize) -> Id {
+        let be = self.be;
+        let xv = t.get(x);
+        let mut out = be.zeros(be.buf_len(xv));
+        be.rope(xv, &self.cos, &self.sin, heads, self.model.cfg.head_dim, false, &mut out);
+        let out = t.put(out);
+        t.record(Op::Rope { x, out, heads });
+        out
+    }
+
+    fn add(&self, t: &mut Tape<B>, a: Id, b: Id) -> Id {
+        let be = self.be;
+        let mut out = be.zeros(be.buf_len(t.get(a)));
+        be.add(t.get(a), t.get(b), &mut out);
+        let out = t.put(out);
+        t.record(Op::Add { a, b, out });
+        out
+    }
+
+    /// Attention over this pass's own keys (training/eval) — the cached variant is in `decode_layer`.
+    fn attention(&self, t: &mut Tape<B>, q: Id, k: Id, v: Id) -> Id {
+        let be = self.be;
+        let sh = self.shape;
+        let mut out = be.zeros(be.buf_len(t.get(q)));
+        let mut lse = be.zeros(sh.batch * sh.heads * sh.q_len);
+        be.attention(t.get(q), t.get(k), t.get(v), sh, self.segments, &mut out, &mut lse);
+        let (out, lse) = (t.put(out), t.put(lse));
+        t.record(Op::Attention { q, k, v, out, lse, shape: sh });
+        out
+    }
+
+    fn swiglu(&self, t: &mut Tape<B>, gate: Id, up: Id) -> Id {
+        let be = self.be;
+        let mut out = be.zeros(be.buf_len(t.get(gate)));
+        be.swiglu(t.get(gate), t.get(up), &mut out);
+        let out = t.put(out);
+        t.record(Op::SwiGlu { gate, up, out });
+        out
+    }
+
+    /// One decoder layer on tape `t`, from hidden state `x` `(m, hidden)`.
+    pub fn layer_forward(&self, t: &mut Tape<B>, l: usize, x: Id) -> Id {
+        let c = &self.model.cfg;
+        let n1 = self.rmsnorm(t, x, NormRef::Attn(l));
+        let q = self.linear(t, n1, l, Proj::Q);
+        let k = self.linear(t, n1, l, Proj::K);
+        let v = self.linear(t, n1, l, Proj::V);
+        let q = self.rope(t, q, c.num_attention_heads);
+        let k = self.rope(t, k, c.num_key_value_heads);
+        let a = self.attention(t, q, k, v);
+        let o = self.linear(t, a, l, Proj::O);
+        let x2 = self.add(t, x, o);
+        let n2 = self.rmsnorm(t, x2, NormRef::Mlp(l));
+        let gate = self.linear(t, n2, l, Proj::Gate);
+        let up = self.linear(t, n2, l, Proj::Up);
+        let s = self.swiglu(t, gate, up);
+        let d = self.linear(t, s, l, Proj::Down);
+        self.add(t, x2, d)
+    }
+
+    /// Embedding and every decoder layer; returns the last hidden state's id. With checkpointing
+    /// each layer runs on a throw-away tape and only its input is kept.
+    pub fn body(&self, t: &mut Tape<B>, ids: &[u32]) -> Id {
+        let be = self.be;
+        let mut h = be.zeros(ids.len() * self.model.cfg.hidden_size);
+        be.embedding(&self.model.embed, ids, &mut h);
+        let mut x = t.put(h);
+        for l in 0..self.model.layers.len() {
+            if self.checkpointing && t.recording {
+                let mut sub = Tape::<B>::new(false);
+                let sx = sub.put(t.get(x).clone());
+                let sy = self.layer_forward(&mut sub, l, sx);
+                let out = t.put(sub.take(sy));
+                t.record(Op::Segment { layer: l, input: x, out });
+                x = out;
+            } else if t.recording {
+                x = self.layer_forward(t, l, x);
+            } else {
+                // Not recording: keep only the running hidden state.
+                let mut sub = Tape::<B>::new(false);
+                let sx = sub.put(t.take(x));
+                let sy = self.layer_forward(&mut sub, l, sx);
+                x = t.put(sub.take(sy));
+            }
+        }
+        x
+    }
+
+    /// Final norm, lm_head and cross-entropy against `targets`, in row chunks so the full logits are
+    /// never held at once. The gradient `dLoss/dx` (loss scaled by `loss_scale`) is computed here and
+    /// kept on the tape. Returns `(summed loss, counted tokens)`.
+    pub fn lm_head_loss(&self, t: &mut Tape<B>, x: Id, targets: &[i32], loss_scale: f32) -> (f64, usize) {
+        const CHUNK_ROWS: usize = 512;
+        let be = self.be;
+        let n = self.rmsnorm(t, x, NormRef::Final);
+        let head = self.model.lm_head();
+        let (vocab, hidden) = be.weight_shape(head);
+        let m = targets.len();
+        let mut dn = be.zeros(if t.recording { m * hidden } else { 0 });
+        let (mut loss, mut count) = (0f64, 0usize);
+        let mut r0 = 0;
+        while r0 < m {
+            let rows = CHUNK_ROWS.min(m - r0);
+            let xc = be.read_range(t.get(n), r0 * hidden, rows * hidden);
+            let mut logits = be.zeros(rows * vocab);
+            be.linear(&xc, head, rows, &mut logits);
+            let mut dlogits = be.zeros(rows * vocab);
+            let (l, c) = be.cross_entropy(&logits, &targets[r0..r0 + rows], vocab, loss_scale, &mut dlogits);
+            loss += l;
+            count += c;
+            if t.recording {
+                let mut dx = be.zeros(rows * hidden);
+                be.linear_backward_input(&dlogits, head, rows, &mut dx, false);
+                be.write_range(&dx, &mut dn, r0 * hidden);
+            }
+            r0 += rows;
+        }
+        if t.recording {
+            let dx = t.put(dn);
+            t.record(Op::LmHeadLoss { x: n, dx });
+        }
+        (loss, count)
+    }
+
+    /// Logits `(m, vocab)` of the final hidden state `x`.
+    pub fn logits(&self, t: &mut Tape<B>, x: Id) -> B::Buf {
+        let be = self.be;
+        let n = self.rmsnorm(t, x, NormRef::Final);
+        let head = self.model.lm_head();
+        let (vocab, _) = be.weight_shape(head);
+        let nv = t.get(n);
+        let m = be.buf_len(nv) / self.model.cfg.hidden_size;
+        let mut logits = be.zeros(m * vocab);
+        be.linear(nv, head, m, &mut logits);
+        logits
+    }
+}
+
+/// Result of one forward+backward pass.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct StepLoss {
+    /// Summed token losses.
+    pub loss_sum: f64,
+    /// Tokens counted.
+    pub count: usize,
+}
+
+impl StepLoss {
+    pub fn mean(&self) -> f64 {
+        self.loss_sum / self.count.max(1) as f64
+    }
+}
+
+/// Forward and backward over one batch: accumulates `loss_scale · d(summed loss)` into `grads`.
+/// Pass `loss_scale = 1 / (tokens counted across the accumulated batches)` for a mean loss.
+#[allow(clippy::too_many_arguments)]
+pub fn forward_backward<B: Backend>(
+    be: &B,
+    model: &Llama<B>,
+    lora: &Lora<B>,
+    grads: &mut LoraGrads<B>,
+    batch: &Batch,
+    loss_scale: f32,
+    dropout_seed: Option<u64>,
+    checkpointing: bool,
+) -> StepLoss {
+    let g = Graph::new(be, model, Some(lora), batch, dropout_seed, checkpointing);
+    let mut tape = Tape::new(true);
+    let x = g.body(&mut tape, &batch.input_ids);
+    let (loss_sum, count) = g.lm_head_loss(&mut tape, x, &batch.targets(), loss_scale);
+    tape.backward(&g, grads, None, &[]);
+    StepLoss { loss_sum, count }
+}
+
+/// Forward only: the summed loss and token count of `batch` (evaluation).
+pub fn evaluate<B: Backend>(be: &B, model: &Llama<B>, lora: Option<&Lora<B>>, batch: &Batch) -> StepLoss {
+    let g = Graph::new(be, model, lora, batch, None, false);
+    let mut tape = Tape::new(false);
+    let x = g.body(&mut tape, &batch.input_ids);
+    let (loss_sum, count) = g.lm_head_loss(&mut tape, x, &batch.targets(), 1.0);
+    StepLoss { loss_sum, count }
+}
+
+/// Full-sequence logits `(batch·seq, vocab)` without a cache (the reference for cached decoding).
+pub fn full_logits<B: Backend>(be: &B, model: &Llama<B>, lora: Option<&Lora<B>>, batch: &Batch) -> Vec<f32> {
+    let g = Graph::new(be, model, lora, batch, None, false);
+    let mut tape = Tape::new(false);
+    let x = g.body(&mut tape, &batch.input_ids);
+    be.to_f32(&g.logits(&mut tape, x))
+}
+
+/// Runs `tokens` (batch 1) through the model at positions `cache.len..`, appending their keys and
+/// values to `cache`; returns the logits of the last token `(vocab)`.
+pub fn decode_step<B: Backend>(
+    be: &B,
+    model: &Llama<B>,
+    lora: Option<&Lora<B>>,
+    cache: &mut KvCache<B>,
+    tokens: &[u32],
+) -> Result<Vec<f32>> {
+    let c = &model.cfg;
+    let n = tokens.len();
+    if cache.len + n > cache.capacity {
+        return Err(Error::Other(format!(
+            "sequence of {} tokens exceeds the KV cache capacity {}",
+            cache.len + n,
+            cache.capacity
+        )));
+    }
+    let positions: Vec<u32> = (cache.len as u32..(cache.len + n) as u32).collect();
+    let batch = Batch {
+        batch: 1,
+        seq: n,
+        input_ids: tokens.to_vec(),
+        labels: vec![IGNORE_INDEX; n],
+        positions,
+        segments: None,
+    };
+    let mut g = Graph::new(be, model, lora, &batch, None, false);
+    g.shape = AttnShape {
+        batch: 1,
+        q_len: n,
+        kv_len: cache.len + n,
+        kv_capacity: cache.capacity,
+        heads: c.num_attention_heads,
+        kv_heads: c.num_key_value_heads,
+        head_dim: c.head_dim,
+        q_offset: cache.len,
+    };
+    let mut h = be.zeros(n * c.hidden_size);
+    be.embedding(&model.embed, tokens, &mut h);
+    for (l, kv) in cache.layers.iter_mut().enumerate() {
+        let mut t = Tape::<B>::new(false);
+        let x = t.put(h);
+        h = decode_layer(&g, &mut t, l, x, kv, cache.len);
+    }
+    cache.len += n;
+    let mut t = Tape::<B>::new(false);
+    let x = t.put(be.read_range(&h, (n - 1) * c.hidden_size, c.hidden_size));
+    Ok(be.to_f32(&g.logits(&mut t, x)))
+}
+
+/// A decoder layer that reads and extends the KV cache (the same ops as `layer_forward`).
+fn decode_layer<B: Backend>(g: &Graph<'_, B>, t: &mut Tape<B>, l: usize, x: Id, kv: &mut KvLayer<B>, past: usize) -> B::Buf {
+    let be = g.be;
+    let c = &g.model.cfg;
+    let n1 = g.rmsnorm(t, x, NormRef::Attn(l));
+    let q = g.linear(t, n1, l, Proj::Q);
+    let k = g.linear(t, n1, l, Proj::K);
+    let v = g.linear(t, n1, l, Proj::V);
+    let q = g.rope(t, q, c.num_attention_heads);
+    let k = g.rope(t, k, c.num_key_value_heads);
+    be.write_range(t.get(k), &mut kv.k, past * c.kv_dim());
+    be.write_range(t.get(v), &mut kv.v, past * c.kv_dim());
+    let mut a = be.zeros(be.buf_len(t.get(q)));
+    let mut lse = be.zeros(g.shape.heads * g.shape.q_len);
+    be.attention(t.get(q), &kv.k, &kv.v, g.shape, None, &mut a, &mut lse);
+    let a = t.put(a);
+    let o = g.linear(t, a, l, Proj::O);
+    let x2 = g.add(t, x, o);
+    let n2 = g.rmsnorm(t, x2, NormRef::Mlp(l));
+    let gate = g.linear(t, n2, l, Proj::Gate);
+    let up = g.linear(t, n2, l, Proj::Up);
+    let s = g.swiglu(t, gate, up);
+    let d = g.linear(t, s, l, Proj::Down);
+    let out = g.add(t, x2, d);
+    t.take(out)
+}

@@ -1,0 +1,8 @@
+//! The model: weights (safetensors, GGUF), the Llama graph, LoRA adapters and RoPE tables.
+
+pub mod gguf;
+pub mod llama;
+pub mod random;
+pub mod lora;
+pub mod rope;
+pub mod weights;
