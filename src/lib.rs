@@ -6,6 +6,7 @@
 //! [`tape::Tape::backward`] produces gradients for the [`model::lora`] adapters only;
 //! [`optim`] updates them; [`generate`] decodes with a KV cache.
 
+pub mod assets;
 pub mod backend;
 pub mod config;
 pub mod error;

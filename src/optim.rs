@@ -1,0 +1,155 @@
+//! The optimizer side of a step: global gradient norm and clipping (as `torch.nn.utils.clip_grad_norm_`),
+//! 32-bit AdamW over every LoRA tensor (bitsandbytes' update rule), and learning-rate schedules
+//! (as transformers' `get_scheduler`).
+
+use crate::backend::{AdamWStep, Backend};
+use crate::model::lora::{Lora, LoraGrads};
+
+/// AdamW hyper-parameters; defaults are transformers' (`adam_beta1=0.9`, `adam_beta2=0.999`,
+/// `adam_epsilon=1e-8`) with the recipe's weight decay.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AdamWConfig {
+    pub beta1: f32,
+    pub beta2: f32,
+    pub eps: f32,
+    pub weight_decay: f32,
+}
+
+impl Default for AdamWConfig {
+    fn default() -> Self {
+        AdamWConfig { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.001 }
+    }
+}
+
+/// 32-bit AdamW state (`m`, `v`) for every LoRA tensor, in [`Lora::params_mut`] order.
+pub struct AdamW<B: Backend> {
+    pub cfg: AdamWConfig,
+    pub m: Vec<B::Buf>,
+    pub v: Vec<B::Buf>,
+    /// Updates applied so far.
+    pub step: u32,
+}
+
+impl<B: Backend> AdamW<B> {
+    pub fn new(be: &B, lora: &Lora<B>, cfg: AdamWConfig) -> Self {
+        let shapes: Vec<usize> = lora.named_params().iter().map(|(_, b)| be.buf_len(b)).collect();
+        AdamW {
+            cfg,
+            m: shapes.iter().map(|&n| be.zeros(n)).collect(),
+            v: shapes.iter().map(|&n| be.zeros(n)).collect(),
+            step: 0,
+        }
+    }
+
+    /// One update at learning rate `lr`, gradients multiplied by `grad_scale` first (clipping).
+    pub fn update(&mut self, be: &B, lora: &mut Lora<B>, grads: &LoraGrads<B>, lr: f32, grad_scale: f32) {
+        self.step += 1;
+        let hp = AdamWStep {
+            lr,
+            beta1: self.cfg.beta1,
+            beta2: self.cfg.beta2,
+            eps: self.cfg.eps,
+            weight_decay: self.cfg.weight_decay,
+            step: self.step,
+            grad_scale,
+        };
+        for (((p, g), m), v) in lora.params_mut().into_iter().zip(grads.bufs()).zip(&mut self.m).zip(&mut self.v) {
+            be.adamw(p, g, m, v, &hp);
+        }
+    }
+}
+
+/// The global L2 norm of all gradients (accumulated in f64).
+pub fn grad_norm<B: Backend>(be: &B, grads: &LoraGrads<B>) -> f64 {
+    grads.bufs().iter().map(|g| be.sum_squares(g)).sum::<f64>().sqrt()
+}
+
+/// The factor `clip_grad_norm_` multiplies gradients by: `max_norm / (norm + 1e-6)` when that is
+/// below 1, else 1. A non-positive `max_norm` disables clipping.
+pub fn clip_coefficient(norm: f64, max_norm: f64) -> f64 {
+    if max_norm <= 0.0 {
+        return 1.0;
+    }
+    (max_norm / (norm + 1e-6)).min(1.0)
+}
+
+/// Learning-rate schedules of transformers' `get_scheduler`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Schedule {
+    Constant,
+    ConstantWithWarmup,
+    Linear,
+    Cosine,
+}
+
+impl Schedule {
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "constant" => Some(Schedule::Constant),
+            "constant_with_warmup" => Some(Schedule::ConstantWithWarmup),
+            "linear" => Some(Schedule::Linear),
+            "cosine" => Some(Schedule::Cosine),
+            _ => None,
+        }
+    }
+
+    /// The multiplier of the base learning rate at optimizer step `step` (0-based).
+    pub fn factor(self, step: usize, warmup: usize, total: usize) -> f64 {
+        let (s, w, t) = (step as f64, warmup as f64, total as f64);
+        if self != Schedule::Constant && step < warmup {
+            return s / w.max(1.0);
+        }
+        match self {
+            Schedule::Constant | Schedule::ConstantWithWarmup => 1.0,
+            Schedule::Linear => ((t - s) / (t - w).max(1.0)).max(0.0),
+            Schedule::Cosine => {
+                let progress = (s - w) / (t - w).max(1.0);
+                (0.5 * (1.0 + (std::f64::consts::PI * progress).cos())).max(0.0)
+            }
+        }
+    }
+}
+
+/// Warm-up steps from a ratio, rounded up as transformers does.
+pub fn warmup_steps(ratio: f64, total: usize) -> usize {
+    (ratio * total as f64).ceil() as usize
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::cpu::Cpu;
+
+    #[test]
+    fn schedules_match_transformers() {
+        assert_eq!(warmup_steps(0.03, 100), 3);
+        let l = Schedule::Linear;
+        assert_eq!(l.factor(0, 3, 100), 0.0);
+        assert!((l.factor(2, 3, 100) - 2.0 / 3.0).abs() < 1e-12);
+        assert_eq!(l.factor(3, 3, 100), 1.0);
+        assert!((l.factor(50, 3, 100) - 50.0 / 97.0).abs() < 1e-12);
+        assert_eq!(Schedule::Cosine.factor(100, 3, 100), 0.0);
+        assert!((Schedule::Cosine.factor(3 + 97 / 2, 3, 100) - 0.5).abs() < 0.02);
+        assert_eq!(Schedule::Constant.factor(0, 3, 100), 1.0);
+        assert_eq!(Schedule::ConstantWithWarmup.factor(1, 4, 100), 0.25);
+    }
+
+    #[test]
+    fn clipping_coefficient() {
+        assert_eq!(clip_coefficient(0.1, 0.3), 1.0);
+        assert!((clip_coefficient(3.0, 0.3) - 0.3 / (3.0 + 1e-6)).abs() < 1e-12);
+        assert_eq!(clip_coefficient(3.0, 0.0), 1.0);
+    }
+
+    #[test]
+    fn adamw_first_step_moves_by_lr() {
+        // With bias correction the first Adam step is lr·sign(g) (|g| ≫ eps), then decay.
+        let be = Cpu::<f32>::new();
+        let mut p = vec![1.0f32, -2.0];
+        let (mut m, mut v) = (vec![0.0; 2], vec![0.0; 2]);
+        let hp = AdamWStep { lr: 0.1, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.01, step: 1, grad_scale: 1.0 };
+        be.adamw(&mut p, &vec![0.5, -3.0], &mut m, &mut v, &hp);
+        assert!((p[0] - (1.0 - 0.1) * (1.0 - 0.001)).abs() < 1e-5, "{p:?}");
+        assert!((p[1] - (-2.0 + 0.1) * (1.0 - 0.001)).abs() < 1e-5, "{p:?}");
+    }
+}

