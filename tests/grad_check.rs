@@ -127,7 +127,7 @@ fn lora_backward_with_dropout() {
     check("lora dB", &db, &numeric_grad(&b, |b| dot(&run(&x, &a, b).1, &dy)));
     // The mask really drops something and is reproducible from the seed.
     let factors: Vec<f32> = (0..100).map(|i| dropout.factor(i)).collect();
-    assert!(factors.iter().any(|&f| f == 0.0) && factors.iter().any(|&f| f > 1.0));
+    assert!(factors.contains(&0.0) && factors.iter().any(|&f| f > 1.0));
     assert_eq!(factors, (0..100).map(|i| dropout.factor(i)).collect::<Vec<_>>());
 }
 
@@ -231,7 +231,8 @@ fn embedding_backward_and_add() {
     let ids = [2u32, 5, 2];
     let dy = rand_vec(&mut rng, ids.len() * dim);
     let f = |t: &[f64]| {
-        let w = BE.upload_weight(HostWeight::Dense { rows: vocab, cols: dim, data: t.iter().map(|&x| x as f32).collect() });
+        let w =
+            BE.upload_weight(HostWeight::Dense { rows: vocab, cols: dim, data: t.iter().map(|&x| x as f32).collect() });
         let mut out = vec![0.0; ids.len() * dim];
         BE.embedding(&w, &ids, &mut out);
         dot(&out, &dy)
@@ -260,7 +261,8 @@ fn tiny_setup(tied: bool, quant: Option<QuantConfig>) -> (Llama<B>, Lora<B>, Bat
     let cfg = tiny_config(tied);
     let src = random_source(&cfg, 11);
     let model = Llama::<B>::load(&BE, &src, quant).unwrap();
-    let lcfg = LoraConfig { r: 3, alpha: 6.0, dropout: 0.1, ..LoraConfig::default() }.with_targets(&["all-linear"]).unwrap();
+    let lcfg =
+        LoraConfig { r: 3, alpha: 6.0, dropout: 0.1, ..LoraConfig::default() }.with_targets(&["all-linear"]).unwrap();
     let mut lora = Lora::init(&BE, &cfg, lcfg, 5);
     let mut rng = rand::rngs::StdRng::seed_from_u64(12);
     for layer in &mut lora.layers {
@@ -269,7 +271,8 @@ fn tiny_setup(tied: bool, quant: Option<QuantConfig>) -> (Llama<B>, Lora<B>, Bat
             pair.b = rand_vec(&mut rng, n).iter().map(|x| x * 0.3).collect();
         }
     }
-    let rows: Vec<Vec<u32>> = (0..2).map(|_| (0..6).map(|_| rng.gen_range(0..cfg.vocab_size as u32)).collect()).collect();
+    let rows: Vec<Vec<u32>> =
+        (0..2).map(|_| (0..6).map(|_| rng.gen_range(0..cfg.vocab_size as u32)).collect()).collect();
     let mut batch = Batch::causal_lm(&rows);
     batch.labels[1] = -100; // one ignored label
     (model, lora, batch)
@@ -287,15 +290,14 @@ fn whole_model_check(tied: bool) {
     let analytic: Vec<Vec<f64>> = grads.bufs().iter().map(|b| b.to_vec()).collect();
     let n_params = analytic.len();
     assert_eq!(n_params, 2 * 7 * 2, "A and B for 7 modules in 2 layers");
-    for pi in 0..n_params {
+    for (pi, analytic) in analytic.iter().enumerate() {
         let x0 = lora.params_mut()[pi].clone();
         let num = numeric_grad(&x0, |x| {
             *lora.params_mut()[pi] = x.to_vec();
-            let l = loss_of(&model, &lora, &batch);
-            l
+            loss_of(&model, &lora, &batch)
         });
         *lora.params_mut()[pi] = x0;
-        check(&format!("model LoRA param {pi} (tied={tied})"), &analytic[pi], &num);
+        check(&format!("model LoRA param {pi} (tied={tied})"), analytic, &num);
     }
 }
 

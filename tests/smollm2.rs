@@ -14,7 +14,13 @@ fn smollm2_gguf_answers_paris() {
     let src = GgufSource::open(&path).unwrap();
     let cfg = src.config().clone();
     assert_eq!(
-        (cfg.num_hidden_layers, cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads, cfg.num_key_value_heads),
+        (
+            cfg.num_hidden_layers,
+            cfg.hidden_size,
+            cfg.intermediate_size,
+            cfg.num_attention_heads,
+            cfg.num_key_value_heads
+        ),
         (30, 576, 1536, 9, 3)
     );
     assert_eq!((cfg.vocab_size, cfg.head_dim, cfg.rope_theta), (49152, 64, 100000.0));

@@ -56,22 +56,7 @@ macro_rules! impl_real {
                 assert!((last(m, n, rsc, csc) as usize) < c.len(), "gemm: C out of bounds");
                 // SAFETY: the asserts above keep every access of the kernel inside the slices.
                 unsafe {
-                    $gemm(
-                        m,
-                        k,
-                        n,
-                        alpha,
-                        a.as_ptr(),
-                        rsa,
-                        csa,
-                        b.as_ptr(),
-                        rsb,
-                        csb,
-                        beta,
-                        c.as_mut_ptr(),
-                        rsc,
-                        csc,
-                    )
+                    $gemm(m, k, n, alpha, a.as_ptr(), rsa, csa, b.as_ptr(), rsb, csb, beta, c.as_mut_ptr(), rsc, csc)
                 }
             }
             fn of(x: f64) -> Self {
@@ -151,16 +136,16 @@ impl<T: Real> Backend for Cpu<T> {
     fn zeros(&self, n: usize) -> Vec<T> {
         vec![T::zero(); n]
     }
-    fn from_f32(&self, host: &[f32]) -> Vec<T> {
+    fn upload(&self, host: &[f32]) -> Vec<T> {
         host.iter().map(|&x| T::of(x as f64)).collect()
     }
-    fn from_f64(&self, host: &[f64]) -> Vec<T> {
+    fn upload_f64(&self, host: &[f64]) -> Vec<T> {
         host.iter().map(|&x| T::of(x)).collect()
     }
-    fn to_f32(&self, buf: &Vec<T>) -> Vec<f32> {
+    fn download(&self, buf: &Vec<T>) -> Vec<f32> {
         buf.iter().map(|x| x.f64() as f32).collect()
     }
-    fn to_f64(&self, buf: &Vec<T>) -> Vec<f64> {
+    fn download_f64(&self, buf: &Vec<T>) -> Vec<f64> {
         buf.iter().map(|x| x.f64()).collect()
     }
     fn buf_len(&self, buf: &Vec<T>) -> usize {
@@ -380,13 +365,34 @@ impl<T: Real> Backend for Cpu<T> {
         T::gemm(r, m, cols, T::one(), &du, (1, r as isize), &xd, (cols as isize, 1), T::one(), da, (cols as isize, 1));
         // dx += drop'(du · A)
         let mut dxd = vec![T::zero(); m * cols];
-        T::gemm(m, r, cols, T::one(), &du, (r as isize, 1), a, (cols as isize, 1), T::zero(), &mut dxd, (cols as isize, 1));
+        T::gemm(
+            m,
+            r,
+            cols,
+            T::one(),
+            &du,
+            (r as isize, 1),
+            a,
+            (cols as isize, 1),
+            T::zero(),
+            &mut dxd,
+            (cols as isize, 1),
+        );
         for (i, (d, g)) in dx.iter_mut().zip(&dxd).enumerate() {
             *d = *d + *g * T::of(dropout.factor(i as u64) as f64);
         }
     }
 
-    fn rope(&self, x: &Vec<T>, cos: &Vec<T>, sin: &Vec<T>, heads: usize, head_dim: usize, inverse: bool, out: &mut Vec<T>) {
+    fn rope(
+        &self,
+        x: &Vec<T>,
+        cos: &Vec<T>,
+        sin: &Vec<T>,
+        heads: usize,
+        head_dim: usize,
+        inverse: bool,
+        out: &mut Vec<T>,
+    ) {
         let half = head_dim / 2;
         let m = x.len() / (heads * head_dim);
         assert!(cos.len() == m * half && sin.len() == m * half && out.len() == x.len(), "rope: bad shapes");
@@ -517,7 +523,14 @@ impl<T: Real> Backend for Cpu<T> {
         }
     }
 
-    fn cross_entropy(&self, logits: &Vec<T>, targets: &[i32], vocab: usize, scale: f32, dlogits: &mut Vec<T>) -> (f64, usize) {
+    fn cross_entropy(
+        &self,
+        logits: &Vec<T>,
+        targets: &[i32],
+        vocab: usize,
+        scale: f32,
+        dlogits: &mut Vec<T>,
+    ) -> (f64, usize) {
         let m = targets.len();
         assert!(logits.len() == m * vocab && dlogits.len() == logits.len(), "cross_entropy: bad shapes");
         let mut loss = 0f64;

@@ -115,10 +115,10 @@ pub trait Backend {
 
     // ---- memory --------------------------------------------------------------------------------
     fn zeros(&self, n: usize) -> Self::Buf;
-    fn from_f32(&self, host: &[f32]) -> Self::Buf;
-    fn from_f64(&self, host: &[f64]) -> Self::Buf;
-    fn to_f32(&self, buf: &Self::Buf) -> Vec<f32>;
-    fn to_f64(&self, buf: &Self::Buf) -> Vec<f64>;
+    fn upload(&self, host: &[f32]) -> Self::Buf;
+    fn upload_f64(&self, host: &[f64]) -> Self::Buf;
+    fn download(&self, buf: &Self::Buf) -> Vec<f32>;
+    fn download_f64(&self, buf: &Self::Buf) -> Vec<f64>;
     fn buf_len(&self, buf: &Self::Buf) -> usize;
     fn upload_weight(&self, w: HostWeight) -> Self::Weight;
     /// `(rows, cols)` = `(out_features, in_features)`.

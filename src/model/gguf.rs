@@ -144,7 +144,11 @@ impl<'a> Reader<'a> {
             3 => MetaValue::Int(i16::from_le_bytes(self.take(2, what)?.try_into().expect("2")) as i64),
             4 => MetaValue::Int(self.u32(what)? as i64),
             5 => MetaValue::Int(self.u32(what)? as i32 as i64),
-            6 => MetaValue::Float(f32::from_le_bytes(self.take(4, what)?.try_into().expect("4")) as f64),
+            6 => {
+                // Widen through the shortest decimal so 1e-5f32 reads as 1e-5, as Python prints it.
+                let x = f32::from_le_bytes(self.take(4, what)?.try_into().expect("4"));
+                MetaValue::Float(x.to_string().parse().unwrap_or(x as f64))
+            }
             7 => MetaValue::Bool(self.take(1, what)?[0] != 0),
             8 => MetaValue::Str(self.string(what)?),
             9 => {
@@ -217,14 +221,21 @@ impl GgufFile {
             let n: usize = dims.iter().product();
             let (per, bytes) = ty.block();
             if n % per != 0 {
-                return Err(Error::format(path, format!("tensor `{name}`: {n} values is not a whole number of blocks")));
+                return Err(Error::format(
+                    path,
+                    format!("tensor `{name}`: {n} values is not a whole number of blocks"),
+                ));
             }
             let nbytes = n / per * bytes;
             let offset = data_start + off;
             if offset.checked_add(nbytes).is_none_or(|end| end > mmap.len()) {
                 return Err(Error::format(
                     path,
-                    format!("tensor `{name}` data runs past the end of the file (truncated: needs {} bytes, file has {})", offset + nbytes, mmap.len()),
+                    format!(
+                        "tensor `{name}` data runs past the end of the file (truncated: needs {} bytes, file has {})",
+                        offset + nbytes,
+                        mmap.len()
+                    ),
                 ));
             }
             tensors.insert(name, TensorInfo { dims, ty, offset, nbytes });
@@ -290,7 +301,11 @@ impl GgufFile {
                 .and_then(MetaValue::as_u64)
                 .map_or(heads, |v| v as usize),
             head_dim,
-            rms_norm_eps: self.meta.get(&k("attention.layer_norm_rms_epsilon")).and_then(MetaValue::as_f64).unwrap_or(1e-5),
+            rms_norm_eps: self
+                .meta
+                .get(&k("attention.layer_norm_rms_epsilon"))
+                .and_then(MetaValue::as_f64)
+                .unwrap_or(1e-5),
             rope_theta: self.meta.get(&k("rope.freq_base")).and_then(MetaValue::as_f64).unwrap_or(10000.0),
             rope_scaling,
             max_position_embeddings: self.meta.get(&k("context_length")).and_then(MetaValue::as_u64).unwrap_or(2048)
@@ -342,7 +357,8 @@ fn dequantize(ty: GgmlType, b: &[u8]) -> Vec<f32> {
         GgmlType::Q4_0 | GgmlType::Q4_1 => {
             for blk in b.chunks_exact(bytes) {
                 let d = f16_at(blk, 0);
-                let (m, qs) = if ty == GgmlType::Q4_1 { (f16_at(blk, 2), &blk[4..20]) } else { (-8.0 * d, &blk[2..18]) };
+                let (m, qs) =
+                    if ty == GgmlType::Q4_1 { (f16_at(blk, 2), &blk[4..20]) } else { (-8.0 * d, &blk[2..18]) };
                 // Low nibbles are elements 0..16, high nibbles 16..32.
                 out.extend(qs.iter().map(|&q| (q & 0x0f) as f32 * d + m));
                 out.extend(qs.iter().map(|&q| (q >> 4) as f32 * d + m));
@@ -497,7 +513,10 @@ impl WeightSource for GgufSource {
 /// (SentencePiece) a byte-fallback BPE whose merges are derived from the vocabulary scores, the way
 /// transformers converts a SentencePiece model.
 pub fn tokenizer_json_from_meta(meta: &BTreeMap<String, MetaValue>) -> std::result::Result<Value, String> {
-    let model = meta.get("tokenizer.ggml.model").and_then(MetaValue::as_str).ok_or("metadata `tokenizer.ggml.model` is missing")?;
+    let model = meta
+        .get("tokenizer.ggml.model")
+        .and_then(MetaValue::as_str)
+        .ok_or("metadata `tokenizer.ggml.model` is missing")?;
     let tokens: Vec<String> = meta
         .get("tokenizer.ggml.tokens")
         .and_then(MetaValue::as_array)
@@ -531,7 +550,8 @@ pub fn tokenizer_json_from_meta(meta: &BTreeMap<String, MetaValue>) -> std::resu
                 .filter_map(|m| m.as_str().map(|s| json!(s)))
                 .collect();
             let pre = meta.get("tokenizer.ggml.pre").and_then(MetaValue::as_str).unwrap_or("default");
-            let byte_level = json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true});
+            let byte_level =
+                json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true});
             let pre_tokenizer = if pre == "smollm" || pre == "llama-bpe" {
                 json!({"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": true}, byte_level]})
             } else {

@@ -36,7 +36,10 @@ pub struct Llama<B: Backend> {
 /// Checks a tensor's shape against what the config implies.
 fn expect_shape(name: &str, t: &HostTensor, want: &[usize]) -> Result<()> {
     if t.shape != want {
-        return Err(Error::tensor(name, format!("shape {:?} disagrees with the config, which implies {want:?}", t.shape)));
+        return Err(Error::tensor(
+            name,
+            format!("shape {:?} disagrees with the config, which implies {want:?}", t.shape),
+        ));
     }
     Ok(())
 }
@@ -83,8 +86,8 @@ impl<B: Backend> Llama<B> {
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
         for l in 0..cfg.num_hidden_layers {
             let p = format!("model.layers.{l}");
-            let attn_norm = be.from_f32(&dense(&format!("{p}.input_layernorm.weight"), &[h])?.data);
-            let mlp_norm = be.from_f32(&dense(&format!("{p}.post_attention_layernorm.weight"), &[h])?.data);
+            let attn_norm = be.upload(&dense(&format!("{p}.input_layernorm.weight"), &[h])?.data);
+            let mlp_norm = be.upload(&dense(&format!("{p}.post_attention_layernorm.weight"), &[h])?.data);
             step(&mut done);
             step(&mut done);
             let mut projs = Vec::with_capacity(7);
@@ -97,7 +100,7 @@ impl<B: Backend> Llama<B> {
             let proj: [B::Weight; 7] = projs.try_into().unwrap_or_else(|_| unreachable!("seven projections"));
             layers.push(Layer { attn_norm, mlp_norm, proj });
         }
-        let norm = be.from_f32(&dense("model.norm.weight", &[h])?.data);
+        let norm = be.upload(&dense("model.norm.weight", &[h])?.data);
         step(&mut done);
         let lm_head = if cfg.tie_word_embeddings {
             None
@@ -216,8 +219,8 @@ impl<'a, B: Backend> Graph<'a, B> {
             be,
             model,
             lora,
-            cos: be.from_f32(&cos),
-            sin: be.from_f32(&sin),
+            cos: be.upload(&cos),
+            sin: be.upload(&sin),
             segments: batch.segments.as_deref(),
             shape: AttnShape::square(batch.batch, batch.seq, c.num_attention_heads, c.num_key_value_heads, c.head_dim),
             dropout_seed,
@@ -246,10 +249,9 @@ impl<'a, B: Backend> Graph<'a, B> {
     /// checkpointed replay draws the same mask.
     fn lora_dropout(&self, layer: usize, p: Proj) -> Dropout {
         match (self.dropout_seed, self.lora) {
-            (Some(seed), Some(l)) if l.cfg.dropout > 0.0 => Dropout {
-                p: l.cfg.dropout as f32,
-                seed: seed ^ ((layer as u64 + 1) << 32) ^ ((p as u64 + 1) << 8),
-            },
+            (Some(seed), Some(l)) if l.cfg.dropout > 0.0 => {
+                Dropout { p: l.cfg.dropout as f32, seed: seed ^ ((layer as u64 + 1) << 32) ^ ((p as u64 + 1) << 8) }
+            }
             _ => Dropout::NONE,
         }
     }
@@ -479,7 +481,7 @@ pub fn full_logits<B: Backend>(be: &B, model: &Llama<B>, lora: Option<&Lora<B>>,
     let g = Graph::new(be, model, lora, batch, None, false);
     let mut tape = Tape::new(false);
     let x = g.body(&mut tape, &batch.input_ids);
-    be.to_f32(&g.logits(&mut tape, x))
+    be.download(&g.logits(&mut tape, x))
 }
 
 /// Runs `tokens` (batch 1) through the model at positions `cache.len..`, appending their keys and
@@ -530,11 +532,18 @@ pub fn decode_step<B: Backend>(
     cache.len += n;
     let mut t = Tape::<B>::new(false);
     let x = t.put(be.read_range(&h, (n - 1) * c.hidden_size, c.hidden_size));
-    Ok(be.to_f32(&g.logits(&mut t, x)))
+    Ok(be.download(&g.logits(&mut t, x)))
 }
 
 /// A decoder layer that reads and extends the KV cache (the same ops as `layer_forward`).
-fn decode_layer<B: Backend>(g: &Graph<'_, B>, t: &mut Tape<B>, l: usize, x: Id, kv: &mut KvLayer<B>, past: usize) -> B::Buf {
+fn decode_layer<B: Backend>(
+    g: &Graph<'_, B>,
+    t: &mut Tape<B>,
+    l: usize,
+    x: Id,
+    kv: &mut KvLayer<B>,
+    past: usize,
+) -> B::Buf {
     let be = g.be;
     let c = &g.model.cfg;
     let n1 = g.rmsnorm(t, x, NormRef::Attn(l));

@@ -77,7 +77,7 @@ impl<B: Backend> Lora<B> {
                     let (out, inp) = p.shape(model);
                     let bound = 1.0 / (inp as f64).sqrt();
                     let a: Vec<f64> = (0..cfg.r * inp).map(|_| rng.gen_range(-bound..bound)).collect();
-                    Some(LoraPair { a: be.from_f64(&a), b: be.zeros(out * cfg.r) })
+                    Some(LoraPair { a: be.upload_f64(&a), b: be.zeros(out * cfg.r) })
                 })
             })
             .collect();
@@ -123,10 +123,9 @@ impl<B: Backend> Lora<B> {
                 .iter()
                 .map(|layer| {
                     std::array::from_fn(|i| {
-                        layer[i].as_ref().map(|pair| LoraPair {
-                            a: be.zeros(be.buf_len(&pair.a)),
-                            b: be.zeros(be.buf_len(&pair.b)),
-                        })
+                        layer[i]
+                            .as_ref()
+                            .map(|pair| LoraPair { a: be.zeros(be.buf_len(&pair.a)), b: be.zeros(be.buf_len(&pair.b)) })
                     })
                 })
                 .collect(),

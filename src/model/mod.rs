@@ -2,7 +2,8 @@
 
 pub mod gguf;
 pub mod llama;
-pub mod random;
 pub mod lora;
+pub mod merge;
+pub mod random;
 pub mod rope;
 pub mod weights;

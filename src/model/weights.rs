@@ -46,7 +46,9 @@ fn st_error(path: &Path, e: safetensors::SafeTensorError) -> Error {
     use safetensors::SafeTensorError as E;
     let msg = match e {
         E::InvalidOffset(name) => format!("tensor `{name}` has data offsets outside the file (truncated?)"),
-        E::MetadataIncompleteBuffer => "tensor data does not fill the file: it is truncated or has trailing bytes".into(),
+        E::MetadataIncompleteBuffer => {
+            "tensor data does not fill the file: it is truncated or has trailing bytes".into()
+        }
         E::HeaderTooSmall | E::InvalidHeaderLength => "the safetensors header is truncated".into(),
         E::TensorInvalidInfo => "a tensor's shape and dtype disagree with its data offsets".into(),
         other => format!("not a valid safetensors file: {other:?}"),
@@ -125,10 +127,8 @@ impl WeightSource for SafetensorsSource {
         self.index.contains_key(name)
     }
     fn tensor(&self, name: &str) -> Result<HostTensor> {
-        let &i = self
-            .index
-            .get(name)
-            .ok_or_else(|| Error::tensor(name, format!("not found in {}", self.dir.display())))?;
+        let &i =
+            self.index.get(name).ok_or_else(|| Error::tensor(name, format!("not found in {}", self.dir.display())))?;
         let (path, mmap) = &self.files[i];
         let st = SafeTensors::deserialize(mmap).map_err(|e| st_error(path, e))?;
         let view = st.tensor(name).map_err(|e| st_error(path, e))?;

@@ -1,0 +1,292 @@
+//! Malformed files give errors that name the file (or tensor) and the problem — never a panic —
+//! and a well-formed GGUF written here imports to the same model as its safetensors twin.
+
+use llamatune::backend::cpu::Cpu;
+use llamatune::config::ModelConfig;
+use llamatune::model::gguf::{GgufFile, GgufSource};
+use llamatune::model::llama::{full_logits, Batch, Llama};
+use llamatune::model::random::{random_source, tiny_config, write_hf_dir};
+use llamatune::model::weights::{HostTensor, SafetensorsSource, SaveDtype, WeightSource};
+use std::path::Path;
+
+type B = Cpu<f32>;
+const BE: B = Cpu::new();
+
+fn err_of<T>(r: llamatune::Result<T>) -> String {
+    match r {
+        Ok(_) => panic!("expected an error"),
+        Err(e) => e.to_string(),
+    }
+}
+
+fn hf_dir(dir: &Path) {
+    write_hf_dir(&random_source(&tiny_config(false), 1), dir, SaveDtype::F32).unwrap();
+}
+
+#[test]
+fn truncated_safetensors_names_the_file() {
+    let d = tempfile::tempdir().unwrap();
+    hf_dir(d.path());
+    let f = d.path().join("model.safetensors");
+    let bytes = std::fs::read(&f).unwrap();
+    std::fs::write(&f, &bytes[..bytes.len() - 100]).unwrap();
+    let e = err_of(SafetensorsSource::open(d.path()));
+    assert!(e.contains("model.safetensors") && e.contains("truncated"), "{e}");
+    // Cut inside the 8-byte length prefix.
+    std::fs::write(&f, &bytes[..5]).unwrap();
+    let e = err_of(SafetensorsSource::open(d.path()));
+    assert!(e.contains("model.safetensors") && e.contains("header"), "{e}");
+}
+
+#[test]
+fn header_offsets_past_the_end_are_reported() {
+    let d = tempfile::tempdir().unwrap();
+    hf_dir(d.path());
+    let header = br#"{"model.norm.weight":{"dtype":"F32","shape":[24],"data_offsets":[0,4096]}}"#;
+    let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+    bytes.extend_from_slice(header);
+    bytes.extend_from_slice(&[0u8; 96]);
+    std::fs::write(d.path().join("model.safetensors"), bytes).unwrap();
+    let e = err_of(SafetensorsSource::open(d.path()));
+    assert!(e.contains("model.safetensors"), "{e}");
+    assert!(e.contains("truncated") || e.contains("offsets") || e.contains("disagree"), "{e}");
+}
+
+#[test]
+fn shape_disagreeing_with_config_names_the_tensor() {
+    let d = tempfile::tempdir().unwrap();
+    let mut src = random_source(&tiny_config(false), 1);
+    src.tensors.insert(
+        "model.layers.1.mlp.up_proj.weight".into(),
+        HostTensor { shape: vec![41, 24], data: vec![0.01; 41 * 24] },
+    );
+    write_hf_dir(&src, d.path(), SaveDtype::F32).unwrap();
+    let st = SafetensorsSource::open(d.path()).unwrap();
+    let e = err_of(Llama::<B>::load(&BE, &st, None));
+    assert!(e.contains("model.layers.1.mlp.up_proj.weight") && e.contains("[41, 24]") && e.contains("[40, 24]"), "{e}");
+    // A missing tensor is named too.
+    let mut src = random_source(&tiny_config(false), 1);
+    src.tensors.remove("model.norm.weight");
+    let d2 = tempfile::tempdir().unwrap();
+    write_hf_dir(&src, d2.path(), SaveDtype::F32).unwrap();
+    let e = err_of(Llama::<B>::load(&BE, &SafetensorsSource::open(d2.path()).unwrap(), None));
+    assert!(e.contains("model.norm.weight") && e.contains("not found"), "{e}");
+}
+
+#[test]
+fn config_problems_name_the_file_and_field() {
+    let d = tempfile::tempdir().unwrap();
+    hf_dir(d.path());
+    let cfg_path = d.path().join("config.json");
+    let mut v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
+    v.as_object_mut().unwrap().remove("num_hidden_layers");
+    std::fs::write(&cfg_path, v.to_string()).unwrap();
+    let e = err_of(SafetensorsSource::open(d.path()));
+    assert!(e.contains("config.json") && e.contains("num_hidden_layers"), "{e}");
+    std::fs::write(&cfg_path, "{ not json").unwrap();
+    let e = err_of(ModelConfig::from_file(&cfg_path));
+    assert!(e.contains("config.json") && e.contains("JSON"), "{e}");
+    let e = err_of(SafetensorsSource::open(&d.path().join("nowhere")));
+    assert!(e.contains("nowhere"), "{e}");
+}
+
+// ---- a minimal GGUF writer (v3), enough for a Llama model ----------------------------------------
+
+enum Meta {
+    U32(u32),
+    F32(f32),
+    Str(&'static str),
+    Strs(Vec<String>),
+    F32s(Vec<f32>),
+    I32s(Vec<i32>),
+}
+
+fn gguf_bytes(meta: &[(&str, Meta)], tensors: &[(String, Vec<usize>, Vec<f32>)]) -> Vec<u8> {
+    fn s(out: &mut Vec<u8>, x: &str) {
+        out.extend((x.len() as u64).to_le_bytes());
+        out.extend(x.as_bytes());
+    }
+    let mut out = b"GGUF".to_vec();
+    out.extend(3u32.to_le_bytes());
+    out.extend((tensors.len() as u64).to_le_bytes());
+    out.extend((meta.len() as u64).to_le_bytes());
+    for (k, v) in meta {
+        s(&mut out, k);
+        match v {
+            Meta::U32(x) => {
+                out.extend(4u32.to_le_bytes());
+                out.extend(x.to_le_bytes());
+            }
+            Meta::F32(x) => {
+                out.extend(6u32.to_le_bytes());
+                out.extend(x.to_le_bytes());
+            }
+            Meta::Str(x) => {
+                out.extend(8u32.to_le_bytes());
+                s(&mut out, x);
+            }
+            Meta::Strs(xs) => {
+                out.extend(9u32.to_le_bytes());
+                out.extend(8u32.to_le_bytes());
+                out.extend((xs.len() as u64).to_le_bytes());
+                xs.iter().for_each(|x| s(&mut out, x));
+            }
+            Meta::F32s(xs) => {
+                out.extend(9u32.to_le_bytes());
+                out.extend(6u32.to_le_bytes());
+                out.extend((xs.len() as u64).to_le_bytes());
+                xs.iter().for_each(|x| out.extend(x.to_le_bytes()));
+            }
+            Meta::I32s(xs) => {
+                out.extend(9u32.to_le_bytes());
+                out.extend(5u32.to_le_bytes());
+                out.extend((xs.len() as u64).to_le_bytes());
+                xs.iter().for_each(|x| out.extend(x.to_le_bytes()));
+            }
+        }
+    }
+    let mut offset = 0u64;
+    for (name, shape, data) in tensors {
+        s(&mut out, name);
+        out.extend((shape.len() as u32).to_le_bytes());
+        for d in shape.iter().rev() {
+            out.extend((*d as u64).to_le_bytes()); // ggml order: fastest first
+        }
+        out.extend(0u32.to_le_bytes()); // F32
+        out.extend(offset.to_le_bytes());
+        offset += (data.len() * 4).div_ceil(32) as u64 * 32;
+    }
+    while out.len() % 32 != 0 {
+        out.push(0);
+    }
+    for (_, _, data) in tensors {
+        let start = out.len();
+        data.iter().for_each(|x| out.extend(x.to_le_bytes()));
+        while (out.len() - start) % 32 != 0 {
+            out.push(0);
+        }
+    }
+    out
+}
+
+/// llama.cpp's q/k row permutation (`reshape(n, 2, rows/n/2, cols).swapaxes(1, 2)`).
+fn permute(t: &HostTensor, n: usize) -> Vec<f32> {
+    let (rows, cols) = (t.shape[0], t.shape[1]);
+    let half = rows / n / 2;
+    let mut out = vec![0f32; t.data.len()];
+    for h in 0..n {
+        for i in 0..2 {
+            for j in 0..half {
+                let src = h * rows / n + i * half + j;
+                let dst = h * rows / n + 2 * j + i;
+                out[dst * cols..(dst + 1) * cols].copy_from_slice(&t.data[src * cols..(src + 1) * cols]);
+            }
+        }
+    }
+    out
+}
+
+fn tiny_gguf() -> (Vec<u8>, llamatune::model::random::MemorySource) {
+    let cfg = tiny_config(false);
+    let src = random_source(&cfg, 9);
+    let mut tensors = Vec::new();
+    for (hf, t) in &src.tensors {
+        let name = hf
+            .replace("model.embed_tokens.weight", "token_embd.weight")
+            .replace("model.norm.weight", "output_norm.weight")
+            .replace("lm_head.weight", "output.weight")
+            .replace("model.layers.", "blk.")
+            .replace(".input_layernorm.", ".attn_norm.")
+            .replace(".post_attention_layernorm.", ".ffn_norm.")
+            .replace(".self_attn.q_proj.", ".attn_q.")
+            .replace(".self_attn.k_proj.", ".attn_k.")
+            .replace(".self_attn.v_proj.", ".attn_v.")
+            .replace(".self_attn.o_proj.", ".attn_output.")
+            .replace(".mlp.gate_proj.", ".ffn_gate.")
+            .replace(".mlp.up_proj.", ".ffn_up.")
+            .replace(".mlp.down_proj.", ".ffn_down.");
+        let data = if hf.contains("q_proj") {
+            permute(t, cfg.num_attention_heads)
+        } else if hf.contains("k_proj") {
+            permute(t, cfg.num_key_value_heads)
+        } else {
+            t.data.clone()
+        };
+        tensors.push((name, t.shape.clone(), data));
+    }
+    // A SentencePiece-style vocabulary: <unk>, <s>, </s>, byte tokens would follow in a real model.
+    let mut vocab: Vec<String> = vec!["<unk>".into(), "<s>".into(), "</s>".into()];
+    for w in ["▁", "a", "b", "▁a", "ab", "▁ab", "▁b"] {
+        vocab.push(w.into());
+    }
+    while vocab.len() < cfg.vocab_size {
+        vocab.push(format!("tok{}", vocab.len()));
+    }
+    let mut types = vec![1i32; vocab.len()];
+    types[0] = 2;
+    types[1] = 3;
+    types[2] = 3;
+    let scores: Vec<f32> = (0..vocab.len()).map(|i| -(i as f32)).collect();
+    let meta = vec![
+        ("general.architecture", Meta::Str("llama")),
+        ("llama.block_count", Meta::U32(cfg.num_hidden_layers as u32)),
+        ("llama.embedding_length", Meta::U32(cfg.hidden_size as u32)),
+        ("llama.feed_forward_length", Meta::U32(cfg.intermediate_size as u32)),
+        ("llama.attention.head_count", Meta::U32(cfg.num_attention_heads as u32)),
+        ("llama.attention.head_count_kv", Meta::U32(cfg.num_key_value_heads as u32)),
+        ("llama.rope.dimension_count", Meta::U32(cfg.head_dim as u32)),
+        ("llama.rope.freq_base", Meta::F32(cfg.rope_theta as f32)),
+        ("llama.attention.layer_norm_rms_epsilon", Meta::F32(cfg.rms_norm_eps as f32)),
+        ("llama.context_length", Meta::U32(cfg.max_position_embeddings as u32)),
+        ("tokenizer.ggml.model", Meta::Str("llama")),
+        ("tokenizer.ggml.tokens", Meta::Strs(vocab)),
+        ("tokenizer.ggml.scores", Meta::F32s(scores)),
+        ("tokenizer.ggml.token_type", Meta::I32s(types)),
+        ("tokenizer.ggml.bos_token_id", Meta::U32(1)),
+        ("tokenizer.ggml.eos_token_id", Meta::U32(2)),
+    ];
+    (gguf_bytes(&meta, &tensors), src)
+}
+
+#[test]
+fn gguf_import_equals_safetensors_and_builds_a_spm_tokenizer() {
+    let d = tempfile::tempdir().unwrap();
+    let (bytes, src) = tiny_gguf();
+    let path = d.path().join("tiny.gguf");
+    std::fs::write(&path, &bytes).unwrap();
+    let g = GgufSource::open(&path).unwrap();
+    let mut want_cfg = src.config.clone();
+    want_cfg.eos_token_ids = vec![2];
+    assert_eq!(g.config(), &want_cfg);
+    let batch = Batch::causal_lm(&[vec![3, 1, 4, 1, 5, 9, 2, 6]]);
+    let a = full_logits(&BE, &Llama::<B>::load(&BE, &g, None).unwrap(), None, &batch);
+    let b = full_logits(&BE, &Llama::<B>::load(&BE, &src, None).unwrap(), None, &batch);
+    assert_eq!(a, b, "GGUF import (permutation undone) equals the Hugging Face layout");
+    let tok = llamatune::tokenizer::Tokenizer::from_json(g.tokenizer_json().unwrap()).unwrap();
+    assert_eq!(tok.encode("ab b", true).unwrap(), vec![1, 8, 9], "<s> ▁ab ▁b");
+}
+
+#[test]
+fn malformed_gguf_is_reported() {
+    let d = tempfile::tempdir().unwrap();
+    let (bytes, _) = tiny_gguf();
+    let path = d.path().join("bad.gguf");
+    let mut bad = bytes.clone();
+    bad[0..4].copy_from_slice(b"GGUX");
+    std::fs::write(&path, &bad).unwrap();
+    let e = err_of(GgufFile::open(&path));
+    assert!(e.contains("bad.gguf") && e.contains("magic"), "{e}");
+    std::fs::write(&path, &bytes[..bytes.len() - 64]).unwrap();
+    let e = err_of(GgufFile::open(&path));
+    assert!(e.contains("bad.gguf") && e.contains("runs past the end"), "{e}");
+    std::fs::write(&path, &bytes[..200]).unwrap();
+    let e = err_of(GgufFile::open(&path));
+    assert!(e.contains("bad.gguf") && e.contains("truncated"), "{e}");
+    std::fs::write(&path, b"").unwrap();
+    let e = err_of(GgufFile::open(&path));
+    assert!(e.contains("bad.gguf"), "{e}");
+    let mut v4 = bytes.clone();
+    v4[4..8].copy_from_slice(&4u32.to_le_bytes());
+    std::fs::write(&path, &v4).unwrap();
+    assert!(err_of(GgufFile::open(&path)).contains("version 4"));
+}
