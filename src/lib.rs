@@ -9,8 +9,10 @@
 pub mod assets;
 pub mod backend;
 pub mod config;
+pub mod data;
 pub mod error;
 pub mod generate;
+pub mod io;
 pub mod model;
 pub mod optim;
 pub mod quant;

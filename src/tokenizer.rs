@@ -111,6 +111,17 @@ impl Tokenizer {
         Ok(enc.get_ids().to_vec())
     }
 
+    /// Token ids and their `(start, end)` byte offsets in `text`.
+    pub fn encode_with_offsets(&self, text: &str, add_special: bool) -> Result<(Vec<u32>, Vec<(usize, usize)>)> {
+        let enc = self.inner.encode(text, add_special).map_err(|e| Error::Tokenizer(e.to_string()))?;
+        Ok((enc.get_ids().to_vec(), enc.get_offsets().to_vec()))
+    }
+
+    /// Whether `text` starts with the BOS token (then no second BOS may be added).
+    pub fn starts_with_bos(&self, text: &str) -> bool {
+        self.bos_token.as_deref().is_some_and(|b| !b.is_empty() && text.starts_with(b))
+    }
+
     /// Token ids of text that may already begin with the BOS token: the post-processor's BOS is
     /// then not added a second time.
     pub fn encode_templated(&self, text: &str) -> Result<Vec<u32>> {

@@ -114,6 +114,51 @@ impl SafetensorsSource {
     pub fn names(&self) -> impl Iterator<Item = &String> {
         self.index.keys()
     }
+
+    /// Opens one safetensors file on its own (no `config.json`), e.g. an adapter or optimizer state.
+    pub fn open_file(path: &Path) -> Result<TensorFile> {
+        let mmap = map_file(path)?;
+        let st = SafeTensors::deserialize(&mmap).map_err(|e| st_error(path, e))?;
+        let names = st.names().into_iter().cloned().collect();
+        Ok(TensorFile { path: path.to_path_buf(), mmap, names })
+    }
+}
+
+/// One memory-mapped safetensors file.
+pub struct TensorFile {
+    path: PathBuf,
+    mmap: Mmap,
+    names: Vec<String>,
+}
+
+impl TensorFile {
+    pub fn has_tensor(&self, name: &str) -> bool {
+        self.names.iter().any(|n| n == name)
+    }
+    pub fn num_tensors(&self) -> usize {
+        self.names.len()
+    }
+    pub fn names(&self) -> &[String] {
+        &self.names
+    }
+    pub fn read(&self, name: &str) -> Result<HostTensor> {
+        read_tensor(&self.path, &self.mmap, name)
+    }
+}
+
+fn read_tensor(path: &Path, mmap: &Mmap, name: &str) -> Result<HostTensor> {
+    let st = SafeTensors::deserialize(mmap).map_err(|e| st_error(path, e))?;
+    let view = st.tensor(name).map_err(|_| Error::tensor(name, format!("not found in {}", path.display())))?;
+    let bytes = view.data();
+    let data: Vec<f32> = match view.dtype() {
+        Dtype::F32 => bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
+        Dtype::F16 => bytes.chunks_exact(2).map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
+        Dtype::BF16 => bytes.chunks_exact(2).map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
+        other => {
+            return Err(Error::tensor(name, format!("{}: dtype {other:?} is not supported (f32, f16, bf16)", path.display())))
+        }
+    };
+    Ok(HostTensor { shape: view.shape().to_vec(), data })
 }
 
 impl WeightSource for SafetensorsSource {
@@ -130,21 +175,7 @@ impl WeightSource for SafetensorsSource {
         let &i =
             self.index.get(name).ok_or_else(|| Error::tensor(name, format!("not found in {}", self.dir.display())))?;
         let (path, mmap) = &self.files[i];
-        let st = SafeTensors::deserialize(mmap).map_err(|e| st_error(path, e))?;
-        let view = st.tensor(name).map_err(|e| st_error(path, e))?;
-        let bytes = view.data();
-        let data: Vec<f32> = match view.dtype() {
-            Dtype::F32 => bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
-            Dtype::F16 => bytes.chunks_exact(2).map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
-            Dtype::BF16 => bytes.chunks_exact(2).map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
-            other => {
-                return Err(Error::tensor(
-                    name,
-                    format!("{}: dtype {other:?} is not supported (f32, f16, bf16)", path.display()),
-                ))
-            }
-        };
-        Ok(HostTensor { shape: view.shape().to_vec(), data })
+        read_tensor(path, mmap, name)
     }
 }
 
