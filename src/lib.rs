@@ -13,10 +13,13 @@ pub mod data;
 pub mod error;
 pub mod generate;
 pub mod io;
+pub mod load;
 pub mod model;
 pub mod optim;
+pub mod progress;
 pub mod quant;
 pub mod tape;
 pub mod tokenizer;
+pub mod train;
 
 pub use error::{Error, Result};

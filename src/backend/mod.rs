@@ -112,6 +112,10 @@ pub trait Backend {
     type Weight;
 
     fn name(&self) -> String;
+    /// Peak device memory in bytes since start, when the backend tracks it.
+    fn peak_memory(&self) -> Option<u64> {
+        None
+    }
 
     // ---- memory --------------------------------------------------------------------------------
     fn zeros(&self, n: usize) -> Self::Buf;
