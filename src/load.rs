@@ -16,14 +16,14 @@ pub const KNOWN_MODELS: [&str; 1] = ["smollm2-135m-instruct"];
 
 /// Where a model's weights live, opened.
 pub enum ModelFiles {
-    HfDir(SafetensorsSource),
+    HfDir(Box<SafetensorsSource>),
     Gguf(Box<GgufSource>),
 }
 
 impl ModelFiles {
     pub fn source(&self) -> &dyn WeightSource {
         match self {
-            ModelFiles::HfDir(s) => s,
+            ModelFiles::HfDir(s) => s.as_ref(),
             ModelFiles::Gguf(g) => g.as_ref(),
         }
     }
@@ -54,7 +54,7 @@ pub fn open(spec: &str) -> Result<(ModelFiles, Tokenizer)> {
         }
         let src = SafetensorsSource::open(&path)?;
         let tok = Tokenizer::from_dir(&path)?;
-        Ok((ModelFiles::HfDir(src), tok))
+        Ok((ModelFiles::HfDir(Box::new(src)), tok))
     } else {
         let g = GgufSource::open(&path)?;
         let tok = gguf_tokenizer(&g)?;
@@ -69,8 +69,11 @@ pub fn gguf_tokenizer(g: &GgufSource) -> Result<Tokenizer> {
         let id = g.file.meta.get(key).and_then(MetaValue::as_u64)? as u32;
         tok.id_to_token(id)
     };
-    let (bos, eos, pad) =
-        (token("tokenizer.ggml.bos_token_id"), token("tokenizer.ggml.eos_token_id"), token("tokenizer.ggml.padding_token_id"));
+    let (bos, eos, pad) = (
+        token("tokenizer.ggml.bos_token_id"),
+        token("tokenizer.ggml.eos_token_id"),
+        token("tokenizer.ggml.padding_token_id"),
+    );
     (tok.bos_token, tok.eos_token, tok.pad_token) = (bos, eos, pad);
     tok.chat_template = g.chat_template();
     Ok(tok)

@@ -26,7 +26,13 @@ fn fmt_dur(d: Duration) -> String {
 impl Progress {
     pub fn new(label: &str, total: usize) -> Self {
         let now = Instant::now();
-        Progress { label: label.into(), total: total.max(1), start: now, last_plain: now, tty: std::io::stderr().is_terminal() }
+        Progress {
+            label: label.into(),
+            total: total.max(1),
+            start: now,
+            last_plain: now,
+            tty: std::io::stderr().is_terminal(),
+        }
     }
 
     /// Reports `done` of `total`, with a short status text.
@@ -48,7 +54,14 @@ impl Progress {
             let _ = std::io::stderr().flush();
         } else if done == self.total || self.last_plain.elapsed() >= Duration::from_secs(10) {
             self.last_plain = Instant::now();
-            eprintln!("{}: {done}/{} ({:.0}%) elapsed {} eta {} {status}", self.label, self.total, frac * 100.0, fmt_dur(elapsed), fmt_dur(eta));
+            eprintln!(
+                "{}: {done}/{} ({:.0}%) elapsed {} eta {} {status}",
+                self.label,
+                self.total,
+                frac * 100.0,
+                fmt_dur(elapsed),
+                fmt_dur(eta)
+            );
         }
     }
 

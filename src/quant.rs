@@ -11,6 +11,7 @@
 //! 256) over bitsandbytes' signed dynamic code, plus one f32 absmax per 256 blocks and the f32 mean.
 
 use crate::config::{QuantConfig, QuantType};
+use rayon::prelude::*;
 
 /// bitsandbytes' NF4 code (the normal-float quantiles of the QLoRA paper), digits as bitsandbytes
 /// prints its float32 table.
@@ -278,18 +279,16 @@ impl Quant4 {
         assert!(bs >= 2 && bs % 2 == 0, "blocksize must be even");
         let absmax = blockwise_absmax(data, bs);
         let mut packed = vec![0u8; data.len().div_ceil(2)];
-        for (bi, block) in data.chunks(bs).enumerate() {
-            let inv = 1.0f32 / absmax[bi];
-            for (j, &x) in block.iter().enumerate() {
-                let idx = bi * bs + j;
-                let c = quantize_4bit_value(cfg.quant_type, x * inv);
-                if idx % 2 == 0 {
-                    packed[idx / 2] |= c << 4;
-                } else {
-                    packed[idx / 2] |= c;
+        // Blocks are independent and (blocksize being even) own whole bytes: quantize them in parallel.
+        packed.par_chunks_mut(bs / 2).zip(data.par_chunks(bs)).zip(absmax.par_iter()).for_each(
+            |((bytes, block), am)| {
+                let inv = 1.0f32 / am;
+                for (j, &x) in block.iter().enumerate() {
+                    let c = quantize_4bit_value(cfg.quant_type, x * inv);
+                    bytes[j / 2] |= if j % 2 == 0 { c << 4 } else { c };
                 }
-            }
-        }
+            },
+        );
         let absmax = if cfg.double_quant {
             let offset = (absmax.iter().map(|&a| a as f64).sum::<f64>() / absmax.len().max(1) as f64) as f32;
             let centred: Vec<f32> = absmax.iter().map(|a| a - offset).collect();
@@ -326,10 +325,13 @@ impl Quant4 {
             Absmax::F32(v) => std::borrow::Cow::Borrowed(v),
             nested => std::borrow::Cow::Owned(nested.values()),
         };
-        for (k, o) in out.iter_mut().enumerate() {
-            let i = start + k;
-            *o = table[self.code_at(i) as usize] * absmax[i / self.blocksize];
-        }
+        const CHUNK: usize = 1 << 14;
+        out.par_chunks_mut(CHUNK).enumerate().for_each(|(c, chunk)| {
+            for (k, o) in chunk.iter_mut().enumerate() {
+                let i = start + c * CHUNK + k;
+                *o = table[self.code_at(i) as usize] * absmax[i / self.blocksize];
+            }
+        });
     }
 
     /// Bytes this tensor occupies (codes + scales), for memory reports.

@@ -6,6 +6,9 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use std::path::Path;
 
+/// `(start, end)` byte offsets of a token in its text.
+pub type ByteSpan = (usize, usize);
+
 /// One chat message (`role` is `system`, `user` or `assistant`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Message {
@@ -112,7 +115,7 @@ impl Tokenizer {
     }
 
     /// Token ids and their `(start, end)` byte offsets in `text`.
-    pub fn encode_with_offsets(&self, text: &str, add_special: bool) -> Result<(Vec<u32>, Vec<(usize, usize)>)> {
+    pub fn encode_with_offsets(&self, text: &str, add_special: bool) -> Result<(Vec<u32>, Vec<ByteSpan>)> {
         let enc = self.inner.encode(text, add_special).map_err(|e| Error::Tokenizer(e.to_string()))?;
         Ok((enc.get_ids().to_vec(), enc.get_offsets().to_vec()))
     }

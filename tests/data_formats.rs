@@ -23,7 +23,12 @@ fn tok() -> Tokenizer {
 }
 
 fn cfg(data: &Path) -> TrainConfig {
-    TrainConfig { model: "unused".into(), dataset: data.display().to_string(), max_seq_length: 256, ..TrainConfig::default() }
+    TrainConfig {
+        model: "unused".into(),
+        dataset: data.display().to_string(),
+        max_seq_length: 256,
+        ..TrainConfig::default()
+    }
 }
 
 fn write_lines(path: &Path, rows: &[serde_json::Value]) {
@@ -66,14 +71,19 @@ fn json_array_and_parquet_read_like_jsonl() {
     let a = read_records(&l, false).unwrap().rows;
     assert_eq!(read_records(&j, false).unwrap().rows, a);
     let p = read_records(&pq, false).unwrap().rows;
-    assert_eq!(p.iter().map(|r| r.fields.clone()).collect::<Vec<_>>(), a.iter().map(|r| r.fields.clone()).collect::<Vec<_>>());
+    assert_eq!(
+        p.iter().map(|r| r.fields.clone()).collect::<Vec<_>>(),
+        a.iter().map(|r| r.fields.clone()).collect::<Vec<_>>()
+    );
 }
 
 fn write_parquet_text(path: &Path, texts: &[&str]) {
     use parquet::data_type::{ByteArray, ByteArrayType};
     use parquet::file::properties::WriterProperties;
     use parquet::file::writer::SerializedFileWriter;
-    let schema = Arc::new(parquet::schema::parser::parse_message_type("message schema { REQUIRED BYTE_ARRAY text (UTF8); }").unwrap());
+    let schema = Arc::new(
+        parquet::schema::parser::parse_message_type("message schema { REQUIRED BYTE_ARRAY text (UTF8); }").unwrap(),
+    );
     let f = std::fs::File::create(path).unwrap();
     let mut w = SerializedFileWriter::new(f, schema, Arc::new(WriterProperties::builder().build())).unwrap();
     let mut rg = w.next_row_group().unwrap();
@@ -101,7 +111,8 @@ fn messages_prompt_completion_and_alpaca() {
     assert_eq!(only.text(), all.text());
     assert_eq!(only.pieces.iter().filter(|p| p.1).map(|p| p.0.as_str()).collect::<String>(), " Hello </s>");
     let (ts, _) = tokenize_sample(&only, &t, 256).unwrap();
-    let trained: Vec<u32> = ts.input_ids.iter().zip(&ts.labels).filter(|(_, &l)| l != IGNORE_INDEX).map(|(&i, _)| i).collect();
+    let trained: Vec<u32> =
+        ts.input_ids.iter().zip(&ts.labels).filter(|(_, &l)| l != IGNORE_INDEX).map(|(&i, _)| i).collect();
     assert_eq!(t.decode(&trained, false).unwrap(), " Hello </s>");
 
     let pc = rec(json!({"prompt": "Q: 2+2?", "completion": " A: 4"}));
@@ -109,13 +120,17 @@ fn messages_prompt_completion_and_alpaca() {
     assert!(fmt.default_completion_only());
     let s = render(&pc, &fmt, &t, &RenderOptions { completion_only: true, response_template: None }, &path).unwrap();
     let (ts, _) = tokenize_sample(&s, &t, 256).unwrap();
-    let trained: Vec<u32> = ts.input_ids.iter().zip(&ts.labels).filter(|(_, &l)| l != IGNORE_INDEX).map(|(&i, _)| i).collect();
+    let trained: Vec<u32> =
+        ts.input_ids.iter().zip(&ts.labels).filter(|(_, &l)| l != IGNORE_INDEX).map(|(&i, _)| i).collect();
     assert_eq!(t.decode(&trained, false).unwrap(), " A: 4</s>");
 
     let al = rec(json!({"instruction": "Add", "input": "2 and 3", "output": "5"}));
     let fmt = RowFormat::detect(&al, "text", &path).unwrap();
     assert_eq!(fmt, RowFormat::Alpaca);
-    assert_eq!(render(&al, &fmt, &t, &RenderOptions::default(), &path).unwrap().text(), "<s>[INST] Add\n\n2 and 3 [/INST] 5 </s>");
+    assert_eq!(
+        render(&al, &fmt, &t, &RenderOptions::default(), &path).unwrap().text(),
+        "<s>[INST] Add\n\n2 and 3 [/INST] 5 </s>"
+    );
 }
 
 #[test]

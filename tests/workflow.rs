@@ -107,7 +107,14 @@ fn train_checkpoint_resume_merge_generate() {
     for step in 1..=6i64 {
         assert!(scalars.iter().any(|(s, t, _)| *s == step && t == "train/loss"), "step {step}");
     }
-    for tag in ["train/learning_rate", "train/grad_norm", "train/tokens_per_second", "train/peak_memory_gib", "eval/loss", "eval/perplexity"] {
+    for tag in [
+        "train/learning_rate",
+        "train/grad_norm",
+        "train/tokens_per_second",
+        "train/peak_memory_gib",
+        "eval/loss",
+        "eval/perplexity",
+    ] {
         assert!(scalars.iter().any(|(_, t, _)| t == tag), "missing {tag}");
     }
     let tb_loss: Vec<f32> = scalars.iter().filter(|(_, t, _)| t == "train/loss").map(|(_, _, v)| *v).collect();
@@ -118,13 +125,15 @@ fn train_checkpoint_resume_merge_generate() {
     let merged = merge(&BE, &model, &lora_a);
     export::write_model_dir(&BE, &merged, Some(&tok), &merged_dir, SaveDtype::F32, 20_000).unwrap();
     assert!(merged_dir.join("model.safetensors.index.json").exists(), "small shard size forces sharding");
-    for f in ["config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"] {
+    for f in
+        ["config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"]
+    {
         assert!(merged_dir.join(f).exists(), "{f}");
     }
     let (mfiles, mtok) = load::open(&merged_dir.display().to_string()).unwrap();
     let reloaded = Llama::<B>::load(&BE, mfiles.source(), None).unwrap();
     let ids = mtok.encode("<s>[INST] question 3: what is 3 plus 3? [/INST]", false).unwrap();
-    let batch = Batch::causal_lm(&[ids.clone()]);
+    let batch = Batch::causal_lm(std::slice::from_ref(&ids));
     let want = full_logits(&BE, &model, Some(&lora_a), &batch);
     let got = full_logits(&BE, &reloaded, None, &batch);
     let err = want.iter().zip(&got).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
@@ -174,8 +183,7 @@ fn nan_steps_are_skipped_then_training_stops_keeping_the_checkpoint() {
                 skipped.push(step);
             }
         })
-        .err()
-        .expect("training stops")
+        .expect_err("training stops")
         .to_string();
     assert!(err.contains("3 steps in a row") && err.contains("checkpoint"), "{err}");
     assert_eq!(skipped, vec![3, 4, 5]);
@@ -193,9 +201,17 @@ fn resolved_config_is_saved_in_the_output_dir() {
     let data = d.path().join("data.jsonl");
     common::text_dataset(&data, 8);
     let out = d.path().join("o");
-    let cfg = TrainConfig { max_steps: 1, save_steps: 0, eval_split_ratio: 0.0, eval_steps: None, ..config(&model_dir, &data, &out) };
+    let cfg = TrainConfig {
+        max_steps: 1,
+        save_steps: 0,
+        eval_split_ratio: 0.0,
+        eval_steps: None,
+        ..config(&model_dir, &data, &out)
+    };
     run(cfg.clone(), None);
     let saved = std::fs::read_to_string(out.join("train_config.toml")).unwrap();
-    let back = TrainConfig::resolve(None, serde_json::to_value(toml::from_str::<toml::Value>(&saved).unwrap()).unwrap()).unwrap();
+    let back =
+        TrainConfig::resolve(None, serde_json::to_value(toml::from_str::<toml::Value>(&saved).unwrap()).unwrap())
+            .unwrap();
     assert_eq!(back, cfg);
 }

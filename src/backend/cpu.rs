@@ -5,6 +5,7 @@
 use super::{AdamWStep, AttnShape, Backend, Dropout, HostWeight};
 use crate::quant::Quant4;
 use num_traits::Float;
+use rayon::prelude::*;
 use std::marker::PhantomData;
 
 /// The float types the CPU backend runs in.
@@ -420,42 +421,20 @@ impl<T: Real> Backend for Cpu<T> {
         out: &mut Vec<T>,
         lse: &mut Vec<T>,
     ) {
-        let d = sh.head_dim;
-        let scale = T::of(1.0 / (d as f64).sqrt());
-        let mut p = vec![T::zero(); sh.kv_len];
-        for b in 0..sh.batch {
-            for h in 0..sh.heads {
-                let g = h / (sh.heads / sh.kv_heads);
-                for t in 0..sh.q_len {
+        // One task per (batch row, KV head): its query heads read only that group's keys.
+        let groups: Vec<(Vec<T>, Vec<T>)> = (0..sh.batch * sh.kv_heads)
+            .into_par_iter()
+            .map(|bg| attention_group(q, k, v, sh, segments, bg / sh.kv_heads, bg % sh.kv_heads))
+            .collect();
+        let (d, rep) = (sh.head_dim, sh.heads / sh.kv_heads);
+        for (bg, (o, l)) in groups.into_iter().enumerate() {
+            let (b, g) = (bg / sh.kv_heads, bg % sh.kv_heads);
+            for t in 0..sh.q_len {
+                for r in 0..rep {
+                    let h = g * rep + r;
                     let qi = ((b * sh.q_len + t) * sh.heads + h) * d;
-                    let o = &mut out[qi..qi + d];
-                    o.iter_mut().for_each(|x| *x = T::zero());
-                    let li = (b * sh.heads + h) * sh.q_len + t;
-                    let visible = visible_keys(sh, segments, b, t);
-                    if visible.is_empty() {
-                        lse[li] = T::neg_infinity();
-                        continue;
-                    }
-                    let mut mx = T::neg_infinity();
-                    for &s in &visible {
-                        let ki = ((b * sh.kv_capacity + s) * sh.kv_heads + g) * d;
-                        let dot = (0..d).map(|j| q[qi + j] * k[ki + j]).sum::<T>() * scale;
-                        p[s] = dot;
-                        mx = mx.max(dot);
-                    }
-                    let mut denom = T::zero();
-                    for &s in &visible {
-                        p[s] = (p[s] - mx).exp();
-                        denom = denom + p[s];
-                    }
-                    for &s in &visible {
-                        let w = p[s] / denom;
-                        let vi = ((b * sh.kv_capacity + s) * sh.kv_heads + g) * d;
-                        for j in 0..d {
-                            o[j] = o[j] + w * v[vi + j];
-                        }
-                    }
-                    lse[li] = mx + denom.ln();
+                    out[qi..qi + d].copy_from_slice(&o[(t * rep + r) * d..(t * rep + r + 1) * d]);
+                    lse[(b * sh.heads + h) * sh.q_len + t] = l[r * sh.q_len + t];
                 }
             }
         }
@@ -474,36 +453,28 @@ impl<T: Real> Backend for Cpu<T> {
         dk: &mut Vec<T>,
         dv: &mut Vec<T>,
     ) {
-        // Recompute p = exp(s − lse); dv += pᵀ·do; dp = do·vᵀ; ds = p ⊙ (dp − rowsum(do ⊙ o)).
-        let d = sh.head_dim;
-        let scale = T::of(1.0 / (d as f64).sqrt());
+        let groups: Vec<[Vec<T>; 3]> = (0..sh.batch * sh.kv_heads)
+            .into_par_iter()
+            .map(|bg| {
+                attention_group_backward(q, k, v, out, lse, dout, sh, segments, bg / sh.kv_heads, bg % sh.kv_heads)
+            })
+            .collect();
+        let (d, rep) = (sh.head_dim, sh.heads / sh.kv_heads);
         dq.iter_mut().for_each(|x| *x = T::zero());
         dk.iter_mut().for_each(|x| *x = T::zero());
         dv.iter_mut().for_each(|x| *x = T::zero());
-        for b in 0..sh.batch {
-            for h in 0..sh.heads {
-                let g = h / (sh.heads / sh.kv_heads);
-                for t in 0..sh.q_len {
-                    let qi = ((b * sh.q_len + t) * sh.heads + h) * d;
-                    let li = (b * sh.heads + h) * sh.q_len + t;
-                    let visible = visible_keys(sh, segments, b, t);
-                    if visible.is_empty() {
-                        continue;
-                    }
-                    let delta = (0..d).map(|j| dout[qi + j] * out[qi + j]).sum::<T>();
-                    for &s in &visible {
-                        let ki = ((b * sh.kv_capacity + s) * sh.kv_heads + g) * d;
-                        let score = (0..d).map(|j| q[qi + j] * k[ki + j]).sum::<T>() * scale;
-                        let p = (score - lse[li]).exp();
-                        let dp = (0..d).map(|j| dout[qi + j] * v[ki + j]).sum::<T>();
-                        let ds = p * (dp - delta);
-                        for j in 0..d {
-                            dv[ki + j] = dv[ki + j] + p * dout[qi + j];
-                            dq[qi + j] = dq[qi + j] + ds * scale * k[ki + j];
-                            dk[ki + j] = dk[ki + j] + ds * scale * q[qi + j];
-                        }
-                    }
+        for (bg, [gq, gk, gv]) in groups.into_iter().enumerate() {
+            let (b, g) = (bg / sh.kv_heads, bg % sh.kv_heads);
+            for t in 0..sh.q_len {
+                for r in 0..rep {
+                    let qi = ((b * sh.q_len + t) * sh.heads + g * rep + r) * d;
+                    dq[qi..qi + d].copy_from_slice(&gq[(t * rep + r) * d..(t * rep + r + 1) * d]);
                 }
+            }
+            for s in 0..sh.kv_len {
+                let ki = ((b * sh.kv_capacity + s) * sh.kv_heads + g) * d;
+                dk[ki..ki + d].copy_from_slice(&gk[s * d..(s + 1) * d]);
+                dv[ki..ki + d].copy_from_slice(&gv[s * d..(s + 1) * d]);
             }
         }
     }
@@ -588,18 +559,122 @@ fn dropped<T: Real>(x: &[T], dropout: Dropout) -> std::borrow::Cow<'_, [T]> {
     std::borrow::Cow::Owned(x.iter().enumerate().map(|(i, &v)| v * T::of(dropout.factor(i as u64) as f64)).collect())
 }
 
+/// Forward attention of the query heads sharing KV head `g` in batch row `b`. Returns the outputs
+/// `(q_len, rep, head_dim)` and log-sum-exps `(rep, q_len)` of those heads.
+fn attention_group<T: Real>(
+    q: &[T],
+    k: &[T],
+    v: &[T],
+    sh: AttnShape,
+    segments: Option<&[u32]>,
+    b: usize,
+    g: usize,
+) -> (Vec<T>, Vec<T>) {
+    let (d, rep) = (sh.head_dim, sh.heads / sh.kv_heads);
+    let scale = T::of(1.0 / (d as f64).sqrt());
+    let mut out = vec![T::zero(); sh.q_len * rep * d];
+    let mut lse = vec![T::zero(); rep * sh.q_len];
+    let mut p = vec![T::zero(); sh.kv_len];
+    let mut visible = Vec::with_capacity(sh.kv_len);
+    for t in 0..sh.q_len {
+        visible_keys(sh, segments, b, t, &mut visible);
+        for r in 0..rep {
+            let qi = ((b * sh.q_len + t) * sh.heads + g * rep + r) * d;
+            let qrow = &q[qi..qi + d];
+            if visible.is_empty() {
+                lse[r * sh.q_len + t] = T::neg_infinity();
+                continue;
+            }
+            let mut mx = T::neg_infinity();
+            for &s in &visible {
+                let ki = ((b * sh.kv_capacity + s) * sh.kv_heads + g) * d;
+                let dot = dot(qrow, &k[ki..ki + d]) * scale;
+                p[s] = dot;
+                mx = mx.max(dot);
+            }
+            let mut denom = T::zero();
+            for &s in &visible {
+                p[s] = (p[s] - mx).exp();
+                denom = denom + p[s];
+            }
+            let o = &mut out[(t * rep + r) * d..(t * rep + r + 1) * d];
+            for &s in &visible {
+                let w = p[s] / denom;
+                let vi = ((b * sh.kv_capacity + s) * sh.kv_heads + g) * d;
+                for (oj, vj) in o.iter_mut().zip(&v[vi..vi + d]) {
+                    *oj = *oj + w * *vj;
+                }
+            }
+            lse[r * sh.q_len + t] = mx + denom.ln();
+        }
+    }
+    (out, lse)
+}
+
+/// Backward of [`attention_group`]: recompute p = exp(s − lse); dv += pᵀ·do; dp = do·vᵀ;
+/// ds = p ⊙ (dp − rowsum(do ⊙ o)). Returns dq `(q_len, rep, d)`, dk and dv `(kv_len, d)`.
+#[allow(clippy::too_many_arguments)]
+fn attention_group_backward<T: Real>(
+    q: &[T],
+    k: &[T],
+    v: &[T],
+    out: &[T],
+    lse: &[T],
+    dout: &[T],
+    sh: AttnShape,
+    segments: Option<&[u32]>,
+    b: usize,
+    g: usize,
+) -> [Vec<T>; 3] {
+    let (d, rep) = (sh.head_dim, sh.heads / sh.kv_heads);
+    let scale = T::of(1.0 / (d as f64).sqrt());
+    let mut dq = vec![T::zero(); sh.q_len * rep * d];
+    let mut dk = vec![T::zero(); sh.kv_len * d];
+    let mut dv = vec![T::zero(); sh.kv_len * d];
+    let mut visible = Vec::with_capacity(sh.kv_len);
+    for t in 0..sh.q_len {
+        visible_keys(sh, segments, b, t, &mut visible);
+        for r in 0..rep {
+            let h = g * rep + r;
+            let qi = ((b * sh.q_len + t) * sh.heads + h) * d;
+            let (qrow, dorow) = (&q[qi..qi + d], &dout[qi..qi + d]);
+            let l = lse[(b * sh.heads + h) * sh.q_len + t];
+            let delta = dot(dorow, &out[qi..qi + d]);
+            let dqrow = &mut dq[(t * rep + r) * d..(t * rep + r + 1) * d];
+            for &s in &visible {
+                let ki = ((b * sh.kv_capacity + s) * sh.kv_heads + g) * d;
+                let (krow, vrow) = (&k[ki..ki + d], &v[ki..ki + d]);
+                let p = (dot(qrow, krow) * scale - l).exp();
+                let ds = p * (dot(dorow, vrow) - delta) * scale;
+                for j in 0..d {
+                    dv[s * d + j] = dv[s * d + j] + p * dorow[j];
+                    dqrow[j] = dqrow[j] + ds * krow[j];
+                    dk[s * d + j] = dk[s * d + j] + ds * qrow[j];
+                }
+            }
+        }
+    }
+    [dq, dk, dv]
+}
+
+#[inline]
+fn dot<T: Real>(a: &[T], b: &[T]) -> T {
+    a.iter().zip(b).fold(T::zero(), |acc, (x, y)| acc + *x * *y)
+}
+
 /// Keys visible to query `t` of batch row `b`: causal by absolute position, same segment, not padding.
-fn visible_keys(sh: AttnShape, segments: Option<&[u32]>, b: usize, t: usize) -> Vec<usize> {
+/// (written into `out`).
+fn visible_keys(sh: AttnShape, segments: Option<&[u32]>, b: usize, t: usize, out: &mut Vec<usize>) {
+    out.clear();
     let pos = sh.q_offset + t;
     let last = pos.min(sh.kv_len.saturating_sub(1));
     match segments {
-        None => (0..=last).collect(),
+        None => out.extend(0..=last),
         Some(seg) => {
             let qseg = seg[b * sh.kv_capacity + pos];
-            if qseg == 0 {
-                return vec![];
+            if qseg != 0 {
+                out.extend((0..=last).filter(|&s| seg[b * sh.kv_capacity + s] == qseg));
             }
-            (0..=last).filter(|&s| seg[b * sh.kv_capacity + s] == qseg).collect()
         }
     }
 }

@@ -374,6 +374,11 @@ struct DemoArgs {
 }
 
 fn main() -> ExitCode {
+    // matrixmultiply counts physical cores; use every hardware thread unless the user said otherwise.
+    if std::env::var_os("MATMUL_NUM_THREADS").is_none() {
+        let n = std::thread::available_parallelism().map_or(1, |n| n.get());
+        std::env::set_var("MATMUL_NUM_THREADS", n.to_string());
+    }
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Train(a) => cmd_train(*a),
@@ -429,7 +434,12 @@ fn cmd_train(args: TrainArgs) -> Result<ExitCode> {
 }
 
 /// Loads data, trains with a progress bar, and returns the exit code and the run's outcome.
-fn run_training<B: Backend>(be: &B, model: &Llama<B>, tok: &Tokenizer, cfg: TrainConfig) -> Result<(ExitCode, train::Outcome)> {
+fn run_training<B: Backend>(
+    be: &B,
+    model: &Llama<B>,
+    tok: &Tokenizer,
+    cfg: TrainConfig,
+) -> Result<(ExitCode, train::Outcome)> {
     let (data, report) = train::data::load_train_data(&cfg, tok)?;
     eprintln!(
         "data: {} format, {} train / {} eval samples, {} train tokens; {} truncated to {} tokens, {} bad rows skipped, {} without trained tokens dropped",
@@ -684,8 +694,11 @@ fn cmd_convert(input: &Path, output: &Path, text_field: &str, model: Option<&str
     Ok(ExitCode::SUCCESS)
 }
 
-const DEMO_PROMPTS: [&str; 3] =
-    ["What is the capital of France?", "Give me three tips for staying focused while studying.", "Explain what a neural network is in one sentence."];
+const DEMO_PROMPTS: [&str; 3] = [
+    "What is the capital of France?",
+    "Give me three tips for staying focused while studying.",
+    "Explain what a neural network is in one sentence.",
+];
 
 fn cmd_demo(a: DemoArgs) -> Result<ExitCode> {
     let be = cpu_backend(&a.device)?;

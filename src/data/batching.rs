@@ -57,7 +57,9 @@ impl Batching {
         let lengths: Vec<usize> = samples.iter().map(|s| s.input_ids.len()).collect();
         let order = self.order(&lengths, epoch);
         let batches = match self.packing {
-            None => order.chunks(self.batch_size).map(|c| self.padded(c.iter().map(|&i| &samples[i]).collect())).collect(),
+            None => {
+                order.chunks(self.batch_size).map(|c| self.padded(c.iter().map(|&i| &samples[i]).collect())).collect()
+            }
             Some(row_len) => {
                 let rows = pack_rows(order.iter().map(|&i| &samples[i]), row_len);
                 rows.chunks(self.batch_size).map(|c| self.packed(c, row_len)).collect()

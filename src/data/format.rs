@@ -12,7 +12,9 @@ use std::path::Path;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RowFormat {
     /// One column (default `text`) already in a template.
-    Text { field: String },
+    Text {
+        field: String,
+    },
     /// A `messages` column of `{role, content}`.
     Messages,
     PromptCompletion,
@@ -76,9 +78,12 @@ fn messages_of(rec: &Record, path: &Path) -> Result<Vec<Message>> {
     let arr = rec.fields.get("messages").and_then(Value::as_array).ok_or_else(|| bad("is not a list"))?;
     arr.iter()
         .map(|m| {
-            let role = m.get("role").and_then(Value::as_str).ok_or_else(|| bad("has an entry without a string `role`"))?;
-            let content =
-                m.get("content").and_then(Value::as_str).ok_or_else(|| bad("has an entry without a string `content`"))?;
+            let role =
+                m.get("role").and_then(Value::as_str).ok_or_else(|| bad("has an entry without a string `role`"))?;
+            let content = m
+                .get("content")
+                .and_then(Value::as_str)
+                .ok_or_else(|| bad("has an entry without a string `content`"))?;
             Ok(Message::new(role, content))
         })
         .collect()
@@ -117,7 +122,8 @@ pub fn render(rec: &Record, fmt: &RowFormat, tok: &Tokenizer, opts: &RenderOptio
                 _ => instr.to_string(),
             };
             let msgs = [Message::new("user", &input), Message::new("assistant", str_field(rec, "output", path)?)];
-            chat_sample(&msgs, tok, opts.completion_only).map_err(|e| Error::format(path, format!("line {}: {e}", rec.line)))
+            chat_sample(&msgs, tok, opts.completion_only)
+                .map_err(|e| Error::format(path, format!("line {}: {e}", rec.line)))
         }
     }
 }

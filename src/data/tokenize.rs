@@ -50,8 +50,11 @@ pub fn tokenize_sample(s: &Sample, tok: &Tokenizer, max_len: usize) -> Result<(T
         // Special tokens added by the post-processor have an empty span at 0: not trained.
         end > start && ranges.iter().any(|r| r.contains(&start))
     };
-    let mut labels: Vec<i32> =
-        ids.iter().zip(&offsets).map(|(&id, &(a, b))| if trained_at(a, b) { id as i32 } else { IGNORE_INDEX }).collect();
+    let mut labels: Vec<i32> = ids
+        .iter()
+        .zip(&offsets)
+        .map(|(&id, &(a, b))| if trained_at(a, b) { id as i32 } else { IGNORE_INDEX })
+        .collect();
     if let Some(eos) = tok.eos_id() {
         if ids.last() != Some(&eos) {
             ids.push(eos);

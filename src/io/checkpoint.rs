@@ -33,6 +33,7 @@ pub struct TrainerState {
 }
 
 /// Saves a checkpoint of step `state.global_step` under `output_dir`; returns its directory.
+#[allow(clippy::too_many_arguments)]
 pub fn save<B: Backend>(
     be: &B,
     output_dir: &Path,
@@ -115,7 +116,10 @@ pub fn load<B: Backend>(be: &B, dir: &Path, model: &ModelConfig) -> Result<(Lora
             let name = format!("{pname}.{suffix}");
             let t = f.read(&name)?;
             if t.data.len() != n {
-                return Err(Error::tensor(&name, format!("{}: {} values, expected {n}", opt_path.display(), t.data.len())));
+                return Err(Error::tensor(
+                    &name,
+                    format!("{}: {} values, expected {n}", opt_path.display(), t.data.len()),
+                ));
             }
             let b = be.upload(&t.data);
             if slot == 0 {

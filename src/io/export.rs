@@ -77,7 +77,10 @@ pub fn write_model_dir<B: Backend>(
             }
         }
         let index = json!({"metadata": {"total_size": total}, "weight_map": weight_map});
-        write_atomic(&dir.join("model.safetensors.index.json"), serde_json::to_string_pretty(&index).expect("json").as_bytes())?;
+        write_atomic(
+            &dir.join("model.safetensors.index.json"),
+            serde_json::to_string_pretty(&index).expect("json").as_bytes(),
+        )?;
     }
     let mut cfg = model.cfg.to_json();
     cfg["torch_dtype"] = json!(dtype.torch_name());

@@ -39,7 +39,13 @@ pub fn adapter_config_json(cfg: &LoraConfig, base_model: &str) -> Value {
 }
 
 /// Writes the adapter into `dir` (created if needed); each file atomically.
-pub fn save_adapter<B: Backend>(be: &B, lora: &Lora<B>, model: &ModelConfig, base_model: &str, dir: &Path) -> Result<()> {
+pub fn save_adapter<B: Backend>(
+    be: &B,
+    lora: &Lora<B>,
+    model: &ModelConfig,
+    base_model: &str,
+    dir: &Path,
+) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     let mut tensors = Vec::new();
     for (name, buf) in lora.named_params() {
@@ -66,7 +72,10 @@ pub fn read_adapter_config(dir: &Path) -> Result<LoraConfig> {
     let v: Value = serde_json::from_str(&text).map_err(|e| Error::format(&path, format!("not valid JSON: {e}")))?;
     let bad = |m: String| Error::format(&path, m);
     if v.get("peft_type").and_then(Value::as_str) != Some("LORA") {
-        return Err(bad(format!("peft_type is {}; only LORA adapters are supported", v.get("peft_type").unwrap_or(&Value::Null))));
+        return Err(bad(format!(
+            "peft_type is {}; only LORA adapters are supported",
+            v.get("peft_type").unwrap_or(&Value::Null)
+        )));
     }
     if v.get("use_dora").and_then(Value::as_bool) == Some(true) {
         return Err(bad("DoRA adapters are not supported".into()));
@@ -121,7 +130,10 @@ pub fn load_adapter<B: Backend>(be: &B, model: &ModelConfig, dir: &Path) -> Resu
                 let name = if st.has_tensor(&plain) { plain } else { named };
                 let t = st.read(&name)?;
                 if t.shape != shape {
-                    return Err(Error::tensor(&name, format!("{}: shape {:?}, expected {shape:?}", path.display(), t.shape)));
+                    return Err(Error::tensor(
+                        &name,
+                        format!("{}: shape {:?}, expected {shape:?}", path.display(), t.shape),
+                    ));
                 }
                 Ok(be.upload(&t.data))
             };

@@ -74,7 +74,9 @@ fn now() -> f64 {
 impl EventWriter {
     pub fn create(dir: &Path) -> Result<Self> {
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-        let host = std::fs::read_to_string("/etc/hostname").map(|h| h.trim().to_string()).unwrap_or_else(|_| "localhost".into());
+        let host = std::fs::read_to_string("/etc/hostname")
+            .map(|h| h.trim().to_string())
+            .unwrap_or_else(|_| "localhost".into());
         let path = dir.join(format!("events.out.tfevents.{}.{host}", now() as u64));
         let file = std::fs::File::create(&path).map_err(|e| Error::io(&path, e))?;
         let mut w = EventWriter { path, file };
@@ -141,16 +143,16 @@ pub fn read_scalars(path: &Path) -> Result<Vec<Scalar>> {
         }
         pos += 16 + len;
         let mut step = 0i64;
-        for (field, val) in fields(body).map_err(|m| bad(m))? {
+        for (field, val) in fields(body).map_err(&bad)? {
             match (field, val) {
                 (2, Field::Varint(v)) => step = v as i64,
                 (3, Field::Bytes(_)) => saw_version = true,
                 (5, Field::Bytes(summary)) => {
-                    for (f, v) in fields(summary).map_err(|m| bad(m))? {
+                    for (f, v) in fields(summary).map_err(&bad)? {
                         if let (1, Field::Bytes(value)) = (f, v) {
                             let mut t = String::new();
                             let mut x = f32::NAN;
-                            for (vf, vv) in fields(value).map_err(|m| bad(m))? {
+                            for (vf, vv) in fields(value).map_err(&bad)? {
                                 match (vf, vv) {
                                     (1, Field::Bytes(b)) => t = String::from_utf8_lossy(b).into_owned(),
                                     (2, Field::Fixed32(b)) => x = f32::from_le_bytes(b),
@@ -239,7 +241,11 @@ mod tests {
         let s = read_scalars(w.path()).unwrap();
         assert_eq!(
             s,
-            vec![(10, "train/loss".into(), 2.5), (10, "train/learning_rate".into(), 2e-4), (20, "train/loss".into(), 1.25)]
+            vec![
+                (10, "train/loss".into(), 2.5),
+                (10, "train/learning_rate".into(), 2e-4),
+                (20, "train/loss".into(), 1.25)
+            ]
         );
         // A flipped byte is detected.
         let mut bytes = std::fs::read(w.path()).unwrap();

@@ -155,7 +155,10 @@ fn read_tensor(path: &Path, mmap: &Mmap, name: &str) -> Result<HostTensor> {
         Dtype::F16 => bytes.chunks_exact(2).map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
         Dtype::BF16 => bytes.chunks_exact(2).map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
         other => {
-            return Err(Error::tensor(name, format!("{}: dtype {other:?} is not supported (f32, f16, bf16)", path.display())))
+            return Err(Error::tensor(
+                name,
+                format!("{}: dtype {other:?} is not supported (f32, f16, bf16)", path.display()),
+            ))
         }
     };
     Ok(HostTensor { shape: view.shape().to_vec(), data })

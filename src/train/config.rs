@@ -145,7 +145,9 @@ impl Default for TrainConfig {
 /// `-` → `_` in every key, so TOML files may use either spelling.
 fn normalize_keys(v: Value) -> Value {
     match v {
-        Value::Object(m) => Value::Object(m.into_iter().map(|(k, v)| (k.replace('-', "_"), normalize_keys(v))).collect()),
+        Value::Object(m) => {
+            Value::Object(m.into_iter().map(|(k, v)| (k.replace('-', "_"), normalize_keys(v))).collect())
+        }
         other => other,
     }
 }
@@ -162,7 +164,8 @@ impl TrainConfig {
             for (k, v) in obj {
                 merged[k] = v.clone();
             }
-            let cfg: TrainConfig = serde_json::from_value(merged.clone()).map_err(|e| Error::format(p, e.to_string()))?;
+            let cfg: TrainConfig =
+                serde_json::from_value(merged.clone()).map_err(|e| Error::format(p, e.to_string()))?;
             merged = serde_json::to_value(cfg).expect("config serializes");
         }
         if let Value::Object(o) = normalize_keys(overrides) {
@@ -196,7 +199,10 @@ impl TrainConfig {
             return bad(format!("--lora-alpha must be > 0, got {}", self.lora_alpha));
         }
         if self.bias != "none" {
-            return bad(format!("--bias {:?}: Llama's projections have no bias terms; only \"none\" applies", self.bias));
+            return bad(format!(
+                "--bias {:?}: Llama's projections have no bias terms; only \"none\" applies",
+                self.bias
+            ));
         }
         for (name, v) in [
             ("--per-device-train-batch-size", self.per_device_train_batch_size),
@@ -240,7 +246,10 @@ impl TrainConfig {
             return bad(format!("--optim {:?} is not one of paged_adamw_32bit, adamw_32bit", self.optim));
         }
         if !["float16", "bfloat16", "float32"].contains(&self.bnb_4bit_compute_dtype.as_str()) {
-            return bad(format!("--bnb-4bit-compute-dtype {:?} is not float16 or bfloat16", self.bnb_4bit_compute_dtype));
+            return bad(format!(
+                "--bnb-4bit-compute-dtype {:?} is not float16 or bfloat16",
+                self.bnb_4bit_compute_dtype
+            ));
         }
         self.quant_config()?;
         self.lora_config()?;

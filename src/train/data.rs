@@ -74,11 +74,6 @@ pub fn load_train_data(cfg: &TrainConfig, tok: &Tokenizer) -> Result<(TrainData,
     report.truncated = train.truncated + eval.as_ref().map_or(0, |e| e.truncated);
     report.dropped_untrained = train.dropped_untrained;
     report.train_tokens = train.total_tokens();
-    let pad_id = tok
-        .pad_token
-        .as_deref()
-        .and_then(|p| tok.token_to_id(p))
-        .or_else(|| tok.eos_id())
-        .unwrap_or(0);
+    let pad_id = tok.pad_token.as_deref().and_then(|p| tok.token_to_id(p)).or_else(|| tok.eos_id()).unwrap_or(0);
     Ok((TrainData { train, eval, pad_id }, report))
 }

@@ -125,7 +125,10 @@ impl<'a, B: Backend> Trainer<'a, B> {
             Some(which) => {
                 let dir = if which == "latest" {
                     checkpoint::list(&out_dir).pop().map(|(_, d)| d).ok_or_else(|| {
-                        Error::Config(format!("--resume-from-checkpoint latest: no checkpoint in {}", out_dir.display()))
+                        Error::Config(format!(
+                            "--resume-from-checkpoint latest: no checkpoint in {}",
+                            out_dir.display()
+                        ))
                     })?
                 } else {
                     PathBuf::from(which)
@@ -175,7 +178,8 @@ impl<'a, B: Backend> Trainer<'a, B> {
         if self.cfg.max_steps > 0 {
             return self.cfg.max_steps as usize;
         }
-        let per_epoch = self.batching.plan(&data.train.samples, 0).batches.len().div_ceil(self.cfg.gradient_accumulation_steps);
+        let per_epoch =
+            self.batching.plan(&data.train.samples, 0).batches.len().div_ceil(self.cfg.gradient_accumulation_steps);
         ((self.cfg.num_train_epochs * per_epoch as f64).ceil() as usize).max(1)
     }
 
@@ -184,7 +188,8 @@ impl<'a, B: Backend> Trainer<'a, B> {
         let mut line = serde_json::to_string(&entry).expect("json");
         line.push('\n');
         use std::io::Write;
-        let mut f = std::fs::OpenOptions::new().create(true).append(true).open(&path).map_err(|e| Error::io(&path, e))?;
+        let mut f =
+            std::fs::OpenOptions::new().create(true).append(true).open(&path).map_err(|e| Error::io(&path, e))?;
         f.write_all(line.as_bytes()).map_err(|e| Error::io(&path, e))?;
         let step = entry["step"].as_u64().unwrap_or(0);
         let scalars: Vec<(String, f64)> = entry
@@ -196,7 +201,7 @@ impl<'a, B: Backend> Trainer<'a, B> {
             .collect();
         let tagged: Vec<(String, f64)> = scalars
             .into_iter()
-            .map(|(k, v)| (if k.starts_with("eval_") { format!("eval/{}", &k[5..]) } else { format!("train/{k}") }, v))
+            .map(|(k, v)| (k.strip_prefix("eval_").map_or_else(|| format!("train/{k}"), |e| format!("eval/{e}")), v))
             .collect();
         let refs: Vec<(&str, f64)> = tagged.iter().map(|(k, v)| (k.as_str(), *v)).collect();
         self.tb.scalars(step, &refs)?;
@@ -225,8 +230,16 @@ impl<'a, B: Backend> Trainer<'a, B> {
 
     fn save_checkpoint(&mut self, on: &mut dyn FnMut(Event)) -> Result<()> {
         let args = serde_json::to_value(&self.cfg).expect("config serializes");
-        let dir =
-            checkpoint::save(self.be, &self.out_dir, &self.model.cfg, &self.cfg.model, &self.lora, &self.opt, &self.state, &args)?;
+        let dir = checkpoint::save(
+            self.be,
+            &self.out_dir,
+            &self.model.cfg,
+            &self.cfg.model,
+            &self.lora,
+            &self.opt,
+            &self.state,
+            &args,
+        )?;
         if let Some(limit) = self.cfg.save_total_limit {
             checkpoint::rotate(&self.out_dir, limit.max(1))?;
         }
@@ -239,7 +252,8 @@ impl<'a, B: Backend> Trainer<'a, B> {
         let be = self.be;
         let total = self.total_steps(data);
         self.state.max_steps = total;
-        let warmup = if self.cfg.warmup_steps > 0 { self.cfg.warmup_steps } else { warmup_steps(self.cfg.warmup_ratio, total) };
+        let warmup =
+            if self.cfg.warmup_steps > 0 { self.cfg.warmup_steps } else { warmup_steps(self.cfg.warmup_ratio, total) };
         let schedule = self.cfg.schedule();
         on(Event::Start {
             total_steps: total,
@@ -304,7 +318,10 @@ impl<'a, B: Backend> Trainer<'a, B> {
                 self.state.bad_steps_in_a_row += 1;
                 self.state.skipped_steps += 1;
                 step_losses.push(f64::NAN);
-                let reason = format!("non-finite {} (loss {loss}, grad norm {gn}); step skipped", if loss.is_finite() { "gradient" } else { "loss" });
+                let reason = format!(
+                    "non-finite {} (loss {loss}, grad norm {gn}); step skipped",
+                    if loss.is_finite() { "gradient" } else { "loss" }
+                );
                 on(Event::Skipped { step: self.state.global_step, reason });
                 if self.state.bad_steps_in_a_row >= self.cfg.max_bad_steps {
                     return Err(Error::Other(format!(
@@ -319,7 +336,13 @@ impl<'a, B: Backend> Trainer<'a, B> {
             let coef = clip_coefficient(gn, self.cfg.max_grad_norm);
             self.opt.update(be, &mut self.lora, &grads, lr as f32, coef as f32);
             step_losses.push(loss);
-            on(Event::Step { step: self.state.global_step, total_steps: total, loss, learning_rate: lr, grad_norm: gn });
+            on(Event::Step {
+                step: self.state.global_step,
+                total_steps: total,
+                loss,
+                learning_rate: lr,
+                grad_norm: gn,
+            });
             log_loss += loss;
             log_gn += gn;
             log_steps += 1;

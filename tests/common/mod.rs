@@ -70,7 +70,8 @@ pub fn tiny_model_dir(dir: &Path, tied: bool) {
     std::fs::write(dir.join("tokenizer.json"), tokenizer_json().to_string()).unwrap();
     std::fs::write(
         dir.join("tokenizer_config.json"),
-        json!({"bos_token": "<s>", "eos_token": "</s>", "chat_template": llamatune::tokenizer::LLAMA2_TEMPLATE}).to_string(),
+        json!({"bos_token": "<s>", "eos_token": "</s>", "chat_template": llamatune::tokenizer::LLAMA2_TEMPLATE})
+            .to_string(),
     )
     .unwrap();
 }

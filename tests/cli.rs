@@ -1,0 +1,175 @@
+//! The `llamatune` binary as a user drives it: every subcommand on a tiny model, and bad input
+//! answered with a message and a non-zero exit.
+
+mod common;
+
+use serde_json::json;
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+
+fn llamatune(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_llamatune")).args(args).env("MATMUL_NUM_THREADS", "1").output().unwrap()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn p(path: &Path) -> &str {
+    path.to_str().unwrap()
+}
+
+#[test]
+fn every_subcommand_on_a_tiny_model() {
+    let d = tempfile::tempdir().unwrap();
+    let model = d.path().join("model");
+    common::tiny_model_dir(&model, false);
+    let data = d.path().join("data.jsonl");
+    common::text_dataset(&data, 12);
+    let out = d.path().join("out");
+    let cfg = d.path().join("run.toml");
+    std::fs::write(&cfg, "lora-r = 4\nlora_alpha = 8\nmax_seq_length = 64\nlogging_steps = 1\n").unwrap();
+    let train = |extra: &[&str]| {
+        let mut a =
+            vec!["train", "--config", p(&cfg), "--model", p(&model), "--dataset", p(&data), "--output-dir", p(&out)];
+        a.extend_from_slice(&[
+            "--max-steps",
+            "2",
+            "--per-device-train-batch-size",
+            "2",
+            "--target-modules",
+            "q_proj,v_proj",
+        ]);
+        a.extend_from_slice(extra);
+        llamatune(&a)
+    };
+    let o = train(&[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let err = stderr(&o);
+    assert!(err.contains("lora_r = 4") && err.contains("resolved training config"), "{err}");
+    assert!(out.join("adapter/adapter_model.safetensors").exists());
+    assert!(std::fs::read_to_string(out.join("log.jsonl")).unwrap().lines().count() >= 2);
+    // A second run into the same directory is refused, unless asked.
+    let o = train(&[]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("already holds a run"), "{}", stderr(&o));
+    let o = train(&["--overwrite-output-dir"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+
+    let adapter = out.join("adapter");
+    let o = llamatune(&[
+        "generate",
+        "--model",
+        p(&model),
+        "--adapter",
+        p(&adapter),
+        "--prompt",
+        "hi",
+        "--max-new-tokens",
+        "4",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = llamatune(&[
+        "generate",
+        "--model",
+        p(&model),
+        "--prompt",
+        "hi",
+        "--raw",
+        "--do-sample",
+        "--top-k",
+        "5",
+        "--temperature",
+        "0.7",
+        "--max-new-tokens",
+        "3",
+        "--use-4bit",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+
+    let mut child = Command::new(env!("CARGO_BIN_EXE_llamatune"))
+        .args(["chat", "--model", p(&model), "--adapter", p(&adapter), "--max-new-tokens", "3"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    child.stdin.take().unwrap().write_all(b"hello\n/reset\nagain\n/exit\n").unwrap();
+    let o = child.wait_with_output().unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(String::from_utf8_lossy(&o.stdout).lines().count(), 2, "two replies");
+
+    let merged = d.path().join("merged");
+    let o = llamatune(&[
+        "merge",
+        "--model",
+        p(&model),
+        "--adapter",
+        p(&adapter),
+        "--output-dir",
+        p(&merged),
+        "--dtype",
+        "bfloat16",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let cfg_json: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(merged.join("config.json")).unwrap()).unwrap();
+    assert_eq!(cfg_json["torch_dtype"], "bfloat16");
+
+    let o = llamatune(&["eval", "--model", p(&merged), "--dataset", p(&data), "--max-seq-length", "64"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert!(v["eval_loss"].as_f64().unwrap().is_finite() && v["eval_perplexity"].as_f64().unwrap() > 1.0);
+}
+
+#[test]
+fn data_convert_guanaco_to_llama2() {
+    let d = tempfile::tempdir().unwrap();
+    let input = d.path().join("guanaco.jsonl");
+    let rows = [
+        json!({"text": "### Human: Hola### Assistant: ¡Hola! ¿Cómo estás?"}),
+        json!({"text": "### Human: A### Assistant: B### Human: C### Assistant: D"}),
+    ];
+    std::fs::write(&input, rows.iter().map(|r| r.to_string() + "\n").collect::<String>()).unwrap();
+    let output = d.path().join("llama2.jsonl");
+    let o = llamatune(&["data", "convert", "--input", p(&input), "--output", p(&output)]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let lines: Vec<serde_json::Value> =
+        std::fs::read_to_string(&output).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines[0]["text"], "<s>[INST] Hola [/INST] ¡Hola! ¿Cómo estás? </s>");
+    assert_eq!(lines[1]["text"], "<s>[INST] A [/INST] B </s><s>[INST] C [/INST] D </s>");
+}
+
+#[test]
+fn bad_input_gets_a_message_and_a_nonzero_exit() {
+    let d = tempfile::tempdir().unwrap();
+    let model = d.path().join("model");
+    common::tiny_model_dir(&model, false);
+    let data = d.path().join("data.jsonl");
+    common::text_dataset(&data, 4);
+    let out = d.path().join("o");
+    let base = ["train", "--model", p(&model), "--dataset", p(&data), "--output-dir", p(&out)];
+
+    let o = llamatune(&[&base[..], &["--lora-r", "0"]].concat());
+    assert!(!o.status.success() && stderr(&o).contains("--lora-r must be > 0"), "{}", stderr(&o));
+    let o = llamatune(&[&base[..], &["--no-such-flag"]].concat());
+    assert!(!o.status.success() && stderr(&o).contains("--no-such-flag"), "{}", stderr(&o));
+    let o = llamatune(&[&base[..], &["--learning-rate", "fast"]].concat());
+    assert!(!o.status.success() && stderr(&o).contains("fast"), "{}", stderr(&o));
+    let o = llamatune(&[&base[..], &["--device", "tpu"]].concat());
+    assert!(!o.status.success() && stderr(&o).contains("--device"), "{}", stderr(&o));
+
+    std::fs::remove_file(model.join("tokenizer.json")).unwrap();
+    let o = llamatune(&base);
+    assert!(!o.status.success() && stderr(&o).contains("tokenizer.json"), "{}", stderr(&o));
+
+    let empty = d.path().join("empty.jsonl");
+    std::fs::write(&empty, "").unwrap();
+    common::tiny_model_dir(&model, false);
+    let o =
+        llamatune(&["train", "--model", p(&model), "--dataset", p(&empty), "--output-dir", p(&d.path().join("o2"))]);
+    assert!(!o.status.success() && stderr(&o).contains("empty"), "{}", stderr(&o));
+    let o = llamatune(&["generate", "--model", p(&d.path().join("nope")), "--prompt", "x"]);
+    assert!(!o.status.success() && stderr(&o).contains("nope"), "{}", stderr(&o));
+}
