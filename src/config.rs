@@ -327,6 +327,35 @@ pub enum QuantType {
     Fp4,
 }
 
+/// The dtype a 4-bit matmul computes in (bitsandbytes' `bnb_4bit_compute_dtype`): weights are
+/// dequantized to it, inputs cast to it, and the product rounded to it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ComputeDtype {
+    F32,
+    F16,
+    BF16,
+}
+
+impl ComputeDtype {
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "float32" | "fp32" => Some(ComputeDtype::F32),
+            "float16" | "fp16" => Some(ComputeDtype::F16),
+            "bfloat16" | "bf16" => Some(ComputeDtype::BF16),
+            _ => None,
+        }
+    }
+    /// `x` rounded to this dtype (round to nearest even).
+    #[inline]
+    pub fn round(self, x: f32) -> f32 {
+        match self {
+            ComputeDtype::F32 => x,
+            ComputeDtype::F16 => half::f16::from_f32(x).to_f32(),
+            ComputeDtype::BF16 => half::bf16::from_f32(x).to_f32(),
+        }
+    }
+}
+
 /// How frozen base weights are stored: 4-bit (bitsandbytes-compatible) or kept dense.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct QuantConfig {
@@ -334,11 +363,12 @@ pub struct QuantConfig {
     pub blocksize: usize,
     /// Quantize the per-block absmax again to 8 bits (bitsandbytes' `compress_statistics`).
     pub double_quant: bool,
+    pub compute_dtype: ComputeDtype,
 }
 
 impl Default for QuantConfig {
     fn default() -> Self {
-        QuantConfig { quant_type: QuantType::Nf4, blocksize: 64, double_quant: false }
+        QuantConfig { quant_type: QuantType::Nf4, blocksize: 64, double_quant: false, compute_dtype: ComputeDtype::F32 }
     }
 }
 

@@ -349,7 +349,7 @@ mod tests {
     use super::*;
 
     fn cfg(t: QuantType, dq: bool) -> QuantConfig {
-        QuantConfig { quant_type: t, blocksize: 64, double_quant: dq }
+        QuantConfig { quant_type: t, blocksize: 64, double_quant: dq, ..QuantConfig::default() }
     }
 
     #[test]
@@ -382,11 +382,17 @@ mod tests {
     fn exact_byte_layout_on_fixed_vector() {
         // One block of 4 values (blocksize 4): absmax 2.0; scaled: 1.0, -1.0, 0.0, 0.25.
         let data = [2.0f32, -2.0, 0.0, 0.5];
-        let q = Quant4::quantize(&data, &QuantConfig { quant_type: QuantType::Nf4, blocksize: 4, double_quant: false });
+        let q = Quant4::quantize(
+            &data,
+            &QuantConfig { quant_type: QuantType::Nf4, blocksize: 4, double_quant: false, ..QuantConfig::default() },
+        );
         // nf4: 1.0 -> 15, -1.0 -> 0, 0.0 -> 7, 0.25 -> 10 (0.2461 is nearest). Element 0 in the high nibble.
         assert_eq!(q.packed, vec![0xF0, 0x7A]);
         assert_eq!(q.absmax, Absmax::F32(vec![2.0]));
-        let q = Quant4::quantize(&data, &QuantConfig { quant_type: QuantType::Fp4, blocksize: 4, double_quant: false });
+        let q = Quant4::quantize(
+            &data,
+            &QuantConfig { quant_type: QuantType::Fp4, blocksize: 4, double_quant: false, ..QuantConfig::default() },
+        );
         // fp4: 1.0 -> 3, -1.0 -> 11, 0 -> 0, 0.25 -> 7.
         assert_eq!(q.packed, vec![0x3B, 0x07]);
         assert_eq!(q.dequantize(), vec![2.0, -2.0, 0.0, 0.5]);

@@ -173,3 +173,62 @@ fn bad_input_gets_a_message_and_a_nonzero_exit() {
     let o = llamatune(&["generate", "--model", p(&d.path().join("nope")), "--prompt", "x"]);
     assert!(!o.status.success() && stderr(&o).contains("nope"), "{}", stderr(&o));
 }
+
+#[test]
+fn ctrl_c_saves_a_checkpoint_and_exits() {
+    let d = tempfile::tempdir().unwrap();
+    let model = d.path().join("model");
+    common::tiny_model_dir(&model, false);
+    let data = d.path().join("data.jsonl");
+    common::text_dataset(&data, 64);
+    let out = d.path().join("o");
+    let child = Command::new(env!("CARGO_BIN_EXE_llamatune"))
+        .args([
+            "train",
+            "--model",
+            p(&model),
+            "--dataset",
+            p(&data),
+            "--output-dir",
+            p(&out),
+            "--num-train-epochs",
+            "100000",
+        ])
+        .args(["--lora-r", "4", "--max-seq-length", "64", "--logging-steps", "1", "--per-device-train-batch-size", "2"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait until a few steps are logged, then interrupt.
+    let log = out.join("log.jsonl");
+    let t0 = std::time::Instant::now();
+    while std::fs::read_to_string(&log).map(|s| s.lines().count()).unwrap_or(0) < 3 {
+        assert!(t0.elapsed().as_secs() < 120, "training did not start");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let kill = Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap();
+    assert!(kill.success());
+    let o = child.wait_with_output().unwrap();
+    assert_eq!(o.status.code(), Some(130), "{}", stderr(&o));
+    assert!(stderr(&o).contains("resume with --resume-from-checkpoint latest"), "{}", stderr(&o));
+    let ckpts: Vec<_> = std::fs::read_dir(&out)
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("checkpoint-"))
+        .collect();
+    assert_eq!(ckpts.len(), 1);
+    assert!(ckpts[0].path().join("adapter_model.safetensors").exists());
+    assert!(!ckpts[0].file_name().to_string_lossy().ends_with(".tmp"));
+}
+
+#[test]
+fn mixed_precision_flags_are_refused_on_the_cpu() {
+    let d = tempfile::tempdir().unwrap();
+    let model = d.path().join("model");
+    common::tiny_model_dir(&model, false);
+    let data = d.path().join("data.jsonl");
+    common::text_dataset(&data, 4);
+    let out = d.path().join("o");
+    let o = llamatune(&["train", "--model", p(&model), "--dataset", p(&data), "--output-dir", p(&out), "--bf16"]);
+    assert!(!o.status.success() && stderr(&o).contains("--fp16/--bf16"), "{}", stderr(&o));
+}

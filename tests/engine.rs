@@ -4,7 +4,7 @@
 
 use llamatune::backend::cpu::Cpu;
 use llamatune::backend::Backend;
-use llamatune::config::{LoraConfig, QuantConfig, QuantType};
+use llamatune::config::{ComputeDtype, LoraConfig, QuantConfig, QuantType};
 use llamatune::generate::{argmax, generate, GenerationConfig};
 use llamatune::model::llama::{evaluate, forward_backward, full_logits, Batch, Llama};
 use llamatune::model::lora::Lora;
@@ -90,7 +90,12 @@ fn stops_at_eos_and_max_new_tokens() {
 #[test]
 fn lora_only_training_drives_the_loss_down() {
     let cfg = tiny_config(false);
-    let nf4 = QuantConfig { quant_type: QuantType::Nf4, blocksize: 64, double_quant: true };
+    let nf4 = QuantConfig {
+        quant_type: QuantType::Nf4,
+        blocksize: 64,
+        double_quant: true,
+        compute_dtype: ComputeDtype::BF16,
+    };
     let model = Llama::<B>::load(&BE, &random_source(&cfg, 21), Some(nf4)).unwrap();
     let lcfg =
         LoraConfig { r: 8, alpha: 16.0, dropout: 0.05, ..LoraConfig::default() }.with_targets(&["all-linear"]).unwrap();

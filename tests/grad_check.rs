@@ -3,7 +3,7 @@
 
 use llamatune::backend::cpu::Cpu;
 use llamatune::backend::{AttnShape, Backend, Dropout, HostWeight};
-use llamatune::config::{LoraConfig, QuantConfig, QuantType};
+use llamatune::config::{ComputeDtype, LoraConfig, QuantConfig, QuantType};
 use llamatune::model::llama::{forward_backward, Batch, Llama};
 use llamatune::model::lora::Lora;
 use llamatune::model::random::{random_source, tiny_config};
@@ -98,8 +98,11 @@ fn linear_backward_dense_and_4bit() {
     let data: Vec<f32> = (0..rows * cols).map(|_| rng.gen_range(-1.0..1.0)).collect();
     linear_case(HostWeight::Dense { rows, cols, data: data.clone() });
     for quant_type in [QuantType::Nf4, QuantType::Fp4] {
-        let q = Quant4::quantize(&data, &QuantConfig { quant_type, blocksize: 64, double_quant: true });
-        linear_case(HostWeight::Quant4 { rows, cols, q });
+        let q = Quant4::quantize(
+            &data,
+            &QuantConfig { quant_type, blocksize: 64, double_quant: true, ..QuantConfig::default() },
+        );
+        linear_case(HostWeight::Quant4 { rows, cols, q, compute: ComputeDtype::F32 });
     }
 }
 

@@ -3,6 +3,7 @@
 //! `matrixmultiply`; everything else is a readable loop. GPU kernels are compared with this file.
 
 use super::{AdamWStep, AttnShape, Backend, Dropout, HostWeight};
+use crate::config::ComputeDtype;
 use crate::quant::Quant4;
 use num_traits::Float;
 use rayon::prelude::*;
@@ -76,7 +77,7 @@ impl_real!(f64, matrixmultiply::dgemm);
 #[derive(Debug, Clone)]
 pub enum CpuWeight<T> {
     Dense { rows: usize, cols: usize, data: Vec<T> },
-    Quant4 { rows: usize, cols: usize, q: Quant4 },
+    Quant4 { rows: usize, cols: usize, q: Quant4, compute: ComputeDtype },
 }
 
 impl<T: Real> CpuWeight<T> {
@@ -86,12 +87,20 @@ impl<T: Real> CpuWeight<T> {
         }
     }
 
+    /// The precision a matmul with this weight computes in (dense weights: the backend's own).
+    fn compute(&self) -> ComputeDtype {
+        match self {
+            CpuWeight::Dense { .. } => ComputeDtype::F32,
+            CpuWeight::Quant4 { compute, .. } => *compute,
+        }
+    }
+
     /// Calls `f(first_row, rows_slab)` over row slabs of the weight (a borrowed view when dense,
     /// a freshly dequantized slab when 4-bit) so that a 4-bit weight is never fully expanded.
     fn for_each_slab(&self, mut f: impl FnMut(usize, &[T])) {
         match self {
             CpuWeight::Dense { data, .. } => f(0, data),
-            CpuWeight::Quant4 { rows, cols, q } => {
+            CpuWeight::Quant4 { rows, cols, q, compute } => {
                 const SLAB_ROWS: usize = 256;
                 let mut tmp32 = vec![0f32; SLAB_ROWS.min(*rows) * cols];
                 let mut tmp: Vec<T> = vec![T::zero(); tmp32.len()];
@@ -101,7 +110,7 @@ impl<T: Real> CpuWeight<T> {
                     let n = nr * cols;
                     q.dequantize_range(r0 * cols, &mut tmp32[..n]);
                     for (d, s) in tmp[..n].iter_mut().zip(&tmp32[..n]) {
-                        *d = T::of(*s as f64);
+                        *d = T::of(compute.round(*s) as f64);
                     }
                     f(r0, &tmp[..n]);
                     r0 += nr;
@@ -157,7 +166,7 @@ impl<T: Real> Backend for Cpu<T> {
             HostWeight::Dense { rows, cols, data } => {
                 CpuWeight::Dense { rows, cols, data: data.iter().map(|&x| T::of(x as f64)).collect() }
             }
-            HostWeight::Quant4 { rows, cols, q } => CpuWeight::Quant4 { rows, cols, q },
+            HostWeight::Quant4 { rows, cols, q, compute } => CpuWeight::Quant4 { rows, cols, q, compute },
         }
     }
     fn weight_shape(&self, w: &CpuWeight<T>) -> (usize, usize) {
@@ -168,7 +177,9 @@ impl<T: Real> Backend for Cpu<T> {
             CpuWeight::Dense { rows, cols, data } => {
                 HostWeight::Dense { rows: *rows, cols: *cols, data: data.iter().map(|x| x.f64() as f32).collect() }
             }
-            CpuWeight::Quant4 { rows, cols, q } => HostWeight::Quant4 { rows: *rows, cols: *cols, q: q.clone() },
+            CpuWeight::Quant4 { rows, cols, q, compute } => {
+                HostWeight::Quant4 { rows: *rows, cols: *cols, q: q.clone(), compute: *compute }
+            }
         }
     }
     fn read_range(&self, buf: &Vec<T>, start: usize, len: usize) -> Vec<T> {
@@ -264,6 +275,9 @@ impl<T: Real> Backend for Cpu<T> {
     fn linear(&self, x: &Vec<T>, w: &CpuWeight<T>, m: usize, out: &mut Vec<T>) {
         let (rows, cols) = w.shape();
         assert!(x.len() == m * cols && out.len() == m * rows, "linear: bad shapes");
+        let compute = w.compute();
+        let x = rounded(x, compute);
+        let x = x.as_ref();
         // out[:, r0..r0+nr] = x · slabᵀ, the slab being rows r0.. of W.
         w.for_each_slab(|r0, slab| {
             let nr = slab.len() / cols;
@@ -281,14 +295,15 @@ impl<T: Real> Backend for Cpu<T> {
                 (rows as isize, 1),
             );
         });
+        round_in_place(out, compute);
     }
     fn linear_backward_input(&self, dy: &Vec<T>, w: &CpuWeight<T>, m: usize, dx: &mut Vec<T>, accumulate: bool) {
         let (rows, cols) = w.shape();
         assert!(dy.len() == m * rows && dx.len() == m * cols, "linear_backward_input: bad shapes");
-        if !accumulate {
-            dx.iter_mut().for_each(|v| *v = T::zero());
-        }
-        // dx += dy[:, r0..r0+nr] · slab.
+        let compute = w.compute();
+        let dy = rounded(dy, compute);
+        let mut prod = vec![T::zero(); m * cols];
+        // prod += dy[:, r0..r0+nr] · slab.
         w.for_each_slab(|r0, slab| {
             let nr = slab.len() / cols;
             T::gemm(
@@ -301,10 +316,16 @@ impl<T: Real> Backend for Cpu<T> {
                 slab,
                 (cols as isize, 1),
                 T::one(),
-                dx,
+                &mut prod,
                 (cols as isize, 1),
             );
         });
+        round_in_place(&mut prod, compute);
+        if accumulate {
+            dx.iter_mut().zip(&prod).for_each(|(d, p)| *d = *d + *p);
+        } else {
+            dx.copy_from_slice(&prod);
+        }
     }
 
     fn lora_forward(
@@ -548,6 +569,20 @@ impl<T: Real> Backend for Cpu<T> {
             v[i] = T::of(vi as f64);
             param[i] = T::of(p as f64);
         }
+    }
+}
+
+/// `x` rounded to `c` (a borrow when `c` is f32).
+fn rounded<T: Real>(x: &[T], c: ComputeDtype) -> std::borrow::Cow<'_, [T]> {
+    if c == ComputeDtype::F32 {
+        return std::borrow::Cow::Borrowed(x);
+    }
+    std::borrow::Cow::Owned(x.iter().map(|v| T::of(c.round(v.f64() as f32) as f64)).collect())
+}
+
+fn round_in_place<T: Real>(x: &mut [T], c: ComputeDtype) {
+    if c != ComputeDtype::F32 {
+        x.iter_mut().for_each(|v| *v = T::of(c.round(v.f64() as f32) as f64));
     }
 }
 

@@ -7,6 +7,7 @@
 
 pub mod cpu;
 
+use crate::config::ComputeDtype;
 use crate::quant::Quant4;
 
 /// A frozen weight as it arrives from a checkpoint, before a backend takes it.
@@ -14,8 +15,9 @@ use crate::quant::Quant4;
 pub enum HostWeight {
     /// Dense values, `rows × cols`, row-major.
     Dense { rows: usize, cols: usize, data: Vec<f32> },
-    /// 4-bit blockwise quantized (bitsandbytes layout) over the flattened `rows × cols` matrix.
-    Quant4 { rows: usize, cols: usize, q: Quant4 },
+    /// 4-bit blockwise quantized (bitsandbytes layout) over the flattened `rows × cols` matrix,
+    /// used in matmuls at `compute` precision.
+    Quant4 { rows: usize, cols: usize, q: Quant4, compute: ComputeDtype },
 }
 
 impl HostWeight {
@@ -112,6 +114,10 @@ pub trait Backend {
     type Weight;
 
     fn name(&self) -> String;
+    /// Whether activations can run in fp16/bf16 (transformers' `--fp16`/`--bf16`).
+    fn supports_mixed_precision(&self) -> bool {
+        false
+    }
     /// Peak device memory in bytes since start, when the backend tracks it.
     fn peak_memory(&self) -> Option<u64> {
         None

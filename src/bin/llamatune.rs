@@ -3,7 +3,7 @@
 use clap::{Args, Parser, Subcommand};
 use llamatune::backend::cpu::Cpu;
 use llamatune::backend::Backend;
-use llamatune::config::{QuantConfig, QuantType};
+use llamatune::config::{ComputeDtype, QuantConfig, QuantType};
 use llamatune::data::format::{convert_row, RowFormat};
 use llamatune::data::records::{read_records, write_jsonl};
 use llamatune::error::{Error, Result};
@@ -273,6 +273,9 @@ struct ModelArgs {
     /// Load the base projections in 4 bits (NF4), as when training.
     #[arg(long)]
     use_4bit: bool,
+    /// Dtype of the 4-bit matmuls: float16, bfloat16 or float32.
+    #[arg(long, default_value = "float16")]
+    bnb_4bit_compute_dtype: String,
     /// auto, cpu or cuda:N
     #[arg(long, default_value = "auto")]
     device: String,
@@ -543,7 +546,18 @@ struct Loaded {
 fn load_for_inference(m: &ModelArgs) -> Result<Loaded> {
     let be = cpu_backend(&m.device)?;
     let (files, tok) = load::open(&m.model)?;
-    let quant = m.use_4bit.then_some(QuantConfig { quant_type: QuantType::Nf4, blocksize: 64, double_quant: false });
+    let compute_dtype = ComputeDtype::parse(&m.bnb_4bit_compute_dtype).ok_or_else(|| {
+        Error::Config(format!(
+            "--bnb-4bit-compute-dtype {:?} is not float16, bfloat16 or float32",
+            m.bnb_4bit_compute_dtype
+        ))
+    })?;
+    let quant = m.use_4bit.then_some(QuantConfig {
+        quant_type: QuantType::Nf4,
+        blocksize: 64,
+        double_quant: false,
+        compute_dtype,
+    });
     let model = load_with_bar(&be, &files, quant)?;
     let lora = match &m.adapter {
         Some(dir) => Some(peft::load_adapter(&be, &model.cfg, dir)?),
@@ -724,7 +738,8 @@ fn cmd_demo(a: DemoArgs) -> Result<ExitCode> {
     eprintln!("demo data: {} OpenAssistant instruction/response pairs -> {}", oasst.len(), data_path.display());
 
     let (files, tok) = load::open("smollm2-135m-instruct")?;
-    let quant = QuantConfig { quant_type: QuantType::Nf4, blocksize: 64, double_quant: true };
+    let quant =
+        QuantConfig { quant_type: QuantType::Nf4, blocksize: 64, double_quant: true, compute_dtype: ComputeDtype::F16 };
     let model = load_with_bar(&be, &files, Some(quant))?;
     let gen = GenerationConfig {
         max_new_tokens: 48,

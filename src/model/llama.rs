@@ -77,7 +77,9 @@ impl<B: Backend> Llama<B> {
         let weight = |t: HostTensor, q: Option<QuantConfig>| -> HostWeight {
             let (rows, cols) = (t.shape[0], t.shape[1]);
             match q {
-                Some(q) => HostWeight::Quant4 { rows, cols, q: Quant4::quantize(&t.data, &q) },
+                Some(q) => {
+                    HostWeight::Quant4 { rows, cols, q: Quant4::quantize(&t.data, &q), compute: q.compute_dtype }
+                }
                 None => HostWeight::Dense { rows, cols, data: t.data },
             }
         };

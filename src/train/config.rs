@@ -2,7 +2,7 @@
 //! PEFT's `LoraConfig`, bitsandbytes' `BitsAndBytesConfig`, TRL's `SFTConfig`), with the classic
 //! Llama-2 QLoRA recipe's values as defaults. Settable from a TOML file and from flags.
 
-use crate::config::{LoraConfig, QuantConfig, QuantType};
+use crate::config::{ComputeDtype, LoraConfig, QuantConfig, QuantType};
 use crate::error::{Error, Result};
 use crate::optim::{AdamWConfig, Schedule};
 use serde::{Deserialize, Serialize};
@@ -245,12 +245,6 @@ impl TrainConfig {
         if !["paged_adamw_32bit", "adamw_32bit"].contains(&self.optim.as_str()) {
             return bad(format!("--optim {:?} is not one of paged_adamw_32bit, adamw_32bit", self.optim));
         }
-        if !["float16", "bfloat16", "float32"].contains(&self.bnb_4bit_compute_dtype.as_str()) {
-            return bad(format!(
-                "--bnb-4bit-compute-dtype {:?} is not float16 or bfloat16",
-                self.bnb_4bit_compute_dtype
-            ));
-        }
         self.quant_config()?;
         self.lora_config()?;
         if !(self.device == "auto" || self.device == "cpu" || self.device.starts_with("cuda")) {
@@ -283,7 +277,13 @@ impl TrainConfig {
             "fp4" => QuantType::Fp4,
             other => return Err(Error::Config(format!("--bnb-4bit-quant-type {other:?} is not nf4 or fp4"))),
         };
-        Ok(Some(QuantConfig { quant_type, blocksize: 64, double_quant: self.use_nested_quant }))
+        let compute_dtype = ComputeDtype::parse(&self.bnb_4bit_compute_dtype).ok_or_else(|| {
+            Error::Config(format!(
+                "--bnb-4bit-compute-dtype {:?} is not float16, bfloat16 or float32",
+                self.bnb_4bit_compute_dtype
+            ))
+        })?;
+        Ok(Some(QuantConfig { quant_type, blocksize: 64, double_quant: self.use_nested_quant, compute_dtype }))
     }
 
     pub fn adamw(&self) -> AdamWConfig {

@@ -77,6 +77,21 @@ fn holds_a_run(dir: &Path) -> bool {
     !checkpoint::list(dir).is_empty() || dir.join("log.jsonl").exists() || dir.join("train_config.toml").exists()
 }
 
+/// Loads the model and data named by `cfg` onto `be` and trains, reporting through `on_event`.
+/// Raise `stop` to end early with a checkpoint. This is the whole of `llamatune train`.
+pub fn train_from_config<B: Backend>(
+    be: &B,
+    cfg: TrainConfig,
+    stop: &AtomicBool,
+    on_event: &mut dyn FnMut(Event),
+) -> Result<Outcome> {
+    cfg.validate()?;
+    let (files, tok) = crate::load::open(&cfg.model)?;
+    let model = Llama::load(be, files.source(), cfg.quant_config()?)?;
+    let (data, _) = data::load_train_data(&cfg, &tok)?;
+    Trainer::new(be, &model, cfg, &data)?.run(&data, stop, on_event)
+}
+
 /// A training run over one model.
 pub struct Trainer<'a, B: Backend> {
     be: &'a B,
@@ -94,6 +109,12 @@ impl<'a, B: Backend> Trainer<'a, B> {
     /// Sets up a run: checks the output directory, then starts fresh adapters or resumes a checkpoint.
     pub fn new(be: &'a B, model: &'a Llama<B>, cfg: TrainConfig, data: &TrainData) -> Result<Self> {
         cfg.validate()?;
+        if (cfg.fp16 || cfg.bf16) && !be.supports_mixed_precision() {
+            return Err(Error::Config(format!(
+                "--fp16/--bf16 (mixed-precision activations) are not available on {}, which computes activations in f32",
+                be.name()
+            )));
+        }
         let out_dir = PathBuf::from(&cfg.output_dir);
         if holds_a_run(&out_dir) && cfg.resume_from_checkpoint.is_none() {
             if !cfg.overwrite_output_dir {
