@@ -6,6 +6,8 @@
 //! an `accumulate` flag says they add into it.
 
 pub mod cpu;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 
 use crate::config::ComputeDtype;
 use crate::quant::Quant4;

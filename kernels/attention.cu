@@ -1,0 +1,159 @@
+// Causal attention with GQA and a segment mask (packing / padding), forward and backward.
+// One warp per query row (forward, dq) or per key row (dk, dv); each lane holds head_dim/32 values,
+// the softmax is online (running max and sum), and the T×T matrix never exists in memory.
+// CPU reference: Cpu::attention / Cpu::attention_backward (src/backend/cpu.rs).
+#include "common.cuh"
+
+#define MAX_PER_LANE 8 // head_dim ≤ 256
+
+struct Geom {
+    int batch, q_len, kv_len, kv_cap, heads, kv_heads, head_dim, q_offset;
+};
+
+// Is key s visible to query t of batch row b?
+__device__ __forceinline__ bool visible(const Geom& g, const uint32_t* seg, int b, int t, int s) {
+    const int pos = g.q_offset + t;
+    if (s > pos || s >= g.kv_len) return false;
+    if (!seg) return true;
+    const uint32_t qs = seg[(int64_t)b * g.kv_cap + pos];
+    return qs != 0 && seg[(int64_t)b * g.kv_cap + s] == qs;
+}
+
+__device__ __forceinline__ void load_row(float* r, const float* src, int d) {
+    const int lane = threadIdx.x % WARP;
+#pragma unroll
+    for (int i = 0; i < MAX_PER_LANE; i++) {
+        const int j = lane + i * WARP;
+        r[i] = j < d ? src[j] : 0.f;
+    }
+}
+__device__ __forceinline__ float dot_row(const float* r, const float* src, int d) {
+    const int lane = threadIdx.x % WARP;
+    float s = 0.f;
+#pragma unroll
+    for (int i = 0; i < MAX_PER_LANE; i++) {
+        const int j = lane + i * WARP;
+        if (j < d) s += r[i] * src[j];
+    }
+    return warp_sum(s);
+}
+
+#define GEOM_ARGS int batch, int q_len, int kv_len, int kv_cap, int heads, int kv_heads, int head_dim, int q_offset
+#define MAKE_GEOM Geom g{batch, q_len, kv_len, kv_cap, heads, kv_heads, head_dim, q_offset}
+
+// q, out (batch, q_len, heads, d); k, v (batch, kv_cap, kv_heads, d); lse (batch, heads, q_len)
+extern "C" __global__ void attention_fwd_f32(const float* q, const float* k, const float* v, const uint32_t* seg, float* out, float* lse, GEOM_ARGS) {
+    MAKE_GEOM;
+    const int64_t w = ((int64_t)blockIdx.x * blockDim.x + threadIdx.x) / WARP;
+    if (w >= (int64_t)batch * heads * q_len) return;
+    const int t = w % q_len, h = (w / q_len) % heads, b = w / ((int64_t)q_len * heads);
+    const int grp = h / (heads / kv_heads), d = head_dim, lane = threadIdx.x % WARP;
+    const float scale = rsqrtf((float)d);
+    float qr[MAX_PER_LANE], acc[MAX_PER_LANE];
+    load_row(qr, q + (((int64_t)b * q_len + t) * heads + h) * d, d);
+#pragma unroll
+    for (int i = 0; i < MAX_PER_LANE; i++) acc[i] = 0.f;
+    float m = -INFINITY, l = 0.f;
+    const int last = min(q_offset + t, kv_len - 1);
+    for (int s = 0; s <= last; s++) {
+        if (!visible(g, seg, b, t, s)) continue;
+        const int64_t ki = (((int64_t)b * kv_cap + s) * kv_heads + grp) * d;
+        const float sc = dot_row(qr, k + ki, d) * scale;
+        const float mn = fmaxf(m, sc), corr = expf(m - mn), p = expf(sc - mn);
+        l = l * corr + p;
+#pragma unroll
+        for (int i = 0; i < MAX_PER_LANE; i++) {
+            const int j = lane + i * WARP;
+            acc[i] = acc[i] * corr + (j < d ? p * v[ki + j] : 0.f);
+        }
+        m = mn;
+    }
+    float* o = out + (((int64_t)b * q_len + t) * heads + h) * d;
+#pragma unroll
+    for (int i = 0; i < MAX_PER_LANE; i++) {
+        const int j = lane + i * WARP;
+        if (j < d) o[j] = l > 0.f ? acc[i] / l : 0.f;
+    }
+    if (lane == 0) lse[((int64_t)b * heads + h) * q_len + t] = l > 0.f ? m + logf(l) : -INFINITY;
+}
+
+// dq, and delta = rowsum(dout ⊙ out) for the dk/dv kernel. One warp per query row.
+extern "C" __global__ void attention_bwd_dq_f32(const float* q, const float* k, const float* v, const float* out, const float* lse, const float* dout, const uint32_t* seg, float* dq, float* delta, GEOM_ARGS) {
+    MAKE_GEOM;
+    const int64_t w = ((int64_t)blockIdx.x * blockDim.x + threadIdx.x) / WARP;
+    if (w >= (int64_t)batch * heads * q_len) return;
+    const int t = w % q_len, h = (w / q_len) % heads, b = w / ((int64_t)q_len * heads);
+    const int grp = h / (heads / kv_heads), d = head_dim, lane = threadIdx.x % WARP;
+    const float scale = rsqrtf((float)d);
+    const int64_t qi = (((int64_t)b * q_len + t) * heads + h) * d;
+    const int64_t li = ((int64_t)b * heads + h) * q_len + t;
+    float qr[MAX_PER_LANE], dor[MAX_PER_LANE], acc[MAX_PER_LANE];
+    load_row(qr, q + qi, d);
+    load_row(dor, dout + qi, d);
+    const float dl = dot_row(dor, out + qi, d);
+    if (lane == 0) delta[li] = dl;
+#pragma unroll
+    for (int i = 0; i < MAX_PER_LANE; i++) acc[i] = 0.f;
+    const float L = lse[li];
+    const int last = min(q_offset + t, kv_len - 1);
+    for (int s = 0; s <= last; s++) {
+        if (!visible(g, seg, b, t, s)) continue;
+        const int64_t ki = (((int64_t)b * kv_cap + s) * kv_heads + grp) * d;
+        const float p = expf(dot_row(qr, k + ki, d) * scale - L);
+        const float ds = p * (dot_row(dor, v + ki, d) - dl) * scale;
+#pragma unroll
+        for (int i = 0; i < MAX_PER_LANE; i++) {
+            const int j = lane + i * WARP;
+            if (j < d) acc[i] += ds * k[ki + j];
+        }
+    }
+#pragma unroll
+    for (int i = 0; i < MAX_PER_LANE; i++) {
+        const int j = lane + i * WARP;
+        if (j < d) dq[qi + j] = acc[i];
+    }
+}
+
+// dk, dv: one warp per key row (b, kv head, s), looping over the group's query heads and the
+// queries that see this key. Needs `delta` from attention_bwd_dq_f32.
+extern "C" __global__ void attention_bwd_dkdv_f32(const float* q, const float* k, const float* v, const float* lse, const float* delta, const float* dout, const uint32_t* seg, float* dk, float* dv, GEOM_ARGS) {
+    MAKE_GEOM;
+    const int64_t w = ((int64_t)blockIdx.x * blockDim.x + threadIdx.x) / WARP;
+    if (w >= (int64_t)batch * kv_heads * kv_len) return;
+    const int s = w % kv_len, grp = (w / kv_len) % kv_heads, b = w / ((int64_t)kv_len * kv_heads);
+    const int d = head_dim, lane = threadIdx.x % WARP, rep = heads / kv_heads;
+    const float scale = rsqrtf((float)d);
+    const int64_t ki = (((int64_t)b * kv_cap + s) * kv_heads + grp) * d;
+    float kr[MAX_PER_LANE], vr[MAX_PER_LANE], dkr[MAX_PER_LANE], dvr[MAX_PER_LANE];
+    load_row(kr, k + ki, d);
+    load_row(vr, v + ki, d);
+#pragma unroll
+    for (int i = 0; i < MAX_PER_LANE; i++) dkr[i] = dvr[i] = 0.f;
+    const int t0 = max(0, s - q_offset);
+    for (int r = 0; r < rep; r++) {
+        const int h = grp * rep + r;
+        for (int t = t0; t < q_len; t++) {
+            if (!visible(g, seg, b, t, s)) continue;
+            const int64_t qi = (((int64_t)b * q_len + t) * heads + h) * d;
+            const int64_t li = ((int64_t)b * heads + h) * q_len + t;
+            const float p = expf(dot_row(kr, q + qi, d) * scale - lse[li]);
+            const float ds = p * (dot_row(vr, dout + qi, d) - delta[li]) * scale;
+#pragma unroll
+            for (int i = 0; i < MAX_PER_LANE; i++) {
+                const int j = lane + i * WARP;
+                if (j < d) {
+                    dvr[i] += p * dout[qi + j];
+                    dkr[i] += ds * q[qi + j];
+                }
+            }
+        }
+    }
+#pragma unroll
+    for (int i = 0; i < MAX_PER_LANE; i++) {
+        const int j = lane + i * WARP;
+        if (j < d) {
+            dk[ki + j] = dkr[i];
+            dv[ki + j] = dvr[i];
+        }
+    }
+}

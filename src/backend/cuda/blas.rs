@@ -1,0 +1,96 @@
+//! Row-major GEMM through cuBLAS `GemmEx`, over f32 / f16 / bf16 operands with f32 output and f32
+//! accumulation. cuBLAS is column-major: a row-major `C = op(A)·op(B)` is the column-major
+//! `Cᵀ = op(B)ᵀ·op(A)ᵀ`, so the operands are passed swapped.
+
+use super::OperandView;
+use cudarc::cublas::sys::{self, cublasComputeType_t, cublasOperation_t, cudaDataType_t};
+use cudarc::cublas::CudaBlas;
+use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut, SyncOnDrop};
+use std::sync::Arc;
+
+pub struct Blas {
+    blas: CudaBlas,
+    stream: Arc<CudaStream>,
+}
+
+impl Blas {
+    pub fn new(stream: Arc<CudaStream>) -> Result<Self, cudarc::cublas::result::CublasError> {
+        Ok(Blas { blas: CudaBlas::new(stream.clone())?, stream })
+    }
+
+    /// `C (m, n) = alpha · op(A) · op(B) + beta · C`, all row-major; `op(A)` is `(m, k)`, `op(B)` is
+    /// `(k, n)`; `lda`/`ldb`/`ldc` are the stored matrices' row lengths. A and B have the same dtype.
+    #[allow(clippy::too_many_arguments)]
+    pub fn gemm_rm<'a>(
+        &'a self,
+        trans_a: bool,
+        trans_b: bool,
+        m: usize,
+        n: usize,
+        k: usize,
+        alpha: f32,
+        a: impl Into<OperandView<'a>>,
+        lda: usize,
+        b: impl Into<OperandView<'a>>,
+        ldb: usize,
+        beta: f32,
+        c: &mut CudaSlice<f32>,
+        ldc: usize,
+    ) -> Result<(), String> {
+        if m == 0 || n == 0 {
+            return Ok(());
+        }
+        let (a, b) = (a.into(), b.into());
+        let (pa, ta, _ga) = ptr(&a, &self.stream);
+        let (pb, tb, _gb) = ptr(&b, &self.stream);
+        if ta != tb {
+            return Err(format!("GEMM operands of different dtypes ({ta:?}, {tb:?})"));
+        }
+        let (pc, _gc) = c.device_ptr_mut(&self.stream);
+        let op = |t: bool| if t { cublasOperation_t::CUBLAS_OP_T } else { cublasOperation_t::CUBLAS_OP_N };
+        // f32 operands: plain fp32 (no TF32), so the GPU matches the f32 CPU reference closely.
+        let compute = cublasComputeType_t::CUBLAS_COMPUTE_32F;
+        // SAFETY: pointers come from live device buffers whose lengths the callers checked.
+        unsafe {
+            cudarc::cublas::result::gemm_ex(
+                *self.blas.handle(),
+                op(trans_b),
+                op(trans_a),
+                n as i32,
+                m as i32,
+                k as i32,
+                &alpha as *const f32 as *const _,
+                pb as *const _,
+                tb,
+                ldb as i32,
+                pa as *const _,
+                ta,
+                lda as i32,
+                &beta as *const f32 as *const _,
+                pc as *mut _,
+                cudaDataType_t::CUDA_R_32F,
+                ldc as i32,
+                compute,
+                sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+            )
+        }
+        .map_err(|e| format!("{e:?}"))
+    }
+}
+
+fn ptr<'a>(o: &OperandView<'a>, s: &'a CudaStream) -> (u64, cudarc::cublas::sys::cudaDataType, SyncOnDrop<'a>) {
+    match *o {
+        OperandView::F32(x) => {
+            let (p, g) = x.device_ptr(s);
+            (p, cudaDataType_t::CUDA_R_32F, g)
+        }
+        OperandView::F16(x) => {
+            let (p, g) = x.device_ptr(s);
+            (p, cudaDataType_t::CUDA_R_16F, g)
+        }
+        OperandView::BF16(x) => {
+            let (p, g) = x.device_ptr(s);
+            (p, cudaDataType_t::CUDA_R_16BF, g)
+        }
+    }
+}

@@ -1,0 +1,724 @@
+//! The CUDA backend: every op of [`Backend`] as a hand-written kernel from `kernels/*.cu` (compiled by
+//! `build.rs`, embedded as fatbins) or a cuBLAS GEMM, on one stream. Activations and trainable
+//! parameters are f32 on the device; frozen dense weights are bf16; 4-bit weights stay in the
+//! bitsandbytes layout and are expanded to the compute dtype right before their GEMM (the
+//! dequantize + cuBLAS path; a fused dequant-matmul kernel is the next step).
+//! Each launcher names its kernel's file; the CPU reference of every op is in `backend/cpu.rs`.
+
+mod blas;
+
+use super::{AdamWStep, AttnShape, Backend, Dropout, HostWeight};
+use crate::config::{ComputeDtype, QuantType};
+use crate::error::{Error, Result};
+use crate::quant::{self, Absmax, Quant4};
+use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream, LaunchConfig, PushKernelArg};
+use half::{bf16, f16};
+use std::cell::Cell;
+use std::collections::HashMap;
+use std::sync::Arc;
+
+mod embedded {
+    include!(concat!(env!("OUT_DIR"), "/kernels.rs"));
+}
+
+/// A frozen weight on the device.
+pub enum CudaWeight {
+    /// `(rows, cols)` bf16.
+    Dense { rows: usize, cols: usize, data: CudaSlice<bf16> },
+    Quant4 {
+        rows: usize,
+        cols: usize,
+        quant_type: QuantType,
+        blocksize: usize,
+        compute: ComputeDtype,
+        /// `ceil(rows·cols/2)` bytes, element 2j in the high nibble.
+        packed: CudaSlice<u8>,
+        absmax: DeviceAbsmax,
+    },
+}
+
+pub enum DeviceAbsmax {
+    F32(CudaSlice<f32>),
+    Nested { q: CudaSlice<u8>, absmax2: CudaSlice<f32>, offset: f32 },
+}
+
+impl CudaWeight {
+    fn shape(&self) -> (usize, usize) {
+        match self {
+            CudaWeight::Dense { rows, cols, .. } | CudaWeight::Quant4 { rows, cols, .. } => (*rows, *cols),
+        }
+    }
+}
+
+/// The CUDA backend on one device.
+pub struct Cuda {
+    ordinal: usize,
+    device_name: String,
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    blas: blas::Blas,
+    funcs: HashMap<String, CudaFunction>,
+    /// The dynamic 8-bit map (double-quantized absmax) and the two 4-bit code tables, on the device.
+    code256: CudaSlice<f32>,
+    nf4: CudaSlice<f32>,
+    fp4: CudaSlice<f32>,
+    peak: Cell<u64>,
+}
+
+/// Panics with the op's name on a device error: the trait's ops have no error channel, and a failed
+/// launch or copy means the device or the program is broken, not the user's input.
+macro_rules! ck {
+    ($e:expr, $what:expr) => {
+        $e.unwrap_or_else(|e| panic!("CUDA {} failed: {e:?}", $what))
+    };
+}
+
+/// Launches `kernel` with `cfg` and the given arguments (references to live values, in the kernel's
+/// parameter order).
+macro_rules! launch {
+    ($self:expr, $kernel:expr, $cfg:expr; $($arg:expr),* $(,)?) => {{
+        let mut b = $self.stream.launch_builder($self.f($kernel));
+        $( b.arg($arg); )*
+        // SAFETY: each kernel bounds-checks its indices against the sizes passed with it, and every
+        // buffer argument is a live device allocation of at least that size.
+        ck!(unsafe { b.launch($cfg) }, $kernel);
+    }};
+}
+
+fn grid_for(n: usize) -> LaunchConfig {
+    let blocks = n.div_ceil(256).clamp(1, 132 * 16) as u32;
+    LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }
+}
+
+impl Cuda {
+    /// Opens device `ordinal`. A missing driver or cuBLAS is an error here (cudarc would panic later).
+    pub fn new(ordinal: usize) -> Result<Self> {
+        // SAFETY: these only try to dlopen the libraries.
+        let (drv, blas_ok) = unsafe { (cudarc::driver::sys::is_culib_present(), cudarc::cublas::sys::is_culib_present()) };
+        if !drv {
+            return Err(Error::Other("CUDA driver library (libcuda.so) not found: is an NVIDIA driver installed?".into()));
+        }
+        if !blas_ok {
+            return Err(Error::Other("cuBLAS (libcublas.so.13) not found: add CUDA 13's lib64 to LD_LIBRARY_PATH".into()));
+        }
+        let dev_err = |e: cudarc::driver::DriverError| Error::Other(format!("cuda:{ordinal}: {e:?}"));
+        let ctx = CudaContext::new(ordinal).map_err(dev_err)?;
+        // One stream: the per-buffer event tracking cudarc does for multi-stream safety is not needed.
+        // SAFETY: every buffer of this backend is used on `stream` only.
+        unsafe { ctx.disable_event_tracking() };
+        let stream = ctx.default_stream();
+        let device_name = ctx.name().map_err(dev_err)?;
+        let blas = blas::Blas::new(stream.clone()).map_err(|e| Error::Other(format!("cuBLAS: {e:?}")))?;
+        let mut funcs = HashMap::new();
+        for (module, bytes) in embedded::MODULES {
+            let m = ctx
+                .load_module(cudarc::nvrtc::Ptx::from_binary(bytes.to_vec()))
+                .map_err(|e| Error::Other(format!("loading kernels/{module}.cu on {device_name}: {e:?}")))?;
+            for name in kernel_names(module) {
+                let f = m.load_function(name).map_err(|e| Error::Other(format!("kernel {name}: {e:?}")))?;
+                funcs.insert(name.to_string(), f);
+            }
+        }
+        let code256 = stream.clone_htod(&quant::dynamic_map_signed()).map_err(dev_err)?;
+        let nf4 = stream.clone_htod(&quant::NF4_CODE).map_err(dev_err)?;
+        let fp4 = stream.clone_htod(&quant::FP4_CODE).map_err(dev_err)?;
+        Ok(Cuda { ordinal, device_name, ctx, stream, blas, funcs, code256, nf4, fp4, peak: Cell::new(0) })
+    }
+
+    fn f(&self, name: &str) -> &CudaFunction {
+        self.funcs.get(name).unwrap_or_else(|| panic!("kernel {name} is not in the embedded modules"))
+    }
+
+    fn note_memory(&self) {
+        if let Ok((free, total)) = self.ctx.mem_get_info() {
+            self.peak.set(self.peak.get().max((total - free) as u64));
+        }
+    }
+
+    pub fn synchronize(&self) {
+        ck!(self.stream.synchronize(), "synchronize");
+    }
+
+    /// Expands a 4-bit weight into a fresh buffer of its compute dtype.
+    fn dequantize(&self, w: &CudaWeight) -> Operand {
+        let CudaWeight::Quant4 { rows, cols, quant_type, blocksize, compute, packed, absmax } = w else {
+            unreachable!("dequantize takes 4-bit weights")
+        };
+        let n = rows * cols;
+        let code16 = if *quant_type == QuantType::Nf4 { &self.nf4 } else { &self.fp4 };
+        let cfg = grid_for(n.div_ceil(2));
+        let (n64, bs) = (n as i64, *blocksize as i32);
+        macro_rules! launch {
+            ($kernel:expr, $out:expr) => {{
+                let mut b = self.stream.launch_builder(self.f($kernel));
+                b.arg(packed);
+                match absmax {
+                    DeviceAbsmax::F32(a) => {
+                        b.arg(a).arg(&0u64).arg(&0u64).arg(&self.code256).arg(&0f32);
+                    }
+                    DeviceAbsmax::Nested { q, absmax2, offset } => {
+                        b.arg(&0u64).arg(q).arg(absmax2).arg(&self.code256).arg(offset);
+                    }
+                }
+                b.arg(code16).arg(&bs).arg(&n64).arg(&mut $out);
+                // SAFETY: the kernel reads `packed`/`absmax` within n and writes `out[..n]`.
+                ck!(unsafe { b.launch(cfg) }, $kernel);
+            }};
+        }
+        match compute {
+            ComputeDtype::F32 => {
+                let mut out = ck!(self.stream.alloc_zeros::<f32>(n), "alloc");
+                launch!("dequant_4bit_f32", out);
+                Operand::F32(out)
+            }
+            ComputeDtype::F16 => {
+                let mut out = ck!(self.stream.alloc_zeros::<f16>(n), "alloc");
+                launch!("dequant_4bit_f16", out);
+                Operand::F16(out)
+            }
+            ComputeDtype::BF16 => {
+                let mut out = ck!(self.stream.alloc_zeros::<bf16>(n), "alloc");
+                launch!("dequant_4bit_bf16", out);
+                Operand::BF16(out)
+            }
+        }
+    }
+
+    /// `x` (f32) as an operand of dtype `c` (a converted copy unless f32).
+    fn convert(&self, x: &CudaSlice<f32>, c: ComputeDtype) -> Operand {
+        let n = x.len();
+        match c {
+            ComputeDtype::F32 => Operand::F32(x.clone()),
+            ComputeDtype::BF16 => {
+                let mut out = ck!(self.stream.alloc_zeros::<bf16>(n), "alloc");
+                let n64 = n as i64;
+                launch!(self, "f32_to_bf16", grid_for(n); x, &mut out, &n64);
+                Operand::BF16(out)
+            }
+            ComputeDtype::F16 => {
+                let mut out = ck!(self.stream.alloc_zeros::<f16>(n), "alloc");
+                let n64 = n as i64;
+                launch!(self, "f32_to_f16", grid_for(n); x, &mut out, &n64);
+                Operand::F16(out)
+            }
+        }
+    }
+
+    /// The weight as a GEMM operand, and the dtype the activations must be converted to.
+    fn weight_operand<'a>(&self, w: &'a CudaWeight) -> (OperandRef<'a>, ComputeDtype) {
+        match w {
+            CudaWeight::Dense { data, .. } => (OperandRef::Borrowed(data), ComputeDtype::BF16),
+            CudaWeight::Quant4 { compute, .. } => (OperandRef::Owned(self.dequantize(w)), *compute),
+        }
+    }
+
+    fn scalar_f64(&self) -> CudaSlice<f64> {
+        ck!(self.stream.alloc_zeros::<f64>(1), "alloc")
+    }
+}
+
+/// A GEMM operand in one of the three compute dtypes.
+pub enum Operand {
+    F32(CudaSlice<f32>),
+    F16(CudaSlice<f16>),
+    BF16(CudaSlice<bf16>),
+}
+
+pub enum OperandRef<'a> {
+    Borrowed(&'a CudaSlice<bf16>),
+    Owned(Operand),
+}
+
+/// Every kernel of a module (the names `Cuda::new` resolves).
+fn kernel_names(module: &str) -> &'static [&'static str] {
+    match module {
+        "adamw" => &["adamw_f32"],
+        "attention" => &["attention_fwd_f32", "attention_bwd_dq_f32", "attention_bwd_dkdv_f32"],
+        "elementwise" => &[
+            "add_f32",
+            "add_assign_f32",
+            "scale_f32",
+            "swiglu_f32",
+            "swiglu_backward_f32",
+            "f32_to_bf16",
+            "bf16_to_f32",
+            "dropout_f32",
+            "dropout_add_f32",
+            "embedding_bf16",
+            "embedding_backward_f32",
+            "sum_squares_f32",
+            "non_finite_f32",
+        ],
+        "nf4" => &["dequant_4bit_f32", "dequant_4bit_f16", "dequant_4bit_bf16", "f32_to_f16"],
+        "norm" => &["rmsnorm_f32", "rmsnorm_backward_f32"],
+        "rope" => &["rope_f32"],
+        "xent" => &["cross_entropy_f32"],
+        _ => &[],
+    }
+}
+
+impl Backend for Cuda {
+    type Buf = CudaSlice<f32>;
+    type Weight = CudaWeight;
+
+    fn name(&self) -> String {
+        format!("cuda:{} ({})", self.ordinal, self.device_name)
+    }
+    fn peak_memory(&self) -> Option<u64> {
+        self.note_memory();
+        Some(self.peak.get())
+    }
+
+    fn zeros(&self, n: usize) -> CudaSlice<f32> {
+        let b = ck!(self.stream.alloc_zeros::<f32>(n.max(1)), "alloc");
+        if n == 0 {
+            return ck!(self.stream.alloc_zeros::<f32>(0), "alloc");
+        }
+        b
+    }
+    fn upload(&self, host: &[f32]) -> CudaSlice<f32> {
+        ck!(self.stream.clone_htod(host), "upload")
+    }
+    fn upload_f64(&self, host: &[f64]) -> CudaSlice<f32> {
+        let v: Vec<f32> = host.iter().map(|&x| x as f32).collect();
+        self.upload(&v)
+    }
+    fn download(&self, buf: &CudaSlice<f32>) -> Vec<f32> {
+        ck!(self.stream.clone_dtoh(buf), "download")
+    }
+    fn download_f64(&self, buf: &CudaSlice<f32>) -> Vec<f64> {
+        self.download(buf).into_iter().map(|x| x as f64).collect()
+    }
+    fn buf_len(&self, buf: &CudaSlice<f32>) -> usize {
+        buf.len()
+    }
+    fn upload_weight(&self, w: HostWeight) -> CudaWeight {
+        let out = match w {
+            HostWeight::Dense { rows, cols, data } => {
+                let b: Vec<bf16> = data.iter().map(|&x| bf16::from_f32(x)).collect();
+                CudaWeight::Dense { rows, cols, data: ck!(self.stream.clone_htod(&b), "upload weight") }
+            }
+            HostWeight::Quant4 { rows, cols, q, compute } => {
+                let absmax = match &q.absmax {
+                    Absmax::F32(a) => DeviceAbsmax::F32(ck!(self.stream.clone_htod(a), "upload absmax")),
+                    Absmax::Nested { q, absmax2, offset } => DeviceAbsmax::Nested {
+                        q: ck!(self.stream.clone_htod(q), "upload absmax"),
+                        absmax2: ck!(self.stream.clone_htod(absmax2), "upload absmax"),
+                        offset: *offset,
+                    },
+                };
+                CudaWeight::Quant4 {
+                    rows,
+                    cols,
+                    quant_type: q.quant_type,
+                    blocksize: q.blocksize,
+                    compute,
+                    packed: ck!(self.stream.clone_htod(&q.packed), "upload weight"),
+                    absmax,
+                }
+            }
+        };
+        self.note_memory();
+        out
+    }
+    fn weight_shape(&self, w: &CudaWeight) -> (usize, usize) {
+        w.shape()
+    }
+    fn weight_to_host(&self, w: &CudaWeight) -> HostWeight {
+        match w {
+            CudaWeight::Dense { rows, cols, data } => {
+                let h: Vec<bf16> = ck!(self.stream.clone_dtoh(data), "download weight");
+                HostWeight::Dense { rows: *rows, cols: *cols, data: h.iter().map(|x| x.to_f32()).collect() }
+            }
+            CudaWeight::Quant4 { rows, cols, quant_type, blocksize, compute, packed, absmax } => {
+                let absmax = match absmax {
+                    DeviceAbsmax::F32(a) => Absmax::F32(ck!(self.stream.clone_dtoh(a), "download")),
+                    DeviceAbsmax::Nested { q, absmax2, offset } => Absmax::Nested {
+                        q: ck!(self.stream.clone_dtoh(q), "download"),
+                        absmax2: ck!(self.stream.clone_dtoh(absmax2), "download"),
+                        offset: *offset,
+                    },
+                };
+                let q = Quant4 {
+                    quant_type: *quant_type,
+                    blocksize: *blocksize,
+                    n: rows * cols,
+                    packed: ck!(self.stream.clone_dtoh(packed), "download"),
+                    absmax,
+                };
+                HostWeight::Quant4 { rows: *rows, cols: *cols, q, compute: *compute }
+            }
+        }
+    }
+    fn read_range(&self, buf: &CudaSlice<f32>, start: usize, len: usize) -> CudaSlice<f32> {
+        let mut out = self.zeros(len);
+        ck!(self.stream.memcpy_dtod(&buf.slice(start..start + len), &mut out), "read_range");
+        out
+    }
+    fn write_range(&self, src: &CudaSlice<f32>, dst: &mut CudaSlice<f32>, offset: usize) {
+        let n = src.len();
+        ck!(self.stream.memcpy_dtod(src, &mut dst.slice_mut(offset..offset + n)), "write_range");
+    }
+
+    fn add_assign(&self, dst: &mut CudaSlice<f32>, src: &CudaSlice<f32>) {
+        assert_eq!(dst.len(), src.len(), "add_assign: length mismatch");
+        let n = dst.len();
+        let a0 = n as i64;
+        launch!(self, "add_assign_f32", grid_for(n); &mut *dst, src, &a0);
+    }
+    fn add(&self, a: &CudaSlice<f32>, b: &CudaSlice<f32>, out: &mut CudaSlice<f32>) {
+        let n = out.len();
+        let a0 = n as i64;
+        launch!(self, "add_f32", grid_for(n); a, b, &mut *out, &a0);
+    }
+    fn scale(&self, buf: &mut CudaSlice<f32>, s: f64) {
+        let n = buf.len();
+        let a0 = s as f32;
+        let a1 = n as i64;
+        launch!(self, "scale_f32", grid_for(n); &mut *buf, &a0, &a1);
+    }
+    fn sum_squares(&self, buf: &CudaSlice<f32>) -> f64 {
+        let mut acc = self.scalar_f64();
+        let n = buf.len();
+        let a0 = n as i64;
+        launch!(self, "sum_squares_f32", grid_for(n); buf, &mut acc, &a0);
+        ck!(self.stream.clone_dtoh(&acc), "download")[0]
+    }
+    fn has_non_finite(&self, buf: &CudaSlice<f32>) -> bool {
+        let mut flag = ck!(self.stream.alloc_zeros::<i32>(1), "alloc");
+        let n = buf.len();
+        let a0 = n as i64;
+        launch!(self, "non_finite_f32", grid_for(n); buf, &mut flag, &a0);
+        ck!(self.stream.clone_dtoh(&flag), "download")[0] != 0
+    }
+
+    fn embedding(&self, table: &CudaWeight, ids: &[u32], out: &mut CudaSlice<f32>) {
+        let (vocab, dim) = table.shape();
+        if let Some(bad) = ids.iter().find(|&&i| i as usize >= vocab) {
+            panic!("token id {bad} >= vocab {vocab}");
+        }
+        let dense;
+        let data = match table {
+            CudaWeight::Dense { data, .. } => data,
+            q => {
+                let Operand::BF16(d) = self.dequantize_as(q, ComputeDtype::BF16) else { unreachable!() };
+                dense = d;
+                &dense
+            }
+        };
+        let ids_d = ck!(self.stream.clone_htod(ids), "upload ids");
+        let m = ids.len();
+        let a0 = m as i32;
+        let a1 = dim as i32;
+        launch!(self, "embedding_bf16", grid_for(m * dim); data, &ids_d, &mut *out, &a0, &a1);
+    }
+    fn embedding_backward(&self, ids: &[u32], dout: &CudaSlice<f32>, dim: usize, dtable: &mut CudaSlice<f32>) {
+        let ids_d = ck!(self.stream.clone_htod(ids), "upload ids");
+        let m = ids.len();
+        let a0 = m as i32;
+        let a1 = dim as i32;
+        launch!(self, "embedding_backward_f32", grid_for(m * dim); &ids_d, dout, &mut *dtable, &a0, &a1);
+    }
+
+    fn rmsnorm(&self, x: &CudaSlice<f32>, w: &CudaSlice<f32>, dim: usize, eps: f64, out: &mut CudaSlice<f32>, rstd: &mut CudaSlice<f32>) {
+        let m = x.len() / dim;
+        let cfg = LaunchConfig { grid_dim: (m as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        let (dim32, eps32) = (dim as i32, eps as f32);
+        launch!(self, "rmsnorm_f32", cfg; x, w, out, rstd, &dim32, &eps32);
+    }
+    fn rmsnorm_backward(
+        &self,
+        x: &CudaSlice<f32>,
+        w: &CudaSlice<f32>,
+        rstd: &CudaSlice<f32>,
+        dout: &CudaSlice<f32>,
+        dim: usize,
+        dx: &mut CudaSlice<f32>,
+    ) {
+        let m = x.len() / dim;
+        let cfg = LaunchConfig { grid_dim: (m as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        let dim32 = dim as i32;
+        launch!(self, "rmsnorm_backward_f32", cfg; x, w, rstd, dout, dx, &dim32);
+    }
+
+    fn linear(&self, x: &CudaSlice<f32>, w: &CudaWeight, m: usize, out: &mut CudaSlice<f32>) {
+        let (rows, cols) = w.shape();
+        assert!(x.len() == m * cols && out.len() == m * rows, "linear: bad shapes");
+        let (wop, c) = self.weight_operand(w);
+        let xop = self.convert(x, c);
+        // out (m, rows) = x (m, cols) · Wᵀ
+        ck!(self.blas.gemm_rm(false, true, m, rows, cols, 1.0, &xop, cols, wop.as_ref(), cols, 0.0, out, rows), "linear GEMM");
+    }
+    fn linear_backward_input(&self, dy: &CudaSlice<f32>, w: &CudaWeight, m: usize, dx: &mut CudaSlice<f32>, accumulate: bool) {
+        let (rows, cols) = w.shape();
+        assert!(dy.len() == m * rows && dx.len() == m * cols, "linear_backward_input: bad shapes");
+        let (wop, c) = self.weight_operand(w);
+        let dyop = self.convert(dy, c);
+        let beta = if accumulate { 1.0 } else { 0.0 };
+        // dx (m, cols) = dy (m, rows) · W (rows, cols)
+        ck!(
+            self.blas.gemm_rm(false, false, m, cols, rows, 1.0, &dyop, rows, wop.as_ref(), cols, beta, dx, cols),
+            "linear backward GEMM"
+        );
+    }
+
+    fn lora_forward(
+        &self,
+        x: &CudaSlice<f32>,
+        a: &CudaSlice<f32>,
+        b: &CudaSlice<f32>,
+        m: usize,
+        r: usize,
+        scale: f32,
+        dropout: Dropout,
+        u: &mut CudaSlice<f32>,
+        y: &mut CudaSlice<f32>,
+    ) {
+        let cols = a.len() / r;
+        let rows = b.len() / r;
+        let xd = self.dropped(x, dropout);
+        let xd = Operand::F32(xd);
+        let (aop, bop) = (Operand::F32(a.clone()), Operand::F32(b.clone()));
+        // u (m, r) = drop(x) · Aᵀ;  y (m, rows) += scale · u · Bᵀ
+        ck!(self.blas.gemm_rm(false, true, m, r, cols, 1.0, &xd, cols, &aop, cols, 0.0, u, r), "LoRA A GEMM");
+        let uop = Operand::F32(u.clone());
+        ck!(self.blas.gemm_rm(false, true, m, rows, r, scale, &uop, r, &bop, r, 1.0, y, rows), "LoRA B GEMM");
+    }
+    fn lora_backward(
+        &self,
+        x: &CudaSlice<f32>,
+        a: &CudaSlice<f32>,
+        b: &CudaSlice<f32>,
+        u: &CudaSlice<f32>,
+        dy: &CudaSlice<f32>,
+        m: usize,
+        r: usize,
+        scale: f32,
+        dropout: Dropout,
+        da: &mut CudaSlice<f32>,
+        db: &mut CudaSlice<f32>,
+        dx: &mut CudaSlice<f32>,
+    ) {
+        let cols = a.len() / r;
+        let rows = b.len() / r;
+        let (dyop, uop) = (Operand::F32(dy.clone()), Operand::F32(u.clone()));
+        let (aop, bop) = (Operand::F32(a.clone()), Operand::F32(b.clone()));
+        // db (rows, r) += scale · dyᵀ · u
+        ck!(self.blas.gemm_rm(true, false, rows, r, m, scale, &dyop, rows, &uop, r, 1.0, db, r), "LoRA dB GEMM");
+        // du (m, r) = scale · dy · B
+        let mut du = self.zeros(m * r);
+        ck!(self.blas.gemm_rm(false, false, m, r, rows, scale, &dyop, rows, &bop, r, 0.0, &mut du, r), "LoRA du GEMM");
+        // da (r, cols) += duᵀ · drop(x)
+        let xd = Operand::F32(self.dropped(x, dropout));
+        let duop = Operand::F32(du);
+        ck!(self.blas.gemm_rm(true, false, r, cols, m, 1.0, &duop, r, &xd, cols, 1.0, da, cols), "LoRA dA GEMM");
+        // dx += drop'(du · A)
+        let mut dxd = self.zeros(m * cols);
+        ck!(self.blas.gemm_rm(false, false, m, cols, r, 1.0, &duop, r, &aop, cols, 0.0, &mut dxd, cols), "LoRA dx GEMM");
+        let n = dx.len();
+        let a0 = n as i64;
+        launch!(self, "dropout_add_f32", grid_for(n); &mut *dx, &dxd, &dropout.seed, &dropout.p, &a0);
+    }
+
+    fn rope(
+        &self,
+        x: &CudaSlice<f32>,
+        cos: &CudaSlice<f32>,
+        sin: &CudaSlice<f32>,
+        heads: usize,
+        head_dim: usize,
+        inverse: bool,
+        out: &mut CudaSlice<f32>,
+    ) {
+        let m = x.len() / (heads * head_dim);
+        let a0 = m as i32;
+        let a1 = heads as i32;
+        let a2 = head_dim as i32;
+        let a3 = inverse as i32;
+        launch!(self, "rope_f32", grid_for(m * heads * head_dim / 2); x, cos, sin, &mut *out, &a0, &a1, &a2, &a3);
+    }
+
+    fn attention(
+        &self,
+        q: &CudaSlice<f32>,
+        k: &CudaSlice<f32>,
+        v: &CudaSlice<f32>,
+        sh: AttnShape,
+        segments: Option<&[u32]>,
+        out: &mut CudaSlice<f32>,
+        lse: &mut CudaSlice<f32>,
+    ) {
+        assert!(sh.head_dim <= 256, "head_dim {} > 256 is not supported", sh.head_dim);
+        let seg = segments.map(|s| ck!(self.stream.clone_htod(s), "upload segments"));
+        let warps = sh.batch * sh.heads * sh.q_len;
+        let mut b = self.stream.launch_builder(self.f("attention_fwd_f32"));
+        b.arg(q).arg(k).arg(v);
+        push_opt(&mut b, seg.as_ref());
+        b.arg(out).arg(lse);
+        let g = geom(sh);
+        push_geom(&mut b, &g);
+        ck!(unsafe { b.launch(warp_grid(warps)) }, "attention_fwd_f32");
+    }
+    fn attention_backward(
+        &self,
+        q: &CudaSlice<f32>,
+        k: &CudaSlice<f32>,
+        v: &CudaSlice<f32>,
+        out: &CudaSlice<f32>,
+        lse: &CudaSlice<f32>,
+        dout: &CudaSlice<f32>,
+        sh: AttnShape,
+        segments: Option<&[u32]>,
+        dq: &mut CudaSlice<f32>,
+        dk: &mut CudaSlice<f32>,
+        dv: &mut CudaSlice<f32>,
+    ) {
+        let seg = segments.map(|s| ck!(self.stream.clone_htod(s), "upload segments"));
+        let mut delta = self.zeros(sh.batch * sh.heads * sh.q_len);
+        let g = geom(sh);
+        let mut b = self.stream.launch_builder(self.f("attention_bwd_dq_f32"));
+        b.arg(q).arg(k).arg(v).arg(out).arg(lse).arg(dout);
+        push_opt(&mut b, seg.as_ref());
+        b.arg(&mut *dq).arg(&mut delta);
+        push_geom(&mut b, &g);
+        ck!(unsafe { b.launch(warp_grid(sh.batch * sh.heads * sh.q_len)) }, "attention_bwd_dq_f32");
+        ck!(self.stream.memset_zeros(dk), "memset");
+        ck!(self.stream.memset_zeros(dv), "memset");
+        let mut b = self.stream.launch_builder(self.f("attention_bwd_dkdv_f32"));
+        b.arg(q).arg(k).arg(v).arg(lse).arg(&delta).arg(dout);
+        push_opt(&mut b, seg.as_ref());
+        b.arg(&mut *dk).arg(&mut *dv);
+        push_geom(&mut b, &g);
+        ck!(unsafe { b.launch(warp_grid(sh.batch * sh.kv_heads * sh.kv_len)) }, "attention_bwd_dkdv_f32");
+    }
+
+    fn swiglu(&self, gate: &CudaSlice<f32>, up: &CudaSlice<f32>, out: &mut CudaSlice<f32>) {
+        let n = out.len();
+        let a0 = n as i64;
+        launch!(self, "swiglu_f32", grid_for(n); gate, up, &mut *out, &a0);
+    }
+    fn swiglu_backward(
+        &self,
+        gate: &CudaSlice<f32>,
+        up: &CudaSlice<f32>,
+        dout: &CudaSlice<f32>,
+        dgate: &mut CudaSlice<f32>,
+        dup: &mut CudaSlice<f32>,
+    ) {
+        let n = gate.len();
+        let a0 = n as i64;
+        launch!(self, "swiglu_backward_f32", grid_for(n); gate, up, dout, &mut *dgate, &mut *dup, &a0);
+    }
+
+    fn cross_entropy(&self, logits: &CudaSlice<f32>, targets: &[i32], vocab: usize, scale: f32, dlogits: &mut CudaSlice<f32>) -> (f64, usize) {
+        let m = targets.len();
+        let t = ck!(self.stream.clone_htod(targets), "upload targets");
+        let mut loss = self.scalar_f64();
+        let mut count = ck!(self.stream.alloc_zeros::<i32>(1), "alloc");
+        let cfg = LaunchConfig { grid_dim: (m as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        let vocab32 = vocab as i32;
+        launch!(self, "cross_entropy_f32", cfg; logits, &t, &mut *dlogits, &mut loss, &mut count, &vocab32, &scale);
+        let c = ck!(self.stream.clone_dtoh(&count), "download")[0];
+        assert!(c < (1 << 30), "a target id is >= vocab {vocab}");
+        (ck!(self.stream.clone_dtoh(&loss), "download")[0], c as usize)
+    }
+
+    fn adamw(&self, param: &mut CudaSlice<f32>, grad: &CudaSlice<f32>, m: &mut CudaSlice<f32>, v: &mut CudaSlice<f32>, hp: &AdamWStep) {
+        // Same f32 arithmetic as Cpu::adamw for the step size and corrections.
+        let c1 = 1.0 - hp.beta1.powi(hp.step as i32);
+        let c2 = (1.0 - hp.beta2.powi(hp.step as i32)).sqrt();
+        let step_size = -hp.lr * c2 / c1;
+        let n = param.len();
+        let a0 = n as i64;
+        launch!(self, "adamw_f32", grid_for(n); &mut *param, grad, &mut *m, &mut *v, &hp.lr, &hp.beta1, &hp.beta2, &hp.eps, &hp.weight_decay, &step_size, &c2, &hp.grad_scale, &a0);
+    }
+}
+
+impl Cuda {
+    /// `x` with inverted dropout applied (a copy; the same mask formula as the CPU).
+    fn dropped(&self, x: &CudaSlice<f32>, d: Dropout) -> CudaSlice<f32> {
+        if !d.is_active() {
+            return x.clone();
+        }
+        let n = x.len();
+        let mut out = self.zeros(n);
+        let a0 = n as i64;
+        launch!(self, "dropout_f32", grid_for(n); x, &mut out, &d.seed, &d.p, &a0);
+        out
+    }
+
+    fn dequantize_as(&self, w: &CudaWeight, c: ComputeDtype) -> Operand {
+        match w {
+            CudaWeight::Quant4 { rows, cols, quant_type, blocksize, packed, absmax, .. } => {
+                // A view of the same weight with another compute dtype.
+                let tmp = CudaWeight::Quant4 {
+                    rows: *rows,
+                    cols: *cols,
+                    quant_type: *quant_type,
+                    blocksize: *blocksize,
+                    compute: c,
+                    packed: packed.clone(),
+                    absmax: match absmax {
+                        DeviceAbsmax::F32(a) => DeviceAbsmax::F32(a.clone()),
+                        DeviceAbsmax::Nested { q, absmax2, offset } => {
+                            DeviceAbsmax::Nested { q: q.clone(), absmax2: absmax2.clone(), offset: *offset }
+                        }
+                    },
+                };
+                self.dequantize(&tmp)
+            }
+            CudaWeight::Dense { data, .. } => Operand::BF16(data.clone()),
+        }
+    }
+}
+
+impl OperandRef<'_> {
+    fn as_ref(&self) -> OperandView<'_> {
+        match self {
+            OperandRef::Borrowed(b) => OperandView::BF16(b),
+            OperandRef::Owned(Operand::F32(x)) => OperandView::F32(x),
+            OperandRef::Owned(Operand::F16(x)) => OperandView::F16(x),
+            OperandRef::Owned(Operand::BF16(x)) => OperandView::BF16(x),
+        }
+    }
+}
+
+/// A borrowed GEMM operand.
+pub enum OperandView<'a> {
+    F32(&'a CudaSlice<f32>),
+    F16(&'a CudaSlice<f16>),
+    BF16(&'a CudaSlice<bf16>),
+}
+
+impl<'a> From<&'a Operand> for OperandView<'a> {
+    fn from(o: &'a Operand) -> Self {
+        match o {
+            Operand::F32(x) => OperandView::F32(x),
+            Operand::F16(x) => OperandView::F16(x),
+            Operand::BF16(x) => OperandView::BF16(x),
+        }
+    }
+}
+
+fn geom(sh: AttnShape) -> [i32; 8] {
+    [sh.batch, sh.q_len, sh.kv_len, sh.kv_capacity, sh.heads, sh.kv_heads, sh.head_dim, sh.q_offset].map(|x| x as i32)
+}
+fn push_geom<'a>(b: &mut cudarc::driver::LaunchArgs<'a>, g: &'a [i32; 8]) {
+    for x in g {
+        b.arg(x);
+    }
+}
+fn push_opt<'a>(b: &mut cudarc::driver::LaunchArgs<'a>, s: Option<&'a CudaSlice<u32>>) {
+    static NULL: u64 = 0;
+    match s {
+        Some(s) => {
+            b.arg(s);
+        }
+        None => {
+            b.arg(&NULL);
+        }
+    }
+}
+fn warp_grid(warps: usize) -> LaunchConfig {
+    LaunchConfig { grid_dim: ((warps * 32).div_ceil(128).max(1) as u32, 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 }
+}
