@@ -69,7 +69,7 @@ fn find_nvcc() -> Option<PathBuf> {
     }
     let venv = std::fs::read_dir(".venv-cuda/lib").ok()?.flatten().next()?.path().join("site-packages/nvidia/cu13/bin/nvcc");
     if venv.exists() {
-        return Some(std::fs::canonicalize(venv).ok()?);
+        return std::fs::canonicalize(venv).ok();
     }
     std::env::var_os("PATH")?.to_str()?.split(':').map(|d| Path::new(d).join("nvcc")).find(|p| p.exists())
 }

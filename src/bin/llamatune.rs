@@ -403,13 +403,65 @@ fn main() -> ExitCode {
     }
 }
 
-/// The backend for `--device`: only the CPU exists in this build.
-fn cpu_backend(device: &str) -> Result<Cpu<f32>> {
+/// The backend a `--device` names.
+enum Device {
+    Cpu(Cpu<f32>),
+    #[cfg(feature = "cuda")]
+    Cuda(Box<llamatune::backend::cuda::Cuda>),
+}
+
+/// Runs `$body` with `$be` bound to the device's backend (each arm monomorphizes the generic code).
+macro_rules! with_device {
+    ($dev:expr, $be:ident => $body:expr) => {
+        match $dev {
+            Device::Cpu($be) => $body,
+            #[cfg(feature = "cuda")]
+            Device::Cuda($be) => {
+                let $be = $be.as_ref();
+                $body
+            }
+        }
+    };
+}
+
+/// `auto` takes GPU 0 when this build has CUDA and a GPU answers, else the CPU.
+fn open_device(device: &str) -> Result<Device> {
+    let ordinal = |d: &str| -> Result<usize> {
+        match d.strip_prefix("cuda") {
+            Some("") => Ok(0),
+            Some(rest) => rest
+                .strip_prefix(':')
+                .and_then(|n| n.parse().ok())
+                .ok_or_else(|| Error::Config(format!("--device {d:?}: expected cuda or cuda:N"))),
+            None => unreachable!(),
+        }
+    };
     match device {
-        "auto" | "cpu" => Ok(Cpu::new()),
-        d if d.starts_with("cuda") => Err(Error::Config(format!(
-            "--device {d}: this llamatune was built without CUDA support (rebuild with `--features cuda`)"
-        ))),
+        "cpu" => Ok(Device::Cpu(Cpu::new())),
+        #[cfg(feature = "cuda")]
+        "auto" => match llamatune::backend::cuda::Cuda::new(0) {
+            Ok(c) => Ok(Device::Cuda(Box::new(c))),
+            Err(e) => {
+                eprintln!("note: no usable GPU ({e}); running on the CPU");
+                Ok(Device::Cpu(Cpu::new()))
+            }
+        },
+        #[cfg(not(feature = "cuda"))]
+        "auto" => Ok(Device::Cpu(Cpu::new())),
+        d if d.starts_with("cuda") => {
+            let n = ordinal(d)?;
+            #[cfg(feature = "cuda")]
+            {
+                Ok(Device::Cuda(Box::new(llamatune::backend::cuda::Cuda::new(n)?)))
+            }
+            #[cfg(not(feature = "cuda"))]
+            {
+                let _ = n;
+                Err(Error::Config(format!(
+                    "--device {d}: this llamatune was built without CUDA support (rebuild with `--features cuda`)"
+                )))
+            }
+        }
         d => Err(Error::Config(format!("--device {d:?} is not auto, cpu or cuda:N"))),
     }
 }
@@ -430,10 +482,12 @@ fn cmd_train(args: TrainArgs) -> Result<ExitCode> {
     let overrides = serde_json::to_value(&args).expect("flags serialize");
     let cfg = TrainConfig::resolve(args.config.as_deref(), overrides)?;
     eprintln!("# resolved training config\n{}", cfg.to_toml());
-    let be = cpu_backend(&cfg.device)?;
+    let dev = open_device(&cfg.device)?;
     let (files, tok) = load::open(&cfg.model)?;
-    let model = load_with_bar(&be, &files, cfg.quant_config()?)?;
-    run_training(&be, &model, &tok, cfg).map(|(code, _)| code)
+    with_device!(&dev, be => {
+        let model = load_with_bar(be, &files, cfg.quant_config()?)?;
+        run_training(be, &model, &tok, cfg).map(|(code, _)| code)
+    })
 }
 
 /// Loads data, trains with a progress bar, and returns the exit code and the run's outcome.
@@ -536,15 +590,14 @@ fn gen_config(s: &SamplingArgs, tok: &Tokenizer, model: &Llama<impl Backend>) ->
 }
 
 /// Base model (+ adapter) ready for generation.
-struct Loaded {
-    be: Cpu<f32>,
-    model: Llama<Cpu<f32>>,
-    lora: Option<Lora<Cpu<f32>>>,
+struct Loaded<'a, B: Backend> {
+    be: &'a B,
+    model: Llama<B>,
+    lora: Option<Lora<B>>,
     tok: Tokenizer,
 }
 
-fn load_for_inference(m: &ModelArgs) -> Result<Loaded> {
-    let be = cpu_backend(&m.device)?;
+fn load_for_inference<'a, B: Backend>(be: &'a B, m: &ModelArgs) -> Result<Loaded<'a, B>> {
     let (files, tok) = load::open(&m.model)?;
     let compute_dtype = ComputeDtype::parse(&m.bnb_4bit_compute_dtype).ok_or_else(|| {
         Error::Config(format!(
@@ -558,17 +611,17 @@ fn load_for_inference(m: &ModelArgs) -> Result<Loaded> {
         double_quant: false,
         compute_dtype,
     });
-    let model = load_with_bar(&be, &files, quant)?;
+    let model = load_with_bar(be, &files, quant)?;
     let lora = match &m.adapter {
-        Some(dir) => Some(peft::load_adapter(&be, &model.cfg, dir)?),
+        Some(dir) => Some(peft::load_adapter(be, &model.cfg, dir)?),
         None => None,
     };
     Ok(Loaded { be, model, lora, tok })
 }
 
-fn stream_reply(l: &Loaded, ids: &[u32], gen: &GenerationConfig) -> Result<String> {
+fn stream_reply<B: Backend>(l: &Loaded<B>, ids: &[u32], gen: &GenerationConfig) -> Result<String> {
     let mut out = std::io::stdout();
-    let r = generate(&l.be, &l.model, l.lora.as_ref(), Some(&l.tok), ids, gen, &mut |_, piece| {
+    let r = generate(l.be, &l.model, l.lora.as_ref(), Some(&l.tok), ids, gen, &mut |_, piece| {
         let _ = out.write_all(piece.as_bytes());
         let _ = out.flush();
         true
@@ -578,7 +631,12 @@ fn stream_reply(l: &Loaded, ids: &[u32], gen: &GenerationConfig) -> Result<Strin
 }
 
 fn cmd_generate(a: GenerateArgs) -> Result<ExitCode> {
-    let l = load_for_inference(&a.model)?;
+    let dev = open_device(&a.model.device)?;
+    with_device!(&dev, be => generate_on(be, &a))
+}
+
+fn generate_on<B: Backend>(be: &B, a: &GenerateArgs) -> Result<ExitCode> {
+    let l = load_for_inference(be, &a.model)?;
     let gen = gen_config(&a.sampling, &l.tok, &l.model);
     let ids = if a.raw {
         l.tok.encode(&a.prompt, true)?
@@ -595,7 +653,12 @@ fn cmd_generate(a: GenerateArgs) -> Result<ExitCode> {
 }
 
 fn cmd_chat(a: ChatArgs) -> Result<ExitCode> {
-    let l = load_for_inference(&a.model)?;
+    let dev = open_device(&a.model.device)?;
+    with_device!(&dev, be => chat_on(be, &a))
+}
+
+fn chat_on<B: Backend>(be: &B, a: &ChatArgs) -> Result<ExitCode> {
+    let l = load_for_inference(be, &a.model)?;
     let gen = gen_config(&a.sampling, &l.tok, &l.model);
     let mut history: Vec<Message> = a.system.iter().map(|s| Message::new("system", s)).collect();
     let base_len = history.len();
@@ -660,7 +723,12 @@ fn cmd_merge(a: MergeArgs) -> Result<ExitCode> {
 }
 
 fn cmd_eval(a: EvalArgs) -> Result<ExitCode> {
-    let l = load_for_inference(&a.model)?;
+    let dev = open_device(&a.model.device)?;
+    with_device!(&dev, be => eval_on(be, &a))
+}
+
+fn eval_on<B: Backend>(be: &B, a: &EvalArgs) -> Result<ExitCode> {
+    let l = load_for_inference(be, &a.model)?;
     let cfg = TrainConfig {
         model: a.model.model.clone(),
         dataset: a.dataset.clone(),
@@ -681,7 +749,7 @@ fn cmd_eval(a: EvalArgs) -> Result<ExitCode> {
     let mut bar = Progress::new("eval", plan.len());
     let (mut sum, mut count) = (0.0, 0usize);
     for (i, b) in plan.iter().enumerate() {
-        let r = llamatune::model::llama::evaluate(&l.be, &l.model, l.lora.as_ref(), b);
+        let r = llamatune::model::llama::evaluate(l.be, &l.model, l.lora.as_ref(), b);
         sum += r.loss_sum;
         count += r.count;
         bar.update(i + 1, "");
@@ -715,7 +783,11 @@ const DEMO_PROMPTS: [&str; 3] = [
 ];
 
 fn cmd_demo(a: DemoArgs) -> Result<ExitCode> {
-    let be = cpu_backend(&a.device)?;
+    let dev = open_device(&a.device)?;
+    with_device!(&dev, be => demo_on(be, &a))
+}
+
+fn demo_on<B: Backend>(be: &B, a: &DemoArgs) -> Result<ExitCode> {
     let out = PathBuf::from(&a.output_dir);
     std::fs::create_dir_all(&out).map_err(|e| Error::io(&out, e))?;
     // Data: the OpenAssistant records of AlpacaEval's example outputs (fetched from PyPI).
@@ -740,16 +812,16 @@ fn cmd_demo(a: DemoArgs) -> Result<ExitCode> {
     let (files, tok) = load::open("smollm2-135m-instruct")?;
     let quant =
         QuantConfig { quant_type: QuantType::Nf4, blocksize: 64, double_quant: true, compute_dtype: ComputeDtype::F16 };
-    let model = load_with_bar(&be, &files, Some(quant))?;
+    let model = load_with_bar(be, &files, Some(quant))?;
     let gen = GenerationConfig {
         max_new_tokens: 48,
         eos_token_ids: tok.eos_id().into_iter().collect(),
         repetition_penalty: 1.1,
         ..GenerationConfig::default()
     };
-    let answer = |lora: Option<&Lora<Cpu<f32>>>, p: &str| -> Result<String> {
+    let answer = |lora: Option<&Lora<B>>, p: &str| -> Result<String> {
         let ids = tok.encode_templated(&tok.apply_chat_template(&[Message::new("user", p)], true)?)?;
-        Ok(generate(&be, &model, lora, Some(&tok), &ids, &gen, &mut |_, _| true)?.text)
+        Ok(generate(be, &model, lora, Some(&tok), &ids, &gen, &mut |_, _| true)?.text)
     };
     let before: Vec<String> = DEMO_PROMPTS.iter().map(|p| answer(None, p)).collect::<Result<_>>()?;
 
@@ -772,18 +844,18 @@ fn cmd_demo(a: DemoArgs) -> Result<ExitCode> {
         completion_only_loss: Some(true),
         ..TrainConfig::default()
     };
-    let (code, outcome) = run_training(&be, &model, &tok, cfg)?;
+    let (code, outcome) = run_training(be, &model, &tok, cfg)?;
     if outcome.finish != Finish::Completed {
         return Ok(code);
     }
     let adapter = outcome.adapter_dir.expect("completed");
-    let lora = peft::load_adapter(&be, &model.cfg, &adapter)?;
+    let lora = peft::load_adapter(be, &model.cfg, &adapter)?;
     for (p, b) in DEMO_PROMPTS.iter().zip(&before) {
         let after = answer(Some(&lora), p)?;
         println!("\n### {p}\n--- before fine-tuning:\n{}\n--- after fine-tuning:\n{}", b.trim(), after.trim());
     }
     let merged_dir = out.join("merged");
-    merge_to_dir(&be, "smollm2-135m-instruct", &adapter, &merged_dir, SaveDtype::F16, 5 << 30)?;
+    merge_to_dir(&Cpu::<f32>::new(), "smollm2-135m-instruct", &adapter, &merged_dir, SaveDtype::F16, 5 << 30)?;
     println!("\nadapter: {}\nmerged model: {}", adapter.display(), merged_dir.display());
     Ok(ExitCode::SUCCESS)
 }

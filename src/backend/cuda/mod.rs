@@ -13,7 +13,7 @@ use crate::error::{Error, Result};
 use crate::quant::{self, Absmax, Quant4};
 use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream, LaunchConfig, PushKernelArg};
 use half::{bf16, f16};
-use std::cell::Cell;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -62,7 +62,7 @@ pub struct Cuda {
     code256: CudaSlice<f32>,
     nf4: CudaSlice<f32>,
     fp4: CudaSlice<f32>,
-    peak: Cell<u64>,
+    peak: AtomicU64,
 }
 
 /// Panics with the op's name on a device error: the trait's ops have no error channel, and a failed
@@ -122,7 +122,7 @@ impl Cuda {
         let code256 = stream.clone_htod(&quant::dynamic_map_signed()).map_err(dev_err)?;
         let nf4 = stream.clone_htod(&quant::NF4_CODE).map_err(dev_err)?;
         let fp4 = stream.clone_htod(&quant::FP4_CODE).map_err(dev_err)?;
-        Ok(Cuda { ordinal, device_name, ctx, stream, blas, funcs, code256, nf4, fp4, peak: Cell::new(0) })
+        Ok(Cuda { ordinal, device_name, ctx, stream, blas, funcs, code256, nf4, fp4, peak: AtomicU64::new(0) })
     }
 
     fn f(&self, name: &str) -> &CudaFunction {
@@ -131,7 +131,7 @@ impl Cuda {
 
     fn note_memory(&self) {
         if let Ok((free, total)) = self.ctx.mem_get_info() {
-            self.peak.set(self.peak.get().max((total - free) as u64));
+            self.peak.fetch_max((total - free) as u64, Ordering::Relaxed);
         }
     }
 
@@ -266,7 +266,7 @@ impl Backend for Cuda {
     }
     fn peak_memory(&self) -> Option<u64> {
         self.note_memory();
-        Some(self.peak.get())
+        Some(self.peak.load(Ordering::Relaxed))
     }
 
     fn zeros(&self, n: usize) -> CudaSlice<f32> {

@@ -1,0 +1,355 @@
+//! Every CUDA op against the CPU reference (`backend/cpu.rs`) on fresh random inputs, outputs
+//! poisoned with NaN before each launch, at SmolLM2-135M and Llama-2-7B shapes and at odd sizes that
+//! are no multiple of any tile; then a whole QLoRA step and 50 training steps on the GPU.
+//! Built only with `--features cuda`; run on a GPU host (`scripts/stage-gpu.sh`).
+//!
+//! Thresholds (relative L2 error, fixed before any run): 1e-4 for ops computed in f32 on both sides,
+//! 2e-2 where the GPU multiplies in bf16/fp16 on the tensor cores (bf16 has 8 bits of mantissa).
+#![cfg(feature = "cuda")]
+
+use llamatune::backend::cpu::Cpu;
+use llamatune::backend::cuda::Cuda;
+use llamatune::backend::{AdamWStep, AttnShape, Backend, Dropout, HostWeight};
+use llamatune::config::{ComputeDtype, LoraConfig, ModelConfig, QuantConfig, QuantType};
+use llamatune::model::llama::{forward_backward, Batch, Llama};
+use llamatune::model::lora::Lora;
+use llamatune::model::random::random_source;
+use llamatune::optim::{clip_coefficient, grad_norm, AdamW, AdamWConfig};
+use llamatune::quant::Quant4;
+use rand::{Rng, SeedableRng};
+use std::sync::OnceLock;
+
+const F32_TOL: f64 = 1e-4;
+const MIXED_TOL: f64 = 2e-2;
+
+fn gpu() -> &'static Cuda {
+    static G: OnceLock<Cuda> = OnceLock::new();
+    G.get_or_init(|| Cuda::new(0).expect("a CUDA device"))
+}
+const CPU: Cpu<f32> = Cpu::new();
+
+fn rnd(rng: &mut impl Rng, n: usize, scale: f32) -> Vec<f32> {
+    (0..n).map(|_| rng.gen_range(-1.0..1.0) * scale).collect()
+}
+fn poisoned(n: usize) -> <Cuda as Backend>::Buf {
+    gpu().upload(&vec![f32::NAN; n])
+}
+
+/// ‖got − want‖ / ‖want‖, failing on NaN/Inf.
+fn check(name: &str, got: &[f32], want: &[f32], tol: f64) {
+    assert_eq!(got.len(), want.len(), "{name}: length");
+    let bad = got.iter().position(|x| !x.is_finite());
+    assert!(bad.is_none(), "{name}: non-finite output at {bad:?} (unwritten or overflowed)");
+    let num: f64 = got.iter().zip(want).map(|(a, b)| ((a - b) as f64).powi(2)).sum::<f64>().sqrt();
+    let den: f64 = want.iter().map(|b| (*b as f64).powi(2)).sum::<f64>().sqrt().max(1e-30);
+    let rel = num / den;
+    println!("{name:<48} rel err {rel:.2e} (tol {tol:.0e})");
+    assert!(rel <= tol, "{name}: relative error {rel:.3e} > {tol:.0e}");
+}
+
+struct Shape {
+    name: &'static str,
+    hidden: usize,
+    ffn: usize,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    vocab: usize,
+}
+const SHAPES: [Shape; 3] = [
+    Shape { name: "smollm2-135m", hidden: 576, ffn: 1536, heads: 9, kv_heads: 3, head_dim: 64, vocab: 49152 },
+    Shape { name: "llama2-7b", hidden: 4096, ffn: 11008, heads: 32, kv_heads: 32, head_dim: 128, vocab: 32000 },
+    Shape { name: "odd", hidden: 200, ffn: 333, heads: 6, kv_heads: 2, head_dim: 34, vocab: 1001 },
+];
+const M: usize = 75; // token rows: odd, no tile multiple
+
+#[test]
+fn elementwise_norm_rope_swiglu() {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(1);
+    for s in &SHAPES {
+        let (h, n) = (s.hidden, M * s.hidden);
+        let (x, y, w) = (rnd(&mut rng, n, 2.0), rnd(&mut rng, n, 2.0), rnd(&mut rng, h, 1.0));
+        let (gx, gy, gw) = (gpu().upload(&x), gpu().upload(&y), gpu().upload(&w));
+        // add
+        let mut out = poisoned(n);
+        gpu().add(&gx, &gy, &mut out);
+        let want: Vec<f32> = x.iter().zip(&y).map(|(a, b)| a + b).collect();
+        check(&format!("{} add", s.name), &gpu().download(&out), &want, F32_TOL);
+        // rmsnorm fwd/bwd
+        let (mut o1, mut r1) = (vec![0.0; n], vec![0.0; M]);
+        CPU.rmsnorm(&x, &w, h, 1e-5, &mut o1, &mut r1);
+        let (mut o2, mut r2) = (poisoned(n), poisoned(M));
+        gpu().rmsnorm(&gx, &gw, h, 1e-5, &mut o2, &mut r2);
+        check(&format!("{} rmsnorm", s.name), &gpu().download(&o2), &o1, F32_TOL);
+        check(&format!("{} rmsnorm rstd", s.name), &gpu().download(&r2), &r1, F32_TOL);
+        let mut d1 = vec![0.0; n];
+        CPU.rmsnorm_backward(&x, &w, &r1, &y, h, &mut d1);
+        let mut d2 = poisoned(n);
+        gpu().rmsnorm_backward(&gx, &gw, &r2, &gy, h, &mut d2);
+        check(&format!("{} rmsnorm backward", s.name), &gpu().download(&d2), &d1, F32_TOL);
+        // swiglu fwd/bwd
+        let f = M * s.ffn;
+        let (g, u, dy) = (rnd(&mut rng, f, 4.0), rnd(&mut rng, f, 1.0), rnd(&mut rng, f, 1.0));
+        let (gg, gu, gdy) = (gpu().upload(&g), gpu().upload(&u), gpu().upload(&dy));
+        let mut o1 = vec![0.0; f];
+        CPU.swiglu(&g, &u, &mut o1);
+        let mut o2 = poisoned(f);
+        gpu().swiglu(&gg, &gu, &mut o2);
+        check(&format!("{} swiglu", s.name), &gpu().download(&o2), &o1, F32_TOL);
+        let (mut dg1, mut du1) = (vec![0.0; f], vec![0.0; f]);
+        CPU.swiglu_backward(&g, &u, &dy, &mut dg1, &mut du1);
+        let (mut dg2, mut du2) = (poisoned(f), poisoned(f));
+        gpu().swiglu_backward(&gg, &gu, &gdy, &mut dg2, &mut du2);
+        check(&format!("{} swiglu dgate", s.name), &gpu().download(&dg2), &dg1, F32_TOL);
+        check(&format!("{} swiglu dup", s.name), &gpu().download(&du2), &du1, F32_TOL);
+        // rope fwd/inverse
+        let qn = M * s.heads * s.head_dim;
+        let q = rnd(&mut rng, qn, 1.0);
+        let ang = rnd(&mut rng, M * s.head_dim / 2, 50.0);
+        let (cos, sin): (Vec<f32>, Vec<f32>) = ang.iter().map(|a| (a.cos(), a.sin())).unzip();
+        for inverse in [false, true] {
+            let mut o1 = vec![0.0; qn];
+            CPU.rope(&q, &cos, &sin, s.heads, s.head_dim, inverse, &mut o1);
+            let mut o2 = poisoned(qn);
+            gpu().rope(&gpu().upload(&q), &gpu().upload(&cos), &gpu().upload(&sin), s.heads, s.head_dim, inverse, &mut o2);
+            check(&format!("{} rope inverse={inverse}", s.name), &gpu().download(&o2), &o1, F32_TOL);
+        }
+    }
+}
+
+#[test]
+fn embedding_and_cross_entropy() {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(2);
+    for s in &SHAPES {
+        // Embedding table values exactly representable in bf16, so the comparison is exact.
+        let table: Vec<f32> = rnd(&mut rng, s.vocab * s.hidden, 1.0).iter().map(|x| half::bf16::from_f32(*x).to_f32()).collect();
+        let hw = HostWeight::Dense { rows: s.vocab, cols: s.hidden, data: table };
+        let (cw, gw) = (CPU.upload_weight(hw.clone()), gpu().upload_weight(hw));
+        let ids: Vec<u32> = (0..M).map(|_| rng.gen_range(0..s.vocab as u32)).collect();
+        let mut o1 = vec![0.0; M * s.hidden];
+        CPU.embedding(&cw, &ids, &mut o1);
+        let mut o2 = poisoned(M * s.hidden);
+        gpu().embedding(&gw, &ids, &mut o2);
+        check(&format!("{} embedding", s.name), &gpu().download(&o2), &o1, 0.0);
+        // cross-entropy over the vocabulary, some rows ignored
+        let logits = rnd(&mut rng, M * s.vocab, 8.0);
+        let targets: Vec<i32> = (0..M).map(|i| if i % 7 == 3 { -100 } else { rng.gen_range(0..s.vocab as i32) }).collect();
+        let mut d1 = vec![0.0; M * s.vocab];
+        let (l1, c1) = CPU.cross_entropy(&logits, &targets, s.vocab, 0.01, &mut d1);
+        let mut d2 = poisoned(M * s.vocab);
+        let (l2, c2) = gpu().cross_entropy(&gpu().upload(&logits), &targets, s.vocab, 0.01, &mut d2);
+        assert_eq!(c1, c2);
+        check(&format!("{} cross-entropy loss", s.name), &[l2 as f32], &[l1 as f32], F32_TOL);
+        check(&format!("{} cross-entropy dlogits", s.name), &gpu().download(&d2), &d1, F32_TOL);
+    }
+}
+
+#[test]
+fn linear_dense_and_4bit_forward_and_input_grad() {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+    for s in &SHAPES {
+        for (rows, cols) in [(s.ffn, s.hidden), (s.hidden, s.ffn), (s.heads * s.head_dim, s.hidden)] {
+            let data = rnd(&mut rng, rows * cols, 0.05);
+            let x = rnd(&mut rng, M * cols, 1.0);
+            let dy = rnd(&mut rng, M * rows, 1.0);
+            let mut cases = vec![("dense bf16".to_string(), HostWeight::Dense { rows, cols, data: data.clone() }, MIXED_TOL)];
+            for (qt, dq, c) in [
+                (QuantType::Nf4, false, ComputeDtype::BF16),
+                (QuantType::Nf4, true, ComputeDtype::F16),
+                (QuantType::Fp4, true, ComputeDtype::F32),
+            ] {
+                let q = Quant4::quantize(&data, &QuantConfig { quant_type: qt, blocksize: 64, double_quant: dq, compute_dtype: c });
+                let tol = if c == ComputeDtype::F32 { F32_TOL } else { MIXED_TOL };
+                cases.push((format!("{qt:?} dq={dq} {c:?}"), HostWeight::Quant4 { rows, cols, q, compute: c }, tol));
+            }
+            for (label, hw, tol) in cases {
+                let (cw, gw) = (CPU.upload_weight(hw.clone()), gpu().upload_weight(hw));
+                let mut y1 = vec![0.0; M * rows];
+                CPU.linear(&x, &cw, M, &mut y1);
+                let mut y2 = poisoned(M * rows);
+                gpu().linear(&gpu().upload(&x), &gw, M, &mut y2);
+                check(&format!("{} linear {rows}x{cols} {label}", s.name), &gpu().download(&y2), &y1, tol);
+                let mut d1 = vec![0.0; M * cols];
+                CPU.linear_backward_input(&dy, &cw, M, &mut d1, false);
+                let mut d2 = poisoned(M * cols);
+                gpu().linear_backward_input(&gpu().upload(&dy), &gw, M, &mut d2, false);
+                check(&format!("{} linear dx {rows}x{cols} {label}", s.name), &gpu().download(&d2), &d1, tol);
+            }
+        }
+    }
+}
+
+#[test]
+fn lora_forward_backward_with_dropout() {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(4);
+    for s in &SHAPES {
+        let (rows, cols, r) = (s.heads * s.head_dim, s.hidden, 64);
+        let (x, a, b) = (rnd(&mut rng, M * cols, 1.0), rnd(&mut rng, r * cols, 0.1), rnd(&mut rng, rows * r, 0.1));
+        let (dy, y0) = (rnd(&mut rng, M * rows, 1.0), rnd(&mut rng, M * rows, 1.0));
+        let d = Dropout { p: 0.1, seed: 1234 + s.hidden as u64 };
+        let (mut u1, mut yy1) = (vec![0.0; M * r], y0.clone());
+        CPU.lora_forward(&x, &a, &b, M, r, 0.25, d, &mut u1, &mut yy1);
+        let (gx, ga, gb) = (gpu().upload(&x), gpu().upload(&a), gpu().upload(&b));
+        let (mut u2, mut yy2) = (poisoned(M * r), gpu().upload(&y0));
+        gpu().lora_forward(&gx, &ga, &gb, M, r, 0.25, d, &mut u2, &mut yy2);
+        check(&format!("{} lora u", s.name), &gpu().download(&u2), &u1, F32_TOL);
+        check(&format!("{} lora y", s.name), &gpu().download(&yy2), &yy1, F32_TOL);
+        let (da0, db0, dx0) = (rnd(&mut rng, r * cols, 0.1), rnd(&mut rng, rows * r, 0.1), rnd(&mut rng, M * cols, 0.1));
+        let (mut da1, mut db1, mut dx1) = (da0.clone(), db0.clone(), dx0.clone());
+        CPU.lora_backward(&x, &a, &b, &u1, &dy, M, r, 0.25, d, &mut da1, &mut db1, &mut dx1);
+        let (mut da2, mut db2, mut dx2) = (gpu().upload(&da0), gpu().upload(&db0), gpu().upload(&dx0));
+        gpu().lora_backward(&gx, &ga, &gb, &u2, &gpu().upload(&dy), M, r, 0.25, d, &mut da2, &mut db2, &mut dx2);
+        check(&format!("{} lora dA", s.name), &gpu().download(&da2), &da1, F32_TOL);
+        check(&format!("{} lora dB", s.name), &gpu().download(&db2), &db1, F32_TOL);
+        check(&format!("{} lora dx", s.name), &gpu().download(&dx2), &dx1, F32_TOL);
+    }
+}
+
+#[test]
+fn attention_forward_backward_gqa_packed_and_decode() {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+    for s in &SHAPES {
+        for (label, sh, packed) in [
+            ("train", AttnShape::square(2, 77, s.heads, s.kv_heads, s.head_dim), false),
+            ("packed+pad", AttnShape::square(2, 77, s.heads, s.kv_heads, s.head_dim), true),
+            (
+                "decode",
+                AttnShape { batch: 1, q_len: 3, kv_len: 50, kv_capacity: 64, heads: s.heads, kv_heads: s.kv_heads, head_dim: s.head_dim, q_offset: 47 },
+                false,
+            ),
+        ] {
+            let nq = sh.batch * sh.q_len * sh.heads * sh.head_dim;
+            let nk = sh.batch * sh.kv_capacity * sh.kv_heads * sh.head_dim;
+            let (q, k, v, dout) = (rnd(&mut rng, nq, 1.0), rnd(&mut rng, nk, 1.0), rnd(&mut rng, nk, 1.0), rnd(&mut rng, nq, 1.0));
+            let seg: Option<Vec<u32>> = packed.then(|| {
+                (0..sh.batch).flat_map(|b| (0..sh.kv_capacity).map(move |t| if b == 1 && t >= 60 { 0 } else { 1 + (t / 30) as u32 })).collect()
+            });
+            let nl = sh.batch * sh.heads * sh.q_len;
+            let (mut o1, mut l1) = (vec![0.0; nq], vec![0.0; nl]);
+            CPU.attention(&q, &k, &v, sh, seg.as_deref(), &mut o1, &mut l1);
+            let (gq, gk, gv) = (gpu().upload(&q), gpu().upload(&k), gpu().upload(&v));
+            let (mut o2, mut l2) = (poisoned(nq), poisoned(nl));
+            gpu().attention(&gq, &gk, &gv, sh, seg.as_deref(), &mut o2, &mut l2);
+            check(&format!("{} attention {label}", s.name), &gpu().download(&o2), &o1, F32_TOL);
+            let finite = |l: &[f32]| l.iter().map(|x| if x.is_finite() { *x } else { 0.0 }).collect::<Vec<_>>();
+            let l2h = gpu().download(&l2);
+            assert_eq!(l1.iter().map(|x| x.is_finite()).collect::<Vec<_>>(), l2h.iter().map(|x| x.is_finite()).collect::<Vec<_>>());
+            check(&format!("{} attention lse {label}", s.name), &finite(&l2h), &finite(&l1), F32_TOL);
+            if label == "decode" {
+                continue;
+            }
+            let (mut dq1, mut dk1, mut dv1) = (vec![0.0; nq], vec![0.0; nk], vec![0.0; nk]);
+            CPU.attention_backward(&q, &k, &v, &o1, &l1, &dout, sh, seg.as_deref(), &mut dq1, &mut dk1, &mut dv1);
+            let (mut dq2, mut dk2, mut dv2) = (poisoned(nq), poisoned(nk), poisoned(nk));
+            gpu().attention_backward(&gq, &gk, &gv, &o2, &l2, &gpu().upload(&dout), sh, seg.as_deref(), &mut dq2, &mut dk2, &mut dv2);
+            check(&format!("{} attention dq {label}", s.name), &gpu().download(&dq2), &dq1, F32_TOL);
+            check(&format!("{} attention dk {label}", s.name), &gpu().download(&dk2), &dk1, F32_TOL);
+            check(&format!("{} attention dv {label}", s.name), &gpu().download(&dv2), &dv1, F32_TOL);
+        }
+    }
+}
+
+#[test]
+fn adamw_and_reductions() {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(6);
+    let n = 1_000_003;
+    let (p, g, m, v) = (rnd(&mut rng, n, 1.0), rnd(&mut rng, n, 1.0), rnd(&mut rng, n, 0.1), rnd(&mut rng, n, 0.01));
+    let v: Vec<f32> = v.iter().map(|x| x.abs()).collect();
+    let hp = AdamWStep { lr: 2e-4, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.001, step: 7, grad_scale: 0.5 };
+    let (mut p1, mut m1, mut v1) = (p.clone(), m.clone(), v.clone());
+    CPU.adamw(&mut p1, &g, &mut m1, &mut v1, &hp);
+    let (mut p2, mut m2, mut v2) = (gpu().upload(&p), gpu().upload(&m), gpu().upload(&v));
+    gpu().adamw(&mut p2, &gpu().upload(&g), &mut m2, &mut v2, &hp);
+    check("adamw param", &gpu().download(&p2), &p1, F32_TOL);
+    check("adamw m", &gpu().download(&m2), &m1, F32_TOL);
+    check("adamw v", &gpu().download(&v2), &v1, F32_TOL);
+    let gg = gpu().upload(&g);
+    check("sum of squares", &[gpu().sum_squares(&gg) as f32], &[CPU.sum_squares(&g) as f32], F32_TOL);
+    assert!(!gpu().has_non_finite(&gg));
+    let mut bad = g.clone();
+    bad[n - 1] = f32::INFINITY;
+    assert!(gpu().has_non_finite(&gpu().upload(&bad)));
+}
+
+fn small_config() -> ModelConfig {
+    ModelConfig {
+        vocab_size: 503,
+        hidden_size: 200,
+        intermediate_size: 333,
+        num_hidden_layers: 3,
+        num_attention_heads: 6,
+        num_key_value_heads: 2,
+        head_dim: 34,
+        rms_norm_eps: 1e-5,
+        rope_theta: 10000.0,
+        rope_scaling: None,
+        max_position_embeddings: 256,
+        tie_word_embeddings: false,
+        bos_token_id: Some(1),
+        eos_token_ids: vec![2],
+    }
+}
+
+/// Every LoRA tensor made non-zero and equal on both backends.
+fn lora_pair(cfg: &ModelConfig) -> (Lora<Cpu<f32>>, Lora<Cuda>) {
+    let lcfg = LoraConfig { r: 16, alpha: 32.0, dropout: 0.1, ..LoraConfig::default() }.with_targets(&["all-linear"]).unwrap();
+    let mut c = Lora::init(&CPU, cfg, lcfg.clone(), 7);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(8);
+    for pair in c.layers.iter_mut().flat_map(|l| l.iter_mut().flatten()) {
+        pair.b = rnd(&mut rng, pair.b.len(), 0.05);
+    }
+    let mut g = Lora::init(gpu(), cfg, lcfg, 7);
+    for (gp, cp) in g.params_mut().into_iter().zip(c.named_params()) {
+        *gp = gpu().upload(cp.1);
+    }
+    (c, g)
+}
+
+#[test]
+fn whole_qlora_step_matches_the_cpu() {
+    let cfg = small_config();
+    let src = random_source(&cfg, 9);
+    let q = QuantConfig { quant_type: QuantType::Nf4, blocksize: 64, double_quant: true, compute_dtype: ComputeDtype::BF16 };
+    let cm = Llama::load(&CPU, &src, Some(q)).unwrap();
+    let gm = Llama::load(gpu(), &src, Some(q)).unwrap();
+    let (cl, gl) = lora_pair(&cfg);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(10);
+    let rows: Vec<Vec<u32>> = (0..3).map(|_| (0..61).map(|_| rng.gen_range(0..cfg.vocab_size as u32)).collect()).collect();
+    let batch = Batch::causal_lm(&rows);
+    let scale = 1.0 / batch.num_targets() as f32;
+    for ckpt in [false, true] {
+        let mut cg = cl.zero_grads(&CPU);
+        let mut gg = gl.zero_grads(gpu());
+        let l1 = forward_backward(&CPU, &cm, &cl, &mut cg, &batch, scale, Some(11), ckpt);
+        let l2 = forward_backward(gpu(), &gm, &gl, &mut gg, &batch, scale, Some(11), ckpt);
+        assert_eq!(l1.count, l2.count);
+        check(&format!("step loss (checkpointing={ckpt})"), &[l2.mean() as f32], &[l1.mean() as f32], MIXED_TOL);
+        for ((name, _), (a, b)) in cl.named_params().iter().zip(cg.bufs().iter().zip(gg.bufs())) {
+            check(&format!("grad {}", name.trim_start_matches("base_model.model.model.")), &gpu().download(b), a, MIXED_TOL);
+        }
+    }
+}
+
+#[test]
+fn fifty_gpu_steps_drive_the_loss_down() {
+    let cfg = small_config();
+    let src = random_source(&cfg, 12);
+    let q = QuantConfig { quant_type: QuantType::Nf4, blocksize: 64, double_quant: false, compute_dtype: ComputeDtype::BF16 };
+    let model = Llama::load(gpu(), &src, Some(q)).unwrap();
+    let lcfg = LoraConfig { r: 16, alpha: 32.0, dropout: 0.05, ..LoraConfig::default() }.with_targets(&["all-linear"]).unwrap();
+    let mut lora = Lora::init(gpu(), &cfg, lcfg, 1);
+    let mut opt = AdamW::new(gpu(), &lora, AdamWConfig { weight_decay: 0.0, ..AdamWConfig::default() });
+    let mut rng = rand::rngs::StdRng::seed_from_u64(13);
+    let rows: Vec<Vec<u32>> = (0..4).map(|_| (0..64).map(|_| rng.gen_range(0..cfg.vocab_size as u32)).collect()).collect();
+    let batch = Batch::causal_lm(&rows);
+    let mut losses = Vec::new();
+    for step in 0..50 {
+        let mut g = lora.zero_grads(gpu());
+        let l = forward_backward(gpu(), &model, &lora, &mut g, &batch, 1.0 / batch.num_targets() as f32, Some(step), true);
+        let coef = clip_coefficient(grad_norm(gpu(), &g), 1.0) as f32;
+        opt.update(gpu(), &mut lora, &g, 3e-3, coef);
+        losses.push(l.mean());
+    }
+    println!("GPU training loss: first {:.4}, step 25 {:.4}, last {:.4}", losses[0], losses[25], losses[49]);
+    assert!(losses[49] < losses[0] / 4.0, "loss {} -> {}", losses[0], losses[49]);
+}
