@@ -37,7 +37,9 @@ fn main() {
         .filter(|p| p.extension().is_some_and(|e| e == "cu"))
         .collect();
     kernels.sort();
-    let mut table = String::from("/// `(module name, fatbin)` for every `kernels/*.cu`.\npub const MODULES: &[(&str, &[u8])] = &[\n");
+    let mut table = String::from(
+        "/// `(module name, fatbin)` for every `kernels/*.cu`.\npub const MODULES: &[(&str, &[u8])] = &[\n",
+    );
     for k in &kernels {
         let stem = k.file_stem().and_then(|s| s.to_str()).expect("kernel file name");
         let fatbin = out.join(format!("{stem}.fatbin"));
@@ -67,7 +69,8 @@ fn find_nvcc() -> Option<PathBuf> {
             return Some(p);
         }
     }
-    let venv = std::fs::read_dir(".venv-cuda/lib").ok()?.flatten().next()?.path().join("site-packages/nvidia/cu13/bin/nvcc");
+    let venv =
+        std::fs::read_dir(".venv-cuda/lib").ok()?.flatten().next()?.path().join("site-packages/nvidia/cu13/bin/nvcc");
     if venv.exists() {
         return std::fs::canonicalize(venv).ok();
     }

@@ -111,7 +111,15 @@ fn elementwise_norm_rope_swiglu() {
             let mut o1 = vec![0.0; qn];
             CPU.rope(&q, &cos, &sin, s.heads, s.head_dim, inverse, &mut o1);
             let mut o2 = poisoned(qn);
-            gpu().rope(&gpu().upload(&q), &gpu().upload(&cos), &gpu().upload(&sin), s.heads, s.head_dim, inverse, &mut o2);
+            gpu().rope(
+                &gpu().upload(&q),
+                &gpu().upload(&cos),
+                &gpu().upload(&sin),
+                s.heads,
+                s.head_dim,
+                inverse,
+                &mut o2,
+            );
             check(&format!("{} rope inverse={inverse}", s.name), &gpu().download(&o2), &o1, F32_TOL);
         }
     }
@@ -122,7 +130,8 @@ fn embedding_and_cross_entropy() {
     let mut rng = rand::rngs::StdRng::seed_from_u64(2);
     for s in &SHAPES {
         // Embedding table values exactly representable in bf16, so the comparison is exact.
-        let table: Vec<f32> = rnd(&mut rng, s.vocab * s.hidden, 1.0).iter().map(|x| half::bf16::from_f32(*x).to_f32()).collect();
+        let table: Vec<f32> =
+            rnd(&mut rng, s.vocab * s.hidden, 1.0).iter().map(|x| half::bf16::from_f32(*x).to_f32()).collect();
         let hw = HostWeight::Dense { rows: s.vocab, cols: s.hidden, data: table };
         let (cw, gw) = (CPU.upload_weight(hw.clone()), gpu().upload_weight(hw));
         let ids: Vec<u32> = (0..M).map(|_| rng.gen_range(0..s.vocab as u32)).collect();
@@ -133,7 +142,8 @@ fn embedding_and_cross_entropy() {
         check(&format!("{} embedding", s.name), &gpu().download(&o2), &o1, 0.0);
         // cross-entropy over the vocabulary, some rows ignored
         let logits = rnd(&mut rng, M * s.vocab, 8.0);
-        let targets: Vec<i32> = (0..M).map(|i| if i % 7 == 3 { -100 } else { rng.gen_range(0..s.vocab as i32) }).collect();
+        let targets: Vec<i32> =
+            (0..M).map(|i| if i % 7 == 3 { -100 } else { rng.gen_range(0..s.vocab as i32) }).collect();
         let mut d1 = vec![0.0; M * s.vocab];
         let (l1, c1) = CPU.cross_entropy(&logits, &targets, s.vocab, 0.01, &mut d1);
         let mut d2 = poisoned(M * s.vocab);
@@ -152,13 +162,17 @@ fn linear_dense_and_4bit_forward_and_input_grad() {
             let data = rnd(&mut rng, rows * cols, 0.05);
             let x = rnd(&mut rng, M * cols, 1.0);
             let dy = rnd(&mut rng, M * rows, 1.0);
-            let mut cases = vec![("dense bf16".to_string(), HostWeight::Dense { rows, cols, data: data.clone() }, MIXED_TOL)];
+            let mut cases =
+                vec![("dense bf16".to_string(), HostWeight::Dense { rows, cols, data: data.clone() }, MIXED_TOL)];
             for (qt, dq, c) in [
                 (QuantType::Nf4, false, ComputeDtype::BF16),
                 (QuantType::Nf4, true, ComputeDtype::F16),
                 (QuantType::Fp4, true, ComputeDtype::F32),
             ] {
-                let q = Quant4::quantize(&data, &QuantConfig { quant_type: qt, blocksize: 64, double_quant: dq, compute_dtype: c });
+                let q = Quant4::quantize(
+                    &data,
+                    &QuantConfig { quant_type: qt, blocksize: 64, double_quant: dq, compute_dtype: c },
+                );
                 let tol = if c == ComputeDtype::F32 { F32_TOL } else { MIXED_TOL };
                 cases.push((format!("{qt:?} dq={dq} {c:?}"), HostWeight::Quant4 { rows, cols, q, compute: c }, tol));
             }
@@ -194,7 +208,8 @@ fn lora_forward_backward_with_dropout() {
         gpu().lora_forward(&gx, &ga, &gb, M, r, 0.25, d, &mut u2, &mut yy2);
         check(&format!("{} lora u", s.name), &gpu().download(&u2), &u1, F32_TOL);
         check(&format!("{} lora y", s.name), &gpu().download(&yy2), &yy1, F32_TOL);
-        let (da0, db0, dx0) = (rnd(&mut rng, r * cols, 0.1), rnd(&mut rng, rows * r, 0.1), rnd(&mut rng, M * cols, 0.1));
+        let (da0, db0, dx0) =
+            (rnd(&mut rng, r * cols, 0.1), rnd(&mut rng, rows * r, 0.1), rnd(&mut rng, M * cols, 0.1));
         let (mut da1, mut db1, mut dx1) = (da0.clone(), db0.clone(), dx0.clone());
         CPU.lora_backward(&x, &a, &b, &u1, &dy, M, r, 0.25, d, &mut da1, &mut db1, &mut dx1);
         let (mut da2, mut db2, mut dx2) = (gpu().upload(&da0), gpu().upload(&db0), gpu().upload(&dx0));
@@ -214,15 +229,29 @@ fn attention_forward_backward_gqa_packed_and_decode() {
             ("packed+pad", AttnShape::square(2, 77, s.heads, s.kv_heads, s.head_dim), true),
             (
                 "decode",
-                AttnShape { batch: 1, q_len: 3, kv_len: 50, kv_capacity: 64, heads: s.heads, kv_heads: s.kv_heads, head_dim: s.head_dim, q_offset: 47 },
+                AttnShape {
+                    batch: 1,
+                    q_len: 3,
+                    kv_len: 50,
+                    kv_capacity: 64,
+                    heads: s.heads,
+                    kv_heads: s.kv_heads,
+                    head_dim: s.head_dim,
+                    q_offset: 47,
+                },
                 false,
             ),
         ] {
             let nq = sh.batch * sh.q_len * sh.heads * sh.head_dim;
             let nk = sh.batch * sh.kv_capacity * sh.kv_heads * sh.head_dim;
-            let (q, k, v, dout) = (rnd(&mut rng, nq, 1.0), rnd(&mut rng, nk, 1.0), rnd(&mut rng, nk, 1.0), rnd(&mut rng, nq, 1.0));
+            let (q, k, v, dout) =
+                (rnd(&mut rng, nq, 1.0), rnd(&mut rng, nk, 1.0), rnd(&mut rng, nk, 1.0), rnd(&mut rng, nq, 1.0));
             let seg: Option<Vec<u32>> = packed.then(|| {
-                (0..sh.batch).flat_map(|b| (0..sh.kv_capacity).map(move |t| if b == 1 && t >= 60 { 0 } else { 1 + (t / 30) as u32 })).collect()
+                (0..sh.batch)
+                    .flat_map(|b| {
+                        (0..sh.kv_capacity).map(move |t| if b == 1 && t >= 60 { 0 } else { 1 + (t / 30) as u32 })
+                    })
+                    .collect()
             });
             let nl = sh.batch * sh.heads * sh.q_len;
             let (mut o1, mut l1) = (vec![0.0; nq], vec![0.0; nl]);
@@ -233,7 +262,10 @@ fn attention_forward_backward_gqa_packed_and_decode() {
             check(&format!("{} attention {label}", s.name), &gpu().download(&o2), &o1, F32_TOL);
             let finite = |l: &[f32]| l.iter().map(|x| if x.is_finite() { *x } else { 0.0 }).collect::<Vec<_>>();
             let l2h = gpu().download(&l2);
-            assert_eq!(l1.iter().map(|x| x.is_finite()).collect::<Vec<_>>(), l2h.iter().map(|x| x.is_finite()).collect::<Vec<_>>());
+            assert_eq!(
+                l1.iter().map(|x| x.is_finite()).collect::<Vec<_>>(),
+                l2h.iter().map(|x| x.is_finite()).collect::<Vec<_>>()
+            );
             check(&format!("{} attention lse {label}", s.name), &finite(&l2h), &finite(&l1), F32_TOL);
             if label == "decode" {
                 continue;
@@ -241,7 +273,19 @@ fn attention_forward_backward_gqa_packed_and_decode() {
             let (mut dq1, mut dk1, mut dv1) = (vec![0.0; nq], vec![0.0; nk], vec![0.0; nk]);
             CPU.attention_backward(&q, &k, &v, &o1, &l1, &dout, sh, seg.as_deref(), &mut dq1, &mut dk1, &mut dv1);
             let (mut dq2, mut dk2, mut dv2) = (poisoned(nq), poisoned(nk), poisoned(nk));
-            gpu().attention_backward(&gq, &gk, &gv, &o2, &l2, &gpu().upload(&dout), sh, seg.as_deref(), &mut dq2, &mut dk2, &mut dv2);
+            gpu().attention_backward(
+                &gq,
+                &gk,
+                &gv,
+                &o2,
+                &l2,
+                &gpu().upload(&dout),
+                sh,
+                seg.as_deref(),
+                &mut dq2,
+                &mut dk2,
+                &mut dv2,
+            );
             check(&format!("{} attention dq {label}", s.name), &gpu().download(&dq2), &dq1, F32_TOL);
             check(&format!("{} attention dk {label}", s.name), &gpu().download(&dk2), &dk1, F32_TOL);
             check(&format!("{} attention dv {label}", s.name), &gpu().download(&dv2), &dv1, F32_TOL);
@@ -292,7 +336,8 @@ fn small_config() -> ModelConfig {
 
 /// Every LoRA tensor made non-zero and equal on both backends.
 fn lora_pair(cfg: &ModelConfig) -> (Lora<Cpu<f32>>, Lora<Cuda>) {
-    let lcfg = LoraConfig { r: 16, alpha: 32.0, dropout: 0.1, ..LoraConfig::default() }.with_targets(&["all-linear"]).unwrap();
+    let lcfg =
+        LoraConfig { r: 16, alpha: 32.0, dropout: 0.1, ..LoraConfig::default() }.with_targets(&["all-linear"]).unwrap();
     let mut c = Lora::init(&CPU, cfg, lcfg.clone(), 7);
     let mut rng = rand::rngs::StdRng::seed_from_u64(8);
     for pair in c.layers.iter_mut().flat_map(|l| l.iter_mut().flatten()) {
@@ -309,12 +354,18 @@ fn lora_pair(cfg: &ModelConfig) -> (Lora<Cpu<f32>>, Lora<Cuda>) {
 fn whole_qlora_step_matches_the_cpu() {
     let cfg = small_config();
     let src = random_source(&cfg, 9);
-    let q = QuantConfig { quant_type: QuantType::Nf4, blocksize: 64, double_quant: true, compute_dtype: ComputeDtype::BF16 };
+    let q = QuantConfig {
+        quant_type: QuantType::Nf4,
+        blocksize: 64,
+        double_quant: true,
+        compute_dtype: ComputeDtype::BF16,
+    };
     let cm = Llama::load(&CPU, &src, Some(q)).unwrap();
     let gm = Llama::load(gpu(), &src, Some(q)).unwrap();
     let (cl, gl) = lora_pair(&cfg);
     let mut rng = rand::rngs::StdRng::seed_from_u64(10);
-    let rows: Vec<Vec<u32>> = (0..3).map(|_| (0..61).map(|_| rng.gen_range(0..cfg.vocab_size as u32)).collect()).collect();
+    let rows: Vec<Vec<u32>> =
+        (0..3).map(|_| (0..61).map(|_| rng.gen_range(0..cfg.vocab_size as u32)).collect()).collect();
     let batch = Batch::causal_lm(&rows);
     let scale = 1.0 / batch.num_targets() as f32;
     for ckpt in [false, true] {
@@ -325,7 +376,12 @@ fn whole_qlora_step_matches_the_cpu() {
         assert_eq!(l1.count, l2.count);
         check(&format!("step loss (checkpointing={ckpt})"), &[l2.mean() as f32], &[l1.mean() as f32], MIXED_TOL);
         for ((name, _), (a, b)) in cl.named_params().iter().zip(cg.bufs().iter().zip(gg.bufs())) {
-            check(&format!("grad {}", name.trim_start_matches("base_model.model.model.")), &gpu().download(b), a, MIXED_TOL);
+            check(
+                &format!("grad {}", name.trim_start_matches("base_model.model.model.")),
+                &gpu().download(b),
+                a,
+                MIXED_TOL,
+            );
         }
     }
 }
@@ -334,18 +390,27 @@ fn whole_qlora_step_matches_the_cpu() {
 fn fifty_gpu_steps_drive_the_loss_down() {
     let cfg = small_config();
     let src = random_source(&cfg, 12);
-    let q = QuantConfig { quant_type: QuantType::Nf4, blocksize: 64, double_quant: false, compute_dtype: ComputeDtype::BF16 };
+    let q = QuantConfig {
+        quant_type: QuantType::Nf4,
+        blocksize: 64,
+        double_quant: false,
+        compute_dtype: ComputeDtype::BF16,
+    };
     let model = Llama::load(gpu(), &src, Some(q)).unwrap();
-    let lcfg = LoraConfig { r: 16, alpha: 32.0, dropout: 0.05, ..LoraConfig::default() }.with_targets(&["all-linear"]).unwrap();
+    let lcfg = LoraConfig { r: 16, alpha: 32.0, dropout: 0.05, ..LoraConfig::default() }
+        .with_targets(&["all-linear"])
+        .unwrap();
     let mut lora = Lora::init(gpu(), &cfg, lcfg, 1);
     let mut opt = AdamW::new(gpu(), &lora, AdamWConfig { weight_decay: 0.0, ..AdamWConfig::default() });
     let mut rng = rand::rngs::StdRng::seed_from_u64(13);
-    let rows: Vec<Vec<u32>> = (0..4).map(|_| (0..64).map(|_| rng.gen_range(0..cfg.vocab_size as u32)).collect()).collect();
+    let rows: Vec<Vec<u32>> =
+        (0..4).map(|_| (0..64).map(|_| rng.gen_range(0..cfg.vocab_size as u32)).collect()).collect();
     let batch = Batch::causal_lm(&rows);
     let mut losses = Vec::new();
     for step in 0..50 {
         let mut g = lora.zero_grads(gpu());
-        let l = forward_backward(gpu(), &model, &lora, &mut g, &batch, 1.0 / batch.num_targets() as f32, Some(step), true);
+        let l =
+            forward_backward(gpu(), &model, &lora, &mut g, &batch, 1.0 / batch.num_targets() as f32, Some(step), true);
         let coef = clip_coefficient(grad_norm(gpu(), &g), 1.0) as f32;
         opt.update(gpu(), &mut lora, &g, 3e-3, coef);
         losses.push(l.mean());

@@ -13,8 +13,8 @@ use crate::error::{Error, Result};
 use crate::quant::{self, Absmax, Quant4};
 use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream, LaunchConfig, PushKernelArg};
 use half::{bf16, f16};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 mod embedded {
@@ -94,12 +94,17 @@ impl Cuda {
     /// Opens device `ordinal`. A missing driver or cuBLAS is an error here (cudarc would panic later).
     pub fn new(ordinal: usize) -> Result<Self> {
         // SAFETY: these only try to dlopen the libraries.
-        let (drv, blas_ok) = unsafe { (cudarc::driver::sys::is_culib_present(), cudarc::cublas::sys::is_culib_present()) };
+        let (drv, blas_ok) =
+            unsafe { (cudarc::driver::sys::is_culib_present(), cudarc::cublas::sys::is_culib_present()) };
         if !drv {
-            return Err(Error::Other("CUDA driver library (libcuda.so) not found: is an NVIDIA driver installed?".into()));
+            return Err(Error::Other(
+                "CUDA driver library (libcuda.so) not found: is an NVIDIA driver installed?".into(),
+            ));
         }
         if !blas_ok {
-            return Err(Error::Other("cuBLAS (libcublas.so.13) not found: add CUDA 13's lib64 to LD_LIBRARY_PATH".into()));
+            return Err(Error::Other(
+                "cuBLAS (libcublas.so.13) not found: add CUDA 13's lib64 to LD_LIBRARY_PATH".into(),
+            ));
         }
         let dev_err = |e: cudarc::driver::DriverError| Error::Other(format!("cuda:{ordinal}: {e:?}"));
         let ctx = CudaContext::new(ordinal).map_err(dev_err)?;
@@ -420,7 +425,15 @@ impl Backend for Cuda {
         launch!(self, "embedding_backward_f32", grid_for(m * dim); &ids_d, dout, &mut *dtable, &a0, &a1);
     }
 
-    fn rmsnorm(&self, x: &CudaSlice<f32>, w: &CudaSlice<f32>, dim: usize, eps: f64, out: &mut CudaSlice<f32>, rstd: &mut CudaSlice<f32>) {
+    fn rmsnorm(
+        &self,
+        x: &CudaSlice<f32>,
+        w: &CudaSlice<f32>,
+        dim: usize,
+        eps: f64,
+        out: &mut CudaSlice<f32>,
+        rstd: &mut CudaSlice<f32>,
+    ) {
         let m = x.len() / dim;
         let cfg = LaunchConfig { grid_dim: (m as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
         let (dim32, eps32) = (dim as i32, eps as f32);
@@ -447,9 +460,19 @@ impl Backend for Cuda {
         let (wop, c) = self.weight_operand(w);
         let xop = self.convert(x, c);
         // out (m, rows) = x (m, cols) · Wᵀ
-        ck!(self.blas.gemm_rm(false, true, m, rows, cols, 1.0, &xop, cols, wop.as_ref(), cols, 0.0, out, rows), "linear GEMM");
+        ck!(
+            self.blas.gemm_rm(false, true, m, rows, cols, 1.0, &xop, cols, wop.as_ref(), cols, 0.0, out, rows),
+            "linear GEMM"
+        );
     }
-    fn linear_backward_input(&self, dy: &CudaSlice<f32>, w: &CudaWeight, m: usize, dx: &mut CudaSlice<f32>, accumulate: bool) {
+    fn linear_backward_input(
+        &self,
+        dy: &CudaSlice<f32>,
+        w: &CudaWeight,
+        m: usize,
+        dx: &mut CudaSlice<f32>,
+        accumulate: bool,
+    ) {
         let (rows, cols) = w.shape();
         assert!(dy.len() == m * rows && dx.len() == m * cols, "linear_backward_input: bad shapes");
         let (wop, c) = self.weight_operand(w);
@@ -514,7 +537,10 @@ impl Backend for Cuda {
         ck!(self.blas.gemm_rm(true, false, r, cols, m, 1.0, &duop, r, &xd, cols, 1.0, da, cols), "LoRA dA GEMM");
         // dx += drop'(du · A)
         let mut dxd = self.zeros(m * cols);
-        ck!(self.blas.gemm_rm(false, false, m, cols, r, 1.0, &duop, r, &aop, cols, 0.0, &mut dxd, cols), "LoRA dx GEMM");
+        ck!(
+            self.blas.gemm_rm(false, false, m, cols, r, 1.0, &duop, r, &aop, cols, 0.0, &mut dxd, cols),
+            "LoRA dx GEMM"
+        );
         let n = dx.len();
         let a0 = n as i64;
         launch!(self, "dropout_add_f32", grid_for(n); &mut *dx, &dxd, &dropout.seed, &dropout.p, &a0);
@@ -610,7 +636,14 @@ impl Backend for Cuda {
         launch!(self, "swiglu_backward_f32", grid_for(n); gate, up, dout, &mut *dgate, &mut *dup, &a0);
     }
 
-    fn cross_entropy(&self, logits: &CudaSlice<f32>, targets: &[i32], vocab: usize, scale: f32, dlogits: &mut CudaSlice<f32>) -> (f64, usize) {
+    fn cross_entropy(
+        &self,
+        logits: &CudaSlice<f32>,
+        targets: &[i32],
+        vocab: usize,
+        scale: f32,
+        dlogits: &mut CudaSlice<f32>,
+    ) -> (f64, usize) {
         let m = targets.len();
         let t = ck!(self.stream.clone_htod(targets), "upload targets");
         let mut loss = self.scalar_f64();
@@ -623,7 +656,14 @@ impl Backend for Cuda {
         (ck!(self.stream.clone_dtoh(&loss), "download")[0], c as usize)
     }
 
-    fn adamw(&self, param: &mut CudaSlice<f32>, grad: &CudaSlice<f32>, m: &mut CudaSlice<f32>, v: &mut CudaSlice<f32>, hp: &AdamWStep) {
+    fn adamw(
+        &self,
+        param: &mut CudaSlice<f32>,
+        grad: &CudaSlice<f32>,
+        m: &mut CudaSlice<f32>,
+        v: &mut CudaSlice<f32>,
+        hp: &AdamWStep,
+    ) {
         // Same f32 arithmetic as Cpu::adamw for the step size and corrections.
         let c1 = 1.0 - hp.beta1.powi(hp.step as i32);
         let c2 = (1.0 - hp.beta2.powi(hp.step as i32)).sqrt();
@@ -720,5 +760,9 @@ fn push_opt<'a>(b: &mut cudarc::driver::LaunchArgs<'a>, s: Option<&'a CudaSlice<
     }
 }
 fn warp_grid(warps: usize) -> LaunchConfig {
-    LaunchConfig { grid_dim: ((warps * 32).div_ceil(128).max(1) as u32, 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 }
+    LaunchConfig {
+        grid_dim: ((warps * 32).div_ceil(128).max(1) as u32, 1, 1),
+        block_dim: (128, 1, 1),
+        shared_mem_bytes: 0,
+    }
 }
