@@ -2,6 +2,7 @@
 // dropout, embedding gather/scatter, and the reductions the optimizer needs (Σx², non-finite check).
 // CPU references: src/backend/cpu.rs (add, add_assign, scale, swiglu*, embedding*, sum_squares).
 #include "common.cuh"
+#include <cuda_fp16.h>
 
 extern "C" __global__ void add_f32(const float* a, const float* b, float* out, int64_t n) {
     FOR_EACH(i, n) out[i] = a[i] + b[i];
@@ -45,6 +46,12 @@ extern "C" __global__ void embedding_bf16(const __nv_bfloat16* table, const uint
     FOR_EACH(i, (int64_t)m * dim) {
         const int64_t r = i / dim, c = i % dim;
         out[i] = __bfloat162float(table[(int64_t)ids[r] * dim + c]);
+    }
+}
+extern "C" __global__ void embedding_f16(const __half* table, const uint32_t* ids, float* out, int m, int dim) {
+    FOR_EACH(i, (int64_t)m * dim) {
+        const int64_t r = i / dim, c = i % dim;
+        out[i] = __half2float(table[(int64_t)ids[r] * dim + c]);
     }
 }
 extern "C" __global__ void embedding_backward_f32(const uint32_t* ids, const float* dout, float* dtable, int m, int dim) {

@@ -105,10 +105,25 @@ impl ModelConfig {
             }
             Some(_) => req_usize(obj, "head_dim", src)?,
         };
-        let rope_scaling = match obj.get("rope_scaling") {
-            None | Some(Value::Null) => None,
-            Some(Value::Object(rs)) => Some(parse_rope_scaling(rs, src)?),
-            Some(v) => return Err(Error::Config(format!("{src}: field `rope_scaling` must be an object, got {v}"))),
+        // transformers ≥ 5 writes `rope_parameters` {rope_type, rope_theta, ...}; older versions
+        // `rope_theta` and `rope_scaling` at the top level.
+        let (rope_theta, rope_scaling) = match obj.get("rope_parameters") {
+            Some(Value::Object(rp)) => {
+                let theta = opt_f64(rp, "rope_theta", opt_f64(obj, "rope_theta", 10000.0, src)?, src)?;
+                let kind = rp.get("rope_type").or_else(|| rp.get("type")).and_then(Value::as_str).unwrap_or("default");
+                (theta, if kind == "default" { None } else { Some(parse_rope_scaling(rp, src)?) })
+            }
+            Some(Value::Null) | None => {
+                let scaling = match obj.get("rope_scaling") {
+                    None | Some(Value::Null) => None,
+                    Some(Value::Object(rs)) => Some(parse_rope_scaling(rs, src)?),
+                    Some(v) => {
+                        return Err(Error::Config(format!("{src}: field `rope_scaling` must be an object, got {v}")))
+                    }
+                };
+                (opt_f64(obj, "rope_theta", 10000.0, src)?, scaling)
+            }
+            Some(v) => return Err(Error::Config(format!("{src}: field `rope_parameters` must be an object, got {v}"))),
         };
         let cfg = ModelConfig {
             vocab_size: req_usize(obj, "vocab_size", src)?,
@@ -119,7 +134,7 @@ impl ModelConfig {
             num_key_value_heads,
             head_dim,
             rms_norm_eps: opt_f64(obj, "rms_norm_eps", 1e-6, src)?,
-            rope_theta: opt_f64(obj, "rope_theta", 10000.0, src)?,
+            rope_theta,
             rope_scaling,
             max_position_embeddings: match obj.get("max_position_embeddings") {
                 None | Some(Value::Null) => 2048,
@@ -201,6 +216,14 @@ impl ModelConfig {
                 o.insert("eos_token_id".into(), json!(many));
             }
         }
+        // Both spellings: transformers ≥ 5 reads `rope_parameters`, older versions the legacy keys.
+        let mut params = json!({"rope_type": "default", "rope_theta": self.rope_theta});
+        if let Some(Value::Object(scaling)) = self.rope_scaling_json() {
+            for (k, v) in scaling {
+                params[k] = v;
+            }
+        }
+        o.insert("rope_parameters".into(), params);
         o.insert(
             "rope_scaling".into(),
             match &self.rope_scaling {
@@ -218,6 +241,21 @@ impl ModelConfig {
             },
         );
         v
+    }
+}
+
+impl ModelConfig {
+    fn rope_scaling_json(&self) -> Option<Value> {
+        match &self.rope_scaling {
+            None => None,
+            Some(RopeScaling::Linear { factor }) => Some(json!({"rope_type": "linear", "factor": factor})),
+            Some(RopeScaling::Dynamic { factor }) => Some(json!({"rope_type": "dynamic", "factor": factor})),
+            Some(RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings }) => {
+                Some(json!({"rope_type": "llama3", "factor": factor, "low_freq_factor": low_freq_factor,
+                    "high_freq_factor": high_freq_factor,
+                    "original_max_position_embeddings": original_max_position_embeddings}))
+            }
+        }
     }
 }
 
@@ -414,6 +452,24 @@ mod tests {
         v["model_type"] = json!("gpt2");
         let e = ModelConfig::from_json(&v, "cfg.json").unwrap_err().to_string();
         assert!(e.contains("model_type") && e.contains("gpt2"), "{e}");
+    }
+
+    #[test]
+    fn transformers_5_rope_parameters() {
+        let mut v = base();
+        v["rope_parameters"] = json!({"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
+            "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 64});
+        let c = ModelConfig::from_json(&v, "t").unwrap();
+        assert_eq!(c.rope_theta, 500000.0);
+        assert!(matches!(c.rope_scaling, Some(RopeScaling::Llama3 { original_max_position_embeddings: 64, .. })));
+        v["rope_parameters"] = json!({"rope_type": "default", "rope_theta": 1e6});
+        let c = ModelConfig::from_json(&v, "t").unwrap();
+        assert_eq!((c.rope_theta, &c.rope_scaling), (1e6, &None));
+        // What we write reads back the same way through either spelling.
+        let mut w = c.to_json();
+        assert_eq!(ModelConfig::from_json(&w, "t").unwrap(), c);
+        w.as_object_mut().unwrap().remove("rope_parameters");
+        assert_eq!(ModelConfig::from_json(&w, "t").unwrap(), c);
     }
 
     #[test]

@@ -23,8 +23,8 @@ mod embedded {
 
 /// A frozen weight on the device.
 pub enum CudaWeight {
-    /// `(rows, cols)` bf16.
-    Dense { rows: usize, cols: usize, data: CudaSlice<bf16> },
+    /// `(rows, cols)`, fp16 when every value is exactly an fp16 (an fp16 checkpoint), else bf16.
+    Dense { rows: usize, cols: usize, data: DenseData },
     Quant4 {
         rows: usize,
         cols: usize,
@@ -35,6 +35,11 @@ pub enum CudaWeight {
         packed: CudaSlice<u8>,
         absmax: DeviceAbsmax,
     },
+}
+
+pub enum DenseData {
+    F16(CudaSlice<f16>),
+    BF16(CudaSlice<bf16>),
 }
 
 pub enum DeviceAbsmax {
@@ -212,7 +217,8 @@ impl Cuda {
     /// The weight as a GEMM operand, and the dtype the activations must be converted to.
     fn weight_operand<'a>(&self, w: &'a CudaWeight) -> (OperandRef<'a>, ComputeDtype) {
         match w {
-            CudaWeight::Dense { data, .. } => (OperandRef::Borrowed(data), ComputeDtype::BF16),
+            CudaWeight::Dense { data: d @ DenseData::BF16(_), .. } => (OperandRef::Borrowed(d), ComputeDtype::BF16),
+            CudaWeight::Dense { data: d @ DenseData::F16(_), .. } => (OperandRef::Borrowed(d), ComputeDtype::F16),
             CudaWeight::Quant4 { compute, .. } => (OperandRef::Owned(self.dequantize(w)), *compute),
         }
     }
@@ -230,7 +236,7 @@ pub enum Operand {
 }
 
 pub enum OperandRef<'a> {
-    Borrowed(&'a CudaSlice<bf16>),
+    Borrowed(&'a DenseData),
     Owned(Operand),
 }
 
@@ -250,6 +256,7 @@ fn kernel_names(module: &str) -> &'static [&'static str] {
             "dropout_f32",
             "dropout_add_f32",
             "embedding_bf16",
+            "embedding_f16",
             "embedding_backward_f32",
             "sum_squares_f32",
             "non_finite_f32",
@@ -300,8 +307,15 @@ impl Backend for Cuda {
     fn upload_weight(&self, w: HostWeight) -> CudaWeight {
         let out = match w {
             HostWeight::Dense { rows, cols, data } => {
-                let b: Vec<bf16> = data.iter().map(|&x| bf16::from_f32(x)).collect();
-                CudaWeight::Dense { rows, cols, data: ck!(self.stream.clone_htod(&b), "upload weight") }
+                // Keep an fp16 checkpoint's values exact; anything else goes to bf16 (its range).
+                let data = if data.iter().all(|&x| f16::from_f32(x).to_f32() == x) {
+                    let h: Vec<f16> = data.iter().map(|&x| f16::from_f32(x)).collect();
+                    DenseData::F16(ck!(self.stream.clone_htod(&h), "upload weight"))
+                } else {
+                    let b: Vec<bf16> = data.iter().map(|&x| bf16::from_f32(x)).collect();
+                    DenseData::BF16(ck!(self.stream.clone_htod(&b), "upload weight"))
+                };
+                CudaWeight::Dense { rows, cols, data }
             }
             HostWeight::Quant4 { rows, cols, q, compute } => {
                 let absmax = match &q.absmax {
@@ -332,8 +346,11 @@ impl Backend for Cuda {
     fn weight_to_host(&self, w: &CudaWeight) -> HostWeight {
         match w {
             CudaWeight::Dense { rows, cols, data } => {
-                let h: Vec<bf16> = ck!(self.stream.clone_dtoh(data), "download weight");
-                HostWeight::Dense { rows: *rows, cols: *cols, data: h.iter().map(|x| x.to_f32()).collect() }
+                let data: Vec<f32> = match data {
+                    DenseData::BF16(d) => ck!(self.stream.clone_dtoh(d), "download weight").iter().map(|x| x.to_f32()).collect(),
+                    DenseData::F16(d) => ck!(self.stream.clone_dtoh(d), "download weight").iter().map(|x| x.to_f32()).collect(),
+                };
+                HostWeight::Dense { rows: *rows, cols: *cols, data }
             }
             CudaWeight::Quant4 { rows, cols, quant_type, blocksize, compute, packed, absmax } => {
                 let absmax = match absmax {
@@ -402,20 +419,21 @@ impl Backend for Cuda {
         if let Some(bad) = ids.iter().find(|&&i| i as usize >= vocab) {
             panic!("token id {bad} >= vocab {vocab}");
         }
-        let dense;
-        let data = match table {
-            CudaWeight::Dense { data, .. } => data,
+        let ids_d = ck!(self.stream.clone_htod(ids), "upload ids");
+        let (m32, dim32) = (ids.len() as i32, dim as i32);
+        let n = ids.len() * dim;
+        match table {
+            CudaWeight::Dense { data: DenseData::BF16(d), .. } => {
+                launch!(self, "embedding_bf16", grid_for(n); d, &ids_d, &mut *out, &m32, &dim32)
+            }
+            CudaWeight::Dense { data: DenseData::F16(d), .. } => {
+                launch!(self, "embedding_f16", grid_for(n); d, &ids_d, &mut *out, &m32, &dim32)
+            }
             q => {
                 let Operand::BF16(d) = self.dequantize_as(q, ComputeDtype::BF16) else { unreachable!() };
-                dense = d;
-                &dense
+                launch!(self, "embedding_bf16", grid_for(n); &d, &ids_d, &mut *out, &m32, &dim32)
             }
-        };
-        let ids_d = ck!(self.stream.clone_htod(ids), "upload ids");
-        let m = ids.len();
-        let a0 = m as i32;
-        let a1 = dim as i32;
-        launch!(self, "embedding_bf16", grid_for(m * dim); data, &ids_d, &mut *out, &a0, &a1);
+        }
     }
     fn embedding_backward(&self, ids: &[u32], dout: &CudaSlice<f32>, dim: usize, dtable: &mut CudaSlice<f32>) {
         let ids_d = ck!(self.stream.clone_htod(ids), "upload ids");
@@ -707,7 +725,7 @@ impl Cuda {
                 };
                 self.dequantize(&tmp)
             }
-            CudaWeight::Dense { data, .. } => Operand::BF16(data.clone()),
+            CudaWeight::Dense { .. } => unreachable!("dequantize_as takes 4-bit weights"),
         }
     }
 }
@@ -715,7 +733,8 @@ impl Cuda {
 impl OperandRef<'_> {
     fn as_ref(&self) -> OperandView<'_> {
         match self {
-            OperandRef::Borrowed(b) => OperandView::BF16(b),
+            OperandRef::Borrowed(DenseData::BF16(b)) => OperandView::BF16(b),
+            OperandRef::Borrowed(DenseData::F16(b)) => OperandView::F16(b),
             OperandRef::Owned(Operand::F32(x)) => OperandView::F32(x),
             OperandRef::Owned(Operand::F16(x)) => OperandView::F16(x),
             OperandRef::Owned(Operand::BF16(x)) => OperandView::BF16(x),
