@@ -71,13 +71,9 @@ def quant_variants(w, bs, st, packed):
     if st.state2 is None:
         for name, scaled in [("div", flat / am[idx]), ("mul", flat * (1.0 / am[idx]))]:
             print(f"   variant fp4 scaling={name}: {(fp4_tree(scaled) != theirs_codes).sum().item()} code mismatches")
-        # Thresholds one ulp up where they are not exact binary fractions.
-        import numpy as np
-        base = FP4_THRESH[0]
-        nudged = tuple(float(np.nextafter(np.float32(t), np.float32(1))) if t not in (0.0859375,) else t for t in base)
-        FP4_THRESH[0] = nudged
-        print(f"   variant fp4 mul + thresholds one ulp up: {(fp4_tree(flat * (1.0 / am[idx])) != theirs_codes).sum().item()} code mismatches")
-        FP4_THRESH[0] = base
+        bad = (fp4_tree(flat * (1.0 / am[idx])) != theirs_codes).nonzero().flatten()
+        scaled = (flat * (1.0 / am[idx]))[bad].abs()
+        print(f"   fp4 mismatches: {len(bad)} of {flat.numel()}; distinct |scaled| values: {sorted(set(round(x, 9) for x in scaled.tolist()))[:8]}")
     else:
         code = st.state2.code.cuda()
         raw = F.quantize_4bit(w.cuda(), blocksize=bs, compress_statistics=False, quant_type=st.quant_type)[1].absmax.flatten()
@@ -176,15 +172,6 @@ def hidden_states(name, d, toks, dtype=torch.float32):
     o = f"{TMP}/hid.safetensors"
     lt("debug", "hidden", "--model", d, "--tokens", tokens_arg(toks), "--output", o, "--device", "cpu")
     ours = load_file(o)["hidden"]
-    if dtype == torch.float64:
-        m = AutoModelForCausalLM.from_pretrained(d, dtype=dtype).cuda().eval()
-        with torch.no_grad():
-            lg = m(toks.cuda()).logits.double().cpu()
-        del m
-        torch.cuda.empty_cache()
-        o2 = f"{TMP}/lg.safetensors"
-        lt("debug", "logits", "--model", d, "--tokens", tokens_arg(toks), "--output", o2, "--device", "cpu")
-        print(f"   {name} logits vs the reloaded checkpoint in f64: {rel(load_file(o2)['logits'], lg):.3e}", flush=True)
     n = min(len(hs), ours.shape[0])
     errs = [rel(ours[i], hs[i].reshape(ours.shape[1], -1).cpu()) for i in range(n)]
     print(f"   {name} hidden states ({len(hs)} from transformers, {ours.shape[0]} ours), rel err by index: "
@@ -234,17 +221,21 @@ def logits_7b():
     m.save_pretrained(d, safe_serialization=True)
     torch.manual_seed(4)
     toks = torch.randint(0, cfg.vocab_size, (2, 16))
-    # The reference is transformers in f64 (the random 7B is sensitive enough that f32 itself is
-    # off by ~1e-3); transformers' own f32 error is printed for context.
-    with torch.no_grad():
-        m = m.float().eval()
-        ref32 = m(toks.cuda()).logits.float().cpu()
-        m = m.double()
-        ref = m(toks.cuda()).logits.double().cpu()
     del m
     torch.cuda.empty_cache()
-    print(f"(7B checkpoint made and references run in {time.time() - t0:.0f}s; transformers f32 vs f64: {rel(ref32, ref):.3e})", flush=True)
-    hidden_states("7B", d, toks, torch.float64)
+    # The reference is the saved checkpoint reloaded by transformers, in f64: both sides read the
+    # same file. (The in-memory model that produced the file differed from it by ~1e-3 in the
+    # logits, which first looked like our error; layer-by-layer comparison showed it was not.)
+    from transformers import AutoModelForCausalLM
+    refs = {}
+    for dt in (torch.float32, torch.float64):
+        m = AutoModelForCausalLM.from_pretrained(d, dtype=dt).cuda().eval()
+        with torch.no_grad():
+            refs[dt] = m(toks.cuda()).logits.double().cpu()
+        del m
+        torch.cuda.empty_cache()
+    ref = refs[torch.float64]
+    print(f"(7B checkpoint made and references run in {time.time() - t0:.0f}s; transformers f32 vs f64: {rel(refs[torch.float32], ref):.3e})", flush=True)
     for dev, tol in [("cuda", BF16_TOL), ("cpu", F32_TOL)]:
         o = f"{TMP}/l7.safetensors"
         t0 = time.time()

@@ -250,11 +250,14 @@ impl ModelConfig {
             None => None,
             Some(RopeScaling::Linear { factor }) => Some(json!({"rope_type": "linear", "factor": factor})),
             Some(RopeScaling::Dynamic { factor }) => Some(json!({"rope_type": "dynamic", "factor": factor})),
-            Some(RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings }) => {
-                Some(json!({"rope_type": "llama3", "factor": factor, "low_freq_factor": low_freq_factor,
+            Some(RopeScaling::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position_embeddings,
+            }) => Some(json!({"rope_type": "llama3", "factor": factor, "low_freq_factor": low_freq_factor,
                     "high_freq_factor": high_freq_factor,
-                    "original_max_position_embeddings": original_max_position_embeddings}))
-            }
+                    "original_max_position_embeddings": original_max_position_embeddings})),
         }
     }
 }

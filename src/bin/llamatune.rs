@@ -949,7 +949,12 @@ fn cmd_debug(d: DebugCommand) -> Result<ExitCode> {
                     }
                     llamatune::quant::Absmax::Nested { q: aq, absmax2, offset } => {
                         out.push((format!("{name}.absmax_q"), safetensors::Dtype::U8, vec![aq.len()], aq.clone()));
-                        out.push((format!("{name}.absmax2"), safetensors::Dtype::F32, vec![absmax2.len()], f32s(absmax2)));
+                        out.push((
+                            format!("{name}.absmax2"),
+                            safetensors::Dtype::F32,
+                            vec![absmax2.len()],
+                            f32s(absmax2),
+                        ));
                         out.push((format!("{name}.offset"), safetensors::Dtype::F32, vec![1], f32s(&[*offset])));
                     }
                 }
@@ -958,9 +963,12 @@ fn cmd_debug(d: DebugCommand) -> Result<ExitCode> {
             }
             let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = out
                 .iter()
-                .map(|(n, dt, sh, b)| (n.clone(), safetensors::tensor::TensorView::new(*dt, sh.clone(), b).expect("consistent view")))
+                .map(|(n, dt, sh, b)| {
+                    (n.clone(), safetensors::tensor::TensorView::new(*dt, sh.clone(), b).expect("consistent view"))
+                })
                 .collect();
-            safetensors::serialize_to_file(views, &None, &output).map_err(|e| Error::format(&output, format!("{e:?}")))?;
+            safetensors::serialize_to_file(views, &None, &output)
+                .map_err(|e| Error::format(&output, format!("{e:?}")))?;
             Ok(ExitCode::SUCCESS)
         }
         DebugCommand::Logits { model, output } => {
@@ -978,7 +986,10 @@ fn cmd_debug(d: DebugCommand) -> Result<ExitCode> {
     }
 }
 
-fn debug_setup<B: Backend>(be: &B, a: &DebugModelArgs) -> Result<(Llama<B>, Option<Lora<B>>, llamatune::model::llama::Batch)> {
+fn debug_setup<B: Backend>(
+    be: &B,
+    a: &DebugModelArgs,
+) -> Result<(Llama<B>, Option<Lora<B>>, llamatune::model::llama::Batch)> {
     let src = llamatune::model::weights::SafetensorsSource::open(&a.model)?;
     let compute_dtype = ComputeDtype::parse(&a.bnb_4bit_compute_dtype)
         .ok_or_else(|| Error::Config(format!("--bnb-4bit-compute-dtype {:?}", a.bnb_4bit_compute_dtype)))?;
@@ -996,7 +1007,11 @@ fn debug_setup<B: Backend>(be: &B, a: &DebugModelArgs) -> Result<(Llama<B>, Opti
     let rows: Vec<Vec<u32>> = a
         .tokens
         .split(';')
-        .map(|r| r.split(',').map(|t| t.trim().parse::<u32>().map_err(|_| Error::Config(format!("bad token {t:?}")))).collect())
+        .map(|r| {
+            r.split(',')
+                .map(|t| t.trim().parse::<u32>().map_err(|_| Error::Config(format!("bad token {t:?}"))))
+                .collect()
+        })
         .collect::<Result<_>>()?;
     if rows.iter().any(|r| r.len() != rows[0].len()) {
         return Err(Error::Config("--tokens rows must have equal lengths".into()));
@@ -1007,7 +1022,10 @@ fn debug_setup<B: Backend>(be: &B, a: &DebugModelArgs) -> Result<(Llama<B>, Opti
 fn debug_logits<B: Backend>(be: &B, a: &DebugModelArgs, output: &Path) -> Result<ExitCode> {
     let (model, lora, batch) = debug_setup(be, a)?;
     let logits = llamatune::model::llama::full_logits(be, &model, lora.as_ref(), &batch);
-    let t = llamatune::model::weights::HostTensor { shape: vec![batch.batch, batch.seq, model.cfg.vocab_size], data: logits };
+    let t = llamatune::model::weights::HostTensor {
+        shape: vec![batch.batch, batch.seq, model.cfg.vocab_size],
+        data: logits,
+    };
     llamatune::model::weights::write_safetensors(output, &[("logits".into(), t)], SaveDtype::F32, None)?;
     Ok(ExitCode::SUCCESS)
 }

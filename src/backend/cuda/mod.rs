@@ -347,8 +347,12 @@ impl Backend for Cuda {
         match w {
             CudaWeight::Dense { rows, cols, data } => {
                 let data: Vec<f32> = match data {
-                    DenseData::BF16(d) => ck!(self.stream.clone_dtoh(d), "download weight").iter().map(|x| x.to_f32()).collect(),
-                    DenseData::F16(d) => ck!(self.stream.clone_dtoh(d), "download weight").iter().map(|x| x.to_f32()).collect(),
+                    DenseData::BF16(d) => {
+                        ck!(self.stream.clone_dtoh(d), "download weight").iter().map(|x| x.to_f32()).collect()
+                    }
+                    DenseData::F16(d) => {
+                        ck!(self.stream.clone_dtoh(d), "download weight").iter().map(|x| x.to_f32()).collect()
+                    }
                 };
                 HostWeight::Dense { rows: *rows, cols: *cols, data }
             }
