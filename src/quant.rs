@@ -450,8 +450,8 @@ mod tests {
             assert_eq!(quantize_8bit(&m, v) as usize, i);
         }
         // Between two codes the nearer wins; beyond the ends the ends.
-        assert_eq!(quantize_8bit(&m, (m[10] * 0.9 + m[11] * 0.1)) as usize, 10);
-        assert_eq!(quantize_8bit(&m, (m[10] * 0.1 + m[11] * 0.9)) as usize, 11);
+        assert_eq!(quantize_8bit(&m, m[10] * 0.9 + m[11] * 0.1) as usize, 10);
+        assert_eq!(quantize_8bit(&m, m[10] * 0.1 + m[11] * 0.9) as usize, 11);
         assert_eq!(quantize_8bit(&m, -5.0), 0);
         assert_eq!(quantize_8bit(&m, 5.0), 255);
     }
