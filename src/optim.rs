@@ -21,23 +21,77 @@ impl Default for AdamWConfig {
     }
 }
 
+/// Where the optimizer's `m` and `v` live.
+pub enum OptimState<B: Backend> {
+    /// On the device, next to the parameters.
+    Device { m: Vec<B::Buf>, v: Vec<B::Buf> },
+    /// In host memory (pinned on CUDA), streamed through the device `chunk` values at a time:
+    /// bitsandbytes' paged optimizer without its unified-memory page faults.
+    Paged { m: Vec<B::HostBuf>, v: Vec<B::HostBuf>, chunk: usize },
+}
+
 /// 32-bit AdamW state (`m`, `v`) for every LoRA tensor, in [`Lora::params_mut`] order.
 pub struct AdamW<B: Backend> {
     pub cfg: AdamWConfig,
-    pub m: Vec<B::Buf>,
-    pub v: Vec<B::Buf>,
+    pub state: OptimState<B>,
     /// Updates applied so far.
     pub step: u32,
 }
 
+/// Values streamed per chunk by a paged optimizer (16 MiB of m + v at f32).
+pub const PAGED_CHUNK: usize = 1 << 21;
+
 impl<B: Backend> AdamW<B> {
+    /// Zero state on the device.
     pub fn new(be: &B, lora: &Lora<B>, cfg: AdamWConfig) -> Self {
         let shapes: Vec<usize> = lora.named_params().iter().map(|(_, b)| be.buf_len(b)).collect();
         AdamW {
             cfg,
-            m: shapes.iter().map(|&n| be.zeros(n)).collect(),
-            v: shapes.iter().map(|&n| be.zeros(n)).collect(),
+            state: OptimState::Device {
+                m: shapes.iter().map(|&n| be.zeros(n)).collect(),
+                v: shapes.iter().map(|&n| be.zeros(n)).collect(),
+            },
             step: 0,
+        }
+    }
+
+    /// Zero state in host memory, streamed through the device `chunk` values at a time.
+    pub fn new_paged(be: &B, lora: &Lora<B>, cfg: AdamWConfig, chunk: usize) -> Self {
+        let shapes: Vec<usize> = lora.named_params().iter().map(|(_, b)| be.buf_len(b)).collect();
+        AdamW {
+            cfg,
+            state: OptimState::Paged {
+                m: shapes.iter().map(|&n| be.host_buf(&vec![0.0; n])).collect(),
+                v: shapes.iter().map(|&n| be.host_buf(&vec![0.0; n])).collect(),
+                chunk,
+            },
+            step: 0,
+        }
+    }
+
+    pub fn is_paged(&self) -> bool {
+        matches!(self.state, OptimState::Paged { .. })
+    }
+
+    /// `(m, v)` of tensor `i` on the host (for checkpoints).
+    pub fn state_of(&self, be: &B, i: usize) -> (Vec<f32>, Vec<f32>) {
+        match &self.state {
+            OptimState::Device { m, v } => (be.download(&m[i]), be.download(&v[i])),
+            OptimState::Paged { m, v, .. } => (be.host_to_vec(&m[i]), be.host_to_vec(&v[i])),
+        }
+    }
+
+    /// Replaces the state of tensor `i` (when resuming).
+    pub fn set_state(&mut self, be: &B, i: usize, m_new: &[f32], v_new: &[f32]) {
+        match &mut self.state {
+            OptimState::Device { m, v } => {
+                m[i] = be.upload(m_new);
+                v[i] = be.upload(v_new);
+            }
+            OptimState::Paged { m, v, .. } => {
+                m[i] = be.host_buf(m_new);
+                v[i] = be.host_buf(v_new);
+            }
         }
     }
 
@@ -53,8 +107,17 @@ impl<B: Backend> AdamW<B> {
             step: self.step,
             grad_scale,
         };
-        for (((p, g), m), v) in lora.params_mut().into_iter().zip(grads.bufs()).zip(&mut self.m).zip(&mut self.v) {
-            be.adamw(p, g, m, v, &hp);
+        match &mut self.state {
+            OptimState::Device { m, v } => {
+                for (((p, g), m), v) in lora.params_mut().into_iter().zip(grads.bufs()).zip(m).zip(v) {
+                    be.adamw(p, g, m, v, &hp);
+                }
+            }
+            OptimState::Paged { m, v, chunk } => {
+                for (((p, g), m), v) in lora.params_mut().into_iter().zip(grads.bufs()).zip(m).zip(v) {
+                    be.adamw_paged(p, g, m, v, &hp, *chunk);
+                }
+            }
         }
     }
 }

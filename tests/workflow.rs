@@ -93,6 +93,25 @@ fn train_checkpoint_resume_merge_generate() {
     assert_eq!(fin, Finish::Completed);
     assert_eq!(rest, losses_a[3..].to_vec(), "resumed loss curve equals the uninterrupted one");
 
+    // paged_adamw_32bit over its memory budget keeps the state in host memory: same numbers.
+    let out_p = d.path().join("paged");
+    let paged = TrainConfig { optim_memory_budget_mb: Some(0.0), ..config(&model_dir, &data, &out_p) };
+    let (losses_p, _) = run(paged, None);
+    assert_eq!(losses_p, losses_a, "paged optimizer state changes nothing but where it lives");
+    let (first_p, _) = run(
+        TrainConfig { optim_memory_budget_mb: Some(0.0), ..config(&model_dir, &data, &d.path().join("pb")) },
+        Some(3),
+    );
+    let (rest_p, _) = run(
+        TrainConfig {
+            optim_memory_budget_mb: Some(0.0),
+            resume_from_checkpoint: Some("latest".into()),
+            ..config(&model_dir, &data, &d.path().join("pb"))
+        },
+        None,
+    );
+    assert_eq!([first_p, rest_p].concat(), losses_a, "paged state survives a checkpoint");
+
     // The final adapters of both runs are identical files' worth of numbers.
     let lora_a = peft::load_adapter(&BE, &model.cfg, &out_a.join("adapter")).unwrap();
     let lora_b = peft::load_adapter(&BE, &model.cfg, &out_b.join("adapter")).unwrap();
@@ -189,7 +208,7 @@ fn nan_steps_are_skipped_then_training_stops_keeping_the_checkpoint() {
     assert_eq!(skipped, vec![3, 4, 5]);
     let kept: Vec<usize> = checkpoint::list(&out).iter().map(|(s, _)| *s).collect();
     assert_eq!(kept, vec![2], "the last good checkpoint is kept and nothing bad was saved");
-    let (lora, _, _) = checkpoint::load(&BE, &out.join("checkpoint-2"), &model.cfg).unwrap();
+    let (lora, _, _) = checkpoint::load(&BE, &out.join("checkpoint-2"), &model.cfg, None).unwrap();
     assert!(lora.named_params().iter().all(|(_, b)| b.iter().all(|x| x.is_finite())));
 }
 

@@ -2,7 +2,7 @@
 //! or f64 (the oracle for finite-difference gradient checks). Matrix products go through
 //! `matrixmultiply`; everything else is a readable loop. GPU kernels are compared with this file.
 
-use super::{AdamWStep, AttnShape, Backend, Dropout, HostWeight};
+use super::{adam_value, AdamWStep, AttnShape, Backend, Dropout, HostWeight};
 use crate::config::ComputeDtype;
 use crate::quant::Quant4;
 use num_traits::Float;
@@ -138,6 +138,7 @@ fn silu<T: Real>(x: T) -> T {
 impl<T: Real> Backend for Cpu<T> {
     type Buf = Vec<T>;
     type Weight = CpuWeight<T>;
+    type HostBuf = Vec<f32>;
 
     fn name(&self) -> String {
         format!("cpu ({})", std::any::type_name::<T>())
@@ -552,23 +553,44 @@ impl<T: Real> Backend for Cpu<T> {
     }
 
     fn adamw(&self, param: &mut Vec<T>, grad: &Vec<T>, m: &mut Vec<T>, v: &mut Vec<T>, hp: &AdamWStep) {
-        // bitsandbytes' 32-bit Adam kernel, in f32 whatever T is so CPU and GPU round alike:
-        // update with bias corrections folded into the step size, then decoupled weight decay.
-        let c1 = 1.0 - hp.beta1.powi(hp.step as i32);
-        let c2 = (1.0 - hp.beta2.powi(hp.step as i32)).sqrt();
-        let step_size = -hp.lr * c2 / c1;
+        // bitsandbytes' 32-bit Adam, in f32 whatever T is so CPU and GPU round alike.
+        let (step_size, c2) = hp.corrections();
         for i in 0..param.len() {
-            let g = grad[i].f64() as f32 * hp.grad_scale;
-            let mi = m[i].f64() as f32 * hp.beta1 + (1.0 - hp.beta1) * g;
-            let vi = v[i].f64() as f32 * hp.beta2 + (1.0 - hp.beta2) * g * g;
-            let mut p = param[i].f64() as f32 + step_size * (mi / (vi.sqrt() + hp.eps * c2));
-            if hp.weight_decay > 0.0 {
-                p *= 1.0 - hp.lr * hp.weight_decay;
-            }
+            let (p, mi, vi) = adam_value(
+                param[i].f64() as f32,
+                grad[i].f64() as f32,
+                m[i].f64() as f32,
+                v[i].f64() as f32,
+                hp,
+                step_size,
+                c2,
+            );
             m[i] = T::of(mi as f64);
             v[i] = T::of(vi as f64);
             param[i] = T::of(p as f64);
         }
+    }
+    fn adamw_paged(
+        &self,
+        param: &mut Vec<T>,
+        grad: &Vec<T>,
+        m: &mut Vec<f32>,
+        v: &mut Vec<f32>,
+        hp: &AdamWStep,
+        _chunk: usize,
+    ) {
+        // Host memory is where the CPU keeps everything: the paged update is the plain one.
+        let (step_size, c2) = hp.corrections();
+        for i in 0..param.len() {
+            let (p, mi, vi) = adam_value(param[i].f64() as f32, grad[i].f64() as f32, m[i], v[i], hp, step_size, c2);
+            (m[i], v[i], param[i]) = (mi, vi, T::of(p as f64));
+        }
+    }
+    fn host_buf(&self, data: &[f32]) -> Vec<f32> {
+        data.to_vec()
+    }
+    fn host_to_vec(&self, h: &Vec<f32>) -> Vec<f32> {
+        h.clone()
     }
 }
 

@@ -95,6 +95,20 @@ impl AttnShape {
     }
 }
 
+/// bitsandbytes' 32-bit Adam step for one value, in f32: returns the new `(param, m, v)`.
+/// `step_size = -lr·c2/c1` and `c2 = sqrt(1 − β2^t)` come from [`AdamWStep::corrections`].
+#[inline]
+pub fn adam_value(p: f32, g: f32, m: f32, v: f32, hp: &AdamWStep, step_size: f32, c2: f32) -> (f32, f32, f32) {
+    let g = g * hp.grad_scale;
+    let m = m * hp.beta1 + (1.0 - hp.beta1) * g;
+    let v = v * hp.beta2 + (1.0 - hp.beta2) * g * g;
+    let mut p = p + step_size * (m / (v.sqrt() + hp.eps * c2));
+    if hp.weight_decay > 0.0 {
+        p *= 1.0 - hp.lr * hp.weight_decay;
+    }
+    (p, m, v)
+}
+
 /// One AdamW update's hyper-parameters (bitsandbytes' 32-bit Adam with decoupled weight decay).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct AdamWStep {
@@ -109,11 +123,22 @@ pub struct AdamWStep {
     pub grad_scale: f32,
 }
 
+impl AdamWStep {
+    /// `(step_size, c2)`: the bias corrections folded the way bitsandbytes folds them, in f32.
+    pub fn corrections(&self) -> (f32, f32) {
+        let c1 = 1.0 - self.beta1.powi(self.step as i32);
+        let c2 = (1.0 - self.beta2.powi(self.step as i32)).sqrt();
+        (-self.lr * c2 / c1, c2)
+    }
+}
+
 /// The ops of the Llama graph. `Buf` holds dense activations and trainable parameters in the
 /// backend's float type; `Weight` holds a frozen base weight (dense or 4-bit).
 pub trait Backend {
     type Buf: Clone;
     type Weight;
+    /// Host memory the device streams optimizer state through (pinned on CUDA).
+    type HostBuf;
 
     fn name(&self) -> String;
     /// Whether activations can run in fp16/bf16 (transformers' `--fp16`/`--bf16`).
@@ -273,6 +298,23 @@ pub trait Backend {
     // ---- optimizer -------------------------------------------------------------------------------
     /// One 32-bit AdamW update of `param` with state `m`, `v`.
     fn adamw(&self, param: &mut Self::Buf, grad: &Self::Buf, m: &mut Self::Buf, v: &mut Self::Buf, hp: &AdamWStep);
+    /// The same update with `m` and `v` in host memory, passed through the device `chunk` values at a
+    /// time (a paged optimizer: its state costs no device memory beyond two chunks).
+    fn adamw_paged(
+        &self,
+        param: &mut Self::Buf,
+        grad: &Self::Buf,
+        m: &mut Self::HostBuf,
+        v: &mut Self::HostBuf,
+        hp: &AdamWStep,
+        chunk: usize,
+    );
+    fn host_buf(&self, data: &[f32]) -> Self::HostBuf;
+    fn host_to_vec(&self, h: &Self::HostBuf) -> Vec<f32>;
+    /// Free device memory in bytes, when there is a device.
+    fn free_memory(&self) -> Option<u64> {
+        None
+    }
 }
 
 /// The token id that marks a position ignored by the loss (PyTorch's `ignore_index`).

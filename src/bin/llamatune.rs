@@ -256,6 +256,11 @@ struct TrainArgs {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     optim: Option<String>,
+    /// paged_adamw_32bit: keep optimizer state on the device up to this many MiB, else page it to
+    /// pinned host memory [a quarter of free device memory]
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    optim_memory_budget_mb: Option<f64>,
     /// constant, constant_with_warmup, linear, cosine [cosine]
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -590,10 +595,11 @@ fn run_training<B: Backend>(
     }
     let mut bar: Option<Progress> = None;
     let outcome = trainer.run(&data, &stop, &mut |ev| match ev {
-        Event::Start { total_steps, start_step, train_samples, trainable_params } => {
+        Event::Start { total_steps, start_step, train_samples, trainable_params, paged_optimizer } => {
             eprintln!(
-                "training: {total_steps} steps from step {start_step}, {train_samples} samples, {trainable_params} trainable parameters on {}",
-                be.name()
+                "training: {total_steps} steps from step {start_step}, {train_samples} samples, {trainable_params} trainable parameters on {}{}",
+                be.name(),
+                if paged_optimizer { "; optimizer state paged to host memory" } else { "" }
             );
             bar = Some(Progress::new("train", total_steps));
         }

@@ -54,8 +54,7 @@ pub fn save<B: Backend>(
     peft::save_adapter(be, lora, model, base_model, &tmp)?;
     let mut tensors = Vec::new();
     for (i, (pname, _)) in lora.named_params().iter().enumerate() {
-        let m = be.download(&opt.m[i]);
-        let v = be.download(&opt.v[i]);
+        let (m, v) = opt.state_of(be, i);
         tensors.push((format!("{pname}.exp_avg"), HostTensor { shape: vec![m.len()], data: m }));
         tensors.push((format!("{pname}.exp_avg_sq"), HostTensor { shape: vec![v.len()], data: v }));
     }
@@ -98,8 +97,14 @@ pub fn rotate(output_dir: &Path, limit: usize) -> Result<()> {
     Ok(())
 }
 
-/// Loads the adapter, optimizer state and trainer state of a checkpoint.
-pub fn load<B: Backend>(be: &B, dir: &Path, model: &ModelConfig) -> Result<(Lora<B>, AdamW<B>, TrainerState)> {
+/// Loads the adapter, optimizer state and trainer state of a checkpoint; the optimizer state goes
+/// to host memory when `paged_chunk` is given.
+pub fn load<B: Backend>(
+    be: &B,
+    dir: &Path,
+    model: &ModelConfig,
+    paged_chunk: Option<usize>,
+) -> Result<(Lora<B>, AdamW<B>, TrainerState)> {
     let lora = peft::load_adapter(be, model, dir)?;
     let state_path = dir.join(STATE_FILE);
     let text = std::fs::read_to_string(&state_path).map_err(|e| Error::io(&state_path, e))?;
@@ -109,10 +114,13 @@ pub fn load<B: Backend>(be: &B, dir: &Path, model: &ModelConfig) -> Result<(Lora
         serde_json::from_value(v.clone()).map_err(|e| Error::format(&state_path, format!("bad trainer state: {e}")))?;
     let opt_path = dir.join(OPTIMIZER_FILE);
     let f = SafetensorsSource::open_file(&opt_path)?;
-    let mut opt = AdamW::new(be, &lora, Default::default());
+    let mut opt = match paged_chunk {
+        Some(chunk) => AdamW::new_paged(be, &lora, Default::default(), chunk),
+        None => AdamW::new(be, &lora, Default::default()),
+    };
     for (i, (pname, buf)) in lora.named_params().iter().enumerate() {
         let n = be.buf_len(buf);
-        for (suffix, slot) in [("exp_avg", 0), ("exp_avg_sq", 1)] {
+        let read = |suffix: &str| -> Result<Vec<f32>> {
             let name = format!("{pname}.{suffix}");
             let t = f.read(&name)?;
             if t.data.len() != n {
@@ -121,13 +129,10 @@ pub fn load<B: Backend>(be: &B, dir: &Path, model: &ModelConfig) -> Result<(Lora
                     format!("{}: {} values, expected {n}", opt_path.display(), t.data.len()),
                 ));
             }
-            let b = be.upload(&t.data);
-            if slot == 0 {
-                opt.m[i] = b;
-            } else {
-                opt.v[i] = b;
-            }
-        }
+            Ok(t.data)
+        };
+        let (m, v) = (read("exp_avg")?, read("exp_avg_sq")?);
+        opt.set_state(be, i, &m, &v);
     }
     opt.step = v.get("optimizer_step").and_then(|s| s.as_u64()).unwrap_or(state.global_step as u64) as u32;
     Ok((lora, opt, state))

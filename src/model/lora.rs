@@ -137,6 +137,19 @@ impl<B: Backend> Lora<B> {
     }
 }
 
+/// Trainable parameters an adapter of `cfg` has on a model of shape `model`.
+pub fn param_count(model: &ModelConfig, cfg: &LoraConfig) -> usize {
+    let per_layer: usize = Proj::ALL
+        .iter()
+        .filter(|p| cfg.targets(p.name()))
+        .map(|p| {
+            let (out, inp) = p.shape(model);
+            cfg.r * (out + inp)
+        })
+        .sum();
+    per_layer * model.num_hidden_layers
+}
+
 /// Gradients of every adapter, laid out like [`Lora`].
 pub struct LoraGrads<B: Backend> {
     pub layers: Vec<[Option<LoraPair<B>>; 7]>,

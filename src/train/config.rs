@@ -55,6 +55,10 @@ pub struct TrainConfig {
     pub adam_beta2: f64,
     pub adam_epsilon: f64,
     pub optim: String,
+    /// With `paged_adamw_32bit`: the optimizer state stays on the device while it fits this many
+    /// MiB, else it lives in pinned host memory and streams through the device (unset: a quarter of
+    /// the free device memory; backends without device memory never page).
+    pub optim_memory_budget_mb: Option<f64>,
     pub lr_scheduler_type: String,
     pub warmup_ratio: f64,
     /// > 0 overrides `warmup_ratio`.
@@ -119,6 +123,7 @@ impl Default for TrainConfig {
             adam_beta2: 0.999,
             adam_epsilon: 1e-8,
             optim: "paged_adamw_32bit".into(),
+            optim_memory_budget_mb: None,
             lr_scheduler_type: "cosine".into(),
             warmup_ratio: 0.03,
             warmup_steps: 0,

@@ -30,12 +30,34 @@ pub struct TrainData {
 /// What the trainer reports while it runs (the library's progress callback).
 #[derive(Debug, Clone)]
 pub enum Event {
-    Start { total_steps: usize, start_step: usize, train_samples: usize, trainable_params: usize },
-    Step { step: usize, total_steps: usize, loss: f64, learning_rate: f64, grad_norm: f64 },
+    Start {
+        total_steps: usize,
+        start_step: usize,
+        train_samples: usize,
+        trainable_params: usize,
+        paged_optimizer: bool,
+    },
+    Step {
+        step: usize,
+        total_steps: usize,
+        loss: f64,
+        learning_rate: f64,
+        grad_norm: f64,
+    },
     Log(serde_json::Value),
-    Eval { step: usize, loss: f64, perplexity: f64 },
-    Skipped { step: usize, reason: String },
-    Checkpoint { step: usize, dir: PathBuf },
+    Eval {
+        step: usize,
+        loss: f64,
+        perplexity: f64,
+    },
+    Skipped {
+        step: usize,
+        reason: String,
+    },
+    Checkpoint {
+        step: usize,
+        dir: PathBuf,
+    },
 }
 
 /// How a run ended.
@@ -142,6 +164,15 @@ impl<'a, B: Backend> Trainer<'a, B> {
             seed: cfg.seed,
         };
         let lora_cfg = cfg.lora_config()?;
+        // paged_adamw_32bit: 8 bytes of state per parameter go to pinned host memory when over budget.
+        let state_bytes = 8.0 * crate::model::lora::param_count(&model.cfg, &lora_cfg) as f64;
+        let paged = cfg.optim == "paged_adamw_32bit"
+            && match (cfg.optim_memory_budget_mb, be.free_memory()) {
+                (Some(mb), _) => state_bytes > mb * (1u64 << 20) as f64,
+                (None, Some(free)) => state_bytes > free as f64 / 4.0,
+                (None, None) => false,
+            };
+        let paged_chunk = paged.then_some(crate::optim::PAGED_CHUNK);
         let (lora, opt, state) = match &cfg.resume_from_checkpoint {
             Some(which) => {
                 let dir = if which == "latest" {
@@ -154,7 +185,7 @@ impl<'a, B: Backend> Trainer<'a, B> {
                 } else {
                     PathBuf::from(which)
                 };
-                let (lora, mut opt, state) = checkpoint::load(be, &dir, &model.cfg)?;
+                let (lora, mut opt, state) = checkpoint::load(be, &dir, &model.cfg, paged_chunk)?;
                 if lora.cfg.r != lora_cfg.r || lora.cfg.target_modules != lora_cfg.target_modules {
                     return Err(Error::Config(format!(
                         "checkpoint {} has r={} targets {:?}, but this run asks for r={} targets {:?}",
@@ -170,7 +201,10 @@ impl<'a, B: Backend> Trainer<'a, B> {
             }
             None => {
                 let lora = Lora::init(be, &model.cfg, lora_cfg, cfg.seed);
-                let opt = AdamW::new(be, &lora, cfg.adamw());
+                let opt = match paged_chunk {
+                    Some(chunk) => AdamW::new_paged(be, &lora, cfg.adamw(), chunk),
+                    None => AdamW::new(be, &lora, cfg.adamw()),
+                };
                 let state = TrainerState {
                     global_step: 0,
                     max_steps: 0,
@@ -281,6 +315,7 @@ impl<'a, B: Backend> Trainer<'a, B> {
             start_step: self.state.global_step,
             train_samples: data.train.samples.len(),
             trainable_params: self.lora.num_params(be),
+            paged_optimizer: self.opt.is_paged(),
         });
         let mut plan = self.batching.plan(&data.train.samples, self.state.epoch).batches;
         let mut grads: LoraGrads<B> = self.lora.zero_grads(be);

@@ -11,7 +11,10 @@ use super::{AdamWStep, AttnShape, Backend, Dropout, HostWeight};
 use crate::config::{ComputeDtype, QuantType};
 use crate::error::{Error, Result};
 use crate::quant::{self, Absmax, Quant4};
-use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream, LaunchConfig, PushKernelArg};
+use cudarc::driver::{
+    result, CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, LaunchConfig, PinnedHostSlice,
+    PushKernelArg,
+};
 use half::{bf16, f16};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -272,6 +275,7 @@ fn kernel_names(module: &str) -> &'static [&'static str] {
 impl Backend for Cuda {
     type Buf = CudaSlice<f32>;
     type Weight = CudaWeight;
+    type HostBuf = PinnedHostSlice<f32>;
 
     fn name(&self) -> String {
         format!("cuda:{} ({})", self.ordinal, self.device_name)
@@ -678,6 +682,80 @@ impl Backend for Cuda {
         (ck!(self.stream.clone_dtoh(&loss), "download")[0], c as usize)
     }
 
+    fn free_memory(&self) -> Option<u64> {
+        self.ctx.mem_get_info().ok().map(|(free, _)| free as u64)
+    }
+    fn host_buf(&self, data: &[f32]) -> PinnedHostSlice<f32> {
+        // Plain page-locked memory (not write-combined: checkpoints read it back on the host).
+        // SAFETY: every element is written right below before anyone reads it.
+        let mut h = ck!(unsafe { self.ctx.alloc_pinned_with_flags::<f32>(data.len().max(1), 0) }, "pinned alloc");
+        ck!(h.as_mut_slice(), "pinned access")[..data.len()].copy_from_slice(data);
+        h
+    }
+    fn host_to_vec(&self, h: &PinnedHostSlice<f32>) -> Vec<f32> {
+        self.synchronize();
+        ck!(h.as_slice(), "pinned access").to_vec()
+    }
+    fn adamw_paged(
+        &self,
+        param: &mut CudaSlice<f32>,
+        grad: &CudaSlice<f32>,
+        m: &mut PinnedHostSlice<f32>,
+        v: &mut PinnedHostSlice<f32>,
+        hp: &AdamWStep,
+        chunk: usize,
+    ) {
+        // Each chunk of m and v goes host → staging → kernel → host on the one stream, so a chunk's
+        // staging buffers are reused only after its copies back are done (stream order).
+        let n = param.len();
+        let chunk = chunk.clamp(1, n.max(1));
+        let (mut sm, mut sv) = (self.zeros(chunk), self.zeros(chunk));
+        let (step_size, c2) = hp.corrections();
+        let cu = self.stream.cu_stream();
+        let mp = ck!(m.as_mut_ptr(), "pinned access");
+        let vp = ck!(v.as_mut_ptr(), "pinned access");
+        let mut start = 0;
+        while start < n {
+            let len = chunk.min(n - start);
+            // SAFETY: [start, start+len) lies inside both pinned buffers (length n) and both staging
+            // buffers (length ≥ len); the host memory is not touched until the final synchronize.
+            unsafe {
+                let (dm, _g1) = sm.device_ptr_mut(&self.stream);
+                ck!(
+                    result::memcpy_htod_async(dm, std::slice::from_raw_parts(mp.add(start), len), cu),
+                    "paged state upload"
+                );
+                let (dv, _g2) = sv.device_ptr_mut(&self.stream);
+                ck!(
+                    result::memcpy_htod_async(dv, std::slice::from_raw_parts(vp.add(start), len), cu),
+                    "paged state upload"
+                );
+            }
+            {
+                let mut pv = param.slice_mut(start..start + len);
+                let gv = grad.slice(start..start + len);
+                let n64 = len as i64;
+                launch!(self, "adamw_f32", grid_for(len); &mut pv, &gv, &mut sm, &mut sv, &hp.lr, &hp.beta1, &hp.beta2,
+                    &hp.eps, &hp.weight_decay, &step_size, &c2, &hp.grad_scale, &n64);
+            }
+            // SAFETY: as above; the device → host copies land in the same ranges.
+            unsafe {
+                let (dm, _g1) = sm.device_ptr(&self.stream);
+                ck!(
+                    result::memcpy_dtoh_async(std::slice::from_raw_parts_mut(mp.add(start), len), dm, cu),
+                    "paged state download"
+                );
+                let (dv, _g2) = sv.device_ptr(&self.stream);
+                ck!(
+                    result::memcpy_dtoh_async(std::slice::from_raw_parts_mut(vp.add(start), len), dv, cu),
+                    "paged state download"
+                );
+            }
+            start += len;
+        }
+        self.synchronize();
+    }
+
     fn adamw(
         &self,
         param: &mut CudaSlice<f32>,
@@ -687,9 +765,7 @@ impl Backend for Cuda {
         hp: &AdamWStep,
     ) {
         // Same f32 arithmetic as Cpu::adamw for the step size and corrections.
-        let c1 = 1.0 - hp.beta1.powi(hp.step as i32);
-        let c2 = (1.0 - hp.beta2.powi(hp.step as i32)).sqrt();
-        let step_size = -hp.lr * c2 / c1;
+        let (step_size, c2) = hp.corrections();
         let n = param.len();
         let a0 = n as i64;
         launch!(self, "adamw_f32", grid_for(n); &mut *param, grad, &mut *m, &mut *v, &hp.lr, &hp.beta1, &hp.beta2, &hp.eps, &hp.weight_decay, &step_size, &c2, &hp.grad_scale, &a0);
