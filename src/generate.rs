@@ -139,6 +139,15 @@ pub fn generate<B: Backend>(
     cfg: &GenerationConfig,
     on_token: &mut dyn FnMut(u32, &str) -> bool,
 ) -> Result<Generated> {
+    if let Some(bad) = prompt.iter().find(|&&t| t as usize >= model.cfg.vocab_size) {
+        return Err(crate::error::Error::Other(format!(
+            "prompt token id {bad} is outside the model's vocab ({}): is the tokenizer the model's?",
+            model.cfg.vocab_size
+        )));
+    }
+    if prompt.is_empty() {
+        return Err(crate::error::Error::Other("the prompt is empty".into()));
+    }
     let max_total = cfg
         .max_length
         .unwrap_or(usize::MAX)

@@ -234,3 +234,25 @@ fn resolved_config_is_saved_in_the_output_dir() {
             .unwrap();
     assert_eq!(back, cfg);
 }
+
+#[test]
+fn token_ids_outside_the_vocab_are_refused_before_training() {
+    let d = tempfile::tempdir().unwrap();
+    let model_dir = d.path().join("model");
+    common::tiny_model_dir(&model_dir, false);
+    let data_path = d.path().join("data.jsonl");
+    common::text_dataset(&data_path, 4);
+    let cfg =
+        TrainConfig { eval_split_ratio: 0.0, eval_steps: None, ..config(&model_dir, &data_path, &d.path().join("o")) };
+    let (files, tok) = load::open(&cfg.model).unwrap();
+    let model = Llama::<B>::load(&BE, files.source(), None).unwrap();
+    let (mut data, _) = load_train_data(&cfg, &tok).unwrap();
+    data.train.samples[1].input_ids[2] = common::VOCAB as u32 + 5;
+    let e = Trainer::new(&BE, &model, cfg, &data).err().unwrap().to_string();
+    assert!(e.contains("token id 264") && e.contains("vocab_size is 259"), "{e}");
+    let gen = llamatune::generate::GenerationConfig::default();
+    let e = llamatune::generate::generate(&BE, &model, None, None, &[1, 999], &gen, &mut |_, _| true)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("999"), "{e}");
+}

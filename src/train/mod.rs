@@ -137,6 +137,19 @@ impl<'a, B: Backend> Trainer<'a, B> {
                 be.name()
             )));
         }
+        let vocab = model.cfg.vocab_size;
+        for (what, ds) in [("training", Some(&data.train)), ("evaluation", data.eval.as_ref())] {
+            if let Some(max) = ds.and_then(|d| d.samples.iter().flat_map(|s| s.input_ids.iter()).max()) {
+                if *max as usize >= vocab {
+                    return Err(Error::Config(format!(
+                        "the {what} data has token id {max} but the model's vocab_size is {vocab}: is the tokenizer the model's?"
+                    )));
+                }
+            }
+        }
+        if data.pad_id as usize >= vocab {
+            return Err(Error::Config(format!("pad token id {} is outside the model's vocab ({vocab})", data.pad_id)));
+        }
         let out_dir = PathBuf::from(&cfg.output_dir);
         if holds_a_run(&out_dir) && cfg.resume_from_checkpoint.is_none() {
             if !cfg.overwrite_output_dir {
