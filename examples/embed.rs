@@ -10,7 +10,7 @@ use llamatune::generate::{generate, GenerationConfig};
 use llamatune::io::{export, peft};
 use llamatune::model::llama::Llama;
 use llamatune::model::merge::merge;
-use llamatune::model::random::{random_source, tiny_config, write_hf_dir};
+use llamatune::model::random::{byte_tokenizer_json, random_source, tiny_config, write_hf_dir};
 use llamatune::model::weights::SaveDtype;
 use llamatune::tokenizer::Message;
 use llamatune::train::{train_from_config, Event, TrainConfig};
@@ -29,7 +29,8 @@ fn main() -> llamatune::Result<()> {
             cfg.bos_token_id = Some(0);
             cfg.eos_token_ids = vec![1];
             write_hf_dir(&random_source(&cfg, 1), &dir, SaveDtype::F32)?;
-            std::fs::write(dir.join("tokenizer.json"), byte_tokenizer()).map_err(|e| llamatune::Error::io(&dir, e))?;
+            std::fs::write(dir.join("tokenizer.json"), byte_tokenizer_json().to_string())
+                .map_err(|e| llamatune::Error::io(&dir, e))?;
             let tc = r#"{"bos_token": "<s>", "eos_token": "</s>"}"#;
             std::fs::write(dir.join("tokenizer_config.json"), tc).map_err(|e| llamatune::Error::io(&dir, e))?;
             let data = tmp.join("data.jsonl");
@@ -78,38 +79,4 @@ fn main() -> llamatune::Result<()> {
     export::write_model_dir(&be, &merged, Some(&tok), &out, SaveDtype::F16, 1 << 30)?;
     println!("merged model: {}", out.display());
     Ok(())
-}
-
-/// A byte-level BPE tokenizer (`<s>`, `</s>`, `<pad>` + the 256 GPT-2 byte symbols, no merges).
-fn byte_tokenizer() -> String {
-    let mut bs: Vec<u32> = (b'!' as u32..=b'~' as u32).chain(0xA1..=0xAC).chain(0xAE..=0xFF).collect();
-    let mut cs = bs.clone();
-    let mut n = 0;
-    for b in 0..256u32 {
-        if !bs.contains(&b) {
-            bs.push(b);
-            cs.push(256 + n);
-            n += 1;
-        }
-    }
-    let mut vocab = serde_json::json!({"<s>": 0, "</s>": 1, "<pad>": 2});
-    for (b, c) in bs.iter().zip(cs) {
-        vocab[char::from_u32(c).expect("valid").to_string()] = serde_json::json!(3 + b);
-    }
-    let special = |id: u32, t: &str| serde_json::json!({"id": id, "content": t, "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": true});
-    serde_json::json!({
-        "version": "1.0", "truncation": null, "padding": null,
-        "added_tokens": [special(0, "<s>"), special(1, "</s>"), special(2, "<pad>")],
-        "normalizer": null,
-        "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true},
-        "post_processor": {"type": "TemplateProcessing",
-            "single": [{"SpecialToken": {"id": "<s>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
-            "pair": [{"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}],
-            "special_tokens": {"<s>": {"id": "<s>", "ids": [0], "tokens": ["<s>"]}}},
-        "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
-        "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
-                  "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false, "ignore_merges": false,
-                  "vocab": vocab, "merges": []}
-    })
-    .to_string()
 }

@@ -81,6 +81,45 @@ pub fn random_source(cfg: &ModelConfig, seed: u64) -> MemorySource {
     MemorySource { config: cfg.clone(), tensors: t }
 }
 
+/// A byte-level BPE `tokenizer.json` with no merges: ids 0, 1, 2 are `<s>`, `</s>`, `<pad>`, then the
+/// 256 GPT-2 byte symbols (vocab 259). Enough to drive random models through the real text paths.
+pub fn byte_tokenizer_json() -> serde_json::Value {
+    use serde_json::json;
+    // GPT-2's byte → printable character table.
+    let mut bs: Vec<u32> = (b'!' as u32..=b'~' as u32).chain(0xA1..=0xAC).chain(0xAE..=0xFF).collect();
+    let mut cs = bs.clone();
+    let mut n = 0;
+    for b in 0..256u32 {
+        if !bs.contains(&b) {
+            bs.push(b);
+            cs.push(256 + n);
+            n += 1;
+        }
+    }
+    let mut vocab = json!({"<s>": 0, "</s>": 1, "<pad>": 2});
+    for (b, c) in bs.iter().zip(cs) {
+        vocab[char::from_u32(c).expect("valid code point").to_string()] = json!(3 + b);
+    }
+    let special = |id: u32, t: &str| {
+        json!({"id": id, "content": t, "single_word": false, "lstrip": false, "rstrip": false,
+               "normalized": false, "special": true})
+    };
+    json!({
+        "version": "1.0", "truncation": null, "padding": null,
+        "added_tokens": [special(0, "<s>"), special(1, "</s>"), special(2, "<pad>")],
+        "normalizer": null,
+        "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true},
+        "post_processor": {"type": "TemplateProcessing",
+            "single": [{"SpecialToken": {"id": "<s>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+            "pair": [{"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}],
+            "special_tokens": {"<s>": {"id": "<s>", "ids": [0], "tokens": ["<s>"]}}},
+        "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
+        "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
+                  "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false, "ignore_merges": false,
+                  "vocab": vocab, "merges": []}
+    })
+}
+
 /// Writes `src` as a Hugging Face model directory (`config.json` + `model.safetensors`).
 pub fn write_hf_dir(src: &MemorySource, dir: &Path, dtype: SaveDtype) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
