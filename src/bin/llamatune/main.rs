@@ -1,5 +1,7 @@
 //! The `llamatune` command line: train, generate, chat, merge, eval, data convert, demo.
 
+mod train_args;
+
 use clap::{Args, Parser, Subcommand};
 use llamatune::backend::cpu::Cpu;
 use llamatune::backend::Backend;
@@ -17,12 +19,12 @@ use llamatune::model::weights::SaveDtype;
 use llamatune::progress::Progress;
 use llamatune::tokenizer::{Message, Tokenizer};
 use llamatune::train::{self, Event, Finish, TrainConfig, Trainer};
-use serde::Serialize;
 use std::io::{BufRead, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use train_args::TrainArgs;
 
 #[derive(Parser)]
 #[command(name = "llamatune", version, about = "QLoRA fine-tuning of Llama-family models: one binary, no Python")]
@@ -48,73 +50,10 @@ enum Command {
     Data(DataCommand),
     /// Tools for the parity suite (parity/): raw quantization, logits and gradients as safetensors.
     #[command(subcommand, hide = true)]
-    Debug(DebugCommand),
+    Debug(debug::DebugCommand),
     /// Fine-tune SmolLM2-135M-Instruct on a small real instruction set, showing answers before and
     /// after, and save the adapter and the merged model (runs on the CPU in a few minutes).
     Demo(DemoArgs),
-}
-
-#[derive(Subcommand)]
-enum DebugCommand {
-    /// Quantize every tensor of a safetensors file; writes `<name>.packed`, the absmax (plain or
-    /// nested: `.absmax_q`, `.absmax2`, `.offset`) and `<name>.dequant`.
-    Quantize {
-        #[arg(long)]
-        input: PathBuf,
-        #[arg(long)]
-        output: PathBuf,
-        #[arg(long, default_value = "nf4")]
-        quant_type: String,
-        #[arg(long, default_value_t = 64)]
-        blocksize: usize,
-        #[arg(long)]
-        double_quant: bool,
-    },
-    /// Logits `(batch, seq, vocab)` of a model (+ adapter) on token rows `1,2,3;4,5,6`.
-    Logits {
-        #[command(flatten)]
-        model: DebugModelArgs,
-        #[arg(long)]
-        output: PathBuf,
-    },
-    /// Hidden states `(layers + 1, batch·seq, hidden)`: the embedding output, then each decoder
-    /// layer's output.
-    Hidden {
-        #[command(flatten)]
-        model: DebugModelArgs,
-        #[arg(long)]
-        output: PathBuf,
-    },
-    /// LoRA gradients of the mean next-token loss (labels = inputs, no dropout), PEFT names.
-    Grads {
-        #[command(flatten)]
-        model: DebugModelArgs,
-        #[arg(long)]
-        output: PathBuf,
-        /// Also write the adapter back out (our PEFT writer) to this directory.
-        #[arg(long)]
-        save_adapter: Option<PathBuf>,
-    },
-}
-
-#[derive(Args)]
-struct DebugModelArgs {
-    /// A Hugging Face model directory (a tokenizer is not needed).
-    #[arg(long)]
-    model: PathBuf,
-    #[arg(long)]
-    adapter: Option<PathBuf>,
-    /// Token rows: `1,2,3;4,5,6` (equal lengths).
-    #[arg(long)]
-    tokens: String,
-    #[arg(long)]
-    use_4bit: bool,
-    #[arg(long, default_value = "float16")]
-    bnb_4bit_compute_dtype: String,
-    #[arg(long)]
-    use_nested_quant: bool,
-    #[arg(long, default_value = "cpu")]
-    device: String,
 }
 
 #[derive(Subcommand)]
@@ -137,200 +76,6 @@ enum DataCommand {
         #[arg(long)]
         skip_bad_rows: bool,
     },
-}
-
-/// Flags of `train`; every one optional so that a TOML config (`--config`) can supply it.
-/// Defaults are the classic Llama-2 QLoRA recipe's.
-#[derive(Args, Serialize, Default)]
-struct TrainArgs {
-    /// TOML file with any of the settings below (flags override it).
-    #[arg(long)]
-    #[serde(skip)]
-    config: Option<PathBuf>,
-    /// Base model: Hugging Face directory, .gguf file, or `smollm2-135m-instruct`.
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    model: Option<String>,
-    /// Training data (.jsonl, .json, .parquet): `text`, `messages`, `prompt`/`completion` or alpaca columns.
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    dataset: Option<String>,
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    eval_dataset: Option<String>,
-    /// Fraction of the training data held out for evaluation when no --eval-dataset [0]
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    eval_split_ratio: Option<f64>,
-    /// [./results]
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    output_dir: Option<String>,
-    /// Name of the final adapter directory inside --output-dir [adapter]
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    new_model: Option<String>,
-    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    overwrite_output_dir: Option<bool>,
-    /// `latest` or a checkpoint directory.
-    #[arg(long, alias = "resume", num_args = 0..=1, default_missing_value = "latest")]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    resume_from_checkpoint: Option<String>,
-    /// LoRA rank [64]
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    lora_r: Option<usize>,
-    /// [16]
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    lora_alpha: Option<f64>,
-    /// [0.1]
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    lora_dropout: Option<f64>,
-    /// Module names or `all-linear` [q_proj v_proj]
-    #[arg(long, num_args = 1.., value_delimiter = ',')]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    target_modules: Option<Vec<String>>,
-    /// [none]
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    bias: Option<String>,
-    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    use_rslora: Option<bool>,
-    /// Store base projections in 4 bits [true]
-    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    use_4bit: Option<bool>,
-    /// GPU compute dtype of the 4-bit matmuls: float16 or bfloat16 [float16] (the CPU computes in f32)
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    bnb_4bit_compute_dtype: Option<String>,
-    /// nf4 or fp4 [nf4]
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    bnb_4bit_quant_type: Option<String>,
-    /// Double quantization of the absmax [false]
-    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    use_nested_quant: Option<bool>,
-    /// [1]
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    num_train_epochs: Option<f64>,
-    /// Overrides epochs when > 0 [-1]
-    #[arg(long, allow_hyphen_values = true)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    max_steps: Option<i64>,
-    /// [4]
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    per_device_train_batch_size: Option<usize>,
-    /// [4]
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    per_device_eval_batch_size: Option<usize>,
-    /// [1]
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    gradient_accumulation_steps: Option<usize>,
-    /// Recompute each layer in backward instead of keeping its activations [true]
-    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    gradient_checkpointing: Option<bool>,
-    /// [0.3]
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    max_grad_norm: Option<f64>,
-    /// [2e-4]
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    learning_rate: Option<f64>,
-    /// [0.001]
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    weight_decay: Option<f64>,
-    /// paged_adamw_32bit or adamw_32bit [paged_adamw_32bit]
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    optim: Option<String>,
-    /// paged_adamw_32bit: keep optimizer state on the device up to this many MiB, else page it to
-    /// pinned host memory [a quarter of free device memory]
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    optim_memory_budget_mb: Option<f64>,
-    /// constant, constant_with_warmup, linear, cosine [cosine]
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    lr_scheduler_type: Option<String>,
-    /// [0.03]
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    warmup_ratio: Option<f64>,
-    /// Overrides --warmup-ratio when > 0 [0]
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    warmup_steps: Option<usize>,
-    /// Batch samples of similar length together [true]
-    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    group_by_length: Option<bool>,
-    /// Checkpoint every N steps; 0 = only at the end [0]
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    save_steps: Option<usize>,
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    save_total_limit: Option<usize>,
-    /// [25]
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    logging_steps: Option<usize>,
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    eval_steps: Option<usize>,
-    /// [1024]
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    max_seq_length: Option<usize>,
-    /// Pack samples into full rows (documents never attend across each other) [false]
-    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    packing: Option<bool>,
-    /// [text]
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    dataset_text_field: Option<String>,
-    /// Loss on responses only (default: on for prompt/completion data)
-    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    completion_only_loss: Option<bool>,
-    /// With --completion-only-loss on `text` rows: train on what follows this marker, e.g. "[/INST]"
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    response_template: Option<String>,
-    /// Skip dataset rows that are not JSON objects (counted) instead of failing
-    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    skip_bad_rows: Option<bool>,
-    /// [42]
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    seed: Option<u64>,
-    /// Mixed precision on the GPU (fp16) [false]
-    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    fp16: Option<bool>,
-    /// Mixed precision on the GPU (bf16) [false]
-    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    bf16: Option<bool>,
-    /// auto, cpu or cuda:N [auto]
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    device: Option<String>,
 }
 
 #[derive(Args, Clone)]
@@ -464,7 +209,7 @@ fn main() -> ExitCode {
             cmd_convert(&input, &output, &dataset_text_field, model.as_deref(), skip_bad_rows)
         }
         Command::Demo(a) => cmd_demo(a),
-        Command::Debug(d) => cmd_debug(d),
+        Command::Debug(d) => debug::cmd_debug(d),
     };
     match result {
         Ok(code) => code,
@@ -476,7 +221,7 @@ fn main() -> ExitCode {
 }
 
 /// The backend a `--device` names.
-enum Device {
+pub(crate) enum Device {
     Cpu(Cpu<f32>),
     #[cfg(feature = "cuda")]
     Cuda(Box<llamatune::backend::cuda::Cuda>),
@@ -496,8 +241,10 @@ macro_rules! with_device {
     };
 }
 
+mod debug;
+
 /// `auto` takes GPU 0 when this build has CUDA and a GPU answers, else the CPU.
-fn open_device(device: &str) -> Result<Device> {
+pub(crate) fn open_device(device: &str) -> Result<Device> {
     let ordinal = |d: &str| -> Result<usize> {
         match d.strip_prefix("cuda") {
             Some("") => Ok(0),
@@ -930,151 +677,5 @@ fn demo_on<B: Backend>(be: &B, a: &DemoArgs) -> Result<ExitCode> {
     let merged_dir = out.join("merged");
     merge_to_dir(&Cpu::<f32>::new(), "smollm2-135m-instruct", &adapter, &merged_dir, SaveDtype::F16, 5 << 30)?;
     println!("\nadapter: {}\nmerged model: {}", adapter.display(), merged_dir.display());
-    Ok(ExitCode::SUCCESS)
-}
-
-fn cmd_debug(d: DebugCommand) -> Result<ExitCode> {
-    match d {
-        DebugCommand::Quantize { input, output, quant_type, blocksize, double_quant } => {
-            let quant_type = match quant_type.as_str() {
-                "nf4" => QuantType::Nf4,
-                "fp4" => QuantType::Fp4,
-                q => return Err(Error::Config(format!("--quant-type {q:?} is not nf4 or fp4"))),
-            };
-            let cfg = QuantConfig { quant_type, blocksize, double_quant, compute_dtype: ComputeDtype::F32 };
-            let f = llamatune::model::weights::SafetensorsSource::open_file(&input)?;
-            let mut out: Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
-            let f32s = |v: &[f32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
-            for name in f.names().to_vec() {
-                let t = f.read(&name)?;
-                let q = llamatune::quant::Quant4::quantize(&t.data, &cfg);
-                out.push((format!("{name}.packed"), safetensors::Dtype::U8, vec![q.packed.len()], q.packed.clone()));
-                match &q.absmax {
-                    llamatune::quant::Absmax::F32(a) => {
-                        out.push((format!("{name}.absmax"), safetensors::Dtype::F32, vec![a.len()], f32s(a)))
-                    }
-                    llamatune::quant::Absmax::Nested { q: aq, absmax2, offset } => {
-                        out.push((format!("{name}.absmax_q"), safetensors::Dtype::U8, vec![aq.len()], aq.clone()));
-                        out.push((
-                            format!("{name}.absmax2"),
-                            safetensors::Dtype::F32,
-                            vec![absmax2.len()],
-                            f32s(absmax2),
-                        ));
-                        out.push((format!("{name}.offset"), safetensors::Dtype::F32, vec![1], f32s(&[*offset])));
-                    }
-                }
-                let dq = q.dequantize();
-                out.push((format!("{name}.dequant"), safetensors::Dtype::F32, vec![dq.len()], f32s(&dq)));
-            }
-            let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = out
-                .iter()
-                .map(|(n, dt, sh, b)| {
-                    (n.clone(), safetensors::tensor::TensorView::new(*dt, sh.clone(), b).expect("consistent view"))
-                })
-                .collect();
-            safetensors::serialize_to_file(views, &None, &output)
-                .map_err(|e| Error::format(&output, format!("{e:?}")))?;
-            Ok(ExitCode::SUCCESS)
-        }
-        DebugCommand::Logits { model, output } => {
-            let dev = open_device(&model.device)?;
-            with_device!(&dev, be => debug_logits(be, &model, &output))
-        }
-        DebugCommand::Hidden { model, output } => {
-            let dev = open_device(&model.device)?;
-            with_device!(&dev, be => debug_hidden(be, &model, &output))
-        }
-        DebugCommand::Grads { model, output, save_adapter } => {
-            let dev = open_device(&model.device)?;
-            with_device!(&dev, be => debug_grads(be, &model, &output, save_adapter.as_deref()))
-        }
-    }
-}
-
-fn debug_setup<B: Backend>(
-    be: &B,
-    a: &DebugModelArgs,
-) -> Result<(Llama<B>, Option<Lora<B>>, llamatune::model::llama::Batch)> {
-    let src = llamatune::model::weights::SafetensorsSource::open(&a.model)?;
-    let compute_dtype = ComputeDtype::parse(&a.bnb_4bit_compute_dtype)
-        .ok_or_else(|| Error::Config(format!("--bnb-4bit-compute-dtype {:?}", a.bnb_4bit_compute_dtype)))?;
-    let quant = a.use_4bit.then_some(QuantConfig {
-        quant_type: QuantType::Nf4,
-        blocksize: 64,
-        double_quant: a.use_nested_quant,
-        compute_dtype,
-    });
-    let model = Llama::load(be, &src, quant)?;
-    let lora = match &a.adapter {
-        Some(d) => Some(peft::load_adapter(be, &model.cfg, d)?),
-        None => None,
-    };
-    let rows: Vec<Vec<u32>> = a
-        .tokens
-        .split(';')
-        .map(|r| {
-            r.split(',')
-                .map(|t| t.trim().parse::<u32>().map_err(|_| Error::Config(format!("bad token {t:?}"))))
-                .collect()
-        })
-        .collect::<Result<_>>()?;
-    if rows.iter().any(|r| r.len() != rows[0].len()) {
-        return Err(Error::Config("--tokens rows must have equal lengths".into()));
-    }
-    Ok((model, lora, llamatune::model::llama::Batch::causal_lm(&rows)))
-}
-
-fn debug_logits<B: Backend>(be: &B, a: &DebugModelArgs, output: &Path) -> Result<ExitCode> {
-    let (model, lora, batch) = debug_setup(be, a)?;
-    let logits = llamatune::model::llama::full_logits(be, &model, lora.as_ref(), &batch);
-    let t = llamatune::model::weights::HostTensor {
-        shape: vec![batch.batch, batch.seq, model.cfg.vocab_size],
-        data: logits,
-    };
-    llamatune::model::weights::write_safetensors(output, &[("logits".into(), t)], SaveDtype::F32, None)?;
-    Ok(ExitCode::SUCCESS)
-}
-
-fn debug_grads<B: Backend>(be: &B, a: &DebugModelArgs, output: &Path, save: Option<&Path>) -> Result<ExitCode> {
-    let (model, lora, batch) = debug_setup(be, a)?;
-    let lora = lora.ok_or_else(|| Error::Config("debug grads needs --adapter".into()))?;
-    let mut grads = lora.zero_grads(be);
-    let n = batch.num_targets() as f32;
-    let loss = llamatune::model::llama::forward_backward(be, &model, &lora, &mut grads, &batch, 1.0 / n, None, true);
-    let mut tensors = vec![(
-        "loss".to_string(),
-        llamatune::model::weights::HostTensor { shape: vec![1], data: vec![loss.mean() as f32] },
-    )];
-    for ((name, p), g) in lora.named_params().iter().zip(grads.bufs()) {
-        let _ = p;
-        let d = be.download(g);
-        tensors.push((name.clone(), llamatune::model::weights::HostTensor { shape: vec![d.len()], data: d }));
-    }
-    llamatune::model::weights::write_safetensors(output, &tensors, SaveDtype::F32, None)?;
-    if let Some(dir) = save {
-        peft::save_adapter(be, &lora, &model.cfg, &a.model.display().to_string(), dir)?;
-    }
-    Ok(ExitCode::SUCCESS)
-}
-
-fn debug_hidden<B: Backend>(be: &B, a: &DebugModelArgs, output: &Path) -> Result<ExitCode> {
-    use llamatune::model::llama::Graph;
-    use llamatune::tape::Tape;
-    let (model, lora, batch) = debug_setup(be, a)?;
-    let g = Graph::new(be, &model, lora.as_ref(), &batch, None, false);
-    let mut t = Tape::<B>::new(false);
-    let h = model.cfg.hidden_size;
-    let mut x0 = be.zeros(batch.input_ids.len() * h);
-    be.embedding(&model.embed, &batch.input_ids, &mut x0);
-    let mut all = be.download(&x0);
-    let mut x = t.put(x0);
-    for l in 0..model.cfg.num_hidden_layers {
-        x = g.layer_forward(&mut t, l, x);
-        all.extend(be.download(t.get(x)));
-    }
-    let n = model.cfg.num_hidden_layers + 1;
-    let t = llamatune::model::weights::HostTensor { shape: vec![n, batch.input_ids.len(), h], data: all };
-    llamatune::model::weights::write_safetensors(output, &[("hidden".into(), t)], SaveDtype::F32, None)?;
     Ok(ExitCode::SUCCESS)
 }
