@@ -39,3 +39,40 @@ DEQUANT(dequant_4bit_bf16, __nv_bfloat16)
 extern "C" __global__ void f32_to_f16(const float* x, __half* out, int64_t n) {
     FOR_EACH(i, n) out[i] = __float2half_rn(x[i]);
 }
+
+// Small-M product for decoding: y (m, rows) = x (m, cols) · dequant(W)ᵀ with m ≤ 8, reading the 4-bit
+// codes directly (0.5 byte per weight instead of expanding W first). One warp per output row; values
+// are rounded to the compute dtype (0 f32, 1 f16, 2 bf16) as the dequantize + GEMM path does, and
+// accumulated in f32. CPU reference: Cpu::linear with a 4-bit weight.
+__device__ __forceinline__ float round_to(float v, int compute) {
+    if (compute == 1) return __half2float(__float2half_rn(v));
+    if (compute == 2) return __bfloat162float(__float2bfloat16_rn(v));
+    return v;
+}
+
+#define GEMV_MAX_M 8
+extern "C" __global__ void gemv_4bit_f32(const uint8_t* packed, const float* absmax, const uint8_t* absmax_q, const float* absmax2, const float* code256, float offset, const float* code16, int blocksize, const float* x, float* y, int m, int rows, int cols, int compute) {
+    __shared__ float lut[16];
+    if (threadIdx.x < 16) lut[threadIdx.x] = code16[threadIdx.x];
+    __syncthreads();
+    const int row = (blockIdx.x * blockDim.x + threadIdx.x) / WARP, lane = threadIdx.x % WARP;
+    if (row >= rows) return;
+    float acc[GEMV_MAX_M];
+#pragma unroll
+    for (int j = 0; j < GEMV_MAX_M; j++) acc[j] = 0.f;
+    const int64_t base = (int64_t)row * cols;
+    for (int c = lane; c < cols; c += WARP) {
+        const int64_t e = base + c;
+        const uint8_t b = packed[e >> 1];
+        const int q = (e & 1) ? (b & 15) : (b >> 4);
+        const float w = round_to(lut[q] * block_absmax(absmax, absmax_q, absmax2, code256, offset, e / blocksize), compute);
+#pragma unroll
+        for (int j = 0; j < GEMV_MAX_M; j++)
+            if (j < m) acc[j] += round_to(x[(int64_t)j * cols + c], compute) * w;
+    }
+#pragma unroll
+    for (int j = 0; j < GEMV_MAX_M; j++) {
+        const float s = warp_sum(acc[j]);
+        if (j < m && lane == 0) y[(int64_t)j * rows + row] = s;
+    }
+}

@@ -194,6 +194,42 @@ fn linear_dense_and_4bit_forward_and_input_grad() {
 }
 
 #[test]
+fn small_m_4bit_gemv_for_decoding() {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(15);
+    for s in &SHAPES {
+        for (rows, cols) in [(s.ffn, s.hidden), (s.hidden, s.ffn), (s.vocab.min(4099), s.hidden)] {
+            let data = rnd(&mut rng, rows * cols, 0.05);
+            for (qt, dq, c) in [
+                (QuantType::Nf4, false, ComputeDtype::BF16),
+                (QuantType::Nf4, true, ComputeDtype::F16),
+                (QuantType::Fp4, false, ComputeDtype::F32),
+            ] {
+                let q = Quant4::quantize(
+                    &data,
+                    &QuantConfig { quant_type: qt, blocksize: 64, double_quant: dq, compute_dtype: c },
+                );
+                let hw = HostWeight::Quant4 { rows, cols, q, compute: c };
+                let (cw, gw) = (CPU.upload_weight(hw.clone()), gpu().upload_weight(hw));
+                let tol = if c == ComputeDtype::F32 { F32_TOL } else { MIXED_TOL };
+                for m in [1, 3, 8] {
+                    let x = rnd(&mut rng, m * cols, 1.0);
+                    let mut y1 = vec![0.0; m * rows];
+                    CPU.linear(&x, &cw, m, &mut y1);
+                    let mut y2 = poisoned(m * rows);
+                    gpu().linear(&gpu().upload(&x), &gw, m, &mut y2);
+                    check(
+                        &format!("{} gemv m={m} {rows}x{cols} {qt:?} dq={dq} {c:?}", s.name),
+                        &gpu().download(&y2),
+                        &y1,
+                        tol,
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[test]
 fn lora_forward_backward_with_dropout() {
     let mut rng = rand::rngs::StdRng::seed_from_u64(4);
     for s in &SHAPES {

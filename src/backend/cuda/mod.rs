@@ -264,7 +264,7 @@ fn kernel_names(module: &str) -> &'static [&'static str] {
             "sum_squares_f32",
             "non_finite_f32",
         ],
-        "nf4" => &["dequant_4bit_f32", "dequant_4bit_f16", "dequant_4bit_bf16", "f32_to_f16"],
+        "nf4" => &["dequant_4bit_f32", "dequant_4bit_f16", "dequant_4bit_bf16", "f32_to_f16", "gemv_4bit_f32"],
         "norm" => &["rmsnorm_f32", "rmsnorm_backward_f32"],
         "rope" => &["rope_f32"],
         "xent" => &["cross_entropy_f32"],
@@ -483,6 +483,9 @@ impl Backend for Cuda {
     fn linear(&self, x: &CudaSlice<f32>, w: &CudaWeight, m: usize, out: &mut CudaSlice<f32>) {
         let (rows, cols) = w.shape();
         assert!(x.len() == m * cols && out.len() == m * rows, "linear: bad shapes");
+        if m <= GEMV_MAX_M && matches!(w, CudaWeight::Quant4 { .. }) {
+            return self.gemv_4bit(x, w, m, out);
+        }
         let (wop, c) = self.weight_operand(w);
         let xop = self.convert(x, c);
         // out (m, rows) = x (m, cols) · Wᵀ
@@ -772,7 +775,31 @@ impl Backend for Cuda {
     }
 }
 
+/// Rows of `x` up to which a 4-bit linear reads the codes directly (kernels/nf4.cu, gemv_4bit_f32).
+const GEMV_MAX_M: usize = 8;
+
 impl Cuda {
+    /// `out (m, rows) = x · dequant(W)ᵀ` straight from the 4-bit codes, for decoding's few rows.
+    fn gemv_4bit(&self, x: &CudaSlice<f32>, w: &CudaWeight, m: usize, out: &mut CudaSlice<f32>) {
+        let CudaWeight::Quant4 { rows, cols, quant_type, blocksize, compute, packed, absmax } = w else {
+            unreachable!("gemv_4bit takes 4-bit weights")
+        };
+        let code16 = if *quant_type == QuantType::Nf4 { &self.nf4 } else { &self.fp4 };
+        let compute = match compute {
+            ComputeDtype::F32 => 0i32,
+            ComputeDtype::F16 => 1,
+            ComputeDtype::BF16 => 2,
+        };
+        let (bs, m32, r32, c32) = (*blocksize as i32, m as i32, *rows as i32, *cols as i32);
+        let cfg = warp_grid(*rows);
+        match absmax {
+            DeviceAbsmax::F32(a) => launch!(self, "gemv_4bit_f32", cfg; packed, a, &0u64, &0u64, &self.code256, &0f32,
+                code16, &bs, x, &mut *out, &m32, &r32, &c32, &compute),
+            DeviceAbsmax::Nested { q, absmax2, offset } => launch!(self, "gemv_4bit_f32", cfg; packed, &0u64, q,
+                absmax2, &self.code256, offset, code16, &bs, x, &mut *out, &m32, &r32, &c32, &compute),
+        }
+    }
+
     /// `x` with inverted dropout applied (a copy; the same mask formula as the CPU).
     fn dropped(&self, x: &CudaSlice<f32>, d: Dropout) -> CudaSlice<f32> {
         if !d.is_active() {
