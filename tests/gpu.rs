@@ -452,6 +452,31 @@ fn whole_qlora_step_matches_the_cpu() {
 }
 
 #[test]
+fn evaluation_and_cached_greedy_decoding_match_the_cpu() {
+    let cfg = small_config();
+    let src = random_source(&cfg, 16);
+    let q =
+        QuantConfig { quant_type: QuantType::Nf4, blocksize: 64, double_quant: true, compute_dtype: ComputeDtype::F32 };
+    let cm = Llama::load(&CPU, &src, Some(q)).unwrap();
+    let gm = Llama::load(gpu(), &src, Some(q)).unwrap();
+    let (cl, gl) = lora_pair(&cfg);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(17);
+    let rows: Vec<Vec<u32>> =
+        (0..2).map(|_| (0..40).map(|_| rng.gen_range(0..cfg.vocab_size as u32)).collect()).collect();
+    let batch = Batch::causal_lm(&rows);
+    let e1 = llamatune::model::llama::evaluate(&CPU, &cm, Some(&cl), &batch);
+    let e2 = llamatune::model::llama::evaluate(gpu(), &gm, Some(&gl), &batch);
+    // The lm_head is dense: bf16 on the GPU, f32 on the CPU.
+    check("evaluate: mean loss", &[e2.mean() as f32], &[e1.mean() as f32], MIXED_TOL);
+    let gen = llamatune::generate::GenerationConfig { max_new_tokens: 16, ..Default::default() };
+    let prompt = &rows[0][..12];
+    let a = llamatune::generate::generate(&CPU, &cm, Some(&cl), None, prompt, &gen, &mut |_, _| true).unwrap();
+    let b = llamatune::generate::generate(gpu(), &gm, Some(&gl), None, prompt, &gen, &mut |_, _| true).unwrap();
+    println!("greedy tokens cpu {:?}\n              gpu {:?}", a.tokens, b.tokens);
+    assert_eq!(a.tokens, b.tokens, "cached greedy decoding on the GPU (GEMV, KV cache) equals the CPU's");
+}
+
+#[test]
 fn fifty_gpu_steps_drive_the_loss_down() {
     let cfg = small_config();
     let src = random_source(&cfg, 12);

@@ -393,7 +393,8 @@ impl<'a, B: Backend> Graph<'a, B> {
         let head = self.model.lm_head();
         let (vocab, hidden) = be.weight_shape(head);
         let m = targets.len();
-        let mut dn = be.zeros(if t.recording { m * hidden } else { 0 });
+        // dLoss/dx of the final norm's output, only when a backward pass will follow.
+        let mut dn = t.recording.then(|| be.zeros(m * hidden));
         let (mut loss, mut count) = (0f64, 0usize);
         let mut r0 = 0;
         while r0 < m {
@@ -405,14 +406,14 @@ impl<'a, B: Backend> Graph<'a, B> {
             let (l, c) = be.cross_entropy(&logits, &targets[r0..r0 + rows], vocab, loss_scale, &mut dlogits);
             loss += l;
             count += c;
-            if t.recording {
+            if let Some(dn) = dn.as_mut() {
                 let mut dx = be.zeros(rows * hidden);
                 be.linear_backward_input(&dlogits, head, rows, &mut dx, false);
-                be.write_range(&dx, &mut dn, r0 * hidden);
+                be.write_range(&dx, dn, r0 * hidden);
             }
             r0 += rows;
         }
-        if t.recording {
+        if let Some(dn) = dn {
             let dx = t.put(dn);
             t.record(Op::LmHeadLoss { x: n, dx });
         }
