@@ -526,12 +526,16 @@ impl Backend for Cuda {
         let cols = a.len() / r;
         let rows = b.len() / r;
         let xd = self.dropped(x, dropout);
-        let xd = Operand::F32(xd);
-        let (aop, bop) = (Operand::F32(a.clone()), Operand::F32(b.clone()));
+        let (aop, bop) = (OperandView::F32(a), OperandView::F32(b));
         // u (m, r) = drop(x) · Aᵀ;  y (m, rows) += scale · u · Bᵀ
-        ck!(self.blas.gemm_rm(false, true, m, r, cols, 1.0, &xd, cols, &aop, cols, 0.0, u, r), "LoRA A GEMM");
-        let uop = Operand::F32(u.clone());
-        ck!(self.blas.gemm_rm(false, true, m, rows, r, scale, &uop, r, &bop, r, 1.0, y, rows), "LoRA B GEMM");
+        ck!(
+            self.blas.gemm_rm(false, true, m, r, cols, 1.0, OperandView::F32(&xd), cols, aop, cols, 0.0, u, r),
+            "LoRA A GEMM"
+        );
+        ck!(
+            self.blas.gemm_rm(false, true, m, rows, r, scale, OperandView::F32(u), r, bop, r, 1.0, y, rows),
+            "LoRA B GEMM"
+        );
     }
     fn lora_backward(
         &self,
@@ -550,23 +554,23 @@ impl Backend for Cuda {
     ) {
         let cols = a.len() / r;
         let rows = b.len() / r;
-        let (dyop, uop) = (Operand::F32(dy.clone()), Operand::F32(u.clone()));
-        let (aop, bop) = (Operand::F32(a.clone()), Operand::F32(b.clone()));
+        let (dyop, uop) = (OperandView::F32(dy), OperandView::F32(u));
+        let (aop, bop) = (OperandView::F32(a), OperandView::F32(b));
         // db (rows, r) += scale · dyᵀ · u
-        ck!(self.blas.gemm_rm(true, false, rows, r, m, scale, &dyop, rows, &uop, r, 1.0, db, r), "LoRA dB GEMM");
+        ck!(self.blas.gemm_rm(true, false, rows, r, m, scale, dyop, rows, uop, r, 1.0, db, r), "LoRA dB GEMM");
         // du (m, r) = scale · dy · B
         let mut du = self.zeros(m * r);
-        ck!(self.blas.gemm_rm(false, false, m, r, rows, scale, &dyop, rows, &bop, r, 0.0, &mut du, r), "LoRA du GEMM");
+        ck!(self.blas.gemm_rm(false, false, m, r, rows, scale, dyop, rows, bop, r, 0.0, &mut du, r), "LoRA du GEMM");
         // da (r, cols) += duᵀ · drop(x)
-        let xd = Operand::F32(self.dropped(x, dropout));
-        let duop = Operand::F32(du);
-        ck!(self.blas.gemm_rm(true, false, r, cols, m, 1.0, &duop, r, &xd, cols, 1.0, da, cols), "LoRA dA GEMM");
+        let xd = self.dropped(x, dropout);
+        let duop = OperandView::F32(&du);
+        ck!(
+            self.blas.gemm_rm(true, false, r, cols, m, 1.0, duop, r, OperandView::F32(&xd), cols, 1.0, da, cols),
+            "LoRA dA GEMM"
+        );
         // dx += drop'(du · A)
         let mut dxd = self.zeros(m * cols);
-        ck!(
-            self.blas.gemm_rm(false, false, m, cols, r, 1.0, &duop, r, &aop, cols, 0.0, &mut dxd, cols),
-            "LoRA dx GEMM"
-        );
+        ck!(self.blas.gemm_rm(false, false, m, cols, r, 1.0, duop, r, aop, cols, 0.0, &mut dxd, cols), "LoRA dx GEMM");
         let n = dx.len();
         let a0 = n as i64;
         launch!(self, "dropout_add_f32", grid_for(n); &mut *dx, &dxd, &dropout.seed, &dropout.p, &a0);
@@ -847,6 +851,7 @@ impl OperandRef<'_> {
 }
 
 /// A borrowed GEMM operand.
+#[derive(Clone, Copy)]
 pub enum OperandView<'a> {
     F32(&'a CudaSlice<f32>),
     F16(&'a CudaSlice<f16>),
