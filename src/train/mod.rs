@@ -27,6 +27,25 @@ pub struct TrainData {
     pub pad_id: u32,
 }
 
+impl TrainData {
+    /// Every token id (and the pad id) must index the model's embedding.
+    pub fn check_vocab(&self, vocab: usize) -> Result<()> {
+        for (what, ds) in [("training", Some(&self.train)), ("evaluation", self.eval.as_ref())] {
+            if let Some(max) = ds.and_then(|d| d.samples.iter().flat_map(|s| s.input_ids.iter()).max()) {
+                if *max as usize >= vocab {
+                    return Err(Error::Config(format!(
+                        "the {what} data has token id {max} but the model's vocab_size is {vocab}: is the tokenizer the model's?"
+                    )));
+                }
+            }
+        }
+        if self.pad_id as usize >= vocab {
+            return Err(Error::Config(format!("pad token id {} is outside the model's vocab ({vocab})", self.pad_id)));
+        }
+        Ok(())
+    }
+}
+
 /// What the trainer reports while it runs (the library's progress callback).
 #[derive(Debug, Clone)]
 pub enum Event {
@@ -137,19 +156,7 @@ impl<'a, B: Backend> Trainer<'a, B> {
                 be.name()
             )));
         }
-        let vocab = model.cfg.vocab_size;
-        for (what, ds) in [("training", Some(&data.train)), ("evaluation", data.eval.as_ref())] {
-            if let Some(max) = ds.and_then(|d| d.samples.iter().flat_map(|s| s.input_ids.iter()).max()) {
-                if *max as usize >= vocab {
-                    return Err(Error::Config(format!(
-                        "the {what} data has token id {max} but the model's vocab_size is {vocab}: is the tokenizer the model's?"
-                    )));
-                }
-            }
-        }
-        if data.pad_id as usize >= vocab {
-            return Err(Error::Config(format!("pad token id {} is outside the model's vocab ({vocab})", data.pad_id)));
-        }
+        data.check_vocab(model.cfg.vocab_size)?;
         let out_dir = PathBuf::from(&cfg.output_dir);
         if holds_a_run(&out_dir) && cfg.resume_from_checkpoint.is_none() {
             if !cfg.overwrite_output_dir {

@@ -557,6 +557,7 @@ fn eval_on<B: Backend>(be: &B, a: &EvalArgs) -> Result<ExitCode> {
         ..TrainConfig::default()
     };
     let (data, report) = train::data::load_train_data(&cfg, &l.tok)?;
+    data.check_vocab(l.model.cfg.vocab_size)?;
     let batching = llamatune::data::Batching {
         batch_size: a.per_device_eval_batch_size,
         shuffle: false,
