@@ -308,15 +308,26 @@ impl Quant4 {
     /// Dequantizes `out.len()` values starting at flat index `start` (used to expand one row at a time).
     pub fn dequantize_range(&self, start: usize, out: &mut [f32]) {
         let table = code_table(self.quant_type);
-        let absmax = match &self.absmax {
-            Absmax::F32(v) => std::borrow::Cow::Borrowed(v),
-            nested => std::borrow::Cow::Owned(nested.values()),
+        if out.is_empty() {
+            return;
+        }
+        // Only the blocks this range touches: expanding every nested absmax per call made a
+        // slab-by-slab matmul quadratic in the weight's size.
+        let (b0, b1) = (start / self.blocksize, (start + out.len() - 1) / self.blocksize + 1);
+        let absmax: std::borrow::Cow<'_, [f32]> = match &self.absmax {
+            Absmax::F32(v) => std::borrow::Cow::Borrowed(&v[b0..b1]),
+            Absmax::Nested { q, absmax2, offset } => {
+                let code = dynamic_map_signed();
+                std::borrow::Cow::Owned(
+                    (b0..b1).map(|b| code[q[b] as usize] * absmax2[b / NESTED_BLOCKSIZE] + offset).collect(),
+                )
+            }
         };
         const CHUNK: usize = 1 << 14;
         out.par_chunks_mut(CHUNK).enumerate().for_each(|(c, chunk)| {
             for (k, o) in chunk.iter_mut().enumerate() {
                 let i = start + c * CHUNK + k;
-                *o = table[self.code_at(i) as usize] * absmax[i / self.blocksize];
+                *o = table[self.code_at(i) as usize] * absmax[i / self.blocksize - b0];
             }
         });
     }
