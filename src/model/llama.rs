@@ -314,7 +314,7 @@ impl<'a, B: Backend> Graph<'a, B> {
         out
     }
 
-    /// Attention over this pass's own keys (training/eval) — the cached variant is in `decode_layer`.
+    /// Attention over this pass's own keys (training/eval) — the cached variant is in `layer`.
     fn attention(&self, t: &mut Tape<B>, q: Id, k: Id, v: Id) -> Id {
         let be = self.be;
         let sh = self.shape;
@@ -337,6 +337,13 @@ impl<'a, B: Backend> Graph<'a, B> {
 
     /// One decoder layer on tape `t`, from hidden state `x` `(m, hidden)`.
     pub fn layer_forward(&self, t: &mut Tape<B>, l: usize, x: Id) -> Id {
+        self.layer(t, l, x, None)
+    }
+
+    /// The decoder layer. With `cache` (decoding: `(layer's KV cache, positions already in it)`),
+    /// the new keys and values are appended to the cache and attention reads the whole cache;
+    /// that path is never recorded.
+    fn layer(&self, t: &mut Tape<B>, l: usize, x: Id, cache: Option<(&mut KvLayer<B>, usize)>) -> Id {
         let c = &self.model.cfg;
         let n1 = self.rmsnorm(t, x, NormRef::Attn(l));
         let q = self.linear(t, n1, l, Proj::Q);
@@ -344,7 +351,18 @@ impl<'a, B: Backend> Graph<'a, B> {
         let v = self.linear(t, n1, l, Proj::V);
         let q = self.rope(t, q, c.num_attention_heads);
         let k = self.rope(t, k, c.num_key_value_heads);
-        let a = self.attention(t, q, k, v);
+        let a = match cache {
+            None => self.attention(t, q, k, v),
+            Some((kv, past)) => {
+                let be = self.be;
+                be.write_range(t.get(k), &mut kv.k, past * c.kv_dim());
+                be.write_range(t.get(v), &mut kv.v, past * c.kv_dim());
+                let mut a = be.zeros(be.buf_len(t.get(q)));
+                let mut lse = be.zeros(self.shape.heads * self.shape.q_len);
+                be.attention(t.get(q), &kv.k, &kv.v, self.shape, None, &mut a, &mut lse);
+                t.put(a)
+            }
+        };
         let o = self.linear(t, a, l, Proj::O);
         let x2 = self.add(t, x, o);
         let n2 = self.rmsnorm(t, x2, NormRef::Mlp(l));
@@ -530,44 +548,11 @@ pub fn decode_step<B: Backend>(
     for (l, kv) in cache.layers.iter_mut().enumerate() {
         let mut t = Tape::<B>::new(false);
         let x = t.put(h);
-        h = decode_layer(&g, &mut t, l, x, kv, cache.len);
+        let y = g.layer(&mut t, l, x, Some((kv, cache.len)));
+        h = t.take(y);
     }
     cache.len += n;
     let mut t = Tape::<B>::new(false);
     let x = t.put(be.read_range(&h, (n - 1) * c.hidden_size, c.hidden_size));
     Ok(be.download(&g.logits(&mut t, x)))
-}
-
-/// A decoder layer that reads and extends the KV cache (the same ops as `layer_forward`).
-fn decode_layer<B: Backend>(
-    g: &Graph<'_, B>,
-    t: &mut Tape<B>,
-    l: usize,
-    x: Id,
-    kv: &mut KvLayer<B>,
-    past: usize,
-) -> B::Buf {
-    let be = g.be;
-    let c = &g.model.cfg;
-    let n1 = g.rmsnorm(t, x, NormRef::Attn(l));
-    let q = g.linear(t, n1, l, Proj::Q);
-    let k = g.linear(t, n1, l, Proj::K);
-    let v = g.linear(t, n1, l, Proj::V);
-    let q = g.rope(t, q, c.num_attention_heads);
-    let k = g.rope(t, k, c.num_key_value_heads);
-    be.write_range(t.get(k), &mut kv.k, past * c.kv_dim());
-    be.write_range(t.get(v), &mut kv.v, past * c.kv_dim());
-    let mut a = be.zeros(be.buf_len(t.get(q)));
-    let mut lse = be.zeros(g.shape.heads * g.shape.q_len);
-    be.attention(t.get(q), &kv.k, &kv.v, g.shape, None, &mut a, &mut lse);
-    let a = t.put(a);
-    let o = g.linear(t, a, l, Proj::O);
-    let x2 = g.add(t, x, o);
-    let n2 = g.rmsnorm(t, x2, NormRef::Mlp(l));
-    let gate = g.linear(t, n2, l, Proj::Gate);
-    let up = g.linear(t, n2, l, Proj::Up);
-    let s = g.swiglu(t, gate, up);
-    let d = g.linear(t, s, l, Proj::Down);
-    let out = g.add(t, x2, d);
-    t.take(out)
 }
