@@ -152,9 +152,9 @@ impl Cuda {
         ck!(self.stream.synchronize(), "synchronize");
     }
 
-    /// Expands a 4-bit weight into a fresh buffer of its compute dtype.
-    fn dequantize(&self, w: &CudaWeight) -> Operand {
-        let CudaWeight::Quant4 { rows, cols, quant_type, blocksize, compute, packed, absmax } = w else {
+    /// Expands a 4-bit weight into a fresh buffer of dtype `compute`.
+    fn dequantize(&self, w: &CudaWeight, compute: ComputeDtype) -> Operand {
+        let CudaWeight::Quant4 { rows, cols, quant_type, blocksize, packed, absmax, .. } = w else {
             unreachable!("dequantize takes 4-bit weights")
         };
         let n = rows * cols;
@@ -222,7 +222,7 @@ impl Cuda {
         match w {
             CudaWeight::Dense { data: d @ DenseData::BF16(_), .. } => (OperandRef::Borrowed(d), ComputeDtype::BF16),
             CudaWeight::Dense { data: d @ DenseData::F16(_), .. } => (OperandRef::Borrowed(d), ComputeDtype::F16),
-            CudaWeight::Quant4 { compute, .. } => (OperandRef::Owned(self.dequantize(w)), *compute),
+            CudaWeight::Quant4 { compute, .. } => (OperandRef::Owned(self.dequantize(w, *compute)), *compute),
         }
     }
 
@@ -435,7 +435,7 @@ impl Backend for Cuda {
                 launch!(self, "embedding_f16", grid_for(n); d, &ids_d, &mut *out, &m32, &dim32)
             }
             q => {
-                let Operand::BF16(d) = self.dequantize_as(q, ComputeDtype::BF16) else { unreachable!() };
+                let Operand::BF16(d) = self.dequantize(q, ComputeDtype::BF16) else { unreachable!() };
                 launch!(self, "embedding_bf16", grid_for(n); &d, &ids_d, &mut *out, &m32, &dim32)
             }
         }
@@ -811,30 +811,6 @@ impl Cuda {
         let a0 = n as i64;
         launch!(self, "dropout_f32", grid_for(n); x, &mut out, &d.seed, &d.p, &a0);
         out
-    }
-
-    fn dequantize_as(&self, w: &CudaWeight, c: ComputeDtype) -> Operand {
-        match w {
-            CudaWeight::Quant4 { rows, cols, quant_type, blocksize, packed, absmax, .. } => {
-                // A view of the same weight with another compute dtype.
-                let tmp = CudaWeight::Quant4 {
-                    rows: *rows,
-                    cols: *cols,
-                    quant_type: *quant_type,
-                    blocksize: *blocksize,
-                    compute: c,
-                    packed: packed.clone(),
-                    absmax: match absmax {
-                        DeviceAbsmax::F32(a) => DeviceAbsmax::F32(a.clone()),
-                        DeviceAbsmax::Nested { q, absmax2, offset } => {
-                            DeviceAbsmax::Nested { q: q.clone(), absmax2: absmax2.clone(), offset: *offset }
-                        }
-                    },
-                };
-                self.dequantize(&tmp)
-            }
-            CudaWeight::Dense { .. } => unreachable!("dequantize_as takes 4-bit weights"),
-        }
     }
 }
 
