@@ -197,11 +197,11 @@ impl Cuda {
         }
     }
 
-    /// `x` (f32) as an operand of dtype `c` (a converted copy unless f32).
-    fn convert(&self, x: &CudaSlice<f32>, c: ComputeDtype) -> Operand {
+    /// A copy of `x` converted to dtype `c`; `None` when `c` is f32 and `x` serves as it is.
+    fn convert(&self, x: &CudaSlice<f32>, c: ComputeDtype) -> Option<Operand> {
         let n = x.len();
-        match c {
-            ComputeDtype::F32 => Operand::F32(x.clone()),
+        Some(match c {
+            ComputeDtype::F32 => return None,
             ComputeDtype::BF16 => {
                 let mut out = ck!(self.stream.alloc_zeros::<bf16>(n), "alloc");
                 let n64 = n as i64;
@@ -214,7 +214,7 @@ impl Cuda {
                 launch!(self, "f32_to_f16", grid_for(n); x, &mut out, &n64);
                 Operand::F16(out)
             }
-        }
+        })
     }
 
     /// The weight as a GEMM operand, and the dtype the activations must be converted to.
@@ -484,10 +484,11 @@ impl Backend for Cuda {
             return self.gemv_4bit(x, w, m, out);
         }
         let (wop, c) = self.weight_operand(w);
-        let xop = self.convert(x, c);
+        let xc = self.convert(x, c);
+        let xop = xc.as_ref().map_or(OperandView::F32(x), OperandView::from);
         // out (m, rows) = x (m, cols) · Wᵀ
         ck!(
-            self.blas.gemm_rm(false, true, m, rows, cols, 1.0, &xop, cols, wop.as_ref(), cols, 0.0, out, rows),
+            self.blas.gemm_rm(false, true, m, rows, cols, 1.0, xop, cols, wop.as_ref(), cols, 0.0, out, rows),
             "linear GEMM"
         );
     }
@@ -502,11 +503,12 @@ impl Backend for Cuda {
         let (rows, cols) = w.shape();
         assert!(dy.len() == m * rows && dx.len() == m * cols, "linear_backward_input: bad shapes");
         let (wop, c) = self.weight_operand(w);
-        let dyop = self.convert(dy, c);
+        let dyc = self.convert(dy, c);
+        let dyop = dyc.as_ref().map_or(OperandView::F32(dy), OperandView::from);
         let beta = if accumulate { 1.0 } else { 0.0 };
         // dx (m, cols) = dy (m, rows) · W (rows, cols)
         ck!(
-            self.blas.gemm_rm(false, false, m, cols, rows, 1.0, &dyop, rows, wop.as_ref(), cols, beta, dx, cols),
+            self.blas.gemm_rm(false, false, m, cols, rows, 1.0, dyop, rows, wop.as_ref(), cols, beta, dx, cols),
             "linear backward GEMM"
         );
     }
@@ -529,7 +531,21 @@ impl Backend for Cuda {
         let (aop, bop) = (OperandView::F32(a), OperandView::F32(b));
         // u (m, r) = drop(x) · Aᵀ;  y (m, rows) += scale · u · Bᵀ
         ck!(
-            self.blas.gemm_rm(false, true, m, r, cols, 1.0, OperandView::F32(&xd), cols, aop, cols, 0.0, u, r),
+            self.blas.gemm_rm(
+                false,
+                true,
+                m,
+                r,
+                cols,
+                1.0,
+                OperandView::F32(xd.as_ref().unwrap_or(x)),
+                cols,
+                aop,
+                cols,
+                0.0,
+                u,
+                r
+            ),
             "LoRA A GEMM"
         );
         ck!(
@@ -565,7 +581,21 @@ impl Backend for Cuda {
         let xd = self.dropped(x, dropout);
         let duop = OperandView::F32(&du);
         ck!(
-            self.blas.gemm_rm(true, false, r, cols, m, 1.0, duop, r, OperandView::F32(&xd), cols, 1.0, da, cols),
+            self.blas.gemm_rm(
+                true,
+                false,
+                r,
+                cols,
+                m,
+                1.0,
+                duop,
+                r,
+                OperandView::F32(xd.as_ref().unwrap_or(x)),
+                cols,
+                1.0,
+                da,
+                cols
+            ),
             "LoRA dA GEMM"
         );
         // dx += drop'(du · A)
@@ -801,16 +831,17 @@ impl Cuda {
         }
     }
 
-    /// `x` with inverted dropout applied (a copy; the same mask formula as the CPU).
-    fn dropped(&self, x: &CudaSlice<f32>, d: Dropout) -> CudaSlice<f32> {
+    /// `x` with inverted dropout applied (the same mask formula as the CPU); `None` when dropout is
+    /// off and `x` serves as it is.
+    fn dropped(&self, x: &CudaSlice<f32>, d: Dropout) -> Option<CudaSlice<f32>> {
         if !d.is_active() {
-            return x.clone();
+            return None;
         }
         let n = x.len();
         let mut out = self.zeros(n);
         let a0 = n as i64;
         launch!(self, "dropout_f32", grid_for(n); x, &mut out, &d.seed, &d.p, &a0);
-        out
+        Some(out)
     }
 }
 
