@@ -42,8 +42,8 @@ extern "C" __global__ void f32_to_f16(const float* x, __half* out, int64_t n) {
 
 // Small-M product for decoding: y (m, rows) = x (m, cols) · dequant(W)ᵀ with m ≤ 8, reading the 4-bit
 // codes directly (0.5 byte per weight instead of expanding W first). One warp per output row; values
-// are rounded to the compute dtype (0 f32, 1 f16, 2 bf16) as the dequantize + GEMM path does, and
-// accumulated in f32. CPU reference: Cpu::linear with a 4-bit weight.
+// and the output are rounded to the compute dtype (0 f32, 1 f16, 2 bf16) as the dequantize + GEMM path
+// does, and accumulated in f32. CPU reference: Cpu::linear with a 4-bit weight.
 __device__ __forceinline__ float round_to(float v, int compute) {
     if (compute == 1) return __half2float(__float2half_rn(v));
     if (compute == 2) return __bfloat162float(__float2bfloat16_rn(v));
@@ -73,6 +73,6 @@ extern "C" __global__ void gemv_4bit_f32(const uint8_t* packed, const float* abs
 #pragma unroll
     for (int j = 0; j < GEMV_MAX_M; j++) {
         const float s = warp_sum(acc[j]);
-        if (j < m && lane == 0) y[(int64_t)j * rows + row] = s;
+        if (j < m && lane == 0) y[(int64_t)j * rows + row] = round_to(s, compute);
     }
 }

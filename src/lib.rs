@@ -34,6 +34,7 @@
 
 pub mod assets;
 pub mod backend;
+pub mod bench;
 pub mod config;
 pub mod data;
 pub mod error;

@@ -508,3 +508,69 @@ fn fifty_gpu_steps_drive_the_loss_down() {
     println!("GPU training loss: first {:.4}, step 25 {:.4}, last {:.4}", losses[0], losses[25], losses[49]);
     assert!(losses[49] < losses[0] / 4.0, "loss {} -> {}", losses[0], losses[49]);
 }
+
+/// The real SmolLM2-135M-Instruct (its GGUF must be in the llamatune cache: `LLAMATUNE_CACHE`,
+/// checksum-verified by `assets::fetch`): one QLoRA step (NF4, bf16 compute, all-linear r=16,
+/// dropout 0.1) equals the CPU's, and greedy decoding gives the CPU's tokens and says "Paris".
+#[test]
+fn smollm2_qlora_step_and_greedy_answer_match_the_cpu() {
+    use llamatune::model::weights::WeightSource;
+    let path = llamatune::assets::fetch(&llamatune::assets::SMOLLM2_135M_INSTRUCT)
+        .expect("SmolLM2 GGUF: put it in $LLAMATUNE_CACHE (the device runner does)");
+    let src = llamatune::model::gguf::GgufSource::open(&path).unwrap();
+    let cfg = src.config().clone();
+    let q = QuantConfig {
+        quant_type: QuantType::Nf4,
+        blocksize: 64,
+        double_quant: true,
+        compute_dtype: ComputeDtype::BF16,
+    };
+    let cm = Llama::load(&CPU, &src, Some(q)).unwrap();
+    let gm = Llama::load(gpu(), &src, Some(q)).unwrap();
+    let (cl, gl) = lora_pair(&cfg);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(21);
+    let rows: Vec<Vec<u32>> =
+        (0..2).map(|_| (0..97).map(|_| rng.gen_range(0..cfg.vocab_size as u32)).collect()).collect();
+    let batch = Batch::causal_lm(&rows);
+    let scale = 1.0 / batch.num_targets() as f32;
+    let mut cg = cl.zero_grads(&CPU);
+    let mut gg = gl.zero_grads(gpu());
+    let l1 = forward_backward(&CPU, &cm, &cl, &mut cg, &batch, scale, Some(22), true);
+    let l2 = forward_backward(gpu(), &gm, &gl, &mut gg, &batch, scale, Some(22), true);
+    check("SmolLM2 step loss", &[l2.mean() as f32], &[l1.mean() as f32], MIXED_TOL);
+    let mut worst = (0.0f64, String::new());
+    for ((name, _), (a, b)) in cl.named_params().iter().zip(cg.bufs().iter().zip(gg.bufs())) {
+        let got = gpu().download(b);
+        let num: f64 = got.iter().zip(a.iter()).map(|(x, y)| ((x - y) as f64).powi(2)).sum();
+        let den: f64 = a.iter().map(|y| (*y as f64).powi(2)).sum();
+        let rel = (num / den.max(1e-30)).sqrt();
+        if rel > worst.0 {
+            worst = (rel, name.clone());
+        }
+        check(&format!("SmolLM2 grad {}", name.trim_start_matches("base_model.model.model.")), &got, a, MIXED_TOL);
+    }
+    println!(
+        "SmolLM2 step: loss cpu {:.6} gpu {:.6}; worst of {} LoRA grads {:.2e} ({})",
+        l1.mean(),
+        l2.mean(),
+        cg.bufs().len(),
+        worst.0,
+        worst.1
+    );
+
+    let mut tok = llamatune::load::gguf_tokenizer(&src).unwrap();
+    tok.eos_token = Some("<|im_end|>".into());
+    let prompt = tok
+        .apply_chat_template(&[llamatune::tokenizer::Message::new("user", "What is the capital of France?")], true)
+        .unwrap();
+    let ids = tok.encode_templated(&prompt).unwrap();
+    let gen =
+        llamatune::generate::GenerationConfig { max_new_tokens: 12, eos_token_ids: vec![2], ..Default::default() };
+    let cd = Llama::load(&CPU, &src, None).unwrap();
+    let gd = Llama::load(gpu(), &src, None).unwrap();
+    let a = llamatune::generate::generate(&CPU, &cd, None, Some(&tok), &ids, &gen, &mut |_, _| true).unwrap();
+    let b = llamatune::generate::generate(gpu(), &gd, None, Some(&tok), &ids, &gen, &mut |_, _| true).unwrap();
+    println!("SmolLM2 greedy: cpu {:?}\n                gpu {:?}", a.text, b.text);
+    assert_eq!(a.tokens, b.tokens, "greedy tokens on the GPU equal the CPU's");
+    assert!(b.text.contains("Paris"), "answer was {:?}", b.text);
+}

@@ -149,6 +149,10 @@ pub trait Backend {
     fn peak_memory(&self) -> Option<u64> {
         None
     }
+    /// Starts a new peak-memory window (so a benchmark can measure training apart from loading).
+    fn reset_peak_memory(&self) {}
+    /// Waits until every queued operation has finished (timing needs it; the CPU is synchronous).
+    fn synchronize(&self) {}
 
     // ---- memory --------------------------------------------------------------------------------
     fn zeros(&self, n: usize) -> Self::Buf;

@@ -84,6 +84,17 @@ impl<B: Backend> Lora<B> {
         Lora { cfg, layers }
     }
 
+    /// Replaces every B with small random values (tests and benchmarks: PEFT's zero B makes the
+    /// adapter's output and dA exactly zero on the first step, which hides errors and work).
+    pub fn randomize_b(&mut self, be: &B, seed: u64) {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        for pair in self.layers.iter_mut().flatten().flatten() {
+            let n = be.buf_len(&pair.b);
+            let b: Vec<f64> = (0..n).map(|_| rng.gen_range(-0.01..0.01)).collect();
+            pair.b = be.upload_f64(&b);
+        }
+    }
+
     pub fn scaling(&self) -> f32 {
         self.cfg.scaling() as f32
     }

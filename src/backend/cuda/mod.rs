@@ -17,7 +17,6 @@ use cudarc::driver::{
 };
 use half::{bf16, f16};
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 mod embedded {
@@ -70,8 +69,52 @@ pub struct Cuda {
     code256: CudaSlice<f32>,
     nf4: CudaSlice<f32>,
     fp4: CudaSlice<f32>,
-    peak: AtomicU64,
+    /// The device's default memory pool, which every `alloc` of this backend draws from
+    /// (cudarc allocates with `cuMemAllocAsync`); its used-memory high-water mark is our peak.
+    pool: Pool,
+    /// `LLAMATUNE_PROFILE=1`: device time per op (each op synchronizes; for finding hot spots).
+    profile: Option<std::sync::Mutex<HashMap<&'static str, (f64, u64)>>>,
 }
+
+impl Drop for Cuda {
+    /// Prints the profile (`LLAMATUNE_PROFILE=1`) when the backend goes away.
+    fn drop(&mut self) {
+        let report = self.profile_report();
+        if !report.is_empty() {
+            let total: f64 = report.iter().map(|r| r.1).sum();
+            eprintln!("device time by op (each op synchronized), total {:.3} s:", total);
+            for (op, t, n) in report {
+                eprintln!("  {op:<24}{:>10.1} ms {:>6.1}% {n:>8} calls", t * 1e3, 100.0 * t / total);
+            }
+        }
+    }
+}
+
+struct Span<'a> {
+    cuda: &'a Cuda,
+    op: &'static str,
+    start: std::time::Instant,
+}
+
+impl Drop for Span<'_> {
+    fn drop(&mut self) {
+        if let Some(p) = &self.cuda.profile {
+            self.cuda.synchronize();
+            let dt = self.start.elapsed().as_secs_f64();
+            let mut p = p.lock().expect("profile lock");
+            let e = p.entry(self.op).or_insert((0.0, 0));
+            e.0 += dt;
+            e.1 += 1;
+        }
+    }
+}
+
+/// A `CUmemoryPool` handle. The driver's pool handles are process-wide and thread-safe.
+struct Pool(cudarc::driver::sys::CUmemoryPool);
+// SAFETY: driver API calls on a pool handle may come from any thread (the handle is not thread-bound).
+unsafe impl Send for Pool {}
+// SAFETY: as above; the handle itself is never mutated.
+unsafe impl Sync for Pool {}
 
 /// Panics with the op's name on a device error: the trait's ops have no error channel, and a failed
 /// launch or copy means the device or the program is broken, not the user's input.
@@ -91,6 +134,28 @@ macro_rules! launch {
         // buffer argument is a live device allocation of at least that size.
         ck!(unsafe { b.launch($cfg) }, $kernel);
     }};
+}
+
+/// The device's default memory pool, told to keep what it frees (the default threshold of 0 hands
+/// memory back to the driver at every synchronization, and the next step maps it again).
+fn default_pool(
+    ctx: &CudaContext,
+) -> std::result::Result<cudarc::driver::sys::CUmemoryPool, cudarc::driver::DriverError> {
+    use cudarc::driver::sys;
+    let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
+    ctx.bind_to_thread()?;
+    // SAFETY: plain driver queries on a live context; the threshold attribute is a u64.
+    unsafe {
+        sys::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device()).result()?;
+        let mut keep = u64::MAX;
+        sys::cuMemPoolSetAttribute(
+            pool,
+            sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+            (&mut keep as *mut u64).cast(),
+        )
+        .result()?;
+    }
+    Ok(pool)
 }
 
 fn grid_for(n: usize) -> LaunchConfig {
@@ -135,17 +200,41 @@ impl Cuda {
         let code256 = stream.clone_htod(&quant::dynamic_map_signed()).map_err(dev_err)?;
         let nf4 = stream.clone_htod(&quant::NF4_CODE).map_err(dev_err)?;
         let fp4 = stream.clone_htod(&quant::FP4_CODE).map_err(dev_err)?;
-        Ok(Cuda { ordinal, device_name, ctx, stream, blas, funcs, code256, nf4, fp4, peak: AtomicU64::new(0) })
+        let pool = Pool(default_pool(&ctx).map_err(dev_err)?);
+        let profile = std::env::var_os("LLAMATUNE_PROFILE").map(|_| std::sync::Mutex::new(HashMap::new()));
+        Ok(Cuda { ordinal, device_name, ctx, stream, blas, funcs, code256, nf4, fp4, pool, profile })
     }
 
     fn f(&self, name: &str) -> &CudaFunction {
         self.funcs.get(name).unwrap_or_else(|| panic!("kernel {name} is not in the embedded modules"))
     }
 
-    fn note_memory(&self) {
-        if let Ok((free, total)) = self.ctx.mem_get_info() {
-            self.peak.fetch_max((total - free) as u64, Ordering::Relaxed);
+    fn pool_attribute(&self, attr: cudarc::driver::sys::CUmemPool_attribute) -> u64 {
+        let mut v = 0u64;
+        // SAFETY: `pool` is the live default pool of our device; the attribute is a u64.
+        ck!(
+            unsafe {
+                cudarc::driver::sys::cuMemPoolGetAttribute(self.pool.0, attr, (&mut v as *mut u64).cast()).result()
+            },
+            "pool attribute"
+        );
+        v
+    }
+
+    /// Times the enclosing op when profiling (synchronizing before and after it).
+    fn span(&self, op: &'static str) -> Span<'_> {
+        if self.profile.is_some() {
+            self.synchronize();
         }
+        Span { cuda: self, op, start: std::time::Instant::now() }
+    }
+
+    /// The profile so far: (op, total seconds, calls), slowest first.
+    pub fn profile_report(&self) -> Vec<(&'static str, f64, u64)> {
+        let Some(p) = &self.profile else { return vec![] };
+        let mut v: Vec<_> = p.lock().expect("profile lock").iter().map(|(k, (t, n))| (*k, *t, *n)).collect();
+        v.sort_by(|a, b| b.1.total_cmp(&a.1));
+        v
     }
 
     pub fn synchronize(&self) {
@@ -226,8 +315,28 @@ impl Cuda {
         }
     }
 
+    /// Rounds a 4-bit matmul's f32 output to the weight's 16-bit compute dtype in place.
+    fn round_output(&self, w: &CudaWeight, out: &mut CudaSlice<f32>) {
+        let code = rounding_code(w);
+        if code != 0 {
+            let n = out.len();
+            let n64 = n as i64;
+            launch!(self, "round_to_compute_f32", grid_for(n); &mut *out, &code, &n64);
+        }
+    }
+
     fn scalar_f64(&self) -> CudaSlice<f64> {
         ck!(self.stream.alloc_zeros::<f64>(1), "alloc")
+    }
+}
+
+/// The kernels' code for the dtype a weight's matmul output is rounded to: 0 none (dense weights
+/// and f32 compute), 1 f16, 2 bf16.
+fn rounding_code(w: &CudaWeight) -> i32 {
+    match w {
+        CudaWeight::Quant4 { compute: ComputeDtype::F16, .. } => 1,
+        CudaWeight::Quant4 { compute: ComputeDtype::BF16, .. } => 2,
+        _ => 0,
     }
 }
 
@@ -255,6 +364,8 @@ fn kernel_names(module: &str) -> &'static [&'static str] {
             "swiglu_f32",
             "swiglu_backward_f32",
             "f32_to_bf16",
+            "round_to_compute_f32",
+            "add_rounded_f32",
             "bf16_to_f32",
             "dropout_f32",
             "dropout_add_f32",
@@ -281,15 +392,30 @@ impl Backend for Cuda {
         format!("cuda:{} ({})", self.ordinal, self.device_name)
     }
     fn peak_memory(&self) -> Option<u64> {
-        self.note_memory();
-        Some(self.peak.load(Ordering::Relaxed))
+        Some(self.pool_attribute(cudarc::driver::sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH))
+    }
+    fn reset_peak_memory(&self) {
+        let mut zero = 0u64;
+        let attr = cudarc::driver::sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH;
+        // SAFETY: resetting the high-water mark (the only value the driver accepts is 0).
+        ck!(
+            unsafe {
+                cudarc::driver::sys::cuMemPoolSetAttribute(self.pool.0, attr, (&mut zero as *mut u64).cast()).result()
+            },
+            "pool reset"
+        );
+    }
+    fn synchronize(&self) {
+        Cuda::synchronize(self);
     }
 
     fn zeros(&self, n: usize) -> CudaSlice<f32> {
+        let _span = self.span("zeros");
         // The driver refuses 0-byte allocations; the graph never asks for one, but be safe.
         ck!(self.stream.alloc_zeros::<f32>(n.max(1)), "alloc")
     }
     fn upload(&self, host: &[f32]) -> CudaSlice<f32> {
+        let _span = self.span("upload");
         ck!(self.stream.clone_htod(host), "upload")
     }
     fn upload_f64(&self, host: &[f64]) -> CudaSlice<f32> {
@@ -297,6 +423,7 @@ impl Backend for Cuda {
         self.upload(&v)
     }
     fn download(&self, buf: &CudaSlice<f32>) -> Vec<f32> {
+        let _span = self.span("download");
         ck!(self.stream.clone_dtoh(buf), "download")
     }
     fn download_f64(&self, buf: &CudaSlice<f32>) -> Vec<f64> {
@@ -338,7 +465,6 @@ impl Backend for Cuda {
                 }
             }
         };
-        self.note_memory();
         out
     }
     fn weight_shape(&self, w: &CudaWeight) -> (usize, usize) {
@@ -378,33 +504,39 @@ impl Backend for Cuda {
         }
     }
     fn read_range(&self, buf: &CudaSlice<f32>, start: usize, len: usize) -> CudaSlice<f32> {
+        let _span = self.span("read_range");
         let mut out = self.zeros(len);
         ck!(self.stream.memcpy_dtod(&buf.slice(start..start + len), &mut out), "read_range");
         out
     }
     fn write_range(&self, src: &CudaSlice<f32>, dst: &mut CudaSlice<f32>, offset: usize) {
+        let _span = self.span("write_range");
         let n = src.len();
         ck!(self.stream.memcpy_dtod(src, &mut dst.slice_mut(offset..offset + n)), "write_range");
     }
 
     fn add_assign(&self, dst: &mut CudaSlice<f32>, src: &CudaSlice<f32>) {
+        let _span = self.span("add_assign");
         assert_eq!(dst.len(), src.len(), "add_assign: length mismatch");
         let n = dst.len();
         let a0 = n as i64;
         launch!(self, "add_assign_f32", grid_for(n); &mut *dst, src, &a0);
     }
     fn add(&self, a: &CudaSlice<f32>, b: &CudaSlice<f32>, out: &mut CudaSlice<f32>) {
+        let _span = self.span("add");
         let n = out.len();
         let a0 = n as i64;
         launch!(self, "add_f32", grid_for(n); a, b, &mut *out, &a0);
     }
     fn scale(&self, buf: &mut CudaSlice<f32>, s: f64) {
+        let _span = self.span("scale");
         let n = buf.len();
         let a0 = s as f32;
         let a1 = n as i64;
         launch!(self, "scale_f32", grid_for(n); &mut *buf, &a0, &a1);
     }
     fn sum_squares(&self, buf: &CudaSlice<f32>) -> f64 {
+        let _span = self.span("sum_squares");
         let mut acc = self.scalar_f64();
         let n = buf.len();
         let a0 = n as i64;
@@ -412,6 +544,7 @@ impl Backend for Cuda {
         ck!(self.stream.clone_dtoh(&acc), "download")[0]
     }
     fn has_non_finite(&self, buf: &CudaSlice<f32>) -> bool {
+        let _span = self.span("has_non_finite");
         let mut flag = ck!(self.stream.alloc_zeros::<i32>(1), "alloc");
         let n = buf.len();
         let a0 = n as i64;
@@ -420,6 +553,7 @@ impl Backend for Cuda {
     }
 
     fn embedding(&self, table: &CudaWeight, ids: &[u32], out: &mut CudaSlice<f32>) {
+        let _span = self.span("embedding");
         let (vocab, dim) = table.shape();
         if let Some(bad) = ids.iter().find(|&&i| i as usize >= vocab) {
             panic!("token id {bad} >= vocab {vocab}");
@@ -441,6 +575,7 @@ impl Backend for Cuda {
         }
     }
     fn embedding_backward(&self, ids: &[u32], dout: &CudaSlice<f32>, dim: usize, dtable: &mut CudaSlice<f32>) {
+        let _span = self.span("embedding_backward");
         let ids_d = ck!(self.stream.clone_htod(ids), "upload ids");
         let m = ids.len();
         let a0 = m as i32;
@@ -457,6 +592,7 @@ impl Backend for Cuda {
         out: &mut CudaSlice<f32>,
         rstd: &mut CudaSlice<f32>,
     ) {
+        let _span = self.span("rmsnorm");
         let m = x.len() / dim;
         let cfg = LaunchConfig { grid_dim: (m as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
         let (dim32, eps32) = (dim as i32, eps as f32);
@@ -471,6 +607,7 @@ impl Backend for Cuda {
         dim: usize,
         dx: &mut CudaSlice<f32>,
     ) {
+        let _span = self.span("rmsnorm_backward");
         let m = x.len() / dim;
         let cfg = LaunchConfig { grid_dim: (m as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
         let dim32 = dim as i32;
@@ -478,6 +615,7 @@ impl Backend for Cuda {
     }
 
     fn linear(&self, x: &CudaSlice<f32>, w: &CudaWeight, m: usize, out: &mut CudaSlice<f32>) {
+        let _span = self.span("linear");
         let (rows, cols) = w.shape();
         assert!(x.len() == m * cols && out.len() == m * rows, "linear: bad shapes");
         if m <= GEMV_MAX_M && matches!(w, CudaWeight::Quant4 { .. }) {
@@ -491,6 +629,7 @@ impl Backend for Cuda {
             self.blas.gemm_rm(false, true, m, rows, cols, 1.0, xop, cols, wop.as_ref(), cols, 0.0, out, rows),
             "linear GEMM"
         );
+        self.round_output(w, out);
     }
     fn linear_backward_input(
         &self,
@@ -500,17 +639,45 @@ impl Backend for Cuda {
         dx: &mut CudaSlice<f32>,
         accumulate: bool,
     ) {
+        let _span = self.span("linear_backward_input");
         let (rows, cols) = w.shape();
         assert!(dy.len() == m * rows && dx.len() == m * cols, "linear_backward_input: bad shapes");
         let (wop, c) = self.weight_operand(w);
         let dyc = self.convert(dy, c);
         let dyop = dyc.as_ref().map_or(OperandView::F32(dy), OperandView::from);
+        // dx (m, cols) = dy (m, rows) · W (rows, cols); a 4-bit weight's product is rounded to its
+        // compute dtype before it is accumulated (as bitsandbytes' 16-bit output is).
+        let code = rounding_code(w);
+        if accumulate && code != 0 {
+            let mut prod = self.zeros(m * cols);
+            ck!(
+                self.blas.gemm_rm(
+                    false,
+                    false,
+                    m,
+                    cols,
+                    rows,
+                    1.0,
+                    dyop,
+                    rows,
+                    wop.as_ref(),
+                    cols,
+                    0.0,
+                    &mut prod,
+                    cols
+                ),
+                "linear backward GEMM"
+            );
+            let n64 = (m * cols) as i64;
+            launch!(self, "add_rounded_f32", grid_for(m * cols); &mut *dx, &prod, &code, &n64);
+            return;
+        }
         let beta = if accumulate { 1.0 } else { 0.0 };
-        // dx (m, cols) = dy (m, rows) · W (rows, cols)
         ck!(
             self.blas.gemm_rm(false, false, m, cols, rows, 1.0, dyop, rows, wop.as_ref(), cols, beta, dx, cols),
             "linear backward GEMM"
         );
+        self.round_output(w, dx);
     }
 
     fn lora_forward(
@@ -525,6 +692,7 @@ impl Backend for Cuda {
         u: &mut CudaSlice<f32>,
         y: &mut CudaSlice<f32>,
     ) {
+        let _span = self.span("lora_forward");
         let cols = a.len() / r;
         let rows = b.len() / r;
         let xd = self.dropped(x, dropout);
@@ -568,6 +736,7 @@ impl Backend for Cuda {
         db: &mut CudaSlice<f32>,
         dx: &mut CudaSlice<f32>,
     ) {
+        let _span = self.span("lora_backward");
         let cols = a.len() / r;
         let rows = b.len() / r;
         let (dyop, uop) = (OperandView::F32(dy), OperandView::F32(u));
@@ -616,6 +785,7 @@ impl Backend for Cuda {
         inverse: bool,
         out: &mut CudaSlice<f32>,
     ) {
+        let _span = self.span("rope");
         let m = x.len() / (heads * head_dim);
         let a0 = m as i32;
         let a1 = heads as i32;
@@ -634,6 +804,7 @@ impl Backend for Cuda {
         out: &mut CudaSlice<f32>,
         lse: &mut CudaSlice<f32>,
     ) {
+        let _span = self.span("attention");
         assert!(sh.head_dim <= 256, "head_dim {} > 256 is not supported", sh.head_dim);
         let seg = segments.map(|s| ck!(self.stream.clone_htod(s), "upload segments"));
         let warps = sh.batch * sh.heads * sh.q_len;
@@ -659,6 +830,7 @@ impl Backend for Cuda {
         dk: &mut CudaSlice<f32>,
         dv: &mut CudaSlice<f32>,
     ) {
+        let _span = self.span("attention_backward");
         let seg = segments.map(|s| ck!(self.stream.clone_htod(s), "upload segments"));
         let mut delta = self.zeros(sh.batch * sh.heads * sh.q_len);
         let g = geom(sh);
@@ -679,6 +851,7 @@ impl Backend for Cuda {
     }
 
     fn swiglu(&self, gate: &CudaSlice<f32>, up: &CudaSlice<f32>, out: &mut CudaSlice<f32>) {
+        let _span = self.span("swiglu");
         let n = out.len();
         let a0 = n as i64;
         launch!(self, "swiglu_f32", grid_for(n); gate, up, &mut *out, &a0);
@@ -691,6 +864,7 @@ impl Backend for Cuda {
         dgate: &mut CudaSlice<f32>,
         dup: &mut CudaSlice<f32>,
     ) {
+        let _span = self.span("swiglu_backward");
         let n = gate.len();
         let a0 = n as i64;
         launch!(self, "swiglu_backward_f32", grid_for(n); gate, up, dout, &mut *dgate, &mut *dup, &a0);
@@ -704,6 +878,7 @@ impl Backend for Cuda {
         scale: f32,
         dlogits: &mut CudaSlice<f32>,
     ) -> (f64, usize) {
+        let _span = self.span("cross_entropy");
         let m = targets.len();
         let t = ck!(self.stream.clone_htod(targets), "upload targets");
         let mut loss = self.scalar_f64();
@@ -739,6 +914,7 @@ impl Backend for Cuda {
         hp: &AdamWStep,
         chunk: usize,
     ) {
+        let _span = self.span("adamw_paged");
         // Each chunk of m and v goes host → staging → kernel → host on the one stream, so a chunk's
         // staging buffers are reused only after its copies back are done (stream order).
         let n = param.len();
@@ -798,6 +974,7 @@ impl Backend for Cuda {
         v: &mut CudaSlice<f32>,
         hp: &AdamWStep,
     ) {
+        let _span = self.span("adamw");
         // Same f32 arithmetic as Cpu::adamw for the step size and corrections.
         let (step_size, c2) = hp.corrections();
         let n = param.len();

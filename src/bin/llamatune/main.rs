@@ -48,6 +48,8 @@ enum Command {
     /// Dataset conversions.
     #[command(subcommand)]
     Data(DataCommand),
+    /// Time training steps and decoding on a random model of a named shape (no download).
+    Bench(Box<bench_cmd::BenchArgs>),
     /// Tools for the parity suite (parity/): raw quantization, logits and gradients as safetensors.
     #[command(subcommand, hide = true)]
     Debug(debug::DebugCommand),
@@ -209,6 +211,7 @@ fn main() -> ExitCode {
             cmd_convert(&input, &output, &dataset_text_field, model.as_deref(), skip_bad_rows)
         }
         Command::Demo(a) => cmd_demo(a),
+        Command::Bench(a) => bench_cmd::cmd_bench(*a),
         Command::Debug(d) => debug::cmd_debug(d),
     };
     match result {
@@ -241,6 +244,7 @@ macro_rules! with_device {
     };
 }
 
+mod bench_cmd;
 mod debug;
 
 /// `auto` takes GPU 0 when this build has CUDA and a GPU answers, else the CPU.

@@ -1,0 +1,164 @@
+"""Side by side on one GPU, in one run: transformers + PEFT + bitsandbytes against `llamatune bench`,
+on the same model shape (random weights), recipe, batch shape and decode length. Prints the ratios
+and writes them as JSON.
+
+    python3 parity/side_by_side.py STAGE/llamatune OUT_DIR [--shape llama2-7b] [--steps 10]
+        [--recipes classic,all-linear] [--decode-tokens 128] [--skip-python] [--skip-ours]
+
+The Python stack follows the classic QLoRA recipe as trl's SFTTrainer runs it: NF4 base with bf16
+compute, `prepare_model_for_kbit_training` (gradient checkpointing, fp32 norms), LoRA r=64 alpha=16
+dropout 0.1, bitsandbytes' PagedAdamW32bit at lr 2e-4, clip 0.3, batch 4 rows of 512 tokens (every
+row full, so both sides do the same work). Each stack runs in its own process, so neither sees the
+other's memory; peak memory is torch's max_memory_allocated on one side and the CUDA pool's
+high-water mark on ours, both counted after the weights are loaded.
+"""
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+SHAPES = {
+    "llama2-7b": dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                      num_attention_heads=32, num_key_value_heads=32, tie_word_embeddings=False, rope_theta=10000.0),
+    "smollm2-135m": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                         num_attention_heads=9, num_key_value_heads=3, tie_word_embeddings=True, rope_theta=100000.0),
+}
+RECIPES = {"classic": ["q_proj", "v_proj"],
+           "all-linear": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]}
+
+
+def python_stack(a, out):
+    """Runs in a child process: builds, quantizes and trains with the Python stack."""
+    import torch
+    import bitsandbytes as bnb
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    ckpt = f"/tmp/side_by_side_{a.shape}"
+    if not os.path.exists(os.path.join(ckpt, "config.json")):
+        cfg = LlamaConfig(**SHAPES[a.shape], rms_norm_eps=1e-5, max_position_embeddings=4096)
+        with torch.device("cuda"):
+            m = LlamaForCausalLM(cfg).to(torch.float16)
+        m.save_pretrained(ckpt)
+        del m
+        torch.cuda.empty_cache()
+    results = {}
+    for recipe in a.recipes.split(","):
+        torch.cuda.reset_peak_memory_stats()
+        t0 = time.time()
+        q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
+        model = AutoModelForCausalLM.from_pretrained(ckpt, quantization_config=q, device_map={"": 0},
+                                                     dtype=torch.bfloat16)
+        torch.cuda.synchronize()
+        load_s = time.time() - t0
+        model.config.use_cache = False
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
+        model = get_peft_model(model, LoraConfig(r=64, lora_alpha=16, lora_dropout=0.1, bias="none",
+                                                 task_type="CAUSAL_LM", target_modules=RECIPES[recipe]))
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = bnb.optim.PagedAdamW32bit(params, lr=2e-4, weight_decay=0.0)
+        g = torch.Generator(device="cuda").manual_seed(0)
+        vocab = SHAPES[a.shape]["vocab_size"]
+        model.train()
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        times, losses = [], []
+        for step in range(a.warmup_steps + a.steps):
+            ids = torch.randint(0, vocab, (4, 512), device="cuda", generator=g)
+            torch.cuda.synchronize()
+            t = time.time()
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 0.3)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            torch.cuda.synchronize()
+            if step >= a.warmup_steps:
+                times.append(time.time() - t)
+            losses.append(loss.item())
+        peak = torch.cuda.max_memory_allocated()
+        med = statistics.median(times)
+        r = dict(median_step_s=med, tokens_per_s=2048 / med, train_peak_memory_bytes=peak, load_quantize_s=load_s,
+                 losses=losses)
+        if a.decode_tokens and recipe == a.recipes.split(",")[0]:
+            model.eval()
+            model.config.use_cache = True
+            prompt = torch.randint(0, vocab, (1, 32), device="cuda", generator=g)
+            with torch.no_grad():
+                model.generate(prompt, max_new_tokens=4, min_new_tokens=4, do_sample=False)  # warm-up
+                torch.cuda.synchronize()
+                t = time.time()
+                model.generate(prompt, max_new_tokens=a.decode_tokens, min_new_tokens=a.decode_tokens,
+                               do_sample=False)
+                torch.cuda.synchronize()
+            r["decode_tokens_per_s"] = a.decode_tokens / (time.time() - t)
+        results[recipe] = r
+        print(f"python {recipe}: {r['tokens_per_s']:.0f} tokens/s, peak {peak / 2**30:.2f} GiB", flush=True)
+        del model, opt, params
+        torch.cuda.empty_cache()
+    json.dump(results, open(os.path.join(out, "python.json"), "w"), indent=1)
+
+
+def ours(a, exe, out):
+    results = {}
+    for i, recipe in enumerate(a.recipes.split(",")):
+        j = os.path.join(out, f"llamatune-{recipe}.json")
+        cmd = [exe, "bench", "--device", "cuda", "--shape", a.shape, "--steps", str(a.steps),
+               "--warmup-steps", str(a.warmup_steps), "--target-modules", ",".join(RECIPES[recipe]),
+               "--lora-r", "64", "--lora-alpha", "16", "--lora-dropout", "0.1", "--optim", "paged_adamw_32bit",
+               "--decode-tokens", str(a.decode_tokens if i == 0 else 0), "--json", j]
+        print("+", " ".join(cmd), flush=True)
+        subprocess.run(cmd, check=True)
+        results[recipe] = json.load(open(j))
+    return results
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("exe")
+    p.add_argument("out")
+    p.add_argument("--shape", default="llama2-7b", choices=sorted(SHAPES))
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--warmup-steps", type=int, default=2)
+    p.add_argument("--recipes", default="classic,all-linear")
+    p.add_argument("--decode-tokens", type=int, default=128)
+    p.add_argument("--skip-python", action="store_true")
+    p.add_argument("--skip-ours", action="store_true")
+    p.add_argument("--python-child", action="store_true", help=argparse.SUPPRESS)
+    a = p.parse_args()
+    os.makedirs(a.out, exist_ok=True)
+    if a.python_child:
+        return python_stack(a, a.out)
+    if not a.skip_python:
+        args = [sys.executable, __file__, *sys.argv[1:], "--python-child"]
+        subprocess.run(args, check=True)
+    py = json.load(open(os.path.join(a.out, "python.json"))) if os.path.exists(os.path.join(a.out, "python.json")) else {}
+    us = {} if a.skip_ours else ours(a, a.exe, a.out)
+    import torch
+    card = torch.cuda.get_device_name(0)
+    rows = []
+    print(f"\n{card}, shape {a.shape}, batch 4 x 512, NF4 bf16 compute, checkpointing, paged AdamW 32-bit")
+    print(f"{'what':<34}{'python':>14}{'llamatune':>14}{'ratio':>10}")
+    for recipe in a.recipes.split(","):
+        P, U = py.get(recipe, {}), us.get(recipe, {})
+        for key, label in [("tokens_per_s", f"{recipe} tokens/s"),
+                           ("train_peak_memory_bytes", f"{recipe} peak GiB (ratio < 1: ours smaller)"),
+                           ("decode_tokens_per_s", "decode tokens/s (batch 1)")]:
+            pv, uv = P.get(key), U.get(key)
+            if pv is None and uv is None:
+                continue
+            scale = 2**30 if "memory" in key else 1
+            ratio = uv / pv if pv and uv else None
+            rows.append(dict(recipe=recipe, what=key, python=pv, llamatune=uv, ratio=ratio))
+            f = lambda v: "-" if v is None else f"{v / scale:.2f}" if scale > 1 else f"{v:.1f}"
+            print(f"{label:<34}{f(pv):>14}{f(uv):>14}{'-' if ratio is None else f'{ratio:.2f}x':>10}")
+    json.dump(dict(card=card, shape=a.shape, rows=rows, python=py, llamatune=us),
+              open(os.path.join(a.out, "side_by_side.json"), "w"), indent=1)
+
+
+if __name__ == "__main__":
+    main()

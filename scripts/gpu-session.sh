@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# One device session in phases (each phase is one `run` call on the GPU host; logs under OUT):
+#   a OUT: GPU tests (every kernel vs the CPU) + sanitizer, `llamatune bench` on SmolLM2 and 7B shapes;
+#          keeps the first part of the SmolLM2 GGUF (.cache/smol/part-a) in /tmp for phase b
+#   b OUT: joins the GGUF into the llamatune cache, runs the SmolLM2 GPU test, then the side-by-side
+#          benchmark against transformers + PEFT + bitsandbytes (needs .cache/bnb)
+# The GGUF (98 MB) travels in two parts because one call carries at most 64 MiB.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+phase=$1 out=$2
+mkdir -p "$out" /tmp/llc
+export LD_LIBRARY_PATH="/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}"
+export LLAMATUNE_CACHE=/tmp/llc/cache
+gguf=$LLAMATUNE_CACHE/SmolLM2-135M-Instruct.Q4_1.gguf
+case $phase in
+a)
+    [ -f .cache/smol/part-a ] && cp .cache/smol/part-a /tmp/llc/
+    bash stage/run.sh "$out/tests" --skip smollm2
+    for shape in smollm2-135m llama2-7b; do
+        echo "== bench $shape"
+        timeout 240 stage/llamatune bench --device cuda --shape $shape --steps ${STEPS:-5} --warmup-steps 1 \
+            --decode-tokens 64 --json "$out/bench-$shape.json" 2>&1 | tail -14 | tee "$out/bench-$shape.log"
+    done
+    ;;
+b)
+    mkdir -p "$LLAMATUNE_CACHE"
+    cat /tmp/llc/part-a .cache/smol/part-b > "$gguf" && sha256sum "$gguf"
+    "stage/gpu-tests" smollm2 --nocapture 2>&1 | tee "$out/gpu-tests-smollm2.log"
+    export PYTHONPATH="$PWD/.cache/bnb:${PYTHONPATH:-}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+    timeout 420 python3 parity/side_by_side.py stage/llamatune "$out/side" --steps ${STEPS:-5} ${SIDE_ARGS:-} 2>&1 | tail -40
+    ;;
+esac

@@ -1,0 +1,397 @@
+//! `llamatune bench`: a random model of a named shape built on the device (no download), timed
+//! through training steps of a recipe and a greedy decode, with an explicit FLOP count for MFU.
+
+use crate::backend::Backend;
+use crate::config::{LoraConfig, ModelConfig, QuantConfig};
+use crate::error::{Error, Result};
+use crate::generate::{generate, GenerationConfig};
+use crate::model::llama::{forward_backward, Batch, Llama};
+use crate::model::lora::{param_count, Lora, Proj};
+use crate::model::weights::{HostTensor, WeightSource};
+use crate::optim::{clip_coefficient, grad_norm, AdamW, AdamWConfig, PAGED_CHUNK};
+use rand::{Rng, SeedableRng};
+use rayon::prelude::*;
+use serde::Serialize;
+use std::time::Instant;
+
+/// Shapes `--shape` accepts by name.
+pub const NAMED_SHAPES: [&str; 3] = ["llama2-7b", "llama2-13b", "smollm2-135m"];
+
+/// The config of a named shape, or of a `config.json` path.
+pub fn shape_config(spec: &str) -> Result<ModelConfig> {
+    let llama2 = |hidden: usize, ffn: usize, layers: usize, heads: usize| ModelConfig {
+        vocab_size: 32000,
+        hidden_size: hidden,
+        intermediate_size: ffn,
+        num_hidden_layers: layers,
+        num_attention_heads: heads,
+        num_key_value_heads: heads,
+        head_dim: hidden / heads,
+        rms_norm_eps: 1e-5,
+        rope_theta: 10000.0,
+        rope_scaling: None,
+        max_position_embeddings: 4096,
+        tie_word_embeddings: false,
+        bos_token_id: Some(1),
+        eos_token_ids: vec![2],
+    };
+    Ok(match spec {
+        "llama2-7b" => llama2(4096, 11008, 32, 32),
+        "llama2-13b" => llama2(5120, 13824, 40, 40),
+        "smollm2-135m" => ModelConfig {
+            vocab_size: 49152,
+            hidden_size: 576,
+            intermediate_size: 1536,
+            num_hidden_layers: 30,
+            num_attention_heads: 9,
+            num_key_value_heads: 3,
+            head_dim: 64,
+            rms_norm_eps: 1e-5,
+            rope_theta: 100000.0,
+            rope_scaling: None,
+            max_position_embeddings: 8192,
+            tie_word_embeddings: true,
+            bos_token_id: Some(1),
+            eos_token_ids: vec![2],
+        },
+        path => {
+            let p = std::path::Path::new(path);
+            if !p.exists() {
+                return Err(Error::Config(format!(
+                    "--shape {path:?}: not one of {NAMED_SHAPES:?} and no such config file"
+                )));
+            }
+            ModelConfig::from_file(p)?
+        }
+    })
+}
+
+/// Random weights made on request, tensor by tensor, so a 7B model never sits whole in host memory.
+/// Each tensor's values depend only on the seed and its name.
+pub struct RandomSource {
+    pub config: ModelConfig,
+    pub seed: u64,
+}
+
+impl WeightSource for RandomSource {
+    fn describe(&self) -> String {
+        "random weights".into()
+    }
+    fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+    fn has(&self, name: &str) -> bool {
+        self.shape_of(name).is_some()
+    }
+    fn tensor(&self, name: &str) -> Result<HostTensor> {
+        let shape = self.shape_of(name).ok_or_else(|| Error::tensor(name, "not a tensor of this shape"))?;
+        let n: usize = shape.iter().product();
+        let is_norm = shape.len() == 1;
+        // Embeddings as transformers initializes them (std 0.02: with tied weights they are also the
+        // lm_head, and unit-scale rows would give logits in the hundreds), projections 1/√hidden.
+        let std = if name.contains("embed_tokens") { 0.02 } else { (1.0 / self.config.hidden_size as f32).sqrt() };
+        let key =
+            name.bytes().fold(self.seed ^ 0xcbf2_9ce4_8422_2325, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3));
+        const CHUNK: usize = 1 << 16;
+        let mut data = vec![0f32; n];
+        data.par_chunks_mut(CHUNK).enumerate().for_each(|(c, out)| {
+            let mut rng = rand::rngs::StdRng::seed_from_u64(key.wrapping_add(c as u64));
+            for x in out {
+                let u = rng.gen::<f32>();
+                *x = if is_norm { 1.0 + (u - 0.5) * 0.2 } else { (u * 2.0 - 1.0) * std * 1.732 };
+            }
+        });
+        Ok(HostTensor { shape, data })
+    }
+}
+
+impl RandomSource {
+    fn shape_of(&self, name: &str) -> Option<Vec<usize>> {
+        let c = &self.config;
+        let (v, h) = (c.vocab_size, c.hidden_size);
+        match name {
+            "model.embed_tokens.weight" => return Some(vec![v, h]),
+            "lm_head.weight" if !c.tie_word_embeddings => return Some(vec![v, h]),
+            "model.norm.weight" => return Some(vec![h]),
+            _ => {}
+        }
+        let rest = name.strip_prefix("model.layers.")?;
+        let (l, rest) = rest.split_once('.')?;
+        if l.parse::<usize>().ok()? >= c.num_hidden_layers {
+            return None;
+        }
+        if rest == "input_layernorm.weight" || rest == "post_attention_layernorm.weight" {
+            return Some(vec![h]);
+        }
+        Proj::ALL.iter().find(|p| format!("{}.weight", p.hf_path()) == rest).map(|p| {
+            let (o, i) = p.shape(c);
+            vec![o, i]
+        })
+    }
+}
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub struct BenchConfig {
+    pub model: ModelConfig,
+    pub shape_name: String,
+    /// `None`: dense bf16/fp16 base weights.
+    pub quant: Option<QuantConfig>,
+    pub lora: LoraConfig,
+    pub batch_size: usize,
+    pub seq_len: usize,
+    /// Untimed steps first (kernel loading, allocator warm-up).
+    pub warmup_steps: usize,
+    pub steps: usize,
+    pub gradient_checkpointing: bool,
+    /// `adamw_torch` or `paged_adamw_32bit` (paged: optimizer state in pinned host memory).
+    pub optim: String,
+    /// 0 skips decoding.
+    pub decode_tokens: usize,
+    pub prompt_len: usize,
+    /// The card's dense bf16 peak, for MFU.
+    pub peak_tflops: f64,
+    pub seed: u64,
+}
+
+/// What was measured. Times in seconds, memory in bytes.
+#[derive(Debug, Clone, Serialize)]
+pub struct BenchReport {
+    pub device: String,
+    pub shape: String,
+    pub quant: String,
+    pub target_modules: Vec<String>,
+    pub lora_r: usize,
+    pub batch_size: usize,
+    pub seq_len: usize,
+    pub gradient_checkpointing: bool,
+    pub optim: String,
+    pub trainable_params: usize,
+    pub load_quantize_s: f64,
+    pub weights_memory_bytes: Option<u64>,
+    pub step_times_s: Vec<f64>,
+    pub median_step_s: f64,
+    pub tokens_per_s: f64,
+    pub flops_per_step: f64,
+    pub achieved_tflops: f64,
+    pub mfu: f64,
+    pub peak_tflops: f64,
+    pub train_peak_memory_bytes: Option<u64>,
+    pub losses: Vec<f64>,
+    pub decode_new_tokens: usize,
+    pub decode_tokens_per_s: Option<f64>,
+    pub prefill_s: Option<f64>,
+}
+
+/// FLOPs of one training step, counted explicitly:
+/// - every frozen matmul (7 projections per layer, and lm_head): 2·out·in per token forward, the same
+///   again for the input gradient (no weight gradient: the base is frozen), and once more forward
+///   when gradient checkpointing recomputes the layers (not lm_head);
+/// - causal attention: QKᵀ and P·V cost 2·head_dim·heads·(visible keys) each per token forward,
+///   with on average (T+1)/2 keys visible; backward costs 2.5× forward (dQ, dK, dV, dP and the
+///   recomputed scores, as FlashAttention counts it), and recompute once more;
+/// - LoRA on each targeted projection: 2·r·(in+out) forward, 4·r·(in+out) backward (dA, dB and the
+///   input gradient through A and B), plus the recompute.
+pub fn step_flops(c: &ModelConfig, lora: &LoraConfig, batch: usize, seq: usize, checkpointing: bool) -> f64 {
+    let tokens = (batch * seq) as f64;
+    let recompute = if checkpointing { 1.0 } else { 0.0 };
+    let (mut proj, mut lora_f) = (0.0f64, 0.0f64);
+    for p in Proj::ALL {
+        let (o, i) = p.shape(c);
+        proj += 2.0 * (o * i) as f64;
+        if lora.targets(p.name()) {
+            lora_f += 2.0 * (lora.r * (o + i)) as f64;
+        }
+    }
+    let layers = c.num_hidden_layers as f64;
+    let attn = 4.0 * (c.head_dim * c.num_attention_heads) as f64 * (seq as f64 + 1.0) / 2.0;
+    let head = 2.0 * (c.vocab_size * c.hidden_size) as f64;
+    let per_token =
+        layers * (proj * (2.0 + recompute) + attn * (3.5 + recompute) + lora_f * (3.0 + recompute)) + 2.0 * head;
+    per_token * tokens
+}
+
+fn median(v: &[f64]) -> f64 {
+    let mut s = v.to_vec();
+    s.sort_by(|a, b| a.total_cmp(b));
+    if s.is_empty() {
+        return f64::NAN;
+    }
+    s[s.len() / 2]
+}
+
+/// Builds the model on `be`, trains `steps` steps on random tokens and decodes; `log` receives
+/// progress lines.
+pub fn run<B: Backend>(be: &B, cfg: &BenchConfig, log: &mut dyn FnMut(&str)) -> Result<BenchReport> {
+    if cfg.optim != "adamw_torch" && cfg.optim != "paged_adamw_32bit" {
+        return Err(Error::Config(format!("--optim {:?}: expected adamw_torch or paged_adamw_32bit", cfg.optim)));
+    }
+    let src = RandomSource { config: cfg.model.clone(), seed: cfg.seed };
+    be.reset_peak_memory();
+    let t0 = Instant::now();
+    let model = Llama::load(be, &src, cfg.quant)?;
+    be.synchronize();
+    let load_quantize_s = t0.elapsed().as_secs_f64();
+    let weights_memory_bytes = be.peak_memory();
+    log(&format!("built {} on {} in {load_quantize_s:.1} s", cfg.shape_name, be.name()));
+
+    let lora = Lora::init(be, &model.cfg, cfg.lora.clone(), cfg.seed);
+    // Random B too: a zero B would make every step's LoRA output and dA exactly zero.
+    let mut lora = lora;
+    lora.randomize_b(be, cfg.seed ^ 0x5eed);
+    let adam = AdamWConfig { weight_decay: 0.0, ..AdamWConfig::default() };
+    let mut opt = if cfg.optim == "paged_adamw_32bit" {
+        AdamW::new_paged(be, &lora, adam, PAGED_CHUNK)
+    } else {
+        AdamW::new(be, &lora, adam)
+    };
+    let mut grads = lora.zero_grads(be);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(cfg.seed);
+    let vocab = cfg.model.vocab_size as u32;
+    let mut batch = || {
+        let rows: Vec<Vec<u32>> =
+            (0..cfg.batch_size).map(|_| (0..cfg.seq_len).map(|_| rng.gen_range(0..vocab)).collect()).collect();
+        Batch::causal_lm(&rows)
+    };
+    be.synchronize();
+    be.reset_peak_memory();
+    let (mut step_times, mut losses) = (vec![], vec![]);
+    for step in 0..cfg.warmup_steps + cfg.steps {
+        let b = batch();
+        let t = Instant::now();
+        grads.zero(be);
+        let count = b.num_targets();
+        let l = forward_backward(
+            be,
+            &model,
+            &lora,
+            &mut grads,
+            &b,
+            1.0 / count.max(1) as f32,
+            Some(step as u64),
+            cfg.gradient_checkpointing,
+        );
+        let gn = grad_norm(be, &grads);
+        opt.update(be, &mut lora, &grads, 2e-4, clip_coefficient(gn, 0.3) as f32);
+        be.synchronize();
+        let dt = t.elapsed().as_secs_f64();
+        if step >= cfg.warmup_steps {
+            step_times.push(dt);
+        }
+        losses.push(l.mean());
+        log(&format!("step {step}: {dt:.3} s, loss {:.4}", l.mean()));
+    }
+    let train_peak = be.peak_memory();
+    let median_step_s = median(&step_times);
+    let flops = step_flops(&cfg.model, &cfg.lora, cfg.batch_size, cfg.seq_len, cfg.gradient_checkpointing);
+    let achieved = flops / median_step_s / 1e12;
+
+    let (mut decode_tps, mut prefill_s) = (None, None);
+    if cfg.decode_tokens > 0 {
+        let prompt: Vec<u32> = (0..cfg.prompt_len.max(1)).map(|_| rng.gen_range(0..vocab)).collect();
+        let gen = GenerationConfig { max_new_tokens: cfg.decode_tokens, eos_token_ids: vec![], ..Default::default() };
+        let t = Instant::now();
+        let mut stamps = Vec::with_capacity(cfg.decode_tokens);
+        generate(be, &model, Some(&lora), None, &prompt, &gen, &mut |_, _| {
+            stamps.push(t.elapsed().as_secs_f64());
+            true
+        })?;
+        if stamps.len() >= 2 {
+            prefill_s = Some(stamps[0]);
+            decode_tps = Some((stamps.len() - 1) as f64 / (stamps[stamps.len() - 1] - stamps[0]));
+        }
+        log(&format!("decoded {} tokens: {:.1} tokens/s", stamps.len(), decode_tps.unwrap_or(f64::NAN)));
+    }
+
+    Ok(BenchReport {
+        device: be.name(),
+        shape: cfg.shape_name.clone(),
+        quant: cfg.quant.map_or("none".into(), |q| {
+            format!("{:?}{}", q.quant_type, if q.double_quant { "+double-quant" } else { "" }).to_lowercase()
+        }),
+        target_modules: cfg.lora.target_modules.clone(),
+        lora_r: cfg.lora.r,
+        batch_size: cfg.batch_size,
+        seq_len: cfg.seq_len,
+        gradient_checkpointing: cfg.gradient_checkpointing,
+        optim: cfg.optim.clone(),
+        trainable_params: param_count(&cfg.model, &cfg.lora),
+        load_quantize_s,
+        weights_memory_bytes,
+        step_times_s: step_times,
+        median_step_s,
+        tokens_per_s: (cfg.batch_size * cfg.seq_len) as f64 / median_step_s,
+        flops_per_step: flops,
+        achieved_tflops: achieved,
+        mfu: achieved / cfg.peak_tflops,
+        peak_tflops: cfg.peak_tflops,
+        train_peak_memory_bytes: train_peak,
+        losses,
+        decode_new_tokens: cfg.decode_tokens,
+        decode_tokens_per_s: decode_tps,
+        prefill_s,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flop_count_of_the_7b_recipe_matches_the_hand_count() {
+        // 7B, all-linear r=64 off: 2·6.48e9 per token per pass over the projections (32 layers of
+        // 4·4096² + 3·4096·11008), the lm_head 2·4096·32000 twice, attention small.
+        let c = shape_config("llama2-7b").unwrap();
+        let lora = LoraConfig { r: 64, ..LoraConfig::default() }.with_targets(&["q_proj", "v_proj"]).unwrap();
+        let f = step_flops(&c, &lora, 4, 512, true) / 2048.0;
+        let proj = 32.0 * 2.0 * (4.0 * 4096.0 * 4096.0 + 3.0 * 4096.0 * 11008.0);
+        assert!((proj - 2.0 * 6.476e9).abs() / proj < 1e-3);
+        let lower = 3.0 * proj + 2.0 * 2.0 * 4096.0 * 32000.0;
+        assert!(f > lower && f < lower * 1.06, "{f:e} vs {lower:e}");
+    }
+
+    #[test]
+    fn random_source_is_deterministic_and_shaped_like_the_config() {
+        let c = shape_config("smollm2-135m").unwrap();
+        let s = RandomSource { config: c.clone(), seed: 3 };
+        let a = s.tensor("model.layers.3.mlp.down_proj.weight").unwrap();
+        assert_eq!(a.shape, vec![576, 1536]);
+        assert_eq!(a.data, s.tensor("model.layers.3.mlp.down_proj.weight").unwrap().data);
+        assert_ne!(a.data, s.tensor("model.layers.4.mlp.down_proj.weight").unwrap().data);
+        assert!(s.has("model.layers.29.input_layernorm.weight"));
+        assert!(!s.has("model.layers.30.input_layernorm.weight"));
+        assert!(!s.has("lm_head.weight"), "tied");
+        assert!(s.tensor("model.layers.0.self_attn.x_proj.weight").is_err());
+    }
+
+    #[test]
+    fn bench_runs_on_the_cpu_and_reports_every_number() {
+        let mut c = crate::model::random::tiny_config(false);
+        c.vocab_size = 64;
+        let cfg = BenchConfig {
+            model: c,
+            shape_name: "tiny".into(),
+            quant: Some(QuantConfig::default()),
+            lora: LoraConfig { r: 4, ..LoraConfig::default() }.with_targets(&["all-linear"]).unwrap(),
+            batch_size: 2,
+            seq_len: 16,
+            warmup_steps: 1,
+            steps: 3,
+            gradient_checkpointing: true,
+            optim: "paged_adamw_32bit".into(),
+            decode_tokens: 5,
+            prompt_len: 4,
+            peak_tflops: 1.0,
+            seed: 1,
+        };
+        let be = crate::backend::cpu::Cpu::<f32>::new();
+        let r = run(&be, &cfg, &mut |_| {}).unwrap();
+        assert_eq!(r.step_times_s.len(), 3);
+        assert_eq!(r.losses.len(), 4);
+        assert!(r.losses.iter().all(|l| l.is_finite() && *l > 0.0));
+        assert!(r.tokens_per_s > 0.0 && r.mfu > 0.0);
+        assert!(r.decode_tokens_per_s.unwrap() > 0.0);
+        let bad = BenchConfig { optim: "sgd".into(), ..cfg };
+        assert!(run(&be, &bad, &mut |_| {}).is_err());
+    }
+}

@@ -1,0 +1,142 @@
+//! `llamatune bench`: training-step and decoding speed of a random model of a named shape.
+
+use crate::{open_device, Device};
+use clap::Args;
+use llamatune::bench::{self, BenchConfig};
+use llamatune::config::{ComputeDtype, LoraConfig, QuantConfig, QuantType};
+use llamatune::error::{Error, Result};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[derive(Args)]
+pub struct BenchArgs {
+    /// llama2-7b, llama2-13b, smollm2-135m, or a config.json path
+    #[arg(long, default_value = "llama2-7b")]
+    shape: String,
+    /// auto, cpu or cuda:N
+    #[arg(long, default_value = "auto")]
+    device: String,
+    /// Timed training steps
+    #[arg(long, default_value_t = 10)]
+    steps: usize,
+    /// Untimed steps before them
+    #[arg(long, default_value_t = 2)]
+    warmup_steps: usize,
+    #[arg(long, default_value_t = 4)]
+    per_device_train_batch_size: usize,
+    /// Tokens per row (every row full)
+    #[arg(long, default_value_t = 512)]
+    max_seq_length: usize,
+    #[arg(long, default_value_t = 64)]
+    lora_r: usize,
+    #[arg(long, default_value_t = 16.0)]
+    lora_alpha: f64,
+    #[arg(long, default_value_t = 0.1)]
+    lora_dropout: f64,
+    /// Module names or `all-linear`
+    #[arg(long, num_args = 1.., value_delimiter = ',', default_values_t = ["q_proj".to_string(), "v_proj".to_string()])]
+    target_modules: Vec<String>,
+    /// Store base projections in 4 bits
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    use_4bit: bool,
+    #[arg(long, default_value = "nf4")]
+    bnb_4bit_quant_type: String,
+    #[arg(long, default_value = "bfloat16")]
+    bnb_4bit_compute_dtype: String,
+    #[arg(long, default_value_t = false, action = clap::ArgAction::Set)]
+    use_nested_quant: bool,
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    gradient_checkpointing: bool,
+    /// adamw_torch or paged_adamw_32bit
+    #[arg(long, default_value = "paged_adamw_32bit")]
+    optim: String,
+    /// New tokens of the greedy decode run (0 = none)
+    #[arg(long, default_value_t = 128)]
+    decode_tokens: usize,
+    /// Prompt tokens before decoding
+    #[arg(long, default_value_t = 32)]
+    prompt_len: usize,
+    /// The card's dense bf16 peak in TFLOP/s, for MFU (H100/H200 SXM: 989)
+    #[arg(long, default_value_t = 989.0)]
+    peak_tflops: f64,
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    /// Also write the report here as JSON
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+pub fn cmd_bench(a: BenchArgs) -> Result<ExitCode> {
+    let targets: Vec<&str> = a.target_modules.iter().map(String::as_str).collect();
+    let lora = LoraConfig { r: a.lora_r, alpha: a.lora_alpha, dropout: a.lora_dropout, ..LoraConfig::default() }
+        .with_targets(&targets)?;
+    let quant = if a.use_4bit {
+        let quant_type = match a.bnb_4bit_quant_type.as_str() {
+            "nf4" => QuantType::Nf4,
+            "fp4" => QuantType::Fp4,
+            t => return Err(Error::Config(format!("--bnb-4bit-quant-type {t:?} is not nf4 or fp4"))),
+        };
+        let compute_dtype = ComputeDtype::parse(&a.bnb_4bit_compute_dtype).ok_or_else(|| {
+            Error::Config(format!(
+                "--bnb-4bit-compute-dtype {:?} is not float16, bfloat16 or float32",
+                a.bnb_4bit_compute_dtype
+            ))
+        })?;
+        Some(QuantConfig { quant_type, blocksize: 64, double_quant: a.use_nested_quant, compute_dtype })
+    } else {
+        None
+    };
+    if a.steps == 0 || a.per_device_train_batch_size == 0 || a.max_seq_length < 2 {
+        return Err(Error::Config(
+            "--steps and --per-device-train-batch-size must be ≥ 1, --max-seq-length ≥ 2".into(),
+        ));
+    }
+    let cfg = BenchConfig {
+        model: bench::shape_config(&a.shape)?,
+        shape_name: a.shape.clone(),
+        quant,
+        lora,
+        batch_size: a.per_device_train_batch_size,
+        seq_len: a.max_seq_length,
+        warmup_steps: a.warmup_steps,
+        steps: a.steps,
+        gradient_checkpointing: a.gradient_checkpointing,
+        optim: a.optim.clone(),
+        decode_tokens: a.decode_tokens,
+        prompt_len: a.prompt_len,
+        peak_tflops: a.peak_tflops,
+        seed: a.seed,
+    };
+    let dev = open_device(&a.device)?;
+    let report = with_device!(&dev, be => bench::run(be, &cfg, &mut |line| eprintln!("{line}"))?);
+    let gib = |b: Option<u64>| b.map_or("n/a".to_string(), |b| format!("{:.2} GiB", b as f64 / (1u64 << 30) as f64));
+    println!("device           {}", report.device);
+    println!(
+        "shape            {} ({}, LoRA r={} on {:?})",
+        report.shape, report.quant, report.lora_r, report.target_modules
+    );
+    println!("load + quantize  {:.1} s, weights {}", report.load_quantize_s, gib(report.weights_memory_bytes));
+    println!(
+        "train step       {:.1} ms median of {} ({} × {} tokens) → {:.0} tokens/s",
+        report.median_step_s * 1e3,
+        report.step_times_s.len(),
+        report.batch_size,
+        report.seq_len,
+        report.tokens_per_s
+    );
+    println!(
+        "                 {:.1} TFLOP/s, MFU {:.1}% of {} TFLOP/s",
+        report.achieved_tflops,
+        report.mfu * 100.0,
+        report.peak_tflops
+    );
+    println!("train peak mem   {}", gib(report.train_peak_memory_bytes));
+    if let Some(t) = report.decode_tokens_per_s {
+        println!("decode           {t:.1} tokens/s (batch 1, {} new tokens, greedy)", report.decode_new_tokens);
+    }
+    if let Some(p) = &a.json {
+        let text = serde_json::to_string_pretty(&report).expect("report serializes");
+        std::fs::write(p, text).map_err(|e| Error::io(p, e))?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
