@@ -197,6 +197,10 @@ impl Cuda {
                 funcs.insert(name.to_string(), f);
             }
         }
+        for (name, hd) in [("flash_bwd_hd64", 64), ("flash_bwd_hd128", 128)] {
+            let attr = cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES;
+            funcs[name].set_attribute(attr, flash_bwd_smem(hd) as i32).map_err(dev_err)?;
+        }
         let code256 = stream.clone_htod(&quant::dynamic_map_signed()).map_err(dev_err)?;
         let nf4 = stream.clone_htod(&quant::NF4_CODE).map_err(dev_err)?;
         let fp4 = stream.clone_htod(&quant::FP4_CODE).map_err(dev_err)?;
@@ -235,6 +239,13 @@ impl Cuda {
         let mut v: Vec<_> = p.lock().expect("profile lock").iter().map(|(k, (t, n))| (*k, *t, *n)).collect();
         v.sort_by(|a, b| b.1.total_cmp(&a.1));
         v
+    }
+
+    /// Whether attention of shape `sh` runs on the tensor-core flash kernels (kernels/flash.cu): head
+    /// sizes 64 and 128 with at least 16 queries (training, prefill); otherwise the warp-per-row
+    /// kernels of attention.cu (other head sizes, decoding).
+    pub fn uses_flash(sh: &AttnShape) -> bool {
+        matches!(sh.head_dim, 64 | 128) && sh.q_len >= 16
     }
 
     pub fn synchronize(&self) {
@@ -357,6 +368,7 @@ fn kernel_names(module: &str) -> &'static [&'static str] {
     match module {
         "adamw" => &["adamw_f32"],
         "attention" => &["attention_fwd_f32", "attention_bwd_dq_f32", "attention_bwd_dkdv_f32"],
+        "flash" => &["flash_fwd_hd64", "flash_fwd_hd128", "flash_delta", "flash_bwd_hd64", "flash_bwd_hd128"],
         "elementwise" => &[
             "add_f32",
             "add_assign_f32",
@@ -807,6 +819,22 @@ impl Backend for Cuda {
         let _span = self.span("attention");
         assert!(sh.head_dim <= 256, "head_dim {} > 256 is not supported", sh.head_dim);
         let seg = segments.map(|s| ck!(self.stream.clone_htod(s), "upload segments"));
+        if Cuda::uses_flash(&sh) {
+            let kernel = if sh.head_dim == 64 { "flash_fwd_hd64" } else { "flash_fwd_hd128" };
+            let mut b = self.stream.launch_builder(self.f(kernel));
+            b.arg(q).arg(k).arg(v);
+            push_opt(&mut b, seg.as_ref());
+            b.arg(out).arg(lse);
+            let g = flash_geom(sh);
+            push_geom(&mut b, &g);
+            let cfg = LaunchConfig {
+                grid_dim: (sh.q_len.div_ceil(64) as u32, sh.heads as u32, sh.batch as u32),
+                block_dim: (128, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            ck!(unsafe { b.launch(cfg) }, kernel);
+            return;
+        }
         let warps = sh.batch * sh.heads * sh.q_len;
         let mut b = self.stream.launch_builder(self.f("attention_fwd_f32"));
         b.arg(q).arg(k).arg(v);
@@ -833,6 +861,29 @@ impl Backend for Cuda {
         let _span = self.span("attention_backward");
         let seg = segments.map(|s| ck!(self.stream.clone_htod(s), "upload segments"));
         let mut delta = self.zeros(sh.batch * sh.heads * sh.q_len);
+        if Cuda::uses_flash(&sh) {
+            let rows = sh.batch * sh.q_len * sh.heads;
+            let (b32, q32, h32, d32) = (sh.batch as i32, sh.q_len as i32, sh.heads as i32, sh.head_dim as i32);
+            launch!(self, "flash_delta", warp_grid(rows); out, dout, &mut delta, &b32, &q32, &h32, &d32);
+            // dq is accumulated with atomics; dk/dv rows past kv_len are not written.
+            ck!(self.stream.memset_zeros(dq), "memset");
+            ck!(self.stream.memset_zeros(dk), "memset");
+            ck!(self.stream.memset_zeros(dv), "memset");
+            let kernel = if sh.head_dim == 64 { "flash_bwd_hd64" } else { "flash_bwd_hd128" };
+            let mut b = self.stream.launch_builder(self.f(kernel));
+            b.arg(q).arg(k).arg(v).arg(lse).arg(&delta).arg(dout);
+            push_opt(&mut b, seg.as_ref());
+            b.arg(&mut *dq).arg(&mut *dk).arg(&mut *dv);
+            let g = flash_geom(sh);
+            push_geom(&mut b, &g);
+            let cfg = LaunchConfig {
+                grid_dim: (sh.kv_len.div_ceil(64) as u32, sh.kv_heads as u32, sh.batch as u32),
+                block_dim: (128, 1, 1),
+                shared_mem_bytes: flash_bwd_smem(sh.head_dim) as u32,
+            };
+            ck!(unsafe { b.launch(cfg) }, kernel);
+            return;
+        }
         let g = geom(sh);
         let mut b = self.stream.launch_builder(self.f("attention_bwd_dq_f32"));
         b.arg(q).arg(k).arg(v).arg(out).arg(lse).arg(dout);
@@ -1055,7 +1106,16 @@ impl<'a> From<&'a Operand> for OperandView<'a> {
 fn geom(sh: AttnShape) -> [i32; 8] {
     [sh.batch, sh.q_len, sh.kv_len, sh.kv_capacity, sh.heads, sh.kv_heads, sh.head_dim, sh.q_offset].map(|x| x as i32)
 }
-fn push_geom<'a>(b: &mut cudarc::driver::LaunchArgs<'a>, g: &'a [i32; 8]) {
+/// The flash kernels' geometry (kernels/flash.cu, FGEOM_ARGS): head_dim is a template parameter.
+fn flash_geom(sh: AttnShape) -> [i32; 7] {
+    [sh.batch, sh.q_len, sh.kv_len, sh.kv_capacity, sh.heads, sh.kv_heads, sh.q_offset].map(|x| x as i32)
+}
+/// `sizeof(BwdSmem<HD>)` of kernels/flash.cu: K, V (64 × (HD+8)), Kᵀ (HD × 72), Q, dO (32 × (HD+8)),
+/// Qᵀ, dOᵀ (HD × 40), dS (32 × 72), all bf16; then lse, delta, query and key segments (4 bytes each).
+fn flash_bwd_smem(hd: usize) -> usize {
+    2 * (2 * 64 * (hd + 8) + hd * 72 + 2 * 32 * (hd + 8) + 2 * hd * 40 + 32 * 72) + 4 * (32 + 32 + 32 + 64)
+}
+fn push_geom<'a, const N: usize>(b: &mut cudarc::driver::LaunchArgs<'a>, g: &'a [i32; N]) {
     for x in g {
         b.arg(x);
     }

@@ -1,0 +1,389 @@
+// Flash attention on the tensor cores (mma.sync m16n8k16, bf16 operands, f32 accumulation) for
+// head_dim 64 and 128: causal, GQA, segment masks (packing/padding), online softmax with the
+// log-sum-exp saved for the backward pass, no T×T matrix in memory. Activations arrive in f32 and are
+// rounded to bf16 as tiles are staged in shared memory (as torch's bf16 SDPA sees them).
+// The warp-per-row kernels in attention.cu serve other head sizes and decoding.
+// CPU reference: Cpu::attention / Cpu::attention_backward (src/backend/cpu.rs).
+#include "common.cuh"
+
+// Fragment layouts of mma.m16n8k16 (lane = 4·g + t): A (16×16, row-major) a0 = (g, 2t..2t+1),
+// a1 = (g+8, 2t..), a2 = (g, 2t+8..), a3 = (g+8, 2t+8..); B (16×8, "col") b0 = (k 2t..2t+1, n g),
+// b1 = (k 2t+8.., n g); C (16×8) c0,c1 = (g, 2t..2t+1), c2,c3 = (g+8, 2t..2t+1). A C tile pair of
+// 16×16 re-packed to bf16 is exactly an A fragment, which is how P and dS feed the next product.
+__device__ __forceinline__ void mma16816(float* c, const uint32_t* a, uint32_t b0, uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+__device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
+    __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&v);
+}
+// Two consecutive bf16 of shared memory as one operand register.
+__device__ __forceinline__ uint32_t ld2(const __nv_bfloat16* p) { return *reinterpret_cast<const uint32_t*>(p); }
+
+#define LOG2E 1.4426950408889634f
+#define LN2 0.6931471805599453f
+#define PAD 8 // bf16 of padding per shared row: rows 16 bytes apart in bank terms, no conflicts
+
+struct FGeom {
+    int batch, q_len, kv_len, kv_cap, heads, kv_heads, q_offset;
+};
+#define FGEOM_ARGS int batch, int q_len, int kv_len, int kv_cap, int heads, int kv_heads, int q_offset
+#define MAKE_FGEOM FGeom g{batch, q_len, kv_len, kv_cap, heads, kv_heads, q_offset}
+
+// Segment id of position `pos` of batch row b (1 when there are no segments; 0 = padding).
+__device__ __forceinline__ uint32_t seg_of(const uint32_t* seg, const FGeom& g, int b, int pos) {
+    return seg ? seg[(int64_t)b * g.kv_cap + pos] : 1u;
+}
+// Query t (segment qs) sees key s (segment ks)?
+__device__ __forceinline__ bool sees(const FGeom& g, int t, uint32_t qs, int s, uint32_t ks) {
+    return t < g.q_len && s < g.kv_len && s <= g.q_offset + t && qs != 0 && ks == qs;
+}
+
+// Stages rows [row0, row0+rows) of one head of x (batch b; row stride `stride` floats) as bf16:
+// into dst[r][d] (row-major, `ld` bf16 per row) and, when dst_t is given, into dst_t[d][r].
+// Rows at or past `valid` are zero.
+template <int HD>
+__device__ __forceinline__ void stage(const float* x, int64_t base, int64_t stride, int row0, int rows, int valid, __nv_bfloat16* dst, int ld, __nv_bfloat16* dst_t, int ld_t) {
+    for (int i = threadIdx.x; i < rows * (HD / 4); i += blockDim.x) {
+        const int r = i / (HD / 4), c = (i % (HD / 4)) * 4;
+        float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
+        if (row0 + r < valid) v = *reinterpret_cast<const float4*>(x + base + (int64_t)(row0 + r) * stride + c);
+        if (dst) {
+            *reinterpret_cast<uint32_t*>(dst + r * ld + c) = pack_bf16(v.x, v.y);
+            *reinterpret_cast<uint32_t*>(dst + r * ld + c + 2) = pack_bf16(v.z, v.w);
+        }
+        if (dst_t) {
+            dst_t[(c + 0) * ld_t + r] = __float2bfloat16_rn(v.x);
+            dst_t[(c + 1) * ld_t + r] = __float2bfloat16_rn(v.y);
+            dst_t[(c + 2) * ld_t + r] = __float2bfloat16_rn(v.z);
+            dst_t[(c + 3) * ld_t + r] = __float2bfloat16_rn(v.w);
+        }
+    }
+}
+
+// ---- forward ------------------------------------------------------------------------------------
+// Block: 4 warps, 64 queries of one (batch, head); each warp owns 16 query rows and walks the key
+// blocks of 64 this query block can see. q, out (batch, q_len, heads, HD); k, v (batch, kv_cap,
+// kv_heads, HD); lse (batch, heads, q_len), natural log of Σ exp(score).
+#define FBQ 64
+#define FBK 64
+template <int HD>
+__device__ void flash_fwd(const float* q, const float* k, const float* v, const uint32_t* seg, float* out, float* lse, const FGeom g) {
+    __shared__ __align__(16) __nv_bfloat16 Ks[FBK][HD + PAD];
+    __shared__ __align__(16) __nv_bfloat16 Vt[HD][FBK + PAD];
+    __shared__ uint32_t kseg[FBK];
+    const int qb = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
+    const int warp = threadIdx.x / WARP, lane = threadIdx.x % WARP, gr = lane >> 2, t4 = lane & 3;
+    const int grp = h / (g.heads / g.kv_heads);
+    const float sl2 = rsqrtf((float)HD) * LOG2E; // scores in log2 units
+    const int r0 = qb * FBQ + warp * 16 + gr, r1 = r0 + 8;
+    const uint32_t qs0 = r0 < g.q_len ? seg_of(seg, g, b, g.q_offset + r0) : 0u;
+    const uint32_t qs1 = r1 < g.q_len ? seg_of(seg, g, b, g.q_offset + r1) : 0u;
+
+    // This warp's 16 query rows as A fragments, straight from global memory.
+    uint32_t qa[HD / 16][4];
+    {
+        const float* p0 = r0 < g.q_len ? q + (((int64_t)b * g.q_len + r0) * g.heads + h) * HD : nullptr;
+        const float* p1 = r1 < g.q_len ? q + (((int64_t)b * g.q_len + r1) * g.heads + h) * HD : nullptr;
+#pragma unroll
+        for (int kk = 0; kk < HD / 16; kk++) {
+            const int c = kk * 16 + 2 * t4;
+            const float2 z = make_float2(0.f, 0.f);
+            const float2 x00 = p0 ? *reinterpret_cast<const float2*>(p0 + c) : z;
+            const float2 x10 = p1 ? *reinterpret_cast<const float2*>(p1 + c) : z;
+            const float2 x01 = p0 ? *reinterpret_cast<const float2*>(p0 + c + 8) : z;
+            const float2 x11 = p1 ? *reinterpret_cast<const float2*>(p1 + c + 8) : z;
+            qa[kk][0] = pack_bf16(x00.x, x00.y);
+            qa[kk][1] = pack_bf16(x10.x, x10.y);
+            qa[kk][2] = pack_bf16(x01.x, x01.y);
+            qa[kk][3] = pack_bf16(x11.x, x11.y);
+        }
+    }
+    float o[HD / 8][4];
+#pragma unroll
+    for (int i = 0; i < HD / 8; i++) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
+    float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.f, l1 = 0.f;
+
+    const int q_hi = min(g.q_len, (qb + 1) * FBQ);
+    const int kv_end = min(g.kv_len, g.q_offset + q_hi); // keys any query of this block can see
+    const int64_t kbase = ((int64_t)b * g.kv_cap * g.kv_heads + grp) * HD, kstride = (int64_t)g.kv_heads * HD;
+    for (int kb = 0; kb * FBK < kv_end; kb++) {
+        __syncthreads(); // the previous block's tiles are no longer read
+        stage<HD>(k, kbase, kstride, kb * FBK, FBK, g.kv_len, &Ks[0][0], HD + PAD, nullptr, 0);
+        stage<HD>(v, kbase, kstride, kb * FBK, FBK, g.kv_len, nullptr, 0, &Vt[0][0], FBK + PAD);
+        if (threadIdx.x < FBK) {
+            const int s = kb * FBK + threadIdx.x;
+            kseg[threadIdx.x] = s < g.kv_len ? seg_of(seg, g, b, s) : 0u;
+        }
+        __syncthreads();
+
+        float sc[FBK / 8][4];
+#pragma unroll
+        for (int nt = 0; nt < FBK / 8; nt++) {
+            sc[nt][0] = sc[nt][1] = sc[nt][2] = sc[nt][3] = 0.f;
+#pragma unroll
+            for (int kk = 0; kk < HD / 16; kk++) {
+                const __nv_bfloat16* kr = &Ks[nt * 8 + gr][kk * 16 + 2 * t4];
+                mma16816(sc[nt], qa[kk], ld2(kr), ld2(kr + 8));
+            }
+        }
+        // Mask, scale, and the running max of each of this thread's two rows.
+        float mx0 = -INFINITY, mx1 = -INFINITY;
+#pragma unroll
+        for (int nt = 0; nt < FBK / 8; nt++) {
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                const int sl = nt * 8 + 2 * t4 + (e & 1), s = kb * FBK + sl;
+                const bool vis = e < 2 ? sees(g, r0, qs0, s, kseg[sl]) : sees(g, r1, qs1, s, kseg[sl]);
+                sc[nt][e] = vis ? sc[nt][e] * sl2 : -INFINITY;
+            }
+            mx0 = fmaxf(mx0, fmaxf(sc[nt][0], sc[nt][1]));
+            mx1 = fmaxf(mx1, fmaxf(sc[nt][2], sc[nt][3]));
+        }
+        // The four lanes of a quad hold one row between them.
+        mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 1));
+        mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 2));
+        mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 1));
+        mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
+        const float n0 = fmaxf(m0, mx0), n1 = fmaxf(m1, mx1);
+        // A row that has seen nothing yet keeps m = -inf and all-zero p.
+        const float c0 = n0 == -INFINITY ? 1.f : exp2f(m0 - n0), c1 = n1 == -INFINITY ? 1.f : exp2f(m1 - n1);
+        m0 = n0;
+        m1 = n1;
+        float s0 = 0.f, s1 = 0.f;
+#pragma unroll
+        for (int nt = 0; nt < FBK / 8; nt++) {
+            sc[nt][0] = sc[nt][0] == -INFINITY ? 0.f : exp2f(sc[nt][0] - n0);
+            sc[nt][1] = sc[nt][1] == -INFINITY ? 0.f : exp2f(sc[nt][1] - n0);
+            sc[nt][2] = sc[nt][2] == -INFINITY ? 0.f : exp2f(sc[nt][2] - n1);
+            sc[nt][3] = sc[nt][3] == -INFINITY ? 0.f : exp2f(sc[nt][3] - n1);
+            s0 += sc[nt][0] + sc[nt][1];
+            s1 += sc[nt][2] + sc[nt][3];
+        }
+        l0 = l0 * c0 + s0;
+        l1 = l1 * c1 + s1;
+#pragma unroll
+        for (int i = 0; i < HD / 8; i++) {
+            o[i][0] *= c0;
+            o[i][1] *= c0;
+            o[i][2] *= c1;
+            o[i][3] *= c1;
+        }
+        // O += P · V, P re-packed from the score tiles as A fragments.
+#pragma unroll
+        for (int kk = 0; kk < FBK / 16; kk++) {
+            const uint32_t pa[4] = {pack_bf16(sc[2 * kk][0], sc[2 * kk][1]), pack_bf16(sc[2 * kk][2], sc[2 * kk][3]),
+                                    pack_bf16(sc[2 * kk + 1][0], sc[2 * kk + 1][1]), pack_bf16(sc[2 * kk + 1][2], sc[2 * kk + 1][3])};
+#pragma unroll
+            for (int dn = 0; dn < HD / 8; dn++) {
+                const __nv_bfloat16* vr = &Vt[dn * 8 + gr][kk * 16 + 2 * t4];
+                mma16816(o[dn], pa, ld2(vr), ld2(vr + 8));
+            }
+        }
+    }
+    l0 += __shfl_xor_sync(0xffffffffu, l0, 1);
+    l0 += __shfl_xor_sync(0xffffffffu, l0, 2);
+    l1 += __shfl_xor_sync(0xffffffffu, l1, 1);
+    l1 += __shfl_xor_sync(0xffffffffu, l1, 2);
+    const float i0 = l0 > 0.f ? 1.f / l0 : 0.f, i1 = l1 > 0.f ? 1.f / l1 : 0.f;
+    if (r0 < g.q_len) {
+        float* po = out + (((int64_t)b * g.q_len + r0) * g.heads + h) * HD;
+#pragma unroll
+        for (int dn = 0; dn < HD / 8; dn++)
+            *reinterpret_cast<float2*>(po + dn * 8 + 2 * t4) = make_float2(o[dn][0] * i0, o[dn][1] * i0);
+        if (t4 == 0) lse[((int64_t)b * g.heads + h) * g.q_len + r0] = l0 > 0.f ? m0 * LN2 + logf(l0) : -INFINITY;
+    }
+    if (r1 < g.q_len) {
+        float* po = out + (((int64_t)b * g.q_len + r1) * g.heads + h) * HD;
+#pragma unroll
+        for (int dn = 0; dn < HD / 8; dn++)
+            *reinterpret_cast<float2*>(po + dn * 8 + 2 * t4) = make_float2(o[dn][2] * i1, o[dn][3] * i1);
+        if (t4 == 0) lse[((int64_t)b * g.heads + h) * g.q_len + r1] = l1 > 0.f ? m1 * LN2 + logf(l1) : -INFINITY;
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(128) flash_fwd_hd64(const float* q, const float* k, const float* v, const uint32_t* seg, float* out, float* lse, FGEOM_ARGS) {
+    MAKE_FGEOM;
+    flash_fwd<64>(q, k, v, seg, out, lse, g);
+}
+extern "C" __global__ void __launch_bounds__(128) flash_fwd_hd128(const float* q, const float* k, const float* v, const uint32_t* seg, float* out, float* lse, FGEOM_ARGS) {
+    MAKE_FGEOM;
+    flash_fwd<128>(q, k, v, seg, out, lse, g);
+}
+
+// ---- backward -----------------------------------------------------------------------------------
+// delta (batch, heads, q_len) = rowsum(dout ⊙ out): one warp per query row.
+extern "C" __global__ void flash_delta(const float* out, const float* dout, float* delta, int batch, int q_len, int heads, int hd) {
+    const int64_t w = ((int64_t)blockIdx.x * blockDim.x + threadIdx.x) / WARP;
+    if (w >= (int64_t)batch * q_len * heads) return;
+    const int lane = threadIdx.x % WARP;
+    const int h = w % heads, t = (w / heads) % q_len, b = w / ((int64_t)heads * q_len);
+    const float* o = out + w * hd;
+    const float* d = dout + w * hd;
+    float s = 0.f;
+    for (int j = lane; j < hd; j += WARP) s += o[j] * d[j];
+    s = warp_sum(s);
+    if (lane == 0) delta[((int64_t)b * heads + h) * q_len + t] = s;
+}
+
+// Block: 4 warps and 64 keys of one (batch, kv head); each warp owns 16 keys. For every query head
+// of the group and every block of 32 queries that can see these keys, with P = exp(S − lse) and
+// dS = P ⊙ (dP − delta)·scale: dV += Pᵀ·dO and dK += dSᵀ·Q stay in registers; dS goes through shared
+// memory to give dQ += dS·K, added into dq with atomics (dq must be zero beforehand).
+#define BBK 64
+#define BBQ 32
+template <int HD>
+struct BwdSmem {
+    __nv_bfloat16 Ks[BBK][HD + PAD], Vs[BBK][HD + PAD], Kt[HD][BBK + PAD];
+    __nv_bfloat16 Qs[BBQ][HD + PAD], Qt[HD][BBQ + PAD], Ds[BBQ][HD + PAD], Dt[HD][BBQ + PAD];
+    __nv_bfloat16 dSq[BBQ][BBK + PAD];
+    float lse2[BBQ], delta[BBQ];
+    uint32_t qseg[BBQ], kseg[BBK];
+};
+
+template <int HD>
+__device__ void flash_bwd(const float* q, const float* k, const float* v, const float* lse, const float* delta, const float* dout, const uint32_t* seg, float* dq, float* dk, float* dv, const FGeom g) {
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    BwdSmem<HD>& sm = *reinterpret_cast<BwdSmem<HD>*>(smem_raw);
+    const int kb = blockIdx.x, grp = blockIdx.y, b = blockIdx.z;
+    const int warp = threadIdx.x / WARP, lane = threadIdx.x % WARP, gr = lane >> 2, t4 = lane & 3;
+    const int rep = g.heads / g.kv_heads;
+    const float scale = rsqrtf((float)HD), sl2 = scale * LOG2E;
+    const int64_t kbase = ((int64_t)b * g.kv_cap * g.kv_heads + grp) * HD, kstride = (int64_t)g.kv_heads * HD;
+    stage<HD>(k, kbase, kstride, kb * BBK, BBK, g.kv_len, &sm.Ks[0][0], HD + PAD, &sm.Kt[0][0], BBK + PAD);
+    stage<HD>(v, kbase, kstride, kb * BBK, BBK, g.kv_len, &sm.Vs[0][0], HD + PAD, nullptr, 0);
+    if (threadIdx.x < BBK) {
+        const int s = kb * BBK + threadIdx.x;
+        sm.kseg[threadIdx.x] = s < g.kv_len ? seg_of(seg, g, b, s) : 0u;
+    }
+    float dka[HD / 8][4], dva[HD / 8][4];
+#pragma unroll
+    for (int i = 0; i < HD / 8; i++) dka[i][0] = dka[i][1] = dka[i][2] = dka[i][3] = dva[i][0] = dva[i][1] = dva[i][2] = dva[i][3] = 0.f;
+    const int k0 = warp * 16 + gr, k1 = k0 + 8; // this thread's key rows within the block
+    // The first query that can see key kb·BBK is at position kb·BBK, i.e. query index kb·BBK − q_offset.
+    const int qb0 = max(0, kb * BBK - g.q_offset) / BBQ;
+    for (int r = 0; r < rep; r++) {
+        const int h = grp * rep + r;
+        const int64_t qbase = (int64_t)b * g.q_len * g.heads * HD + (int64_t)h * HD, qstride = (int64_t)g.heads * HD;
+        for (int qb = qb0; qb * BBQ < g.q_len; qb++) {
+            __syncthreads(); // previous tiles (and dSq) are no longer read
+            stage<HD>(q, qbase, qstride, qb * BBQ, BBQ, g.q_len, &sm.Qs[0][0], HD + PAD, &sm.Qt[0][0], BBQ + PAD);
+            stage<HD>(dout, qbase, qstride, qb * BBQ, BBQ, g.q_len, &sm.Ds[0][0], HD + PAD, &sm.Dt[0][0], BBQ + PAD);
+            if (threadIdx.x < BBQ) {
+                const int t = qb * BBQ + threadIdx.x;
+                const bool ok = t < g.q_len;
+                const int64_t li = ((int64_t)b * g.heads + h) * g.q_len + t;
+                sm.lse2[threadIdx.x] = ok ? lse[li] * LOG2E : 0.f;
+                sm.delta[threadIdx.x] = ok ? delta[li] : 0.f;
+                sm.qseg[threadIdx.x] = ok ? seg_of(seg, g, b, g.q_offset + t) : 0u;
+            }
+            __syncthreads();
+            // Sᵀ = K·Qᵀ and dPᵀ = V·dOᵀ for this warp's 16 keys × 32 queries.
+            float st[BBQ / 8][4], dpt[BBQ / 8][4];
+#pragma unroll
+            for (int nt = 0; nt < BBQ / 8; nt++) {
+                st[nt][0] = st[nt][1] = st[nt][2] = st[nt][3] = 0.f;
+                dpt[nt][0] = dpt[nt][1] = dpt[nt][2] = dpt[nt][3] = 0.f;
+            }
+#pragma unroll
+            for (int kk = 0; kk < HD / 16; kk++) {
+                const int c = kk * 16 + 2 * t4;
+                const uint32_t ka[4] = {ld2(&sm.Ks[k0][c]), ld2(&sm.Ks[k1][c]), ld2(&sm.Ks[k0][c + 8]), ld2(&sm.Ks[k1][c + 8])};
+                const uint32_t va[4] = {ld2(&sm.Vs[k0][c]), ld2(&sm.Vs[k1][c]), ld2(&sm.Vs[k0][c + 8]), ld2(&sm.Vs[k1][c + 8])};
+#pragma unroll
+                for (int nt = 0; nt < BBQ / 8; nt++) {
+                    mma16816(st[nt], ka, ld2(&sm.Qs[nt * 8 + gr][c]), ld2(&sm.Qs[nt * 8 + gr][c + 8]));
+                    mma16816(dpt[nt], va, ld2(&sm.Ds[nt * 8 + gr][c]), ld2(&sm.Ds[nt * 8 + gr][c + 8]));
+                }
+            }
+            // P and dS in place of Sᵀ and dPᵀ (rows: keys k0/k1, columns: queries).
+#pragma unroll
+            for (int nt = 0; nt < BBQ / 8; nt++) {
+#pragma unroll
+                for (int e = 0; e < 4; e++) {
+                    const int ql = nt * 8 + 2 * t4 + (e & 1), kl = e < 2 ? k0 : k1;
+                    const bool vis = sees(g, qb * BBQ + ql, sm.qseg[ql], kb * BBK + kl, sm.kseg[kl]);
+                    const float p = vis ? exp2f(st[nt][e] * sl2 - sm.lse2[ql]) : 0.f;
+                    st[nt][e] = p;
+                    dpt[nt][e] = p * (dpt[nt][e] - sm.delta[ql]) * scale;
+                }
+            }
+            // dV += Pᵀ·dO and dK += dSᵀ·Q (A from the tiles above, B from the transposed tiles).
+#pragma unroll
+            for (int kk = 0; kk < BBQ / 16; kk++) {
+                const uint32_t pa[4] = {pack_bf16(st[2 * kk][0], st[2 * kk][1]), pack_bf16(st[2 * kk][2], st[2 * kk][3]),
+                                        pack_bf16(st[2 * kk + 1][0], st[2 * kk + 1][1]), pack_bf16(st[2 * kk + 1][2], st[2 * kk + 1][3])};
+                const uint32_t da[4] = {pack_bf16(dpt[2 * kk][0], dpt[2 * kk][1]), pack_bf16(dpt[2 * kk][2], dpt[2 * kk][3]),
+                                        pack_bf16(dpt[2 * kk + 1][0], dpt[2 * kk + 1][1]), pack_bf16(dpt[2 * kk + 1][2], dpt[2 * kk + 1][3])};
+                const int c = kk * 16 + 2 * t4;
+#pragma unroll
+                for (int dn = 0; dn < HD / 8; dn++) {
+                    mma16816(dva[dn], pa, ld2(&sm.Dt[dn * 8 + gr][c]), ld2(&sm.Dt[dn * 8 + gr][c + 8]));
+                    mma16816(dka[dn], da, ld2(&sm.Qt[dn * 8 + gr][c]), ld2(&sm.Qt[dn * 8 + gr][c + 8]));
+                }
+            }
+            // dS to shared memory as (query, key) for dQ.
+#pragma unroll
+            for (int nt = 0; nt < BBQ / 8; nt++) {
+#pragma unroll
+                for (int e = 0; e < 4; e++) sm.dSq[nt * 8 + 2 * t4 + (e & 1)][e < 2 ? k0 : k1] = __float2bfloat16_rn(dpt[nt][e]);
+            }
+            __syncthreads();
+            // dQ (32 queries × HD) += dS (32 × 64 keys) · K: warp w takes columns [w·HD/4, (w+1)·HD/4).
+#pragma unroll
+            for (int mt = 0; mt < BBQ / 16; mt++) {
+                float acc[HD / 32][4];
+#pragma unroll
+                for (int i = 0; i < HD / 32; i++) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
+#pragma unroll
+                for (int kk = 0; kk < BBK / 16; kk++) {
+                    const int c = kk * 16 + 2 * t4, qr = mt * 16 + gr;
+                    const uint32_t a[4] = {ld2(&sm.dSq[qr][c]), ld2(&sm.dSq[qr + 8][c]), ld2(&sm.dSq[qr][c + 8]), ld2(&sm.dSq[qr + 8][c + 8])};
+#pragma unroll
+                    for (int dn = 0; dn < HD / 32; dn++) {
+                        const int d = warp * (HD / 4) + dn * 8 + gr;
+                        mma16816(acc[dn], a, ld2(&sm.Kt[d][c]), ld2(&sm.Kt[d][c + 8]));
+                    }
+                }
+#pragma unroll
+                for (int e2 = 0; e2 < 2; e2++) {
+                    const int t = qb * BBQ + mt * 16 + gr + 8 * e2;
+                    if (t >= g.q_len) continue;
+                    float* p = dq + qbase + (int64_t)t * qstride;
+#pragma unroll
+                    for (int dn = 0; dn < HD / 32; dn++) {
+                        const int d = warp * (HD / 4) + dn * 8 + 2 * t4;
+                        atomicAdd(p + d, acc[dn][2 * e2]);
+                        atomicAdd(p + d + 1, acc[dn][2 * e2 + 1]);
+                    }
+                }
+            }
+        }
+    }
+    // dK, dV rows of this block: only this block writes them.
+#pragma unroll
+    for (int e2 = 0; e2 < 2; e2++) {
+        const int s = kb * BBK + (e2 ? k1 : k0);
+        if (s >= g.kv_len) continue;
+        float* pk = dk + kbase + (int64_t)s * kstride;
+        float* pv = dv + kbase + (int64_t)s * kstride;
+#pragma unroll
+        for (int dn = 0; dn < HD / 8; dn++) {
+            const int d = dn * 8 + 2 * t4;
+            *reinterpret_cast<float2*>(pk + d) = make_float2(dka[dn][2 * e2], dka[dn][2 * e2 + 1]);
+            *reinterpret_cast<float2*>(pv + d) = make_float2(dva[dn][2 * e2], dva[dn][2 * e2 + 1]);
+        }
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(128) flash_bwd_hd64(const float* q, const float* k, const float* v, const float* lse, const float* delta, const float* dout, const uint32_t* seg, float* dq, float* dk, float* dv, FGEOM_ARGS) {
+    MAKE_FGEOM;
+    flash_bwd<64>(q, k, v, lse, delta, dout, seg, dq, dk, dv, g);
+}
+extern "C" __global__ void __launch_bounds__(128) flash_bwd_hd128(const float* q, const float* k, const float* v, const float* lse, const float* delta, const float* dout, const uint32_t* seg, float* dq, float* dk, float* dv, FGEOM_ARGS) {
+    MAKE_FGEOM;
+    flash_bwd<128>(q, k, v, lse, delta, dout, seg, dq, dk, dv, g);
+}
