@@ -21,12 +21,16 @@ a)
         timeout 240 stage/llamatune bench --device cuda --shape $shape --steps ${STEPS:-5} --warmup-steps 1 \
             --decode-tokens 64 --json "$out/bench-$shape.json" 2>&1 | tail -14 | tee "$out/bench-$shape.log"
     done
+    echo "== profile llama2-7b (each op synchronized)"
+    LLAMATUNE_PROFILE=1 timeout 200 stage/llamatune bench --device cuda --shape llama2-7b --steps 2 --warmup-steps 1 \
+        --decode-tokens 16 2>&1 | tail -34 | tee "$out/profile-llama2-7b.log"
     ;;
 b)
     mkdir -p "$LLAMATUNE_CACHE"
     cat /tmp/llc/part-a .cache/smol/part-b > "$gguf" && sha256sum "$gguf"
     "stage/gpu-tests" smollm2 --nocapture 2>&1 | tee "$out/gpu-tests-smollm2.log"
     export PYTHONPATH="$PWD/.cache/bnb:${PYTHONPATH:-}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+    [ -n "${NO_SIDE:-}" ] && exit 0
     timeout 420 python3 parity/side_by_side.py stage/llamatune "$out/side" --steps ${STEPS:-5} ${SIDE_ARGS:-} 2>&1 | tail -40
     ;;
 esac

@@ -344,7 +344,7 @@ mod tests {
         let c = shape_config("llama2-7b").unwrap();
         let lora = LoraConfig { r: 64, ..LoraConfig::default() }.with_targets(&["q_proj", "v_proj"]).unwrap();
         let f = step_flops(&c, &lora, 4, 512, true) / 2048.0;
-        let proj = 32.0 * 2.0 * (4.0 * 4096.0 * 4096.0 + 3.0 * 4096.0 * 11008.0);
+        let proj: f64 = 32.0 * 2.0 * (4.0 * 4096.0 * 4096.0 + 3.0 * 4096.0 * 11008.0);
         assert!((proj - 2.0 * 6.476e9).abs() / proj < 1e-3);
         let lower = 3.0 * proj + 2.0 * 2.0 * 4096.0 * 32000.0;
         assert!(f > lower && f < lower * 1.06, "{f:e} vs {lower:e}");

@@ -534,6 +534,11 @@ fn fifty_gpu_steps_drive_the_loss_down() {
 /// The real SmolLM2-135M-Instruct (its GGUF must be in the llamatune cache: `LLAMATUNE_CACHE`,
 /// checksum-verified by `assets::fetch`): one QLoRA step (NF4, bf16 compute, all-linear r=16,
 /// dropout 0.1) equals the CPU's, and greedy decoding gives the CPU's tokens and says "Paris".
+///
+/// Gradients: SmolLM2's 30-layer backward amplifies bf16 rounding. On the CPU alone, the same step
+/// with bf16 vs f32 compute differs by up to ~4e-2 in layer 0 (f16: ~6e-3), so a GPU that rounds at
+/// slightly different places (bf16 attention, bf16 dense lm_head) cannot agree to 2e-2 there. Each
+/// gradient must be within 2e-2 of the CPU, or within 1.5× the CPU's own bf16-vs-f32 spread.
 #[test]
 fn smollm2_qlora_step_and_greedy_answer_match_the_cpu() {
     use llamatune::model::weights::WeightSource;
@@ -541,14 +546,11 @@ fn smollm2_qlora_step_and_greedy_answer_match_the_cpu() {
         .expect("SmolLM2 GGUF: put it in $LLAMATUNE_CACHE (the device runner does)");
     let src = llamatune::model::gguf::GgufSource::open(&path).unwrap();
     let cfg = src.config().clone();
-    let q = QuantConfig {
-        quant_type: QuantType::Nf4,
-        blocksize: 64,
-        double_quant: true,
-        compute_dtype: ComputeDtype::BF16,
-    };
-    let cm = Llama::load(&CPU, &src, Some(q)).unwrap();
-    let gm = Llama::load(gpu(), &src, Some(q)).unwrap();
+    let q =
+        |compute_dtype| QuantConfig { quant_type: QuantType::Nf4, blocksize: 64, double_quant: true, compute_dtype };
+    let cm = Llama::load(&CPU, &src, Some(q(ComputeDtype::BF16))).unwrap();
+    let cm32 = Llama::load(&CPU, &src, Some(q(ComputeDtype::F32))).unwrap();
+    let gm = Llama::load(gpu(), &src, Some(q(ComputeDtype::BF16))).unwrap();
     let (cl, gl) = lora_pair(&cfg);
     let mut rng = rand::rngs::StdRng::seed_from_u64(21);
     let rows: Vec<Vec<u32>> =
@@ -556,29 +558,39 @@ fn smollm2_qlora_step_and_greedy_answer_match_the_cpu() {
     let batch = Batch::causal_lm(&rows);
     let scale = 1.0 / batch.num_targets() as f32;
     let mut cg = cl.zero_grads(&CPU);
+    let mut cg32 = cl.zero_grads(&CPU);
     let mut gg = gl.zero_grads(gpu());
     let l1 = forward_backward(&CPU, &cm, &cl, &mut cg, &batch, scale, Some(22), true);
+    forward_backward(&CPU, &cm32, &cl, &mut cg32, &batch, scale, Some(22), true);
     let l2 = forward_backward(gpu(), &gm, &gl, &mut gg, &batch, scale, Some(22), true);
     check("SmolLM2 step loss", &[l2.mean() as f32], &[l1.mean() as f32], MIXED_TOL);
-    let mut worst = (0.0f64, String::new());
-    for ((name, _), (a, b)) in cl.named_params().iter().zip(cg.bufs().iter().zip(gg.bufs())) {
+    let rel = |got: &[f32], want: &[f32]| {
+        let num: f64 = got.iter().zip(want).map(|(x, y)| ((x - y) as f64).powi(2)).sum();
+        let den: f64 = want.iter().map(|y| (*y as f64).powi(2)).sum();
+        (num / den.max(1e-30)).sqrt()
+    };
+    let (mut worst, mut fails) = ((0.0f64, 0.0f64, String::new()), vec![]);
+    for (((name, _), a), (a32, b)) in cl.named_params().iter().zip(cg.bufs()).zip(cg32.bufs().iter().zip(gg.bufs())) {
         let got = gpu().download(b);
-        let num: f64 = got.iter().zip(a.iter()).map(|(x, y)| ((x - y) as f64).powi(2)).sum();
-        let den: f64 = a.iter().map(|y| (*y as f64).powi(2)).sum();
-        let rel = (num / den.max(1e-30)).sqrt();
-        if rel > worst.0 {
-            worst = (rel, name.clone());
+        assert!(got.iter().all(|x| x.is_finite()), "{name}: non-finite gradient");
+        let (err, spread) = (rel(&got, a), rel(a32, a));
+        if err > worst.0 {
+            worst = (err, spread, name.clone());
         }
-        check(&format!("SmolLM2 grad {}", name.trim_start_matches("base_model.model.model.")), &got, a, MIXED_TOL);
+        if err > MIXED_TOL && err > 1.5 * spread {
+            fails.push(format!("{name}: {err:.2e} (CPU bf16-vs-f32 spread {spread:.2e})"));
+        }
     }
     println!(
-        "SmolLM2 step: loss cpu {:.6} gpu {:.6}; worst of {} LoRA grads {:.2e} ({})",
+        "SmolLM2 step: loss cpu {:.6} gpu {:.6}; worst of {} LoRA grads {:.2e} ({}; CPU's own bf16-vs-f32 spread there {:.2e})",
         l1.mean(),
         l2.mean(),
         cg.bufs().len(),
         worst.0,
+        worst.2,
         worst.1
     );
+    assert!(fails.is_empty(), "gradients off by more than bf16 noise: {fails:#?}");
 
     let mut tok = llamatune::load::gguf_tokenizer(&src).unwrap();
     tok.eos_token = Some("<|im_end|>".into());
