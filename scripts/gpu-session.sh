@@ -23,7 +23,7 @@ a)
     done
     echo "== profile llama2-7b (each op synchronized)"
     LLAMATUNE_PROFILE=1 timeout 200 stage/llamatune bench --device cuda --shape llama2-7b --steps 2 --warmup-steps 1 \
-        --decode-tokens 16 2>&1 | tail -34 | tee "$out/profile-llama2-7b.log"
+        --decode-tokens 0 2>&1 | tail -30 | tee "$out/profile-llama2-7b.log"
     ;;
 b)
     mkdir -p "$LLAMATUNE_CACHE"

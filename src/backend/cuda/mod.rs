@@ -259,7 +259,9 @@ impl Cuda {
         };
         let n = rows * cols;
         let code16 = if *quant_type == QuantType::Nf4 { &self.nf4 } else { &self.fp4 };
-        let cfg = grid_for(n.div_ceil(2));
+        // 16 bytes of codes (32 values in one absmax block) per thread when the sizes allow it.
+        let vec = n % 32 == 0 && blocksize % 32 == 0;
+        let cfg = if vec { grid_for(n / 32) } else { grid_for(n.div_ceil(2)) };
         let (n64, bs) = (n as i64, *blocksize as i32);
         macro_rules! launch {
             ($kernel:expr, $out:expr) => {{
@@ -280,18 +282,21 @@ impl Cuda {
         }
         match compute {
             ComputeDtype::F32 => {
-                let mut out = ck!(self.stream.alloc_zeros::<f32>(n), "alloc");
-                launch!("dequant_4bit_f32", out);
+                // SAFETY: the kernel writes all n values before anything reads them.
+                let mut out = ck!(unsafe { self.stream.alloc::<f32>(n) }, "alloc");
+                launch!(if vec { "dequant_4bit_vec_f32" } else { "dequant_4bit_f32" }, out);
                 Operand::F32(out)
             }
             ComputeDtype::F16 => {
-                let mut out = ck!(self.stream.alloc_zeros::<f16>(n), "alloc");
-                launch!("dequant_4bit_f16", out);
+                // SAFETY: the kernel writes all n values before anything reads them.
+                let mut out = ck!(unsafe { self.stream.alloc::<f16>(n) }, "alloc");
+                launch!(if vec { "dequant_4bit_vec_f16" } else { "dequant_4bit_f16" }, out);
                 Operand::F16(out)
             }
             ComputeDtype::BF16 => {
-                let mut out = ck!(self.stream.alloc_zeros::<bf16>(n), "alloc");
-                launch!("dequant_4bit_bf16", out);
+                // SAFETY: the kernel writes all n values before anything reads them.
+                let mut out = ck!(unsafe { self.stream.alloc::<bf16>(n) }, "alloc");
+                launch!(if vec { "dequant_4bit_vec_bf16" } else { "dequant_4bit_bf16" }, out);
                 Operand::BF16(out)
             }
         }
@@ -387,7 +392,17 @@ fn kernel_names(module: &str) -> &'static [&'static str] {
             "sum_squares_f32",
             "non_finite_f32",
         ],
-        "nf4" => &["dequant_4bit_f32", "dequant_4bit_f16", "dequant_4bit_bf16", "f32_to_f16", "gemv_4bit_f32"],
+        "nf4" => &[
+            "dequant_4bit_f32",
+            "dequant_4bit_f16",
+            "dequant_4bit_bf16",
+            "dequant_4bit_vec_f32",
+            "dequant_4bit_vec_f16",
+            "dequant_4bit_vec_bf16",
+            "f32_to_f16",
+            "gemv_4bit_f32",
+            "gemv_4bit_vec_f32",
+        ],
         "norm" => &["rmsnorm_f32", "rmsnorm_backward_f32"],
         "rope" => &["rope_f32"],
         "xent" => &["cross_entropy_f32"],
@@ -1051,10 +1066,12 @@ impl Cuda {
         };
         let (bs, m32, r32, c32) = (*blocksize as i32, m as i32, *rows as i32, *cols as i32);
         let cfg = warp_grid(*rows);
+        // 16-byte code loads when every row starts on a 16-byte boundary and blocks span 32 values.
+        let kernel = if cols % 32 == 0 && blocksize % 32 == 0 { "gemv_4bit_vec_f32" } else { "gemv_4bit_f32" };
         match absmax {
-            DeviceAbsmax::F32(a) => launch!(self, "gemv_4bit_f32", cfg; packed, a, &0u64, &0u64, &self.code256, &0f32,
+            DeviceAbsmax::F32(a) => launch!(self, kernel, cfg; packed, a, &0u64, &0u64, &self.code256, &0f32,
                 code16, &bs, x, &mut *out, &m32, &r32, &c32, &compute),
-            DeviceAbsmax::Nested { q, absmax2, offset } => launch!(self, "gemv_4bit_f32", cfg; packed, &0u64, q,
+            DeviceAbsmax::Nested { q, absmax2, offset } => launch!(self, kernel, cfg; packed, &0u64, q,
                 absmax2, &self.code256, offset, code16, &bs, x, &mut *out, &m32, &r32, &c32, &compute),
         }
     }
