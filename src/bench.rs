@@ -144,7 +144,8 @@ pub struct BenchConfig {
     pub warmup_steps: usize,
     pub steps: usize,
     pub gradient_checkpointing: bool,
-    /// `adamw_torch` or `paged_adamw_32bit` (paged: optimizer state in pinned host memory).
+    /// `adamw_torch` or `paged_adamw_32bit` (paged: optimizer state moves to pinned host memory when
+    /// it would take over a quarter of the free device memory, as in training).
     pub optim: String,
     /// 0 skips decoding.
     pub decode_tokens: usize,
@@ -166,6 +167,8 @@ pub struct BenchReport {
     pub seq_len: usize,
     pub gradient_checkpointing: bool,
     pub optim: String,
+    /// Whether the optimizer state actually lived in host memory.
+    pub optimizer_paged: bool,
     pub trainable_params: usize,
     pub load_quantize_s: f64,
     pub weights_memory_bytes: Option<u64>,
@@ -240,11 +243,9 @@ pub fn run<B: Backend>(be: &B, cfg: &BenchConfig, log: &mut dyn FnMut(&str)) -> 
     let mut lora = lora;
     lora.randomize_b(be, cfg.seed ^ 0x5eed);
     let adam = AdamWConfig { weight_decay: 0.0, ..AdamWConfig::default() };
-    let mut opt = if cfg.optim == "paged_adamw_32bit" {
-        AdamW::new_paged(be, &lora, adam, PAGED_CHUNK)
-    } else {
-        AdamW::new(be, &lora, adam)
-    };
+    let state_bytes = 8.0 * param_count(&cfg.model, &cfg.lora) as f64;
+    let paged = cfg.optim == "paged_adamw_32bit" && crate::optim::should_page(state_bytes, None, be.free_memory());
+    let mut opt = if paged { AdamW::new_paged(be, &lora, adam, PAGED_CHUNK) } else { AdamW::new(be, &lora, adam) };
     let mut grads = lora.zero_grads(be);
     let mut rng = rand::rngs::StdRng::seed_from_u64(cfg.seed);
     let vocab = cfg.model.vocab_size as u32;
@@ -315,6 +316,7 @@ pub fn run<B: Backend>(be: &B, cfg: &BenchConfig, log: &mut dyn FnMut(&str)) -> 
         seq_len: cfg.seq_len,
         gradient_checkpointing: cfg.gradient_checkpointing,
         optim: cfg.optim.clone(),
+        optimizer_paged: opt.is_paged(),
         trainable_params: param_count(&cfg.model, &cfg.lora),
         load_quantize_s,
         weights_memory_bytes,

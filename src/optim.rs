@@ -41,6 +41,17 @@ pub struct AdamW<B: Backend> {
 /// Values streamed per chunk by a paged optimizer (16 MiB of m + v at f32).
 pub const PAGED_CHUNK: usize = 1 << 21;
 
+/// Whether `paged_adamw_32bit` state (`state_bytes`: m and v) goes to pinned host memory: when it
+/// exceeds the user's budget, or else a quarter of the device's free memory. Like bitsandbytes'
+/// paged optimizers, state stays on the device while it fits.
+pub fn should_page(state_bytes: f64, budget_mb: Option<f64>, free_bytes: Option<u64>) -> bool {
+    match (budget_mb, free_bytes) {
+        (Some(mb), _) => state_bytes > mb * (1u64 << 20) as f64,
+        (None, Some(free)) => state_bytes > free as f64 / 4.0,
+        (None, None) => false,
+    }
+}
+
 impl<B: Backend> AdamW<B> {
     /// Zero state on the device.
     pub fn new(be: &B, lora: &Lora<B>, cfg: AdamWConfig) -> Self {

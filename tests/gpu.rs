@@ -4,7 +4,8 @@
 //! Built only with `--features cuda`; run on a GPU host (`scripts/stage-gpu.sh`).
 //!
 //! Thresholds (relative L2 error, fixed before any run): 1e-4 for ops computed in f32 on both sides,
-//! 2e-2 where the GPU multiplies in bf16/fp16 on the tensor cores (bf16 has 8 bits of mantissa).
+//! 2e-2 where the GPU multiplies in bf16/fp16 on the tensor cores (bf16 has 8 bits of mantissa),
+//! 5e-3 for the LoRA products, which it multiplies in TF32.
 #![cfg(feature = "cuda")]
 
 use llamatune::backend::cpu::Cpu;
@@ -21,6 +22,8 @@ use std::sync::OnceLock;
 
 const F32_TOL: f64 = 1e-4;
 const MIXED_TOL: f64 = 2e-2;
+/// The LoRA products run in TF32 on the GPU (10-bit mantissa, unit roundoff 4.9e-4).
+const TF32_TOL: f64 = 5e-3;
 
 fn gpu() -> &'static Cuda {
     static G: OnceLock<Cuda> = OnceLock::new();
@@ -242,17 +245,17 @@ fn lora_forward_backward_with_dropout() {
         let (gx, ga, gb) = (gpu().upload(&x), gpu().upload(&a), gpu().upload(&b));
         let (mut u2, mut yy2) = (poisoned(M * r), gpu().upload(&y0));
         gpu().lora_forward(&gx, &ga, &gb, M, r, 0.25, d, &mut u2, &mut yy2);
-        check(&format!("{} lora u", s.name), &gpu().download(&u2), &u1, F32_TOL);
-        check(&format!("{} lora y", s.name), &gpu().download(&yy2), &yy1, F32_TOL);
+        check(&format!("{} lora u", s.name), &gpu().download(&u2), &u1, TF32_TOL);
+        check(&format!("{} lora y", s.name), &gpu().download(&yy2), &yy1, TF32_TOL);
         let (da0, db0, dx0) =
             (rnd(&mut rng, r * cols, 0.1), rnd(&mut rng, rows * r, 0.1), rnd(&mut rng, M * cols, 0.1));
         let (mut da1, mut db1, mut dx1) = (da0.clone(), db0.clone(), dx0.clone());
         CPU.lora_backward(&x, &a, &b, &u1, &dy, M, r, 0.25, d, &mut da1, &mut db1, &mut dx1);
         let (mut da2, mut db2, mut dx2) = (gpu().upload(&da0), gpu().upload(&db0), gpu().upload(&dx0));
         gpu().lora_backward(&gx, &ga, &gb, &u2, &gpu().upload(&dy), M, r, 0.25, d, &mut da2, &mut db2, &mut dx2);
-        check(&format!("{} lora dA", s.name), &gpu().download(&da2), &da1, F32_TOL);
-        check(&format!("{} lora dB", s.name), &gpu().download(&db2), &db1, F32_TOL);
-        check(&format!("{} lora dx", s.name), &gpu().download(&dx2), &dx1, F32_TOL);
+        check(&format!("{} lora dA", s.name), &gpu().download(&da2), &da1, TF32_TOL);
+        check(&format!("{} lora dB", s.name), &gpu().download(&db2), &db1, TF32_TOL);
+        check(&format!("{} lora dx", s.name), &gpu().download(&dx2), &dx1, TF32_TOL);
     }
 }
 
@@ -532,8 +535,9 @@ fn fifty_gpu_steps_drive_the_loss_down() {
 }
 
 /// The real SmolLM2-135M-Instruct (its GGUF must be in the llamatune cache: `LLAMATUNE_CACHE`,
-/// checksum-verified by `assets::fetch`): one QLoRA step (NF4, bf16 compute, all-linear r=16,
-/// dropout 0.1) equals the CPU's, and greedy decoding gives the CPU's tokens and says "Paris".
+/// checksum-verified by `assets::fetch`): greedy decoding on the GPU gives the CPU's tokens and says
+/// "Paris"; one QLoRA step (NF4, bf16 compute, all-linear r=16, dropout 0.1) on chat-templated text
+/// equals the CPU's.
 ///
 /// Gradients: SmolLM2's 30-layer backward amplifies bf16 rounding. On the CPU alone, the same step
 /// with bf16 vs f32 compute differs by up to ~4e-2 in layer 0 (f16: ~6e-3), so a GPU that rounds at
@@ -542,20 +546,56 @@ fn fifty_gpu_steps_drive_the_loss_down() {
 #[test]
 fn smollm2_qlora_step_and_greedy_answer_match_the_cpu() {
     use llamatune::model::weights::WeightSource;
+    use llamatune::tokenizer::Message;
     let path = llamatune::assets::fetch(&llamatune::assets::SMOLLM2_135M_INSTRUCT)
         .expect("SmolLM2 GGUF: put it in $LLAMATUNE_CACHE (the device runner does)");
     let src = llamatune::model::gguf::GgufSource::open(&path).unwrap();
     let cfg = src.config().clone();
+    let mut tok = llamatune::load::gguf_tokenizer(&src).unwrap();
+    tok.eos_token = Some("<|im_end|>".into());
+
+    // Greedy decoding, dense weights.
+    let prompt = tok.apply_chat_template(&[Message::new("user", "What is the capital of France?")], true).unwrap();
+    let ids = tok.encode_templated(&prompt).unwrap();
+    let gen =
+        llamatune::generate::GenerationConfig { max_new_tokens: 12, eos_token_ids: vec![2], ..Default::default() };
+    let cd = Llama::load(&CPU, &src, None).unwrap();
+    let gd = Llama::load(gpu(), &src, None).unwrap();
+    let a = llamatune::generate::generate(&CPU, &cd, None, Some(&tok), &ids, &gen, &mut |_, _| true).unwrap();
+    let b = llamatune::generate::generate(gpu(), &gd, None, Some(&tok), &ids, &gen, &mut |_, _| true).unwrap();
+    println!("SmolLM2 greedy: cpu {:?}\n                gpu {:?}", a.text, b.text);
+    let greedy_ok = a.tokens == b.tokens && b.text.contains("Paris");
+    drop((cd, gd));
+
+    // One QLoRA step on two chat-templated exchanges, cut to the same length.
     let q =
         |compute_dtype| QuantConfig { quant_type: QuantType::Nf4, blocksize: 64, double_quant: true, compute_dtype };
     let cm = Llama::load(&CPU, &src, Some(q(ComputeDtype::BF16))).unwrap();
     let cm32 = Llama::load(&CPU, &src, Some(q(ComputeDtype::F32))).unwrap();
     let gm = Llama::load(gpu(), &src, Some(q(ComputeDtype::BF16))).unwrap();
-    let (cl, gl) = lora_pair(&cfg);
-    let mut rng = rand::rngs::StdRng::seed_from_u64(21);
-    let rows: Vec<Vec<u32>> =
-        (0..2).map(|_| (0..97).map(|_| rng.gen_range(0..cfg.vocab_size as u32)).collect()).collect();
+    let chats = [
+        ("Name three primary colors and say why they are called primary.", "Red, yellow and blue are the traditional primary colors: mixing them gives the other colors, and they cannot be mixed from others."),
+        ("Write a short note thanking a colleague for their help with a report.", "Dear Sam, thank you so much for your help with the quarterly report. Your careful reading caught several mistakes, and the charts you made were excellent."),
+    ];
+    let mut rows: Vec<Vec<u32>> = chats
+        .iter()
+        .map(|(u, r)| {
+            let text =
+                tok.apply_chat_template(&[Message::new("user", u), Message::new("assistant", r)], false).unwrap();
+            tok.encode_templated(&text).unwrap()
+        })
+        .collect();
+    let len = rows.iter().map(Vec::len).min().unwrap();
+    rows.iter_mut().for_each(|r| r.truncate(len));
     let batch = Batch::causal_lm(&rows);
+    let lcfg =
+        LoraConfig { r: 16, alpha: 32.0, dropout: 0.1, ..LoraConfig::default() }.with_targets(&["all-linear"]).unwrap();
+    let mut cl = Lora::init(&CPU, &cfg, lcfg.clone(), 7);
+    cl.randomize_b(&CPU, 8);
+    let mut gl = Lora::init(gpu(), &cfg, lcfg, 7);
+    for (gp, cp) in gl.params_mut().into_iter().zip(cl.named_params()) {
+        *gp = gpu().upload(cp.1);
+    }
     let scale = 1.0 / batch.num_targets() as f32;
     let mut cg = cl.zero_grads(&CPU);
     let mut cg32 = cl.zero_grads(&CPU);
@@ -582,29 +622,16 @@ fn smollm2_qlora_step_and_greedy_answer_match_the_cpu() {
         }
     }
     println!(
-        "SmolLM2 step: loss cpu {:.6} gpu {:.6}; worst of {} LoRA grads {:.2e} ({}; CPU's own bf16-vs-f32 spread there {:.2e})",
+        "SmolLM2 step ({} tokens): loss cpu {:.6} gpu {:.6}; worst of {} LoRA grads {:.2e} ({}; CPU's own bf16-vs-f32 spread there {:.2e}); {} over the criterion",
+        batch.input_ids.len(),
         l1.mean(),
         l2.mean(),
         cg.bufs().len(),
         worst.0,
         worst.2,
-        worst.1
+        worst.1,
+        fails.len()
     );
+    assert!(greedy_ok, "greedy decoding: GPU tokens {:?} vs CPU {:?}, answer {:?}", b.tokens, a.tokens, b.text);
     assert!(fails.is_empty(), "gradients off by more than bf16 noise: {fails:#?}");
-
-    let mut tok = llamatune::load::gguf_tokenizer(&src).unwrap();
-    tok.eos_token = Some("<|im_end|>".into());
-    let prompt = tok
-        .apply_chat_template(&[llamatune::tokenizer::Message::new("user", "What is the capital of France?")], true)
-        .unwrap();
-    let ids = tok.encode_templated(&prompt).unwrap();
-    let gen =
-        llamatune::generate::GenerationConfig { max_new_tokens: 12, eos_token_ids: vec![2], ..Default::default() };
-    let cd = Llama::load(&CPU, &src, None).unwrap();
-    let gd = Llama::load(gpu(), &src, None).unwrap();
-    let a = llamatune::generate::generate(&CPU, &cd, None, Some(&tok), &ids, &gen, &mut |_, _| true).unwrap();
-    let b = llamatune::generate::generate(gpu(), &gd, None, Some(&tok), &ids, &gen, &mut |_, _| true).unwrap();
-    println!("SmolLM2 greedy: cpu {:?}\n                gpu {:?}", a.text, b.text);
-    assert_eq!(a.tokens, b.tokens, "greedy tokens on the GPU equal the CPU's");
-    assert!(b.text.contains("Paris"), "answer was {:?}", b.text);
 }

@@ -187,11 +187,7 @@ impl<'a, B: Backend> Trainer<'a, B> {
         // paged_adamw_32bit: 8 bytes of state per parameter go to pinned host memory when over budget.
         let state_bytes = 8.0 * crate::model::lora::param_count(&model.cfg, &lora_cfg) as f64;
         let paged = cfg.optim == "paged_adamw_32bit"
-            && match (cfg.optim_memory_budget_mb, be.free_memory()) {
-                (Some(mb), _) => state_bytes > mb * (1u64 << 20) as f64,
-                (None, Some(free)) => state_bytes > free as f64 / 4.0,
-                (None, None) => false,
-            };
+            && crate::optim::should_page(state_bytes, cfg.optim_memory_budget_mb, be.free_memory());
         let paged_chunk = paged.then_some(crate::optim::PAGED_CHUNK);
         let (lora, opt, state) = match &cfg.resume_from_checkpoint {
             Some(which) => {

@@ -19,7 +19,8 @@ impl Blas {
     }
 
     /// `C (m, n) = alpha · op(A) · op(B) + beta · C`, all row-major; `op(A)` is `(m, k)`, `op(B)` is
-    /// `(k, n)`; `lda`/`ldb`/`ldc` are the stored matrices' row lengths. A and B have the same dtype.
+    /// `(k, n)`; `lda`/`ldb`/`ldc` are the stored matrices' row lengths. A and B have the same dtype;
+    /// f32 operands are multiplied in full f32.
     #[allow(clippy::too_many_arguments)]
     pub fn gemm_rm<'a>(
         &'a self,
@@ -37,10 +38,54 @@ impl Blas {
         c: &mut CudaSlice<f32>,
         ldc: usize,
     ) -> Result<(), String> {
+        let compute = cublasComputeType_t::CUBLAS_COMPUTE_32F;
+        self.gemm(compute, trans_a, trans_b, m, n, k, alpha, a.into(), lda, b.into(), ldb, beta, c, ldc)
+    }
+
+    /// [`Blas::gemm_rm`] with f32 operands multiplied on the tensor cores in TF32 (10-bit mantissa,
+    /// f32 accumulation): the LoRA products, which are skinny (rank ≤ 256) and memory-bound in f32.
+    #[allow(clippy::too_many_arguments)]
+    pub fn gemm_rm_tf32<'a>(
+        &'a self,
+        trans_a: bool,
+        trans_b: bool,
+        m: usize,
+        n: usize,
+        k: usize,
+        alpha: f32,
+        a: impl Into<OperandView<'a>>,
+        lda: usize,
+        b: impl Into<OperandView<'a>>,
+        ldb: usize,
+        beta: f32,
+        c: &mut CudaSlice<f32>,
+        ldc: usize,
+    ) -> Result<(), String> {
+        let compute = cublasComputeType_t::CUBLAS_COMPUTE_32F_FAST_TF32;
+        self.gemm(compute, trans_a, trans_b, m, n, k, alpha, a.into(), lda, b.into(), ldb, beta, c, ldc)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn gemm<'a>(
+        &'a self,
+        compute: cublasComputeType_t,
+        trans_a: bool,
+        trans_b: bool,
+        m: usize,
+        n: usize,
+        k: usize,
+        alpha: f32,
+        a: OperandView<'a>,
+        lda: usize,
+        b: OperandView<'a>,
+        ldb: usize,
+        beta: f32,
+        c: &mut CudaSlice<f32>,
+        ldc: usize,
+    ) -> Result<(), String> {
         if m == 0 || n == 0 {
             return Ok(());
         }
-        let (a, b) = (a.into(), b.into());
         let (pa, ta, _ga) = ptr(&a, &self.stream);
         let (pb, tb, _gb) = ptr(&b, &self.stream);
         if ta != tb {
@@ -48,8 +93,6 @@ impl Blas {
         }
         let (pc, _gc) = c.device_ptr_mut(&self.stream);
         let op = |t: bool| if t { cublasOperation_t::CUBLAS_OP_T } else { cublasOperation_t::CUBLAS_OP_N };
-        // f32 operands: plain fp32 (no TF32), so the GPU matches the f32 CPU reference closely.
-        let compute = cublasComputeType_t::CUBLAS_COMPUTE_32F;
         // SAFETY: pointers come from live device buffers whose lengths the callers checked.
         unsafe {
             cudarc::cublas::result::gemm_ex(

@@ -726,7 +726,7 @@ impl Backend for Cuda {
         let (aop, bop) = (OperandView::F32(a), OperandView::F32(b));
         // u (m, r) = drop(x) · Aᵀ;  y (m, rows) += scale · u · Bᵀ
         ck!(
-            self.blas.gemm_rm(
+            self.blas.gemm_rm_tf32(
                 false,
                 true,
                 m,
@@ -744,7 +744,7 @@ impl Backend for Cuda {
             "LoRA A GEMM"
         );
         ck!(
-            self.blas.gemm_rm(false, true, m, rows, r, scale, OperandView::F32(u), r, bop, r, 1.0, y, rows),
+            self.blas.gemm_rm_tf32(false, true, m, rows, r, scale, OperandView::F32(u), r, bop, r, 1.0, y, rows),
             "LoRA B GEMM"
         );
     }
@@ -769,15 +769,18 @@ impl Backend for Cuda {
         let (dyop, uop) = (OperandView::F32(dy), OperandView::F32(u));
         let (aop, bop) = (OperandView::F32(a), OperandView::F32(b));
         // db (rows, r) += scale · dyᵀ · u
-        ck!(self.blas.gemm_rm(true, false, rows, r, m, scale, dyop, rows, uop, r, 1.0, db, r), "LoRA dB GEMM");
+        ck!(self.blas.gemm_rm_tf32(true, false, rows, r, m, scale, dyop, rows, uop, r, 1.0, db, r), "LoRA dB GEMM");
         // du (m, r) = scale · dy · B
         let mut du = self.zeros(m * r);
-        ck!(self.blas.gemm_rm(false, false, m, r, rows, scale, dyop, rows, bop, r, 0.0, &mut du, r), "LoRA du GEMM");
+        ck!(
+            self.blas.gemm_rm_tf32(false, false, m, r, rows, scale, dyop, rows, bop, r, 0.0, &mut du, r),
+            "LoRA du GEMM"
+        );
         // da (r, cols) += duᵀ · drop(x)
         let xd = self.dropped(x, dropout);
         let duop = OperandView::F32(&du);
         ck!(
-            self.blas.gemm_rm(
+            self.blas.gemm_rm_tf32(
                 true,
                 false,
                 r,
@@ -796,7 +799,10 @@ impl Backend for Cuda {
         );
         // dx += drop'(du · A)
         let mut dxd = self.zeros(m * cols);
-        ck!(self.blas.gemm_rm(false, false, m, cols, r, 1.0, duop, r, aop, cols, 0.0, &mut dxd, cols), "LoRA dx GEMM");
+        ck!(
+            self.blas.gemm_rm_tf32(false, false, m, cols, r, 1.0, duop, r, aop, cols, 0.0, &mut dxd, cols),
+            "LoRA dx GEMM"
+        );
         let n = dx.len();
         let a0 = n as i64;
         launch!(self, "dropout_add_f32", grid_for(n); &mut *dx, &dxd, &dropout.seed, &dropout.p, &a0);
