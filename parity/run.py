@@ -297,7 +297,96 @@ def peft_checks(d, toks):
     check("merged model (AutoModelForCausalLM) vs base+adapter (PEFT), f32", rel(a, b), F32_TOL)
 
 
-# ---------------------------------------------------------------- 5. TensorBoard files
+# ---------------------------------------------------------------- 4. a 100-step loss curve
+def train_curve(d):
+    """100 steps of the classic recipe (LoRA r=64 alpha=16 on q,v, dropout 0, paged AdamW 32-bit, lr 2e-4,
+    linear schedule with 3% warm-up, clip 0.3, weight decay 0.001, batch 4) on the same token batches
+    from the same initial adapter: transformers + PEFT + bitsandbytes (NF4, bf16 compute, as
+    prepare_model_for_kbit_training leaves it) against llamatune on the CPU and on the GPU."""
+    import bitsandbytes as bnb
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, get_linear_schedule_with_warmup
+
+    steps, warmup, lr = 100, 3, 2e-4  # warm-up: ceil(0.03 · 100)
+    g = torch.Generator().manual_seed(11)
+    batches = torch.randint(3, 1001, (25, 4, 64), generator=g)  # 25 batches, seen 4 times each
+    base = AutoModelForCausalLM.from_pretrained(d, quantization_config=bnb_config(), device_map={"": 0})
+    base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=True)
+    pm = get_peft_model(base, LoraConfig(r=64, lora_alpha=16, lora_dropout=0.0, bias="none", task_type="CAUSAL_LM",
+                                         target_modules=["q_proj", "v_proj"]))
+    adir = f"{TMP}/curve_init"
+    pm.save_pretrained(adir)
+    params = [p for p in pm.parameters() if p.requires_grad]
+    opt = bnb.optim.PagedAdamW32bit(params, lr=lr, weight_decay=0.001)
+    sched = get_linear_schedule_with_warmup(opt, warmup, steps)
+    pm.train()
+    theirs = []
+    for step in range(steps):
+        t = batches[step % len(batches)].cuda()
+        loss = pm(input_ids=t, labels=t).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 0.3)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        theirs.append(loss.item())
+    bfile = f"{TMP}/curve_batches.json"
+    json.dump(batches.tolist(), open(bfile, "w"))
+    curves = {"transformers+peft+bnb": theirs}
+    for dev in ["cpu", "cuda"]:
+        o = f"{TMP}/curve_{dev}.json"
+        lt("debug", "train-curve", "--model", d, "--adapter", adir, "--batches", bfile, "--steps", steps,
+           "--learning-rate", lr, "--warmup-steps", warmup, "--max-grad-norm", 0.3, "--weight-decay", 0.001,
+           "--optim", "paged_adamw_32bit", "--device", dev, "--use-4bit", "--bnb-4bit-compute-dtype", "bfloat16",
+           "--output", o)
+        ours = [e["loss"] for e in json.load(open(o))]
+        curves[f"llamatune {dev}"] = ours
+        gap = max(abs(a - b) / abs(b) for a, b in zip(ours, theirs))
+        check(f"100-step loss curve, {dev} vs the Python stack: largest gap", gap, BF16_TOL)
+    check("100-step loss curve goes down (last / first, Python stack)", theirs[-1] / theirs[0], 0.9)
+    json.dump(curves, open(f"{OUT}/loss_curves.json", "w"), indent=1)
+    print("step  " + "  ".join(f"{k:>22}" for k in curves))
+    for i in list(range(0, steps, 10)) + [steps - 1]:
+        print(f"{i:>4}  " + "  ".join(f"{v[i]:>22.5f}" for v in curves.values()))
+
+
+# ---------------------------------------------------------------- 5. tokenizer ids vs AutoTokenizer
+CHATS = [
+    {"messages": [{"role": "user", "content": "Hello world"}], "add_generation_prompt": True},
+    {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is a llama?"},
+                  {"role": "assistant", "content": "A South American camelid."},
+                  {"role": "user", "content": "And an alpaca?"}], "add_generation_prompt": True},
+    {"messages": [{"role": "user", "content": "  leading spaces, tabs\tand\nnewlines  "},
+                  {"role": "assistant", "content": "Got it:\n\n- one\n- two"}]},
+    {"messages": [{"role": "user", "content": "Unicode: 镇 🦙Ꙋ café naïve — “quotes” 1234567890"},
+                  {"role": "assistant", "content": "Noted. 42 + 58 = 100."}]},
+    {"messages": [{"role": "user", "content": "### Human: nested markers [INST] <s> </s> inside text"},
+                  {"role": "assistant", "content": "They are plain text here."}]},
+]
+
+
+def tokenizer_ids(name, tdir):
+    """llamatune's chat template rendering and encoding vs transformers' AutoTokenizer on the same files."""
+    from transformers import AutoTokenizer
+
+    cfile, o = f"{TMP}/chats.json", f"{TMP}/tok_{name}.json"
+    json.dump(CHATS, open(cfile, "w"))
+    lt("debug", "tokenize", "--tokenizer", tdir, "--chats", cfile, "--output", o)
+    ours = json.load(open(o))
+    tok = AutoTokenizer.from_pretrained(tdir)
+    text_bad = ids_bad = 0
+    for c, u in zip(CHATS, ours):
+        text = tok.apply_chat_template(c["messages"], tokenize=False, add_generation_prompt=c.get("add_generation_prompt", False))
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        text_bad += text != u["text"]
+        ids_bad += ids != u["ids"]
+        if ids != u["ids"]:
+            print(f"  {name}: ids differ for {text!r}:\n    theirs {ids}\n    ours   {u['ids']}")
+    check(f"{name} tokenizer: chat-templated texts differing from AutoTokenizer's ({len(CHATS)} chats)", float(text_bad), 0)
+    check(f"{name} tokenizer: token id sequences differing from AutoTokenizer's", float(ids_bad), 0)
+
+
+# ---------------------------------------------------------------- 6. TensorBoard files
 def tensorboard(d):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -341,6 +430,12 @@ def main():
         d, toks = got
         section("peft", peft_checks, d, toks)
         section("tensorboard", tensorboard, d)
+        if want("curve"):
+            section("train curve", train_curve, d)
+    for a in sys.argv:
+        if a.startswith("--tokenizer="):  # NAME=DIR (a Hugging Face tokenizer directory)
+            name, tdir = a.split("=", 1)[1].split(":", 1)
+            section(f"tokenizer {name}", tokenizer_ids, name, tdir)
     if not SKIP_7B and want("7b"):
         section("7b", logits_7b)
     with open(f"{OUT}/parity.md", "w") as f:

@@ -131,3 +131,55 @@ pub fn fetch(asset: &PypiAsset) -> Result<PathBuf> {
     std::fs::rename(&tmp, &out).map_err(|e| Error::io(&out, e))?;
     Ok(out)
 }
+
+/// A file inside a `.tgz` at `url` (an npm tarball), downloaded with Python's urllib (no HTTP client
+/// in this crate), both checksum-verified, cached as `file_name`.
+pub fn fetch_url_member(
+    url: &str,
+    tar_sha256: &str,
+    member: &str,
+    member_sha256: &str,
+    file_name: &str,
+) -> Result<PathBuf> {
+    let dir = cache_dir();
+    let out = dir.join(file_name);
+    if out.exists() && sha256_file(&out)? == member_sha256 {
+        return Ok(out);
+    }
+    std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+    let tarball = dir.join(url.rsplit('/').next().unwrap_or("download.tgz"));
+    if !tarball.exists() || sha256_file(&tarball)? != tar_sha256 {
+        eprintln!("fetching {url} into {} ...", dir.display());
+        let status = std::process::Command::new("python3")
+            .args(["-c", "import sys, urllib.request; urllib.request.urlretrieve(sys.argv[1], sys.argv[2])", url])
+            .arg(&tarball)
+            .status()
+            .map_err(|e| Error::Other(format!("could not run python3 to fetch {url}: {e}")))?;
+        if !status.success() {
+            return Err(Error::Other(format!("downloading {url} failed ({status})")));
+        }
+        let got = sha256_file(&tarball)?;
+        if got != tar_sha256 {
+            return Err(Error::format(&tarball, format!("sha256 {got} does not match the pinned {tar_sha256}")));
+        }
+    }
+    let f = std::fs::File::open(&tarball).map_err(|e| Error::io(&tarball, e))?;
+    let mut tar = tar::Archive::new(flate2::read::GzDecoder::new(f));
+    let entries = tar.entries().map_err(|e| Error::format(&tarball, format!("not a tar.gz archive: {e}")))?;
+    let tmp = crate::model::weights::tmp_path(&out);
+    for entry in entries {
+        let mut entry = entry.map_err(|e| Error::format(&tarball, e.to_string()))?;
+        if entry.path().ok().is_some_and(|p| p.to_str() == Some(member)) {
+            let mut w = std::fs::File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
+            std::io::copy(&mut entry, &mut w).map_err(|e| Error::io(&tmp, e))?;
+            drop(w);
+            let got = sha256_file(&tmp)?;
+            if got != member_sha256 {
+                return Err(Error::format(&tmp, format!("sha256 {got} does not match the pinned {member_sha256}")));
+            }
+            std::fs::rename(&tmp, &out).map_err(|e| Error::io(&out, e))?;
+            return Ok(out);
+        }
+    }
+    Err(Error::format(&tarball, format!("has no {member}")))
+}

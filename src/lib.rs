@@ -40,6 +40,7 @@ pub mod data;
 pub mod error;
 pub mod generate;
 pub mod io;
+pub mod llama2_tokenizer;
 pub mod load;
 pub mod model;
 pub mod optim;

@@ -45,6 +45,45 @@ pub enum DebugCommand {
         output: PathBuf,
     },
     /// LoRA gradients of the mean next-token loss (labels = inputs, no dropout), PEFT names.
+    /// Trains an adapter (`--adapter` is its initial value) on fixed token batches with the classic
+    /// recipe's optimizer (AdamW 32-bit, linear schedule with warm-up, global-norm clipping) and
+    /// writes the loss of every step as JSON: the parity suite's side of a loss-curve comparison.
+    TrainCurve {
+        #[command(flatten)]
+        model: DebugModelArgs,
+        /// JSON `[[[id, ...], ...], ...]`: per step, its batch rows (equal lengths).
+        #[arg(long)]
+        batches: PathBuf,
+        #[arg(long)]
+        steps: usize,
+        #[arg(long, default_value_t = 2e-4)]
+        learning_rate: f64,
+        #[arg(long, default_value_t = 0)]
+        warmup_steps: usize,
+        #[arg(long, default_value_t = 0.3)]
+        max_grad_norm: f64,
+        #[arg(long, default_value_t = 0.0)]
+        weight_decay: f64,
+        /// adamw_torch or paged_adamw_32bit
+        #[arg(long, default_value = "paged_adamw_32bit")]
+        optim: String,
+        #[arg(long)]
+        output: PathBuf,
+    },
+    /// Renders chats with a tokenizer's chat template and encodes them; writes `[{text, ids}]` as JSON.
+    /// With a `.gguf`, `--save-tokenizer DIR` also writes the tokenizer files built from it.
+    Tokenize {
+        /// A directory with `tokenizer.json` (+ `tokenizer_config.json`), or a `.gguf` file.
+        #[arg(long)]
+        tokenizer: PathBuf,
+        /// JSON `[{"messages": [{"role", "content"}...], "add_generation_prompt": bool}, ...]`.
+        #[arg(long)]
+        chats: PathBuf,
+        #[arg(long)]
+        output: PathBuf,
+        #[arg(long)]
+        save_tokenizer: Option<PathBuf>,
+    },
     Grads {
         #[command(flatten)]
         model: DebugModelArgs,
@@ -63,9 +102,9 @@ pub struct DebugModelArgs {
     model: PathBuf,
     #[arg(long)]
     adapter: Option<PathBuf>,
-    /// Token rows: `1,2,3;4,5,6` (equal lengths).
+    /// Token rows: `1,2,3;4,5,6` (equal lengths); `train-curve` takes `--batches` instead.
     #[arg(long)]
-    tokens: String,
+    tokens: Option<String>,
     #[arg(long)]
     use_4bit: bool,
     #[arg(long, default_value = "float16")]
@@ -128,6 +167,30 @@ pub fn cmd_debug(d: DebugCommand) -> Result<ExitCode> {
             let dev = open_device(&model.device)?;
             with_device!(&dev, be => debug_hidden(be, &model, &output))
         }
+        DebugCommand::TrainCurve {
+            model,
+            batches,
+            steps,
+            learning_rate,
+            warmup_steps,
+            max_grad_norm,
+            weight_decay,
+            optim,
+            output,
+        } => {
+            let text = std::fs::read_to_string(&batches).map_err(|e| Error::io(&batches, e))?;
+            let rows: Vec<Vec<Vec<u32>>> =
+                serde_json::from_str(&text).map_err(|e| Error::format(&batches, e.to_string()))?;
+            if rows.is_empty() {
+                return Err(Error::format(&batches, "no batches"));
+            }
+            let curve = CurveArgs { rows, steps, learning_rate, warmup_steps, max_grad_norm, weight_decay, optim };
+            let dev = open_device(&model.device)?;
+            with_device!(&dev, be => debug_train_curve(be, &model, &curve, &output))
+        }
+        DebugCommand::Tokenize { tokenizer, chats, output, save_tokenizer } => {
+            debug_tokenize(&tokenizer, &chats, &output, save_tokenizer.as_deref())
+        }
         DebugCommand::Grads { model, output, save_adapter } => {
             let dev = open_device(&model.device)?;
             with_device!(&dev, be => debug_grads(be, &model, &output, save_adapter.as_deref()))
@@ -138,7 +201,7 @@ pub fn cmd_debug(d: DebugCommand) -> Result<ExitCode> {
 fn debug_setup<B: Backend>(
     be: &B,
     a: &DebugModelArgs,
-) -> Result<(Llama<B>, Option<Lora<B>>, llamatune::model::llama::Batch)> {
+) -> Result<(Llama<B>, Option<Lora<B>>, Option<llamatune::model::llama::Batch>)> {
     let src = llamatune::model::weights::SafetensorsSource::open(&a.model)?;
     let compute_dtype = ComputeDtype::parse(&a.bnb_4bit_compute_dtype)
         .ok_or_else(|| Error::Config(format!("--bnb-4bit-compute-dtype {:?}", a.bnb_4bit_compute_dtype)))?;
@@ -153,8 +216,10 @@ fn debug_setup<B: Backend>(
         Some(d) => Some(peft::load_adapter(be, &model.cfg, d)?),
         None => None,
     };
-    let rows: Vec<Vec<u32>> = a
-        .tokens
+    let Some(tokens) = &a.tokens else {
+        return Ok((model, lora, None));
+    };
+    let rows: Vec<Vec<u32>> = tokens
         .split(';')
         .map(|r| {
             r.split(',')
@@ -165,11 +230,89 @@ fn debug_setup<B: Backend>(
     if rows.iter().any(|r| r.len() != rows[0].len()) {
         return Err(Error::Config("--tokens rows must have equal lengths".into()));
     }
-    Ok((model, lora, llamatune::model::llama::Batch::causal_lm(&rows)))
+    Ok((model, lora, Some(llamatune::model::llama::Batch::causal_lm(&rows))))
+}
+
+fn debug_tokenize(tokenizer: &Path, chats: &Path, output: &Path, save: Option<&Path>) -> Result<ExitCode> {
+    use llamatune::tokenizer::{Message, Tokenizer};
+    let tok = if tokenizer.is_dir() {
+        Tokenizer::from_dir(tokenizer)?
+    } else {
+        let g = llamatune::model::gguf::GgufSource::open(tokenizer)?;
+        llamatune::load::gguf_tokenizer(&g)?
+    };
+    if let Some(dir) = save {
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        let cfg = serde_json::json!({
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "bos_token": tok.bos_token, "eos_token": tok.eos_token, "pad_token": tok.pad_token,
+            "chat_template": tok.effective_template(),
+        });
+        for (name, v) in [("tokenizer.json", &tok.json), ("tokenizer_config.json", &cfg)] {
+            let p = dir.join(name);
+            std::fs::write(&p, serde_json::to_vec(v).expect("json")).map_err(|e| Error::io(&p, e))?;
+        }
+    }
+    #[derive(serde::Deserialize)]
+    struct Chat {
+        messages: Vec<Message>,
+        #[serde(default)]
+        add_generation_prompt: bool,
+    }
+    let text = std::fs::read_to_string(chats).map_err(|e| Error::io(chats, e))?;
+    let chats: Vec<Chat> = serde_json::from_str(&text).map_err(|e| Error::format(chats, e.to_string()))?;
+    let mut out = vec![];
+    for c in &chats {
+        let text = tok.apply_chat_template(&c.messages, c.add_generation_prompt)?;
+        let ids = tok.encode_templated(&text)?;
+        out.push(serde_json::json!({"text": text, "ids": ids}));
+    }
+    std::fs::write(output, serde_json::to_vec_pretty(&out).expect("json")).map_err(|e| Error::io(output, e))?;
+    Ok(ExitCode::SUCCESS)
+}
+
+struct CurveArgs {
+    rows: Vec<Vec<Vec<u32>>>,
+    steps: usize,
+    learning_rate: f64,
+    warmup_steps: usize,
+    max_grad_norm: f64,
+    weight_decay: f64,
+    optim: String,
+}
+
+fn debug_train_curve<B: Backend>(be: &B, a: &DebugModelArgs, c: &CurveArgs, output: &Path) -> Result<ExitCode> {
+    use llamatune::model::llama::{forward_backward, Batch};
+    use llamatune::optim::{clip_coefficient, grad_norm, AdamW, AdamWConfig, Schedule, PAGED_CHUNK};
+    let (model, lora, _) = debug_setup(be, a)?;
+    let mut lora =
+        lora.ok_or_else(|| Error::Config("debug train-curve needs --adapter (the initial adapter)".into()))?;
+    let adam = AdamWConfig { weight_decay: c.weight_decay as f32, ..AdamWConfig::default() };
+    let mut opt = match c.optim.as_str() {
+        "paged_adamw_32bit" => AdamW::new_paged(be, &lora, adam, PAGED_CHUNK),
+        "adamw_torch" => AdamW::new(be, &lora, adam),
+        o => return Err(Error::Config(format!("--optim {o:?}: expected adamw_torch or paged_adamw_32bit"))),
+    };
+    let mut grads = lora.zero_grads(be);
+    let mut losses = Vec::with_capacity(c.steps);
+    for step in 0..c.steps {
+        let batch = Batch::causal_lm(&c.rows[step % c.rows.len()]);
+        grads.zero(be);
+        let n = batch.num_targets() as f32;
+        let l = forward_backward(be, &model, &lora, &mut grads, &batch, 1.0 / n, None, true);
+        let gn = grad_norm(be, &grads);
+        let lr = c.learning_rate * Schedule::Linear.factor(step, c.warmup_steps, c.steps);
+        opt.update(be, &mut lora, &grads, lr as f32, clip_coefficient(gn, c.max_grad_norm) as f32);
+        losses.push(serde_json::json!({"step": step, "loss": l.mean(), "grad_norm": gn, "learning_rate": lr}));
+    }
+    let text = serde_json::to_string_pretty(&losses).expect("json");
+    std::fs::write(output, text).map_err(|e| Error::io(output, e))?;
+    Ok(ExitCode::SUCCESS)
 }
 
 fn debug_logits<B: Backend>(be: &B, a: &DebugModelArgs, output: &Path) -> Result<ExitCode> {
     let (model, lora, batch) = debug_setup(be, a)?;
+    let batch = batch.ok_or_else(|| Error::Config("this debug command needs --tokens".into()))?;
     let logits = llamatune::model::llama::full_logits(be, &model, lora.as_ref(), &batch);
     let t = llamatune::model::weights::HostTensor {
         shape: vec![batch.batch, batch.seq, model.cfg.vocab_size],
@@ -181,6 +324,7 @@ fn debug_logits<B: Backend>(be: &B, a: &DebugModelArgs, output: &Path) -> Result
 
 fn debug_grads<B: Backend>(be: &B, a: &DebugModelArgs, output: &Path, save: Option<&Path>) -> Result<ExitCode> {
     let (model, lora, batch) = debug_setup(be, a)?;
+    let batch = batch.ok_or_else(|| Error::Config("this debug command needs --tokens".into()))?;
     let lora = lora.ok_or_else(|| Error::Config("debug grads needs --adapter".into()))?;
     let mut grads = lora.zero_grads(be);
     let n = batch.num_targets() as f32;
@@ -205,6 +349,7 @@ fn debug_hidden<B: Backend>(be: &B, a: &DebugModelArgs, output: &Path) -> Result
     use llamatune::model::llama::Graph;
     use llamatune::tape::Tape;
     let (model, lora, batch) = debug_setup(be, a)?;
+    let batch = batch.ok_or_else(|| Error::Config("this debug command needs --tokens".into()))?;
     let g = Graph::new(be, &model, lora.as_ref(), &batch, None, false);
     let mut t = Tape::<B>::new(false);
     let h = model.cfg.hidden_size;
