@@ -2,8 +2,9 @@
 # One device session in phases (each phase is one `run` call on the GPU host; logs under OUT):
 #   a OUT: GPU tests (every kernel vs the CPU) + sanitizer, `llamatune bench` on SmolLM2 and 7B shapes;
 #          keeps the first part of the SmolLM2 GGUF (.cache/smol/part-a) in /tmp for phase b
-#   b OUT: joins the GGUF into the llamatune cache, runs the SmolLM2 GPU test, then the side-by-side
-#          benchmark against transformers + PEFT + bitsandbytes (needs .cache/bnb)
+#   b OUT: joins the GGUF into the llamatune cache, runs the SmolLM2 GPU test, then the parity suite
+#          (needs .cache/bnb and .cache/llama2-tokenizer) without its 7B part
+#   c OUT: the side-by-side benchmark against transformers + PEFT + bitsandbytes
 # The GGUF (98 MB) travels in two parts because one call carries at most 64 MiB.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -16,21 +17,36 @@ case $phase in
 a)
     [ -f .cache/smol/part-a ] && cp .cache/smol/part-a /tmp/llc/
     bash stage/run.sh "$out/tests" --skip smollm2
+    echo "== compute-sanitizer initcheck (uninitialized reads) on the LoRA op and a whole step"
+    compute-sanitizer --tool initcheck --error-exitcode 3 stage/gpu-tests --test-threads=1 lora_forward \
+        whole_qlora_step 2>&1 | tail -5 | tee "$out/initcheck.log"
     for shape in smollm2-135m llama2-7b; do
         echo "== bench $shape"
         timeout 240 stage/llamatune bench --device cuda --shape $shape --steps ${STEPS:-5} --warmup-steps 1 \
             --decode-tokens 64 --json "$out/bench-$shape.json" 2>&1 | tail -14 | tee "$out/bench-$shape.log"
     done
-    echo "== profile llama2-7b (each op synchronized)"
+    echo "== profile llama2-7b training (each op synchronized)"
     LLAMATUNE_PROFILE=1 timeout 200 stage/llamatune bench --device cuda --shape llama2-7b --steps 2 --warmup-steps 1 \
-        --decode-tokens 0 2>&1 | tail -30 | tee "$out/profile-llama2-7b.log"
+        --decode-tokens 0 2>&1 | tail -30 | tee "$out/profile-llama2-7b-train.log"
+    echo "== profile llama2-7b decoding (one training step first)"
+    LLAMATUNE_PROFILE=1 timeout 200 stage/llamatune bench --device cuda --shape llama2-7b --steps 1 --warmup-steps 0 \
+        --max-seq-length 16 --per-device-train-batch-size 1 --decode-tokens 64 2>&1 | tail -30 \
+        | tee "$out/profile-llama2-7b-decode.log"
     ;;
 b)
     mkdir -p "$LLAMATUNE_CACHE"
     cat /tmp/llc/part-a .cache/smol/part-b > "$gguf" && sha256sum "$gguf"
     "stage/gpu-tests" smollm2 --nocapture 2>&1 | tee "$out/gpu-tests-smollm2.log"
+    stage/llamatune debug tokenize --tokenizer "$gguf" --chats /dev/null --output /dev/null \
+        --save-tokenizer /tmp/llc/smollm2-tokenizer 2>/dev/null
+    cp -r .cache/llama2-tokenizer /tmp/llc/ 2>/dev/null
     export PYTHONPATH="$PWD/.cache/bnb:${PYTHONPATH:-}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
-    [ -n "${NO_SIDE:-}" ] && exit 0
-    timeout 420 python3 parity/side_by_side.py stage/llamatune "$out/side" --steps ${STEPS:-5} ${SIDE_ARGS:-} 2>&1 | tail -40
+    timeout 400 bash parity/run.sh "$out/parity" --only=quant,small,curve --skip-7b \
+        --tokenizer=llama2:/tmp/llc/llama2-tokenizer --tokenizer=smollm2:/tmp/llc/smollm2-tokenizer 2>&1 | tail -60
+    ;;
+c)
+    export PYTHONPATH="$PWD/.cache/bnb:${PYTHONPATH:-}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+    timeout 540 python3 parity/side_by_side.py stage/llamatune "$out/side" --steps ${STEPS:-5} ${SIDE_ARGS:-} 2>&1 \
+        | grep -v "^step \|^built" | tail -40
     ;;
 esac

@@ -341,6 +341,13 @@ impl Cuda {
         }
     }
 
+    /// An uninitialized temporary for a kernel or GEMM (beta = 0) that writes every element before
+    /// anything reads it; saves the memset of [`Backend::zeros`].
+    fn scratch(&self, n: usize) -> CudaSlice<f32> {
+        // SAFETY: callers overwrite all n values before reading them (see each use).
+        ck!(unsafe { self.stream.alloc::<f32>(n.max(1)) }, "alloc")
+    }
+
     fn scalar_f64(&self) -> CudaSlice<f64> {
         ck!(self.stream.alloc_zeros::<f64>(1), "alloc")
     }
@@ -642,12 +649,13 @@ impl Backend for Cuda {
     }
 
     fn linear(&self, x: &CudaSlice<f32>, w: &CudaWeight, m: usize, out: &mut CudaSlice<f32>) {
-        let _span = self.span("linear");
         let (rows, cols) = w.shape();
         assert!(x.len() == m * cols && out.len() == m * rows, "linear: bad shapes");
         if m <= GEMV_MAX_M && matches!(w, CudaWeight::Quant4 { .. }) {
+            let _span = self.span("linear (4-bit GEMV)");
             return self.gemv_4bit(x, w, m, out);
         }
+        let _span = self.span("linear");
         let (wop, c) = self.weight_operand(w);
         let xc = self.convert(x, c);
         let xop = xc.as_ref().map_or(OperandView::F32(x), OperandView::from);
@@ -676,7 +684,7 @@ impl Backend for Cuda {
         // compute dtype before it is accumulated (as bitsandbytes' 16-bit output is).
         let code = rounding_code(w);
         if accumulate && code != 0 {
-            let mut prod = self.zeros(m * cols);
+            let mut prod = self.scratch(m * cols);
             ck!(
                 self.blas.gemm_rm(
                     false,
@@ -771,7 +779,7 @@ impl Backend for Cuda {
         // db (rows, r) += scale · dyᵀ · u
         ck!(self.blas.gemm_rm_tf32(true, false, rows, r, m, scale, dyop, rows, uop, r, 1.0, db, r), "LoRA dB GEMM");
         // du (m, r) = scale · dy · B
-        let mut du = self.zeros(m * r);
+        let mut du = self.scratch(m * r);
         ck!(
             self.blas.gemm_rm_tf32(false, false, m, r, rows, scale, dyop, rows, bop, r, 0.0, &mut du, r),
             "LoRA du GEMM"
@@ -798,7 +806,7 @@ impl Backend for Cuda {
             "LoRA dA GEMM"
         );
         // dx += drop'(du · A)
-        let mut dxd = self.zeros(m * cols);
+        let mut dxd = self.scratch(m * cols);
         ck!(
             self.blas.gemm_rm_tf32(false, false, m, cols, r, 1.0, duop, r, aop, cols, 0.0, &mut dxd, cols),
             "LoRA dx GEMM"
@@ -881,7 +889,7 @@ impl Backend for Cuda {
     ) {
         let _span = self.span("attention_backward");
         let seg = segments.map(|s| ck!(self.stream.clone_htod(s), "upload segments"));
-        let mut delta = self.zeros(sh.batch * sh.heads * sh.q_len);
+        let mut delta = self.scratch(sh.batch * sh.heads * sh.q_len);
         if Cuda::uses_flash(&sh) {
             let rows = sh.batch * sh.q_len * sh.heads;
             let (b32, q32, h32, d32) = (sh.batch as i32, sh.q_len as i32, sh.heads as i32, sh.head_dim as i32);
@@ -1089,7 +1097,7 @@ impl Cuda {
             return None;
         }
         let n = x.len();
-        let mut out = self.zeros(n);
+        let mut out = self.scratch(n);
         let a0 = n as i64;
         launch!(self, "dropout_f32", grid_for(n); x, &mut out, &d.seed, &d.p, &a0);
         Some(out)
