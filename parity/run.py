@@ -60,6 +60,30 @@ def fp4_tree(x):
     return torch.where(a > t[0], hi, lo) + sign
 
 
+def rcp_approx(x):
+    """rcp.approx.ftz.f32 (the SFU reciprocal that --use_fast_math gives 1.0f/x) of a CUDA f32 tensor,
+    through Triton's inline PTX; None when Triton is missing."""
+    try:
+        import triton
+        import triton.language as tl
+    except ImportError:
+        print("   (no triton: rcp.approx check skipped)")
+        return None
+
+    @triton.jit
+    def k(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
+        i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        m = i < n
+        v = tl.load(x_ptr + i, mask=m, other=1.0)
+        r = tl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=r,r", [v], dtype=tl.float32, is_pure=True, pack=1)
+        tl.store(y_ptr + i, r, mask=m)
+
+    x = x.float().contiguous().cuda()
+    y = torch.empty_like(x)
+    k[(triton.cdiv(x.numel(), 1024),)](x, y, x.numel(), BLOCK=1024)
+    return y
+
+
 def quant_variants(w, bs, st, packed):
     """Which scaling (x/absmax or x*(1/absmax)) and which 8-bit search reproduce bitsandbytes."""
     import bitsandbytes.functional as F
@@ -74,6 +98,12 @@ def quant_variants(w, bs, st, packed):
         bad = (fp4_tree(flat * (1.0 / am[idx])) != theirs_codes).nonzero().flatten()
         scaled = (flat * (1.0 / am[idx]))[bad].abs()
         print(f"   fp4 mismatches: {len(bad)} of {flat.numel()}; distinct |scaled| values: {sorted(set(round(x, 9) for x in scaled.tolist()))[:8]}")
+        # bitsandbytes' kernel scales by MUFU.RCP (rcp.approx: --use_fast_math), not by a correctly
+        # rounded 1/absmax (seen in the SASS of kQuantizeBlockwise<bf16, 64, 2, 0, FP4>).
+        inv = rcp_approx(am)
+        if inv is not None:
+            n = (fp4_tree(flat * inv[idx]) != theirs_codes).sum().item()
+            check(f"cause: fp4 codes with rcp.approx(absmax) scaling vs bitsandbytes ({st.quant_type} {bs})", float(n), 0)
     else:
         code = st.state2.code.cuda()
         raw = F.quantize_4bit(w.cuda(), blocksize=bs, compress_statistics=False, quant_type=st.quant_type)[1].absmax.flatten()
@@ -209,6 +239,40 @@ def logits():
     return d, toks
 
 
+def logits_smollm2(gguf):
+    """The real SmolLM2-135M-Instruct (GQA 9/3, tied embeddings): converted from its GGUF by
+    `llamatune merge` (no adapter), loaded by transformers, on chat-templated tokens."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    d = f"{TMP}/smollm2"
+    lt("merge", "--model", gguf, "--output-dir", d, "--dtype", "float32")
+    tok = AutoTokenizer.from_pretrained(d)
+    chats = [[{"role": "user", "content": "What is the capital of France?"}],
+             [{"role": "user", "content": "Write one sentence about llamas and alpacas."}]]
+    rows = [tok.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in chats]
+    rows = [tok(r, add_special_tokens=False)["input_ids"] for r in rows]
+    n = min(map(len, rows))
+    toks = torch.tensor([r[:n] for r in rows])
+    m = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float64).eval()
+    with torch.no_grad():
+        ref = m(toks).logits.float()
+    del m
+    for dev, tol in [("cpu", F32_TOL), ("cuda", BF16_TOL)]:
+        o = f"{TMP}/ls.safetensors"
+        lt("debug", "logits", "--model", d, "--tokens", tokens_arg(toks), "--output", o, "--device", dev)
+        check(f"logits SmolLM2-135M-Instruct, {dev} vs transformers (f64 reference)", rel(load_file(o)["logits"], ref), tol)
+    q = AutoModelForCausalLM.from_pretrained(d, quantization_config=bnb_config(), device_map={"": 0})
+    with torch.no_grad():
+        qref = q.eval()(toks.cuda()).logits.float().cpu()
+    del q
+    torch.cuda.empty_cache()
+    for dev in ["cpu", "cuda"]:
+        o = f"{TMP}/lsq.safetensors"
+        lt("debug", "logits", "--model", d, "--tokens", tokens_arg(toks), "--output", o, "--device", dev,
+           "--use-4bit", "--bnb-4bit-compute-dtype", "bfloat16")
+        check(f"logits SmolLM2 NF4 bf16-compute, {dev} vs transformers+bitsandbytes", rel(load_file(o)["logits"], qref), BF16_TOL)
+
+
 def logits_7b():
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -309,7 +373,10 @@ def train_curve(d):
 
     steps, warmup, lr = 100, 3, 2e-4  # warm-up: ceil(0.03 · 100)
     g = torch.Generator().manual_seed(11)
-    batches = torch.randint(3, 1001, (25, 4, 64), generator=g)  # 25 batches, seen 4 times each
+    # 25 batches, seen 4 times each: rows cycle through 8 tokens from a random phase, so there is
+    # something to learn (pure random tokens leave the loss flat at ln(vocab) in both stacks).
+    phase = torch.randint(0, 8, (25, 4, 1), generator=g)
+    batches = (torch.arange(64)[None, None, :] + phase) % 8 + 3
     base = AutoModelForCausalLM.from_pretrained(d, quantization_config=bnb_config(), device_map={"": 0})
     base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=True)
     pm = get_peft_model(base, LoraConfig(r=64, lora_alpha=16, lora_dropout=0.0, bias="none", task_type="CAUSAL_LM",
@@ -433,6 +500,8 @@ def main():
         if want("curve"):
             section("train curve", train_curve, d)
     for a in sys.argv:
+        if a.startswith("--smollm2-gguf="):
+            section("smollm2 logits", logits_smollm2, a.split("=", 1)[1])
         if a.startswith("--tokenizer="):  # NAME=DIR (a Hugging Face tokenizer directory)
             name, tdir = a.split("=", 1)[1].split(":", 1)
             section(f"tokenizer {name}", tokenizer_ids, name, tdir)

@@ -41,8 +41,9 @@ b)
         --save-tokenizer /tmp/llc/smollm2-tokenizer 2>/dev/null
     cp -r .cache/llama2-tokenizer /tmp/llc/ 2>/dev/null
     export PYTHONPATH="$PWD/.cache/bnb:${PYTHONPATH:-}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
-    timeout 400 bash parity/run.sh "$out/parity" --only=quant,small,curve --skip-7b \
-        --tokenizer=llama2:/tmp/llc/llama2-tokenizer --tokenizer=smollm2:/tmp/llc/smollm2-tokenizer 2>&1 | tail -60
+    timeout 400 bash parity/run.sh "$out/parity" ${PARITY_ONLY:---only=quant,small,curve} --skip-7b \
+        --tokenizer=llama2:/tmp/llc/llama2-tokenizer --tokenizer=smollm2:/tmp/llc/smollm2-tokenizer \
+        --smollm2-gguf="$gguf" ${PARITY_ARGS:-} 2>&1 | tail -60
     ;;
 c)
     export PYTHONPATH="$PWD/.cache/bnb:${PYTHONPATH:-}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1

@@ -41,7 +41,8 @@ enum Command {
     Generate(GenerateArgs),
     /// Chat interactively with a model (+ adapter).
     Chat(ChatArgs),
-    /// Fold an adapter into the base weights and write a Hugging Face model directory.
+    /// Fold an adapter into the base weights and write a Hugging Face model directory (without
+    /// --adapter: convert the base model, e.g. a GGUF file, to one).
     Merge(MergeArgs),
     /// Loss and perplexity of a model (+ adapter) on a dataset.
     Eval(EvalArgs),
@@ -155,8 +156,9 @@ struct MergeArgs {
     /// Base model (loaded at 16 bits, never 4).
     #[arg(long)]
     model: String,
+    /// The PEFT adapter to fold in; without it the base model is written as it is.
     #[arg(long)]
-    adapter: PathBuf,
+    adapter: Option<PathBuf>,
     /// Output Hugging Face model directory.
     #[arg(long)]
     output_dir: PathBuf,
@@ -528,12 +530,21 @@ fn parse_size(s: &str) -> Result<usize> {
     Ok((v * mult as f64) as usize)
 }
 
-fn merge_to_dir(be: &Cpu<f32>, base: &str, adapter: &Path, out: &Path, dtype: SaveDtype, shard: usize) -> Result<()> {
+fn merge_to_dir(
+    be: &Cpu<f32>,
+    base: &str,
+    adapter: Option<&Path>,
+    out: &Path,
+    dtype: SaveDtype,
+    shard: usize,
+) -> Result<()> {
     let (files, tok) = load::open(base)?;
     let model = load_with_bar(be, &files, None)?;
-    let lora = peft::load_adapter(be, &model.cfg, adapter)?;
-    let merged = merge(be, &model, &lora);
-    export::write_model_dir(be, &merged, Some(&tok), out, dtype, shard)?;
+    let model = match adapter {
+        Some(adapter) => merge(be, &model, &peft::load_adapter(be, &model.cfg, adapter)?),
+        None => model,
+    };
+    export::write_model_dir(be, &model, Some(&tok), out, dtype, shard)?;
     Ok(())
 }
 
@@ -541,8 +552,9 @@ fn cmd_merge(a: MergeArgs) -> Result<ExitCode> {
     let dtype = SaveDtype::parse(&a.dtype)
         .ok_or_else(|| Error::Config(format!("--dtype {:?} is not float16, bfloat16 or float32", a.dtype)))?;
     let be = Cpu::<f32>::new();
-    merge_to_dir(&be, &a.model, &a.adapter, &a.output_dir, dtype, parse_size(&a.max_shard_size)?)?;
-    eprintln!("merged model written to {}", a.output_dir.display());
+    merge_to_dir(&be, &a.model, a.adapter.as_deref(), &a.output_dir, dtype, parse_size(&a.max_shard_size)?)?;
+    let what = if a.adapter.is_some() { "merged model" } else { "model" };
+    eprintln!("{what} written to {}", a.output_dir.display());
     Ok(ExitCode::SUCCESS)
 }
 
@@ -680,7 +692,7 @@ fn demo_on<B: Backend>(be: &B, a: &DemoArgs) -> Result<ExitCode> {
         println!("\n### {p}\n--- before fine-tuning:\n{}\n--- after fine-tuning:\n{}", b.trim(), after.trim());
     }
     let merged_dir = out.join("merged");
-    merge_to_dir(&Cpu::<f32>::new(), "smollm2-135m-instruct", &adapter, &merged_dir, SaveDtype::F16, 5 << 30)?;
+    merge_to_dir(&Cpu::<f32>::new(), "smollm2-135m-instruct", Some(&adapter), &merged_dir, SaveDtype::F16, 5 << 30)?;
     println!("\nadapter: {}\nmerged model: {}", adapter.display(), merged_dir.display());
     Ok(ExitCode::SUCCESS)
 }
