@@ -13,10 +13,17 @@ for l in sys.stdin:
     m = json.loads(l)
     if m.get("reason") == "compiler-artifact" and m.get("target", {}).get("name") == "gpu" and m.get("executable"):
         print(m["executable"])')
+bench=$(cargo bench --locked --features cuda --bench gpu_kernels --no-run --message-format=json 2>/dev/null \
+    | python3 -c 'import json,sys
+for l in sys.stdin:
+    m = json.loads(l)
+    if m.get("reason") == "compiler-artifact" and m.get("target", {}).get("name") == "gpu_kernels" and m.get("executable"):
+        print(m["executable"])')
 rm -rf stage && mkdir -p stage
 cp target/release/llamatune stage/llamatune
 cp "$exe" stage/gpu-tests
-strip stage/llamatune stage/gpu-tests
+cp "$bench" stage/gpu-bench
+strip stage/llamatune stage/gpu-tests stage/gpu-bench
 cat > stage/run.sh <<'RUN'
 #!/usr/bin/env bash
 # Runs the GPU checks on this host; logs go to ${1:-.}; further arguments go to the test binary.

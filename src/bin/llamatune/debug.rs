@@ -201,10 +201,7 @@ pub fn cmd_debug(d: DebugCommand) -> Result<ExitCode> {
 /// The model, its adapter (when `--adapter` is given) and the `--tokens` batch (when given).
 type DebugSetup<B> = (Llama<B>, Option<Lora<B>>, Option<llamatune::model::llama::Batch>);
 
-fn debug_setup<B: Backend>(
-    be: &B,
-    a: &DebugModelArgs,
-) -> Result<DebugSetup<B>> {
+fn debug_setup<B: Backend>(be: &B, a: &DebugModelArgs) -> Result<DebugSetup<B>> {
     let src = llamatune::model::weights::SafetensorsSource::open(&a.model)?;
     let compute_dtype = ComputeDtype::parse(&a.bnb_4bit_compute_dtype)
         .ok_or_else(|| Error::Config(format!("--bnb-4bit-compute-dtype {:?}", a.bnb_4bit_compute_dtype)))?;

@@ -1,0 +1,183 @@
+//! Criterion benchmarks of the CUDA backend's ops on the Llama-2-7B shapes of one training step
+//! (M = 2048 token rows) and of decoding (M = 1), each beside its rival in the same run: the 4-bit
+//! linear against the same product with a dense bf16 weight (cuBLAS alone), the GEMV against its
+//! bytes at copy bandwidth (measured here by a residual add). Every iteration ends with a device
+//! synchronization, so launch overhead counts. `cargo bench --features cuda --bench gpu_kernels` on a
+//! GPU host (scripts/stage-gpu.sh stages the binary); numbers go to docs/PERF.md.
+
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use llamatune::backend::cuda::Cuda;
+use llamatune::backend::{AdamWStep, AttnShape, Backend, HostWeight};
+use llamatune::config::{ComputeDtype, QuantConfig, QuantType};
+use llamatune::quant::Quant4;
+use rand::{Rng, SeedableRng};
+use std::sync::OnceLock;
+
+fn gpu() -> &'static Cuda {
+    static G: OnceLock<Cuda> = OnceLock::new();
+    G.get_or_init(|| Cuda::new(0).expect("a CUDA device"))
+}
+
+fn rnd(n: usize, seed: u64, scale: f32) -> Vec<f32> {
+    let mut r = rand::rngs::StdRng::seed_from_u64(seed);
+    (0..n).map(|_| r.gen_range(-scale..scale)).collect()
+}
+
+/// (name, out features, in features) of the 7B projections.
+const PROJ: [(&str, usize, usize); 3] =
+    [("q/k/v/o 4096x4096", 4096, 4096), ("gate/up 11008x4096", 11008, 4096), ("down 4096x11008", 4096, 11008)];
+const M: usize = 2048;
+
+fn weights(rows: usize, cols: usize) -> (<Cuda as Backend>::Weight, <Cuda as Backend>::Weight) {
+    let data = rnd(rows * cols, 1, 0.02);
+    let q = QuantConfig {
+        quant_type: QuantType::Nf4,
+        blocksize: 64,
+        double_quant: false,
+        compute_dtype: ComputeDtype::BF16,
+    };
+    let nf4 = gpu().upload_weight(HostWeight::Quant4 {
+        rows,
+        cols,
+        q: Quant4::quantize(&data, &q),
+        compute: ComputeDtype::BF16,
+    });
+    // Not exactly fp16, so the dense weight is stored bf16: the plain cuBLAS bf16 GEMM.
+    let dense = gpu().upload_weight(HostWeight::Dense { rows, cols, data });
+    (nf4, dense)
+}
+
+fn linear(c: &mut Criterion) {
+    let be = gpu();
+    for (name, rows, cols) in PROJ {
+        let (nf4, dense) = weights(rows, cols);
+        let x = be.upload(&rnd(M * cols, 2, 1.0));
+        let dy = be.upload(&rnd(M * rows, 3, 1.0));
+        let mut y = be.zeros(M * rows);
+        let mut dx = be.zeros(M * cols);
+        let mut g = c.benchmark_group(format!("linear M=2048 {name}"));
+        g.throughput(Throughput::Elements((2 * M * rows * cols) as u64)); // FLOPs
+        for (label, w) in [("nf4 forward (dequant + cuBLAS)", &nf4), ("bf16 forward (cuBLAS, rival)", &dense)] {
+            g.bench_function(label, |b| {
+                b.iter(|| {
+                    be.linear(&x, w, M, &mut y);
+                    be.synchronize();
+                })
+            });
+        }
+        for (label, w) in [("nf4 input grad", &nf4), ("bf16 input grad (rival)", &dense)] {
+            g.bench_function(label, |b| {
+                b.iter(|| {
+                    be.linear_backward_input(&dy, w, M, &mut dx, false);
+                    be.synchronize();
+                })
+            });
+        }
+        g.finish();
+    }
+}
+
+fn gemv(c: &mut Criterion) {
+    let be = gpu();
+    for (name, rows, cols) in PROJ {
+        let (nf4, _) = weights(rows, cols);
+        let x = be.upload(&rnd(cols, 4, 1.0));
+        let mut y = be.zeros(rows);
+        let mut g = c.benchmark_group(format!("gemv M=1 {name}"));
+        // Bytes: codes + f32 absmax per 64 + x + y.
+        g.throughput(Throughput::Bytes((rows * cols / 2 + rows * cols / 64 * 4 + (rows + cols) * 4) as u64));
+        g.bench_function("nf4 gemv", |b| {
+            b.iter(|| {
+                be.linear(&x, &nf4, 1, &mut y);
+                be.synchronize();
+            })
+        });
+        g.finish();
+    }
+}
+
+fn bandwidth(c: &mut Criterion) {
+    let be = gpu();
+    let n = 64 << 20;
+    let (a, b2) = (be.upload(&rnd(n, 5, 1.0)), be.upload(&rnd(n, 6, 1.0)));
+    let mut out = be.zeros(n);
+    let mut g = c.benchmark_group("copy bandwidth (out = a + b, 64M f32)");
+    g.throughput(Throughput::Bytes((12 * n) as u64));
+    g.bench_function("add", |b| {
+        b.iter(|| {
+            be.add(&a, &b2, &mut out);
+            be.synchronize();
+        })
+    });
+    g.finish();
+}
+
+fn attention(c: &mut Criterion) {
+    let be = gpu();
+    let sh = AttnShape::square(4, 512, 32, 32, 128);
+    let nq = sh.batch * sh.q_len * sh.heads * sh.head_dim;
+    let (q, k, v, dout) = (
+        be.upload(&rnd(nq, 7, 1.0)),
+        be.upload(&rnd(nq, 8, 1.0)),
+        be.upload(&rnd(nq, 9, 1.0)),
+        be.upload(&rnd(nq, 10, 1.0)),
+    );
+    let (mut out, mut lse) = (be.zeros(nq), be.zeros(sh.batch * sh.heads * sh.q_len));
+    let (mut dq, mut dk, mut dv) = (be.zeros(nq), be.zeros(nq), be.zeros(nq));
+    let mut g = c.benchmark_group("attention causal 4x512, 32 heads, d128");
+    // Causal FLOPs: 4·T²/2·d per head forward, 2.5× that backward.
+    let fwd = 4 * sh.batch * sh.heads * sh.q_len * sh.q_len / 2 * sh.head_dim;
+    g.throughput(Throughput::Elements(fwd as u64));
+    g.bench_function("forward", |b| {
+        b.iter(|| {
+            be.attention(&q, &k, &v, sh, None, &mut out, &mut lse);
+            be.synchronize();
+        })
+    });
+    g.throughput(Throughput::Elements((fwd as f64 * 2.5) as u64));
+    g.bench_function("backward", |b| {
+        b.iter(|| {
+            be.attention_backward(&q, &k, &v, &out, &lse, &dout, sh, None, &mut dq, &mut dk, &mut dv);
+            be.synchronize();
+        })
+    });
+    g.finish();
+}
+
+fn optimizer_and_loss(c: &mut Criterion) {
+    let be = gpu();
+    let n = 160 << 20;
+    let mut p = be.upload(&rnd(n, 11, 0.1));
+    let grad = be.upload(&rnd(n, 12, 0.1));
+    let (mut m, mut v) = (be.zeros(n), be.zeros(n));
+    let hp = AdamWStep { lr: 2e-4, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0, step: 1, grad_scale: 1.0 };
+    let mut g = c.benchmark_group("AdamW 32-bit, 160M parameters");
+    g.throughput(Throughput::Bytes((7 * 4 * n) as u64));
+    g.bench_function("adamw", |b| {
+        b.iter(|| {
+            be.adamw(&mut p, &grad, &mut m, &mut v, &hp);
+            be.synchronize();
+        })
+    });
+    g.finish();
+    let (rows, vocab) = (2048, 32000);
+    let logits = be.upload(&rnd(rows * vocab, 13, 4.0));
+    let targets: Vec<i32> = (0..rows as i32).map(|i| (i * 7919) % vocab as i32).collect();
+    let mut dlogits = be.zeros(rows * vocab);
+    let mut g = c.benchmark_group("cross-entropy fwd+bwd 2048x32000");
+    g.throughput(Throughput::Bytes((8 * rows * vocab) as u64));
+    g.bench_function("cross_entropy", |b| {
+        b.iter(|| {
+            be.cross_entropy(&logits, &targets, vocab, 1.0 / rows as f32, &mut dlogits);
+            be.synchronize();
+        })
+    });
+    g.finish();
+}
+
+criterion_group! {
+    name = benches;
+    config = Criterion::default().sample_size(10).warm_up_time(std::time::Duration::from_millis(300)).measurement_time(std::time::Duration::from_secs(1));
+    targets = linear, gemv, bandwidth, attention, optimizer_and_loss
+}
+criterion_main!(benches);
