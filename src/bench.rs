@@ -106,6 +106,41 @@ impl WeightSource for RandomSource {
 }
 
 impl RandomSource {
+    /// Every tensor name of the model, in checkpoint order.
+    pub fn tensor_names(&self) -> Vec<String> {
+        let c = &self.config;
+        let mut names = vec!["model.embed_tokens.weight".to_string()];
+        for l in 0..c.num_hidden_layers {
+            names.push(format!("model.layers.{l}.input_layernorm.weight"));
+            names.push(format!("model.layers.{l}.post_attention_layernorm.weight"));
+            names.extend(Proj::ALL.iter().map(|p| format!("model.layers.{l}.{}.weight", p.hf_path())));
+        }
+        names.push("model.norm.weight".into());
+        if !c.tie_word_embeddings {
+            names.push("lm_head.weight".into());
+        }
+        names
+    }
+
+    /// Writes the model as a Hugging Face directory (`config.json`, `model.safetensors`) with the
+    /// byte-level tokenizer of [`crate::model::random::byte_tokenizer_json`]: a stand-in checkpoint for
+    /// exercising the whole command line on a device without a download.
+    pub fn write_hf_dir(&self, dir: &std::path::Path, dtype: crate::model::weights::SaveDtype) -> Result<()> {
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        let mut cfg = self.config.to_json();
+        cfg["torch_dtype"] = serde_json::json!(dtype.torch_name());
+        let tensors: Vec<(String, HostTensor)> =
+            self.tensor_names().into_iter().map(|n| self.tensor(&n).map(|t| (n, t))).collect::<Result<_>>()?;
+        crate::model::weights::write_safetensors(&dir.join("model.safetensors"), &tensors, dtype, None)?;
+        let tok = crate::model::random::byte_tokenizer_json();
+        let tok_cfg = serde_json::json!({"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>"});
+        for (name, v) in [("config.json", &cfg), ("tokenizer.json", &tok), ("tokenizer_config.json", &tok_cfg)] {
+            let text = serde_json::to_vec_pretty(v).map_err(|e| Error::Other(e.to_string()))?;
+            crate::model::weights::write_atomic(&dir.join(name), &text)?;
+        }
+        Ok(())
+    }
+
     fn shape_of(&self, name: &str) -> Option<Vec<usize>> {
         let c = &self.config;
         let (v, h) = (c.vocab_size, c.hidden_size);
@@ -363,6 +398,9 @@ mod tests {
         assert!(s.has("model.layers.29.input_layernorm.weight"));
         assert!(!s.has("model.layers.30.input_layernorm.weight"));
         assert!(!s.has("lm_head.weight"), "tied");
+        let names = s.tensor_names();
+        assert_eq!(names.len(), 2 + 30 * 9);
+        assert!(names.iter().all(|n| s.has(n)));
         assert!(s.tensor("model.layers.0.self_attn.x_proj.weight").is_err());
     }
 

@@ -84,6 +84,19 @@ pub enum DebugCommand {
         #[arg(long)]
         save_tokenizer: Option<PathBuf>,
     },
+    /// Writes a model with random weights of a named shape (see `bench --shape`) as a Hugging Face
+    /// directory with a byte-level tokenizer: a stand-in checkpoint for command-line runs on a device.
+    RandomModel {
+        #[arg(long)]
+        shape: String,
+        #[arg(long)]
+        output_dir: PathBuf,
+        /// float16, bfloat16 or float32
+        #[arg(long, default_value = "float16")]
+        dtype: String,
+        #[arg(long, default_value_t = 42)]
+        seed: u64,
+    },
     Grads {
         #[command(flatten)]
         model: DebugModelArgs,
@@ -187,6 +200,13 @@ pub fn cmd_debug(d: DebugCommand) -> Result<ExitCode> {
             let curve = CurveArgs { rows, steps, learning_rate, warmup_steps, max_grad_norm, weight_decay, optim };
             let dev = open_device(&model.device)?;
             with_device!(&dev, be => debug_train_curve(be, &model, &curve, &output))
+        }
+        DebugCommand::RandomModel { shape, output_dir, dtype, seed } => {
+            let dtype = SaveDtype::parse(&dtype)
+                .ok_or_else(|| Error::Config(format!("--dtype {dtype:?} is not float16, bfloat16 or float32")))?;
+            let src = llamatune::bench::RandomSource { config: llamatune::bench::shape_config(&shape)?, seed };
+            src.write_hf_dir(&output_dir, dtype)?;
+            Ok(ExitCode::SUCCESS)
         }
         DebugCommand::Tokenize { tokenizer, chats, output, save_tokenizer } => {
             debug_tokenize(&tokenizer, &chats, &output, save_tokenizer.as_deref())
