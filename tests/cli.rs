@@ -232,3 +232,65 @@ fn mixed_precision_flags_are_refused_on_the_cpu() {
     let o = llamatune(&["train", "--model", p(&model), "--dataset", p(&data), "--output-dir", p(&out), "--bf16"]);
     assert!(!o.status.success() && stderr(&o).contains("--fp16/--bf16"), "{}", stderr(&o));
 }
+
+#[test]
+fn bench_random_model_and_conversion_without_an_adapter() {
+    let d = tempfile::tempdir().unwrap();
+    // A tiny shape as a config.json (the named shapes are too big for a CPU test).
+    let cfg = d.path().join("shape.json");
+    let shape = json!({"model_type": "llama", "vocab_size": 300, "hidden_size": 64, "intermediate_size": 96,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "rms_norm_eps": 1e-5,
+        "rope_theta": 10000.0, "max_position_embeddings": 256, "tie_word_embeddings": false,
+        "bos_token_id": 0, "eos_token_id": 1});
+    std::fs::write(&cfg, shape.to_string()).unwrap();
+
+    let report = d.path().join("bench.json");
+    let o = llamatune(&[
+        "bench",
+        "--device",
+        "cpu",
+        "--shape",
+        p(&cfg),
+        "--steps",
+        "2",
+        "--warmup-steps",
+        "0",
+        "--per-device-train-batch-size",
+        "2",
+        "--max-seq-length",
+        "16",
+        "--decode-tokens",
+        "3",
+        "--lora-r",
+        "8",
+        "--json",
+        p(&report),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(out.contains("tokens/s") && out.contains("MFU"), "{out}");
+    let r: serde_json::Value = serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
+    assert_eq!(r["step_times_s"].as_array().unwrap().len(), 2);
+    assert!(r["tokens_per_s"].as_f64().unwrap() > 0.0 && r["decode_tokens_per_s"].as_f64().unwrap() > 0.0);
+    assert_eq!(r["trainable_params"], json!(2 * 8 * ((64 + 64) + (64 + 32))), "r=8 on q_proj and v_proj of 2 layers");
+
+    let o = llamatune(&["bench", "--device", "cpu", "--shape", "llama2-70b-typo"]);
+    assert!(!o.status.success() && stderr(&o).contains("llama2-70b-typo"), "{}", stderr(&o));
+
+    // A random checkpoint of that shape, converted by `merge` without an adapter: same tensors.
+    let model = d.path().join("random");
+    let o = llamatune(&["debug", "random-model", "--shape", p(&cfg), "--output-dir", p(&model), "--dtype", "float32"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let copy = d.path().join("copy");
+    let o = llamatune(&["merge", "--model", p(&model), "--output-dir", p(&copy), "--dtype", "float32"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let read = |dir: &Path| {
+        let bytes = std::fs::read(dir.join("model.safetensors")).unwrap();
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        let mut v: Vec<(String, Vec<u8>)> =
+            st.tensors().into_iter().map(|(n, t)| (n.to_string(), t.data().to_vec())).collect();
+        v.sort();
+        v
+    };
+    assert_eq!(read(&model), read(&copy));
+}
