@@ -22,30 +22,38 @@ pub struct BenchArgs {
     /// Untimed steps before them
     #[arg(long, default_value_t = 2)]
     warmup_steps: usize,
+    /// Rows per step
     #[arg(long, default_value_t = 4)]
     per_device_train_batch_size: usize,
     /// Tokens per row (every row full)
     #[arg(long, default_value_t = 512)]
     max_seq_length: usize,
+    /// LoRA rank
     #[arg(long, default_value_t = 64)]
     lora_r: usize,
+    /// LoRA scale numerator (scale = alpha / r)
     #[arg(long, default_value_t = 16.0)]
     lora_alpha: f64,
+    /// Dropout on the LoRA branch's input
     #[arg(long, default_value_t = 0.1)]
     lora_dropout: f64,
     /// Module names or `all-linear`
     #[arg(long, num_args = 1.., value_delimiter = ',', default_values_t = ["q_proj".to_string(), "v_proj".to_string()])]
     target_modules: Vec<String>,
     /// Store base projections in 4 bits
-    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    #[arg(long, default_value_t = true, num_args = 0..=1, default_missing_value = "true", action = clap::ArgAction::Set)]
     use_4bit: bool,
+    /// nf4 or fp4
     #[arg(long, default_value = "nf4")]
     bnb_4bit_quant_type: String,
+    /// Dtype of the 4-bit matmuls: bfloat16, float16 or float32
     #[arg(long, default_value = "bfloat16")]
     bnb_4bit_compute_dtype: String,
-    #[arg(long, default_value_t = false, action = clap::ArgAction::Set)]
+    /// Double-quantize the absmax (bitsandbytes' compressed statistics)
+    #[arg(long, default_value_t = false, num_args = 0..=1, default_missing_value = "true", action = clap::ArgAction::Set)]
     use_nested_quant: bool,
-    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    /// Recompute each layer in backward instead of keeping its activations
+    #[arg(long, default_value_t = true, num_args = 0..=1, default_missing_value = "true", action = clap::ArgAction::Set)]
     gradient_checkpointing: bool,
     /// adamw_torch or paged_adamw_32bit
     #[arg(long, default_value = "paged_adamw_32bit")]
@@ -59,6 +67,7 @@ pub struct BenchArgs {
     /// The card's dense bf16 peak in TFLOP/s, for MFU (H100/H200 SXM: 989)
     #[arg(long, default_value_t = 989.0)]
     peak_tflops: f64,
+    /// Seed of the random weights, adapters and tokens
     #[arg(long, default_value_t = 42)]
     seed: u64,
     /// Also write the report here as JSON
