@@ -407,6 +407,22 @@ pub struct QuantConfig {
     pub compute_dtype: ComputeDtype,
 }
 
+impl QuantConfig {
+    /// From bitsandbytes' flag values (`bnb_4bit_quant_type`, `bnb_4bit_compute_dtype`,
+    /// `bnb_4bit_use_double_quant`), blocksize 64 as bitsandbytes uses for 4-bit weights.
+    pub fn from_flags(quant_type: &str, compute_dtype: &str, double_quant: bool) -> Result<Self> {
+        let quant_type = match quant_type {
+            "nf4" => QuantType::Nf4,
+            "fp4" => QuantType::Fp4,
+            other => return Err(Error::Config(format!("--bnb-4bit-quant-type {other:?} is not nf4 or fp4"))),
+        };
+        let compute_dtype = ComputeDtype::parse(compute_dtype).ok_or_else(|| {
+            Error::Config(format!("--bnb-4bit-compute-dtype {compute_dtype:?} is not float16, bfloat16 or float32"))
+        })?;
+        Ok(QuantConfig { quant_type, blocksize: 64, double_quant, compute_dtype })
+    }
+}
+
 impl Default for QuantConfig {
     fn default() -> Self {
         QuantConfig { quant_type: QuantType::Nf4, blocksize: 64, double_quant: false, compute_dtype: ComputeDtype::F32 }

@@ -2,7 +2,7 @@
 //! PEFT's `LoraConfig`, bitsandbytes' `BitsAndBytesConfig`, TRL's `SFTConfig`), with the classic
 //! Llama-2 QLoRA recipe's values as defaults. Settable from a TOML file and from flags.
 
-use crate::config::{ComputeDtype, LoraConfig, QuantConfig, QuantType};
+use crate::config::{LoraConfig, QuantConfig};
 use crate::error::{Error, Result};
 use crate::optim::{AdamWConfig, Schedule};
 use serde::{Deserialize, Serialize};
@@ -277,18 +277,7 @@ impl TrainConfig {
         if !self.use_4bit {
             return Ok(None);
         }
-        let quant_type = match self.bnb_4bit_quant_type.as_str() {
-            "nf4" => QuantType::Nf4,
-            "fp4" => QuantType::Fp4,
-            other => return Err(Error::Config(format!("--bnb-4bit-quant-type {other:?} is not nf4 or fp4"))),
-        };
-        let compute_dtype = ComputeDtype::parse(&self.bnb_4bit_compute_dtype).ok_or_else(|| {
-            Error::Config(format!(
-                "--bnb-4bit-compute-dtype {:?} is not float16, bfloat16 or float32",
-                self.bnb_4bit_compute_dtype
-            ))
-        })?;
-        Ok(Some(QuantConfig { quant_type, blocksize: 64, double_quant: self.use_nested_quant, compute_dtype }))
+        QuantConfig::from_flags(&self.bnb_4bit_quant_type, &self.bnb_4bit_compute_dtype, self.use_nested_quant).map(Some)
     }
 
     pub fn adamw(&self) -> AdamWConfig {

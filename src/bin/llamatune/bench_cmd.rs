@@ -3,7 +3,7 @@
 use crate::{open_device, Device};
 use clap::Args;
 use llamatune::bench::{self, BenchConfig};
-use llamatune::config::{ComputeDtype, LoraConfig, QuantConfig, QuantType};
+use llamatune::config::{LoraConfig, QuantConfig};
 use llamatune::error::{Error, Result};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -80,18 +80,7 @@ pub fn cmd_bench(a: BenchArgs) -> Result<ExitCode> {
     let lora = LoraConfig { r: a.lora_r, alpha: a.lora_alpha, dropout: a.lora_dropout, ..LoraConfig::default() }
         .with_targets(&targets)?;
     let quant = if a.use_4bit {
-        let quant_type = match a.bnb_4bit_quant_type.as_str() {
-            "nf4" => QuantType::Nf4,
-            "fp4" => QuantType::Fp4,
-            t => return Err(Error::Config(format!("--bnb-4bit-quant-type {t:?} is not nf4 or fp4"))),
-        };
-        let compute_dtype = ComputeDtype::parse(&a.bnb_4bit_compute_dtype).ok_or_else(|| {
-            Error::Config(format!(
-                "--bnb-4bit-compute-dtype {:?} is not float16, bfloat16 or float32",
-                a.bnb_4bit_compute_dtype
-            ))
-        })?;
-        Some(QuantConfig { quant_type, blocksize: 64, double_quant: a.use_nested_quant, compute_dtype })
+        Some(QuantConfig::from_flags(&a.bnb_4bit_quant_type, &a.bnb_4bit_compute_dtype, a.use_nested_quant)?)
     } else {
         None
     };
