@@ -307,6 +307,12 @@ impl Quant4 {
 
     /// Dequantizes `out.len()` values starting at flat index `start` (used to expand one row at a time).
     pub fn dequantize_range(&self, start: usize, out: &mut [f32]) {
+        self.dequantize_range_map(start, out, |v| v);
+    }
+
+    /// [`Quant4::dequantize_range`] with `map` applied to each value as it is written (the CPU
+    /// backend rounds to the compute dtype and converts to its float type in the same pass).
+    pub fn dequantize_range_map<T: Send>(&self, start: usize, out: &mut [T], map: impl Fn(f32) -> T + Sync) {
         let table = code_table(self.quant_type);
         if out.is_empty() {
             return;
@@ -325,9 +331,18 @@ impl Quant4 {
         };
         const CHUNK: usize = 1 << 14;
         out.par_chunks_mut(CHUNK).enumerate().for_each(|(c, chunk)| {
-            for (k, o) in chunk.iter_mut().enumerate() {
-                let i = start + c * CHUNK + k;
-                *o = table[self.code_at(i) as usize] * absmax[i / self.blocksize - b0];
+            // Walk the chunk one absmax block at a time, so the scale is looked up once per block.
+            let first = start + c * CHUNK;
+            let mut k = 0;
+            while k < chunk.len() {
+                let i = first + k;
+                let block = i / self.blocksize;
+                let scale = absmax[block - b0];
+                let end = ((block + 1) * self.blocksize - first).min(chunk.len());
+                for (j, o) in chunk[k..end].iter_mut().enumerate() {
+                    *o = map(table[self.code_at(i + j) as usize] * scale);
+                }
+                k = end;
             }
         });
     }

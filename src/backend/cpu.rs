@@ -102,16 +102,13 @@ impl<T: Real> CpuWeight<T> {
             CpuWeight::Dense { data, .. } => f(0, data),
             CpuWeight::Quant4 { rows, cols, q, compute } => {
                 const SLAB_ROWS: usize = 256;
-                let mut tmp32 = vec![0f32; SLAB_ROWS.min(*rows) * cols];
-                let mut tmp: Vec<T> = vec![T::zero(); tmp32.len()];
+                let mut tmp: Vec<T> = vec![T::zero(); SLAB_ROWS.min(*rows) * cols];
                 let mut r0 = 0;
                 while r0 < *rows {
                     let nr = SLAB_ROWS.min(rows - r0);
                     let n = nr * cols;
-                    q.dequantize_range(r0 * cols, &mut tmp32[..n]);
-                    for (d, s) in tmp[..n].iter_mut().zip(&tmp32[..n]) {
-                        *d = T::of(compute.round(*s) as f64);
-                    }
+                    // Dequantize, round to the compute dtype and convert in one parallel pass.
+                    q.dequantize_range_map(r0 * cols, &mut tmp[..n], |v| T::of(compute.round(v) as f64));
                     f(r0, &tmp[..n]);
                     r0 += nr;
                 }

@@ -277,7 +277,8 @@ impl TrainConfig {
         if !self.use_4bit {
             return Ok(None);
         }
-        QuantConfig::from_flags(&self.bnb_4bit_quant_type, &self.bnb_4bit_compute_dtype, self.use_nested_quant).map(Some)
+        QuantConfig::from_flags(&self.bnb_4bit_quant_type, &self.bnb_4bit_compute_dtype, self.use_nested_quant)
+            .map(Some)
     }
 
     pub fn adamw(&self) -> AdamWConfig {
