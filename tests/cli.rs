@@ -294,3 +294,88 @@ fn bench_random_model_and_conversion_without_an_adapter() {
     };
     assert_eq!(read(&model), read(&copy));
 }
+
+#[test]
+fn parity_tools_train_curve_and_tokenize() {
+    let d = tempfile::tempdir().unwrap();
+    let model = d.path().join("model");
+    common::tiny_model_dir(&model, false);
+    let data = d.path().join("data.jsonl");
+    common::text_dataset(&data, 8);
+    let out = d.path().join("out");
+    let o = llamatune(&[
+        "train",
+        "--model",
+        p(&model),
+        "--dataset",
+        p(&data),
+        "--output-dir",
+        p(&out),
+        "--max-steps",
+        "1",
+        "--target-modules",
+        "q_proj,v_proj",
+        "--lora-r",
+        "4",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+
+    // train-curve: the adapter as the starting point, fixed batches cycled, one loss per step.
+    let batches = d.path().join("batches.json");
+    std::fs::write(
+        &batches,
+        json!([[[5, 6, 7, 8, 9], [9, 8, 7, 6, 5]], [[3, 4, 3, 4, 3], [4, 3, 4, 3, 4]]]).to_string(),
+    )
+    .unwrap();
+    let curve = d.path().join("curve.json");
+    let o = llamatune(&[
+        "debug",
+        "train-curve",
+        "--model",
+        p(&model),
+        "--adapter",
+        p(&out.join("adapter")),
+        "--batches",
+        p(&batches),
+        "--steps",
+        "6",
+        "--learning-rate",
+        "1e-2",
+        "--output",
+        p(&curve),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let c: Vec<serde_json::Value> = serde_json::from_slice(&std::fs::read(&curve).unwrap()).unwrap();
+    let losses: Vec<f64> = c.iter().map(|e| e["loss"].as_f64().unwrap()).collect();
+    assert_eq!(losses.len(), 6);
+    assert!(losses[4] < losses[0] && losses[5] < losses[1], "the same batches again, after training: {losses:?}");
+    let o = llamatune(&[
+        "debug",
+        "train-curve",
+        "--model",
+        p(&model),
+        "--batches",
+        p(&batches),
+        "--steps",
+        "1",
+        "--output",
+        p(&curve),
+    ]);
+    assert!(!o.status.success() && stderr(&o).contains("--adapter"), "{}", stderr(&o));
+
+    // tokenize: the model's template and tokenizer, as the library applies them.
+    let chats = d.path().join("chats.json");
+    std::fs::write(
+        &chats,
+        json!([{"messages": [{"role": "user", "content": "hi there"}], "add_generation_prompt": true}]).to_string(),
+    )
+    .unwrap();
+    let toks = d.path().join("toks.json");
+    let o = llamatune(&["debug", "tokenize", "--tokenizer", p(&model), "--chats", p(&chats), "--output", p(&toks)]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let t: serde_json::Value = serde_json::from_slice(&std::fs::read(&toks).unwrap()).unwrap();
+    let tok = llamatune::tokenizer::Tokenizer::from_dir(&model).unwrap();
+    let text = t[0]["text"].as_str().unwrap();
+    assert!(text.contains("hi there"), "{text}");
+    assert_eq!(t[0]["ids"], json!(tok.encode_templated(text).unwrap()));
+}
