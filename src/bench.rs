@@ -273,9 +273,8 @@ pub fn run<B: Backend>(be: &B, cfg: &BenchConfig, log: &mut dyn FnMut(&str)) -> 
     let weights_memory_bytes = be.peak_memory();
     log(&format!("built {} on {} in {load_quantize_s:.1} s", cfg.shape_name, be.name()));
 
-    let lora = Lora::init(be, &model.cfg, cfg.lora.clone(), cfg.seed);
+    let mut lora = Lora::init(be, &model.cfg, cfg.lora.clone(), cfg.seed);
     // Random B too: a zero B would make every step's LoRA output and dA exactly zero.
-    let mut lora = lora;
     lora.randomize_b(be, cfg.seed ^ 0x5eed);
     let adam = AdamWConfig { weight_decay: 0.0, ..AdamWConfig::default() };
     let state_bytes = 8.0 * param_count(&cfg.model, &cfg.lora) as f64;
