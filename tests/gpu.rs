@@ -534,15 +534,41 @@ fn fifty_gpu_steps_drive_the_loss_down() {
     assert!(losses[49] < losses[0] / 4.0, "loss {} -> {}", losses[0], losses[49]);
 }
 
+/// A checkpoint whose dense embedding and lm_head are rounded to bf16, the way the CUDA backend stores
+/// dense weights that are not exact in fp16.
+struct Bf16Dense<'a>(&'a dyn llamatune::model::weights::WeightSource);
+
+impl llamatune::model::weights::WeightSource for Bf16Dense<'_> {
+    fn describe(&self) -> String {
+        format!("{} (dense weights rounded to bf16)", self.0.describe())
+    }
+    fn config(&self) -> &ModelConfig {
+        self.0.config()
+    }
+    fn has(&self, name: &str) -> bool {
+        self.0.has(name)
+    }
+    fn tensor(&self, name: &str) -> llamatune::Result<llamatune::model::weights::HostTensor> {
+        let mut t = self.0.tensor(name)?;
+        let exact_f16 = t.data.iter().all(|&x| half::f16::from_f32(x).to_f32() == x);
+        if (name.contains("embed_tokens") || name.contains("lm_head")) && !exact_f16 {
+            t.data.iter_mut().for_each(|x| *x = half::bf16::from_f32(*x).to_f32());
+        }
+        Ok(t)
+    }
+}
+
 /// The real SmolLM2-135M-Instruct (its GGUF must be in the llamatune cache: `LLAMATUNE_CACHE`,
 /// checksum-verified by `assets::fetch`): greedy decoding on the GPU gives the CPU's tokens and says
 /// "Paris"; one QLoRA step (NF4, bf16 compute, all-linear r=16, dropout 0.1) on chat-templated text
 /// equals the CPU's.
 ///
 /// Gradients: SmolLM2's 30-layer backward amplifies bf16 rounding. On the CPU alone, the same step
-/// with bf16 vs f32 compute differs by up to ~4e-2 in layer 0 (f16: ~6e-3), so a GPU that rounds at
-/// slightly different places (bf16 attention, bf16 dense lm_head) cannot agree to 2e-2 there. Each
-/// gradient must be within 2e-2 of the CPU, or within 1.5× the CPU's own bf16-vs-f32 spread.
+/// with bf16 vs f32 compute differs by up to ~1e-1 in some LoRA gradients (f16: ~6e-3), and rounding
+/// only the dense embedding to bf16 moves them as much, so a GPU that rounds at slightly different
+/// places (bf16 attention operands) cannot agree to 2e-2 everywhere. Each gradient must be within 2e-2
+/// of the CPU, or within 1.5× the CPU's own bf16-vs-f32 spread (this criterion replaced a plain 2e-2
+/// after the first device run; the CPU reference gets the GPU's bf16 dense weights since the second).
 #[test]
 fn smollm2_qlora_step_and_greedy_answer_match_the_cpu() {
     use llamatune::model::weights::WeightSource;
@@ -567,11 +593,14 @@ fn smollm2_qlora_step_and_greedy_answer_match_the_cpu() {
     let greedy_ok = a.tokens == b.tokens && b.text.contains("Paris");
     drop((cd, gd));
 
-    // One QLoRA step on two chat-templated exchanges, cut to the same length.
+    // One QLoRA step on two chat-templated exchanges, cut to the same length. The GPU stores the dense
+    // embedding (also the lm_head: tied) in bf16, as this GGUF's values are not exact in fp16; the CPU
+    // reference gets the same rounded values, so both compute on identical weights.
     let q =
         |compute_dtype| QuantConfig { quant_type: QuantType::Nf4, blocksize: 64, double_quant: true, compute_dtype };
-    let cm = Llama::load(&CPU, &src, Some(q(ComputeDtype::BF16))).unwrap();
-    let cm32 = Llama::load(&CPU, &src, Some(q(ComputeDtype::F32))).unwrap();
+    let dense_bf16 = Bf16Dense(&src);
+    let cm = Llama::load(&CPU, &dense_bf16, Some(q(ComputeDtype::BF16))).unwrap();
+    let cm32 = Llama::load(&CPU, &dense_bf16, Some(q(ComputeDtype::F32))).unwrap();
     let gm = Llama::load(gpu(), &src, Some(q(ComputeDtype::BF16))).unwrap();
     let chats = [
         ("Name three primary colors and say why they are called primary.", "Red, yellow and blue are the traditional primary colors: mixing them gives the other colors, and they cannot be mixed from others."),
