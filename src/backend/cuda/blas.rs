@@ -8,6 +8,16 @@ use cudarc::cublas::CudaBlas;
 use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut, SyncOnDrop};
 use std::sync::Arc;
 
+/// How a GEMM multiplies f32 operands (16-bit operands always use the tensor cores).
+#[derive(Clone, Copy)]
+pub enum F32Math {
+    /// Full f32, so the GPU matches the f32 CPU reference closely.
+    Exact,
+    /// TF32 on the tensor cores (10-bit mantissa, f32 accumulation): the LoRA products, which are
+    /// skinny (rank ≤ 256) and memory-bound in f32.
+    Tf32,
+}
+
 pub struct Blas {
     blas: CudaBlas,
     stream: Arc<CudaStream>,
@@ -20,10 +30,11 @@ impl Blas {
 
     /// `C (m, n) = alpha · op(A) · op(B) + beta · C`, all row-major; `op(A)` is `(m, k)`, `op(B)` is
     /// `(k, n)`; `lda`/`ldb`/`ldc` are the stored matrices' row lengths. A and B have the same dtype;
-    /// f32 operands are multiplied in full f32.
+    /// `math` says how f32 operands are multiplied.
     #[allow(clippy::too_many_arguments)]
     pub fn gemm_rm<'a>(
         &'a self,
+        math: F32Math,
         trans_a: bool,
         trans_b: bool,
         m: usize,
@@ -33,51 +44,6 @@ impl Blas {
         a: impl Into<OperandView<'a>>,
         lda: usize,
         b: impl Into<OperandView<'a>>,
-        ldb: usize,
-        beta: f32,
-        c: &mut CudaSlice<f32>,
-        ldc: usize,
-    ) -> Result<(), String> {
-        let compute = cublasComputeType_t::CUBLAS_COMPUTE_32F;
-        self.gemm(compute, trans_a, trans_b, m, n, k, alpha, a.into(), lda, b.into(), ldb, beta, c, ldc)
-    }
-
-    /// [`Blas::gemm_rm`] with f32 operands multiplied on the tensor cores in TF32 (10-bit mantissa,
-    /// f32 accumulation): the LoRA products, which are skinny (rank ≤ 256) and memory-bound in f32.
-    #[allow(clippy::too_many_arguments)]
-    pub fn gemm_rm_tf32<'a>(
-        &'a self,
-        trans_a: bool,
-        trans_b: bool,
-        m: usize,
-        n: usize,
-        k: usize,
-        alpha: f32,
-        a: impl Into<OperandView<'a>>,
-        lda: usize,
-        b: impl Into<OperandView<'a>>,
-        ldb: usize,
-        beta: f32,
-        c: &mut CudaSlice<f32>,
-        ldc: usize,
-    ) -> Result<(), String> {
-        let compute = cublasComputeType_t::CUBLAS_COMPUTE_32F_FAST_TF32;
-        self.gemm(compute, trans_a, trans_b, m, n, k, alpha, a.into(), lda, b.into(), ldb, beta, c, ldc)
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    fn gemm<'a>(
-        &'a self,
-        compute: cublasComputeType_t,
-        trans_a: bool,
-        trans_b: bool,
-        m: usize,
-        n: usize,
-        k: usize,
-        alpha: f32,
-        a: OperandView<'a>,
-        lda: usize,
-        b: OperandView<'a>,
         ldb: usize,
         beta: f32,
         c: &mut CudaSlice<f32>,
@@ -86,6 +52,11 @@ impl Blas {
         if m == 0 || n == 0 {
             return Ok(());
         }
+        let (a, b) = (a.into(), b.into());
+        let compute = match math {
+            F32Math::Exact => cublasComputeType_t::CUBLAS_COMPUTE_32F,
+            F32Math::Tf32 => cublasComputeType_t::CUBLAS_COMPUTE_32F_FAST_TF32,
+        };
         let (pa, ta, _ga) = ptr(&a, &self.stream);
         let (pb, tb, _gb) = ptr(&b, &self.stream);
         if ta != tb {

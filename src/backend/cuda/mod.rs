@@ -6,6 +6,7 @@
 //! Each launcher names its kernel's file; the CPU reference of every op is in `backend/cpu.rs`.
 
 mod blas;
+use blas::F32Math;
 
 use super::{AdamWStep, AttnShape, Backend, Dropout, HostWeight};
 use crate::config::{ComputeDtype, QuantType};
@@ -661,7 +662,22 @@ impl Backend for Cuda {
         let xop = xc.as_ref().map_or(OperandView::F32(x), OperandView::from);
         // out (m, rows) = x (m, cols) · Wᵀ
         ck!(
-            self.blas.gemm_rm(false, true, m, rows, cols, 1.0, xop, cols, wop.as_ref(), cols, 0.0, out, rows),
+            self.blas.gemm_rm(
+                F32Math::Exact,
+                false,
+                true,
+                m,
+                rows,
+                cols,
+                1.0,
+                xop,
+                cols,
+                wop.as_ref(),
+                cols,
+                0.0,
+                out,
+                rows
+            ),
             "linear GEMM"
         );
         self.round_output(w, out);
@@ -687,6 +703,7 @@ impl Backend for Cuda {
             let mut prod = self.scratch(m * cols);
             ck!(
                 self.blas.gemm_rm(
+                    F32Math::Exact,
                     false,
                     false,
                     m,
@@ -709,7 +726,22 @@ impl Backend for Cuda {
         }
         let beta = if accumulate { 1.0 } else { 0.0 };
         ck!(
-            self.blas.gemm_rm(false, false, m, cols, rows, 1.0, dyop, rows, wop.as_ref(), cols, beta, dx, cols),
+            self.blas.gemm_rm(
+                F32Math::Exact,
+                false,
+                false,
+                m,
+                cols,
+                rows,
+                1.0,
+                dyop,
+                rows,
+                wop.as_ref(),
+                cols,
+                beta,
+                dx,
+                cols
+            ),
             "linear backward GEMM"
         );
         self.round_output(w, dx);
@@ -734,7 +766,8 @@ impl Backend for Cuda {
         let (aop, bop) = (OperandView::F32(a), OperandView::F32(b));
         // u (m, r) = drop(x) · Aᵀ;  y (m, rows) += scale · u · Bᵀ
         ck!(
-            self.blas.gemm_rm_tf32(
+            self.blas.gemm_rm(
+                F32Math::Tf32,
                 false,
                 true,
                 m,
@@ -752,7 +785,22 @@ impl Backend for Cuda {
             "LoRA A GEMM"
         );
         ck!(
-            self.blas.gemm_rm_tf32(false, true, m, rows, r, scale, OperandView::F32(u), r, bop, r, 1.0, y, rows),
+            self.blas.gemm_rm(
+                F32Math::Tf32,
+                false,
+                true,
+                m,
+                rows,
+                r,
+                scale,
+                OperandView::F32(u),
+                r,
+                bop,
+                r,
+                1.0,
+                y,
+                rows
+            ),
             "LoRA B GEMM"
         );
     }
@@ -777,18 +825,22 @@ impl Backend for Cuda {
         let (dyop, uop) = (OperandView::F32(dy), OperandView::F32(u));
         let (aop, bop) = (OperandView::F32(a), OperandView::F32(b));
         // db (rows, r) += scale · dyᵀ · u
-        ck!(self.blas.gemm_rm_tf32(true, false, rows, r, m, scale, dyop, rows, uop, r, 1.0, db, r), "LoRA dB GEMM");
+        ck!(
+            self.blas.gemm_rm(F32Math::Tf32, true, false, rows, r, m, scale, dyop, rows, uop, r, 1.0, db, r),
+            "LoRA dB GEMM"
+        );
         // du (m, r) = scale · dy · B
         let mut du = self.scratch(m * r);
         ck!(
-            self.blas.gemm_rm_tf32(false, false, m, r, rows, scale, dyop, rows, bop, r, 0.0, &mut du, r),
+            self.blas.gemm_rm(F32Math::Tf32, false, false, m, r, rows, scale, dyop, rows, bop, r, 0.0, &mut du, r),
             "LoRA du GEMM"
         );
         // da (r, cols) += duᵀ · drop(x)
         let xd = self.dropped(x, dropout);
         let duop = OperandView::F32(&du);
         ck!(
-            self.blas.gemm_rm_tf32(
+            self.blas.gemm_rm(
+                F32Math::Tf32,
                 true,
                 false,
                 r,
@@ -808,7 +860,7 @@ impl Backend for Cuda {
         // dx += drop'(du · A)
         let mut dxd = self.scratch(m * cols);
         ck!(
-            self.blas.gemm_rm_tf32(false, false, m, cols, r, 1.0, duop, r, aop, cols, 0.0, &mut dxd, cols),
+            self.blas.gemm_rm(F32Math::Tf32, false, false, m, cols, r, 1.0, duop, r, aop, cols, 0.0, &mut dxd, cols),
             "LoRA dx GEMM"
         );
         let n = dx.len();
