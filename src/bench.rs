@@ -126,15 +126,12 @@ impl RandomSource {
     /// byte-level tokenizer of [`crate::model::random::byte_tokenizer_json`]: a stand-in checkpoint for
     /// exercising the whole command line on a device without a download.
     pub fn write_hf_dir(&self, dir: &std::path::Path, dtype: crate::model::weights::SaveDtype) -> Result<()> {
-        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-        let mut cfg = self.config.to_json();
-        cfg["torch_dtype"] = serde_json::json!(dtype.torch_name());
         let tensors: Vec<(String, HostTensor)> =
             self.tensor_names().into_iter().map(|n| self.tensor(&n).map(|t| (n, t))).collect::<Result<_>>()?;
-        crate::model::weights::write_safetensors(&dir.join("model.safetensors"), &tensors, dtype, None)?;
+        crate::model::random::write_checkpoint(&self.config, &tensors, dir, dtype)?;
         let tok = crate::model::random::byte_tokenizer_json();
         let tok_cfg = serde_json::json!({"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>"});
-        for (name, v) in [("config.json", &cfg), ("tokenizer.json", &tok), ("tokenizer_config.json", &tok_cfg)] {
+        for (name, v) in [("tokenizer.json", &tok), ("tokenizer_config.json", &tok_cfg)] {
             let text = serde_json::to_vec_pretty(v).map_err(|e| Error::Other(e.to_string()))?;
             crate::model::weights::write_atomic(&dir.join(name), &text)?;
         }

@@ -122,12 +122,22 @@ pub fn byte_tokenizer_json() -> serde_json::Value {
 
 /// Writes `src` as a Hugging Face model directory (`config.json` + `model.safetensors`).
 pub fn write_hf_dir(src: &MemorySource, dir: &Path, dtype: SaveDtype) -> Result<()> {
+    let tensors: Vec<(String, HostTensor)> = src.tensors.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+    write_checkpoint(&src.config, &tensors, dir, dtype)
+}
+
+/// `config.json` (with `torch_dtype`) and `model.safetensors` of `tensors` in `dir`.
+pub fn write_checkpoint(
+    config: &ModelConfig,
+    tensors: &[(String, HostTensor)],
+    dir: &Path,
+    dtype: SaveDtype,
+) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-    let mut cfg = src.config.to_json();
+    let mut cfg = config.to_json();
     cfg["torch_dtype"] = serde_json::json!(dtype.torch_name());
     let cfg_path = dir.join("config.json");
     let text = serde_json::to_string_pretty(&cfg).map_err(|e| Error::Other(e.to_string()))?;
     std::fs::write(&cfg_path, text).map_err(|e| Error::io(&cfg_path, e))?;
-    let tensors: Vec<(String, HostTensor)> = src.tensors.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
-    write_safetensors(&dir.join("model.safetensors"), &tensors, dtype, None)
+    write_safetensors(&dir.join("model.safetensors"), tensors, dtype, None)
 }
