@@ -1,6 +1,8 @@
-// Causal attention with GQA and a segment mask (packing / padding), forward and backward.
-// One warp per query row (forward, dq) or per key row (dk, dv); each lane holds head_dim/32 values,
-// the softmax is online (running max and sum), and the T×T matrix never exists in memory.
+// Causal attention with GQA and a segment mask (packing / padding), forward and backward, for the
+// shapes the tensor-core kernels of flash.cu do not take (decoding, a few queries, other head sizes).
+// Forward: one block per query row whose warps split the keys (so decoding one token uses the whole
+// block, not one warp), each with an online softmax, merged at the end. Backward: one warp per query
+// row (dq) or per key row (dk, dv). Each lane holds head_dim/32 values; the T×T matrix never exists.
 // CPU reference: Cpu::attention / Cpu::attention_backward (src/backend/cpu.rs).
 #include "common.cuh"
 
@@ -41,13 +43,23 @@ __device__ __forceinline__ float dot_row(const float* r, const float* src, int d
 #define GEOM_ARGS int batch, int q_len, int kv_len, int kv_cap, int heads, int kv_heads, int head_dim, int q_offset
 #define MAKE_GEOM Geom g{batch, q_len, kv_len, kv_cap, heads, kv_heads, head_dim, q_offset}
 
-// q, out (batch, q_len, heads, d); k, v (batch, kv_cap, kv_heads, d); lse (batch, heads, q_len)
-extern "C" __global__ void attention_fwd_f32(const float* q, const float* k, const float* v, const uint32_t* seg, float* out, float* lse, GEOM_ARGS) {
+#define SPLIT_WARPS 8
+
+// q, out (batch, q_len, heads, d); k, v (batch, kv_cap, kv_heads, d); lse (batch, heads, q_len).
+// One block of SPLIT_WARPS warps per (b, h, t); warp w takes keys w, w + SPLIT_WARPS, … . With `pos`
+// (decoding a recorded step) the geometry's q_offset is pos[0] and kv_len is pos[0] + q_len, read on
+// the device, so the same launch serves every position.
+extern "C" __global__ void __launch_bounds__(SPLIT_WARPS * WARP) attention_fwd_f32(const float* q, const float* k, const float* v, const uint32_t* seg, const float* pos, float* out, float* lse, GEOM_ARGS) {
+    if (pos) {
+        q_offset = (int)pos[0];
+        kv_len = q_offset + q_len;
+    }
     MAKE_GEOM;
-    const int64_t w = ((int64_t)blockIdx.x * blockDim.x + threadIdx.x) / WARP;
-    if (w >= (int64_t)batch * heads * q_len) return;
-    const int t = w % q_len, h = (w / q_len) % heads, b = w / ((int64_t)q_len * heads);
-    const int grp = h / (heads / kv_heads), d = head_dim, lane = threadIdx.x % WARP;
+    __shared__ float part_m[SPLIT_WARPS], part_l[SPLIT_WARPS];
+    __shared__ float part_acc[SPLIT_WARPS][MAX_PER_LANE * WARP];
+    const int64_t row = blockIdx.x;  // (b, h, t)
+    const int t = row % q_len, h = (row / q_len) % heads, b = row / ((int64_t)q_len * heads);
+    const int grp = h / (heads / kv_heads), d = head_dim, lane = threadIdx.x % WARP, wid = threadIdx.x / WARP;
     const float scale = rsqrtf((float)d);
     float qr[MAX_PER_LANE], acc[MAX_PER_LANE];
     load_row(qr, q + (((int64_t)b * q_len + t) * heads + h) * d, d);
@@ -55,7 +67,7 @@ extern "C" __global__ void attention_fwd_f32(const float* q, const float* k, con
     for (int i = 0; i < MAX_PER_LANE; i++) acc[i] = 0.f;
     float m = -INFINITY, l = 0.f;
     const int last = min(q_offset + t, kv_len - 1);
-    for (int s = 0; s <= last; s++) {
+    for (int s = wid; s <= last; s += SPLIT_WARPS) {
         if (!visible(g, seg, b, t, s)) continue;
         const int64_t ki = (((int64_t)b * kv_cap + s) * kv_heads + grp) * d;
         const float sc = dot_row(qr, k + ki, d) * scale;
@@ -68,13 +80,23 @@ extern "C" __global__ void attention_fwd_f32(const float* q, const float* k, con
         }
         m = mn;
     }
-    float* o = out + (((int64_t)b * q_len + t) * heads + h) * d;
+    // Merge the warps' states: M = max m_w, L = Σ l_w e^(m_w − M), out = Σ acc_w e^(m_w − M) / L.
+    if (lane == 0) part_m[wid] = m, part_l[wid] = l;
 #pragma unroll
-    for (int i = 0; i < MAX_PER_LANE; i++) {
-        const int j = lane + i * WARP;
-        if (j < d) o[j] = l > 0.f ? acc[i] / l : 0.f;
+    for (int i = 0; i < MAX_PER_LANE; i++) part_acc[wid][lane + i * WARP] = acc[i];
+    __syncthreads();
+    float M = -INFINITY;
+    for (int w = 0; w < SPLIT_WARPS; w++) M = fmaxf(M, part_m[w]);
+    float L = 0.f;
+    for (int w = 0; w < SPLIT_WARPS; w++) L += part_l[w] > 0.f ? part_l[w] * expf(part_m[w] - M) : 0.f;
+    float* o = out + (((int64_t)b * q_len + t) * heads + h) * d;
+    for (int j = threadIdx.x; j < d; j += blockDim.x) {
+        float sum = 0.f;
+        for (int w = 0; w < SPLIT_WARPS; w++)
+            if (part_l[w] > 0.f) sum += part_acc[w][j] * expf(part_m[w] - M);
+        o[j] = L > 0.f ? sum / L : 0.f;
     }
-    if (lane == 0) lse[((int64_t)b * heads + h) * q_len + t] = l > 0.f ? m + logf(l) : -INFINITY;
+    if (threadIdx.x == 0) lse[((int64_t)b * heads + h) * q_len + t] = L > 0.f ? M + logf(L) : -INFINITY;
 }
 
 // dq, and delta = rowsum(dout ⊙ out) for the dk/dv kernel. One warp per query row.

@@ -82,3 +82,10 @@ extern "C" __global__ void sum_squares_f32(const float* x, double* acc, int64_t 
 extern "C" __global__ void non_finite_f32(const float* x, int* flag, int64_t n) {
     FOR_EACH(i, n) if (!isfinite(x[i])) atomicOr(flag, 1);
 }
+
+// Appends rows to a KV cache at the position held on the device: dst[(pos[0] + r) * row + j] =
+// src[r * row + j] for the n rows of src. CPU reference: Cpu::kv_write.
+extern "C" __global__ void kv_write_f32(const float* src, float* dst, const float* pos, int64_t row, int64_t n) {
+    const int64_t off = (int64_t)pos[0] * row;
+    FOR_EACH(i, n) dst[off + i] = src[i];
+}

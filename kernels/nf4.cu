@@ -41,9 +41,10 @@ extern "C" __global__ void f32_to_f16(const float* x, __half* out, int64_t n) {
 }
 
 // Small-M product for decoding: y (m, rows) = x (m, cols) · dequant(W)ᵀ with m ≤ 8, reading the 4-bit
-// codes directly (0.5 byte per weight instead of expanding W first). One warp per output row; values
-// and the output are rounded to the compute dtype (0 f32, 1 f16, 2 bf16) as the dequantize + GEMM path
-// does, and accumulated in f32. CPU reference: Cpu::linear with a 4-bit weight.
+// codes directly (0.5 byte per weight instead of expanding W first). Values and the output are rounded
+// to the compute dtype (0 f32, 1 f16, 2 bf16) as the dequantize + GEMM path does, and accumulated in
+// f32. CPU reference: Cpu::linear with a 4-bit weight. Two kernels: gemv_4bit_rows_* below for the
+// usual sizes (cols and blocksize multiples of 32), this one for any size: one warp per output row.
 __device__ __forceinline__ float round_to(float v, int compute) {
     if (compute == 1) return __half2float(__float2half_rn(v));
     if (compute == 2) return __bfloat162float(__float2bfloat16_rn(v));
@@ -51,15 +52,34 @@ __device__ __forceinline__ float round_to(float v, int compute) {
 }
 
 #define GEMV_MAX_M 8
+
+// The 16-entry code table in shared memory (the caller synchronizes before use).
+__device__ __forceinline__ void load_lut(float* lut, const float* code16) {
+    if (threadIdx.x < 16) lut[threadIdx.x] = code16[threadIdx.x];
+}
+
+// Sums acc[r][j] over the warp and writes y[j][row0 + r] (rounded) for the rows and m that exist.
+template <int R, int M>
+__device__ __forceinline__ void store_rows(float (&acc)[R][M], float* y, int row0, int rows, int m, int compute) {
+    const int lane = threadIdx.x % WARP;
+#pragma unroll
+    for (int r = 0; r < R; r++)
+#pragma unroll
+        for (int j = 0; j < M; j++) {
+            const float s = warp_sum(acc[r][j]);
+            if (lane == 0 && j < m && row0 + r < rows) y[(int64_t)j * rows + row0 + r] = round_to(s, compute);
+        }
+}
+
 extern "C" __global__ void gemv_4bit_f32(const uint8_t* packed, const float* absmax, const uint8_t* absmax_q, const float* absmax2, const float* code256, float offset, const float* code16, int blocksize, const float* x, float* y, int m, int rows, int cols, int compute) {
     __shared__ float lut[16];
-    if (threadIdx.x < 16) lut[threadIdx.x] = code16[threadIdx.x];
+    load_lut(lut, code16);
     __syncthreads();
     const int row = (blockIdx.x * blockDim.x + threadIdx.x) / WARP, lane = threadIdx.x % WARP;
     if (row >= rows) return;
-    float acc[GEMV_MAX_M];
+    float acc[1][GEMV_MAX_M];
 #pragma unroll
-    for (int j = 0; j < GEMV_MAX_M; j++) acc[j] = 0.f;
+    for (int j = 0; j < GEMV_MAX_M; j++) acc[0][j] = 0.f;
     const int64_t base = (int64_t)row * cols;
     for (int c = lane; c < cols; c += WARP) {
         const int64_t e = base + c;
@@ -68,16 +88,116 @@ extern "C" __global__ void gemv_4bit_f32(const uint8_t* packed, const float* abs
         const float w = round_to(lut[q] * block_absmax(absmax, absmax_q, absmax2, code256, offset, e / blocksize), compute);
 #pragma unroll
         for (int j = 0; j < GEMV_MAX_M; j++)
-            if (j < m) acc[j] += round_to(x[(int64_t)j * cols + c], compute) * w;
+            if (j < m) acc[0][j] += round_to(x[(int64_t)j * cols + c], compute) * w;
     }
-#pragma unroll
-    for (int j = 0; j < GEMV_MAX_M; j++) {
-        const float s = warp_sum(acc[j]);
-        if (j < m && lane == 0) y[(int64_t)j * rows + row] = round_to(s, compute);
-    }
+    store_rows<1, GEMV_MAX_M>(acc, y, row, rows, m, compute);
 }
 
-// ---- vectorized paths (n, cols and blocksize multiples of 32) -----------------------------------
+// ---- the decoding GEMV for the usual sizes (cols and blocksize multiples of 32) ------------------
+// Floor: the codes (0.5 B/weight) and absmax stream from memory once, so the kernel must keep enough
+// bytes in flight and spend few instructions and shared-memory accesses per weight (the 16-entry
+// code table costs one shared load per weight already). Each warp owns GEMV_ROWS rows; each lane
+// takes 32 columns at a time (one 16-byte code load per row, one absmax for all 32), and the 32
+// values of x it reads serve all GEMV_ROWS rows. The next column chunk's codes are loaded before the
+// current one is used (two chunks in flight per lane), and code loads bypass L1.
+// x: with SX (one row of x) the block first stages x, rounded to the compute dtype, in shared memory
+// with one float of padding per 32 (element c at c + c/32), so that the 32 lanes, each reading its
+// own 32-column chunk, hit 32 different banks; without SX (up to 8 rows, rarer) x is read through
+// L1. Template parameters: compute dtype C (0 f32, 1 f16, 2 bf16) and rows of x M.
+#define GEMV_ROWS 4
+#define GEMV_THREADS 256
+
+__device__ __forceinline__ uint4 load_stream(const uint8_t* p) {
+    uint4 u;
+    asm("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];" : "=r"(u.x), "=r"(u.y), "=r"(u.z), "=r"(u.w) : "l"(p));
+    return u;
+}
+
+// Σ over 32 columns of dequant(codes u, absmax a) · x, with x already rounded to the compute dtype.
+template <int C>
+__device__ __forceinline__ float dot32(const uint4 u, float a, const float* lut, const float (&xs)[32]) {
+    const uint32_t w4[4] = {u.x, u.y, u.z, u.w};
+    float s0 = 0.f, s1 = 0.f;  // two chains: shorter dependency on the adds
+#pragma unroll
+    for (int q4 = 0; q4 < 4; q4++)
+#pragma unroll
+        for (int byte = 0; byte < 4; byte++) {
+            const uint32_t b = (w4[q4] >> (8 * byte)) & 0xffu;
+            s0 += round_to(lut[b >> 4] * a, C) * xs[q4 * 8 + 2 * byte];
+            s1 += round_to(lut[b & 15] * a, C) * xs[q4 * 8 + 2 * byte + 1];
+        }
+    return s0 + s1;
+}
+
+template <int C, int M, bool SX>
+__device__ void gemv_rows(const uint8_t* packed, const float* absmax, const uint8_t* absmax_q, const float* absmax2, const float* code256, float offset, const float* code16, int blocksize, const float* x, float* y, int m, int rows, int cols) {
+    __shared__ float lut[16];
+    extern __shared__ float xsh[];  // SX: (cols + cols/32) floats
+    load_lut(lut, code16);
+    if (SX)
+        for (int c = threadIdx.x; c < cols; c += blockDim.x) xsh[c + c / 32] = round_to(x[c], C);
+    __syncthreads();
+    const int warp = (blockIdx.x * blockDim.x + threadIdx.x) / WARP, lane = threadIdx.x % WARP;
+    const int row0 = warp * GEMV_ROWS;
+    if (row0 >= rows) return;
+    const int chunks = cols / 32;  // 16-byte code chunks per row
+    float acc[GEMV_ROWS][M];
+#pragma unroll
+    for (int r = 0; r < GEMV_ROWS; r++)
+#pragma unroll
+        for (int j = 0; j < M; j++) acc[r][j] = 0.f;
+    // A row past the end re-reads the last row (its sums are never stored).
+    int64_t chunk0[GEMV_ROWS];
+#pragma unroll
+    for (int r = 0; r < GEMV_ROWS; r++) chunk0[r] = (int64_t)min(row0 + r, rows - 1) * chunks;
+    uint4 cur[GEMV_ROWS], nxt[GEMV_ROWS];
+    if (lane < chunks)
+#pragma unroll
+        for (int r = 0; r < GEMV_ROWS; r++) cur[r] = load_stream(packed + (chunk0[r] + lane) * 16);
+    for (int c = lane; c < chunks; c += WARP) {
+        if (c + WARP < chunks)
+#pragma unroll
+            for (int r = 0; r < GEMV_ROWS; r++) nxt[r] = load_stream(packed + (chunk0[r] + c + WARP) * 16);
+        float a[GEMV_ROWS];
+#pragma unroll
+        for (int r = 0; r < GEMV_ROWS; r++) a[r] = block_absmax(absmax, absmax_q, absmax2, code256, offset, (chunk0[r] + c) * 32 / blocksize);
+#pragma unroll
+        for (int j = 0; j < M; j++) {
+            if (j >= m) break;
+            float xs[32];
+            if (SX) {
+#pragma unroll
+                for (int i = 0; i < 32; i++) xs[i] = xsh[33 * c + i];
+            } else {
+                const float4* xp = reinterpret_cast<const float4*>(x + (int64_t)j * cols + c * 32);
+#pragma unroll
+                for (int i = 0; i < 8; i++) {
+                    const float4 v = __ldg(xp + i);
+                    xs[4 * i] = round_to(v.x, C), xs[4 * i + 1] = round_to(v.y, C);
+                    xs[4 * i + 2] = round_to(v.z, C), xs[4 * i + 3] = round_to(v.w, C);
+                }
+            }
+#pragma unroll
+            for (int r = 0; r < GEMV_ROWS; r++) acc[r][j] += dot32<C>(cur[r], a[r], lut, xs);
+        }
+#pragma unroll
+        for (int r = 0; r < GEMV_ROWS; r++) cur[r] = nxt[r];
+    }
+    store_rows<GEMV_ROWS, M>(acc, y, row0, rows, m, C);
+}
+
+#define GEMV_ROWS_KERNEL(name, C, M, SX) \
+    extern "C" __global__ void __launch_bounds__(GEMV_THREADS) name(const uint8_t* packed, const float* absmax, const uint8_t* absmax_q, const float* absmax2, const float* code256, float offset, const float* code16, int blocksize, const float* x, float* y, int m, int rows, int cols) { \
+        gemv_rows<C, M, SX>(packed, absmax, absmax_q, absmax2, code256, offset, code16, blocksize, x, y, m, rows, cols); \
+    }
+GEMV_ROWS_KERNEL(gemv_4bit_rows_f32_m1, 0, 1, true)
+GEMV_ROWS_KERNEL(gemv_4bit_rows_f16_m1, 1, 1, true)
+GEMV_ROWS_KERNEL(gemv_4bit_rows_bf16_m1, 2, 1, true)
+GEMV_ROWS_KERNEL(gemv_4bit_rows_f32_m8, 0, 8, false)
+GEMV_ROWS_KERNEL(gemv_4bit_rows_f16_m8, 1, 8, false)
+GEMV_ROWS_KERNEL(gemv_4bit_rows_bf16_m8, 2, 8, false)
+
+// ---- vectorized dequantize (n and blocksize multiples of 32) ------------------------------------
 // Each thread takes 16 bytes of codes = 32 values, which lie in one absmax block, so one absmax
 // lookup and one 16-byte load serve 32 outputs. Same values as the scalar kernels above.
 template <typename T> struct Vec8;
@@ -131,47 +251,3 @@ __device__ void dequant_vec(const uint8_t* packed, const float* absmax, const ui
 DEQUANT_VEC(dequant_4bit_vec_f32, float)
 DEQUANT_VEC(dequant_4bit_vec_f16, __half)
 DEQUANT_VEC(dequant_4bit_vec_bf16, __nv_bfloat16)
-
-// y (m, rows) = x (m, cols) · dequant(W)ᵀ for m ≤ 8, one warp per row, each lane 32 values per step
-// from one 16-byte load of codes (so a warp reads 512 contiguous bytes). Rounding as gemv_4bit_f32.
-extern "C" __global__ void gemv_4bit_vec_f32(const uint8_t* packed, const float* absmax, const uint8_t* absmax_q, const float* absmax2, const float* code256, float offset, const float* code16, int blocksize, const float* x, float* y, int m, int rows, int cols, int compute) {
-    __shared__ float lut[16];
-    if (threadIdx.x < 16) lut[threadIdx.x] = code16[threadIdx.x];
-    __syncthreads();
-    const int row = (blockIdx.x * blockDim.x + threadIdx.x) / WARP, lane = threadIdx.x % WARP;
-    if (row >= rows) return;
-    float acc[GEMV_MAX_M];
-#pragma unroll
-    for (int j = 0; j < GEMV_MAX_M; j++) acc[j] = 0.f;
-    const int64_t chunk0 = (int64_t)row * cols / 32; // 16-byte chunks before this row
-    for (int c = lane; c < cols / 32; c += WARP) {
-        const uint4 u = reinterpret_cast<const uint4*>(packed)[chunk0 + c];
-        const float a = block_absmax(absmax, absmax_q, absmax2, code256, offset, (chunk0 + c) * 32 / blocksize);
-        const uint32_t w4[4] = {u.x, u.y, u.z, u.w};
-#pragma unroll
-        for (int q4 = 0; q4 < 4; q4++) {
-            float w[8];
-#pragma unroll
-            for (int byte = 0; byte < 4; byte++) {
-                const uint32_t b = (w4[q4] >> (8 * byte)) & 0xffu;
-                w[2 * byte] = round_to(lut[b >> 4] * a, compute);
-                w[2 * byte + 1] = round_to(lut[b & 15] * a, compute);
-            }
-            const int col = c * 32 + q4 * 8;
-#pragma unroll
-            for (int j = 0; j < GEMV_MAX_M; j++) {
-                if (j < m) {
-                    const float4 x0 = *reinterpret_cast<const float4*>(x + (int64_t)j * cols + col);
-                    const float4 x1 = *reinterpret_cast<const float4*>(x + (int64_t)j * cols + col + 4);
-                    acc[j] += round_to(x0.x, compute) * w[0] + round_to(x0.y, compute) * w[1] + round_to(x0.z, compute) * w[2] + round_to(x0.w, compute) * w[3] +
-                              round_to(x1.x, compute) * w[4] + round_to(x1.y, compute) * w[5] + round_to(x1.z, compute) * w[6] + round_to(x1.w, compute) * w[7];
-                }
-            }
-        }
-    }
-#pragma unroll
-    for (int j = 0; j < GEMV_MAX_M; j++) {
-        const float s = warp_sum(acc[j]);
-        if (j < m && lane == 0) y[(int64_t)j * rows + row] = round_to(s, compute);
-    }
-}

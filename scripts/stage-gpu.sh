@@ -36,7 +36,9 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | 
 # The SmolLM2 test reads the GGUF from the llamatune cache (checksum-verified; the host has no network).
 export LLAMATUNE_CACHE="${LLAMATUNE_CACHE:-$here/../.cache/llamatune}"
 echo "== GPU tests (kernel vs CPU reference, whole step, 50 steps, SmolLM2)"
-"$here/gpu-tests" --test-threads=1 --nocapture "${@:2}" 2>&1 | tee "$out/gpu-tests.log"
+# Poisoned outputs: every op's output buffer starts as NaN, so an element a kernel leaves unwritten
+# fails its comparison (the sanitizers below run without it: initcheck must see the real allocations).
+LLAMATUNE_POISON=1 "$here/gpu-tests" --test-threads=1 --nocapture "${@:2}" 2>&1 | tee "$out/gpu-tests.log"
 status=${PIPESTATUS[0]}
 if command -v compute-sanitizer >/dev/null; then
     echo "== compute-sanitizer memcheck on the kernel tests"

@@ -144,7 +144,7 @@ impl<B: Backend> Tape<B> {
                 Op::RmsNorm { x, norm, rstd, out } => {
                     if let Some(d) = dv[out].take() {
                         let xv = self.get(x);
-                        let mut dx = be.zeros(be.buf_len(xv));
+                        let mut dx = be.alloc_output(be.buf_len(xv));
                         let w = g.norm_weight(norm);
                         be.rmsnorm_backward(xv, w, self.get(rstd), &d, be.buf_len(w), &mut dx);
                         acc(be, &mut dv, x, dx);
@@ -155,7 +155,7 @@ impl<B: Backend> Tape<B> {
                         let xv = self.get(x);
                         let w = g.model.proj(layer, proj);
                         let m = be.buf_len(xv) / be.weight_shape(w).1;
-                        let mut dx = be.zeros(be.buf_len(xv));
+                        let mut dx = be.alloc_output(be.buf_len(xv));
                         be.linear_backward_input(&d, w, m, &mut dx, false);
                         if let Some((u, dropout)) = lora {
                             let pair = g.lora_pair(layer, proj).expect("LoRA op without adapter");
@@ -180,7 +180,7 @@ impl<B: Backend> Tape<B> {
                 }
                 Op::Rope { x, out, heads } => {
                     if let Some(d) = dv[out].take() {
-                        let mut dx = be.zeros(be.buf_len(&d));
+                        let mut dx = be.alloc_output(be.buf_len(&d));
                         be.rope(&d, &g.cos, &g.sin, heads, g.model.cfg.head_dim, true, &mut dx);
                         acc(be, &mut dv, x, dx);
                     }
@@ -188,9 +188,9 @@ impl<B: Backend> Tape<B> {
                 Op::Attention { q, k, v, out, lse, shape } => {
                     if let Some(d) = dv[out].take() {
                         let (qv, kv, vv) = (self.get(q), self.get(k), self.get(v));
-                        let mut dq = be.zeros(be.buf_len(qv));
-                        let mut dk = be.zeros(be.buf_len(kv));
-                        let mut dvv = be.zeros(be.buf_len(vv));
+                        let mut dq = be.alloc_output(be.buf_len(qv));
+                        let mut dk = be.alloc_output(be.buf_len(kv));
+                        let mut dvv = be.alloc_output(be.buf_len(vv));
                         be.attention_backward(
                             qv,
                             kv,
@@ -212,8 +212,8 @@ impl<B: Backend> Tape<B> {
                 Op::SwiGlu { gate, up, out } => {
                     if let Some(d) = dv[out].take() {
                         let (gv, uv) = (self.get(gate), self.get(up));
-                        let mut dg = be.zeros(be.buf_len(gv));
-                        let mut du = be.zeros(be.buf_len(uv));
+                        let mut dg = be.alloc_output(be.buf_len(gv));
+                        let mut du = be.alloc_output(be.buf_len(uv));
                         be.swiglu_backward(gv, uv, &d, &mut dg, &mut du);
                         acc(be, &mut dv, gate, dg);
                         acc(be, &mut dv, up, du);

@@ -329,6 +329,20 @@ fn attention_forward_backward_gqa_packed_and_decode() {
             );
             check(&format!("{} attention lse {label}", s.name), &finite(&l2h), &finite(&l1), tol);
             if sh.q_offset > 0 {
+                // The same over a KV cache whose position is held on the device (decoding's replayed
+                // step), and the append of new rows at that position.
+                let pos = gpu().upload(&[sh.q_offset as f32]);
+                let stale = AttnShape { q_offset: 0, kv_len: 1, ..sh };
+                let (mut o3, mut l3) = (poisoned(nq), poisoned(nl));
+                gpu().attention_at(&gq, &gk, &gv, stale, &pos, &mut o3, &mut l3);
+                check(&format!("{} attention_at {label}", s.name), &gpu().download(&o3), &o1, tol);
+                let row = sh.kv_heads * sh.head_dim;
+                let new_rows = rnd(&mut rng, sh.q_len * row, 1.0);
+                let mut want = k[..sh.kv_capacity * row].to_vec();
+                CPU.kv_write(&new_rows, &mut want, &vec![sh.q_offset as f32], row);
+                let mut cache = gpu().upload(&k[..sh.kv_capacity * row]);
+                gpu().kv_write(&gpu().upload(&new_rows), &mut cache, &pos, row);
+                check(&format!("{} kv_write {label}", s.name), &gpu().download(&cache), &want, 0.0);
                 continue;
             }
             let (mut dq1, mut dk1, mut dv1) = (vec![0.0; nq], vec![0.0; nk], vec![0.0; nk]);
@@ -499,6 +513,16 @@ fn evaluation_and_cached_greedy_decoding_match_the_cpu() {
     let b = llamatune::generate::generate(gpu(), &gm, Some(&gl), None, prompt, &gen, &mut |_, _| true).unwrap();
     println!("greedy tokens cpu {:?}\n              gpu {:?}", a.tokens, b.tokens);
     assert_eq!(a.tokens, b.tokens, "cached greedy decoding on the GPU (GEMV, KV cache) equals the CPU's");
+    // Logits of every one-token step (recorded once on the GPU, then replayed at each position).
+    use llamatune::model::llama::{decode_step, KvCache};
+    let (mut c1, mut c2) = (KvCache::new(&CPU, &cfg, 40), KvCache::new(gpu(), &cfg, 40));
+    decode_step(&CPU, &cm, Some(&cl), &mut c1, prompt).unwrap();
+    decode_step(gpu(), &gm, Some(&gl), &mut c2, prompt).unwrap();
+    for (i, &tok) in rows[1][..8].iter().enumerate() {
+        let l1 = decode_step(&CPU, &cm, Some(&cl), &mut c1, &[tok]).unwrap();
+        let l2 = decode_step(gpu(), &gm, Some(&gl), &mut c2, &[tok]).unwrap();
+        check(&format!("decode step {i} logits (position {})", prompt.len() + i), &l2, &l1, MIXED_TOL);
+    }
 }
 
 #[test]

@@ -136,6 +136,8 @@ impl<T: Real> Backend for Cpu<T> {
     type Buf = Vec<T>;
     type Weight = CpuWeight<T>;
     type HostBuf = Vec<f32>;
+    /// The CPU runs ops as they come; nothing is recorded.
+    type Recording = ();
 
     fn name(&self) -> String {
         format!("cpu ({})", std::any::type_name::<T>())

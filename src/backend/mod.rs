@@ -139,6 +139,8 @@ pub trait Backend {
     type Weight;
     /// Host memory the device streams optimizer state through (pinned on CUDA).
     type HostBuf;
+    /// A recorded sequence of ops that can be replayed ([`Backend::record`]).
+    type Recording;
 
     fn name(&self) -> String;
     /// Whether activations can run in fp16/bf16 (transformers' `--fp16`/`--bf16`).
@@ -156,6 +158,12 @@ pub trait Backend {
 
     // ---- memory --------------------------------------------------------------------------------
     fn zeros(&self, n: usize) -> Self::Buf;
+    /// A buffer for an op's output that the op overwrites entirely, so its contents before the op
+    /// do not matter: the CUDA backend skips the memset of [`Backend::zeros`] (and with
+    /// `LLAMATUNE_POISON=1` fills NaN, so an op that leaves an element unwritten shows up).
+    fn alloc_output(&self, n: usize) -> Self::Buf {
+        self.zeros(n)
+    }
     fn upload(&self, host: &[f32]) -> Self::Buf;
     fn upload_f64(&self, host: &[f64]) -> Self::Buf;
     fn download(&self, buf: &Self::Buf) -> Vec<f32>;
@@ -319,6 +327,43 @@ pub trait Backend {
     fn free_memory(&self) -> Option<u64> {
         None
     }
+
+    // ---- decoding: positions held on the device, recorded steps ---------------------------------
+    /// Overwrites `dst[..host.len()]` with `host` (how a recorded step's inputs are refreshed).
+    fn upload_into(&self, host: &[f32], dst: &mut Self::Buf) {
+        self.write_range(&self.upload(host), dst, 0);
+    }
+    /// Appends `src` (whole rows of `row` values) to a KV cache at row `pos[0]`: the cache length,
+    /// held in a buffer so that a recorded decoding step replays at any position.
+    fn kv_write(&self, src: &Self::Buf, dst: &mut Self::Buf, pos: &Self::Buf, row: usize) {
+        let p = self.download(pos)[0] as usize;
+        self.write_range(src, dst, p * row);
+    }
+    /// [`Backend::attention`] over a KV cache whose `q_offset` is `pos[0]` and `kv_len` is
+    /// `pos[0] + q_len` (the shape's own two fields are ignored); no segments.
+    #[allow(clippy::too_many_arguments)]
+    fn attention_at(
+        &self,
+        q: &Self::Buf,
+        k: &Self::Buf,
+        v: &Self::Buf,
+        shape: AttnShape,
+        pos: &Self::Buf,
+        out: &mut Self::Buf,
+        lse: &mut Self::Buf,
+    ) {
+        let p = self.download(pos)[0] as usize;
+        let shape = AttnShape { q_offset: p, kv_len: p + shape.q_len, ..shape };
+        self.attention(q, k, v, shape, None, out, lse);
+    }
+    /// Records the ops `f` issues, without running them, when this backend can replay a recording
+    /// (CUDA graphs); `None`, and `f` is not called, when it cannot. Whatever `f` allocates must be
+    /// dropped inside it; its inputs and outputs are buffers that outlive the recording.
+    fn record(&self, _f: &mut dyn FnMut()) -> Option<Self::Recording> {
+        None
+    }
+    /// Runs a recording once, on the buffers it was recorded with.
+    fn replay(&self, _r: &Self::Recording) {}
 }
 
 /// The token id that marks a position ignored by the loss (PyTorch's `ignore_index`).

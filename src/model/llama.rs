@@ -176,6 +176,8 @@ pub struct KvCache<B: Backend> {
     pub layers: Vec<KvLayer<B>>,
     pub len: usize,
     pub capacity: usize,
+    /// The one-token step, recorded once and replayed for every later token (CUDA graphs).
+    step: Option<RecordedStep<B>>,
 }
 
 impl<B: Backend> KvCache<B> {
@@ -185,8 +187,49 @@ impl<B: Backend> KvCache<B> {
             layers: (0..cfg.num_hidden_layers).map(|_| KvLayer { k: be.zeros(n), v: be.zeros(n) }).collect(),
             len: 0,
             capacity,
+            step: None,
         }
     }
+}
+
+/// A decoding step's inputs and output, in buffers that outlive a recording of the step.
+struct StepIo<B: Backend> {
+    /// The embedded tokens `(n, hidden)`.
+    h: B::Buf,
+    /// RoPE tables of their positions, `(n, head_dim/2)` each.
+    cos: B::Buf,
+    sin: B::Buf,
+    /// `[positions already in the cache]`: where the step writes keys and values and what it attends to.
+    pos: B::Buf,
+    /// Logits of the last token `(vocab)`.
+    logits: B::Buf,
+}
+
+impl<B: Backend> StepIo<B> {
+    fn new(be: &B, c: &ModelConfig, n: usize) -> Self {
+        StepIo {
+            h: be.alloc_output(n * c.hidden_size),
+            cos: be.alloc_output(n * c.head_dim / 2),
+            sin: be.alloc_output(n * c.head_dim / 2),
+            pos: be.alloc_output(1),
+            logits: be.alloc_output(c.vocab_size),
+        }
+    }
+
+    /// Fills the inputs for `tokens` at positions `past..`.
+    fn load(&mut self, be: &B, model: &Llama<B>, tokens: &[u32], past: usize) {
+        let positions: Vec<u32> = (past as u32..(past + tokens.len()) as u32).collect();
+        let (cos, sin) = rope::tables(&model.cfg, &positions);
+        be.embedding(&model.embed, tokens, &mut self.h);
+        be.upload_into(&cos, &mut self.cos);
+        be.upload_into(&sin, &mut self.sin);
+        be.upload_into(&[past as f32], &mut self.pos);
+    }
+}
+
+struct RecordedStep<B: Backend> {
+    io: StepIo<B>,
+    recording: B::Recording,
 }
 
 /// Everything one forward pass shares: the model, adapters, RoPE tables, mask and dropout seed.
@@ -264,8 +307,8 @@ impl<'a, B: Backend> Graph<'a, B> {
         let dim = be.buf_len(w);
         let xv = t.get(x);
         let m = be.buf_len(xv) / dim;
-        let mut out = be.zeros(be.buf_len(xv));
-        let mut rstd = be.zeros(m);
+        let mut out = be.alloc_output(be.buf_len(xv));
+        let mut rstd = be.alloc_output(m);
         be.rmsnorm(xv, w, dim, self.model.cfg.rms_norm_eps, &mut out, &mut rstd);
         let (out, rstd) = (t.put(out), t.put(rstd));
         t.record(Op::RmsNorm { x, norm, rstd, out });
@@ -278,13 +321,13 @@ impl<'a, B: Backend> Graph<'a, B> {
         let (rows, cols) = be.weight_shape(w);
         let xv = t.get(x);
         let m = be.buf_len(xv) / cols;
-        let mut y = be.zeros(m * rows);
+        let mut y = be.alloc_output(m * rows);
         be.linear(xv, w, m, &mut y);
         let lora = match self.lora_pair(layer, p) {
             Some(pair) => {
                 let dropout = self.lora_dropout(layer, p);
                 let r = self.lora_rank();
-                let mut u = be.zeros(m * r);
+                let mut u = be.alloc_output(m * r);
                 be.lora_forward(xv, &pair.a, &pair.b, m, r, self.lora_scale(), dropout, &mut u, &mut y);
                 Some((t.put(u), dropout))
             }
@@ -298,7 +341,7 @@ impl<'a, B: Backend> Graph<'a, B> {
     fn rope(&self, t: &mut Tape<B>, x: Id, heads: usize) -> Id {
         let be = self.be;
         let xv = t.get(x);
-        let mut out = be.zeros(be.buf_len(xv));
+        let mut out = be.alloc_output(be.buf_len(xv));
         be.rope(xv, &self.cos, &self.sin, heads, self.model.cfg.head_dim, false, &mut out);
         let out = t.put(out);
         t.record(Op::Rope { x, out, heads });
@@ -307,7 +350,7 @@ impl<'a, B: Backend> Graph<'a, B> {
 
     fn add(&self, t: &mut Tape<B>, a: Id, b: Id) -> Id {
         let be = self.be;
-        let mut out = be.zeros(be.buf_len(t.get(a)));
+        let mut out = be.alloc_output(be.buf_len(t.get(a)));
         be.add(t.get(a), t.get(b), &mut out);
         let out = t.put(out);
         t.record(Op::Add { a, b, out });
@@ -318,8 +361,8 @@ impl<'a, B: Backend> Graph<'a, B> {
     fn attention(&self, t: &mut Tape<B>, q: Id, k: Id, v: Id) -> Id {
         let be = self.be;
         let sh = self.shape;
-        let mut out = be.zeros(be.buf_len(t.get(q)));
-        let mut lse = be.zeros(sh.batch * sh.heads * sh.q_len);
+        let mut out = be.alloc_output(be.buf_len(t.get(q)));
+        let mut lse = be.alloc_output(sh.batch * sh.heads * sh.q_len);
         be.attention(t.get(q), t.get(k), t.get(v), sh, self.segments, &mut out, &mut lse);
         let (out, lse) = (t.put(out), t.put(lse));
         t.record(Op::Attention { q, k, v, out, lse, shape: sh });
@@ -328,7 +371,7 @@ impl<'a, B: Backend> Graph<'a, B> {
 
     fn swiglu(&self, t: &mut Tape<B>, gate: Id, up: Id) -> Id {
         let be = self.be;
-        let mut out = be.zeros(be.buf_len(t.get(gate)));
+        let mut out = be.alloc_output(be.buf_len(t.get(gate)));
         be.swiglu(t.get(gate), t.get(up), &mut out);
         let out = t.put(out);
         t.record(Op::SwiGlu { gate, up, out });
@@ -340,10 +383,10 @@ impl<'a, B: Backend> Graph<'a, B> {
         self.layer(t, l, x, None)
     }
 
-    /// The decoder layer. With `cache` (decoding: `(layer's KV cache, positions already in it)`),
-    /// the new keys and values are appended to the cache and attention reads the whole cache;
-    /// that path is never recorded.
-    fn layer(&self, t: &mut Tape<B>, l: usize, x: Id, cache: Option<(&mut KvLayer<B>, usize)>) -> Id {
+    /// The decoder layer. With `cache` (decoding: `(layer's KV cache, [positions already in it])`,
+    /// the count held on the device), the new keys and values are appended to the cache and
+    /// attention reads the whole cache; that path is never recorded on the tape.
+    fn layer(&self, t: &mut Tape<B>, l: usize, x: Id, cache: Option<(&mut KvLayer<B>, &B::Buf)>) -> Id {
         let c = &self.model.cfg;
         let n1 = self.rmsnorm(t, x, NormRef::Attn(l));
         let q = self.linear(t, n1, l, Proj::Q);
@@ -353,13 +396,13 @@ impl<'a, B: Backend> Graph<'a, B> {
         let k = self.rope(t, k, c.num_key_value_heads);
         let a = match cache {
             None => self.attention(t, q, k, v),
-            Some((kv, past)) => {
+            Some((kv, pos)) => {
                 let be = self.be;
-                be.write_range(t.get(k), &mut kv.k, past * c.kv_dim());
-                be.write_range(t.get(v), &mut kv.v, past * c.kv_dim());
-                let mut a = be.zeros(be.buf_len(t.get(q)));
-                let mut lse = be.zeros(self.shape.heads * self.shape.q_len);
-                be.attention(t.get(q), &kv.k, &kv.v, self.shape, None, &mut a, &mut lse);
+                be.kv_write(t.get(k), &mut kv.k, pos, c.kv_dim());
+                be.kv_write(t.get(v), &mut kv.v, pos, c.kv_dim());
+                let mut a = be.alloc_output(be.buf_len(t.get(q)));
+                let mut lse = be.alloc_output(self.shape.heads * self.shape.q_len);
+                be.attention_at(t.get(q), &kv.k, &kv.v, self.shape, pos, &mut a, &mut lse);
                 t.put(a)
             }
         };
@@ -377,7 +420,7 @@ impl<'a, B: Backend> Graph<'a, B> {
     /// each layer runs on a throw-away tape and only its input is kept.
     pub fn body(&self, t: &mut Tape<B>, ids: &[u32]) -> Id {
         let be = self.be;
-        let mut h = be.zeros(ids.len() * self.model.cfg.hidden_size);
+        let mut h = be.alloc_output(ids.len() * self.model.cfg.hidden_size);
         be.embedding(&self.model.embed, ids, &mut h);
         let mut x = t.put(h);
         for l in 0..self.model.layers.len() {
@@ -418,14 +461,14 @@ impl<'a, B: Backend> Graph<'a, B> {
         while r0 < m {
             let rows = CHUNK_ROWS.min(m - r0);
             let xc = be.read_range(t.get(n), r0 * hidden, rows * hidden);
-            let mut logits = be.zeros(rows * vocab);
+            let mut logits = be.alloc_output(rows * vocab);
             be.linear(&xc, head, rows, &mut logits);
-            let mut dlogits = be.zeros(rows * vocab);
+            let mut dlogits = be.alloc_output(rows * vocab);
             let (l, c) = be.cross_entropy(&logits, &targets[r0..r0 + rows], vocab, loss_scale, &mut dlogits);
             loss += l;
             count += c;
             if let Some(dn) = dn.as_mut() {
-                let mut dx = be.zeros(rows * hidden);
+                let mut dx = be.alloc_output(rows * hidden);
                 be.linear_backward_input(&dlogits, head, rows, &mut dx, false);
                 be.write_range(&dx, dn, r0 * hidden);
             }
@@ -446,7 +489,7 @@ impl<'a, B: Backend> Graph<'a, B> {
         let (vocab, _) = be.weight_shape(head);
         let nv = t.get(n);
         let m = be.buf_len(nv) / self.model.cfg.hidden_size;
-        let mut logits = be.zeros(m * vocab);
+        let mut logits = be.alloc_output(m * vocab);
         be.linear(nv, head, m, &mut logits);
         logits
     }
@@ -506,7 +549,9 @@ pub fn full_logits<B: Backend>(be: &B, model: &Llama<B>, lora: Option<&Lora<B>>,
 }
 
 /// Runs `tokens` (batch 1) through the model at positions `cache.len..`, appending their keys and
-/// values to `cache`; returns the logits of the last token `(vocab)`.
+/// values to `cache`; returns the logits of the last token `(vocab)`. A one-token step is recorded
+/// the first time and replayed afterwards when the backend can (a CUDA graph: one launch per token
+/// instead of hundreds); its inputs are refreshed in place before each replay.
 pub fn decode_step<B: Backend>(
     be: &B,
     model: &Llama<B>,
@@ -514,7 +559,6 @@ pub fn decode_step<B: Backend>(
     cache: &mut KvCache<B>,
     tokens: &[u32],
 ) -> Result<Vec<f32>> {
-    let c = &model.cfg;
     let n = tokens.len();
     if cache.len + n > cache.capacity {
         return Err(Error::Other(format!(
@@ -523,36 +567,76 @@ pub fn decode_step<B: Backend>(
             cache.capacity
         )));
     }
-    let positions: Vec<u32> = (cache.len as u32..(cache.len + n) as u32).collect();
-    let batch = Batch {
-        batch: 1,
-        seq: n,
-        input_ids: tokens.to_vec(),
-        labels: vec![IGNORE_INDEX; n],
-        positions,
-        segments: None,
-    };
-    let mut g = Graph::new(be, model, lora, &batch, None, false);
-    g.shape = AttnShape {
-        batch: 1,
-        q_len: n,
-        kv_len: cache.len + n,
-        kv_capacity: cache.capacity,
-        heads: c.num_attention_heads,
-        kv_heads: c.num_key_value_heads,
-        head_dim: c.head_dim,
-        q_offset: cache.len,
-    };
-    let mut h = be.zeros(n * c.hidden_size);
-    be.embedding(&model.embed, tokens, &mut h);
-    for (l, kv) in cache.layers.iter_mut().enumerate() {
-        let mut t = Tape::<B>::new(false);
-        let x = t.put(h);
-        let y = g.layer(&mut t, l, x, Some((kv, cache.len)));
-        h = t.take(y);
+    if n == 1 && cache.step.is_none() {
+        let mut io = StepIo::new(be, &model.cfg, 1);
+        let (layers, capacity) = (&mut cache.layers, cache.capacity);
+        let StepIo { h, cos, sin, pos, logits } = &mut io;
+        let recording = be.record(&mut || run_step(be, model, lora, layers, capacity, h, cos, sin, pos, logits));
+        if let Some(recording) = recording {
+            cache.step = Some(RecordedStep { io, recording });
+        }
     }
+    if let (1, Some(step)) = (n, cache.step.as_mut()) {
+        step.io.load(be, model, tokens, cache.len);
+        be.replay(&step.recording);
+        cache.len += 1;
+        return Ok(be.download(&step.io.logits));
+    }
+    let mut io = StepIo::new(be, &model.cfg, n);
+    io.load(be, model, tokens, cache.len);
+    let StepIo { h, cos, sin, pos, logits } = &mut io;
+    run_step(be, model, lora, &mut cache.layers, cache.capacity, h, cos, sin, pos, logits);
     cache.len += n;
+    Ok(be.download(&io.logits))
+}
+
+/// The decoding step proper: every layer over the embedded tokens `h` at the device-held position
+/// `pos`, then the last token's logits into `logits`. Allocates only temporaries it frees, so it
+/// can be recorded.
+#[allow(clippy::too_many_arguments)]
+fn run_step<B: Backend>(
+    be: &B,
+    model: &Llama<B>,
+    lora: Option<&Lora<B>>,
+    layers: &mut [KvLayer<B>],
+    capacity: usize,
+    h: &B::Buf,
+    cos: &B::Buf,
+    sin: &B::Buf,
+    pos: &B::Buf,
+    logits: &mut B::Buf,
+) {
+    let c = &model.cfg;
+    let n = be.buf_len(h) / c.hidden_size;
+    let g = Graph {
+        be,
+        model,
+        lora,
+        cos: cos.clone(),
+        sin: sin.clone(),
+        segments: None,
+        // q_offset and kv_len come from `pos` on the device (Backend::attention_at).
+        shape: AttnShape {
+            batch: 1,
+            q_len: n,
+            kv_len: n,
+            kv_capacity: capacity,
+            heads: c.num_attention_heads,
+            kv_heads: c.num_key_value_heads,
+            head_dim: c.head_dim,
+            q_offset: 0,
+        },
+        dropout_seed: None,
+        checkpointing: false,
+    };
+    let mut x = h.clone();
+    for (l, kv) in layers.iter_mut().enumerate() {
+        let mut t = Tape::<B>::new(false);
+        let xi = t.put(x);
+        let y = g.layer(&mut t, l, xi, Some((kv, pos)));
+        x = t.take(y);
+    }
     let mut t = Tape::<B>::new(false);
-    let x = t.put(be.read_range(&h, (n - 1) * c.hidden_size, c.hidden_size));
-    Ok(be.download(&g.logits(&mut t, x)))
+    let last = t.put(be.read_range(&x, (n - 1) * c.hidden_size, c.hidden_size));
+    be.write_range(&g.logits(&mut t, last), logits, 0);
 }

@@ -21,11 +21,25 @@ pub enum F32Math {
 pub struct Blas {
     blas: CudaBlas,
     stream: Arc<CudaStream>,
+    /// cuBLAS's workspace, ours: a GEMM captured into a CUDA graph must not make cuBLAS allocate.
+    _workspace: CudaSlice<u8>,
 }
 
+/// 32 MiB, what cuBLAS asks for on Hopper.
+const WORKSPACE_BYTES: usize = 32 << 20;
+
 impl Blas {
-    pub fn new(stream: Arc<CudaStream>) -> Result<Self, cudarc::cublas::result::CublasError> {
-        Ok(Blas { blas: CudaBlas::new(stream.clone())?, stream })
+    pub fn new(stream: Arc<CudaStream>) -> Result<Self, String> {
+        let blas = CudaBlas::new(stream.clone()).map_err(|e| format!("{e:?}"))?;
+        let workspace = stream.alloc_zeros::<u8>(WORKSPACE_BYTES).map_err(|e| format!("{e:?}"))?;
+        {
+            let (ptr, _rec) = workspace.device_ptr(&stream);
+            // SAFETY: the workspace lives as long as the handle (both are fields of this struct).
+            unsafe { sys::cublasSetWorkspace_v2(*blas.handle(), ptr as *mut _, WORKSPACE_BYTES) }
+                .result()
+                .map_err(|e| format!("{e:?}"))?;
+        }
+        Ok(Blas { blas, stream, _workspace: workspace })
     }
 
     /// `C (m, n) = alpha · op(A) · op(B) + beta · C`, all row-major; `op(A)` is `(m, k)`, `op(B)` is

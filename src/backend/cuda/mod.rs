@@ -73,6 +73,8 @@ pub struct Cuda {
     /// The device's default memory pool, which every `alloc` of this backend draws from
     /// (cudarc allocates with `cuMemAllocAsync`); its used-memory high-water mark is our peak.
     pool: Pool,
+    /// `LLAMATUNE_POISON=1`: op outputs start as NaN instead of uninitialized (tests).
+    poison: bool,
     /// `LLAMATUNE_PROFILE=1`: device time per op (each op synchronizes; for finding hot spots).
     profile: Option<std::sync::Mutex<HashMap<&'static str, (f64, u64)>>>,
 }
@@ -185,7 +187,8 @@ impl Cuda {
         // One stream: the per-buffer event tracking cudarc does for multi-stream safety is not needed.
         // SAFETY: every buffer of this backend is used on `stream` only.
         unsafe { ctx.disable_event_tracking() };
-        let stream = ctx.default_stream();
+        // A stream of our own: the legacy default stream cannot be captured into a CUDA graph.
+        let stream = ctx.new_stream().map_err(dev_err)?;
         let device_name = ctx.name().map_err(dev_err)?;
         let blas = blas::Blas::new(stream.clone()).map_err(|e| Error::Other(format!("cuBLAS: {e:?}")))?;
         let mut funcs = HashMap::new();
@@ -198,16 +201,20 @@ impl Cuda {
                 funcs.insert(name.to_string(), f);
             }
         }
+        let attr = cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES;
         for (name, hd) in [("flash_bwd_hd64", 64), ("flash_bwd_hd128", 128)] {
-            let attr = cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES;
             funcs[name].set_attribute(attr, flash_bwd_smem(hd) as i32).map_err(dev_err)?;
+        }
+        for name in ["gemv_4bit_rows_f32_m1", "gemv_4bit_rows_f16_m1", "gemv_4bit_rows_bf16_m1"] {
+            funcs[name].set_attribute(attr, GEMV_MAX_X_SMEM as i32).map_err(dev_err)?;
         }
         let code256 = stream.clone_htod(&quant::dynamic_map_signed()).map_err(dev_err)?;
         let nf4 = stream.clone_htod(&quant::NF4_CODE).map_err(dev_err)?;
         let fp4 = stream.clone_htod(&quant::FP4_CODE).map_err(dev_err)?;
         let pool = Pool(default_pool(&ctx).map_err(dev_err)?);
         let profile = std::env::var_os("LLAMATUNE_PROFILE").map(|_| std::sync::Mutex::new(HashMap::new()));
-        Ok(Cuda { ordinal, device_name, ctx, stream, blas, funcs, code256, nf4, fp4, pool, profile })
+        let poison = std::env::var("LLAMATUNE_POISON").is_ok_and(|v| v == "1");
+        Ok(Cuda { ordinal, device_name, ctx, stream, blas, funcs, code256, nf4, fp4, pool, poison, profile })
     }
 
     fn f(&self, name: &str) -> &CudaFunction {
@@ -344,9 +351,17 @@ impl Cuda {
 
     /// An uninitialized temporary for a kernel or GEMM (beta = 0) that writes every element before
     /// anything reads it; saves the memset of [`Backend::zeros`].
+    /// With `LLAMATUNE_POISON=1` it starts as NaN, so a kernel that misses an element shows up.
     fn scratch(&self, n: usize) -> CudaSlice<f32> {
         // SAFETY: callers overwrite all n values before reading them (see each use).
-        ck!(unsafe { self.stream.alloc::<f32>(n.max(1)) }, "alloc")
+        let mut buf = ck!(unsafe { self.stream.alloc::<f32>(n.max(1)) }, "alloc");
+        if self.poison {
+            // 0xFFFFFFFF is a NaN in every element.
+            let (ptr, _rec) = buf.device_ptr_mut(&self.stream);
+            // SAFETY: `ptr` addresses the `n.max(1)` f32 of `buf`, alive for the whole call.
+            ck!(unsafe { result::memset_d8_async(ptr, 0xff, n.max(1) * 4, self.stream.cu_stream()) }, "poison");
+        }
+        buf
     }
 
     fn scalar_f64(&self) -> CudaSlice<f64> {
@@ -399,6 +414,7 @@ fn kernel_names(module: &str) -> &'static [&'static str] {
             "embedding_backward_f32",
             "sum_squares_f32",
             "non_finite_f32",
+            "kv_write_f32",
         ],
         "nf4" => &[
             "dequant_4bit_f32",
@@ -409,7 +425,12 @@ fn kernel_names(module: &str) -> &'static [&'static str] {
             "dequant_4bit_vec_bf16",
             "f32_to_f16",
             "gemv_4bit_f32",
-            "gemv_4bit_vec_f32",
+            "gemv_4bit_rows_f32_m1",
+            "gemv_4bit_rows_f16_m1",
+            "gemv_4bit_rows_bf16_m1",
+            "gemv_4bit_rows_f32_m8",
+            "gemv_4bit_rows_f16_m8",
+            "gemv_4bit_rows_bf16_m8",
         ],
         "norm" => &["rmsnorm_f32", "rmsnorm_backward_f32"],
         "rope" => &["rope_f32"],
@@ -422,6 +443,7 @@ impl Backend for Cuda {
     type Buf = CudaSlice<f32>;
     type Weight = CudaWeight;
     type HostBuf = PinnedHostSlice<f32>;
+    type Recording = cudarc::driver::CudaGraph;
 
     fn name(&self) -> String {
         format!("cuda:{} ({})", self.ordinal, self.device_name)
@@ -448,6 +470,10 @@ impl Backend for Cuda {
         let _span = self.span("zeros");
         // The driver refuses 0-byte allocations; the graph never asks for one, but be safe.
         ck!(self.stream.alloc_zeros::<f32>(n.max(1)), "alloc")
+    }
+    fn alloc_output(&self, n: usize) -> CudaSlice<f32> {
+        let _span = self.span("alloc_output");
+        self.scratch(n)
     }
     fn upload(&self, host: &[f32]) -> CudaSlice<f32> {
         let _span = self.span("upload");
@@ -540,7 +566,7 @@ impl Backend for Cuda {
     }
     fn read_range(&self, buf: &CudaSlice<f32>, start: usize, len: usize) -> CudaSlice<f32> {
         let _span = self.span("read_range");
-        let mut out = self.zeros(len);
+        let mut out = self.scratch(len);
         ck!(self.stream.memcpy_dtod(&buf.slice(start..start + len), &mut out), "read_range");
         out
     }
@@ -916,14 +942,7 @@ impl Backend for Cuda {
             ck!(unsafe { b.launch(cfg) }, kernel);
             return;
         }
-        let warps = sh.batch * sh.heads * sh.q_len;
-        let mut b = self.stream.launch_builder(self.f("attention_fwd_f32"));
-        b.arg(q).arg(k).arg(v);
-        push_opt(&mut b, seg.as_ref());
-        b.arg(out).arg(lse);
-        let g = geom(sh);
-        push_geom(&mut b, &g);
-        ck!(unsafe { b.launch(warp_grid(warps)) }, "attention_fwd_f32");
+        self.attention_split(q, k, v, sh, seg.as_ref(), None, out, lse);
     }
     fn attention_backward(
         &self,
@@ -1026,6 +1045,51 @@ impl Backend for Cuda {
     fn free_memory(&self) -> Option<u64> {
         self.ctx.mem_get_info().ok().map(|(free, _)| free as u64)
     }
+
+    fn upload_into(&self, host: &[f32], dst: &mut CudaSlice<f32>) {
+        let _span = self.span("upload_into");
+        ck!(self.stream.memcpy_htod(host, &mut dst.slice_mut(0..host.len())), "upload");
+    }
+    fn kv_write(&self, src: &CudaSlice<f32>, dst: &mut CudaSlice<f32>, pos: &CudaSlice<f32>, row: usize) {
+        let _span = self.span("kv_write");
+        let (n, row64) = (src.len() as i64, row as i64);
+        launch!(self, "kv_write_f32", grid_for(src.len()); src, &mut *dst, pos, &row64, &n);
+    }
+    fn attention_at(
+        &self,
+        q: &CudaSlice<f32>,
+        k: &CudaSlice<f32>,
+        v: &CudaSlice<f32>,
+        sh: AttnShape,
+        pos: &CudaSlice<f32>,
+        out: &mut CudaSlice<f32>,
+        lse: &mut CudaSlice<f32>,
+    ) {
+        assert!(sh.head_dim <= 256, "head_dim {} > 256 is not supported", sh.head_dim);
+        if Cuda::uses_flash(&sh) {
+            // A prompt (never recorded): read the position and take the tensor-core kernels.
+            let p = self.download(pos)[0] as usize;
+            let sh = AttnShape { q_offset: p, kv_len: p + sh.q_len, ..sh };
+            return self.attention(q, k, v, sh, None, out, lse);
+        }
+        let _span = self.span("attention");
+        self.attention_split(q, k, v, sh, None, Some(pos), out, lse);
+    }
+    /// Captures the ops `f` issues on our stream into a CUDA graph. Not while profiling (a profiled
+    /// op synchronizes, which a capture forbids) or with `LLAMATUNE_CUDA_GRAPHS=0`.
+    fn record(&self, f: &mut dyn FnMut()) -> Option<cudarc::driver::CudaGraph> {
+        if self.profile.is_some() || std::env::var("LLAMATUNE_CUDA_GRAPHS").is_ok_and(|v| v == "0") {
+            return None;
+        }
+        use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
+        ck!(self.stream.begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL), "begin capture");
+        f();
+        ck!(self.stream.end_capture(CUgraphInstantiate_flags(0)), "end capture")
+    }
+    fn replay(&self, r: &cudarc::driver::CudaGraph) {
+        let _span = self.span("replay");
+        ck!(r.launch(), "graph launch");
+    }
     fn host_buf(&self, data: &[f32]) -> PinnedHostSlice<f32> {
         // Plain page-locked memory (not write-combined: checkpoints read it back on the host).
         // SAFETY: every element is written right below before anyone reads it.
@@ -1115,8 +1179,17 @@ impl Backend for Cuda {
     }
 }
 
-/// Rows of `x` up to which a 4-bit linear reads the codes directly (kernels/nf4.cu, gemv_4bit_f32).
+/// Warps per query row of the non-flash attention forward (kernels/attention.cu, SPLIT_WARPS).
+const ATTENTION_SPLIT_WARPS: u32 = 8;
+
+/// Rows of `x` up to which a 4-bit linear reads the codes directly (kernels/nf4.cu, gemv_4bit_*).
 const GEMV_MAX_M: usize = 8;
+/// Output rows each warp of the row-blocked GEMV computes, and its block size (kernels/nf4.cu,
+/// GEMV_ROWS, GEMV_THREADS).
+const GEMV_ROWS_PER_WARP: usize = 4;
+const GEMV_THREADS: usize = 256;
+/// Shared memory the one-row GEMV kernels may take for x (set as their limit when the module loads).
+const GEMV_MAX_X_SMEM: usize = 160 * 1024;
 
 impl Cuda {
     /// `out (m, rows) = x · dequant(W)ᵀ` straight from the 4-bit codes, for decoding's few rows.
@@ -1131,15 +1204,76 @@ impl Cuda {
             ComputeDtype::BF16 => 2,
         };
         let (bs, m32, r32, c32) = (*blocksize as i32, m as i32, *rows as i32, *cols as i32);
+        // The row-blocked kernel when every row starts on a 16-byte boundary and blocks span 32
+        // values (the usual case), else the any-size one.
+        if cols % 32 == 0 && blocksize % 32 == 0 {
+            // One row of x is staged in shared memory (cols + cols/32 floats) when it fits.
+            let x_smem = (cols + cols / 32) * 4;
+            let staged = m == 1 && x_smem <= GEMV_MAX_X_SMEM;
+            let kernel = match (compute, staged) {
+                (0, true) => "gemv_4bit_rows_f32_m1",
+                (1, true) => "gemv_4bit_rows_f16_m1",
+                (2, true) => "gemv_4bit_rows_bf16_m1",
+                (0, false) => "gemv_4bit_rows_f32_m8",
+                (1, false) => "gemv_4bit_rows_f16_m8",
+                _ => "gemv_4bit_rows_bf16_m8",
+            };
+            let warps = rows.div_ceil(GEMV_ROWS_PER_WARP);
+            let cfg = LaunchConfig {
+                grid_dim: (warps.div_ceil(GEMV_THREADS / 32) as u32, 1, 1),
+                block_dim: (GEMV_THREADS as u32, 1, 1),
+                shared_mem_bytes: if staged { x_smem as u32 } else { 0 },
+            };
+            match absmax {
+                DeviceAbsmax::F32(a) => launch!(self, kernel, cfg; packed, a, &0u64, &0u64, &self.code256, &0f32,
+                    code16, &bs, x, &mut *out, &m32, &r32, &c32),
+                DeviceAbsmax::Nested { q, absmax2, offset } => launch!(self, kernel, cfg; packed, &0u64, q,
+                    absmax2, &self.code256, offset, code16, &bs, x, &mut *out, &m32, &r32, &c32),
+            }
+            return;
+        }
         let cfg = warp_grid(*rows);
-        // 16-byte code loads when every row starts on a 16-byte boundary and blocks span 32 values.
-        let kernel = if cols % 32 == 0 && blocksize % 32 == 0 { "gemv_4bit_vec_f32" } else { "gemv_4bit_f32" };
+        let kernel = "gemv_4bit_f32";
         match absmax {
             DeviceAbsmax::F32(a) => launch!(self, kernel, cfg; packed, a, &0u64, &0u64, &self.code256, &0f32,
                 code16, &bs, x, &mut *out, &m32, &r32, &c32, &compute),
             DeviceAbsmax::Nested { q, absmax2, offset } => launch!(self, kernel, cfg; packed, &0u64, q,
                 absmax2, &self.code256, offset, code16, &bs, x, &mut *out, &m32, &r32, &c32, &compute),
         }
+    }
+
+    /// The block-per-query-row attention of kernels/attention.cu; with `pos`, the geometry's q_offset
+    /// and kv_len come from the device (`pos[0]`, `pos[0] + q_len`).
+    #[allow(clippy::too_many_arguments)]
+    fn attention_split(
+        &self,
+        q: &CudaSlice<f32>,
+        k: &CudaSlice<f32>,
+        v: &CudaSlice<f32>,
+        sh: AttnShape,
+        seg: Option<&CudaSlice<u32>>,
+        pos: Option<&CudaSlice<f32>>,
+        out: &mut CudaSlice<f32>,
+        lse: &mut CudaSlice<f32>,
+    ) {
+        static NULL: u64 = 0;
+        let mut b = self.stream.launch_builder(self.f("attention_fwd_f32"));
+        b.arg(q).arg(k).arg(v);
+        push_opt(&mut b, seg);
+        match pos {
+            Some(p) => b.arg(p),
+            None => b.arg(&NULL),
+        };
+        b.arg(out).arg(lse);
+        let g = geom(sh);
+        push_geom(&mut b, &g);
+        let cfg = LaunchConfig {
+            grid_dim: ((sh.batch * sh.heads * sh.q_len) as u32, 1, 1),
+            block_dim: (ATTENTION_SPLIT_WARPS * 32, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: the kernel reads q/k/v/seg within the geometry and writes one out row and lse per block.
+        ck!(unsafe { b.launch(cfg) }, "attention_fwd_f32");
     }
 
     /// `x` with inverted dropout applied (the same mask formula as the CPU); `None` when dropout is
