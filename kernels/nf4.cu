@@ -98,8 +98,9 @@ extern "C" __global__ void gemv_4bit_f32(const uint8_t* packed, const float* abs
 // bytes in flight and spend few instructions and shared-memory accesses per weight (the 16-entry
 // code table costs one shared load per weight already). Each warp owns GEMV_ROWS rows; each lane
 // takes 32 columns at a time (one 16-byte code load per row, one absmax for all 32), and the 32
-// values of x it reads serve all GEMV_ROWS rows. The next column chunk's codes are loaded before the
-// current one is used (two chunks in flight per lane), and code loads bypass L1.
+// values of x it reads serve all GEMV_ROWS rows. The next column chunk's codes and absmax are loaded
+// before the current one is used (two chunks in flight per lane), and code loads bypass L1. The
+// first chunk is requested before x is staged (below) so that the two latencies overlap.
 // x: with SX (one row of x) the block first stages x, rounded to the compute dtype, in shared memory
 // with one float of padding per 32 (element c at c + c/32), so that the 32 lanes, each reading its
 // own 32-column chunk, hit 32 different banks; without SX (up to 8 rows, rarer) x is read through
@@ -133,34 +134,56 @@ template <int C, int M, bool SX>
 __device__ void gemv_rows(const uint8_t* packed, const float* absmax, const uint8_t* absmax_q, const float* absmax2, const float* code256, float offset, const float* code16, int blocksize, const float* x, float* y, int m, int rows, int cols) {
     __shared__ float lut[16];
     extern __shared__ float xsh[];  // SX: (cols + cols/32) floats
-    load_lut(lut, code16);
-    if (SX)
-        for (int c = threadIdx.x; c < cols; c += blockDim.x) xsh[c + c / 32] = round_to(x[c], C);
-    __syncthreads();
     const int warp = (blockIdx.x * blockDim.x + threadIdx.x) / WARP, lane = threadIdx.x % WARP;
     const int row0 = warp * GEMV_ROWS;
-    if (row0 >= rows) return;
     const int chunks = cols / 32;  // 16-byte code chunks per row
+    // A row past the end re-reads the last row (its sums are never stored).
+    int64_t chunk0[GEMV_ROWS];
+#pragma unroll
+    for (int r = 0; r < GEMV_ROWS; r++) chunk0[r] = (int64_t)min(row0 + r, rows - 1) * chunks;
+    // The first codes are requested before x is staged, so both latencies overlap.
+    uint4 cur[GEMV_ROWS], nxt[GEMV_ROWS];
+    float a_cur[GEMV_ROWS], a_nxt[GEMV_ROWS];  // each chunk's absmax, fetched with its codes
+    if (row0 < rows && lane < chunks)
+#pragma unroll
+        for (int r = 0; r < GEMV_ROWS; r++) {
+            cur[r] = load_stream(packed + (chunk0[r] + lane) * 16);
+            a_cur[r] = block_absmax(absmax, absmax_q, absmax2, code256, offset, (chunk0[r] + lane) * 32 / blocksize);
+        }
+    load_lut(lut, code16);
+    if (SX) {
+        // Four independent 16-byte loads per thread in flight, then the rounded stores.
+        const float4* x4 = reinterpret_cast<const float4*>(x);
+        for (int i0 = threadIdx.x; i0 < cols / 4; i0 += 4 * blockDim.x) {
+            float4 v[4];
+#pragma unroll
+            for (int u = 0; u < 4; u++)
+                if (i0 + u * blockDim.x < cols / 4) v[u] = __ldg(x4 + i0 + u * blockDim.x);
+#pragma unroll
+            for (int u = 0; u < 4; u++) {
+                const int c = 4 * (i0 + u * blockDim.x);
+                if (c < cols) {
+                    float* d = xsh + c + c / 32;  // c..c+3 share one 32-column group
+                    d[0] = round_to(v[u].x, C), d[1] = round_to(v[u].y, C);
+                    d[2] = round_to(v[u].z, C), d[3] = round_to(v[u].w, C);
+                }
+            }
+        }
+    }
+    __syncthreads();
+    if (row0 >= rows) return;
     float acc[GEMV_ROWS][M];
 #pragma unroll
     for (int r = 0; r < GEMV_ROWS; r++)
 #pragma unroll
         for (int j = 0; j < M; j++) acc[r][j] = 0.f;
-    // A row past the end re-reads the last row (its sums are never stored).
-    int64_t chunk0[GEMV_ROWS];
-#pragma unroll
-    for (int r = 0; r < GEMV_ROWS; r++) chunk0[r] = (int64_t)min(row0 + r, rows - 1) * chunks;
-    uint4 cur[GEMV_ROWS], nxt[GEMV_ROWS];
-    if (lane < chunks)
-#pragma unroll
-        for (int r = 0; r < GEMV_ROWS; r++) cur[r] = load_stream(packed + (chunk0[r] + lane) * 16);
     for (int c = lane; c < chunks; c += WARP) {
         if (c + WARP < chunks)
 #pragma unroll
-            for (int r = 0; r < GEMV_ROWS; r++) nxt[r] = load_stream(packed + (chunk0[r] + c + WARP) * 16);
-        float a[GEMV_ROWS];
-#pragma unroll
-        for (int r = 0; r < GEMV_ROWS; r++) a[r] = block_absmax(absmax, absmax_q, absmax2, code256, offset, (chunk0[r] + c) * 32 / blocksize);
+            for (int r = 0; r < GEMV_ROWS; r++) {
+                nxt[r] = load_stream(packed + (chunk0[r] + c + WARP) * 16);
+                a_nxt[r] = block_absmax(absmax, absmax_q, absmax2, code256, offset, (chunk0[r] + c + WARP) * 32 / blocksize);
+            }
 #pragma unroll
         for (int j = 0; j < M; j++) {
             if (j >= m) break;
@@ -178,10 +201,10 @@ __device__ void gemv_rows(const uint8_t* packed, const float* absmax, const uint
                 }
             }
 #pragma unroll
-            for (int r = 0; r < GEMV_ROWS; r++) acc[r][j] += dot32<C>(cur[r], a[r], lut, xs);
+            for (int r = 0; r < GEMV_ROWS; r++) acc[r][j] += dot32<C>(cur[r], a_cur[r], lut, xs);
         }
 #pragma unroll
-        for (int r = 0; r < GEMV_ROWS; r++) cur[r] = nxt[r];
+        for (int r = 0; r < GEMV_ROWS; r++) cur[r] = nxt[r], a_cur[r] = a_nxt[r];
     }
     store_rows<GEMV_ROWS, M>(acc, y, row0, rows, m, C);
 }

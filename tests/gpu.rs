@@ -256,6 +256,16 @@ fn lora_forward_backward_with_dropout() {
         check(&format!("{} lora dA", s.name), &gpu().download(&da2), &da1, TF32_TOL);
         check(&format!("{} lora dB", s.name), &gpu().download(&db2), &db1, TF32_TOL);
         check(&format!("{} lora dx", s.name), &gpu().download(&dx2), &dx1, TF32_TOL);
+        // Decoding's few rows without dropout take the f32 warp-per-row kernels (kernels/lora.cu).
+        for m in [1, 5] {
+            let (x, y0) = (rnd(&mut rng, m * cols, 1.0), rnd(&mut rng, m * rows, 1.0));
+            let (mut u1, mut yy1) = (vec![0.0; m * r], y0.clone());
+            CPU.lora_forward(&x, &a, &b, m, r, 0.25, Dropout::NONE, &mut u1, &mut yy1);
+            let (mut u2, mut yy2) = (poisoned(m * r), gpu().upload(&y0));
+            gpu().lora_forward(&gpu().upload(&x), &ga, &gb, m, r, 0.25, Dropout::NONE, &mut u2, &mut yy2);
+            check(&format!("{} lora u m={m}", s.name), &gpu().download(&u2), &u1, F32_TOL);
+            check(&format!("{} lora y m={m}", s.name), &gpu().download(&yy2), &yy1, F32_TOL);
+        }
     }
 }
 

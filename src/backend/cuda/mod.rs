@@ -432,6 +432,7 @@ fn kernel_names(module: &str) -> &'static [&'static str] {
             "gemv_4bit_rows_f16_m8",
             "gemv_4bit_rows_bf16_m8",
         ],
+        "lora" => &["gemv_f32"],
         "norm" => &["rmsnorm_f32", "rmsnorm_backward_f32"],
         "rope" => &["rope_f32"],
         "xent" => &["cross_entropy_f32"],
@@ -788,6 +789,13 @@ impl Backend for Cuda {
         let _span = self.span("lora_forward");
         let cols = a.len() / r;
         let rows = b.len() / r;
+        if m <= GEMV_MAX_M && !dropout.is_active() {
+            // Decoding: two warp-per-row f32 products (kernels/lora.cu) instead of two GEMMs.
+            let (m32, r32, rows32, cols32) = (m as i32, r as i32, rows as i32, cols as i32);
+            launch!(self, "gemv_f32", warp_grid(r); a, x, &mut *u, &m32, &r32, &cols32, &1f32, &0i32);
+            launch!(self, "gemv_f32", warp_grid(rows); b, &*u, &mut *y, &m32, &rows32, &r32, &scale, &1i32);
+            return;
+        }
         let xd = self.dropped(x, dropout);
         let (aop, bop) = (OperandView::F32(a), OperandView::F32(b));
         // u (m, r) = drop(x) · Aᵀ;  y (m, rows) += scale · u · Bᵀ
