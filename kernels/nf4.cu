@@ -114,18 +114,30 @@ __device__ __forceinline__ uint4 load_stream(const uint8_t* p) {
     return u;
 }
 
+// Two products rounded to the compute dtype C with one packed conversion.
+template <int C> __device__ __forceinline__ float2 round2(float v0, float v1);
+template <> __device__ __forceinline__ float2 round2<0>(float v0, float v1) { return make_float2(v0, v1); }
+template <> __device__ __forceinline__ float2 round2<1>(float v0, float v1) { return __half22float2(__floats2half2_rn(v0, v1)); }
+template <> __device__ __forceinline__ float2 round2<2>(float v0, float v1) { return __bfloat1622float2(__floats2bfloat162_rn(v0, v1)); }
+
 // Σ over 32 columns of dequant(codes u, absmax a) · x, with x already rounded to the compute dtype.
+// The instruction count per weight bounds this kernel, so each table lookup's byte offset comes from
+// one shift and mask (nibble × 4) and each pair of values is rounded with one packed conversion.
 template <int C>
 __device__ __forceinline__ float dot32(const uint4 u, float a, const float* lut, const float (&xs)[32]) {
     const uint32_t w4[4] = {u.x, u.y, u.z, u.w};
+    const char* base = reinterpret_cast<const char*>(lut);
     float s0 = 0.f, s1 = 0.f;  // two chains: shorter dependency on the adds
 #pragma unroll
     for (int q4 = 0; q4 < 4; q4++)
 #pragma unroll
         for (int byte = 0; byte < 4; byte++) {
-            const uint32_t b = (w4[q4] >> (8 * byte)) & 0xffu;
-            s0 += round_to(lut[b >> 4] * a, C) * xs[q4 * 8 + 2 * byte];
-            s1 += round_to(lut[b & 15] * a, C) * xs[q4 * 8 + 2 * byte + 1];
+            const uint32_t w = w4[q4];
+            const float hi = *reinterpret_cast<const float*>(base + ((w >> (8 * byte + 2)) & 0x3cu));
+            const float lo = *reinterpret_cast<const float*>(base + (((w << 2) >> (8 * byte)) & 0x3cu));
+            const float2 v = round2<C>(hi * a, lo * a);
+            s0 += v.x * xs[q4 * 8 + 2 * byte];
+            s1 += v.y * xs[q4 * 8 + 2 * byte + 1];
         }
     return s0 + s1;
 }

@@ -75,6 +75,8 @@ pub struct Cuda {
     pool: Pool,
     /// `LLAMATUNE_POISON=1`: op outputs start as NaN instead of uninitialized (tests).
     poison: bool,
+    /// [`Cuda::set_precise`]: f32 attention kernels and exact-f32 LoRA products.
+    precise: std::sync::atomic::AtomicBool,
     /// `LLAMATUNE_PROFILE=1`: device time per op (each op synchronizes; for finding hot spots).
     profile: Option<std::sync::Mutex<HashMap<&'static str, (f64, u64)>>>,
 }
@@ -214,7 +216,8 @@ impl Cuda {
         let pool = Pool(default_pool(&ctx).map_err(dev_err)?);
         let profile = std::env::var_os("LLAMATUNE_PROFILE").map(|_| std::sync::Mutex::new(HashMap::new()));
         let poison = std::env::var("LLAMATUNE_POISON").is_ok_and(|v| v == "1");
-        Ok(Cuda { ordinal, device_name, ctx, stream, blas, funcs, code256, nf4, fp4, pool, poison, profile })
+        let precise = false.into();
+        Ok(Cuda { ordinal, device_name, ctx, stream, blas, funcs, code256, nf4, fp4, pool, poison, precise, profile })
     }
 
     fn f(&self, name: &str) -> &CudaFunction {
@@ -258,6 +261,28 @@ impl Cuda {
 
     pub fn synchronize(&self) {
         ck!(self.stream.synchronize(), "synchronize");
+    }
+
+    /// Precise mode: attention on the f32 kernels of attention.cu instead of the bf16 tensor-core
+    /// ones, and LoRA products in full f32 instead of TF32, so the whole step rounds only where the
+    /// CPU reference does (the 4-bit linears' compute dtype). Slower; the GPU tests use it to show
+    /// the step equals the CPU's on a model that amplifies rounding noise (SmolLM2).
+    pub fn set_precise(&self, on: bool) {
+        self.precise.store(on, std::sync::atomic::Ordering::Relaxed);
+    }
+    fn is_precise(&self) -> bool {
+        self.precise.load(std::sync::atomic::Ordering::Relaxed)
+    }
+    /// Whether this attention call takes the flash kernels (never in precise mode).
+    fn flash(&self, sh: &AttnShape) -> bool {
+        Cuda::uses_flash(sh) && !self.is_precise()
+    }
+    fn lora_math(&self) -> F32Math {
+        if self.is_precise() {
+            F32Math::Exact
+        } else {
+            F32Math::Tf32
+        }
     }
 
     /// Expands a 4-bit weight into a fresh buffer of dtype `compute`.
@@ -801,7 +826,7 @@ impl Backend for Cuda {
         // u (m, r) = drop(x) · Aᵀ;  y (m, rows) += scale · u · Bᵀ
         ck!(
             self.blas.gemm_rm(
-                F32Math::Tf32,
+                self.lora_math(),
                 false,
                 true,
                 m,
@@ -820,7 +845,7 @@ impl Backend for Cuda {
         );
         ck!(
             self.blas.gemm_rm(
-                F32Math::Tf32,
+                self.lora_math(),
                 false,
                 true,
                 m,
@@ -860,13 +885,13 @@ impl Backend for Cuda {
         let (aop, bop) = (OperandView::F32(a), OperandView::F32(b));
         // db (rows, r) += scale · dyᵀ · u
         ck!(
-            self.blas.gemm_rm(F32Math::Tf32, true, false, rows, r, m, scale, dyop, rows, uop, r, 1.0, db, r),
+            self.blas.gemm_rm(self.lora_math(), true, false, rows, r, m, scale, dyop, rows, uop, r, 1.0, db, r),
             "LoRA dB GEMM"
         );
         // du (m, r) = scale · dy · B
         let mut du = self.scratch(m * r);
         ck!(
-            self.blas.gemm_rm(F32Math::Tf32, false, false, m, r, rows, scale, dyop, rows, bop, r, 0.0, &mut du, r),
+            self.blas.gemm_rm(self.lora_math(), false, false, m, r, rows, scale, dyop, rows, bop, r, 0.0, &mut du, r),
             "LoRA du GEMM"
         );
         // da (r, cols) += duᵀ · drop(x)
@@ -874,7 +899,7 @@ impl Backend for Cuda {
         let duop = OperandView::F32(&du);
         ck!(
             self.blas.gemm_rm(
-                F32Math::Tf32,
+                self.lora_math(),
                 true,
                 false,
                 r,
@@ -894,7 +919,7 @@ impl Backend for Cuda {
         // dx += drop'(du · A)
         let mut dxd = self.scratch(m * cols);
         ck!(
-            self.blas.gemm_rm(F32Math::Tf32, false, false, m, cols, r, 1.0, duop, r, aop, cols, 0.0, &mut dxd, cols),
+            self.blas.gemm_rm(self.lora_math(), false, false, m, cols, r, 1.0, duop, r, aop, cols, 0.0, &mut dxd, cols),
             "LoRA dx GEMM"
         );
         let n = dx.len();
@@ -934,7 +959,7 @@ impl Backend for Cuda {
         let _span = self.span("attention");
         assert!(sh.head_dim <= 256, "head_dim {} > 256 is not supported", sh.head_dim);
         let seg = segments.map(|s| ck!(self.stream.clone_htod(s), "upload segments"));
-        if Cuda::uses_flash(&sh) {
+        if self.flash(&sh) {
             let kernel = if sh.head_dim == 64 { "flash_fwd_hd64" } else { "flash_fwd_hd128" };
             let mut b = self.stream.launch_builder(self.f(kernel));
             b.arg(q).arg(k).arg(v);
@@ -969,7 +994,7 @@ impl Backend for Cuda {
         let _span = self.span("attention_backward");
         let seg = segments.map(|s| ck!(self.stream.clone_htod(s), "upload segments"));
         let mut delta = self.scratch(sh.batch * sh.heads * sh.q_len);
-        if Cuda::uses_flash(&sh) {
+        if self.flash(&sh) {
             let rows = sh.batch * sh.q_len * sh.heads;
             let (b32, q32, h32, d32) = (sh.batch as i32, sh.q_len as i32, sh.heads as i32, sh.head_dim as i32);
             launch!(self, "flash_delta", warp_grid(rows); out, dout, &mut delta, &b32, &q32, &h32, &d32);
@@ -1074,7 +1099,7 @@ impl Backend for Cuda {
         lse: &mut CudaSlice<f32>,
     ) {
         assert!(sh.head_dim <= 256, "head_dim {} > 256 is not supported", sh.head_dim);
-        if Cuda::uses_flash(&sh) {
+        if self.flash(&sh) {
             // A prompt (never recorded): read the position and take the tensor-core kernels.
             let p = self.download(pos)[0] as usize;
             let sh = AttnShape { q_offset: p, kv_len: p + sh.q_len, ..sh };
