@@ -207,7 +207,14 @@ impl Cuda {
         for (name, hd) in [("flash_bwd_hd64", 64), ("flash_bwd_hd128", 128)] {
             funcs[name].set_attribute(attr, flash_bwd_smem(hd) as i32).map_err(dev_err)?;
         }
-        for name in ["gemv_4bit_rows_f32_m1", "gemv_4bit_rows_f16_m1", "gemv_4bit_rows_bf16_m1"] {
+        for name in [
+            "gemv_4bit_rows_f32_m1",
+            "gemv_4bit_rows_f16_m1",
+            "gemv_4bit_rows_bf16_m1",
+            "gemv_4bit_rows_f32_m1_r2",
+            "gemv_4bit_rows_f16_m1_r2",
+            "gemv_4bit_rows_bf16_m1_r2",
+        ] {
             funcs[name].set_attribute(attr, GEMV_MAX_X_SMEM as i32).map_err(dev_err)?;
         }
         let code256 = stream.clone_htod(&quant::dynamic_map_signed()).map_err(dev_err)?;
@@ -453,6 +460,9 @@ fn kernel_names(module: &str) -> &'static [&'static str] {
             "gemv_4bit_rows_f32_m1",
             "gemv_4bit_rows_f16_m1",
             "gemv_4bit_rows_bf16_m1",
+            "gemv_4bit_rows_f32_m1_r2",
+            "gemv_4bit_rows_f16_m1_r2",
+            "gemv_4bit_rows_bf16_m1_r2",
             "gemv_4bit_rows_f32_m8",
             "gemv_4bit_rows_f16_m8",
             "gemv_4bit_rows_bf16_m8",
@@ -1243,15 +1253,21 @@ impl Cuda {
             // One row of x is staged in shared memory (cols + cols/32 floats) when it fits.
             let x_smem = (cols + cols / 32) * 4;
             let staged = m == 1 && x_smem <= GEMV_MAX_X_SMEM;
-            let kernel = match (compute, staged) {
-                (0, true) => "gemv_4bit_rows_f32_m1",
-                (1, true) => "gemv_4bit_rows_f16_m1",
-                (2, true) => "gemv_4bit_rows_bf16_m1",
-                (0, false) => "gemv_4bit_rows_f32_m8",
-                (1, false) => "gemv_4bit_rows_f16_m8",
+            // Two rows per warp when four would leave most warp slots empty (fewer than 8192 rows:
+            // the 4096-row projections of a 7B model give 1024 warps for 132 SMs × 24 slots).
+            let two_rows = staged && *rows < 8192;
+            let kernel = match (compute, staged, two_rows) {
+                (0, true, false) => "gemv_4bit_rows_f32_m1",
+                (1, true, false) => "gemv_4bit_rows_f16_m1",
+                (2, true, false) => "gemv_4bit_rows_bf16_m1",
+                (0, true, true) => "gemv_4bit_rows_f32_m1_r2",
+                (1, true, true) => "gemv_4bit_rows_f16_m1_r2",
+                (2, true, true) => "gemv_4bit_rows_bf16_m1_r2",
+                (0, false, _) => "gemv_4bit_rows_f32_m8",
+                (1, false, _) => "gemv_4bit_rows_f16_m8",
                 _ => "gemv_4bit_rows_bf16_m8",
             };
-            let warps = rows.div_ceil(GEMV_ROWS_PER_WARP);
+            let warps = rows.div_ceil(if two_rows { 2 } else { GEMV_ROWS_PER_WARP });
             let cfg = LaunchConfig {
                 grid_dim: (warps.div_ceil(GEMV_THREADS / 32) as u32, 1, 1),
                 block_dim: (GEMV_THREADS as u32, 1, 1),
