@@ -1,0 +1,64 @@
+"""The torch rivals of two kernel targets of issue 6, timed on this GPU in the run that times ours
+(`benches/gpu_kernels.rs`): causal scaled_dot_product_attention forward+backward at 4 × 32 heads ×
+512 × 128 in bf16, and fp32 cross-entropy forward+backward over 2048 × 32000 logits. Each figure is
+the median of 20 timed runs after 5 warm-up runs, each run ending with a synchronization (as our
+criterion iterations do). Usage: python3 parity/torch_rivals.py [OUT.json]"""
+import json
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+
+def timed(fn, runs=20, warmup=5):
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    ts = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        ts.append(time.perf_counter() - t)
+    return statistics.median(ts)
+
+
+def main():
+    dev = "cuda"
+    torch.manual_seed(0)
+    b, h, t, d = 4, 32, 512, 128
+    q, k, v = (torch.randn(b, h, t, d, device=dev, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    dout = torch.randn(b, h, t, d, device=dev, dtype=torch.bfloat16)
+
+    def attn_fwd():
+        with torch.no_grad():
+            F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+    def attn_fwd_bwd():
+        o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        o.backward(dout)
+
+    rows, vocab = 2048, 32000
+    logits = (torch.randn(rows, vocab, device=dev) * 4).requires_grad_(True)
+    targets = torch.randint(0, vocab, (rows,), device=dev)
+
+    def ce():
+        F.cross_entropy(logits, targets).backward()
+
+    res = {
+        "device": torch.cuda.get_device_name(0),
+        "torch": torch.__version__,
+        "sdpa_fwd_s": timed(attn_fwd),
+        "sdpa_fwd_bwd_s": timed(attn_fwd_bwd),
+        "cross_entropy_fp32_fwd_bwd_s": timed(ce),
+    }
+    print(json.dumps(res, indent=1))
+    if len(sys.argv) > 1:
+        with open(sys.argv[1], "w") as f:
+            json.dump(res, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
