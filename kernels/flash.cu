@@ -45,10 +45,15 @@ __device__ __forceinline__ bool sees(const FGeom& g, int t, uint32_t qs, int s, 
 // Stages rows [row0, row0+rows) of one head of x (batch b; row stride `stride` floats) as bf16:
 // into dst[r][d] (row-major, `ld` bf16 per row) and, when dst_t is given, into dst_t[d][r].
 // Rows at or past `valid` are zero.
+// Thread i takes 4 consecutive values of one row. Without a transposed copy, consecutive threads
+// take consecutive columns (coalesced loads, conflict-free stores). With one, they take consecutive
+// rows instead: the transposed 2-byte stores of a warp then fill 32 consecutive bf16 of one dst_t
+// row (no bank conflicts; column-fast, they hit 2 banks 16 times over), at the price of loads that
+// use half of each 32-byte sector.
 template <int HD>
 __device__ __forceinline__ void stage(const float* x, int64_t base, int64_t stride, int row0, int rows, int valid, __nv_bfloat16* dst, int ld, __nv_bfloat16* dst_t, int ld_t) {
     for (int i = threadIdx.x; i < rows * (HD / 4); i += blockDim.x) {
-        const int r = i / (HD / 4), c = (i % (HD / 4)) * 4;
+        const int r = dst_t ? i % rows : i / (HD / 4), c = dst_t ? (i / rows) * 4 : (i % (HD / 4)) * 4;
         float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
         if (row0 + r < valid) v = *reinterpret_cast<const float4*>(x + base + (int64_t)(row0 + r) * stride + c);
         if (dst) {
@@ -130,14 +135,17 @@ __device__ void flash_fwd(const float* q, const float* k, const float* v, const 
                 mma16816(sc[nt], qa[kk], ld2(kr), ld2(kr + 8));
             }
         }
-        // Mask, scale, and the running max of each of this thread's two rows.
+        // Mask, scale, and the running max of each of this thread's two rows. A tile wholly below the
+        // diagonal, inside both lengths and without segments needs no mask (most tiles of a long row).
+        const bool full = !seg && (qb + 1) * FBQ <= g.q_len && (kb + 1) * FBK <= g.kv_len &&
+                          (kb + 1) * FBK - 1 <= g.q_offset + qb * FBQ;
         float mx0 = -INFINITY, mx1 = -INFINITY;
 #pragma unroll
         for (int nt = 0; nt < FBK / 8; nt++) {
 #pragma unroll
             for (int e = 0; e < 4; e++) {
                 const int sl = nt * 8 + 2 * t4 + (e & 1), s = kb * FBK + sl;
-                const bool vis = e < 2 ? sees(g, r0, qs0, s, kseg[sl]) : sees(g, r1, qs1, s, kseg[sl]);
+                const bool vis = full || (e < 2 ? sees(g, r0, qs0, s, kseg[sl]) : sees(g, r1, qs1, s, kseg[sl]));
                 sc[nt][e] = vis ? sc[nt][e] * sl2 : -INFINITY;
             }
             mx0 = fmaxf(mx0, fmaxf(sc[nt][0], sc[nt][1]));
@@ -299,13 +307,16 @@ __device__ void flash_bwd(const float* q, const float* k, const float* v, const 
                     mma16816(dpt[nt], va, ld2(&sm.Ds[nt * 8 + gr][c]), ld2(&sm.Ds[nt * 8 + gr][c + 8]));
                 }
             }
-            // P and dS in place of Sᵀ and dPᵀ (rows: keys k0/k1, columns: queries).
+            // P and dS in place of Sᵀ and dPᵀ (rows: keys k0/k1, columns: queries); no mask for a tile
+            // wholly below the diagonal, inside both lengths and without segments.
+            const bool full = !seg && (qb + 1) * BBQ <= g.q_len && (kb + 1) * BBK <= g.kv_len &&
+                              (kb + 1) * BBK - 1 <= g.q_offset + qb * BBQ;
 #pragma unroll
             for (int nt = 0; nt < BBQ / 8; nt++) {
 #pragma unroll
                 for (int e = 0; e < 4; e++) {
                     const int ql = nt * 8 + 2 * t4 + (e & 1), kl = e < 2 ? k0 : k1;
-                    const bool vis = sees(g, qb * BBQ + ql, sm.qseg[ql], kb * BBK + kl, sm.kseg[kl]);
+                    const bool vis = full || sees(g, qb * BBQ + ql, sm.qseg[ql], kb * BBK + kl, sm.kseg[kl]);
                     const float p = vis ? exp2f(st[nt][e] * sl2 - sm.lse2[ql]) : 0.f;
                     st[nt][e] = p;
                     dpt[nt][e] = p * (dpt[nt][e] - sm.delta[ql]) * scale;
