@@ -71,10 +71,13 @@ __device__ __forceinline__ void stage(const float* x, int64_t base, int64_t stri
 
 // ---- forward ------------------------------------------------------------------------------------
 // Block: 4 warps, 64 queries of one (batch, head); each warp owns 16 query rows and walks the key
-// blocks of 64 this query block can see. q, out (batch, q_len, heads, HD); k, v (batch, kv_cap,
+// blocks of 32 this query block can see. Registers bound the occupancy (the output accumulators and
+// the query fragments stay in registers): with key blocks of 64 the kernel took 175 registers, two
+// blocks (8 warps) per SM and ~11 cycles between a warp's instructions (ncu, H200); key blocks of 32
+// and a bound of four blocks per SM give 128 registers and twice the warps. q, out (batch, q_len, heads, HD); k, v (batch, kv_cap,
 // kv_heads, HD); lse (batch, heads, q_len), natural log of Σ exp(score).
 #define FBQ 64
-#define FBK 64
+#define FBK 32
 template <int HD>
 __device__ void flash_fwd(const float* q, const float* k, const float* v, const uint32_t* seg, float* out, float* lse, const FGeom g) {
     __shared__ __align__(16) __nv_bfloat16 Ks[FBK][HD + PAD];
@@ -213,11 +216,11 @@ __device__ void flash_fwd(const float* q, const float* k, const float* v, const 
     }
 }
 
-extern "C" __global__ void __launch_bounds__(128) flash_fwd_hd64(const float* q, const float* k, const float* v, const uint32_t* seg, float* out, float* lse, FGEOM_ARGS) {
+extern "C" __global__ void __launch_bounds__(128, 4) flash_fwd_hd64(const float* q, const float* k, const float* v, const uint32_t* seg, float* out, float* lse, FGEOM_ARGS) {
     MAKE_FGEOM;
     flash_fwd<64>(q, k, v, seg, out, lse, g);
 }
-extern "C" __global__ void __launch_bounds__(128) flash_fwd_hd128(const float* q, const float* k, const float* v, const uint32_t* seg, float* out, float* lse, FGEOM_ARGS) {
+extern "C" __global__ void __launch_bounds__(128, 4) flash_fwd_hd128(const float* q, const float* k, const float* v, const uint32_t* seg, float* out, float* lse, FGEOM_ARGS) {
     MAKE_FGEOM;
     flash_fwd<128>(q, k, v, seg, out, lse, g);
 }
