@@ -45,6 +45,9 @@ extern "C" __global__ void add_rounded_f32(float* dst, const float* src, int com
 extern "C" __global__ void bf16_to_f32(const __nv_bfloat16* x, float* out, int64_t n) {
     FOR_EACH(i, n) out[i] = __bfloat162float(x[i]);
 }
+extern "C" __global__ void f16_to_f32(const __half* x, float* out, int64_t n) {
+    FOR_EACH(i, n) out[i] = __half2float(x[i]);
+}
 // out = x * dropout(seed, i)
 extern "C" __global__ void dropout_f32(const float* x, float* out, uint64_t seed, float p, int64_t n) {
     FOR_EACH(i, n) out[i] = x[i] * dropout_factor(seed, (uint64_t)i, p);

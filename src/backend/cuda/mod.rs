@@ -271,7 +271,8 @@ impl Cuda {
     }
 
     /// Precise mode: attention on the f32 kernels of attention.cu instead of the bf16 tensor-core
-    /// ones, and LoRA products in full f32 instead of TF32, so the whole step rounds only where the
+    /// ones, LoRA products in full f32 instead of TF32, and dense (16-bit stored) weights multiplied
+    /// in f32 instead of rounding the activations to 16 bits, so the whole step rounds only where the
     /// CPU reference does (the 4-bit linears' compute dtype). Slower; the GPU tests use it to show
     /// the step equals the CPU's on a model that amplifies rounding noise (SmolLM2).
     pub fn set_precise(&self, on: bool) {
@@ -364,6 +365,19 @@ impl Cuda {
 
     /// The weight as a GEMM operand, and the dtype the activations must be converted to.
     fn weight_operand<'a>(&self, w: &'a CudaWeight) -> (OperandRef<'a>, ComputeDtype) {
+        if self.is_precise() {
+            if let CudaWeight::Dense { rows, cols, data } = w {
+                // Precise mode: the dense weight widened to f32, so the activations are not rounded.
+                let n = rows * cols;
+                let mut out = self.scratch(n);
+                let n64 = n as i64;
+                match data {
+                    DenseData::BF16(d) => launch!(self, "bf16_to_f32", grid_for(n); d, &mut out, &n64),
+                    DenseData::F16(d) => launch!(self, "f16_to_f32", grid_for(n); d, &mut out, &n64),
+                }
+                return (OperandRef::Owned(Operand::F32(out)), ComputeDtype::F32);
+            }
+        }
         match w {
             CudaWeight::Dense { data: d @ DenseData::BF16(_), .. } => (OperandRef::Borrowed(d), ComputeDtype::BF16),
             CudaWeight::Dense { data: d @ DenseData::F16(_), .. } => (OperandRef::Borrowed(d), ComputeDtype::F16),
@@ -439,6 +453,7 @@ fn kernel_names(module: &str) -> &'static [&'static str] {
             "round_to_compute_f32",
             "add_rounded_f32",
             "bf16_to_f32",
+            "f16_to_f32",
             "dropout_f32",
             "dropout_add_f32",
             "embedding_bf16",
