@@ -30,23 +30,20 @@ extern "C" __global__ void swiglu_backward_f32(const float* g, const float* u, c
 extern "C" __global__ void f32_to_bf16(const float* x, __nv_bfloat16* out, int64_t n) {
     FOR_EACH(i, n) out[i] = __float2bfloat16_rn(x[i]);
 }
-// x = round(x) to the 4-bit matmuls' compute dtype (1 f16, 2 bf16): their outputs are 16-bit in
-// bitsandbytes, and the CPU reference rounds them the same way (Cpu::linear).
-extern "C" __global__ void round_to_compute_f32(float* x, int compute, int64_t n) {
-    if (compute == 1) FOR_EACH(i, n) x[i] = __half2float(__float2half_rn(x[i]));
-    else if (compute == 2) FOR_EACH(i, n) x[i] = __bfloat162float(__float2bfloat16_rn(x[i]));
-}
-// dst += round(src) to the compute dtype (input gradient accumulated after rounding, as on the CPU).
-extern "C" __global__ void add_rounded_f32(float* dst, const float* src, int compute, int64_t n) {
-    if (compute == 1) FOR_EACH(i, n) dst[i] += __half2float(__float2half_rn(src[i]));
-    else if (compute == 2) FOR_EACH(i, n) dst[i] += __bfloat162float(__float2bfloat16_rn(src[i]));
-    else FOR_EACH(i, n) dst[i] += src[i];
-}
+// A 4-bit matmul's 16-bit output (cuBLAS rounds it to the compute dtype as it writes, as bitsandbytes'
+// output is; the CPU reference rounds the same way in Cpu::linear), widened into the f32 activations.
 extern "C" __global__ void bf16_to_f32(const __nv_bfloat16* x, float* out, int64_t n) {
     FOR_EACH(i, n) out[i] = __bfloat162float(x[i]);
 }
 extern "C" __global__ void f16_to_f32(const __half* x, float* out, int64_t n) {
     FOR_EACH(i, n) out[i] = __half2float(x[i]);
+}
+// dst += widened src: an input gradient accumulated after its rounding, as on the CPU.
+extern "C" __global__ void add_bf16_to_f32(const __nv_bfloat16* src, float* dst, int64_t n) {
+    FOR_EACH(i, n) dst[i] += __bfloat162float(src[i]);
+}
+extern "C" __global__ void add_f16_to_f32(const __half* src, float* dst, int64_t n) {
+    FOR_EACH(i, n) dst[i] += __half2float(src[i]);
 }
 // out = x * dropout(seed, i)
 extern "C" __global__ void dropout_f32(const float* x, float* out, uint64_t seed, float p, int64_t n) {

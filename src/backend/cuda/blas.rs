@@ -1,5 +1,5 @@
-//! Row-major GEMM through cuBLAS `GemmEx`, over f32 / f16 / bf16 operands with f32 output and f32
-//! accumulation. cuBLAS is column-major: a row-major `C = op(A)·op(B)` is the column-major
+//! Row-major GEMM through cuBLAS `GemmEx`, over f32 / f16 / bf16 operands with f32 accumulation and
+//! an f32 or 16-bit output. cuBLAS is column-major: a row-major `C = op(A)·op(B)` is the column-major
 //! `Cᵀ = op(B)ᵀ·op(A)ᵀ`, so the operands are passed swapped.
 
 use super::OperandView;
@@ -16,6 +16,20 @@ pub enum F32Math {
     /// TF32 on the tensor cores (10-bit mantissa, f32 accumulation): the LoRA products, which are
     /// skinny (rank ≤ 256) and memory-bound in f32.
     Tf32,
+}
+
+/// A GEMM's output: f32, or 16-bit, which cuBLAS rounds to nearest as it writes (16-bit outputs take
+/// f32 operands only in f32 math; 16-bit operands accumulate in f32 either way).
+pub enum GemmOut<'a> {
+    F32(&'a mut CudaSlice<f32>),
+    F16(&'a mut CudaSlice<half::f16>),
+    BF16(&'a mut CudaSlice<half::bf16>),
+}
+
+impl<'a> From<&'a mut CudaSlice<f32>> for GemmOut<'a> {
+    fn from(c: &'a mut CudaSlice<f32>) -> Self {
+        GemmOut::F32(c)
+    }
 }
 
 pub struct Blas {
@@ -46,7 +60,7 @@ impl Blas {
     /// `(k, n)`; `lda`/`ldb`/`ldc` are the stored matrices' row lengths. A and B have the same dtype;
     /// `math` says how f32 operands are multiplied.
     #[allow(clippy::too_many_arguments)]
-    pub fn gemm_rm<'a>(
+    pub fn gemm_rm<'a, 'c>(
         &'a self,
         math: F32Math,
         trans_a: bool,
@@ -60,7 +74,7 @@ impl Blas {
         b: impl Into<OperandView<'a>>,
         ldb: usize,
         beta: f32,
-        c: &mut CudaSlice<f32>,
+        c: impl Into<GemmOut<'c>>,
         ldc: usize,
     ) -> Result<(), String> {
         if m == 0 || n == 0 {
@@ -76,7 +90,20 @@ impl Blas {
         if ta != tb {
             return Err(format!("GEMM operands of different dtypes ({ta:?}, {tb:?})"));
         }
-        let (pc, _gc) = c.device_ptr_mut(&self.stream);
+        let (pc, tc, _gc) = match c.into() {
+            GemmOut::F32(c) => {
+                let (p, g) = c.device_ptr_mut(&self.stream);
+                (p, cudaDataType_t::CUDA_R_32F, g)
+            }
+            GemmOut::F16(c) => {
+                let (p, g) = c.device_ptr_mut(&self.stream);
+                (p, cudaDataType_t::CUDA_R_16F, g)
+            }
+            GemmOut::BF16(c) => {
+                let (p, g) = c.device_ptr_mut(&self.stream);
+                (p, cudaDataType_t::CUDA_R_16BF, g)
+            }
+        };
         let op = |t: bool| if t { cublasOperation_t::CUBLAS_OP_T } else { cublasOperation_t::CUBLAS_OP_N };
         // SAFETY: pointers come from live device buffers whose lengths the callers checked.
         unsafe {
@@ -96,7 +123,7 @@ impl Blas {
                 lda as i32,
                 &beta as *const f32 as *const _,
                 pc as *mut _,
-                cudaDataType_t::CUDA_R_32F,
+                tc,
                 ldc as i32,
                 compute,
                 sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,

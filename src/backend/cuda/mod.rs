@@ -385,13 +385,48 @@ impl Cuda {
         }
     }
 
-    /// Rounds a 4-bit matmul's f32 output to the weight's 16-bit compute dtype in place.
-    fn round_output(&self, w: &CudaWeight, out: &mut CudaSlice<f32>) {
-        let code = rounding_code(w);
-        if code != 0 {
-            let n = out.len();
-            let n64 = n as i64;
-            launch!(self, "round_to_compute_f32", grid_for(n); &mut *out, &code, &n64);
+    /// `out (=|+=) a · op(b)` for a frozen weight `w`'s product. A 4-bit weight's product is rounded to
+    /// its 16-bit compute dtype, as bitsandbytes' 16-bit matmul output is, before it lands in (or is
+    /// added to) the f32 `out`: cuBLAS writes it in that dtype (rounding as it writes, where a separate
+    /// pass over f32 would read and write it again) and one kernel widens it into `out`.
+    fn gemm_rounded(&self, w: &CudaWeight, g: Gemm<'_>, out: &mut CudaSlice<f32>, accumulate: bool, what: &str) {
+        let gemm = |c: blas::GemmOut<'_>, beta: f32| {
+            let r = self.blas.gemm_rm(
+                F32Math::Exact,
+                false,
+                g.trans_b,
+                g.m,
+                g.n,
+                g.k,
+                1.0,
+                g.a,
+                g.lda,
+                g.b,
+                g.ldb,
+                beta,
+                c,
+                g.n,
+            );
+            ck!(r, what);
+        };
+        let n64 = (g.m * g.n) as i64;
+        let cfg = grid_for(g.m * g.n);
+        match w {
+            CudaWeight::Quant4 { compute: ComputeDtype::BF16, .. } => {
+                // SAFETY: the GEMM (beta = 0) writes all m·n values before the kernel reads them.
+                let mut o16 = ck!(unsafe { self.stream.alloc::<bf16>(g.m * g.n) }, "alloc");
+                gemm(blas::GemmOut::BF16(&mut o16), 0.0);
+                let kernel = if accumulate { "add_bf16_to_f32" } else { "bf16_to_f32" };
+                launch!(self, kernel, cfg; &o16, &mut *out, &n64);
+            }
+            CudaWeight::Quant4 { compute: ComputeDtype::F16, .. } => {
+                // SAFETY: as above.
+                let mut o16 = ck!(unsafe { self.stream.alloc::<f16>(g.m * g.n) }, "alloc");
+                gemm(blas::GemmOut::F16(&mut o16), 0.0);
+                let kernel = if accumulate { "add_f16_to_f32" } else { "f16_to_f32" };
+                launch!(self, kernel, cfg; &o16, &mut *out, &n64);
+            }
+            _ => gemm(blas::GemmOut::F32(out), if accumulate { 1.0 } else { 0.0 }),
         }
     }
 
@@ -415,14 +450,16 @@ impl Cuda {
     }
 }
 
-/// The kernels' code for the dtype a weight's matmul output is rounded to: 0 none (dense weights
-/// and f32 compute), 1 f16, 2 bf16.
-fn rounding_code(w: &CudaWeight) -> i32 {
-    match w {
-        CudaWeight::Quant4 { compute: ComputeDtype::F16, .. } => 1,
-        CudaWeight::Quant4 { compute: ComputeDtype::BF16, .. } => 2,
-        _ => 0,
-    }
+/// One GEMM of a frozen weight: `a (m, k) · op(b)` with `op(b)` `(k, n)`, row-major (see `blas::gemm_rm`).
+struct Gemm<'a> {
+    trans_b: bool,
+    m: usize,
+    n: usize,
+    k: usize,
+    a: OperandView<'a>,
+    lda: usize,
+    b: OperandView<'a>,
+    ldb: usize,
 }
 
 /// A GEMM operand in one of the three compute dtypes.
@@ -450,8 +487,8 @@ fn kernel_names(module: &str) -> &'static [&'static str] {
             "swiglu_f32",
             "swiglu_backward_f32",
             "f32_to_bf16",
-            "round_to_compute_f32",
-            "add_rounded_f32",
+            "add_bf16_to_f32",
+            "add_f16_to_f32",
             "bf16_to_f32",
             "f16_to_f32",
             "dropout_f32",
@@ -738,26 +775,8 @@ impl Backend for Cuda {
         let xc = self.convert(x, c);
         let xop = xc.as_ref().map_or(OperandView::F32(x), OperandView::from);
         // out (m, rows) = x (m, cols) · Wᵀ
-        ck!(
-            self.blas.gemm_rm(
-                F32Math::Exact,
-                false,
-                true,
-                m,
-                rows,
-                cols,
-                1.0,
-                xop,
-                cols,
-                wop.as_ref(),
-                cols,
-                0.0,
-                out,
-                rows
-            ),
-            "linear GEMM"
-        );
-        self.round_output(w, out);
+        let product = Gemm { trans_b: true, m, n: rows, k: cols, a: xop, lda: cols, b: wop.as_ref(), ldb: cols };
+        self.gemm_rounded(w, product, out, false, "linear GEMM");
     }
     fn linear_backward_input(
         &self,
@@ -773,55 +792,9 @@ impl Backend for Cuda {
         let (wop, c) = self.weight_operand(w);
         let dyc = self.convert(dy, c);
         let dyop = dyc.as_ref().map_or(OperandView::F32(dy), OperandView::from);
-        // dx (m, cols) = dy (m, rows) · W (rows, cols); a 4-bit weight's product is rounded to its
-        // compute dtype before it is accumulated (as bitsandbytes' 16-bit output is).
-        let code = rounding_code(w);
-        if accumulate && code != 0 {
-            let mut prod = self.scratch(m * cols);
-            ck!(
-                self.blas.gemm_rm(
-                    F32Math::Exact,
-                    false,
-                    false,
-                    m,
-                    cols,
-                    rows,
-                    1.0,
-                    dyop,
-                    rows,
-                    wop.as_ref(),
-                    cols,
-                    0.0,
-                    &mut prod,
-                    cols
-                ),
-                "linear backward GEMM"
-            );
-            let n64 = (m * cols) as i64;
-            launch!(self, "add_rounded_f32", grid_for(m * cols); &mut *dx, &prod, &code, &n64);
-            return;
-        }
-        let beta = if accumulate { 1.0 } else { 0.0 };
-        ck!(
-            self.blas.gemm_rm(
-                F32Math::Exact,
-                false,
-                false,
-                m,
-                cols,
-                rows,
-                1.0,
-                dyop,
-                rows,
-                wop.as_ref(),
-                cols,
-                beta,
-                dx,
-                cols
-            ),
-            "linear backward GEMM"
-        );
-        self.round_output(w, dx);
+        // dx (m, cols) (+)= dy (m, rows) · W (rows, cols)
+        let product = Gemm { trans_b: false, m, n: cols, k: rows, a: dyop, lda: rows, b: wop.as_ref(), ldb: cols };
+        self.gemm_rounded(w, product, dx, accumulate, "linear backward GEMM");
     }
 
     fn lora_forward(
@@ -863,7 +836,7 @@ impl Backend for Cuda {
                 aop,
                 cols,
                 0.0,
-                u,
+                &mut *u,
                 r
             ),
             "LoRA A GEMM"
