@@ -85,6 +85,13 @@ fn elementwise_norm_rope_swiglu() {
         gpu().rmsnorm(&gx, &gw, h, 1e-5, &mut o2, &mut r2);
         check(&format!("{} rmsnorm", s.name), &gpu().download(&o2), &o1, F32_TOL);
         check(&format!("{} rmsnorm rstd", s.name), &gpu().download(&r2), &r1, F32_TOL);
+        // Rows not a multiple of 4 long take the scalar loads (ffn = 333 for the odd shape).
+        let (xf, wf) = (rnd(&mut rng, M * s.ffn, 2.0), rnd(&mut rng, s.ffn, 1.0));
+        let (mut of1, mut rf1) = (vec![0.0; M * s.ffn], vec![0.0; M]);
+        CPU.rmsnorm(&xf, &wf, s.ffn, 1e-5, &mut of1, &mut rf1);
+        let (mut of2, mut rf2) = (poisoned(M * s.ffn), poisoned(M));
+        gpu().rmsnorm(&gpu().upload(&xf), &gpu().upload(&wf), s.ffn, 1e-5, &mut of2, &mut rf2);
+        check(&format!("{} rmsnorm over {}", s.name, s.ffn), &gpu().download(&of2), &of1, F32_TOL);
         let mut d1 = vec![0.0; n];
         CPU.rmsnorm_backward(&x, &w, &r1, &y, h, &mut d1);
         let mut d2 = poisoned(n);

@@ -519,7 +519,7 @@ fn kernel_names(module: &str) -> &'static [&'static str] {
             "gemv_4bit_rows_f16_m8",
             "gemv_4bit_rows_bf16_m8",
         ],
-        "lora" => &["gemv_f32"],
+        "lora" => &["gemv_f32", "gemv_f32_long_rows"],
         "norm" => &["rmsnorm_f32", "rmsnorm_backward_f32"],
         "rope" => &["rope_f32"],
         "xent" => &["cross_entropy_f32"],
@@ -813,9 +813,11 @@ impl Backend for Cuda {
         let cols = a.len() / r;
         let rows = b.len() / r;
         if m <= GEMV_MAX_M && !dropout.is_active() {
-            // Decoding: two warp-per-row f32 products (kernels/lora.cu) instead of two GEMMs.
+            // Decoding: two f32 products (kernels/lora.cu) instead of two GEMMs: u = x·Aᵀ with a block
+            // per row of A (few long rows), y += scale·u·Bᵀ with a warp per row of B (many short rows).
             let (m32, r32, rows32, cols32) = (m as i32, r as i32, rows as i32, cols as i32);
-            launch!(self, "gemv_f32", warp_grid(r); a, x, &mut *u, &m32, &r32, &cols32, &1f32, &0i32);
+            let long = LaunchConfig { grid_dim: (r as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+            launch!(self, "gemv_f32_long_rows", long; a, x, &mut *u, &m32, &r32, &cols32, &1f32, &0i32);
             launch!(self, "gemv_f32", warp_grid(rows); b, &*u, &mut *y, &m32, &rows32, &r32, &scale, &1i32);
             return;
         }
