@@ -2,7 +2,7 @@
 // head_dim 64 and 128: causal, GQA, segment masks (packing/padding), online softmax with the
 // log-sum-exp saved for the backward pass, no T×T matrix in memory. Activations arrive in f32 and are
 // rounded to bf16 as tiles are staged in shared memory (as torch's bf16 SDPA sees them).
-// The warp-per-row kernels in attention.cu serve other head sizes and decoding.
+// The f32 kernels in attention.cu serve other head sizes, decoding and the GPU's precise mode.
 // CPU reference: Cpu::attention / Cpu::attention_backward (src/backend/cpu.rs).
 #include "common.cuh"
 

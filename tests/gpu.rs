@@ -263,7 +263,7 @@ fn lora_forward_backward_with_dropout() {
         check(&format!("{} lora dA", s.name), &gpu().download(&da2), &da1, TF32_TOL);
         check(&format!("{} lora dB", s.name), &gpu().download(&db2), &db1, TF32_TOL);
         check(&format!("{} lora dx", s.name), &gpu().download(&dx2), &dx1, TF32_TOL);
-        // Decoding's few rows without dropout take the f32 warp-per-row kernels (kernels/lora.cu).
+        // Decoding's few rows without dropout take the f32 kernels of kernels/lora.cu.
         for m in [1, 5] {
             let (x, y0) = (rnd(&mut rng, m * cols, 1.0), rnd(&mut rng, m * rows, 1.0));
             let (mut u1, mut yy1) = (vec![0.0; m * r], y0.clone());
@@ -318,7 +318,7 @@ fn attention_forward_backward_gqa_packed_and_decode() {
             println!(
                 "{} attention {label}: {}",
                 s.name,
-                if Cuda::uses_flash(&sh) { "flash (bf16 mma)" } else { "warp per row (f32)" }
+                if Cuda::uses_flash(&sh) { "flash (bf16 mma)" } else { "attention.cu (f32)" }
             );
             let nq = sh.batch * sh.q_len * sh.heads * sh.head_dim;
             let nk = sh.batch * sh.kv_capacity * sh.kv_heads * sh.head_dim;

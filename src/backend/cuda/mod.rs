@@ -207,14 +207,7 @@ impl Cuda {
         for (name, hd) in [("flash_bwd_hd64", 64), ("flash_bwd_hd128", 128)] {
             funcs[name].set_attribute(attr, flash_bwd_smem(hd) as i32).map_err(dev_err)?;
         }
-        for name in [
-            "gemv_4bit_rows_f32_m1",
-            "gemv_4bit_rows_f16_m1",
-            "gemv_4bit_rows_bf16_m1",
-            "gemv_4bit_rows_f32_m1_r2",
-            "gemv_4bit_rows_f16_m1_r2",
-            "gemv_4bit_rows_bf16_m1_r2",
-        ] {
+        for name in GEMV_ONE_ROW {
             funcs[name].set_attribute(attr, GEMV_MAX_X_SMEM as i32).map_err(dev_err)?;
         }
         let code256 = stream.clone_htod(&quant::dynamic_map_signed()).map_err(dev_err)?;
@@ -260,8 +253,8 @@ impl Cuda {
     }
 
     /// Whether attention of shape `sh` runs on the tensor-core flash kernels (kernels/flash.cu): head
-    /// sizes 64 and 128 with at least 16 queries (training, prefill); otherwise the warp-per-row
-    /// kernels of attention.cu (other head sizes, decoding).
+    /// sizes 64 and 128 with at least 16 queries (training, prefill); otherwise the f32 kernels of
+    /// attention.cu (other head sizes, decoding). Precise mode never takes them ([`Cuda::set_precise`]).
     pub fn uses_flash(sh: &AttnShape) -> bool {
         matches!(sh.head_dim, 64 | 128) && sh.q_len >= 16
     }
@@ -509,15 +502,15 @@ fn kernel_names(module: &str) -> &'static [&'static str] {
             "dequant_4bit_vec_bf16",
             "f32_to_f16",
             "gemv_4bit_f32",
-            "gemv_4bit_rows_f32_m1",
-            "gemv_4bit_rows_f16_m1",
-            "gemv_4bit_rows_bf16_m1",
-            "gemv_4bit_rows_f32_m1_r2",
-            "gemv_4bit_rows_f16_m1_r2",
-            "gemv_4bit_rows_bf16_m1_r2",
-            "gemv_4bit_rows_f32_m8",
-            "gemv_4bit_rows_f16_m8",
-            "gemv_4bit_rows_bf16_m8",
+            GEMV_ONE_ROW[0],
+            GEMV_ONE_ROW[1],
+            GEMV_ONE_ROW[2],
+            GEMV_ONE_ROW[3],
+            GEMV_ONE_ROW[4],
+            GEMV_ONE_ROW[5],
+            GEMV_FEW_ROWS[0],
+            GEMV_FEW_ROWS[1],
+            GEMV_FEW_ROWS[2],
         ],
         "lora" => &["gemv_f32", "gemv_f32_long_rows"],
         "norm" => &["rmsnorm_f32", "rmsnorm_backward_f32"],
@@ -1221,6 +1214,17 @@ const GEMV_MAX_M: usize = 8;
 /// GEMV_ROWS, GEMV_THREADS).
 const GEMV_ROWS_PER_WARP: usize = 4;
 const GEMV_THREADS: usize = 256;
+/// The row-blocked GEMV kernels of kernels/nf4.cu, indexed by compute dtype (f32, f16, bf16): one row
+/// of x staged in shared memory, 4 then 2 output rows per warp; and up to 8 rows of x read through L1.
+const GEMV_ONE_ROW: [&str; 6] = [
+    "gemv_4bit_rows_f32_m1",
+    "gemv_4bit_rows_f16_m1",
+    "gemv_4bit_rows_bf16_m1",
+    "gemv_4bit_rows_f32_m1_r2",
+    "gemv_4bit_rows_f16_m1_r2",
+    "gemv_4bit_rows_bf16_m1_r2",
+];
+const GEMV_FEW_ROWS: [&str; 3] = ["gemv_4bit_rows_f32_m8", "gemv_4bit_rows_f16_m8", "gemv_4bit_rows_bf16_m8"];
 /// Shared memory the one-row GEMV kernels may take for x (set as their limit when the module loads).
 const GEMV_MAX_X_SMEM: usize = 160 * 1024;
 
@@ -1246,16 +1250,10 @@ impl Cuda {
             // Two rows per warp when four would leave most warp slots empty (fewer than 8192 rows:
             // the 4096-row projections of a 7B model give 1024 warps for 132 SMs × 24 slots).
             let two_rows = staged && *rows < 8192;
-            let kernel = match (compute, staged, two_rows) {
-                (0, true, false) => "gemv_4bit_rows_f32_m1",
-                (1, true, false) => "gemv_4bit_rows_f16_m1",
-                (2, true, false) => "gemv_4bit_rows_bf16_m1",
-                (0, true, true) => "gemv_4bit_rows_f32_m1_r2",
-                (1, true, true) => "gemv_4bit_rows_f16_m1_r2",
-                (2, true, true) => "gemv_4bit_rows_bf16_m1_r2",
-                (0, false, _) => "gemv_4bit_rows_f32_m8",
-                (1, false, _) => "gemv_4bit_rows_f16_m8",
-                _ => "gemv_4bit_rows_bf16_m8",
+            let kernel = match (staged, two_rows) {
+                (true, false) => GEMV_ONE_ROW[compute as usize],
+                (true, true) => GEMV_ONE_ROW[3 + compute as usize],
+                (false, _) => GEMV_FEW_ROWS[compute as usize],
             };
             let warps = rows.div_ceil(if two_rows { 2 } else { GEMV_ROWS_PER_WARP });
             let cfg = LaunchConfig {
