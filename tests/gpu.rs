@@ -607,9 +607,15 @@ impl llamatune::model::weights::WeightSource for Bf16Dense<'_> {
 /// Gradients: SmolLM2's 30-layer backward amplifies bf16 rounding. On the CPU alone, the same step
 /// with bf16 vs f32 compute differs by up to ~1e-1 in some LoRA gradients (f16: ~6e-3), and rounding
 /// only the dense embedding to bf16 moves them as much, so a GPU that rounds at slightly different
-/// places (bf16 attention operands) cannot agree to 2e-2 everywhere. Each gradient must be within 2e-2
-/// of the CPU, or within 1.5× the CPU's own bf16-vs-f32 spread (this criterion replaced a plain 2e-2
-/// after the first device run; the CPU reference gets the GPU's bf16 dense weights since the second).
+/// places (bf16 attention operands) cannot agree to 2e-2 everywhere.
+///
+/// Criterion history, stated plainly: a plain 2e-2 per gradient (session 2, failed on the device);
+/// then "2e-2, or 1.5× the CPU's own bf16-vs-f32 spread" (session 2; the GPU's precise mode missed it
+/// on 3 of 420 gradients at 1.51–1.68× in session 3). Session 3 then found, on the CPU alone, that the
+/// CPU reference run in f64 instead of f32 arithmetic (`Cpu<f64>`, the same bf16 rounding points of the
+/// 4-bit linears) misses that criterion on 26 of 420 gradients, at up to 2.8× the spread: the criterion
+/// fails correct implementations. It now also admits 1.5× that f64-vs-f32 spread, which this test
+/// computes itself. The first device run under it is the one after session 3.
 #[test]
 fn smollm2_qlora_step_and_greedy_answer_match_the_cpu() {
     use llamatune::model::weights::WeightSource;
@@ -672,6 +678,16 @@ fn smollm2_qlora_step_and_greedy_answer_match_the_cpu() {
     let mut gg = gl.zero_grads(gpu());
     let l1 = forward_backward(&CPU, &cm, &cl, &mut cg, &batch, scale, Some(22), true);
     forward_backward(&CPU, &cm32, &cl, &mut cg32, &batch, scale, Some(22), true);
+    // The same bf16 step in f64 arithmetic: how far working precision alone moves these gradients.
+    const CPU64: Cpu<f64> = Cpu::new();
+    let cm64 = Llama::load(&CPU64, &dense_bf16, Some(q(ComputeDtype::BF16))).unwrap();
+    let mut cl64 = Lora::init(&CPU64, &cfg, cl.cfg.clone(), 7);
+    for (p64, cp) in cl64.params_mut().into_iter().zip(cl.named_params()) {
+        *p64 = CPU64.upload(cp.1);
+    }
+    let mut cg64 = cl64.zero_grads(&CPU64);
+    forward_backward(&CPU64, &cm64, &cl64, &mut cg64, &batch, scale, Some(22), true);
+    let cg64: Vec<Vec<f32>> = cg64.bufs().into_iter().map(|b| CPU64.download(b)).collect();
     let l2 = forward_backward(gpu(), &gm, &gl, &mut gg, &batch, scale, Some(22), true);
     check("SmolLM2 step loss", &[l2.mean() as f32], &[l1.mean() as f32], MIXED_TOL);
     let rel = |got: &[f32], want: &[f32]| {
@@ -686,25 +702,25 @@ fn smollm2_qlora_step_and_greedy_answer_match_the_cpu() {
     let l3 = forward_backward(gpu(), &gm, &gl, &mut gp, &batch, scale, Some(22), true);
     gpu().set_precise(false);
     check("SmolLM2 step loss (GPU precise mode)", &[l3.mean() as f32], &[l1.mean() as f32], MIXED_TOL);
-    // Each gradient: within 2e-2 of the CPU's, or within 1.5× of how far the CPU's own bf16 result
-    // lies from its f32 one (this model amplifies rounding noise).
+    // Each gradient: within 2e-2 of the CPU's, or within 1.5× of the larger of the CPU's own spreads:
+    // bf16 against f32 compute, and f64 against f32 arithmetic (this model amplifies rounding noise).
     let compare = |label: &str, grads: &llamatune::model::lora::LoraGrads<Cuda>| {
         let (mut worst, mut fails) = ((0.0f64, 0.0f64, String::new()), vec![]);
-        for (((name, _), a), (a32, b)) in
-            cl.named_params().iter().zip(cg.bufs()).zip(cg32.bufs().iter().zip(grads.bufs()))
+        for (i, (((name, _), a), (a32, b))) in
+            cl.named_params().iter().zip(cg.bufs()).zip(cg32.bufs().iter().zip(grads.bufs())).enumerate()
         {
             let got = gpu().download(b);
             assert!(got.iter().all(|x| x.is_finite()), "{name}: non-finite gradient");
-            let (err, spread) = (rel(&got, a), rel(a32, a));
+            let (err, spread) = (rel(&got, a), rel(a32, a).max(rel(&cg64[i], a)));
             if err > worst.0 {
                 worst = (err, spread, name.clone());
             }
             if err > MIXED_TOL && err > 1.5 * spread {
-                fails.push(format!("{name}: {err:.2e} (CPU bf16-vs-f32 spread {spread:.2e})"));
+                fails.push(format!("{name}: {err:.2e} (CPU's own spread {spread:.2e})"));
             }
         }
         println!(
-            "SmolLM2 step, {label}: worst of {} LoRA grads {:.2e} ({}; CPU's own bf16-vs-f32 spread there {:.2e}); {} over the criterion",
+            "SmolLM2 step, {label}: worst of {} LoRA grads {:.2e} ({}; CPU's own spread there {:.2e}); {} over the criterion",
             cg.bufs().len(),
             worst.0,
             worst.2,
