@@ -5,6 +5,8 @@
 #   b OUT: joins the GGUF into the llamatune cache, runs the SmolLM2 GPU test, then the parity suite
 #          (needs .cache/bnb and .cache/llama2-tokenizer) without its 7B part
 #   c OUT: the side-by-side benchmark against transformers + PEFT + bitsandbytes
+#   k OUT: the criterion kernel bench (7B shapes, cuBLAS and copy-bandwidth rivals) and torch's SDPA and
+#          fp32 cross-entropy timed in the same session (parity/torch_rivals.py)
 # The GGUF (98 MB) travels in two parts because one call carries at most 64 MiB.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -44,6 +46,10 @@ b)
     timeout 400 bash parity/run.sh "$out/parity" ${PARITY_ONLY:---only=quant,small,curve} --skip-7b \
         --tokenizer=llama2:/tmp/llc/llama2-tokenizer --tokenizer=smollm2:/tmp/llc/smollm2-tokenizer \
         --smollm2-gguf="$gguf" ${PARITY_ARGS:-} 2>&1 | tail -60
+    ;;
+k)
+    timeout 400 stage/gpu-bench 2>&1 | grep -E "^[A-Za-z].*/|time:|thrpt:" | tee "$out/gpu-bench.log"
+    timeout 120 python3 parity/torch_rivals.py "$out/torch-rivals.json"
     ;;
 c)
     export PYTHONPATH="$PWD/.cache/bnb:${PYTHONPATH:-}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
