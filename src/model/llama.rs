@@ -178,6 +178,8 @@ pub struct KvCache<B: Backend> {
     pub capacity: usize,
     /// The one-token step, recorded once and replayed for every later token (CUDA graphs).
     step: Option<RecordedStep<B>>,
+    /// Whether recording was tried (a backend that cannot record is asked once).
+    record_tried: bool,
 }
 
 impl<B: Backend> KvCache<B> {
@@ -188,6 +190,7 @@ impl<B: Backend> KvCache<B> {
             len: 0,
             capacity,
             step: None,
+            record_tried: false,
         }
     }
 }
@@ -568,7 +571,8 @@ pub fn decode_step<B: Backend>(
             cache.capacity
         )));
     }
-    if n == 1 && cache.step.is_none() {
+    if n == 1 && !cache.record_tried {
+        cache.record_tried = true;
         let mut io = StepIo::new(be, &model.cfg, 1);
         let (layers, capacity) = (&mut cache.layers, cache.capacity);
         let StepIo { h, cos, sin, pos, logits } = &mut io;

@@ -1108,9 +1108,17 @@ impl Backend for Cuda {
             return None;
         }
         use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
-        ck!(self.stream.begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL), "begin capture");
+        // A driver that cannot capture or instantiate the step costs speed, not the answer: nothing
+        // captured has run, so the caller runs the step op by op instead.
+        let fallback = |what: &str, e: cudarc::driver::DriverError| {
+            eprintln!("warning: {what} failed ({e:?}); decoding without CUDA graphs");
+            None
+        };
+        if let Err(e) = self.stream.begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL) {
+            return fallback("CUDA graph capture", e);
+        }
         f();
-        ck!(self.stream.end_capture(CUgraphInstantiate_flags(0)), "end capture")
+        self.stream.end_capture(CUgraphInstantiate_flags(0)).unwrap_or_else(|e| fallback("CUDA graph instantiation", e))
     }
     fn replay(&self, r: &cudarc::driver::CudaGraph) {
         let _span = self.span("replay");
