@@ -265,7 +265,7 @@ template <> struct Vec8<float> {
 template <typename T>
 __device__ void dequant_vec(const uint8_t* packed, const float* absmax, const uint8_t* absmax_q, const float* absmax2, const float* code256, float offset, const float* code16, int blocksize, int64_t n, T* out) {
     __shared__ float lut[16];
-    if (threadIdx.x < 16) lut[threadIdx.x] = code16[threadIdx.x];
+    load_lut(lut, code16);
     __syncthreads();
     FOR_EACH(c, n / 32) {
         const uint4 u = reinterpret_cast<const uint4*>(packed)[c];

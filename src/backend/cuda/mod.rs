@@ -292,7 +292,6 @@ impl Cuda {
             unreachable!("dequantize takes 4-bit weights")
         };
         let n = rows * cols;
-        let code16 = if *quant_type == QuantType::Nf4 { &self.nf4 } else { &self.fp4 };
         // 16 bytes of codes (32 values in one absmax block) per thread when the sizes allow it.
         let vec = n % 32 == 0 && blocksize % 32 == 0;
         let cfg = if vec { grid_for(n / 32) } else { grid_for(n.div_ceil(2)) };
@@ -300,16 +299,8 @@ impl Cuda {
         macro_rules! launch {
             ($kernel:expr, $out:expr) => {{
                 let mut b = self.stream.launch_builder(self.f($kernel));
-                b.arg(packed);
-                match absmax {
-                    DeviceAbsmax::F32(a) => {
-                        b.arg(a).arg(&0u64).arg(&0u64).arg(&self.code256).arg(&0f32);
-                    }
-                    DeviceAbsmax::Nested { q, absmax2, offset } => {
-                        b.arg(&0u64).arg(q).arg(absmax2).arg(&self.code256).arg(offset);
-                    }
-                }
-                b.arg(code16).arg(&bs).arg(&n64).arg(&mut $out);
+                self.push_4bit(&mut b, packed, absmax, *quant_type);
+                b.arg(&bs).arg(&n64).arg(&mut $out);
                 // SAFETY: the kernel reads `packed`/`absmax` within n and writes `out[..n]`.
                 ck!(unsafe { b.launch(cfg) }, $kernel);
             }};
@@ -1242,7 +1233,6 @@ impl Cuda {
         let CudaWeight::Quant4 { rows, cols, quant_type, blocksize, compute, packed, absmax } = w else {
             unreachable!("gemv_4bit takes 4-bit weights")
         };
-        let code16 = if *quant_type == QuantType::Nf4 { &self.nf4 } else { &self.fp4 };
         let compute = match compute {
             ComputeDtype::F32 => 0i32,
             ComputeDtype::F16 => 1,
@@ -1250,8 +1240,8 @@ impl Cuda {
         };
         let (bs, m32, r32, c32) = (*blocksize as i32, m as i32, *rows as i32, *cols as i32);
         // The row-blocked kernel when every row starts on a 16-byte boundary and blocks span 32
-        // values (the usual case), else the any-size one.
-        if cols % 32 == 0 && blocksize % 32 == 0 {
+        // values (the usual case; its dtype is in its name), else the any-size one (dtype argument).
+        let (kernel, cfg, any_size) = if cols % 32 == 0 && blocksize % 32 == 0 {
             // One row of x is staged in shared memory (cols + cols/32 floats) when it fits.
             let x_smem = (cols + cols / 32) * 4;
             let staged = m == 1 && x_smem <= GEMV_MAX_X_SMEM;
@@ -1269,22 +1259,40 @@ impl Cuda {
                 block_dim: (GEMV_THREADS as u32, 1, 1),
                 shared_mem_bytes: if staged { x_smem as u32 } else { 0 },
             };
-            match absmax {
-                DeviceAbsmax::F32(a) => launch!(self, kernel, cfg; packed, a, &0u64, &0u64, &self.code256, &0f32,
-                    code16, &bs, x, &mut *out, &m32, &r32, &c32),
-                DeviceAbsmax::Nested { q, absmax2, offset } => launch!(self, kernel, cfg; packed, &0u64, q,
-                    absmax2, &self.code256, offset, code16, &bs, x, &mut *out, &m32, &r32, &c32),
-            }
-            return;
+            (kernel, cfg, false)
+        } else {
+            ("gemv_4bit_f32", warp_grid(*rows), true)
+        };
+        let mut b = self.stream.launch_builder(self.f(kernel));
+        self.push_4bit(&mut b, packed, absmax, *quant_type);
+        b.arg(&bs).arg(x).arg(&mut *out).arg(&m32).arg(&r32).arg(&c32);
+        if any_size {
+            b.arg(&compute);
         }
-        let cfg = warp_grid(*rows);
-        let kernel = "gemv_4bit_f32";
+        // SAFETY: the kernel reads the codes and x within the sizes passed and writes `out (m, rows)`.
+        ck!(unsafe { b.launch(cfg) }, kernel);
+    }
+
+    /// Pushes the arguments every 4-bit kernel of kernels/nf4.cu starts with: the packed codes, the
+    /// absmax (plain, or double-quantized as 8-bit codes + per-256 scales; the unused side null), the
+    /// dynamic 8-bit map, its offset, and the 16-entry code table of the weight's quant type.
+    fn push_4bit<'a>(
+        &'a self,
+        b: &mut cudarc::driver::LaunchArgs<'a>,
+        packed: &'a CudaSlice<u8>,
+        absmax: &'a DeviceAbsmax,
+        quant_type: QuantType,
+    ) {
+        static NULL: u64 = 0;
+        static NO_OFFSET: f32 = 0.0;
+        b.arg(packed);
         match absmax {
-            DeviceAbsmax::F32(a) => launch!(self, kernel, cfg; packed, a, &0u64, &0u64, &self.code256, &0f32,
-                code16, &bs, x, &mut *out, &m32, &r32, &c32, &compute),
-            DeviceAbsmax::Nested { q, absmax2, offset } => launch!(self, kernel, cfg; packed, &0u64, q,
-                absmax2, &self.code256, offset, code16, &bs, x, &mut *out, &m32, &r32, &c32, &compute),
-        }
+            DeviceAbsmax::F32(a) => b.arg(a).arg(&NULL).arg(&NULL).arg(&self.code256).arg(&NO_OFFSET),
+            DeviceAbsmax::Nested { q, absmax2, offset } => {
+                b.arg(&NULL).arg(q).arg(absmax2).arg(&self.code256).arg(offset)
+            }
+        };
+        b.arg(if quant_type == QuantType::Nf4 { &self.nf4 } else { &self.fp4 });
     }
 
     /// The block-per-query-row attention of kernels/attention.cu; with `pos`, the geometry's q_offset
