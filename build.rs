@@ -22,6 +22,11 @@ fn main() {
         )
     });
     let archs = std::env::var("CUDA_ARCHS").unwrap_or_else(|_| "sm_90a".into());
+    // The fused 4-bit matmul (kernels/nf4_gemm.cu) uses wgmma, which only sm_90a code has.
+    println!("cargo::rustc-check-cfg=cfg(wgmma_kernels)");
+    if archs.split(',').any(|a| a.trim() == "sm_90a") {
+        println!("cargo:rustc-cfg=wgmma_kernels");
+    }
     let mut gencode = Vec::new();
     for a in archs.split(',').map(str::trim).filter(|a| !a.is_empty()) {
         let num = a.strip_prefix("sm_").unwrap_or_else(|| panic!("CUDA_ARCHS entry {a:?} must look like sm_90a"));

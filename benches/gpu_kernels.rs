@@ -1,6 +1,7 @@
 //! Criterion benchmarks of the CUDA backend's ops on the Llama-2-7B shapes of one training step
 //! (M = 2048 token rows) and of decoding (M = 1), each beside its rival in the same run: the 4-bit
-//! linear against the same product with a dense bf16 weight (cuBLAS alone), the GEMV against its
+//! linear (fused kernel, and dequantize + cuBLAS) against the same product with a dense bf16 weight
+//! (cuBLAS alone), the GEMV against its
 //! bytes at copy bandwidth (measured here by a residual add). Every iteration ends with a device
 //! synchronization, so launch overhead counts (the GEMV, a few microseconds, runs 32 times per sync). `cargo bench --features cuda --bench gpu_kernels` on a
 //! GPU host (scripts/stage-gpu.sh stages the binary); numbers go to docs/PERF.md.
@@ -57,22 +58,25 @@ fn linear(c: &mut Criterion) {
         let mut dx = be.zeros(M * cols);
         let mut g = c.benchmark_group(format!("linear M=2048 {name}"));
         g.throughput(Throughput::Elements((2 * M * rows * cols) as u64)); // FLOPs
-        for (label, w) in [("nf4 forward (dequant + cuBLAS)", &nf4), ("bf16 forward (cuBLAS, rival)", &dense)] {
-            g.bench_function(label, |b| {
+                                                                          // The fused kernel (where the device has it), the second path, and cuBLAS on a dense weight.
+        let cases =
+            [("nf4 fused", &nf4, true), ("nf4 dequant + cuBLAS", &nf4, false), ("bf16 cuBLAS (rival)", &dense, false)];
+        for (label, w, fused) in cases {
+            be.set_fused_4bit(fused);
+            g.bench_function(format!("{label} forward"), |b| {
                 b.iter(|| {
                     be.linear(&x, w, M, &mut y);
                     be.synchronize();
                 })
             });
-        }
-        for (label, w) in [("nf4 input grad", &nf4), ("bf16 input grad (rival)", &dense)] {
-            g.bench_function(label, |b| {
+            g.bench_function(format!("{label} input grad"), |b| {
                 b.iter(|| {
                     be.linear_backward_input(&dy, w, M, &mut dx, false);
                     be.synchronize();
                 })
             });
         }
+        be.set_fused_4bit(true);
         g.finish();
     }
 }

@@ -1,12 +1,8 @@
 // 4-bit (NF4/FP4, bitsandbytes layout) dequantization to the matmul's compute dtype: element 2j in
 // the high nibble, one absmax per block, optionally double-quantized (8-bit codes over the dynamic
 // map, one f32 scale per 256 blocks, plus an offset). CPU reference: Quant4::dequantize (src/quant.rs).
-#include "common.cuh"
-#include <cuda_fp16.h>
+#include "quant4.cuh"
 
-__device__ __forceinline__ float block_absmax(const float* absmax, const uint8_t* absmax_q, const float* absmax2, const float* code256, float offset, int64_t blk) {
-    return absmax_q ? code256[absmax_q[blk]] * absmax2[blk / 256] + offset : absmax[blk];
-}
 
 template <typename T> __device__ __forceinline__ T to_t(float x);
 template <> __device__ __forceinline__ float to_t<float>(float x) { return x; }
@@ -45,18 +41,9 @@ extern "C" __global__ void f32_to_f16(const float* x, __half* out, int64_t n) {
 // to the compute dtype (0 f32, 1 f16, 2 bf16) as the dequantize + GEMM path does, and accumulated in
 // f32. CPU reference: Cpu::linear with a 4-bit weight. Two kernels: gemv_4bit_rows_* below for the
 // usual sizes (cols and blocksize multiples of 32), this one for any size: one warp per output row.
-__device__ __forceinline__ float round_to(float v, int compute) {
-    if (compute == 1) return __half2float(__float2half_rn(v));
-    if (compute == 2) return __bfloat162float(__float2bfloat16_rn(v));
-    return v;
-}
 
 #define GEMV_MAX_M 8
 
-// The 16-entry code table in shared memory (the caller synchronizes before use).
-__device__ __forceinline__ void load_lut(float* lut, const float* code16) {
-    if (threadIdx.x < 16) lut[threadIdx.x] = code16[threadIdx.x];
-}
 
 // Sums acc[r][j] over the warp and writes y[j][row0 + r] (rounded) for the rows and m that exist.
 template <int R, int M>

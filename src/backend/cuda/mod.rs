@@ -77,6 +77,13 @@ pub struct Cuda {
     poison: bool,
     /// [`Cuda::set_precise`]: f32 attention kernels and exact-f32 LoRA products.
     precise: std::sync::atomic::AtomicBool,
+    /// [`Cuda::set_fused_4bit`]: 4-bit products through the fused tensor-core kernel where it applies
+    /// (sm_90a; `LLAMATUNE_FUSED_4BIT=0` starts with it off).
+    fused_4bit: std::sync::atomic::AtomicBool,
+    /// The device runs the wgmma kernels (compute capability 9.0, built for sm_90a).
+    wgmma: bool,
+    /// `LLAMATUNE_GEMM4_MB2=1`: the fused 4-bit kernels compiled for two blocks per SM.
+    gemm_mb2: bool,
     /// `LLAMATUNE_PROFILE=1`: device time per op (each op synchronizes; for finding hot spots).
     profile: Option<std::sync::Mutex<HashMap<&'static str, (f64, u64)>>>,
 }
@@ -210,6 +217,13 @@ impl Cuda {
         for name in GEMV_ONE_ROW {
             funcs[name].set_attribute(attr, GEMV_MAX_X_SMEM as i32).map_err(dev_err)?;
         }
+        // The fused 4-bit matmul needs compute capability 9.0 and sm_90a code (wgmma).
+        let wgmma = cfg!(wgmma_kernels) && ctx.compute_capability().map_err(dev_err)?.0 == 9;
+        if wgmma {
+            for name in GEMM_4BIT.iter().flatten() {
+                funcs[*name].set_attribute(attr, GEMM_4BIT_SMEM as i32).map_err(dev_err)?;
+            }
+        }
         let code256 = stream.clone_htod(&quant::dynamic_map_signed()).map_err(dev_err)?;
         let nf4 = stream.clone_htod(&quant::NF4_CODE).map_err(dev_err)?;
         let fp4 = stream.clone_htod(&quant::FP4_CODE).map_err(dev_err)?;
@@ -217,7 +231,25 @@ impl Cuda {
         let profile = std::env::var_os("LLAMATUNE_PROFILE").map(|_| std::sync::Mutex::new(HashMap::new()));
         let poison = std::env::var("LLAMATUNE_POISON").is_ok_and(|v| v == "1");
         let precise = false.into();
-        Ok(Cuda { ordinal, device_name, ctx, stream, blas, funcs, code256, nf4, fp4, pool, poison, precise, profile })
+        let fused_4bit = (wgmma && !std::env::var("LLAMATUNE_FUSED_4BIT").is_ok_and(|v| v == "0")).into();
+        Ok(Cuda {
+            ordinal,
+            device_name,
+            ctx,
+            stream,
+            blas,
+            funcs,
+            code256,
+            nf4,
+            fp4,
+            pool,
+            poison,
+            precise,
+            wgmma,
+            gemm_mb2: std::env::var("LLAMATUNE_GEMM4_MB2").is_ok_and(|v| v == "1"),
+            fused_4bit,
+            profile,
+        })
     }
 
     fn f(&self, name: &str) -> &CudaFunction {
@@ -270,6 +302,19 @@ impl Cuda {
     /// the step equals the CPU's on a model that amplifies rounding noise (SmolLM2).
     pub fn set_precise(&self, on: bool) {
         self.precise.store(on, std::sync::atomic::Ordering::Relaxed);
+    }
+    /// Turns the fused 4-bit matmul (kernels/nf4_gemm.cu) on or off; off, 4-bit products take the
+    /// second path (dequantize + cuBLAS). It stays off on devices without wgmma.
+    pub fn set_fused_4bit(&self, on: bool) {
+        self.fused_4bit.store(on && self.wgmma, std::sync::atomic::Ordering::Relaxed);
+    }
+    /// Whether a product with `w` over more than 8 rows takes the fused 4-bit kernel: on, a 4-bit
+    /// weight with 16-bit compute, both of its sizes multiples of 64 (the reduction steps) and its
+    /// absmax blocks a multiple of 32 values (one scale per 16-byte code chunk).
+    pub fn uses_fused_4bit(&self, w: &CudaWeight) -> bool {
+        let on = self.fused_4bit.load(std::sync::atomic::Ordering::Relaxed);
+        matches!(w, CudaWeight::Quant4 { rows, cols, blocksize, compute, .. }
+            if on && *compute != ComputeDtype::F32 && rows % 64 == 0 && cols % 64 == 0 && blocksize % 32 == 0)
     }
     fn is_precise(&self) -> bool {
         self.precise.load(std::sync::atomic::Ordering::Relaxed)
@@ -504,6 +549,16 @@ fn kernel_names(module: &str) -> &'static [&'static str] {
             GEMV_FEW_ROWS[2],
         ],
         "lora" => &["gemv_f32", "gemv_f32_long_rows"],
+        "nf4_gemm" => &[
+            GEMM_4BIT[0][0],
+            GEMM_4BIT[0][1],
+            GEMM_4BIT[0][2],
+            GEMM_4BIT[0][3],
+            GEMM_4BIT[1][0],
+            GEMM_4BIT[1][1],
+            GEMM_4BIT[1][2],
+            GEMM_4BIT[1][3],
+        ],
         "norm" => &["rmsnorm_f32", "rmsnorm_backward_f32"],
         "rope" => &["rope_f32"],
         "xent" => &["cross_entropy_f32"],
@@ -754,6 +809,10 @@ impl Backend for Cuda {
             let _span = self.span("linear (4-bit GEMV)");
             return self.gemv_4bit(x, w, m, out);
         }
+        if self.uses_fused_4bit(w) {
+            let _span = self.span("linear (fused 4-bit)");
+            return self.gemm_4bit(x, w, m, out, false, false);
+        }
         let _span = self.span("linear");
         let (wop, c) = self.weight_operand(w);
         let xc = self.convert(x, c);
@@ -770,9 +829,13 @@ impl Backend for Cuda {
         dx: &mut CudaSlice<f32>,
         accumulate: bool,
     ) {
-        let _span = self.span("linear_backward_input");
         let (rows, cols) = w.shape();
         assert!(dy.len() == m * rows && dx.len() == m * cols, "linear_backward_input: bad shapes");
+        if self.uses_fused_4bit(w) {
+            let _span = self.span("linear_backward_input (fused 4-bit)");
+            return self.gemm_4bit(dy, w, m, dx, true, accumulate);
+        }
+        let _span = self.span("linear_backward_input");
         let (wop, c) = self.weight_operand(w);
         let dyc = self.convert(dy, c);
         let dyop = dyc.as_ref().map_or(OperandView::F32(dy), OperandView::from);
@@ -1223,6 +1286,16 @@ const GEMV_ONE_ROW: [&str; 6] = [
     "gemv_4bit_rows_f16_m1_r2",
     "gemv_4bit_rows_bf16_m1_r2",
 ];
+/// The fused 4-bit matmul kernels (kernels/nf4_gemm.cu): [fwd f16, fwd bf16, dgrad f16, dgrad bf16],
+/// registers capped for one or two blocks per SM.
+const GEMM_4BIT: [[&str; 4]; 2] = [
+    ["gemm_4bit_fwd_f16", "gemm_4bit_fwd_bf16", "gemm_4bit_dgrad_f16", "gemm_4bit_dgrad_bf16"],
+    ["gemm_4bit_fwd_f16_mb2", "gemm_4bit_fwd_bf16_mb2", "gemm_4bit_dgrad_f16_mb2", "gemm_4bit_dgrad_bf16_mb2"],
+];
+/// Output tile side of the fused 4-bit matmul (TM = TN in kernels/nf4_gemm.cu).
+const GEMM_4BIT_TILE: usize = 128;
+/// Its dynamic shared memory: two stages of (128 + 128) × 64 16-bit values, plus 1 KiB to align them.
+const GEMM_4BIT_SMEM: usize = 2 * (2 * GEMM_4BIT_TILE * 64 * 2) + 1024;
 const GEMV_FEW_ROWS: [&str; 3] = ["gemv_4bit_rows_f32_m8", "gemv_4bit_rows_f16_m8", "gemv_4bit_rows_bf16_m8"];
 /// Shared memory the one-row GEMV kernels may take for x (set as their limit when the module loads).
 const GEMV_MAX_X_SMEM: usize = 160 * 1024;
@@ -1293,6 +1366,37 @@ impl Cuda {
             }
         };
         b.arg(if quant_type == QuantType::Nf4 { &self.nf4 } else { &self.fp4 });
+    }
+
+    /// The fused 4-bit matmul (kernels/nf4_gemm.cu): `out (m, rows) = a (m, cols) · Wᵀ`, or with
+    /// `dgrad` `out (m, cols) (+)= a (m, rows) · W`, rounded to the compute dtype like the second path.
+    fn gemm_4bit(
+        &self,
+        a: &CudaSlice<f32>,
+        w: &CudaWeight,
+        m: usize,
+        out: &mut CudaSlice<f32>,
+        dgrad: bool,
+        accumulate: bool,
+    ) {
+        let CudaWeight::Quant4 { rows, cols, quant_type, blocksize, compute, packed, absmax } = w else {
+            unreachable!("gemm_4bit takes 4-bit weights")
+        };
+        let n_out = if dgrad { *cols } else { *rows };
+        let variant = GEMM_4BIT[usize::from(self.gemm_mb2)];
+        let kernel = variant[usize::from(dgrad) * 2 + usize::from(*compute == ComputeDtype::BF16)];
+        let cfg = LaunchConfig {
+            grid_dim: (n_out.div_ceil(GEMM_4BIT_TILE) as u32, m.div_ceil(GEMM_4BIT_TILE) as u32, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: GEMM_4BIT_SMEM as u32,
+        };
+        let (bs, m32, r32, c32, acc) = (*blocksize as i32, m as i32, *rows as i32, *cols as i32, i32::from(accumulate));
+        let mut b = self.stream.launch_builder(self.f(kernel));
+        self.push_4bit(&mut b, packed, absmax, *quant_type);
+        b.arg(&bs).arg(a).arg(&mut *out).arg(&m32).arg(&r32).arg(&c32).arg(&acc);
+        // SAFETY: the kernel reads a (m × reduction) and W within its sizes and writes out (m × n_out)
+        // inside the clipped tiles.
+        ck!(unsafe { b.launch(cfg) }, kernel);
     }
 
     /// The block-per-query-row attention of kernels/attention.cu; with `pos`, the geometry's q_offset
