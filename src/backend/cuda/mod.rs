@@ -82,8 +82,6 @@ pub struct Cuda {
     fused_4bit: std::sync::atomic::AtomicBool,
     /// The device runs the wgmma kernels (compute capability 9.0, built for sm_90a).
     wgmma: bool,
-    /// `LLAMATUNE_GEMM4_MB2=1`: the fused 4-bit kernels compiled for two blocks per SM.
-    gemm_mb2: bool,
     /// `LLAMATUNE_PROFILE=1`: device time per op (each op synchronizes; for finding hot spots).
     profile: Option<std::sync::Mutex<HashMap<&'static str, (f64, u64)>>>,
 }
@@ -220,8 +218,8 @@ impl Cuda {
         // The fused 4-bit matmul needs compute capability 9.0 and sm_90a code (wgmma).
         let wgmma = cfg!(wgmma_kernels) && ctx.compute_capability().map_err(dev_err)?.0 == 9;
         if wgmma {
-            for name in GEMM_4BIT.iter().flatten() {
-                funcs[*name].set_attribute(attr, GEMM_4BIT_SMEM as i32).map_err(dev_err)?;
+            for name in GEMM_4BIT {
+                funcs[name].set_attribute(attr, GEMM_4BIT_SMEM as i32).map_err(dev_err)?;
             }
         }
         let code256 = stream.clone_htod(&quant::dynamic_map_signed()).map_err(dev_err)?;
@@ -246,7 +244,6 @@ impl Cuda {
             poison,
             precise,
             wgmma,
-            gemm_mb2: std::env::var("LLAMATUNE_GEMM4_MB2").is_ok_and(|v| v == "1"),
             fused_4bit,
             profile,
         })
@@ -378,13 +375,15 @@ impl Cuda {
         Some(match c {
             ComputeDtype::F32 => return None,
             ComputeDtype::BF16 => {
-                let mut out = ck!(self.stream.alloc_zeros::<bf16>(n), "alloc");
+                // SAFETY: the conversion writes all n values before anything reads them.
+                let mut out = ck!(unsafe { self.stream.alloc::<bf16>(n) }, "alloc");
                 let n64 = n as i64;
                 launch!(self, "f32_to_bf16", grid_for(n); x, &mut out, &n64);
                 Operand::BF16(out)
             }
             ComputeDtype::F16 => {
-                let mut out = ck!(self.stream.alloc_zeros::<f16>(n), "alloc");
+                // SAFETY: the conversion writes all n values before anything reads them.
+                let mut out = ck!(unsafe { self.stream.alloc::<f16>(n) }, "alloc");
                 let n64 = n as i64;
                 launch!(self, "f32_to_f16", grid_for(n); x, &mut out, &n64);
                 Operand::F16(out)
@@ -549,16 +548,7 @@ fn kernel_names(module: &str) -> &'static [&'static str] {
             GEMV_FEW_ROWS[2],
         ],
         "lora" => &["gemv_f32", "gemv_f32_long_rows"],
-        "nf4_gemm" => &[
-            GEMM_4BIT[0][0],
-            GEMM_4BIT[0][1],
-            GEMM_4BIT[0][2],
-            GEMM_4BIT[0][3],
-            GEMM_4BIT[1][0],
-            GEMM_4BIT[1][1],
-            GEMM_4BIT[1][2],
-            GEMM_4BIT[1][3],
-        ],
+        "nf4_gemm" => &GEMM_4BIT,
         "norm" => &["rmsnorm_f32", "rmsnorm_backward_f32"],
         "rope" => &["rope_f32"],
         "xent" => &["cross_entropy_f32"],
@@ -1286,16 +1276,13 @@ const GEMV_ONE_ROW: [&str; 6] = [
     "gemv_4bit_rows_f16_m1_r2",
     "gemv_4bit_rows_bf16_m1_r2",
 ];
-/// The fused 4-bit matmul kernels (kernels/nf4_gemm.cu): [fwd f16, fwd bf16, dgrad f16, dgrad bf16],
-/// registers capped for one or two blocks per SM.
-const GEMM_4BIT: [[&str; 4]; 2] = [
-    ["gemm_4bit_fwd_f16", "gemm_4bit_fwd_bf16", "gemm_4bit_dgrad_f16", "gemm_4bit_dgrad_bf16"],
-    ["gemm_4bit_fwd_f16_mb2", "gemm_4bit_fwd_bf16_mb2", "gemm_4bit_dgrad_f16_mb2", "gemm_4bit_dgrad_bf16_mb2"],
-];
-/// Output tile side of the fused 4-bit matmul (TM = TN in kernels/nf4_gemm.cu).
-const GEMM_4BIT_TILE: usize = 128;
-/// Its dynamic shared memory: two stages of (128 + 128) × 64 16-bit values, plus 1 KiB to align them.
-const GEMM_4BIT_SMEM: usize = 2 * (2 * GEMM_4BIT_TILE * 64 * 2) + 1024;
+/// The fused 4-bit matmul kernels (kernels/nf4_gemm.cu): [fwd f16, fwd bf16, dgrad f16, dgrad bf16].
+const GEMM_4BIT: [&str; 4] = ["gemm_4bit_fwd_f16", "gemm_4bit_fwd_bf16", "gemm_4bit_dgrad_f16", "gemm_4bit_dgrad_bf16"];
+/// Its output tile (TM × TN in kernels/nf4_gemm.cu).
+const GEMM_4BIT_TILE: (usize, usize) = (128, 256);
+/// Its dynamic shared memory: 4 stages of A tiles (128 × 64 16-bit) and code tiles (256 × 64 4-bit),
+/// 2 dequantized B tiles (256 × 64 16-bit), plus 1 KiB to align them.
+const GEMM_4BIT_SMEM: usize = 4 * (128 * 64 * 2 + 256 * 32) + 2 * 256 * 64 * 2 + 1024;
 const GEMV_FEW_ROWS: [&str; 3] = ["gemv_4bit_rows_f32_m8", "gemv_4bit_rows_f16_m8", "gemv_4bit_rows_bf16_m8"];
 /// Shared memory the one-row GEMV kernels may take for x (set as their limit when the module loads).
 const GEMV_MAX_X_SMEM: usize = 160 * 1024;
@@ -1370,6 +1357,7 @@ impl Cuda {
 
     /// The fused 4-bit matmul (kernels/nf4_gemm.cu): `out (m, rows) = a (m, cols) · Wᵀ`, or with
     /// `dgrad` `out (m, cols) (+)= a (m, rows) · W`, rounded to the compute dtype like the second path.
+    /// `a` is first converted to the compute dtype (one pass; the kernel reads 16-bit tiles).
     fn gemm_4bit(
         &self,
         a: &CudaSlice<f32>,
@@ -1383,19 +1371,26 @@ impl Cuda {
             unreachable!("gemm_4bit takes 4-bit weights")
         };
         let n_out = if dgrad { *cols } else { *rows };
-        let variant = GEMM_4BIT[usize::from(self.gemm_mb2)];
-        let kernel = variant[usize::from(dgrad) * 2 + usize::from(*compute == ComputeDtype::BF16)];
+        let kernel = GEMM_4BIT[usize::from(dgrad) * 2 + usize::from(*compute == ComputeDtype::BF16)];
+        let (tm, tn) = GEMM_4BIT_TILE;
         let cfg = LaunchConfig {
-            grid_dim: (n_out.div_ceil(GEMM_4BIT_TILE) as u32, m.div_ceil(GEMM_4BIT_TILE) as u32, 1),
+            grid_dim: (n_out.div_ceil(tn) as u32, m.div_ceil(tm) as u32, 1),
             block_dim: (256, 1, 1),
             shared_mem_bytes: GEMM_4BIT_SMEM as u32,
         };
         let (bs, m32, r32, c32, acc) = (*blocksize as i32, m as i32, *rows as i32, *cols as i32, i32::from(accumulate));
+        let a16 = self.convert(a, *compute).expect("16-bit compute");
         let mut b = self.stream.launch_builder(self.f(kernel));
         self.push_4bit(&mut b, packed, absmax, *quant_type);
-        b.arg(&bs).arg(a).arg(&mut *out).arg(&m32).arg(&r32).arg(&c32).arg(&acc);
-        // SAFETY: the kernel reads a (m × reduction) and W within its sizes and writes out (m × n_out)
-        // inside the clipped tiles.
+        b.arg(&bs);
+        match &a16 {
+            Operand::BF16(x) => b.arg(x),
+            Operand::F16(x) => b.arg(x),
+            Operand::F32(_) => unreachable!("the fused kernel takes 16-bit compute"),
+        };
+        b.arg(&mut *out).arg(&m32).arg(&r32).arg(&c32).arg(&acc);
+        // SAFETY: the kernel reads a16 (m × reduction) and W within their sizes and writes out
+        // (m × n_out) inside the clipped tiles.
         ck!(unsafe { b.launch(cfg) }, kernel);
     }
 
