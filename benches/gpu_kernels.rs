@@ -81,6 +81,38 @@ fn linear(c: &mut Criterion) {
     }
 }
 
+/// Where the fused 4-bit kernel beats dequantize + cuBLAS: the 4096×4096 projection over token counts
+/// from a short prompt to a training batch (the second path dequantizes all of W whatever M is).
+fn linear_by_m(c: &mut Criterion) {
+    let be = gpu();
+    let (rows, cols) = (4096, 4096);
+    let (nf4, _) = weights(rows, cols);
+    for m in [16, 64, 128, 256, 512, 1024] {
+        let x = be.upload(&rnd(m * cols, 2, 1.0));
+        let dy = be.upload(&rnd(m * rows, 3, 1.0));
+        let (mut y, mut dx) = (be.zeros(m * rows), be.zeros(m * cols));
+        let mut g = c.benchmark_group(format!("linear nf4 4096x4096 M={m}"));
+        g.throughput(Throughput::Elements((2 * m * rows * cols) as u64));
+        for (label, fused) in [("fused", true), ("dequant + cuBLAS", false)] {
+            be.set_fused_4bit(fused);
+            g.bench_function(format!("{label} forward"), |b| {
+                b.iter(|| {
+                    be.linear(&x, &nf4, m, &mut y);
+                    be.synchronize();
+                })
+            });
+            g.bench_function(format!("{label} input grad"), |b| {
+                b.iter(|| {
+                    be.linear_backward_input(&dy, &nf4, m, &mut dx, false);
+                    be.synchronize();
+                })
+            });
+        }
+        be.set_fused_4bit(true);
+        g.finish();
+    }
+}
+
 /// GEMV launches per timed iteration: one GEMV takes a few microseconds, less than a synchronization,
 /// so they run back to back as in decoding (launch gaps still count, the sync's round trip does not).
 const GEMV_REPS: usize = 32;
@@ -219,6 +251,6 @@ fn optimizer_and_loss(c: &mut Criterion) {
 criterion_group! {
     name = benches;
     config = Criterion::default().sample_size(10).warm_up_time(std::time::Duration::from_millis(300)).measurement_time(std::time::Duration::from_secs(1));
-    targets = linear, gemv, bandwidth, attention, lora, optimizer_and_loss
+    targets = linear, linear_by_m, gemv, bandwidth, attention, lora, optimizer_and_loss
 }
 criterion_main!(benches);

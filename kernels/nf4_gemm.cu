@@ -100,10 +100,10 @@ __device__ __forceinline__ void stmatrix_x4_trans(uint32_t addr, uint32_t r0, ui
     asm volatile("stmatrix.sync.aligned.m8n8.x4.trans.shared.b16 [%0], {%1, %2, %3, %4};\n" ::"r"(addr), "r"(r0), "r"(r1), "r"(r2), "r"(r3) : "memory");
 }
 
-// Byte j of a code word as a dequantized pair (high nibble first), through the byte-indexed table.
-template <int C> __device__ __forceinline__ uint32_t pair(const float2* lut2, uint32_t word, int j, float s) {
-    const float2 v = lut2[(word >> (8 * j)) & 255];
-    return pack16<C>(v.x * s, v.y * s);
+// Byte j of a code word as a dequantized pair (high nibble first). The 16-entry table sits in 16
+// banks, so lookups never conflict (a 256-entry table of pairs halves the loads but conflicts).
+template <int C> __device__ __forceinline__ uint32_t pair(const float* lut, uint32_t word, int j, float s) {
+    return pack16<C>(lut[(word >> (8 * j + 4)) & 15] * s, lut[(word >> (8 * j)) & 15] * s);
 }
 
 // The two code chunks (16 bytes = 32 values of one W row each) a thread dequantizes per step, as
@@ -174,7 +174,7 @@ template <bool DGRAD> __device__ __forceinline__ void load_scales(float (&sc)[2]
 // chunk rotated by t bytes), so the 8 tile rows one matrix writes have 8 different row % 8 and land
 // in 8 different bank groups.
 template <int C, bool DGRAD>
-__device__ __forceinline__ void dequant_tile(const uint8_t* codes, uint8_t* b_tile, const float2* lut2, const float (&sc)[2]) {
+__device__ __forceinline__ void dequant_tile(const uint8_t* codes, uint8_t* b_tile, const float* lut, const float (&sc)[2]) {
 #pragma unroll
     for (int h = 0; h < 2; h++) {
         const uint4 u = *reinterpret_cast<const uint4*>(codes + code_offset<DGRAD>(h));
@@ -190,13 +190,13 @@ __device__ __forceinline__ void dequant_tile(const uint8_t* codes, uint8_t* b_ti
 #pragma unroll
             for (int q = 0; q < 4; q++) {
                 const int j = 4 * q + i, k = 32 * (tc + 4 * h) + 2 * ((j + tc) & 15) + e;
-                stmatrix_x4_trans(base + swz(k, warp), pair<C>(lut2, rot[q], 0, s), pair<C>(lut2, rot[q], 1, s), pair<C>(lut2, rot[q], 2, s), pair<C>(lut2, rot[q], 3, s));
+                stmatrix_x4_trans(base + swz(k, warp), pair<C>(lut, rot[q], 0, s), pair<C>(lut, rot[q], 1, s), pair<C>(lut, rot[q], 2, s), pair<C>(lut, rot[q], 3, s));
             }
         } else {
             const int r = threadIdx.x;
 #pragma unroll
             for (int i = 0; i < 4; i++)
-                *reinterpret_cast<uint4*>(b_tile + swz(r, 4 * h + i)) = make_uint4(pair<C>(lut2, w[i], 0, s), pair<C>(lut2, w[i], 1, s), pair<C>(lut2, w[i], 2, s), pair<C>(lut2, w[i], 3, s));
+                *reinterpret_cast<uint4*>(b_tile + swz(r, 4 * h + i)) = make_uint4(pair<C>(lut, w[i], 0, s), pair<C>(lut, w[i], 1, s), pair<C>(lut, w[i], 2, s), pair<C>(lut, w[i], 3, s));
         }
     }
 }
@@ -206,7 +206,7 @@ __device__ __forceinline__ void dequant_tile(const uint8_t* codes, uint8_t* b_ti
 template <int C, bool DGRAD>
 __device__ void gemm_4bit(const Quant4Args q, const float* code16, const uint16_t* a, float* out, int m, int rows, int cols, int accumulate) {
 #ifdef HAVE_WGMMA
-    __shared__ float2 lut2[256];
+    __shared__ float lut[16];
     extern __shared__ uint8_t dyn[];
     const uint32_t dyn_addr = (uint32_t)__cvta_generic_to_shared(dyn);
     uint8_t* smem = dyn + (((dyn_addr + 1023) & ~1023u) - dyn_addr);  // tiles start 1024-aligned
@@ -214,7 +214,7 @@ __device__ void gemm_4bit(const Quant4Args q, const float* code16, const uint16_
     const int n_out = DGRAD ? cols : rows, red = DGRAD ? rows : cols;
     const int n0 = blockIdx.x * TN, m0 = blockIdx.y * TM, steps = red / TK;
     const int wg = threadIdx.x >> 7, warp = (threadIdx.x >> 5) & 3, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
-    lut2[threadIdx.x] = make_float2(code16[threadIdx.x >> 4], code16[threadIdx.x & 15]);
+    load_lut(lut, code16);
 
     auto copies = [&](int s) {
         if (s < steps) issue_copies<DGRAD>(sbase + (s % NS) * A_TILE, sbase + OFF_CODES + (s % NS) * CODE_TILE, a, q, m, rows, cols, red, m0, n0, s * TK);
@@ -222,7 +222,7 @@ __device__ void gemm_4bit(const Quant4Args q, const float* code16, const uint16_
     };
     float sc[2];
     auto dequant = [&](int s) {  // step s's codes (landed) → B tile s % 2; then the next step's scales
-        dequant_tile<C, DGRAD>(smem + OFF_CODES + (s % NS) * CODE_TILE, smem + OFF_B + (s & 1) * B_TILE, lut2, sc);
+        dequant_tile<C, DGRAD>(smem + OFF_CODES + (s % NS) * CODE_TILE, smem + OFF_B + (s & 1) * B_TILE, lut, sc);
         if (s + 1 < steps) load_scales<DGRAD>(sc, q, rows, cols, n0, (s + 1) * TK);
     };
     float acc[128];
@@ -231,7 +231,7 @@ __device__ void gemm_4bit(const Quant4Args q, const float* code16, const uint16_
     for (int s = 0; s < NS - 1; s++) copies(s);
     load_scales<DGRAD>(sc, q, rows, cols, n0, 0);
     cp_async_wait<NS - 2>();
-    __syncthreads();  // step 0 landed for every thread; lut2 written
+    __syncthreads();  // step 0 landed for every thread; lut written
     dequant(0);
     fence_proxy_async();
     __syncthreads();
