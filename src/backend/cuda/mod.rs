@@ -82,6 +82,8 @@ pub struct Cuda {
     fused_4bit: std::sync::atomic::AtomicBool,
     /// The device runs the wgmma kernels (compute capability 9.0, built for sm_90a).
     wgmma: bool,
+    /// Streaming multiprocessors (for sizing split-K grids).
+    sm_count: usize,
     /// `LLAMATUNE_PROFILE=1`: device time per op (each op synchronizes; for finding hot spots).
     profile: Option<std::sync::Mutex<HashMap<&'static str, (f64, u64)>>>,
 }
@@ -217,6 +219,9 @@ impl Cuda {
         }
         // The fused 4-bit matmul needs compute capability 9.0 and sm_90a code (wgmma).
         let wgmma = cfg!(wgmma_kernels) && ctx.compute_capability().map_err(dev_err)?.0 == 9;
+        let sm_count = ctx
+            .attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+            .map_err(dev_err)? as usize;
         if wgmma {
             for name in GEMM_4BIT {
                 funcs[name].set_attribute(attr, GEMM_4BIT_SMEM as i32).map_err(dev_err)?;
@@ -244,6 +249,7 @@ impl Cuda {
             poison,
             precise,
             wgmma,
+            sm_count,
             fused_4bit,
             profile,
         })
@@ -548,7 +554,7 @@ fn kernel_names(module: &str) -> &'static [&'static str] {
             GEMV_FEW_ROWS[2],
         ],
         "lora" => &["gemv_f32", "gemv_f32_long_rows"],
-        "nf4_gemm" => &GEMM_4BIT,
+        "nf4_gemm" => &[GEMM_4BIT[0], GEMM_4BIT[1], GEMM_4BIT[2], GEMM_4BIT[3], "gemm_4bit_reduce"],
         "norm" => &["rmsnorm_f32", "rmsnorm_backward_f32"],
         "rope" => &["rope_f32"],
         "xent" => &["cross_entropy_f32"],
@@ -1278,11 +1284,21 @@ const GEMV_ONE_ROW: [&str; 6] = [
 ];
 /// The fused 4-bit matmul kernels (kernels/nf4_gemm.cu): [fwd f16, fwd bf16, dgrad f16, dgrad bf16].
 const GEMM_4BIT: [&str; 4] = ["gemm_4bit_fwd_f16", "gemm_4bit_fwd_bf16", "gemm_4bit_dgrad_f16", "gemm_4bit_dgrad_bf16"];
+/// A compute dtype as the kernels' `compute` argument takes it (round_to in kernels/quant4.cuh).
+fn dtype_code(c: ComputeDtype) -> i32 {
+    match c {
+        ComputeDtype::F32 => 0,
+        ComputeDtype::F16 => 1,
+        ComputeDtype::BF16 => 2,
+    }
+}
 /// Its output tile (TM × TN in kernels/nf4_gemm.cu).
-const GEMM_4BIT_TILE: (usize, usize) = (128, 256);
-/// Its dynamic shared memory: 4 stages of A tiles (128 × 64 16-bit) and code tiles (256 × 64 4-bit),
-/// 2 dequantized B tiles (256 × 64 16-bit), plus 1 KiB to align them.
-const GEMM_4BIT_SMEM: usize = 4 * (128 * 64 * 2 + 256 * 32) + 2 * 256 * 64 * 2 + 1024;
+const GEMM_4BIT_TILE: (usize, usize) = (128, 128);
+/// Its dynamic shared memory: 3 stages of A tiles (128 × 64 16-bit) and code tiles (128 × 64 4-bit),
+/// 2 dequantized B tiles (128 × 64 16-bit), plus 1 KiB to align them.
+const GEMM_4BIT_SMEM: usize = 3 * (128 * 64 * 2 + 128 * 32) + 2 * 128 * 64 * 2 + 1024;
+/// Blocks of the fused 4-bit kernel per SM (its registers and shared memory allow two).
+const GEMM_4BIT_BLOCKS_PER_SM: usize = 2;
 const GEMV_FEW_ROWS: [&str; 3] = ["gemv_4bit_rows_f32_m8", "gemv_4bit_rows_f16_m8", "gemv_4bit_rows_bf16_m8"];
 /// Shared memory the one-row GEMV kernels may take for x (set as their limit when the module loads).
 const GEMV_MAX_X_SMEM: usize = 160 * 1024;
@@ -1293,11 +1309,7 @@ impl Cuda {
         let CudaWeight::Quant4 { rows, cols, quant_type, blocksize, compute, packed, absmax } = w else {
             unreachable!("gemv_4bit takes 4-bit weights")
         };
-        let compute = match compute {
-            ComputeDtype::F32 => 0i32,
-            ComputeDtype::F16 => 1,
-            ComputeDtype::BF16 => 2,
-        };
+        let compute = dtype_code(*compute);
         let (bs, m32, r32, c32) = (*blocksize as i32, m as i32, *rows as i32, *cols as i32);
         // The row-blocked kernel when every row starts on a 16-byte boundary and blocks span 32
         // values (the usual case; its dtype is in its name), else the any-size one (dtype argument).
@@ -1373,13 +1385,21 @@ impl Cuda {
         let n_out = if dgrad { *cols } else { *rows };
         let kernel = GEMM_4BIT[usize::from(dgrad) * 2 + usize::from(*compute == ComputeDtype::BF16)];
         let (tm, tn) = GEMM_4BIT_TILE;
+        let tiles = n_out.div_ceil(tn) * m.div_ceil(tm);
+        // Split-K when the tiles would leave SMs idle (small m): each split takes ≥ 4 of the 64-wide
+        // reduction steps; partial sums go to a workspace that gemm_4bit_reduce adds and rounds.
+        let steps = if dgrad { *rows } else { *cols } / 64;
+        let slots = self.sm_count * GEMM_4BIT_BLOCKS_PER_SM;
+        let splits = if tiles >= slots { 1 } else { (slots / tiles).min(steps / 4).max(1) };
         let cfg = LaunchConfig {
-            grid_dim: (n_out.div_ceil(tn) as u32, m.div_ceil(tm) as u32, 1),
+            grid_dim: (n_out.div_ceil(tn) as u32, m.div_ceil(tm) as u32, splits as u32),
             block_dim: (256, 1, 1),
             shared_mem_bytes: GEMM_4BIT_SMEM as u32,
         };
         let (bs, m32, r32, c32, acc) = (*blocksize as i32, m as i32, *rows as i32, *cols as i32, i32::from(accumulate));
         let a16 = self.convert(a, *compute).expect("16-bit compute");
+        // SAFETY: the kernel writes every value of every split's m × n_out slab before the reduce reads it.
+        let mut partial = (splits > 1).then(|| ck!(unsafe { self.stream.alloc::<f32>(splits * m * n_out) }, "alloc"));
         let mut b = self.stream.launch_builder(self.f(kernel));
         self.push_4bit(&mut b, packed, absmax, *quant_type);
         b.arg(&bs);
@@ -1388,10 +1408,20 @@ impl Cuda {
             Operand::F16(x) => b.arg(x),
             Operand::F32(_) => unreachable!("the fused kernel takes 16-bit compute"),
         };
-        b.arg(&mut *out).arg(&m32).arg(&r32).arg(&c32).arg(&acc);
+        b.arg(&mut *out);
+        static NULL: u64 = 0;
+        match partial.as_mut() {
+            Some(p) => b.arg(p),
+            None => b.arg(&NULL),
+        };
+        b.arg(&m32).arg(&r32).arg(&c32).arg(&acc);
         // SAFETY: the kernel reads a16 (m × reduction) and W within their sizes and writes out
-        // (m × n_out) inside the clipped tiles.
+        // (m × n_out), or each split's slab of `partial`, inside the clipped tiles.
         ck!(unsafe { b.launch(cfg) }, kernel);
+        if let Some(p) = partial {
+            let (n, n64, splits32, c32) = (m * n_out, (m * n_out) as i64, splits as i32, dtype_code(*compute));
+            launch!(self, "gemm_4bit_reduce", grid_for(n); &p, &mut *out, &n64, &splits32, &c32, &acc);
+        }
     }
 
     /// The block-per-query-row attention of kernels/attention.cu; with `pos`, the geometry's q_offset
