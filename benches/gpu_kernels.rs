@@ -7,7 +7,7 @@
 //! GPU host (scripts/stage-gpu.sh stages the binary); numbers go to docs/PERF.md.
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use llamatune::backend::cuda::Cuda;
+use llamatune::backend::cuda::{Cuda, Fused4bit};
 use llamatune::backend::{AdamWStep, AttnShape, Backend, HostWeight};
 use llamatune::config::{ComputeDtype, QuantConfig, QuantType};
 use llamatune::quant::Quant4;
@@ -62,7 +62,7 @@ fn linear(c: &mut Criterion) {
         let cases =
             [("nf4 fused", &nf4, true), ("nf4 dequant + cuBLAS", &nf4, false), ("bf16 cuBLAS (rival)", &dense, false)];
         for (label, w, fused) in cases {
-            be.set_fused_4bit(fused);
+            be.set_fused_4bit(if fused { Fused4bit::Always } else { Fused4bit::Off });
             g.bench_function(format!("{label} forward"), |b| {
                 b.iter(|| {
                     be.linear(&x, w, M, &mut y);
@@ -76,7 +76,7 @@ fn linear(c: &mut Criterion) {
                 })
             });
         }
-        be.set_fused_4bit(true);
+        be.set_fused_4bit(Fused4bit::Auto);
         g.finish();
     }
 }
@@ -94,7 +94,7 @@ fn linear_by_m(c: &mut Criterion) {
         let mut g = c.benchmark_group(format!("linear nf4 4096x4096 M={m}"));
         g.throughput(Throughput::Elements((2 * m * rows * cols) as u64));
         for (label, fused) in [("fused", true), ("dequant + cuBLAS", false)] {
-            be.set_fused_4bit(fused);
+            be.set_fused_4bit(if fused { Fused4bit::Always } else { Fused4bit::Off });
             g.bench_function(format!("{label} forward"), |b| {
                 b.iter(|| {
                     be.linear(&x, &nf4, m, &mut y);
@@ -108,7 +108,7 @@ fn linear_by_m(c: &mut Criterion) {
                 })
             });
         }
-        be.set_fused_4bit(true);
+        be.set_fused_4bit(Fused4bit::Auto);
         g.finish();
     }
 }

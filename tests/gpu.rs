@@ -9,7 +9,7 @@
 #![cfg(feature = "cuda")]
 
 use llamatune::backend::cpu::Cpu;
-use llamatune::backend::cuda::Cuda;
+use llamatune::backend::cuda::{Cuda, Fused4bit};
 use llamatune::backend::{AdamWStep, AttnShape, Backend, Dropout, HostWeight};
 use llamatune::config::{ComputeDtype, LoraConfig, ModelConfig, QuantConfig, QuantType};
 use llamatune::model::llama::{forward_backward, Batch, Llama};
@@ -226,7 +226,8 @@ fn fused_4bit_matmul_matches_the_cpu_and_the_second_path() {
                 );
                 let hw = HostWeight::Quant4 { rows, cols, q, compute: c };
                 let (cw, gw) = (CPU.upload_weight(hw.clone()), gpu.upload_weight(hw));
-                assert!(gpu.uses_fused_4bit(&gw), "{rows}x{cols} {c:?} does not take the fused kernel");
+                gpu.set_fused_4bit(Fused4bit::Always);
+                assert!(gpu.uses_fused_4bit(&gw, 300), "{rows}x{cols} {c:?} does not take the fused kernel");
                 for m in [300, 37] {
                     let label = format!("{} fused m={m} {rows}x{cols} {qt:?} dq={dq} {c:?}", s.name);
                     let (x, dy, dx0) =
@@ -234,14 +235,14 @@ fn fused_4bit_matmul_matches_the_cpu_and_the_second_path() {
                     let (gx, gdy) = (gpu.upload(&x), gpu.upload(&dy));
                     // The three GPU results, fused then second path: y, dx, dx0 + dx.
                     let run = |fused: bool| {
-                        gpu.set_fused_4bit(fused);
+                        gpu.set_fused_4bit(if fused { Fused4bit::Always } else { Fused4bit::Off });
                         let mut y = poisoned(m * rows);
                         gpu.linear(&gx, &gw, m, &mut y);
                         let mut dx = poisoned(m * cols);
                         gpu.linear_backward_input(&gdy, &gw, m, &mut dx, false);
                         let mut dxa = gpu.upload(&dx0);
                         gpu.linear_backward_input(&gdy, &gw, m, &mut dxa, true);
-                        gpu.set_fused_4bit(true);
+                        gpu.set_fused_4bit(Fused4bit::Auto);
                         [gpu.download(&y), gpu.download(&dx), gpu.download(&dxa)]
                     };
                     let (fused, second) = (run(true), run(false));

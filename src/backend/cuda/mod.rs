@@ -77,9 +77,9 @@ pub struct Cuda {
     poison: bool,
     /// [`Cuda::set_precise`]: f32 attention kernels and exact-f32 LoRA products.
     precise: std::sync::atomic::AtomicBool,
-    /// [`Cuda::set_fused_4bit`]: 4-bit products through the fused tensor-core kernel where it applies
-    /// (sm_90a; `LLAMATUNE_FUSED_4BIT=0` starts with it off).
-    fused_4bit: std::sync::atomic::AtomicBool,
+    /// [`Cuda::set_fused_4bit`]: when 4-bit products take the fused tensor-core kernel (a
+    /// [`Fused4bit`] as u8; `LLAMATUNE_FUSED_4BIT=off|auto|always`, default auto; off without wgmma).
+    fused_4bit: std::sync::atomic::AtomicU8,
     /// The device runs the wgmma kernels (compute capability 9.0, built for sm_90a).
     wgmma: bool,
     /// Streaming multiprocessors (for sizing split-K grids).
@@ -234,7 +234,13 @@ impl Cuda {
         let profile = std::env::var_os("LLAMATUNE_PROFILE").map(|_| std::sync::Mutex::new(HashMap::new()));
         let poison = std::env::var("LLAMATUNE_POISON").is_ok_and(|v| v == "1");
         let precise = false.into();
-        let fused_4bit = (wgmma && !std::env::var("LLAMATUNE_FUSED_4BIT").is_ok_and(|v| v == "0")).into();
+        let fused_4bit = match std::env::var("LLAMATUNE_FUSED_4BIT").as_deref() {
+            _ if !wgmma => Fused4bit::Off,
+            Ok("off" | "0") => Fused4bit::Off,
+            Ok("always") => Fused4bit::Always,
+            _ => Fused4bit::Auto,
+        };
+        let fused_4bit = (fused_4bit as u8).into();
         Ok(Cuda {
             ordinal,
             device_name,
@@ -306,16 +312,19 @@ impl Cuda {
     pub fn set_precise(&self, on: bool) {
         self.precise.store(on, std::sync::atomic::Ordering::Relaxed);
     }
-    /// Turns the fused 4-bit matmul (kernels/nf4_gemm.cu) on or off; off, 4-bit products take the
-    /// second path (dequantize + cuBLAS). It stays off on devices without wgmma.
-    pub fn set_fused_4bit(&self, on: bool) {
-        self.fused_4bit.store(on && self.wgmma, std::sync::atomic::Ordering::Relaxed);
+    /// When 4-bit products take the fused kernel (kernels/nf4_gemm.cu) instead of the second path
+    /// (dequantize + cuBLAS). It stays off on devices without wgmma.
+    pub fn set_fused_4bit(&self, mode: Fused4bit) {
+        let mode = if self.wgmma { mode } else { Fused4bit::Off };
+        self.fused_4bit.store(mode as u8, std::sync::atomic::Ordering::Relaxed);
     }
-    /// Whether a product with `w` over more than 8 rows takes the fused 4-bit kernel: on, a 4-bit
-    /// weight with 16-bit compute, both of its sizes multiples of 64 (the reduction steps) and its
-    /// absmax blocks a multiple of 32 values (one scale per 16-byte code chunk).
-    pub fn uses_fused_4bit(&self, w: &CudaWeight) -> bool {
-        let on = self.fused_4bit.load(std::sync::atomic::Ordering::Relaxed);
+    /// Whether a product of `m` rows with `w` takes the fused 4-bit kernel: a 4-bit weight with
+    /// 16-bit compute, both of its sizes multiples of 64 (the reduction steps) and its absmax blocks a
+    /// multiple of 32 values (one scale per 16-byte code chunk); in auto mode only up to
+    /// [`FUSED_4BIT_MAX_M`] rows, where it beats the second path.
+    pub fn uses_fused_4bit(&self, w: &CudaWeight, m: usize) -> bool {
+        let mode = self.fused_4bit.load(std::sync::atomic::Ordering::Relaxed);
+        let on = mode == Fused4bit::Always as u8 || (mode == Fused4bit::Auto as u8 && m <= FUSED_4BIT_MAX_M);
         matches!(w, CudaWeight::Quant4 { rows, cols, blocksize, compute, .. }
             if on && *compute != ComputeDtype::F32 && rows % 64 == 0 && cols % 64 == 0 && blocksize % 32 == 0)
     }
@@ -805,7 +814,7 @@ impl Backend for Cuda {
             let _span = self.span("linear (4-bit GEMV)");
             return self.gemv_4bit(x, w, m, out);
         }
-        if self.uses_fused_4bit(w) {
+        if self.uses_fused_4bit(w, m) {
             let _span = self.span("linear (fused 4-bit)");
             return self.gemm_4bit(x, w, m, out, false, false);
         }
@@ -827,7 +836,7 @@ impl Backend for Cuda {
     ) {
         let (rows, cols) = w.shape();
         assert!(dy.len() == m * rows && dx.len() == m * cols, "linear_backward_input: bad shapes");
-        if self.uses_fused_4bit(w) {
+        if self.uses_fused_4bit(w, m) {
             let _span = self.span("linear_backward_input (fused 4-bit)");
             return self.gemm_4bit(dy, w, m, dx, true, accumulate);
         }
@@ -1284,6 +1293,17 @@ const GEMV_ONE_ROW: [&str; 6] = [
 ];
 /// The fused 4-bit matmul kernels (kernels/nf4_gemm.cu): [fwd f16, fwd bf16, dgrad f16, dgrad bf16].
 const GEMM_4BIT: [&str; 4] = ["gemm_4bit_fwd_f16", "gemm_4bit_fwd_bf16", "gemm_4bit_dgrad_f16", "gemm_4bit_dgrad_bf16"];
+/// When 4-bit products take the fused kernel (kernels/nf4_gemm.cu) rather than dequantize + cuBLAS.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fused4bit {
+    Off,
+    /// Up to [`FUSED_4BIT_MAX_M`] rows (the default).
+    Auto,
+    Always,
+}
+/// Rows up to which the fused 4-bit kernel beats dequantize + cuBLAS (H200, 4096×4096, 2026-11-28:
+/// 1.47× at 16 rows, 1.15× at 128, 0.96× at 256; the second path dequantizes all of W whatever m).
+pub const FUSED_4BIT_MAX_M: usize = 128;
 /// A compute dtype as the kernels' `compute` argument takes it (round_to in kernels/quant4.cuh).
 fn dtype_code(c: ComputeDtype) -> i32 {
     match c {
@@ -1294,9 +1314,9 @@ fn dtype_code(c: ComputeDtype) -> i32 {
 }
 /// Its output tile (TM × TN in kernels/nf4_gemm.cu).
 const GEMM_4BIT_TILE: (usize, usize) = (128, 128);
-/// Its dynamic shared memory: 3 stages of A tiles (128 × 64 16-bit) and code tiles (128 × 64 4-bit),
-/// 2 dequantized B tiles (128 × 64 16-bit), plus 1 KiB to align them.
-const GEMM_4BIT_SMEM: usize = 3 * (128 * 64 * 2 + 128 * 32) + 2 * 128 * 64 * 2 + 1024;
+/// Its dynamic shared memory: 3 stages of A tiles (128 × 64 16-bit), code tiles (128 × 64 4-bit) and
+/// scale tiles (8 bytes per thread), 2 dequantized B tiles (128 × 64 16-bit), plus 1 KiB to align them.
+const GEMM_4BIT_SMEM: usize = 3 * (128 * 64 * 2 + 128 * 32 + 256 * 8) + 2 * 128 * 64 * 2 + 1024;
 /// Blocks of the fused 4-bit kernel per SM (its registers and shared memory allow two).
 const GEMM_4BIT_BLOCKS_PER_SM: usize = 2;
 const GEMV_FEW_ROWS: [&str; 3] = ["gemv_4bit_rows_f32_m8", "gemv_4bit_rows_f16_m8", "gemv_4bit_rows_bf16_m8"];
