@@ -38,13 +38,10 @@
 #define A_TILE (TM * TK * 2)    // 16 KiB
 #define B_TILE (TN * TK * 2)    // 16 KiB
 #define CODE_TILE (TN * TK / 2) // 4 KiB
-#define SCALE_TILE (GEMM_THREADS * CHUNKS * 8)  // 2 KiB: the absmax of each thread's chunks
-// Shared memory: NS A tiles, 2 B tiles, NS code tiles, NS scale tiles (98 KiB; the host adds 1 KiB
-// for alignment).
+// Shared memory: NS A tiles, 2 B tiles, NS code tiles (92 KiB; the host adds 1 KiB for alignment).
 #define OFF_B (NS * A_TILE)
 #define OFF_CODES (OFF_B + 2 * B_TILE)
-#define OFF_SCALES (OFF_CODES + NS * CODE_TILE)
-#define GEMM_SMEM (OFF_SCALES + NS * SCALE_TILE)
+#define GEMM_SMEM (OFF_CODES + NS * CODE_TILE)
 
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && defined(__CUDA_ARCH_FEAT_SM90_ALL)
 #define HAVE_WGMMA 1
@@ -119,9 +116,6 @@ __device__ __forceinline__ void pin(float& r) { asm volatile("" : "+f"(r)::"memo
 __device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, bool valid) {
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(valid ? 16 : 0) : "memory");
 }
-__device__ __forceinline__ void cp_async4(uint32_t dst, const void* src, bool valid) {
-    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(dst), "l"(src), "r"(valid ? 4 : 0) : "memory");
-}
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
 template <int N> __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory"); }
 
@@ -185,42 +179,13 @@ __device__ __forceinline__ void issue_copies(uint32_t a_tile, uint32_t code_tile
     }
 }
 
-// The absmax of this thread's chunks of a step travel with the step's copies (a global load issued
-// one step ahead put its latency, ~2 µs under load with the double-quantized chain, on every step):
-// per chunk 8 bytes of the scale tile, either the f32 absmax, or the 4-byte word holding the 8-bit
-// code (cp.async copies 4, 8 or 16 aligned bytes) and the f32 second-level scale.
-template <bool DGRAD> __device__ __forceinline__ void copy_scales(uint32_t scale_tile, const Quant4Args& q, int rows, int cols, int n0, int k0) {
+// The absmax of this thread's chunks of the step at k0 (zero past the edge).
+template <bool DGRAD> __device__ __forceinline__ void load_scales(float (&sc)[CHUNKS], const Quant4Args& q, int rows, int cols, int n0, int k0) {
 #pragma unroll
     for (int h = 0; h < CHUNKS; h++) {
         int row, col;
         chunk_of<DGRAD>(h, n0, k0, row, col);
-        const bool ok = row < rows && col < cols;
-        const int64_t blk = ok ? ((int64_t)row * cols + col) / q.blocksize : 0;
-        const uint32_t dst = scale_tile + 8 * (CHUNKS * threadIdx.x + h);
-        if (q.absmax_q) {
-            cp_async4(dst, q.absmax_q + (blk & ~(int64_t)3), ok);
-            cp_async4(dst + 4, q.absmax2 + blk / 256, ok);
-        } else {
-            cp_async4(dst, q.absmax + blk, ok);
-        }
-    }
-}
-// This thread's chunk scales of the step at k0 from its (landed) scale tile; zero past the edge.
-template <bool DGRAD> __device__ __forceinline__ void read_scales(float (&sc)[CHUNKS], const uint8_t* scale_tile, const Quant4Args& q, int rows, int cols, int n0, int k0) {
-#pragma unroll
-    for (int h = 0; h < CHUNKS; h++) {
-        int row, col;
-        chunk_of<DGRAD>(h, n0, k0, row, col);
-        const uint8_t* p = scale_tile + 8 * (CHUNKS * threadIdx.x + h);
-        if (!(row < rows && col < cols)) {
-            sc[h] = 0.f;
-        } else if (q.absmax_q) {
-            const int64_t blk = ((int64_t)row * cols + col) / q.blocksize;
-            const uint32_t code = (*reinterpret_cast<const uint32_t*>(p) >> (8 * (blk & 3))) & 255;
-            sc[h] = __ldg(q.code256 + code) * *reinterpret_cast<const float*>(p + 4) + q.offset;
-        } else {
-            sc[h] = *reinterpret_cast<const float*>(p);
-        }
+        sc[h] = row < rows && col < cols ? block_absmax(q.absmax, q.absmax_q, q.absmax2, q.code256, q.offset, ((int64_t)row * cols + col) / q.blocksize) : 0.f;
     }
 }
 
@@ -278,21 +243,19 @@ __device__ void gemm_4bit(const Quant4Args q, const float* code16, const uint16_
 
     // Step s of this block is reduction step first + s; its stage is s % NS.
     auto copies = [&](int s) {
-        if (s < steps) {
-            issue_copies<DGRAD>(sbase + (s % NS) * A_TILE, sbase + OFF_CODES + (s % NS) * CODE_TILE, a, q, m, rows, cols, red, m0, n0, (first + s) * TK);
-            copy_scales<DGRAD>(sbase + OFF_SCALES + (s % NS) * SCALE_TILE, q, rows, cols, n0, (first + s) * TK);
-        }
+        if (s < steps) issue_copies<DGRAD>(sbase + (s % NS) * A_TILE, sbase + OFF_CODES + (s % NS) * CODE_TILE, a, q, m, rows, cols, red, m0, n0, (first + s) * TK);
         cp_async_commit();  // one group per step, empty past the end, so wait counts stay uniform
     };
-    auto dequant = [&](int s) {  // step s's codes and scales (landed) → B tile s % 2
-        float sc[CHUNKS];
-        read_scales<DGRAD>(sc, smem + OFF_SCALES + (s % NS) * SCALE_TILE, q, rows, cols, n0, (first + s) * TK);
+    float sc[CHUNKS];
+    auto dequant = [&](int s) {  // step s's codes (landed) → B tile s % 2; then the next step's scales
         dequant_tile<C, DGRAD>(smem + OFF_CODES + (s % NS) * CODE_TILE, smem + OFF_B + (s & 1) * B_TILE, lut, sc);
+        if (s + 1 < steps) load_scales<DGRAD>(sc, q, rows, cols, n0, (first + s + 1) * TK);
     };
     float acc[ACC];
 #pragma unroll
     for (int i = 0; i < ACC; i++) acc[i] = 0.f;
     for (int s = 0; s < NS - 1; s++) copies(s);
+    if (steps > 0) load_scales<DGRAD>(sc, q, rows, cols, n0, first * TK);
     cp_async_wait<NS - 2>();
     __syncthreads();  // step 0 landed for every thread; lut written
     if (steps > 0) dequant(0);

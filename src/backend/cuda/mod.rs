@@ -1314,9 +1314,9 @@ fn dtype_code(c: ComputeDtype) -> i32 {
 }
 /// Its output tile (TM × TN in kernels/nf4_gemm.cu).
 const GEMM_4BIT_TILE: (usize, usize) = (128, 128);
-/// Its dynamic shared memory: 3 stages of A tiles (128 × 64 16-bit), code tiles (128 × 64 4-bit) and
-/// scale tiles (8 bytes per thread), 2 dequantized B tiles (128 × 64 16-bit), plus 1 KiB to align them.
-const GEMM_4BIT_SMEM: usize = 3 * (128 * 64 * 2 + 128 * 32 + 256 * 8) + 2 * 128 * 64 * 2 + 1024;
+/// Its dynamic shared memory: 3 stages of A tiles (128 × 64 16-bit) and code tiles (128 × 64 4-bit),
+/// 2 dequantized B tiles (128 × 64 16-bit), plus 1 KiB to align them.
+const GEMM_4BIT_SMEM: usize = 3 * (128 * 64 * 2 + 128 * 32) + 2 * 128 * 64 * 2 + 1024;
 /// Blocks of the fused 4-bit kernel per SM (its registers and shared memory allow two).
 const GEMM_4BIT_BLOCKS_PER_SM: usize = 2;
 const GEMV_FEW_ROWS: [&str; 3] = ["gemv_4bit_rows_f32_m8", "gemv_4bit_rows_f16_m8", "gemv_4bit_rows_bf16_m8"];
