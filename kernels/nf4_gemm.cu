@@ -1,4 +1,4 @@
-// Fused 4-bit dequant-matmul on the Hopper tensor cores (wgmma), for the training shapes (M > 8):
+// Fused 4-bit dequant-matmul on the Hopper tensor cores (wgmma), for products of more than 8 rows:
 //   forward      out (M, N) = round16(a (M, K) · dequant(W)ᵀ)           W (N, K) in 4 bits
 //   input grad   out (M, K) (+)= round16(a (M, N) · dequant(W))
 // `a` arrives already rounded to the 16-bit compute dtype (the host converts the f32 activations in
@@ -7,8 +7,13 @@
 // in f32, the sum is rounded once. CPU reference: Cpu::linear / Cpu::linear_backward_input with a
 // 4-bit weight.
 //
-// Why fused: the second path writes and rereads a 16-bit copy of W and a 16-bit output; here W
-// travels as 0.5 byte per value and the output is written once, in f32.
+// Why fused: the second path writes and rereads a 16-bit copy of all of W whatever M is, and a 16-bit
+// output; here W travels as 0.5 byte per value and the output is written once, in f32.
+// Where it wins (H200, docs/PERF.md): up to ~128 rows (prompts, batched decoding: 1.47× at 16 rows,
+// 1.15× at 128 on 4096×4096), so the host takes it there (Fused4bit::Auto). At training shapes it
+// dequantizes W once per 128-row tile and each step's dequantize + barriers take ~2 µs against ~0.5 µs
+// of tensor-core work (0.65× the second path at 2048 rows); closing that needs producer warps that
+// dequantize ahead of consumer warpgroups (warp specialization with mbarriers), not more stages.
 //
 // Shape of the work: a block of 256 threads (two warpgroups) owns a TM × TN output tile and walks the
 // reduction TK = 64 values at a time. Operand tiles sit in shared memory as 16-bit values, 128 bytes
