@@ -1291,6 +1291,9 @@ const GEMV_ONE_ROW: [&str; 6] = [
     "gemv_4bit_rows_f16_m1_r2",
     "gemv_4bit_rows_bf16_m1_r2",
 ];
+const GEMV_FEW_ROWS: [&str; 3] = ["gemv_4bit_rows_f32_m8", "gemv_4bit_rows_f16_m8", "gemv_4bit_rows_bf16_m8"];
+/// Shared memory the one-row GEMV kernels may take for x (set as their limit when the module loads).
+const GEMV_MAX_X_SMEM: usize = 160 * 1024;
 /// The fused 4-bit matmul kernels (kernels/nf4_gemm.cu): [fwd f16, fwd bf16, dgrad f16, dgrad bf16].
 const GEMM_4BIT: [&str; 4] = ["gemm_4bit_fwd_f16", "gemm_4bit_fwd_bf16", "gemm_4bit_dgrad_f16", "gemm_4bit_dgrad_bf16"];
 /// When 4-bit products take the fused kernel (kernels/nf4_gemm.cu) rather than dequantize + cuBLAS.
@@ -1304,6 +1307,13 @@ pub enum Fused4bit {
 /// Rows up to which the fused 4-bit kernel beats dequantize + cuBLAS (H200, 4096×4096, 2026-11-28:
 /// 1.47× at 16 rows, 1.15× at 128, 0.96× at 256; the second path dequantizes all of W whatever m).
 pub const FUSED_4BIT_MAX_M: usize = 128;
+/// The fused 4-bit kernel's output tile (TM × TN in kernels/nf4_gemm.cu).
+const GEMM_4BIT_TILE: (usize, usize) = (128, 128);
+/// Its dynamic shared memory: 3 stages of A tiles (128 × 64 16-bit) and code tiles (128 × 64 4-bit),
+/// 2 dequantized B tiles (128 × 64 16-bit), plus 1 KiB to align them.
+const GEMM_4BIT_SMEM: usize = 3 * (128 * 64 * 2 + 128 * 32) + 2 * 128 * 64 * 2 + 1024;
+/// Blocks of the fused 4-bit kernel per SM (its registers and shared memory allow two).
+const GEMM_4BIT_BLOCKS_PER_SM: usize = 2;
 /// A compute dtype as the kernels' `compute` argument takes it (round_to in kernels/quant4.cuh).
 fn dtype_code(c: ComputeDtype) -> i32 {
     match c {
@@ -1312,16 +1322,6 @@ fn dtype_code(c: ComputeDtype) -> i32 {
         ComputeDtype::BF16 => 2,
     }
 }
-/// Its output tile (TM × TN in kernels/nf4_gemm.cu).
-const GEMM_4BIT_TILE: (usize, usize) = (128, 128);
-/// Its dynamic shared memory: 3 stages of A tiles (128 × 64 16-bit) and code tiles (128 × 64 4-bit),
-/// 2 dequantized B tiles (128 × 64 16-bit), plus 1 KiB to align them.
-const GEMM_4BIT_SMEM: usize = 3 * (128 * 64 * 2 + 128 * 32) + 2 * 128 * 64 * 2 + 1024;
-/// Blocks of the fused 4-bit kernel per SM (its registers and shared memory allow two).
-const GEMM_4BIT_BLOCKS_PER_SM: usize = 2;
-const GEMV_FEW_ROWS: [&str; 3] = ["gemv_4bit_rows_f32_m8", "gemv_4bit_rows_f16_m8", "gemv_4bit_rows_bf16_m8"];
-/// Shared memory the one-row GEMV kernels may take for x (set as their limit when the module loads).
-const GEMV_MAX_X_SMEM: usize = 160 * 1024;
 
 impl Cuda {
     /// `out (m, rows) = x · dequant(W)ᵀ` straight from the 4-bit codes, for decoding's few rows.

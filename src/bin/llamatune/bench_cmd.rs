@@ -129,6 +129,9 @@ pub fn cmd_bench(a: BenchArgs) -> Result<ExitCode> {
         report.peak_tflops
     );
     println!("train peak mem   {}", gib(report.train_peak_memory_bytes));
+    if let Some(p) = report.prefill_s {
+        println!("prefill          {:.1} ms ({} prompt tokens to the first new one)", p * 1e3, report.prompt_tokens);
+    }
     if let Some(t) = report.decode_tokens_per_s {
         println!("decode           {t:.1} tokens/s (batch 1, {} new tokens, greedy)", report.decode_new_tokens);
     }
