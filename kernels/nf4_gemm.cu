@@ -159,7 +159,7 @@ template <bool DGRAD> __device__ __forceinline__ int code_offset(int h) {
 }
 
 // Step s's copies: the A tile (TM rows × TK 16-bit values, 4 chunks per thread, swizzled as they land)
-// and the code tile (2 chunks per thread, in the layout code_offset reads).
+// and the code tile (CHUNKS chunks per thread, in the layout code_offset reads).
 template <bool DGRAD>
 __device__ __forceinline__ void issue_copies(uint32_t a_tile, uint32_t code_tile, const uint16_t* a, const Quant4Args& q, int m, int rows, int cols, int red, int m0, int n0, int k0) {
 #pragma unroll
