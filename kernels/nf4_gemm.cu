@@ -10,10 +10,9 @@
 // Why fused: the second path writes and rereads a 16-bit copy of all of W whatever M is, and a 16-bit
 // output; here W travels as 0.5 byte per value and the output is written once, in f32.
 // Where it wins (H200, docs/PERF.md): up to ~128 rows (prompts, batched decoding: 1.47× at 16 rows,
-// 1.15× at 128 on 4096×4096), so the host takes it there (Fused4bit::Auto). At training shapes it
-// dequantizes W once per 128-row tile and each step's dequantize + barriers take ~2 µs against ~0.5 µs
-// of tensor-core work (0.65× the second path at 2048 rows); closing that needs producer warps that
-// dequantize ahead of consumer warpgroups (warp specialization with mbarriers), not more stages.
+// 1.15× at 128 on 4096×4096), so the host takes it there (Fused4bit::Auto). At training shapes each
+// 64-wide step takes ~2 µs against ~0.5 µs of tensor-core work (0.65× the second path at 2048 rows),
+// whatever the tile; docs/PERF.md lists what was tried and what to try next.
 //
 // Shape of the work: a block of 256 threads (two warpgroups) owns a TM × TN output tile and walks the
 // reduction TK = 64 values at a time. Operand tiles sit in shared memory as 16-bit values, 128 bytes
