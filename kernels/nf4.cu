@@ -3,7 +3,6 @@
 // map, one f32 scale per 256 blocks, plus an offset). CPU reference: Quant4::dequantize (src/quant.rs).
 #include "quant4.cuh"
 
-
 template <typename T> __device__ __forceinline__ T to_t(float x);
 template <> __device__ __forceinline__ float to_t<float>(float x) { return x; }
 template <> __device__ __forceinline__ __half to_t<__half>(float x) { return __float2half_rn(x); }
@@ -43,7 +42,6 @@ extern "C" __global__ void f32_to_f16(const float* x, __half* out, int64_t n) {
 // usual sizes (cols and blocksize multiples of 32), this one for any size: one warp per output row.
 
 #define GEMV_MAX_M 8
-
 
 // Sums acc[r][j] over the warp and writes y[j][row0 + r] (rounded) for the rows and m that exist.
 template <int R, int M>
