@@ -1375,13 +1375,12 @@ impl Cuda {
         absmax: &'a DeviceAbsmax,
         quant_type: QuantType,
     ) {
-        static NULL: u64 = 0;
         static NO_OFFSET: f32 = 0.0;
         b.arg(packed);
         match absmax {
-            DeviceAbsmax::F32(a) => b.arg(a).arg(&NULL).arg(&NULL).arg(&self.code256).arg(&NO_OFFSET),
+            DeviceAbsmax::F32(a) => b.arg(a).arg(&NULL_PTR).arg(&NULL_PTR).arg(&self.code256).arg(&NO_OFFSET),
             DeviceAbsmax::Nested { q, absmax2, offset } => {
-                b.arg(&NULL).arg(q).arg(absmax2).arg(&self.code256).arg(offset)
+                b.arg(&NULL_PTR).arg(q).arg(absmax2).arg(&self.code256).arg(offset)
             }
         };
         b.arg(if quant_type == QuantType::Nf4 { &self.nf4 } else { &self.fp4 });
@@ -1429,11 +1428,7 @@ impl Cuda {
             Operand::F32(_) => unreachable!("the fused kernel takes 16-bit compute"),
         };
         b.arg(&mut *out);
-        static NULL: u64 = 0;
-        match partial.as_mut() {
-            Some(p) => b.arg(p),
-            None => b.arg(&NULL),
-        };
+        push_opt(&mut b, partial.as_mut());
         b.arg(&m32).arg(&r32).arg(&c32).arg(&acc);
         // SAFETY: the kernel reads a16 (m × reduction) and W within their sizes and writes out
         // (m × n_out), or each split's slab of `partial`, inside the clipped tiles.
@@ -1458,14 +1453,10 @@ impl Cuda {
         out: &mut CudaSlice<f32>,
         lse: &mut CudaSlice<f32>,
     ) {
-        static NULL: u64 = 0;
         let mut b = self.stream.launch_builder(self.f("attention_fwd_f32"));
         b.arg(q).arg(k).arg(v);
         push_opt(&mut b, seg);
-        match pos {
-            Some(p) => b.arg(p),
-            None => b.arg(&NULL),
-        };
+        push_opt(&mut b, pos);
         b.arg(out).arg(lse);
         let g = geom(sh);
         push_geom(&mut b, &g);
@@ -1539,14 +1530,20 @@ fn push_geom<'a, const N: usize>(b: &mut cudarc::driver::LaunchArgs<'a>, g: &'a 
         b.arg(x);
     }
 }
-fn push_opt<'a>(b: &mut cudarc::driver::LaunchArgs<'a>, s: Option<&'a CudaSlice<u32>>) {
-    static NULL: u64 = 0;
+/// A null device pointer, for a kernel argument the kernel tests before use.
+static NULL_PTR: u64 = 0;
+/// Pushes an optional buffer, or [`NULL_PTR`] when there is none.
+fn push_opt<'a, A>(b: &mut cudarc::driver::LaunchArgs<'a>, s: Option<A>)
+where
+    cudarc::driver::LaunchArgs<'a>: cudarc::driver::PushKernelArg<A> + cudarc::driver::PushKernelArg<&'static u64>,
+{
+    use cudarc::driver::PushKernelArg;
     match s {
         Some(s) => {
-            b.arg(s);
+            PushKernelArg::<A>::arg(b, s);
         }
         None => {
-            b.arg(&NULL);
+            PushKernelArg::<&u64>::arg(b, &NULL_PTR);
         }
     }
 }
