@@ -188,32 +188,46 @@ fn attention(c: &mut Criterion) {
 }
 
 /// The LoRA branch of one 4096→4096 projection of the classic recipe (r = 64, scale 0.25) over 2048
-/// token rows, with and without dropout. Floor: x read once, y read and written (f32): 100 MB.
+/// token rows, with and without dropout, on the fused kernels (kernels/lora_fused.cu) and on the
+/// cuBLAS TF32 path they replace. Floor: x read once, y read and written (f32): 100 MB. Each
+/// iteration takes the next of three sets of x, y, dy, dx (400 MB in all), so that, as in a training
+/// step, they come from memory rather than from the 50 MB L2 the previous iteration filled.
 fn lora(c: &mut Criterion) {
     use llamatune::backend::Dropout;
     let be = gpu();
     let (rows, cols, r) = (4096, 4096, 64);
-    let x = be.upload(&rnd(M * cols, 14, 1.0));
+    let sets: Vec<_> = (0..3u64)
+        .map(|i| (be.upload(&rnd(M * cols, 14 + 4 * i, 1.0)), be.upload(&rnd(M * rows, 17 + 4 * i, 1.0))))
+        .collect();
     let (a, b) = (be.upload(&rnd(r * cols, 15, 0.02)), be.upload(&rnd(rows * r, 16, 0.02)));
-    let dy = be.upload(&rnd(M * rows, 17, 1.0));
-    let (mut u, mut y) = (be.zeros(M * r), be.zeros(M * rows));
-    let (mut da, mut db, mut dx) = (be.zeros(r * cols), be.zeros(rows * r), be.zeros(M * cols));
+    let mut ys: Vec<_> = (0..3).map(|_| be.zeros(M * rows)).collect();
+    let mut dxs: Vec<_> = (0..3).map(|_| be.zeros(M * cols)).collect();
+    let mut u = be.zeros(M * r);
+    let (mut da, mut db) = (be.zeros(r * cols), be.zeros(rows * r));
     let mut g = c.benchmark_group("LoRA r=64 4096->4096, M=2048");
     g.throughput(Throughput::Bytes((3 * M * rows * 4) as u64));
-    for (label, d) in [("dropout 0.1", Dropout { p: 0.1, seed: 3 }), ("no dropout", Dropout::NONE)] {
-        g.bench_function(format!("forward, {label}"), |bch| {
-            bch.iter(|| {
-                be.lora_forward(&x, &a, &b, M, r, 0.25, d, &mut u, &mut y);
-                be.synchronize();
-            })
-        });
-        g.bench_function(format!("backward, {label}"), |bch| {
-            bch.iter(|| {
-                be.lora_backward(&x, &a, &b, &u, &dy, M, r, 0.25, d, &mut da, &mut db, &mut dx);
-                be.synchronize();
-            })
-        });
+    for (path, fused) in [("fused", true), ("cuBLAS", false)] {
+        be.set_fused_lora(fused);
+        for (label, d) in [("dropout 0.1", Dropout { p: 0.1, seed: 3 }), ("no dropout", Dropout::NONE)] {
+            let mut i = 0;
+            g.bench_function(format!("{path} forward, {label}"), |bch| {
+                bch.iter(|| {
+                    i = (i + 1) % 3;
+                    be.lora_forward(&sets[i].0, &a, &b, M, r, 0.25, d, &mut u, &mut ys[i]);
+                    be.synchronize();
+                })
+            });
+            g.bench_function(format!("{path} backward, {label}"), |bch| {
+                bch.iter(|| {
+                    i = (i + 1) % 3;
+                    let (x, dy) = &sets[i];
+                    be.lora_backward(x, &a, &b, &u, dy, M, r, 0.25, d, &mut da, &mut db, &mut dxs[i]);
+                    be.synchronize();
+                })
+            });
+        }
     }
+    be.set_fused_lora(true);
     g.finish();
 }
 

@@ -299,31 +299,47 @@ fn small_m_4bit_gemv_for_decoding() {
     }
 }
 
+/// One LoRA branch forward and backward on the GPU against the CPU, with outputs poisoned (u) or
+/// holding fresh values the kernels must add to (y, dA, dB, dx).
+fn check_lora(rng: &mut impl Rng, label: &str, (m, rows, cols, r): (usize, usize, usize, usize), d: Dropout) {
+    let (x, a, b) = (rnd(rng, m * cols, 1.0), rnd(rng, r * cols, 0.1), rnd(rng, rows * r, 0.1));
+    let (dy, y0) = (rnd(rng, m * rows, 1.0), rnd(rng, m * rows, 1.0));
+    let (mut u1, mut yy1) = (vec![0.0; m * r], y0.clone());
+    CPU.lora_forward(&x, &a, &b, m, r, 0.25, d, &mut u1, &mut yy1);
+    let (gx, ga, gb) = (gpu().upload(&x), gpu().upload(&a), gpu().upload(&b));
+    let (mut u2, mut yy2) = (poisoned(m * r), gpu().upload(&y0));
+    gpu().lora_forward(&gx, &ga, &gb, m, r, 0.25, d, &mut u2, &mut yy2);
+    check(&format!("{label} lora u"), &gpu().download(&u2), &u1, TF32_TOL);
+    check(&format!("{label} lora y"), &gpu().download(&yy2), &yy1, TF32_TOL);
+    let (da0, db0, dx0) = (rnd(rng, r * cols, 0.1), rnd(rng, rows * r, 0.1), rnd(rng, m * cols, 0.1));
+    let (mut da1, mut db1, mut dx1) = (da0.clone(), db0.clone(), dx0.clone());
+    CPU.lora_backward(&x, &a, &b, &u1, &dy, m, r, 0.25, d, &mut da1, &mut db1, &mut dx1);
+    let (mut da2, mut db2, mut dx2) = (gpu().upload(&da0), gpu().upload(&db0), gpu().upload(&dx0));
+    gpu().lora_backward(&gx, &ga, &gb, &u2, &gpu().upload(&dy), m, r, 0.25, d, &mut da2, &mut db2, &mut dx2);
+    check(&format!("{label} lora dA"), &gpu().download(&da2), &da1, TF32_TOL);
+    check(&format!("{label} lora dB"), &gpu().download(&db2), &db1, TF32_TOL);
+    check(&format!("{label} lora dx"), &gpu().download(&dx2), &dx1, TF32_TOL);
+}
+
 #[test]
 fn lora_forward_backward_with_dropout() {
     let mut rng = rand::rngs::StdRng::seed_from_u64(4);
     for s in &SHAPES {
-        let (rows, cols, r) = (s.heads * s.head_dim, s.hidden, 64);
-        let (x, a, b) = (rnd(&mut rng, M * cols, 1.0), rnd(&mut rng, r * cols, 0.1), rnd(&mut rng, rows * r, 0.1));
-        let (dy, y0) = (rnd(&mut rng, M * rows, 1.0), rnd(&mut rng, M * rows, 1.0));
+        let (rows, cols) = (s.heads * s.head_dim, s.hidden);
         let d = Dropout { p: 0.1, seed: 1234 + s.hidden as u64 };
-        let (mut u1, mut yy1) = (vec![0.0; M * r], y0.clone());
-        CPU.lora_forward(&x, &a, &b, M, r, 0.25, d, &mut u1, &mut yy1);
-        let (gx, ga, gb) = (gpu().upload(&x), gpu().upload(&a), gpu().upload(&b));
-        let (mut u2, mut yy2) = (poisoned(M * r), gpu().upload(&y0));
-        gpu().lora_forward(&gx, &ga, &gb, M, r, 0.25, d, &mut u2, &mut yy2);
-        check(&format!("{} lora u", s.name), &gpu().download(&u2), &u1, TF32_TOL);
-        check(&format!("{} lora y", s.name), &gpu().download(&yy2), &yy1, TF32_TOL);
-        let (da0, db0, dx0) =
-            (rnd(&mut rng, r * cols, 0.1), rnd(&mut rng, rows * r, 0.1), rnd(&mut rng, M * cols, 0.1));
-        let (mut da1, mut db1, mut dx1) = (da0.clone(), db0.clone(), dx0.clone());
-        CPU.lora_backward(&x, &a, &b, &u1, &dy, M, r, 0.25, d, &mut da1, &mut db1, &mut dx1);
-        let (mut da2, mut db2, mut dx2) = (gpu().upload(&da0), gpu().upload(&db0), gpu().upload(&dx0));
-        gpu().lora_backward(&gx, &ga, &gb, &u2, &gpu().upload(&dy), M, r, 0.25, d, &mut da2, &mut db2, &mut dx2);
-        check(&format!("{} lora dA", s.name), &gpu().download(&da2), &da1, TF32_TOL);
-        check(&format!("{} lora dB", s.name), &gpu().download(&db2), &db1, TF32_TOL);
-        check(&format!("{} lora dx", s.name), &gpu().download(&dx2), &dx1, TF32_TOL);
+        // The fused kernels (kernels/lora_fused.cu) at ranks of each of their variants (r ≤ 16, 32,
+        // 64; 12 and 60 leave part of a tile empty), then the cuBLAS path they replace.
+        for r in [64, 60, 32, 12, 8] {
+            assert!(gpu().uses_fused_lora(rows, cols, r), "{} r={r}: fused LoRA expected", s.name);
+            check_lora(&mut rng, &format!("{} r={r}", s.name), (M, rows, cols, r), d);
+        }
+        gpu().set_fused_lora(false);
+        check_lora(&mut rng, &format!("{} cuBLAS path", s.name), (M, rows, cols, 64), d);
+        gpu().set_fused_lora(true);
         // Decoding's few rows without dropout take the f32 kernels of kernels/lora.cu.
+        let r = 64;
+        let (a, b) = (rnd(&mut rng, r * cols, 0.1), rnd(&mut rng, rows * r, 0.1));
+        let (ga, gb) = (gpu().upload(&a), gpu().upload(&b));
         for m in [1, 5] {
             let (x, y0) = (rnd(&mut rng, m * cols, 1.0), rnd(&mut rng, m * rows, 1.0));
             let (mut u1, mut yy1) = (vec![0.0; m * r], y0.clone());
@@ -334,6 +350,9 @@ fn lora_forward_backward_with_dropout() {
             check(&format!("{} lora y m={m}", s.name), &gpu().download(&yy2), &yy1, F32_TOL);
         }
     }
+    // The real training shape of the 7B recipe: 4 × 512 token rows, q/v projections, r = 64.
+    let d = Dropout { p: 0.1, seed: 99 };
+    check_lora(&mut rng, "llama2-7b m=2048 r=64", (2048, 4096, 4096, 64), d);
 }
 
 #[test]

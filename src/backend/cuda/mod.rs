@@ -80,6 +80,9 @@ pub struct Cuda {
     /// [`Cuda::set_fused_4bit`]: when 4-bit products take the fused tensor-core kernel (a
     /// [`Fused4bit`] as u8; `LLAMATUNE_FUSED_4BIT=off|auto|always`, default auto; off without wgmma).
     fused_4bit: std::sync::atomic::AtomicU8,
+    /// [`Cuda::set_fused_lora`]: LoRA branches at training shapes on kernels/lora_fused.cu
+    /// (`LLAMATUNE_FUSED_LORA=0|off` for the cuBLAS path; default on).
+    fused_lora: std::sync::atomic::AtomicBool,
     /// The device runs the wgmma kernels (compute capability 9.0, built for sm_90a).
     wgmma: bool,
     /// Streaming multiprocessors (for sizing split-K grids).
@@ -241,6 +244,7 @@ impl Cuda {
             _ => Fused4bit::Auto,
         };
         let fused_4bit = (fused_4bit as u8).into();
+        let fused_lora = (!std::env::var("LLAMATUNE_FUSED_LORA").is_ok_and(|v| v == "0" || v == "off")).into();
         Ok(Cuda {
             ordinal,
             device_name,
@@ -257,6 +261,7 @@ impl Cuda {
             wgmma,
             sm_count,
             fused_4bit,
+            fused_lora,
             profile,
         })
     }
@@ -563,6 +568,16 @@ fn kernel_names(module: &str) -> &'static [&'static str] {
             GEMV_FEW_ROWS[2],
         ],
         "lora" => &["gemv_f32", "gemv_f32_long_rows"],
+        "lora_fused" => &[
+            LORA_DOWN[0],
+            LORA_DOWN[1],
+            LORA_DOWN[2],
+            LORA_OUTER[0],
+            LORA_OUTER[1],
+            LORA_OUTER[2],
+            "lora_sum_splits",
+            "lora_up",
+        ],
         "nf4_gemm" => &[GEMM_4BIT[0], GEMM_4BIT[1], GEMM_4BIT[2], GEMM_4BIT[3], "gemm_4bit_reduce"],
         "norm" => &["rmsnorm_f32", "rmsnorm_backward_f32"],
         "rope" => &["rope_f32"],
@@ -873,6 +888,12 @@ impl Backend for Cuda {
             launch!(self, "gemv_f32", warp_grid(rows); b, &*u, &mut *y, &m32, &rows32, &r32, &scale, &1i32);
             return;
         }
+        if self.uses_fused_lora(rows, cols, r) {
+            // u (m, r) = drop(x) · Aᵀ, then y (m, rows) += scale · u · Bᵀ (kernels/lora_fused.cu).
+            self.lora_down(x, a, m, cols, r, dropout, u);
+            self.lora_up(u, b, false, m, rows, r, scale, Dropout::NONE, y);
+            return;
+        }
         let xd = self.dropped(x, dropout);
         let (aop, bop) = (OperandView::F32(a), OperandView::F32(b));
         // u (m, r) = drop(x) · Aᵀ;  y (m, rows) += scale · u · Bᵀ
@@ -935,6 +956,20 @@ impl Backend for Cuda {
         let rows = b.len() / r;
         let (dyop, uop) = (OperandView::F32(dy), OperandView::F32(u));
         let (aop, bop) = (OperandView::F32(a), OperandView::F32(b));
+        if self.uses_fused_lora(rows, cols, r) {
+            // du (m, r) = scale · dy · B: a plain GEMM, no dropout, cuBLAS in TF32.
+            let mut du = self.scratch(m * r);
+            ck!(
+                self.blas.gemm_rm(F32Math::Tf32, false, false, m, r, rows, scale, dyop, rows, bop, r, 0.0, &mut du, r),
+                "LoRA du GEMM"
+            );
+            // dB (rows, r) += scale · (uᵀ · dy)ᵀ;  dA (r, cols) += duᵀ · drop(x);  dx += drop'(du · A)
+            // (kernels/lora_fused.cu; the mask is regenerated from the seed where x and dx are touched).
+            self.lora_outer(u, dy, m, rows, r, scale, Dropout::NONE, true, db);
+            self.lora_outer(&du, x, m, cols, r, 1.0, dropout, false, da);
+            self.lora_up(&du, a, true, m, cols, r, 1.0, dropout, dx);
+            return;
+        }
         // db (rows, r) += scale · dyᵀ · u
         ck!(
             self.blas.gemm_rm(self.lora_math(), true, false, rows, r, m, scale, dyop, rows, uop, r, 1.0, db, r),
@@ -1272,6 +1307,26 @@ impl Backend for Cuda {
     }
 }
 
+/// The fused LoRA kernels (kernels/lora_fused.cu) by rank: r ≤ 16, ≤ 32, ≤ 64.
+const LORA_DOWN: [&str; 3] = ["lora_down_r16", "lora_down_r32", "lora_down_r64"];
+const LORA_OUTER: [&str; 3] = ["lora_outer_r16", "lora_outer_r32", "lora_outer_r64"];
+fn lora_variant(r: usize) -> usize {
+    match r {
+        0..=16 => 0,
+        17..=32 => 1,
+        _ => 2,
+    }
+}
+/// Their geometry (DOWN_ROWS, STAGE_K, UP_ROWS = UP_COLS, OUTER_COLS and the 128-thread blocks).
+const LORA_DOWN_ROWS: usize = 64;
+const LORA_STAGE: usize = 32;
+const LORA_UP_TILE: usize = 64;
+const LORA_OUTER_COLS: usize = 32;
+const LORA_THREADS: u32 = 128;
+/// Blocks per SM the split reductions aim for: each block keeps one 32-wide stage of loads in
+/// flight, so a memory-bound kernel needs several per SM.
+const LORA_BLOCKS_PER_SM: usize = 4;
+
 /// Warps per query row of the non-flash attention forward (kernels/attention.cu, SPLIT_WARPS).
 const ATTENTION_SPLIT_WARPS: u32 = 8;
 
@@ -1467,6 +1522,129 @@ impl Cuda {
         };
         // SAFETY: the kernel reads q/k/v/seg within the geometry and writes one out row and lse per block.
         ck!(unsafe { b.launch(cfg) }, "attention_fwd_f32");
+    }
+
+    /// Whether a LoRA branch `cols → rows` of rank `r` with more than a few token rows runs on the fused
+    /// kernels of kernels/lora_fused.cu: not in precise mode (f32 cuBLAS there), rank ≤ 64, and rows of
+    /// 16 bytes (`LLAMATUNE_FUSED_LORA=0` or [`Cuda::set_fused_lora`] keep the cuBLAS TF32 path).
+    pub fn uses_fused_lora(&self, rows: usize, cols: usize, r: usize) -> bool {
+        self.fused_lora.load(std::sync::atomic::Ordering::Relaxed)
+            && !self.is_precise()
+            && r <= 64
+            && r % 4 == 0
+            && rows % 4 == 0
+            && cols % 4 == 0
+    }
+
+    /// Turns the fused LoRA kernels on or off (off: dropout pass + cuBLAS TF32 GEMMs, the rival).
+    pub fn set_fused_lora(&self, on: bool) {
+        self.fused_lora.store(on, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// How to split a reduction of `len` (stages of [`LORA_STAGE`]) over blocks so that `tiles`
+    /// output tiles × splits make about [`LORA_BLOCKS_PER_SM`] blocks per SM: (splits, length per split).
+    fn lora_splits(&self, tiles: usize, len: usize) -> (usize, usize) {
+        let stages = len.div_ceil(LORA_STAGE);
+        let want = (LORA_BLOCKS_PER_SM * self.sm_count).div_ceil(tiles).clamp(1, stages);
+        let per = stages.div_ceil(want) * LORA_STAGE;
+        (len.div_ceil(per), per)
+    }
+
+    /// `out = [out +] alpha · Σ_s part[s]` for `part (splits, a, b)`; `out (a, b)`, or `(b, a)` when
+    /// `transpose` (kernels/lora_fused.cu, lora_sum_splits).
+    #[allow(clippy::too_many_arguments)]
+    fn lora_sum_splits(
+        &self,
+        part: &CudaSlice<f32>,
+        splits: usize,
+        (a, b): (usize, usize),
+        alpha: f32,
+        accumulate: bool,
+        transpose: bool,
+        out: &mut CudaSlice<f32>,
+    ) {
+        let (s32, a32, b32, acc, tr) = (splits as i32, a as i32, b as i32, accumulate as i32, transpose as i32);
+        launch!(self, "lora_sum_splits", grid_for(a * b); part, &mut *out, &s32, &a32, &b32, &alpha, &acc, &tr);
+    }
+
+    /// `u (m, r) = drop(x) (m, cols) · Aᵀ` for `A (r, cols)`, split over `cols` to fill the GPU.
+    #[allow(clippy::too_many_arguments)]
+    fn lora_down(
+        &self,
+        x: &CudaSlice<f32>,
+        a: &CudaSlice<f32>,
+        m: usize,
+        cols: usize,
+        r: usize,
+        d: Dropout,
+        u: &mut CudaSlice<f32>,
+    ) {
+        let tiles = m.div_ceil(LORA_DOWN_ROWS);
+        let (splits, per) = self.lora_splits(tiles, cols);
+        let cfg = LaunchConfig {
+            grid_dim: (tiles as u32, splits as u32, 1),
+            block_dim: (LORA_THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let (kernel, dims) = (LORA_DOWN[lora_variant(r)], [m as i32, cols as i32, r as i32, per as i32]);
+        let mut part = (splits > 1).then(|| self.scratch(splits * m * r));
+        let dst = part.as_mut().unwrap_or(u);
+        launch!(self, kernel, cfg; x, a, dst, &dims[0], &dims[1], &dims[2], &dims[3], &d.seed, &d.p);
+        if let Some(part) = part {
+            self.lora_sum_splits(&part, splits, (m, r), 1.0, false, false, u);
+        }
+    }
+
+    /// `out (m, n) += alpha · drop(U · W'ᵀ)` for `U (m, r)` and `W' (n, r)`, given as `w (n, r)` or, when
+    /// `w_is_rn`, as `w (r, n)`.
+    #[allow(clippy::too_many_arguments)]
+    fn lora_up(
+        &self,
+        u: &CudaSlice<f32>,
+        w: &CudaSlice<f32>,
+        w_is_rn: bool,
+        m: usize,
+        n: usize,
+        r: usize,
+        alpha: f32,
+        d: Dropout,
+        out: &mut CudaSlice<f32>,
+    ) {
+        let cfg = LaunchConfig {
+            grid_dim: (n.div_ceil(LORA_UP_TILE) as u32, m.div_ceil(LORA_UP_TILE) as u32, 1),
+            block_dim: (LORA_THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let (dims, rn) = ([m as i32, n as i32, r as i32], w_is_rn as i32);
+        launch!(self, "lora_up", cfg; u, w, &mut *out, &dims[0], &dims[1], &dims[2], &rn, &alpha, &d.seed, &d.p);
+    }
+
+    /// `out += alpha · Sᵀ · drop(T)` for `S (m, r)`, `T (m, n)`: `out (r, n)`, or `(n, r)` when
+    /// `transpose_out`; split over `m` to fill the GPU.
+    #[allow(clippy::too_many_arguments)]
+    fn lora_outer(
+        &self,
+        s: &CudaSlice<f32>,
+        t: &CudaSlice<f32>,
+        m: usize,
+        n: usize,
+        r: usize,
+        alpha: f32,
+        d: Dropout,
+        transpose_out: bool,
+        out: &mut CudaSlice<f32>,
+    ) {
+        let tiles = n.div_ceil(LORA_OUTER_COLS);
+        let (splits, per) = self.lora_splits(tiles, m);
+        let cfg = LaunchConfig {
+            grid_dim: (tiles as u32, splits as u32, 1),
+            block_dim: (LORA_THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let (kernel, dims) = (LORA_OUTER[lora_variant(r)], [m as i32, n as i32, r as i32, per as i32]);
+        let mut part = self.scratch(splits * r * n);
+        launch!(self, kernel, cfg; s, t, &mut part, &dims[0], &dims[1], &dims[2], &dims[3], &d.seed, &d.p);
+        self.lora_sum_splits(&part, splits, (r, n), alpha, true, transpose_out, out);
     }
 
     /// `x` with inverted dropout applied (the same mask formula as the CPU); `None` when dropout is
