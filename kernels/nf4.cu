@@ -36,9 +36,9 @@ extern "C" __global__ void f32_to_f16(const float* x, __half* out, int64_t n) {
 }
 
 // Small-M product for decoding: y (m, rows) = x (m, cols) · dequant(W)ᵀ with m ≤ 8, reading the 4-bit
-// codes directly (0.5 byte per weight instead of expanding W first). Values and the output are rounded
-// to the compute dtype (0 f32, 1 f16, 2 bf16) as the dequantize + GEMM path does, and accumulated in
-// f32. CPU reference: Cpu::linear with a 4-bit weight. Two kernels: gemv_4bit_rows_* below for the
+// codes directly (0.5 byte per weight instead of expanding W first). x and the output are rounded to
+// the compute dtype (0 f32, 1 f16, 2 bf16) and products accumulate in f32; this any-size kernel also
+// rounds each weight as the dequantize + GEMM path does, the row-blocked ones below do not. CPU reference: Cpu::linear with a 4-bit weight. Two kernels: gemv_4bit_rows_* below for the
 // usual sizes (cols and blocksize multiples of 32), this one for any size: one warp per output row.
 
 #define GEMV_MAX_M 8
@@ -99,32 +99,29 @@ __device__ __forceinline__ uint4 load_stream(const uint8_t* p) {
     return u;
 }
 
-// Two products rounded to the compute dtype C with one packed conversion.
-template <int C> __device__ __forceinline__ float2 round2(float v0, float v1);
-template <> __device__ __forceinline__ float2 round2<0>(float v0, float v1) { return make_float2(v0, v1); }
-template <> __device__ __forceinline__ float2 round2<1>(float v0, float v1) { return __half22float2(__floats2half2_rn(v0, v1)); }
-template <> __device__ __forceinline__ float2 round2<2>(float v0, float v1) { return __bfloat1622float2(__floats2bfloat162_rn(v0, v1)); }
-
-// Σ over 32 columns of dequant(codes u, absmax a) · x, with x already rounded to the compute dtype.
-// The instruction count per weight bounds this kernel, so each table lookup's byte offset comes from
-// one shift and mask (nibble × 4) and each pair of values is rounded with one packed conversion.
-template <int C>
+// Σ over 32 columns of dequant(codes u, absmax a) · x, with x already rounded to the compute dtype,
+// as a · Σ code · x: the 32 values share one absmax, so it multiplies once per chunk, and the weights
+// are not rounded to the compute dtype (their products with x are exact in f32 up to the sum's
+// rounding; the dequantize + GEMM path rounds each weight first). The instruction count per weight
+// bounds this kernel (ncu, 2026-11-28: issue-bound at ~6 per weight with the per-weight multiply and
+// rounding), now ~3: one byte permute for the table offset, one shared load, one FMA.
 __device__ __forceinline__ float dot32(const uint4 u, float a, const float* lut, const float (&xs)[32]) {
     const uint32_t w4[4] = {u.x, u.y, u.z, u.w};
     const char* base = reinterpret_cast<const char*>(lut);
     float s0 = 0.f, s1 = 0.f;  // two chains: shorter dependency on the adds
 #pragma unroll
-    for (int q4 = 0; q4 < 4; q4++)
+    for (int q4 = 0; q4 < 4; q4++) {
+        // Each byte's high and low nibble × 4 (the table's byte offsets), in place.
+        const uint32_t hi4 = (w4[q4] >> 2) & 0x3c3c3c3cu, lo4 = (w4[q4] << 2) & 0x3c3c3c3cu;
 #pragma unroll
         for (int byte = 0; byte < 4; byte++) {
-            const uint32_t w = w4[q4];
-            const float hi = *reinterpret_cast<const float*>(base + ((w >> (8 * byte + 2)) & 0x3cu));
-            const float lo = *reinterpret_cast<const float*>(base + (((w << 2) >> (8 * byte)) & 0x3cu));
-            const float2 v = round2<C>(hi * a, lo * a);
-            s0 += v.x * xs[q4 * 8 + 2 * byte];
-            s1 += v.y * xs[q4 * 8 + 2 * byte + 1];
+            const float hi = *reinterpret_cast<const float*>(base + __byte_perm(hi4, 0, 0x4440 + byte));
+            const float lo = *reinterpret_cast<const float*>(base + __byte_perm(lo4, 0, 0x4440 + byte));
+            s0 = fmaf(hi, xs[q4 * 8 + 2 * byte], s0);
+            s1 = fmaf(lo, xs[q4 * 8 + 2 * byte + 1], s1);
         }
-    return s0 + s1;
+    }
+    return (s0 + s1) * a;
 }
 
 template <int C, int M, bool SX, int GEMV_ROWS>
@@ -198,7 +195,7 @@ __device__ void gemv_rows(const uint8_t* packed, const float* absmax, const uint
                 }
             }
 #pragma unroll
-            for (int r = 0; r < GEMV_ROWS; r++) acc[r][j] += dot32<C>(cur[r], a_cur[r], lut, xs);
+            for (int r = 0; r < GEMV_ROWS; r++) acc[r][j] += dot32(cur[r], a_cur[r], lut, xs);
         }
 #pragma unroll
         for (int r = 0; r < GEMV_ROWS; r++) cur[r] = nxt[r], a_cur[r] = a_nxt[r];
