@@ -41,16 +41,30 @@ __device__ __forceinline__ float block_max(float v) {
     return warp_max(v);
 }
 
-// splitmix64 of (seed, idx) → keep with probability 1-p, scaled by 1/(1-p). Same formula as the CPU.
+// murmur3's 32-bit finalizer.
+__device__ __forceinline__ uint32_t mix32(uint32_t h) {
+    h ^= h >> 16;
+    h *= 0x85EBCA6Bu;
+    h ^= h >> 13;
+    h *= 0xC2B2AE35u;
+    return h ^ (h >> 16);
+}
+// Keep element idx with probability 1-p, scaled by 1/(1-p): dropped when the top 24 bits of a 32-bit
+// hash of (idx, seed) fall below p·2²⁴. Same formula as the CPU (src/backend/mod.rs, Dropout::factor);
+// the key and threshold depend only on the kernel's arguments, so loops hoist them.
 __device__ __forceinline__ float dropout_factor(uint64_t seed, uint64_t idx, float p) {
     if (p <= 0.f) return 1.f;
-    uint64_t z = seed + idx * 0x9E3779B97F4A7C15ull;
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-    z ^= z >> 31;
-    const float u = (float)(z >> 40) / (float)(1u << 24);
-    return u < p ? 0.f : 1.f / (1.f - p);
+    const uint32_t key = mix32((uint32_t)seed ^ mix32((uint32_t)(seed >> 32)));
+    const uint32_t h = mix32(((uint32_t)idx * 0x9E3779B1u) ^ ((uint32_t)(idx >> 32) * 0x7FEB352Du) ^ key);
+    return (h >> 8) < (uint32_t)ceilf(p * 16777216.f) ? 0.f : 1.f / (1.f - p);
 }
+
+// 16 bytes global → shared without registers; `valid` false fills zeros (src is then not read).
+__device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, bool valid) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(valid ? 16 : 0) : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+template <int N> __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory"); }
 
 // Grid-stride loop over n elements.
 #define FOR_EACH(i, n) for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < (int64_t)(n); i += (int64_t)gridDim.x * blockDim.x)

@@ -1,7 +1,10 @@
 // The LoRA branch at training shapes, fused around its dropout: y += scale·(drop(x)·Aᵀ)·Bᵀ forward;
 // dA += duᵀ·drop(x) and dx += drop'(du·A) backward, with the dropout mask regenerated from its seed
 // wherever x or dx is touched (never stored, never materialized as a dropped copy of x). TF32 tensor
-// cores (mma.m16n8k8), f32 accumulation, as the cuBLAS TF32 path they replace. Launchers:
+// cores (mma.m16n8k8), f32 accumulation, as the cuBLAS TF32 path they replace. Operands are rounded
+// to TF32 (nearest, ties away) by one integer add on their bits (`tf32`), the tensor cores ignoring
+// the 13 low mantissa bits; plain truncation was cheaper still, but its bias flipped a near-tie in the
+// GPU-vs-CPU greedy decoding test. Launchers:
 // Cuda::lora_forward / lora_backward (src/backend/cuda/mod.rs); CPU reference: Cpu::lora_forward /
 // lora_backward (src/backend/cpu.rs). Every kernel here is memory-bound at r ≤ 64 (the products are
 // 2·m·r·K FLOPs against m·K values read), so the design goal is streaming x, y and dx once with
@@ -13,104 +16,114 @@
 //   A (16×8, row major): a0 (g, t)  a1 (g+8, t)  a2 (g, t+4)  a3 (g+8, t+4)
 //   B (8×8, col major):  b0 (k=t, n=g)  b1 (k=t+4, n=g)
 //   C (16×8):            c0 (g, 2t)  c1 (g, 2t+1)  c2 (g+8, 2t)  c3 (g+8, 2t+1)
-__device__ __forceinline__ uint32_t to_tf32(float v) {
-    uint32_t r;
-    asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(r) : "f"(v));
-    return r;
-}
 __device__ __forceinline__ void mma_tf32(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint32_t b0, uint32_t b1) {
     asm volatile("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
                  : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
                  : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
-__device__ __forceinline__ uint4 tf32x4(float4 v) { return make_uint4(to_tf32(v.x), to_tf32(v.y), to_tf32(v.z), to_tf32(v.w)); }
 // v[i] · the dropout factor of element idx0 + i (p > 0 only: the caller skips it otherwise).
 __device__ __forceinline__ float4 drop4(float4 v, uint64_t seed, float p, int64_t idx0) {
     v.x *= dropout_factor(seed, idx0, p), v.y *= dropout_factor(seed, idx0 + 1, p);
     v.z *= dropout_factor(seed, idx0 + 2, p), v.w *= dropout_factor(seed, idx0 + 3, p);
     return v;
 }
+// v rounded to TF32 as cvt.rna does (nearest, ties away from zero) for finite v: add half of the
+// last kept bit; the tensor cores drop the 13 low bits.
+__device__ __forceinline__ uint32_t tf32(float v) { return __float_as_uint(v) + 0x1000u; }
+// 32 dropout decisions as a bit mask (bit i: element idx0 + i is kept). Hashed together, up front,
+// so that their independent chains overlap each other and the loads in flight.
+__device__ __forceinline__ uint32_t keep_bits4(uint64_t seed, float p, int64_t idx0) {
+    uint32_t bits = 0;
+#pragma unroll
+    for (int i = 0; i < 4; i++) bits |= (dropout_factor(seed, idx0 + i, p) != 0.f) << i;
+    return bits;
+}
 __device__ __forceinline__ float4 ld4(const float* p) { return __ldg(reinterpret_cast<const float4*>(p)); }
-__device__ __forceinline__ uint4 lds4(const uint32_t* p) { return *reinterpret_cast<const uint4*>(p); }
 
 // ---- down: part[split] (m, r) = drop(x) (m, K) · W (r, K)ᵀ over the split's range of K ----------
-// Block: 4 warps, 64 rows of x (16 per warp) × all r ≤ 8·NT columns; K in stages of 32, staged in
-// shared memory as TF32 (dropout applied on the way in), double-buffered with the next stage's
-// global loads held in registers. The k axis is a reduction, so the fragments may take it in any
-// order both operands agree on: for sub-step j of a stage, fragment k-slots t and t+4 of lane (g, t)
-// are columns 8t+2j and 8t+2j+1, so each lane reads its 8 columns of a row with two 16-byte shared
-// loads (row stride 36 words: the 8 lanes of each load phase hit 32 distinct banks).
+// Block: 4 warps, 64 rows of x (16 per warp) × all r ≤ 8·NT columns; K in stages of 32 copied raw
+// (f32) into shared memory by cp.async, STAGES deep, so each block keeps STAGES−1 stages of loads in
+// flight (ncu, H200: with one stage prefetched through registers, 16% of DRAM bandwidth). Dropout is
+// applied as the fragments are read: each x value is read by exactly one lane.
+// The k axis is a reduction, so the fragments may take it in any order both operands agree on: for
+// sub-step j of a stage, fragment k-slots t and t+4 of lane (g, t) are columns 8t+2j and 8t+2j+1, so
+// each lane reads its 8 columns of a row with two 16-byte shared loads (row stride 36 words: the 8
+// lanes of each load phase hit 32 distinct banks).
 #define DOWN_ROWS 64
 #define STAGE_K 32
+#define STAGES 4
 #define DOWN_STRIDE 36
 #define DOWN_THREADS 128
 
+__device__ __forceinline__ uint32_t smem_addr(const void* p) { return (uint32_t)__cvta_generic_to_shared(p); }
+__device__ __forceinline__ float4 lds4f(const float* p) { return *reinterpret_cast<const float4*>(p); }
+// The 8 values (a, b) as tensor-core operands, after the dropout factors of elements idx0..idx0+7
+// when p > 0.
+__device__ __forceinline__ void frag8(float4 a, float4 b, uint32_t (&o)[8], uint64_t seed, float p, int64_t idx0) {
+    if (p > 0.f) a = drop4(a, seed, p, idx0), b = drop4(b, seed, p, idx0 + 4);
+    o[0] = tf32(a.x), o[1] = tf32(a.y), o[2] = tf32(a.z), o[3] = tf32(a.w);
+    o[4] = tf32(b.x), o[5] = tf32(b.y), o[6] = tf32(b.z), o[7] = tf32(b.w);
+}
+
 template <int NT>
 __device__ void lora_down(const float* x, const float* w, float* part, int m, int K, int r, int k_split, uint64_t seed, float p) {
-    __shared__ __align__(16) uint32_t xs[2][DOWN_ROWS * DOWN_STRIDE];  // (64 rows, 32 k) + pad
-    __shared__ __align__(16) uint32_t ws[2][8 * NT * DOWN_STRIDE];     // (8·NT rows of W, 32 k) + pad
-    constexpr int XV = DOWN_ROWS * STAGE_K / 4 / DOWN_THREADS;              // x float4s per thread: 4
-    constexpr int WV = (8 * NT * STAGE_K / 4 + DOWN_THREADS - 1) / DOWN_THREADS;  // W float4s: NT/2
+    extern __shared__ __align__(16) float smem[];  // STAGES × [x (64, 36) | W (8·NT, 36)]
+    constexpr int XW = DOWN_ROWS * DOWN_STRIDE, SW = XW + 8 * NT * DOWN_STRIDE;
+    constexpr int XV = DOWN_ROWS * STAGE_K / 4 / DOWN_THREADS;              // x 16-byte copies per thread: 4
+    constexpr int WV = (8 * NT * STAGE_K / 4 + DOWN_THREADS - 1) / DOWN_THREADS;  // W copies: NT/2
     const int row0 = blockIdx.x * DOWN_ROWS;
     const int k_begin = blockIdx.y * k_split, k_end = min(K, k_begin + k_split);
     const int warp = threadIdx.x / WARP, lane = threadIdx.x % WARP, g = lane / 4, t = lane % 4;
-    float4 xr[XV], wr[WV];
-    // Stage k0's global loads into registers (zeros past the edges). Thread i's float4 q covers row
-    // (i + 128q) / 8, columns 4·((i + 128q) % 8)..+3 of the stage.
-    auto load = [&](int k0) {
+    const int stages = (k_end - k_begin + STAGE_K - 1) / STAGE_K;
+    // Copies of stage s into buffer s % STAGES (zeros past the edges). Copy e covers row e / 8,
+    // columns 4·(e % 8)..+3 of the stage.
+    auto issue = [&](int s) {
+        const int k0 = k_begin + s * STAGE_K;
+        float* xs = smem + (s % STAGES) * SW;
 #pragma unroll
         for (int q = 0; q < XV; q++) {
             const int e = threadIdx.x + q * DOWN_THREADS, row = row0 + e / 8, k = k0 + 4 * (e % 8);
-            xr[q] = row < m && k < k_end ? ld4(x + (int64_t)row * K + k) : make_float4(0.f, 0.f, 0.f, 0.f);
+            const bool ok = row < m && k < k_end;
+            cp_async16(smem_addr(xs + (e / 8) * DOWN_STRIDE + 4 * (e % 8)), ok ? x + (int64_t)row * K + k : x, ok);
         }
 #pragma unroll
         for (int q = 0; q < WV; q++) {
             const int e = threadIdx.x + q * DOWN_THREADS, n = e / 8, k = k0 + 4 * (e % 8);
-            wr[q] = n < r && k < k_end ? ld4(w + (int64_t)n * K + k) : make_float4(0.f, 0.f, 0.f, 0.f);
-        }
-    };
-    // The dropout mask is applied here, not at the load: the loads stay in flight during a stage's
-    // products, and the factors do not wait on them.
-    auto store = [&](int buf, int k0) {
-#pragma unroll
-        for (int q = 0; q < XV; q++) {
-            const int e = threadIdx.x + q * DOWN_THREADS, row = row0 + e / 8, k = k0 + 4 * (e % 8);
-            const float4 v = p > 0.f ? drop4(xr[q], seed, p, (int64_t)row * K + k) : xr[q];
-            *reinterpret_cast<uint4*>(&xs[buf][(e / 8) * DOWN_STRIDE + 4 * (e % 8)]) = tf32x4(v);
-        }
-#pragma unroll
-        for (int q = 0; q < WV; q++) {
-            const int e = threadIdx.x + q * DOWN_THREADS;
-            if (e < 8 * NT * STAGE_K / 4) *reinterpret_cast<uint4*>(&ws[buf][(e / 8) * DOWN_STRIDE + 4 * (e % 8)]) = tf32x4(wr[q]);
+            const bool ok = n < r && k < k_end;
+            if (e < 8 * NT * STAGE_K / 4) cp_async16(smem_addr(xs + XW + n * DOWN_STRIDE + 4 * (e % 8)), ok ? w + (int64_t)n * K + k : w, ok);
         }
     };
     float acc[NT][4];
 #pragma unroll
     for (int n = 0; n < NT; n++) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.f;
-    const int stages = (k_end - k_begin + STAGE_K - 1) / STAGE_K;
-    load(k_begin);
+#pragma unroll
+    for (int s = 0; s < STAGES - 1; s++) {
+        if (s < stages) issue(s);
+        cp_async_commit();
+    }
+    const int ra = row0 + warp * 16 + g;  // this lane's two rows of x: ra and ra + 8
     for (int s = 0; s < stages; s++) {
-        const int buf = s & 1;
-        store(buf, k_begin + s * STAGE_K);
-        // One barrier per stage: the buffer written next (s+1) was last read in stage s−1, which
-        // every warp finished before passing this barrier.
-        __syncthreads();
-        if (s + 1 < stages) load(k_begin + (s + 1) * STAGE_K);
-        const uint32_t* xa = &xs[buf][(warp * 16 + g) * DOWN_STRIDE + 8 * t];
-        const uint4 x0 = lds4(xa), x1 = lds4(xa + 4), x8 = lds4(xa + 8 * DOWN_STRIDE), x9 = lds4(xa + 8 * DOWN_STRIDE + 4);
-        const uint32_t ag[8] = {x0.x, x0.y, x0.z, x0.w, x1.x, x1.y, x1.z, x1.w};  // row g, columns 8t..8t+7
-        const uint32_t ah[8] = {x8.x, x8.y, x8.z, x8.w, x9.x, x9.y, x9.z, x9.w};  // row g+8
+        cp_async_wait<STAGES - 2>();  // stage s has landed (for this thread's copies) ...
+        __syncthreads();              // ... and for every thread's; stage s−1's buffer is free
+        if (s + STAGES - 1 < stages) issue(s + STAGES - 1);
+        cp_async_commit();
+        const float* xs = smem + (s % STAGES) * SW;
+        const int kc = k_begin + s * STAGE_K + 8 * t;  // first of this lane's 8 columns
+        const float* xa = xs + (warp * 16 + g) * DOWN_STRIDE + 8 * t;
+        uint32_t ag[8], ah[8];  // rows ra and ra + 8, columns kc..kc+7
+        frag8(lds4f(xa), lds4f(xa + 4), ag, seed, p, (int64_t)ra * K + kc);
+        frag8(lds4f(xa + 8 * DOWN_STRIDE), lds4f(xa + 8 * DOWN_STRIDE + 4), ah, seed, p, (int64_t)(ra + 8) * K + kc);
 #pragma unroll
         for (int n = 0; n < NT; n++) {
-            const uint32_t* wb = &ws[buf][(n * 8 + g) * DOWN_STRIDE + 8 * t];
-            const uint4 w0 = lds4(wb), w1 = lds4(wb + 4);
-            const uint32_t b[8] = {w0.x, w0.y, w0.z, w0.w, w1.x, w1.y, w1.z, w1.w};
+            const float* wb = xs + XW + (n * 8 + g) * DOWN_STRIDE + 8 * t;
+            uint32_t b[8];
+            frag8(lds4f(wb), lds4f(wb + 4), b, 0, 0.f, 0);
 #pragma unroll
             for (int j = 0; j < 4; j++) mma_tf32(acc[n], ag[2 * j], ah[2 * j], ag[2 * j + 1], ah[2 * j + 1], b[2 * j], b[2 * j + 1]);
         }
     }
     float* out = part + (int64_t)blockIdx.y * m * r;
-    const int ra = row0 + warp * 16 + g, rb = ra + 8;
+    const int rb = ra + 8;
 #pragma unroll
     for (int n = 0; n < NT; n++) {
         const int c = n * 8 + 2 * t;  // r is a multiple of 4, so c < r implies c + 1 < r
@@ -120,166 +133,189 @@ __device__ void lora_down(const float* x, const float* w, float* part, int m, in
     }
 }
 #define LORA_DOWN(name, NT) \
-    extern "C" __global__ void __launch_bounds__(DOWN_THREADS, 4) name(const float* x, const float* w, float* part, int m, int K, int r, int k_split, uint64_t seed, float p) { \
+    extern "C" __global__ void __launch_bounds__(DOWN_THREADS, 3) name(const float* x, const float* w, float* part, int m, int K, int r, int k_split, uint64_t seed, float p) { \
         lora_down<NT>(x, w, part, m, K, r, k_split, seed, p); \
     }
 LORA_DOWN(lora_down_r16, 2)
 LORA_DOWN(lora_down_r32, 4)
 LORA_DOWN(lora_down_r64, 8)
 
-// ---- the sum of split partials: out = [out +] alpha · Σ_s part[s], part[s] (a, b) -----------------
-// transpose = 0: out (a, b); 1: out (b, a) (dB is computed as (dBᵀ) = uᵀ·dy, r × rows).
-extern "C" __global__ void lora_sum_splits(const float* part, float* out, int splits, int a, int b, float alpha, int accumulate, int transpose) {
-    const int64_t n = (int64_t)a * b;
-    FOR_EACH(i, n) {
-        float s = 0.f;
-        for (int k = 0; k < splits; k++) s += part[k * n + i];
-        const int64_t o = transpose ? (i % b) * a + i / b : i;
-        out[o] = (accumulate ? out[o] : 0.f) + alpha * s;
+// ---- the sum of split partials: out (n) = [out +] alpha · Σ_s part[s] (n), n a multiple of 4 ------
+extern "C" __global__ void lora_sum_splits(const float* part, float* out, int splits, int64_t n, float alpha, int accumulate) {
+    FOR_EACH(i, n / 4) {
+        float4 s = make_float4(0.f, 0.f, 0.f, 0.f);
+        for (int k = 0; k < splits; k++) {
+            const float4 v = __ldg(reinterpret_cast<const float4*>(part + k * n) + i);
+            s.x += v.x, s.y += v.y, s.z += v.z, s.w += v.w;
+        }
+        float4* o = reinterpret_cast<float4*>(out) + i;
+        const float4 old = accumulate ? *o : make_float4(0.f, 0.f, 0.f, 0.f);
+        *o = make_float4(old.x + alpha * s.x, old.y + alpha * s.y, old.z + alpha * s.z, old.w + alpha * s.w);
     }
 }
 
 // ---- up: out (m, N) += alpha · [drop] (U (m, r) · W'ᵀ) ------------------------------------------
 // W' (N, r) is given either as W (N, r) (forward: B) or transposed as W (r, N) (backward: A, for
 // dx += drop'(du·A), whose mask applies to the product before it is added). K = r ≤ 64 is small, so
-// a block stages its whole U tile (64 rows) and W' tile (64 columns of out) once, as TF32, and each
-// warp computes 16 rows × 64 columns; out is read and written once, which is the cost.
+// a block copies its whole U tile (64 rows) and W' tile (64 columns of out) into shared memory once
+// (cp.async) and each warp computes 16 rows × 64 columns; out is read and written once, which is
+// the cost. So the block requests its share of out (16-byte row-contiguous loads) together with the
+// tiles, and the products come back through shared memory to be added in that same layout (ncu,
+// H200: reading out in the fragments' layout at the end gave 15% of DRAM bandwidth).
 // Fragments read shared memory one word at a time in the natural k order; the strides keep each
-// load's 32 lanes on 32 banks: U and W (N, r) tiles as (row, k) with stride r8 + 4 (r8 = r rounded
-// up to 8), W (r, N) as (k, n) with stride 72.
+// load's 32 lanes on 32 banks: U and W (N, r) tiles as (row, k) with stride 68, W (r, N) as (k, n)
+// with stride 72; the product tile (row, n) with stride 72 (conflict-free 8-byte fragment stores).
 #define UP_ROWS 64
 #define UP_COLS 64
 #define UP_THREADS 128
+#define UP_STRIDE 68
 #define UP_KN_STRIDE 72
+#define UP_V (64 * 64 / 4 / UP_THREADS)  // 16-byte pieces per thread of a 64 × 64 tile: 8
 
-extern "C" __global__ void __launch_bounds__(UP_THREADS) lora_up(const float* u, const float* w, float* out, int m, int N, int r, int w_is_rn, float alpha, uint64_t seed, float p) {
-    __shared__ __align__(16) uint32_t us[UP_ROWS * 68];
-    __shared__ __align__(16) uint32_t wsh[64 * UP_KN_STRIDE];  // (64 n, 68) or (64 k, 72)
-    const int r8 = (r + 7) / 8 * 8, rs = r8 + 4;
+extern "C" __global__ void __launch_bounds__(UP_THREADS, 4) lora_up(const float* u, const float* w, float* out, int m, int N, int r, int w_is_rn, float alpha, uint64_t seed, float p) {
+    __shared__ __align__(16) float us[UP_ROWS * UP_STRIDE];
+    __shared__ __align__(16) float wsh[64 * UP_KN_STRIDE];  // W' tile as (64 n, 68) or (64 k, 72); then the product (64, 72)
     const int row0 = blockIdx.y * UP_ROWS, col0 = blockIdx.x * UP_COLS;
     const int warp = threadIdx.x / WARP, lane = threadIdx.x % WARP, g = lane / 4, t = lane % 4;
-    const int kq = r8 / 4;  // float4s per staged row of length r8
-    for (int e = threadIdx.x; e < UP_ROWS * kq; e += UP_THREADS) {
-        const int row = row0 + e / kq, k = 4 * (e % kq);
-        const float4 v = row < m && k < r ? ld4(u + (int64_t)row * r + k) : make_float4(0.f, 0.f, 0.f, 0.f);
-        *reinterpret_cast<uint4*>(&us[(e / kq) * rs + k]) = tf32x4(v);
-    }
-    if (w_is_rn) {
-        for (int e = threadIdx.x; e < r8 * (UP_COLS / 4); e += UP_THREADS) {
-            const int k = e / (UP_COLS / 4), n = 4 * (e % (UP_COLS / 4));
-            const float4 v = k < r && col0 + n < N ? ld4(w + (int64_t)k * N + col0 + n) : make_float4(0.f, 0.f, 0.f, 0.f);
-            *reinterpret_cast<uint4*>(&wsh[k * UP_KN_STRIDE + n]) = tf32x4(v);
-        }
-    } else {
-        for (int e = threadIdx.x; e < UP_COLS * kq; e += UP_THREADS) {
-            const int n = e / kq, k = 4 * (e % kq);
-            const float4 v = col0 + n < N && k < r ? ld4(w + (int64_t)(col0 + n) * r + k) : make_float4(0.f, 0.f, 0.f, 0.f);
-            *reinterpret_cast<uint4*>(&wsh[n * rs + k]) = tf32x4(v);
+    // Piece q of a 64 × 64 tile: row e / 16, columns 4·(e % 16)..+3, e = thread + 128·q.
+#pragma unroll
+    for (int q = 0; q < UP_V; q++) {
+        const int e = threadIdx.x + q * UP_THREADS, i = e / 16, j = 4 * (e % 16);
+        const bool uok = row0 + i < m && j < r;
+        cp_async16(smem_addr(us + i * UP_STRIDE + j), uok ? u + (int64_t)(row0 + i) * r + j : u, uok);
+        if (w_is_rn) {
+            const bool ok = i < r && col0 + j < N;
+            cp_async16(smem_addr(wsh + i * UP_KN_STRIDE + j), ok ? w + (int64_t)i * N + col0 + j : w, ok);
+        } else {
+            const bool ok = col0 + i < N && j < r;
+            cp_async16(smem_addr(wsh + i * UP_STRIDE + j), ok ? w + (int64_t)(col0 + i) * r + j : w, ok);
         }
     }
+    cp_async_commit();
+    float4 old[UP_V];  // this thread's pieces of out (N % 4 == 0: a piece is in or out whole)
+#pragma unroll
+    for (int q = 0; q < UP_V; q++) {
+        const int e = threadIdx.x + q * UP_THREADS, row = row0 + e / 16, c = col0 + 4 * (e % 16);
+        old[q] = row < m && c < N ? *reinterpret_cast<const float4*>(out + (int64_t)row * N + c) : make_float4(0.f, 0.f, 0.f, 0.f);
+    }
+    // The dropout decisions of those 32 elements, hashed while the loads are in flight (at the end,
+    // with nothing left to overlap, they cost as much as the rest of the kernel).
+    uint32_t keep = ~0u;
+    if (p > 0.f) {
+        keep = 0;
+#pragma unroll
+        for (int q = 0; q < UP_V; q++) {
+            const int e = threadIdx.x + q * UP_THREADS;
+            keep |= keep_bits4(seed, p, (int64_t)(row0 + e / 16) * N + col0 + 4 * (e % 16)) << (4 * q);
+        }
+    }
+    cp_async_wait<0>();
     __syncthreads();
     float acc[8][4];
 #pragma unroll
     for (int n = 0; n < 8; n++) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.f;
-    const uint32_t* ua = &us[(warp * 16 + g) * rs + t];
+    const float* ua = &us[(warp * 16 + g) * UP_STRIDE + t];
+    const int r8 = (r + 7) / 8 * 8;  // k past r is zero in both tiles
     for (int k0 = 0; k0 < r8; k0 += 8) {
-        const uint32_t a0 = ua[k0], a1 = ua[k0 + 8 * rs], a2 = ua[k0 + 4], a3 = ua[k0 + 8 * rs + 4];
+        const uint32_t a0 = tf32(ua[k0]), a1 = tf32(ua[k0 + 8 * UP_STRIDE]), a2 = tf32(ua[k0 + 4]), a3 = tf32(ua[k0 + 8 * UP_STRIDE + 4]);
 #pragma unroll
         for (int n = 0; n < 8; n++) {
-            uint32_t b0, b1;
-            if (w_is_rn) {
-                b0 = wsh[(k0 + t) * UP_KN_STRIDE + n * 8 + g], b1 = wsh[(k0 + t + 4) * UP_KN_STRIDE + n * 8 + g];
-            } else {
-                b0 = wsh[(n * 8 + g) * rs + k0 + t], b1 = wsh[(n * 8 + g) * rs + k0 + t + 4];
-            }
-            mma_tf32(acc[n], a0, a1, a2, a3, b0, b1);
+            const float* b = w_is_rn ? &wsh[(k0 + t) * UP_KN_STRIDE + n * 8 + g] : &wsh[(n * 8 + g) * UP_STRIDE + k0 + t];
+            const int next = w_is_rn ? 4 * UP_KN_STRIDE : 4;  // k + 4
+            mma_tf32(acc[n], a0, a1, a2, a3, tf32(b[0]), tf32(b[next]));
         }
     }
+    __syncthreads();  // every warp is done with the W' tile: its space takes the product
 #pragma unroll
-    for (int h = 0; h < 2; h++) {
-        const int row = row0 + warp * 16 + g + 8 * h;
-        if (row >= m) continue;
+    for (int n = 0; n < 8; n++) {
+        float* c = &wsh[(warp * 16 + g) * UP_KN_STRIDE + n * 8 + 2 * t];
+        *reinterpret_cast<float2*>(c) = make_float2(acc[n][0], acc[n][1]);
+        *reinterpret_cast<float2*>(c + 8 * UP_KN_STRIDE) = make_float2(acc[n][2], acc[n][3]);
+    }
+    __syncthreads();
 #pragma unroll
-        for (int n = 0; n < 8; n++) {
-            const int c = col0 + n * 8 + 2 * t;  // N is a multiple of 4: c < N implies c + 1 < N
-            if (c >= N) continue;
-            float2* o = reinterpret_cast<float2*>(out + (int64_t)row * N + c);
-            float v0 = alpha * acc[n][2 * h], v1 = alpha * acc[n][2 * h + 1];
-            if (p > 0.f) {
-                const int64_t idx = (int64_t)row * N + c;
-                v0 *= dropout_factor(seed, idx, p), v1 *= dropout_factor(seed, idx + 1, p);
-            }
-            const float2 old = *o;
-            *o = make_float2(old.x + v0, old.y + v1);
-        }
+    for (int q = 0; q < UP_V; q++) {
+        const int e = threadIdx.x + q * UP_THREADS, i = e / 16, j = 4 * (e % 16), row = row0 + i, c = col0 + j;
+        if (row >= m || c >= N) continue;
+        float4 v = *reinterpret_cast<const float4*>(&wsh[i * UP_KN_STRIDE + j]);
+        const float s = p > 0.f ? alpha / (1.f - p) : alpha;  // the kept elements' factor
+        v.x *= keep >> (4 * q) & 1 ? s : 0.f, v.y *= keep >> (4 * q + 1) & 1 ? s : 0.f;
+        v.z *= keep >> (4 * q + 2) & 1 ? s : 0.f, v.w *= keep >> (4 * q + 3) & 1 ? s : 0.f;
+        *reinterpret_cast<float4*>(out + (int64_t)row * N + c) = make_float4(old[q].x + v.x, old[q].y + v.y, old[q].z + v.z, old[q].w + v.w);
     }
 }
 
 // ---- outer: part[split] (r, N) = S (m, r)ᵀ · [drop] (T (m, N)) over the split's range of m --------
-// dA = duᵀ·drop(x) (S = du, T = x, masked) and dBᵀ = uᵀ·dy (S = u, T = dy). Block: 4 warps, 32
-// columns of T (8 per warp) × all r8 ≤ 64 rows of the result; m in stages of 32 rows staged as TF32
-// in shared memory (dropout applied on the way in), double-buffered like `down`. Fragments read one
-// word at a time in the natural k (= row of S, T) order: S staged as (k, r) with stride r8 + 8 and T
-// as (k, n) with stride 40 keep every load on 32 banks.
+// dA = duᵀ·drop(x) (S = du, T = x, masked). (dB = dyᵀ·u has no dropout to fuse and stays a cuBLAS
+// GEMM, which ran it in 21 µs against this kernel's 32 at 7B shapes.) Block: 4 warps, 32 columns of T (8 per
+// warp) × all 16·MT ≥ r rows of the result; m in stages of 32 rows copied raw by cp.async, STAGES
+// deep, as in `down`; dropout as the fragments are read (each T value by exactly one lane). Fragments read one word at a time in the natural k (= row of S, T) order: S staged as
+// (k, r) with stride 16·MT + 8 and T as (k, n) with stride 40 keep every load on 32 banks.
 #define OUTER_COLS 32
 #define OUTER_THREADS 128
 #define OUTER_T_STRIDE 40
 
-template <int MT>  // 16-row tiles of the result: r ≤ 16·MT
+template <int MT>
 __device__ void lora_outer(const float* S, const float* T, float* part, int m, int N, int r, int m_split, uint64_t seed, float p) {
-    constexpr int R = 16 * MT, SS = R + 8;
-    __shared__ __align__(16) uint32_t ss[2][STAGE_K * SS];
-    __shared__ __align__(16) uint32_t ts[2][STAGE_K * OUTER_T_STRIDE];
-    constexpr int SV = (STAGE_K * R / 4 + OUTER_THREADS - 1) / OUTER_THREADS;  // S float4s per thread
-    constexpr int TV = STAGE_K * OUTER_COLS / 4 / OUTER_THREADS;                // T float4s: 2
+    constexpr int R = 16 * MT, SS = R + 8, SW = STAGE_K * SS + STAGE_K * OUTER_T_STRIDE;  // words per stage
+    extern __shared__ __align__(16) float smem[];  // STAGES × [S (32, SS) | T (32, 40)]
+    constexpr int SV = (STAGE_K * R / 4 + OUTER_THREADS - 1) / OUTER_THREADS;  // S copies per thread
+    constexpr int TV = STAGE_K * OUTER_COLS / 4 / OUTER_THREADS;                // T copies: 2
     const int col0 = blockIdx.x * OUTER_COLS;
     const int m_begin = blockIdx.y * m_split, m_end = min(m, m_begin + m_split);
     const int warp = threadIdx.x / WARP, lane = threadIdx.x % WARP, g = lane / 4, t = lane % 4;
-    float4 sr[SV], tr[TV];
-    auto load = [&](int k0) {
+    const int stages = (m_end - m_begin + STAGE_K - 1) / STAGE_K;
+    auto issue = [&](int s) {
+        const int k0 = m_begin + s * STAGE_K;
+        float* ss = smem + (s % STAGES) * SW;
 #pragma unroll
         for (int q = 0; q < SV; q++) {
-            const int e = threadIdx.x + q * OUTER_THREADS, k = k0 + e / (R / 4), i = 4 * (e % (R / 4));
-            sr[q] = e < STAGE_K * R / 4 && k < m_end && i < r ? ld4(S + (int64_t)k * r + i) : make_float4(0.f, 0.f, 0.f, 0.f);
+            const int e = threadIdx.x + q * OUTER_THREADS, k = e / (R / 4), i = 4 * (e % (R / 4));
+            const bool ok = k0 + k < m_end && i < r;
+            if (e < STAGE_K * R / 4) cp_async16(smem_addr(ss + k * SS + i), ok ? S + (int64_t)(k0 + k) * r + i : S, ok);
         }
 #pragma unroll
         for (int q = 0; q < TV; q++) {
-            const int e = threadIdx.x + q * OUTER_THREADS, k = k0 + e / (OUTER_COLS / 4), n = col0 + 4 * (e % (OUTER_COLS / 4));
-            const bool in = k < m_end && n < N;
-            tr[q] = in ? ld4(T + (int64_t)k * N + n) : make_float4(0.f, 0.f, 0.f, 0.f);
-        }
-    };
-    auto store = [&](int buf, int k0) {  // the mask applied here, as in `down`
-#pragma unroll
-        for (int q = 0; q < SV; q++) {
-            const int e = threadIdx.x + q * OUTER_THREADS;
-            if (e < STAGE_K * R / 4) *reinterpret_cast<uint4*>(&ss[buf][(e / (R / 4)) * SS + 4 * (e % (R / 4))]) = tf32x4(sr[q]);
-        }
-#pragma unroll
-        for (int q = 0; q < TV; q++) {
-            const int e = threadIdx.x + q * OUTER_THREADS, k = k0 + e / (OUTER_COLS / 4), n = col0 + 4 * (e % (OUTER_COLS / 4));
-            const float4 v = p > 0.f ? drop4(tr[q], seed, p, (int64_t)k * N + n) : tr[q];
-            *reinterpret_cast<uint4*>(&ts[buf][(e / (OUTER_COLS / 4)) * OUTER_T_STRIDE + 4 * (e % (OUTER_COLS / 4))]) = tf32x4(v);
+            const int e = threadIdx.x + q * OUTER_THREADS, k = e / (OUTER_COLS / 4), j = 4 * (e % (OUTER_COLS / 4));
+            const bool ok = k0 + k < m_end && col0 + j < N;
+            cp_async16(smem_addr(ss + STAGE_K * SS + k * OUTER_T_STRIDE + j), ok ? T + (int64_t)(k0 + k) * N + col0 + j : T, ok);
         }
     };
     float acc[MT][4];
 #pragma unroll
     for (int i = 0; i < MT; i++) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
-    const int stages = (m_end - m_begin + STAGE_K - 1) / STAGE_K;
-    load(m_begin);
-    for (int s = 0; s < stages; s++) {
-        const int buf = s & 1;
-        store(buf, m_begin + s * STAGE_K);
-        __syncthreads();  // as in `down`: one barrier per stage with two buffers
-        if (s + 1 < stages) load(m_begin + (s + 1) * STAGE_K);
 #pragma unroll
-        for (int k0 = 0; k0 < STAGE_K; k0 += 8) {
-            const uint32_t b0 = ts[buf][(k0 + t) * OUTER_T_STRIDE + warp * 8 + g];
-            const uint32_t b1 = ts[buf][(k0 + t + 4) * OUTER_T_STRIDE + warp * 8 + g];
+    for (int s = 0; s < STAGES - 1; s++) {
+        if (s < stages) issue(s);
+        cp_async_commit();
+    }
+    const int n = col0 + warp * 8 + g;  // this lane's column of T in the B fragments
+    for (int s = 0; s < stages; s++) {
+        cp_async_wait<STAGES - 2>();
+        __syncthreads();  // as in `down`
+        if (s + STAGES - 1 < stages) issue(s + STAGES - 1);
+        cp_async_commit();
+        const float* ss = smem + (s % STAGES) * SW;
+        const float* ts = ss + STAGE_K * SS;
+        const int k0 = m_begin + s * STAGE_K;
+        // This lane's 8 values of T in the stage are rows k0 + 4h + t (h < 8) of column n; their
+        // dropout decisions first, all 8 hashes side by side (past the edges the values are zeros,
+        // so the decision does not matter).
+        uint32_t keep = ~0u;
+        if (p > 0.f) {
+            keep = 0;
+#pragma unroll
+            for (int h = 0; h < 8; h++) keep |= (dropout_factor(seed, (int64_t)(k0 + 4 * h + t) * N + n, p) != 0.f) << h;
+        }
+        const float kept = p > 0.f ? 1.f / (1.f - p) : 1.f;
+#pragma unroll
+        for (int kk = 0; kk < STAGE_K; kk += 8) {
+            const float t0 = ts[(kk + t) * OUTER_T_STRIDE + warp * 8 + g], t1 = ts[(kk + t + 4) * OUTER_T_STRIDE + warp * 8 + g];
+            const uint32_t b0 = tf32(keep >> (kk / 4) & 1 ? t0 * kept : 0.f), b1 = tf32(keep >> (kk / 4 + 1) & 1 ? t1 * kept : 0.f);
 #pragma unroll
             for (int i = 0; i < MT; i++) {
-                const uint32_t* sa = &ss[buf][(k0 + t) * SS + i * 16 + g];
-                mma_tf32(acc[i], sa[0], sa[8], sa[4 * SS], sa[4 * SS + 8], b0, b1);
+                const float* sa = ss + (kk + t) * SS + i * 16 + g;
+                mma_tf32(acc[i], tf32(sa[0]), tf32(sa[8]), tf32(sa[4 * SS]), tf32(sa[4 * SS + 8]), b0, b1);
             }
         }
     }
@@ -287,14 +323,16 @@ __device__ void lora_outer(const float* S, const float* T, float* part, int m, i
     const int c = col0 + warp * 8 + 2 * t;  // N is a multiple of 4: c < N implies c + 1 < N
     if (c >= N) return;
 #pragma unroll
-    for (int i = 0; i < MT; i++) {
-        const int ra = i * 16 + g, rb = ra + 8;
-        if (ra < r) *reinterpret_cast<float2*>(out + (int64_t)ra * N + c) = make_float2(acc[i][0], acc[i][1]);
-        if (rb < r) *reinterpret_cast<float2*>(out + (int64_t)rb * N + c) = make_float2(acc[i][2], acc[i][3]);
-    }
+    for (int i = 0; i < MT; i++)
+#pragma unroll
+        for (int h = 0; h < 2; h++) {
+            const int row = i * 16 + g + 8 * h;
+            if (row >= r) continue;
+            *reinterpret_cast<float2*>(out + (int64_t)row * N + c) = make_float2(acc[i][2 * h], acc[i][2 * h + 1]);
+        }
 }
 #define LORA_OUTER(name, MT) \
-    extern "C" __global__ void __launch_bounds__(OUTER_THREADS, 4) name(const float* S, const float* T, float* part, int m, int N, int r, int m_split, uint64_t seed, float p) { \
+    extern "C" __global__ void __launch_bounds__(OUTER_THREADS, 3) name(const float* S, const float* T, float* part, int m, int N, int r, int m_split, uint64_t seed, float p) { \
         lora_outer<MT>(S, T, part, m, N, r, m_split, seed, p); \
     }
 LORA_OUTER(lora_outer_r16, 1)

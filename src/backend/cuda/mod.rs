@@ -220,6 +220,10 @@ impl Cuda {
         for name in GEMV_ONE_ROW {
             funcs[name].set_attribute(attr, GEMV_MAX_X_SMEM as i32).map_err(dev_err)?;
         }
+        for v in 0..LORA_DOWN.len() {
+            funcs[LORA_DOWN[v]].set_attribute(attr, lora_down_smem(v) as i32).map_err(dev_err)?;
+            funcs[LORA_OUTER[v]].set_attribute(attr, lora_outer_smem(v) as i32).map_err(dev_err)?;
+        }
         // The fused 4-bit matmul needs compute capability 9.0 and sm_90a code (wgmma).
         let wgmma = cfg!(wgmma_kernels) && ctx.compute_capability().map_err(dev_err)?.0 == 9;
         let sm_count = ctx
@@ -963,10 +967,14 @@ impl Backend for Cuda {
                 self.blas.gemm_rm(F32Math::Tf32, false, false, m, r, rows, scale, dyop, rows, bop, r, 0.0, &mut du, r),
                 "LoRA du GEMM"
             );
-            // dB (rows, r) += scale · (uᵀ · dy)ᵀ;  dA (r, cols) += duᵀ · drop(x);  dx += drop'(du · A)
-            // (kernels/lora_fused.cu; the mask is regenerated from the seed where x and dx are touched).
-            self.lora_outer(u, dy, m, rows, r, scale, Dropout::NONE, true, db);
-            self.lora_outer(&du, x, m, cols, r, 1.0, dropout, false, da);
+            // dB (rows, r) += scale · dyᵀ · u: the same.
+            ck!(
+                self.blas.gemm_rm(F32Math::Tf32, true, false, rows, r, m, scale, dyop, rows, uop, r, 1.0, db, r),
+                "LoRA dB GEMM"
+            );
+            // dA (r, cols) += duᵀ · drop(x);  dx += drop'(du · A) (kernels/lora_fused.cu; the mask is
+            // regenerated from the seed where x and dx are touched).
+            self.lora_outer(&du, x, m, cols, r, dropout, da);
             self.lora_up(&du, a, true, m, cols, r, 1.0, dropout, dx);
             return;
         }
@@ -1317,15 +1325,24 @@ fn lora_variant(r: usize) -> usize {
         _ => 2,
     }
 }
-/// Their geometry (DOWN_ROWS, STAGE_K, UP_ROWS = UP_COLS, OUTER_COLS and the 128-thread blocks).
+/// Their geometry (DOWN_ROWS, STAGE_K, STAGES, UP_ROWS = UP_COLS, OUTER_COLS, 128-thread blocks).
 const LORA_DOWN_ROWS: usize = 64;
 const LORA_STAGE: usize = 32;
+const LORA_STAGES: usize = 4;
 const LORA_UP_TILE: usize = 64;
 const LORA_OUTER_COLS: usize = 32;
 const LORA_THREADS: u32 = 128;
-/// Blocks per SM the split reductions aim for: each block keeps one 32-wide stage of loads in
-/// flight, so a memory-bound kernel needs several per SM.
-const LORA_BLOCKS_PER_SM: usize = 4;
+/// Blocks per SM of the split kernels (`down` and `outer` are built for three: their registers and
+/// shared memory allow it); the splits aim at one full wave of them.
+const LORA_BLOCKS_PER_SM: usize = 3;
+/// Dynamic shared memory of `lora_down` variant v: STAGES × (64 rows of x + 8·NT of A) × 36 words.
+fn lora_down_smem(v: usize) -> usize {
+    LORA_STAGES * (LORA_DOWN_ROWS + (16 << v)) * 36 * 4
+}
+/// Of `lora_outer` variant v: STAGES × 32 rows × (S: 16·MT + 8 words, T: 40 words).
+fn lora_outer_smem(v: usize) -> usize {
+    LORA_STAGES * LORA_STAGE * ((16 << v) + 8 + 40) * 4
+}
 
 /// Warps per query row of the non-flash attention forward (kernels/attention.cu, SPLIT_WARPS).
 const ATTENTION_SPLIT_WARPS: u32 = 8;
@@ -1542,29 +1559,28 @@ impl Cuda {
     }
 
     /// How to split a reduction of `len` (stages of [`LORA_STAGE`]) over blocks so that `tiles`
-    /// output tiles × splits make about [`LORA_BLOCKS_PER_SM`] blocks per SM: (splits, length per split).
+    /// output tiles × splits fill the GPU's [`LORA_BLOCKS_PER_SM`] block slots per SM in one wave (a
+    /// second, nearly empty wave would cost as much as the first): (splits, length per split).
     fn lora_splits(&self, tiles: usize, len: usize) -> (usize, usize) {
         let stages = len.div_ceil(LORA_STAGE);
-        let want = (LORA_BLOCKS_PER_SM * self.sm_count).div_ceil(tiles).clamp(1, stages);
+        let want = (LORA_BLOCKS_PER_SM * self.sm_count / tiles).clamp(1, stages);
         let per = stages.div_ceil(want) * LORA_STAGE;
         (len.div_ceil(per), per)
     }
 
-    /// `out = [out +] alpha · Σ_s part[s]` for `part (splits, a, b)`; `out (a, b)`, or `(b, a)` when
-    /// `transpose` (kernels/lora_fused.cu, lora_sum_splits).
-    #[allow(clippy::too_many_arguments)]
+    /// `out = [out +] alpha · Σ_s part[s]` for `part (splits, n)`, `out (n)` (kernels/lora_fused.cu,
+    /// lora_sum_splits).
     fn lora_sum_splits(
         &self,
         part: &CudaSlice<f32>,
         splits: usize,
-        (a, b): (usize, usize),
         alpha: f32,
         accumulate: bool,
-        transpose: bool,
         out: &mut CudaSlice<f32>,
     ) {
-        let (s32, a32, b32, acc, tr) = (splits as i32, a as i32, b as i32, accumulate as i32, transpose as i32);
-        launch!(self, "lora_sum_splits", grid_for(a * b); part, &mut *out, &s32, &a32, &b32, &alpha, &acc, &tr);
+        let n = out.len();
+        let (s32, n64, acc) = (splits as i32, n as i64, accumulate as i32);
+        launch!(self, "lora_sum_splits", grid_for(n / 4); part, &mut *out, &s32, &n64, &alpha, &acc);
     }
 
     /// `u (m, r) = drop(x) (m, cols) · Aᵀ` for `A (r, cols)`, split over `cols` to fill the GPU.
@@ -1581,17 +1597,18 @@ impl Cuda {
     ) {
         let tiles = m.div_ceil(LORA_DOWN_ROWS);
         let (splits, per) = self.lora_splits(tiles, cols);
+        let v = lora_variant(r);
         let cfg = LaunchConfig {
             grid_dim: (tiles as u32, splits as u32, 1),
             block_dim: (LORA_THREADS, 1, 1),
-            shared_mem_bytes: 0,
+            shared_mem_bytes: lora_down_smem(v) as u32,
         };
-        let (kernel, dims) = (LORA_DOWN[lora_variant(r)], [m as i32, cols as i32, r as i32, per as i32]);
+        let dims = [m as i32, cols as i32, r as i32, per as i32];
         let mut part = (splits > 1).then(|| self.scratch(splits * m * r));
         let dst = part.as_mut().unwrap_or(u);
-        launch!(self, kernel, cfg; x, a, dst, &dims[0], &dims[1], &dims[2], &dims[3], &d.seed, &d.p);
+        launch!(self, LORA_DOWN[v], cfg; x, a, dst, &dims[0], &dims[1], &dims[2], &dims[3], &d.seed, &d.p);
         if let Some(part) = part {
-            self.lora_sum_splits(&part, splits, (m, r), 1.0, false, false, u);
+            self.lora_sum_splits(&part, splits, 1.0, false, u);
         }
     }
 
@@ -1619,8 +1636,7 @@ impl Cuda {
         launch!(self, "lora_up", cfg; u, w, &mut *out, &dims[0], &dims[1], &dims[2], &rn, &alpha, &d.seed, &d.p);
     }
 
-    /// `out += alpha · Sᵀ · drop(T)` for `S (m, r)`, `T (m, n)`: `out (r, n)`, or `(n, r)` when
-    /// `transpose_out`; split over `m` to fill the GPU.
+    /// `out (r, n) += Sᵀ · drop(T)` for `S (m, r)`, `T (m, n)`, split over `m` to fill the GPU.
     #[allow(clippy::too_many_arguments)]
     fn lora_outer(
         &self,
@@ -1629,22 +1645,21 @@ impl Cuda {
         m: usize,
         n: usize,
         r: usize,
-        alpha: f32,
         d: Dropout,
-        transpose_out: bool,
         out: &mut CudaSlice<f32>,
     ) {
         let tiles = n.div_ceil(LORA_OUTER_COLS);
         let (splits, per) = self.lora_splits(tiles, m);
+        let v = lora_variant(r);
         let cfg = LaunchConfig {
             grid_dim: (tiles as u32, splits as u32, 1),
             block_dim: (LORA_THREADS, 1, 1),
-            shared_mem_bytes: 0,
+            shared_mem_bytes: lora_outer_smem(v) as u32,
         };
-        let (kernel, dims) = (LORA_OUTER[lora_variant(r)], [m as i32, n as i32, r as i32, per as i32]);
+        let dims = [m as i32, n as i32, r as i32, per as i32];
         let mut part = self.scratch(splits * r * n);
-        launch!(self, kernel, cfg; s, t, &mut part, &dims[0], &dims[1], &dims[2], &dims[3], &d.seed, &d.p);
-        self.lora_sum_splits(&part, splits, (r, n), alpha, true, transpose_out, out);
+        launch!(self, LORA_OUTER[v], cfg; s, t, &mut part, &dims[0], &dims[1], &dims[2], &dims[3], &d.seed, &d.p);
+        self.lora_sum_splits(&part, splits, 1.0, true, out);
     }
 
     /// `x` with inverted dropout applied (the same mask formula as the CPU); `None` when dropout is
