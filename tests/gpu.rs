@@ -350,8 +350,10 @@ fn lora_forward_backward_with_dropout() {
             check(&format!("{} lora y m={m}", s.name), &gpu().download(&yy2), &yy1, F32_TOL);
         }
     }
-    // The real training shape of the 7B recipe: 4 × 512 token rows, q/v projections, r = 64.
+    // The real training shape of the 7B recipe: 4 × 512 token rows, q/v projections, r = 64; and
+    // in-features of one 32-wide stage, where the A product writes u directly (no split to sum).
     let d = Dropout { p: 0.1, seed: 99 };
+    check_lora(&mut rng, "narrow in-features (no split)", (M, 64, 32, 16), d);
     check_lora(&mut rng, "llama2-7b m=2048 r=64", (2048, 4096, 4096, 64), d);
 }
 

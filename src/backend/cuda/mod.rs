@@ -1403,9 +1403,10 @@ impl Cuda {
         };
         let compute = dtype_code(*compute);
         let (bs, m32, r32, c32) = (*blocksize as i32, m as i32, *rows as i32, *cols as i32);
-        // The row-blocked kernel when every row starts on a 16-byte boundary and blocks span 32
-        // values (the usual case; its dtype is in its name), else the any-size one (dtype argument).
-        let (kernel, cfg, any_size) = if cols % 32 == 0 && blocksize % 32 == 0 {
+        // The row-blocked kernel when every row starts on a 16-byte boundary and blocks span a power
+        // of two ≥ 32 values (the usual case; its dtype is in its name), else the any-size one (dtype
+        // argument).
+        let (kernel, cfg, any_size) = if cols % 32 == 0 && *blocksize >= 32 && blocksize.is_power_of_two() {
             // One row of x is staged in shared memory (cols + cols/32 floats) when it fits.
             let x_smem = (cols + cols / 32) * 4;
             let staged = m == 1 && x_smem <= GEMV_MAX_X_SMEM;
