@@ -212,6 +212,10 @@ pub struct BenchReport {
     pub mfu: f64,
     pub peak_tflops: f64,
     pub train_peak_memory_bytes: Option<u64>,
+    /// Device memory the backend held after the warm-up steps, and how much more it took from the
+    /// device during the timed steps (0: every allocation came from memory already held).
+    pub reserved_memory_bytes: Option<u64>,
+    pub reserved_growth_bytes: Option<u64>,
     pub losses: Vec<f64>,
     pub decode_new_tokens: usize,
     pub decode_tokens_per_s: Option<f64>,
@@ -290,7 +294,11 @@ pub fn run<B: Backend>(be: &B, cfg: &BenchConfig, log: &mut dyn FnMut(&str)) -> 
     be.synchronize();
     be.reset_peak_memory();
     let (mut step_times, mut losses) = (vec![], vec![]);
+    let mut reserved_after_warmup = None;
     for step in 0..cfg.warmup_steps + cfg.steps {
+        if step == cfg.warmup_steps {
+            reserved_after_warmup = be.reserved_memory();
+        }
         let b = batch();
         let t = Instant::now();
         grads.zero(be);
@@ -316,6 +324,7 @@ pub fn run<B: Backend>(be: &B, cfg: &BenchConfig, log: &mut dyn FnMut(&str)) -> 
         log(&format!("step {step}: {dt:.3} s, loss {:.4}", l.mean()));
     }
     let train_peak = be.peak_memory();
+    let reserved_growth = reserved_after_warmup.zip(be.reserved_memory()).map(|(a, b)| b.saturating_sub(a));
     let median_step_s = median(&step_times);
     let flops = step_flops(&cfg.model, &cfg.lora, cfg.batch_size, cfg.seq_len, cfg.gradient_checkpointing);
     let achieved = flops / median_step_s / 1e12;
@@ -365,6 +374,8 @@ pub fn run<B: Backend>(be: &B, cfg: &BenchConfig, log: &mut dyn FnMut(&str)) -> 
         mfu: achieved / cfg.peak_tflops,
         peak_tflops: cfg.peak_tflops,
         train_peak_memory_bytes: train_peak,
+        reserved_memory_bytes: reserved_after_warmup,
+        reserved_growth_bytes: reserved_growth,
         losses,
         decode_new_tokens: cfg.decode_tokens,
         decode_tokens_per_s: decode_tps,

@@ -644,7 +644,11 @@ fn fifty_gpu_steps_drive_the_loss_down() {
         (0..4).map(|_| (0..64).map(|_| rng.gen_range(0..cfg.vocab_size as u32)).collect()).collect();
     let batch = Batch::causal_lm(&rows);
     let mut losses = Vec::new();
+    let mut reserved_after_first = 0;
     for step in 0..50 {
+        if step == 1 {
+            reserved_after_first = gpu().reserved_memory().unwrap();
+        }
         let mut g = lora.zero_grads(gpu());
         let l =
             forward_backward(gpu(), &model, &lora, &mut g, &batch, 1.0 / batch.num_targets() as f32, Some(step), true);
@@ -653,6 +657,11 @@ fn fifty_gpu_steps_drive_the_loss_down() {
         losses.push(l.mean());
     }
     println!("GPU training loss: first {:.4}, step 25 {:.4}, last {:.4}", losses[0], losses[25], losses[49]);
+    // The memory pool is the arena: after the first step, every step's buffers come from memory it
+    // already holds.
+    let reserved = gpu().reserved_memory().unwrap();
+    println!("device memory held after step 1: {reserved_after_first} bytes, after step 50: {reserved}");
+    assert_eq!(reserved, reserved_after_first, "steps 2-50 took more device memory from the driver");
     assert!(losses[49] < losses[0] / 4.0, "loss {} -> {}", losses[0], losses[49]);
 }
 

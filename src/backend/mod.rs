@@ -165,6 +165,12 @@ pub trait Backend {
     }
     /// Starts a new peak-memory window (so a benchmark can measure training apart from loading).
     fn reset_peak_memory(&self) {}
+    /// Device memory the backend holds from the driver (in use or kept for reuse), when it tracks
+    /// it: constant from one training step to the next once the first step has run means every
+    /// allocation of a step is served from memory already held (no allocation from the device).
+    fn reserved_memory(&self) -> Option<u64> {
+        None
+    }
     /// Waits until every queued operation has finished (timing needs it; the CPU is synchronous).
     fn synchronize(&self) {}
 

@@ -602,6 +602,9 @@ impl Backend for Cuda {
     fn peak_memory(&self) -> Option<u64> {
         Some(self.pool_attribute(cudarc::driver::sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH))
     }
+    fn reserved_memory(&self) -> Option<u64> {
+        Some(self.pool_attribute(cudarc::driver::sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RESERVED_MEM_CURRENT))
+    }
     fn reset_peak_memory(&self) {
         let mut zero = 0u64;
         let attr = cudarc::driver::sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH;

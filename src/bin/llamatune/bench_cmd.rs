@@ -129,6 +129,9 @@ pub fn cmd_bench(a: BenchArgs) -> Result<ExitCode> {
         report.peak_tflops
     );
     println!("train peak mem   {}", gib(report.train_peak_memory_bytes));
+    if let (Some(r), Some(g)) = (report.reserved_memory_bytes, report.reserved_growth_bytes) {
+        println!("device memory    {} held after warm-up, {g} bytes more taken over the timed steps", gib(Some(r)));
+    }
     if let Some(p) = report.prefill_s {
         println!("prefill          {:.1} ms ({} prompt tokens to the first new one)", p * 1e3, report.prompt_tokens);
     }
