@@ -65,6 +65,25 @@ __device__ __forceinline__ void frag8(float4 a, float4 b, uint32_t (&o)[8], uint
     o[4] = tf32(b.x), o[5] = tf32(b.y), o[6] = tf32(b.z), o[7] = tf32(b.w);
 }
 
+// The cp.async pipeline of both split kernels: stages 0..STAGES−2 requested up front; then, for each
+// stage s, wait until it has landed for every thread, request stage s+STAGES−1 into the buffer that
+// stage s−1 used (every warp finished reading it before this barrier), and run compute(s) on it.
+template <typename Issue, typename Compute>
+__device__ __forceinline__ void pipeline(int stages, Issue issue, Compute compute) {
+#pragma unroll
+    for (int s = 0; s < STAGES - 1; s++) {
+        if (s < stages) issue(s);
+        cp_async_commit();
+    }
+    for (int s = 0; s < stages; s++) {
+        cp_async_wait<STAGES - 2>();  // stage s has landed for this thread's copies ...
+        __syncthreads();              // ... and for every thread's
+        if (s + STAGES - 1 < stages) issue(s + STAGES - 1);
+        cp_async_commit();
+        compute(s);
+    }
+}
+
 template <int NT>
 __device__ void lora_down(const float* x, const float* w, float* part, int m, int K, int r, int k_split, uint64_t seed, float p) {
     extern __shared__ __align__(16) float smem[];  // STAGES × [x (64, 36) | W (8·NT, 36)]
@@ -96,17 +115,8 @@ __device__ void lora_down(const float* x, const float* w, float* part, int m, in
     float acc[NT][4];
 #pragma unroll
     for (int n = 0; n < NT; n++) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.f;
-#pragma unroll
-    for (int s = 0; s < STAGES - 1; s++) {
-        if (s < stages) issue(s);
-        cp_async_commit();
-    }
     const int ra = row0 + warp * 16 + g;  // this lane's two rows of x: ra and ra + 8
-    for (int s = 0; s < stages; s++) {
-        cp_async_wait<STAGES - 2>();  // stage s has landed (for this thread's copies) ...
-        __syncthreads();              // ... and for every thread's; stage s−1's buffer is free
-        if (s + STAGES - 1 < stages) issue(s + STAGES - 1);
-        cp_async_commit();
+    pipeline(stages, issue, [&](int s) {
         const float* xs = smem + (s % STAGES) * SW;
         const int kc = k_begin + s * STAGE_K + 8 * t;  // first of this lane's 8 columns
         const float* xa = xs + (warp * 16 + g) * DOWN_STRIDE + 8 * t;
@@ -121,7 +131,7 @@ __device__ void lora_down(const float* x, const float* w, float* part, int m, in
 #pragma unroll
             for (int j = 0; j < 4; j++) mma_tf32(acc[n], ag[2 * j], ah[2 * j], ag[2 * j + 1], ah[2 * j + 1], b[2 * j], b[2 * j + 1]);
         }
-    }
+    });
     float* out = part + (int64_t)blockIdx.y * m * r;
     const int rb = ra + 8;
 #pragma unroll
@@ -247,10 +257,11 @@ extern "C" __global__ void __launch_bounds__(UP_THREADS, 4) lora_up(const float*
 
 // ---- outer: part[split] (r, N) = S (m, r)ᵀ · [drop] (T (m, N)) over the split's range of m --------
 // dA = duᵀ·drop(x) (S = du, T = x, masked). (dB = dyᵀ·u has no dropout to fuse and stays a cuBLAS
-// GEMM, which ran it in 21 µs against this kernel's 32 at 7B shapes.) Block: 4 warps, 32 columns of T (8 per
-// warp) × all 16·MT ≥ r rows of the result; m in stages of 32 rows copied raw by cp.async, STAGES
-// deep, as in `down`; dropout as the fragments are read (each T value by exactly one lane). Fragments read one word at a time in the natural k (= row of S, T) order: S staged as
-// (k, r) with stride 16·MT + 8 and T as (k, n) with stride 40 keep every load on 32 banks.
+// GEMM, which ran it in 21 µs against this kernel's 32 at 7B shapes.) Block: 4 warps, 32 columns of
+// T (8 per warp) × all 16·MT ≥ r rows of the result; m in stages of 32 rows copied raw by cp.async,
+// STAGES deep, as in `down`; dropout as the fragments are read (each T value by exactly one lane).
+// Fragments read one word at a time in the natural k (= row of S, T) order: S staged as (k, r) with
+// stride 16·MT + 8 and T as (k, n) with stride 40 keep every load on 32 banks.
 #define OUTER_COLS 32
 #define OUTER_THREADS 128
 #define OUTER_T_STRIDE 40
@@ -284,17 +295,8 @@ __device__ void lora_outer(const float* S, const float* T, float* part, int m, i
     float acc[MT][4];
 #pragma unroll
     for (int i = 0; i < MT; i++) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
-#pragma unroll
-    for (int s = 0; s < STAGES - 1; s++) {
-        if (s < stages) issue(s);
-        cp_async_commit();
-    }
     const int n = col0 + warp * 8 + g;  // this lane's column of T in the B fragments
-    for (int s = 0; s < stages; s++) {
-        cp_async_wait<STAGES - 2>();
-        __syncthreads();  // as in `down`
-        if (s + STAGES - 1 < stages) issue(s + STAGES - 1);
-        cp_async_commit();
+    pipeline(stages, issue, [&](int s) {
         const float* ss = smem + (s % STAGES) * SW;
         const float* ts = ss + STAGE_K * SS;
         const int k0 = m_begin + s * STAGE_K;
@@ -318,7 +320,7 @@ __device__ void lora_outer(const float* S, const float* T, float* part, int m, i
                 mma_tf32(acc[i], tf32(sa[0]), tf32(sa[8]), tf32(sa[4 * SS]), tf32(sa[4 * SS + 8]), b0, b1);
             }
         }
-    }
+    });
     float* out = part + (int64_t)blockIdx.y * r * N;
     const int c = col0 + warp * 8 + 2 * t;  // N is a multiple of 4: c < N implies c + 1 < N
     if (c >= N) return;

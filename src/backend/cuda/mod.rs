@@ -1587,6 +1587,36 @@ impl Cuda {
         launch!(self, "lora_sum_splits", grid_for(n / 4); part, &mut *out, &s32, &n64, &alpha, &acc);
     }
 
+    /// Runs a split-reduction kernel of kernels/lora_fused.cu over `tiles` output tiles × splits of a
+    /// reduction of length `len` (arguments: the two inputs, the partials, `dims` = (m, n, r), the
+    /// split length, the dropout) and sums the splits into `out`, adding to it when `accumulate`. With
+    /// one split and nothing to add to, the kernel writes `out` itself.
+    #[allow(clippy::too_many_arguments)]
+    fn lora_split_reduce(
+        &self,
+        (kernel, smem): (&str, usize),
+        (tiles, len): (usize, usize),
+        (a, b): (&CudaSlice<f32>, &CudaSlice<f32>),
+        dims: [i32; 3],
+        d: Dropout,
+        accumulate: bool,
+        out: &mut CudaSlice<f32>,
+    ) {
+        let (splits, per) = self.lora_splits(tiles, len);
+        let cfg = LaunchConfig {
+            grid_dim: (tiles as u32, splits as u32, 1),
+            block_dim: (LORA_THREADS, 1, 1),
+            shared_mem_bytes: smem as u32,
+        };
+        let per = per as i32;
+        let mut part = (splits > 1 || accumulate).then(|| self.scratch(splits * out.len()));
+        let dst = part.as_mut().unwrap_or(out);
+        launch!(self, kernel, cfg; a, b, dst, &dims[0], &dims[1], &dims[2], &per, &d.seed, &d.p);
+        if let Some(part) = part {
+            self.lora_sum_splits(&part, splits, 1.0, accumulate, out);
+        }
+    }
+
     /// `u (m, r) = drop(x) (m, cols) · Aᵀ` for `A (r, cols)`, split over `cols` to fill the GPU.
     #[allow(clippy::too_many_arguments)]
     fn lora_down(
@@ -1599,21 +1629,9 @@ impl Cuda {
         d: Dropout,
         u: &mut CudaSlice<f32>,
     ) {
-        let tiles = m.div_ceil(LORA_DOWN_ROWS);
-        let (splits, per) = self.lora_splits(tiles, cols);
         let v = lora_variant(r);
-        let cfg = LaunchConfig {
-            grid_dim: (tiles as u32, splits as u32, 1),
-            block_dim: (LORA_THREADS, 1, 1),
-            shared_mem_bytes: lora_down_smem(v) as u32,
-        };
-        let dims = [m as i32, cols as i32, r as i32, per as i32];
-        let mut part = (splits > 1).then(|| self.scratch(splits * m * r));
-        let dst = part.as_mut().unwrap_or(u);
-        launch!(self, LORA_DOWN[v], cfg; x, a, dst, &dims[0], &dims[1], &dims[2], &dims[3], &d.seed, &d.p);
-        if let Some(part) = part {
-            self.lora_sum_splits(&part, splits, 1.0, false, u);
-        }
+        let (tiles, dims) = (m.div_ceil(LORA_DOWN_ROWS), [m as i32, cols as i32, r as i32]);
+        self.lora_split_reduce((LORA_DOWN[v], lora_down_smem(v)), (tiles, cols), (x, a), dims, d, false, u);
     }
 
     /// `out (m, n) += alpha · drop(U · W'ᵀ)` for `U (m, r)` and `W' (n, r)`, given as `w (n, r)` or, when
@@ -1652,18 +1670,9 @@ impl Cuda {
         d: Dropout,
         out: &mut CudaSlice<f32>,
     ) {
-        let tiles = n.div_ceil(LORA_OUTER_COLS);
-        let (splits, per) = self.lora_splits(tiles, m);
         let v = lora_variant(r);
-        let cfg = LaunchConfig {
-            grid_dim: (tiles as u32, splits as u32, 1),
-            block_dim: (LORA_THREADS, 1, 1),
-            shared_mem_bytes: lora_outer_smem(v) as u32,
-        };
-        let dims = [m as i32, n as i32, r as i32, per as i32];
-        let mut part = self.scratch(splits * r * n);
-        launch!(self, LORA_OUTER[v], cfg; s, t, &mut part, &dims[0], &dims[1], &dims[2], &dims[3], &d.seed, &d.p);
-        self.lora_sum_splits(&part, splits, 1.0, true, out);
+        let (tiles, dims) = (n.div_ceil(LORA_OUTER_COLS), [m as i32, n as i32, r as i32]);
+        self.lora_split_reduce((LORA_OUTER[v], lora_outer_smem(v)), (tiles, m), (s, t), dims, d, true, out);
     }
 
     /// `x` with inverted dropout applied (the same mask formula as the CPU); `None` when dropout is
