@@ -74,15 +74,24 @@ __device__ __forceinline__ void stage(const float* x, int64_t base, int64_t stri
 // blocks of 32 this query block can see. Registers bound the occupancy (the output accumulators and
 // the query fragments stay in registers): with key blocks of 64 the kernel took 175 registers, two
 // blocks (8 warps) per SM and ~11 cycles between a warp's instructions (ncu, H200); key blocks of 32
-// and a bound of four blocks per SM give 128 registers and twice the warps. q, out (batch, q_len, heads, HD); k, v (batch, kv_cap,
-// kv_heads, HD); lse (batch, heads, q_len), natural log of Σ exp(score).
+// and a bound of four blocks per SM give 128 registers and twice the warps. K and V arrive in bf16
+// (the launcher converts them once per call), so each key block is copied by cp.async into one of two
+// buffers while the warps work on the other, with no conversion or transposition on the way; P·V
+// takes its V fragments with ldmatrix.trans from the row-major tile. q, out (batch, q_len, heads,
+// HD); k, v (batch, kv_cap, kv_heads, HD), rows from kv_len on never read; lse (batch, heads, q_len),
+// natural log of Σ exp(score).
 #define FBQ 64
 #define FBK 32
+// Four 8×8 bf16 matrices, transposed: lane l gives the address of row l % 8 of matrix l / 8 and
+// receives, of each matrix, rows 2t and 2t+1 of column g (an mma B fragment when rows are k).
+__device__ __forceinline__ void ldsm_x4_trans(uint32_t addr, uint32_t& r0, uint32_t& r1, uint32_t& r2, uint32_t& r3) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n" : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3) : "r"(addr));
+}
 template <int HD>
-__device__ void flash_fwd(const float* q, const float* k, const float* v, const uint32_t* seg, float* out, float* lse, const FGeom g) {
-    __shared__ __align__(16) __nv_bfloat16 Ks[FBK][HD + PAD];
-    __shared__ __align__(16) __nv_bfloat16 Vt[HD][FBK + PAD];
-    __shared__ uint32_t kseg[FBK];
+__device__ void flash_fwd(const float* q, const __nv_bfloat16* k, const __nv_bfloat16* v, const uint32_t* seg, float* out, float* lse, const FGeom g) {
+    __shared__ __align__(16) __nv_bfloat16 Ks[2][FBK][HD + PAD];
+    __shared__ __align__(16) __nv_bfloat16 Vs[2][FBK][HD + PAD];
+    __shared__ uint32_t kseg[2][FBK];
     const int qb = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
     const int warp = threadIdx.x / WARP, lane = threadIdx.x % WARP, gr = lane >> 2, t4 = lane & 3;
     const int grp = h / (g.heads / g.kv_heads);
@@ -118,15 +127,30 @@ __device__ void flash_fwd(const float* q, const float* k, const float* v, const 
     const int q_hi = min(g.q_len, (qb + 1) * FBQ);
     const int kv_end = min(g.kv_len, g.q_offset + q_hi); // keys any query of this block can see
     const int64_t kbase = ((int64_t)b * g.kv_cap * g.kv_heads + grp) * HD, kstride = (int64_t)g.kv_heads * HD;
-    for (int kb = 0; kb * FBK < kv_end; kb++) {
-        __syncthreads(); // the previous block's tiles are no longer read
-        stage<HD>(k, kbase, kstride, kb * FBK, FBK, g.kv_len, &Ks[0][0], HD + PAD, nullptr, 0);
-        stage<HD>(v, kbase, kstride, kb * FBK, FBK, g.kv_len, nullptr, 0, &Vt[0][0], FBK + PAD);
+    // Key block kb into buffer kb & 1: 16-byte copies (8 bf16), zeros from kv_len on; and its
+    // segment ids, by plain stores that the next barrier publishes.
+    auto issue = [&](int kb) {
+        const int buf = kb & 1;
+        for (int i = threadIdx.x; i < FBK * (HD / 8); i += blockDim.x) {
+            const int r = i / (HD / 8), c = (i % (HD / 8)) * 8, s = kb * FBK + r;
+            const bool ok = s < g.kv_len;
+            const int64_t off = kbase + (int64_t)(ok ? s : 0) * kstride + c;
+            cp_async16((uint32_t)__cvta_generic_to_shared(&Ks[buf][r][c]), k + off, ok);
+            cp_async16((uint32_t)__cvta_generic_to_shared(&Vs[buf][r][c]), v + off, ok);
+        }
         if (threadIdx.x < FBK) {
             const int s = kb * FBK + threadIdx.x;
-            kseg[threadIdx.x] = s < g.kv_len ? seg_of(seg, g, b, s) : 0u;
+            kseg[buf][threadIdx.x] = s < g.kv_len ? seg_of(seg, g, b, s) : 0u;
         }
-        __syncthreads();
+    };
+    if (kv_end > 0) issue(0);
+    cp_async_commit();
+    for (int kb = 0; kb * FBK < kv_end; kb++) {
+        const int buf = kb & 1;
+        cp_async_wait<0>();  // this thread's copies of block kb have landed ...
+        __syncthreads();     // ... everyone's too, and every warp is done with block kb − 1's buffer
+        if ((kb + 1) * FBK < kv_end) issue(kb + 1);
+        cp_async_commit();
 
         float sc[FBK / 8][4];
 #pragma unroll
@@ -134,7 +158,7 @@ __device__ void flash_fwd(const float* q, const float* k, const float* v, const 
             sc[nt][0] = sc[nt][1] = sc[nt][2] = sc[nt][3] = 0.f;
 #pragma unroll
             for (int kk = 0; kk < HD / 16; kk++) {
-                const __nv_bfloat16* kr = &Ks[nt * 8 + gr][kk * 16 + 2 * t4];
+                const __nv_bfloat16* kr = &Ks[buf][nt * 8 + gr][kk * 16 + 2 * t4];
                 mma16816(sc[nt], qa[kk], ld2(kr), ld2(kr + 8));
             }
         }
@@ -148,7 +172,7 @@ __device__ void flash_fwd(const float* q, const float* k, const float* v, const 
 #pragma unroll
             for (int e = 0; e < 4; e++) {
                 const int sl = nt * 8 + 2 * t4 + (e & 1), s = kb * FBK + sl;
-                const bool vis = full || (e < 2 ? sees(g, r0, qs0, s, kseg[sl]) : sees(g, r1, qs1, s, kseg[sl]));
+                const bool vis = full || (e < 2 ? sees(g, r0, qs0, s, kseg[buf][sl]) : sees(g, r1, qs1, s, kseg[buf][sl]));
                 sc[nt][e] = vis ? sc[nt][e] * sl2 : -INFINITY;
             }
             mx0 = fmaxf(mx0, fmaxf(sc[nt][0], sc[nt][1]));
@@ -188,10 +212,14 @@ __device__ void flash_fwd(const float* q, const float* k, const float* v, const 
         for (int kk = 0; kk < FBK / 16; kk++) {
             const uint32_t pa[4] = {pack_bf16(sc[2 * kk][0], sc[2 * kk][1]), pack_bf16(sc[2 * kk][2], sc[2 * kk][3]),
                                     pack_bf16(sc[2 * kk + 1][0], sc[2 * kk + 1][1]), pack_bf16(sc[2 * kk + 1][2], sc[2 * kk + 1][3])};
+            // V fragments for two 8-wide d tiles at once: matrices (keys +0..7 | +8..15) × (d tile dn | dn+1).
+            const int mi = lane / 8, key = kk * 16 + (mi & 1) * 8 + lane % 8;
 #pragma unroll
-            for (int dn = 0; dn < HD / 8; dn++) {
-                const __nv_bfloat16* vr = &Vt[dn * 8 + gr][kk * 16 + 2 * t4];
-                mma16816(o[dn], pa, ld2(vr), ld2(vr + 8));
+            for (int dn = 0; dn < HD / 8; dn += 2) {
+                uint32_t b0, b1, b2, b3;
+                ldsm_x4_trans((uint32_t)__cvta_generic_to_shared(&Vs[buf][key][(dn + (mi >> 1)) * 8]), b0, b1, b2, b3);
+                mma16816(o[dn], pa, b0, b1);
+                mma16816(o[dn + 1], pa, b2, b3);
             }
         }
     }
@@ -216,11 +244,11 @@ __device__ void flash_fwd(const float* q, const float* k, const float* v, const 
     }
 }
 
-extern "C" __global__ void __launch_bounds__(128, 4) flash_fwd_hd64(const float* q, const float* k, const float* v, const uint32_t* seg, float* out, float* lse, FGEOM_ARGS) {
+extern "C" __global__ void __launch_bounds__(128, 4) flash_fwd_hd64(const float* q, const __nv_bfloat16* k, const __nv_bfloat16* v, const uint32_t* seg, float* out, float* lse, FGEOM_ARGS) {
     MAKE_FGEOM;
     flash_fwd<64>(q, k, v, seg, out, lse, g);
 }
-extern "C" __global__ void __launch_bounds__(128, 4) flash_fwd_hd128(const float* q, const float* k, const float* v, const uint32_t* seg, float* out, float* lse, FGEOM_ARGS) {
+extern "C" __global__ void __launch_bounds__(128, 4) flash_fwd_hd128(const float* q, const __nv_bfloat16* k, const __nv_bfloat16* v, const uint32_t* seg, float* out, float* lse, FGEOM_ARGS) {
     MAKE_FGEOM;
     flash_fwd<128>(q, k, v, seg, out, lse, g);
 }

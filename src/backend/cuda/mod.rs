@@ -1059,8 +1059,13 @@ impl Backend for Cuda {
         let seg = segments.map(|s| ck!(self.stream.clone_htod(s), "upload segments"));
         if self.flash(&sh) {
             let kernel = if sh.head_dim == 64 { "flash_fwd_hd64" } else { "flash_fwd_hd128" };
+            // K and V in bf16 for the kernel's asynchronous copies: the rows it may read (a KV
+            // cache of one sequence is converted only up to kv_len).
+            let rows = if sh.batch == 1 { sh.kv_len } else { sh.batch * sh.kv_capacity };
+            let n = rows * sh.kv_heads * sh.head_dim;
+            let (kb, vb) = (self.bf16_prefix(k, n), self.bf16_prefix(v, n));
             let mut b = self.stream.launch_builder(self.f(kernel));
-            b.arg(q).arg(k).arg(v);
+            b.arg(q).arg(&kb).arg(&vb);
             push_opt(&mut b, seg.as_ref());
             b.arg(out).arg(lse);
             let g = flash_geom(sh);
@@ -1673,6 +1678,15 @@ impl Cuda {
         let v = lora_variant(r);
         let (tiles, dims) = (n.div_ceil(LORA_OUTER_COLS), [m as i32, n as i32, r as i32]);
         self.lora_split_reduce((LORA_OUTER[v], lora_outer_smem(v)), (tiles, m), (s, t), dims, d, true, out);
+    }
+
+    /// The first `n` values of `x` rounded to bf16, in a fresh buffer.
+    fn bf16_prefix(&self, x: &CudaSlice<f32>, n: usize) -> CudaSlice<bf16> {
+        // SAFETY: the conversion writes all n values before anything reads them.
+        let mut out = ck!(unsafe { self.stream.alloc::<bf16>(n.max(1)) }, "alloc");
+        let n64 = n as i64;
+        launch!(self, "f32_to_bf16", grid_for(n); x, &mut out, &n64);
+        out
     }
 
     /// `x` with inverted dropout applied (the same mask formula as the CPU); `None` when dropout is
