@@ -1,7 +1,9 @@
 // Flash attention on the tensor cores (mma.sync m16n8k16, bf16 operands, f32 accumulation) for
 // head_dim 64 and 128: causal, GQA, segment masks (packing/padding), online softmax with the
-// log-sum-exp saved for the backward pass, no T×T matrix in memory. Activations arrive in f32 and are
-// rounded to bf16 as tiles are staged in shared memory (as torch's bf16 SDPA sees them).
+// log-sum-exp saved for the backward pass, no T×T matrix in memory. Activations are f32 in memory and
+// every operand is rounded to bf16 (as torch's bf16 SDPA sees them): the forward gets K and V already
+// converted by its launcher (Cuda::attention) and rounds Q as it loads it; the backward rounds its
+// tiles as it stages them in shared memory.
 // The f32 kernels in attention.cu serve other head sizes, decoding and the GPU's precise mode.
 // CPU reference: Cpu::attention / Cpu::attention_backward (src/backend/cpu.rs).
 #include "common.cuh"
