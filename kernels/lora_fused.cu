@@ -4,9 +4,8 @@
 // cores (mma.m16n8k8), f32 accumulation, as the cuBLAS TF32 path they replace. Operands are rounded
 // to TF32 (nearest, ties away) by one integer add on their bits (`tf32`), the tensor cores ignoring
 // the 13 low mantissa bits; plain truncation was cheaper still, but its bias flipped a near-tie in the
-// GPU-vs-CPU greedy decoding test. Launchers:
-// Cuda::lora_forward / lora_backward (src/backend/cuda/mod.rs); CPU reference: Cpu::lora_forward /
-// lora_backward (src/backend/cpu.rs). Every kernel here is memory-bound at r ≤ 64 (the products are
+// GPU-vs-CPU greedy decoding test. Launchers: Cuda::lora_forward / lora_backward
+// (src/backend/cuda/mod.rs); CPU reference: Cpu::lora_forward / lora_backward (src/backend/cpu.rs). Every kernel here is memory-bound at r ≤ 64 (the products are
 // 2·m·r·K FLOPs against m·K values read), so the design goal is streaming x, y and dx once with
 // enough bytes in flight; the splits over the reduction axis exist to fill the GPU with blocks.
 // Shapes the launcher guarantees: K, N and r multiples of 4 (16-byte rows), r ≤ 64.
@@ -30,8 +29,9 @@ __device__ __forceinline__ float4 drop4(float4 v, uint64_t seed, float p, int64_
 // v rounded to TF32 as cvt.rna does (nearest, ties away from zero) for finite v: add half of the
 // last kept bit; the tensor cores drop the 13 low bits.
 __device__ __forceinline__ uint32_t tf32(float v) { return __float_as_uint(v) + 0x1000u; }
-// 32 dropout decisions as a bit mask (bit i: element idx0 + i is kept). Hashed together, up front,
-// so that their independent chains overlap each other and the loads in flight.
+// The dropout decisions of elements idx0..idx0+3 as bits (bit i: element idx0 + i is kept). Callers
+// gather a thread's decisions into one mask up front, so that the independent hash chains overlap
+// each other and the loads in flight.
 __device__ __forceinline__ uint32_t keep_bits4(uint64_t seed, float p, int64_t idx0) {
     uint32_t bits = 0;
 #pragma unroll

@@ -38,8 +38,9 @@ extern "C" __global__ void f32_to_f16(const float* x, __half* out, int64_t n) {
 // Small-M product for decoding: y (m, rows) = x (m, cols) · dequant(W)ᵀ with m ≤ 8, reading the 4-bit
 // codes directly (0.5 byte per weight instead of expanding W first). x and the output are rounded to
 // the compute dtype (0 f32, 1 f16, 2 bf16) and products accumulate in f32; this any-size kernel also
-// rounds each weight as the dequantize + GEMM path does, the row-blocked ones below do not. CPU reference: Cpu::linear with a 4-bit weight. Two kernels: gemv_4bit_rows_* below for the
-// usual sizes (cols and blocksize multiples of 32), this one for any size: one warp per output row.
+// rounds each weight as the dequantize + GEMM path does, the row-blocked ones below do not. CPU
+// reference: Cpu::linear with a 4-bit weight. Two kernels: gemv_4bit_rows_* below for the usual sizes
+// (cols a multiple of 32, blocksize a power of two ≥ 32), this one for any size: a warp per row.
 
 #define GEMV_MAX_M 8
 

@@ -1,8 +1,9 @@
 //! The CUDA backend: every op of [`Backend`] as a hand-written kernel from `kernels/*.cu` (compiled by
 //! `build.rs`, embedded as fatbins) or a cuBLAS GEMM, on one stream. Activations and trainable
 //! parameters are f32 on the device; frozen dense weights are bf16; 4-bit weights stay in the
-//! bitsandbytes layout and are expanded to the compute dtype right before their GEMM (the
-//! dequantize + cuBLAS path; a fused dequant-matmul kernel is the next step).
+//! bitsandbytes layout and are read from it by the decoding GEMV and the fused dequant-matmul
+//! (kernels/nf4.cu, nf4_gemm.cu), or expanded to the compute dtype right before a cuBLAS GEMM (the
+//! second path, which training shapes take). LoRA branches run on kernels/lora_fused.cu.
 //! Each launcher names its kernel's file; the CPU reference of every op is in `backend/cpu.rs`.
 
 mod blas;
