@@ -59,6 +59,8 @@ __device__ __forceinline__ float dropout_factor(uint64_t seed, uint64_t idx, flo
     return (h >> 8) < (uint32_t)ceilf(p * 16777216.f) ? 0.f : 1.f / (1.f - p);
 }
 
+// A shared-memory pointer as the 32-bit address cp.async, ldmatrix and wgmma descriptors take.
+__device__ __forceinline__ uint32_t smem_addr(const void* p) { return (uint32_t)__cvta_generic_to_shared(p); }
 // 16 bytes global → shared without registers; `valid` false fills zeros (src is then not read).
 __device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, bool valid) {
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(valid ? 16 : 0) : "memory");

@@ -137,8 +137,8 @@ __device__ void flash_fwd(const float* q, const __nv_bfloat16* k, const __nv_bfl
             const int r = i / (HD / 8), c = (i % (HD / 8)) * 8, s = kb * FBK + r;
             const bool ok = s < g.kv_len;
             const int64_t off = kbase + (int64_t)(ok ? s : 0) * kstride + c;
-            cp_async16((uint32_t)__cvta_generic_to_shared(&Ks[buf][r][c]), k + off, ok);
-            cp_async16((uint32_t)__cvta_generic_to_shared(&Vs[buf][r][c]), v + off, ok);
+            cp_async16(smem_addr(&Ks[buf][r][c]), k + off, ok);
+            cp_async16(smem_addr(&Vs[buf][r][c]), v + off, ok);
         }
         if (threadIdx.x < FBK) {
             const int s = kb * FBK + threadIdx.x;
@@ -219,7 +219,7 @@ __device__ void flash_fwd(const float* q, const __nv_bfloat16* k, const __nv_bfl
 #pragma unroll
             for (int dn = 0; dn < HD / 8; dn += 2) {
                 uint32_t b0, b1, b2, b3;
-                ldsm_x4_trans((uint32_t)__cvta_generic_to_shared(&Vs[buf][key][(dn + (mi >> 1)) * 8]), b0, b1, b2, b3);
+                ldsm_x4_trans(smem_addr(&Vs[buf][key][(dn + (mi >> 1)) * 8]), b0, b1, b2, b3);
                 mma16816(o[dn], pa, b0, b1);
                 mma16816(o[dn + 1], pa, b2, b3);
             }

@@ -55,7 +55,6 @@ __device__ __forceinline__ float4 ld4(const float* p) { return __ldg(reinterpret
 #define DOWN_STRIDE 36
 #define DOWN_THREADS 128
 
-__device__ __forceinline__ uint32_t smem_addr(const void* p) { return (uint32_t)__cvta_generic_to_shared(p); }
 __device__ __forceinline__ float4 lds4f(const float* p) { return *reinterpret_cast<const float4*>(p); }
 // The 8 values (a, b) as tensor-core operands, after the dropout factors of elements idx0..idx0+7
 // when p > 0.
