@@ -399,13 +399,7 @@ impl Cuda {
         let n = x.len();
         Some(match c {
             ComputeDtype::F32 => return None,
-            ComputeDtype::BF16 => {
-                // SAFETY: the conversion writes all n values before anything reads them.
-                let mut out = ck!(unsafe { self.stream.alloc::<bf16>(n) }, "alloc");
-                let n64 = n as i64;
-                launch!(self, "f32_to_bf16", grid_for(n); x, &mut out, &n64);
-                Operand::BF16(out)
-            }
+            ComputeDtype::BF16 => Operand::BF16(self.bf16_prefix(x, n)),
             ComputeDtype::F16 => {
                 // SAFETY: the conversion writes all n values before anything reads them.
                 let mut out = ck!(unsafe { self.stream.alloc::<f16>(n) }, "alloc");
