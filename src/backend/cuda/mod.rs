@@ -1484,8 +1484,7 @@ impl Cuda {
         // Split-K when the tiles would leave SMs idle (small m): each split takes ≥ 4 of the 64-wide
         // reduction steps; partial sums go to a workspace that gemm_4bit_reduce adds and rounds.
         let steps = if dgrad { *rows } else { *cols } / 64;
-        let slots = self.sm_count * GEMM_4BIT_BLOCKS_PER_SM;
-        let splits = if tiles >= slots { 1 } else { (slots / tiles).min(steps / 4).max(1) };
+        let splits = self.splits_to_fill(tiles, GEMM_4BIT_BLOCKS_PER_SM, steps / 4);
         let cfg = LaunchConfig {
             grid_dim: (n_out.div_ceil(tn) as u32, m.div_ceil(tm) as u32, splits as u32),
             block_dim: (256, 1, 1),
@@ -1562,12 +1561,19 @@ impl Cuda {
         self.fused_lora.store(on, std::sync::atomic::Ordering::Relaxed);
     }
 
+    /// How many ways to split a reduction so that `tiles` output tiles × splits fill, in one wave, the
+    /// GPU's `blocks_per_sm` block slots per SM: at least 1, at most `max_splits` (shared by the split-K
+    /// kernels: kernels/nf4_gemm.cu, kernels/lora_fused.cu).
+    fn splits_to_fill(&self, tiles: usize, blocks_per_sm: usize, max_splits: usize) -> usize {
+        (self.sm_count * blocks_per_sm / tiles.max(1)).clamp(1, max_splits.max(1))
+    }
+
     /// How to split a reduction of `len` (stages of [`LORA_STAGE`]) over blocks so that `tiles`
     /// output tiles × splits fill the GPU's [`LORA_BLOCKS_PER_SM`] block slots per SM in one wave (a
     /// second, nearly empty wave would cost as much as the first): (splits, length per split).
     fn lora_splits(&self, tiles: usize, len: usize) -> (usize, usize) {
         let stages = len.div_ceil(LORA_STAGE);
-        let want = (LORA_BLOCKS_PER_SM * self.sm_count / tiles).clamp(1, stages);
+        let want = self.splits_to_fill(tiles, LORA_BLOCKS_PER_SM, stages);
         let per = stages.div_ceil(want) * LORA_STAGE;
         (len.div_ceil(per), per)
     }
