@@ -1,9 +1,9 @@
 // Flash attention on the tensor cores (mma.sync m16n8k16, bf16 operands, f32 accumulation) for
 // head_dim 64 and 128: causal, GQA, segment masks (packing/padding), online softmax with the
 // log-sum-exp saved for the backward pass, no T×T matrix in memory. Activations are f32 in memory and
-// every operand is rounded to bf16 (as torch's bf16 SDPA sees them): the forward gets K and V already
-// converted by its launcher (Cuda::attention) and rounds Q as it loads it; the backward rounds its
-// tiles as it stages them in shared memory.
+// every operand is rounded to bf16 (as torch's bf16 SDPA sees them): the launchers (Cuda::attention,
+// Cuda::attention_backward) convert K and V (and, for the backward, Q and dO) once per call, and the
+// forward rounds Q as it loads it.
 // The f32 kernels in attention.cu serve other head sizes, decoding and the GPU's precise mode.
 // CPU reference: Cpu::attention / Cpu::attention_backward (src/backend/cpu.rs).
 #include "common.cuh"
@@ -42,33 +42,6 @@ __device__ __forceinline__ uint32_t seg_of(const uint32_t* seg, const FGeom& g, 
 // Query t (segment qs) sees key s (segment ks)?
 __device__ __forceinline__ bool sees(const FGeom& g, int t, uint32_t qs, int s, uint32_t ks) {
     return t < g.q_len && s < g.kv_len && s <= g.q_offset + t && qs != 0 && ks == qs;
-}
-
-// Stages rows [row0, row0+rows) of one head of x (batch b; row stride `stride` floats) as bf16:
-// into dst[r][d] (row-major, `ld` bf16 per row) and, when dst_t is given, into dst_t[d][r].
-// Rows at or past `valid` are zero.
-// Thread i takes 4 consecutive values of one row. Without a transposed copy, consecutive threads
-// take consecutive columns (coalesced loads, conflict-free stores). With one, they take consecutive
-// rows instead: the transposed 2-byte stores of a warp then fill 32 consecutive bf16 of one dst_t
-// row (no bank conflicts; column-fast, they hit 2 banks 16 times over), at the price of loads that
-// use half of each 32-byte sector.
-template <int HD>
-__device__ __forceinline__ void stage(const float* x, int64_t base, int64_t stride, int row0, int rows, int valid, __nv_bfloat16* dst, int ld, __nv_bfloat16* dst_t, int ld_t) {
-    for (int i = threadIdx.x; i < rows * (HD / 4); i += blockDim.x) {
-        const int r = dst_t ? i % rows : i / (HD / 4), c = dst_t ? (i / rows) * 4 : (i % (HD / 4)) * 4;
-        float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
-        if (row0 + r < valid) v = *reinterpret_cast<const float4*>(x + base + (int64_t)(row0 + r) * stride + c);
-        if (dst) {
-            *reinterpret_cast<uint32_t*>(dst + r * ld + c) = pack_bf16(v.x, v.y);
-            *reinterpret_cast<uint32_t*>(dst + r * ld + c + 2) = pack_bf16(v.z, v.w);
-        }
-        if (dst_t) {
-            dst_t[(c + 0) * ld_t + r] = __float2bfloat16_rn(v.x);
-            dst_t[(c + 1) * ld_t + r] = __float2bfloat16_rn(v.y);
-            dst_t[(c + 2) * ld_t + r] = __float2bfloat16_rn(v.z);
-            dst_t[(c + 3) * ld_t + r] = __float2bfloat16_rn(v.w);
-        }
-    }
 }
 
 // ---- forward ------------------------------------------------------------------------------------
@@ -273,20 +246,41 @@ extern "C" __global__ void flash_delta(const float* out, const float* dout, floa
 // Block: 4 warps and 64 keys of one (batch, kv head); each warp owns 16 keys. For every query head
 // of the group and every block of 32 queries that can see these keys, with P = exp(S − lse) and
 // dS = P ⊙ (dP − delta)·scale: dV += Pᵀ·dO and dK += dSᵀ·Q stay in registers; dS goes through shared
-// memory to give dQ += dS·K, added into dq with atomics (dq must be zero beforehand).
+// memory to give dQ += dS·K, added into dq with atomics (dq must be zero beforehand). Q, K, V and dO
+// arrive in bf16 (the launcher converts them once per call): the block's K and V tiles and each
+// query block's Q and dO tiles are copied by cp.async, the next query block's into the second of two
+// buffers while the warps work on the current one, and every operand that the products need
+// transposed (dO and Q for dV and dK, K for dQ) comes by ldmatrix.trans from the row-major tile.
 #define BBK 64
 #define BBQ 32
 template <int HD>
 struct BwdSmem {
-    __nv_bfloat16 Ks[BBK][HD + PAD], Vs[BBK][HD + PAD], Kt[HD][BBK + PAD];
-    __nv_bfloat16 Qs[BBQ][HD + PAD], Qt[HD][BBQ + PAD], Ds[BBQ][HD + PAD], Dt[HD][BBQ + PAD];
+    __nv_bfloat16 Ks[BBK][HD + PAD], Vs[BBK][HD + PAD];
+    __nv_bfloat16 Qs[2][BBQ][HD + PAD], Ds[2][BBQ][HD + PAD];
     __nv_bfloat16 dSq[BBQ][BBK + PAD];
-    float lse2[BBQ], delta[BBQ];
-    uint32_t qseg[BBQ], kseg[BBK];
+    float lse2[2][BBQ], delta[2][BBQ];
+    uint32_t qseg[2][BBQ], kseg[BBK];
 };
+// Rows [row0, row0 + rows) of one head of x (bf16, row stride `stride`) into dst (row-major, HD + PAD
+// per row) by 16-byte cp.async copies, zeros from row `valid` on.
+template <int HD>
+__device__ __forceinline__ void copy_tile(const __nv_bfloat16* x, int64_t base, int64_t stride, int row0, int rows, int valid, __nv_bfloat16 (*dst)[HD + PAD]) {
+    for (int i = threadIdx.x; i < rows * (HD / 8); i += blockDim.x) {
+        const int r = i / (HD / 8), c = (i % (HD / 8)) * 8;
+        const bool ok = row0 + r < valid;
+        cp_async16((uint32_t)__cvta_generic_to_shared(&dst[r][c]), x + base + (int64_t)(ok ? row0 + r : 0) * stride + c, ok);
+    }
+}
+// The B fragments of two adjacent 8-wide column tiles (n0, n0 + 8) for 16 k rows from k0 of a
+// row-major (k, n) tile: b[0], b[1] for tile n0, b[2], b[3] for tile n0 + 8.
+template <int LD>
+__device__ __forceinline__ void b_frags_trans(const __nv_bfloat16 (*tile)[LD], int k0, int n0, uint32_t (&b)[4]) {
+    const int lane = threadIdx.x % WARP, mi = lane / 8;
+    ldsm_x4_trans((uint32_t)__cvta_generic_to_shared(&tile[k0 + (mi & 1) * 8 + lane % 8][n0 + (mi >> 1) * 8]), b[0], b[1], b[2], b[3]);
+}
 
 template <int HD>
-__device__ void flash_bwd(const float* q, const float* k, const float* v, const float* lse, const float* delta, const float* dout, const uint32_t* seg, float* dq, float* dk, float* dv, const FGeom g) {
+__device__ void flash_bwd(const __nv_bfloat16* q, const __nv_bfloat16* k, const __nv_bfloat16* v, const float* lse, const float* delta, const __nv_bfloat16* dout, const uint32_t* seg, float* dq, float* dk, float* dv, const FGeom g) {
     extern __shared__ __align__(16) unsigned char smem_raw[];
     BwdSmem<HD>& sm = *reinterpret_cast<BwdSmem<HD>*>(smem_raw);
     const int kb = blockIdx.x, grp = blockIdx.y, b = blockIdx.z;
@@ -294,115 +288,133 @@ __device__ void flash_bwd(const float* q, const float* k, const float* v, const 
     const int rep = g.heads / g.kv_heads;
     const float scale = rsqrtf((float)HD), sl2 = scale * LOG2E;
     const int64_t kbase = ((int64_t)b * g.kv_cap * g.kv_heads + grp) * HD, kstride = (int64_t)g.kv_heads * HD;
-    stage<HD>(k, kbase, kstride, kb * BBK, BBK, g.kv_len, &sm.Ks[0][0], HD + PAD, &sm.Kt[0][0], BBK + PAD);
-    stage<HD>(v, kbase, kstride, kb * BBK, BBK, g.kv_len, &sm.Vs[0][0], HD + PAD, nullptr, 0);
+    const int64_t qstride = (int64_t)g.heads * HD;
+    // The first query that can see key kb·BBK is at position kb·BBK, i.e. query index kb·BBK − q_offset.
+    const int qb0 = max(0, kb * BBK - g.q_offset) / BBQ;
+    const int nq = max(0, (g.q_len + BBQ - 1) / BBQ - qb0), steps = rep * nq;  // (head, query block) pairs
+    auto head_of = [&](int it) { return grp * rep + it / nq; };
+    auto qbase_of = [&](int it) { return (int64_t)b * g.q_len * g.heads * HD + (int64_t)head_of(it) * HD; };
+    // Step it's Q and dO tiles (and its lse, delta, segment ids, by plain stores that the next barrier
+    // publishes) into buffer it & 1.
+    auto issue = [&](int it) {
+        const int buf = it & 1, qb = qb0 + it % nq, h = head_of(it);
+        copy_tile<HD>(q, qbase_of(it), qstride, qb * BBQ, BBQ, g.q_len, sm.Qs[buf]);
+        copy_tile<HD>(dout, qbase_of(it), qstride, qb * BBQ, BBQ, g.q_len, sm.Ds[buf]);
+        if (threadIdx.x < BBQ) {
+            const int t = qb * BBQ + threadIdx.x;
+            const bool ok = t < g.q_len;
+            const int64_t li = ((int64_t)b * g.heads + h) * g.q_len + t;
+            sm.lse2[buf][threadIdx.x] = ok ? lse[li] * LOG2E : 0.f;
+            sm.delta[buf][threadIdx.x] = ok ? delta[li] : 0.f;
+            sm.qseg[buf][threadIdx.x] = ok ? seg_of(seg, g, b, g.q_offset + t) : 0u;
+        }
+    };
+    copy_tile<HD>(k, kbase, kstride, kb * BBK, BBK, g.kv_len, sm.Ks);
+    copy_tile<HD>(v, kbase, kstride, kb * BBK, BBK, g.kv_len, sm.Vs);
     if (threadIdx.x < BBK) {
         const int s = kb * BBK + threadIdx.x;
         sm.kseg[threadIdx.x] = s < g.kv_len ? seg_of(seg, g, b, s) : 0u;
     }
+    if (steps > 0) issue(0);
+    cp_async_commit();
     float dka[HD / 8][4], dva[HD / 8][4];
 #pragma unroll
     for (int i = 0; i < HD / 8; i++) dka[i][0] = dka[i][1] = dka[i][2] = dka[i][3] = dva[i][0] = dva[i][1] = dva[i][2] = dva[i][3] = 0.f;
     const int k0 = warp * 16 + gr, k1 = k0 + 8; // this thread's key rows within the block
-    // The first query that can see key kb·BBK is at position kb·BBK, i.e. query index kb·BBK − q_offset.
-    const int qb0 = max(0, kb * BBK - g.q_offset) / BBQ;
-    for (int r = 0; r < rep; r++) {
-        const int h = grp * rep + r;
-        const int64_t qbase = (int64_t)b * g.q_len * g.heads * HD + (int64_t)h * HD, qstride = (int64_t)g.heads * HD;
-        for (int qb = qb0; qb * BBQ < g.q_len; qb++) {
-            __syncthreads(); // previous tiles (and dSq) are no longer read
-            stage<HD>(q, qbase, qstride, qb * BBQ, BBQ, g.q_len, &sm.Qs[0][0], HD + PAD, &sm.Qt[0][0], BBQ + PAD);
-            stage<HD>(dout, qbase, qstride, qb * BBQ, BBQ, g.q_len, &sm.Ds[0][0], HD + PAD, &sm.Dt[0][0], BBQ + PAD);
-            if (threadIdx.x < BBQ) {
-                const int t = qb * BBQ + threadIdx.x;
-                const bool ok = t < g.q_len;
-                const int64_t li = ((int64_t)b * g.heads + h) * g.q_len + t;
-                sm.lse2[threadIdx.x] = ok ? lse[li] * LOG2E : 0.f;
-                sm.delta[threadIdx.x] = ok ? delta[li] : 0.f;
-                sm.qseg[threadIdx.x] = ok ? seg_of(seg, g, b, g.q_offset + t) : 0u;
-            }
-            __syncthreads();
-            // Sᵀ = K·Qᵀ and dPᵀ = V·dOᵀ for this warp's 16 keys × 32 queries.
-            float st[BBQ / 8][4], dpt[BBQ / 8][4];
+    for (int it = 0; it < steps; it++) {
+        cp_async_wait<0>();  // this thread's copies of step it (and, first, of K and V) have landed ...
+        __syncthreads();     // ... everyone's too; step it − 1's buffers and dSq are no longer read
+        if (it + 1 < steps) issue(it + 1);
+        cp_async_commit();
+        const int buf = it & 1, qb = qb0 + it % nq;
+        const int64_t qbase = qbase_of(it);
+        // Sᵀ = K·Qᵀ and dPᵀ = V·dOᵀ for this warp's 16 keys × 32 queries.
+        float st[BBQ / 8][4], dpt[BBQ / 8][4];
+#pragma unroll
+        for (int nt = 0; nt < BBQ / 8; nt++) {
+            st[nt][0] = st[nt][1] = st[nt][2] = st[nt][3] = 0.f;
+            dpt[nt][0] = dpt[nt][1] = dpt[nt][2] = dpt[nt][3] = 0.f;
+        }
+#pragma unroll
+        for (int kk = 0; kk < HD / 16; kk++) {
+            const int c = kk * 16 + 2 * t4;
+            const uint32_t ka[4] = {ld2(&sm.Ks[k0][c]), ld2(&sm.Ks[k1][c]), ld2(&sm.Ks[k0][c + 8]), ld2(&sm.Ks[k1][c + 8])};
+            const uint32_t va[4] = {ld2(&sm.Vs[k0][c]), ld2(&sm.Vs[k1][c]), ld2(&sm.Vs[k0][c + 8]), ld2(&sm.Vs[k1][c + 8])};
 #pragma unroll
             for (int nt = 0; nt < BBQ / 8; nt++) {
-                st[nt][0] = st[nt][1] = st[nt][2] = st[nt][3] = 0.f;
-                dpt[nt][0] = dpt[nt][1] = dpt[nt][2] = dpt[nt][3] = 0.f;
+                mma16816(st[nt], ka, ld2(&sm.Qs[buf][nt * 8 + gr][c]), ld2(&sm.Qs[buf][nt * 8 + gr][c + 8]));
+                mma16816(dpt[nt], va, ld2(&sm.Ds[buf][nt * 8 + gr][c]), ld2(&sm.Ds[buf][nt * 8 + gr][c + 8]));
             }
+        }
+        // P and dS in place of Sᵀ and dPᵀ (rows: keys k0/k1, columns: queries); no mask for a tile
+        // wholly below the diagonal, inside both lengths and without segments.
+        const bool full = !seg && (qb + 1) * BBQ <= g.q_len && (kb + 1) * BBK <= g.kv_len &&
+                          (kb + 1) * BBK - 1 <= g.q_offset + qb * BBQ;
 #pragma unroll
-            for (int kk = 0; kk < HD / 16; kk++) {
-                const int c = kk * 16 + 2 * t4;
-                const uint32_t ka[4] = {ld2(&sm.Ks[k0][c]), ld2(&sm.Ks[k1][c]), ld2(&sm.Ks[k0][c + 8]), ld2(&sm.Ks[k1][c + 8])};
-                const uint32_t va[4] = {ld2(&sm.Vs[k0][c]), ld2(&sm.Vs[k1][c]), ld2(&sm.Vs[k0][c + 8]), ld2(&sm.Vs[k1][c + 8])};
+        for (int nt = 0; nt < BBQ / 8; nt++) {
 #pragma unroll
-                for (int nt = 0; nt < BBQ / 8; nt++) {
-                    mma16816(st[nt], ka, ld2(&sm.Qs[nt * 8 + gr][c]), ld2(&sm.Qs[nt * 8 + gr][c + 8]));
-                    mma16816(dpt[nt], va, ld2(&sm.Ds[nt * 8 + gr][c]), ld2(&sm.Ds[nt * 8 + gr][c + 8]));
+            for (int e = 0; e < 4; e++) {
+                const int ql = nt * 8 + 2 * t4 + (e & 1), kl = e < 2 ? k0 : k1;
+                const bool vis = full || sees(g, qb * BBQ + ql, sm.qseg[buf][ql], kb * BBK + kl, sm.kseg[kl]);
+                const float p = vis ? exp2f(st[nt][e] * sl2 - sm.lse2[buf][ql]) : 0.f;
+                st[nt][e] = p;
+                dpt[nt][e] = p * (dpt[nt][e] - sm.delta[buf][ql]) * scale;
+            }
+        }
+        // dV += Pᵀ·dO and dK += dSᵀ·Q: A from the tiles above, B (query, d) by ldmatrix.trans.
+#pragma unroll
+        for (int kk = 0; kk < BBQ / 16; kk++) {
+            const uint32_t pa[4] = {pack_bf16(st[2 * kk][0], st[2 * kk][1]), pack_bf16(st[2 * kk][2], st[2 * kk][3]),
+                                    pack_bf16(st[2 * kk + 1][0], st[2 * kk + 1][1]), pack_bf16(st[2 * kk + 1][2], st[2 * kk + 1][3])};
+            const uint32_t da[4] = {pack_bf16(dpt[2 * kk][0], dpt[2 * kk][1]), pack_bf16(dpt[2 * kk][2], dpt[2 * kk][3]),
+                                    pack_bf16(dpt[2 * kk + 1][0], dpt[2 * kk + 1][1]), pack_bf16(dpt[2 * kk + 1][2], dpt[2 * kk + 1][3])};
+#pragma unroll
+            for (int dn = 0; dn < HD / 8; dn += 2) {
+                uint32_t bd[4], bq[4];
+                b_frags_trans<HD + PAD>(sm.Ds[buf], kk * 16, dn * 8, bd);
+                b_frags_trans<HD + PAD>(sm.Qs[buf], kk * 16, dn * 8, bq);
+                mma16816(dva[dn], pa, bd[0], bd[1]);
+                mma16816(dva[dn + 1], pa, bd[2], bd[3]);
+                mma16816(dka[dn], da, bq[0], bq[1]);
+                mma16816(dka[dn + 1], da, bq[2], bq[3]);
+            }
+        }
+        // dS to shared memory as (query, key) for dQ.
+#pragma unroll
+        for (int nt = 0; nt < BBQ / 8; nt++) {
+#pragma unroll
+            for (int e = 0; e < 4; e++) sm.dSq[nt * 8 + 2 * t4 + (e & 1)][e < 2 ? k0 : k1] = __float2bfloat16_rn(dpt[nt][e]);
+        }
+        __syncthreads();
+        // dQ (32 queries × HD) += dS (32 × 64 keys) · K: warp w takes columns [w·HD/4, (w+1)·HD/4); K's
+        // (key, d) B fragments by ldmatrix.trans.
+#pragma unroll
+        for (int mt = 0; mt < BBQ / 16; mt++) {
+            float acc[HD / 32][4];
+#pragma unroll
+            for (int i = 0; i < HD / 32; i++) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
+#pragma unroll
+            for (int kk = 0; kk < BBK / 16; kk++) {
+                const int c = kk * 16 + 2 * t4, qr = mt * 16 + gr;
+                const uint32_t a[4] = {ld2(&sm.dSq[qr][c]), ld2(&sm.dSq[qr + 8][c]), ld2(&sm.dSq[qr][c + 8]), ld2(&sm.dSq[qr + 8][c + 8])};
+#pragma unroll
+                for (int dn = 0; dn < HD / 32; dn += 2) {
+                    uint32_t bk[4];
+                    b_frags_trans<HD + PAD>(sm.Ks, kk * 16, warp * (HD / 4) + dn * 8, bk);
+                    mma16816(acc[dn], a, bk[0], bk[1]);
+                    mma16816(acc[dn + 1], a, bk[2], bk[3]);
                 }
             }
-            // P and dS in place of Sᵀ and dPᵀ (rows: keys k0/k1, columns: queries); no mask for a tile
-            // wholly below the diagonal, inside both lengths and without segments.
-            const bool full = !seg && (qb + 1) * BBQ <= g.q_len && (kb + 1) * BBK <= g.kv_len &&
-                              (kb + 1) * BBK - 1 <= g.q_offset + qb * BBQ;
 #pragma unroll
-            for (int nt = 0; nt < BBQ / 8; nt++) {
+            for (int e2 = 0; e2 < 2; e2++) {
+                const int t = qb * BBQ + mt * 16 + gr + 8 * e2;
+                if (t >= g.q_len) continue;
+                float* p = dq + qbase + (int64_t)t * qstride;
 #pragma unroll
-                for (int e = 0; e < 4; e++) {
-                    const int ql = nt * 8 + 2 * t4 + (e & 1), kl = e < 2 ? k0 : k1;
-                    const bool vis = full || sees(g, qb * BBQ + ql, sm.qseg[ql], kb * BBK + kl, sm.kseg[kl]);
-                    const float p = vis ? exp2f(st[nt][e] * sl2 - sm.lse2[ql]) : 0.f;
-                    st[nt][e] = p;
-                    dpt[nt][e] = p * (dpt[nt][e] - sm.delta[ql]) * scale;
-                }
-            }
-            // dV += Pᵀ·dO and dK += dSᵀ·Q (A from the tiles above, B from the transposed tiles).
-#pragma unroll
-            for (int kk = 0; kk < BBQ / 16; kk++) {
-                const uint32_t pa[4] = {pack_bf16(st[2 * kk][0], st[2 * kk][1]), pack_bf16(st[2 * kk][2], st[2 * kk][3]),
-                                        pack_bf16(st[2 * kk + 1][0], st[2 * kk + 1][1]), pack_bf16(st[2 * kk + 1][2], st[2 * kk + 1][3])};
-                const uint32_t da[4] = {pack_bf16(dpt[2 * kk][0], dpt[2 * kk][1]), pack_bf16(dpt[2 * kk][2], dpt[2 * kk][3]),
-                                        pack_bf16(dpt[2 * kk + 1][0], dpt[2 * kk + 1][1]), pack_bf16(dpt[2 * kk + 1][2], dpt[2 * kk + 1][3])};
-                const int c = kk * 16 + 2 * t4;
-#pragma unroll
-                for (int dn = 0; dn < HD / 8; dn++) {
-                    mma16816(dva[dn], pa, ld2(&sm.Dt[dn * 8 + gr][c]), ld2(&sm.Dt[dn * 8 + gr][c + 8]));
-                    mma16816(dka[dn], da, ld2(&sm.Qt[dn * 8 + gr][c]), ld2(&sm.Qt[dn * 8 + gr][c + 8]));
-                }
-            }
-            // dS to shared memory as (query, key) for dQ.
-#pragma unroll
-            for (int nt = 0; nt < BBQ / 8; nt++) {
-#pragma unroll
-                for (int e = 0; e < 4; e++) sm.dSq[nt * 8 + 2 * t4 + (e & 1)][e < 2 ? k0 : k1] = __float2bfloat16_rn(dpt[nt][e]);
-            }
-            __syncthreads();
-            // dQ (32 queries × HD) += dS (32 × 64 keys) · K: warp w takes columns [w·HD/4, (w+1)·HD/4).
-#pragma unroll
-            for (int mt = 0; mt < BBQ / 16; mt++) {
-                float acc[HD / 32][4];
-#pragma unroll
-                for (int i = 0; i < HD / 32; i++) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
-#pragma unroll
-                for (int kk = 0; kk < BBK / 16; kk++) {
-                    const int c = kk * 16 + 2 * t4, qr = mt * 16 + gr;
-                    const uint32_t a[4] = {ld2(&sm.dSq[qr][c]), ld2(&sm.dSq[qr + 8][c]), ld2(&sm.dSq[qr][c + 8]), ld2(&sm.dSq[qr + 8][c + 8])};
-#pragma unroll
-                    for (int dn = 0; dn < HD / 32; dn++) {
-                        const int d = warp * (HD / 4) + dn * 8 + gr;
-                        mma16816(acc[dn], a, ld2(&sm.Kt[d][c]), ld2(&sm.Kt[d][c + 8]));
-                    }
-                }
-#pragma unroll
-                for (int e2 = 0; e2 < 2; e2++) {
-                    const int t = qb * BBQ + mt * 16 + gr + 8 * e2;
-                    if (t >= g.q_len) continue;
-                    float* p = dq + qbase + (int64_t)t * qstride;
-#pragma unroll
-                    for (int dn = 0; dn < HD / 32; dn++) {
-                        const int d = warp * (HD / 4) + dn * 8 + 2 * t4;
-                        atomicAdd(p + d, acc[dn][2 * e2]);
-                        atomicAdd(p + d + 1, acc[dn][2 * e2 + 1]);
-                    }
+                for (int dn = 0; dn < HD / 32; dn++) {
+                    const int d = warp * (HD / 4) + dn * 8 + 2 * t4;
+                    atomicAdd(p + d, acc[dn][2 * e2]);
+                    atomicAdd(p + d + 1, acc[dn][2 * e2 + 1]);
                 }
             }
         }
@@ -423,11 +435,11 @@ __device__ void flash_bwd(const float* q, const float* k, const float* v, const 
     }
 }
 
-extern "C" __global__ void __launch_bounds__(128) flash_bwd_hd64(const float* q, const float* k, const float* v, const float* lse, const float* delta, const float* dout, const uint32_t* seg, float* dq, float* dk, float* dv, FGEOM_ARGS) {
+extern "C" __global__ void __launch_bounds__(128) flash_bwd_hd64(const __nv_bfloat16* q, const __nv_bfloat16* k, const __nv_bfloat16* v, const float* lse, const float* delta, const __nv_bfloat16* dout, const uint32_t* seg, float* dq, float* dk, float* dv, FGEOM_ARGS) {
     MAKE_FGEOM;
     flash_bwd<64>(q, k, v, lse, delta, dout, seg, dq, dk, dv, g);
 }
-extern "C" __global__ void __launch_bounds__(128) flash_bwd_hd128(const float* q, const float* k, const float* v, const float* lse, const float* delta, const float* dout, const uint32_t* seg, float* dq, float* dk, float* dv, FGEOM_ARGS) {
+extern "C" __global__ void __launch_bounds__(128) flash_bwd_hd128(const __nv_bfloat16* q, const __nv_bfloat16* k, const __nv_bfloat16* v, const float* lse, const float* delta, const __nv_bfloat16* dout, const uint32_t* seg, float* dq, float* dk, float* dv, FGEOM_ARGS) {
     MAKE_FGEOM;
     flash_bwd<128>(q, k, v, lse, delta, dout, seg, dq, dk, dv, g);
 }

@@ -1101,8 +1101,13 @@ impl Backend for Cuda {
             ck!(self.stream.memset_zeros(dk), "memset");
             ck!(self.stream.memset_zeros(dv), "memset");
             let kernel = if sh.head_dim == 64 { "flash_bwd_hd64" } else { "flash_bwd_hd128" };
+            // Q, K, V and dO in bf16 for the kernel's asynchronous copies (K, V as in `attention`).
+            let kv_rows = if sh.batch == 1 { sh.kv_len } else { sh.batch * sh.kv_capacity };
+            let (nq, nkv) = (sh.batch * sh.q_len * sh.heads * sh.head_dim, kv_rows * sh.kv_heads * sh.head_dim);
+            let (qb, kb) = (self.bf16_prefix(q, nq), self.bf16_prefix(k, nkv));
+            let (vb, db) = (self.bf16_prefix(v, nkv), self.bf16_prefix(dout, nq));
             let mut b = self.stream.launch_builder(self.f(kernel));
-            b.arg(q).arg(k).arg(v).arg(lse).arg(&delta).arg(dout);
+            b.arg(&qb).arg(&kb).arg(&vb).arg(lse).arg(&delta).arg(&db);
             push_opt(&mut b, seg.as_ref());
             b.arg(&mut *dq).arg(&mut *dk).arg(&mut *dv);
             let g = flash_geom(sh);
@@ -1741,10 +1746,11 @@ fn geom(sh: AttnShape) -> [i32; 8] {
 fn flash_geom(sh: AttnShape) -> [i32; 7] {
     [sh.batch, sh.q_len, sh.kv_len, sh.kv_capacity, sh.heads, sh.kv_heads, sh.q_offset].map(|x| x as i32)
 }
-/// `sizeof(BwdSmem<HD>)` of kernels/flash.cu: K, V (64 × (HD+8)), Kᵀ (HD × 72), Q, dO (32 × (HD+8)),
-/// Qᵀ, dOᵀ (HD × 40), dS (32 × 72), all bf16; then lse, delta, query and key segments (4 bytes each).
+/// `sizeof(BwdSmem<HD>)` of kernels/flash.cu: K, V (64 × (HD+8)), two buffers each of Q and dO
+/// (32 × (HD+8)), dS (32 × 72), all bf16; then lse, delta, query segments (2 × 32 each) and key
+/// segments (64), 4 bytes each.
 fn flash_bwd_smem(hd: usize) -> usize {
-    2 * (2 * 64 * (hd + 8) + hd * 72 + 2 * 32 * (hd + 8) + 2 * hd * 40 + 32 * 72) + 4 * (32 + 32 + 32 + 64)
+    2 * (2 * 64 * (hd + 8) + 2 * 2 * 32 * (hd + 8) + 32 * 72) + 4 * (3 * 2 * 32 + 64)
 }
 fn push_geom<'a, const N: usize>(b: &mut cudarc::driver::LaunchArgs<'a>, g: &'a [i32; N]) {
     for x in g {
