@@ -258,7 +258,7 @@ struct BwdSmem {
     __nv_bfloat16 Ks[BBK][HD + PAD], Vs[BBK][HD + PAD];
     __nv_bfloat16 Qs[2][BBQ][HD + PAD], Ds[2][BBQ][HD + PAD];
     __nv_bfloat16 dSq[BBQ][BBK + PAD];
-    float lse2[2][BBQ], delta[2][BBQ];
+    float lse[2][BBQ], delta[2][BBQ];
     uint32_t qseg[2][BBQ], kseg[BBK];
 };
 // Rows [row0, row0 + rows) of one head of x (bf16, row stride `stride`) into dst (row-major, HD + PAD
@@ -270,6 +270,10 @@ __device__ __forceinline__ void copy_tile(const __nv_bfloat16* x, int64_t base, 
         const bool ok = row0 + r < valid;
         cp_async16((uint32_t)__cvta_generic_to_shared(&dst[r][c]), x + base + (int64_t)(ok ? row0 + r : 0) * stride + c, ok);
     }
+}
+// 4 bytes global → shared without registers; `valid` false writes a zero.
+__device__ __forceinline__ void cp_async4(void* dst, const void* src, bool valid) {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"((uint32_t)__cvta_generic_to_shared(dst)), "l"(src), "r"(valid ? 4 : 0) : "memory");
 }
 // The B fragments of two adjacent 8-wide column tiles (n0, n0 + 8) for 16 k rows from k0 of a
 // row-major (k, n) tile: b[0], b[1] for tile n0, b[2], b[3] for tile n0 + 8.
@@ -294,8 +298,9 @@ __device__ void flash_bwd(const __nv_bfloat16* q, const __nv_bfloat16* k, const 
     const int nq = max(0, (g.q_len + BBQ - 1) / BBQ - qb0), steps = rep * nq;  // (head, query block) pairs
     auto head_of = [&](int it) { return grp * rep + it / nq; };
     auto qbase_of = [&](int it) { return (int64_t)b * g.q_len * g.heads * HD + (int64_t)head_of(it) * HD; };
-    // Step it's Q and dO tiles (and its lse, delta, segment ids, by plain stores that the next barrier
-    // publishes) into buffer it & 1.
+    // Step it's Q and dO tiles, lse and delta into buffer it & 1, all by cp.async (a plain load here
+    // would hold warp 0 up for a memory latency every step), and its query segment ids (only with
+    // segments does that read memory) by plain stores that the next barrier publishes.
     auto issue = [&](int it) {
         const int buf = it & 1, qb = qb0 + it % nq, h = head_of(it);
         copy_tile<HD>(q, qbase_of(it), qstride, qb * BBQ, BBQ, g.q_len, sm.Qs[buf]);
@@ -304,8 +309,8 @@ __device__ void flash_bwd(const __nv_bfloat16* q, const __nv_bfloat16* k, const 
             const int t = qb * BBQ + threadIdx.x;
             const bool ok = t < g.q_len;
             const int64_t li = ((int64_t)b * g.heads + h) * g.q_len + t;
-            sm.lse2[buf][threadIdx.x] = ok ? lse[li] * LOG2E : 0.f;
-            sm.delta[buf][threadIdx.x] = ok ? delta[li] : 0.f;
+            cp_async4(&sm.lse[buf][threadIdx.x], lse + (ok ? li : 0), ok);
+            cp_async4(&sm.delta[buf][threadIdx.x], delta + (ok ? li : 0), ok);
             sm.qseg[buf][threadIdx.x] = ok ? seg_of(seg, g, b, g.q_offset + t) : 0u;
         }
     };
@@ -356,7 +361,7 @@ __device__ void flash_bwd(const __nv_bfloat16* q, const __nv_bfloat16* k, const 
             for (int e = 0; e < 4; e++) {
                 const int ql = nt * 8 + 2 * t4 + (e & 1), kl = e < 2 ? k0 : k1;
                 const bool vis = full || sees(g, qb * BBQ + ql, sm.qseg[buf][ql], kb * BBK + kl, sm.kseg[kl]);
-                const float p = vis ? exp2f(st[nt][e] * sl2 - sm.lse2[buf][ql]) : 0.f;
+                const float p = vis ? exp2f(st[nt][e] * sl2 - sm.lse[buf][ql] * LOG2E) : 0.f;
                 st[nt][e] = p;
                 dpt[nt][e] = p * (dpt[nt][e] - sm.delta[buf][ql]) * scale;
             }
