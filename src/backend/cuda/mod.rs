@@ -1054,11 +1054,7 @@ impl Backend for Cuda {
         let seg = segments.map(|s| ck!(self.stream.clone_htod(s), "upload segments"));
         if self.flash(&sh) {
             let kernel = if sh.head_dim == 64 { "flash_fwd_hd64" } else { "flash_fwd_hd128" };
-            // K and V in bf16 for the kernel's asynchronous copies: the rows it may read (a KV
-            // cache of one sequence is converted only up to kv_len).
-            let rows = if sh.batch == 1 { sh.kv_len } else { sh.batch * sh.kv_capacity };
-            let n = rows * sh.kv_heads * sh.head_dim;
-            let (kb, vb) = (self.bf16_prefix(k, n), self.bf16_prefix(v, n));
+            let (kb, vb) = self.kv_bf16(k, v, sh);
             let mut b = self.stream.launch_builder(self.f(kernel));
             b.arg(q).arg(&kb).arg(&vb);
             push_opt(&mut b, seg.as_ref());
@@ -1101,11 +1097,10 @@ impl Backend for Cuda {
             ck!(self.stream.memset_zeros(dk), "memset");
             ck!(self.stream.memset_zeros(dv), "memset");
             let kernel = if sh.head_dim == 64 { "flash_bwd_hd64" } else { "flash_bwd_hd128" };
-            // Q, K, V and dO in bf16 for the kernel's asynchronous copies (K, V as in `attention`).
-            let kv_rows = if sh.batch == 1 { sh.kv_len } else { sh.batch * sh.kv_capacity };
-            let (nq, nkv) = (sh.batch * sh.q_len * sh.heads * sh.head_dim, kv_rows * sh.kv_heads * sh.head_dim);
-            let (qb, kb) = (self.bf16_prefix(q, nq), self.bf16_prefix(k, nkv));
-            let (vb, db) = (self.bf16_prefix(v, nkv), self.bf16_prefix(dout, nq));
+            // Q, K, V and dO in bf16 for the kernel's asynchronous copies.
+            let nq = sh.batch * sh.q_len * sh.heads * sh.head_dim;
+            let (kb, vb) = self.kv_bf16(k, v, sh);
+            let (qb, db) = (self.bf16_prefix(q, nq), self.bf16_prefix(dout, nq));
             let mut b = self.stream.launch_builder(self.f(kernel));
             b.arg(&qb).arg(&kb).arg(&vb).arg(lse).arg(&delta).arg(&db);
             push_opt(&mut b, seg.as_ref());
@@ -1684,6 +1679,14 @@ impl Cuda {
         let v = lora_variant(r);
         let (tiles, dims) = (n.div_ceil(LORA_OUTER_COLS), [m as i32, n as i32, r as i32]);
         self.lora_split_reduce((LORA_OUTER[v], lora_outer_smem(v)), (tiles, m), (s, t), dims, d, true, out);
+    }
+
+    /// K and V of attention shape `sh` in bf16 for the flash kernels' asynchronous copies: the rows
+    /// they may read (a KV cache of one sequence is converted only up to kv_len).
+    fn kv_bf16(&self, k: &CudaSlice<f32>, v: &CudaSlice<f32>, sh: AttnShape) -> (CudaSlice<bf16>, CudaSlice<bf16>) {
+        let rows = if sh.batch == 1 { sh.kv_len } else { sh.batch * sh.kv_capacity };
+        let n = rows * sh.kv_heads * sh.head_dim;
+        (self.bf16_prefix(k, n), self.bf16_prefix(v, n))
     }
 
     /// The first `n` values of `x` rounded to bf16, in a fresh buffer.
