@@ -9,43 +9,52 @@
 //
 // Why fused: the second path writes and rereads a 16-bit copy of all of W whatever M is, and a 16-bit
 // output; here W travels as 0.5 byte per value and the output is written once, in f32.
-// Where it wins (H200, docs/PERF.md): up to ~128 rows (prompts, batched decoding: 1.47× at 16 rows,
-// 1.15× at 128 on 4096×4096), so the host takes it there (Fused4bit::Auto). At training shapes each
-// 64-wide step takes ~2 µs against ~0.5 µs of tensor-core work (0.65× the second path at 2048 rows),
-// whatever the tile; docs/PERF.md lists what was tried and what to try next.
 //
-// Shape of the work: a block of 256 threads (two warpgroups) owns a TM × TN output tile and walks the
-// reduction TK = 64 values at a time. Operand tiles sit in shared memory as 16-bit values, 128 bytes
-// per row with the 128-byte swizzle (16-byte chunk c of row r at chunk c ^ (r % 8)), the layout wgmma
-// reads through its matrix descriptors; warpgroup g multiplies rows 64g..64g+63 of the A tile by all
-// TN columns (wgmma m64nTNk16, four per step). TN = 128 keeps the accumulators at 64 registers, so two
-// blocks share an SM and one hides the other's dequantize and barrier latency (ncu on TN = 256, one
-// block per SM: 2 warps per scheduler, 5.8 cycles per issued instruction, tensor cores mostly idle).
+// Shape of the work: the product is computed transposed, outᵀ = W · aᵀ (forward) or Wᵀ · aᵀ (input
+// grad), so that the dequantized weights are wgmma's A operand, which may come from registers: each
+// thread dequantizes exactly the values of its own fragment straight from the 4-bit codes, and no
+// dequantized tile is ever written to shared memory or waited for by another warp. A block of 256
+// threads (two warpgroups) owns 128 W rows (forward; W columns for the input grad), 64 per warpgroup,
+// times BT tokens (the wgmma N: 256 for training shapes, 128 for few rows), and walks the reduction
+// 64 values at a time. The token tile sits in shared memory as 16-bit values, 128 bytes per row with
+// the 128-byte swizzle (16-byte chunk c of row r at chunk c ^ (r % 8)), read by wgmma through its
+// matrix descriptor; next to it each stage holds the raw codes and the words the scales come from.
+// Pipeline: NS stages of cp.async copies, NS-2 steps ahead; each step waits for its copies and one
+// barrier, dequantizes its fragments while the previous step's products still run (two fragment
+// sets), issues four wgmma m64nBTk16 and waits for the previous step's.
+// Fragment order (the A layout of mma.m16n8k16 per warp: pairs 0, 2 on row lg = lane/4, pairs 1, 3 on
+// row lg + 8; pair 0/1 at reduction 2t, 2t+1 and pair 2/3 at 2t+8, 2t+9 of the k16 slice, t = lane%4):
+// forward: rows are W rows; the 8 code bytes a thread needs per W row and step are byte t of each of
+// the row's eight 32-bit code words. Input grad: the reduction runs over W rows, so a pair holds the
+// same W column of two W rows; the 64 fragment rows of a warpgroup are reordered so that rows lg and
+// lg+8 are the high and low nibble of one code byte (W columns 2c, 2c+1), and the output columns are
+// put back in order when written.
 // Split-K: when the output tiles are too few to fill the GPU (small M), blockIdx.z takes a share of
 // the reduction steps and writes raw f32 partial sums; gemm_4bit_reduce adds them and rounds.
-// Pipeline: the A tiles and the raw 4-bit code chunks of the next NS-1 steps are in flight as
-// cp.async copies (no registers held); each step, while the tensor cores work on step s (wgmma is
-// asynchronous), the threads dequantize the codes of step s+1 into the other of two B tiles and start
-// the copies of step s+NS-1.
-// Sizes: the reduction and W's columns are multiples of 64, the absmax block a multiple of 32 (one
-// scale per 16-byte code chunk); M and the output columns are free (tiles are clipped).
-// Built for sm_90a only (wgmma); the host picks this path only there (build.rs sets `wgmma_kernels`).
+// Sizes: the reduction and W's columns are multiples of 64, the absmax block a power of two ≥ 32, W
+// under 2³¹ values; M and W's rows are free (tiles are clipped).
+// Progression and measurements: docs/PERF.md. Built for sm_90a only (wgmma); the host picks this path
+// only there (build.rs sets `wgmma_kernels`).
 #include "quant4.cuh"
 
-#define TM 128
-#define TN 128
-#define TK 64
-#define NS 3  // stages of A tiles and code chunks
-#define CHUNKS (TN / 128)  // 16-byte code chunks each thread dequantizes per step
-#define ACC (TN / 2)       // accumulator registers per thread (m64nTN over a warpgroup)
 #define GEMM_THREADS 256
-#define A_TILE (TM * TK * 2)    // 16 KiB
-#define B_TILE (TN * TK * 2)    // 16 KiB
-#define CODE_TILE (TN * TK / 2) // 4 KiB
-// Shared memory: NS A tiles, 2 B tiles, NS code tiles (92 KiB; the host adds 1 KiB for alignment).
-#define OFF_B (NS * A_TILE)
-#define OFF_CODES (OFF_B + 2 * B_TILE)
-#define GEMM_SMEM (OFF_CODES + NS * CODE_TILE)
+#define BM 128                 // W rows (forward) or W columns (input grad) per block, 64 per warpgroup
+#define TK 64                  // reduction values per step
+#define FWD_CODE_LD 48         // bytes per W row in the forward code tile (32 used; 48 spreads 8 rows over all banks)
+#define DG_CODE_LD 80          // bytes per W row in the input-grad code tile (64 used; 80: no bank conflicts)
+#define CODE_TILE 6144         // max(128 × 48, 64 × 80)
+#define SCALE_TILE 2048        // forward: 128 W rows × 2 words; input grad: 64 W rows × 8 words
+
+// Per token-tile width BT: stages, their size (token tile + codes + scale words, a multiple of 1024 so
+// every token tile stays 1024-aligned for the swizzle), blocks per SM.
+template <int BT> struct Cfg {
+    static constexpr int NS = BT == 256 ? 5 : 4;
+    static constexpr int LOOK = NS - 2;  // steps whose copies are in flight ahead of the one multiplied
+    static constexpr int X_TILE = BT * TK * 2;
+    static constexpr int STAGE = X_TILE + CODE_TILE + SCALE_TILE;
+    static constexpr int X_CHUNKS = BT * 8 / GEMM_THREADS;  // 16-byte token-tile chunks per thread per step
+    static_assert(STAGE % 1024 == 0, "stage alignment");
+};
 
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && defined(__CUDA_ARCH_FEAT_SM90_ALL)
 #define HAVE_WGMMA 1
@@ -71,130 +80,169 @@ __device__ __forceinline__ uint32_t swz(int r, int c) { return r * 128 + ((c ^ (
 __device__ __forceinline__ uint64_t desc_sw128(uint32_t addr) {
     return (uint64_t)((addr & 0x3FFFF) >> 4) | ((uint64_t)1 << 16) | ((uint64_t)(1024 >> 4) << 32) | ((uint64_t)1 << 62);
 }
-
-// d (m64 × n128 over the warpgroup) += A · B, both read from shared memory through their
-// descriptors, f32 accumulation; TY is the 16-bit type of compute dtype C.
-static_assert(TN == 128, "wgmma_tile is the m64n128k16 instruction");
-template <int C> __device__ __forceinline__ void wgmma_tile(float (&d)[ACC], uint64_t da, uint64_t db);
-#define WGMMA_TILE(C, TY) \
-    template <> __device__ __forceinline__ void wgmma_tile<C>(float (&d)[ACC], uint64_t da, uint64_t db) { \
-        asm volatile( \
-            "{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n" \
-            "wgmma.mma_async.sync.aligned.m64n128k16.f32." TY "." TY " " \
-            "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, %64, %65, p, 1, 1, 0, 0;\n}\n" \
-            : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]) \
-            : "l"(da), "l"(db)); \
-    }
-WGMMA_TILE(1, "f16")
-WGMMA_TILE(2, "bf16")
-
 __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
 __device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
-__device__ __forceinline__ void wgmma_wait_all() { asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory"); }
-// Generic-proxy writes to shared memory (stores, completed cp.async) made visible to wgmma's reads.
+template <int N> __device__ __forceinline__ void wgmma_wait() { asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory"); }
+// Completed cp.async writes to shared memory made visible to wgmma's reads.
 __device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
 // Keeps the compiler from moving accesses to an accumulator across the asynchronous wgmma.
 __device__ __forceinline__ void pin(float& r) { asm volatile("" : "+f"(r)::"memory"); }
-
-// Four 8×8 16-bit matrices stored transposed: lane l gives the address of row l%8 of matrix l/8.
-__device__ __forceinline__ void stmatrix_x4_trans(uint32_t addr, uint32_t r0, uint32_t r1, uint32_t r2, uint32_t r3) {
-    asm volatile("stmatrix.sync.aligned.m8n8.x4.trans.shared.b16 [%0], {%1, %2, %3, %4};\n" ::"r"(addr), "r"(r0), "r"(r1), "r"(r2), "r"(r3) : "memory");
+// 4 bytes global → shared (the scale words); `valid` false fills zeros.
+__device__ __forceinline__ void cp_async4(uint32_t dst, const void* src, bool valid) {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(dst), "l"(src), "r"(valid ? 4 : 0) : "memory");
 }
 
-// Byte j of a code word as a dequantized pair (high nibble first). The 16-entry table sits in 16
-// banks, so lookups never conflict (a 256-entry table of pairs halves the loads but conflicts).
-template <int C> __device__ __forceinline__ uint32_t pair(const float* lut, uint32_t word, int j, float s) {
-    return pack16<C>(lut[(word >> (8 * j + 4)) & 15] * s, lut[(word >> (8 * j)) & 15] * s);
-}
-
-// The CHUNKS code chunks (16 bytes = 32 values of one W row each) a thread dequantizes per step, as
-// (W row, W column). Forward: the B tile is TN rows of W (n0..) × TK columns (k0..), K-major as W is;
-// chunk id = CHUNKS·thread + h is tile row id/2, half id%2. Input grad: the reduction runs over W's
-// rows, so the tile holds W transposed (TN tile rows = W columns n0.., each TK = 64 W rows k0..);
-// warp w takes W rows k0+8w+g (g = lane/4) at columns n0+32(t+4h) (t = lane%4).
-template <bool DGRAD> __device__ __forceinline__ void chunk_of(int h, int n0, int k0, int& row, int& col) {
-    if (DGRAD) {
-        const int lane = threadIdx.x & 31;
-        row = k0 + 8 * (threadIdx.x >> 5) + (lane >> 2), col = n0 + 32 * ((lane & 3) + 4 * h);
-    } else {
-        const int id = CHUNKS * threadIdx.x + h;
-        row = n0 + (id >> 1), col = k0 + 32 * (id & 1);
+// d (m64 × nN over the warpgroup) (+)= A · B: A from registers (this thread's four 16-bit pairs of the
+// 64 × 16 slice), B (N tokens × 16) from shared memory through its descriptor, f32 accumulation;
+// acc_in 0 ignores d's old contents (the first product, so d needs no zeroing). TY is the 16-bit type
+// of compute dtype C.
+template <int C, int N> __device__ __forceinline__ void wgmma_ra(float* d, const uint32_t* a, uint64_t db, int acc_in);
+#define WGMMA_RA_N128(C, TY) \
+    template <> __device__ __forceinline__ void wgmma_ra<C, 128>(float* d, const uint32_t* a, uint64_t db, int acc_in) { \
+        asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n" \
+                     "wgmma.mma_async.sync.aligned.m64n128k16.f32." TY "." TY " {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, {%64, %65, %66, %67}, %68, p, 1, 1, 0;\n}\n" \
+                     : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]) \
+                     : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(acc_in)); \
     }
-}
-// Where that chunk's 16 bytes sit in the code tile: rows of 32 bytes (forward) or TN/2 bytes (grad).
-template <bool DGRAD> __device__ __forceinline__ int code_offset(int h) {
-    if (DGRAD) {
-        const int lane = threadIdx.x & 31;
-        return (8 * (threadIdx.x >> 5) + (lane >> 2)) * (TN / 2) + 16 * ((lane & 3) + 4 * h);
+WGMMA_RA_N128(1, "f16")
+WGMMA_RA_N128(2, "bf16")
+#define WGMMA_RA_N256(C, TY) \
+    template <> __device__ __forceinline__ void wgmma_ra<C, 256>(float* d, const uint32_t* a, uint64_t db, int acc_in) { \
+        asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %133, 0;\n" \
+                     "wgmma.mma_async.sync.aligned.m64n256k16.f32." TY "." TY " {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, %64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, %80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, %96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, %112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127}, {%128, %129, %130, %131}, %132, p, 1, 1, 0;\n}\n" \
+                     : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]), "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]), "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]), "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]), "+f"(d[88]), "+f"(d[89]), "+f"(d[90]), "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95]), "+f"(d[96]), "+f"(d[97]), "+f"(d[98]), "+f"(d[99]), "+f"(d[100]), "+f"(d[101]), "+f"(d[102]), "+f"(d[103]), "+f"(d[104]), "+f"(d[105]), "+f"(d[106]), "+f"(d[107]), "+f"(d[108]), "+f"(d[109]), "+f"(d[110]), "+f"(d[111]), "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]), "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]), "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127]) \
+                     : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(acc_in)); \
     }
-    return 16 * (CHUNKS * threadIdx.x + h);
-}
+WGMMA_RA_N256(1, "f16")
+WGMMA_RA_N256(2, "bf16")
 
-// Step s's copies: the A tile (TM rows × TK 16-bit values, 4 chunks per thread, swizzled as they land)
-// and the code tile (CHUNKS chunks per thread, in the layout code_offset reads).
-template <bool DGRAD>
-__device__ __forceinline__ void issue_copies(uint32_t a_tile, uint32_t code_tile, const uint16_t* a, const Quant4Args& q, int m, int rows, int cols, int red, int m0, int n0, int k0) {
+// One thread's share of each step's copies, with what does not change along the reduction worked
+// out once: the 16-bit token tile (a = x forward, dy input grad), the W codes, and the words the
+// scales come from.
+template <bool DGRAD, int BT> struct Copies {
+    const uint16_t* x;    // chunk 0's source at reduction 0; chunk i is 32·i token rows further
+    int64_t x_rows32;     // 32 token rows, in elements
+    uint32_t x_dst;       // chunk 0's offset in the stage (chunk i: + 32·128·i)
+    uint32_t x_ok;        // bit i: chunk i's token row is inside m
+    const uint8_t* code;  // forward: this W row's codes at reduction 0; input grad: code row r of step 0
+    uint32_t code_dst, s_dst;
+    bool code_ok, s_ok;
+    int64_t sbase;  // forward: row·cols; input grad: r·cols + w0 + 32c (reduction row k0 adds k0·cols)
+    int c;          // forward: half of the row and scale word; input grad: 32-column group
+
+    __device__ __forceinline__ void init(const uint16_t* a, const Quant4Args& q, int m, int rows, int cols, int red, int t0, int w0) {
+        const int tid = threadIdx.x, xr = tid >> 3, xc = tid & 7;
+        x = a + (int64_t)min(t0 + xr, m - 1) * red + 8 * xc;
+        x_rows32 = (int64_t)32 * red;
+        x_dst = swz(xr, xc);
+        x_ok = 0;
 #pragma unroll
-    for (int i = 0; i < 4; i++) {
-        const int id = i * GEMM_THREADS + threadIdx.x, r = id >> 3, c = id & 7;
-        const bool ok = m0 + r < m;
-        cp_async16(a_tile + swz(r, c), a + (int64_t)(ok ? m0 + r : 0) * red + k0 + 8 * c, ok);
-    }
-    // The code tile: 2·TN chunks, stored where code_offset reads them.
-#pragma unroll
-    for (int i = 0; i < CHUNKS; i++) {
-        const int id = i * GEMM_THREADS + threadIdx.x;
-        if (DGRAD) {
-            const int r = id / (TN / 32), c = id % (TN / 32), row = k0 + r, col = n0 + 32 * c;
-            const bool ok = col < cols;
-            cp_async16(code_tile + r * (TN / 2) + 16 * c, q.packed + ((int64_t)row * cols + (ok ? col : 0)) / 2, ok);
-        } else {
-            const int row = n0 + (id >> 1);
-            const bool ok = row < rows;
-            cp_async16(code_tile + 16 * id, q.packed + ((int64_t)(ok ? row : 0) * cols + k0 + 32 * (id & 1)) / 2, ok);
+        for (int i = 0; i < Cfg<BT>::X_CHUNKS; i++) x_ok |= (uint32_t)(t0 + xr + 32 * i < m) << i;
+        const int cx = Cfg<BT>::X_TILE;
+        if (!DGRAD) {  // 128 W rows × 32 bytes: thread i copies half i%2 of row i/2, then scale word i%2
+            const int r = tid >> 1, row = w0 + r;
+            c = tid & 1;
+            code_ok = s_ok = row < rows;
+            sbase = (int64_t)min(row, rows - 1) * cols;
+            code = q.packed + sbase / 2 + 16 * c;
+            code_dst = cx + r * FWD_CODE_LD + 16 * c;
+            s_dst = cx + CODE_TILE + 8 * r + 4 * c;
+        } else {  // 64 W rows × 64 bytes (W columns w0..w0+127): chunk c = i%4 of row i/4 (32 columns), then
+                  // the scale words of those 32 columns (one block: blocks are powers of two ≥ 32)
+            const int r = tid >> 2, col = w0 + 32 * (tid & 3);
+            c = tid & 3;
+            code_ok = s_ok = col < cols;
+            code = q.packed + ((int64_t)r * cols + (code_ok ? col : 0)) / 2;
+            code_dst = cx + r * DG_CODE_LD + 16 * c;
+            sbase = (int64_t)r * cols + (code_ok ? col : 0);
+            s_dst = cx + CODE_TILE + 32 * r + 4 * c;
         }
     }
-}
 
-// The absmax of this thread's chunks of the step at k0 (zero past the edge).
-template <bool DGRAD> __device__ __forceinline__ void load_scales(float (&sc)[CHUNKS], const Quant4Args& q, int rows, int cols, int n0, int k0) {
+    // The copies of the step at reduction k0 into the stage at shared address st.
+    __device__ __forceinline__ void issue(uint32_t st, const Quant4Args& q, int rows, int cols, int bs_log2, int k0) const {
 #pragma unroll
-    for (int h = 0; h < CHUNKS; h++) {
-        int row, col;
-        chunk_of<DGRAD>(h, n0, k0, row, col);
-        sc[h] = row < rows && col < cols ? block_absmax(q.absmax, q.absmax_q, q.absmax2, q.code256, q.offset, ((int64_t)row * cols + col) / q.blocksize) : 0.f;
-    }
-}
-
-// The code tile → the 16-bit B tile. Forward: each chunk is 4 swizzled 16-byte chunks of its tile row.
-// Input grad: stmatrix.trans turns the 8 W rows × 2 columns a lane-quad holds into 16-byte tile rows
-// of 8 W rows (chunk w of tile rows k); lane (g, t) feeds matrix j with code byte (j + t) % 16 (the
-// chunk rotated by t bytes), so the 8 tile rows one matrix writes have 8 different row % 8 and land
-// in 8 different bank groups.
-template <int C, bool DGRAD>
-__device__ __forceinline__ void dequant_tile(const uint8_t* codes, uint8_t* b_tile, const float* lut, const float (&sc)[CHUNKS]) {
-#pragma unroll
-    for (int h = 0; h < CHUNKS; h++) {
-        const uint4 u = *reinterpret_cast<const uint4*>(codes + code_offset<DGRAD>(h));
-        const uint32_t w[4] = {u.x, u.y, u.z, u.w};
-        const float s = sc[h];
-        if (DGRAD) {
-            const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, t = lane & 3;
-            uint32_t rot[4];
-#pragma unroll
-            for (int i = 0; i < 4; i++) rot[i] = __funnelshift_r(w[i], w[(i + 1) & 3], 8 * t);
-            const int i = lane >> 3, c = lane & 7, tc = c >> 1, e = c & 1;
-            const uint32_t base = (uint32_t)__cvta_generic_to_shared(b_tile);
-#pragma unroll
-            for (int q = 0; q < 4; q++) {
-                const int j = 4 * q + i, k = 32 * (tc + 4 * h) + 2 * ((j + tc) & 15) + e;
-                stmatrix_x4_trans(base + swz(k, warp), pair<C>(lut, rot[q], 0, s), pair<C>(lut, rot[q], 1, s), pair<C>(lut, rot[q], 2, s), pair<C>(lut, rot[q], 3, s));
+        for (int i = 0; i < Cfg<BT>::X_CHUNKS; i++) cp_async16(st + x_dst + 32 * 128 * i, x + k0 + x_rows32 * i, (x_ok >> i) & 1);
+        if (!DGRAD) {
+            cp_async16(st + code_dst, code + k0 / 2, code_ok);
+            const int64_t blk = (sbase + k0) >> bs_log2;
+            if (q.absmax_q) {  // word 0: the 4 codes around blk (blk and blk+1 share it); word 1: its scale
+                if (c == 0) cp_async4(st + s_dst, q.absmax_q + (blk & ~(int64_t)3), s_ok);
+                else cp_async4(st + s_dst, q.absmax2 + blk / 256, s_ok);
+            } else {  // word 0: blk's absmax; word 1: the next block's when blocks are 32 wide
+                cp_async4(st + s_dst, q.absmax + blk + c, s_ok && (c == 0 || bs_log2 == 5));
             }
         } else {
-            const int id = CHUNKS * threadIdx.x + h, r = id >> 1, half = id & 1;
+            const int64_t kc = (int64_t)k0 * cols;
+            cp_async16(st + code_dst, code + kc / 2, code_ok);
+            const int64_t blk = (sbase + kc) >> bs_log2;
+            if (q.absmax_q) {  // word c: the 4 codes around the group's block; word 4 + c: its scale
+                cp_async4(st + s_dst, q.absmax_q + (blk & ~(int64_t)3), s_ok);
+                cp_async4(st + s_dst + 16, q.absmax2 + blk / 256, s_ok);
+            } else {  // word c: the group's absmax
+                cp_async4(st + s_dst, q.absmax + blk, s_ok);
+            }
+        }
+    }
+};
+
+// A code byte as a dequantized pair: high nibble (the even reduction index) in the low half.
+template <int C> __device__ __forceinline__ uint32_t deq_pair(const float* lut, uint32_t byte, float s) {
+    return pack16<C>(lut[(byte >> 4) & 15] * s, lut[byte & 15] * s);
+}
+
+// This thread's 16 A fragment registers of one step (4 per k16 slice) from the stage's codes and
+// scale words (see the fragment order at the top).
+template <int C, bool DGRAD, int BT>
+__device__ __forceinline__ void fragments(uint32_t (&f)[16], const uint8_t* stage, const float* lut, const float* c256, const Quant4Args& q, int cols, int w0, int bs_log2, int k0) {
+    const int wg = threadIdx.x >> 7, warp = (threadIdx.x >> 5) & 3, lane = threadIdx.x & 31, lg = lane >> 2, t = lane & 3;
+    const uint8_t* codes = stage + Cfg<BT>::X_TILE;
+    const uint32_t* sw = reinterpret_cast<const uint32_t*>(codes + CODE_TILE);
+    if (!DGRAD) {
 #pragma unroll
-            for (int i = 0; i < 4; i++)
-                *reinterpret_cast<uint4*>(b_tile + swz(r, 4 * half + i)) = make_uint4(pair<C>(lut, w[i], 0, s), pair<C>(lut, w[i], 1, s), pair<C>(lut, w[i], 2, s), pair<C>(lut, w[i], 3, s));
+        for (int h = 0; h < 2; h++) {
+            const int r = 64 * wg + 16 * warp + lg + 8 * h;
+            const uint4 u0 = *reinterpret_cast<const uint4*>(codes + r * FWD_CODE_LD), u1 = *reinterpret_cast<const uint4*>(codes + r * FWD_CODE_LD + 16);
+            const uint32_t w[8] = {u0.x, u0.y, u0.z, u0.w, u1.x, u1.y, u1.z, u1.w};
+            const uint2 sv = *reinterpret_cast<const uint2*>(sw + 2 * r);
+            float s0, s1;  // scales of reduction values 0..31 and 32..63 of the step
+            if (q.absmax_q) {
+                const uint32_t blk = (uint32_t)(((int64_t)(w0 + r) * cols + k0) >> bs_log2);
+                const float a2 = __uint_as_float(sv.y);
+                s0 = c256[(sv.x >> (8 * (blk & 3))) & 255] * a2 + q.offset;
+                s1 = c256[(sv.x >> (8 * ((blk + 1) & 3))) & 255] * a2 + q.offset;
+            } else {
+                s0 = __uint_as_float(sv.x), s1 = __uint_as_float(sv.y);
+            }
+            if (bs_log2 != 5) s1 = s0;
+#pragma unroll
+            for (int j = 0; j < 8; j++) f[4 * (j >> 1) + 2 * (j & 1) + h] = deq_pair<C>(lut, w[j] >> (8 * t), j < 4 ? s0 : s1);
+        }
+    } else {
+        const int cb = 32 * wg + 8 * warp + lg;  // this thread's code byte column: W columns w0 + 2cb, +1
+#pragma unroll
+        for (int kk = 0; kk < 4; kk++) {
+#pragma unroll
+            for (int e = 0; e < 2; e++) {  // W rows n, n+1 (pairs 0, 1 of the slice); then n+8, n+9 (2, 3)
+                float hi[2], lo[2];
+#pragma unroll
+                for (int d = 0; d < 2; d++) {
+                    const int n = 16 * kk + 2 * t + 8 * e + d;
+                    const uint32_t byte = codes[n * DG_CODE_LD + cb];
+                    const uint32_t* rw = sw + 8 * n + (cb >> 4);  // the words of this column's 32-column group
+                    float s;
+                    if (q.absmax_q) {
+                        // 32-bit block arithmetic: the host takes this path for W of fewer than 2³¹ values.
+                        const uint32_t blk = ((uint32_t)(k0 + n) * (uint32_t)cols + (uint32_t)(w0 + 2 * cb)) >> bs_log2;
+                        s = c256[(rw[0] >> (8 * (blk & 3))) & 255] * __uint_as_float(rw[4]) + q.offset;
+                    } else {
+                        s = __uint_as_float(rw[0]);
+                    }
+                    hi[d] = lut[byte >> 4] * s, lo[d] = lut[byte & 15] * s;
+                }
+                f[4 * kk + 2 * e] = pack16<C>(hi[0], hi[1]);
+                f[4 * kk + 2 * e + 1] = pack16<C>(lo[0], lo[1]);
+            }
         }
     }
 }
@@ -203,81 +251,89 @@ __device__ __forceinline__ void dequant_tile(const uint8_t* codes, uint8_t* b_ti
 // DGRAD false: out (m, rows) = a (m, cols) · Wᵀ.  DGRAD true: out (m, cols) (+)= a (m, rows) · W.
 // With `partial` (split-K), block z adds steps [z·steps/splits, (z+1)·steps/splits) and writes its raw
 // f32 sums to partial[z] (m × n_out) instead.
-template <int C, bool DGRAD>
+template <int C, bool DGRAD, int BT>
 __device__ void gemm_4bit(const Quant4Args q, const float* code16, const uint16_t* a, float* out, float* partial, int m, int rows, int cols, int accumulate) {
 #ifdef HAVE_WGMMA
+    using K = Cfg<BT>;
     __shared__ float lut[16];
+    __shared__ float c256[256];
     extern __shared__ uint8_t dyn[];
     const uint32_t dyn_addr = (uint32_t)__cvta_generic_to_shared(dyn);
-    uint8_t* smem = dyn + (((dyn_addr + 1023) & ~1023u) - dyn_addr);  // tiles start 1024-aligned
+    uint8_t* smem = dyn + (((dyn_addr + 1023) & ~1023u) - dyn_addr);  // stages start 1024-aligned
     const uint32_t sbase = (uint32_t)__cvta_generic_to_shared(smem);
-    const int n_out = DGRAD ? cols : rows, red = DGRAD ? rows : cols;
-    const int n0 = blockIdx.x * TN, m0 = blockIdx.y * TM, all_steps = red / TK;
+    const int red = DGRAD ? rows : cols, n_out = DGRAD ? cols : rows;
+    const int w0 = blockIdx.x * BM, t0 = blockIdx.y * BT, bs_log2 = __ffs(q.blocksize) - 1;
+    const int all_steps = red / TK;
     const int first = (int)((int64_t)all_steps * blockIdx.z / gridDim.z), last = (int)((int64_t)all_steps * (blockIdx.z + 1) / gridDim.z);
     const int steps = last - first;
-    const int wg = threadIdx.x >> 7, warp = (threadIdx.x >> 5) & 3, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
     load_lut(lut, code16);
+    if (q.absmax_q) c256[threadIdx.x] = q.code256[threadIdx.x];
+    Copies<DGRAD, BT> cp;
+    cp.init(a, q, m, rows, cols, red, t0, w0);
 
     // Step s of this block is reduction step first + s; its stage is s % NS.
     auto copies = [&](int s) {
-        if (s < steps) issue_copies<DGRAD>(sbase + (s % NS) * A_TILE, sbase + OFF_CODES + (s % NS) * CODE_TILE, a, q, m, rows, cols, red, m0, n0, (first + s) * TK);
+        if (s < steps) cp.issue(sbase + (s % K::NS) * K::STAGE, q, rows, cols, bs_log2, (first + s) * TK);
         cp_async_commit();  // one group per step, empty past the end, so wait counts stay uniform
     };
-    float sc[CHUNKS];
-    auto dequant = [&](int s) {  // step s's codes (landed) → B tile s % 2; then the next step's scales
-        dequant_tile<C, DGRAD>(smem + OFF_CODES + (s % NS) * CODE_TILE, smem + OFF_B + (s & 1) * B_TILE, lut, sc);
-        if (s + 1 < steps) load_scales<DGRAD>(sc, q, rows, cols, n0, (first + s + 1) * TK);
-    };
-    float acc[ACC];
-#pragma unroll
-    for (int i = 0; i < ACC; i++) acc[i] = 0.f;
-    for (int s = 0; s < NS - 1; s++) copies(s);
-    if (steps > 0) load_scales<DGRAD>(sc, q, rows, cols, n0, first * TK);
-    cp_async_wait<NS - 2>();
-    __syncthreads();  // step 0 landed for every thread; lut written
-    if (steps > 0) dequant(0);
-    fence_proxy_async();
-    __syncthreads();
-    for (int s = 0; s < steps; s++) {
-        const uint32_t at = sbase + (s % NS) * A_TILE + wg * (A_TILE / 2), bt = sbase + OFF_B + (s & 1) * B_TILE;
-        wgmma_fence();
-#pragma unroll
-        for (int kk = 0; kk < TK / 16; kk++) wgmma_tile<C>(acc, desc_sw128(at + 32 * kk), desc_sw128(bt + 32 * kk));
-        wgmma_commit();
-        copies(s + NS - 1);  // into the stage step s-1 used, whose wgmma has completed
-        if (s + 1 < steps) {
-            cp_async_wait<NS - 2>();
-            __syncthreads();  // step s+1 landed for every thread
-            dequant(s + 1);   // into the B tile step s-1 used
-        }
-        wgmma_wait_all();
-#pragma unroll
-        for (int i = 0; i < ACC; i++) pin(acc[i]);
+    float acc[BT / 2];  // the first product overwrites it (acc_in 0)
+    for (int s = 0; s < K::LOOK; s++) copies(s);
+    uint32_t fa[16], fb[16];
+    // Step s: wait for its copies; start those of step s + LOOK (its stage was last read by step s-2,
+    // whose products every warpgroup waited for before this barrier); dequantize its fragments while
+    // step s-1's products run; issue its products and wait for step s-1's (freeing s-1's fragments).
+    auto step = [&](int s, uint32_t(&f)[16]) {
+        cp_async_wait<K::LOOK - 1>();
         fence_proxy_async();
         __syncthreads();
+        copies(s + K::LOOK);
+        const uint32_t st = sbase + (s % K::NS) * K::STAGE;
+        fragments<C, DGRAD, BT>(f, smem + (s % K::NS) * K::STAGE, lut, c256, q, cols, w0, bs_log2, (first + s) * TK);
+        wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < TK / 16; kk++) wgmma_ra<C, BT>(acc, f + 4 * kk, desc_sw128(st + 32 * kk), s > 0 || kk > 0);
+        wgmma_commit();
+        wgmma_wait<1>();
+    };
+    for (int s = 0; s < steps; s += 2) {  // two steps per turn: the fragment sets are named registers
+        step(s, fa);
+        if (s + 1 < steps) step(s + 1, fb);
     }
-    // Accumulator fragment of m64nTN: value 4j + h (h = 0..3) is row g + 8·(h/2) of this warp's 16,
-    // column 8j + 2t + h%2.
-    const int row_a = m0 + 64 * wg + 16 * warp + g;
+    wgmma_wait<0>();
+#pragma unroll
+    for (int i = 0; i < BT / 2; i++) {
+        pin(acc[i]);
+        if (steps == 0) acc[i] = 0.f;
+    }
+
+    // Accumulator value 4j + h: fragment row lg + 8·(h/2) of this warp's 16, token 8j + 2t + h%2.
+    const int wg = threadIdx.x >> 7, warp = (threadIdx.x >> 5) & 3, lane = threadIdx.x & 31, lg = lane >> 2, t = lane & 3;
     float* dst = partial ? partial + (int64_t)blockIdx.z * m * n_out : out;
+    auto put = [&](float* o, float v) {
+        if (!partial) {
+            v = round_to(v, C);
+            if (accumulate) v += *o;
+        }
+        *o = v;
+    };
 #pragma unroll
-    for (int j = 0; j < TN / 8; j++) {
-        const int col = n0 + 8 * j + 2 * t;
+    for (int j = 0; j < BT / 8; j++) {
 #pragma unroll
-        for (int h = 0; h < 2; h++) {
-            const int row = row_a + 8 * h;
-            if (row >= m) continue;
-            float* o = dst + (int64_t)row * n_out + col;
-            float v0 = acc[4 * j + 2 * h], v1 = acc[4 * j + 2 * h + 1];
-            if (!partial) {
-                v0 = round_to(v0, C), v1 = round_to(v1, C);
-                if (accumulate) {
-                    if (col < n_out) v0 += o[0];
-                    if (col + 1 < n_out) v1 += o[1];
+        for (int e = 0; e < 2; e++) {
+            const int tok = t0 + 8 * j + 2 * t + e;
+            if (tok >= m) continue;
+            float* o = dst + (int64_t)tok * n_out;
+            if (!DGRAD) {  // fragment rows are W rows n and n+8
+                const int n = w0 + 64 * wg + 16 * warp + lg;
+                if (n < n_out) put(o + n, acc[4 * j + e]);
+                if (n + 8 < n_out) put(o + n + 8, acc[4 * j + 2 + e]);
+            } else {  // fragment rows are W columns k (high nibble) and k+1 (low nibble)
+                const int k = w0 + 2 * (32 * wg + 8 * warp + lg);
+                if (k < n_out) {
+                    put(o + k, acc[4 * j + e]);
+                    put(o + k + 1, acc[4 * j + 2 + e]);
                 }
             }
-            if (col < n_out) o[0] = v0;
-            if (col + 1 < n_out) o[1] = v1;
         }
     }
 #else
@@ -285,14 +341,18 @@ __device__ void gemm_4bit(const Quant4Args q, const float* code16, const uint16_
 #endif
 }
 
-#define GEMM_4BIT_KERNEL(name, C, DGRAD) \
-    extern "C" __global__ void __launch_bounds__(GEMM_THREADS, 2) name(const uint8_t* packed, const float* absmax, const uint8_t* absmax_q, const float* absmax2, const float* code256, float offset, const float* code16, int blocksize, const uint16_t* a, float* out, float* partial, int m, int rows, int cols, int accumulate) { \
-        gemm_4bit<C, DGRAD>(Quant4Args{packed, absmax, absmax_q, absmax2, code256, offset, blocksize}, code16, a, out, partial, m, rows, cols, accumulate); \
+#define GEMM_4BIT_KERNEL(name, C, DGRAD, BT) \
+    extern "C" __global__ void __launch_bounds__(GEMM_THREADS, BT == 256 ? 1 : 2) name(const uint8_t* packed, const float* absmax, const uint8_t* absmax_q, const float* absmax2, const float* code256, float offset, const float* code16, int blocksize, const uint16_t* a, float* out, float* partial, int m, int rows, int cols, int accumulate) { \
+        gemm_4bit<C, DGRAD, BT>(Quant4Args{packed, absmax, absmax_q, absmax2, code256, offset, blocksize}, code16, a, out, partial, m, rows, cols, accumulate); \
     }
-GEMM_4BIT_KERNEL(gemm_4bit_fwd_f16, 1, false)
-GEMM_4BIT_KERNEL(gemm_4bit_fwd_bf16, 2, false)
-GEMM_4BIT_KERNEL(gemm_4bit_dgrad_f16, 1, true)
-GEMM_4BIT_KERNEL(gemm_4bit_dgrad_bf16, 2, true)
+GEMM_4BIT_KERNEL(gemm_4bit_fwd_f16_t128, 1, false, 128)
+GEMM_4BIT_KERNEL(gemm_4bit_fwd_bf16_t128, 2, false, 128)
+GEMM_4BIT_KERNEL(gemm_4bit_dgrad_f16_t128, 1, true, 128)
+GEMM_4BIT_KERNEL(gemm_4bit_dgrad_bf16_t128, 2, true, 128)
+GEMM_4BIT_KERNEL(gemm_4bit_fwd_f16_t256, 1, false, 256)
+GEMM_4BIT_KERNEL(gemm_4bit_fwd_bf16_t256, 2, false, 256)
+GEMM_4BIT_KERNEL(gemm_4bit_dgrad_f16_t256, 1, true, 256)
+GEMM_4BIT_KERNEL(gemm_4bit_dgrad_bf16_t256, 2, true, 256)
 
 // Split-K epilogue: out (=|+=) round(Σ_z partial[z]) over n = m·n_out values, compute dtype C.
 extern "C" __global__ void gemm_4bit_reduce(const float* partial, float* out, int64_t n, int splits, int compute, int accumulate) {

@@ -205,8 +205,9 @@ fn linear_dense_and_4bit_forward_and_input_grad() {
 
 /// The fused 4-bit matmul (kernels/nf4_gemm.cu) at the real shapes, forward and input grad (also
 /// accumulating), against the CPU and against the GPU's second path (dequantize + cuBLAS). M = 300
-/// spans two full 128-row tiles and a partial one; 576 and 192 output columns end in partial tiles;
-/// M = 37 (and 300 for most shapes) leaves SMs idle, so the reduction is split (split-K + reduce).
+/// takes the 256-token tiles (one full, one partial), M = 37 the 128-token one; 576 and 192 W rows
+/// or columns end in partial tiles; M = 37 (and 300 for most shapes) leaves SMs idle, so the
+/// reduction is split (split-K + reduce).
 /// Threshold fixed before the first run: 1e-2, the bf16 bound (both sides round x, W and the output
 /// at the same points and sum in f32, so only the order of the sums differs).
 #[test]
@@ -218,18 +219,25 @@ fn fused_4bit_matmul_matches_the_cpu_and_the_second_path() {
         let kv = s.kv_heads * s.head_dim;
         for (rows, cols) in [(s.ffn, s.hidden), (s.hidden, s.ffn), (kv, s.hidden)] {
             let data = rnd(&mut rng, rows * cols, 0.05);
-            for (qt, dq, c) in [(QuantType::Nf4, true, ComputeDtype::BF16), (QuantType::Fp4, false, ComputeDtype::F16)]
-            {
+            // Blocks of 64 (the usual), 32 (two scales per 64-wide step) and 256 (one scale over
+            // several steps), plain and double-quantized absmax.
+            for (qt, dq, c, blocksize) in [
+                (QuantType::Nf4, true, ComputeDtype::BF16, 64),
+                (QuantType::Fp4, false, ComputeDtype::F16, 64),
+                (QuantType::Nf4, true, ComputeDtype::F16, 32),
+                (QuantType::Nf4, false, ComputeDtype::BF16, 32),
+                (QuantType::Fp4, true, ComputeDtype::BF16, 256),
+            ] {
                 let q = Quant4::quantize(
                     &data,
-                    &QuantConfig { quant_type: qt, blocksize: 64, double_quant: dq, compute_dtype: c },
+                    &QuantConfig { quant_type: qt, blocksize, double_quant: dq, compute_dtype: c },
                 );
                 let hw = HostWeight::Quant4 { rows, cols, q, compute: c };
                 let (cw, gw) = (CPU.upload_weight(hw.clone()), gpu.upload_weight(hw));
                 gpu.set_fused_4bit(Fused4bit::Always);
                 assert!(gpu.uses_fused_4bit(&gw, 300), "{rows}x{cols} {c:?} does not take the fused kernel");
                 for m in [300, 37] {
-                    let label = format!("{} fused m={m} {rows}x{cols} {qt:?} dq={dq} {c:?}", s.name);
+                    let label = format!("{} fused m={m} {rows}x{cols} {qt:?} bs={blocksize} dq={dq} {c:?}", s.name);
                     let (x, dy, dx0) =
                         (rnd(&mut rng, m * cols, 1.0), rnd(&mut rng, m * rows, 1.0), rnd(&mut rng, m * cols, 1.0));
                     let (gx, gdy) = (gpu.upload(&x), gpu.upload(&dy));

@@ -231,8 +231,8 @@ impl Cuda {
             .attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
             .map_err(dev_err)? as usize;
         if wgmma {
-            for name in GEMM_4BIT {
-                funcs[name].set_attribute(attr, GEMM_4BIT_SMEM as i32).map_err(dev_err)?;
+            for (i, name) in GEMM_4BIT.iter().enumerate() {
+                funcs[*name].set_attribute(attr, GEMM_4BIT_TILES[i / 4].smem as i32).map_err(dev_err)?;
             }
         }
         let code256 = stream.clone_htod(&quant::dynamic_map_signed()).map_err(dev_err)?;
@@ -329,14 +329,16 @@ impl Cuda {
         self.fused_4bit.store(mode as u8, std::sync::atomic::Ordering::Relaxed);
     }
     /// Whether a product of `m` rows with `w` takes the fused 4-bit kernel: a 4-bit weight with
-    /// 16-bit compute, both of its sizes multiples of 64 (the reduction steps) and its absmax blocks a
-    /// multiple of 32 values (one scale per 16-byte code chunk); in auto mode only up to
-    /// [`FUSED_4BIT_MAX_M`] rows, where it beats the second path.
+    /// 16-bit compute, both of its sizes multiples of 64 (the reduction steps), absmax blocks of a
+    /// power of two ≥ 32 values (each 32-value code group has one scale) and fewer than 2³¹ values
+    /// (the kernel's block arithmetic is 32-bit); in auto mode only up to [`FUSED_4BIT_MAX_M`] rows,
+    /// where it beats the second path.
     pub fn uses_fused_4bit(&self, w: &CudaWeight, m: usize) -> bool {
         let mode = self.fused_4bit.load(std::sync::atomic::Ordering::Relaxed);
         let on = mode == Fused4bit::Always as u8 || (mode == Fused4bit::Auto as u8 && m <= FUSED_4BIT_MAX_M);
         matches!(w, CudaWeight::Quant4 { rows, cols, blocksize, compute, .. }
-            if on && *compute != ComputeDtype::F32 && rows % 64 == 0 && cols % 64 == 0 && blocksize % 32 == 0)
+            if on && *compute != ComputeDtype::F32 && rows % 64 == 0 && cols % 64 == 0
+                && *blocksize >= 32 && blocksize.is_power_of_two() && rows * cols < 1 << 31)
     }
     fn is_precise(&self) -> bool {
         self.precise.load(std::sync::atomic::Ordering::Relaxed)
@@ -577,7 +579,17 @@ fn kernel_names(module: &str) -> &'static [&'static str] {
             "lora_sum_splits",
             "lora_up",
         ],
-        "nf4_gemm" => &[GEMM_4BIT[0], GEMM_4BIT[1], GEMM_4BIT[2], GEMM_4BIT[3], "gemm_4bit_reduce"],
+        "nf4_gemm" => &[
+            GEMM_4BIT[0],
+            GEMM_4BIT[1],
+            GEMM_4BIT[2],
+            GEMM_4BIT[3],
+            GEMM_4BIT[4],
+            GEMM_4BIT[5],
+            GEMM_4BIT[6],
+            GEMM_4BIT[7],
+            "gemm_4bit_reduce",
+        ],
         "norm" => &["rmsnorm_f32", "rmsnorm_backward_f32"],
         "rope" => &["rope_f32"],
         "xent" => &["cross_entropy_f32"],
@@ -1370,7 +1382,18 @@ const GEMV_FEW_ROWS: [&str; 3] = ["gemv_4bit_rows_f32_m8", "gemv_4bit_rows_f16_m
 /// Shared memory the one-row GEMV kernels may take for x (set as their limit when the module loads).
 const GEMV_MAX_X_SMEM: usize = 160 * 1024;
 /// The fused 4-bit matmul kernels (kernels/nf4_gemm.cu): [fwd f16, fwd bf16, dgrad f16, dgrad bf16].
-const GEMM_4BIT: [&str; 4] = ["gemm_4bit_fwd_f16", "gemm_4bit_fwd_bf16", "gemm_4bit_dgrad_f16", "gemm_4bit_dgrad_bf16"];
+/// The fused 4-bit kernels (kernels/nf4_gemm.cu), index 4·tile + 2·input-grad + bf16, tile as in
+/// [`GEMM_4BIT_TILES`].
+const GEMM_4BIT: [&str; 8] = [
+    "gemm_4bit_fwd_f16_t128",
+    "gemm_4bit_fwd_bf16_t128",
+    "gemm_4bit_dgrad_f16_t128",
+    "gemm_4bit_dgrad_bf16_t128",
+    "gemm_4bit_fwd_f16_t256",
+    "gemm_4bit_fwd_bf16_t256",
+    "gemm_4bit_dgrad_f16_t256",
+    "gemm_4bit_dgrad_bf16_t256",
+];
 /// When 4-bit products take the fused kernel (kernels/nf4_gemm.cu) rather than dequantize + cuBLAS.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Fused4bit {
@@ -1379,16 +1402,25 @@ pub enum Fused4bit {
     Auto,
     Always,
 }
-/// Rows up to which the fused 4-bit kernel beats dequantize + cuBLAS (H200, 4096×4096, 2026-11-28:
-/// 1.47× at 16 rows, 1.15× at 128, 0.96× at 256; the second path dequantizes all of W whatever m).
-pub const FUSED_4BIT_MAX_M: usize = 128;
-/// The fused 4-bit kernel's output tile (TM × TN in kernels/nf4_gemm.cu).
-const GEMM_4BIT_TILE: (usize, usize) = (128, 128);
-/// Its dynamic shared memory: 3 stages of A tiles (128 × 64 16-bit) and code tiles (128 × 64 4-bit),
-/// 2 dequantized B tiles (128 × 64 16-bit), plus 1 KiB to align them.
-const GEMM_4BIT_SMEM: usize = 3 * (128 * 64 * 2 + 128 * 32) + 2 * 128 * 64 * 2 + 1024;
-/// Blocks of the fused 4-bit kernel per SM (its registers and shared memory allow two).
-const GEMM_4BIT_BLOCKS_PER_SM: usize = 2;
+/// Rows up to which the fused 4-bit kernel beats dequantize + cuBLAS (H200, 4096×4096, 2026-11-28;
+/// the second path dequantizes all of W whatever m). Measured in docs/PERF.md.
+pub const FUSED_4BIT_MAX_M: usize = 512;
+/// One token-tile width of the fused 4-bit kernel (`Cfg<BT>` in kernels/nf4_gemm.cu).
+struct Gemm4bitTile {
+    /// Tokens per block (the wgmma N); each block also takes 128 W rows (W columns for the input grad).
+    tokens: usize,
+    /// Dynamic shared memory: `stages` × (token tile `tokens` × 64 16-bit values + 6 KiB of codes +
+    /// 2 KiB of scale words), plus 1 KiB to align them.
+    smem: usize,
+    /// Blocks per SM its registers and shared memory allow.
+    blocks_per_sm: usize,
+}
+const fn gemm_4bit_tile(tokens: usize, stages: usize, blocks_per_sm: usize) -> Gemm4bitTile {
+    Gemm4bitTile { tokens, smem: stages * (tokens * 64 * 2 + 6144 + 2048) + 1024, blocks_per_sm }
+}
+/// 128 tokens for products of up to 128 rows (less padding; two blocks per SM), 256 above (each
+/// dequantized fragment serves twice the tokens).
+const GEMM_4BIT_TILES: [Gemm4bitTile; 2] = [gemm_4bit_tile(128, 4, 2), gemm_4bit_tile(256, 5, 1)];
 /// A compute dtype as the kernels' `compute` argument takes it (round_to in kernels/quant4.cuh).
 fn dtype_code(c: ComputeDtype) -> i32 {
     match c {
@@ -1478,17 +1510,18 @@ impl Cuda {
             unreachable!("gemm_4bit takes 4-bit weights")
         };
         let n_out = if dgrad { *cols } else { *rows };
-        let kernel = GEMM_4BIT[usize::from(dgrad) * 2 + usize::from(*compute == ComputeDtype::BF16)];
-        let (tm, tn) = GEMM_4BIT_TILE;
-        let tiles = n_out.div_ceil(tn) * m.div_ceil(tm);
+        let t = usize::from(m > 128);
+        let kernel = GEMM_4BIT[4 * t + usize::from(dgrad) * 2 + usize::from(*compute == ComputeDtype::BF16)];
+        let tile = &GEMM_4BIT_TILES[t];
+        let tiles = n_out.div_ceil(128) * m.div_ceil(tile.tokens);
         // Split-K when the tiles would leave SMs idle (small m): each split takes ≥ 4 of the 64-wide
         // reduction steps; partial sums go to a workspace that gemm_4bit_reduce adds and rounds.
         let steps = if dgrad { *rows } else { *cols } / 64;
-        let splits = self.splits_to_fill(tiles, GEMM_4BIT_BLOCKS_PER_SM, steps / 4);
+        let splits = self.splits_to_fill(tiles, tile.blocks_per_sm, steps / 4);
         let cfg = LaunchConfig {
-            grid_dim: (n_out.div_ceil(tn) as u32, m.div_ceil(tm) as u32, splits as u32),
+            grid_dim: (n_out.div_ceil(128) as u32, m.div_ceil(tile.tokens) as u32, splits as u32),
             block_dim: (256, 1, 1),
-            shared_mem_bytes: GEMM_4BIT_SMEM as u32,
+            shared_mem_bytes: tile.smem as u32,
         };
         let (bs, m32, r32, c32, acc) = (*blocksize as i32, m as i32, *rows as i32, *cols as i32, i32::from(accumulate));
         let a16 = self.convert(a, *compute).expect("16-bit compute");
