@@ -162,6 +162,20 @@ fn embedding_and_cross_entropy() {
         check(&format!("{} cross-entropy loss", s.name), &[l2 as f32], &[l1 as f32], F32_TOL);
         check(&format!("{} cross-entropy dlogits", s.name), &gpu().download(&d2), &d1, F32_TOL);
     }
+    // Vocabularies around the register-resident kernels' limits (1024 threads × 8, 16, 32 values)
+    // and past them (three passes over the row).
+    for vocab in [8192, 8193, 32768, 32769] {
+        let logits = rnd(&mut rng, M * vocab, 8.0);
+        let targets: Vec<i32> =
+            (0..M).map(|i| if i % 5 == 1 { -100 } else { rng.gen_range(0..vocab as i32) }).collect();
+        let mut d1 = vec![0.0; M * vocab];
+        let (l1, c1) = CPU.cross_entropy(&logits, &targets, vocab, 0.01, &mut d1);
+        let mut d2 = poisoned(M * vocab);
+        let (l2, c2) = gpu().cross_entropy(&gpu().upload(&logits), &targets, vocab, 0.01, &mut d2);
+        assert_eq!(c1, c2);
+        check(&format!("vocab {vocab} cross-entropy loss"), &[l2 as f32], &[l1 as f32], F32_TOL);
+        check(&format!("vocab {vocab} cross-entropy dlogits"), &gpu().download(&d2), &d1, F32_TOL);
+    }
 }
 
 #[test]
@@ -794,7 +808,8 @@ fn smollm2_qlora_step_and_greedy_answer_match_the_cpu() {
         (num / den.max(1e-30)).sqrt()
     };
     // The GPU again in precise mode: f32 attention and f32 LoRA products, so that it rounds only where
-    // the CPU reference does (the 4-bit linears' bf16 compute).
+    // the CPU reference does (the 4-bit linears' bf16 compute), and 4-bit products on the second path
+    // (the production run above takes the fused kernel for these 140 rows).
     gpu().set_precise(true);
     let mut gp = gl.zero_grads(gpu());
     let l3 = forward_backward(gpu(), &gm, &gl, &mut gp, &batch, scale, Some(22), true);
