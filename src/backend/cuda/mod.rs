@@ -1392,7 +1392,6 @@ const GEMV_ONE_ROW: [&str; 6] = [
 const GEMV_FEW_ROWS: [&str; 3] = ["gemv_4bit_rows_f32_m8", "gemv_4bit_rows_f16_m8", "gemv_4bit_rows_bf16_m8"];
 /// Shared memory the one-row GEMV kernels may take for x (set as their limit when the module loads).
 const GEMV_MAX_X_SMEM: usize = 160 * 1024;
-/// The fused 4-bit matmul kernels (kernels/nf4_gemm.cu): [fwd f16, fwd bf16, dgrad f16, dgrad bf16].
 /// The fused 4-bit kernels (kernels/nf4_gemm.cu), index 4·tile + 2·input-grad + bf16, tile as in
 /// [`GEMM_4BIT_TILES`].
 const GEMM_4BIT: [&str; 8] = [
@@ -1416,9 +1415,12 @@ pub enum Fused4bit {
 /// Rows up to which the fused 4-bit kernel beats dequantize + cuBLAS (H200, 4096×4096, 2026-11-28;
 /// the second path dequantizes all of W whatever m). Measured in docs/PERF.md.
 pub const FUSED_4BIT_MAX_M: usize = 512;
+/// W rows (forward) or W columns (input grad) per block of the fused 4-bit kernel (BM in
+/// kernels/nf4_gemm.cu: 64 per warpgroup).
+const GEMM_4BIT_W_TILE: usize = 128;
 /// One token-tile width of the fused 4-bit kernel (`Cfg<BT>` in kernels/nf4_gemm.cu).
 struct Gemm4bitTile {
-    /// Tokens per block (the wgmma N); each block also takes 128 W rows (W columns for the input grad).
+    /// Tokens per block (the wgmma N), times [`GEMM_4BIT_W_TILE`] W rows or columns.
     tokens: usize,
     /// Dynamic shared memory: `stages` × (token tile `tokens` × 64 16-bit values + 6 KiB of codes +
     /// 2 KiB of scale words), plus 1 KiB to align them.
@@ -1526,16 +1528,18 @@ impl Cuda {
             unreachable!("gemm_4bit takes 4-bit weights")
         };
         let n_out = if dgrad { *cols } else { *rows };
-        let t = usize::from(m > 128);
+        // The narrow token tile while it holds all the rows, the wide one above.
+        let t = usize::from(m > GEMM_4BIT_TILES[0].tokens);
         let kernel = GEMM_4BIT[4 * t + usize::from(dgrad) * 2 + usize::from(*compute == ComputeDtype::BF16)];
         let tile = &GEMM_4BIT_TILES[t];
-        let tiles = n_out.div_ceil(128) * m.div_ceil(tile.tokens);
+        let w_tiles = n_out.div_ceil(GEMM_4BIT_W_TILE);
+        let tiles = w_tiles * m.div_ceil(tile.tokens);
         // Split-K when the tiles would leave SMs idle (small m): each split takes ≥ 4 of the 64-wide
         // reduction steps; partial sums go to a workspace that gemm_4bit_reduce adds and rounds.
         let steps = if dgrad { *rows } else { *cols } / 64;
         let splits = self.splits_to_fill(tiles, tile.blocks_per_sm, steps / 4);
         let cfg = LaunchConfig {
-            grid_dim: (n_out.div_ceil(128) as u32, m.div_ceil(tile.tokens) as u32, splits as u32),
+            grid_dim: (w_tiles as u32, m.div_ceil(tile.tokens) as u32, splits as u32),
             block_dim: (256, 1, 1),
             shared_mem_bytes: tile.smem as u32,
         };
