@@ -1,5 +1,6 @@
 //! The `llamatune` command line: train, generate, chat, merge, eval, data convert, demo.
 
+mod device_failure;
 mod train_args;
 
 use clap::{Args, Parser, Subcommand};
@@ -202,6 +203,7 @@ fn main() -> ExitCode {
         let n = std::thread::available_parallelism().map_or(1, |n| n.get());
         std::env::set_var("MATMUL_NUM_THREADS", n.to_string());
     }
+    device_failure::install_hook();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Train(a) => cmd_train(*a),
