@@ -271,10 +271,6 @@ __device__ __forceinline__ void copy_tile(const __nv_bfloat16* x, int64_t base, 
         cp_async16((uint32_t)__cvta_generic_to_shared(&dst[r][c]), x + base + (int64_t)(ok ? row0 + r : 0) * stride + c, ok);
     }
 }
-// 4 bytes global → shared without registers; `valid` false writes a zero.
-__device__ __forceinline__ void cp_async4(void* dst, const void* src, bool valid) {
-    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"((uint32_t)__cvta_generic_to_shared(dst)), "l"(src), "r"(valid ? 4 : 0) : "memory");
-}
 // The B fragments of two adjacent 8-wide column tiles (n0, n0 + 8) for 16 k rows from k0 of a
 // row-major (k, n) tile: b[0], b[1] for tile n0, b[2], b[3] for tile n0 + 8.
 template <int LD>
@@ -309,8 +305,8 @@ __device__ void flash_bwd(const __nv_bfloat16* q, const __nv_bfloat16* k, const 
             const int t = qb * BBQ + threadIdx.x;
             const bool ok = t < g.q_len;
             const int64_t li = ((int64_t)b * g.heads + h) * g.q_len + t;
-            cp_async4(&sm.lse[buf][threadIdx.x], lse + (ok ? li : 0), ok);
-            cp_async4(&sm.delta[buf][threadIdx.x], delta + (ok ? li : 0), ok);
+            cp_async4(smem_addr(&sm.lse[buf][threadIdx.x]), lse + (ok ? li : 0), ok);
+            cp_async4(smem_addr(&sm.delta[buf][threadIdx.x]), delta + (ok ? li : 0), ok);
             sm.qseg[buf][threadIdx.x] = ok ? seg_of(seg, g, b, g.q_offset + t) : 0u;
         }
     };

@@ -87,10 +87,6 @@ template <int N> __device__ __forceinline__ void wgmma_wait() { asm volatile("wg
 __device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
 // Keeps the compiler from moving accesses to an accumulator across the asynchronous wgmma.
 __device__ __forceinline__ void pin(float& r) { asm volatile("" : "+f"(r)::"memory"); }
-// 4 bytes global → shared (the scale words); `valid` false fills zeros.
-__device__ __forceinline__ void cp_async4(uint32_t dst, const void* src, bool valid) {
-    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(dst), "l"(src), "r"(valid ? 4 : 0) : "memory");
-}
 
 // d (m64 × nN over the warpgroup) (+)= A · B: A from registers (this thread's four 16-bit pairs of the
 // 64 × 16 slice), B (N tokens × 16) from shared memory through its descriptor, f32 accumulation;
