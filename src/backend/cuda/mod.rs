@@ -343,7 +343,7 @@ impl Cuda {
             && (mode == Fused4bit::Always as u8 || (mode == Fused4bit::Auto as u8 && m <= FUSED_4BIT_MAX_M));
         matches!(w, CudaWeight::Quant4 { rows, cols, blocksize, compute, .. }
             if on && *compute != ComputeDtype::F32 && rows % 64 == 0 && cols % 64 == 0
-                && *blocksize >= 32 && blocksize.is_power_of_two() && rows * cols < 1 << 31)
+                && scale_per_32_values(*blocksize) && rows * cols < 1 << 31)
     }
     fn is_precise(&self) -> bool {
         self.precise.load(std::sync::atomic::Ordering::Relaxed)
@@ -1439,6 +1439,12 @@ const GEMM_4BIT_TILES: [Gemm4bitTile; 2] = [gemm_4bit_tile(128, 4, 2), gemm_4bit
 const XENT_REG: [&str; 3] = ["cross_entropy_reg8", "cross_entropy_reg16", "cross_entropy_reg32"];
 const XENT_REG_VALUES: [usize; 3] = [8, 16, 32];
 const XENT_REG_THREADS: usize = 1024;
+/// Whether 4-bit absmax blocks of `blocksize` values suit the kernels that apply one scale per
+/// 32-value code chunk and find its block by a shift (the row GEMVs and the fused matmul): a power of
+/// two ≥ 32.
+fn scale_per_32_values(blocksize: usize) -> bool {
+    blocksize >= 32 && blocksize.is_power_of_two()
+}
 /// A compute dtype as the kernels' `compute` argument takes it (round_to in kernels/quant4.cuh).
 fn dtype_code(c: ComputeDtype) -> i32 {
     match c {
@@ -1459,7 +1465,7 @@ impl Cuda {
         // The row-blocked kernel when every row starts on a 16-byte boundary and blocks span a power
         // of two ≥ 32 values (the usual case; its dtype is in its name), else the any-size one (dtype
         // argument).
-        let (kernel, cfg, any_size) = if cols % 32 == 0 && *blocksize >= 32 && blocksize.is_power_of_two() {
+        let (kernel, cfg, any_size) = if cols % 32 == 0 && scale_per_32_values(*blocksize) {
             // One row of x is staged in shared memory (cols + cols/32 floats) when it fits.
             let x_smem = (cols + cols / 32) * 4;
             let staged = m == 1 && x_smem <= GEMV_MAX_X_SMEM;
