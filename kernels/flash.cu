@@ -268,7 +268,7 @@ __device__ __forceinline__ void copy_tile(const __nv_bfloat16* x, int64_t base, 
     for (int i = threadIdx.x; i < rows * (HD / 8); i += blockDim.x) {
         const int r = i / (HD / 8), c = (i % (HD / 8)) * 8;
         const bool ok = row0 + r < valid;
-        cp_async16((uint32_t)__cvta_generic_to_shared(&dst[r][c]), x + base + (int64_t)(ok ? row0 + r : 0) * stride + c, ok);
+        cp_async16(smem_addr(&dst[r][c]), x + base + (int64_t)(ok ? row0 + r : 0) * stride + c, ok);
     }
 }
 // The B fragments of two adjacent 8-wide column tiles (n0, n0 + 8) for 16 k rows from k0 of a
@@ -276,7 +276,7 @@ __device__ __forceinline__ void copy_tile(const __nv_bfloat16* x, int64_t base, 
 template <int LD>
 __device__ __forceinline__ void b_frags_trans(const __nv_bfloat16 (*tile)[LD], int k0, int n0, uint32_t (&b)[4]) {
     const int lane = threadIdx.x % WARP, mi = lane / 8;
-    ldsm_x4_trans((uint32_t)__cvta_generic_to_shared(&tile[k0 + (mi & 1) * 8 + lane % 8][n0 + (mi >> 1) * 8]), b[0], b[1], b[2], b[3]);
+    ldsm_x4_trans(smem_addr(&tile[k0 + (mi & 1) * 8 + lane % 8][n0 + (mi >> 1) * 8]), b[0], b[1], b[2], b[3]);
 }
 
 template <int HD>
