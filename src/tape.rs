@@ -5,6 +5,10 @@
 //! propagating input gradients through frozen weights and accumulating gradients only into LoRA
 //! parameters. A checkpointed decoder layer is one [`Op::Segment`]: forward keeps only the layer's
 //! input and output; backward replays the layer on a fresh recording sub-tape and walks that.
+//!
+//! Memory follows PyTorch's autograd: a value stays on the tape only while the forward pass still
+//! reads it ([`Tape::done_with`]) or a recorded op's backward will ([`Op::saved_values`]), and the
+//! backward walk drops each saved value after the last op that reads it.
 
 use crate::backend::{AttnShape, Backend, Dropout};
 use crate::model::llama::Graph;
@@ -74,21 +78,51 @@ pub enum Op {
     },
 }
 
+impl Op {
+    /// The values this op's backward reads besides its output's gradient: what the tape keeps for it.
+    pub fn saved_values(&self) -> Vec<Id> {
+        match *self {
+            Op::RmsNorm { x, rstd, .. } => vec![x, rstd],
+            // The frozen product's input gradient needs only dy; the LoRA branch also reads x and u.
+            Op::Linear { x, lora: Some((u, _)), .. } => vec![x, u],
+            Op::Linear { lora: None, .. } | Op::Rope { .. } | Op::Add { .. } => vec![],
+            Op::Attention { q, k, v, out, lse, .. } => vec![q, k, v, out, lse],
+            Op::SwiGlu { gate, up, .. } => vec![gate, up],
+            Op::Segment { input, .. } => vec![input],
+            Op::LmHeadLoss { dx, .. } => vec![dx],
+        }
+    }
+}
+
 /// Values and (when `recording`) the ops that made them.
 pub struct Tape<B: Backend> {
     pub recording: bool,
     vals: Vec<Option<B::Buf>>,
+    /// `saved[id]`: a recorded op's backward reads value `id`, so forward may not drop it.
+    saved: Vec<bool>,
     ops: Vec<Op>,
 }
 
 impl<B: Backend> Tape<B> {
     pub fn new(recording: bool) -> Self {
-        Tape { recording, vals: Vec::new(), ops: Vec::new() }
+        Tape { recording, vals: Vec::new(), saved: Vec::new(), ops: Vec::new() }
     }
     /// Stores a value and returns its id.
     pub fn put(&mut self, v: B::Buf) -> Id {
         self.vals.push(Some(v));
+        self.saved.push(false);
         self.vals.len() - 1
+    }
+    /// The forward pass has made its last read of `id`: the value is dropped now unless a recorded
+    /// op's backward needs it (then the backward walk drops it after its last use).
+    pub fn done_with(&mut self, id: Id) {
+        if !self.saved[id] {
+            self.vals[id] = None;
+        }
+    }
+    /// Elements held by the tape's live values (what the memory tests count).
+    pub fn live_elements(&self, be: &B) -> usize {
+        self.vals.iter().flatten().map(|v| be.buf_len(v)).sum()
     }
     pub fn get(&self, id: Id) -> &B::Buf {
         self.vals[id].as_ref().expect("tape value was already released")
@@ -99,6 +133,9 @@ impl<B: Backend> Tape<B> {
     }
     pub fn record(&mut self, op: Op) {
         if self.recording {
+            for id in op.saved_values() {
+                self.saved[id] = true;
+            }
             self.ops.push(op);
         }
     }
@@ -129,10 +166,21 @@ impl<B: Backend> Tape<B> {
             }
         }
         let ops = std::mem::take(&mut self.ops);
-        for op in ops.iter().rev() {
+        // The backward walk reads a saved value last at the first op (in forward order) saving it;
+        // values in `want` stay for the answer's shapes.
+        let mut last_reader = vec![usize::MAX; self.vals.len()];
+        for (i, op) in ops.iter().enumerate().rev() {
+            for id in op.saved_values() {
+                last_reader[id] = i;
+            }
+        }
+        for &id in want {
+            last_reader[id] = usize::MAX;
+        }
+        for (i, op) in ops.iter().enumerate().rev() {
             match *op {
                 Op::LmHeadLoss { x, dx } => {
-                    let d = self.get(dx).clone();
+                    let d = self.take(dx);
                     acc(be, &mut dv, x, d);
                 }
                 Op::Add { a, b, out } => {
@@ -152,16 +200,16 @@ impl<B: Backend> Tape<B> {
                 }
                 Op::Linear { x, layer, proj, out, lora } => {
                     if let Some(d) = dv[out].take() {
-                        let xv = self.get(x);
                         let w = g.model.proj(layer, proj);
-                        let m = be.buf_len(xv) / be.weight_shape(w).1;
-                        let mut dx = be.alloc_output(be.buf_len(xv));
+                        let (rows, cols) = be.weight_shape(w);
+                        let m = be.buf_len(&d) / rows;
+                        let mut dx = be.alloc_output(m * cols);
                         be.linear_backward_input(&d, w, m, &mut dx, false);
                         if let Some((u, dropout)) = lora {
                             let pair = g.lora_pair(layer, proj).expect("LoRA op without adapter");
                             let gp = grads.layers[layer][proj as usize].as_mut().expect("LoRA grads missing");
                             be.lora_backward(
-                                xv,
+                                self.get(x),
                                 &pair.a,
                                 &pair.b,
                                 self.get(u),
@@ -223,11 +271,19 @@ impl<B: Backend> Tape<B> {
                     if let Some(d) = dv[out].take() {
                         // Replay the layer from its saved input, recording this time, then walk it.
                         let mut sub = Tape::<B>::new(true);
-                        let x = sub.put(self.get(input).clone());
+                        let saved_input =
+                            if last_reader[input] == i { self.take(input) } else { self.get(input).clone() };
+                        let x = sub.put(saved_input);
                         let y = g.layer_forward(&mut sub, layer, x);
+                        sub.done_with(y); // the replayed output itself is not needed, only its gradient
                         let dx = sub.backward(g, grads, Some((y, d)), &[x]).pop().expect("one gradient");
                         acc(be, &mut dv, input, dx);
                     }
+                }
+            }
+            for id in op.saved_values() {
+                if last_reader[id] == i {
+                    self.vals[id] = None;
                 }
             }
         }

@@ -158,3 +158,53 @@ fn safetensors_checkpoints_round_trip_single_and_sharded() {
     assert_eq!(full_logits(&BE, &m, None, &batch), want);
     let _ = BE.name();
 }
+
+/// A recorded decoder layer keeps only the values its backward reads (what PyTorch's autograd saves):
+/// the layer's input and the MLP's input for the norms, the attention norm's output for the q/v LoRA
+/// branches and their `u`, q and k after RoPE, v, the attention output and its log-sum-exp, gate and
+/// up, the two norms' row statistics, and the output. Pre-RoPE q and k, the o and down outputs, the
+/// MLP norm's output and the SwiGLU output are dropped as soon as the forward pass is done with them,
+/// since no LoRA branch reads them. After backward only the input whose gradient was asked for is left.
+#[test]
+fn a_recorded_layer_keeps_only_what_its_backward_reads() {
+    use llamatune::model::llama::Graph;
+    use llamatune::tape::Tape;
+    let cfg = tiny_config(false);
+    let model = Llama::<B>::load(&BE, &random_source(&cfg, 5), None).unwrap();
+    let (batch, seq) = (2, 7);
+    let rows: Vec<Vec<u32>> = (0..batch).map(|b| (0..seq).map(|i| (3 + 5 * b + i) as u32).collect()).collect();
+    let batch_in = Batch::causal_lm(&rows);
+    let (h, kv, inter) = (cfg.hidden_size, cfg.num_key_value_heads * cfg.head_dim, cfg.intermediate_size);
+    let m = batch * seq;
+    for (targets, kept_by_lora) in [
+        (&["q_proj", "v_proj"][..], 0),
+        // LoRA on the MLP also keeps the MLP norm's output (gate/up's input) and the SwiGLU output (down's).
+        (&["q_proj", "v_proj", "gate_proj", "up_proj", "down_proj"][..], m * h + m * inter),
+    ] {
+        let lora = lora_with_random_b(&cfg, targets, 6);
+        let r = lora.cfg.r;
+        let g = Graph::new(&BE, &model, Some(&lora), &batch_in, None, false);
+        let mut tape = Tape::<B>::new(true);
+        let mut x0 = BE.zeros(m * h);
+        let mut rng = rand::rngs::StdRng::seed_from_u64(8);
+        x0.iter_mut().for_each(|v| *v = rng.gen_range(-1.0..1.0));
+        let x = tape.put(x0);
+        let y = g.layer_forward(&mut tape, 0, x);
+        let saved = m * h // layer input
+            + m * h // attention norm output (q, v LoRA)
+            + m * h + 2 * m * kv // q, k after RoPE; v
+            + m * h + batch * cfg.num_attention_heads * seq // attention output, log-sum-exp
+            + m * h // MLP input
+            + 2 * m * inter // gate, up
+            + 2 * m // the norms' 1/rms
+            + targets.len() * m * r // each LoRA branch's u
+            + m * h; // the layer output
+        assert_eq!(tape.live_elements(&BE), saved + kept_by_lora, "targets {targets:?}");
+        let mut grads = lora.zero_grads(&BE);
+        let dy = (0..m * h).map(|i| ((i * 7 % 11) as f32 - 5.0) / 10.0).collect::<Vec<f32>>();
+        let dx = tape.backward(&g, &mut grads, Some((y, dy)), &[x]);
+        assert_eq!(dx[0].len(), m * h);
+        assert!(dx[0].iter().any(|&v| v != 0.0));
+        assert_eq!(tape.live_elements(&BE), m * h + m * h, "the input (asked for) and the output are left");
+    }
+}

@@ -381,7 +381,8 @@ impl<'a, B: Backend> Graph<'a, B> {
         out
     }
 
-    /// One decoder layer on tape `t`, from hidden state `x` `(m, hidden)`.
+    /// One decoder layer on tape `t`, from hidden state `x` `(m, hidden)`. The layer is the last
+    /// reader of `x`: the tape drops it unless a recorded op saved it for backward.
     pub fn layer_forward(&self, t: &mut Tape<B>, l: usize, x: Id) -> Id {
         self.layer(t, l, x, None)
     }
@@ -390,13 +391,19 @@ impl<'a, B: Backend> Graph<'a, B> {
     /// the count held on the device), the new keys and values are appended to the cache and
     /// attention reads the whole cache; that path is never recorded on the tape.
     fn layer(&self, t: &mut Tape<B>, l: usize, x: Id, cache: Option<(&mut KvLayer<B>, &B::Buf)>) -> Id {
+        // Each value is handed back to the tape (`done_with`) after its last read in this pass: it is
+        // freed then unless a recorded op's backward keeps it.
         let c = &self.model.cfg;
         let n1 = self.rmsnorm(t, x, NormRef::Attn(l));
         let q = self.linear(t, n1, l, Proj::Q);
         let k = self.linear(t, n1, l, Proj::K);
         let v = self.linear(t, n1, l, Proj::V);
-        let q = self.rope(t, q, c.num_attention_heads);
-        let k = self.rope(t, k, c.num_key_value_heads);
+        t.done_with(n1);
+        let (q_in, k_in) = (q, k);
+        let q = self.rope(t, q_in, c.num_attention_heads);
+        let k = self.rope(t, k_in, c.num_key_value_heads);
+        t.done_with(q_in);
+        t.done_with(k_in);
         let a = match cache {
             None => self.attention(t, q, k, v),
             Some((kv, pos)) => {
@@ -409,14 +416,27 @@ impl<'a, B: Backend> Graph<'a, B> {
                 t.put(a)
             }
         };
+        for id in [q, k, v] {
+            t.done_with(id);
+        }
         let o = self.linear(t, a, l, Proj::O);
+        t.done_with(a);
         let x2 = self.add(t, x, o);
+        t.done_with(x);
+        t.done_with(o);
         let n2 = self.rmsnorm(t, x2, NormRef::Mlp(l));
         let gate = self.linear(t, n2, l, Proj::Gate);
         let up = self.linear(t, n2, l, Proj::Up);
+        t.done_with(n2);
         let s = self.swiglu(t, gate, up);
+        t.done_with(gate);
+        t.done_with(up);
         let d = self.linear(t, s, l, Proj::Down);
-        self.add(t, x2, d)
+        t.done_with(s);
+        let y = self.add(t, x2, d);
+        t.done_with(x2);
+        t.done_with(d);
+        y
     }
 
     /// Embedding and every decoder layer; returns the last hidden state's id. With checkpointing
@@ -477,6 +497,7 @@ impl<'a, B: Backend> Graph<'a, B> {
             }
             r0 += rows;
         }
+        t.done_with(n);
         if let Some(dn) = dn {
             let dx = t.put(dn);
             t.record(Op::LmHeadLoss { x: n, dx });
