@@ -543,8 +543,10 @@ impl<T: Real> Backend for Cpu<T> {
             let lse = mx + sum.ln();
             loss += (lse - row[t]).f64();
             count += 1;
+            // softmax · s as exp(x − max) · (s / sum), the kernels' formula (kernels/xent.cu)
+            let p = s / sum;
             for j in 0..vocab {
-                drow[j] = (row[j] - lse).exp() * s;
+                drow[j] = (row[j] - mx).exp() * p;
             }
             drow[t] = drow[t] - s;
         }

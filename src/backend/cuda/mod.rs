@@ -89,6 +89,9 @@ pub struct Cuda {
     wgmma: bool,
     /// Streaming multiprocessors (for sizing split-K grids).
     sm_count: usize,
+    /// Which of [`XENT_STREAM`]'s kernels this device gives their shared memory (a row of up to
+    /// 1024 × 8, 16, 32 logits); `LLAMATUNE_XENT_STREAM=0` turns them off (A/B runs).
+    xent_stream: [bool; 3],
     /// `LLAMATUNE_PROFILE=1`: device time per op (each op synchronizes; for finding hot spots).
     profile: Option<std::sync::Mutex<HashMap<&'static str, (f64, u64)>>>,
 }
@@ -236,6 +239,18 @@ impl Cuda {
                 funcs[*name].set_attribute(attr, GEMM_4BIT_TILES[i / 4].smem as i32).map_err(dev_err)?;
             }
         }
+        let smem_optin = ctx
+            .attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
+            .map_err(dev_err)? as usize;
+        let stream_on = !std::env::var("LLAMATUNE_XENT_STREAM").is_ok_and(|v| v == "0" || v == "off");
+        let mut xent_stream = [false; 3];
+        for (i, name) in XENT_STREAM.iter().enumerate() {
+            let smem = xent_stream_smem(i);
+            if stream_on && smem <= smem_optin {
+                funcs[*name].set_attribute(attr, smem as i32).map_err(dev_err)?;
+                xent_stream[i] = true;
+            }
+        }
         let code256 = stream.clone_htod(&quant::dynamic_map_signed()).map_err(dev_err)?;
         let nf4 = stream.clone_htod(&quant::NF4_CODE).map_err(dev_err)?;
         let fp4 = stream.clone_htod(&quant::FP4_CODE).map_err(dev_err)?;
@@ -266,6 +281,7 @@ impl Cuda {
             precise,
             wgmma,
             sm_count,
+            xent_stream,
             fused_4bit,
             fused_lora,
             profile,
@@ -597,7 +613,15 @@ fn kernel_names(module: &str) -> &'static [&'static str] {
         ],
         "norm" => &["rmsnorm_f32", "rmsnorm_backward_f32"],
         "rope" => &["rope_f32"],
-        "xent" => &["cross_entropy_f32", XENT_REG[0], XENT_REG[1], XENT_REG[2]],
+        "xent" => &[
+            "cross_entropy_f32",
+            XENT_REG[0],
+            XENT_REG[1],
+            XENT_REG[2],
+            XENT_STREAM[0],
+            XENT_STREAM[1],
+            XENT_STREAM[2],
+        ],
         _ => &[],
     }
 }
@@ -1183,14 +1207,29 @@ impl Backend for Cuda {
         let mut loss = self.scalar_f64();
         let mut count = ck!(self.stream.alloc_zeros::<i32>(1), "alloc");
         // The row in registers (one read of the logits) when the vocabulary fits 1024 threads × 8, 16
-        // or 32 values; else three passes over it.
-        let (kernel, threads) = match XENT_REG_VALUES.iter().position(|&v| vocab <= XENT_REG_THREADS * v) {
-            Some(i) => (XENT_REG[i], XENT_REG_THREADS),
-            None => ("cross_entropy_f32", 256),
-        };
-        let cfg = LaunchConfig { grid_dim: (m as u32, 1, 1), block_dim: (threads as u32, 1, 1), shared_mem_bytes: 0 };
+        // or 32 values: streamed through persistent blocks where 16-byte copies and the shared memory
+        // allow, else a block per row; past that, three passes over the row.
         let vocab32 = vocab as i32;
-        launch!(self, kernel, cfg; logits, &t, &mut *dlogits, &mut loss, &mut count, &vocab32, &scale);
+        match XENT_REG_VALUES.iter().position(|&v| vocab <= XENT_REG_THREADS * v) {
+            Some(i) if self.xent_stream[i] && vocab % 4 == 0 => {
+                let cfg = LaunchConfig {
+                    grid_dim: (m.min(self.sm_count).max(1) as u32, 1, 1),
+                    block_dim: (XENT_REG_THREADS as u32, 1, 1),
+                    shared_mem_bytes: xent_stream_smem(i) as u32,
+                };
+                let rows = m as i32;
+                launch!(self, XENT_STREAM[i], cfg; logits, &t, &mut *dlogits, &mut loss, &mut count, &rows, &vocab32, &scale);
+            }
+            found => {
+                let (kernel, threads) = match found {
+                    Some(i) => (XENT_REG[i], XENT_REG_THREADS),
+                    None => ("cross_entropy_f32", 256),
+                };
+                let block_dim = (threads as u32, 1, 1);
+                let cfg = LaunchConfig { grid_dim: (m as u32, 1, 1), block_dim, shared_mem_bytes: 0 };
+                launch!(self, kernel, cfg; logits, &t, &mut *dlogits, &mut loss, &mut count, &vocab32, &scale);
+            }
+        }
         let c = ck!(self.stream.clone_dtoh(&count), "download")[0];
         assert!(c < (1 << 30), "a target id is >= vocab {vocab}");
         (ck!(self.stream.clone_dtoh(&loss), "download")[0], c as usize)
@@ -1439,6 +1478,12 @@ const GEMM_4BIT_TILES: [Gemm4bitTile; 2] = [gemm_4bit_tile(128, 4, 2), gemm_4bit
 const XENT_REG: [&str; 3] = ["cross_entropy_reg8", "cross_entropy_reg16", "cross_entropy_reg32"];
 const XENT_REG_VALUES: [usize; 3] = [8, 16, 32];
 const XENT_REG_THREADS: usize = 1024;
+/// The persistent-block variants of [`XENT_REG`] (the next row streamed into shared memory).
+const XENT_STREAM: [&str; 3] = ["cross_entropy_stream8", "cross_entropy_stream16", "cross_entropy_stream32"];
+/// Dynamic shared memory of `XENT_STREAM[i]`: one row of its largest vocabulary in f32.
+fn xent_stream_smem(i: usize) -> usize {
+    XENT_REG_THREADS * XENT_REG_VALUES[i] * 4
+}
 /// Whether 4-bit absmax blocks of `blocksize` values suit the kernels that apply one scale per
 /// 32-value code chunk and find its block by a shift (the row GEMVs and the fused matmul): a power of
 /// two ≥ 32.
