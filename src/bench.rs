@@ -5,7 +5,7 @@ use crate::backend::Backend;
 use crate::config::{LoraConfig, ModelConfig, QuantConfig};
 use crate::error::{Error, Result};
 use crate::generate::{generate, GenerationConfig};
-use crate::model::llama::{forward_backward, Batch, Llama};
+use crate::model::llama::{forward_backward, Batch, Checkpointing, Llama};
 use crate::model::lora::{param_count, Lora, Proj};
 use crate::model::weights::{HostTensor, WeightSource};
 use crate::optim::{clip_coefficient, grad_norm, AdamW, AdamWConfig, PAGED_CHUNK};
@@ -176,6 +176,8 @@ pub struct BenchConfig {
     pub warmup_steps: usize,
     pub steps: usize,
     pub gradient_checkpointing: bool,
+    /// Checkpointed layer inputs wait in host memory ([`Checkpointing::Offload`]).
+    pub gradient_checkpointing_offload: bool,
     /// `adamw_torch` or `paged_adamw_32bit` (paged: optimizer state moves to pinned host memory when
     /// it would take over a quarter of the free device memory, as in training).
     pub optim: String,
@@ -198,6 +200,7 @@ pub struct BenchReport {
     pub batch_size: usize,
     pub seq_len: usize,
     pub gradient_checkpointing: bool,
+    pub gradient_checkpointing_offload: bool,
     pub optim: String,
     /// Whether the optimizer state actually lived in host memory.
     pub optimizer_paged: bool,
@@ -311,7 +314,7 @@ pub fn run<B: Backend>(be: &B, cfg: &BenchConfig, log: &mut dyn FnMut(&str)) -> 
             &b,
             1.0 / count.max(1) as f32,
             Some(step as u64),
-            cfg.gradient_checkpointing,
+            Checkpointing::from_flags(cfg.gradient_checkpointing, cfg.gradient_checkpointing_offload),
         );
         let gn = grad_norm(be, &grads);
         opt.update(be, &mut lora, &grads, 2e-4, clip_coefficient(gn, 0.3) as f32);
@@ -361,6 +364,7 @@ pub fn run<B: Backend>(be: &B, cfg: &BenchConfig, log: &mut dyn FnMut(&str)) -> 
         batch_size: cfg.batch_size,
         seq_len: cfg.seq_len,
         gradient_checkpointing: cfg.gradient_checkpointing,
+        gradient_checkpointing_offload: cfg.gradient_checkpointing_offload,
         optim: cfg.optim.clone(),
         optimizer_paged: opt.is_paged(),
         trainable_params: param_count(&cfg.model, &cfg.lora),
@@ -432,6 +436,7 @@ mod tests {
             warmup_steps: 1,
             steps: 3,
             gradient_checkpointing: true,
+            gradient_checkpointing_offload: true,
             optim: "paged_adamw_32bit".into(),
             decode_tokens: 5,
             prompt_len: 4,

@@ -100,12 +100,14 @@ pub struct Tape<B: Backend> {
     vals: Vec<Option<B::Buf>>,
     /// `saved[id]`: a recorded op's backward reads value `id`, so forward may not drop it.
     saved: Vec<bool>,
+    /// Values moved off the device until backward needs them (offloaded checkpoints).
+    parked: std::collections::HashMap<Id, B::Offloaded>,
     ops: Vec<Op>,
 }
 
 impl<B: Backend> Tape<B> {
     pub fn new(recording: bool) -> Self {
-        Tape { recording, vals: Vec::new(), saved: Vec::new(), ops: Vec::new() }
+        Tape { recording, vals: Vec::new(), saved: Vec::new(), parked: Default::default(), ops: Vec::new() }
     }
     /// Stores a value and returns its id.
     pub fn put(&mut self, v: B::Buf) -> Id {
@@ -120,7 +122,25 @@ impl<B: Backend> Tape<B> {
             self.vals[id] = None;
         }
     }
-    /// Elements held by the tape's live values (what the memory tests count).
+    /// Moves value `id` off the device until backward takes it back (an offloaded checkpoint).
+    pub fn offload(&mut self, be: &B, id: Id) {
+        let v = self.take(id);
+        self.parked.insert(id, be.offload(v));
+    }
+    /// Starts bringing value `id` back to the device if it is offloaded.
+    fn start_reload(&mut self, be: &B, id: Id) {
+        if let Some(p) = self.parked.remove(&id) {
+            self.parked.insert(id, be.reload(p));
+        }
+    }
+    /// Removes value `id`, back on the device if it was offloaded.
+    fn take_on_device(&mut self, be: &B, id: Id) -> B::Buf {
+        match self.parked.remove(&id) {
+            Some(p) => be.restore(p),
+            None => self.take(id),
+        }
+    }
+    /// Elements held by the tape's live values on the device (what the memory tests count).
     pub fn live_elements(&self, be: &B) -> usize {
         self.vals.iter().flatten().map(|v| be.buf_len(v)).sum()
     }
@@ -271,8 +291,16 @@ impl<B: Backend> Tape<B> {
                     if let Some(d) = dv[out].take() {
                         // Replay the layer from its saved input, recording this time, then walk it.
                         let mut sub = Tape::<B>::new(true);
-                        let saved_input =
-                            if last_reader[input] == i { self.take(input) } else { self.get(input).clone() };
+                        let saved_input = self.take_on_device(be, input);
+                        if last_reader[input] != i {
+                            self.vals[input] = Some(saved_input.clone());
+                        }
+                        // The next segment's checkpoint comes back while this one replays.
+                        if let Some(Op::Segment { input: next, .. }) =
+                            ops[..i].iter().rev().find(|op| matches!(op, Op::Segment { .. }))
+                        {
+                            self.start_reload(be, *next);
+                        }
                         let x = sub.put(saved_input);
                         let y = g.layer_forward(&mut sub, layer, x);
                         sub.done_with(y); // the replayed output itself is not needed, only its gradient

@@ -12,7 +12,7 @@ use llamatune::backend::cpu::Cpu;
 use llamatune::backend::cuda::{Cuda, Fused4bit};
 use llamatune::backend::{AdamWStep, AttnShape, Backend, Dropout, HostWeight};
 use llamatune::config::{ComputeDtype, LoraConfig, ModelConfig, QuantConfig, QuantType};
-use llamatune::model::llama::{forward_backward, Batch, Llama};
+use llamatune::model::llama::{forward_backward, Batch, Checkpointing, Llama};
 use llamatune::model::lora::Lora;
 use llamatune::model::random::random_source;
 use llamatune::optim::{clip_coefficient, grad_norm, AdamW, AdamWConfig};
@@ -593,13 +593,13 @@ fn whole_qlora_step_matches_the_cpu() {
         (0..3).map(|_| (0..61).map(|_| rng.gen_range(0..cfg.vocab_size as u32)).collect()).collect();
     let batch = Batch::causal_lm(&rows);
     let scale = 1.0 / batch.num_targets() as f32;
-    for ckpt in [false, true] {
+    for ckpt in [Checkpointing::Off, Checkpointing::OnDevice, Checkpointing::Offload] {
         let mut cg = cl.zero_grads(&CPU);
         let mut gg = gl.zero_grads(gpu());
         let l1 = forward_backward(&CPU, &cm, &cl, &mut cg, &batch, scale, Some(11), ckpt);
         let l2 = forward_backward(gpu(), &gm, &gl, &mut gg, &batch, scale, Some(11), ckpt);
         assert_eq!(l1.count, l2.count);
-        check(&format!("step loss (checkpointing={ckpt})"), &[l2.mean() as f32], &[l1.mean() as f32], MIXED_TOL);
+        check(&format!("step loss (checkpointing {ckpt:?})"), &[l2.mean() as f32], &[l1.mean() as f32], MIXED_TOL);
         for ((name, _), (a, b)) in cl.named_params().iter().zip(cg.bufs().iter().zip(gg.bufs())) {
             check(
                 &format!("grad {}", name.trim_start_matches("base_model.model.model.")),
@@ -609,6 +609,57 @@ fn whole_qlora_step_matches_the_cpu() {
             );
         }
     }
+}
+
+/// Offloaded checkpoints give the step of on-device ones (the same kernels on the same values; the
+/// tolerance only covers the attention backward's atomic adds) with less device memory: the inputs of
+/// all but about two layers are in host memory when backward starts.
+#[test]
+fn offloaded_checkpoints_give_the_same_step_in_less_device_memory() {
+    let cfg = ModelConfig {
+        vocab_size: 1000,
+        hidden_size: 1024,
+        intermediate_size: 2048,
+        num_hidden_layers: 8,
+        num_attention_heads: 8,
+        num_key_value_heads: 8,
+        head_dim: 128,
+        ..small_config()
+    };
+    let q = QuantConfig::default();
+    let model = Llama::load(gpu(), &random_source(&cfg, 12), Some(q)).unwrap();
+    let lcfg = LoraConfig { r: 16, alpha: 32.0, dropout: 0.1, ..LoraConfig::default() }
+        .with_targets(&["q_proj", "v_proj"])
+        .unwrap();
+    let mut lora = Lora::init(gpu(), &cfg, lcfg, 13);
+    lora.randomize_b(gpu(), 14);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(15);
+    let rows: Vec<Vec<u32>> =
+        (0..4).map(|_| (0..256).map(|_| rng.gen_range(0..cfg.vocab_size as u32)).collect()).collect();
+    let batch = Batch::causal_lm(&rows);
+    let scale = 1.0 / batch.num_targets() as f32;
+    let run = |ckpt: Checkpointing| {
+        let mut grads = lora.zero_grads(gpu());
+        gpu().synchronize();
+        gpu().reset_peak_memory();
+        let loss = forward_backward(gpu(), &model, &lora, &mut grads, &batch, scale, Some(16), ckpt);
+        gpu().synchronize();
+        let peak = gpu().peak_memory().unwrap();
+        let g: Vec<f32> = grads.bufs().iter().flat_map(|b| gpu().download(b)).collect();
+        (loss.mean() as f32, g, peak)
+    };
+    let (l_dev, g_dev, peak_dev) = run(Checkpointing::OnDevice);
+    let (l_off, g_off, peak_off) = run(Checkpointing::Offload);
+    check("offloaded step loss", &[l_off], &[l_dev], F32_TOL);
+    check("offloaded step LoRA grads", &g_off, &g_dev, F32_TOL);
+    let checkpoint_bytes = (batch.input_ids.len() * cfg.hidden_size * 4) as u64;
+    let saved = peak_dev as i64 - peak_off as i64;
+    println!("peak device memory: checkpoints on the device {peak_dev} B, offloaded {peak_off} B (saved {saved} B)");
+    assert!(
+        saved >= ((cfg.num_hidden_layers - 3) as u64 * checkpoint_bytes) as i64,
+        "offloading saved {saved} B, less than {} layer inputs of {checkpoint_bytes} B",
+        cfg.num_hidden_layers - 3
+    );
 }
 
 #[test]

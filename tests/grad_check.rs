@@ -1,10 +1,10 @@
 //! Finite-difference checks (in f64) of every op's backward and of the whole model's LoRA
-//! gradients, plus checkpointed == non-checkpointed backward.
+//! gradients, plus checkpointed (on the device or offloaded) == non-checkpointed backward.
 
 use llamatune::backend::cpu::Cpu;
 use llamatune::backend::{AttnShape, Backend, Dropout, HostWeight};
 use llamatune::config::{ComputeDtype, LoraConfig, QuantConfig, QuantType};
-use llamatune::model::llama::{forward_backward, Batch, Llama};
+use llamatune::model::llama::{forward_backward, Batch, Checkpointing, Llama};
 use llamatune::model::lora::Lora;
 use llamatune::model::random::{random_source, tiny_config};
 use llamatune::quant::Quant4;
@@ -319,13 +319,17 @@ fn checkpointed_backward_equals_plain() {
     for quant in [None, Some(QuantConfig::default())] {
         let (model, lora, batch) = tiny_setup(false, quant);
         let mut g1 = lora.zero_grads(&BE);
-        let mut g2 = lora.zero_grads(&BE);
-        let l1 = forward_backward(&BE, &model, &lora, &mut g1, &batch, 0.1, Some(3), false);
-        let l2 = forward_backward(&BE, &model, &lora, &mut g2, &batch, 0.1, Some(3), true);
-        assert_eq!(l1, l2);
-        for (a, b) in g1.bufs().iter().zip(g2.bufs()) {
-            assert_eq!(*a, b, "checkpointing changed a gradient");
-        }
+        let l1 = forward_backward(&BE, &model, &lora, &mut g1, &batch, 0.1, Some(3), Checkpointing::Off);
         assert!(g1.bufs().iter().all(|b| b.iter().any(|&x| x != 0.0)));
+        // Offloading parks the layer inputs (host memory is where CPU buffers already are) and takes
+        // them back through the same tape paths a GPU run uses.
+        for ckpt in [Checkpointing::OnDevice, Checkpointing::Offload] {
+            let mut g2 = lora.zero_grads(&BE);
+            let l2 = forward_backward(&BE, &model, &lora, &mut g2, &batch, 0.1, Some(3), ckpt);
+            assert_eq!(l1, l2);
+            for (a, b) in g1.bufs().iter().zip(g2.bufs()) {
+                assert_eq!(*a, b, "checkpointing {ckpt:?} changed a gradient");
+            }
+        }
     }
 }

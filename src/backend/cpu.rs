@@ -138,6 +138,7 @@ impl<T: Real> Backend for Cpu<T> {
     type HostBuf = Vec<f32>;
     /// The CPU runs ops as they come; nothing is recorded.
     type Recording = ();
+    type Offloaded = Vec<T>;
 
     fn name(&self) -> String {
         format!("cpu ({})", std::any::type_name::<T>())
@@ -586,6 +587,16 @@ impl<T: Real> Backend for Cpu<T> {
             let (p, mi, vi) = adam_value(param[i].f64() as f32, grad[i].f64() as f32, m[i], v[i], hp, step_size, c2);
             (m[i], v[i], param[i]) = (mi, vi, T::of(p as f64));
         }
+    }
+    // Host memory is where CPU buffers already are.
+    fn offload(&self, buf: Vec<T>) -> Vec<T> {
+        buf
+    }
+    fn reload(&self, parked: Vec<T>) -> Vec<T> {
+        parked
+    }
+    fn restore(&self, parked: Vec<T>) -> Vec<T> {
+        parked
     }
     fn host_buf(&self, data: &[f32]) -> Vec<f32> {
         data.to_vec()

@@ -153,6 +153,9 @@ pub trait Backend {
     type HostBuf;
     /// A recorded sequence of ops that can be replayed ([`Backend::record`]).
     type Recording;
+    /// A buffer parked off the device until backward needs it ([`Backend::offload`]): pinned host
+    /// memory on CUDA; the CPU backend keeps the buffer as it is.
+    type Offloaded;
 
     fn name(&self) -> String;
     /// Whether activations can run in fp16/bf16 (transformers' `--fp16`/`--bf16`).
@@ -340,6 +343,17 @@ pub trait Backend {
         chunk: usize,
     );
     fn host_buf(&self, data: &[f32]) -> Self::HostBuf;
+
+    // ---- offloaded checkpoints -------------------------------------------------------------------
+    /// Starts moving `buf` off the device; the copy overlaps the work queued after this call and the
+    /// device memory is released once it is done (or `buf` stays where it is, when there is no
+    /// host memory to take it).
+    fn offload(&self, buf: Self::Buf) -> Self::Offloaded;
+    /// Starts bringing an offloaded buffer back, overlapped with the work queued after this call.
+    fn reload(&self, parked: Self::Offloaded) -> Self::Offloaded;
+    /// The buffer on the device again, ready for the ops queued after this call (reloads it first
+    /// if [`Backend::reload`] was not called).
+    fn restore(&self, parked: Self::Offloaded) -> Self::Buf;
     fn host_to_vec(&self, h: &Self::HostBuf) -> Vec<f32>;
     /// Free device memory in bytes, when there is a device.
     fn free_memory(&self) -> Option<u64> {

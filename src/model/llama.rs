@@ -248,7 +248,42 @@ pub struct Graph<'a, B: Backend> {
     pub shape: AttnShape,
     /// Seed of this step's dropout masks; `None` disables dropout (evaluation, generation).
     pub dropout_seed: Option<u64>,
-    pub checkpointing: bool,
+    pub checkpointing: Checkpointing,
+}
+
+/// Gradient checkpointing: whether decoder layers are recomputed in backward, and where their inputs
+/// wait meanwhile. `true` / `false` convert to `OnDevice` / `Off`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Checkpointing {
+    /// Every layer's activations stay for backward (no recompute; the most memory).
+    Off,
+    /// Only each layer's input stays, on the device; backward recomputes the layer from it.
+    OnDevice,
+    /// As `OnDevice`, but each layer's input waits in host memory: copied out while the next layers
+    /// run and brought back one layer ahead of its backward (Unsloth's offloaded checkpointing; the
+    /// same numbers, the device holding two inputs instead of one per layer).
+    Offload,
+}
+
+impl Checkpointing {
+    /// From the `gradient_checkpointing` and `gradient_checkpointing_offload` settings.
+    pub fn from_flags(on: bool, offload: bool) -> Self {
+        match (on, offload) {
+            (false, _) => Checkpointing::Off,
+            (true, false) => Checkpointing::OnDevice,
+            (true, true) => Checkpointing::Offload,
+        }
+    }
+}
+
+impl From<bool> for Checkpointing {
+    fn from(on: bool) -> Self {
+        if on {
+            Checkpointing::OnDevice
+        } else {
+            Checkpointing::Off
+        }
+    }
 }
 
 impl<'a, B: Backend> Graph<'a, B> {
@@ -259,7 +294,7 @@ impl<'a, B: Backend> Graph<'a, B> {
         lora: Option<&'a Lora<B>>,
         batch: &'a Batch,
         dropout_seed: Option<u64>,
-        checkpointing: bool,
+        checkpointing: impl Into<Checkpointing>,
     ) -> Self {
         let c = &model.cfg;
         let (cos, sin) = rope::tables(c, &batch.positions);
@@ -272,7 +307,7 @@ impl<'a, B: Backend> Graph<'a, B> {
             segments: batch.segments.as_deref(),
             shape: AttnShape::square(batch.batch, batch.seq, c.num_attention_heads, c.num_key_value_heads, c.head_dim),
             dropout_seed,
-            checkpointing,
+            checkpointing: checkpointing.into(),
         }
     }
 
@@ -440,16 +475,19 @@ impl<'a, B: Backend> Graph<'a, B> {
     }
 
     /// Embedding and every decoder layer; returns the last hidden state's id. With checkpointing
-    /// each layer runs on a throw-away tape and only its input is kept.
+    /// each layer runs on a throw-away tape and only its input is kept (on the device or offloaded).
     pub fn body(&self, t: &mut Tape<B>, ids: &[u32]) -> Id {
         let be = self.be;
         let mut h = be.alloc_output(ids.len() * self.model.cfg.hidden_size);
         be.embedding(&self.model.embed, ids, &mut h);
         let mut x = t.put(h);
         for l in 0..self.model.layers.len() {
-            if self.checkpointing && t.recording {
+            if self.checkpointing != Checkpointing::Off && t.recording {
                 let mut sub = Tape::<B>::new(false);
                 let sx = sub.put(t.get(x).clone());
+                if self.checkpointing == Checkpointing::Offload {
+                    t.offload(be, x);
+                }
                 let sy = self.layer_forward(&mut sub, l, sx);
                 let out = t.put(sub.take(sy));
                 t.record(Op::Segment { layer: l, input: x, out });
@@ -545,7 +583,7 @@ pub fn forward_backward<B: Backend>(
     batch: &Batch,
     loss_scale: f32,
     dropout_seed: Option<u64>,
-    checkpointing: bool,
+    checkpointing: impl Into<Checkpointing>,
 ) -> StepLoss {
     let g = Graph::new(be, model, Some(lora), batch, dropout_seed, checkpointing);
     let mut tape = Tape::new(true);
@@ -653,7 +691,7 @@ fn run_step<B: Backend>(
             q_offset: 0,
         },
         dropout_seed: None,
-        checkpointing: false,
+        checkpointing: Checkpointing::Off,
     };
     let mut x = h.clone();
     for (l, kv) in layers.iter_mut().enumerate() {

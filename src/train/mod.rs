@@ -11,7 +11,7 @@ use crate::error::{Error, Result};
 use crate::io::checkpoint::{self, TrainerState};
 use crate::io::peft;
 use crate::io::tensorboard::EventWriter;
-use crate::model::llama::{evaluate, forward_backward, Batch, Llama};
+use crate::model::llama::{evaluate, forward_backward, Batch, Checkpointing, Llama};
 use crate::model::lora::{Lora, LoraGrads};
 use crate::optim::{clip_coefficient, grad_norm, warmup_steps, AdamW};
 pub use config::TrainConfig;
@@ -378,7 +378,7 @@ impl<'a, B: Backend> Trainer<'a, B> {
                     b,
                     1.0 / count.max(1) as f32,
                     Some(seed),
-                    self.cfg.gradient_checkpointing,
+                    Checkpointing::from_flags(self.cfg.gradient_checkpointing, self.cfg.gradient_checkpointing_offload),
                 );
                 loss_sum += l.loss_sum;
             }

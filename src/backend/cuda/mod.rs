@@ -92,13 +92,17 @@ pub struct Cuda {
     /// Which of [`XENT_STREAM`]'s kernels this device gives their shared memory (a row of up to
     /// 1024 × 8, 16, 32 logits); `LLAMATUNE_XENT_STREAM=0` turns them off (A/B runs).
     xent_stream: [bool; 3],
+    /// The side stream and buffers of offloaded checkpoints (offload.rs).
+    offload: offload::OffloadState,
     /// `LLAMATUNE_PROFILE=1`: device time per op (each op synchronizes; for finding hot spots).
     profile: Option<std::sync::Mutex<HashMap<&'static str, (f64, u64)>>>,
 }
 
 impl Drop for Cuda {
-    /// Prints the profile (`LLAMATUNE_PROFILE=1`) when the backend goes away.
+    /// Frees the device buffers of offloaded checkpoints once their copies are done, and prints the
+    /// profile (`LLAMATUNE_PROFILE=1`), when the backend goes away.
     fn drop(&mut self) {
+        self.release_offloaded();
         let report = self.profile_report();
         if !report.is_empty() {
             let total: f64 = report.iter().map(|r| r.1).sum();
@@ -155,6 +159,9 @@ macro_rules! launch {
         ck!(unsafe { b.launch($cfg) }, $kernel);
     }};
 }
+
+mod offload;
+pub use offload::Offloaded;
 
 /// The device's default memory pool, told to keep what it frees (the default threshold of 0 hands
 /// memory back to the driver at every synchronization, and the next step maps it again).
@@ -251,6 +258,7 @@ impl Cuda {
                 xent_stream[i] = true;
             }
         }
+        let offload = offload::OffloadState::new(ctx.new_stream().map_err(dev_err)?);
         let code256 = stream.clone_htod(&quant::dynamic_map_signed()).map_err(dev_err)?;
         let nf4 = stream.clone_htod(&quant::NF4_CODE).map_err(dev_err)?;
         let fp4 = stream.clone_htod(&quant::FP4_CODE).map_err(dev_err)?;
@@ -282,6 +290,7 @@ impl Cuda {
             wgmma,
             sm_count,
             xent_stream,
+            offload,
             fused_4bit,
             fused_lora,
             profile,
@@ -631,6 +640,7 @@ impl Backend for Cuda {
     type Weight = CudaWeight;
     type HostBuf = PinnedHostSlice<f32>;
     type Recording = cudarc::driver::CudaGraph;
+    type Offloaded = Offloaded;
 
     fn name(&self) -> String {
         format!("cuda:{} ({})", self.ordinal, self.device_name)
@@ -1290,6 +1300,17 @@ impl Backend for Cuda {
     fn replay(&self, r: &cudarc::driver::CudaGraph) {
         let _span = self.span("replay");
         ck!(r.launch(), "graph launch");
+    }
+    fn offload(&self, buf: CudaSlice<f32>) -> Offloaded {
+        let _span = self.span("offload");
+        self.offload_buf(buf)
+    }
+    fn reload(&self, parked: Offloaded) -> Offloaded {
+        let _span = self.span("reload");
+        self.reload_buf(parked)
+    }
+    fn restore(&self, parked: Offloaded) -> CudaSlice<f32> {
+        self.restore_buf(parked)
     }
     fn host_buf(&self, data: &[f32]) -> PinnedHostSlice<f32> {
         // Plain page-locked memory (not write-combined: checkpoints read it back on the host).

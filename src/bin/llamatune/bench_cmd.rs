@@ -55,6 +55,9 @@ pub struct BenchArgs {
     /// Recompute each layer in backward instead of keeping its activations
     #[arg(long, default_value_t = true, num_args = 0..=1, default_missing_value = "true", action = clap::ArgAction::Set)]
     gradient_checkpointing: bool,
+    /// With gradient checkpointing, keep each layer's saved input in host memory until backward
+    #[arg(long, default_value_t = true, num_args = 0..=1, default_missing_value = "true", action = clap::ArgAction::Set)]
+    gradient_checkpointing_offload: bool,
     /// adamw_torch or paged_adamw_32bit
     #[arg(long, default_value = "paged_adamw_32bit")]
     optim: String,
@@ -99,6 +102,7 @@ pub fn cmd_bench(a: BenchArgs) -> Result<ExitCode> {
         warmup_steps: a.warmup_steps,
         steps: a.steps,
         gradient_checkpointing: a.gradient_checkpointing,
+        gradient_checkpointing_offload: a.gradient_checkpointing_offload,
         optim: a.optim.clone(),
         decode_tokens: a.decode_tokens,
         prompt_len: a.prompt_len,

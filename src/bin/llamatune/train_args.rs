@@ -108,6 +108,11 @@ pub struct TrainArgs {
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     #[serde(skip_serializing_if = "Option::is_none")]
     gradient_checkpointing: Option<bool>,
+    /// With gradient checkpointing, keep each layer's saved input in host memory until backward
+    /// (Unsloth's offloaded checkpointing: same results, less device memory) [true]
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    gradient_checkpointing_offload: Option<bool>,
     /// Clip the global gradient norm to this (0 = off) [0.3]
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
