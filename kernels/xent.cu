@@ -42,10 +42,11 @@ extern "C" __global__ void cross_entropy_f32(const float* logits, const int* tar
 }
 
 // The loss and gradient of row `off` (target t, counted) from its values j = threadIdx.x +
-// XENT_THREADS·i held in v (−inf past the end): each exponential is taken once, and the softmax is
-// exp(v − max) / sum (Cpu::cross_entropy computes the same).
+// XENT_THREADS·i held in v (−inf past the end) and, in thread 0, the target's logit xt (fetched by the
+// caller ahead of time: a load here would put its latency on every row's critical path). Each
+// exponential is taken once, and the softmax is exp(v − max) / sum (Cpu::cross_entropy computes the same).
 template <int VPT>
-__device__ __forceinline__ void row_from_registers(float (&v)[VPT], const float* logits, float* dlogits, int64_t off, int t, double* loss, int* count, int vocab, float scale) {
+__device__ __forceinline__ void row_from_registers(float (&v)[VPT], float xt, float* dlogits, int64_t off, int t, double* loss, int* count, int vocab, float scale) {
     float mx = -INFINITY;
 #pragma unroll
     for (int i = 0; i < VPT; i++) mx = fmaxf(mx, v[i]);
@@ -58,7 +59,7 @@ __device__ __forceinline__ void row_from_registers(float (&v)[VPT], const float*
     }
     sum = block_sum(sum);
     if (threadIdx.x == 0) {
-        atomicAdd(loss, (double)(mx + logf(sum) - logits[off + t]));
+        atomicAdd(loss, (double)(mx + logf(sum) - xt));
         atomicAdd(count, 1);
     }
     const float p = scale / sum;
@@ -75,13 +76,14 @@ __device__ void cross_entropy_reg(const float* logits, const int* targets, float
     const int64_t off = (int64_t)blockIdx.x * vocab;
     const int t = targets[blockIdx.x];
     if (skip_row(dlogits, off, t, count, vocab)) return;
+    const float xt = threadIdx.x == 0 ? logits[off + t] : 0.f;
     float v[VPT];
 #pragma unroll
     for (int i = 0; i < VPT; i++) {
         const int j = threadIdx.x + XENT_THREADS * i;
         v[i] = j < vocab ? logits[off + j] : -INFINITY;
     }
-    row_from_registers<VPT>(v, logits, dlogits, off, t, loss, count, vocab, scale);
+    row_from_registers<VPT>(v, xt, dlogits, off, t, loss, count, vocab, scale);
 }
 #define XENT_REG(VPT) \
     extern "C" __global__ void __launch_bounds__(XENT_THREADS, 1) cross_entropy_reg##VPT(const float* logits, const int* targets, float* dlogits, double* loss, int* count, int vocab, float scale) { \
@@ -107,8 +109,11 @@ __device__ void cross_entropy_stream(const float* logits, const int* targets, fl
         for (int c = threadIdx.x; c < vocab / 4; c += XENT_THREADS) cp_async16(next_addr + 16 * c, src + 4 * c, true);
         cp_async_commit();
     };
-    if (blockIdx.x < rows) prefetch(blockIdx.x);
+    // The next row's target is loaded with its logits, off the critical path.
+    int next_target = 0;
+    if (blockIdx.x < rows) prefetch(blockIdx.x), next_target = targets[blockIdx.x];
     for (int r = blockIdx.x; r < rows; r += gridDim.x) {
+        const int t = next_target;
         cp_async_wait<0>();
         __syncthreads();  // row r is in shared memory
         float v[VPT];
@@ -117,12 +122,12 @@ __device__ void cross_entropy_stream(const float* logits, const int* targets, fl
             const int j = threadIdx.x + XENT_THREADS * i;
             v[i] = j < vocab ? next[j] : -INFINITY;
         }
+        const float xt = threadIdx.x == 0 && t >= 0 && t < vocab ? next[t] : 0.f;
         __syncthreads();  // every thread holds its values: the buffer takes the following row
-        if (r + gridDim.x < rows) prefetch(r + gridDim.x);
+        if (r + gridDim.x < rows) prefetch(r + gridDim.x), next_target = targets[r + gridDim.x];
         const int64_t off = (int64_t)r * vocab;
-        const int t = targets[r];
         if (skip_row(dlogits, off, t, count, vocab)) continue;
-        row_from_registers<VPT>(v, logits, dlogits, off, t, loss, count, vocab, scale);
+        row_from_registers<VPT>(v, xt, dlogits, off, t, loss, count, vocab, scale);
     }
 }
 #define XENT_STREAM(VPT) \

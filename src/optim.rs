@@ -135,7 +135,7 @@ impl<B: Backend> AdamW<B> {
 
 /// The global L2 norm of all gradients (accumulated in f64).
 pub fn grad_norm<B: Backend>(be: &B, grads: &LoraGrads<B>) -> f64 {
-    grads.bufs().iter().map(|g| be.sum_squares(g)).sum::<f64>().sqrt()
+    be.sum_squares_all(&grads.bufs()).sqrt()
 }
 
 /// The factor `clip_grad_norm_` multiplies gradients by: `max_norm / (norm + 1e-6)` when that is

@@ -505,6 +505,10 @@ fn adamw_and_reductions() {
     check("adamw v", &gpu().download(&v2), &v1, F32_TOL);
     let gg = gpu().upload(&g);
     check("sum of squares", &[gpu().sum_squares(&gg) as f32], &[CPU.sum_squares(&g) as f32], F32_TOL);
+    let (pp, mm) = (gpu().upload(&p), gpu().upload(&m));
+    let all = gpu().sum_squares_all(&[&gg, &pp, &mm]);
+    let want = CPU.sum_squares(&g) + CPU.sum_squares(&p) + CPU.sum_squares(&m);
+    check("sum of squares over three tensors", &[all as f32], &[want as f32], F32_TOL);
     assert!(!gpu().has_non_finite(&gg));
     let mut bad = g.clone();
     bad[n - 1] = f32::INFINITY;

@@ -208,6 +208,11 @@ pub trait Backend {
     fn scale(&self, buf: &mut Self::Buf, s: f64);
     /// Σ buf², accumulated in f64 (for the global gradient norm).
     fn sum_squares(&self, buf: &Self::Buf) -> f64;
+    /// Σ over all `bufs` of Σ buf² (the global gradient norm's square): one result to wait for
+    /// instead of one per tensor.
+    fn sum_squares_all(&self, bufs: &[&Self::Buf]) -> f64 {
+        bufs.iter().map(|b| self.sum_squares(b)).sum()
+    }
     /// True if any element is NaN or infinite.
     fn has_non_finite(&self, buf: &Self::Buf) -> bool;
 
