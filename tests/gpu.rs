@@ -218,6 +218,46 @@ fn linear_dense_and_4bit_forward_and_input_grad() {
     }
 }
 
+/// Products reading one input (q/k/v, gate/up) in one `linear_many` call give exactly what one `linear`
+/// each gives: at 600 rows they take the second path, where x is converted once per compute dtype
+/// (here bf16, f16, then bf16 again, and a dense weight among them).
+#[test]
+fn linear_many_equals_one_linear_each() {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(30);
+    let (m, cols) = (600, 576);
+    let weights: Vec<_> = [
+        (576, QuantType::Nf4, Some(ComputeDtype::BF16)),
+        (192, QuantType::Nf4, Some(ComputeDtype::F16)),
+        (1536, QuantType::Fp4, None),
+        (1536, QuantType::Nf4, Some(ComputeDtype::BF16)),
+    ]
+    .into_iter()
+    .map(|(rows, qt, compute)| {
+        let data = rnd(&mut rng, rows * cols, 0.05);
+        gpu().upload_weight(match compute {
+            Some(c) => HostWeight::Quant4 {
+                rows,
+                cols,
+                q: Quant4::quantize(
+                    &data,
+                    &QuantConfig { quant_type: qt, blocksize: 64, double_quant: true, compute_dtype: c },
+                ),
+                compute: c,
+            },
+            None => HostWeight::Dense { rows, cols, data },
+        })
+    })
+    .collect();
+    let x = gpu().upload(&rnd(&mut rng, m * cols, 1.0));
+    let mut many: Vec<_> = weights.iter().map(|w| poisoned(m * gpu().weight_shape(w).0)).collect();
+    gpu().linear_many(&x, &weights.iter().collect::<Vec<_>>(), m, &mut many.iter_mut().collect::<Vec<_>>());
+    for (i, (w, got)) in weights.iter().zip(&many).enumerate() {
+        let mut one = poisoned(m * gpu().weight_shape(w).0);
+        gpu().linear(&x, w, m, &mut one);
+        check(&format!("linear_many product {i}"), &gpu().download(got), &gpu().download(&one), 0.0);
+    }
+}
+
 /// The fused 4-bit matmul (kernels/nf4_gemm.cu) at the real shapes, forward and input grad (also
 /// accumulating), against the CPU and against the GPU's second path (dequantize + cuBLAS). M = 300
 /// takes the 256-token tiles (one full, one partial), M = 37 the 128-token one; 576 and 192 W rows

@@ -235,6 +235,15 @@ pub trait Backend {
     );
     /// `out (m, rows) = x (m, cols) · Wᵀ`.
     fn linear(&self, x: &Self::Buf, w: &Self::Weight, m: usize, out: &mut Self::Buf);
+    /// `outs[i] = x · W_iᵀ` for products reading the same input (q/k/v, gate/up): the results of one
+    /// [`Backend::linear`] each, with work on x shared where a backend can (CUDA converts it to the
+    /// compute dtype once).
+    fn linear_many(&self, x: &Self::Buf, ws: &[&Self::Weight], m: usize, outs: &mut [&mut Self::Buf]) {
+        assert_eq!(ws.len(), outs.len(), "linear_many: one output per weight");
+        for (w, out) in ws.iter().zip(outs.iter_mut()) {
+            self.linear(x, w, m, out);
+        }
+    }
     /// `dx (m, cols) (+)= dy (m, rows) · W`.
     fn linear_backward_input(&self, dy: &Self::Buf, w: &Self::Weight, m: usize, dx: &mut Self::Buf, accumulate: bool);
     /// LoRA branch: `u (m, r) = drop(x) · Aᵀ`, then `y (m, out) += scale · u · Bᵀ`.

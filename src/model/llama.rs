@@ -354,26 +354,35 @@ impl<'a, B: Backend> Graph<'a, B> {
     }
 
     fn linear(&self, t: &mut Tape<B>, x: Id, layer: usize, p: Proj) -> Id {
+        let [y] = self.linears(t, x, layer, [p]);
+        y
+    }
+
+    /// Projections of the same input `x` (q/k/v, gate/up): the frozen products in one call (the backend
+    /// shares its work on x), then each targeted module's LoRA branch; one `Linear` op each on the tape.
+    fn linears<const N: usize>(&self, t: &mut Tape<B>, x: Id, layer: usize, projs: [Proj; N]) -> [Id; N] {
         let be = self.be;
-        let w = self.model.proj(layer, p);
-        let (rows, cols) = be.weight_shape(w);
-        let xv = t.get(x);
-        let m = be.buf_len(xv) / cols;
-        let mut y = be.alloc_output(m * rows);
-        be.linear(xv, w, m, &mut y);
-        let lora = match self.lora_pair(layer, p) {
-            Some(pair) => {
-                let dropout = self.lora_dropout(layer, p);
-                let r = self.lora_rank();
-                let mut u = be.alloc_output(m * r);
-                be.lora_forward(xv, &pair.a, &pair.b, m, r, self.lora_scale(), dropout, &mut u, &mut y);
-                Some((t.put(u), dropout))
-            }
-            None => None,
-        };
-        let out = t.put(y);
-        t.record(Op::Linear { x, layer, proj: p, out, lora });
-        out
+        let ws: Vec<&B::Weight> = projs.iter().map(|&p| self.model.proj(layer, p)).collect();
+        let m = be.buf_len(t.get(x)) / be.weight_shape(ws[0]).1;
+        let mut ys: Vec<B::Buf> = ws.iter().map(|w| be.alloc_output(m * be.weight_shape(w).0)).collect();
+        be.linear_many(t.get(x), &ws, m, &mut ys.iter_mut().collect::<Vec<_>>());
+        let mut ids = Vec::with_capacity(N);
+        for (&p, mut y) in projs.iter().zip(ys) {
+            let lora = match self.lora_pair(layer, p) {
+                Some(pair) => {
+                    let dropout = self.lora_dropout(layer, p);
+                    let r = self.lora_rank();
+                    let mut u = be.alloc_output(m * r);
+                    be.lora_forward(t.get(x), &pair.a, &pair.b, m, r, self.lora_scale(), dropout, &mut u, &mut y);
+                    Some((t.put(u), dropout))
+                }
+                None => None,
+            };
+            let out = t.put(y);
+            t.record(Op::Linear { x, layer, proj: p, out, lora });
+            ids.push(out);
+        }
+        ids.try_into().expect("one id per projection")
     }
 
     fn rope(&self, t: &mut Tape<B>, x: Id, heads: usize) -> Id {
@@ -430,9 +439,7 @@ impl<'a, B: Backend> Graph<'a, B> {
         // freed then unless a recorded op's backward keeps it.
         let c = &self.model.cfg;
         let n1 = self.rmsnorm(t, x, NormRef::Attn(l));
-        let q = self.linear(t, n1, l, Proj::Q);
-        let k = self.linear(t, n1, l, Proj::K);
-        let v = self.linear(t, n1, l, Proj::V);
+        let [q, k, v] = self.linears(t, n1, l, [Proj::Q, Proj::K, Proj::V]);
         t.done_with(n1);
         let (q_in, k_in) = (q, k);
         let q = self.rope(t, q_in, c.num_attention_heads);
@@ -460,8 +467,7 @@ impl<'a, B: Backend> Graph<'a, B> {
         t.done_with(x);
         t.done_with(o);
         let n2 = self.rmsnorm(t, x2, NormRef::Mlp(l));
-        let gate = self.linear(t, n2, l, Proj::Gate);
-        let up = self.linear(t, n2, l, Proj::Up);
+        let [gate, up] = self.linears(t, n2, l, [Proj::Gate, Proj::Up]);
         t.done_with(n2);
         let s = self.swiglu(t, gate, up);
         t.done_with(gate);
