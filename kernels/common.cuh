@@ -2,6 +2,7 @@
 // CPU reference (src/backend/mod.rs, Dropout::factor) computes bit for bit.
 #pragma once
 #include <cuda_bf16.h>
+#include <cuda_fp16.h>
 #include <stdint.h>
 
 #define WARP 32
@@ -74,3 +75,35 @@ template <int N> __device__ __forceinline__ void cp_async_wait() { asm volatile(
 
 // Grid-stride loop over n elements.
 #define FOR_EACH(i, n) for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < (int64_t)(n); i += (int64_t)gridDim.x * blockDim.x)
+
+// A grid-stride loop four consecutive elements at a time, for streaming kernels: body4(q) takes
+// elements 4q..4q+3 (16-byte f32 accesses), body1(i) one element: the last n % 4, or all of them when
+// `vector` is false (a pointer not aligned for the wide accesses). One element per step keeps too few
+// bytes in flight: the f32 → bf16 conversion ran at ~2.5 TB/s on the H200 (ncu, 19.5 µs for 48 MB).
+template <typename Body4, typename Body1>
+__device__ __forceinline__ void for_each4(int64_t n, bool vector, Body4 body4, Body1 body1) {
+    const int64_t first = blockIdx.x * (int64_t)blockDim.x + threadIdx.x, stride = (int64_t)gridDim.x * blockDim.x;
+    const int64_t groups = vector ? n / 4 : 0;
+    for (int64_t q = first; q < groups; q += stride) body4(q);
+    for (int64_t i = 4 * groups + first; i < n; i += stride) body1(i);
+}
+__device__ __forceinline__ bool aligned_to(const void* p, int bytes) { return ((uintptr_t)p & (bytes - 1)) == 0; }
+// Four 16-bit values in 8 bytes, each rounded to nearest even as __float2bfloat16_rn / __float2half_rn do.
+__device__ __forceinline__ uint2 pack_bf16x4(float4 v) {
+    const __nv_bfloat162 lo = __floats2bfloat162_rn(v.x, v.y), hi = __floats2bfloat162_rn(v.z, v.w);
+    return make_uint2(*reinterpret_cast<const uint32_t*>(&lo), *reinterpret_cast<const uint32_t*>(&hi));
+}
+__device__ __forceinline__ float4 unpack_bf16x4(uint2 u) {
+    const float2 lo = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&u.x));
+    const float2 hi = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&u.y));
+    return make_float4(lo.x, lo.y, hi.x, hi.y);
+}
+__device__ __forceinline__ uint2 pack_f16x4(float4 v) {
+    const __half2 lo = __floats2half2_rn(v.x, v.y), hi = __floats2half2_rn(v.z, v.w);
+    return make_uint2(*reinterpret_cast<const uint32_t*>(&lo), *reinterpret_cast<const uint32_t*>(&hi));
+}
+__device__ __forceinline__ float4 unpack_f16x4(uint2 u) {
+    const float2 lo = __half22float2(*reinterpret_cast<const __half2*>(&u.x));
+    const float2 hi = __half22float2(*reinterpret_cast<const __half2*>(&u.y));
+    return make_float4(lo.x, lo.y, hi.x, hi.y);
+}

@@ -4,46 +4,85 @@
 #include "common.cuh"
 #include <cuda_fp16.h>
 
+__device__ __forceinline__ float4 add4(float4 a, float4 b) { return make_float4(a.x + b.x, a.y + b.y, a.z + b.z, a.w + b.w); }
 extern "C" __global__ void add_f32(const float* a, const float* b, float* out, int64_t n) {
-    FOR_EACH(i, n) out[i] = a[i] + b[i];
+    for_each4(
+        n, aligned_to(a, 16) && aligned_to(b, 16) && aligned_to(out, 16),
+        [&](int64_t q) { reinterpret_cast<float4*>(out)[q] = add4(reinterpret_cast<const float4*>(a)[q], reinterpret_cast<const float4*>(b)[q]); },
+        [&](int64_t i) { out[i] = a[i] + b[i]; });
 }
 extern "C" __global__ void add_assign_f32(float* dst, const float* src, int64_t n) {
-    FOR_EACH(i, n) dst[i] += src[i];
+    for_each4(
+        n, aligned_to(dst, 16) && aligned_to(src, 16),
+        [&](int64_t q) { reinterpret_cast<float4*>(dst)[q] = add4(reinterpret_cast<float4*>(dst)[q], reinterpret_cast<const float4*>(src)[q]); },
+        [&](int64_t i) { dst[i] += src[i]; });
 }
 extern "C" __global__ void scale_f32(float* x, float s, int64_t n) {
     FOR_EACH(i, n) x[i] *= s;
 }
 // out = silu(g) * u
+__device__ __forceinline__ float swiglu1(float g, float u) { return g / (1.f + expf(-g)) * u; }
 extern "C" __global__ void swiglu_f32(const float* g, const float* u, float* out, int64_t n) {
-    FOR_EACH(i, n) {
-        const float x = g[i];
-        out[i] = x / (1.f + expf(-x)) * u[i];
-    }
+    for_each4(
+        n, aligned_to(g, 16) && aligned_to(u, 16) && aligned_to(out, 16),
+        [&](int64_t q) {
+            const float4 a = reinterpret_cast<const float4*>(g)[q], b = reinterpret_cast<const float4*>(u)[q];
+            reinterpret_cast<float4*>(out)[q] = make_float4(swiglu1(a.x, b.x), swiglu1(a.y, b.y), swiglu1(a.z, b.z), swiglu1(a.w, b.w));
+        },
+        [&](int64_t i) { out[i] = swiglu1(g[i], u[i]); });
+}
+// (dg, du) of one element from gate x, up u and the output's gradient d.
+__device__ __forceinline__ float2 swiglu_grad1(float x, float u, float d) {
+    const float sig = 1.f / (1.f + expf(-x));
+    return make_float2(d * u * sig * (1.f + x * (1.f - sig)), d * x * sig);
 }
 extern "C" __global__ void swiglu_backward_f32(const float* g, const float* u, const float* dout, float* dg, float* du, int64_t n) {
-    FOR_EACH(i, n) {
-        const float x = g[i], sig = 1.f / (1.f + expf(-x));
-        du[i] = dout[i] * x * sig;
-        dg[i] = dout[i] * u[i] * sig * (1.f + x * (1.f - sig));
-    }
+    for_each4(
+        n, aligned_to(g, 16) && aligned_to(u, 16) && aligned_to(dout, 16) && aligned_to(dg, 16) && aligned_to(du, 16),
+        [&](int64_t q) {
+            const float4 x = reinterpret_cast<const float4*>(g)[q], v = reinterpret_cast<const float4*>(u)[q], d = reinterpret_cast<const float4*>(dout)[q];
+            const float2 a = swiglu_grad1(x.x, v.x, d.x), b = swiglu_grad1(x.y, v.y, d.y), c = swiglu_grad1(x.z, v.z, d.z), e = swiglu_grad1(x.w, v.w, d.w);
+            reinterpret_cast<float4*>(dg)[q] = make_float4(a.x, b.x, c.x, e.x);
+            reinterpret_cast<float4*>(du)[q] = make_float4(a.y, b.y, c.y, e.y);
+        },
+        [&](int64_t i) {
+            const float2 r = swiglu_grad1(g[i], u[i], dout[i]);
+            dg[i] = r.x;
+            du[i] = r.y;
+        });
 }
 extern "C" __global__ void f32_to_bf16(const float* x, __nv_bfloat16* out, int64_t n) {
-    FOR_EACH(i, n) out[i] = __float2bfloat16_rn(x[i]);
+    for_each4(
+        n, aligned_to(x, 16) && aligned_to(out, 8),
+        [&](int64_t q) { reinterpret_cast<uint2*>(out)[q] = pack_bf16x4(reinterpret_cast<const float4*>(x)[q]); },
+        [&](int64_t i) { out[i] = __float2bfloat16_rn(x[i]); });
 }
 // A 4-bit matmul's 16-bit output (cuBLAS rounds it to the compute dtype as it writes, as bitsandbytes'
 // output is; the CPU reference rounds the same way in Cpu::linear), widened into the f32 activations.
 extern "C" __global__ void bf16_to_f32(const __nv_bfloat16* x, float* out, int64_t n) {
-    FOR_EACH(i, n) out[i] = __bfloat162float(x[i]);
+    for_each4(
+        n, aligned_to(x, 8) && aligned_to(out, 16),
+        [&](int64_t q) { reinterpret_cast<float4*>(out)[q] = unpack_bf16x4(reinterpret_cast<const uint2*>(x)[q]); },
+        [&](int64_t i) { out[i] = __bfloat162float(x[i]); });
 }
 extern "C" __global__ void f16_to_f32(const __half* x, float* out, int64_t n) {
-    FOR_EACH(i, n) out[i] = __half2float(x[i]);
+    for_each4(
+        n, aligned_to(x, 8) && aligned_to(out, 16),
+        [&](int64_t q) { reinterpret_cast<float4*>(out)[q] = unpack_f16x4(reinterpret_cast<const uint2*>(x)[q]); },
+        [&](int64_t i) { out[i] = __half2float(x[i]); });
 }
 // dst += widened src: an input gradient accumulated after its rounding, as on the CPU.
 extern "C" __global__ void add_bf16_to_f32(const __nv_bfloat16* src, float* dst, int64_t n) {
-    FOR_EACH(i, n) dst[i] += __bfloat162float(src[i]);
+    for_each4(
+        n, aligned_to(src, 8) && aligned_to(dst, 16),
+        [&](int64_t q) { reinterpret_cast<float4*>(dst)[q] = add4(reinterpret_cast<float4*>(dst)[q], unpack_bf16x4(reinterpret_cast<const uint2*>(src)[q])); },
+        [&](int64_t i) { dst[i] += __bfloat162float(src[i]); });
 }
 extern "C" __global__ void add_f16_to_f32(const __half* src, float* dst, int64_t n) {
-    FOR_EACH(i, n) dst[i] += __half2float(src[i]);
+    for_each4(
+        n, aligned_to(src, 8) && aligned_to(dst, 16),
+        [&](int64_t q) { reinterpret_cast<float4*>(dst)[q] = add4(reinterpret_cast<float4*>(dst)[q], unpack_f16x4(reinterpret_cast<const uint2*>(src)[q])); },
+        [&](int64_t i) { dst[i] += __half2float(src[i]); });
 }
 // out = x * dropout(seed, i)
 extern "C" __global__ void dropout_f32(const float* x, float* out, uint64_t seed, float p, int64_t n) {

@@ -32,7 +32,10 @@ DEQUANT(dequant_4bit_f16, __half)
 DEQUANT(dequant_4bit_bf16, __nv_bfloat16)
 
 extern "C" __global__ void f32_to_f16(const float* x, __half* out, int64_t n) {
-    FOR_EACH(i, n) out[i] = __float2half_rn(x[i]);
+    for_each4(
+        n, aligned_to(x, 16) && aligned_to(out, 8),
+        [&](int64_t q) { reinterpret_cast<uint2*>(out)[q] = pack_f16x4(reinterpret_cast<const float4*>(x)[q]); },
+        [&](int64_t i) { out[i] = __float2half_rn(x[i]); });
 }
 
 // Small-M product for decoding: y (m, rows) = x (m, cols) · dequant(W)ᵀ with m ≤ 8, reading the 4-bit
