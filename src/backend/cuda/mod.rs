@@ -208,8 +208,9 @@ impl Cuda {
         }
         let dev_err = |e: cudarc::driver::DriverError| Error::Other(format!("cuda:{ordinal}: {e:?}"));
         let ctx = CudaContext::new(ordinal).map_err(dev_err)?;
-        // One stream: the per-buffer event tracking cudarc does for multi-stream safety is not needed.
-        // SAFETY: every buffer of this backend is used on `stream` only.
+        // The per-buffer event tracking cudarc does for multi-stream safety is not needed.
+        // SAFETY: every buffer of this backend is used on `stream` only, except the copies of
+        // offloaded checkpoints on offload.rs's side stream, which orders them by events itself.
         unsafe { ctx.disable_event_tracking() };
         // A stream of our own: the legacy default stream cannot be captured into a CUDA graph.
         let stream = ctx.new_stream().map_err(dev_err)?;
