@@ -278,11 +278,7 @@ impl Checkpointing {
 
 impl From<bool> for Checkpointing {
     fn from(on: bool) -> Self {
-        if on {
-            Checkpointing::OnDevice
-        } else {
-            Checkpointing::Off
-        }
+        Checkpointing::from_flags(on, false)
     }
 }
 
