@@ -137,6 +137,30 @@ fn gemv(c: &mut Criterion) {
         });
         g.finish();
     }
+    // The decoding layer's products that share x: q/k/v (3 × 4096 rows) and gate/up (2 × 11008), one
+    // launch per weight against one launch for all (kernels/nf4.cu gemv_4bit_many_*).
+    for (name, rows, n) in [("q/k/v 3x4096x4096", 4096, 3), ("gate/up 2x11008x4096", 11008, 2)] {
+        let cols = 4096;
+        let ws: Vec<_> = (0..n).map(|_| weights(rows, cols).0).collect();
+        let x = be.upload(&rnd(cols, 4, 1.0));
+        let mut ys: Vec<_> = (0..n).map(|_| be.zeros(rows)).collect();
+        let mut g = c.benchmark_group(format!("gemv M=1 {name}"));
+        let bytes = n * (rows * cols / 2 + rows * cols / 64 * 4 + rows * 4) + cols * 4;
+        g.throughput(Throughput::Bytes((GEMV_REPS * bytes) as u64));
+        for (label, one_launch) in [("one launch each", false), ("one launch", true)] {
+            g.bench_function(format!("nf4 gemv, {label}, ×{GEMV_REPS} back to back"), |b| {
+                be.set_gemv_many(one_launch);
+                b.iter(|| {
+                    for _ in 0..GEMV_REPS {
+                        be.linear_many(&x, &ws.iter().collect::<Vec<_>>(), 1, &mut ys.iter_mut().collect::<Vec<_>>());
+                    }
+                    be.synchronize();
+                })
+            });
+        }
+        be.set_gemv_many(true);
+        g.finish();
+    }
 }
 
 fn bandwidth(c: &mut Criterion) {

@@ -129,10 +129,10 @@ __device__ __forceinline__ float dot32(const uint4 u, float a, const float* lut,
 }
 
 template <int C, int M, bool SX, int GEMV_ROWS>
-__device__ void gemv_rows(const uint8_t* packed, const float* absmax, const uint8_t* absmax_q, const float* absmax2, const float* code256, float offset, const float* code16, int blocksize, const float* x, float* y, int m, int rows, int cols) {
+__device__ void gemv_rows(const uint8_t* packed, const float* absmax, const uint8_t* absmax_q, const float* absmax2, const float* code256, float offset, const float* code16, int blocksize, const float* x, float* y, int m, int rows, int cols, int warp) {
     __shared__ float lut[16];
     extern __shared__ float xsh[];  // SX: (cols + cols/32) floats
-    const int warp = (blockIdx.x * blockDim.x + threadIdx.x) / WARP, lane = threadIdx.x % WARP;
+    const int lane = threadIdx.x % WARP;
     const int row0 = warp * GEMV_ROWS;
     const int chunks = cols / 32;  // 16-byte code chunks per row
     // Chunk c's absmax block is c >> shift: blocksize is a power of two (the launcher checks), and a
@@ -214,7 +214,8 @@ __device__ void gemv_rows(const uint8_t* packed, const float* absmax, const uint
 // share an SM and an 11008-row matrix takes one wave instead of 1.3 (measured by ncu at 127 registers).
 #define GEMV_ROWS_KERNEL(name, C, M, SX, R, MIN_BLOCKS) \
     extern "C" __global__ void __launch_bounds__(GEMV_THREADS, MIN_BLOCKS) name(const uint8_t* packed, const float* absmax, const uint8_t* absmax_q, const float* absmax2, const float* code256, float offset, const float* code16, int blocksize, const float* x, float* y, int m, int rows, int cols) { \
-        gemv_rows<C, M, SX, R>(packed, absmax, absmax_q, absmax2, code256, offset, code16, blocksize, x, y, m, rows, cols); \
+        const int warp = (blockIdx.x * blockDim.x + threadIdx.x) / WARP; \
+        gemv_rows<C, M, SX, R>(packed, absmax, absmax_q, absmax2, code256, offset, code16, blocksize, x, y, m, rows, cols, warp); \
     }
 GEMV_ROWS_KERNEL(gemv_4bit_rows_f32_m1, 0, 1, true, 4, 3)
 GEMV_ROWS_KERNEL(gemv_4bit_rows_f16_m1, 1, 1, true, 4, 3)
@@ -225,6 +226,43 @@ GEMV_ROWS_KERNEL(gemv_4bit_rows_bf16_m1_r2, 2, 1, true, 2, 3)
 GEMV_ROWS_KERNEL(gemv_4bit_rows_f32_m8, 0, 8, false, 4, 1)
 GEMV_ROWS_KERNEL(gemv_4bit_rows_f16_m8, 1, 8, false, 4, 1)
 GEMV_ROWS_KERNEL(gemv_4bit_rows_bf16_m8, 2, 8, false, 4, 1)
+
+// Several weights that read the same one row of x (q/k/v, gate/up: Backend::linear_many) in one
+// launch: up to GEMV_MAX_TARGETS, each with its own codes, absmax and output, the same cols,
+// blocksize, quant type and compute dtype. Each weight owns a run of whole blocks (`first_block`), so
+// a block works on one weight, and the products are those of one gemv_4bit_rows_*_m1 launch per
+// weight. Why: a 4096-row decoding GEMV is a third launch latency and tail (36% of copy bandwidth
+// against 50% for 11008 rows, session 5); three in one launch fill the GPU like one large one.
+#define GEMV_MAX_TARGETS 3
+struct GemvTarget {
+    const uint8_t* packed;
+    const float* absmax;      // plain absmax, or null
+    const uint8_t* absmax_q;  // double-quantized absmax codes, or null
+    const float* absmax2;
+    float* y;                 // (1, rows)
+    float offset;
+    int rows;
+    int first_block;
+};
+struct GemvTargets {
+    GemvTarget t[GEMV_MAX_TARGETS];
+    int count;
+};
+
+#define GEMV_MANY_KERNEL(name, C, R) \
+    extern "C" __global__ void __launch_bounds__(GEMV_THREADS, 3) name(const GemvTargets ts, const float* code256, const float* code16, int blocksize, const float* x, int cols) { \
+        /* Constant indices only: a runtime index into the parameter struct would copy it to local memory. */ \
+        GemvTarget t = ts.t[0]; \
+        _Pragma("unroll") for (int k = 1; k < GEMV_MAX_TARGETS; k++) if (k < ts.count && (int)blockIdx.x >= ts.t[k].first_block) t = ts.t[k]; \
+        const int warp = (((int)blockIdx.x - t.first_block) * blockDim.x + threadIdx.x) / WARP; \
+        gemv_rows<C, 1, true, R>(t.packed, t.absmax, t.absmax_q, t.absmax2, code256, t.offset, code16, blocksize, x, t.y, 1, t.rows, cols, warp); \
+    }
+GEMV_MANY_KERNEL(gemv_4bit_many_f32, 0, 4)
+GEMV_MANY_KERNEL(gemv_4bit_many_f16, 1, 4)
+GEMV_MANY_KERNEL(gemv_4bit_many_bf16, 2, 4)
+GEMV_MANY_KERNEL(gemv_4bit_many_f32_r2, 0, 2)
+GEMV_MANY_KERNEL(gemv_4bit_many_f16_r2, 1, 2)
+GEMV_MANY_KERNEL(gemv_4bit_many_bf16_r2, 2, 2)
 
 // ---- vectorized dequantize (n and blocksize multiples of 32) ------------------------------------
 // Each thread takes 16 bytes of codes = 32 values, which lie in one absmax block, so one absmax

@@ -301,6 +301,7 @@ pub fn run<B: Backend>(be: &B, cfg: &BenchConfig, log: &mut dyn FnMut(&str)) -> 
     for step in 0..cfg.warmup_steps + cfg.steps {
         if step == cfg.warmup_steps {
             reserved_after_warmup = be.reserved_memory();
+            be.reset_profile();
         }
         let b = batch();
         let t = Instant::now();

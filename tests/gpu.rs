@@ -362,6 +362,52 @@ fn small_m_4bit_gemv_for_decoding() {
     }
 }
 
+/// Decoding's q/k/v and gate/up products in one launch (`gemv_4bit_many_*`, through `linear_many`)
+/// against one launch per weight (bit for bit: each row's sum is computed the same way) and against
+/// the CPU: the 7B q/k/v (12,288 rows, four per warp) and gate/up, SmolLM2's q/k/v (576 + 192 + 192,
+/// two per warp), and row counts that end inside a warp and a block; plain and double-quantized
+/// absmax, NF4 and FP4, each compute dtype. Outputs poisoned.
+#[test]
+fn decoding_gemv_of_several_weights_in_one_launch() {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(31);
+    for (cols, rows, qt, dq, c) in [
+        (4096, vec![4096, 4096, 4096], QuantType::Nf4, true, ComputeDtype::BF16),
+        (4096, vec![11008, 11008], QuantType::Nf4, false, ComputeDtype::BF16),
+        (576, vec![576, 192, 192], QuantType::Nf4, true, ComputeDtype::F16),
+        (320, vec![1000, 37, 77], QuantType::Fp4, false, ComputeDtype::F32),
+        (576, vec![1536, 1536], QuantType::Nf4, true, ComputeDtype::BF16),
+    ] {
+        let label = format!("{rows:?}x{cols} {qt:?} dq={dq} {c:?}");
+        let host: Vec<_> = rows
+            .iter()
+            .map(|&r| {
+                let q = Quant4::quantize(
+                    &rnd(&mut rng, r * cols, 0.05),
+                    &QuantConfig { quant_type: qt, blocksize: 64, double_quant: dq, compute_dtype: c },
+                );
+                HostWeight::Quant4 { rows: r, cols, q, compute: c }
+            })
+            .collect();
+        let gw: Vec<_> = host.iter().map(|h| gpu().upload_weight(h.clone())).collect();
+        let x = rnd(&mut rng, cols, 1.0);
+        let gx = gpu().upload(&x);
+        let mut many: Vec<_> = rows.iter().map(|&r| poisoned(r)).collect();
+        gpu().linear_many(&gx, &gw.iter().collect::<Vec<_>>(), 1, &mut many.iter_mut().collect::<Vec<_>>());
+        gpu().set_gemv_many(false);
+        let mut each: Vec<_> = rows.iter().map(|&r| poisoned(r)).collect();
+        gpu().linear_many(&gx, &gw.iter().collect::<Vec<_>>(), 1, &mut each.iter_mut().collect::<Vec<_>>());
+        gpu().set_gemv_many(true);
+        let tol = if c == ComputeDtype::F32 { F32_TOL } else { MIXED_TOL };
+        for (i, h) in host.into_iter().enumerate() {
+            let got = gpu().download(&many[i]);
+            check(&format!("{label} weight {i} vs one launch each"), &got, &gpu().download(&each[i]), 0.0);
+            let mut want = vec![0.0; rows[i]];
+            CPU.linear(&x, &CPU.upload_weight(h), 1, &mut want);
+            check(&format!("{label} weight {i} vs CPU"), &got, &want, tol);
+        }
+    }
+}
+
 /// One LoRA branch forward and backward on the GPU against the CPU, with outputs poisoned (u) or
 /// holding fresh values the kernels must add to (y, dA, dB, dx).
 fn check_lora(rng: &mut impl Rng, label: &str, (m, rows, cols, r): (usize, usize, usize, usize), d: Dropout) {

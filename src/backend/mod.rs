@@ -176,6 +176,10 @@ pub trait Backend {
     }
     /// Waits until every queued operation has finished (timing needs it; the CPU is synchronous).
     fn synchronize(&self) {}
+    /// Starts a new window of the per-op profile when the backend keeps one (`LLAMATUNE_PROFILE=1` on
+    /// CUDA), so a benchmark's timed steps leave out the first calls' one-time costs (module loading,
+    /// cuBLAS heuristics, page-locked allocations).
+    fn reset_profile(&self) {}
 
     // ---- memory --------------------------------------------------------------------------------
     fn zeros(&self, n: usize) -> Self::Buf;

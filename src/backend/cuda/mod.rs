@@ -85,6 +85,9 @@ pub struct Cuda {
     /// [`Cuda::set_fused_lora`]: LoRA branches at training shapes on kernels/lora_fused.cu
     /// (`LLAMATUNE_FUSED_LORA=0|off` for the cuBLAS path; default on).
     fused_lora: std::sync::atomic::AtomicBool,
+    /// [`Cuda::set_gemv_many`]: products that share one row of x (q/k/v, gate/up in decoding) in one
+    /// launch of `gemv_4bit_many_*` (`LLAMATUNE_GEMV_MANY=0`: a launch per weight).
+    gemv_many: std::sync::atomic::AtomicBool,
     /// The device runs the wgmma kernels (compute capability 9.0, built for sm_90a).
     wgmma: bool,
     /// Streaming multiprocessors (for sizing split-K grids).
@@ -230,8 +233,8 @@ impl Cuda {
         for (name, hd) in [("flash_bwd_hd64", 64), ("flash_bwd_hd128", 128)] {
             funcs[name].set_attribute(attr, flash_bwd_smem(hd) as i32).map_err(dev_err)?;
         }
-        for name in GEMV_ONE_ROW {
-            funcs[name].set_attribute(attr, GEMV_MAX_X_SMEM as i32).map_err(dev_err)?;
+        for name in GEMV_ONE_ROW.iter().chain(&GEMV_MANY) {
+            funcs[*name].set_attribute(attr, GEMV_MAX_X_SMEM as i32).map_err(dev_err)?;
         }
         for v in 0..LORA_DOWN.len() {
             funcs[LORA_DOWN[v]].set_attribute(attr, lora_down_smem(v) as i32).map_err(dev_err)?;
@@ -275,6 +278,7 @@ impl Cuda {
         };
         let fused_4bit = (fused_4bit as u8).into();
         let fused_lora = (!std::env::var("LLAMATUNE_FUSED_LORA").is_ok_and(|v| v == "0" || v == "off")).into();
+        let gemv_many = (!std::env::var("LLAMATUNE_GEMV_MANY").is_ok_and(|v| v == "0" || v == "off")).into();
         Ok(Cuda {
             ordinal,
             device_name,
@@ -294,6 +298,7 @@ impl Cuda {
             offload,
             fused_4bit,
             fused_lora,
+            gemv_many,
             profile,
         })
     }
@@ -598,6 +603,12 @@ fn kernel_names(module: &str) -> &'static [&'static str] {
             GEMV_FEW_ROWS[0],
             GEMV_FEW_ROWS[1],
             GEMV_FEW_ROWS[2],
+            GEMV_MANY[0],
+            GEMV_MANY[1],
+            GEMV_MANY[2],
+            GEMV_MANY[3],
+            GEMV_MANY[4],
+            GEMV_MANY[5],
         ],
         "lora" => &["gemv_f32", "gemv_f32_long_rows"],
         "lora_fused" => &[
@@ -665,6 +676,11 @@ impl Backend for Cuda {
     }
     fn synchronize(&self) {
         Cuda::synchronize(self);
+    }
+    fn reset_profile(&self) {
+        if let Some(p) = &self.profile {
+            p.lock().expect("profile lock").clear();
+        }
     }
 
     fn zeros(&self, n: usize) -> CudaSlice<f32> {
@@ -892,6 +908,10 @@ impl Backend for Cuda {
     }
     fn linear_many(&self, x: &CudaSlice<f32>, ws: &[&CudaWeight], m: usize, outs: &mut [&mut CudaSlice<f32>]) {
         assert_eq!(ws.len(), outs.len(), "linear_many: one output per weight");
+        if self.gemv_many_fits(ws, m) {
+            let _span = self.span("linear (4-bit GEMV, several weights)");
+            return self.gemv_4bit_many(x, ws, outs);
+        }
         // x in each compute dtype the second path needs, converted once for all the products (a 4096-wide
         // conversion at 2048 rows is ~20 µs on the H200; q/k/v and gate/up share theirs).
         let mut converted: Vec<(ComputeDtype, Option<Operand>)> = Vec::new();
@@ -1039,20 +1059,46 @@ impl Backend for Cuda {
         let (dyop, uop) = (OperandView::F32(dy), OperandView::F32(u));
         let (aop, bop) = (OperandView::F32(a), OperandView::F32(b));
         if self.uses_fused_lora(rows, cols, r) {
+            // Each part has its own profile span as well (LLAMATUNE_PROFILE=1): which of them is slow.
             // du (m, r) = scale · dy · B: a plain GEMM, no dropout, cuBLAS in TF32.
             let mut du = self.scratch(m * r);
-            ck!(
-                self.blas.gemm_rm(F32Math::Tf32, false, false, m, r, rows, scale, dyop, rows, bop, r, 0.0, &mut du, r),
-                "LoRA du GEMM"
-            );
+            {
+                let _part = self.span("lora_backward: du GEMM");
+                ck!(
+                    self.blas.gemm_rm(
+                        F32Math::Tf32,
+                        false,
+                        false,
+                        m,
+                        r,
+                        rows,
+                        scale,
+                        dyop,
+                        rows,
+                        bop,
+                        r,
+                        0.0,
+                        &mut du,
+                        r
+                    ),
+                    "LoRA du GEMM"
+                );
+            }
             // dB (rows, r) += scale · dyᵀ · u: the same.
-            ck!(
-                self.blas.gemm_rm(F32Math::Tf32, true, false, rows, r, m, scale, dyop, rows, uop, r, 1.0, db, r),
-                "LoRA dB GEMM"
-            );
+            {
+                let _part = self.span("lora_backward: dB GEMM");
+                ck!(
+                    self.blas.gemm_rm(F32Math::Tf32, true, false, rows, r, m, scale, dyop, rows, uop, r, 1.0, db, r),
+                    "LoRA dB GEMM"
+                );
+            }
             // dA (r, cols) += duᵀ · drop(x);  dx += drop'(du · A) (kernels/lora_fused.cu; the mask is
             // regenerated from the seed where x and dx are touched).
-            self.lora_outer(&du, x, m, cols, r, dropout, da);
+            {
+                let _part = self.span("lora_backward: dA (outer)");
+                self.lora_outer(&du, x, m, cols, r, dropout, da);
+            }
+            let _part = self.span("lora_backward: dx (up)");
             self.lora_up(&du, a, true, m, cols, r, 1.0, dropout, dx);
             return;
         }
@@ -1479,6 +1525,42 @@ const GEMV_ONE_ROW: [&str; 6] = [
     "gemv_4bit_rows_bf16_m1_r2",
 ];
 const GEMV_FEW_ROWS: [&str; 3] = ["gemv_4bit_rows_f32_m8", "gemv_4bit_rows_f16_m8", "gemv_4bit_rows_bf16_m8"];
+/// The one-row GEMV over several weights in one launch (kernels/nf4.cu `gemv_4bit_many_*`), indexed by
+/// compute dtype, 4 then 2 output rows per warp.
+const GEMV_MANY: [&str; 6] = [
+    "gemv_4bit_many_f32",
+    "gemv_4bit_many_f16",
+    "gemv_4bit_many_bf16",
+    "gemv_4bit_many_f32_r2",
+    "gemv_4bit_many_f16_r2",
+    "gemv_4bit_many_bf16_r2",
+];
+/// At most this many weights per `gemv_4bit_many_*` launch (kernels/nf4.cu GEMV_MAX_TARGETS).
+const GEMV_MAX_TARGETS: usize = 3;
+
+/// One weight of a `gemv_4bit_many_*` launch: kernels/nf4.cu `GemvTarget`, field for field (device
+/// addresses as u64, the same C layout).
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct GemvTarget {
+    packed: u64,
+    absmax: u64,
+    absmax_q: u64,
+    absmax2: u64,
+    y: u64,
+    offset: f32,
+    rows: i32,
+    first_block: i32,
+}
+/// kernels/nf4.cu `GemvTargets`, passed by value.
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct GemvTargets {
+    t: [GemvTarget; GEMV_MAX_TARGETS],
+    count: i32,
+}
+// SAFETY: plain old data with the layout of the kernel's parameter struct.
+unsafe impl cudarc::driver::DeviceRepr for GemvTargets {}
 /// Shared memory the one-row GEMV kernels may take for x (set as their limit when the module loads).
 const GEMV_MAX_X_SMEM: usize = 160 * 1024;
 /// The fused 4-bit kernels (kernels/nf4_gemm.cu), index 4·tile + 2·input-grad + bf16, tile as in
@@ -1590,6 +1672,96 @@ impl Cuda {
         }
         // SAFETY: the kernel reads the codes and x within the sizes passed and writes `out (m, rows)`.
         ck!(unsafe { b.launch(cfg) }, kernel);
+    }
+
+    /// Whether the products of `ws` at `m` rows can share one `gemv_4bit_many_*` launch: 2 or 3 4-bit
+    /// weights of the same cols, quant type, blocksize, compute dtype and kind of absmax, one row of x
+    /// that the staged one-row kernel takes.
+    fn gemv_many_fits(&self, ws: &[&CudaWeight], m: usize) -> bool {
+        let key = |w: &CudaWeight| match w {
+            CudaWeight::Quant4 { cols, quant_type, blocksize, compute, absmax, .. } => {
+                Some((*cols, *quant_type, *blocksize, *compute, matches!(absmax, DeviceAbsmax::Nested { .. })))
+            }
+            CudaWeight::Dense { .. } => None,
+        };
+        let Some(first) = ws.first().and_then(|w| key(w)) else { return false };
+        let (cols, _, blocksize, _, _) = first;
+        self.gemv_many.load(std::sync::atomic::Ordering::Relaxed)
+            && m == 1
+            && (2..=GEMV_MAX_TARGETS).contains(&ws.len())
+            && ws.iter().all(|w| key(w) == Some(first))
+            && cols % 32 == 0
+            && scale_per_32_values(blocksize)
+            && (cols + cols / 32) * 4 <= GEMV_MAX_X_SMEM
+    }
+
+    /// `outs[i] (1, rows_i) = x (1, cols) · dequant(W_i)ᵀ` for the weights [`Cuda::gemv_many_fits`]
+    /// accepts, in one launch: the products of [`Cuda::gemv_4bit`] on each.
+    fn gemv_4bit_many(&self, x: &CudaSlice<f32>, ws: &[&CudaWeight], outs: &mut [&mut CudaSlice<f32>]) {
+        let total_rows: usize = ws.iter().map(|w| w.shape().0).sum();
+        // As in gemv_4bit: two rows per warp when four would leave most warp slots empty.
+        let two_rows = total_rows < 8192;
+        let rows_per_warp = if two_rows { 2 } else { GEMV_ROWS_PER_WARP };
+        let warps_per_block = GEMV_THREADS / 32;
+        let mut targets = GemvTargets { count: ws.len() as i32, ..Default::default() };
+        // The device addresses stay valid, and the stream ordered, while these guards live.
+        let mut read_guards = Vec::new();
+        let mut write_guards = Vec::new();
+        let mut blocks = 0;
+        let mut kernel = "";
+        let (mut c32, mut bs) = (0, 0);
+        for (i, (w, out)) in ws.iter().zip(outs.iter_mut()).enumerate() {
+            let CudaWeight::Quant4 { rows, cols, blocksize, compute, packed, absmax, .. } = w else {
+                unreachable!("gemv_many_fits takes 4-bit weights")
+            };
+            assert!(x.len() == *cols && out.len() == *rows, "linear: bad shapes");
+            kernel = GEMV_MANY[if two_rows { 3 } else { 0 } + dtype_code(*compute) as usize];
+            (c32, bs) = (*cols as i32, *blocksize as i32);
+            let t = &mut targets.t[i];
+            let (p, g) = packed.device_ptr(&self.stream);
+            (t.packed, t.rows, t.first_block) = (p, *rows as i32, blocks as i32);
+            read_guards.push(g);
+            match absmax {
+                DeviceAbsmax::F32(a) => {
+                    let (p, g) = a.device_ptr(&self.stream);
+                    t.absmax = p;
+                    read_guards.push(g);
+                }
+                DeviceAbsmax::Nested { q, absmax2, offset } => {
+                    let (pq, gq) = q.device_ptr(&self.stream);
+                    let (p2, g2) = absmax2.device_ptr(&self.stream);
+                    (t.absmax_q, t.absmax2, t.offset) = (pq, p2, *offset);
+                    read_guards.extend([gq, g2]);
+                }
+            }
+            let (py, gy) = out.device_ptr_mut(&self.stream);
+            t.y = py;
+            write_guards.push(gy);
+            blocks += rows.div_ceil(rows_per_warp).div_ceil(warps_per_block);
+        }
+        let quant_type = match ws[0] {
+            CudaWeight::Quant4 { quant_type, .. } => *quant_type,
+            CudaWeight::Dense { .. } => unreachable!("gemv_many_fits takes 4-bit weights"),
+        };
+        let cols = x.len();
+        let cfg = LaunchConfig {
+            grid_dim: (blocks as u32, 1, 1),
+            block_dim: (GEMV_THREADS as u32, 1, 1),
+            shared_mem_bytes: ((cols + cols / 32) * 4) as u32,
+        };
+        let code16 = if quant_type == QuantType::Nf4 { &self.nf4 } else { &self.fp4 };
+        let mut b = self.stream.launch_builder(self.f(kernel));
+        b.arg(&targets).arg(&self.code256).arg(code16).arg(&bs).arg(x).arg(&c32);
+        // SAFETY: each target's codes, absmax and output are the live buffers whose addresses the
+        // guards above hold; the kernel reads x (cols) and writes each output's `rows` values.
+        ck!(unsafe { b.launch(cfg) }, kernel);
+        drop(write_guards);
+        drop(read_guards);
+    }
+
+    /// Turns the several-weight decoding GEMV on or off (off: one launch per weight).
+    pub fn set_gemv_many(&self, on: bool) {
+        self.gemv_many.store(on, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Pushes the arguments every 4-bit kernel of kernels/nf4.cu starts with: the packed codes, the
