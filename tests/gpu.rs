@@ -92,6 +92,27 @@ fn elementwise_norm_rope_swiglu() {
         let (mut of2, mut rf2) = (poisoned(M * s.ffn), poisoned(M));
         gpu().rmsnorm(&gpu().upload(&xf), &gpu().upload(&wf), s.ffn, 1e-5, &mut of2, &mut rf2);
         check(&format!("{} rmsnorm over {}", s.name, s.ffn), &gpu().download(&of2), &of1, F32_TOL);
+        // add + rmsnorm in one kernel: against the CPU, and bit for bit against add then rmsnorm on
+        // the GPU; hidden rows (all multiples of 4) and the ffn rows (333: the scalar path), and one row.
+        for (dim, rows) in [(h, M), (s.ffn, M), (h, 1)] {
+            let (a, b, wd) = (rnd(&mut rng, rows * dim, 2.0), rnd(&mut rng, rows * dim, 2.0), rnd(&mut rng, dim, 1.0));
+            let (mut sum1, mut out1, mut rstd1) = (vec![0.0; rows * dim], vec![0.0; rows * dim], vec![0.0; rows]);
+            CPU.add_rmsnorm(&a, &b, &wd, dim, 1e-5, &mut sum1, &mut out1, &mut rstd1);
+            let (ga, gb, gwd) = (gpu().upload(&a), gpu().upload(&b), gpu().upload(&wd));
+            let (mut sum2, mut out2, mut rstd2) = (poisoned(rows * dim), poisoned(rows * dim), poisoned(rows));
+            gpu().add_rmsnorm(&ga, &gb, &gwd, dim, 1e-5, &mut sum2, &mut out2, &mut rstd2);
+            let (mut sum3, mut out3, mut rstd3) = (poisoned(rows * dim), poisoned(rows * dim), poisoned(rows));
+            gpu().add(&ga, &gb, &mut sum3);
+            gpu().rmsnorm(&sum3, &gwd, dim, 1e-5, &mut out3, &mut rstd3);
+            let label = format!("{} add_rmsnorm {rows}x{dim}", s.name);
+            for (what, got, cpu, two_kernels) in
+                [("sum", &sum2, &sum1, &sum3), ("out", &out2, &out1, &out3), ("rstd", &rstd2, &rstd1, &rstd3)]
+            {
+                let got = gpu().download(got);
+                check(&format!("{label} {what} vs CPU"), &got, cpu, F32_TOL);
+                check(&format!("{label} {what} vs add, rmsnorm"), &got, &gpu().download(two_kernels), 0.0);
+            }
+        }
         let mut d1 = vec![0.0; n];
         CPU.rmsnorm_backward(&x, &w, &r1, &y, h, &mut d1);
         let mut d2 = poisoned(n);

@@ -227,6 +227,23 @@ pub trait Backend {
     fn embedding_backward(&self, ids: &[u32], dout: &Self::Buf, dim: usize, dtable: &mut Self::Buf);
     /// RMSNorm over rows of `dim`: `out = x / sqrt(mean(x²) + eps) * w`; saves `rstd` `(m)`.
     fn rmsnorm(&self, x: &Self::Buf, w: &Self::Buf, dim: usize, eps: f64, out: &mut Self::Buf, rstd: &mut Self::Buf);
+    /// `sum = a + b`, then [`Backend::rmsnorm`] of `sum`: a residual add and the norm that follows it,
+    /// which a backend can do in one pass (CUDA: one kernel, so decoding saves a launch per layer).
+    #[allow(clippy::too_many_arguments)]
+    fn add_rmsnorm(
+        &self,
+        a: &Self::Buf,
+        b: &Self::Buf,
+        w: &Self::Buf,
+        dim: usize,
+        eps: f64,
+        sum: &mut Self::Buf,
+        out: &mut Self::Buf,
+        rstd: &mut Self::Buf,
+    ) {
+        self.add(a, b, sum);
+        self.rmsnorm(sum, w, dim, eps, out, rstd);
+    }
     /// Input gradient of RMSNorm (the norm weight is frozen).
     fn rmsnorm_backward(
         &self,

@@ -349,6 +349,21 @@ impl<'a, B: Backend> Graph<'a, B> {
         out
     }
 
+    /// `x2 = a + b` and `rmsnorm(x2)` in one backend call, recorded as the `Add` and `RmsNorm` they
+    /// are (backward is theirs). Returns `(x2, norm output)`.
+    fn add_rmsnorm(&self, t: &mut Tape<B>, a: Id, b: Id, norm: NormRef) -> (Id, Id) {
+        let be = self.be;
+        let w = self.norm_weight(norm);
+        let dim = be.buf_len(w);
+        let n = be.buf_len(t.get(a));
+        let (mut sum, mut out, mut rstd) = (be.alloc_output(n), be.alloc_output(n), be.alloc_output(n / dim));
+        be.add_rmsnorm(t.get(a), t.get(b), w, dim, self.model.cfg.rms_norm_eps, &mut sum, &mut out, &mut rstd);
+        let (sum, out, rstd) = (t.put(sum), t.put(out), t.put(rstd));
+        t.record(Op::Add { a, b, out: sum });
+        t.record(Op::RmsNorm { x: sum, norm, rstd, out });
+        (sum, out)
+    }
+
     fn linear(&self, t: &mut Tape<B>, x: Id, layer: usize, p: Proj) -> Id {
         let [y] = self.linears(t, x, layer, [p]);
         y
@@ -459,10 +474,9 @@ impl<'a, B: Backend> Graph<'a, B> {
         }
         let o = self.linear(t, a, l, Proj::O);
         t.done_with(a);
-        let x2 = self.add(t, x, o);
+        let (x2, n2) = self.add_rmsnorm(t, x, o, NormRef::Mlp(l));
         t.done_with(x);
         t.done_with(o);
-        let n2 = self.rmsnorm(t, x2, NormRef::Mlp(l));
         let [gate, up] = self.linears(t, n2, l, [Proj::Gate, Proj::Up]);
         t.done_with(n2);
         let s = self.swiglu(t, gate, up);

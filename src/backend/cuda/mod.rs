@@ -632,7 +632,7 @@ fn kernel_names(module: &str) -> &'static [&'static str] {
             GEMM_4BIT[7],
             "gemm_4bit_reduce",
         ],
-        "norm" => &["rmsnorm_f32", "rmsnorm_backward_f32"],
+        "norm" => &["rmsnorm_f32", "add_rmsnorm_f32", "rmsnorm_backward_f32"],
         "rope" => &["rope_f32"],
         "xent" => &[
             "cross_entropy_f32",
@@ -886,6 +886,27 @@ impl Backend for Cuda {
         let cfg = LaunchConfig { grid_dim: (m as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
         let (dim32, eps32) = (dim as i32, eps as f32);
         launch!(self, "rmsnorm_f32", cfg; x, w, out, rstd, &dim32, &eps32);
+    }
+    fn add_rmsnorm(
+        &self,
+        a: &CudaSlice<f32>,
+        b: &CudaSlice<f32>,
+        w: &CudaSlice<f32>,
+        dim: usize,
+        eps: f64,
+        sum: &mut CudaSlice<f32>,
+        out: &mut CudaSlice<f32>,
+        rstd: &mut CudaSlice<f32>,
+    ) {
+        let _span = self.span("add_rmsnorm");
+        let m = a.len() / dim;
+        assert!(
+            b.len() == a.len() && sum.len() == a.len() && out.len() == a.len() && rstd.len() == m && w.len() == dim,
+            "add_rmsnorm: bad shapes"
+        );
+        let cfg = LaunchConfig { grid_dim: (m as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        let (dim32, eps32) = (dim as i32, eps as f32);
+        launch!(self, "add_rmsnorm_f32", cfg; a, b, w, &mut *sum, &mut *out, &mut *rstd, &dim32, &eps32);
     }
     fn rmsnorm_backward(
         &self,
