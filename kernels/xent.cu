@@ -2,17 +2,30 @@
 // caller feeds row chunks, so full-batch logits never exist). CPU: Cpu::cross_entropy.
 // Three kernels with the same results: cross_entropy_stream and cross_entropy_reg keep a row in
 // registers, so the logits are read once and the gradient written once (the floor: 8 bytes per
-// logit), for vocabularies up to 1024 × 32 (Llama-2's 32000; 48 per thread would spill);
-// cross_entropy_f32 reads the row three times (max, sum, gradient) and takes any vocabulary.
+// logit with an f32 gradient, 6 with a 16-bit one), for vocabularies up to 1024 × 32 (Llama-2's
+// 32000; 48 per thread would spill); cross_entropy_f32 reads the row three times (any vocabulary).
+// cross_entropy_stream also writes the gradient in bf16 or f16 (`_bf16`, `_f16`): the dtype of the
+// LM head whose input-gradient GEMM reads it (Cuda::lm_head_cross_entropy), rounded to nearest even
+// as the f32 → 16-bit conversion it replaces rounds.
 #include "common.cuh"
 
 #define XENT_THREADS 1024
 
+// The gradient's element type: f32, or a 16-bit dtype (rounded to nearest even).
+__device__ __forceinline__ void store_grad(float* p, float v) { *p = v; }
+__device__ __forceinline__ void store_grad(__nv_bfloat16* p, float v) { *p = __float2bfloat16_rn(v); }
+__device__ __forceinline__ void store_grad(__half* p, float v) { *p = __float2half_rn(v); }
+// Four consecutive gradient values (p 16-byte aligned for f32, 8 for 16-bit).
+__device__ __forceinline__ void store_grad4(float* p, float4 v) { *reinterpret_cast<float4*>(p) = v; }
+__device__ __forceinline__ void store_grad4(__nv_bfloat16* p, float4 v) { *reinterpret_cast<uint2*>(p) = pack_bf16x4(v); }
+__device__ __forceinline__ void store_grad4(__half* p, float4 v) { *reinterpret_cast<uint2*>(p) = pack_f16x4(v); }
+
 // A row whose target is ignored (-100, any negative) or out of range gets a zero gradient and no
 // loss; an out-of-range one also flags the host through `count`. True when the row is done.
-__device__ __forceinline__ bool skip_row(float* dlogits, int64_t off, int t, int* count, int vocab) {
+template <typename T>
+__device__ __forceinline__ bool skip_row(T* dlogits, int64_t off, int t, int* count, int vocab) {
     if (t < 0 || t >= vocab) {
-        for (int j = threadIdx.x; j < vocab; j += blockDim.x) dlogits[off + j] = 0.f;
+        for (int j = threadIdx.x; j < vocab; j += blockDim.x) store_grad(dlogits + off + j, 0.f);
         if (t >= vocab && threadIdx.x == 0) atomicAdd(count, 1 << 30);
         return true;
     }
@@ -41,19 +54,20 @@ extern "C" __global__ void cross_entropy_f32(const float* logits, const int* tar
     }
 }
 
-// The loss and gradient of row `off` (target t, counted) from its values j = threadIdx.x +
-// XENT_THREADS·i held in v (−inf past the end) and, in thread 0, the target's logit xt (fetched by the
-// caller ahead of time: a load here would put its latency on every row's critical path). Each
-// exponential is taken once, and the softmax is exp(v − max) / sum (Cpu::cross_entropy computes the same).
-template <int VPT>
-__device__ __forceinline__ void row_from_registers(float (&v)[VPT], float xt, float* dlogits, int64_t off, int t, double* loss, int* count, int vocab, float scale) {
+// The softmax of a counted row from its values held in registers by the block (−inf where there is
+// none) and, in thread 0, the target's logit xt (fetched by the caller ahead of time: a load here
+// would put its latency on every row's critical path). Each exponential is taken once: v becomes
+// exp(v − max), and the gradient is v · (scale / sum) − scale at the target (Cpu::cross_entropy
+// computes the same). Adds the row's loss and count; returns scale / sum.
+template <int N>
+__device__ __forceinline__ float row_softmax(float (&v)[N], float xt, double* loss, int* count, float scale) {
     float mx = -INFINITY;
 #pragma unroll
-    for (int i = 0; i < VPT; i++) mx = fmaxf(mx, v[i]);
+    for (int i = 0; i < N; i++) mx = fmaxf(mx, v[i]);
     mx = block_max(mx);
     float sum = 0.f;
 #pragma unroll
-    for (int i = 0; i < VPT; i++) {
+    for (int i = 0; i < N; i++) {
         v[i] = expf(v[i] - mx);  // exp(-inf) = 0 past the end
         sum += v[i];
     }
@@ -62,7 +76,14 @@ __device__ __forceinline__ void row_from_registers(float (&v)[VPT], float xt, fl
         atomicAdd(loss, (double)(mx + logf(sum) - xt));
         atomicAdd(count, 1);
     }
-    const float p = scale / sum;
+    return scale / sum;
+}
+
+// The loss and gradient of row `off` (target t, counted) from its values j = threadIdx.x +
+// XENT_THREADS·i held in v.
+template <int VPT>
+__device__ __forceinline__ void row_from_registers(float (&v)[VPT], float xt, float* dlogits, int64_t off, int t, double* loss, int* count, int vocab, float scale) {
+    const float p = row_softmax<VPT>(v, xt, loss, count, scale);
 #pragma unroll
     for (int i = 0; i < VPT; i++) {
         const int j = threadIdx.x + XENT_THREADS * i;
@@ -97,16 +118,18 @@ XENT_REG(32)
 // blockIdx.x, + gridDim.x. While one row is reduced and its gradient written from registers, the
 // next row streams into shared memory by cp.async, so reading logits overlaps writing gradients;
 // cross_entropy_reg has one row per SM at a time and alternates the two (~64% of copy bandwidth at
-// 2048 × 32000 on the H200). Needs vocab % 4 == 0 (16-byte copies) and vocab·4 bytes of dynamic
-// shared memory (VPT·4 KiB reserved by the launcher).
-template <int VPT>
-__device__ void cross_entropy_stream(const float* logits, const int* targets, float* dlogits, double* loss, int* count, int rows, int vocab, float scale) {
-    extern __shared__ float4 next_row[];  // (vocab) the logits of the block's next row
+// 2048 × 32000 on the H200). Each thread holds four consecutive values per step (j = 4·(threadIdx.x +
+// XENT_THREADS·i) + 0..3), so the gradient goes out in 16-byte (f32) or 8-byte (16-bit) stores. Needs
+// vocab % 4 == 0 and vocab·4 bytes of dynamic shared memory (VPT·4 KiB reserved by the launcher).
+template <int VPT, typename T>
+__device__ void cross_entropy_stream(const float* logits, const int* targets, T* dlogits, double* loss, int* count, int rows, int vocab, float scale) {
+    constexpr int GROUPS = VPT / 4;       // float4 groups per thread
+    extern __shared__ float4 next_row[];  // (vocab / 4) the logits of the block's next row
     const uint32_t next_addr = smem_addr(next_row);
-    const float* next = reinterpret_cast<const float*>(next_row);
+    const int vocab4 = vocab / 4;
     auto prefetch = [&](int r) {
         const float* src = logits + (int64_t)r * vocab;
-        for (int c = threadIdx.x; c < vocab / 4; c += XENT_THREADS) cp_async16(next_addr + 16 * c, src + 4 * c, true);
+        for (int c = threadIdx.x; c < vocab4; c += XENT_THREADS) cp_async16(next_addr + 16 * c, src + 4 * c, true);
         cp_async_commit();
     };
     // The next row's target is loaded with its logits, off the critical path.
@@ -118,22 +141,36 @@ __device__ void cross_entropy_stream(const float* logits, const int* targets, fl
         __syncthreads();  // row r is in shared memory
         float v[VPT];
 #pragma unroll
-        for (int i = 0; i < VPT; i++) {
-            const int j = threadIdx.x + XENT_THREADS * i;
-            v[i] = j < vocab ? next[j] : -INFINITY;
+        for (int g = 0; g < GROUPS; g++) {
+            const int c = threadIdx.x + XENT_THREADS * g;
+            const float4 q = c < vocab4 ? next_row[c] : make_float4(-INFINITY, -INFINITY, -INFINITY, -INFINITY);
+            v[4 * g] = q.x, v[4 * g + 1] = q.y, v[4 * g + 2] = q.z, v[4 * g + 3] = q.w;
         }
-        const float xt = threadIdx.x == 0 && t >= 0 && t < vocab ? next[t] : 0.f;
+        const float xt = threadIdx.x == 0 && t >= 0 && t < vocab ? reinterpret_cast<const float*>(next_row)[t] : 0.f;
         __syncthreads();  // every thread holds its values: the buffer takes the following row
         if (r + gridDim.x < rows) prefetch(r + gridDim.x), next_target = targets[r + gridDim.x];
         const int64_t off = (int64_t)r * vocab;
         if (skip_row(dlogits, off, t, count, vocab)) continue;
-        row_from_registers<VPT>(v, xt, dlogits, off, t, loss, count, vocab, scale);
+        const float p = row_softmax<VPT>(v, xt, loss, count, scale);
+#pragma unroll
+        for (int g = 0; g < GROUPS; g++) {
+            const int c = threadIdx.x + XENT_THREADS * g, j = 4 * c;
+            if (c < vocab4)
+                store_grad4(dlogits + off + j, make_float4(v[4 * g] * p - (j == t ? scale : 0.f), v[4 * g + 1] * p - (j + 1 == t ? scale : 0.f),
+                                                           v[4 * g + 2] * p - (j + 2 == t ? scale : 0.f), v[4 * g + 3] * p - (j + 3 == t ? scale : 0.f)));
+        }
     }
 }
-#define XENT_STREAM(VPT) \
-    extern "C" __global__ void __launch_bounds__(XENT_THREADS, 1) cross_entropy_stream##VPT(const float* logits, const int* targets, float* dlogits, double* loss, int* count, int rows, int vocab, float scale) { \
-        cross_entropy_stream<VPT>(logits, targets, dlogits, loss, count, rows, vocab, scale); \
+#define XENT_STREAM(VPT, SUFFIX, T) \
+    extern "C" __global__ void __launch_bounds__(XENT_THREADS, 1) cross_entropy_stream##VPT##SUFFIX(const float* logits, const int* targets, T* dlogits, double* loss, int* count, int rows, int vocab, float scale) { \
+        cross_entropy_stream<VPT, T>(logits, targets, dlogits, loss, count, rows, vocab, scale); \
     }
-XENT_STREAM(8)
-XENT_STREAM(16)
-XENT_STREAM(32)
+XENT_STREAM(8, , float)
+XENT_STREAM(16, , float)
+XENT_STREAM(32, , float)
+XENT_STREAM(8, _bf16, __nv_bfloat16)
+XENT_STREAM(16, _bf16, __nv_bfloat16)
+XENT_STREAM(32, _bf16, __nv_bfloat16)
+XENT_STREAM(8, _f16, __half)
+XENT_STREAM(16, _f16, __half)
+XENT_STREAM(32, _f16, __half)

@@ -10,7 +10,7 @@
 
 use llamatune::backend::cpu::Cpu;
 use llamatune::backend::cuda::{Cuda, Fused4bit};
-use llamatune::backend::{AdamWStep, AttnShape, Backend, Dropout, HostWeight};
+use llamatune::backend::{lm_head_cross_entropy_composed, AdamWStep, AttnShape, Backend, Dropout, HostWeight};
 use llamatune::config::{ComputeDtype, LoraConfig, ModelConfig, QuantConfig, QuantType};
 use llamatune::model::llama::{forward_backward, Batch, Checkpointing, Llama};
 use llamatune::model::lora::Lora;
@@ -197,6 +197,45 @@ fn embedding_and_cross_entropy() {
         assert_eq!(c1, c2);
         check(&format!("{m} x vocab {vocab} cross-entropy loss"), &[l2 as f32], &[l1 as f32], F32_TOL);
         check(&format!("{m} x vocab {vocab} cross-entropy dlogits"), &gpu().download(&d2), &d1, F32_TOL);
+    }
+}
+
+/// The LM head's loss in one op (`Backend::lm_head_cross_entropy`). On CUDA a 16-bit head gets its
+/// dlogits from the streaming kernel in the head's own dtype, which must give what the composed ops
+/// give (f32 dlogits, rounded by the input-gradient GEMM's conversion: the same rounding): the same
+/// count, the loss up to the order of its atomic sums, dx bit for bit; and the CPU's values within
+/// the 16-bit bound. bf16 and f16 heads, Llama-2's vocabulary, an odd one that the streaming kernels
+/// do not take (the composed path), rows with ignored targets; outputs poisoned.
+#[test]
+fn lm_head_cross_entropy_with_a_16_bit_gradient() {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(32);
+    let m = M;
+    for (vocab, hidden, f16_head) in [(32000, 4096, false), (1000, 200, false), (1000, 200, true), (1001, 200, false)] {
+        let label = format!("vocab {vocab} hidden {hidden} {}", if f16_head { "f16" } else { "bf16" });
+        // Values on a 1/1024 grid are exact in f16, so the head uploads as f16; random ones as bf16.
+        let data: Vec<f32> = if f16_head {
+            (0..vocab * hidden).map(|_| rng.gen_range(-64..64) as f32 / 1024.0).collect()
+        } else {
+            rnd(&mut rng, vocab * hidden, 0.05)
+        };
+        let hw = HostWeight::Dense { rows: vocab, cols: hidden, data };
+        let (cw, gw) = (CPU.upload_weight(hw.clone()), gpu().upload_weight(hw));
+        let x = rnd(&mut rng, m * hidden, 1.0);
+        let targets: Vec<i32> =
+            (0..m).map(|i| if i % 7 == 3 { -100 } else { rng.gen_range(0..vocab as i32) }).collect();
+        let mut dx1 = vec![0.0; m * hidden];
+        let (l1, c1) = CPU.lm_head_cross_entropy(&x, &cw, &targets, 0.01, Some(&mut dx1));
+        let gx = gpu().upload(&x);
+        let mut dx2 = poisoned(m * hidden);
+        let (l2, c2) = gpu().lm_head_cross_entropy(&gx, &gw, &targets, 0.01, Some(&mut dx2));
+        let mut dx3 = poisoned(m * hidden);
+        let (l3, c3) = lm_head_cross_entropy_composed(gpu(), &gx, &gw, &targets, 0.01, Some(&mut dx3));
+        assert_eq!((c1, c2), (c3, c3), "{label}: counted rows");
+        check(&format!("{label} loss vs composed"), &[l2 as f32], &[l3 as f32], 1e-6);
+        let dx2 = gpu().download(&dx2);
+        check(&format!("{label} dx vs composed"), &dx2, &gpu().download(&dx3), 0.0);
+        check(&format!("{label} loss vs CPU"), &[l2 as f32], &[l1 as f32], MIXED_TOL);
+        check(&format!("{label} dx vs CPU"), &dx2, &dx1, MIXED_TOL);
     }
 }
 

@@ -363,6 +363,22 @@ pub trait Backend {
         dlogits: &mut Self::Buf,
     ) -> (f64, usize);
 
+    /// The LM head's loss over one chunk of rows: `logits = x · Wᵀ` (`x (m, hidden)`, `head (vocab,
+    /// hidden)`, `m = targets.len()`), [`Backend::cross_entropy`] against `targets`, and, when `dx` is
+    /// given, `dx (m, hidden) = dlogits · W` (overwritten). One op so that a backend can keep the
+    /// logits and their gradient in the form its products read (CUDA writes the gradient in a 16-bit
+    /// head's dtype). Returns `(summed loss, counted rows)`.
+    fn lm_head_cross_entropy(
+        &self,
+        x: &Self::Buf,
+        head: &Self::Weight,
+        targets: &[i32],
+        scale: f32,
+        dx: Option<&mut Self::Buf>,
+    ) -> (f64, usize) {
+        lm_head_cross_entropy_composed(self, x, head, targets, scale, dx)
+    }
+
     // ---- optimizer -------------------------------------------------------------------------------
     /// One 32-bit AdamW update of `param` with state `m`, `v`.
     fn adamw(&self, param: &mut Self::Buf, grad: &Self::Buf, m: &mut Self::Buf, v: &mut Self::Buf, hp: &AdamWStep);
@@ -431,6 +447,29 @@ pub trait Backend {
     }
     /// Runs a recording once, on the buffers it was recorded with.
     fn replay(&self, _r: &Self::Recording) {}
+}
+
+/// [`Backend::lm_head_cross_entropy`] from the backend's `linear`, `cross_entropy` and
+/// `linear_backward_input` (its default, and a backend's fallback).
+pub fn lm_head_cross_entropy_composed<B: Backend + ?Sized>(
+    be: &B,
+    x: &B::Buf,
+    head: &B::Weight,
+    targets: &[i32],
+    scale: f32,
+    dx: Option<&mut B::Buf>,
+) -> (f64, usize) {
+    let (vocab, _) = be.weight_shape(head);
+    let m = targets.len();
+    let mut logits = be.alloc_output(m * vocab);
+    be.linear(x, head, m, &mut logits);
+    let mut dlogits = be.alloc_output(m * vocab);
+    let result = be.cross_entropy(&logits, targets, vocab, scale, &mut dlogits);
+    drop(logits);
+    if let Some(dx) = dx {
+        be.linear_backward_input(&dlogits, head, m, dx, false);
+    }
+    result
 }
 
 /// The token id that marks a position ignored by the loss (PyTorch's `ignore_index`).

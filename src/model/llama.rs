@@ -529,7 +529,7 @@ impl<'a, B: Backend> Graph<'a, B> {
         let be = self.be;
         let n = self.rmsnorm(t, x, NormRef::Final);
         let head = self.model.lm_head();
-        let (vocab, hidden) = be.weight_shape(head);
+        let (_, hidden) = be.weight_shape(head);
         let m = targets.len();
         // dLoss/dx of the final norm's output, only when a backward pass will follow.
         let mut dn = t.recording.then(|| be.zeros(m * hidden));
@@ -538,15 +538,11 @@ impl<'a, B: Backend> Graph<'a, B> {
         while r0 < m {
             let rows = CHUNK_ROWS.min(m - r0);
             let xc = be.read_range(t.get(n), r0 * hidden, rows * hidden);
-            let mut logits = be.alloc_output(rows * vocab);
-            be.linear(&xc, head, rows, &mut logits);
-            let mut dlogits = be.alloc_output(rows * vocab);
-            let (l, c) = be.cross_entropy(&logits, &targets[r0..r0 + rows], vocab, loss_scale, &mut dlogits);
+            let mut dx = dn.is_some().then(|| be.alloc_output(rows * hidden));
+            let (l, c) = be.lm_head_cross_entropy(&xc, head, &targets[r0..r0 + rows], loss_scale, dx.as_mut());
             loss += l;
             count += c;
-            if let Some(dn) = dn.as_mut() {
-                let mut dx = be.alloc_output(rows * hidden);
-                be.linear_backward_input(&dlogits, head, rows, &mut dx, false);
+            if let (Some(dn), Some(dx)) = (dn.as_mut(), dx) {
                 be.write_range(&dx, dn, r0 * hidden);
             }
             r0 += rows;

@@ -255,10 +255,12 @@ impl Cuda {
             .map_err(dev_err)? as usize;
         let stream_on = !std::env::var("LLAMATUNE_XENT_STREAM").is_ok_and(|v| v == "0" || v == "off");
         let mut xent_stream = [false; 3];
-        for (i, name) in XENT_STREAM.iter().enumerate() {
+        for i in 0..XENT_REG_VALUES.len() {
             let smem = xent_stream_smem(i);
             if stream_on && smem <= smem_optin {
-                funcs[*name].set_attribute(attr, smem as i32).map_err(dev_err)?;
+                for by_dtype in XENT_STREAM {
+                    funcs[by_dtype[i]].set_attribute(attr, smem as i32).map_err(dev_err)?;
+                }
                 xent_stream[i] = true;
             }
         }
@@ -639,9 +641,15 @@ fn kernel_names(module: &str) -> &'static [&'static str] {
             XENT_REG[0],
             XENT_REG[1],
             XENT_REG[2],
-            XENT_STREAM[0],
-            XENT_STREAM[1],
-            XENT_STREAM[2],
+            XENT_STREAM[0][0],
+            XENT_STREAM[0][1],
+            XENT_STREAM[0][2],
+            XENT_STREAM[1][0],
+            XENT_STREAM[1][1],
+            XENT_STREAM[1][2],
+            XENT_STREAM[2][0],
+            XENT_STREAM[2][1],
+            XENT_STREAM[2][2],
         ],
         _ => &[],
     }
@@ -1307,38 +1315,60 @@ impl Backend for Cuda {
         scale: f32,
         dlogits: &mut CudaSlice<f32>,
     ) -> (f64, usize) {
-        let _span = self.span("cross_entropy");
+        self.xent(logits, targets, vocab, scale, XentGrad::F32(dlogits))
+    }
+
+    fn lm_head_cross_entropy(
+        &self,
+        x: &CudaSlice<f32>,
+        head: &CudaWeight,
+        targets: &[i32],
+        scale: f32,
+        mut dx: Option<&mut CudaSlice<f32>>,
+    ) -> (f64, usize) {
+        let (vocab, hidden) = head.shape();
         let m = targets.len();
-        let t = ck!(self.stream.clone_htod(targets), "upload targets");
-        let mut loss = self.scalar_f64();
-        let mut count = ck!(self.stream.alloc_zeros::<i32>(1), "alloc");
-        // The row in registers (one read of the logits) when the vocabulary fits 1024 threads × 8, 16
-        // or 32 values: streamed through persistent blocks where 16-byte copies and the shared memory
-        // allow, else a block per row; past that, three passes over the row.
-        let vocab32 = vocab as i32;
-        match XENT_REG_VALUES.iter().position(|&v| vocab <= XENT_REG_THREADS * v) {
-            Some(i) if self.xent_stream[i] && vocab % 4 == 0 => {
-                let cfg = LaunchConfig {
-                    grid_dim: (m.min(self.sm_count).max(1) as u32, 1, 1),
-                    block_dim: (XENT_REG_THREADS as u32, 1, 1),
-                    shared_mem_bytes: xent_stream_smem(i) as u32,
-                };
-                let rows = m as i32;
-                launch!(self, XENT_STREAM[i], cfg; logits, &t, &mut *dlogits, &mut loss, &mut count, &rows, &vocab32, &scale);
+        // A 16-bit dense head whose input-gradient GEMM reads dlogits in its own dtype: the streaming
+        // kernel writes them so (6 instead of 8 bytes per logit, and no conversion pass: the same
+        // rounding). Otherwise (4-bit or precise heads, other vocabularies, no backward): the default.
+        let sixteen_bit = match head {
+            CudaWeight::Dense { data, .. } if !self.is_precise() => Some(data),
+            _ => None,
+        };
+        let (Some(data), Some(dx), true) = (sixteen_bit, dx.as_deref_mut(), self.xent_stream_index(vocab).is_some())
+        else {
+            return super::lm_head_cross_entropy_composed(self, x, head, targets, scale, dx);
+        };
+        let _span = self.span("lm_head_cross_entropy");
+        assert!(x.len() == m * hidden && dx.len() == m * hidden, "lm_head_cross_entropy: bad shapes");
+        let mut logits = self.scratch(m * vocab);
+        self.linear(x, head, m, &mut logits);
+        let (wop, _) = self.weight_operand(head);
+        // SAFETY: the cross-entropy kernel writes every gradient value before the GEMM reads it.
+        let (result, dlogits) = match data {
+            DenseData::BF16(_) => {
+                let mut d = ck!(unsafe { self.stream.alloc::<bf16>(m * vocab) }, "alloc");
+                (self.xent(&logits, targets, vocab, scale, XentGrad::BF16(&mut d)), Operand::BF16(d))
             }
-            found => {
-                let (kernel, threads) = match found {
-                    Some(i) => (XENT_REG[i], XENT_REG_THREADS),
-                    None => ("cross_entropy_f32", 256),
-                };
-                let block_dim = (threads as u32, 1, 1);
-                let cfg = LaunchConfig { grid_dim: (m as u32, 1, 1), block_dim, shared_mem_bytes: 0 };
-                launch!(self, kernel, cfg; logits, &t, &mut *dlogits, &mut loss, &mut count, &vocab32, &scale);
+            DenseData::F16(_) => {
+                let mut d = ck!(unsafe { self.stream.alloc::<f16>(m * vocab) }, "alloc");
+                (self.xent(&logits, targets, vocab, scale, XentGrad::F16(&mut d)), Operand::F16(d))
             }
-        }
-        let c = ck!(self.stream.clone_dtoh(&count), "download")[0];
-        assert!(c < (1 << 30), "a target id is >= vocab {vocab}");
-        (ck!(self.stream.clone_dtoh(&loss), "download")[0], c as usize)
+        };
+        drop(logits);
+        // dx (m, hidden) = dlogits (m, vocab) · W (vocab, hidden)
+        let product = Gemm {
+            trans_b: false,
+            m,
+            n: hidden,
+            k: vocab,
+            a: OperandView::from(&dlogits),
+            lda: vocab,
+            b: wop.as_ref(),
+            ldb: hidden,
+        };
+        self.gemm_rounded(head, product, dx, false, "LM head backward GEMM");
+        result
     }
 
     fn free_memory(&self) -> Option<u64> {
@@ -1631,8 +1661,19 @@ const GEMM_4BIT_TILES: [Gemm4bitTile; 2] = [gemm_4bit_tile(128, 4, 2), gemm_4bit
 const XENT_REG: [&str; 3] = ["cross_entropy_reg8", "cross_entropy_reg16", "cross_entropy_reg32"];
 const XENT_REG_VALUES: [usize; 3] = [8, 16, 32];
 const XENT_REG_THREADS: usize = 1024;
-/// The persistent-block variants of [`XENT_REG`] (the next row streamed into shared memory).
-const XENT_STREAM: [&str; 3] = ["cross_entropy_stream8", "cross_entropy_stream16", "cross_entropy_stream32"];
+/// The persistent-block variants of [`XENT_REG`] (the next row streamed into shared memory), by the
+/// gradient's dtype (f32, bf16, f16), then values per thread.
+const XENT_STREAM: [[&str; 3]; 3] = [
+    ["cross_entropy_stream8", "cross_entropy_stream16", "cross_entropy_stream32"],
+    ["cross_entropy_stream8_bf16", "cross_entropy_stream16_bf16", "cross_entropy_stream32_bf16"],
+    ["cross_entropy_stream8_f16", "cross_entropy_stream16_f16", "cross_entropy_stream32_f16"],
+];
+/// Where the streaming cross-entropy writes its gradient: f32, or the LM head's 16-bit dtype.
+enum XentGrad<'a> {
+    F32(&'a mut CudaSlice<f32>),
+    BF16(&'a mut CudaSlice<bf16>),
+    F16(&'a mut CudaSlice<f16>),
+}
 /// Dynamic shared memory of `XENT_STREAM[i]`: one row of its largest vocabulary in f32.
 fn xent_stream_smem(i: usize) -> usize {
     XENT_REG_THREADS * XENT_REG_VALUES[i] * 4
@@ -1693,6 +1734,68 @@ impl Cuda {
         }
         // SAFETY: the kernel reads the codes and x within the sizes passed and writes `out (m, rows)`.
         ck!(unsafe { b.launch(cfg) }, kernel);
+    }
+
+    /// The index into [`XENT_STREAM`]'s kernels that takes a row of `vocab` logits, when one does
+    /// (the row fits 1024 threads × 8, 16 or 32 values, 16-byte copies, the device's shared memory).
+    fn xent_stream_index(&self, vocab: usize) -> Option<usize> {
+        let i = XENT_REG_VALUES.iter().position(|&v| vocab <= XENT_REG_THREADS * v)?;
+        (self.xent_stream[i] && vocab % 4 == 0).then_some(i)
+    }
+
+    /// Loss and gradient of `logits (m, vocab)` against `targets` (Backend::cross_entropy), the
+    /// gradient written as `grad` says; a 16-bit gradient needs a streaming kernel
+    /// ([`Cuda::xent_stream_index`]).
+    fn xent(
+        &self,
+        logits: &CudaSlice<f32>,
+        targets: &[i32],
+        vocab: usize,
+        scale: f32,
+        grad: XentGrad<'_>,
+    ) -> (f64, usize) {
+        let _span = self.span("cross_entropy");
+        let m = targets.len();
+        let t = ck!(self.stream.clone_htod(targets), "upload targets");
+        let mut loss = self.scalar_f64();
+        let mut count = ck!(self.stream.alloc_zeros::<i32>(1), "alloc");
+        // The row in registers (one read of the logits) when the vocabulary fits 1024 threads × 8, 16
+        // or 32 values: streamed through persistent blocks where 16-byte copies and the shared memory
+        // allow, else a block per row; past that, three passes over the row.
+        let (vocab32, rows) = (vocab as i32, m as i32);
+        match (self.xent_stream_index(vocab), grad) {
+            (Some(i), grad) => {
+                let cfg = LaunchConfig {
+                    grid_dim: (m.min(self.sm_count).max(1) as u32, 1, 1),
+                    block_dim: (XENT_REG_THREADS as u32, 1, 1),
+                    shared_mem_bytes: xent_stream_smem(i) as u32,
+                };
+                match grad {
+                    XentGrad::F32(d) => {
+                        launch!(self, XENT_STREAM[0][i], cfg; logits, &t, &mut *d, &mut loss, &mut count, &rows, &vocab32, &scale)
+                    }
+                    XentGrad::BF16(d) => {
+                        launch!(self, XENT_STREAM[1][i], cfg; logits, &t, &mut *d, &mut loss, &mut count, &rows, &vocab32, &scale)
+                    }
+                    XentGrad::F16(d) => {
+                        launch!(self, XENT_STREAM[2][i], cfg; logits, &t, &mut *d, &mut loss, &mut count, &rows, &vocab32, &scale)
+                    }
+                }
+            }
+            (None, XentGrad::F32(dlogits)) => {
+                let (kernel, threads) = match XENT_REG_VALUES.iter().position(|&v| vocab <= XENT_REG_THREADS * v) {
+                    Some(i) => (XENT_REG[i], XENT_REG_THREADS),
+                    None => ("cross_entropy_f32", 256),
+                };
+                let block_dim = (threads as u32, 1, 1);
+                let cfg = LaunchConfig { grid_dim: (m as u32, 1, 1), block_dim, shared_mem_bytes: 0 };
+                launch!(self, kernel, cfg; logits, &t, &mut *dlogits, &mut loss, &mut count, &vocab32, &scale);
+            }
+            (None, _) => unreachable!("a 16-bit cross-entropy gradient needs a streaming kernel"),
+        }
+        let c = ck!(self.stream.clone_dtoh(&count), "download")[0];
+        assert!(c < (1 << 30), "a target id is >= vocab {vocab}");
+        (ck!(self.stream.clone_dtoh(&loss), "download")[0], c as usize)
     }
 
     /// Whether the products of `ws` at `m` rows can share one `gemv_4bit_many_*` launch: 2 or 3 4-bit
@@ -1778,6 +1881,26 @@ impl Cuda {
         ck!(unsafe { b.launch(cfg) }, kernel);
         drop(write_guards);
         drop(read_guards);
+    }
+
+    /// [`Backend::cross_entropy`] with the gradient written in bf16 by the streaming kernel (what
+    /// [`Backend::lm_head_cross_entropy`] runs for a bf16 head), for benchmarks and tests; `None` when
+    /// no streaming kernel takes rows of `vocab` logits.
+    pub fn cross_entropy_bf16_grad(
+        &self,
+        logits: &CudaSlice<f32>,
+        targets: &[i32],
+        vocab: usize,
+        scale: f32,
+        dlogits: &mut CudaSlice<bf16>,
+    ) -> Option<(f64, usize)> {
+        self.xent_stream_index(vocab)?;
+        Some(self.xent(logits, targets, vocab, scale, XentGrad::BF16(dlogits)))
+    }
+
+    /// A zeroed bf16 buffer of `n` values on the device.
+    pub fn zeros_bf16(&self, n: usize) -> CudaSlice<bf16> {
+        ck!(self.stream.alloc_zeros::<bf16>(n.max(1)), "alloc")
     }
 
     /// Turns the several-weight decoding GEMV on or off (off: one launch per weight).
