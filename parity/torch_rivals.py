@@ -1,6 +1,7 @@
 """The torch rivals of two kernel targets of issue 6, timed on this GPU in the run that times ours
 (`benches/gpu_kernels.rs`): causal scaled_dot_product_attention forward+backward at 4 × 32 heads ×
-512 × 128 in bf16, and fp32 cross-entropy forward+backward over 2048 × 32000 logits. Each figure is
+512 × 128 in bf16, and fp32 cross-entropy forward+backward over 2048 × 32000 logits (its gradient in
+f32, and cast to bf16 as a bf16 LM head reads it). Each figure is
 the median of 20 timed runs after 5 warm-up runs, each run ending with a synchronization (as our
 criterion iterations do). Usage: python3 parity/torch_rivals.py [OUT.json]"""
 import json
@@ -44,8 +45,17 @@ def main():
     logits = (torch.randn(rows, vocab, device=dev) * 4).requires_grad_(True)
     targets = torch.randint(0, vocab, (rows,), device=dev)
 
+    # autograd.grad returns the gradient without adding it into logits.grad: `.backward()` would
+    # accumulate into the .grad of earlier runs, an extra pass over 2048 × 32000 that is not the
+    # cross-entropy's (sessions before 2026-11-28h timed it so).
     def ce():
-        F.cross_entropy(logits, targets).backward()
+        torch.autograd.grad(F.cross_entropy(logits, targets), logits)
+
+    # The same with the gradient in bf16, as a bf16 LM head's input-gradient GEMM reads it: the rival
+    # of our kernel writing a bf16 gradient.
+    def ce_bf16_grad():
+        (g,) = torch.autograd.grad(F.cross_entropy(logits, targets), logits)
+        g.to(torch.bfloat16)
 
     res = {
         "device": torch.cuda.get_device_name(0),
@@ -53,6 +63,7 @@ def main():
         "sdpa_fwd_s": timed(attn_fwd),
         "sdpa_fwd_bwd_s": timed(attn_fwd_bwd),
         "cross_entropy_fp32_fwd_bwd_s": timed(ce),
+        "cross_entropy_fp32_fwd_bwd_bf16_grad_s": timed(ce_bf16_grad),
     }
     print(json.dumps(res, indent=1))
     if len(sys.argv) > 1:

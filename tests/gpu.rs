@@ -422,11 +422,11 @@ fn small_m_4bit_gemv_for_decoding() {
     }
 }
 
-/// Decoding's q/k/v and gate/up products in one launch (`gemv_4bit_many_*`, through `linear_many`)
-/// against one launch per weight (bit for bit: each row's sum is computed the same way) and against
-/// the CPU: the 7B q/k/v (12,288 rows, four per warp) and gate/up, SmolLM2's q/k/v (576 + 192 + 192,
-/// two per warp), and row counts that end inside a warp and a block; plain and double-quantized
-/// absmax, NF4 and FP4, each compute dtype. Outputs poisoned.
+/// Decoding's q/k/v products in one launch (`gemv_4bit_many_*`, through `linear_many`) against one
+/// launch per weight (bit for bit: each row's sum is computed the same way) and against the CPU: the
+/// 7B q/k/v (12,288 rows, four per warp), SmolLM2's (576 + 192 + 192, two per warp), row counts that
+/// end inside a warp and a block, and the 7B gate/up (more blocks than one wave: one launch each);
+/// plain and double-quantized absmax, NF4 and FP4, each compute dtype. Outputs poisoned.
 #[test]
 fn decoding_gemv_of_several_weights_in_one_launch() {
     let mut rng = rand::rngs::StdRng::seed_from_u64(31);
