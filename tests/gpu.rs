@@ -422,6 +422,46 @@ fn small_m_4bit_gemv_for_decoding() {
     }
 }
 
+/// Decoding's RoPE and KV-cache append in one launch (`rope_into_cache`) against the CPU and, bit
+/// for bit, against rope, rope, kv_write, kv_write on the GPU: SmolLM2's, Llama-2-7B's and odd head
+/// shapes, one token (decoding) and several (a prompt), at a cache position past 0. The caches start
+/// with random values: the rows before and after the written ones must come back unchanged.
+#[test]
+fn rope_into_the_kv_cache_in_one_launch() {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(33);
+    for s in &SHAPES {
+        for (m, pos) in [(1, 7), (5, 3)] {
+            let capacity = 16;
+            let (qn, kn, row) = (m * s.heads * s.head_dim, m * s.kv_heads * s.head_dim, s.kv_heads * s.head_dim);
+            let (q, k, v) = (rnd(&mut rng, qn, 1.0), rnd(&mut rng, kn, 1.0), rnd(&mut rng, kn, 1.0));
+            let ang = rnd(&mut rng, m * s.head_dim / 2, 50.0);
+            let (cos, sin): (Vec<f32>, Vec<f32>) = ang.iter().map(|a| (a.cos(), a.sin())).unzip();
+            let (kc0, vc0) = (rnd(&mut rng, capacity * row, 1.0), rnd(&mut rng, capacity * row, 1.0));
+            let dims = (s.heads, s.kv_heads, s.head_dim);
+            let (mut q1, mut kc1, mut vc1) = (vec![0.0; qn], kc0.clone(), vc0.clone());
+            CPU.rope_into_cache(&q, &k, &v, &cos, &sin, dims, &mut q1, &mut kc1, &mut vc1, &vec![pos as f32]);
+            let g = gpu();
+            let (gq, gk, gv, gcos, gsin) = (g.upload(&q), g.upload(&k), g.upload(&v), g.upload(&cos), g.upload(&sin));
+            let gpos = g.upload(&[pos as f32]);
+            let (mut q2, mut kc2, mut vc2) = (poisoned(qn), g.upload(&kc0), g.upload(&vc0));
+            g.rope_into_cache(&gq, &gk, &gv, &gcos, &gsin, dims, &mut q2, &mut kc2, &mut vc2, &gpos);
+            let (mut q3, mut k3, mut kc3, mut vc3) = (poisoned(qn), poisoned(kn), g.upload(&kc0), g.upload(&vc0));
+            g.rope(&gq, &gcos, &gsin, s.heads, s.head_dim, false, &mut q3);
+            g.rope(&gk, &gcos, &gsin, s.kv_heads, s.head_dim, false, &mut k3);
+            g.kv_write(&k3, &mut kc3, &gpos, row);
+            g.kv_write(&gv, &mut vc3, &gpos, row);
+            let label = format!("{} rope_into_cache m={m} pos={pos}", s.name);
+            for (what, got, cpu, four_kernels) in
+                [("q", &q2, &q1, &q3), ("k cache", &kc2, &kc1, &kc3), ("v cache", &vc2, &vc1, &vc3)]
+            {
+                let got = g.download(got);
+                check(&format!("{label} {what} vs CPU"), &got, cpu, F32_TOL);
+                check(&format!("{label} {what} vs rope, kv_write"), &got, &g.download(four_kernels), 0.0);
+            }
+        }
+    }
+}
+
 /// Decoding's q/k/v products in one launch (`gemv_4bit_many_*`, through `linear_many`) against one
 /// launch per weight (bit for bit: each row's sum is computed the same way) and against the CPU: the
 /// 7B q/k/v (12,288 rows, four per warp), SmolLM2's (576 + 192 + 192, two per warp), row counts that

@@ -422,6 +422,29 @@ pub trait Backend {
         let p = self.download(pos)[0] as usize;
         self.write_range(src, dst, p * row);
     }
+    /// Decoding after the q/k/v products: [`Backend::rope`] of `q (m, heads, head_dim)` into `q_out`,
+    /// and of `k (m, kv_heads, head_dim)` appended with `v` to the KV caches at row `pos[0]`
+    /// ([`Backend::kv_write`]), in one call (CUDA: one launch instead of four).
+    #[allow(clippy::too_many_arguments)]
+    fn rope_into_cache(
+        &self,
+        q: &Self::Buf,
+        k: &Self::Buf,
+        v: &Self::Buf,
+        cos: &Self::Buf,
+        sin: &Self::Buf,
+        (heads, kv_heads, head_dim): (usize, usize, usize),
+        q_out: &mut Self::Buf,
+        k_cache: &mut Self::Buf,
+        v_cache: &mut Self::Buf,
+        pos: &Self::Buf,
+    ) {
+        let mut k_rot = self.alloc_output(self.buf_len(k));
+        self.rope(q, cos, sin, heads, head_dim, false, q_out);
+        self.rope(k, cos, sin, kv_heads, head_dim, false, &mut k_rot);
+        self.kv_write(&k_rot, k_cache, pos, kv_heads * head_dim);
+        self.kv_write(v, v_cache, pos, kv_heads * head_dim);
+    }
     /// [`Backend::attention`] over a KV cache whose `q_offset` is `pos[0]` and `kv_len` is
     /// `pos[0] + q_len` (the shape's own two fields are ignored); no segments.
     #[allow(clippy::too_many_arguments)]

@@ -452,26 +452,35 @@ impl<'a, B: Backend> Graph<'a, B> {
         let n1 = self.rmsnorm(t, x, NormRef::Attn(l));
         let [q, k, v] = self.linears(t, n1, l, [Proj::Q, Proj::K, Proj::V]);
         t.done_with(n1);
-        let (q_in, k_in) = (q, k);
-        let q = self.rope(t, q_in, c.num_attention_heads);
-        let k = self.rope(t, k_in, c.num_key_value_heads);
-        t.done_with(q_in);
-        t.done_with(k_in);
         let a = match cache {
-            None => self.attention(t, q, k, v),
+            None => {
+                let (q_in, k_in) = (q, k);
+                let q = self.rope(t, q_in, c.num_attention_heads);
+                let k = self.rope(t, k_in, c.num_key_value_heads);
+                t.done_with(q_in);
+                t.done_with(k_in);
+                let a = self.attention(t, q, k, v);
+                for id in [q, k, v] {
+                    t.done_with(id);
+                }
+                a
+            }
             Some((kv, pos)) => {
+                // Rotated q, and the rotated keys and the values appended to the cache, in one call.
                 let be = self.be;
-                be.kv_write(t.get(k), &mut kv.k, pos, c.kv_dim());
-                be.kv_write(t.get(v), &mut kv.v, pos, c.kv_dim());
-                let mut a = be.alloc_output(be.buf_len(t.get(q)));
+                let mut q_rot = be.alloc_output(be.buf_len(t.get(q)));
+                let dims = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
+                let (qv, kv_, vv) = (t.get(q), t.get(k), t.get(v));
+                be.rope_into_cache(qv, kv_, vv, &self.cos, &self.sin, dims, &mut q_rot, &mut kv.k, &mut kv.v, pos);
+                for id in [q, k, v] {
+                    t.done_with(id);
+                }
+                let mut a = be.alloc_output(be.buf_len(&q_rot));
                 let mut lse = be.alloc_output(self.shape.heads * self.shape.q_len);
-                be.attention_at(t.get(q), &kv.k, &kv.v, self.shape, pos, &mut a, &mut lse);
+                be.attention_at(&q_rot, &kv.k, &kv.v, self.shape, pos, &mut a, &mut lse);
                 t.put(a)
             }
         };
-        for id in [q, k, v] {
-            t.done_with(id);
-        }
         let o = self.linear(t, a, l, Proj::O);
         t.done_with(a);
         let (x2, n2) = self.add_rmsnorm(t, x, o, NormRef::Mlp(l));

@@ -635,7 +635,7 @@ fn kernel_names(module: &str) -> &'static [&'static str] {
             "gemm_4bit_reduce",
         ],
         "norm" => &["rmsnorm_f32", "add_rmsnorm_f32", "rmsnorm_backward_f32"],
-        "rope" => &["rope_f32"],
+        "rope" => &["rope_f32", "rope_cache_f32"],
         "xent" => &[
             "cross_entropy_f32",
             XENT_REG[0],
@@ -1192,6 +1192,30 @@ impl Backend for Cuda {
         let a2 = head_dim as i32;
         let a3 = inverse as i32;
         launch!(self, "rope_f32", grid_for(m * heads * head_dim / 2); x, cos, sin, &mut *out, &a0, &a1, &a2, &a3);
+    }
+
+    fn rope_into_cache(
+        &self,
+        q: &CudaSlice<f32>,
+        k: &CudaSlice<f32>,
+        v: &CudaSlice<f32>,
+        cos: &CudaSlice<f32>,
+        sin: &CudaSlice<f32>,
+        (heads, kv_heads, head_dim): (usize, usize, usize),
+        q_out: &mut CudaSlice<f32>,
+        k_cache: &mut CudaSlice<f32>,
+        v_cache: &mut CudaSlice<f32>,
+        pos: &CudaSlice<f32>,
+    ) {
+        let _span = self.span("rope_into_cache");
+        let m = q.len() / (heads * head_dim);
+        assert!(
+            q_out.len() == q.len() && k.len() == m * kv_heads * head_dim && v.len() == k.len(),
+            "rope_into_cache: bad shapes"
+        );
+        let work = m * (heads + kv_heads) * head_dim / 2 + v.len();
+        let (m32, h32, kv32, hd32) = (m as i32, heads as i32, kv_heads as i32, head_dim as i32);
+        launch!(self, "rope_cache_f32", grid_for(work); q, k, v, cos, sin, &mut *q_out, &mut *k_cache, &mut *v_cache, pos, &m32, &h32, &kv32, &hd32);
     }
 
     fn attention(
