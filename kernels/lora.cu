@@ -36,8 +36,8 @@ __device__ __forceinline__ void store_dot(float* y, int64_t idx, float s, float 
 // y (m, rows) = [y +] alpha · x (m, cols) · Wᵀ for W (rows, cols), m ≤ SMALL_M. One warp per row of W;
 // lanes stride over the columns, so a warp reads W's row and x's rows contiguously; x, shared by every
 // warp, stays in L1. For the B product (many rows of r columns).
-extern "C" __global__ void gemv_f32(const float* w, const float* x, float* y, int m, int rows, int cols, float alpha, int accumulate) {
-    const int row = (blockIdx.x * blockDim.x + threadIdx.x) / WARP, lane = threadIdx.x % WARP;
+__device__ __forceinline__ void gemv_f32_row(const float* w, const float* x, float* y, int m, int rows, int cols, float alpha, int accumulate, int row) {
+    const int lane = threadIdx.x % WARP;
     if (row >= rows) return;
     float acc[SMALL_M];
     partial_dots(w + (int64_t)row * cols, x, m, cols, lane, WARP, acc);
@@ -47,12 +47,14 @@ extern "C" __global__ void gemv_f32(const float* w, const float* x, float* y, in
         if (lane == 0 && j < m) store_dot(y, (int64_t)j * rows + row, s, alpha, accumulate);
     }
 }
+extern "C" __global__ void gemv_f32(const float* w, const float* x, float* y, int m, int rows, int cols, float alpha, int accumulate) {
+    gemv_f32_row(w, x, y, m, rows, cols, alpha, accumulate, (blockIdx.x * blockDim.x + threadIdx.x) / WARP);
+}
 
 // The same with one block per row of W, its threads splitting the columns: for the A product (r rows
 // of in_features columns), where a warp per row left most of the GPU idle (64 warps for a 7B layer,
 // each walking 16 KB: ~20 µs per call in decoding's synchronized profile).
-extern "C" __global__ void gemv_f32_long_rows(const float* w, const float* x, float* y, int m, int rows, int cols, float alpha, int accumulate) {
-    const int row = blockIdx.x;
+__device__ __forceinline__ void gemv_f32_long_row(const float* w, const float* x, float* y, int m, int rows, int cols, float alpha, int accumulate, int row) {
     float acc[SMALL_M];
     partial_dots(w + (int64_t)row * cols, x, m, cols, threadIdx.x, blockDim.x, acc);
 #pragma unroll
@@ -61,4 +63,43 @@ extern "C" __global__ void gemv_f32_long_rows(const float* w, const float* x, fl
         const float s = block_sum(acc[j]);
         if (threadIdx.x == 0 && j < m) store_dot(y, (int64_t)j * rows + row, s, alpha, accumulate);
     }
+}
+extern "C" __global__ void gemv_f32_long_rows(const float* w, const float* x, float* y, int m, int rows, int cols, float alpha, int accumulate) {
+    gemv_f32_long_row(w, x, y, m, rows, cols, alpha, accumulate, blockIdx.x);
+}
+
+// Both products for the LoRA branches of up to LORA_MAX_TARGETS projections in one launch each
+// (decoding's q and v: Backend::lora_forward_many): each target has its own W, x and y and a run of
+// whole blocks from first_block; cols, m, alpha and accumulate are shared. The values are those of
+// one launch per target. Why: each launch is ~3 µs of a ~3.8 ms token, and the A product of one
+// branch (64 blocks) leaves half of the GPU's SMs idle.
+#define LORA_MAX_TARGETS 3
+struct GemvF32Target {
+    const float* w;
+    const float* x;
+    float* y;
+    int rows;
+    int first_block;
+};
+struct GemvF32Targets {
+    GemvF32Target t[LORA_MAX_TARGETS];
+    int count;
+};
+// The target that owns this block (constant indices only: a runtime index into the parameter struct
+// would copy it to local memory).
+__device__ __forceinline__ GemvF32Target block_target(const GemvF32Targets& ts) {
+    GemvF32Target t = ts.t[0];
+#pragma unroll
+    for (int k = 1; k < LORA_MAX_TARGETS; k++)
+        if (k < ts.count && (int)blockIdx.x >= ts.t[k].first_block) t = ts.t[k];
+    return t;
+}
+extern "C" __global__ void gemv_f32_many(const GemvF32Targets ts, int m, int cols, float alpha, int accumulate) {
+    const GemvF32Target t = block_target(ts);
+    const int row = (((int)blockIdx.x - t.first_block) * blockDim.x + threadIdx.x) / WARP;
+    gemv_f32_row(t.w, t.x, t.y, m, t.rows, cols, alpha, accumulate, row);
+}
+extern "C" __global__ void gemv_f32_long_rows_many(const GemvF32Targets ts, int m, int cols, float alpha, int accumulate) {
+    const GemvF32Target t = block_target(ts);
+    gemv_f32_long_row(t.w, t.x, t.y, m, t.rows, cols, alpha, accumulate, (int)blockIdx.x - t.first_block);
 }

@@ -10,7 +10,9 @@
 
 use llamatune::backend::cpu::Cpu;
 use llamatune::backend::cuda::{Cuda, Fused4bit};
-use llamatune::backend::{lm_head_cross_entropy_composed, AdamWStep, AttnShape, Backend, Dropout, HostWeight};
+use llamatune::backend::{
+    lm_head_cross_entropy_composed, AdamWStep, AttnShape, Backend, Dropout, HostWeight, LoraBranch,
+};
 use llamatune::config::{ComputeDtype, LoraConfig, ModelConfig, QuantConfig, QuantType};
 use llamatune::model::llama::{forward_backward, Batch, Checkpointing, Llama};
 use llamatune::model::lora::Lora;
@@ -417,6 +419,45 @@ fn small_m_4bit_gemv_for_decoding() {
                         tol,
                     );
                 }
+            }
+        }
+    }
+}
+
+/// Decoding's LoRA branches of projections that share x in one launch per product
+/// (`lora_forward_many`: kernels/lora.cu `gemv_f32*_many`) against one `lora_forward` each (bit for
+/// bit) and against the CPU: the 7B q and v (r = 64), SmolLM2's q/k/v, and odd sizes; 1 to 8 token
+/// rows; y starts with values the branches add to, u poisoned.
+#[test]
+fn decoding_lora_branches_in_one_launch() {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(34);
+    for (m, cols, rows, r) in
+        [(1, 4096, vec![4096, 4096], 64), (3, 576, vec![576, 192, 192], 8), (8, 200, vec![333, 37], 5)]
+    {
+        let label = format!("m={m} {cols} -> {rows:?} r={r}");
+        let x = rnd(&mut rng, m * cols, 1.0);
+        let ab: Vec<_> = rows.iter().map(|&n| (rnd(&mut rng, r * cols, 0.1), rnd(&mut rng, n * r, 0.1))).collect();
+        let y0: Vec<_> = rows.iter().map(|&n| rnd(&mut rng, m * n, 1.0)).collect();
+        let g = gpu();
+        let gx = g.upload(&x);
+        let gab: Vec<_> = ab.iter().map(|(a, b)| (g.upload(a), g.upload(b))).collect();
+        let (mut us, mut ys): (Vec<_>, Vec<_>) = y0.iter().map(|y| (poisoned(m * r), g.upload(y))).unzip();
+        let mut branches: Vec<LoraBranch<'_, Cuda>> = gab
+            .iter()
+            .zip(us.iter_mut().zip(ys.iter_mut()))
+            .map(|((a, b), (u, y))| LoraBranch { a, b, dropout: Dropout::NONE, u, y })
+            .collect();
+        g.lora_forward_many(&gx, &mut branches, m, r, 0.25);
+        drop(branches);
+        for (i, (a, b)) in gab.iter().enumerate() {
+            let (mut u1, mut y1) = (poisoned(m * r), g.upload(&y0[i]));
+            g.lora_forward(&gx, a, b, m, r, 0.25, Dropout::NONE, &mut u1, &mut y1);
+            let (mut u2, mut y2) = (vec![0.0; m * r], y0[i].clone());
+            CPU.lora_forward(&x, &ab[i].0, &ab[i].1, m, r, 0.25, Dropout::NONE, &mut u2, &mut y2);
+            for (what, got, one, cpu) in [("u", &us[i], &u1, &u2), ("y", &ys[i], &y1, &y2)] {
+                let got = g.download(got);
+                check(&format!("{label} branch {i} {what} vs one lora_forward"), &got, &g.download(one), 0.0);
+                check(&format!("{label} branch {i} {what} vs CPU"), &got, cpu, F32_TOL);
             }
         }
     }

@@ -85,6 +85,16 @@ fn mix32(mut h: u32) -> u32 {
     h ^ (h >> 16)
 }
 
+/// One projection's LoRA branch in [`Backend::lora_forward_many`]: `a (r, in)`, `b (out, r)`, its
+/// dropout, and the buffers it writes: `u (m, r)` and the projection's output `y (m, out)` it adds to.
+pub struct LoraBranch<'a, B: Backend + ?Sized> {
+    pub a: &'a B::Buf,
+    pub b: &'a B::Buf,
+    pub dropout: Dropout,
+    pub u: &'a mut B::Buf,
+    pub y: &'a mut B::Buf,
+}
+
 /// Geometry of one attention call. Queries are `(batch, q_len, heads, head_dim)`; keys and values
 /// `(batch, kv_capacity, kv_heads, head_dim)` of which the first `kv_len` rows are valid. Query `t`
 /// sits at absolute position `q_offset + t` and sees keys `s <= q_offset + t` (causal).
@@ -282,6 +292,14 @@ pub trait Backend {
         u: &mut Self::Buf,
         y: &mut Self::Buf,
     );
+    /// The LoRA branches of projections that read the same `x` (q/k/v, gate/up):
+    /// [`Backend::lora_forward`] of each, with launches shared where a backend can (CUDA, decoding:
+    /// one launch for every branch's A product and one for every B product).
+    fn lora_forward_many(&self, x: &Self::Buf, branches: &mut [LoraBranch<'_, Self>], m: usize, r: usize, scale: f32) {
+        for br in branches.iter_mut() {
+            self.lora_forward(x, br.a, br.b, m, r, scale, br.dropout, br.u, br.y);
+        }
+    }
     /// LoRA backward: `da += (scale·dy·B)ᵀ · drop(x)`, `db += scale · dyᵀ · u`, `dx += drop'((scale·dy·B) · A)`.
     #[allow(clippy::too_many_arguments)]
     fn lora_backward(

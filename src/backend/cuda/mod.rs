@@ -9,7 +9,7 @@
 mod blas;
 use blas::F32Math;
 
-use super::{AdamWStep, AttnShape, Backend, Dropout, HostWeight};
+use super::{AdamWStep, AttnShape, Backend, Dropout, HostWeight, LoraBranch};
 use crate::config::{ComputeDtype, QuantType};
 use crate::error::{Error, Result};
 use crate::quant::{self, Absmax, Quant4};
@@ -612,7 +612,7 @@ fn kernel_names(module: &str) -> &'static [&'static str] {
             GEMV_MANY[4],
             GEMV_MANY[5],
         ],
-        "lora" => &["gemv_f32", "gemv_f32_long_rows"],
+        "lora" => &["gemv_f32", "gemv_f32_long_rows", "gemv_f32_many", "gemv_f32_long_rows_many"],
         "lora_fused" => &[
             LORA_DOWN[0],
             LORA_DOWN[1],
@@ -1067,6 +1067,68 @@ impl Backend for Cuda {
             "LoRA B GEMM"
         );
     }
+    fn lora_forward_many(
+        &self,
+        x: &CudaSlice<f32>,
+        branches: &mut [LoraBranch<'_, Self>],
+        m: usize,
+        r: usize,
+        scale: f32,
+    ) {
+        let shared = m <= GEMV_MAX_M
+            && (2..=LORA_MAX_TARGETS).contains(&branches.len())
+            && branches.iter().all(|br| !br.dropout.is_active());
+        if !shared {
+            for br in branches.iter_mut() {
+                self.lora_forward(x, br.a, br.b, m, r, scale, br.dropout, br.u, br.y);
+            }
+            return;
+        }
+        let _span = self.span("lora_forward (several branches)");
+        let cols = x.len() / m;
+        // Decoding: as lora_forward's two f32 products, each over all branches in one launch
+        // (kernels/lora.cu *_many): u_i = x·A_iᵀ with a block per row of every A_i, then y_i +=
+        // scale·u_i·B_iᵀ with a warp per row of every B_i (4 warps per block, as warp_grid).
+        let (mut down, mut up) = (GemvF32Targets::default(), GemvF32Targets::default());
+        (down.count, up.count) = (branches.len() as i32, branches.len() as i32);
+        let mut guards = Vec::new();
+        let (mut down_blocks, mut up_blocks) = (0, 0);
+        let (xp, gx) = x.device_ptr(&self.stream);
+        guards.push(gx);
+        for (i, br) in branches.iter_mut().enumerate() {
+            let rows = br.b.len() / r;
+            assert!(
+                br.a.len() == r * cols && br.u.len() == m * r && br.y.len() == m * rows,
+                "lora_forward_many: bad shapes"
+            );
+            let (ap, ga) = br.a.device_ptr(&self.stream);
+            let (bp, gb) = br.b.device_ptr(&self.stream);
+            let (up_ptr, gu) = br.u.device_ptr_mut(&self.stream);
+            let (yp, gy) = br.y.device_ptr_mut(&self.stream);
+            down.t[i] = GemvF32Target { w: ap, x: xp, y: up_ptr, rows: r as i32, first_block: down_blocks as i32 };
+            up.t[i] = GemvF32Target { w: bp, x: up_ptr, y: yp, rows: rows as i32, first_block: up_blocks as i32 };
+            down_blocks += r;
+            up_blocks += (rows * 32).div_ceil(LORA_UP_THREADS);
+            guards.extend([ga, gb, gu, gy]);
+        }
+        let (m32, cols32, r32) = (m as i32, cols as i32, r as i32);
+        let long = LaunchConfig { grid_dim: (down_blocks as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        let warps = LaunchConfig {
+            grid_dim: (up_blocks as u32, 1, 1),
+            block_dim: (LORA_UP_THREADS as u32, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: each target's W, x and y are the live buffers whose addresses the guards hold; the
+        // kernels read W (rows, cols) and x (m, cols) and write y (m, rows) of each.
+        let mut b = self.stream.launch_builder(self.f("gemv_f32_long_rows_many"));
+        b.arg(&down).arg(&m32).arg(&cols32).arg(&1f32).arg(&0i32);
+        ck!(unsafe { b.launch(long) }, "gemv_f32_long_rows_many");
+        let mut b = self.stream.launch_builder(self.f("gemv_f32_many"));
+        b.arg(&up).arg(&m32).arg(&r32).arg(&scale).arg(&1i32);
+        ck!(unsafe { b.launch(warps) }, "gemv_f32_many");
+        drop(guards);
+    }
+
     fn lora_backward(
         &self,
         x: &CudaSlice<f32>,
@@ -1612,6 +1674,31 @@ const GEMV_MANY: [&str; 6] = [
 ];
 /// At most this many weights per `gemv_4bit_many_*` launch (kernels/nf4.cu GEMV_MAX_TARGETS).
 const GEMV_MAX_TARGETS: usize = 3;
+/// At most this many LoRA branches per `gemv_f32*_many` launch (kernels/lora.cu LORA_MAX_TARGETS).
+const LORA_MAX_TARGETS: usize = 3;
+/// Threads per block of `gemv_f32_many` (a warp per row), as [`warp_grid`] launches `gemv_f32`.
+const LORA_UP_THREADS: usize = 128;
+
+/// One product of a `gemv_f32*_many` launch: kernels/lora.cu `GemvF32Target`, field for field.
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct GemvF32Target {
+    w: u64,
+    x: u64,
+    y: u64,
+    rows: i32,
+    first_block: i32,
+}
+/// kernels/lora.cu `GemvF32Targets`, passed by value.
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct GemvF32Targets {
+    t: [GemvF32Target; LORA_MAX_TARGETS],
+    count: i32,
+}
+// SAFETY: plain old data with the layout of the kernel's parameter struct.
+unsafe impl cudarc::driver::DeviceRepr for GemvF32Targets {}
+
 /// Blocks of the one-row GEMV kernels that share an SM (their `__launch_bounds__` minimum).
 const GEMV_BLOCKS_PER_SM: usize = 3;
 
