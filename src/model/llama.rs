@@ -447,17 +447,30 @@ impl<'a, B: Backend> Graph<'a, B> {
     /// One decoder layer on tape `t`, from hidden state `x` `(m, hidden)`. The layer is the last
     /// reader of `x`: the tape drops it unless a recorded op saved it for backward.
     pub fn layer_forward(&self, t: &mut Tape<B>, l: usize, x: Id) -> Id {
-        self.layer(t, l, x, None)
+        match self.layer(t, l, Hidden::Value(x), None) {
+            Hidden::Value(y) => y,
+            Hidden::Sum(..) => unreachable!("only decoding defers the residual sum"),
+        }
     }
 
     /// The decoder layer. With `cache` (decoding: `(layer's KV cache, [positions already in it])`,
     /// the count held on the device), the new keys and values are appended to the cache and
-    /// attention reads the whole cache; that path is never recorded on the tape.
-    fn layer(&self, t: &mut Tape<B>, l: usize, x: Id, cache: Option<(&mut KvLayer<B>, &B::Buf)>) -> Id {
+    /// attention reads the whole cache; that path is never recorded on the tape, and it leaves the
+    /// layer's last residual sum to the next norm ([`Hidden::Sum`]).
+    fn layer(&self, t: &mut Tape<B>, l: usize, x: Hidden, cache: Option<(&mut KvLayer<B>, &B::Buf)>) -> Hidden {
         // Each value is handed back to the tape (`done_with`) after its last read in this pass: it is
         // freed then unless a recorded op's backward keeps it.
         let c = &self.model.cfg;
-        let n1 = self.rmsnorm(t, x, NormRef::Attn(l));
+        let decoding = cache.is_some();
+        let (x, n1) = match x {
+            Hidden::Value(x) => (x, self.rmsnorm(t, x, NormRef::Attn(l))),
+            Hidden::Sum(a, b) => {
+                let (x, n1) = self.add_rmsnorm(t, a, b, NormRef::Attn(l));
+                t.done_with(a);
+                t.done_with(b);
+                (x, n1)
+            }
+        };
         let [q, k, v] = self.linears(t, n1, l, [Proj::Q, Proj::K, Proj::V]);
         t.done_with(n1);
         let a = match cache {
@@ -501,10 +514,13 @@ impl<'a, B: Backend> Graph<'a, B> {
         t.done_with(up);
         let d = self.linear(t, s, l, Proj::Down);
         t.done_with(s);
+        if decoding {
+            return Hidden::Sum(x2, d);
+        }
         let y = self.add(t, x2, d);
         t.done_with(x2);
         t.done_with(d);
-        y
+        Hidden::Value(y)
     }
 
     /// Embedding and every decoder layer; returns the last hidden state's id. With checkpointing
@@ -574,8 +590,13 @@ impl<'a, B: Backend> Graph<'a, B> {
 
     /// Logits `(m, vocab)` of the final hidden state `x`.
     pub fn logits(&self, t: &mut Tape<B>, x: Id) -> B::Buf {
-        let be = self.be;
         let n = self.rmsnorm(t, x, NormRef::Final);
+        self.head_logits(t, n)
+    }
+
+    /// Logits `(m, vocab)` of the final norm's output `n`.
+    fn head_logits(&self, t: &mut Tape<B>, n: Id) -> B::Buf {
+        let be = self.be;
         let head = self.model.lm_head();
         let (vocab, _) = be.weight_shape(head);
         let nv = t.get(n);
@@ -722,14 +743,44 @@ fn run_step<B: Backend>(
         dropout_seed: None,
         checkpointing: Checkpointing::Off,
     };
-    let mut x = h.clone();
+    // The hidden state between layers: each layer leaves its last residual sum (a, b) to the next
+    // layer's norm, which forms it in the same launch.
+    let (mut a, mut b) = (h.clone(), None::<B::Buf>);
     for (l, kv) in layers.iter_mut().enumerate() {
         let mut t = Tape::<B>::new(false);
-        let xi = t.put(x);
-        let y = g.layer(&mut t, l, xi, Some((kv, pos)));
-        x = t.take(y);
+        let input = match b {
+            Some(b) => Hidden::Sum(t.put(a), t.put(b)),
+            None => Hidden::Value(t.put(a)),
+        };
+        (a, b) = match g.layer(&mut t, l, input, Some((kv, pos))) {
+            Hidden::Sum(x2, d) => (t.take(x2), Some(t.take(d))),
+            Hidden::Value(y) => (t.take(y), None),
+        };
     }
+    // The final norm and the head on the last row only.
     let mut t = Tape::<B>::new(false);
-    let last = t.put(be.read_range(&x, (n - 1) * c.hidden_size, c.hidden_size));
-    be.write_range(&g.logits(&mut t, last), logits, 0);
+    let last_row = |buf: B::Buf| {
+        if n == 1 {
+            buf
+        } else {
+            be.read_range(&buf, (n - 1) * c.hidden_size, c.hidden_size)
+        }
+    };
+    let last = t.put(last_row(a));
+    let normed = match b {
+        Some(b) => {
+            let b = t.put(last_row(b));
+            g.add_rmsnorm(&mut t, last, b, NormRef::Final).1
+        }
+        None => g.rmsnorm(&mut t, last, NormRef::Final),
+    };
+    be.write_range(&g.head_logits(&mut t, normed), logits, 0);
+}
+
+/// A decoder layer's input or output: a hidden state, or (decoding) the two terms of its residual
+/// sum, which the next RMSNorm adds in the same launch ([`Backend::add_rmsnorm`]).
+#[derive(Clone, Copy)]
+enum Hidden {
+    Value(Id),
+    Sum(Id, Id),
 }
