@@ -21,7 +21,6 @@ extern "C" __global__ void scale_f32(float* x, float s, int64_t n) {
     FOR_EACH(i, n) x[i] *= s;
 }
 // out = silu(g) * u
-__device__ __forceinline__ float swiglu1(float g, float u) { return g / (1.f + expf(-g)) * u; }
 extern "C" __global__ void swiglu_f32(const float* g, const float* u, float* out, int64_t n) {
     for_each4(
         n, aligned_to(g, 16) && aligned_to(u, 16) && aligned_to(out, 16),

@@ -128,28 +128,48 @@ __device__ __forceinline__ float dot32(const uint4 u, float a, const float* lut,
     return (s0 + s1) * a;
 }
 
-template <int C, int M, bool SX, int GEMV_ROWS>
-__device__ void gemv_rows(const uint8_t* packed, const float* absmax, const uint8_t* absmax_q, const float* absmax2, const float* code256, float offset, const float* code16, int blocksize, const float* x, float* y, int m, int rows, int cols, int warp) {
+// A second 4-bit weight of the same shape and quantization (the up projection of the fused SwiGLU GEMV).
+struct Codes4 {
+    const uint8_t* packed;
+    const float* absmax;
+    const uint8_t* absmax_q;
+    const float* absmax2;
+    float offset;
+};
+
+// PAIR (the fused SwiGLU GEMV, M = 1): `rows` is the number of output pairs; a warp's first
+// GEMV_ROWS/2 rows are rows of the first weight (gate), the others the same rows of `up`, and the warp
+// writes y[i] = silu(gate_i) · up_i with both rounded to the compute dtype first, as the two GEMVs'
+// outputs and swiglu_f32 would give them (each row's sum is the same computation either way).
+template <int C, int M, bool SX, int GEMV_ROWS, bool PAIR = false>
+__device__ void gemv_rows(const uint8_t* packed, const float* absmax, const uint8_t* absmax_q, const float* absmax2, const float* code256, float offset, const float* code16, int blocksize, const float* x, float* y, int m, int rows, int cols, int warp, Codes4 up = {}) {
     __shared__ float lut[16];
     extern __shared__ float xsh[];  // SX: (cols + cols/32) floats
     const int lane = threadIdx.x % WARP;
-    const int row0 = warp * GEMV_ROWS;
+    constexpr int OWN = PAIR ? GEMV_ROWS / 2 : GEMV_ROWS;  // output rows (or pairs) per warp
+    const int row0 = warp * OWN;
     const int chunks = cols / 32;  // 16-byte code chunks per row
     // Chunk c's absmax block is c >> shift: blocksize is a power of two (the launcher checks), and a
     // runtime division per chunk and row cost ~12 instructions next to the ~100 of its dot product.
     const int shift = __ffs(blocksize / 32) - 1;
+    // Row r's weight (a compile-time choice in the unrolled loops below).
+    auto codes_of = [&](int r) { return PAIR && r >= OWN ? up.packed : packed; };
+    auto absmax_of = [&](int r, int64_t block) {
+        return PAIR && r >= OWN ? block_absmax(up.absmax, up.absmax_q, up.absmax2, code256, up.offset, block)
+                                : block_absmax(absmax, absmax_q, absmax2, code256, offset, block);
+    };
     // A row past the end re-reads the last row (its sums are never stored).
     int64_t chunk0[GEMV_ROWS];
 #pragma unroll
-    for (int r = 0; r < GEMV_ROWS; r++) chunk0[r] = (int64_t)min(row0 + r, rows - 1) * chunks;
+    for (int r = 0; r < GEMV_ROWS; r++) chunk0[r] = (int64_t)min(row0 + r % OWN, rows - 1) * chunks;
     // The first codes are requested before x is staged, so both latencies overlap.
     uint4 cur[GEMV_ROWS], nxt[GEMV_ROWS];
     float a_cur[GEMV_ROWS], a_nxt[GEMV_ROWS];  // each chunk's absmax, fetched with its codes
     if (row0 < rows && lane < chunks)
 #pragma unroll
         for (int r = 0; r < GEMV_ROWS; r++) {
-            cur[r] = load_stream(packed + (chunk0[r] + lane) * 16);
-            a_cur[r] = block_absmax(absmax, absmax_q, absmax2, code256, offset, (chunk0[r] + lane) >> shift);
+            cur[r] = load_stream(codes_of(r) + (chunk0[r] + lane) * 16);
+            a_cur[r] = absmax_of(r, (chunk0[r] + lane) >> shift);
         }
     load_lut(lut, code16);
     if (SX) {
@@ -182,8 +202,8 @@ __device__ void gemv_rows(const uint8_t* packed, const float* absmax, const uint
         if (c + WARP < chunks)
 #pragma unroll
             for (int r = 0; r < GEMV_ROWS; r++) {
-                nxt[r] = load_stream(packed + (chunk0[r] + c + WARP) * 16);
-                a_nxt[r] = block_absmax(absmax, absmax_q, absmax2, code256, offset, (chunk0[r] + c + WARP) >> shift);
+                nxt[r] = load_stream(codes_of(r) + (chunk0[r] + c + WARP) * 16);
+                a_nxt[r] = absmax_of(r, (chunk0[r] + c + WARP) >> shift);
             }
 #pragma unroll
         for (int j = 0; j < M; j++) {
@@ -207,7 +227,15 @@ __device__ void gemv_rows(const uint8_t* packed, const float* absmax, const uint
 #pragma unroll
         for (int r = 0; r < GEMV_ROWS; r++) cur[r] = nxt[r], a_cur[r] = a_nxt[r];
     }
-    store_rows<GEMV_ROWS, M>(acc, y, row0, rows, m, C);
+    if (!PAIR) {
+        store_rows<GEMV_ROWS, M>(acc, y, row0, rows, m, C);
+        return;
+    }
+#pragma unroll
+    for (int r = 0; r < OWN; r++) {
+        const float g = round_to(warp_sum(acc[r][0]), C), u = round_to(warp_sum(acc[r + OWN][0]), C);
+        if (lane == 0 && row0 + r < rows) y[row0 + r] = swiglu1(g, u);
+    }
 }
 
 // MIN_BLOCKS: the one-row kernels fit in 80 registers without spilling, so three blocks (24 warps)
@@ -226,6 +254,17 @@ GEMV_ROWS_KERNEL(gemv_4bit_rows_bf16_m1_r2, 2, 1, true, 2, 3)
 GEMV_ROWS_KERNEL(gemv_4bit_rows_f32_m8, 0, 8, false, 4, 1)
 GEMV_ROWS_KERNEL(gemv_4bit_rows_f16_m8, 1, 8, false, 4, 1)
 GEMV_ROWS_KERNEL(gemv_4bit_rows_bf16_m8, 2, 8, false, 4, 1)
+
+// Decoding's MLP without LoRA on gate/up: y = silu(x·Gᵀ) · (x·Uᵀ) for one row of x in one launch
+// (Backend::linear_swiglu) instead of two GEMVs and swiglu_f32; two pairs of rows per warp.
+#define GEMV_SWIGLU_KERNEL(name, C) \
+    extern "C" __global__ void __launch_bounds__(GEMV_THREADS, 3) name(const uint8_t* packed, const float* absmax, const uint8_t* absmax_q, const float* absmax2, const float* code256, float offset, const float* code16, int blocksize, const float* x, float* y, int m, int rows, int cols, const Codes4 up) { \
+        const int warp = (blockIdx.x * blockDim.x + threadIdx.x) / WARP; \
+        gemv_rows<C, 1, true, 4, true>(packed, absmax, absmax_q, absmax2, code256, offset, code16, blocksize, x, y, m, rows, cols, warp, up); \
+    }
+GEMV_SWIGLU_KERNEL(gemv_4bit_swiglu_f32, 0)
+GEMV_SWIGLU_KERNEL(gemv_4bit_swiglu_f16, 1)
+GEMV_SWIGLU_KERNEL(gemv_4bit_swiglu_bf16, 2)
 
 // Several weights that read the same one row of x (q/k/v, gate/up: Backend::linear_many) in one
 // launch: up to GEMV_MAX_TARGETS, each with its own codes, absmax and output, the same cols,

@@ -424,6 +424,48 @@ fn small_m_4bit_gemv_for_decoding() {
     }
 }
 
+/// Decoding's MLP products and SwiGLU in one launch (`linear_swiglu`: kernels/nf4.cu
+/// `gemv_4bit_swiglu_*`) against the two GEMVs and `swiglu` on the GPU (bit for bit) and against the
+/// CPU: the 7B gate/up, SmolLM2's, and 37 rows (the last warp's second pair past the end); plain and
+/// double-quantized absmax, NF4 and FP4, each compute dtype. Output poisoned.
+#[test]
+fn decoding_gate_up_and_swiglu_in_one_launch() {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(35);
+    for (rows, cols, qt, dq, c) in [
+        (11008, 4096, QuantType::Nf4, true, ComputeDtype::BF16),
+        (1536, 576, QuantType::Nf4, false, ComputeDtype::F16),
+        (37, 320, QuantType::Fp4, true, ComputeDtype::F32),
+    ] {
+        let label = format!("{rows}x{cols} {qt:?} dq={dq} {c:?}");
+        let host: Vec<_> = (0..2)
+            .map(|_| {
+                let q = Quant4::quantize(
+                    &rnd(&mut rng, rows * cols, 0.05),
+                    &QuantConfig { quant_type: qt, blocksize: 64, double_quant: dq, compute_dtype: c },
+                );
+                HostWeight::Quant4 { rows, cols, q, compute: c }
+            })
+            .collect();
+        let g = gpu();
+        let gw: Vec<_> = host.iter().map(|h| g.upload_weight(h.clone())).collect();
+        let x = rnd(&mut rng, cols, 1.0);
+        let gx = g.upload(&x);
+        let mut fused = poisoned(rows);
+        g.linear_swiglu(&gx, &gw[0], &gw[1], 1, &mut fused);
+        let (mut gate, mut up, mut apart) = (poisoned(rows), poisoned(rows), poisoned(rows));
+        g.linear(&gx, &gw[0], 1, &mut gate);
+        g.linear(&gx, &gw[1], 1, &mut up);
+        g.swiglu(&gate, &up, &mut apart);
+        let got = g.download(&fused);
+        check(&format!("{label} vs two GEMVs and swiglu"), &got, &g.download(&apart), 0.0);
+        let cw: Vec<_> = host.into_iter().map(|h| CPU.upload_weight(h)).collect();
+        let mut want = vec![0.0; rows];
+        CPU.linear_swiglu(&x, &cw[0], &cw[1], 1, &mut want);
+        let tol = if c == ComputeDtype::F32 { F32_TOL } else { MIXED_TOL };
+        check(&format!("{label} vs CPU"), &got, &want, tol);
+    }
+}
+
 /// Decoding's LoRA branches of projections that share x in one launch per product
 /// (`lora_forward_many`: kernels/lora.cu `gemv_f32*_many`) against one `lora_forward` each (bit for
 /// bit) and against the CPU: the 7B q and v (r = 64), SmolLM2's q/k/v, and odd sizes; 1 to 8 token

@@ -275,6 +275,15 @@ pub trait Backend {
             self.linear(x, w, m, out);
         }
     }
+    /// `out (m, rows) = silu(x · Gᵀ) · (x · Uᵀ)`: an MLP's gate and up products and [`Backend::swiglu`]
+    /// in one call where their values are not needed apart (decoding without LoRA on gate/up; CUDA:
+    /// one launch for one row of x).
+    fn linear_swiglu(&self, x: &Self::Buf, gate: &Self::Weight, up: &Self::Weight, m: usize, out: &mut Self::Buf) {
+        let rows = self.weight_shape(gate).0;
+        let (mut g, mut u) = (self.alloc_output(m * rows), self.alloc_output(m * rows));
+        self.linear_many(x, &[gate, up], m, &mut [&mut g, &mut u]);
+        self.swiglu(&g, &u, out);
+    }
     /// `dx (m, cols) (+)= dy (m, rows) · W`.
     fn linear_backward_input(&self, dy: &Self::Buf, w: &Self::Weight, m: usize, dx: &mut Self::Buf, accumulate: bool);
     /// LoRA branch: `u (m, r) = drop(x) · Aᵀ`, then `y (m, out) += scale · u · Bᵀ`.

@@ -507,11 +507,23 @@ impl<'a, B: Backend> Graph<'a, B> {
         let (x2, n2) = self.add_rmsnorm(t, x, o, NormRef::Mlp(l));
         t.done_with(x);
         t.done_with(o);
-        let [gate, up] = self.linears(t, n2, l, [Proj::Gate, Proj::Up]);
-        t.done_with(n2);
-        let s = self.swiglu(t, gate, up);
-        t.done_with(gate);
-        t.done_with(up);
+        let s = if decoding && self.lora_pair(l, Proj::Gate).is_none() && self.lora_pair(l, Proj::Up).is_none() {
+            // Nothing needs gate and up apart: the products and SwiGLU in one call.
+            let be = self.be;
+            let (wg, wu) = (self.model.proj(l, Proj::Gate), self.model.proj(l, Proj::Up));
+            let m = be.buf_len(t.get(n2)) / be.weight_shape(wg).1;
+            let mut out = be.alloc_output(m * be.weight_shape(wg).0);
+            be.linear_swiglu(t.get(n2), wg, wu, m, &mut out);
+            t.done_with(n2);
+            t.put(out)
+        } else {
+            let [gate, up] = self.linears(t, n2, l, [Proj::Gate, Proj::Up]);
+            t.done_with(n2);
+            let s = self.swiglu(t, gate, up);
+            t.done_with(gate);
+            t.done_with(up);
+            s
+        };
         let d = self.linear(t, s, l, Proj::Down);
         t.done_with(s);
         if decoding {

@@ -85,8 +85,9 @@ pub struct Cuda {
     /// [`Cuda::set_fused_lora`]: LoRA branches at training shapes on kernels/lora_fused.cu
     /// (`LLAMATUNE_FUSED_LORA=0|off` for the cuBLAS path; default on).
     fused_lora: std::sync::atomic::AtomicBool,
-    /// [`Cuda::set_gemv_many`]: products that share one row of x (q/k/v, gate/up in decoding) in one
-    /// launch of `gemv_4bit_many_*` (`LLAMATUNE_GEMV_MANY=0`: a launch per weight).
+    /// [`Cuda::set_gemv_many`]: decoding's products that share one row of x in one launch: q/k/v
+    /// (`gemv_4bit_many_*`), gate/up with SwiGLU (`gemv_4bit_swiglu_*`); `LLAMATUNE_GEMV_MANY=0`: a
+    /// launch per weight.
     gemv_many: std::sync::atomic::AtomicBool,
     /// The device runs the wgmma kernels (compute capability 9.0, built for sm_90a).
     wgmma: bool,
@@ -233,7 +234,7 @@ impl Cuda {
         for (name, hd) in [("flash_bwd_hd64", 64), ("flash_bwd_hd128", 128)] {
             funcs[name].set_attribute(attr, flash_bwd_smem(hd) as i32).map_err(dev_err)?;
         }
-        for name in GEMV_ONE_ROW.iter().chain(&GEMV_MANY) {
+        for name in GEMV_ONE_ROW.iter().chain(&GEMV_MANY).chain(&GEMV_SWIGLU) {
             funcs[*name].set_attribute(attr, GEMV_MAX_X_SMEM as i32).map_err(dev_err)?;
         }
         for v in 0..LORA_DOWN.len() {
@@ -611,6 +612,9 @@ fn kernel_names(module: &str) -> &'static [&'static str] {
             GEMV_MANY[3],
             GEMV_MANY[4],
             GEMV_MANY[5],
+            GEMV_SWIGLU[0],
+            GEMV_SWIGLU[1],
+            GEMV_SWIGLU[2],
         ],
         "lora" => &["gemv_f32", "gemv_f32_long_rows", "gemv_f32_many", "gemv_f32_long_rows_many"],
         "lora_fused" => &[
@@ -972,6 +976,68 @@ impl Backend for Cuda {
             self.gemm_rounded(w, product, out, false, "linear GEMM");
         }
     }
+    fn linear_swiglu(
+        &self,
+        x: &CudaSlice<f32>,
+        gate: &CudaWeight,
+        up: &CudaWeight,
+        m: usize,
+        out: &mut CudaSlice<f32>,
+    ) {
+        // One row of x and two 4-bit weights the staged GEMV takes alike: one launch
+        // (gemv_4bit_swiglu_*); otherwise the two products and swiglu.
+        let pair = [gate, up];
+        let fused = gate.shape() == up.shape()
+            && self.gemv_shares_x(&pair, m)
+            && self.gemv_many.load(std::sync::atomic::Ordering::Relaxed);
+        if !fused {
+            let rows = gate.shape().0;
+            let (mut g, mut u) = (self.alloc_output(m * rows), self.alloc_output(m * rows));
+            self.linear_many(x, &pair, m, &mut [&mut g, &mut u]);
+            return self.swiglu(&g, &u, out);
+        }
+        let _span = self.span("linear_swiglu (4-bit GEMV)");
+        let (
+            CudaWeight::Quant4 { rows, cols, quant_type, blocksize, compute, packed, absmax },
+            CudaWeight::Quant4 { packed: up_packed, absmax: up_absmax, .. },
+        ) = (gate, up)
+        else {
+            unreachable!("gemv_shares_x takes 4-bit weights")
+        };
+        assert!(x.len() == *cols && out.len() == *rows, "linear_swiglu: bad shapes");
+        let kernel = GEMV_SWIGLU[dtype_code(*compute) as usize];
+        // Two pairs of rows per warp.
+        let cfg = LaunchConfig {
+            grid_dim: (rows.div_ceil(GEMV_ROWS_PER_WARP / 2).div_ceil(GEMV_THREADS / 32) as u32, 1, 1),
+            block_dim: (GEMV_THREADS as u32, 1, 1),
+            shared_mem_bytes: ((cols + cols / 32) * 4) as u32,
+        };
+        let (up_codes, g) = up_packed.device_ptr(&self.stream);
+        let mut guards = vec![g];
+        let mut codes = Codes4 { packed: up_codes, ..Default::default() };
+        match up_absmax {
+            DeviceAbsmax::F32(a) => {
+                let (p, g) = a.device_ptr(&self.stream);
+                codes.absmax = p;
+                guards.push(g);
+            }
+            DeviceAbsmax::Nested { q, absmax2, offset } => {
+                let (pq, gq) = q.device_ptr(&self.stream);
+                let (p2, g2) = absmax2.device_ptr(&self.stream);
+                (codes.absmax_q, codes.absmax2, codes.offset) = (pq, p2, *offset);
+                guards.extend([gq, g2]);
+            }
+        }
+        let (bs, m32, r32, c32) = (*blocksize as i32, m as i32, *rows as i32, *cols as i32);
+        let mut b = self.stream.launch_builder(self.f(kernel));
+        self.push_4bit(&mut b, packed, absmax, *quant_type);
+        b.arg(&bs).arg(x).arg(&mut *out).arg(&m32).arg(&r32).arg(&c32).arg(&codes);
+        // SAFETY: the kernel reads both weights' codes and absmax (the up side through the addresses
+        // the guards hold) and x (cols), and writes out (rows).
+        ck!(unsafe { b.launch(cfg) }, kernel);
+        drop(guards);
+    }
+
     fn linear_backward_input(
         &self,
         dy: &CudaSlice<f32>,
@@ -1672,6 +1738,20 @@ const GEMV_MANY: [&str; 6] = [
     "gemv_4bit_many_f16_r2",
     "gemv_4bit_many_bf16_r2",
 ];
+/// The fused SwiGLU GEMV of decoding (kernels/nf4.cu `gemv_4bit_swiglu_*`), indexed by compute dtype.
+const GEMV_SWIGLU: [&str; 3] = ["gemv_4bit_swiglu_f32", "gemv_4bit_swiglu_f16", "gemv_4bit_swiglu_bf16"];
+/// The up weight of a `gemv_4bit_swiglu_*` launch: kernels/nf4.cu `Codes4`, field for field.
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct Codes4 {
+    packed: u64,
+    absmax: u64,
+    absmax_q: u64,
+    absmax2: u64,
+    offset: f32,
+}
+// SAFETY: plain old data with the layout of the kernel's parameter struct.
+unsafe impl cudarc::driver::DeviceRepr for Codes4 {}
 /// At most this many weights per `gemv_4bit_many_*` launch (kernels/nf4.cu GEMV_MAX_TARGETS).
 const GEMV_MAX_TARGETS: usize = 3;
 /// At most this many LoRA branches per `gemv_f32*_many` launch (kernels/lora.cu LORA_MAX_TARGETS).
@@ -1911,10 +1991,23 @@ impl Cuda {
         (ck!(self.stream.clone_dtoh(&loss), "download")[0], c as usize)
     }
 
-    /// Whether the products of `ws` at `m` rows can share one `gemv_4bit_many_*` launch: 2 or 3 4-bit
-    /// weights of the same cols, quant type, blocksize, compute dtype and kind of absmax, one row of x
-    /// that the staged one-row kernel takes.
+    /// Whether the products of `ws` at `m` rows can share one `gemv_4bit_many_*` launch: 2 or 3
+    /// weights [`Cuda::gemv_shares_x`] accepts, their blocks within one wave.
     fn gemv_many_fits(&self, ws: &[&CudaWeight], m: usize) -> bool {
+        // Only while all the blocks fit one wave (three per SM): one launch helps by filling the GPU
+        // where each weight alone leaves it part empty (q/k/v: 3 × 128 blocks of 4096 rows, 677 →
+        // 540 µs per 32 on the H200); past a wave it adds a tail (gate/up: 2 × 344 blocks, 972 →
+        // 984 µs per 32).
+        let blocks = self.gemv_many_blocks(ws.iter().map(|w| w.shape().0));
+        self.gemv_many.load(std::sync::atomic::Ordering::Relaxed)
+            && (2..=GEMV_MAX_TARGETS).contains(&ws.len())
+            && self.gemv_shares_x(ws, m)
+            && blocks.iter().sum::<usize>() <= GEMV_BLOCKS_PER_SM * self.sm_count
+    }
+
+    /// Whether the staged one-row GEMV can run `ws` at `m` rows in one launch: 4-bit weights of the
+    /// same cols, quant type, blocksize, compute dtype and kind of absmax, one row of x.
+    fn gemv_shares_x(&self, ws: &[&CudaWeight], m: usize) -> bool {
         let key = |w: &CudaWeight| match w {
             CudaWeight::Quant4 { cols, quant_type, blocksize, compute, absmax, .. } => {
                 Some((*cols, *quant_type, *blocksize, *compute, matches!(absmax, DeviceAbsmax::Nested { .. })))
@@ -1923,19 +2016,11 @@ impl Cuda {
         };
         let Some(first) = ws.first().and_then(|w| key(w)) else { return false };
         let (cols, _, blocksize, _, _) = first;
-        // Only while all the blocks fit one wave (three per SM): one launch helps by filling the GPU
-        // where each weight alone leaves it part empty (q/k/v: 3 × 128 blocks of 4096 rows, 677 →
-        // 540 µs per 32 on the H200); past a wave it adds a tail (gate/up: 2 × 344 blocks, 972 →
-        // 984 µs per 32).
-        let blocks = self.gemv_many_blocks(ws.iter().map(|w| w.shape().0));
-        self.gemv_many.load(std::sync::atomic::Ordering::Relaxed)
-            && m == 1
-            && (2..=GEMV_MAX_TARGETS).contains(&ws.len())
+        m == 1
             && ws.iter().all(|w| key(w) == Some(first))
             && cols % 32 == 0
             && scale_per_32_values(blocksize)
             && (cols + cols / 32) * 4 <= GEMV_MAX_X_SMEM
-            && blocks.iter().sum::<usize>() <= GEMV_BLOCKS_PER_SM * self.sm_count
     }
 
     /// Each weight's blocks in a `gemv_4bit_many_*` launch over weights of these row counts, and the
@@ -2034,7 +2119,7 @@ impl Cuda {
         ck!(self.stream.alloc_zeros::<bf16>(n.max(1)), "alloc")
     }
 
-    /// Turns the several-weight decoding GEMV on or off (off: one launch per weight).
+    /// Turns the several-weight decoding GEMVs on or off (off: one launch per weight, SwiGLU apart).
     pub fn set_gemv_many(&self, on: bool) {
         self.gemv_many.store(on, std::sync::atomic::Ordering::Relaxed);
     }
