@@ -53,12 +53,16 @@ extern "C" __global__ void add_rmsnorm_f32(const float* a, const float* b, const
     normalize_row(sum + off, w, out + off, rstd, ss, dim, eps);
 }
 
-// dx = r·(dy·w − x·r²·mean(dy·w·x))
-extern "C" __global__ void rmsnorm_backward_f32(const float* x, const float* w, const float* rstd, const float* dy, float* dx, int dim) {
+// dx (+)= r·(dy·w − x·r²·mean(dy·w·x)); accumulate: added to the gradient already in dx (the residual
+// stream's), instead of a separate add_assign pass over it; the sum is rounded once, as that pass did.
+extern "C" __global__ void rmsnorm_backward_f32(const float* x, const float* w, const float* rstd, const float* dy, float* dx, int dim, int accumulate) {
     const int64_t off = (int64_t)blockIdx.x * dim;
     const float r = rstd[blockIdx.x];
     float dot = 0.f;
     for (int j = threadIdx.x; j < dim; j += blockDim.x) dot += dy[off + j] * w[j] * x[off + j];
     dot = block_sum(dot) / dim;
-    for (int j = threadIdx.x; j < dim; j += blockDim.x) dx[off + j] = r * (dy[off + j] * w[j] - x[off + j] * r * r * dot);
+    for (int j = threadIdx.x; j < dim; j += blockDim.x) {
+        const float d = r * (dy[off + j] * w[j] - x[off + j] * r * r * dot);
+        dx[off + j] = accumulate ? __fadd_rn(dx[off + j], d) : d;
+    }
 }

@@ -178,6 +178,14 @@ impl<B: Backend> Tape<B> {
         if let Some((root, grad)) = seed {
             dv[root] = Some(grad);
         }
+        // The gradient buffer of `id` for an op to write (`false`: a new one) or add into (`true`: the
+        // gradient already there), instead of writing a new one and adding it in a second pass.
+        fn grad_slot<B: Backend>(be: &B, dv: &mut [Option<B::Buf>], id: Id, n: usize) -> (B::Buf, bool) {
+            match dv[id].take() {
+                Some(cur) => (cur, true),
+                None => (be.alloc_output(n), false),
+            }
+        }
         // Adds `d` into the gradient slot of `id`.
         fn acc<B: Backend>(be: &B, dv: &mut [Option<B::Buf>], id: Id, d: B::Buf) {
             match &mut dv[id] {
@@ -212,10 +220,11 @@ impl<B: Backend> Tape<B> {
                 Op::RmsNorm { x, norm, rstd, out } => {
                     if let Some(d) = dv[out].take() {
                         let xv = self.get(x);
-                        let mut dx = be.alloc_output(be.buf_len(xv));
                         let w = g.norm_weight(norm);
-                        be.rmsnorm_backward(xv, w, self.get(rstd), &d, be.buf_len(w), &mut dx);
-                        acc(be, &mut dv, x, dx);
+                        // Added straight into a gradient x already has (the residual stream's).
+                        let (mut dx, accumulate) = grad_slot(be, &mut dv, x, be.buf_len(xv));
+                        be.rmsnorm_backward(xv, w, self.get(rstd), &d, be.buf_len(w), &mut dx, accumulate);
+                        dv[x] = Some(dx);
                     }
                 }
                 Op::Linear { x, layer, proj, out, lora } => {
@@ -223,8 +232,9 @@ impl<B: Backend> Tape<B> {
                         let w = g.model.proj(layer, proj);
                         let (rows, cols) = be.weight_shape(w);
                         let m = be.buf_len(&d) / rows;
-                        let mut dx = be.alloc_output(m * cols);
-                        be.linear_backward_input(&d, w, m, &mut dx, false);
+                        // Added straight into a gradient x already has (q/k/v and gate/up share x).
+                        let (mut dx, accumulate) = grad_slot(be, &mut dv, x, m * cols);
+                        be.linear_backward_input(&d, w, m, &mut dx, accumulate);
                         if let Some((u, dropout)) = lora {
                             let pair = g.lora_pair(layer, proj).expect("LoRA op without adapter");
                             let gp = grads.layers[layer][proj as usize].as_mut().expect("LoRA grads missing");
@@ -243,7 +253,7 @@ impl<B: Backend> Tape<B> {
                                 &mut dx,
                             );
                         }
-                        acc(be, &mut dv, x, dx);
+                        dv[x] = Some(dx);
                     }
                 }
                 Op::Rope { x, out, heads } => {

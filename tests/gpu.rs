@@ -116,10 +116,17 @@ fn elementwise_norm_rope_swiglu() {
             }
         }
         let mut d1 = vec![0.0; n];
-        CPU.rmsnorm_backward(&x, &w, &r1, &y, h, &mut d1);
+        CPU.rmsnorm_backward(&x, &w, &r1, &y, h, &mut d1, false);
         let mut d2 = poisoned(n);
-        gpu().rmsnorm_backward(&gx, &gw, &r2, &gy, h, &mut d2);
+        gpu().rmsnorm_backward(&gx, &gw, &r2, &gy, h, &mut d2, false);
         check(&format!("{} rmsnorm backward", s.name), &gpu().download(&d2), &d1, F32_TOL);
+        // Accumulating into a gradient already there.
+        let prior = rnd(&mut rng, n, 1.0);
+        let mut d1 = prior.clone();
+        CPU.rmsnorm_backward(&x, &w, &r1, &y, h, &mut d1, true);
+        let mut d2 = gpu().upload(&prior);
+        gpu().rmsnorm_backward(&gx, &gw, &r2, &gy, h, &mut d2, true);
+        check(&format!("{} rmsnorm backward, accumulated", s.name), &gpu().download(&d2), &d1, F32_TOL);
         // swiglu fwd/bwd
         let f = M * s.ffn;
         let (g, u, dy) = (rnd(&mut rng, f, 4.0), rnd(&mut rng, f, 1.0), rnd(&mut rng, f, 1.0));

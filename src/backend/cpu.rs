@@ -259,7 +259,16 @@ impl<T: Real> Backend for Cpu<T> {
             }
         }
     }
-    fn rmsnorm_backward(&self, x: &Vec<T>, w: &Vec<T>, rstd: &Vec<T>, dout: &Vec<T>, dim: usize, dx: &mut Vec<T>) {
+    fn rmsnorm_backward(
+        &self,
+        x: &Vec<T>,
+        w: &Vec<T>,
+        rstd: &Vec<T>,
+        dout: &Vec<T>,
+        dim: usize,
+        dx: &mut Vec<T>,
+        accumulate: bool,
+    ) {
         // y = x·r·w with r = (mean x² + eps)^-1/2  ⇒  dx = r·(g − x·r²·mean(g·x)), g = dy·w.
         let m = x.len() / dim;
         for i in 0..m {
@@ -268,7 +277,8 @@ impl<T: Real> Backend for Cpu<T> {
             let dys = &dout[i * dim..(i + 1) * dim];
             let dot = (0..dim).map(|j| dys[j] * w[j] * xs[j]).sum::<T>() / T::of(dim as f64);
             for j in 0..dim {
-                dx[i * dim + j] = r * (dys[j] * w[j] - xs[j] * r * r * dot);
+                let d = r * (dys[j] * w[j] - xs[j] * r * r * dot);
+                dx[i * dim + j] = if accumulate { dx[i * dim + j] + d } else { d };
             }
         }
     }

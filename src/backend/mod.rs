@@ -254,7 +254,9 @@ pub trait Backend {
         self.add(a, b, sum);
         self.rmsnorm(sum, w, dim, eps, out, rstd);
     }
-    /// Input gradient of RMSNorm (the norm weight is frozen).
+    /// Input gradient of RMSNorm (the norm weight is frozen), written into `dx` or, with
+    /// `accumulate`, added to it (the residual stream's gradient already there).
+    #[allow(clippy::too_many_arguments)]
     fn rmsnorm_backward(
         &self,
         x: &Self::Buf,
@@ -263,6 +265,7 @@ pub trait Backend {
         dout: &Self::Buf,
         dim: usize,
         dx: &mut Self::Buf,
+        accumulate: bool,
     );
     /// `out (m, rows) = x (m, cols) · Wᵀ`.
     fn linear(&self, x: &Self::Buf, w: &Self::Weight, m: usize, out: &mut Self::Buf);

@@ -928,12 +928,13 @@ impl Backend for Cuda {
         dout: &CudaSlice<f32>,
         dim: usize,
         dx: &mut CudaSlice<f32>,
+        accumulate: bool,
     ) {
         let _span = self.span("rmsnorm_backward");
         let m = x.len() / dim;
         let cfg = LaunchConfig { grid_dim: (m as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
-        let dim32 = dim as i32;
-        launch!(self, "rmsnorm_backward_f32", cfg; x, w, rstd, dout, dx, &dim32);
+        let (dim32, accumulate32) = (dim as i32, accumulate as i32);
+        launch!(self, "rmsnorm_backward_f32", cfg; x, w, rstd, dout, dx, &dim32, &accumulate32);
     }
 
     fn linear(&self, x: &CudaSlice<f32>, w: &CudaWeight, m: usize, out: &mut CudaSlice<f32>) {
