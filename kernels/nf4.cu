@@ -128,7 +128,9 @@ __device__ __forceinline__ float dot32(const uint4 u, float a, const float* lut,
     return (s0 + s1) * a;
 }
 
-// A second 4-bit weight of the same shape and quantization (the up projection of the fused SwiGLU GEMV).
+// A 4-bit weight's codes and absmax (plain, or double-quantized codes + per-256 scales + offset; the
+// unused side null), passed by value: the up projection of the fused SwiGLU GEMV, each weight of the
+// several-weight one.
 struct Codes4 {
     const uint8_t* packed;
     const float* absmax;
@@ -274,12 +276,8 @@ GEMV_SWIGLU_KERNEL(gemv_4bit_swiglu_bf16, 2)
 // against 50% for 11008 rows, session 5); three in one launch fill the GPU like one large one.
 #define GEMV_MAX_TARGETS 3
 struct GemvTarget {
-    const uint8_t* packed;
-    const float* absmax;      // plain absmax, or null
-    const uint8_t* absmax_q;  // double-quantized absmax codes, or null
-    const float* absmax2;
-    float* y;                 // (1, rows)
-    float offset;
+    Codes4 w;
+    float* y;  // (1, rows)
     int rows;
     int first_block;
 };
@@ -294,7 +292,7 @@ struct GemvTargets {
         GemvTarget t = ts.t[0]; \
         _Pragma("unroll") for (int k = 1; k < GEMV_MAX_TARGETS; k++) if (k < ts.count && (int)blockIdx.x >= ts.t[k].first_block) t = ts.t[k]; \
         const int warp = (((int)blockIdx.x - t.first_block) * blockDim.x + threadIdx.x) / WARP; \
-        gemv_rows<C, 1, true, R>(t.packed, t.absmax, t.absmax_q, t.absmax2, code256, t.offset, code16, blocksize, x, t.y, 1, t.rows, cols, warp); \
+        gemv_rows<C, 1, true, R>(t.w.packed, t.w.absmax, t.w.absmax_q, t.w.absmax2, code256, t.w.offset, code16, blocksize, x, t.y, 1, t.rows, cols, warp); \
     }
 GEMV_MANY_KERNEL(gemv_4bit_many_f32, 0, 4)
 GEMV_MANY_KERNEL(gemv_4bit_many_f16, 1, 4)

@@ -1013,22 +1013,8 @@ impl Backend for Cuda {
             block_dim: (GEMV_THREADS as u32, 1, 1),
             shared_mem_bytes: ((cols + cols / 32) * 4) as u32,
         };
-        let (up_codes, g) = up_packed.device_ptr(&self.stream);
-        let mut guards = vec![g];
-        let mut codes = Codes4 { packed: up_codes, ..Default::default() };
-        match up_absmax {
-            DeviceAbsmax::F32(a) => {
-                let (p, g) = a.device_ptr(&self.stream);
-                codes.absmax = p;
-                guards.push(g);
-            }
-            DeviceAbsmax::Nested { q, absmax2, offset } => {
-                let (pq, gq) = q.device_ptr(&self.stream);
-                let (p2, g2) = absmax2.device_ptr(&self.stream);
-                (codes.absmax_q, codes.absmax2, codes.offset) = (pq, p2, *offset);
-                guards.extend([gq, g2]);
-            }
-        }
+        let mut guards = Vec::new();
+        let codes = self.codes4(up_packed, up_absmax, &mut guards);
         let (bs, m32, r32, c32) = (*blocksize as i32, m as i32, *rows as i32, *cols as i32);
         let mut b = self.stream.launch_builder(self.f(kernel));
         self.push_4bit(&mut b, packed, absmax, *quant_type);
@@ -1741,7 +1727,8 @@ const GEMV_MANY: [&str; 6] = [
 ];
 /// The fused SwiGLU GEMV of decoding (kernels/nf4.cu `gemv_4bit_swiglu_*`), indexed by compute dtype.
 const GEMV_SWIGLU: [&str; 3] = ["gemv_4bit_swiglu_f32", "gemv_4bit_swiglu_f16", "gemv_4bit_swiglu_bf16"];
-/// The up weight of a `gemv_4bit_swiglu_*` launch: kernels/nf4.cu `Codes4`, field for field.
+/// A 4-bit weight's codes and absmax as device addresses: kernels/nf4.cu `Codes4`, field for field
+/// (the up weight of a `gemv_4bit_swiglu_*` launch, each weight of a `gemv_4bit_many_*` one).
 #[repr(C)]
 #[derive(Clone, Copy, Default)]
 struct Codes4 {
@@ -1788,12 +1775,8 @@ const GEMV_BLOCKS_PER_SM: usize = 3;
 #[repr(C)]
 #[derive(Clone, Copy, Default)]
 struct GemvTarget {
-    packed: u64,
-    absmax: u64,
-    absmax_q: u64,
-    absmax2: u64,
+    w: Codes4,
     y: u64,
-    offset: f32,
     rows: i32,
     first_block: i32,
 }
@@ -2059,22 +2042,7 @@ impl Cuda {
             kernel = GEMV_MANY[if two_rows { 3 } else { 0 } + dtype_code(*compute) as usize];
             (c32, bs) = (*cols as i32, *blocksize as i32);
             let t = &mut targets.t[i];
-            let (p, g) = packed.device_ptr(&self.stream);
-            (t.packed, t.rows, t.first_block) = (p, *rows as i32, blocks as i32);
-            read_guards.push(g);
-            match absmax {
-                DeviceAbsmax::F32(a) => {
-                    let (p, g) = a.device_ptr(&self.stream);
-                    t.absmax = p;
-                    read_guards.push(g);
-                }
-                DeviceAbsmax::Nested { q, absmax2, offset } => {
-                    let (pq, gq) = q.device_ptr(&self.stream);
-                    let (p2, g2) = absmax2.device_ptr(&self.stream);
-                    (t.absmax_q, t.absmax2, t.offset) = (pq, p2, *offset);
-                    read_guards.extend([gq, g2]);
-                }
-            }
+            (t.w, t.rows, t.first_block) = (self.codes4(packed, absmax, &mut read_guards), *rows as i32, blocks as i32);
             let (py, gy) = out.device_ptr_mut(&self.stream);
             t.y = py;
             write_guards.push(gy);
@@ -2118,6 +2086,33 @@ impl Cuda {
     /// A zeroed bf16 buffer of `n` values on the device.
     pub fn zeros_bf16(&self, n: usize) -> CudaSlice<bf16> {
         ck!(self.stream.alloc_zeros::<bf16>(n.max(1)), "alloc")
+    }
+
+    /// A 4-bit weight's device addresses as the kernels' `Codes4` takes them; `guards` keeps them valid
+    /// and the stream ordered until the launch that reads them is queued.
+    fn codes4<'a>(
+        &'a self,
+        packed: &'a CudaSlice<u8>,
+        absmax: &'a DeviceAbsmax,
+        guards: &mut Vec<cudarc::driver::SyncOnDrop<'a>>,
+    ) -> Codes4 {
+        let (p, g) = packed.device_ptr(&self.stream);
+        guards.push(g);
+        let mut codes = Codes4 { packed: p, ..Default::default() };
+        match absmax {
+            DeviceAbsmax::F32(a) => {
+                let (p, g) = a.device_ptr(&self.stream);
+                codes.absmax = p;
+                guards.push(g);
+            }
+            DeviceAbsmax::Nested { q, absmax2, offset } => {
+                let (pq, gq) = q.device_ptr(&self.stream);
+                let (p2, g2) = absmax2.device_ptr(&self.stream);
+                (codes.absmax_q, codes.absmax2, codes.offset) = (pq, p2, *offset);
+                guards.extend([gq, g2]);
+            }
+        }
+        codes
     }
 
     /// Turns the several-weight decoding GEMVs on or off (off: one launch per weight, SwiGLU apart).
