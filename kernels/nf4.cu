@@ -268,12 +268,13 @@ GEMV_SWIGLU_KERNEL(gemv_4bit_swiglu_f32, 0)
 GEMV_SWIGLU_KERNEL(gemv_4bit_swiglu_f16, 1)
 GEMV_SWIGLU_KERNEL(gemv_4bit_swiglu_bf16, 2)
 
-// Several weights that read the same one row of x (q/k/v, gate/up: Backend::linear_many) in one
+// Several weights that read the same one row of x (decoding's q/k/v: Backend::linear_many) in one
 // launch: up to GEMV_MAX_TARGETS, each with its own codes, absmax and output, the same cols,
 // blocksize, quant type and compute dtype. Each weight owns a run of whole blocks (`first_block`), so
 // a block works on one weight, and the products are those of one gemv_4bit_rows_*_m1 launch per
 // weight. Why: a 4096-row decoding GEMV is a third launch latency and tail (36% of copy bandwidth
-// against 50% for 11008 rows, session 5); three in one launch fill the GPU like one large one.
+// against 50% for 11008 rows, session 5); three in one launch fill the GPU like one large one. The
+// launcher takes it only while all blocks fit one wave (Cuda::gemv_many_fits).
 #define GEMV_MAX_TARGETS 3
 struct GemvTarget {
     Codes4 w;
