@@ -37,9 +37,11 @@ def main():
         with torch.no_grad():
             F.scaled_dot_product_attention(q, k, v, is_causal=True)
 
+    # As for the cross-entropy below: autograd.grad, so no run adds its gradients into the .grad of
+    # the runs before it (sessions before 2026-11-28h timed that extra pass too).
     def attn_fwd_bwd():
         o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        o.backward(dout)
+        torch.autograd.grad(o, (q, k, v), dout)
 
     rows, vocab = 2048, 32000
     logits = (torch.randn(rows, vocab, device=dev) * 4).requires_grad_(True)
@@ -47,7 +49,7 @@ def main():
 
     # autograd.grad returns the gradient without adding it into logits.grad: `.backward()` would
     # accumulate into the .grad of earlier runs, an extra pass over 2048 × 32000 that is not the
-    # cross-entropy's (sessions before 2026-11-28h timed it so).
+    # cross-entropy's.
     def ce():
         torch.autograd.grad(F.cross_entropy(logits, targets), logits)
 
