@@ -282,10 +282,7 @@ pub trait Backend {
     /// in one call where their values are not needed apart (decoding without LoRA on gate/up; CUDA:
     /// one launch for one row of x).
     fn linear_swiglu(&self, x: &Self::Buf, gate: &Self::Weight, up: &Self::Weight, m: usize, out: &mut Self::Buf) {
-        let rows = self.weight_shape(gate).0;
-        let (mut g, mut u) = (self.alloc_output(m * rows), self.alloc_output(m * rows));
-        self.linear_many(x, &[gate, up], m, &mut [&mut g, &mut u]);
-        self.swiglu(&g, &u, out);
+        linear_swiglu_composed(self, x, gate, up, m, out);
     }
     /// `dx (m, cols) (+)= dy (m, rows) · W`.
     fn linear_backward_input(&self, dy: &Self::Buf, w: &Self::Weight, m: usize, dx: &mut Self::Buf, accumulate: bool);
@@ -500,6 +497,22 @@ pub trait Backend {
     }
     /// Runs a recording once, on the buffers it was recorded with.
     fn replay(&self, _r: &Self::Recording) {}
+}
+
+/// [`Backend::linear_swiglu`] from the backend's `linear_many` and `swiglu` (its default, and a
+/// backend's fallback).
+pub fn linear_swiglu_composed<B: Backend + ?Sized>(
+    be: &B,
+    x: &B::Buf,
+    gate: &B::Weight,
+    up: &B::Weight,
+    m: usize,
+    out: &mut B::Buf,
+) {
+    let rows = be.weight_shape(gate).0;
+    let (mut g, mut u) = (be.alloc_output(m * rows), be.alloc_output(m * rows));
+    be.linear_many(x, &[gate, up], m, &mut [&mut g, &mut u]);
+    be.swiglu(&g, &u, out);
 }
 
 /// [`Backend::lm_head_cross_entropy`] from the backend's `linear`, `cross_entropy` and

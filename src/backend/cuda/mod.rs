@@ -992,10 +992,7 @@ impl Backend for Cuda {
             && self.gemv_shares_x(&pair, m)
             && self.gemv_many.load(std::sync::atomic::Ordering::Relaxed);
         if !fused {
-            let rows = gate.shape().0;
-            let (mut g, mut u) = (self.alloc_output(m * rows), self.alloc_output(m * rows));
-            self.linear_many(x, &pair, m, &mut [&mut g, &mut u]);
-            return self.swiglu(&g, &u, out);
+            return super::linear_swiglu_composed(self, x, gate, up, m, out);
         }
         let _span = self.span("linear_swiglu (4-bit GEMV)");
         let (
@@ -1851,6 +1848,11 @@ enum XentGrad<'a> {
     BF16(&'a mut CudaSlice<bf16>),
     F16(&'a mut CudaSlice<f16>),
 }
+/// The index into [`XENT_REG`] (and [`XENT_STREAM`]) whose kernels hold a row of `vocab` logits in
+/// registers: the fewest values per thread that cover it, if any does.
+fn xent_reg_index(vocab: usize) -> Option<usize> {
+    XENT_REG_VALUES.iter().position(|&v| vocab <= XENT_REG_THREADS * v)
+}
 /// Dynamic shared memory of `XENT_STREAM[i]`: one row of its largest vocabulary in f32.
 fn xent_stream_smem(i: usize) -> usize {
     XENT_REG_THREADS * XENT_REG_VALUES[i] * 4
@@ -1916,7 +1918,7 @@ impl Cuda {
     /// The index into [`XENT_STREAM`]'s kernels that takes a row of `vocab` logits, when one does
     /// (the row fits 1024 threads × 8, 16 or 32 values, 16-byte copies, the device's shared memory).
     fn xent_stream_index(&self, vocab: usize) -> Option<usize> {
-        let i = XENT_REG_VALUES.iter().position(|&v| vocab <= XENT_REG_THREADS * v)?;
+        let i = xent_reg_index(vocab)?;
         (self.xent_stream[i] && vocab % 4 == 0).then_some(i)
     }
 
@@ -1960,7 +1962,7 @@ impl Cuda {
                 }
             }
             (None, XentGrad::F32(dlogits)) => {
-                let (kernel, threads) = match XENT_REG_VALUES.iter().position(|&v| vocab <= XENT_REG_THREADS * v) {
+                let (kernel, threads) = match xent_reg_index(vocab) {
                     Some(i) => (XENT_REG[i], XENT_REG_THREADS),
                     None => ("cross_entropy_f32", 256),
                 };
@@ -1982,11 +1984,11 @@ impl Cuda {
         // where each weight alone leaves it part empty (q/k/v: 3 × 128 blocks of 4096 rows, 677 →
         // 540 µs per 32 on the H200); past a wave it adds a tail (gate/up: 2 × 344 blocks, 972 →
         // 984 µs per 32).
-        let blocks = self.gemv_many_blocks(ws.iter().map(|w| w.shape().0));
         self.gemv_many.load(std::sync::atomic::Ordering::Relaxed)
             && (2..=GEMV_MAX_TARGETS).contains(&ws.len())
             && self.gemv_shares_x(ws, m)
-            && blocks.iter().sum::<usize>() <= GEMV_BLOCKS_PER_SM * self.sm_count
+            && self.gemv_many_blocks(ws.iter().map(|w| w.shape().0)).iter().sum::<usize>()
+                <= GEMV_BLOCKS_PER_SM * self.sm_count
     }
 
     /// Whether the staged one-row GEMV can run `ws` at `m` rows in one launch: 4-bit weights of the
@@ -2024,48 +2026,41 @@ impl Cuda {
     /// `outs[i] (1, rows_i) = x (1, cols) · dequant(W_i)ᵀ` for the weights [`Cuda::gemv_many_fits`]
     /// accepts, in one launch: the products of [`Cuda::gemv_4bit`] on each.
     fn gemv_4bit_many(&self, x: &CudaSlice<f32>, ws: &[&CudaWeight], outs: &mut [&mut CudaSlice<f32>]) {
-        let total_rows: usize = ws.iter().map(|w| w.shape().0).sum();
-        let two_rows = Self::gemv_many_rows_per_warp(total_rows) == 2;
-        let blocks_of = self.gemv_many_blocks(ws.iter().map(|w| w.shape().0));
+        // gemv_many_fits checked that the weights differ only in their rows and data.
+        let CudaWeight::Quant4 { cols, quant_type, blocksize, compute, .. } = ws[0] else {
+            unreachable!("gemv_many_fits takes 4-bit weights")
+        };
+        let rows: Vec<usize> = ws.iter().map(|w| w.shape().0).collect();
+        let two_rows = Self::gemv_many_rows_per_warp(rows.iter().sum()) == 2;
+        let kernel = GEMV_MANY[if two_rows { 3 } else { 0 } + dtype_code(*compute) as usize];
         let mut targets = GemvTargets { count: ws.len() as i32, ..Default::default() };
         // The device addresses stay valid, and the stream ordered, while these guards live.
-        let mut read_guards = Vec::new();
-        let mut write_guards = Vec::new();
-        let mut blocks = 0;
-        let mut kernel = "";
-        let (mut c32, mut bs) = (0, 0);
+        let mut guards = Vec::new();
+        let mut first_block = 0;
+        let blocks_of = self.gemv_many_blocks(rows.iter().copied());
         for (i, (w, out)) in ws.iter().zip(outs.iter_mut()).enumerate() {
-            let CudaWeight::Quant4 { rows, cols, blocksize, compute, packed, absmax, .. } = w else {
+            let CudaWeight::Quant4 { packed, absmax, .. } = w else {
                 unreachable!("gemv_many_fits takes 4-bit weights")
             };
-            assert!(x.len() == *cols && out.len() == *rows, "linear: bad shapes");
-            kernel = GEMV_MANY[if two_rows { 3 } else { 0 } + dtype_code(*compute) as usize];
-            (c32, bs) = (*cols as i32, *blocksize as i32);
-            let t = &mut targets.t[i];
-            (t.w, t.rows, t.first_block) = (self.codes4(packed, absmax, &mut read_guards), *rows as i32, blocks as i32);
-            let (py, gy) = out.device_ptr_mut(&self.stream);
-            t.y = py;
-            write_guards.push(gy);
-            blocks += blocks_of[i];
+            assert!(x.len() == *cols && out.len() == rows[i], "linear: bad shapes");
+            let codes = self.codes4(packed, absmax, &mut guards);
+            let (y, gy) = out.device_ptr_mut(&self.stream);
+            guards.push(gy);
+            targets.t[i] = GemvTarget { w: codes, y, rows: rows[i] as i32, first_block: first_block as i32 };
+            first_block += blocks_of[i];
         }
-        let quant_type = match ws[0] {
-            CudaWeight::Quant4 { quant_type, .. } => *quant_type,
-            CudaWeight::Dense { .. } => unreachable!("gemv_many_fits takes 4-bit weights"),
-        };
-        let cols = x.len();
         let cfg = LaunchConfig {
-            grid_dim: (blocks as u32, 1, 1),
+            grid_dim: (first_block as u32, 1, 1),
             block_dim: (GEMV_THREADS as u32, 1, 1),
             shared_mem_bytes: ((cols + cols / 32) * 4) as u32,
         };
-        let code16 = if quant_type == QuantType::Nf4 { &self.nf4 } else { &self.fp4 };
+        let (bs, c32) = (*blocksize as i32, *cols as i32);
         let mut b = self.stream.launch_builder(self.f(kernel));
-        b.arg(&targets).arg(&self.code256).arg(code16).arg(&bs).arg(x).arg(&c32);
+        b.arg(&targets).arg(&self.code256).arg(self.code16(*quant_type)).arg(&bs).arg(x).arg(&c32);
         // SAFETY: each target's codes, absmax and output are the live buffers whose addresses the
         // guards above hold; the kernel reads x (cols) and writes each output's `rows` values.
         ck!(unsafe { b.launch(cfg) }, kernel);
-        drop(write_guards);
-        drop(read_guards);
+        drop(guards);
     }
 
     /// [`Backend::cross_entropy`] with the gradient written in bf16 by the streaming kernel (what
@@ -2138,7 +2133,16 @@ impl Cuda {
                 b.arg(&NULL_PTR).arg(q).arg(absmax2).arg(&self.code256).arg(offset)
             }
         };
-        b.arg(if quant_type == QuantType::Nf4 { &self.nf4 } else { &self.fp4 });
+        b.arg(self.code16(quant_type));
+    }
+
+    /// The 16-entry code table of a 4-bit quant type on the device.
+    fn code16(&self, quant_type: QuantType) -> &CudaSlice<f32> {
+        if quant_type == QuantType::Nf4 {
+            &self.nf4
+        } else {
+            &self.fp4
+        }
     }
 
     /// The fused 4-bit matmul (kernels/nf4_gemm.cu): `out (m, rows) = a (m, cols) · Wᵀ`, or with
