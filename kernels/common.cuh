@@ -76,6 +76,19 @@ template <int N> __device__ __forceinline__ void cp_async_wait() { asm volatile(
 // SwiGLU of one element: silu(g) · u (elementwise.cu's swiglu_f32 and nf4.cu's fused decoding GEMV).
 __device__ __forceinline__ float swiglu1(float g, float u) { return g / (1.f + expf(-g)) * u; }
 
+// The target of a several-target launch that owns this block: each target (a struct with a
+// `first_block` field) owns the run of blocks from its first_block to the next one's, and the first
+// `count` targets are in use. Constant indices only: a runtime index into a kernel's parameter struct
+// would copy the struct to local memory. (nf4.cu's several-weight GEMV, lora.cu's LoRA branches.)
+template <typename Target, int N>
+__device__ __forceinline__ Target block_target(const Target (&targets)[N], int count) {
+    Target t = targets[0];
+#pragma unroll
+    for (int k = 1; k < N; k++)
+        if (k < count && (int)blockIdx.x >= targets[k].first_block) t = targets[k];
+    return t;
+}
+
 // Grid-stride loop over n elements.
 #define FOR_EACH(i, n) for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < (int64_t)(n); i += (int64_t)gridDim.x * blockDim.x)
 

@@ -85,21 +85,12 @@ struct GemvF32Targets {
     GemvF32Target t[LORA_MAX_TARGETS];
     int count;
 };
-// The target that owns this block (constant indices only: a runtime index into the parameter struct
-// would copy it to local memory).
-__device__ __forceinline__ GemvF32Target block_target(const GemvF32Targets& ts) {
-    GemvF32Target t = ts.t[0];
-#pragma unroll
-    for (int k = 1; k < LORA_MAX_TARGETS; k++)
-        if (k < ts.count && (int)blockIdx.x >= ts.t[k].first_block) t = ts.t[k];
-    return t;
-}
 extern "C" __global__ void gemv_f32_many(const GemvF32Targets ts, int m, int cols, float alpha, int accumulate) {
-    const GemvF32Target t = block_target(ts);
+    const GemvF32Target t = block_target(ts.t, ts.count);
     const int row = (((int)blockIdx.x - t.first_block) * blockDim.x + threadIdx.x) / WARP;
     gemv_f32_row(t.w, t.x, t.y, m, t.rows, cols, alpha, accumulate, row);
 }
 extern "C" __global__ void gemv_f32_long_rows_many(const GemvF32Targets ts, int m, int cols, float alpha, int accumulate) {
-    const GemvF32Target t = block_target(ts);
+    const GemvF32Target t = block_target(ts.t, ts.count);
     gemv_f32_long_row(t.w, t.x, t.y, m, t.rows, cols, alpha, accumulate, (int)blockIdx.x - t.first_block);
 }

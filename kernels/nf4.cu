@@ -229,14 +229,14 @@ __device__ void gemv_rows(const uint8_t* packed, const float* absmax, const uint
 #pragma unroll
         for (int r = 0; r < GEMV_ROWS; r++) cur[r] = nxt[r], a_cur[r] = a_nxt[r];
     }
-    if (!PAIR) {
-        store_rows<GEMV_ROWS, M>(acc, y, row0, rows, m, C);
-        return;
-    }
+    if constexpr (PAIR) {
 #pragma unroll
-    for (int r = 0; r < OWN; r++) {
-        const float g = round_to(warp_sum(acc[r][0]), C), u = round_to(warp_sum(acc[r + OWN][0]), C);
-        if (lane == 0 && row0 + r < rows) y[row0 + r] = swiglu1(g, u);
+        for (int r = 0; r < OWN; r++) {
+            const float g = round_to(warp_sum(acc[r][0]), C), u = round_to(warp_sum(acc[r + OWN][0]), C);
+            if (lane == 0 && row0 + r < rows) y[row0 + r] = swiglu1(g, u);
+        }
+    } else {
+        store_rows<GEMV_ROWS, M>(acc, y, row0, rows, m, C);
     }
 }
 
@@ -289,9 +289,7 @@ struct GemvTargets {
 
 #define GEMV_MANY_KERNEL(name, C, R) \
     extern "C" __global__ void __launch_bounds__(GEMV_THREADS, 3) name(const GemvTargets ts, const float* code256, const float* code16, int blocksize, const float* x, int cols) { \
-        /* Constant indices only: a runtime index into the parameter struct would copy it to local memory. */ \
-        GemvTarget t = ts.t[0]; \
-        _Pragma("unroll") for (int k = 1; k < GEMV_MAX_TARGETS; k++) if (k < ts.count && (int)blockIdx.x >= ts.t[k].first_block) t = ts.t[k]; \
+        const GemvTarget t = block_target(ts.t, ts.count); \
         const int warp = (((int)blockIdx.x - t.first_block) * blockDim.x + threadIdx.x) / WARP; \
         gemv_rows<C, 1, true, R>(t.w.packed, t.w.absmax, t.w.absmax_q, t.w.absmax2, code256, t.w.offset, code16, blocksize, x, t.y, 1, t.rows, cols, warp); \
     }
