@@ -44,9 +44,11 @@ __device__ __forceinline__ float dot_row(const float* r, const float* src, int d
 #define MAKE_GEOM Geom g{batch, q_len, kv_len, kv_cap, heads, kv_heads, head_dim, q_offset}
 
 #define SPLIT_WARPS 8
+#define KEY_GROUP 4
 
 // q, out (batch, q_len, heads, d); k, v (batch, kv_cap, kv_heads, d); lse (batch, heads, q_len).
-// One block of SPLIT_WARPS warps per (b, h, t); warp w takes keys w, w + SPLIT_WARPS, … . With `pos`
+// One block of SPLIT_WARPS warps per (b, h, t); warp w takes the KEY_GROUP keys from w·KEY_GROUP, then
+// those SPLIT_WARPS·KEY_GROUP further, … . With `pos`
 // (decoding a recorded step) the geometry's q_offset is pos[0] and kv_len is pos[0] + q_len, read on
 // the device, so the same launch serves every position.
 extern "C" __global__ void __launch_bounds__(SPLIT_WARPS * WARP) attention_fwd_f32(const float* q, const float* k, const float* v, const uint32_t* seg, const float* pos, float* out, float* lse, GEOM_ARGS) {
@@ -67,18 +69,40 @@ extern "C" __global__ void __launch_bounds__(SPLIT_WARPS * WARP) attention_fwd_f
     for (int i = 0; i < MAX_PER_LANE; i++) acc[i] = 0.f;
     float m = -INFINITY, l = 0.f;
     const int last = min(q_offset + t, kv_len - 1);
-    for (int s = wid; s <= last; s += SPLIT_WARPS) {
-        if (!visible(g, seg, b, t, s)) continue;
-        const int64_t ki = (((int64_t)b * kv_cap + s) * kv_heads + grp) * d;
-        const float sc = dot_row(qr, k + ki, d) * scale;
-        const float mn = fmaxf(m, sc), corr = expf(m - mn), p = expf(sc - mn);
-        l = l * corr + p;
+    // KEY_GROUP keys at a time, their K and V rows loaded before any is used: one key per iteration
+    // left each warp one load round per key (decoding a long context: ~10 µs per layer).
+    for (int s0 = wid * KEY_GROUP; s0 <= last; s0 += SPLIT_WARPS * KEY_GROUP) {
+        float kr[KEY_GROUP][MAX_PER_LANE], vr[KEY_GROUP][MAX_PER_LANE];
+        bool ok[KEY_GROUP];
 #pragma unroll
-        for (int i = 0; i < MAX_PER_LANE; i++) {
-            const int j = lane + i * WARP;
-            acc[i] = acc[i] * corr + (j < d ? p * v[ki + j] : 0.f);
+        for (int u = 0; u < KEY_GROUP; u++) {
+            const int s = s0 + u;
+            ok[u] = s <= last && visible(g, seg, b, t, s);
+            const int64_t ki = (((int64_t)b * kv_cap + (ok[u] ? s : 0)) * kv_heads + grp) * d;
+#pragma unroll
+            for (int i = 0; i < MAX_PER_LANE; i++) {
+                const int j = lane + i * WARP;
+                kr[u][i] = ok[u] && j < d ? k[ki + j] : 0.f;
+                vr[u][i] = ok[u] && j < d ? v[ki + j] : 0.f;
+            }
         }
-        m = mn;
+#pragma unroll
+        for (int u = 0; u < KEY_GROUP; u++) {
+            if (!ok[u]) continue;
+            float dot = 0.f;
+#pragma unroll
+            for (int i = 0; i < MAX_PER_LANE; i++)
+                if (lane + i * WARP < d) dot += qr[i] * kr[u][i];
+            const float sc = warp_sum(dot) * scale;
+            const float mn = fmaxf(m, sc), corr = expf(m - mn), p = expf(sc - mn);
+            l = l * corr + p;
+#pragma unroll
+            for (int i = 0; i < MAX_PER_LANE; i++) {
+                const int j = lane + i * WARP;
+                acc[i] = acc[i] * corr + (j < d ? p * vr[u][i] : 0.f);
+            }
+            m = mn;
+        }
     }
     // Merge the warps' states: M = max m_w, L = Σ l_w e^(m_w − M), out = Σ acc_w e^(m_w − M) / L.
     if (lane == 0) part_m[wid] = m, part_l[wid] = l;

@@ -1,56 +1,76 @@
 // RMSNorm forward and input-gradient, one block per row. CPU reference: Cpu::rmsnorm(_backward).
 #include "common.cuh"
 
-// Row blockIdx.x of out = x · rstd · w from this thread's share of Σx² (ss): the end of rmsnorm_f32
-// and add_rmsnorm_f32. 16-byte accesses when rows allow: one row per block means decoding's single
-// row is one block, and its latency is the number of dependent load rounds per thread.
-__device__ __forceinline__ void normalize_row(const float* xr, const float* w, float* orow, float* rstd, float ss, int dim, float eps) {
+// Float4s of a row each thread holds in registers: rows up to NORM_VEC · 4 · blockDim.x values are
+// read once, with every load issued before the first use (a loop that stored the sum between its
+// loads waited on one load round per iteration: decoding's single row is one block, so its time is
+// those rounds); odd rows take the loops below. The launcher (norm_launch) gives every row of up to
+// 16384 values enough threads, at most 1024, hence 64 registers.
+#define NORM_VEC 4
+
+// Row blockIdx.x of out = rmsnorm(a [+ b]) · w, with sum = a + b stored when ADD (b, sum unused
+// otherwise). Every value is computed as add_f32 then rmsnorm_f32 compute it, bit for bit: the
+// same Σx² per thread in column order, the same block_sum for one block size.
+template <bool ADD>
+__device__ __forceinline__ void norm_row(const float* a, const float* b, const float* w, float* sum, float* out, float* rstd, int dim, float eps) {
+    const int64_t off = (int64_t)blockIdx.x * dim;
+    const float* x = ADD ? sum + off : a + off;  // the row the norm reads back (odd sizes)
+    float ss = 0.f;
+    if (dim % 4 == 0 && dim / 4 <= NORM_VEC * (int)blockDim.x) {
+        const float4 *a4 = reinterpret_cast<const float4*>(a + off), *b4 = reinterpret_cast<const float4*>(b + off);
+        const float4* w4 = reinterpret_cast<const float4*>(w);
+        float4 v[NORM_VEC], g[NORM_VEC];
+#pragma unroll
+        for (int i = 0; i < NORM_VEC; i++) {
+            const int j = threadIdx.x + i * blockDim.x;
+            if (j < dim / 4) {
+                v[i] = a4[j], g[i] = w4[j];
+                if (ADD) {
+                    const float4 y = b4[j];
+                    v[i] = make_float4(v[i].x + y.x, v[i].y + y.y, v[i].z + y.z, v[i].w + y.w);
+                }
+            }
+        }
+#pragma unroll
+        for (int i = 0; i < NORM_VEC; i++) {
+            const int j = threadIdx.x + i * blockDim.x;
+            if (j < dim / 4) {
+                if (ADD) reinterpret_cast<float4*>(sum + off)[j] = v[i];
+                ss += v[i].x * v[i].x + v[i].y * v[i].y + v[i].z * v[i].z + v[i].w * v[i].w;
+            }
+        }
+        ss = block_sum(ss);
+        const float r = rsqrtf(ss / dim + eps);
+        if (threadIdx.x == 0) rstd[blockIdx.x] = r;
+#pragma unroll
+        for (int i = 0; i < NORM_VEC; i++) {
+            const int j = threadIdx.x + i * blockDim.x;
+            if (j < dim / 4)
+                reinterpret_cast<float4*>(out + off)[j] = make_float4(v[i].x * r * g[i].x, v[i].y * r * g[i].y, v[i].z * r * g[i].z, v[i].w * r * g[i].w);
+        }
+        return;
+    }
+    for (int j = threadIdx.x; j < dim; j += blockDim.x) {
+        const float v = ADD ? a[off + j] + b[off + j] : a[off + j];
+        if (ADD) sum[off + j] = v;
+        ss += v * v;
+    }
     ss = block_sum(ss);
     const float r = rsqrtf(ss / dim + eps);
     if (threadIdx.x == 0) rstd[blockIdx.x] = r;
-    if (dim % 4 == 0)
-        for (int j = threadIdx.x; j < dim / 4; j += blockDim.x) {
-            const float4 v = reinterpret_cast<const float4*>(xr)[j], g = reinterpret_cast<const float4*>(w)[j];
-            reinterpret_cast<float4*>(orow)[j] = make_float4(v.x * r * g.x, v.y * r * g.y, v.z * r * g.z, v.w * r * g.w);
-        }
-    else
-        for (int j = threadIdx.x; j < dim; j += blockDim.x) orow[j] = xr[j] * r * w[j];
+    for (int j = threadIdx.x; j < dim; j += blockDim.x) out[off + j] = x[j] * r * w[j];
 }
 
-__device__ __forceinline__ float sum_squares4(float4 v) { return v.x * v.x + v.y * v.y + v.z * v.z + v.w * v.w; }
-
-// out = x · rstd · w, rstd = (mean x² + eps)^-1/2;  x, out (m, dim); rstd (m)
-extern "C" __global__ void rmsnorm_f32(const float* x, const float* w, float* out, float* rstd, int dim, float eps) {
-    const int64_t off = (int64_t)blockIdx.x * dim;
-    float ss = 0.f;
-    if (dim % 4 == 0)
-        for (int j = threadIdx.x; j < dim / 4; j += blockDim.x) ss += sum_squares4(reinterpret_cast<const float4*>(x + off)[j]);
-    else
-        for (int j = threadIdx.x; j < dim; j += blockDim.x) ss += x[off + j] * x[off + j];
-    normalize_row(x + off, w, out + off, rstd, ss, dim, eps);
+// out = x · rstd · w, rstd = (mean x² + eps)^-1/2;  x, out (m, dim); rstd (m). One block per row.
+extern "C" __global__ void __launch_bounds__(1024) rmsnorm_f32(const float* x, const float* w, float* out, float* rstd, int dim, float eps) {
+    norm_row<false>(x, nullptr, w, nullptr, out, rstd, dim, eps);
 }
 
 // sum = a + b, then out = rmsnorm(sum): a residual add and the norm after it in one pass (decoding
-// saves a launch per layer, training a read of the sum). Each thread reads back only the elements it
-// wrote, and every value is computed as add_f32 then rmsnorm_f32 compute it, bit for bit.
-// a, b, sum, out (m, dim); rstd (m). CPU reference: Backend::add_rmsnorm's default (add, rmsnorm).
-extern "C" __global__ void add_rmsnorm_f32(const float* a, const float* b, const float* w, float* sum, float* out, float* rstd, int dim, float eps) {
-    const int64_t off = (int64_t)blockIdx.x * dim;
-    float ss = 0.f;
-    if (dim % 4 == 0)
-        for (int j = threadIdx.x; j < dim / 4; j += blockDim.x) {
-            const float4 x = reinterpret_cast<const float4*>(a + off)[j], y = reinterpret_cast<const float4*>(b + off)[j];
-            const float4 v = make_float4(x.x + y.x, x.y + y.y, x.z + y.z, x.w + y.w);
-            reinterpret_cast<float4*>(sum + off)[j] = v;
-            ss += sum_squares4(v);
-        }
-    else
-        for (int j = threadIdx.x; j < dim; j += blockDim.x) {
-            const float v = a[off + j] + b[off + j];
-            sum[off + j] = v;
-            ss += v * v;
-        }
-    normalize_row(sum + off, w, out + off, rstd, ss, dim, eps);
+// saves a launch per layer, training a read of the sum). a, b, sum, out (m, dim); rstd (m).
+// CPU reference: Backend::add_rmsnorm's default (add, rmsnorm).
+extern "C" __global__ void __launch_bounds__(1024) add_rmsnorm_f32(const float* a, const float* b, const float* w, float* sum, float* out, float* rstd, int dim, float eps) {
+    norm_row<true>(a, b, w, sum, out, rstd, dim, eps);
 }
 
 // dx (+)= r·(dy·w − x·r²·mean(dy·w·x)); accumulate: added to the gradient already in dx (the residual

@@ -895,7 +895,7 @@ impl Backend for Cuda {
     ) {
         let _span = self.span("rmsnorm");
         let m = x.len() / dim;
-        let cfg = LaunchConfig { grid_dim: (m as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        let cfg = norm_launch(m, dim);
         let (dim32, eps32) = (dim as i32, eps as f32);
         launch!(self, "rmsnorm_f32", cfg; x, w, out, rstd, &dim32, &eps32);
     }
@@ -916,7 +916,7 @@ impl Backend for Cuda {
             b.len() == a.len() && sum.len() == a.len() && out.len() == a.len() && rstd.len() == m && w.len() == dim,
             "add_rmsnorm: bad shapes"
         );
-        let cfg = LaunchConfig { grid_dim: (m as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        let cfg = norm_launch(m, dim);
         let (dim32, eps32) = (dim as i32, eps as f32);
         launch!(self, "add_rmsnorm_f32", cfg; a, b, w, &mut *sum, &mut *out, &mut *rstd, &dim32, &eps32);
     }
@@ -1066,7 +1066,8 @@ impl Backend for Cuda {
             let (m32, r32, rows32, cols32) = (m as i32, r as i32, rows as i32, cols as i32);
             let long = LaunchConfig { grid_dim: (r as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
             launch!(self, "gemv_f32_long_rows", long; a, x, &mut *u, &m32, &r32, &cols32, &1f32, &0i32);
-            launch!(self, "gemv_f32", warp_grid(rows); b, &*u, &mut *y, &m32, &rows32, &r32, &scale, &1i32);
+            let warps = rows.div_ceil(lora_rows_per_warp(r));
+            launch!(self, "gemv_f32", warp_grid(warps); b, &*u, &mut *y, &m32, &rows32, &r32, &scale, &1i32);
             return;
         }
         if self.uses_fused_lora(rows, cols, r) {
@@ -1158,7 +1159,7 @@ impl Backend for Cuda {
             down.t[i] = GemvF32Target { w: ap, x: xp, y: up_ptr, rows: r as i32, first_block: down_blocks as i32 };
             up.t[i] = GemvF32Target { w: bp, x: up_ptr, y: yp, rows: rows as i32, first_block: up_blocks as i32 };
             down_blocks += r;
-            up_blocks += (rows * 32).div_ceil(LORA_UP_THREADS);
+            up_blocks += (rows.div_ceil(lora_rows_per_warp(r)) * 32).div_ceil(LORA_UP_THREADS);
             guards.extend([ga, gb, gu, gy]);
         }
         let (m32, cols32, r32) = (m as i32, cols as i32, r as i32);
@@ -2463,6 +2464,28 @@ where
         }
     }
 }
+/// RMSNorm forward (kernels/norm.cu): a block per row, whose threads hold the row in registers, four
+/// float4s each at most (NORM_VEC); 256 threads or more when there are rows enough to fill the GPU,
+/// and for a few rows (decoding) a thread per float4, up to 1024, so that a row is read in one round
+/// of loads. rmsnorm_f32 and add_rmsnorm_f32 take the same launch, so the fused op gives the composed
+/// ops' values bit for bit.
+fn norm_launch(rows: usize, dim: usize) -> LaunchConfig {
+    let per_thread = if rows < NORM_FEW_ROWS { 4 } else { 16 };
+    let floor = if rows < NORM_FEW_ROWS { 32 } else { 256 };
+    let threads = dim.div_ceil(per_thread).next_multiple_of(32).clamp(floor, 1024);
+    LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (threads as u32, 1, 1), shared_mem_bytes: 0 }
+}
+/// Rows of W per warp in kernels/lora.cu `gemv_f32_row` (its `lanes_per_row`): a power-of-two group of
+/// lanes covers a row's float4s, so B's 64-column rows go two to a warp.
+fn lora_rows_per_warp(cols: usize) -> usize {
+    if cols % 4 != 0 || cols / 4 >= 32 {
+        return 1;
+    }
+    32 / (cols / 4).next_power_of_two()
+}
+/// Below this many rows a norm's launch takes a thread per four values ([`norm_launch`]).
+const NORM_FEW_ROWS: usize = 64;
+
 fn warp_grid(warps: usize) -> LaunchConfig {
     LaunchConfig {
         grid_dim: ((warps * 32).div_ceil(128).max(1) as u32, 1, 1),
