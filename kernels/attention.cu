@@ -47,8 +47,7 @@ __device__ __forceinline__ float dot_row(const float* r, const float* src, int d
 #define KEY_GROUP 4
 
 // q, out (batch, q_len, heads, d); k, v (batch, kv_cap, kv_heads, d); lse (batch, heads, q_len).
-// One block of SPLIT_WARPS warps per (b, h, t); warp w takes the KEY_GROUP keys from w·KEY_GROUP, then
-// those SPLIT_WARPS·KEY_GROUP further, … . With `pos`
+// One block of SPLIT_WARPS warps per (b, h, t); warp w takes keys w, w + SPLIT_WARPS, … . With `pos`
 // (decoding a recorded step) the geometry's q_offset is pos[0] and kv_len is pos[0] + q_len, read on
 // the device, so the same launch serves every position.
 extern "C" __global__ void __launch_bounds__(SPLIT_WARPS * WARP) attention_fwd_f32(const float* q, const float* k, const float* v, const uint32_t* seg, const float* pos, float* out, float* lse, GEOM_ARGS) {
@@ -69,14 +68,16 @@ extern "C" __global__ void __launch_bounds__(SPLIT_WARPS * WARP) attention_fwd_f
     for (int i = 0; i < MAX_PER_LANE; i++) acc[i] = 0.f;
     float m = -INFINITY, l = 0.f;
     const int last = min(q_offset + t, kv_len - 1);
-    // KEY_GROUP keys at a time, their K and V rows loaded before any is used: one key per iteration
-    // left each warp one load round per key (decoding a long context: ~10 µs per layer).
-    for (int s0 = wid * KEY_GROUP; s0 <= last; s0 += SPLIT_WARPS * KEY_GROUP) {
+    // Warp w takes keys w, w + SPLIT_WARPS, … in that order, KEY_GROUP of them at a time with their K
+    // and V rows loaded before any is used: one key per iteration left each warp one load round per
+    // key (decoding a long context: ~10 µs per layer). The keys and their order are a warp's alone,
+    // as before the grouping, so the values are those of one key at a time, bit for bit.
+    for (int s0 = wid; s0 <= last; s0 += SPLIT_WARPS * KEY_GROUP) {
         float kr[KEY_GROUP][MAX_PER_LANE], vr[KEY_GROUP][MAX_PER_LANE];
         bool ok[KEY_GROUP];
 #pragma unroll
         for (int u = 0; u < KEY_GROUP; u++) {
-            const int s = s0 + u;
+            const int s = s0 + u * SPLIT_WARPS;
             ok[u] = s <= last && visible(g, seg, b, t, s);
             const int64_t ki = (((int64_t)b * kv_cap + (ok[u] ? s : 0)) * kv_heads + grp) * d;
 #pragma unroll
