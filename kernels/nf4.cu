@@ -1,6 +1,7 @@
 // 4-bit (NF4/FP4, bitsandbytes layout) dequantization to the matmul's compute dtype: element 2j in
 // the high nibble, one absmax per block, optionally double-quantized (8-bit codes over the dynamic
 // map, one f32 scale per 256 blocks, plus an offset). CPU reference: Quant4::dequantize (src/quant.rs).
+#include "gemv_f32.cuh"
 #include "quant4.cuh"
 
 template <typename T> __device__ __forceinline__ T to_t(float x);
@@ -299,6 +300,29 @@ GEMV_MANY_KERNEL(gemv_4bit_many_bf16, 2, 4)
 GEMV_MANY_KERNEL(gemv_4bit_many_f32_r2, 0, 2)
 GEMV_MANY_KERNEL(gemv_4bit_many_f16_r2, 1, 2)
 GEMV_MANY_KERNEL(gemv_4bit_many_bf16_r2, 2, 2)
+
+// Decoding's q/k/v with LoRA on some of them: the launch above plus, in blocks after the weights' own
+// (from downs.t[0].first_block on), the branches' A products u_i = x·A_iᵀ in f32, a block per row of
+// every A_i, as lora.cu's gemv_f32_long_rows_many computes them (same values): they read the same x,
+// and riding in this launch saves theirs (~5 µs a layer). Cuda::linear_many_lora launches it, then the
+// B products.
+#define GEMV_MANY_LORA_KERNEL(name, C, R) \
+    extern "C" __global__ void __launch_bounds__(GEMV_THREADS, 3) name(const GemvTargets ts, const float* code256, const float* code16, int blocksize, const float* x, int cols, const GemvF32Targets downs) { \
+        if ((int)blockIdx.x >= downs.t[0].first_block) { \
+            const GemvF32Target d = block_target(downs.t, downs.count); \
+            gemv_f32_long_row(d.w, d.x, d.y, 1, d.rows, cols, 1.f, 0, (int)blockIdx.x - d.first_block); \
+            return; \
+        } \
+        const GemvTarget t = block_target(ts.t, ts.count); \
+        const int warp = (((int)blockIdx.x - t.first_block) * blockDim.x + threadIdx.x) / WARP; \
+        gemv_rows<C, 1, true, R>(t.w.packed, t.w.absmax, t.w.absmax_q, t.w.absmax2, code256, t.w.offset, code16, blocksize, x, t.y, 1, t.rows, cols, warp); \
+    }
+GEMV_MANY_LORA_KERNEL(gemv_4bit_many_lora_f32, 0, 4)
+GEMV_MANY_LORA_KERNEL(gemv_4bit_many_lora_f16, 1, 4)
+GEMV_MANY_LORA_KERNEL(gemv_4bit_many_lora_bf16, 2, 4)
+GEMV_MANY_LORA_KERNEL(gemv_4bit_many_lora_f32_r2, 0, 2)
+GEMV_MANY_LORA_KERNEL(gemv_4bit_many_lora_f16_r2, 1, 2)
+GEMV_MANY_LORA_KERNEL(gemv_4bit_many_lora_bf16_r2, 2, 2)
 
 // ---- vectorized dequantize (n and blocksize multiples of 32) ------------------------------------
 // Each thread takes 16 bytes of codes = 32 values, which lie in one absmax block, so one absmax

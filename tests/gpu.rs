@@ -11,7 +11,8 @@
 use llamatune::backend::cpu::Cpu;
 use llamatune::backend::cuda::{Cuda, Fused4bit};
 use llamatune::backend::{
-    lm_head_cross_entropy_composed, AdamWStep, AttnShape, Backend, Dropout, HostWeight, LoraBranch,
+    linear_many_lora_composed, lm_head_cross_entropy_composed, AdamWStep, AttnShape, Backend, Dropout, HostWeight,
+    LoraBranch, LoraDown,
 };
 use llamatune::config::{ComputeDtype, LoraConfig, ModelConfig, QuantConfig, QuantType};
 use llamatune::model::llama::{forward_backward, Batch, Checkpointing, Llama};
@@ -508,6 +509,73 @@ fn decoding_lora_branches_in_one_launch() {
                 check(&format!("{label} branch {i} {what} vs one lora_forward"), &got, &g.download(one), 0.0);
                 check(&format!("{label} branch {i} {what} vs CPU"), &got, cpu, F32_TOL);
             }
+        }
+    }
+}
+
+/// Decoding's q/k/v products with the LoRA branches' A products in their launch (`linear_many_lora`:
+/// `gemv_4bit_many_lora_*`, then the B products) against the same products and branches composed
+/// (`linear_many`, then `lora_forward_many`) bit for bit, and against the CPU: the 7B q/k/v with LoRA
+/// on q and v (r = 64), SmolLM2's with LoRA on all three (r = 8), and one branch alone on odd sizes;
+/// plain and double-quantized absmax. Outputs and u poisoned.
+#[test]
+fn decoding_frozen_products_and_lora_a_in_one_launch() {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(35);
+    for (cols, rows, with_lora, r, dq, c) in [
+        (4096, vec![4096, 4096, 4096], vec![true, false, true], 64, false, ComputeDtype::BF16),
+        (576, vec![576, 192, 192], vec![true, true, true], 8, true, ComputeDtype::BF16),
+        (320, vec![1000, 37, 77], vec![false, true, false], 5, false, ComputeDtype::F16),
+    ] {
+        let label = format!("{rows:?}x{cols} LoRA {with_lora:?} r={r} dq={dq} {c:?}");
+        let host: Vec<_> = rows
+            .iter()
+            .map(|&n| {
+                let q = Quant4::quantize(
+                    &rnd(&mut rng, n * cols, 0.05),
+                    &QuantConfig { quant_type: QuantType::Nf4, blocksize: 64, double_quant: dq, compute_dtype: c },
+                );
+                HostWeight::Quant4 { rows: n, cols, q, compute: c }
+            })
+            .collect();
+        let ab: Vec<_> = rows.iter().map(|&n| (rnd(&mut rng, r * cols, 0.1), rnd(&mut rng, n * r, 0.1))).collect();
+        let x = rnd(&mut rng, cols, 1.0);
+        let g = gpu();
+        let gw: Vec<_> = host.iter().map(|h| g.upload_weight(h.clone())).collect();
+        let ws: Vec<_> = gw.iter().collect();
+        let gab: Vec<_> = ab.iter().map(|(a, b)| (g.upload(a), g.upload(b))).collect();
+        let gx = g.upload(&x);
+        let run = |shared: bool| {
+            let mut ys: Vec<_> = rows.iter().map(|&n| poisoned(n)).collect();
+            let mut us: Vec<_> = rows.iter().map(|_| poisoned(r)).collect();
+            let mut loras: Vec<Option<LoraDown<'_, Cuda>>> = gab
+                .iter()
+                .zip(us.iter_mut())
+                .zip(&with_lora)
+                .map(|(((a, b), u), &on)| on.then_some(LoraDown { a, b, dropout: Dropout::NONE, u }))
+                .collect();
+            let mut outs: Vec<_> = ys.iter_mut().collect();
+            if shared {
+                assert!(g.linear_many_lora_shares_launch(&ws, 1, &loras), "{label}: the shared launch must apply");
+                g.linear_many_lora(&gx, &ws, 1, &mut outs, &mut loras, r, 0.25);
+            } else {
+                linear_many_lora_composed(g, &gx, &ws, 1, &mut outs, &mut loras, r, 0.25);
+            }
+            drop(loras);
+            (ys.iter().map(|y| g.download(y)).collect::<Vec<_>>(), us.iter().map(|u| g.download(u)).collect::<Vec<_>>())
+        };
+        let (ys1, us1) = run(true);
+        let (ys2, us2) = run(false);
+        for i in 0..rows.len() {
+            check(&format!("{label} y{i} vs composed"), &ys1[i], &ys2[i], 0.0);
+            let mut want = vec![0.0; rows[i]];
+            CPU.linear(&x, &CPU.upload_weight(host[i].clone()), 1, &mut want);
+            if with_lora[i] {
+                check(&format!("{label} u{i} vs composed"), &us1[i], &us2[i], 0.0);
+                let mut u = vec![0.0; r];
+                CPU.lora_forward(&x, &ab[i].0, &ab[i].1, 1, r, 0.25, Dropout::NONE, &mut u, &mut want);
+                check(&format!("{label} u{i} vs CPU"), &us1[i], &u, F32_TOL);
+            }
+            check(&format!("{label} y{i} vs CPU"), &ys1[i], &want, MIXED_TOL);
         }
     }
 }

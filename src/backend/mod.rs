@@ -95,6 +95,15 @@ pub struct LoraBranch<'a, B: Backend + ?Sized> {
     pub y: &'a mut B::Buf,
 }
 
+/// One projection's LoRA branch in [`Backend::linear_many_lora`], which adds it into the projection's
+/// own output: `a (r, in)`, `b (out, r)`, its dropout, and `u (m, r)`, which it writes.
+pub struct LoraDown<'a, B: Backend + ?Sized> {
+    pub a: &'a B::Buf,
+    pub b: &'a B::Buf,
+    pub dropout: Dropout,
+    pub u: &'a mut B::Buf,
+}
+
 /// Geometry of one attention call. Queries are `(batch, q_len, heads, head_dim)`; keys and values
 /// `(batch, kv_capacity, kv_heads, head_dim)` of which the first `kv_len` rows are valid. Query `t`
 /// sits at absolute position `q_offset + t` and sees keys `s <= q_offset + t` (causal).
@@ -277,6 +286,23 @@ pub trait Backend {
         for (w, out) in ws.iter().zip(outs.iter_mut()) {
             self.linear(x, w, m, out);
         }
+    }
+    /// [`Backend::linear_many`], then the LoRA branches of the projections that have one (`loras[i]`
+    /// adds into `outs[i]`) as [`Backend::lora_forward_many`] computes them: one call, so that a backend
+    /// can share launches across the two (CUDA, decoding: the A products ride in the frozen GEMVs'
+    /// launch).
+    #[allow(clippy::too_many_arguments)]
+    fn linear_many_lora(
+        &self,
+        x: &Self::Buf,
+        ws: &[&Self::Weight],
+        m: usize,
+        outs: &mut [&mut Self::Buf],
+        loras: &mut [Option<LoraDown<'_, Self>>],
+        r: usize,
+        scale: f32,
+    ) {
+        linear_many_lora_composed(self, x, ws, m, outs, loras, r, scale);
     }
     /// `out (m, rows) = silu(x · Gᵀ) · (x · Uᵀ)`: an MLP's gate and up products and [`Backend::swiglu`]
     /// in one call where their values are not needed apart (decoding without LoRA on gate/up; CUDA:
@@ -501,6 +527,34 @@ pub trait Backend {
 
 /// [`Backend::linear_swiglu`] from the backend's `linear_many` and `swiglu` (its default, and a
 /// backend's fallback).
+/// [`Backend::linear_many_lora`] as [`Backend::linear_many`] then [`Backend::lora_forward_many`]: the
+/// trait's default and the CUDA backend's path where its shared launch does not apply.
+#[allow(clippy::too_many_arguments)]
+pub fn linear_many_lora_composed<B: Backend + ?Sized>(
+    be: &B,
+    x: &B::Buf,
+    ws: &[&B::Weight],
+    m: usize,
+    outs: &mut [&mut B::Buf],
+    loras: &mut [Option<LoraDown<'_, B>>],
+    r: usize,
+    scale: f32,
+) {
+    assert_eq!(outs.len(), loras.len(), "linear_many_lora: one LoRA slot per output");
+    be.linear_many(x, ws, m, outs);
+    let mut branches: Vec<LoraBranch<'_, B>> = outs
+        .iter_mut()
+        .zip(loras.iter_mut())
+        .filter_map(|(y, l)| {
+            let l = l.as_mut()?;
+            Some(LoraBranch { a: l.a, b: l.b, dropout: l.dropout, u: &mut *l.u, y: &mut **y })
+        })
+        .collect();
+    if !branches.is_empty() {
+        be.lora_forward_many(x, &mut branches, m, r, scale);
+    }
+}
+
 pub fn linear_swiglu_composed<B: Backend + ?Sized>(
     be: &B,
     x: &B::Buf,

@@ -2,7 +2,7 @@
 //! SwiGLU MLP → residual) → RMSNorm → lm_head → cross-entropy, written once over any [`Backend`]
 //! and used for training (recording a [`Tape`]), evaluation and cached decoding.
 
-use crate::backend::{AttnShape, Backend, Dropout, HostWeight, LoraBranch, IGNORE_INDEX};
+use crate::backend::{AttnShape, Backend, Dropout, HostWeight, LoraDown, IGNORE_INDEX};
 use crate::config::{ModelConfig, QuantConfig};
 use crate::error::{Error, Result};
 use crate::model::lora::{Lora, LoraGrads, LoraPair, Proj};
@@ -376,24 +376,22 @@ impl<'a, B: Backend> Graph<'a, B> {
         let ws: Vec<&B::Weight> = projs.iter().map(|&p| self.model.proj(layer, p)).collect();
         let m = be.buf_len(t.get(x)) / be.weight_shape(ws[0]).1;
         let mut ys: Vec<B::Buf> = ws.iter().map(|w| be.alloc_output(m * be.weight_shape(w).0)).collect();
-        be.linear_many(t.get(x), &ws, m, &mut ys.iter_mut().collect::<Vec<_>>());
-        // The LoRA branches of the targeted projections, in one call (the backend may share launches).
+        // The targeted projections' LoRA branches in the same call (the backend may share launches).
         let r = self.lora_rank();
         let mut us: Vec<Option<B::Buf>> =
             projs.iter().map(|&p| self.lora_pair(layer, p).map(|_| be.alloc_output(m * r))).collect();
-        let mut branches: Vec<LoraBranch<'_, B>> = projs
+        let mut loras: Vec<Option<LoraDown<'_, B>>> = projs
             .iter()
-            .zip(ys.iter_mut())
             .zip(us.iter_mut())
-            .filter_map(|((&p, y), u)| {
+            .map(|(&p, u)| {
                 let pair = self.lora_pair(layer, p)?;
-                Some(LoraBranch { a: &pair.a, b: &pair.b, dropout: self.lora_dropout(layer, p), u: u.as_mut()?, y })
+                Some(LoraDown { a: &pair.a, b: &pair.b, dropout: self.lora_dropout(layer, p), u: u.as_mut()? })
             })
             .collect();
-        if !branches.is_empty() {
-            be.lora_forward_many(t.get(x), &mut branches, m, r, self.lora_scale());
-        }
-        drop(branches);
+        let mut outs: Vec<&mut B::Buf> = ys.iter_mut().collect();
+        be.linear_many_lora(t.get(x), &ws, m, &mut outs, &mut loras, r, self.lora_scale());
+        drop(outs);
+        drop(loras);
         let mut ids = Vec::with_capacity(N);
         for ((&p, y), u) in projs.iter().zip(ys).zip(us) {
             let lora = u.map(|u| (t.put(u), self.lora_dropout(layer, p)));

@@ -9,7 +9,7 @@
 mod blas;
 use blas::F32Math;
 
-use super::{AdamWStep, AttnShape, Backend, Dropout, HostWeight, LoraBranch};
+use super::{AdamWStep, AttnShape, Backend, Dropout, HostWeight, LoraBranch, LoraDown};
 use crate::config::{ComputeDtype, QuantType};
 use crate::error::{Error, Result};
 use crate::quant::{self, Absmax, Quant4};
@@ -234,7 +234,7 @@ impl Cuda {
         for (name, hd) in [("flash_bwd_hd64", 64), ("flash_bwd_hd128", 128)] {
             funcs[name].set_attribute(attr, flash_bwd_smem(hd) as i32).map_err(dev_err)?;
         }
-        for name in GEMV_ONE_ROW.iter().chain(&GEMV_MANY).chain(&GEMV_SWIGLU) {
+        for name in GEMV_ONE_ROW.iter().chain(&GEMV_MANY).chain(&GEMV_MANY_LORA).chain(&GEMV_SWIGLU) {
             funcs[*name].set_attribute(attr, GEMV_MAX_X_SMEM as i32).map_err(dev_err)?;
         }
         for v in 0..LORA_DOWN.len() {
@@ -612,6 +612,12 @@ fn kernel_names(module: &str) -> &'static [&'static str] {
             GEMV_MANY[3],
             GEMV_MANY[4],
             GEMV_MANY[5],
+            GEMV_MANY_LORA[0],
+            GEMV_MANY_LORA[1],
+            GEMV_MANY_LORA[2],
+            GEMV_MANY_LORA[3],
+            GEMV_MANY_LORA[4],
+            GEMV_MANY_LORA[5],
             GEMV_SWIGLU[0],
             GEMV_SWIGLU[1],
             GEMV_SWIGLU[2],
@@ -977,6 +983,54 @@ impl Backend for Cuda {
             self.gemm_rounded(w, product, out, false, "linear GEMM");
         }
     }
+    fn linear_many_lora(
+        &self,
+        x: &CudaSlice<f32>,
+        ws: &[&CudaWeight],
+        m: usize,
+        outs: &mut [&mut CudaSlice<f32>],
+        loras: &mut [Option<LoraDown<'_, Self>>],
+        r: usize,
+        scale: f32,
+    ) {
+        let branches = loras.iter().flatten().count();
+        if !self.linear_many_lora_shares_launch(ws, m, loras) {
+            return super::linear_many_lora_composed(self, x, ws, m, outs, loras, r, scale);
+        }
+        let _span = self.span("linear + LoRA A (4-bit GEMV, several weights)");
+        let cols = x.len();
+        {
+            // The frozen products and, in the blocks after theirs, every branch's u = x·Aᵀ.
+            let mut guards = Vec::new();
+            let (targets, mut blocks, kernel) = self.gemv_many_targets(x, ws, outs, &mut guards);
+            let mut downs = GemvF32Targets { count: branches as i32, ..Default::default() };
+            let (xp, gx) = x.device_ptr(&self.stream);
+            guards.push(gx);
+            for (i, l) in loras.iter_mut().flatten().enumerate() {
+                assert!(l.a.len() == r * cols && l.u.len() == r, "linear_many_lora: bad shapes");
+                let (ap, ga) = l.a.device_ptr(&self.stream);
+                let (up, gu) = l.u.device_ptr_mut(&self.stream);
+                downs.t[i] = GemvF32Target { w: ap, x: xp, y: up, rows: r as i32, first_block: blocks as i32 };
+                blocks += r;
+                guards.extend([ga, gu]);
+            }
+            let name = GEMV_MANY_LORA[kernel];
+            let CudaWeight::Quant4 { quant_type, blocksize, .. } = ws[0] else { unreachable!("4-bit weights") };
+            let (bs, c32) = (*blocksize as i32, cols as i32);
+            let mut b = self.stream.launch_builder(self.f(name));
+            b.arg(&targets).arg(&self.code256).arg(self.code16(*quant_type)).arg(&bs).arg(x).arg(&c32).arg(&downs);
+            // SAFETY: each target's codes, absmax and output, each branch's A and u, and x are live
+            // buffers whose addresses the guards hold; the kernel reads x (cols), writes each output's
+            // rows and each u's r values.
+            ck!(unsafe { b.launch(self.gemv_many_launch(ws[0], blocks)) }, name);
+            drop(guards);
+        }
+        let ups = outs.iter_mut().zip(loras.iter_mut()).filter_map(|(y, l)| {
+            let l = l.as_mut()?;
+            Some((l.b, &*l.u, &mut **y))
+        });
+        self.lora_up_many(ups, m, r, scale);
+    }
     fn linear_swiglu(
         &self,
         x: &CudaSlice<f32>,
@@ -1139,47 +1193,30 @@ impl Backend for Cuda {
         let cols = x.len() / m;
         // Decoding: as lora_forward's two f32 products, each over all branches in one launch
         // (kernels/lora.cu *_many): u_i = x·A_iᵀ with a block per row of every A_i, then y_i +=
-        // scale·u_i·B_iᵀ with a warp per row of every B_i (4 warps per block, as warp_grid).
-        let (mut down, mut up) = (GemvF32Targets::default(), GemvF32Targets::default());
-        (down.count, up.count) = (branches.len() as i32, branches.len() as i32);
+        // scale·u_i·B_iᵀ ([`Cuda::lora_up_many`]).
+        let mut down = GemvF32Targets { count: branches.len() as i32, ..Default::default() };
         let mut guards = Vec::new();
-        let (mut down_blocks, mut up_blocks) = (0, 0);
         let (xp, gx) = x.device_ptr(&self.stream);
         guards.push(gx);
+        let mut down_blocks = 0;
         for (i, br) in branches.iter_mut().enumerate() {
-            let rows = br.b.len() / r;
-            assert!(
-                br.a.len() == r * cols && br.u.len() == m * r && br.y.len() == m * rows,
-                "lora_forward_many: bad shapes"
-            );
+            assert!(br.a.len() == r * cols && br.u.len() == m * r, "lora_forward_many: bad shapes");
             let (ap, ga) = br.a.device_ptr(&self.stream);
-            let (bp, gb) = br.b.device_ptr(&self.stream);
             let (up_ptr, gu) = br.u.device_ptr_mut(&self.stream);
-            let (yp, gy) = br.y.device_ptr_mut(&self.stream);
             down.t[i] = GemvF32Target { w: ap, x: xp, y: up_ptr, rows: r as i32, first_block: down_blocks as i32 };
-            up.t[i] = GemvF32Target { w: bp, x: up_ptr, y: yp, rows: rows as i32, first_block: up_blocks as i32 };
             down_blocks += r;
-            up_blocks += (rows.div_ceil(lora_rows_per_warp(r)) * 32).div_ceil(LORA_UP_THREADS);
-            guards.extend([ga, gb, gu, gy]);
+            guards.extend([ga, gu]);
         }
-        let (m32, cols32, r32) = (m as i32, cols as i32, r as i32);
+        let (m32, cols32) = (m as i32, cols as i32);
         let long = LaunchConfig { grid_dim: (down_blocks as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
-        let warps = LaunchConfig {
-            grid_dim: (up_blocks as u32, 1, 1),
-            block_dim: (LORA_UP_THREADS as u32, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        // SAFETY: each target's W, x and y are the live buffers whose addresses the guards hold; the
-        // kernels read W (rows, cols) and x (m, cols) and write y (m, rows) of each.
+        // SAFETY: each target's A, x and u are the live buffers whose addresses the guards hold; the
+        // kernel reads A (r, cols) and x (m, cols) and writes u (m, r) of each.
         let mut b = self.stream.launch_builder(self.f("gemv_f32_long_rows_many"));
         b.arg(&down).arg(&m32).arg(&cols32).arg(&1f32).arg(&0i32);
         ck!(unsafe { b.launch(long) }, "gemv_f32_long_rows_many");
-        let mut b = self.stream.launch_builder(self.f("gemv_f32_many"));
-        b.arg(&up).arg(&m32).arg(&r32).arg(&scale).arg(&1i32);
-        ck!(unsafe { b.launch(warps) }, "gemv_f32_many");
         drop(guards);
+        self.lora_up_many(branches.iter_mut().map(|br| (br.b, &*br.u, &mut *br.y)), m, r, scale);
     }
-
     fn lora_backward(
         &self,
         x: &CudaSlice<f32>,
@@ -1723,6 +1760,16 @@ const GEMV_MANY: [&str; 6] = [
     "gemv_4bit_many_f16_r2",
     "gemv_4bit_many_bf16_r2",
 ];
+/// The same with the LoRA branches' A products in blocks after the weights' (kernels/nf4.cu
+/// `gemv_4bit_many_lora_*`, [`Backend::linear_many_lora`]), indexed as [`GEMV_MANY`].
+const GEMV_MANY_LORA: [&str; 6] = [
+    "gemv_4bit_many_lora_f32",
+    "gemv_4bit_many_lora_f16",
+    "gemv_4bit_many_lora_bf16",
+    "gemv_4bit_many_lora_f32_r2",
+    "gemv_4bit_many_lora_f16_r2",
+    "gemv_4bit_many_lora_bf16_r2",
+];
 /// The fused SwiGLU GEMV of decoding (kernels/nf4.cu `gemv_4bit_swiglu_*`), indexed by compute dtype.
 const GEMV_SWIGLU: [&str; 3] = ["gemv_4bit_swiglu_f32", "gemv_4bit_swiglu_f16", "gemv_4bit_swiglu_bf16"];
 /// A 4-bit weight's codes and absmax as device addresses: kernels/nf4.cu `Codes4`, field for field
@@ -1980,6 +2027,19 @@ impl Cuda {
 
     /// Whether the products of `ws` at `m` rows can share one `gemv_4bit_many_*` launch: 2 or 3
     /// weights [`Cuda::gemv_shares_x`] accepts, their blocks within one wave.
+    /// Whether [`Backend::linear_many_lora`] runs these products and branches in the shared launch
+    /// (`gemv_4bit_many_lora_*`): where the several-weight GEMV takes the products
+    /// ([`Cuda::gemv_many_fits`]) and 1 to 3 branches carry no dropout.
+    pub fn linear_many_lora_shares_launch(
+        &self,
+        ws: &[&CudaWeight],
+        m: usize,
+        loras: &[Option<LoraDown<'_, Self>>],
+    ) -> bool {
+        (1..=LORA_MAX_TARGETS).contains(&loras.iter().flatten().count())
+            && loras.iter().flatten().all(|l| !l.dropout.is_active())
+            && self.gemv_many_fits(ws, m)
+    }
     fn gemv_many_fits(&self, ws: &[&CudaWeight], m: usize) -> bool {
         // Only while all the blocks fit one wave (three per SM): one launch helps by filling the GPU
         // where each weight alone leaves it part empty (q/k/v: 3 × 128 blocks of 4096 rows, 677 →
@@ -2027,16 +2087,37 @@ impl Cuda {
     /// `outs[i] (1, rows_i) = x (1, cols) · dequant(W_i)ᵀ` for the weights [`Cuda::gemv_many_fits`]
     /// accepts, in one launch: the products of [`Cuda::gemv_4bit`] on each.
     fn gemv_4bit_many(&self, x: &CudaSlice<f32>, ws: &[&CudaWeight], outs: &mut [&mut CudaSlice<f32>]) {
+        let mut guards = Vec::new();
+        let (targets, blocks, kernel) = self.gemv_many_targets(x, ws, outs, &mut guards);
+        let name = GEMV_MANY[kernel];
+        let CudaWeight::Quant4 { quant_type, blocksize, cols, .. } = ws[0] else { unreachable!("4-bit weights") };
+        let (bs, c32) = (*blocksize as i32, *cols as i32);
+        let mut b = self.stream.launch_builder(self.f(name));
+        b.arg(&targets).arg(&self.code256).arg(self.code16(*quant_type)).arg(&bs).arg(x).arg(&c32);
+        // SAFETY: each target's codes, absmax and output are the live buffers whose addresses the
+        // guards hold; the kernel reads x (cols) and writes each output's `rows` values.
+        ck!(unsafe { b.launch(self.gemv_many_launch(ws[0], blocks)) }, name);
+        drop(guards);
+    }
+
+    /// The several-weight GEMV's targets for `ws` and `outs` (guards keep their addresses valid), the
+    /// launch's block count, and its kernel's index in [`GEMV_MANY`] / [`GEMV_MANY_LORA`] (compute
+    /// dtype; four or two rows per warp).
+    fn gemv_many_targets<'a>(
+        &'a self,
+        x: &CudaSlice<f32>,
+        ws: &[&'a CudaWeight],
+        outs: &'a mut [&mut CudaSlice<f32>],
+        guards: &mut Vec<cudarc::driver::SyncOnDrop<'a>>,
+    ) -> (GemvTargets, usize, usize) {
         // gemv_many_fits checked that the weights differ only in their rows and data.
-        let CudaWeight::Quant4 { cols, quant_type, blocksize, compute, .. } = ws[0] else {
+        let CudaWeight::Quant4 { cols, compute, .. } = ws[0] else {
             unreachable!("gemv_many_fits takes 4-bit weights")
         };
         let rows: Vec<usize> = ws.iter().map(|w| w.shape().0).collect();
         let two_rows = Self::gemv_many_rows_per_warp(rows.iter().sum()) == 2;
-        let kernel = GEMV_MANY[if two_rows { 3 } else { 0 } + dtype_code(*compute) as usize];
+        let kernel = if two_rows { 3 } else { 0 } + dtype_code(*compute) as usize;
         let mut targets = GemvTargets { count: ws.len() as i32, ..Default::default() };
-        // The device addresses stay valid, and the stream ordered, while these guards live.
-        let mut guards = Vec::new();
         let mut first_block = 0;
         let blocks_of = self.gemv_many_blocks(rows.iter().copied());
         for (i, (w, out)) in ws.iter().zip(outs.iter_mut()).enumerate() {
@@ -2044,23 +2125,59 @@ impl Cuda {
                 unreachable!("gemv_many_fits takes 4-bit weights")
             };
             assert!(x.len() == *cols && out.len() == rows[i], "linear: bad shapes");
-            let codes = self.codes4(packed, absmax, &mut guards);
+            let codes = self.codes4(packed, absmax, guards);
             let (y, gy) = out.device_ptr_mut(&self.stream);
             guards.push(gy);
             targets.t[i] = GemvTarget { w: codes, y, rows: rows[i] as i32, first_block: first_block as i32 };
             first_block += blocks_of[i];
         }
-        let cfg = LaunchConfig {
-            grid_dim: (first_block as u32, 1, 1),
+        (targets, first_block, kernel)
+    }
+    /// The several-weight GEMV's launch of `blocks` blocks: one row of x staged in shared memory.
+    fn gemv_many_launch(&self, first: &CudaWeight, blocks: usize) -> LaunchConfig {
+        let cols = first.shape().1;
+        LaunchConfig {
+            grid_dim: (blocks as u32, 1, 1),
             block_dim: (GEMV_THREADS as u32, 1, 1),
             shared_mem_bytes: ((cols + cols / 32) * 4) as u32,
+        }
+    }
+
+    /// `y_i (m, rows_i) += scale · u_i (m, r) · B_iᵀ` for up to LORA_MAX_TARGETS branches in one launch
+    /// (kernels/lora.cu `gemv_f32_many`: a group of lanes per row of every B_i): the B products of
+    /// [`Backend::lora_forward_many`] and [`Backend::linear_many_lora`] in decoding.
+    fn lora_up_many<'a>(
+        &self,
+        ups: impl Iterator<Item = (&'a CudaSlice<f32>, &'a CudaSlice<f32>, &'a mut CudaSlice<f32>)>,
+        m: usize,
+        r: usize,
+        scale: f32,
+    ) {
+        let mut up = GemvF32Targets::default();
+        let mut guards = Vec::new();
+        let mut blocks = 0;
+        for (i, (b, u, y)) in ups.enumerate() {
+            let rows = b.len() / r;
+            assert!(i < LORA_MAX_TARGETS && u.len() == m * r && y.len() == m * rows, "LoRA B products: bad shapes");
+            let (bp, gb) = b.device_ptr(&self.stream);
+            let (up_ptr, gu) = u.device_ptr(&self.stream);
+            let (yp, gy) = y.device_ptr_mut(&self.stream);
+            up.t[i] = GemvF32Target { w: bp, x: up_ptr, y: yp, rows: rows as i32, first_block: blocks as i32 };
+            up.count = i as i32 + 1;
+            blocks += (rows.div_ceil(lora_rows_per_warp(r)) * 32).div_ceil(LORA_UP_THREADS);
+            guards.extend([gb, gu, gy]);
+        }
+        let cfg = LaunchConfig {
+            grid_dim: (blocks as u32, 1, 1),
+            block_dim: (LORA_UP_THREADS as u32, 1, 1),
+            shared_mem_bytes: 0,
         };
-        let (bs, c32) = (*blocksize as i32, *cols as i32);
-        let mut b = self.stream.launch_builder(self.f(kernel));
-        b.arg(&targets).arg(&self.code256).arg(self.code16(*quant_type)).arg(&bs).arg(x).arg(&c32);
-        // SAFETY: each target's codes, absmax and output are the live buffers whose addresses the
-        // guards above hold; the kernel reads x (cols) and writes each output's `rows` values.
-        ck!(unsafe { b.launch(cfg) }, kernel);
+        let (m32, r32) = (m as i32, r as i32);
+        // SAFETY: each target's B, u and y are the live buffers whose addresses the guards hold; the
+        // kernel reads B (rows, r) and u (m, r) and adds into y (m, rows) of each.
+        let mut b = self.stream.launch_builder(self.f("gemv_f32_many"));
+        b.arg(&up).arg(&m32).arg(&r32).arg(&scale).arg(&1i32);
+        ck!(unsafe { b.launch(cfg) }, "gemv_f32_many");
         drop(guards);
     }
 
