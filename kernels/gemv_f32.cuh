@@ -36,8 +36,8 @@ __device__ __forceinline__ void store_dot(float* y, int64_t idx, float s, float 
     y[idx] = (accumulate ? y[idx] : 0.f) + alpha * s;
 }
 
-// The same with one block per row of W, its threads splitting the columns: for the A product (r rows
-// of in_features columns), where a warp per row left most of the GPU idle (64 warps for a 7B layer,
+// y (m, rows) = [y +] alpha · x (m, cols) · Wᵀ, row `row` of W by one block whose threads split the
+// columns: for the A product (r rows of in_features columns), where a warp per row left most of the GPU idle (64 warps for a 7B layer,
 // each walking 16 KB: ~20 µs per call in decoding's synchronized profile).
 __device__ __forceinline__ void gemv_f32_long_row(const float* w, const float* x, float* y, int m, int rows, int cols, float alpha, int accumulate, int row) {
     float acc[SMALL_M];

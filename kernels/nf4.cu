@@ -288,11 +288,16 @@ struct GemvTargets {
     int count;
 };
 
+// This block's share of a several-weight launch: rows of the weight that owns it.
+template <int C, int R>
+__device__ __forceinline__ void gemv_many_block(const GemvTargets& ts, const float* code256, const float* code16, int blocksize, const float* x, int cols) {
+    const GemvTarget t = block_target(ts.t, ts.count);
+    const int warp = (((int)blockIdx.x - t.first_block) * blockDim.x + threadIdx.x) / WARP;
+    gemv_rows<C, 1, true, R>(t.w.packed, t.w.absmax, t.w.absmax_q, t.w.absmax2, code256, t.w.offset, code16, blocksize, x, t.y, 1, t.rows, cols, warp);
+}
 #define GEMV_MANY_KERNEL(name, C, R) \
     extern "C" __global__ void __launch_bounds__(GEMV_THREADS, 3) name(const GemvTargets ts, const float* code256, const float* code16, int blocksize, const float* x, int cols) { \
-        const GemvTarget t = block_target(ts.t, ts.count); \
-        const int warp = (((int)blockIdx.x - t.first_block) * blockDim.x + threadIdx.x) / WARP; \
-        gemv_rows<C, 1, true, R>(t.w.packed, t.w.absmax, t.w.absmax_q, t.w.absmax2, code256, t.w.offset, code16, blocksize, x, t.y, 1, t.rows, cols, warp); \
+        gemv_many_block<C, R>(ts, code256, code16, blocksize, x, cols); \
     }
 GEMV_MANY_KERNEL(gemv_4bit_many_f32, 0, 4)
 GEMV_MANY_KERNEL(gemv_4bit_many_f16, 1, 4)
@@ -313,9 +318,7 @@ GEMV_MANY_KERNEL(gemv_4bit_many_bf16_r2, 2, 2)
             gemv_f32_long_row(d.w, d.x, d.y, 1, d.rows, cols, 1.f, 0, (int)blockIdx.x - d.first_block); \
             return; \
         } \
-        const GemvTarget t = block_target(ts.t, ts.count); \
-        const int warp = (((int)blockIdx.x - t.first_block) * blockDim.x + threadIdx.x) / WARP; \
-        gemv_rows<C, 1, true, R>(t.w.packed, t.w.absmax, t.w.absmax_q, t.w.absmax2, code256, t.w.offset, code16, blocksize, x, t.y, 1, t.rows, cols, warp); \
+        gemv_many_block<C, R>(ts, code256, code16, blocksize, x, cols); \
     }
 GEMV_MANY_LORA_KERNEL(gemv_4bit_many_lora_f32, 0, 4)
 GEMV_MANY_LORA_KERNEL(gemv_4bit_many_lora_f16, 1, 4)

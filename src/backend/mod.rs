@@ -525,8 +525,6 @@ pub trait Backend {
     fn replay(&self, _r: &Self::Recording) {}
 }
 
-/// [`Backend::linear_swiglu`] from the backend's `linear_many` and `swiglu` (its default, and a
-/// backend's fallback).
 /// [`Backend::linear_many_lora`] as [`Backend::linear_many`] then [`Backend::lora_forward_many`]: the
 /// trait's default and the CUDA backend's path where its shared launch does not apply.
 #[allow(clippy::too_many_arguments)]
@@ -555,6 +553,8 @@ pub fn linear_many_lora_composed<B: Backend + ?Sized>(
     }
 }
 
+/// [`Backend::linear_swiglu`] from the backend's `linear_many` and `swiglu` (its default, and a
+/// backend's fallback).
 pub fn linear_swiglu_composed<B: Backend + ?Sized>(
     be: &B,
     x: &B::Buf,

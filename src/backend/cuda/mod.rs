@@ -2025,8 +2025,6 @@ impl Cuda {
         (ck!(self.stream.clone_dtoh(&loss), "download")[0], c as usize)
     }
 
-    /// Whether the products of `ws` at `m` rows can share one `gemv_4bit_many_*` launch: 2 or 3
-    /// weights [`Cuda::gemv_shares_x`] accepts, their blocks within one wave.
     /// Whether [`Backend::linear_many_lora`] runs these products and branches in the shared launch
     /// (`gemv_4bit_many_lora_*`): where the several-weight GEMV takes the products
     /// ([`Cuda::gemv_many_fits`]) and 1 to 3 branches carry no dropout.
@@ -2040,6 +2038,8 @@ impl Cuda {
             && loras.iter().flatten().all(|l| !l.dropout.is_active())
             && self.gemv_many_fits(ws, m)
     }
+    /// Whether the products of `ws` at `m` rows can share one `gemv_4bit_many_*` launch: 2 or 3
+    /// weights [`Cuda::gemv_shares_x`] accepts, their blocks within one wave.
     fn gemv_many_fits(&self, ws: &[&CudaWeight], m: usize) -> bool {
         // Only while all the blocks fit one wave (three per SM): one launch helps by filling the GPU
         // where each weight alone leaves it part empty (q/k/v: 3 × 128 blocks of 4096 rows, 677 →
