@@ -30,16 +30,9 @@ __device__ __forceinline__ void gemv_f32_row(const float* w, const float* x, flo
         if (first == 0 && j < m && row < rows) store_dot(y, (int64_t)j * rows + row, s, alpha, accumulate);
     }
 }
-extern "C" __global__ void gemv_f32(const float* w, const float* x, float* y, int m, int rows, int cols, float alpha, int accumulate) {
-    gemv_f32_row(w, x, y, m, rows, cols, alpha, accumulate, (blockIdx.x * blockDim.x + threadIdx.x) / WARP);
-}
-
-// u = x·Aᵀ with a block per row of A (gemv_f32.cuh's gemv_f32_long_row).
-extern "C" __global__ void gemv_f32_long_rows(const float* w, const float* x, float* y, int m, int rows, int cols, float alpha, int accumulate) {
-    gemv_f32_long_row(w, x, y, m, rows, cols, alpha, accumulate, blockIdx.x);
-}
-
-// Both products over the branches of projections sharing x (gemv_f32.cuh's GemvF32Targets).
+// The two products over up to LORA_MAX_TARGETS branches in one launch each (gemv_f32.cuh's
+// GemvF32Targets): u = x·Aᵀ with a block per row of every A (gemv_f32_long_row), y += scale·u·Bᵀ
+// with a group of lanes per row of every B; one branch is a launch of one target.
 extern "C" __global__ void gemv_f32_many(const GemvF32Targets ts, int m, int cols, float alpha, int accumulate) {
     const GemvF32Target t = block_target(ts.t, ts.count);
     const int warp = (((int)blockIdx.x - t.first_block) * blockDim.x + threadIdx.x) / WARP;

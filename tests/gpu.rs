@@ -475,8 +475,8 @@ fn decoding_gate_up_and_swiglu_in_one_launch() {
 }
 
 /// Decoding's LoRA branches of projections that share x in one launch per product
-/// (`lora_forward_many`: kernels/lora.cu `gemv_f32*_many`) against one `lora_forward` each (bit for
-/// bit) and against the CPU: the 7B q and v (r = 64), SmolLM2's q/k/v, and odd sizes; 1 to 8 token
+/// (`lora_forward_many`: kernels/lora.cu `gemv_f32*_many`) against one `lora_forward` each (a launch
+/// of one target; bit for bit) and against the CPU: the 7B q and v (r = 64), SmolLM2's q/k/v, and odd sizes; 1 to 8 token
 /// rows; y starts with values the branches add to, u poisoned.
 #[test]
 fn decoding_lora_branches_in_one_launch() {

@@ -622,7 +622,7 @@ fn kernel_names(module: &str) -> &'static [&'static str] {
             GEMV_SWIGLU[1],
             GEMV_SWIGLU[2],
         ],
-        "lora" => &["gemv_f32", "gemv_f32_long_rows", "gemv_f32_many", "gemv_f32_long_rows_many"],
+        "lora" => &["gemv_f32_many", "gemv_f32_long_rows_many"],
         "lora_fused" => &[
             LORA_DOWN[0],
             LORA_DOWN[1],
@@ -993,7 +993,6 @@ impl Backend for Cuda {
         r: usize,
         scale: f32,
     ) {
-        let branches = loras.iter().flatten().count();
         if !self.linear_many_lora_shares_launch(ws, m, loras) {
             return super::linear_many_lora_composed(self, x, ws, m, outs, loras, r, scale);
         }
@@ -1002,18 +1001,9 @@ impl Backend for Cuda {
         {
             // The frozen products and, in the blocks after theirs, every branch's u = x·Aᵀ.
             let mut guards = Vec::new();
-            let (targets, mut blocks, kernel) = self.gemv_many_targets(x, ws, outs, &mut guards);
-            let mut downs = GemvF32Targets { count: branches as i32, ..Default::default() };
-            let (xp, gx) = x.device_ptr(&self.stream);
-            guards.push(gx);
-            for (i, l) in loras.iter_mut().flatten().enumerate() {
-                assert!(l.a.len() == r * cols && l.u.len() == r, "linear_many_lora: bad shapes");
-                let (ap, ga) = l.a.device_ptr(&self.stream);
-                let (up, gu) = l.u.device_ptr_mut(&self.stream);
-                downs.t[i] = GemvF32Target { w: ap, x: xp, y: up, rows: r as i32, first_block: blocks as i32 };
-                blocks += r;
-                guards.extend([ga, gu]);
-            }
+            let (targets, first, kernel) = self.gemv_many_targets(x, ws, outs, &mut guards);
+            let branches = loras.iter_mut().flatten().map(|l| (l.a, &mut *l.u));
+            let (downs, blocks) = self.lora_down_targets(x, branches, m, r, first, &mut guards);
             let name = GEMV_MANY_LORA[kernel];
             let CudaWeight::Quant4 { quant_type, blocksize, .. } = ws[0] else { unreachable!("4-bit weights") };
             let (bs, c32) = (*blocksize as i32, cols as i32);
@@ -1115,14 +1105,9 @@ impl Backend for Cuda {
         let cols = a.len() / r;
         let rows = b.len() / r;
         if m <= GEMV_MAX_M && !dropout.is_active() {
-            // Decoding: two f32 products (kernels/lora.cu) instead of two GEMMs: u = x·Aᵀ with a block
-            // per row of A (few long rows), y += scale·u·Bᵀ with a warp per row of B (many short rows).
-            let (m32, r32, rows32, cols32) = (m as i32, r as i32, rows as i32, cols as i32);
-            let long = LaunchConfig { grid_dim: (r as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
-            launch!(self, "gemv_f32_long_rows", long; a, x, &mut *u, &m32, &r32, &cols32, &1f32, &0i32);
-            let warps = rows.div_ceil(lora_rows_per_warp(r));
-            launch!(self, "gemv_f32", warp_grid(warps); b, &*u, &mut *y, &m32, &rows32, &r32, &scale, &1i32);
-            return;
+            // Decoding: two f32 products (kernels/lora.cu) instead of two GEMMs, as lora_forward_many
+            // runs them for one branch.
+            return self.lora_forward_many(x, &mut [LoraBranch { a, b, dropout, u, y }], m, r, scale);
         }
         if self.uses_fused_lora(rows, cols, r) {
             // u (m, r) = drop(x) · Aᵀ, then y (m, rows) += scale · u · Bᵀ (kernels/lora_fused.cu).
@@ -1181,7 +1166,7 @@ impl Backend for Cuda {
         scale: f32,
     ) {
         let shared = m <= GEMV_MAX_M
-            && (2..=LORA_MAX_TARGETS).contains(&branches.len())
+            && (1..=LORA_MAX_TARGETS).contains(&branches.len())
             && branches.iter().all(|br| !br.dropout.is_active());
         if !shared {
             for br in branches.iter_mut() {
@@ -1189,32 +1174,23 @@ impl Backend for Cuda {
             }
             return;
         }
-        let _span = self.span("lora_forward (several branches)");
-        let cols = x.len() / m;
-        // Decoding: as lora_forward's two f32 products, each over all branches in one launch
-        // (kernels/lora.cu *_many): u_i = x·A_iᵀ with a block per row of every A_i, then y_i +=
-        // scale·u_i·B_iᵀ ([`Cuda::lora_up_many`]).
-        let mut down = GemvF32Targets { count: branches.len() as i32, ..Default::default() };
-        let mut guards = Vec::new();
-        let (xp, gx) = x.device_ptr(&self.stream);
-        guards.push(gx);
-        let mut down_blocks = 0;
-        for (i, br) in branches.iter_mut().enumerate() {
-            assert!(br.a.len() == r * cols && br.u.len() == m * r, "lora_forward_many: bad shapes");
-            let (ap, ga) = br.a.device_ptr(&self.stream);
-            let (up_ptr, gu) = br.u.device_ptr_mut(&self.stream);
-            down.t[i] = GemvF32Target { w: ap, x: xp, y: up_ptr, rows: r as i32, first_block: down_blocks as i32 };
-            down_blocks += r;
-            guards.extend([ga, gu]);
+        let _span = self.span("lora_forward (f32 products of a few rows)");
+        // Decoding: the two f32 products, each over all branches in one launch (kernels/lora.cu
+        // *_many): u_i = x·A_iᵀ with a block per row of every A_i, then y_i += scale·u_i·B_iᵀ
+        // ([`Cuda::lora_up_many`]).
+        {
+            let mut guards = Vec::new();
+            let downs = branches.iter_mut().map(|br| (br.a, &mut *br.u));
+            let (down, blocks) = self.lora_down_targets(x, downs, m, r, 0, &mut guards);
+            let (m32, cols32) = (m as i32, (x.len() / m) as i32);
+            let long = LaunchConfig { grid_dim: (blocks as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+            // SAFETY: each target's A, x and u are the live buffers whose addresses the guards hold;
+            // the kernel reads A (r, cols) and x (m, cols) and writes u (m, r) of each.
+            let mut b = self.stream.launch_builder(self.f("gemv_f32_long_rows_many"));
+            b.arg(&down).arg(&m32).arg(&cols32).arg(&1f32).arg(&0i32);
+            ck!(unsafe { b.launch(long) }, "gemv_f32_long_rows_many");
+            drop(guards);
         }
-        let (m32, cols32) = (m as i32, cols as i32);
-        let long = LaunchConfig { grid_dim: (down_blocks as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
-        // SAFETY: each target's A, x and u are the live buffers whose addresses the guards hold; the
-        // kernel reads A (r, cols) and x (m, cols) and writes u (m, r) of each.
-        let mut b = self.stream.launch_builder(self.f("gemv_f32_long_rows_many"));
-        b.arg(&down).arg(&m32).arg(&cols32).arg(&1f32).arg(&0i32);
-        ck!(unsafe { b.launch(long) }, "gemv_f32_long_rows_many");
-        drop(guards);
         self.lora_up_many(branches.iter_mut().map(|br| (br.b, &*br.u, &mut *br.y)), m, r, scale);
     }
     fn lora_backward(
@@ -2141,6 +2117,35 @@ impl Cuda {
             block_dim: (GEMV_THREADS as u32, 1, 1),
             shared_mem_bytes: ((cols + cols / 32) * 4) as u32,
         }
+    }
+
+    /// The A products `u_i (m, r) = x (m, cols) · A_iᵀ` of up to LORA_MAX_TARGETS branches as the targets
+    /// of a `gemv_f32_long_row` launch (kernels/gemv_f32.cuh): a block per row of every A_i, numbered
+    /// from `first_block`; returns them and the launch's block count. `guards` keeps the addresses valid.
+    fn lora_down_targets<'a>(
+        &'a self,
+        x: &'a CudaSlice<f32>,
+        downs: impl Iterator<Item = (&'a CudaSlice<f32>, &'a mut CudaSlice<f32>)>,
+        m: usize,
+        r: usize,
+        first_block: usize,
+        guards: &mut Vec<cudarc::driver::SyncOnDrop<'a>>,
+    ) -> (GemvF32Targets, usize) {
+        let cols = x.len() / m;
+        let mut targets = GemvF32Targets::default();
+        let (xp, gx) = x.device_ptr(&self.stream);
+        guards.push(gx);
+        let mut blocks = first_block;
+        for (i, (a, u)) in downs.enumerate() {
+            assert!(i < LORA_MAX_TARGETS && a.len() == r * cols && u.len() == m * r, "LoRA A products: bad shapes");
+            let (ap, ga) = a.device_ptr(&self.stream);
+            let (up, gu) = u.device_ptr_mut(&self.stream);
+            targets.t[i] = GemvF32Target { w: ap, x: xp, y: up, rows: r as i32, first_block: blocks as i32 };
+            targets.count = i as i32 + 1;
+            blocks += r;
+            guards.extend([ga, gu]);
+        }
+        (targets, blocks)
     }
 
     /// `y_i (m, rows_i) += scale · u_i (m, r) · B_iᵀ` for up to LORA_MAX_TARGETS branches in one launch
