@@ -115,6 +115,14 @@ impl<B: Backend> Tape<B> {
         self.saved.push(false);
         self.vals.len() - 1
     }
+    /// An id for a value that is recorded but never computed: backward's replay of a checkpointed
+    /// layer gives one to an output no backward reads (see [`Graph::layer_replay`]). Reading it
+    /// panics like reading a released value.
+    pub fn put_uncomputed(&mut self) -> Id {
+        self.vals.push(None);
+        self.saved.push(false);
+        self.vals.len() - 1
+    }
     /// The forward pass has made its last read of `id`: the value is dropped now unless a recorded
     /// op's backward needs it (then the backward walk drops it after its last use).
     pub fn done_with(&mut self, id: Id) {
@@ -154,6 +162,10 @@ impl<B: Backend> Tape<B> {
     pub fn record(&mut self, op: Op) {
         if self.recording {
             for id in op.saved_values() {
+                assert!(
+                    self.vals[id].is_some() || self.parked.contains_key(&id),
+                    "an op saves value {id} for backward, which was never computed or already released"
+                );
                 self.saved[id] = true;
             }
             self.ops.push(op);
@@ -312,8 +324,9 @@ impl<B: Backend> Tape<B> {
                             self.start_reload(be, *next);
                         }
                         let x = sub.put(saved_input);
-                        let y = g.layer_forward(&mut sub, layer, x);
-                        sub.done_with(y); // the replayed output itself is not needed, only its gradient
+                        // Only what the layer's backward reads is computed: its output is `out`'s value,
+                        // already known (the next checkpoint), so the replay never makes it.
+                        let y = g.layer_replay(&mut sub, layer, x);
                         let dx = sub.backward(g, grads, Some((y, d)), &[x]).pop().expect("one gradient");
                         acc(be, &mut dv, input, dx);
                     }

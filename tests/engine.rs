@@ -165,6 +165,8 @@ fn safetensors_checkpoints_round_trip_single_and_sharded() {
 /// up, the two norms' row statistics, and the output. Pre-RoPE q and k, the o and down outputs, the
 /// MLP norm's output and the SwiGLU output are dropped as soon as the forward pass is done with them,
 /// since no LoRA branch reads them. After backward only the input whose gradient was asked for is left.
+/// Backward's replay of a checkpointed layer holds the same values but the output, which it never
+/// makes, and gives the same gradients.
 #[test]
 fn a_recorded_layer_keeps_only_what_its_backward_reads() {
     use llamatune::model::llama::Graph;
@@ -183,12 +185,12 @@ fn a_recorded_layer_keeps_only_what_its_backward_reads() {
     ] {
         let lora = lora_with_random_b(&cfg, targets, 6);
         let r = lora.cfg.r;
-        let g = Graph::new(&BE, &model, Some(&lora), &batch_in, None, false);
+        let g = Graph::new(&BE, &model, Some(&lora), &batch_in, Some(9), false);
         let mut tape = Tape::<B>::new(true);
         let mut x0 = BE.zeros(m * h);
         let mut rng = rand::rngs::StdRng::seed_from_u64(8);
         x0.iter_mut().for_each(|v| *v = rng.gen_range(-1.0..1.0));
-        let x = tape.put(x0);
+        let x = tape.put(x0.clone());
         let y = g.layer_forward(&mut tape, 0, x);
         let saved = m * h // layer input
             + m * h // attention norm output (q, v LoRA)
@@ -202,9 +204,22 @@ fn a_recorded_layer_keeps_only_what_its_backward_reads() {
         assert_eq!(tape.live_elements(&BE), saved + kept_by_lora, "targets {targets:?}");
         let mut grads = lora.zero_grads(&BE);
         let dy = (0..m * h).map(|i| ((i * 7 % 11) as f32 - 5.0) / 10.0).collect::<Vec<f32>>();
-        let dx = tape.backward(&g, &mut grads, Some((y, dy)), &[x]);
+        let dx = tape.backward(&g, &mut grads, Some((y, dy.clone())), &[x]);
         assert_eq!(dx[0].len(), m * h);
         assert!(dx[0].iter().any(|&v| v != 0.0));
         assert_eq!(tape.live_elements(&BE), m * h + m * h, "the input (asked for) and the output are left");
+
+        // Backward's replay of the layer (checkpointing) holds the same values except the output, which
+        // it never makes (the next checkpoint has it), and gives the same gradients bit for bit.
+        let mut replay = Tape::<B>::new(true);
+        let x = replay.put(x0);
+        let y = g.layer_replay(&mut replay, 0, x);
+        assert_eq!(replay.live_elements(&BE), saved + kept_by_lora - m * h, "targets {targets:?}");
+        let mut replay_grads = lora.zero_grads(&BE);
+        let replay_dx = replay.backward(&g, &mut replay_grads, Some((y, dy)), &[x]);
+        assert_eq!(replay_dx[0], dx[0]);
+        for (a, b) in grads.bufs().iter().zip(replay_grads.bufs()) {
+            assert_eq!(*a, b, "targets {targets:?}");
+        }
     }
 }

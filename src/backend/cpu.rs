@@ -339,6 +339,12 @@ impl<T: Real> Backend for Cpu<T> {
         }
     }
 
+    fn lora_down(&self, x: &Vec<T>, a: &Vec<T>, m: usize, r: usize, dropout: Dropout, u: &mut Vec<T>) {
+        let cols = a.len() / r;
+        assert!(x.len() == m * cols && u.len() == m * r, "lora_down: bad shapes");
+        let xd = dropped(x, dropout);
+        T::gemm(m, cols, r, T::one(), &xd, (cols as isize, 1), a, (1, cols as isize), T::zero(), u, (r as isize, 1));
+    }
     fn lora_forward(
         &self,
         x: &Vec<T>,
@@ -351,11 +357,9 @@ impl<T: Real> Backend for Cpu<T> {
         u: &mut Vec<T>,
         y: &mut Vec<T>,
     ) {
-        let cols = a.len() / r;
         let rows = b.len() / r;
-        assert!(x.len() == m * cols && u.len() == m * r && y.len() == m * rows, "lora_forward: bad shapes");
-        let xd = dropped(x, dropout);
-        T::gemm(m, cols, r, T::one(), &xd, (cols as isize, 1), a, (1, cols as isize), T::zero(), u, (r as isize, 1));
+        assert!(y.len() == m * rows, "lora_forward: bad shapes");
+        self.lora_down(x, a, m, r, dropout, u);
         T::gemm(
             m,
             r,

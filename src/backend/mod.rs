@@ -312,6 +312,11 @@ pub trait Backend {
     }
     /// `dx (m, cols) (+)= dy (m, rows) · W`.
     fn linear_backward_input(&self, dy: &Self::Buf, w: &Self::Weight, m: usize, dx: &mut Self::Buf, accumulate: bool);
+    /// A LoRA branch's A product alone: `u (m, r) = drop(x) · Aᵀ`, `a (r, in)`. Backward's replay of
+    /// a checkpointed layer runs it for a projection whose output it does not need (the down
+    /// product, whose output the next checkpoint already holds), since the branch's backward reads u.
+    /// It computes u exactly as [`Backend::lora_forward`] does.
+    fn lora_down(&self, x: &Self::Buf, a: &Self::Buf, m: usize, r: usize, dropout: Dropout, u: &mut Self::Buf);
     /// LoRA branch: `u (m, r) = drop(x) · Aᵀ`, then `y (m, out) += scale · u · Bᵀ`.
     /// `a` is `(r, in)`, `b` is `(out, r)`.
     #[allow(clippy::too_many_arguments)]

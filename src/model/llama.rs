@@ -402,6 +402,24 @@ impl<'a, B: Backend> Graph<'a, B> {
         ids.try_into().expect("one id per projection")
     }
 
+    /// Records projection `p` of `x` without computing its output (a replay, see
+    /// [`Graph::layer_replay`]); only a LoRA branch's `u`, which its backward reads, is computed.
+    fn linear_output_uncomputed(&self, t: &mut Tape<B>, x: Id, layer: usize, p: Proj) -> Id {
+        let be = self.be;
+        let lora = self.lora_pair(layer, p).map(|pair| {
+            let r = self.lora_rank();
+            let xv = t.get(x);
+            let m = be.buf_len(xv) / be.weight_shape(self.model.proj(layer, p)).1;
+            let mut u = be.alloc_output(m * r);
+            let dropout = self.lora_dropout(layer, p);
+            be.lora_down(xv, &pair.a, m, r, dropout, &mut u);
+            (t.put(u), dropout)
+        });
+        let out = t.put_uncomputed();
+        t.record(Op::Linear { x, layer, proj: p, out, lora });
+        out
+    }
+
     fn rope(&self, t: &mut Tape<B>, x: Id, heads: usize) -> Id {
         let be = self.be;
         let xv = t.get(x);
@@ -445,7 +463,21 @@ impl<'a, B: Backend> Graph<'a, B> {
     /// One decoder layer on tape `t`, from hidden state `x` `(m, hidden)`. The layer is the last
     /// reader of `x`: the tape drops it unless a recorded op saved it for backward.
     pub fn layer_forward(&self, t: &mut Tape<B>, l: usize, x: Id) -> Id {
-        match self.layer(t, l, Hidden::Value(x), None) {
+        match self.layer(t, l, Hidden::Value(x), None, Pass::Full) {
+            Hidden::Value(y) => y,
+            Hidden::Sum(..) => unreachable!("only decoding defers the residual sum"),
+        }
+    }
+
+    /// Backward's replay of checkpointed layer `l` from its input `x`: records the layer as
+    /// [`Graph::layer_forward`] does, but computes only what the recorded ops' backward reads. The
+    /// layer's output is already known (it is the next checkpoint), and no backward reads the down
+    /// product's output or the residual sum, so the down projection's frozen product and LoRA B
+    /// product and the last residual add are recorded without being computed (their ids hold no
+    /// value: [`Tape::put_uncomputed`]); so is SwiGLU's output when down has no LoRA branch to save
+    /// it. Gradients are the same as from the full replay, bit for bit.
+    pub fn layer_replay(&self, t: &mut Tape<B>, l: usize, x: Id) -> Id {
+        match self.layer(t, l, Hidden::Value(x), None, Pass::Replay) {
             Hidden::Value(y) => y,
             Hidden::Sum(..) => unreachable!("only decoding defers the residual sum"),
         }
@@ -455,7 +487,14 @@ impl<'a, B: Backend> Graph<'a, B> {
     /// the count held on the device), the new keys and values are appended to the cache and
     /// attention reads the whole cache; that path is never recorded on the tape, and it leaves the
     /// layer's last residual sum to the next norm ([`Hidden::Sum`]).
-    fn layer(&self, t: &mut Tape<B>, l: usize, x: Hidden, cache: Option<(&mut KvLayer<B>, &B::Buf)>) -> Hidden {
+    fn layer(
+        &self,
+        t: &mut Tape<B>,
+        l: usize,
+        x: Hidden,
+        cache: Option<(&mut KvLayer<B>, &B::Buf)>,
+        pass: Pass,
+    ) -> Hidden {
         // Each value is handed back to the tape (`done_with`) after its last read in this pass: it is
         // freed then unless a recorded op's backward keeps it.
         let c = &self.model.cfg;
@@ -517,11 +556,26 @@ impl<'a, B: Backend> Graph<'a, B> {
         } else {
             let [gate, up] = self.linears(t, n2, l, [Proj::Gate, Proj::Up]);
             t.done_with(n2);
-            let s = self.swiglu(t, gate, up);
+            // Down's product reads SwiGLU's output; a replay computes only its LoRA branch's A product.
+            let s = if pass == Pass::Replay && self.lora_pair(l, Proj::Down).is_none() {
+                let s = t.put_uncomputed();
+                t.record(Op::SwiGlu { gate, up, out: s });
+                s
+            } else {
+                self.swiglu(t, gate, up)
+            };
             t.done_with(gate);
             t.done_with(up);
             s
         };
+        if pass == Pass::Replay {
+            let d = self.linear_output_uncomputed(t, s, l, Proj::Down);
+            t.done_with(s);
+            let y = t.put_uncomputed();
+            t.record(Op::Add { a: x2, b: d, out: y });
+            t.done_with(x2);
+            return Hidden::Value(y);
+        }
         let d = self.linear(t, s, l, Proj::Down);
         t.done_with(s);
         if decoding {
@@ -534,14 +588,18 @@ impl<'a, B: Backend> Graph<'a, B> {
     }
 
     /// Embedding and every decoder layer; returns the last hidden state's id. With checkpointing
-    /// each layer runs on a throw-away tape and only its input is kept (on the device or offloaded).
+    /// each layer but the last runs on a throw-away tape and only its input is kept (on the device or
+    /// offloaded). The last layer is recorded whole: its backward comes right after the loss, so
+    /// replaying it would recompute what is still there to keep; while the loss is computed its
+    /// values take no more memory than a replayed layer's backward takes later.
     pub fn body(&self, t: &mut Tape<B>, ids: &[u32]) -> Id {
         let be = self.be;
         let mut h = be.alloc_output(ids.len() * self.model.cfg.hidden_size);
         be.embedding(&self.model.embed, ids, &mut h);
         let mut x = t.put(h);
-        for l in 0..self.model.layers.len() {
-            if self.checkpointing != Checkpointing::Off && t.recording {
+        let layers = self.model.layers.len();
+        for l in 0..layers {
+            if self.checkpointing != Checkpointing::Off && t.recording && l + 1 < layers {
                 let mut sub = Tape::<B>::new(false);
                 let sx = sub.put(t.get(x).clone());
                 if self.checkpointing == Checkpointing::Offload {
@@ -762,7 +820,7 @@ fn run_step<B: Backend>(
             Some(b) => Hidden::Sum(t.put(a), t.put(b)),
             None => Hidden::Value(t.put(a)),
         };
-        (a, b) = match g.layer(&mut t, l, input, Some((kv, pos))) {
+        (a, b) = match g.layer(&mut t, l, input, Some((kv, pos)), Pass::Full) {
             Hidden::Sum(x2, d) => (t.take(x2), Some(t.take(d))),
             Hidden::Value(y) => (t.take(y), None),
         };
@@ -785,6 +843,16 @@ fn run_step<B: Backend>(
         None => g.rmsnorm(&mut t, last, NormRef::Final),
     };
     be.write_range(&g.head_logits(&mut t, normed), logits, 0);
+}
+
+/// How much of a decoder layer a pass computes.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Pass {
+    /// Every value (training's first pass, evaluation, decoding).
+    Full,
+    /// Backward's replay of a checkpointed layer: only what the recorded ops' backward reads
+    /// ([`Graph::layer_replay`]).
+    Replay,
 }
 
 /// A decoder layer's input or output: a hidden state, or (decoding) the two terms of its residual

@@ -1102,41 +1102,19 @@ impl Backend for Cuda {
         y: &mut CudaSlice<f32>,
     ) {
         let _span = self.span("lora_forward");
-        let cols = a.len() / r;
         let rows = b.len() / r;
         if m <= GEMV_MAX_M && !dropout.is_active() {
             // Decoding: two f32 products (kernels/lora.cu) instead of two GEMMs, as lora_forward_many
             // runs them for one branch.
             return self.lora_forward_many(x, &mut [LoraBranch { a, b, dropout, u, y }], m, r, scale);
         }
-        if self.uses_fused_lora(rows, cols, r) {
-            // u (m, r) = drop(x) · Aᵀ, then y (m, rows) += scale · u · Bᵀ (kernels/lora_fused.cu).
-            self.lora_down(x, a, m, cols, r, dropout, u);
+        self.lora_a_product(x, a, m, r, dropout, u);
+        if self.uses_fused_lora_up(rows, r) {
+            // y (m, rows) += scale · u · Bᵀ (kernels/lora_fused.cu).
             self.lora_up(u, b, false, m, rows, r, scale, Dropout::NONE, y);
             return;
         }
-        let xd = self.dropped(x, dropout);
-        let (aop, bop) = (OperandView::F32(a), OperandView::F32(b));
-        // u (m, r) = drop(x) · Aᵀ;  y (m, rows) += scale · u · Bᵀ
-        ck!(
-            self.blas.gemm_rm(
-                self.lora_math(),
-                false,
-                true,
-                m,
-                r,
-                cols,
-                1.0,
-                OperandView::F32(xd.as_ref().unwrap_or(x)),
-                cols,
-                aop,
-                cols,
-                0.0,
-                &mut *u,
-                r
-            ),
-            "LoRA A GEMM"
-        );
+        // y (m, rows) += scale · u · Bᵀ
         ck!(
             self.blas.gemm_rm(
                 self.lora_math(),
@@ -1148,7 +1126,7 @@ impl Backend for Cuda {
                 scale,
                 OperandView::F32(u),
                 r,
-                bop,
+                OperandView::F32(b),
                 r,
                 1.0,
                 y,
@@ -1156,6 +1134,18 @@ impl Backend for Cuda {
             ),
             "LoRA B GEMM"
         );
+    }
+    fn lora_down(
+        &self,
+        x: &CudaSlice<f32>,
+        a: &CudaSlice<f32>,
+        m: usize,
+        r: usize,
+        dropout: Dropout,
+        u: &mut CudaSlice<f32>,
+    ) {
+        let _span = self.span("lora_down");
+        self.lora_a_product(x, a, m, r, dropout, u);
     }
     fn lora_forward_many(
         &self,
@@ -1178,19 +1168,7 @@ impl Backend for Cuda {
         // Decoding: the two f32 products, each over all branches in one launch (kernels/lora.cu
         // *_many): u_i = x·A_iᵀ with a block per row of every A_i, then y_i += scale·u_i·B_iᵀ
         // ([`Cuda::lora_up_many`]).
-        {
-            let mut guards = Vec::new();
-            let downs = branches.iter_mut().map(|br| (br.a, &mut *br.u));
-            let (down, blocks) = self.lora_down_targets(x, downs, m, r, 0, &mut guards);
-            let (m32, cols32) = (m as i32, (x.len() / m) as i32);
-            let long = LaunchConfig { grid_dim: (blocks as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
-            // SAFETY: each target's A, x and u are the live buffers whose addresses the guards hold;
-            // the kernel reads A (r, cols) and x (m, cols) and writes u (m, r) of each.
-            let mut b = self.stream.launch_builder(self.f("gemv_f32_long_rows_many"));
-            b.arg(&down).arg(&m32).arg(&cols32).arg(&1f32).arg(&0i32);
-            ck!(unsafe { b.launch(long) }, "gemv_f32_long_rows_many");
-            drop(guards);
-        }
+        self.lora_down_rows(x, branches.iter_mut().map(|br| (br.a, &mut *br.u)), m, r);
         self.lora_up_many(branches.iter_mut().map(|br| (br.b, &*br.u, &mut *br.y)), m, r, scale);
     }
     fn lora_backward(
@@ -2148,6 +2126,70 @@ impl Cuda {
         (targets, blocks)
     }
 
+    /// [`Backend::lora_down`] (without its profile span, for [`Backend::lora_forward`] too).
+    fn lora_a_product(
+        &self,
+        x: &CudaSlice<f32>,
+        a: &CudaSlice<f32>,
+        m: usize,
+        r: usize,
+        dropout: Dropout,
+        u: &mut CudaSlice<f32>,
+    ) {
+        let cols = a.len() / r;
+        assert!(x.len() == m * cols && u.len() == m * r, "lora_down: bad shapes");
+        if m <= GEMV_MAX_M && !dropout.is_active() {
+            // A few rows (decoding): the f32 row products, as lora_forward_many runs them.
+            return self.lora_down_rows(x, std::iter::once((a, u)), m, r);
+        }
+        if self.uses_fused_lora_down(cols, r) {
+            // kernels/lora_fused.cu, the mask regenerated where x is read.
+            return self.lora_down_fused(x, a, m, cols, r, dropout, u);
+        }
+        let xd = self.dropped(x, dropout);
+        // u (m, r) = drop(x) · Aᵀ
+        ck!(
+            self.blas.gemm_rm(
+                self.lora_math(),
+                false,
+                true,
+                m,
+                r,
+                cols,
+                1.0,
+                OperandView::F32(xd.as_ref().unwrap_or(x)),
+                cols,
+                OperandView::F32(a),
+                cols,
+                0.0,
+                u,
+                r
+            ),
+            "LoRA A GEMM"
+        );
+    }
+
+    /// `u_i (m, r) = x (m, cols) · A_iᵀ` for up to LORA_MAX_TARGETS branches of a few rows, without
+    /// dropout, in one launch (`gemv_f32_long_rows_many`: a block per row of every A_i).
+    fn lora_down_rows<'a>(
+        &'a self,
+        x: &'a CudaSlice<f32>,
+        downs: impl Iterator<Item = (&'a CudaSlice<f32>, &'a mut CudaSlice<f32>)>,
+        m: usize,
+        r: usize,
+    ) {
+        let mut guards = Vec::new();
+        let (down, blocks) = self.lora_down_targets(x, downs, m, r, 0, &mut guards);
+        let (m32, cols32) = (m as i32, (x.len() / m) as i32);
+        let long = LaunchConfig { grid_dim: (blocks as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        // SAFETY: each target's A, x and u are the live buffers whose addresses the guards hold;
+        // the kernel reads A (r, cols) and x (m, cols) and writes u (m, r) of each.
+        let mut b = self.stream.launch_builder(self.f("gemv_f32_long_rows_many"));
+        b.arg(&down).arg(&m32).arg(&cols32).arg(&1f32).arg(&0i32);
+        ck!(unsafe { b.launch(long) }, "gemv_f32_long_rows_many");
+        drop(guards);
+    }
+
     /// `y_i (m, rows_i) += scale · u_i (m, r) · B_iᵀ` for up to LORA_MAX_TARGETS branches in one launch
     /// (kernels/lora.cu `gemv_f32_many`: a group of lanes per row of every B_i): the B products of
     /// [`Backend::lora_forward_many`] and [`Backend::linear_many_lora`] in decoding.
@@ -2357,12 +2399,18 @@ impl Cuda {
     /// kernels of kernels/lora_fused.cu: not in precise mode (f32 cuBLAS there), rank ≤ 64, and rows of
     /// 16 bytes (`LLAMATUNE_FUSED_LORA=0` or [`Cuda::set_fused_lora`] keep the cuBLAS TF32 path).
     pub fn uses_fused_lora(&self, rows: usize, cols: usize, r: usize) -> bool {
-        self.fused_lora.load(std::sync::atomic::Ordering::Relaxed)
-            && !self.is_precise()
-            && r <= 64
-            && r % 4 == 0
-            && rows % 4 == 0
-            && cols % 4 == 0
+        self.uses_fused_lora_down(cols, r) && self.uses_fused_lora_up(rows, r)
+    }
+    /// Whether a branch's A product `u = drop(x)·Aᵀ` (`cols` in-features) runs on the fused `lora_down`.
+    fn uses_fused_lora_down(&self, cols: usize, r: usize) -> bool {
+        self.fused_lora_rank(r) && cols % 4 == 0
+    }
+    /// Whether a branch's B product `y += scale·u·Bᵀ` (`rows` out-features) runs on the fused `lora_up`.
+    fn uses_fused_lora_up(&self, rows: usize, r: usize) -> bool {
+        self.fused_lora_rank(r) && rows % 4 == 0
+    }
+    fn fused_lora_rank(&self, r: usize) -> bool {
+        self.fused_lora.load(std::sync::atomic::Ordering::Relaxed) && !self.is_precise() && r <= 64 && r % 4 == 0
     }
 
     /// Turns the fused LoRA kernels on or off (off: dropout pass + cuBLAS TF32 GEMMs, the rival).
@@ -2434,7 +2482,7 @@ impl Cuda {
 
     /// `u (m, r) = drop(x) (m, cols) · Aᵀ` for `A (r, cols)`, split over `cols` to fill the GPU.
     #[allow(clippy::too_many_arguments)]
-    fn lora_down(
+    fn lora_down_fused(
         &self,
         x: &CudaSlice<f32>,
         a: &CudaSlice<f32>,
