@@ -103,6 +103,7 @@ __device__ __forceinline__ void for_each4(int64_t n, bool vector, Body4 body4, B
     for (int64_t q = first; q < groups; q += stride) body4(q);
     for (int64_t i = 4 * groups + first; i < n; i += stride) body1(i);
 }
+__device__ __forceinline__ float4 add4(float4 a, float4 b) { return make_float4(a.x + b.x, a.y + b.y, a.z + b.z, a.w + b.w); }
 __device__ __forceinline__ bool aligned_to(const void* p, int bytes) { return ((uintptr_t)p & (bytes - 1)) == 0; }
 // Four 16-bit values in 8 bytes, each rounded to nearest even as __float2bfloat16_rn / __float2half_rn do.
 __device__ __forceinline__ uint2 pack_bf16x4(float4 v) {

@@ -4,7 +4,6 @@
 #include "common.cuh"
 #include <cuda_fp16.h>
 
-__device__ __forceinline__ float4 add4(float4 a, float4 b) { return make_float4(a.x + b.x, a.y + b.y, a.z + b.z, a.w + b.w); }
 extern "C" __global__ void add_f32(const float* a, const float* b, float* out, int64_t n) {
     for_each4(
         n, aligned_to(a, 16) && aligned_to(b, 16) && aligned_to(out, 16),

@@ -181,7 +181,29 @@ extern "C" __global__ void lora_sum_splits(const float* part, float* out, int sp
 #define UP_KN_STRIDE 72
 #define UP_V (64 * 64 / 4 / UP_THREADS)  // 16-byte pieces per thread of a 64 × 64 tile: 8
 
-extern "C" __global__ void __launch_bounds__(UP_THREADS, 4) lora_up(const float* u, const float* w, float* out, int m, int N, int r, int w_is_rn, float alpha, uint64_t seed, float p) {
+// Where out's old value comes from: out itself (`float`: plain `lora_up`), or a frozen product's 16-bit
+// output being widened into out (`lora_up_from_bf16/f16`: the LoRA B product lands in the same pass
+// as the widening, instead of a widening pass and then a read and write of out; out's value is the
+// same bit for bit: out [+ widen(base)] + the branch, added in that order).
+template <typename Base>
+__device__ __forceinline__ float4 up_old(const float* out, const Base* base, int64_t i, int accumulate);
+template <>
+__device__ __forceinline__ float4 up_old<float>(const float* out, const float*, int64_t i, int) {
+    return *reinterpret_cast<const float4*>(out + i);
+}
+template <>
+__device__ __forceinline__ float4 up_old<__nv_bfloat16>(const float* out, const __nv_bfloat16* base, int64_t i, int accumulate) {
+    const float4 v = unpack_bf16x4(*reinterpret_cast<const uint2*>(base + i));
+    return accumulate ? add4(*reinterpret_cast<const float4*>(out + i), v) : v;
+}
+template <>
+__device__ __forceinline__ float4 up_old<__half>(const float* out, const __half* base, int64_t i, int accumulate) {
+    const float4 v = unpack_f16x4(*reinterpret_cast<const uint2*>(base + i));
+    return accumulate ? add4(*reinterpret_cast<const float4*>(out + i), v) : v;
+}
+
+template <typename Base>
+__device__ __forceinline__ void lora_up_tile(const float* u, const float* w, const Base* base, float* out, int m, int N, int r, int w_is_rn, float alpha, uint64_t seed, float p, int accumulate) {
     __shared__ __align__(16) float us[UP_ROWS * UP_STRIDE];
     __shared__ __align__(16) float wsh[64 * UP_KN_STRIDE];  // W' tile as (64 n, 68) or (64 k, 72); then the product (64, 72)
     const int row0 = blockIdx.y * UP_ROWS, col0 = blockIdx.x * UP_COLS;
@@ -205,7 +227,7 @@ extern "C" __global__ void __launch_bounds__(UP_THREADS, 4) lora_up(const float*
 #pragma unroll
     for (int q = 0; q < UP_V; q++) {
         const int e = threadIdx.x + q * UP_THREADS, row = row0 + e / 16, c = col0 + 4 * (e % 16);
-        old[q] = row < m && c < N ? *reinterpret_cast<const float4*>(out + (int64_t)row * N + c) : make_float4(0.f, 0.f, 0.f, 0.f);
+        old[q] = row < m && c < N ? up_old(out, base, (int64_t)row * N + c, accumulate) : make_float4(0.f, 0.f, 0.f, 0.f);
     }
     // The dropout decisions of those 32 elements, hashed while the loads are in flight (at the end,
     // with nothing left to overlap, they cost as much as the rest of the kernel).
@@ -253,6 +275,17 @@ extern "C" __global__ void __launch_bounds__(UP_THREADS, 4) lora_up(const float*
         *reinterpret_cast<float4*>(out + (int64_t)row * N + c) = make_float4(old[q].x + v.x, old[q].y + v.y, old[q].z + v.z, old[q].w + v.w);
     }
 }
+
+extern "C" __global__ void __launch_bounds__(UP_THREADS, 4) lora_up(const float* u, const float* w, float* out, int m, int N, int r, int w_is_rn, float alpha, uint64_t seed, float p) {
+    lora_up_tile<float>(u, w, nullptr, out, m, N, r, w_is_rn, alpha, seed, p, 1);
+}
+#define LORA_UP_FROM(name, T)                                                                                                   \
+    extern "C" __global__ void __launch_bounds__(UP_THREADS, 4)                                                                  \
+        name(const float* u, const float* w, const T* base, float* out, int m, int N, int r, int w_is_rn, float alpha, uint64_t seed, float p, int accumulate) { \
+        lora_up_tile<T>(u, w, base, out, m, N, r, w_is_rn, alpha, seed, p, accumulate);                                         \
+    }
+LORA_UP_FROM(lora_up_from_bf16, __nv_bfloat16)
+LORA_UP_FROM(lora_up_from_f16, __half)
 
 // ---- outer: part[split] (r, N) = S (m, r)ᵀ · [drop] (T (m, N)) over the split's range of m --------
 // dA = duᵀ·drop(x) (S = du, T = x, masked). (dB = dyᵀ·u has no dropout to fuse and stays a cuBLAS

@@ -10,7 +10,7 @@
 //! reads it ([`Tape::done_with`]) or a recorded op's backward will ([`Op::saved_values`]), and the
 //! backward walk drops each saved value after the last op that reads it.
 
-use crate::backend::{AttnShape, Backend, Dropout};
+use crate::backend::{AttnShape, Backend, Dropout, LoraGrad};
 use crate::model::llama::Graph;
 use crate::model::lora::{LoraGrads, Proj};
 
@@ -246,24 +246,31 @@ impl<B: Backend> Tape<B> {
                         let m = be.buf_len(&d) / rows;
                         // Added straight into a gradient x already has (q/k/v and gate/up share x).
                         let (mut dx, accumulate) = grad_slot(be, &mut dv, x, m * cols);
-                        be.linear_backward_input(&d, w, m, &mut dx, accumulate);
-                        if let Some((u, dropout)) = lora {
-                            let pair = g.lora_pair(layer, proj).expect("LoRA op without adapter");
-                            let gp = grads.layers[layer][proj as usize].as_mut().expect("LoRA grads missing");
-                            be.lora_backward(
-                                self.get(x),
-                                &pair.a,
-                                &pair.b,
-                                self.get(u),
-                                &d,
-                                m,
-                                g.lora_rank(),
-                                g.lora_scale(),
-                                dropout,
-                                &mut gp.a,
-                                &mut gp.b,
-                                &mut dx,
-                            );
+                        match lora {
+                            None => be.linear_backward_input(&d, w, m, &mut dx, accumulate),
+                            Some((u, dropout)) => {
+                                let pair = g.lora_pair(layer, proj).expect("LoRA op without adapter");
+                                let gp = grads.layers[layer][proj as usize].as_mut().expect("LoRA grads missing");
+                                let branch = LoraGrad {
+                                    x: self.get(x),
+                                    a: &pair.a,
+                                    b: &pair.b,
+                                    u: self.get(u),
+                                    dropout,
+                                    da: &mut gp.a,
+                                    db: &mut gp.b,
+                                };
+                                be.linear_lora_backward(
+                                    &d,
+                                    w,
+                                    m,
+                                    &mut dx,
+                                    accumulate,
+                                    branch,
+                                    g.lora_rank(),
+                                    g.lora_scale(),
+                                );
+                            }
                         }
                         dv[x] = Some(dx);
                     }

@@ -12,7 +12,7 @@ use llamatune::backend::cpu::Cpu;
 use llamatune::backend::cuda::{Cuda, Fused4bit};
 use llamatune::backend::{
     linear_many_lora_composed, lm_head_cross_entropy_composed, AdamWStep, AttnShape, Backend, Dropout, HostWeight,
-    LoraBranch, LoraDown,
+    LoraBranch, LoraDown, LoraGrad,
 };
 use llamatune::config::{ComputeDtype, LoraConfig, ModelConfig, QuantConfig, QuantType};
 use llamatune::model::llama::{forward_backward, Batch, Checkpointing, Llama};
@@ -325,6 +325,116 @@ fn linear_many_equals_one_linear_each() {
         let mut one = poisoned(m * gpu().weight_shape(w).0);
         gpu().linear(&x, w, m, &mut one);
         check(&format!("linear_many product {i}"), &gpu().download(got), &gpu().download(&one), 0.0);
+    }
+}
+
+/// At training shapes (past the fused 4-bit kernel's 512 rows) a targeted projection's LoRA B product
+/// is added in the pass that widens the frozen product's 16-bit output, forward (`linear_many_lora`)
+/// and backward (`linear_lora_backward`, the branch's dx term with its dropout): bit for bit what the
+/// separate ops give (`linear_many` + `lora_forward_many`; `linear_backward_input` + `lora_backward`),
+/// and within the mixed-precision bound of the CPU. Llama-2-7B's q/k/v with LoRA on q and v; SmolLM2's
+/// with LoRA on all three (double-quant, f16 compute); odd sizes where one product's out-features
+/// are no multiple of 4 (its branch stays a separate op). Backward both writing dx and adding into it.
+#[test]
+fn training_lora_b_products_ride_in_the_widening() {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(36);
+    let m = 515;
+    for (cols, rows, with_lora, r, dq, c) in [
+        (4096, vec![4096, 4096, 4096], vec![true, false, true], 64, false, ComputeDtype::BF16),
+        (576, vec![576, 192, 192], vec![true, true, true], 8, true, ComputeDtype::F16),
+        (320, vec![1000, 37, 76], vec![true, true, true], 12, false, ComputeDtype::BF16),
+    ] {
+        let label = format!("{rows:?}x{cols} LoRA {with_lora:?} r={r} dq={dq} {c:?}");
+        let host: Vec<_> = rows
+            .iter()
+            .map(|&n| {
+                let q = Quant4::quantize(
+                    &rnd(&mut rng, n * cols, 0.05),
+                    &QuantConfig { quant_type: QuantType::Nf4, blocksize: 64, double_quant: dq, compute_dtype: c },
+                );
+                HostWeight::Quant4 { rows: n, cols, q, compute: c }
+            })
+            .collect();
+        let ab: Vec<_> = rows.iter().map(|&n| (rnd(&mut rng, r * cols, 0.1), rnd(&mut rng, n * r, 0.1))).collect();
+        let drops: Vec<_> = (0..rows.len()).map(|i| Dropout { p: 0.1, seed: 700 + i as u64 }).collect();
+        let x = rnd(&mut rng, m * cols, 1.0);
+        let g = gpu();
+        let gw: Vec<_> = host.iter().map(|h| g.upload_weight(h.clone())).collect();
+        let ws: Vec<_> = gw.iter().collect();
+        assert!(ws.iter().all(|w| !g.uses_fused_4bit(w, m)), "{label}: the second path expected");
+        let gab: Vec<_> = ab.iter().map(|(a, b)| (g.upload(a), g.upload(b))).collect();
+        let gx = g.upload(&x);
+        let forward = |fused: bool| {
+            let mut ys: Vec<_> = rows.iter().map(|&n| poisoned(m * n)).collect();
+            let mut us: Vec<_> = rows.iter().map(|_| poisoned(m * r)).collect();
+            let mut loras: Vec<Option<LoraDown<'_, Cuda>>> = gab
+                .iter()
+                .zip(us.iter_mut())
+                .zip(with_lora.iter().zip(&drops))
+                .map(|(((a, b), u), (&on, &dropout))| on.then_some(LoraDown { a, b, dropout, u }))
+                .collect();
+            let mut outs: Vec<_> = ys.iter_mut().collect();
+            if fused {
+                g.linear_many_lora(&gx, &ws, m, &mut outs, &mut loras, r, 0.25);
+            } else {
+                linear_many_lora_composed(g, &gx, &ws, m, &mut outs, &mut loras, r, 0.25);
+            }
+            drop(loras);
+            (ys.iter().map(|y| g.download(y)).collect::<Vec<_>>(), us.iter().map(|u| g.download(u)).collect::<Vec<_>>())
+        };
+        let (ys1, us1) = forward(true);
+        let (ys2, us2) = forward(false);
+        for i in 0..rows.len() {
+            check(&format!("{label} y{i} vs separate ops"), &ys1[i], &ys2[i], 0.0);
+            let mut want = vec![0.0; m * rows[i]];
+            CPU.linear(&x, &CPU.upload_weight(host[i].clone()), m, &mut want);
+            if with_lora[i] {
+                check(&format!("{label} u{i} vs separate ops"), &us1[i], &us2[i], 0.0);
+                let mut u = vec![0.0; m * r];
+                CPU.lora_forward(&x, &ab[i].0, &ab[i].1, m, r, 0.25, drops[i], &mut u, &mut want);
+            }
+            check(&format!("{label} y{i} vs CPU"), &ys1[i], &want, MIXED_TOL);
+        }
+        // Backward of each targeted projection, from its forward's u.
+        for (i, &on) in with_lora.iter().enumerate() {
+            if !on {
+                continue;
+            }
+            let dy = rnd(&mut rng, m * rows[i], 1.0);
+            let (da0, db0, dx0) =
+                (rnd(&mut rng, r * cols, 0.1), rnd(&mut rng, rows[i] * r, 0.1), rnd(&mut rng, m * cols, 0.1));
+            let (gdy, gu) = (g.upload(&dy), g.upload(&us1[i]));
+            for accumulate in [false, true] {
+                let backward = |fused: bool| {
+                    let (mut da, mut db) = (g.upload(&da0), g.upload(&db0));
+                    let mut dx = if accumulate { g.upload(&dx0) } else { poisoned(m * cols) };
+                    let (a, b) = (&gab[i].0, &gab[i].1);
+                    if fused {
+                        let branch = LoraGrad { x: &gx, a, b, u: &gu, dropout: drops[i], da: &mut da, db: &mut db };
+                        g.linear_lora_backward(&gdy, ws[i], m, &mut dx, accumulate, branch, r, 0.25);
+                    } else {
+                        g.linear_backward_input(&gdy, ws[i], m, &mut dx, accumulate);
+                        g.lora_backward(&gx, a, b, &gu, &gdy, m, r, 0.25, drops[i], &mut da, &mut db, &mut dx);
+                    }
+                    [da, db, dx].map(|v| g.download(&v))
+                };
+                let (got, sep) = (backward(true), backward(false));
+                let what = format!("{label} backward {i} (accumulate {accumulate})");
+                for (name, (a, b)) in ["dA", "dB", "dx"].iter().zip(got.iter().zip(&sep)) {
+                    check(&format!("{what} {name} vs separate ops"), a, b, 0.0);
+                }
+                let (mut da, mut db) = (da0.clone(), db0.clone());
+                let mut dx = if accumulate { dx0.clone() } else { vec![0.0; m * cols] };
+                let w = CPU.upload_weight(host[i].clone());
+                CPU.linear_backward_input(&dy, &w, m, &mut dx, accumulate);
+                CPU.lora_backward(
+                    &x, &ab[i].0, &ab[i].1, &us1[i], &dy, m, r, 0.25, drops[i], &mut da, &mut db, &mut dx,
+                );
+                check(&format!("{what} dx vs CPU"), &got[2], &dx, MIXED_TOL);
+                check(&format!("{what} dA vs CPU"), &got[0], &da, TF32_TOL);
+                check(&format!("{what} dB vs CPU"), &got[1], &db, TF32_TOL);
+            }
+        }
     }
 }
 
@@ -678,6 +788,9 @@ fn check_lora(rng: &mut impl Rng, label: &str, (m, rows, cols, r): (usize, usize
     gpu().lora_forward(&gx, &ga, &gb, m, r, 0.25, d, &mut u2, &mut yy2);
     check(&format!("{label} lora u"), &gpu().download(&u2), &u1, TF32_TOL);
     check(&format!("{label} lora y"), &gpu().download(&yy2), &yy1, TF32_TOL);
+    let mut u3 = poisoned(m * r);
+    gpu().lora_down(&gx, &ga, m, r, d, &mut u3);
+    check(&format!("{label} lora_down u vs lora_forward's"), &gpu().download(&u3), &gpu().download(&u2), 0.0);
     let (da0, db0, dx0) = (rnd(rng, r * cols, 0.1), rnd(rng, rows * r, 0.1), rnd(rng, m * cols, 0.1));
     let (mut da1, mut db1, mut dx1) = (da0.clone(), db0.clone(), dx0.clone());
     CPU.lora_backward(&x, &a, &b, &u1, &dy, m, r, 0.25, d, &mut da1, &mut db1, &mut dx1);
@@ -715,6 +828,14 @@ fn lora_forward_backward_with_dropout() {
             gpu().lora_forward(&gpu().upload(&x), &ga, &gb, m, r, 0.25, Dropout::NONE, &mut u2, &mut yy2);
             check(&format!("{} lora u m={m}", s.name), &gpu().download(&u2), &u1, F32_TOL);
             check(&format!("{} lora y m={m}", s.name), &gpu().download(&yy2), &yy1, F32_TOL);
+            let mut u3 = poisoned(m * r);
+            gpu().lora_down(&gpu().upload(&x), &ga, m, r, Dropout::NONE, &mut u3);
+            check(
+                &format!("{} lora_down u m={m} vs lora_forward's", s.name),
+                &gpu().download(&u3),
+                &gpu().download(&u2),
+                0.0,
+            );
         }
     }
     // The real training shape of the 7B recipe: 4 × 512 token rows, q/v projections, r = 64; and

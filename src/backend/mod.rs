@@ -104,6 +104,18 @@ pub struct LoraDown<'a, B: Backend + ?Sized> {
     pub u: &'a mut B::Buf,
 }
 
+/// One projection's LoRA branch in [`Backend::linear_lora_backward`]: what its forward saved (`x`,
+/// `u (m, r)`), `a (r, in)`, `b (out, r)`, its dropout, and the gradients it adds into.
+pub struct LoraGrad<'a, B: Backend + ?Sized> {
+    pub x: &'a B::Buf,
+    pub a: &'a B::Buf,
+    pub b: &'a B::Buf,
+    pub u: &'a B::Buf,
+    pub dropout: Dropout,
+    pub da: &'a mut B::Buf,
+    pub db: &'a mut B::Buf,
+}
+
 /// Geometry of one attention call. Queries are `(batch, q_len, heads, head_dim)`; keys and values
 /// `(batch, kv_capacity, kv_heads, head_dim)` of which the first `kv_len` rows are valid. Query `t`
 /// sits at absolute position `q_offset + t` and sees keys `s <= q_offset + t` (causal).
@@ -312,6 +324,25 @@ pub trait Backend {
     }
     /// `dx (m, cols) (+)= dy (m, rows) · W`.
     fn linear_backward_input(&self, dy: &Self::Buf, w: &Self::Weight, m: usize, dx: &mut Self::Buf, accumulate: bool);
+    /// A targeted projection's backward: [`Backend::linear_backward_input`], then
+    /// [`Backend::lora_backward`] of its branch into the same `dx` (the default); a backend may fuse
+    /// them (CUDA: the branch's dx term added in the pass that widens the product's gradient).
+    #[allow(clippy::too_many_arguments)]
+    fn linear_lora_backward(
+        &self,
+        dy: &Self::Buf,
+        w: &Self::Weight,
+        m: usize,
+        dx: &mut Self::Buf,
+        accumulate: bool,
+        lora: LoraGrad<'_, Self>,
+        r: usize,
+        scale: f32,
+    ) {
+        self.linear_backward_input(dy, w, m, dx, accumulate);
+        let LoraGrad { x, a, b, u, dropout, da, db } = lora;
+        self.lora_backward(x, a, b, u, dy, m, r, scale, dropout, da, db, dx);
+    }
     /// A LoRA branch's A product alone: `u (m, r) = drop(x) · Aᵀ`, `a (r, in)`. Backward's replay of
     /// a checkpointed layer runs it for a projection whose output it does not need (the down
     /// product, whose output the next checkpoint already holds), since the branch's backward reads u.

@@ -9,7 +9,7 @@
 mod blas;
 use blas::F32Math;
 
-use super::{AdamWStep, AttnShape, Backend, Dropout, HostWeight, LoraBranch, LoraDown};
+use super::{AdamWStep, AttnShape, Backend, Dropout, HostWeight, LoraBranch, LoraDown, LoraGrad};
 use crate::config::{ComputeDtype, QuantType};
 use crate::error::{Error, Result};
 use crate::quant::{self, Absmax, Quant4};
@@ -476,8 +476,18 @@ impl Cuda {
     /// `out (=|+=) a · op(b)` for a frozen weight `w`'s product. A 4-bit weight's product is rounded to
     /// its 16-bit compute dtype, as bitsandbytes' 16-bit matmul output is, before it lands in (or is
     /// added to) the f32 `out`: cuBLAS writes it in that dtype (rounding as it writes, where a separate
-    /// pass over f32 would read and write it again) and one kernel widens it into `out`.
-    fn gemm_rounded(&self, w: &CudaWeight, g: Gemm<'_>, out: &mut CudaSlice<f32>, accumulate: bool, what: &str) {
+    /// pass over f32 would read and write it again) and one kernel widens it into `out`. With `up`,
+    /// a LoRA B product is added after the product ([`UpTail`]): where the product is widened, in the
+    /// same kernel (`lora_up_from_*`, bit for bit the widening and then `lora_up`).
+    fn gemm_rounded(
+        &self,
+        w: &CudaWeight,
+        g: Gemm<'_>,
+        out: &mut CudaSlice<f32>,
+        accumulate: bool,
+        up: Option<UpTail<'_>>,
+        what: &str,
+    ) {
         let gemm = |c: blas::GemmOut<'_>, beta: f32| {
             let r = self.blas.gemm_rm(
                 F32Math::Exact,
@@ -504,18 +514,56 @@ impl Cuda {
                 // SAFETY: the GEMM (beta = 0) writes all m·n values before the kernel reads them.
                 let mut o16 = ck!(unsafe { self.stream.alloc::<bf16>(g.m * g.n) }, "alloc");
                 gemm(blas::GemmOut::BF16(&mut o16), 0.0);
-                let kernel = if accumulate { "add_bf16_to_f32" } else { "bf16_to_f32" };
-                launch!(self, kernel, cfg; &o16, &mut *out, &n64);
+                match up {
+                    Some(up) => self.lora_up_from("lora_up_from_bf16", &o16, up, g.m, g.n, accumulate, out),
+                    None => {
+                        let kernel = if accumulate { "add_bf16_to_f32" } else { "bf16_to_f32" };
+                        launch!(self, kernel, cfg; &o16, &mut *out, &n64);
+                    }
+                }
             }
             CudaWeight::Quant4 { compute: ComputeDtype::F16, .. } => {
                 // SAFETY: as above.
                 let mut o16 = ck!(unsafe { self.stream.alloc::<f16>(g.m * g.n) }, "alloc");
                 gemm(blas::GemmOut::F16(&mut o16), 0.0);
-                let kernel = if accumulate { "add_f16_to_f32" } else { "f16_to_f32" };
-                launch!(self, kernel, cfg; &o16, &mut *out, &n64);
+                match up {
+                    Some(up) => self.lora_up_from("lora_up_from_f16", &o16, up, g.m, g.n, accumulate, out),
+                    None => {
+                        let kernel = if accumulate { "add_f16_to_f32" } else { "f16_to_f32" };
+                        launch!(self, kernel, cfg; &o16, &mut *out, &n64);
+                    }
+                }
             }
-            _ => gemm(blas::GemmOut::F32(out), if accumulate { 1.0 } else { 0.0 }),
+            _ => {
+                gemm(blas::GemmOut::F32(&mut *out), if accumulate { 1.0 } else { 0.0 });
+                if let Some(up) = up {
+                    self.lora_up(up.u, up.w, up.w_is_rn, g.m, g.n, up.r, up.alpha, up.dropout, out);
+                }
+            }
         }
+    }
+
+    /// `out (m, n) (=|+=) widen(base) + alpha · drop(U · W'ᵀ)`: [`Cuda::lora_up`] starting from a 16-bit
+    /// product `base (m, n)` (kernel `name`: `lora_up_from_bf16` / `_f16`, kernels/lora_fused.cu).
+    #[allow(clippy::too_many_arguments)]
+    fn lora_up_from<T: cudarc::driver::DeviceRepr>(
+        &self,
+        name: &str,
+        base: &CudaSlice<T>,
+        up: UpTail<'_>,
+        m: usize,
+        n: usize,
+        accumulate: bool,
+        out: &mut CudaSlice<f32>,
+    ) {
+        let cfg = LaunchConfig {
+            grid_dim: (n.div_ceil(LORA_UP_TILE) as u32, m.div_ceil(LORA_UP_TILE) as u32, 1),
+            block_dim: (LORA_THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let (dims, rn, acc) = ([m as i32, n as i32, up.r as i32], up.w_is_rn as i32, accumulate as i32);
+        let (u, w, d) = (up.u, up.w, up.dropout);
+        launch!(self, name, cfg; u, w, base, &mut *out, &dims[0], &dims[1], &dims[2], &rn, &up.alpha, &d.seed, &d.p, &acc);
     }
 
     /// An uninitialized temporary for a kernel or GEMM (beta = 0) that writes every element before
@@ -536,6 +584,17 @@ impl Cuda {
     fn scalar_f64(&self) -> CudaSlice<f64> {
         ck!(self.stream.alloc_zeros::<f64>(1), "alloc")
     }
+}
+
+/// A LoRA B product `alpha · drop(U · W'ᵀ)` to add to a frozen product's output ([`Cuda::lora_up`]'s
+/// operands: `u (m, r)`, W' as `w (n, r)` or, when `w_is_rn`, `w (r, n)`).
+struct UpTail<'a> {
+    u: &'a CudaSlice<f32>,
+    w: &'a CudaSlice<f32>,
+    w_is_rn: bool,
+    r: usize,
+    alpha: f32,
+    dropout: Dropout,
 }
 
 /// One GEMM of a frozen weight: `a (m, k) · op(b)` with `op(b)` `(k, n)`, row-major (see `blas::gemm_rm`).
@@ -632,6 +691,8 @@ fn kernel_names(module: &str) -> &'static [&'static str] {
             LORA_OUTER[2],
             "lora_sum_splits",
             "lora_up",
+            "lora_up_from_bf16",
+            "lora_up_from_f16",
         ],
         "nf4_gemm" => &[
             GEMM_4BIT[0],
@@ -947,41 +1008,7 @@ impl Backend for Cuda {
         self.linear_many(x, &[w], m, &mut [out]);
     }
     fn linear_many(&self, x: &CudaSlice<f32>, ws: &[&CudaWeight], m: usize, outs: &mut [&mut CudaSlice<f32>]) {
-        assert_eq!(ws.len(), outs.len(), "linear_many: one output per weight");
-        if self.gemv_many_fits(ws, m) {
-            let _span = self.span("linear (4-bit GEMV, several weights)");
-            return self.gemv_4bit_many(x, ws, outs);
-        }
-        // x in each compute dtype the second path needs, converted once for all the products (a 4096-wide
-        // conversion at 2048 rows is ~20 µs on the H200; q/k/v and gate/up share theirs).
-        let mut converted: Vec<(ComputeDtype, Option<Operand>)> = Vec::new();
-        for (w, out) in ws.iter().zip(outs.iter_mut()) {
-            let (rows, cols) = w.shape();
-            assert!(x.len() == m * cols && out.len() == m * rows, "linear: bad shapes");
-            if m <= GEMV_MAX_M && matches!(w, CudaWeight::Quant4 { .. }) {
-                let _span = self.span("linear (4-bit GEMV)");
-                self.gemv_4bit(x, w, m, out);
-                continue;
-            }
-            if self.uses_fused_4bit(w, m) {
-                let _span = self.span("linear (fused 4-bit)");
-                self.gemm_4bit(x, w, m, out, false, false);
-                continue;
-            }
-            let _span = self.span("linear");
-            let (wop, c) = self.weight_operand(w);
-            let i = match converted.iter().position(|(cc, _)| *cc == c) {
-                Some(i) => i,
-                None => {
-                    converted.push((c, self.convert(x, c)));
-                    converted.len() - 1
-                }
-            };
-            let xop = converted[i].1.as_ref().map_or(OperandView::F32(x), OperandView::from);
-            // out (m, rows) = x (m, cols) · Wᵀ
-            let product = Gemm { trans_b: true, m, n: rows, k: cols, a: xop, lda: cols, b: wop.as_ref(), ldb: cols };
-            self.gemm_rounded(w, product, out, false, "linear GEMM");
-        }
+        self.products_with_lora(x, ws, m, outs, &mut [], 0, 0.0);
     }
     fn linear_many_lora(
         &self,
@@ -994,7 +1021,7 @@ impl Backend for Cuda {
         scale: f32,
     ) {
         if !self.linear_many_lora_shares_launch(ws, m, loras) {
-            return super::linear_many_lora_composed(self, x, ws, m, outs, loras, r, scale);
+            return self.products_with_lora(x, ws, m, outs, loras, r, scale);
         }
         let _span = self.span("linear + LoRA A (4-bit GEMV, several weights)");
         let cols = x.len();
@@ -1081,12 +1108,32 @@ impl Backend for Cuda {
             return self.gemm_4bit(dy, w, m, dx, true, accumulate);
         }
         let _span = self.span("linear_backward_input");
-        let (wop, c) = self.weight_operand(w);
-        let dyc = self.convert(dy, c);
-        let dyop = dyc.as_ref().map_or(OperandView::F32(dy), OperandView::from);
-        // dx (m, cols) (+)= dy (m, rows) · W (rows, cols)
-        let product = Gemm { trans_b: false, m, n: cols, k: rows, a: dyop, lda: rows, b: wop.as_ref(), ldb: cols };
-        self.gemm_rounded(w, product, dx, accumulate, "linear backward GEMM");
+        self.dgrad_gemm(dy, w, m, dx, accumulate, None);
+    }
+    fn linear_lora_backward(
+        &self,
+        dy: &CudaSlice<f32>,
+        w: &CudaWeight,
+        m: usize,
+        dx: &mut CudaSlice<f32>,
+        accumulate: bool,
+        lora: LoraGrad<'_, Self>,
+        r: usize,
+        scale: f32,
+    ) {
+        let (rows, cols) = w.shape();
+        if self.uses_fused_4bit(w, m) || !self.uses_fused_lora(rows, cols, r) {
+            self.linear_backward_input(dy, w, m, dx, accumulate);
+            let LoraGrad { x, a, b, u, dropout, da, db } = lora;
+            return self.lora_backward(x, a, b, u, dy, m, r, scale, dropout, da, db, dx);
+        }
+        assert!(dy.len() == m * rows && dx.len() == m * cols, "linear_backward_input: bad shapes");
+        let _span = self.span("linear_backward_input + LoRA");
+        let LoraGrad { x, a, b, u, dropout, da, db } = lora;
+        let du = self.lora_weight_grads(x, a, b, u, dy, m, r, scale, dropout, da, db);
+        // dx (+)= dy · W + drop'(du · A): the branch's term added as the product's gradient is widened.
+        let up = UpTail { u: &du, w: a, w_is_rn: true, r, alpha: 1.0, dropout };
+        self.dgrad_gemm(dy, w, m, dx, accumulate, Some(up));
     }
 
     fn lora_forward(
@@ -1192,45 +1239,8 @@ impl Backend for Cuda {
         let (dyop, uop) = (OperandView::F32(dy), OperandView::F32(u));
         let (aop, bop) = (OperandView::F32(a), OperandView::F32(b));
         if self.uses_fused_lora(rows, cols, r) {
-            // Each part has its own profile span as well (LLAMATUNE_PROFILE=1): which of them is slow.
-            // du (m, r) = scale · dy · B: a plain GEMM, no dropout, cuBLAS in TF32.
-            let mut du = self.scratch(m * r);
-            {
-                let _part = self.span("lora_backward: du GEMM");
-                ck!(
-                    self.blas.gemm_rm(
-                        F32Math::Tf32,
-                        false,
-                        false,
-                        m,
-                        r,
-                        rows,
-                        scale,
-                        dyop,
-                        rows,
-                        bop,
-                        r,
-                        0.0,
-                        &mut du,
-                        r
-                    ),
-                    "LoRA du GEMM"
-                );
-            }
-            // dB (rows, r) += scale · dyᵀ · u: the same.
-            {
-                let _part = self.span("lora_backward: dB GEMM");
-                ck!(
-                    self.blas.gemm_rm(F32Math::Tf32, true, false, rows, r, m, scale, dyop, rows, uop, r, 1.0, db, r),
-                    "LoRA dB GEMM"
-                );
-            }
-            // dA (r, cols) += duᵀ · drop(x);  dx += drop'(du · A) (kernels/lora_fused.cu; the mask is
-            // regenerated from the seed where x and dx are touched).
-            {
-                let _part = self.span("lora_backward: dA (outer)");
-                self.lora_outer(&du, x, m, cols, r, dropout, da);
-            }
+            let du = self.lora_weight_grads(x, a, b, u, dy, m, r, scale, dropout, da, db);
+            // dx += drop'(du · A) (kernels/lora_fused.cu; the mask regenerated from the seed).
             let _part = self.span("lora_backward: dx (up)");
             self.lora_up(&du, a, true, m, cols, r, 1.0, dropout, dx);
             return;
@@ -1495,7 +1505,7 @@ impl Backend for Cuda {
             b: wop.as_ref(),
             ldb: hidden,
         };
-        self.gemm_rounded(head, product, dx, false, "LM head backward GEMM");
+        self.gemm_rounded(head, product, dx, false, None, "LM head backward GEMM");
         result
     }
 
@@ -2124,6 +2134,155 @@ impl Cuda {
             guards.extend([ga, gu]);
         }
         (targets, blocks)
+    }
+
+    /// The second path's input gradient `dx (m, cols) (+)= dy (m, rows) · W`, with `up` added as its
+    /// 16-bit result is widened ([`Cuda::gemm_rounded`]).
+    fn dgrad_gemm(
+        &self,
+        dy: &CudaSlice<f32>,
+        w: &CudaWeight,
+        m: usize,
+        dx: &mut CudaSlice<f32>,
+        accumulate: bool,
+        up: Option<UpTail<'_>>,
+    ) {
+        let (rows, cols) = w.shape();
+        let (wop, c) = self.weight_operand(w);
+        let dyc = self.convert(dy, c);
+        let dyop = dyc.as_ref().map_or(OperandView::F32(dy), OperandView::from);
+        let product = Gemm { trans_b: false, m, n: cols, k: rows, a: dyop, lda: rows, b: wop.as_ref(), ldb: cols };
+        self.gemm_rounded(w, product, dx, accumulate, up, "linear backward GEMM");
+    }
+
+    /// The fused LoRA backward's weight gradients: `du (m, r) = scale · dy · B` (returned), `dB (rows,
+    /// r) += scale · dyᵀ · u` (both cuBLAS TF32), `dA (r, cols) += duᵀ · drop(x)` (kernels/lora_fused.cu
+    /// `lora_outer`, the mask regenerated from the seed). Each part has its own profile span.
+    #[allow(clippy::too_many_arguments)]
+    fn lora_weight_grads(
+        &self,
+        x: &CudaSlice<f32>,
+        a: &CudaSlice<f32>,
+        b: &CudaSlice<f32>,
+        u: &CudaSlice<f32>,
+        dy: &CudaSlice<f32>,
+        m: usize,
+        r: usize,
+        scale: f32,
+        dropout: Dropout,
+        da: &mut CudaSlice<f32>,
+        db: &mut CudaSlice<f32>,
+    ) -> CudaSlice<f32> {
+        let (cols, rows) = (a.len() / r, b.len() / r);
+        let (dyop, uop, bop) = (OperandView::F32(dy), OperandView::F32(u), OperandView::F32(b));
+        let mut du = self.scratch(m * r);
+        {
+            let _part = self.span("lora_backward: du GEMM");
+            ck!(
+                self.blas.gemm_rm(F32Math::Tf32, false, false, m, r, rows, scale, dyop, rows, bop, r, 0.0, &mut du, r),
+                "LoRA du GEMM"
+            );
+        }
+        {
+            let _part = self.span("lora_backward: dB GEMM");
+            ck!(
+                self.blas.gemm_rm(F32Math::Tf32, true, false, rows, r, m, scale, dyop, rows, uop, r, 1.0, db, r),
+                "LoRA dB GEMM"
+            );
+        }
+        let _part = self.span("lora_backward: dA (outer)");
+        self.lora_outer(&du, x, m, cols, r, dropout, da);
+        du
+    }
+
+    /// [`Backend::linear_many_lora`] when the products do not share a GEMV launch (and
+    /// [`Backend::linear_many`], with no branches): each frozen product, and then the LoRA branches.
+    /// A branch whose product goes through cuBLAS with a 16-bit output gets its B product added as
+    /// that output is widened (`gemm_rounded`'s [`UpTail`]); the others run after all the products.
+    #[allow(clippy::too_many_arguments)]
+    fn products_with_lora(
+        &self,
+        x: &CudaSlice<f32>,
+        ws: &[&CudaWeight],
+        m: usize,
+        outs: &mut [&mut CudaSlice<f32>],
+        loras: &mut [Option<LoraDown<'_, Self>>],
+        r: usize,
+        scale: f32,
+    ) {
+        assert_eq!(ws.len(), outs.len(), "linear_many: one output per weight");
+        assert!(loras.is_empty() || loras.len() == outs.len(), "linear_many_lora: one LoRA slot per output");
+        if self.gemv_many_fits(ws, m) {
+            {
+                let _span = self.span("linear (4-bit GEMV, several weights)");
+                self.gemv_4bit_many(x, ws, outs);
+            }
+            return self.lora_branches(x, outs, loras, m, r, scale);
+        }
+        // x in each compute dtype the second path needs, converted once for all the products (a 4096-wide
+        // conversion at 2048 rows is ~20 µs on the H200; q/k/v and gate/up share theirs).
+        let mut converted: Vec<(ComputeDtype, Option<Operand>)> = Vec::new();
+        for (i, (w, out)) in ws.iter().zip(outs.iter_mut()).enumerate() {
+            let (rows, cols) = w.shape();
+            assert!(x.len() == m * cols && out.len() == m * rows, "linear: bad shapes");
+            if m <= GEMV_MAX_M && matches!(w, CudaWeight::Quant4 { .. }) {
+                let _span = self.span("linear (4-bit GEMV)");
+                self.gemv_4bit(x, w, m, out);
+                continue;
+            }
+            if self.uses_fused_4bit(w, m) {
+                let _span = self.span("linear (fused 4-bit)");
+                self.gemm_4bit(x, w, m, out, false, false);
+                continue;
+            }
+            // This product's LoRA branch, taken here when its B product runs on `lora_up` (as
+            // lora_forward runs it past a few rows), which can ride in the widening.
+            let branch = match loras.get_mut(i) {
+                Some(slot) if slot.is_some() && m > GEMV_MAX_M && self.uses_fused_lora_up(rows, r) => slot.take(),
+                _ => None,
+            };
+            let _span = self.span(if branch.is_some() { "linear + LoRA" } else { "linear" });
+            let (wop, c) = self.weight_operand(w);
+            let j = match converted.iter().position(|(cc, _)| *cc == c) {
+                Some(j) => j,
+                None => {
+                    converted.push((c, self.convert(x, c)));
+                    converted.len() - 1
+                }
+            };
+            let xop = converted[j].1.as_ref().map_or(OperandView::F32(x), OperandView::from);
+            // out (m, rows) = x (m, cols) · Wᵀ [+ scale · (drop(x) · Aᵀ) · Bᵀ]
+            let product = Gemm { trans_b: true, m, n: rows, k: cols, a: xop, lda: cols, b: wop.as_ref(), ldb: cols };
+            let up = branch.map(|l| {
+                self.lora_a_product(x, l.a, m, r, l.dropout, l.u);
+                UpTail { u: &*l.u, w: l.b, w_is_rn: false, r, alpha: scale, dropout: Dropout::NONE }
+            });
+            self.gemm_rounded(w, product, out, false, up, "linear GEMM");
+        }
+        self.lora_branches(x, outs, loras, m, r, scale);
+    }
+
+    /// The LoRA branches still in `loras`, added into their outputs ([`Backend::lora_forward_many`]).
+    fn lora_branches(
+        &self,
+        x: &CudaSlice<f32>,
+        outs: &mut [&mut CudaSlice<f32>],
+        loras: &mut [Option<LoraDown<'_, Self>>],
+        m: usize,
+        r: usize,
+        scale: f32,
+    ) {
+        let mut branches: Vec<LoraBranch<'_, Self>> = outs
+            .iter_mut()
+            .zip(loras.iter_mut())
+            .filter_map(|(y, l)| {
+                let l = l.as_mut()?;
+                Some(LoraBranch { a: l.a, b: l.b, dropout: l.dropout, u: &mut *l.u, y: &mut **y })
+            })
+            .collect();
+        if !branches.is_empty() {
+            self.lora_forward_many(x, &mut branches, m, r, scale);
+        }
     }
 
     /// [`Backend::lora_down`] (without its profile span, for [`Backend::lora_forward`] too).
