@@ -227,31 +227,41 @@ pub struct BenchReport {
     pub prefill_s: Option<f64>,
 }
 
-/// FLOPs of one training step, counted explicitly:
+/// FLOPs of one training step as the engine runs it, counted explicitly:
 /// - every frozen matmul (7 projections per layer, and lm_head): 2·out·in per token forward, the same
-///   again for the input gradient (no weight gradient: the base is frozen), and once more forward
-///   when gradient checkpointing recomputes the layers (not lm_head);
+///   again for the input gradient (no weight gradient: the base is frozen);
 /// - causal attention: QKᵀ and P·V cost 2·head_dim·heads·(visible keys) each per token forward,
 ///   with on average (T+1)/2 keys visible; backward costs 2.5× forward (dQ, dK, dV, dP and the
-///   recomputed scores, as FlashAttention counts it), and recompute once more;
+///   recomputed scores, as FlashAttention counts it);
 /// - LoRA on each targeted projection: 2·r·(in+out) forward, 4·r·(in+out) backward (dA, dB and the
-///   input gradient through A and B), plus the recompute.
+///   input gradient through A and B);
+/// - with gradient checkpointing, the forward again for every layer but the last (recorded whole),
+///   without the down projection's product and LoRA B product, whose output backward's replay does
+///   not need (`Graph::layer_replay`).
 pub fn step_flops(c: &ModelConfig, lora: &LoraConfig, batch: usize, seq: usize, checkpointing: bool) -> f64 {
     let tokens = (batch * seq) as f64;
-    let recompute = if checkpointing { 1.0 } else { 0.0 };
-    let (mut proj, mut lora_f) = (0.0f64, 0.0f64);
+    let (mut proj, mut lora_f, mut replay) = (0.0f64, 0.0f64, 0.0f64);
     for p in Proj::ALL {
         let (o, i) = p.shape(c);
-        proj += 2.0 * (o * i) as f64;
-        if lora.targets(p.name()) {
-            lora_f += 2.0 * (lora.r * (o + i)) as f64;
+        let (product, (lora_a, lora_b)) =
+            (2.0 * (o * i) as f64, (2.0 * (lora.r * i) as f64, 2.0 * (lora.r * o) as f64));
+        let targeted = lora.targets(p.name());
+        proj += product;
+        if targeted {
+            lora_f += lora_a + lora_b;
         }
+        replay += match (p, targeted) {
+            (Proj::Down, true) => lora_a,
+            (Proj::Down, false) => 0.0,
+            (_, true) => product + lora_a + lora_b,
+            (_, false) => product,
+        };
     }
     let layers = c.num_hidden_layers as f64;
     let attn = 4.0 * (c.head_dim * c.num_attention_heads) as f64 * (seq as f64 + 1.0) / 2.0;
+    let replayed = if checkpointing { layers - 1.0 } else { 0.0 };
     let head = 2.0 * (c.vocab_size * c.hidden_size) as f64;
-    let per_token =
-        layers * (proj * (2.0 + recompute) + attn * (3.5 + recompute) + lora_f * (3.0 + recompute)) + 2.0 * head;
+    let per_token = layers * (proj * 2.0 + attn * 3.5 + lora_f * 3.0) + replayed * (replay + attn) + 2.0 * head;
     per_token * tokens
 }
 
@@ -402,7 +412,9 @@ mod tests {
         let f = step_flops(&c, &lora, 4, 512, true) / 2048.0;
         let proj: f64 = 32.0 * 2.0 * (4.0 * 4096.0 * 4096.0 + 3.0 * 4096.0 * 11008.0);
         assert!((proj - 2.0 * 6.476e9).abs() / proj < 1e-3);
-        let lower = 3.0 * proj + 2.0 * 2.0 * 4096.0 * 32000.0;
+        // Backward's replay: 31 layers (the last is recorded whole), without the down product.
+        let replay: f64 = 31.0 * 2.0 * (4.0 * 4096.0 * 4096.0 + 2.0 * 4096.0 * 11008.0);
+        let lower = 2.0 * proj + replay + 2.0 * 2.0 * 4096.0 * 32000.0;
         assert!(f > lower && f < lower * 1.06, "{f:e} vs {lower:e}");
     }
 
