@@ -328,6 +328,31 @@ fn linear_many_equals_one_linear_each() {
     }
 }
 
+/// Random NF4 weights `(rows[i], cols)` (double-quantized when `dq`, compute dtype `c`) and for each a
+/// random LoRA pair `(A (r, cols), B (rows[i], r))`.
+#[allow(clippy::type_complexity)]
+fn nf4_weights_with_lora(
+    rng: &mut impl Rng,
+    rows: &[usize],
+    cols: usize,
+    r: usize,
+    dq: bool,
+    c: ComputeDtype,
+) -> (Vec<HostWeight>, Vec<(Vec<f32>, Vec<f32>)>) {
+    let host = rows
+        .iter()
+        .map(|&n| {
+            let q = Quant4::quantize(
+                &rnd(rng, n * cols, 0.05),
+                &QuantConfig { quant_type: QuantType::Nf4, blocksize: 64, double_quant: dq, compute_dtype: c },
+            );
+            HostWeight::Quant4 { rows: n, cols, q, compute: c }
+        })
+        .collect();
+    let ab = rows.iter().map(|&n| (rnd(rng, r * cols, 0.1), rnd(rng, n * r, 0.1))).collect();
+    (host, ab)
+}
+
 /// At training shapes (past the fused 4-bit kernel's 512 rows) a targeted projection's LoRA B product
 /// is added in the pass that widens the frozen product's 16-bit output, forward (`linear_many_lora`)
 /// and backward (`linear_lora_backward`, the branch's dx term with its dropout): bit for bit what the
@@ -345,17 +370,7 @@ fn training_lora_b_products_ride_in_the_widening() {
         (320, vec![1000, 37, 76], vec![true, true, true], 12, false, ComputeDtype::BF16),
     ] {
         let label = format!("{rows:?}x{cols} LoRA {with_lora:?} r={r} dq={dq} {c:?}");
-        let host: Vec<_> = rows
-            .iter()
-            .map(|&n| {
-                let q = Quant4::quantize(
-                    &rnd(&mut rng, n * cols, 0.05),
-                    &QuantConfig { quant_type: QuantType::Nf4, blocksize: 64, double_quant: dq, compute_dtype: c },
-                );
-                HostWeight::Quant4 { rows: n, cols, q, compute: c }
-            })
-            .collect();
-        let ab: Vec<_> = rows.iter().map(|&n| (rnd(&mut rng, r * cols, 0.1), rnd(&mut rng, n * r, 0.1))).collect();
+        let (host, ab) = nf4_weights_with_lora(&mut rng, &rows, cols, r, dq, c);
         let drops: Vec<_> = (0..rows.len()).map(|i| Dropout { p: 0.1, seed: 700 + i as u64 }).collect();
         let x = rnd(&mut rng, m * cols, 1.0);
         let g = gpu();
@@ -637,17 +652,7 @@ fn decoding_frozen_products_and_lora_a_in_one_launch() {
         (320, vec![1000, 37, 77], vec![false, true, false], 5, false, ComputeDtype::F16),
     ] {
         let label = format!("{rows:?}x{cols} LoRA {with_lora:?} r={r} dq={dq} {c:?}");
-        let host: Vec<_> = rows
-            .iter()
-            .map(|&n| {
-                let q = Quant4::quantize(
-                    &rnd(&mut rng, n * cols, 0.05),
-                    &QuantConfig { quant_type: QuantType::Nf4, blocksize: 64, double_quant: dq, compute_dtype: c },
-                );
-                HostWeight::Quant4 { rows: n, cols, q, compute: c }
-            })
-            .collect();
-        let ab: Vec<_> = rows.iter().map(|&n| (rnd(&mut rng, r * cols, 0.1), rnd(&mut rng, n * r, 0.1))).collect();
+        let (host, ab) = nf4_weights_with_lora(&mut rng, &rows, cols, r, dq, c);
         let x = rnd(&mut rng, cols, 1.0);
         let g = gpu();
         let gw: Vec<_> = host.iter().map(|h| g.upload_weight(h.clone())).collect();

@@ -576,6 +576,20 @@ pub fn linear_many_lora_composed<B: Backend + ?Sized>(
 ) {
     assert_eq!(outs.len(), loras.len(), "linear_many_lora: one LoRA slot per output");
     be.linear_many(x, ws, m, outs);
+    lora_branches_into(be, x, outs, loras, m, r, scale);
+}
+
+/// The LoRA branches in `loras` (the empty slots skipped) added into their projections' outputs by
+/// the backend's [`Backend::lora_forward_many`].
+pub fn lora_branches_into<B: Backend + ?Sized>(
+    be: &B,
+    x: &B::Buf,
+    outs: &mut [&mut B::Buf],
+    loras: &mut [Option<LoraDown<'_, B>>],
+    m: usize,
+    r: usize,
+    scale: f32,
+) {
     let mut branches: Vec<LoraBranch<'_, B>> = outs
         .iter_mut()
         .zip(loras.iter_mut())

@@ -2217,7 +2217,7 @@ impl Cuda {
                 let _span = self.span("linear (4-bit GEMV, several weights)");
                 self.gemv_4bit_many(x, ws, outs);
             }
-            return self.lora_branches(x, outs, loras, m, r, scale);
+            return super::lora_branches_into(self, x, outs, loras, m, r, scale);
         }
         // x in each compute dtype the second path needs, converted once for all the products (a 4096-wide
         // conversion at 2048 rows is ~20 µs on the H200; q/k/v and gate/up share theirs).
@@ -2259,30 +2259,7 @@ impl Cuda {
             });
             self.gemm_rounded(w, product, out, false, up, "linear GEMM");
         }
-        self.lora_branches(x, outs, loras, m, r, scale);
-    }
-
-    /// The LoRA branches still in `loras`, added into their outputs ([`Backend::lora_forward_many`]).
-    fn lora_branches(
-        &self,
-        x: &CudaSlice<f32>,
-        outs: &mut [&mut CudaSlice<f32>],
-        loras: &mut [Option<LoraDown<'_, Self>>],
-        m: usize,
-        r: usize,
-        scale: f32,
-    ) {
-        let mut branches: Vec<LoraBranch<'_, Self>> = outs
-            .iter_mut()
-            .zip(loras.iter_mut())
-            .filter_map(|(y, l)| {
-                let l = l.as_mut()?;
-                Some(LoraBranch { a: l.a, b: l.b, dropout: l.dropout, u: &mut *l.u, y: &mut **y })
-            })
-            .collect();
-        if !branches.is_empty() {
-            self.lora_forward_many(x, &mut branches, m, r, scale);
-        }
+        super::lora_branches_into(self, x, outs, loras, m, r, scale);
     }
 
     /// [`Backend::lora_down`] (without its profile span, for [`Backend::lora_forward`] too).
