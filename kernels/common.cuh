@@ -31,6 +31,16 @@ __device__ __forceinline__ float block_sum(float v) {
     v = lane < nw ? s[lane] : 0.f;
     return warp_sum(v);
 }
+__device__ __forceinline__ double block_sum_d(double v) {
+    __shared__ double s[WARP];
+    const int lane = threadIdx.x % WARP, wid = threadIdx.x / WARP, nw = blockDim.x / WARP;
+    v = warp_sum_d(v);
+    __syncthreads();
+    if (lane == 0) s[wid] = v;
+    __syncthreads();
+    v = lane < nw ? s[lane] : 0.0;
+    return warp_sum_d(v);
+}
 __device__ __forceinline__ float block_max(float v) {
     __shared__ float s[WARP];
     const int lane = threadIdx.x % WARP, wid = threadIdx.x / WARP, nw = blockDim.x / WARP;

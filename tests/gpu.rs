@@ -975,10 +975,12 @@ fn adamw_and_reductions() {
     check("adamw v", &gpu().download(&v2), &v1, F32_TOL);
     let gg = gpu().upload(&g);
     check("sum of squares", &[gpu().sum_squares(&gg) as f32], &[CPU.sum_squares(&g) as f32], F32_TOL);
-    let (pp, mm) = (gpu().upload(&p), gpu().upload(&m));
-    let all = gpu().sum_squares_all(&[&gg, &pp, &mm]);
-    let want = CPU.sum_squares(&g) + CPU.sum_squares(&p) + CPU.sum_squares(&m);
-    check("sum of squares over three tensors", &[all as f32], &[want as f32], F32_TOL);
+    // Tensors of a few values (one block), of a LoRA A's 64 × 4096 and of ~1M (grid-strided blocks).
+    let (tiny, lora_a) = (rnd(&mut rng, 37, 1.0), rnd(&mut rng, 64 * 4096, 0.1));
+    let (pp, mm, tt, aa) = (gpu().upload(&p), gpu().upload(&m), gpu().upload(&tiny), gpu().upload(&lora_a));
+    let all = gpu().sum_squares_all(&[&gg, &pp, &mm, &tt, &aa]);
+    let want = [&g, &p, &m, &tiny, &lora_a].iter().map(|t| CPU.sum_squares(t)).sum::<f64>();
+    check("sum of squares over five tensors", &[all as f32], &[want as f32], F32_TOL);
     assert!(!gpu().has_non_finite(&gg));
     let mut bad = g.clone();
     bad[n - 1] = f32::INFINITY;

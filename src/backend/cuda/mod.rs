@@ -895,9 +895,7 @@ impl Backend for Cuda {
     fn sum_squares(&self, buf: &CudaSlice<f32>) -> f64 {
         let _span = self.span("sum_squares");
         let mut acc = self.scalar_f64();
-        let n = buf.len();
-        let a0 = n as i64;
-        launch!(self, "sum_squares_f32", grid_for(n); buf, &mut acc, &a0);
+        self.add_sum_squares(buf, &mut acc);
         ck!(self.stream.clone_dtoh(&acc), "download")[0]
     }
     fn sum_squares_all(&self, bufs: &[&CudaSlice<f32>]) -> f64 {
@@ -906,8 +904,7 @@ impl Backend for Cuda {
         // download per tensor stalled the step 128 times for a 7B q,v adapter).
         let mut acc = self.scalar_f64();
         for buf in bufs {
-            let a0 = buf.len() as i64;
-            launch!(self, "sum_squares_f32", grid_for(buf.len()); *buf, &mut acc, &a0);
+            self.add_sum_squares(buf, &mut acc);
         }
         ck!(self.stream.clone_dtoh(&acc), "download")[0]
     }
@@ -2134,6 +2131,15 @@ impl Cuda {
             guards.extend([ga, gu]);
         }
         (targets, blocks)
+    }
+
+    /// `acc += Σ buf²` (f64, on the device). Each block adds its sum atomically: few blocks (up to
+    /// two per SM, each thread summing 8 or more values), so the atomics do not queue.
+    fn add_sum_squares(&self, buf: &CudaSlice<f32>, acc: &mut CudaSlice<f64>) {
+        let blocks = buf.len().div_ceil(256 * 8).clamp(1, 2 * 132) as u32;
+        let cfg = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        let n = buf.len() as i64;
+        launch!(self, "sum_squares_f32", cfg; buf, &mut *acc, &n);
     }
 
     /// The second path's input gradient `dx (m, cols) (+)= dy (m, rows) · W`, with `up` added as its
