@@ -7,11 +7,9 @@
 
 #define WARP 32
 
-__device__ __forceinline__ float warp_sum(float v) {
-    for (int o = WARP / 2; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-    return v;
-}
-__device__ __forceinline__ double warp_sum_d(double v) {
+// Sum over a warp (T: float, or double for the f64 accumulations); every lane gets it.
+template <typename T>
+__device__ __forceinline__ T warp_sum(T v) {
     for (int o = WARP / 2; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
     return v;
 }
@@ -21,25 +19,16 @@ __device__ __forceinline__ float warp_max(float v) {
 }
 
 // Sum over a block of blockDim.x threads (a multiple of 32, at most 1024); every thread gets it.
-__device__ __forceinline__ float block_sum(float v) {
-    __shared__ float s[WARP];
+template <typename T>
+__device__ __forceinline__ T block_sum(T v) {
+    __shared__ T s[WARP];
     const int lane = threadIdx.x % WARP, wid = threadIdx.x / WARP, nw = blockDim.x / WARP;
     v = warp_sum(v);
     __syncthreads();
     if (lane == 0) s[wid] = v;
     __syncthreads();
-    v = lane < nw ? s[lane] : 0.f;
+    v = lane < nw ? s[lane] : T(0);
     return warp_sum(v);
-}
-__device__ __forceinline__ double block_sum_d(double v) {
-    __shared__ double s[WARP];
-    const int lane = threadIdx.x % WARP, wid = threadIdx.x / WARP, nw = blockDim.x / WARP;
-    v = warp_sum_d(v);
-    __syncthreads();
-    if (lane == 0) s[wid] = v;
-    __syncthreads();
-    v = lane < nw ? s[lane] : 0.0;
-    return warp_sum_d(v);
 }
 __device__ __forceinline__ float block_max(float v) {
     __shared__ float s[WARP];

@@ -109,14 +109,13 @@ extern "C" __global__ void embedding_backward_f32(const uint32_t* ids, const flo
         atomicAdd(&dtable[(int64_t)ids[r] * dim + c], dout[i]);
     }
 }
-// acc[0] += Σ x² (f64 accumulation)
 // Σ x² added into *acc (f64): one atomic add per block, launched with few blocks (Cuda::sum_squares_all).
 // An atomic per warp on the one address serialized: ~3.7M of them for an all-linear 7B adapter's 448
 // gradients took ~9 ms per step on the H200.
 extern "C" __global__ void sum_squares_f32(const float* x, double* acc, int64_t n) {
     double s = 0.0;
     FOR_EACH(i, n) s += (double)x[i] * (double)x[i];
-    s = block_sum_d(s);
+    s = block_sum(s);
     if (threadIdx.x == 0) atomicAdd(acc, s);
 }
 extern "C" __global__ void non_finite_f32(const float* x, int* flag, int64_t n) {

@@ -507,32 +507,20 @@ impl Cuda {
             );
             ck!(r, what);
         };
-        let n64 = (g.m * g.n) as i64;
-        let cfg = grid_for(g.m * g.n);
         match w {
             CudaWeight::Quant4 { compute: ComputeDtype::BF16, .. } => {
                 // SAFETY: the GEMM (beta = 0) writes all m·n values before the kernel reads them.
                 let mut o16 = ck!(unsafe { self.stream.alloc::<bf16>(g.m * g.n) }, "alloc");
                 gemm(blas::GemmOut::BF16(&mut o16), 0.0);
-                match up {
-                    Some(up) => self.lora_up_from("lora_up_from_bf16", &o16, up, g.m, g.n, accumulate, out),
-                    None => {
-                        let kernel = if accumulate { "add_bf16_to_f32" } else { "bf16_to_f32" };
-                        launch!(self, kernel, cfg; &o16, &mut *out, &n64);
-                    }
-                }
+                let kernels = ["bf16_to_f32", "add_bf16_to_f32", "lora_up_from_bf16"];
+                self.widen_into(&o16, kernels, up, (g.m, g.n), accumulate, out);
             }
             CudaWeight::Quant4 { compute: ComputeDtype::F16, .. } => {
                 // SAFETY: as above.
                 let mut o16 = ck!(unsafe { self.stream.alloc::<f16>(g.m * g.n) }, "alloc");
                 gemm(blas::GemmOut::F16(&mut o16), 0.0);
-                match up {
-                    Some(up) => self.lora_up_from("lora_up_from_f16", &o16, up, g.m, g.n, accumulate, out),
-                    None => {
-                        let kernel = if accumulate { "add_f16_to_f32" } else { "f16_to_f32" };
-                        launch!(self, kernel, cfg; &o16, &mut *out, &n64);
-                    }
-                }
+                let kernels = ["f16_to_f32", "add_f16_to_f32", "lora_up_from_f16"];
+                self.widen_into(&o16, kernels, up, (g.m, g.n), accumulate, out);
             }
             _ => {
                 gemm(blas::GemmOut::F32(&mut *out), if accumulate { 1.0 } else { 0.0 });
@@ -543,27 +531,25 @@ impl Cuda {
         }
     }
 
-    /// `out (m, n) (=|+=) widen(base) + alpha · drop(U · W'ᵀ)`: [`Cuda::lora_up`] starting from a 16-bit
-    /// product `base (m, n)` (kernel `name`: `lora_up_from_bf16` / `_f16`, kernels/lora_fused.cu).
-    #[allow(clippy::too_many_arguments)]
-    fn lora_up_from<T: cudarc::driver::DeviceRepr>(
+    /// A 16-bit product `o16 (m, n)` landed in the f32 `out`, written over it or added to it
+    /// (`accumulate`), by `kernels` = [widen, widen and add, widen with a LoRA B product]: with `up`,
+    /// [`Cuda::lora_up`]'s product is added in the same pass (`lora_up_from_*`, kernels/lora_fused.cu).
+    fn widen_into<T: cudarc::driver::DeviceRepr>(
         &self,
-        name: &str,
-        base: &CudaSlice<T>,
-        up: UpTail<'_>,
-        m: usize,
-        n: usize,
+        o16: &CudaSlice<T>,
+        [widen, widen_add, with_up]: [&str; 3],
+        up: Option<UpTail<'_>>,
+        (m, n): (usize, usize),
         accumulate: bool,
         out: &mut CudaSlice<f32>,
     ) {
-        let cfg = LaunchConfig {
-            grid_dim: (n.div_ceil(LORA_UP_TILE) as u32, m.div_ceil(LORA_UP_TILE) as u32, 1),
-            block_dim: (LORA_THREADS, 1, 1),
-            shared_mem_bytes: 0,
+        let Some(up) = up else {
+            let n64 = (m * n) as i64;
+            return launch!(self, if accumulate { widen_add } else { widen }, grid_for(m * n); o16, &mut *out, &n64);
         };
         let (dims, rn, acc) = ([m as i32, n as i32, up.r as i32], up.w_is_rn as i32, accumulate as i32);
         let (u, w, d) = (up.u, up.w, up.dropout);
-        launch!(self, name, cfg; u, w, base, &mut *out, &dims[0], &dims[1], &dims[2], &rn, &up.alpha, &d.seed, &d.p, &acc);
+        launch!(self, with_up, lora_up_launch(m, n); u, w, o16, &mut *out, &dims[0], &dims[1], &dims[2], &rn, &up.alpha, &d.seed, &d.p, &acc);
     }
 
     /// An uninitialized temporary for a kernel or GEMM (beta = 0) that writes every element before
@@ -1748,12 +1734,12 @@ struct Codes4 {
 unsafe impl cudarc::driver::DeviceRepr for Codes4 {}
 /// At most this many weights per `gemv_4bit_many_*` launch (kernels/nf4.cu GEMV_MAX_TARGETS).
 const GEMV_MAX_TARGETS: usize = 3;
-/// At most this many LoRA branches per `gemv_f32*_many` launch (kernels/lora.cu LORA_MAX_TARGETS).
+/// At most this many LoRA branches per `gemv_f32*_many` launch (kernels/gemv_f32.cuh LORA_MAX_TARGETS).
 const LORA_MAX_TARGETS: usize = 3;
-/// Threads per block of `gemv_f32_many` (a warp per row), as [`warp_grid`] launches `gemv_f32`.
+/// Threads per block of `gemv_f32_many` (a group of lanes per row of B: [`lora_rows_per_warp`]).
 const LORA_UP_THREADS: usize = 128;
 
-/// One product of a `gemv_f32*_many` launch: kernels/lora.cu `GemvF32Target`, field for field.
+/// One product of a `gemv_f32*_many` launch: kernels/gemv_f32.cuh `GemvF32Target`, field for field.
 #[repr(C)]
 #[derive(Clone, Copy, Default)]
 struct GemvF32Target {
@@ -1763,7 +1749,7 @@ struct GemvF32Target {
     rows: i32,
     first_block: i32,
 }
-/// kernels/lora.cu `GemvF32Targets`, passed by value.
+/// kernels/gemv_f32.cuh `GemvF32Targets`, passed by value.
 #[repr(C)]
 #[derive(Clone, Copy, Default)]
 struct GemvF32Targets {
@@ -1988,7 +1974,7 @@ impl Cuda {
 
     /// Whether [`Backend::linear_many_lora`] runs these products and branches in the shared launch
     /// (`gemv_4bit_many_lora_*`): where the several-weight GEMV takes the products
-    /// ([`Cuda::gemv_many_fits`]) and 1 to 3 branches carry no dropout.
+    /// (`Cuda::gemv_many_fits`) and 1 to 3 branches carry no dropout.
     pub fn linear_many_lora_shares_launch(
         &self,
         ws: &[&CudaWeight],
@@ -2654,13 +2640,8 @@ impl Cuda {
         d: Dropout,
         out: &mut CudaSlice<f32>,
     ) {
-        let cfg = LaunchConfig {
-            grid_dim: (n.div_ceil(LORA_UP_TILE) as u32, m.div_ceil(LORA_UP_TILE) as u32, 1),
-            block_dim: (LORA_THREADS, 1, 1),
-            shared_mem_bytes: 0,
-        };
         let (dims, rn) = ([m as i32, n as i32, r as i32], w_is_rn as i32);
-        launch!(self, "lora_up", cfg; u, w, &mut *out, &dims[0], &dims[1], &dims[2], &rn, &alpha, &d.seed, &d.p);
+        launch!(self, "lora_up", lora_up_launch(m, n); u, w, &mut *out, &dims[0], &dims[1], &dims[2], &rn, &alpha, &d.seed, &d.p);
     }
 
     /// `out (r, n) += Sᵀ · drop(T)` for `S (m, r)`, `T (m, n)`, split over `m` to fill the GPU.
@@ -2794,6 +2775,14 @@ fn lora_rows_per_warp(cols: usize) -> usize {
         return 1;
     }
     32 / (cols / 4).next_power_of_two()
+}
+/// kernels/lora_fused.cu `lora_up` and `lora_up_from_*` over `out (m, n)`: a block per 64 × 64 tile.
+fn lora_up_launch(m: usize, n: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (n.div_ceil(LORA_UP_TILE) as u32, m.div_ceil(LORA_UP_TILE) as u32, 1),
+        block_dim: (LORA_THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    }
 }
 /// Below this many rows a norm's launch takes a thread per four values ([`norm_launch`]).
 const NORM_FEW_ROWS: usize = 64;
