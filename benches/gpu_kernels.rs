@@ -283,20 +283,24 @@ fn optimizer_and_loss(c: &mut Criterion) {
             be.synchronize();
         })
     });
-    // The same kernel writing the gradient in bf16, as the LM head's input-gradient GEMM reads it
-    // (Backend::lm_head_cross_entropy): 6 bytes per logit.
+    g.finish();
+    // The same kernel on bf16 logits with the gradient in bf16, as a bf16 LM head writes and its
+    // input-gradient GEMM reads them (Backend::lm_head_cross_entropy): 4 bytes per logit.
+    let logits16 = be.upload_bf16(&rnd(rows * vocab, 13, 4.0));
     let mut dlogits16 = be.zeros_bf16(rows * vocab);
-    g.bench_function("cross_entropy, bf16 gradient (the LM head's)", |b| {
+    let mut g = c.benchmark_group("cross-entropy fwd+bwd 2048x32000, bf16 logits and gradient");
+    g.throughput(Throughput::Bytes((4 * rows * vocab) as u64));
+    g.bench_function("cross_entropy_bf16", |b| {
         b.iter(|| {
-            be.cross_entropy_bf16_grad(&logits, &targets, vocab, 1.0 / rows as f32, &mut dlogits16);
+            be.cross_entropy_bf16(&logits16, &targets, vocab, 1.0 / rows as f32, &mut dlogits16);
             be.synchronize();
         })
     });
     g.finish();
-    drop((dlogits, dlogits16, logits));
+    drop((dlogits, dlogits16, logits, logits16));
     // One 512-row chunk of the LM head's loss (Graph::lm_head_loss) for Llama-2-7B: logits GEMM, loss,
-    // input-gradient GEMM; composed from the three ops (f32 dlogits, converted by the GEMM) against
-    // the one op (bf16 dlogits from the loss kernel).
+    // input-gradient GEMM; composed from the three ops (f32 logits and dlogits, converted by the GEMM)
+    // against the one op (bf16 logits from the GEMM, bf16 dlogits from the loss kernel).
     let (rows, hidden) = (512, 4096);
     let head = be.upload_weight(HostWeight::Dense { rows: vocab, cols: hidden, data: rnd(vocab * hidden, 18, 0.02) });
     let x = be.upload(&rnd(rows * hidden, 19, 1.0));
@@ -309,7 +313,7 @@ fn optimizer_and_loss(c: &mut Criterion) {
             be.synchronize();
         })
     });
-    g.bench_function("one op (bf16 dlogits)", |b| {
+    g.bench_function("one op (bf16 logits and dlogits)", |b| {
         b.iter(|| {
             be.lm_head_cross_entropy(&x, &head, &targets, 1.0, Some(&mut dx));
             be.synchronize();

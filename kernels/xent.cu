@@ -2,11 +2,12 @@
 // caller feeds row chunks, so full-batch logits never exist). CPU: Cpu::cross_entropy.
 // Three kernels with the same results: cross_entropy_stream and cross_entropy_reg keep a row in
 // registers, so the logits are read once and the gradient written once (the floor: 8 bytes per
-// logit with an f32 gradient, 6 with a 16-bit one), for vocabularies up to 1024 × 32 (Llama-2's
-// 32000; 48 per thread would spill); cross_entropy_f32 reads the row three times (any vocabulary).
-// cross_entropy_stream also writes the gradient in bf16 or f16 (`_bf16`, `_f16`): the dtype of the
-// LM head whose input-gradient GEMM reads it (Cuda::lm_head_cross_entropy), rounded to nearest even
-// as the f32 → 16-bit conversion it replaces rounds.
+// logit in f32), for vocabularies up to 1024 × 32 (Llama-2's 32000; 48 per thread would spill);
+// cross_entropy_f32 reads the row three times (any vocabulary).
+// cross_entropy_stream also reads bf16 or f16 logits and writes the gradient in the same dtype
+// (`_bf16`, `_f16`: 4 bytes per logit): what a 16-bit LM head's GEMM writes and its input-gradient
+// GEMM reads (Cuda::lm_head_cross_entropy), as transformers computes the loss from a bf16 head's
+// logits cast to f32 and casts the gradient back; the gradient rounded to nearest even as that cast.
 #include "common.cuh"
 
 #define XENT_THREADS 1024
@@ -19,6 +20,14 @@ __device__ __forceinline__ void store_grad(__half* p, float v) { *p = __float2ha
 __device__ __forceinline__ void store_grad4(float* p, float4 v) { *reinterpret_cast<float4*>(p) = v; }
 __device__ __forceinline__ void store_grad4(__nv_bfloat16* p, float4 v) { *reinterpret_cast<uint2*>(p) = pack_bf16x4(v); }
 __device__ __forceinline__ void store_grad4(__half* p, float4 v) { *reinterpret_cast<uint2*>(p) = pack_f16x4(v); }
+// The logits' element type: f32 or 16-bit, read as f32 (one value, or four consecutive ones from a
+// 16-byte (f32) or 8-byte (16-bit) aligned address).
+__device__ __forceinline__ float load_logit(const float* p) { return *p; }
+__device__ __forceinline__ float load_logit(const __nv_bfloat16* p) { return __bfloat162float(*p); }
+__device__ __forceinline__ float load_logit(const __half* p) { return __half2float(*p); }
+__device__ __forceinline__ float4 load_logit4(const float* p) { return *reinterpret_cast<const float4*>(p); }
+__device__ __forceinline__ float4 load_logit4(const __nv_bfloat16* p) { return unpack_bf16x4(*reinterpret_cast<const uint2*>(p)); }
+__device__ __forceinline__ float4 load_logit4(const __half* p) { return unpack_f16x4(*reinterpret_cast<const uint2*>(p)); }
 
 // A row whose target is ignored (-100, any negative) or out of range gets a zero gradient and no
 // loss; an out-of-range one also flags the host through `count`. True when the row is done.
@@ -120,16 +129,19 @@ XENT_REG(32)
 // cross_entropy_reg has one row per SM at a time and alternates the two (~64% of copy bandwidth at
 // 2048 × 32000 on the H200). Each thread holds four consecutive values per step (j = 4·(threadIdx.x +
 // XENT_THREADS·i) + 0..3), so the gradient goes out in 16-byte (f32) or 8-byte (16-bit) stores. Needs
-// vocab % 4 == 0 and vocab·4 bytes of dynamic shared memory (VPT·4 KiB reserved by the launcher).
-template <int VPT, typename T>
-__device__ void cross_entropy_stream(const float* logits, const int* targets, T* dlogits, double* loss, int* count, int rows, int vocab, float scale) {
-    constexpr int GROUPS = VPT / 4;       // float4 groups per thread
-    extern __shared__ float4 next_row[];  // (vocab / 4) the logits of the block's next row
-    const uint32_t next_addr = smem_addr(next_row);
-    const int vocab4 = vocab / 4;
+// rows of whole 16-byte pieces (vocab % 4 == 0 for f32 logits, % 8 for 16-bit ones) and a row of
+// logits in dynamic shared memory (VPT·4 KiB reserved by the launcher: the f32 row).
+template <int VPT, typename TIn, typename TOut>
+__device__ void cross_entropy_stream(const TIn* logits, const int* targets, TOut* dlogits, double* loss, int* count, int rows, int vocab, float scale) {
+    constexpr int GROUPS = VPT / 4;               // groups of four values per thread
+    constexpr int PER_COPY = 16 / sizeof(TIn);    // logits per 16-byte copy
+    extern __shared__ float4 next_row_raw[];      // (vocab) the logits of the block's next row
+    const TIn* next_row = reinterpret_cast<const TIn*>(next_row_raw);
+    const uint32_t next_addr = smem_addr(next_row_raw);
+    const int vocab4 = vocab / 4, copies = vocab / PER_COPY;
     auto prefetch = [&](int r) {
-        const float* src = logits + (int64_t)r * vocab;
-        for (int c = threadIdx.x; c < vocab4; c += XENT_THREADS) cp_async16(next_addr + 16 * c, src + 4 * c, true);
+        const TIn* src = logits + (int64_t)r * vocab;
+        for (int c = threadIdx.x; c < copies; c += XENT_THREADS) cp_async16(next_addr + 16 * c, src + PER_COPY * c, true);
         cp_async_commit();
     };
     // The next row's target is loaded with its logits, off the critical path.
@@ -143,10 +155,10 @@ __device__ void cross_entropy_stream(const float* logits, const int* targets, T*
 #pragma unroll
         for (int g = 0; g < GROUPS; g++) {
             const int c = threadIdx.x + XENT_THREADS * g;
-            const float4 q = c < vocab4 ? next_row[c] : make_float4(-INFINITY, -INFINITY, -INFINITY, -INFINITY);
+            const float4 q = c < vocab4 ? load_logit4(next_row + 4 * c) : make_float4(-INFINITY, -INFINITY, -INFINITY, -INFINITY);
             v[4 * g] = q.x, v[4 * g + 1] = q.y, v[4 * g + 2] = q.z, v[4 * g + 3] = q.w;
         }
-        const float xt = threadIdx.x == 0 && t >= 0 && t < vocab ? reinterpret_cast<const float*>(next_row)[t] : 0.f;
+        const float xt = threadIdx.x == 0 && t >= 0 && t < vocab ? load_logit(next_row + t) : 0.f;
         __syncthreads();  // every thread holds its values: the buffer takes the following row
         if (r + gridDim.x < rows) prefetch(r + gridDim.x), next_target = targets[r + gridDim.x];
         const int64_t off = (int64_t)r * vocab;
@@ -162,8 +174,8 @@ __device__ void cross_entropy_stream(const float* logits, const int* targets, T*
     }
 }
 #define XENT_STREAM(VPT, SUFFIX, T) \
-    extern "C" __global__ void __launch_bounds__(XENT_THREADS, 1) cross_entropy_stream##VPT##SUFFIX(const float* logits, const int* targets, T* dlogits, double* loss, int* count, int rows, int vocab, float scale) { \
-        cross_entropy_stream<VPT, T>(logits, targets, dlogits, loss, count, rows, vocab, scale); \
+    extern "C" __global__ void __launch_bounds__(XENT_THREADS, 1) cross_entropy_stream##VPT##SUFFIX(const T* logits, const int* targets, T* dlogits, double* loss, int* count, int rows, int vocab, float scale) { \
+        cross_entropy_stream<VPT, T, T>(logits, targets, dlogits, loss, count, rows, vocab, scale); \
     }
 XENT_STREAM(8, , float)
 XENT_STREAM(16, , float)

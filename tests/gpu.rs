@@ -11,8 +11,7 @@
 use llamatune::backend::cpu::Cpu;
 use llamatune::backend::cuda::{Cuda, Fused4bit};
 use llamatune::backend::{
-    linear_many_lora_composed, lm_head_cross_entropy_composed, AdamWStep, AttnShape, Backend, Dropout, HostWeight,
-    LoraBranch, LoraDown, LoraGrad,
+    linear_many_lora_composed, AdamWStep, AttnShape, Backend, Dropout, HostWeight, LoraBranch, LoraDown, LoraGrad,
 };
 use llamatune::config::{ComputeDtype, LoraConfig, ModelConfig, QuantConfig, QuantType};
 use llamatune::model::llama::{forward_backward, Batch, Checkpointing, Llama};
@@ -208,16 +207,50 @@ fn embedding_and_cross_entropy() {
         check(&format!("{m} x vocab {vocab} cross-entropy loss"), &[l2 as f32], &[l1 as f32], F32_TOL);
         check(&format!("{m} x vocab {vocab} cross-entropy dlogits"), &gpu().download(&d2), &d1, F32_TOL);
     }
+    // bf16 logits with the gradient in bf16 (a bf16 LM head's, Cuda::lm_head_cross_entropy): values
+    // exact in bf16, so the f32 kernel on the same values gives the same loss (up to the order of its
+    // atomic sums) and, rounded to bf16 to nearest even, the same gradient bit for bit; the CPU the
+    // loss within f32's bound and the gradient within bf16's. Vocabularies that are no multiple of 8
+    // (no whole 16-byte copies) or past 32,768 are not taken.
+    for (m, vocab) in [(M, 8192), (M, 32768), (400, 32000), (301, 8200), (M, 1000)] {
+        let logits: Vec<f32> =
+            rnd(&mut rng, m * vocab, 8.0).iter().map(|x| half::bf16::from_f32(*x).to_f32()).collect();
+        let targets: Vec<i32> =
+            (0..m).map(|i| if i % 5 == 1 { -100 } else { rng.gen_range(0..vocab as i32) }).collect();
+        let mut d1 = vec![0.0; m * vocab];
+        let (l1, c1) = CPU.cross_entropy(&logits, &targets, vocab, 0.01, &mut d1);
+        let mut d2 = poisoned(m * vocab);
+        let (l2, c2) = gpu().cross_entropy(&gpu().upload(&logits), &targets, vocab, 0.01, &mut d2);
+        let d2_rounded: Vec<f32> = gpu().download(&d2).iter().map(|x| half::bf16::from_f32(*x).to_f32()).collect();
+        let mut d3 = gpu().upload_bf16(&vec![f32::NAN; m * vocab]);
+        let (l3, c3) = gpu().cross_entropy_bf16(&gpu().upload_bf16(&logits), &targets, vocab, 0.01, &mut d3).unwrap();
+        assert_eq!((c1, c2), (c3, c3), "{m} x vocab {vocab}: counted rows");
+        let label = format!("{m} x vocab {vocab} bf16 cross-entropy");
+        check(&format!("{label} loss vs f32 kernel"), &[l3 as f32], &[l2 as f32], 1e-6);
+        let d3 = gpu().download_bf16(&d3);
+        check(&format!("{label} dlogits vs f32 kernel"), &d3, &d2_rounded, 0.0);
+        check(&format!("{label} loss vs CPU"), &[l3 as f32], &[l1 as f32], F32_TOL);
+        check(&format!("{label} dlogits vs CPU"), &d3, &d1, MIXED_TOL);
+    }
+    for vocab in [8196, 32776, 49152] {
+        let mut d = gpu().zeros_bf16(vocab);
+        let none = gpu().cross_entropy_bf16(&gpu().zeros_bf16(vocab), &[0], vocab, 1.0, &mut d);
+        assert!(none.is_none(), "vocab {vocab}: no streaming kernel takes 16-bit rows of it");
+    }
 }
 
-/// The LM head's loss in one op (`Backend::lm_head_cross_entropy`). On CUDA a 16-bit head gets its
-/// dlogits from the streaming kernel in the head's own dtype, which must give what the composed ops
-/// give (f32 dlogits, rounded by the input-gradient GEMM's conversion: the same rounding): the same
-/// count, the loss up to the order of its atomic sums, dx bit for bit; and the CPU's values within
-/// the 16-bit bound. bf16 and f16 heads, Llama-2's vocabulary, an odd one that the streaming kernels
-/// do not take (the composed path), rows with ignored targets; outputs poisoned.
+/// The LM head's loss in one op (`Backend::lm_head_cross_entropy`). On CUDA a 16-bit head writes its
+/// logits in its own dtype (as transformers' bf16 head does) and the streaming kernel reads them and
+/// writes dlogits in that dtype for the input-gradient GEMM. Against the composed ops on the same
+/// logits rounded to the head's dtype (f32 logits from `linear`, rounded on the host; dlogits widened
+/// to f32 for `linear_backward_input`, whose conversion back is exact): the same count, the loss and
+/// dx within 1e-5 (the two logits GEMMs may accumulate in different orders, cuBLAS choosing kernels
+/// by output type, so a logit can round one ulp apart); the CPU's values within the 16-bit bound.
+/// Without a backward pass the loss is the same. bf16 and f16 heads, Llama-2's vocabulary, one that
+/// is no multiple of 8 (the composed path on f32 logits, bit for bit), rows with ignored targets;
+/// outputs poisoned.
 #[test]
-fn lm_head_cross_entropy_with_a_16_bit_gradient() {
+fn lm_head_cross_entropy_with_16_bit_logits() {
     let mut rng = rand::rngs::StdRng::seed_from_u64(32);
     let m = M;
     for (vocab, hidden, f16_head) in [(32000, 4096, false), (1000, 200, false), (1000, 200, true), (1001, 200, false)] {
@@ -238,12 +271,29 @@ fn lm_head_cross_entropy_with_a_16_bit_gradient() {
         let gx = gpu().upload(&x);
         let mut dx2 = poisoned(m * hidden);
         let (l2, c2) = gpu().lm_head_cross_entropy(&gx, &gw, &targets, 0.01, Some(&mut dx2));
+        let (l4, c4) = gpu().lm_head_cross_entropy(&gx, &gw, &targets, 0.01, None);
+        // The composed ops on the logits rounded to the head's dtype (the 16-bit path), or on the
+        // f32 logits (vocab 1001).
+        let sixteen_bit = vocab % 8 == 0;
+        let round = |v: f32| match (sixteen_bit, f16_head) {
+            (false, _) => v,
+            (true, false) => half::bf16::from_f32(v).to_f32(),
+            (true, true) => half::f16::from_f32(v).to_f32(),
+        };
+        let mut logits = poisoned(m * vocab);
+        gpu().linear(&gx, &gw, m, &mut logits);
+        let logits: Vec<f32> = gpu().download(&logits).iter().map(|&v| round(v)).collect();
+        let mut dlogits = poisoned(m * vocab);
+        let (l3, c3) = gpu().cross_entropy(&gpu().upload(&logits), &targets, vocab, 0.01, &mut dlogits);
+        let dlogits: Vec<f32> = gpu().download(&dlogits).iter().map(|&v| round(v)).collect();
         let mut dx3 = poisoned(m * hidden);
-        let (l3, c3) = lm_head_cross_entropy_composed(gpu(), &gx, &gw, &targets, 0.01, Some(&mut dx3));
-        assert_eq!((c1, c2), (c3, c3), "{label}: counted rows");
-        check(&format!("{label} loss vs composed"), &[l2 as f32], &[l3 as f32], 1e-6);
+        gpu().linear_backward_input(&gpu().upload(&dlogits), &gw, m, &mut dx3, false);
+        assert_eq!((c1, c2, c4), (c3, c3, c3), "{label}: counted rows");
         let dx2 = gpu().download(&dx2);
-        check(&format!("{label} dx vs composed"), &dx2, &gpu().download(&dx3), 0.0);
+        let (loss_tol, dx_tol) = if sixteen_bit { (1e-5, 1e-5) } else { (1e-6, 0.0) };
+        check(&format!("{label} loss vs composed"), &[l2 as f32], &[l3 as f32], loss_tol);
+        check(&format!("{label} dx vs composed"), &dx2, &gpu().download(&dx3), dx_tol);
+        check(&format!("{label} loss without backward"), &[l4 as f32], &[l2 as f32], 1e-6);
         check(&format!("{label} loss vs CPU"), &[l2 as f32], &[l1 as f32], MIXED_TOL);
         check(&format!("{label} dx vs CPU"), &dx2, &dx1, MIXED_TOL);
     }
@@ -1051,10 +1101,19 @@ fn lora_pair(cfg: &ModelConfig) -> (Lora<Cpu<f32>>, Lora<Cuda>) {
     (c, g)
 }
 
+/// One QLoRA step (loss and every LoRA gradient) on the GPU against the CPU, with each checkpointing
+/// mode; vocabularies 503 (the LM head's loss composed on f32 logits) and 512 (the bf16 head's logits
+/// and dlogits in bf16, `Cuda::lm_head_cross_entropy`).
 #[test]
 fn whole_qlora_step_matches_the_cpu() {
-    let cfg = small_config();
-    let src = random_source(&cfg, 9);
+    for vocab_size in [503, 512] {
+        let cfg = ModelConfig { vocab_size, ..small_config() };
+        whole_qlora_step(&cfg);
+    }
+}
+
+fn whole_qlora_step(cfg: &ModelConfig) {
+    let src = random_source(cfg, 9);
     let q = QuantConfig {
         quant_type: QuantType::Nf4,
         blocksize: 64,
@@ -1063,7 +1122,7 @@ fn whole_qlora_step_matches_the_cpu() {
     };
     let cm = Llama::load(&CPU, &src, Some(q)).unwrap();
     let gm = Llama::load(gpu(), &src, Some(q)).unwrap();
-    let (cl, gl) = lora_pair(&cfg);
+    let (cl, gl) = lora_pair(cfg);
     let mut rng = rand::rngs::StdRng::seed_from_u64(10);
     let rows: Vec<Vec<u32>> =
         (0..3).map(|_| (0..61).map(|_| rng.gen_range(0..cfg.vocab_size as u32)).collect()).collect();
@@ -1075,7 +1134,12 @@ fn whole_qlora_step_matches_the_cpu() {
         let l1 = forward_backward(&CPU, &cm, &cl, &mut cg, &batch, scale, Some(11), ckpt);
         let l2 = forward_backward(gpu(), &gm, &gl, &mut gg, &batch, scale, Some(11), ckpt);
         assert_eq!(l1.count, l2.count);
-        check(&format!("step loss (checkpointing {ckpt:?})"), &[l2.mean() as f32], &[l1.mean() as f32], MIXED_TOL);
+        check(
+            &format!("vocab {} step loss (checkpointing {ckpt:?})", cfg.vocab_size),
+            &[l2.mean() as f32],
+            &[l1.mean() as f32],
+            MIXED_TOL,
+        );
         for ((name, _), (a, b)) in cl.named_params().iter().zip(cg.bufs().iter().zip(gg.bufs())) {
             check(
                 &format!("grad {}", name.trim_start_matches("base_model.model.model.")),

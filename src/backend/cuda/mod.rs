@@ -473,6 +473,27 @@ impl Cuda {
         }
     }
 
+    /// `c = a · op(b) + beta · c` (row-major, `c` of `g.n` columns), exact f32 math.
+    fn gemm(&self, g: &Gemm<'_>, c: blas::GemmOut<'_>, beta: f32, what: &str) {
+        let r = self.blas.gemm_rm(
+            F32Math::Exact,
+            false,
+            g.trans_b,
+            g.m,
+            g.n,
+            g.k,
+            1.0,
+            g.a,
+            g.lda,
+            g.b,
+            g.ldb,
+            beta,
+            c,
+            g.n,
+        );
+        ck!(r, what);
+    }
+
     /// `out (=|+=) a · op(b)` for a frozen weight `w`'s product. A 4-bit weight's product is rounded to
     /// its 16-bit compute dtype, as bitsandbytes' 16-bit matmul output is, before it lands in (or is
     /// added to) the f32 `out`: cuBLAS writes it in that dtype (rounding as it writes, where a separate
@@ -488,25 +509,7 @@ impl Cuda {
         up: Option<UpTail<'_>>,
         what: &str,
     ) {
-        let gemm = |c: blas::GemmOut<'_>, beta: f32| {
-            let r = self.blas.gemm_rm(
-                F32Math::Exact,
-                false,
-                g.trans_b,
-                g.m,
-                g.n,
-                g.k,
-                1.0,
-                g.a,
-                g.lda,
-                g.b,
-                g.ldb,
-                beta,
-                c,
-                g.n,
-            );
-            ck!(r, what);
-        };
+        let gemm = |c: blas::GemmOut<'_>, beta: f32| self.gemm(&g, c, beta, what);
         match w {
             CudaWeight::Quant4 { compute: ComputeDtype::BF16, .. } => {
                 // SAFETY: the GEMM (beta = 0) writes all m·n values before the kernel reads them.
@@ -1436,7 +1439,7 @@ impl Backend for Cuda {
         scale: f32,
         dlogits: &mut CudaSlice<f32>,
     ) -> (f64, usize) {
-        self.xent(logits, targets, vocab, scale, XentGrad::F32(dlogits))
+        self.xent(XentIo::F32(logits, dlogits), targets, vocab, scale)
     }
 
     fn lm_head_cross_entropy(
@@ -1445,50 +1448,70 @@ impl Backend for Cuda {
         head: &CudaWeight,
         targets: &[i32],
         scale: f32,
-        mut dx: Option<&mut CudaSlice<f32>>,
+        dx: Option<&mut CudaSlice<f32>>,
     ) -> (f64, usize) {
         let (vocab, hidden) = head.shape();
         let m = targets.len();
-        // A 16-bit dense head whose input-gradient GEMM reads dlogits in its own dtype: the streaming
-        // kernel writes them so (6 instead of 8 bytes per logit, and no conversion pass: the same
-        // rounding). Otherwise (4-bit or precise heads, other vocabularies, no backward): the default.
+        // A 16-bit dense head, run as transformers runs a bf16 one: its GEMM writes the logits in
+        // the head's dtype, the loss kernel reads them and writes dlogits in that dtype for the
+        // input-gradient GEMM (4 bytes per logit, where f32 logits and f32 dlogits took 8 + 8 and a
+        // conversion). With or without a backward pass, so that a batch's evaluation loss is its
+        // training loss. Otherwise (4-bit or precise heads, vocabularies the streaming kernels do not
+        // take): the composed ops on f32 logits.
         let sixteen_bit = match head {
             CudaWeight::Dense { data, .. } if !self.is_precise() => Some(data),
             _ => None,
         };
-        let (Some(data), Some(dx), true) = (sixteen_bit, dx.as_deref_mut(), self.xent_stream_index(vocab).is_some())
-        else {
+        let (Some(data), Some(_)) = (sixteen_bit, self.xent_stream_index(vocab, true)) else {
             return super::lm_head_cross_entropy_composed(self, x, head, targets, scale, dx);
         };
         let _span = self.span("lm_head_cross_entropy");
-        assert!(x.len() == m * hidden && dx.len() == m * hidden, "lm_head_cross_entropy: bad shapes");
-        let mut logits = self.scratch(m * vocab);
-        self.linear(x, head, m, &mut logits);
-        let (wop, _) = self.weight_operand(head);
-        // SAFETY: the cross-entropy kernel writes every gradient value before the GEMM reads it.
-        let (result, dlogits) = match data {
-            DenseData::BF16(_) => {
-                let mut d = ck!(unsafe { self.stream.alloc::<bf16>(m * vocab) }, "alloc");
-                (self.xent(&logits, targets, vocab, scale, XentGrad::BF16(&mut d)), Operand::BF16(d))
-            }
-            DenseData::F16(_) => {
-                let mut d = ck!(unsafe { self.stream.alloc::<f16>(m * vocab) }, "alloc");
-                (self.xent(&logits, targets, vocab, scale, XentGrad::F16(&mut d)), Operand::F16(d))
-            }
-        };
-        drop(logits);
-        // dx (m, hidden) = dlogits (m, vocab) · W (vocab, hidden)
-        let product = Gemm {
-            trans_b: false,
+        assert!(x.len() == m * hidden, "lm_head_cross_entropy: bad shapes");
+        assert!(dx.as_ref().is_none_or(|dx| dx.len() == m * hidden), "lm_head_cross_entropy: bad shapes");
+        let (wop, c) = self.weight_operand(head);
+        let x16 = self.convert(x, c).expect("a 16-bit head takes 16-bit activations");
+        // logits (m, vocab) = x (m, hidden) · Wᵀ, in the head's dtype
+        let logits = Gemm {
+            trans_b: true,
             m,
-            n: hidden,
-            k: vocab,
-            a: OperandView::from(&dlogits),
-            lda: vocab,
+            n: vocab,
+            k: hidden,
+            a: OperandView::from(&x16),
+            lda: hidden,
             b: wop.as_ref(),
             ldb: hidden,
         };
-        self.gemm_rounded(head, product, dx, false, None, "LM head backward GEMM");
+        // SAFETY: the GEMM (beta = 0) writes every logit, and the loss kernel every gradient value,
+        // before anything reads them.
+        let (result, dlogits) = match data {
+            DenseData::BF16(_) => {
+                let mut l16 = ck!(unsafe { self.stream.alloc::<bf16>(m * vocab) }, "alloc");
+                self.gemm(&logits, blas::GemmOut::BF16(&mut l16), 0.0, "LM head GEMM");
+                let mut d = ck!(unsafe { self.stream.alloc::<bf16>(m * vocab) }, "alloc");
+                (self.xent(XentIo::BF16(&l16, &mut d), targets, vocab, scale), Operand::BF16(d))
+            }
+            DenseData::F16(_) => {
+                let mut l16 = ck!(unsafe { self.stream.alloc::<f16>(m * vocab) }, "alloc");
+                self.gemm(&logits, blas::GemmOut::F16(&mut l16), 0.0, "LM head GEMM");
+                let mut d = ck!(unsafe { self.stream.alloc::<f16>(m * vocab) }, "alloc");
+                (self.xent(XentIo::F16(&l16, &mut d), targets, vocab, scale), Operand::F16(d))
+            }
+        };
+        drop(x16);
+        if let Some(dx) = dx {
+            // dx (m, hidden) = dlogits (m, vocab) · W (vocab, hidden)
+            let product = Gemm {
+                trans_b: false,
+                m,
+                n: hidden,
+                k: vocab,
+                a: OperandView::from(&dlogits),
+                lda: vocab,
+                b: wop.as_ref(),
+                ldb: hidden,
+            };
+            self.gemm_rounded(head, product, dx, false, None, "LM head backward GEMM");
+        }
         result
     }
 
@@ -1831,17 +1854,18 @@ const XENT_REG: [&str; 3] = ["cross_entropy_reg8", "cross_entropy_reg16", "cross
 const XENT_REG_VALUES: [usize; 3] = [8, 16, 32];
 const XENT_REG_THREADS: usize = 1024;
 /// The persistent-block variants of [`XENT_REG`] (the next row streamed into shared memory), by the
-/// gradient's dtype (f32, bf16, f16), then values per thread.
+/// dtype of the logits they read and the gradient they write (f32, bf16, f16), then values per thread.
 const XENT_STREAM: [[&str; 3]; 3] = [
     ["cross_entropy_stream8", "cross_entropy_stream16", "cross_entropy_stream32"],
     ["cross_entropy_stream8_bf16", "cross_entropy_stream16_bf16", "cross_entropy_stream32_bf16"],
     ["cross_entropy_stream8_f16", "cross_entropy_stream16_f16", "cross_entropy_stream32_f16"],
 ];
-/// Where the streaming cross-entropy writes its gradient: f32, or the LM head's 16-bit dtype.
-enum XentGrad<'a> {
-    F32(&'a mut CudaSlice<f32>),
-    BF16(&'a mut CudaSlice<bf16>),
-    F16(&'a mut CudaSlice<f16>),
+/// The logits a cross-entropy launch reads and the gradient it writes, in one dtype: f32, or a 16-bit
+/// LM head's (the streaming kernels only).
+enum XentIo<'a> {
+    F32(&'a CudaSlice<f32>, &'a mut CudaSlice<f32>),
+    BF16(&'a CudaSlice<bf16>, &'a mut CudaSlice<bf16>),
+    F16(&'a CudaSlice<f16>, &'a mut CudaSlice<f16>),
 }
 /// The index into [`XENT_REG`] (and [`XENT_STREAM`]) whose kernels hold a row of `vocab` logits in
 /// registers: the fewest values per thread that cover it, if any does.
@@ -1910,24 +1934,19 @@ impl Cuda {
         ck!(unsafe { b.launch(cfg) }, kernel);
     }
 
-    /// The index into [`XENT_STREAM`]'s kernels that takes a row of `vocab` logits, when one does
-    /// (the row fits 1024 threads × 8, 16 or 32 values, 16-byte copies, the device's shared memory).
-    fn xent_stream_index(&self, vocab: usize) -> Option<usize> {
+    /// The index into [`XENT_STREAM`]'s kernels that takes a row of `vocab` logits of f32 or (with
+    /// `sixteen_bit`) a 16-bit dtype, when one does (the row fits 1024 threads × 8, 16 or 32 values,
+    /// whole 16-byte copies, the device's shared memory).
+    fn xent_stream_index(&self, vocab: usize, sixteen_bit: bool) -> Option<usize> {
         let i = xent_reg_index(vocab)?;
-        (self.xent_stream[i] && vocab % 4 == 0).then_some(i)
+        let per_copy = if sixteen_bit { 8 } else { 4 };
+        (self.xent_stream[i] && vocab % per_copy == 0).then_some(i)
     }
 
-    /// Loss and gradient of `logits (m, vocab)` against `targets` (Backend::cross_entropy), the
-    /// gradient written as `grad` says; a 16-bit gradient needs a streaming kernel
-    /// ([`Cuda::xent_stream_index`]).
-    fn xent(
-        &self,
-        logits: &CudaSlice<f32>,
-        targets: &[i32],
-        vocab: usize,
-        scale: f32,
-        grad: XentGrad<'_>,
-    ) -> (f64, usize) {
+    /// Loss and gradient of the logits `(m, vocab)` in `io` against `targets`
+    /// (Backend::cross_entropy), the gradient in the logits' dtype; 16-bit logits need a streaming
+    /// kernel ([`Cuda::xent_stream_index`]).
+    fn xent(&self, io: XentIo<'_>, targets: &[i32], vocab: usize, scale: f32) -> (f64, usize) {
         let _span = self.span("cross_entropy");
         let m = targets.len();
         let t = ck!(self.stream.clone_htod(targets), "upload targets");
@@ -1937,26 +1956,27 @@ impl Cuda {
         // or 32 values: streamed through persistent blocks where 16-byte copies and the shared memory
         // allow, else a block per row; past that, three passes over the row.
         let (vocab32, rows) = (vocab as i32, m as i32);
-        match (self.xent_stream_index(vocab), grad) {
-            (Some(i), grad) => {
+        let sixteen_bit = !matches!(io, XentIo::F32(..));
+        match (self.xent_stream_index(vocab, sixteen_bit), io) {
+            (Some(i), io) => {
                 let cfg = LaunchConfig {
                     grid_dim: (m.min(self.sm_count).max(1) as u32, 1, 1),
                     block_dim: (XENT_REG_THREADS as u32, 1, 1),
                     shared_mem_bytes: xent_stream_smem(i) as u32,
                 };
-                match grad {
-                    XentGrad::F32(d) => {
-                        launch!(self, XENT_STREAM[0][i], cfg; logits, &t, &mut *d, &mut loss, &mut count, &rows, &vocab32, &scale)
+                match io {
+                    XentIo::F32(l, d) => {
+                        launch!(self, XENT_STREAM[0][i], cfg; l, &t, &mut *d, &mut loss, &mut count, &rows, &vocab32, &scale)
                     }
-                    XentGrad::BF16(d) => {
-                        launch!(self, XENT_STREAM[1][i], cfg; logits, &t, &mut *d, &mut loss, &mut count, &rows, &vocab32, &scale)
+                    XentIo::BF16(l, d) => {
+                        launch!(self, XENT_STREAM[1][i], cfg; l, &t, &mut *d, &mut loss, &mut count, &rows, &vocab32, &scale)
                     }
-                    XentGrad::F16(d) => {
-                        launch!(self, XENT_STREAM[2][i], cfg; logits, &t, &mut *d, &mut loss, &mut count, &rows, &vocab32, &scale)
+                    XentIo::F16(l, d) => {
+                        launch!(self, XENT_STREAM[2][i], cfg; l, &t, &mut *d, &mut loss, &mut count, &rows, &vocab32, &scale)
                     }
                 }
             }
-            (None, XentGrad::F32(dlogits)) => {
+            (None, XentIo::F32(logits, dlogits)) => {
                 let (kernel, threads) = match xent_reg_index(vocab) {
                     Some(i) => (XENT_REG[i], XENT_REG_THREADS),
                     None => ("cross_entropy_f32", 256),
@@ -1965,7 +1985,7 @@ impl Cuda {
                 let cfg = LaunchConfig { grid_dim: (m as u32, 1, 1), block_dim, shared_mem_bytes: 0 };
                 launch!(self, kernel, cfg; logits, &t, &mut *dlogits, &mut loss, &mut count, &vocab32, &scale);
             }
-            (None, _) => unreachable!("a 16-bit cross-entropy gradient needs a streaming kernel"),
+            (None, _) => unreachable!("16-bit logits need a streaming cross-entropy kernel"),
         }
         let c = ck!(self.stream.clone_dtoh(&count), "download")[0];
         assert!(c < (1 << 30), "a target id is >= vocab {vocab}");
@@ -2356,19 +2376,30 @@ impl Cuda {
         drop(guards);
     }
 
-    /// [`Backend::cross_entropy`] with the gradient written in bf16 by the streaming kernel (what
+    /// [`Backend::cross_entropy`] of bf16 logits with the gradient in bf16 (what
     /// [`Backend::lm_head_cross_entropy`] runs for a bf16 head), for benchmarks and tests; `None` when
-    /// no streaming kernel takes rows of `vocab` logits.
-    pub fn cross_entropy_bf16_grad(
+    /// no streaming kernel takes rows of `vocab` 16-bit logits.
+    pub fn cross_entropy_bf16(
         &self,
-        logits: &CudaSlice<f32>,
+        logits: &CudaSlice<bf16>,
         targets: &[i32],
         vocab: usize,
         scale: f32,
         dlogits: &mut CudaSlice<bf16>,
     ) -> Option<(f64, usize)> {
-        self.xent_stream_index(vocab)?;
-        Some(self.xent(logits, targets, vocab, scale, XentGrad::BF16(dlogits)))
+        self.xent_stream_index(vocab, true)?;
+        Some(self.xent(XentIo::BF16(logits, dlogits), targets, vocab, scale))
+    }
+
+    /// `values` rounded to bf16 (to nearest even), on the device.
+    pub fn upload_bf16(&self, values: &[f32]) -> CudaSlice<bf16> {
+        let host: Vec<bf16> = values.iter().map(|&v| bf16::from_f32(v)).collect();
+        ck!(self.stream.clone_htod(&host), "upload")
+    }
+
+    /// A bf16 buffer's values, widened to f32.
+    pub fn download_bf16(&self, buf: &CudaSlice<bf16>) -> Vec<f32> {
+        ck!(self.stream.clone_dtoh(buf), "download").iter().map(|v| v.to_f32()).collect()
     }
 
     /// A zeroed bf16 buffer of `n` values on the device.
