@@ -123,3 +123,17 @@ __device__ __forceinline__ float4 unpack_f16x4(uint2 u) {
     const float2 hi = __half22float2(*reinterpret_cast<const __half2*>(&u.y));
     return make_float4(lo.x, lo.y, hi.x, hi.y);
 }
+// f32 or 16-bit values read as f32 and written from f32 (rounded to nearest even): one value, or four
+// consecutive ones at a 16-byte (f32) or 8-byte (16-bit) aligned address.
+__device__ __forceinline__ float load1(const float* p) { return *p; }
+__device__ __forceinline__ float load1(const __nv_bfloat16* p) { return __bfloat162float(*p); }
+__device__ __forceinline__ float load1(const __half* p) { return __half2float(*p); }
+__device__ __forceinline__ void store1(float* p, float v) { *p = v; }
+__device__ __forceinline__ void store1(__nv_bfloat16* p, float v) { *p = __float2bfloat16_rn(v); }
+__device__ __forceinline__ void store1(__half* p, float v) { *p = __float2half_rn(v); }
+__device__ __forceinline__ float4 load4(const float* p) { return *reinterpret_cast<const float4*>(p); }
+__device__ __forceinline__ float4 load4(const __nv_bfloat16* p) { return unpack_bf16x4(*reinterpret_cast<const uint2*>(p)); }
+__device__ __forceinline__ float4 load4(const __half* p) { return unpack_f16x4(*reinterpret_cast<const uint2*>(p)); }
+__device__ __forceinline__ void store4(float* p, float4 v) { *reinterpret_cast<float4*>(p) = v; }
+__device__ __forceinline__ void store4(__nv_bfloat16* p, float4 v) { *reinterpret_cast<uint2*>(p) = pack_bf16x4(v); }
+__device__ __forceinline__ void store4(__half* p, float4 v) { *reinterpret_cast<uint2*>(p) = pack_f16x4(v); }

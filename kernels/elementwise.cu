@@ -29,6 +29,21 @@ extern "C" __global__ void swiglu_f32(const float* g, const float* u, float* out
         },
         [&](int64_t i) { out[i] = swiglu1(g[i], u[i]); });
 }
+// The same from and into 16-bit values (an MLP's gate and up products as cuBLAS writes them, and
+// the down product's input as its GEMM reads it: Cuda::swiglu_mlp): the f32 kernel on the widened
+// values with its output rounded to nearest even, as the down product's conversion rounded it.
+template <typename T>
+__device__ __forceinline__ void swiglu_16(const T* g, const T* u, T* out, int64_t n) {
+    for_each4(
+        n, aligned_to(g, 8) && aligned_to(u, 8) && aligned_to(out, 8),
+        [&](int64_t q) {
+            const float4 a = load4(g + 4 * q), b = load4(u + 4 * q);
+            store4(out + 4 * q, make_float4(swiglu1(a.x, b.x), swiglu1(a.y, b.y), swiglu1(a.z, b.z), swiglu1(a.w, b.w)));
+        },
+        [&](int64_t i) { store1(out + i, swiglu1(load1(g + i), load1(u + i))); });
+}
+extern "C" __global__ void swiglu_bf16(const __nv_bfloat16* g, const __nv_bfloat16* u, __nv_bfloat16* out, int64_t n) { swiglu_16(g, u, out, n); }
+extern "C" __global__ void swiglu_f16(const __half* g, const __half* u, __half* out, int64_t n) { swiglu_16(g, u, out, n); }
 // (dg, du) of one element from gate x, up u and the output's gradient d.
 __device__ __forceinline__ float2 swiglu_grad1(float x, float u, float d) {
     const float sig = 1.f / (1.f + expf(-x));

@@ -12,29 +12,15 @@
 
 #define XENT_THREADS 1024
 
-// The gradient's element type: f32, or a 16-bit dtype (rounded to nearest even).
-__device__ __forceinline__ void store_grad(float* p, float v) { *p = v; }
-__device__ __forceinline__ void store_grad(__nv_bfloat16* p, float v) { *p = __float2bfloat16_rn(v); }
-__device__ __forceinline__ void store_grad(__half* p, float v) { *p = __float2half_rn(v); }
-// Four consecutive gradient values (p 16-byte aligned for f32, 8 for 16-bit).
-__device__ __forceinline__ void store_grad4(float* p, float4 v) { *reinterpret_cast<float4*>(p) = v; }
-__device__ __forceinline__ void store_grad4(__nv_bfloat16* p, float4 v) { *reinterpret_cast<uint2*>(p) = pack_bf16x4(v); }
-__device__ __forceinline__ void store_grad4(__half* p, float4 v) { *reinterpret_cast<uint2*>(p) = pack_f16x4(v); }
-// The logits' element type: f32 or 16-bit, read as f32 (one value, or four consecutive ones from a
-// 16-byte (f32) or 8-byte (16-bit) aligned address).
-__device__ __forceinline__ float load_logit(const float* p) { return *p; }
-__device__ __forceinline__ float load_logit(const __nv_bfloat16* p) { return __bfloat162float(*p); }
-__device__ __forceinline__ float load_logit(const __half* p) { return __half2float(*p); }
-__device__ __forceinline__ float4 load_logit4(const float* p) { return *reinterpret_cast<const float4*>(p); }
-__device__ __forceinline__ float4 load_logit4(const __nv_bfloat16* p) { return unpack_bf16x4(*reinterpret_cast<const uint2*>(p)); }
-__device__ __forceinline__ float4 load_logit4(const __half* p) { return unpack_f16x4(*reinterpret_cast<const uint2*>(p)); }
+// Logits and gradients are f32 or 16-bit (common.cuh's load1/load4 and store1/store4; the gradient
+// rounded to nearest even).
 
 // A row whose target is ignored (-100, any negative) or out of range gets a zero gradient and no
 // loss; an out-of-range one also flags the host through `count`. True when the row is done.
 template <typename T>
 __device__ __forceinline__ bool skip_row(T* dlogits, int64_t off, int t, int* count, int vocab) {
     if (t < 0 || t >= vocab) {
-        for (int j = threadIdx.x; j < vocab; j += blockDim.x) store_grad(dlogits + off + j, 0.f);
+        for (int j = threadIdx.x; j < vocab; j += blockDim.x) store1(dlogits + off + j, 0.f);
         if (t >= vocab && threadIdx.x == 0) atomicAdd(count, 1 << 30);
         return true;
     }
@@ -155,10 +141,10 @@ __device__ void cross_entropy_stream(const TIn* logits, const int* targets, TOut
 #pragma unroll
         for (int g = 0; g < GROUPS; g++) {
             const int c = threadIdx.x + XENT_THREADS * g;
-            const float4 q = c < vocab4 ? load_logit4(next_row + 4 * c) : make_float4(-INFINITY, -INFINITY, -INFINITY, -INFINITY);
+            const float4 q = c < vocab4 ? load4(next_row + 4 * c) : make_float4(-INFINITY, -INFINITY, -INFINITY, -INFINITY);
             v[4 * g] = q.x, v[4 * g + 1] = q.y, v[4 * g + 2] = q.z, v[4 * g + 3] = q.w;
         }
-        const float xt = threadIdx.x == 0 && t >= 0 && t < vocab ? load_logit(next_row + t) : 0.f;
+        const float xt = threadIdx.x == 0 && t >= 0 && t < vocab ? load1(next_row + t) : 0.f;
         __syncthreads();  // every thread holds its values: the buffer takes the following row
         if (r + gridDim.x < rows) prefetch(r + gridDim.x), next_target = targets[r + gridDim.x];
         const int64_t off = (int64_t)r * vocab;
@@ -168,7 +154,7 @@ __device__ void cross_entropy_stream(const TIn* logits, const int* targets, TOut
         for (int g = 0; g < GROUPS; g++) {
             const int c = threadIdx.x + XENT_THREADS * g, j = 4 * c;
             if (c < vocab4)
-                store_grad4(dlogits + off + j, make_float4(v[4 * g] * p - (j == t ? scale : 0.f), v[4 * g + 1] * p - (j + 1 == t ? scale : 0.f),
+                store4(dlogits + off + j, make_float4(v[4 * g] * p - (j == t ? scale : 0.f), v[4 * g + 1] * p - (j + 1 == t ? scale : 0.f),
                                                            v[4 * g + 2] * p - (j + 2 == t ? scale : 0.f), v[4 * g + 3] * p - (j + 3 == t ? scale : 0.f)));
         }
     }

@@ -11,7 +11,8 @@
 use llamatune::backend::cpu::Cpu;
 use llamatune::backend::cuda::{Cuda, Fused4bit};
 use llamatune::backend::{
-    linear_many_lora_composed, AdamWStep, AttnShape, Backend, Dropout, HostWeight, LoraBranch, LoraDown, LoraGrad,
+    linear_many_lora_composed, swiglu_mlp_composed, AdamWStep, AttnShape, Backend, Dropout, HostWeight, LoraBranch,
+    LoraDown, LoraGrad,
 };
 use llamatune::config::{ComputeDtype, LoraConfig, ModelConfig, QuantConfig, QuantType};
 use llamatune::model::llama::{forward_backward, Batch, Checkpointing, Llama};
@@ -375,6 +376,50 @@ fn linear_many_equals_one_linear_each() {
         let mut one = poisoned(m * gpu().weight_shape(w).0);
         gpu().linear(&x, w, m, &mut one);
         check(&format!("linear_many product {i}"), &gpu().download(got), &gpu().download(&one), 0.0);
+    }
+}
+
+/// A whole MLP without LoRA in one call (`Backend::swiglu_mlp`, the pass that records nothing): on the
+/// second path (600 rows) CUDA keeps gate, up and SwiGLU's output in the compute dtype, which must give
+/// the composed ops' values bit for bit (written over `out` or added into the residual), and the
+/// CPU's within the 16-bit bound. SmolLM2, Llama-2-7B and odd shapes (ffn 333: SwiGLU's scalar
+/// tail), bf16 and f16 compute; outputs poisoned.
+#[test]
+fn mlp_with_16_bit_intermediates_equals_its_ops() {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(33);
+    let m = 600;
+    for (s, c) in SHAPES.iter().map(|s| (s, ComputeDtype::BF16)).chain([(&SHAPES[2], ComputeDtype::F16)]) {
+        let label = format!("{} {c:?} mlp", s.name);
+        let quantized = |rng: &mut rand::rngs::StdRng, rows: usize, cols: usize| {
+            let q = Quant4::quantize(
+                &rnd(rng, rows * cols, 0.05),
+                &QuantConfig { quant_type: QuantType::Nf4, blocksize: 64, double_quant: true, compute_dtype: c },
+            );
+            HostWeight::Quant4 { rows, cols, q, compute: c }
+        };
+        let host = [
+            quantized(&mut rng, s.ffn, s.hidden),
+            quantized(&mut rng, s.ffn, s.hidden),
+            quantized(&mut rng, s.hidden, s.ffn),
+        ];
+        let [cg, cu, cd] = host.clone().map(|w| CPU.upload_weight(w));
+        let [gg, gu, gd] = host.map(|w| gpu().upload_weight(w));
+        assert_eq!(gpu().mlp_in_16_bit([&gg, &gu, &gd], m), Some(c), "{label}: the 16-bit path is the one tested");
+        let x = rnd(&mut rng, m * s.hidden, 1.0);
+        let residual = rnd(&mut rng, m * s.hidden, 1.0);
+        let gx = gpu().upload(&x);
+        for accumulate in [false, true] {
+            let start = if accumulate { residual.clone() } else { vec![f32::NAN; m * s.hidden] };
+            let mut y1 = if accumulate { residual.clone() } else { vec![0.0; m * s.hidden] };
+            CPU.swiglu_mlp(&x, &cg, &cu, &cd, m, &mut y1, accumulate);
+            let mut y2 = gpu().upload(&start);
+            gpu().swiglu_mlp(&gx, &gg, &gu, &gd, m, &mut y2, accumulate);
+            let mut y3 = gpu().upload(&start);
+            swiglu_mlp_composed(gpu(), &gx, &gg, &gu, &gd, m, &mut y3, accumulate);
+            let y2 = gpu().download(&y2);
+            check(&format!("{label} accumulate={accumulate} vs composed"), &y2, &gpu().download(&y3), 0.0);
+            check(&format!("{label} accumulate={accumulate} vs CPU"), &y2, &y1, MIXED_TOL);
+        }
     }
 }
 

@@ -322,6 +322,23 @@ pub trait Backend {
     fn linear_swiglu(&self, x: &Self::Buf, gate: &Self::Weight, up: &Self::Weight, m: usize, out: &mut Self::Buf) {
         linear_swiglu_composed(self, x, gate, up, m, out);
     }
+    /// `out (m, hidden) (+)= (silu(x · Gᵀ) · (x · Uᵀ)) · Dᵀ`: a whole MLP without LoRA branches where
+    /// nothing needs its intermediates (a forward pass that records nothing), added into `out` with
+    /// `accumulate` (the residual). The default is [`Backend::linear_swiglu`] and the down product;
+    /// CUDA keeps the intermediates in the 4-bit products' 16-bit dtype (`Cuda::swiglu_mlp`).
+    #[allow(clippy::too_many_arguments)]
+    fn swiglu_mlp(
+        &self,
+        x: &Self::Buf,
+        gate: &Self::Weight,
+        up: &Self::Weight,
+        down: &Self::Weight,
+        m: usize,
+        out: &mut Self::Buf,
+        accumulate: bool,
+    ) {
+        swiglu_mlp_composed(self, x, gate, up, down, m, out, accumulate);
+    }
     /// `dx (m, cols) (+)= dy (m, rows) · W`.
     fn linear_backward_input(&self, dy: &Self::Buf, w: &Self::Weight, m: usize, dx: &mut Self::Buf, accumulate: bool);
     /// A targeted projection's backward: [`Backend::linear_backward_input`], then
@@ -600,6 +617,31 @@ pub fn lora_branches_into<B: Backend + ?Sized>(
         .collect();
     if !branches.is_empty() {
         be.lora_forward_many(x, &mut branches, m, r, scale);
+    }
+}
+
+/// [`Backend::swiglu_mlp`] from the backend's `linear_swiglu`, `linear` and `add_assign` (its default,
+/// and a backend's fallback).
+#[allow(clippy::too_many_arguments)]
+pub fn swiglu_mlp_composed<B: Backend + ?Sized>(
+    be: &B,
+    x: &B::Buf,
+    gate: &B::Weight,
+    up: &B::Weight,
+    down: &B::Weight,
+    m: usize,
+    out: &mut B::Buf,
+    accumulate: bool,
+) {
+    let ffn = be.weight_shape(gate).0;
+    let mut s = be.alloc_output(m * ffn);
+    be.linear_swiglu(x, gate, up, m, &mut s);
+    if accumulate {
+        let mut d = be.alloc_output(be.buf_len(out));
+        be.linear(&s, down, m, &mut d);
+        be.add_assign(out, &d);
+    } else {
+        be.linear(&s, down, m, out);
     }
 }
 

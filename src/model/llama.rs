@@ -544,6 +544,18 @@ impl<'a, B: Backend> Graph<'a, B> {
         let (x2, n2) = self.add_rmsnorm(t, x, o, NormRef::Mlp(l));
         t.done_with(x);
         t.done_with(o);
+        let mlp_has_lora = [Proj::Gate, Proj::Up, Proj::Down].into_iter().any(|p| self.lora_pair(l, p).is_some());
+        if !t.recording && !decoding && !mlp_has_lora {
+            // A pass that records nothing (a checkpointed layer's first pass, evaluation): nothing
+            // reads the MLP's intermediates, so the whole MLP is one call adding into the residual.
+            let be = self.be;
+            let [wg, wu, wd] = [Proj::Gate, Proj::Up, Proj::Down].map(|p| self.model.proj(l, p));
+            let m = be.buf_len(t.get(n2)) / be.weight_shape(wg).1;
+            let mut y = t.take(x2);
+            be.swiglu_mlp(t.get(n2), wg, wu, wd, m, &mut y, true);
+            t.done_with(n2);
+            return Hidden::Value(t.put(y));
+        }
         let s = if decoding && self.lora_pair(l, Proj::Gate).is_none() && self.lora_pair(l, Proj::Up).is_none() {
             // Nothing needs gate and up apart: the products and SwiGLU in one call.
             let be = self.be;

@@ -379,6 +379,20 @@ impl Cuda {
             if on && *compute != ComputeDtype::F32 && rows % 64 == 0 && cols % 64 == 0
                 && scale_per_32_values(*blocksize) && rows * cols < 1 << 31)
     }
+    /// The 16-bit dtype [`Backend::swiglu_mlp`] keeps its intermediates in, when it can: three 4-bit
+    /// weights computing in one 16-bit dtype, all on the second path at `m` rows (dequantize +
+    /// cuBLAS, whose outputs are rounded to that dtype anyway); not in precise mode. (Public for the
+    /// tests, which check that this path is the one they compare.)
+    pub fn mlp_in_16_bit(&self, ws: [&CudaWeight; 3], m: usize) -> Option<ComputeDtype> {
+        let c = match ws[0] {
+            CudaWeight::Quant4 { compute: c @ (ComputeDtype::BF16 | ComputeDtype::F16), .. } => *c,
+            _ => return None,
+        };
+        let second_path = |w: &CudaWeight| {
+            matches!(w, CudaWeight::Quant4 { compute, .. } if *compute == c) && !self.uses_fused_4bit(w, m)
+        };
+        (m > GEMV_MAX_M && !self.is_precise() && ws.iter().all(|w| second_path(w))).then_some(c)
+    }
     fn is_precise(&self) -> bool {
         self.precise.load(std::sync::atomic::Ordering::Relaxed)
     }
@@ -622,6 +636,8 @@ fn kernel_names(module: &str) -> &'static [&'static str] {
             "scale_f32",
             "swiglu_f32",
             "swiglu_backward_f32",
+            "swiglu_bf16",
+            "swiglu_f16",
             "f32_to_bf16",
             "add_bf16_to_f32",
             "add_f16_to_f32",
@@ -1079,6 +1095,88 @@ impl Backend for Cuda {
         drop(guards);
     }
 
+    fn swiglu_mlp(
+        &self,
+        x: &CudaSlice<f32>,
+        gate: &CudaWeight,
+        up: &CudaWeight,
+        down: &CudaWeight,
+        m: usize,
+        out: &mut CudaSlice<f32>,
+        accumulate: bool,
+    ) {
+        let Some(c) = self.mlp_in_16_bit([gate, up, down], m) else {
+            return super::swiglu_mlp_composed(self, x, gate, up, down, m, out, accumulate);
+        };
+        let _span = self.span("swiglu_mlp (16-bit intermediates)");
+        let ((ffn, hidden), (d_rows, d_cols)) = (gate.shape(), down.shape());
+        assert!(
+            x.len() == m * hidden && up.shape() == (ffn, hidden) && d_cols == ffn && out.len() == m * d_rows,
+            "swiglu_mlp: bad shapes"
+        );
+        // gate and up (m, ffn) as cuBLAS writes them in the compute dtype (the values the second
+        // path widens), SwiGLU straight from them into the down product's 16-bit input (the rounding
+        // its conversion did), and the down product widened into (or added to) out: the values of
+        // linear_swiglu + linear, without the f32 round trips of g, u and their product.
+        let x16 = self.convert(x, c).expect("16-bit compute");
+        let n = m * ffn;
+        let n64 = n as i64;
+        let product = |w: &CudaWeight, what: &str| -> Operand {
+            let (wop, _) = self.weight_operand(w);
+            let g = Gemm {
+                trans_b: true,
+                m,
+                n: ffn,
+                k: hidden,
+                a: OperandView::from(&x16),
+                lda: hidden,
+                b: wop.as_ref(),
+                ldb: hidden,
+            };
+            // SAFETY: the GEMM (beta = 0) writes all m·ffn values before anything reads them.
+            match c {
+                ComputeDtype::BF16 => {
+                    let mut o = ck!(unsafe { self.stream.alloc::<bf16>(n) }, "alloc");
+                    self.gemm(&g, blas::GemmOut::BF16(&mut o), 0.0, what);
+                    Operand::BF16(o)
+                }
+                _ => {
+                    let mut o = ck!(unsafe { self.stream.alloc::<f16>(n) }, "alloc");
+                    self.gemm(&g, blas::GemmOut::F16(&mut o), 0.0, what);
+                    Operand::F16(o)
+                }
+            }
+        };
+        let (g16, u16) = (product(gate, "MLP gate GEMM"), product(up, "MLP up GEMM"));
+        drop(x16);
+        // SAFETY: the SwiGLU kernel writes all n values before the down GEMM reads them.
+        let s16 = match (&g16, &u16) {
+            (Operand::BF16(g), Operand::BF16(u)) => {
+                let mut s = ck!(unsafe { self.stream.alloc::<bf16>(n) }, "alloc");
+                launch!(self, "swiglu_bf16", grid_for(n); g, u, &mut s, &n64);
+                Operand::BF16(s)
+            }
+            (Operand::F16(g), Operand::F16(u)) => {
+                let mut s = ck!(unsafe { self.stream.alloc::<f16>(n) }, "alloc");
+                launch!(self, "swiglu_f16", grid_for(n); g, u, &mut s, &n64);
+                Operand::F16(s)
+            }
+            _ => unreachable!("gate and up in one 16-bit dtype"),
+        };
+        drop((g16, u16));
+        let (wop, _) = self.weight_operand(down);
+        let product = Gemm {
+            trans_b: true,
+            m,
+            n: d_rows,
+            k: ffn,
+            a: OperandView::from(&s16),
+            lda: ffn,
+            b: wop.as_ref(),
+            ldb: ffn,
+        };
+        self.gemm_rounded(down, product, out, accumulate, None, "MLP down GEMM");
+    }
     fn linear_backward_input(
         &self,
         dy: &CudaSlice<f32>,
