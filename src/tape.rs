@@ -60,6 +60,16 @@ pub enum Op {
         up: Id,
         out: Id,
     },
+    /// An MLP without LoRA branches from its input `x`: the gate and up products (`gate`, `up`),
+    /// SwiGLU and the down product (`out`), whose input gradient is one backend call
+    /// ([`Backend::swiglu_mlp_backward`]).
+    Mlp {
+        x: Id,
+        layer: usize,
+        gate: Id,
+        up: Id,
+        out: Id,
+    },
     Add {
         a: Id,
         b: Id,
@@ -87,7 +97,7 @@ impl Op {
             Op::Linear { x, lora: Some((u, _)), .. } => vec![x, u],
             Op::Linear { lora: None, .. } | Op::Rope { .. } | Op::Add { .. } => vec![],
             Op::Attention { q, k, v, out, lse, .. } => vec![q, k, v, out, lse],
-            Op::SwiGlu { gate, up, .. } => vec![gate, up],
+            Op::SwiGlu { gate, up, .. } | Op::Mlp { gate, up, .. } => vec![gate, up],
             Op::Segment { input, .. } => vec![input],
             Op::LmHeadLoss { dx, .. } => vec![dx],
         }
@@ -314,6 +324,16 @@ impl<B: Backend> Tape<B> {
                         be.swiglu_backward(gv, uv, &d, &mut dg, &mut du);
                         acc(be, &mut dv, gate, dg);
                         acc(be, &mut dv, up, du);
+                    }
+                }
+                Op::Mlp { x, layer, gate, up, out } => {
+                    if let Some(d) = dv[out].take() {
+                        let [wg, wu, wd] = [Proj::Gate, Proj::Up, Proj::Down].map(|p| g.model.proj(layer, p));
+                        let (hidden, m) = (be.weight_shape(wg).1, be.buf_len(self.get(gate)) / be.weight_shape(wg).0);
+                        // Added straight into a gradient x already has, as a Linear op's would be.
+                        let (mut dx, accumulate) = grad_slot(be, &mut dv, x, m * hidden);
+                        be.swiglu_mlp_backward(&d, self.get(gate), self.get(up), wg, wu, wd, m, &mut dx, accumulate);
+                        dv[x] = Some(dx);
                     }
                 }
                 Op::Segment { layer, input, out } => {

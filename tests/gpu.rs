@@ -11,8 +11,8 @@
 use llamatune::backend::cpu::Cpu;
 use llamatune::backend::cuda::{Cuda, Fused4bit};
 use llamatune::backend::{
-    linear_many_lora_composed, swiglu_mlp_composed, AdamWStep, AttnShape, Backend, Dropout, HostWeight, LoraBranch,
-    LoraDown, LoraGrad,
+    linear_many_lora_composed, swiglu_mlp_backward_composed, swiglu_mlp_composed, AdamWStep, AttnShape, Backend,
+    Dropout, HostWeight, LoraBranch, LoraDown, LoraGrad,
 };
 use llamatune::config::{ComputeDtype, LoraConfig, ModelConfig, QuantConfig, QuantType};
 use llamatune::model::llama::{forward_backward, Batch, Checkpointing, Llama};
@@ -379,13 +379,14 @@ fn linear_many_equals_one_linear_each() {
     }
 }
 
-/// A whole MLP without LoRA in one call (`Backend::swiglu_mlp`, the pass that records nothing): on the
-/// second path (600 rows) CUDA keeps gate, up and SwiGLU's output in the compute dtype, which must give
-/// the composed ops' values bit for bit (written over `out` or added into the residual), and the
-/// CPU's within the 16-bit bound. SmolLM2, Llama-2-7B and odd shapes (ffn 333: SwiGLU's scalar
+/// A whole MLP without LoRA in one call (`Backend::swiglu_mlp`, the pass that records nothing) and its
+/// input gradient in one call (`Backend::swiglu_mlp_backward`): on the second path (600 rows) CUDA
+/// keeps the intermediates (gate, up, SwiGLU's output; their gradients) in the compute dtype, which
+/// must give the composed ops' values bit for bit (written over the output or added into it), and
+/// the CPU's within the 16-bit bound. SmolLM2, Llama-2-7B and odd shapes (ffn 333: SwiGLU's scalar
 /// tail), bf16 and f16 compute; outputs poisoned.
 #[test]
-fn mlp_with_16_bit_intermediates_equals_its_ops() {
+fn mlp_with_16_bit_intermediates_equals_its_ops_forward_and_backward() {
     let mut rng = rand::rngs::StdRng::seed_from_u64(33);
     let m = 600;
     for (s, c) in SHAPES.iter().map(|s| (s, ComputeDtype::BF16)).chain([(&SHAPES[2], ComputeDtype::F16)]) {
@@ -419,6 +420,23 @@ fn mlp_with_16_bit_intermediates_equals_its_ops() {
             let y2 = gpu().download(&y2);
             check(&format!("{label} accumulate={accumulate} vs composed"), &y2, &gpu().download(&y3), 0.0);
             check(&format!("{label} accumulate={accumulate} vs CPU"), &y2, &y1, MIXED_TOL);
+        }
+        // Backward from the down product's output gradient and the saved gate and up products.
+        let (dy, g, u) =
+            (rnd(&mut rng, m * s.hidden, 1.0), rnd(&mut rng, m * s.ffn, 2.0), rnd(&mut rng, m * s.ffn, 1.0));
+        let (gdy, gg_, gu_) = (gpu().upload(&dy), gpu().upload(&g), gpu().upload(&u));
+        let dx_before = rnd(&mut rng, m * s.hidden, 1.0);
+        for accumulate in [false, true] {
+            let start = if accumulate { dx_before.clone() } else { vec![f32::NAN; m * s.hidden] };
+            let mut d1 = if accumulate { dx_before.clone() } else { vec![0.0; m * s.hidden] };
+            CPU.swiglu_mlp_backward(&dy, &g, &u, &cg, &cu, &cd, m, &mut d1, accumulate);
+            let mut d2 = gpu().upload(&start);
+            gpu().swiglu_mlp_backward(&gdy, &gg_, &gu_, &gg, &gu, &gd, m, &mut d2, accumulate);
+            let mut d3 = gpu().upload(&start);
+            swiglu_mlp_backward_composed(gpu(), &gdy, &gg_, &gu_, &gg, &gu, &gd, m, &mut d3, accumulate);
+            let d2 = gpu().download(&d2);
+            check(&format!("{label} backward accumulate={accumulate} vs composed"), &d2, &gpu().download(&d3), 0.0);
+            check(&format!("{label} backward accumulate={accumulate} vs CPU"), &d2, &d1, MIXED_TOL);
         }
     }
 }
@@ -1130,10 +1148,13 @@ fn small_config() -> ModelConfig {
     }
 }
 
-/// Every LoRA tensor made non-zero and equal on both backends.
+/// Every LoRA tensor made non-zero and equal on both backends (all linear modules targeted).
 fn lora_pair(cfg: &ModelConfig) -> (Lora<Cpu<f32>>, Lora<Cuda>) {
-    let lcfg =
-        LoraConfig { r: 16, alpha: 32.0, dropout: 0.1, ..LoraConfig::default() }.with_targets(&["all-linear"]).unwrap();
+    lora_pair_on(cfg, &["all-linear"])
+}
+
+fn lora_pair_on(cfg: &ModelConfig, targets: &[&str]) -> (Lora<Cpu<f32>>, Lora<Cuda>) {
+    let lcfg = LoraConfig { r: 16, alpha: 32.0, dropout: 0.1, ..LoraConfig::default() }.with_targets(targets).unwrap();
     let mut c = Lora::init(&CPU, cfg, lcfg.clone(), 7);
     let mut rng = rand::rngs::StdRng::seed_from_u64(8);
     for pair in c.layers.iter_mut().flat_map(|l| l.iter_mut().flatten()) {
@@ -1148,16 +1169,20 @@ fn lora_pair(cfg: &ModelConfig) -> (Lora<Cpu<f32>>, Lora<Cuda>) {
 
 /// One QLoRA step (loss and every LoRA gradient) on the GPU against the CPU, with each checkpointing
 /// mode; vocabularies 503 (the LM head's loss composed on f32 logits) and 512 (the bf16 head's logits
-/// and dlogits in bf16, `Cuda::lm_head_cross_entropy`).
+/// and dlogits in bf16, `Cuda::lm_head_cross_entropy`); LoRA on every projection, and on q and v only
+/// over 600 tokens (MLPs without LoRA on the second path: `Backend::swiglu_mlp` and
+/// `swiglu_mlp_backward` with 16-bit intermediates).
 #[test]
 fn whole_qlora_step_matches_the_cpu() {
-    for vocab_size in [503, 512] {
+    for (vocab_size, targets, len) in
+        [(503, &["all-linear"][..], 61), (512, &["all-linear"], 61), (512, &["q_proj", "v_proj"], 200)]
+    {
         let cfg = ModelConfig { vocab_size, ..small_config() };
-        whole_qlora_step(&cfg);
+        whole_qlora_step(&cfg, targets, len);
     }
 }
 
-fn whole_qlora_step(cfg: &ModelConfig) {
+fn whole_qlora_step(cfg: &ModelConfig, targets: &[&str], len: usize) {
     let src = random_source(cfg, 9);
     let q = QuantConfig {
         quant_type: QuantType::Nf4,
@@ -1167,10 +1192,10 @@ fn whole_qlora_step(cfg: &ModelConfig) {
     };
     let cm = Llama::load(&CPU, &src, Some(q)).unwrap();
     let gm = Llama::load(gpu(), &src, Some(q)).unwrap();
-    let (cl, gl) = lora_pair(cfg);
+    let (cl, gl) = lora_pair_on(cfg, targets);
     let mut rng = rand::rngs::StdRng::seed_from_u64(10);
     let rows: Vec<Vec<u32>> =
-        (0..3).map(|_| (0..61).map(|_| rng.gen_range(0..cfg.vocab_size as u32)).collect()).collect();
+        (0..3).map(|_| (0..len).map(|_| rng.gen_range(0..cfg.vocab_size as u32)).collect()).collect();
     let batch = Batch::causal_lm(&rows);
     let scale = 1.0 / batch.num_targets() as f32;
     for ckpt in [Checkpointing::Off, Checkpointing::OnDevice, Checkpointing::Offload] {
@@ -1180,7 +1205,7 @@ fn whole_qlora_step(cfg: &ModelConfig) {
         let l2 = forward_backward(gpu(), &gm, &gl, &mut gg, &batch, scale, Some(11), ckpt);
         assert_eq!(l1.count, l2.count);
         check(
-            &format!("vocab {} step loss (checkpointing {ckpt:?})", cfg.vocab_size),
+            &format!("vocab {} {targets:?} step loss (checkpointing {ckpt:?})", cfg.vocab_size),
             &[l2.mean() as f32],
             &[l1.mean() as f32],
             MIXED_TOL,

@@ -339,6 +339,27 @@ pub trait Backend {
     ) {
         swiglu_mlp_composed(self, x, gate, up, down, m, out, accumulate);
     }
+    /// The input gradient of an MLP without LoRA branches (what [`Backend::swiglu_mlp`] computes,
+    /// recorded as one op): from the down product's output gradient `dy (m, hidden)` and the saved
+    /// gate and up products `g`, `u` `(m, ffn)`, `dx (m, hidden) (+)=` the gate and up products' input
+    /// gradients (up's first, as the tape would walk them). The default runs
+    /// [`Backend::linear_backward_input`] and [`Backend::swiglu_backward`]; CUDA keeps the
+    /// intermediate gradients in the products' 16-bit dtype (`Cuda::swiglu_mlp_backward`).
+    #[allow(clippy::too_many_arguments)]
+    fn swiglu_mlp_backward(
+        &self,
+        dy: &Self::Buf,
+        g: &Self::Buf,
+        u: &Self::Buf,
+        gate: &Self::Weight,
+        up: &Self::Weight,
+        down: &Self::Weight,
+        m: usize,
+        dx: &mut Self::Buf,
+        accumulate: bool,
+    ) {
+        swiglu_mlp_backward_composed(self, dy, g, u, gate, up, down, m, dx, accumulate);
+    }
     /// `dx (m, cols) (+)= dy (m, rows) · W`.
     fn linear_backward_input(&self, dy: &Self::Buf, w: &Self::Weight, m: usize, dx: &mut Self::Buf, accumulate: bool);
     /// A targeted projection's backward: [`Backend::linear_backward_input`], then
@@ -643,6 +664,31 @@ pub fn swiglu_mlp_composed<B: Backend + ?Sized>(
     } else {
         be.linear(&s, down, m, out);
     }
+}
+
+/// [`Backend::swiglu_mlp_backward`] from the backend's `linear_backward_input` and `swiglu_backward`
+/// (its default, and a backend's fallback).
+#[allow(clippy::too_many_arguments)]
+pub fn swiglu_mlp_backward_composed<B: Backend + ?Sized>(
+    be: &B,
+    dy: &B::Buf,
+    g: &B::Buf,
+    u: &B::Buf,
+    gate: &B::Weight,
+    up: &B::Weight,
+    down: &B::Weight,
+    m: usize,
+    dx: &mut B::Buf,
+    accumulate: bool,
+) {
+    let ffn = be.weight_shape(gate).0;
+    let mut ds = be.alloc_output(m * ffn);
+    be.linear_backward_input(dy, down, m, &mut ds, false);
+    let (mut dg, mut du) = (be.alloc_output(m * ffn), be.alloc_output(m * ffn));
+    be.swiglu_backward(g, u, &ds, &mut dg, &mut du);
+    drop(ds);
+    be.linear_backward_input(&du, up, m, dx, accumulate);
+    be.linear_backward_input(&dg, gate, m, dx, true);
 }
 
 /// [`Backend::linear_swiglu`] from the backend's `linear_many` and `swiglu` (its default, and a

@@ -545,16 +545,40 @@ impl<'a, B: Backend> Graph<'a, B> {
         t.done_with(x);
         t.done_with(o);
         let mlp_has_lora = [Proj::Gate, Proj::Up, Proj::Down].into_iter().any(|p| self.lora_pair(l, p).is_some());
-        if !t.recording && !decoding && !mlp_has_lora {
-            // A pass that records nothing (a checkpointed layer's first pass, evaluation): nothing
-            // reads the MLP's intermediates, so the whole MLP is one call adding into the residual.
+        if !decoding && !mlp_has_lora {
             let be = self.be;
             let [wg, wu, wd] = [Proj::Gate, Proj::Up, Proj::Down].map(|p| self.model.proj(l, p));
             let m = be.buf_len(t.get(n2)) / be.weight_shape(wg).1;
-            let mut y = t.take(x2);
-            be.swiglu_mlp(t.get(n2), wg, wu, wd, m, &mut y, true);
+            if !t.recording {
+                // A pass that records nothing (a checkpointed layer's first pass, evaluation): nothing
+                // reads the MLP's intermediates, so the whole MLP is one call adding into the residual.
+                let mut y = t.take(x2);
+                be.swiglu_mlp(t.get(n2), wg, wu, wd, m, &mut y, true);
+                t.done_with(n2);
+                return Hidden::Value(t.put(y));
+            }
+            // Recorded as one op that saves the gate and up products: its backward is one call
+            // (Backend::swiglu_mlp_backward). A replay leaves SwiGLU and the down product uncomputed.
+            let ffn = be.weight_shape(wg).0;
+            let (mut gv, mut uv) = (be.alloc_output(m * ffn), be.alloc_output(m * ffn));
+            be.linear_many(t.get(n2), &[wg, wu], m, &mut [&mut gv, &mut uv]);
             t.done_with(n2);
-            return Hidden::Value(t.put(y));
+            let dv = (pass == Pass::Full).then(|| {
+                let mut s = be.alloc_output(m * ffn);
+                be.swiglu(&gv, &uv, &mut s);
+                let mut d = be.alloc_output(be.buf_len(t.get(x2)));
+                be.linear(&s, wd, m, &mut d);
+                d
+            });
+            let (gate, up) = (t.put(gv), t.put(uv));
+            let d = match dv {
+                Some(d) => t.put(d),
+                None => t.put_uncomputed(),
+            };
+            t.record(Op::Mlp { x: n2, layer: l, gate, up, out: d });
+            t.done_with(gate);
+            t.done_with(up);
+            return self.residual_out(t, x2, d, pass);
         }
         let s = if decoding && self.lora_pair(l, Proj::Gate).is_none() && self.lora_pair(l, Proj::Up).is_none() {
             // Nothing needs gate and up apart: the products and SwiGLU in one call.
@@ -580,20 +604,28 @@ impl<'a, B: Backend> Graph<'a, B> {
             t.done_with(up);
             s
         };
-        if pass == Pass::Replay {
-            let d = self.linear_output_uncomputed(t, s, l, Proj::Down);
-            t.done_with(s);
-            let y = t.put_uncomputed();
-            t.record(Op::Add { a: x2, b: d, out: y });
-            t.done_with(x2);
-            return Hidden::Value(y);
-        }
-        let d = self.linear(t, s, l, Proj::Down);
+        let d = if pass == Pass::Replay {
+            self.linear_output_uncomputed(t, s, l, Proj::Down)
+        } else {
+            self.linear(t, s, l, Proj::Down)
+        };
         t.done_with(s);
         if decoding {
             return Hidden::Sum(x2, d);
         }
-        let y = self.add(t, x2, d);
+        self.residual_out(t, x2, d, pass)
+    }
+
+    /// The layer's output `x2 + d` (the MLP's residual add); a replay records it uncomputed (the
+    /// layer's output is the next checkpoint already).
+    fn residual_out(&self, t: &mut Tape<B>, x2: Id, d: Id, pass: Pass) -> Hidden {
+        let y = if pass == Pass::Replay {
+            let y = t.put_uncomputed();
+            t.record(Op::Add { a: x2, b: d, out: y });
+            y
+        } else {
+            self.add(t, x2, d)
+        };
         t.done_with(x2);
         t.done_with(d);
         Hidden::Value(y)

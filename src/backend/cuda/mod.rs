@@ -638,6 +638,8 @@ fn kernel_names(module: &str) -> &'static [&'static str] {
             "swiglu_backward_f32",
             "swiglu_bf16",
             "swiglu_f16",
+            "swiglu_backward_bf16",
+            "swiglu_backward_f16",
             "f32_to_bf16",
             "add_bf16_to_f32",
             "add_f16_to_f32",
@@ -1176,6 +1178,96 @@ impl Backend for Cuda {
             ldb: ffn,
         };
         self.gemm_rounded(down, product, out, accumulate, None, "MLP down GEMM");
+    }
+    fn swiglu_mlp_backward(
+        &self,
+        dy: &CudaSlice<f32>,
+        g: &CudaSlice<f32>,
+        u: &CudaSlice<f32>,
+        gate: &CudaWeight,
+        up: &CudaWeight,
+        down: &CudaWeight,
+        m: usize,
+        dx: &mut CudaSlice<f32>,
+        accumulate: bool,
+    ) {
+        let Some(c) = self.mlp_in_16_bit([gate, up, down], m) else {
+            return super::swiglu_mlp_backward_composed(self, dy, g, u, gate, up, down, m, dx, accumulate);
+        };
+        let _span = self.span("swiglu_mlp_backward (16-bit intermediates)");
+        let ((ffn, hidden), (d_rows, d_cols)) = (gate.shape(), down.shape());
+        let n = m * ffn;
+        assert!(
+            up.shape() == (ffn, hidden) && d_cols == ffn && dy.len() == m * d_rows && g.len() == n && u.len() == n,
+            "swiglu_mlp_backward: bad shapes"
+        );
+        assert!(dx.len() == m * hidden, "swiglu_mlp_backward: bad shapes");
+        // The down product's input gradient as cuBLAS writes it in the compute dtype (the values the
+        // second path widens), SwiGLU's backward from it into the gate and up gradients in that dtype
+        // (the rounding their GEMMs' conversions did), and those GEMMs widened into dx: the values of
+        // the composed ops without the f32 round trips of the three gradients.
+        let ds16 = {
+            let (wop, _) = self.weight_operand(down);
+            let dy16 = self.convert(dy, c).expect("16-bit compute");
+            let product = Gemm {
+                trans_b: false,
+                m,
+                n: ffn,
+                k: d_rows,
+                a: OperandView::from(&dy16),
+                lda: d_rows,
+                b: wop.as_ref(),
+                ldb: ffn,
+            };
+            // SAFETY: the GEMM (beta = 0) writes all m·ffn values before anything reads them.
+            match c {
+                ComputeDtype::BF16 => {
+                    let mut o = ck!(unsafe { self.stream.alloc::<bf16>(n) }, "alloc");
+                    self.gemm(&product, blas::GemmOut::BF16(&mut o), 0.0, "MLP down backward GEMM");
+                    Operand::BF16(o)
+                }
+                _ => {
+                    let mut o = ck!(unsafe { self.stream.alloc::<f16>(n) }, "alloc");
+                    self.gemm(&product, blas::GemmOut::F16(&mut o), 0.0, "MLP down backward GEMM");
+                    Operand::F16(o)
+                }
+            }
+        };
+        let n64 = n as i64;
+        // SAFETY: the kernel writes all n values of both gradients before the GEMMs read them.
+        let (dg16, du16) = match &ds16 {
+            Operand::BF16(ds) => {
+                let mut dg = ck!(unsafe { self.stream.alloc::<bf16>(n) }, "alloc");
+                let mut du = ck!(unsafe { self.stream.alloc::<bf16>(n) }, "alloc");
+                launch!(self, "swiglu_backward_bf16", grid_for(n); g, u, ds, &mut dg, &mut du, &n64);
+                (Operand::BF16(dg), Operand::BF16(du))
+            }
+            Operand::F16(ds) => {
+                let mut dg = ck!(unsafe { self.stream.alloc::<f16>(n) }, "alloc");
+                let mut du = ck!(unsafe { self.stream.alloc::<f16>(n) }, "alloc");
+                launch!(self, "swiglu_backward_f16", grid_for(n); g, u, ds, &mut dg, &mut du, &n64);
+                (Operand::F16(dg), Operand::F16(du))
+            }
+            Operand::F32(_) => unreachable!("16-bit compute"),
+        };
+        drop(ds16);
+        // dx (m, hidden) (+)= du (m, ffn) · U (ffn, hidden), then += dg · G: up first, as the tape did.
+        for (w, d16, acc, what) in
+            [(up, &du16, accumulate, "MLP up backward GEMM"), (gate, &dg16, true, "MLP gate backward GEMM")]
+        {
+            let (wop, _) = self.weight_operand(w);
+            let product = Gemm {
+                trans_b: false,
+                m,
+                n: hidden,
+                k: ffn,
+                a: OperandView::from(d16),
+                lda: ffn,
+                b: wop.as_ref(),
+                ldb: hidden,
+            };
+            self.gemm_rounded(w, product, dx, acc, None, what);
+        }
     }
     fn linear_backward_input(
         &self,
