@@ -30,7 +30,7 @@ extern "C" __global__ void swiglu_f32(const float* g, const float* u, float* out
         [&](int64_t i) { out[i] = swiglu1(g[i], u[i]); });
 }
 // The same from and into 16-bit values (an MLP's gate and up products as cuBLAS writes them, and
-// the down product's input as its GEMM reads it: Cuda::swiglu_mlp): the f32 kernel on the widened
+// the down product's input as its GEMM reads it: Cuda::mlp_down): the f32 kernel on the widened
 // values with its output rounded to nearest even, as the down product's conversion rounded it.
 template <typename T>
 __device__ __forceinline__ void swiglu_16(const T* g, const T* u, T* out, int64_t n) {
@@ -64,13 +64,13 @@ extern "C" __global__ void swiglu_backward_f32(const float* g, const float* u, c
             du[i] = r.y;
         });
 }
-// swiglu_backward_f32 with the output's gradient d read in a 16-bit dtype (the down product's input
-// gradient as cuBLAS writes it) and dg, du written in it (rounded to nearest even, as the gate and
-// up products' conversions rounded them): Cuda::swiglu_mlp_backward.
+// swiglu_backward_f32 on 16-bit values: the gate and up products and the output's gradient as cuBLAS
+// wrote them (Cuda::mlp_backward), dg and du written in that dtype (rounded to nearest even, as the
+// gate and up products' input-gradient GEMMs' conversions rounded them).
 template <typename T>
-__device__ __forceinline__ void swiglu_backward_16(const float* g, const float* u, const T* dout, T* dg, T* du, int64_t n) {
+__device__ __forceinline__ void swiglu_backward_16(const T* g, const T* u, const T* dout, T* dg, T* du, int64_t n) {
     for_each4(
-        n, aligned_to(g, 16) && aligned_to(u, 16) && aligned_to(dout, 8) && aligned_to(dg, 8) && aligned_to(du, 8),
+        n, aligned_to(g, 8) && aligned_to(u, 8) && aligned_to(dout, 8) && aligned_to(dg, 8) && aligned_to(du, 8),
         [&](int64_t q) {
             const float4 x = load4(g + 4 * q), v = load4(u + 4 * q), d = load4(dout + 4 * q);
             const float2 a = swiglu_grad1(x.x, v.x, d.x), b = swiglu_grad1(x.y, v.y, d.y), c = swiglu_grad1(x.z, v.z, d.z), e = swiglu_grad1(x.w, v.w, d.w);
@@ -78,15 +78,15 @@ __device__ __forceinline__ void swiglu_backward_16(const float* g, const float* 
             store4(du + 4 * q, make_float4(a.y, b.y, c.y, e.y));
         },
         [&](int64_t i) {
-            const float2 r = swiglu_grad1(g[i], u[i], load1(dout + i));
+            const float2 r = swiglu_grad1(load1(g + i), load1(u + i), load1(dout + i));
             store1(dg + i, r.x);
             store1(du + i, r.y);
         });
 }
-extern "C" __global__ void swiglu_backward_bf16(const float* g, const float* u, const __nv_bfloat16* dout, __nv_bfloat16* dg, __nv_bfloat16* du, int64_t n) {
+extern "C" __global__ void swiglu_backward_bf16(const __nv_bfloat16* g, const __nv_bfloat16* u, const __nv_bfloat16* dout, __nv_bfloat16* dg, __nv_bfloat16* du, int64_t n) {
     swiglu_backward_16(g, u, dout, dg, du, n);
 }
-extern "C" __global__ void swiglu_backward_f16(const float* g, const float* u, const __half* dout, __half* dg, __half* du, int64_t n) {
+extern "C" __global__ void swiglu_backward_f16(const __half* g, const __half* u, const __half* dout, __half* dg, __half* du, int64_t n) {
     swiglu_backward_16(g, u, dout, dg, du, n);
 }
 extern "C" __global__ void f32_to_bf16(const float* x, __nv_bfloat16* out, int64_t n) {

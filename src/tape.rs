@@ -16,6 +16,8 @@ use crate::model::lora::{LoraGrads, Proj};
 
 /// Index of a value held by a [`Tape`].
 pub type Id = usize;
+/// Index of an MLP's saved gate and up products ([`Backend::MlpActs`]) held by a [`Tape`].
+pub type MlpId = usize;
 
 /// Which frozen norm weight an [`Op::RmsNorm`] used.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -60,14 +62,13 @@ pub enum Op {
         up: Id,
         out: Id,
     },
-    /// An MLP without LoRA branches from its input `x`: the gate and up products (`gate`, `up`),
-    /// SwiGLU and the down product (`out`), whose input gradient is one backend call
-    /// ([`Backend::swiglu_mlp_backward`]).
+    /// An MLP without LoRA branches from its input `x` to the down product `out`; its gate and up
+    /// products are held apart ([`Tape::put_mlp_acts`], in the backend's own form) and its input
+    /// gradient is one backend call ([`Backend::mlp_backward`]).
     Mlp {
         x: Id,
         layer: usize,
-        gate: Id,
-        up: Id,
+        acts: MlpId,
         out: Id,
     },
     Add {
@@ -95,9 +96,9 @@ impl Op {
             Op::RmsNorm { x, rstd, .. } => vec![x, rstd],
             // The frozen product's input gradient needs only dy; the LoRA branch also reads x and u.
             Op::Linear { x, lora: Some((u, _)), .. } => vec![x, u],
-            Op::Linear { lora: None, .. } | Op::Rope { .. } | Op::Add { .. } => vec![],
+            Op::Linear { lora: None, .. } | Op::Rope { .. } | Op::Add { .. } | Op::Mlp { .. } => vec![],
             Op::Attention { q, k, v, out, lse, .. } => vec![q, k, v, out, lse],
-            Op::SwiGlu { gate, up, .. } | Op::Mlp { gate, up, .. } => vec![gate, up],
+            Op::SwiGlu { gate, up, .. } => vec![gate, up],
             Op::Segment { input, .. } => vec![input],
             Op::LmHeadLoss { dx, .. } => vec![dx],
         }
@@ -113,11 +114,20 @@ pub struct Tape<B: Backend> {
     /// Values moved off the device until backward needs them (offloaded checkpoints).
     parked: std::collections::HashMap<Id, B::Offloaded>,
     ops: Vec<Op>,
+    /// The saved products of recorded [`Op::Mlp`]s, each dropped once its backward has run.
+    mlp_acts: Vec<Option<B::MlpActs>>,
 }
 
 impl<B: Backend> Tape<B> {
     pub fn new(recording: bool) -> Self {
-        Tape { recording, vals: Vec::new(), saved: Vec::new(), parked: Default::default(), ops: Vec::new() }
+        Tape {
+            recording,
+            vals: Vec::new(),
+            saved: Vec::new(),
+            parked: Default::default(),
+            ops: Vec::new(),
+            mlp_acts: Vec::new(),
+        }
     }
     /// Stores a value and returns its id.
     pub fn put(&mut self, v: B::Buf) -> Id {
@@ -128,6 +138,11 @@ impl<B: Backend> Tape<B> {
     /// An id for a value that is recorded but never computed: backward's replay of a checkpointed
     /// layer gives one to an output no backward reads (see [`Graph::layer_replay`]). Reading it
     /// panics like reading a released value.
+    /// Keeps an MLP's gate and up products for the [`Op::Mlp`] that will read them in backward.
+    pub fn put_mlp_acts(&mut self, acts: B::MlpActs) -> MlpId {
+        self.mlp_acts.push(Some(acts));
+        self.mlp_acts.len() - 1
+    }
     pub fn put_uncomputed(&mut self) -> Id {
         self.vals.push(None);
         self.saved.push(false);
@@ -158,9 +173,11 @@ impl<B: Backend> Tape<B> {
             None => self.take(id),
         }
     }
-    /// Elements held by the tape's live values on the device (what the memory tests count).
+    /// Elements held by the tape's live values on the device, the MLPs' saved products included
+    /// (what the memory tests count).
     pub fn live_elements(&self, be: &B) -> usize {
-        self.vals.iter().flatten().map(|v| be.buf_len(v)).sum()
+        self.vals.iter().flatten().map(|v| be.buf_len(v)).sum::<usize>()
+            + self.mlp_acts.iter().flatten().map(|a| be.mlp_acts_len(a)).sum::<usize>()
     }
     pub fn get(&self, id: Id) -> &B::Buf {
         self.vals[id].as_ref().expect("tape value was already released")
@@ -326,13 +343,17 @@ impl<B: Backend> Tape<B> {
                         acc(be, &mut dv, up, du);
                     }
                 }
-                Op::Mlp { x, layer, gate, up, out } => {
+                Op::Mlp { x, layer, acts, out } => {
+                    // Its only reader: the products go with this op's backward.
+                    let acts = self.mlp_acts[acts].take().expect("an MLP's products are read once");
                     if let Some(d) = dv[out].take() {
                         let [wg, wu, wd] = [Proj::Gate, Proj::Up, Proj::Down].map(|p| g.model.proj(layer, p));
-                        let (hidden, m) = (be.weight_shape(wg).1, be.buf_len(self.get(gate)) / be.weight_shape(wg).0);
+                        // down is (hidden, ffn): d and dx are (m, hidden).
+                        let hidden = be.weight_shape(wd).0;
+                        let m = be.buf_len(&d) / hidden;
                         // Added straight into a gradient x already has, as a Linear op's would be.
                         let (mut dx, accumulate) = grad_slot(be, &mut dv, x, m * hidden);
-                        be.swiglu_mlp_backward(&d, self.get(gate), self.get(up), wg, wu, wd, m, &mut dx, accumulate);
+                        be.mlp_backward(&d, &acts, wg, wu, wd, m, &mut dx, accumulate);
                         dv[x] = Some(dx);
                     }
                 }

@@ -9,10 +9,10 @@
 #![cfg(feature = "cuda")]
 
 use llamatune::backend::cpu::Cpu;
-use llamatune::backend::cuda::{Cuda, Fused4bit};
+use llamatune::backend::cuda::{Cuda, Fused4bit, MlpActs};
 use llamatune::backend::{
-    linear_many_lora_composed, swiglu_mlp_backward_composed, swiglu_mlp_composed, AdamWStep, AttnShape, Backend,
-    Dropout, HostWeight, LoraBranch, LoraDown, LoraGrad,
+    linear_many_lora_composed, mlp_gate_up_composed, AdamWStep, AttnShape, Backend, Dropout, HostWeight, LoraBranch,
+    LoraDown, LoraGrad,
 };
 use llamatune::config::{ComputeDtype, LoraConfig, ModelConfig, QuantConfig, QuantType};
 use llamatune::model::llama::{forward_backward, Batch, Checkpointing, Llama};
@@ -379,12 +379,12 @@ fn linear_many_equals_one_linear_each() {
     }
 }
 
-/// A whole MLP without LoRA in one call (`Backend::swiglu_mlp`, the pass that records nothing) and its
-/// input gradient in one call (`Backend::swiglu_mlp_backward`): on the second path (600 rows) CUDA
-/// keeps the intermediates (gate, up, SwiGLU's output; their gradients) in the compute dtype, which
-/// must give the composed ops' values bit for bit (written over the output or added into it), and
-/// the CPU's within the 16-bit bound. SmolLM2, Llama-2-7B and odd shapes (ffn 333: SwiGLU's scalar
-/// tail), bf16 and f16 compute; outputs poisoned.
+/// An MLP without LoRA (`Backend::mlp_gate_up`, `mlp_down`, `mlp_backward`): on the second path
+/// (600 rows) CUDA keeps the gate and up products, SwiGLU's output and the gradients between the
+/// products in the compute dtype, which must give the composed ops' values on f32 products bit for
+/// bit (the down product written over its output or added into it; the input gradient written or
+/// added), and the CPU's within the 16-bit bound. SmolLM2, Llama-2-7B and odd shapes (ffn 333: the
+/// SwiGLU kernels' scalar tail), bf16 and f16 compute; outputs poisoned.
 #[test]
 fn mlp_with_16_bit_intermediates_equals_its_ops_forward_and_backward() {
     let mut rng = rand::rngs::StdRng::seed_from_u64(33);
@@ -405,35 +405,38 @@ fn mlp_with_16_bit_intermediates_equals_its_ops_forward_and_backward() {
         ];
         let [cg, cu, cd] = host.clone().map(|w| CPU.upload_weight(w));
         let [gg, gu, gd] = host.map(|w| gpu().upload_weight(w));
-        assert_eq!(gpu().mlp_in_16_bit([&gg, &gu, &gd], m), Some(c), "{label}: the 16-bit path is the one tested");
         let x = rnd(&mut rng, m * s.hidden, 1.0);
-        let residual = rnd(&mut rng, m * s.hidden, 1.0);
         let gx = gpu().upload(&x);
+        let acts16 = gpu().mlp_gate_up(&gx, &gg, &gu, &gd, m);
+        assert!(matches!(acts16, MlpActs::Half { .. }), "{label}: the 16-bit path is the one tested");
+        let (g32, u32) = mlp_gate_up_composed(gpu(), &gx, &gg, &gu, m);
+        let acts32 = MlpActs::F32 { g: g32, u: u32 };
+        let cpu_acts = CPU.mlp_gate_up(&x, &cg, &cu, &cd, m);
+        let residual = rnd(&mut rng, m * s.hidden, 1.0);
         for accumulate in [false, true] {
             let start = if accumulate { residual.clone() } else { vec![f32::NAN; m * s.hidden] };
             let mut y1 = if accumulate { residual.clone() } else { vec![0.0; m * s.hidden] };
-            CPU.swiglu_mlp(&x, &cg, &cu, &cd, m, &mut y1, accumulate);
+            CPU.mlp_down(&cpu_acts, &cd, m, &mut y1, accumulate);
             let mut y2 = gpu().upload(&start);
-            gpu().swiglu_mlp(&gx, &gg, &gu, &gd, m, &mut y2, accumulate);
+            gpu().mlp_down(&acts16, &gd, m, &mut y2, accumulate);
             let mut y3 = gpu().upload(&start);
-            swiglu_mlp_composed(gpu(), &gx, &gg, &gu, &gd, m, &mut y3, accumulate);
+            gpu().mlp_down(&acts32, &gd, m, &mut y3, accumulate);
             let y2 = gpu().download(&y2);
             check(&format!("{label} accumulate={accumulate} vs composed"), &y2, &gpu().download(&y3), 0.0);
             check(&format!("{label} accumulate={accumulate} vs CPU"), &y2, &y1, MIXED_TOL);
         }
-        // Backward from the down product's output gradient and the saved gate and up products.
-        let (dy, g, u) =
-            (rnd(&mut rng, m * s.hidden, 1.0), rnd(&mut rng, m * s.ffn, 2.0), rnd(&mut rng, m * s.ffn, 1.0));
-        let (gdy, gg_, gu_) = (gpu().upload(&dy), gpu().upload(&g), gpu().upload(&u));
+        // Backward from the down product's output gradient and the saved products.
+        let dy = rnd(&mut rng, m * s.hidden, 1.0);
+        let gdy = gpu().upload(&dy);
         let dx_before = rnd(&mut rng, m * s.hidden, 1.0);
         for accumulate in [false, true] {
             let start = if accumulate { dx_before.clone() } else { vec![f32::NAN; m * s.hidden] };
             let mut d1 = if accumulate { dx_before.clone() } else { vec![0.0; m * s.hidden] };
-            CPU.swiglu_mlp_backward(&dy, &g, &u, &cg, &cu, &cd, m, &mut d1, accumulate);
+            CPU.mlp_backward(&dy, &cpu_acts, &cg, &cu, &cd, m, &mut d1, accumulate);
             let mut d2 = gpu().upload(&start);
-            gpu().swiglu_mlp_backward(&gdy, &gg_, &gu_, &gg, &gu, &gd, m, &mut d2, accumulate);
+            gpu().mlp_backward(&gdy, &acts16, &gg, &gu, &gd, m, &mut d2, accumulate);
             let mut d3 = gpu().upload(&start);
-            swiglu_mlp_backward_composed(gpu(), &gdy, &gg_, &gu_, &gg, &gu, &gd, m, &mut d3, accumulate);
+            gpu().mlp_backward(&gdy, &acts32, &gg, &gu, &gd, m, &mut d3, accumulate);
             let d2 = gpu().download(&d2);
             check(&format!("{label} backward accumulate={accumulate} vs composed"), &d2, &gpu().download(&d3), 0.0);
             check(&format!("{label} backward accumulate={accumulate} vs CPU"), &d2, &d1, MIXED_TOL);
@@ -1170,8 +1173,8 @@ fn lora_pair_on(cfg: &ModelConfig, targets: &[&str]) -> (Lora<Cpu<f32>>, Lora<Cu
 /// One QLoRA step (loss and every LoRA gradient) on the GPU against the CPU, with each checkpointing
 /// mode; vocabularies 503 (the LM head's loss composed on f32 logits) and 512 (the bf16 head's logits
 /// and dlogits in bf16, `Cuda::lm_head_cross_entropy`); LoRA on every projection, and on q and v only
-/// over 600 tokens (MLPs without LoRA on the second path: `Backend::swiglu_mlp` and
-/// `swiglu_mlp_backward` with 16-bit intermediates).
+/// over 600 tokens (MLPs without LoRA on the second path: `Backend::mlp_gate_up`, `mlp_down` and
+/// `mlp_backward` with 16-bit intermediates).
 #[test]
 fn whole_qlora_step_matches_the_cpu() {
     for (vocab_size, targets, len) in

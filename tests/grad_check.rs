@@ -314,7 +314,7 @@ fn whole_model_lora_gradients_tied() {
 }
 
 /// LoRA on q and v only (the classic recipe): each MLP has no branch, so it is one op on the tape
-/// whose backward is one call (`Backend::swiglu_mlp_backward`), which the earlier layers' gradients
+/// whose backward is one call (`Backend::mlp_backward`), which the earlier layers' gradients
 /// flow through.
 #[test]
 fn whole_model_lora_gradients_attention_only() {

@@ -2,7 +2,10 @@
 //! or f64 (the oracle for finite-difference gradient checks). Matrix products go through
 //! `matrixmultiply`; everything else is a readable loop. GPU kernels are compared with this file.
 
-use super::{adam_value, AdamWStep, AttnShape, Backend, Dropout, HostWeight};
+use super::{
+    adam_value, mlp_backward_composed, mlp_down_composed, mlp_gate_up_composed, AdamWStep, AttnShape, Backend, Dropout,
+    HostWeight,
+};
 use crate::config::ComputeDtype;
 use crate::quant::Quant4;
 use num_traits::Float;
@@ -139,6 +142,8 @@ impl<T: Real> Backend for Cpu<T> {
     /// The CPU runs ops as they come; nothing is recorded.
     type Recording = ();
     type Offloaded = Vec<T>;
+    /// The gate and up products as they are.
+    type MlpActs = (Vec<T>, Vec<T>);
 
     fn name(&self) -> String {
         format!("cpu ({})", std::any::type_name::<T>())
@@ -519,6 +524,35 @@ impl<T: Real> Backend for Cpu<T> {
         for ((o, g), u) in out.iter_mut().zip(gate).zip(up) {
             *o = silu(*g) * *u;
         }
+    }
+    fn mlp_gate_up(
+        &self,
+        x: &Vec<T>,
+        gate: &CpuWeight<T>,
+        up: &CpuWeight<T>,
+        _: &CpuWeight<T>,
+        m: usize,
+    ) -> Self::MlpActs {
+        mlp_gate_up_composed(self, x, gate, up, m)
+    }
+    fn mlp_acts_len(&self, (g, u): &Self::MlpActs) -> usize {
+        g.len() + u.len()
+    }
+    fn mlp_down(&self, (g, u): &Self::MlpActs, down: &CpuWeight<T>, m: usize, out: &mut Vec<T>, accumulate: bool) {
+        mlp_down_composed(self, (g, u), down, m, out, accumulate);
+    }
+    fn mlp_backward(
+        &self,
+        dy: &Vec<T>,
+        (g, u): &Self::MlpActs,
+        gate: &CpuWeight<T>,
+        up: &CpuWeight<T>,
+        down: &CpuWeight<T>,
+        m: usize,
+        dx: &mut Vec<T>,
+        accumulate: bool,
+    ) {
+        mlp_backward_composed(self, dy, (g, u), gate, up, down, m, dx, accumulate);
     }
     fn swiglu_backward(&self, gate: &Vec<T>, up: &Vec<T>, dout: &Vec<T>, dgate: &mut Vec<T>, dup: &mut Vec<T>) {
         for i in 0..gate.len() {

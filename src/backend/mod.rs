@@ -187,6 +187,10 @@ pub trait Backend {
     /// A buffer parked off the device until backward needs it ([`Backend::offload`]): pinned host
     /// memory on CUDA; the CPU backend keeps the buffer as it is.
     type Offloaded;
+    /// An MLP's gate and up products kept from its forward for its backward ([`Backend::mlp_gate_up`]):
+    /// two f32 buffers on the CPU; on CUDA, where the 4-bit products' second path runs, their 16-bit
+    /// compute dtype as cuBLAS writes them (no f32 copy: half the memory and traffic).
+    type MlpActs;
 
     fn name(&self) -> String;
     /// Whether activations can run in fp16/bf16 (transformers' `--fp16`/`--bf16`).
@@ -322,44 +326,37 @@ pub trait Backend {
     fn linear_swiglu(&self, x: &Self::Buf, gate: &Self::Weight, up: &Self::Weight, m: usize, out: &mut Self::Buf) {
         linear_swiglu_composed(self, x, gate, up, m, out);
     }
-    /// `out (m, hidden) (+)= (silu(x · Gᵀ) · (x · Uᵀ)) · Dᵀ`: a whole MLP without LoRA branches where
-    /// nothing needs its intermediates (a forward pass that records nothing), added into `out` with
-    /// `accumulate` (the residual). The default is [`Backend::linear_swiglu`] and the down product;
-    /// CUDA keeps the intermediates in the 4-bit products' 16-bit dtype (`Cuda::swiglu_mlp`).
-    #[allow(clippy::too_many_arguments)]
-    fn swiglu_mlp(
+    /// The gate and up products `x · Gᵀ`, `x · Uᵀ` `(m, ffn)` of an MLP without LoRA branches from
+    /// its input `x (m, hidden)`, for [`Backend::mlp_down`] and [`Backend::mlp_backward`] (`down`
+    /// given too: a backend may keep them in a 16-bit dtype only where all three products allow it).
+    fn mlp_gate_up(
         &self,
         x: &Self::Buf,
         gate: &Self::Weight,
         up: &Self::Weight,
         down: &Self::Weight,
         m: usize,
-        out: &mut Self::Buf,
-        accumulate: bool,
-    ) {
-        swiglu_mlp_composed(self, x, gate, up, down, m, out, accumulate);
-    }
-    /// The input gradient of an MLP without LoRA branches (what [`Backend::swiglu_mlp`] computes,
-    /// recorded as one op): from the down product's output gradient `dy (m, hidden)` and the saved
-    /// gate and up products `g`, `u` `(m, ffn)`, `dx (m, hidden) (+)=` the gate and up products' input
-    /// gradients (up's first, as the tape would walk them). The default runs
-    /// [`Backend::linear_backward_input`] and [`Backend::swiglu_backward`]; CUDA keeps the
-    /// intermediate gradients in the products' 16-bit dtype (`Cuda::swiglu_mlp_backward`).
+    ) -> Self::MlpActs;
+    /// Elements (of either dtype) an MLP's saved products hold: `2 · m · ffn`.
+    fn mlp_acts_len(&self, acts: &Self::MlpActs) -> usize;
+    /// `out (m, hidden) (+)= (silu(g) · u) · Dᵀ` from an MLP's gate and up products `acts`, written
+    /// over `out` or added into it (`accumulate`: the residual).
+    fn mlp_down(&self, acts: &Self::MlpActs, down: &Self::Weight, m: usize, out: &mut Self::Buf, accumulate: bool);
+    /// The input gradient of an MLP without LoRA branches (recorded as one op): from the down
+    /// product's output gradient `dy (m, hidden)` and the saved products `acts`, `dx (m, hidden) (+)=`
+    /// the up and then the gate product's input gradients (the order the tape walks them).
     #[allow(clippy::too_many_arguments)]
-    fn swiglu_mlp_backward(
+    fn mlp_backward(
         &self,
         dy: &Self::Buf,
-        g: &Self::Buf,
-        u: &Self::Buf,
+        acts: &Self::MlpActs,
         gate: &Self::Weight,
         up: &Self::Weight,
         down: &Self::Weight,
         m: usize,
         dx: &mut Self::Buf,
         accumulate: bool,
-    ) {
-        swiglu_mlp_backward_composed(self, dy, g, u, gate, up, down, m, dx, accumulate);
-    }
+    );
     /// `dx (m, cols) (+)= dy (m, rows) · W`.
     fn linear_backward_input(&self, dy: &Self::Buf, w: &Self::Weight, m: usize, dx: &mut Self::Buf, accumulate: bool);
     /// A targeted projection's backward: [`Backend::linear_backward_input`], then
@@ -641,22 +638,32 @@ pub fn lora_branches_into<B: Backend + ?Sized>(
     }
 }
 
-/// [`Backend::swiglu_mlp`] from the backend's `linear_swiglu`, `linear` and `add_assign` (its default,
-/// and a backend's fallback).
-#[allow(clippy::too_many_arguments)]
-pub fn swiglu_mlp_composed<B: Backend + ?Sized>(
+/// [`Backend::mlp_gate_up`] as f32 buffers: `linear_many` (the CPU's, and a backend's fallback).
+pub fn mlp_gate_up_composed<B: Backend + ?Sized>(
     be: &B,
     x: &B::Buf,
     gate: &B::Weight,
     up: &B::Weight,
+    m: usize,
+) -> (B::Buf, B::Buf) {
+    let ffn = be.weight_shape(gate).0;
+    let (mut g, mut u) = (be.alloc_output(m * ffn), be.alloc_output(m * ffn));
+    be.linear_many(x, &[gate, up], m, &mut [&mut g, &mut u]);
+    (g, u)
+}
+
+/// [`Backend::mlp_down`] from f32 products: `swiglu`, `linear` and `add_assign` (the CPU's, and a
+/// backend's fallback).
+pub fn mlp_down_composed<B: Backend + ?Sized>(
+    be: &B,
+    (g, u): (&B::Buf, &B::Buf),
     down: &B::Weight,
     m: usize,
     out: &mut B::Buf,
     accumulate: bool,
 ) {
-    let ffn = be.weight_shape(gate).0;
-    let mut s = be.alloc_output(m * ffn);
-    be.linear_swiglu(x, gate, up, m, &mut s);
+    let mut s = be.alloc_output(be.buf_len(g));
+    be.swiglu(g, u, &mut s);
     if accumulate {
         let mut d = be.alloc_output(be.buf_len(out));
         be.linear(&s, down, m, &mut d);
@@ -666,14 +673,13 @@ pub fn swiglu_mlp_composed<B: Backend + ?Sized>(
     }
 }
 
-/// [`Backend::swiglu_mlp_backward`] from the backend's `linear_backward_input` and `swiglu_backward`
-/// (its default, and a backend's fallback).
+/// [`Backend::mlp_backward`] from f32 products: `linear_backward_input` and `swiglu_backward` (the
+/// CPU's, and a backend's fallback).
 #[allow(clippy::too_many_arguments)]
-pub fn swiglu_mlp_backward_composed<B: Backend + ?Sized>(
+pub fn mlp_backward_composed<B: Backend + ?Sized>(
     be: &B,
     dy: &B::Buf,
-    g: &B::Buf,
-    u: &B::Buf,
+    (g, u): (&B::Buf, &B::Buf),
     gate: &B::Weight,
     up: &B::Weight,
     down: &B::Weight,

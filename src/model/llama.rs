@@ -546,38 +546,31 @@ impl<'a, B: Backend> Graph<'a, B> {
         t.done_with(o);
         let mlp_has_lora = [Proj::Gate, Proj::Up, Proj::Down].into_iter().any(|p| self.lora_pair(l, p).is_some());
         if !decoding && !mlp_has_lora {
+            // The gate and up products (kept in their 16-bit dtype where the backend can), then SwiGLU
+            // and the down product from them. A pass that records nothing (a checkpointed layer's first
+            // pass, evaluation) adds the MLP's output straight into the residual; a recorded one saves
+            // the products in one op whose backward is one call (Backend::mlp_backward), and a replay
+            // leaves SwiGLU and the down product uncomputed.
             let be = self.be;
             let [wg, wu, wd] = [Proj::Gate, Proj::Up, Proj::Down].map(|p| self.model.proj(l, p));
             let m = be.buf_len(t.get(n2)) / be.weight_shape(wg).1;
+            let acts = be.mlp_gate_up(t.get(n2), wg, wu, wd, m);
+            t.done_with(n2);
             if !t.recording {
-                // A pass that records nothing (a checkpointed layer's first pass, evaluation): nothing
-                // reads the MLP's intermediates, so the whole MLP is one call adding into the residual.
                 let mut y = t.take(x2);
-                be.swiglu_mlp(t.get(n2), wg, wu, wd, m, &mut y, true);
-                t.done_with(n2);
+                be.mlp_down(&acts, wd, m, &mut y, true);
                 return Hidden::Value(t.put(y));
             }
-            // Recorded as one op that saves the gate and up products: its backward is one call
-            // (Backend::swiglu_mlp_backward). A replay leaves SwiGLU and the down product uncomputed.
-            let ffn = be.weight_shape(wg).0;
-            let (mut gv, mut uv) = (be.alloc_output(m * ffn), be.alloc_output(m * ffn));
-            be.linear_many(t.get(n2), &[wg, wu], m, &mut [&mut gv, &mut uv]);
-            t.done_with(n2);
-            let dv = (pass == Pass::Full).then(|| {
-                let mut s = be.alloc_output(m * ffn);
-                be.swiglu(&gv, &uv, &mut s);
-                let mut d = be.alloc_output(be.buf_len(t.get(x2)));
-                be.linear(&s, wd, m, &mut d);
-                d
-            });
-            let (gate, up) = (t.put(gv), t.put(uv));
-            let d = match dv {
-                Some(d) => t.put(d),
-                None => t.put_uncomputed(),
+            let d = match pass {
+                Pass::Full => {
+                    let mut d = be.alloc_output(be.buf_len(t.get(x2)));
+                    be.mlp_down(&acts, wd, m, &mut d, false);
+                    t.put(d)
+                }
+                Pass::Replay => t.put_uncomputed(),
             };
-            t.record(Op::Mlp { x: n2, layer: l, gate, up, out: d });
-            t.done_with(gate);
-            t.done_with(up);
+            let acts = t.put_mlp_acts(acts);
+            t.record(Op::Mlp { x: n2, layer: l, acts, out: d });
             return self.residual_out(t, x2, d, pass);
         }
         let s = if decoding && self.lora_pair(l, Proj::Gate).is_none() && self.lora_pair(l, Proj::Up).is_none() {

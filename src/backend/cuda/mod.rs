@@ -379,11 +379,10 @@ impl Cuda {
             if on && *compute != ComputeDtype::F32 && rows % 64 == 0 && cols % 64 == 0
                 && scale_per_32_values(*blocksize) && rows * cols < 1 << 31)
     }
-    /// The 16-bit dtype [`Backend::swiglu_mlp`] keeps its intermediates in, when it can: three 4-bit
+    /// The 16-bit dtype [`Backend::mlp_gate_up`] keeps an MLP's products in, when it can: three 4-bit
     /// weights computing in one 16-bit dtype, all on the second path at `m` rows (dequantize +
-    /// cuBLAS, whose outputs are rounded to that dtype anyway); not in precise mode. (Public for the
-    /// tests, which check that this path is the one they compare.)
-    pub fn mlp_in_16_bit(&self, ws: [&CudaWeight; 3], m: usize) -> Option<ComputeDtype> {
+    /// cuBLAS, whose outputs are rounded to that dtype anyway); not in precise mode.
+    fn mlp_in_16_bit(&self, ws: [&CudaWeight; 3], m: usize) -> Option<ComputeDtype> {
         let c = match ws[0] {
             CudaWeight::Quant4 { compute: c @ (ComputeDtype::BF16 | ComputeDtype::F16), .. } => *c,
             _ => return None,
@@ -508,6 +507,25 @@ impl Cuda {
         ck!(r, what);
     }
 
+    /// `a · op(b)` written by cuBLAS in the 16-bit dtype `c` (rounded as it writes), as a new operand.
+    fn gemm_16(&self, g: &Gemm<'_>, c: ComputeDtype, what: &str) -> Operand {
+        let n = g.m * g.n;
+        // SAFETY: the GEMM (beta = 0) writes all m·n values before anything reads them.
+        match c {
+            ComputeDtype::BF16 => {
+                let mut o = ck!(unsafe { self.stream.alloc::<bf16>(n) }, "alloc");
+                self.gemm(g, blas::GemmOut::BF16(&mut o), 0.0, what);
+                Operand::BF16(o)
+            }
+            ComputeDtype::F16 => {
+                let mut o = ck!(unsafe { self.stream.alloc::<f16>(n) }, "alloc");
+                self.gemm(g, blas::GemmOut::F16(&mut o), 0.0, what);
+                Operand::F16(o)
+            }
+            ComputeDtype::F32 => unreachable!("a 16-bit output"),
+        }
+    }
+
     /// `out (=|+=) a · op(b)` for a frozen weight `w`'s product. A 4-bit weight's product is rounded to
     /// its 16-bit compute dtype, as bitsandbytes' 16-bit matmul output is, before it lands in (or is
     /// added to) the f32 `out`: cuBLAS writes it in that dtype (rounding as it writes, where a separate
@@ -617,6 +635,25 @@ pub enum Operand {
     F32(CudaSlice<f32>),
     F16(CudaSlice<f16>),
     BF16(CudaSlice<bf16>),
+}
+
+/// An MLP's gate and up products `(m, ffn)` kept for its backward ([`Backend::mlp_gate_up`]).
+pub enum MlpActs {
+    /// Widened into f32, as every other product is (the composed ops).
+    F32 { g: CudaSlice<f32>, u: CudaSlice<f32> },
+    /// In the weights' 16-bit compute dtype as cuBLAS writes them, where all three products take the
+    /// second path ([`Cuda::mlp_in_16_bit`]): the same values in half the memory, no widening pass.
+    Half { g: Operand, u: Operand },
+}
+
+impl Operand {
+    fn len(&self) -> usize {
+        match self {
+            Operand::F32(x) => x.len(),
+            Operand::F16(x) => x.len(),
+            Operand::BF16(x) => x.len(),
+        }
+    }
 }
 
 pub enum OperandRef<'a> {
@@ -739,6 +776,7 @@ impl Backend for Cuda {
     type HostBuf = PinnedHostSlice<f32>;
     type Recording = cudarc::driver::CudaGraph;
     type Offloaded = Offloaded;
+    type MlpActs = MlpActs;
 
     fn name(&self) -> String {
         format!("cuda:{} ({})", self.ordinal, self.device_name)
@@ -1097,33 +1135,25 @@ impl Backend for Cuda {
         drop(guards);
     }
 
-    fn swiglu_mlp(
+    fn mlp_gate_up(
         &self,
         x: &CudaSlice<f32>,
         gate: &CudaWeight,
         up: &CudaWeight,
         down: &CudaWeight,
         m: usize,
-        out: &mut CudaSlice<f32>,
-        accumulate: bool,
-    ) {
+    ) -> MlpActs {
         let Some(c) = self.mlp_in_16_bit([gate, up, down], m) else {
-            return super::swiglu_mlp_composed(self, x, gate, up, down, m, out, accumulate);
+            let (g, u) = super::mlp_gate_up_composed(self, x, gate, up, m);
+            return MlpActs::F32 { g, u };
         };
-        let _span = self.span("swiglu_mlp (16-bit intermediates)");
-        let ((ffn, hidden), (d_rows, d_cols)) = (gate.shape(), down.shape());
-        assert!(
-            x.len() == m * hidden && up.shape() == (ffn, hidden) && d_cols == ffn && out.len() == m * d_rows,
-            "swiglu_mlp: bad shapes"
-        );
-        // gate and up (m, ffn) as cuBLAS writes them in the compute dtype (the values the second
-        // path widens), SwiGLU straight from them into the down product's 16-bit input (the rounding
-        // its conversion did), and the down product widened into (or added to) out: the values of
-        // linear_swiglu + linear, without the f32 round trips of g, u and their product.
+        let _span = self.span("MLP gate and up (16-bit outputs)");
+        let (ffn, hidden) = gate.shape();
+        assert!(x.len() == m * hidden && up.shape() == (ffn, hidden), "mlp_gate_up: bad shapes");
+        // x converted once for both products, which stay in the compute dtype as cuBLAS writes them
+        // (the values the other path widens into f32).
         let x16 = self.convert(x, c).expect("16-bit compute");
-        let n = m * ffn;
-        let n64 = n as i64;
-        let product = |w: &CudaWeight, what: &str| -> Operand {
+        let product = |w: &CudaWeight, what: &str| {
             let (wop, _) = self.weight_operand(w);
             let g = Gemm {
                 trans_b: true,
@@ -1135,24 +1165,31 @@ impl Backend for Cuda {
                 b: wop.as_ref(),
                 ldb: hidden,
             };
-            // SAFETY: the GEMM (beta = 0) writes all m·ffn values before anything reads them.
-            match c {
-                ComputeDtype::BF16 => {
-                    let mut o = ck!(unsafe { self.stream.alloc::<bf16>(n) }, "alloc");
-                    self.gemm(&g, blas::GemmOut::BF16(&mut o), 0.0, what);
-                    Operand::BF16(o)
-                }
-                _ => {
-                    let mut o = ck!(unsafe { self.stream.alloc::<f16>(n) }, "alloc");
-                    self.gemm(&g, blas::GemmOut::F16(&mut o), 0.0, what);
-                    Operand::F16(o)
-                }
-            }
+            self.gemm_16(&g, c, what)
         };
-        let (g16, u16) = (product(gate, "MLP gate GEMM"), product(up, "MLP up GEMM"));
-        drop(x16);
-        // SAFETY: the SwiGLU kernel writes all n values before the down GEMM reads them.
-        let s16 = match (&g16, &u16) {
+        MlpActs::Half { g: product(gate, "MLP gate GEMM"), u: product(up, "MLP up GEMM") }
+    }
+    fn mlp_acts_len(&self, acts: &MlpActs) -> usize {
+        match acts {
+            MlpActs::F32 { g, u } => g.len() + u.len(),
+            MlpActs::Half { g, u } => g.len() + u.len(),
+        }
+    }
+    fn mlp_down(&self, acts: &MlpActs, down: &CudaWeight, m: usize, out: &mut CudaSlice<f32>, accumulate: bool) {
+        let (g, u) = match acts {
+            MlpActs::F32 { g, u } => return super::mlp_down_composed(self, (g, u), down, m, out, accumulate),
+            MlpActs::Half { g, u } => (g, u),
+        };
+        let _span = self.span("MLP SwiGLU and down (16-bit input)");
+        let (d_rows, ffn) = down.shape();
+        let n = m * ffn;
+        assert!(g.len() == n && u.len() == n && out.len() == m * d_rows, "mlp_down: bad shapes");
+        // SwiGLU straight from the 16-bit products into the down product's 16-bit input (the rounding
+        // its conversion did), and the product widened into (or added to) out: linear_many + swiglu +
+        // linear's values without the f32 round trips.
+        let n64 = n as i64;
+        // SAFETY: the kernel writes all n values before the GEMM reads them.
+        let s16 = match (g, u) {
             (Operand::BF16(g), Operand::BF16(u)) => {
                 let mut s = ck!(unsafe { self.stream.alloc::<bf16>(n) }, "alloc");
                 launch!(self, "swiglu_bf16", grid_for(n); g, u, &mut s, &n64);
@@ -1165,7 +1202,6 @@ impl Backend for Cuda {
             }
             _ => unreachable!("gate and up in one 16-bit dtype"),
         };
-        drop((g16, u16));
         let (wop, _) = self.weight_operand(down);
         let product = Gemm {
             trans_b: true,
@@ -1179,11 +1215,10 @@ impl Backend for Cuda {
         };
         self.gemm_rounded(down, product, out, accumulate, None, "MLP down GEMM");
     }
-    fn swiglu_mlp_backward(
+    fn mlp_backward(
         &self,
         dy: &CudaSlice<f32>,
-        g: &CudaSlice<f32>,
-        u: &CudaSlice<f32>,
+        acts: &MlpActs,
         gate: &CudaWeight,
         up: &CudaWeight,
         down: &CudaWeight,
@@ -1191,21 +1226,21 @@ impl Backend for Cuda {
         dx: &mut CudaSlice<f32>,
         accumulate: bool,
     ) {
-        let Some(c) = self.mlp_in_16_bit([gate, up, down], m) else {
-            return super::swiglu_mlp_backward_composed(self, dy, g, u, gate, up, down, m, dx, accumulate);
+        let (g, u) = match acts {
+            MlpActs::F32 { g, u } => {
+                return super::mlp_backward_composed(self, dy, (g, u), gate, up, down, m, dx, accumulate);
+            }
+            MlpActs::Half { g, u } => (g, u),
         };
-        let _span = self.span("swiglu_mlp_backward (16-bit intermediates)");
-        let ((ffn, hidden), (d_rows, d_cols)) = (gate.shape(), down.shape());
+        let _span = self.span("MLP backward (16-bit intermediates)");
+        let ((ffn, hidden), (d_rows, _)) = (gate.shape(), down.shape());
         let n = m * ffn;
-        assert!(
-            up.shape() == (ffn, hidden) && d_cols == ffn && dy.len() == m * d_rows && g.len() == n && u.len() == n,
-            "swiglu_mlp_backward: bad shapes"
-        );
-        assert!(dx.len() == m * hidden, "swiglu_mlp_backward: bad shapes");
+        assert!(dy.len() == m * d_rows && dx.len() == m * hidden && g.len() == n, "mlp_backward: bad shapes");
         // The down product's input gradient as cuBLAS writes it in the compute dtype (the values the
-        // second path widens), SwiGLU's backward from it into the gate and up gradients in that dtype
-        // (the rounding their GEMMs' conversions did), and those GEMMs widened into dx: the values of
-        // the composed ops without the f32 round trips of the three gradients.
+        // other path widens), SwiGLU's backward from it and the 16-bit products into the gate and up
+        // gradients in that dtype (the rounding their GEMMs' conversions did), and those GEMMs widened
+        // into dx: the composed ops' values without the f32 round trips.
+        let c = if matches!(g, Operand::F16(_)) { ComputeDtype::F16 } else { ComputeDtype::BF16 };
         let ds16 = {
             let (wop, _) = self.weight_operand(down);
             let dy16 = self.convert(dy, c).expect("16-bit compute");
@@ -1219,36 +1254,24 @@ impl Backend for Cuda {
                 b: wop.as_ref(),
                 ldb: ffn,
             };
-            // SAFETY: the GEMM (beta = 0) writes all m·ffn values before anything reads them.
-            match c {
-                ComputeDtype::BF16 => {
-                    let mut o = ck!(unsafe { self.stream.alloc::<bf16>(n) }, "alloc");
-                    self.gemm(&product, blas::GemmOut::BF16(&mut o), 0.0, "MLP down backward GEMM");
-                    Operand::BF16(o)
-                }
-                _ => {
-                    let mut o = ck!(unsafe { self.stream.alloc::<f16>(n) }, "alloc");
-                    self.gemm(&product, blas::GemmOut::F16(&mut o), 0.0, "MLP down backward GEMM");
-                    Operand::F16(o)
-                }
-            }
+            self.gemm_16(&product, c, "MLP down backward GEMM")
         };
         let n64 = n as i64;
         // SAFETY: the kernel writes all n values of both gradients before the GEMMs read them.
-        let (dg16, du16) = match &ds16 {
-            Operand::BF16(ds) => {
+        let (dg16, du16) = match (g, u, &ds16) {
+            (Operand::BF16(g), Operand::BF16(u), Operand::BF16(ds)) => {
                 let mut dg = ck!(unsafe { self.stream.alloc::<bf16>(n) }, "alloc");
                 let mut du = ck!(unsafe { self.stream.alloc::<bf16>(n) }, "alloc");
                 launch!(self, "swiglu_backward_bf16", grid_for(n); g, u, ds, &mut dg, &mut du, &n64);
                 (Operand::BF16(dg), Operand::BF16(du))
             }
-            Operand::F16(ds) => {
+            (Operand::F16(g), Operand::F16(u), Operand::F16(ds)) => {
                 let mut dg = ck!(unsafe { self.stream.alloc::<f16>(n) }, "alloc");
                 let mut du = ck!(unsafe { self.stream.alloc::<f16>(n) }, "alloc");
                 launch!(self, "swiglu_backward_f16", grid_for(n); g, u, ds, &mut dg, &mut du, &n64);
                 (Operand::F16(dg), Operand::F16(du))
             }
-            Operand::F32(_) => unreachable!("16-bit compute"),
+            _ => unreachable!("one 16-bit dtype"),
         };
         drop(ds16);
         // dx (m, hidden) (+)= du (m, ffn) · U (ffn, hidden), then += dg · G: up first, as the tape did.
