@@ -135,14 +135,14 @@ impl<B: Backend> Tape<B> {
         self.saved.push(false);
         self.vals.len() - 1
     }
-    /// An id for a value that is recorded but never computed: backward's replay of a checkpointed
-    /// layer gives one to an output no backward reads (see [`Graph::layer_replay`]). Reading it
-    /// panics like reading a released value.
     /// Keeps an MLP's gate and up products for the [`Op::Mlp`] that will read them in backward.
     pub fn put_mlp_acts(&mut self, acts: B::MlpActs) -> MlpId {
         self.mlp_acts.push(Some(acts));
         self.mlp_acts.len() - 1
     }
+    /// An id for a value that is recorded but never computed: backward's replay of a checkpointed
+    /// layer gives one to an output no backward reads (see [`Graph::layer_replay`]). Reading it
+    /// panics like reading a released value.
     pub fn put_uncomputed(&mut self) -> Id {
         self.vals.push(None);
         self.saved.push(false);

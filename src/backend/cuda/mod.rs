@@ -1671,13 +1671,10 @@ impl Backend for Cuda {
         // conversion). With or without a backward pass, so that a batch's evaluation loss is its
         // training loss. Otherwise (4-bit or precise heads, vocabularies the streaming kernels do not
         // take): the composed ops on f32 logits.
-        let sixteen_bit = match head {
-            CudaWeight::Dense { data, .. } if !self.is_precise() => Some(data),
-            _ => None,
-        };
-        let (Some(data), Some(_)) = (sixteen_bit, self.xent_stream_index(vocab, true)) else {
+        let sixteen_bit = matches!(head, CudaWeight::Dense { .. }) && !self.is_precise();
+        if !sixteen_bit || self.xent_stream_index(vocab, true).is_none() {
             return super::lm_head_cross_entropy_composed(self, x, head, targets, scale, dx);
-        };
+        }
         let _span = self.span("lm_head_cross_entropy");
         assert!(x.len() == m * hidden, "lm_head_cross_entropy: bad shapes");
         assert!(dx.as_ref().is_none_or(|dx| dx.len() == m * hidden), "lm_head_cross_entropy: bad shapes");
@@ -1694,23 +1691,21 @@ impl Backend for Cuda {
             b: wop.as_ref(),
             ldb: hidden,
         };
-        // SAFETY: the GEMM (beta = 0) writes every logit, and the loss kernel every gradient value,
-        // before anything reads them.
-        let (result, dlogits) = match data {
-            DenseData::BF16(_) => {
-                let mut l16 = ck!(unsafe { self.stream.alloc::<bf16>(m * vocab) }, "alloc");
-                self.gemm(&logits, blas::GemmOut::BF16(&mut l16), 0.0, "LM head GEMM");
-                let mut d = ck!(unsafe { self.stream.alloc::<bf16>(m * vocab) }, "alloc");
-                (self.xent(XentIo::BF16(&l16, &mut d), targets, vocab, scale), Operand::BF16(d))
-            }
-            DenseData::F16(_) => {
-                let mut l16 = ck!(unsafe { self.stream.alloc::<f16>(m * vocab) }, "alloc");
-                self.gemm(&logits, blas::GemmOut::F16(&mut l16), 0.0, "LM head GEMM");
-                let mut d = ck!(unsafe { self.stream.alloc::<f16>(m * vocab) }, "alloc");
-                (self.xent(XentIo::F16(&l16, &mut d), targets, vocab, scale), Operand::F16(d))
-            }
-        };
+        let logits = self.gemm_16(&logits, c, "LM head GEMM");
         drop(x16);
+        // SAFETY: the loss kernel writes every gradient value before anything reads it.
+        let (result, dlogits) = match &logits {
+            Operand::BF16(l16) => {
+                let mut d = ck!(unsafe { self.stream.alloc::<bf16>(m * vocab) }, "alloc");
+                (self.xent(XentIo::BF16(l16, &mut d), targets, vocab, scale), Operand::BF16(d))
+            }
+            Operand::F16(l16) => {
+                let mut d = ck!(unsafe { self.stream.alloc::<f16>(m * vocab) }, "alloc");
+                (self.xent(XentIo::F16(l16, &mut d), targets, vocab, scale), Operand::F16(d))
+            }
+            Operand::F32(_) => unreachable!("a 16-bit head"),
+        };
+        drop(logits);
         if let Some(dx) = dx {
             // dx (m, hidden) = dlogits (m, vocab) · W (vocab, hidden)
             let product = Gemm {
