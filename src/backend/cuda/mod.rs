@@ -630,6 +630,17 @@ struct Gemm<'a> {
     ldb: usize,
 }
 
+impl<'a> Gemm<'a> {
+    /// A forward product `x (m, k) · Wᵀ` of a weight `W (n, k)`.
+    fn forward(m: usize, n: usize, k: usize, x: OperandView<'a>, w: OperandView<'a>) -> Self {
+        Gemm { trans_b: true, m, n, k, a: x, lda: k, b: w, ldb: k }
+    }
+    /// An input gradient `dy (m, k) · W` of a weight `W (k, n)`.
+    fn input_grad(m: usize, n: usize, k: usize, dy: OperandView<'a>, w: OperandView<'a>) -> Self {
+        Gemm { trans_b: false, m, n, k, a: dy, lda: k, b: w, ldb: n }
+    }
+}
+
 /// A GEMM operand in one of the three compute dtypes.
 pub enum Operand {
     F32(CudaSlice<f32>),
@@ -1155,16 +1166,7 @@ impl Backend for Cuda {
         let x16 = self.convert(x, c).expect("16-bit compute");
         let product = |w: &CudaWeight, what: &str| {
             let (wop, _) = self.weight_operand(w);
-            let g = Gemm {
-                trans_b: true,
-                m,
-                n: ffn,
-                k: hidden,
-                a: OperandView::from(&x16),
-                lda: hidden,
-                b: wop.as_ref(),
-                ldb: hidden,
-            };
+            let g = Gemm::forward(m, ffn, hidden, OperandView::from(&x16), wop.as_ref());
             self.gemm_16(&g, c, what)
         };
         MlpActs::Half { g: product(gate, "MLP gate GEMM"), u: product(up, "MLP up GEMM") }
@@ -1203,16 +1205,7 @@ impl Backend for Cuda {
             _ => unreachable!("gate and up in one 16-bit dtype"),
         };
         let (wop, _) = self.weight_operand(down);
-        let product = Gemm {
-            trans_b: true,
-            m,
-            n: d_rows,
-            k: ffn,
-            a: OperandView::from(&s16),
-            lda: ffn,
-            b: wop.as_ref(),
-            ldb: ffn,
-        };
+        let product = Gemm::forward(m, d_rows, ffn, OperandView::from(&s16), wop.as_ref());
         self.gemm_rounded(down, product, out, accumulate, None, "MLP down GEMM");
     }
     fn mlp_backward(
@@ -1244,16 +1237,7 @@ impl Backend for Cuda {
         let ds16 = {
             let (wop, _) = self.weight_operand(down);
             let dy16 = self.convert(dy, c).expect("16-bit compute");
-            let product = Gemm {
-                trans_b: false,
-                m,
-                n: ffn,
-                k: d_rows,
-                a: OperandView::from(&dy16),
-                lda: d_rows,
-                b: wop.as_ref(),
-                ldb: ffn,
-            };
+            let product = Gemm::input_grad(m, ffn, d_rows, OperandView::from(&dy16), wop.as_ref());
             self.gemm_16(&product, c, "MLP down backward GEMM")
         };
         let n64 = n as i64;
@@ -1279,16 +1263,7 @@ impl Backend for Cuda {
             [(up, &du16, accumulate, "MLP up backward GEMM"), (gate, &dg16, true, "MLP gate backward GEMM")]
         {
             let (wop, _) = self.weight_operand(w);
-            let product = Gemm {
-                trans_b: false,
-                m,
-                n: hidden,
-                k: ffn,
-                a: OperandView::from(d16),
-                lda: ffn,
-                b: wop.as_ref(),
-                ldb: hidden,
-            };
+            let product = Gemm::input_grad(m, hidden, ffn, OperandView::from(d16), wop.as_ref());
             self.gemm_rounded(w, product, dx, acc, None, what);
         }
     }
@@ -1681,16 +1656,7 @@ impl Backend for Cuda {
         let (wop, c) = self.weight_operand(head);
         let x16 = self.convert(x, c).expect("a 16-bit head takes 16-bit activations");
         // logits (m, vocab) = x (m, hidden) · Wᵀ, in the head's dtype
-        let logits = Gemm {
-            trans_b: true,
-            m,
-            n: vocab,
-            k: hidden,
-            a: OperandView::from(&x16),
-            lda: hidden,
-            b: wop.as_ref(),
-            ldb: hidden,
-        };
+        let logits = Gemm::forward(m, vocab, hidden, OperandView::from(&x16), wop.as_ref());
         let logits = self.gemm_16(&logits, c, "LM head GEMM");
         drop(x16);
         // SAFETY: the loss kernel writes every gradient value before anything reads it.
@@ -1708,16 +1674,7 @@ impl Backend for Cuda {
         drop(logits);
         if let Some(dx) = dx {
             // dx (m, hidden) = dlogits (m, vocab) · W (vocab, hidden)
-            let product = Gemm {
-                trans_b: false,
-                m,
-                n: hidden,
-                k: vocab,
-                a: OperandView::from(&dlogits),
-                lda: vocab,
-                b: wop.as_ref(),
-                ldb: hidden,
-            };
+            let product = Gemm::input_grad(m, hidden, vocab, OperandView::from(&dlogits), wop.as_ref());
             self.gemm_rounded(head, product, dx, false, None, "LM head backward GEMM");
         }
         result
@@ -2371,7 +2328,7 @@ impl Cuda {
         let (wop, c) = self.weight_operand(w);
         let dyc = self.convert(dy, c);
         let dyop = dyc.as_ref().map_or(OperandView::F32(dy), OperandView::from);
-        let product = Gemm { trans_b: false, m, n: cols, k: rows, a: dyop, lda: rows, b: wop.as_ref(), ldb: cols };
+        let product = Gemm::input_grad(m, cols, rows, dyop, wop.as_ref());
         self.gemm_rounded(w, product, dx, accumulate, up, "linear backward GEMM");
     }
 
@@ -2472,7 +2429,7 @@ impl Cuda {
             };
             let xop = converted[j].1.as_ref().map_or(OperandView::F32(x), OperandView::from);
             // out (m, rows) = x (m, cols) · Wᵀ [+ scale · (drop(x) · Aᵀ) · Bᵀ]
-            let product = Gemm { trans_b: true, m, n: rows, k: cols, a: xop, lda: cols, b: wop.as_ref(), ldb: cols };
+            let product = Gemm::forward(m, rows, cols, xop, wop.as_ref());
             let up = branch.map(|l| {
                 self.lora_a_product(x, l.a, m, r, l.dropout, l.u);
                 UpTail { u: &*l.u, w: l.b, w_is_rn: false, r, alpha: scale, dropout: Dropout::NONE }
