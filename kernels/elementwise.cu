@@ -149,7 +149,8 @@ extern "C" __global__ void embedding_backward_f32(const uint32_t* ids, const flo
         atomicAdd(&dtable[(int64_t)ids[r] * dim + c], dout[i]);
     }
 }
-// Σ x² added into *acc (f64): one atomic add per block, launched with few blocks (Cuda::sum_squares_all).
+// Σ x² added into *acc (f64): one atomic add per block, launched with few blocks (Cuda::sum_squares;
+// sum_squares_all takes every tensor in one launch: adamw.cu sum_squares_many_f32).
 // An atomic per warp on the one address serialized: ~3.7M of them for an all-linear 7B adapter's 448
 // gradients took ~9 ms per step on the H200.
 extern "C" __global__ void sum_squares_f32(const float* x, double* acc, int64_t n) {

@@ -119,11 +119,7 @@ impl<B: Backend> AdamW<B> {
             grad_scale,
         };
         match &mut self.state {
-            OptimState::Device { m, v } => {
-                for (((p, g), m), v) in lora.params_mut().into_iter().zip(grads.bufs()).zip(m).zip(v) {
-                    be.adamw(p, g, m, v, &hp);
-                }
-            }
+            OptimState::Device { m, v } => be.adamw_all(lora.params_mut(), grads.bufs(), m, v, &hp),
             OptimState::Paged { m, v, chunk } => {
                 for (((p, g), m), v) in lora.params_mut().into_iter().zip(grads.bufs()).zip(m).zip(v) {
                     be.adamw_paged(p, g, m, v, &hp, *chunk);

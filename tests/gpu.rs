@@ -1091,12 +1091,40 @@ fn adamw_and_reductions() {
     check("adamw v", &gpu().download(&v2), &v1, F32_TOL);
     let gg = gpu().upload(&g);
     check("sum of squares", &[gpu().sum_squares(&gg) as f32], &[CPU.sum_squares(&g) as f32], F32_TOL);
-    // Tensors of a few values (one block), of a LoRA A's 64 × 4096 and of ~1M (grid-strided blocks).
+    // Tensors of a few values (one block), of a LoRA A's 64 × 4096 and of ~1M (many chunks), in one launch.
     let (tiny, lora_a) = (rnd(&mut rng, 37, 1.0), rnd(&mut rng, 64 * 4096, 0.1));
     let (pp, mm, tt, aa) = (gpu().upload(&p), gpu().upload(&m), gpu().upload(&tiny), gpu().upload(&lora_a));
     let all = gpu().sum_squares_all(&[&gg, &pp, &mm, &tt, &aa]);
     let want = [&g, &p, &m, &tiny, &lora_a].iter().map(|t| CPU.sum_squares(t)).sum::<f64>();
     check("sum of squares over five tensors", &[all as f32], &[want as f32], F32_TOL);
+    // Every tensor in one launch (adamw_all) against one adamw each, bit for bit: sizes of one value,
+    // of a chunk and one past it (16,384), a LoRA A's, ~1M and 37, in that order.
+    let sizes = [1, 16384, 16385, 64 * 4096, n, 37];
+    let tensors: Vec<[Vec<f32>; 4]> = sizes
+        .iter()
+        .map(|&k| {
+            let v: Vec<f32> = rnd(&mut rng, k, 0.01).iter().map(|x| x.abs()).collect();
+            [rnd(&mut rng, k, 1.0), rnd(&mut rng, k, 1.0), rnd(&mut rng, k, 0.1), v]
+        })
+        .collect();
+    let up = |i: usize| tensors.iter().map(|t| gpu().upload(&t[i])).collect::<Vec<_>>();
+    let grads = up(1);
+    let (mut ps, mut ms, mut vs) = (up(0), up(2), up(3));
+    gpu().adamw_all(ps.iter_mut().collect(), grads.iter().collect(), &mut ms, &mut vs, &hp);
+    let (mut ps1, mut ms1, mut vs1) = (up(0), up(2), up(3));
+    for i in 0..sizes.len() {
+        gpu().adamw(&mut ps1[i], &grads[i], &mut ms1[i], &mut vs1[i], &hp);
+    }
+    for i in 0..sizes.len() {
+        for (what, a, b) in [("param", &ps, &ps1), ("m", &ms, &ms1), ("v", &vs, &vs1)] {
+            check(
+                &format!("adamw_all {what} of {} values", sizes[i]),
+                &gpu().download(&a[i]),
+                &gpu().download(&b[i]),
+                0.0,
+            );
+        }
+    }
     assert!(!gpu().has_non_finite(&gg));
     let mut bad = g.clone();
     bad[n - 1] = f32::INFINITY;

@@ -506,6 +506,20 @@ pub trait Backend {
     // ---- optimizer -------------------------------------------------------------------------------
     /// One 32-bit AdamW update of `param` with state `m`, `v`.
     fn adamw(&self, param: &mut Self::Buf, grad: &Self::Buf, m: &mut Self::Buf, v: &mut Self::Buf, hp: &AdamWStep);
+    /// [`Backend::adamw`] of every tensor of an adapter (`params[i]` with `grads[i]`, `m[i]`, `v[i]`);
+    /// a backend may do them in one launch (CUDA: `adamw_many_f32`, the same arithmetic).
+    fn adamw_all(
+        &self,
+        params: Vec<&mut Self::Buf>,
+        grads: Vec<&Self::Buf>,
+        m: &mut [Self::Buf],
+        v: &mut [Self::Buf],
+        hp: &AdamWStep,
+    ) {
+        for (((p, g), m), v) in params.into_iter().zip(grads).zip(m).zip(v) {
+            self.adamw(p, g, m, v, hp);
+        }
+    }
     /// The same update with `m` and `v` in host memory, passed through the device `chunk` values at a
     /// time (a paged optimizer: its state costs no device memory beyond two chunks).
     fn adamw_paged(

@@ -675,7 +675,7 @@ pub enum OperandRef<'a> {
 /// Every kernel of a module (the names `Cuda::new` resolves).
 fn kernel_names(module: &str) -> &'static [&'static str] {
     match module {
-        "adamw" => &["adamw_f32"],
+        "adamw" => &["adamw_f32", "adamw_many_f32", "sum_squares_many_f32"],
         "attention" => &["attention_fwd_f32", "attention_bwd_dq_f32", "attention_bwd_dkdv_f32"],
         "flash" => &["flash_fwd_hd64", "flash_fwd_hd128", "flash_delta", "flash_bwd_hd64", "flash_bwd_hd128"],
         "elementwise" => &[
@@ -956,12 +956,30 @@ impl Backend for Cuda {
     }
     fn sum_squares_all(&self, bufs: &[&CudaSlice<f32>]) -> f64 {
         let _span = self.span("sum_squares_all");
-        // Every tensor's kernel adds into the one accumulator; a single download at the end (a
-        // download per tensor stalled the step 128 times for a 7B q,v adapter).
+        // Every tensor in one launch (a block per chunk of MULTI_CHUNK values, one f64 atomic each)
+        // and a single download (a download per tensor stalled the step 128 times for a 7B q,v
+        // adapter, a launch per tensor cost ~1.8 ms for an all-linear one's 448).
         let mut acc = self.scalar_f64();
+        let mut guards = Vec::new();
+        let mut table = Vec::with_capacity(bufs.len());
+        let mut chunks = 0i64;
         for buf in bufs {
-            self.add_sum_squares(buf, &mut acc);
+            let (x, g) = buf.device_ptr(&self.stream);
+            guards.push(g);
+            table.push(SumTensor { x, n: buf.len() as i64, first_chunk: chunks });
+            chunks += buf.len().div_ceil(MULTI_CHUNK) as i64;
         }
+        if chunks > 0 {
+            let table = ck!(self.stream.clone_htod(&table), "upload sum table");
+            let (count, chunk) = (bufs.len() as i32, MULTI_CHUNK as i64);
+            let cfg = LaunchConfig { grid_dim: (chunks as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+            let mut b = self.stream.launch_builder(self.f("sum_squares_many_f32"));
+            b.arg(&table).arg(&count).arg(&mut acc).arg(&chunk);
+            // SAFETY: the table holds the addresses and lengths of live buffers (guards held until the
+            // launch is queued); the kernel reads n values of each and adds into acc.
+            ck!(unsafe { b.launch(cfg) }, "sum_squares_many_f32");
+        }
+        drop(guards);
         ck!(self.stream.clone_dtoh(&acc), "download")[0]
     }
     fn has_non_finite(&self, buf: &CudaSlice<f32>) -> bool {
@@ -1773,7 +1791,7 @@ impl Backend for Cuda {
         let n = param.len();
         let chunk = chunk.clamp(1, n.max(1));
         let (mut sm, mut sv) = (self.zeros(chunk), self.zeros(chunk));
-        let (step_size, c2) = hp.corrections();
+        let hyper = AdamHyper::of(hp);
         let cu = self.stream.cu_stream();
         let mp = ck!(m.as_mut_ptr(), "pinned access");
         let vp = ck!(v.as_mut_ptr(), "pinned access");
@@ -1798,8 +1816,7 @@ impl Backend for Cuda {
                 let mut pv = param.slice_mut(start..start + len);
                 let gv = grad.slice(start..start + len);
                 let n64 = len as i64;
-                launch!(self, "adamw_f32", grid_for(len); &mut pv, &gv, &mut sm, &mut sv, &hp.lr, &hp.beta1, &hp.beta2,
-                    &hp.eps, &hp.weight_decay, &step_size, &c2, &hp.grad_scale, &n64);
+                launch!(self, "adamw_f32", grid_for(len); &mut pv, &gv, &mut sm, &mut sv, &hyper, &n64);
             }
             // SAFETY: as above; the device → host copies land in the same ranges.
             unsafe {
@@ -1828,11 +1845,48 @@ impl Backend for Cuda {
         hp: &AdamWStep,
     ) {
         let _span = self.span("adamw");
-        // Same f32 arithmetic as Cpu::adamw for the step size and corrections.
-        let (step_size, c2) = hp.corrections();
-        let n = param.len();
+        let (hyper, n) = (AdamHyper::of(hp), param.len());
         let a0 = n as i64;
-        launch!(self, "adamw_f32", grid_for(n); &mut *param, grad, &mut *m, &mut *v, &hp.lr, &hp.beta1, &hp.beta2, &hp.eps, &hp.weight_decay, &step_size, &c2, &hp.grad_scale, &a0);
+        launch!(self, "adamw_f32", grid_for(n); &mut *param, grad, &mut *m, &mut *v, &hyper, &a0);
+    }
+    fn adamw_all(
+        &self,
+        params: Vec<&mut CudaSlice<f32>>,
+        grads: Vec<&CudaSlice<f32>>,
+        m: &mut [CudaSlice<f32>],
+        v: &mut [CudaSlice<f32>],
+        hp: &AdamWStep,
+    ) {
+        let _span = self.span("adamw (all tensors)");
+        assert!(grads.len() == params.len() && m.len() == params.len() && v.len() == params.len(), "adamw_all");
+        // Every tensor in one launch: a table of their addresses, each tensor cut into chunks of
+        // MULTI_CHUNK values, a block per chunk.
+        let mut guards = Vec::new();
+        let mut table = Vec::with_capacity(params.len());
+        let mut chunks = 0i64;
+        for (((p, g), m), v) in params.into_iter().zip(grads).zip(m.iter_mut()).zip(v.iter_mut()) {
+            let n = p.len();
+            assert!(g.len() == n && m.len() == n && v.len() == n, "adamw_all: a tensor's shapes differ");
+            let (pp, gp_) = p.device_ptr_mut(&self.stream);
+            let (gp, gg) = g.device_ptr(&self.stream);
+            let (mp, gm) = m.device_ptr_mut(&self.stream);
+            let (vp, gv) = v.device_ptr_mut(&self.stream);
+            guards.extend([gp_, gg, gm, gv]);
+            table.push(AdamTensor { p: pp, g: gp, m: mp, v: vp, n: n as i64, first_chunk: chunks });
+            chunks += n.div_ceil(MULTI_CHUNK) as i64;
+        }
+        if chunks == 0 {
+            return;
+        }
+        let (hyper, count, chunk) = (AdamHyper::of(hp), table.len() as i32, MULTI_CHUNK as i64);
+        let table = ck!(self.stream.clone_htod(&table), "upload adamw table");
+        let cfg = LaunchConfig { grid_dim: (chunks as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        let mut b = self.stream.launch_builder(self.f("adamw_many_f32"));
+        b.arg(&table).arg(&count).arg(&hyper).arg(&chunk);
+        // SAFETY: the table holds the addresses of live buffers (their guards held until the launch is
+        // queued) and each tensor's length; the kernel touches n values of each.
+        ck!(unsafe { b.launch(cfg) }, "adamw_many_f32");
+        drop(guards);
     }
 }
 
@@ -1969,6 +2023,55 @@ struct GemvTargets {
 }
 // SAFETY: plain old data with the layout of the kernel's parameter struct.
 unsafe impl cudarc::driver::DeviceRepr for GemvTargets {}
+/// kernels/adamw.cu `AdamHyper`, passed by value: an AdamW step's hyper-parameters with the step size
+/// and bias correction worked out as Cpu::adamw works them out (the same f32 arithmetic).
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct AdamHyper {
+    lr: f32,
+    beta1: f32,
+    beta2: f32,
+    eps: f32,
+    weight_decay: f32,
+    step_size: f32,
+    c2: f32,
+    grad_scale: f32,
+}
+impl AdamHyper {
+    fn of(hp: &AdamWStep) -> Self {
+        let (step_size, c2) = hp.corrections();
+        let AdamWStep { lr, beta1, beta2, eps, weight_decay, grad_scale, .. } = *hp;
+        AdamHyper { lr, beta1, beta2, eps, weight_decay, step_size, c2, grad_scale }
+    }
+}
+// SAFETY: plain old data with the layout of the kernel's parameter struct.
+unsafe impl cudarc::driver::DeviceRepr for AdamHyper {}
+/// kernels/adamw.cu `AdamTensor`: one tensor of `adamw_many_f32` (device addresses as u64).
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct AdamTensor {
+    p: u64,
+    g: u64,
+    m: u64,
+    v: u64,
+    n: i64,
+    first_chunk: i64,
+}
+// SAFETY: plain old data with the layout of the kernel's struct (uploaded as an array).
+unsafe impl cudarc::driver::DeviceRepr for AdamTensor {}
+/// kernels/adamw.cu `SumTensor`: one tensor of `sum_squares_many_f32`.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct SumTensor {
+    x: u64,
+    n: i64,
+    first_chunk: i64,
+}
+// SAFETY: as above.
+unsafe impl cudarc::driver::DeviceRepr for SumTensor {}
+/// Values per block of the multi-tensor optimizer kernels (256 threads, 64 values each): an
+/// all-linear 7B adapter's 160M values are ~9,800 blocks, its 1 MB tensors 16 each.
+const MULTI_CHUNK: usize = 16384;
 /// Shared memory the one-row GEMV kernels may take for x (set as their limit when the module loads).
 const GEMV_MAX_X_SMEM: usize = 160 * 1024;
 /// The fused 4-bit kernels (kernels/nf4_gemm.cu), index 4·tile + 2·input-grad + bf16, tile as in
