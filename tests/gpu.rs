@@ -198,15 +198,10 @@ fn embedding_and_cross_entropy() {
     // with more rows than SMs (132 on an H100/H200) their blocks take several rows each.
     for (m, vocab) in [(M, 8192), (M, 8193), (M, 32768), (M, 32769), (400, 32000), (301, 8196)] {
         let logits = rnd(&mut rng, m * vocab, 8.0);
-        let targets: Vec<i32> =
-            (0..m).map(|i| if i % 5 == 1 { -100 } else { rng.gen_range(0..vocab as i32) }).collect();
-        let mut d1 = vec![0.0; m * vocab];
-        let (l1, c1) = CPU.cross_entropy(&logits, &targets, vocab, 0.01, &mut d1);
-        let mut d2 = poisoned(m * vocab);
-        let (l2, c2) = gpu().cross_entropy(&gpu().upload(&logits), &targets, vocab, 0.01, &mut d2);
+        let (_, (l1, c1, d1), (l2, c2, d2)) = cross_entropy_cpu_and_gpu(&mut rng, &logits, m, vocab);
         assert_eq!(c1, c2);
         check(&format!("{m} x vocab {vocab} cross-entropy loss"), &[l2 as f32], &[l1 as f32], F32_TOL);
-        check(&format!("{m} x vocab {vocab} cross-entropy dlogits"), &gpu().download(&d2), &d1, F32_TOL);
+        check(&format!("{m} x vocab {vocab} cross-entropy dlogits"), &d2, &d1, F32_TOL);
     }
     // bf16 logits with the gradient in bf16 (a bf16 LM head's, Cuda::lm_head_cross_entropy): values
     // exact in bf16, so the f32 kernel on the same values gives the same loss (up to the order of its
@@ -216,13 +211,8 @@ fn embedding_and_cross_entropy() {
     for (m, vocab) in [(M, 8192), (M, 32768), (400, 32000), (301, 8200), (M, 1000)] {
         let logits: Vec<f32> =
             rnd(&mut rng, m * vocab, 8.0).iter().map(|x| half::bf16::from_f32(*x).to_f32()).collect();
-        let targets: Vec<i32> =
-            (0..m).map(|i| if i % 5 == 1 { -100 } else { rng.gen_range(0..vocab as i32) }).collect();
-        let mut d1 = vec![0.0; m * vocab];
-        let (l1, c1) = CPU.cross_entropy(&logits, &targets, vocab, 0.01, &mut d1);
-        let mut d2 = poisoned(m * vocab);
-        let (l2, c2) = gpu().cross_entropy(&gpu().upload(&logits), &targets, vocab, 0.01, &mut d2);
-        let d2_rounded: Vec<f32> = gpu().download(&d2).iter().map(|x| half::bf16::from_f32(*x).to_f32()).collect();
+        let (targets, (l1, c1, d1), (l2, c2, d2)) = cross_entropy_cpu_and_gpu(&mut rng, &logits, m, vocab);
+        let d2_rounded: Vec<f32> = d2.iter().map(|x| half::bf16::from_f32(*x).to_f32()).collect();
         let mut d3 = gpu().upload_bf16(&vec![f32::NAN; m * vocab]);
         let (l3, c3) = gpu().cross_entropy_bf16(&gpu().upload_bf16(&logits), &targets, vocab, 0.01, &mut d3).unwrap();
         assert_eq!((c1, c2), (c3, c3), "{m} x vocab {vocab}: counted rows");
@@ -238,6 +228,24 @@ fn embedding_and_cross_entropy() {
         let none = gpu().cross_entropy_bf16(&gpu().zeros_bf16(vocab), &[0], vocab, 1.0, &mut d);
         assert!(none.is_none(), "vocab {vocab}: no streaming kernel takes 16-bit rows of it");
     }
+}
+
+/// Random targets for `m` rows of `logits` (every fifth from the second ignored, -100), and the loss,
+/// counted rows and dlogits (scale 0.01) from the CPU and from the GPU's f32 kernels (output poisoned).
+#[allow(clippy::type_complexity)]
+fn cross_entropy_cpu_and_gpu(
+    rng: &mut impl Rng,
+    logits: &[f32],
+    m: usize,
+    vocab: usize,
+) -> (Vec<i32>, (f64, usize, Vec<f32>), (f64, usize, Vec<f32>)) {
+    let targets: Vec<i32> = (0..m).map(|i| if i % 5 == 1 { -100 } else { rng.gen_range(0..vocab as i32) }).collect();
+    let mut d1 = vec![0.0; m * vocab];
+    let (l1, c1) = CPU.cross_entropy(&logits.to_vec(), &targets, vocab, 0.01, &mut d1);
+    let mut d2 = poisoned(m * vocab);
+    let (l2, c2) = gpu().cross_entropy(&gpu().upload(logits), &targets, vocab, 0.01, &mut d2);
+    let d2 = gpu().download(&d2);
+    (targets, (l1, c1, d1), (l2, c2, d2))
 }
 
 /// The LM head's loss in one op (`Backend::lm_head_cross_entropy`). On CUDA a 16-bit head writes its
