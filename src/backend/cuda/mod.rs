@@ -962,17 +962,15 @@ impl Backend for Cuda {
         let mut acc = self.scalar_f64();
         let mut guards = Vec::new();
         let mut table = Vec::with_capacity(bufs.len());
-        let mut chunks = 0i64;
+        let mut chunks = Chunks::default();
         for buf in bufs {
             let (x, g) = buf.device_ptr(&self.stream);
             guards.push(g);
-            table.push(SumTensor { x, n: buf.len() as i64, first_chunk: chunks });
-            chunks += buf.len().div_ceil(MULTI_CHUNK) as i64;
+            table.push(SumTensor { x, n: buf.len() as i64, first_chunk: chunks.take(buf.len()) });
         }
-        if chunks > 0 {
+        if let Some(cfg) = chunks.launch() {
             let table = ck!(self.stream.clone_htod(&table), "upload sum table");
             let (count, chunk) = (bufs.len() as i32, MULTI_CHUNK as i64);
-            let cfg = LaunchConfig { grid_dim: (chunks as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
             let mut b = self.stream.launch_builder(self.f("sum_squares_many_f32"));
             b.arg(&table).arg(&count).arg(&mut acc).arg(&chunk);
             // SAFETY: the table holds the addresses and lengths of live buffers (guards held until the
@@ -1863,7 +1861,7 @@ impl Backend for Cuda {
         // MULTI_CHUNK values, a block per chunk.
         let mut guards = Vec::new();
         let mut table = Vec::with_capacity(params.len());
-        let mut chunks = 0i64;
+        let mut chunks = Chunks::default();
         for (((p, g), m), v) in params.into_iter().zip(grads).zip(m.iter_mut()).zip(v.iter_mut()) {
             let n = p.len();
             assert!(g.len() == n && m.len() == n && v.len() == n, "adamw_all: a tensor's shapes differ");
@@ -1872,15 +1870,11 @@ impl Backend for Cuda {
             let (mp, gm) = m.device_ptr_mut(&self.stream);
             let (vp, gv) = v.device_ptr_mut(&self.stream);
             guards.extend([gp_, gg, gm, gv]);
-            table.push(AdamTensor { p: pp, g: gp, m: mp, v: vp, n: n as i64, first_chunk: chunks });
-            chunks += n.div_ceil(MULTI_CHUNK) as i64;
+            table.push(AdamTensor { p: pp, g: gp, m: mp, v: vp, n: n as i64, first_chunk: chunks.take(n) });
         }
-        if chunks == 0 {
-            return;
-        }
+        let Some(cfg) = chunks.launch() else { return };
         let (hyper, count, chunk) = (AdamHyper::of(hp), table.len() as i32, MULTI_CHUNK as i64);
         let table = ck!(self.stream.clone_htod(&table), "upload adamw table");
-        let cfg = LaunchConfig { grid_dim: (chunks as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
         let mut b = self.stream.launch_builder(self.f("adamw_many_f32"));
         b.arg(&table).arg(&count).arg(&hyper).arg(&chunk);
         // SAFETY: the table holds the addresses of live buffers (their guards held until the launch is
@@ -2072,6 +2066,23 @@ unsafe impl cudarc::driver::DeviceRepr for SumTensor {}
 /// Values per block of the multi-tensor optimizer kernels (256 threads, 64 values each): an
 /// all-linear 7B adapter's 160M values are ~9,800 blocks, its 1 MB tensors 16 each.
 const MULTI_CHUNK: usize = 16384;
+/// The chunks of a multi-tensor launch: hands each tensor its first chunk (block) in turn and gives
+/// the grid, a block of 256 threads per chunk.
+#[derive(Default)]
+struct Chunks(usize);
+impl Chunks {
+    /// The first chunk of the next tensor, of `n` values.
+    fn take(&mut self, n: usize) -> i64 {
+        let first = self.0;
+        self.0 += n.div_ceil(MULTI_CHUNK);
+        first as i64
+    }
+    /// The launch over every chunk taken; `None` when there is none.
+    fn launch(&self) -> Option<LaunchConfig> {
+        let grid = LaunchConfig { grid_dim: (self.0 as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        (self.0 > 0).then_some(grid)
+    }
+}
 /// Shared memory the one-row GEMV kernels may take for x (set as their limit when the module loads).
 const GEMV_MAX_X_SMEM: usize = 160 * 1024;
 /// The fused 4-bit kernels (kernels/nf4_gemm.cu), index 4·tile + 2·input-grad + bf16, tile as in
