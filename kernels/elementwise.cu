@@ -19,58 +19,36 @@ extern "C" __global__ void add_assign_f32(float* dst, const float* src, int64_t 
 extern "C" __global__ void scale_f32(float* x, float s, int64_t n) {
     FOR_EACH(i, n) x[i] *= s;
 }
-// out = silu(g) * u
-extern "C" __global__ void swiglu_f32(const float* g, const float* u, float* out, int64_t n) {
-    for_each4(
-        n, aligned_to(g, 16) && aligned_to(u, 16) && aligned_to(out, 16),
-        [&](int64_t q) {
-            const float4 a = reinterpret_cast<const float4*>(g)[q], b = reinterpret_cast<const float4*>(u)[q];
-            reinterpret_cast<float4*>(out)[q] = make_float4(swiglu1(a.x, b.x), swiglu1(a.y, b.y), swiglu1(a.z, b.z), swiglu1(a.w, b.w));
-        },
-        [&](int64_t i) { out[i] = swiglu1(g[i], u[i]); });
-}
-// The same from and into 16-bit values (an MLP's gate and up products as cuBLAS writes them, and
-// the down product's input as its GEMM reads it: Cuda::mlp_down): the f32 kernel on the widened
-// values with its output rounded to nearest even, as the down product's conversion rounded it.
+// out = silu(g) * u, in f32 or a 16-bit dtype (an MLP's gate and up products as cuBLAS writes them,
+// and the down product's input as its GEMM reads it: Cuda::mlp_down): computed in f32 from the
+// widened values, a 16-bit output rounded to nearest even as the down product's conversion rounded it.
 template <typename T>
-__device__ __forceinline__ void swiglu_16(const T* g, const T* u, T* out, int64_t n) {
+__device__ __forceinline__ void swiglu_t(const T* g, const T* u, T* out, int64_t n) {
+    constexpr int V = 4 * sizeof(T);  // bytes of four values
     for_each4(
-        n, aligned_to(g, 8) && aligned_to(u, 8) && aligned_to(out, 8),
+        n, aligned_to(g, V) && aligned_to(u, V) && aligned_to(out, V),
         [&](int64_t q) {
             const float4 a = load4(g + 4 * q), b = load4(u + 4 * q);
             store4(out + 4 * q, make_float4(swiglu1(a.x, b.x), swiglu1(a.y, b.y), swiglu1(a.z, b.z), swiglu1(a.w, b.w)));
         },
         [&](int64_t i) { store1(out + i, swiglu1(load1(g + i), load1(u + i))); });
 }
-extern "C" __global__ void swiglu_bf16(const __nv_bfloat16* g, const __nv_bfloat16* u, __nv_bfloat16* out, int64_t n) { swiglu_16(g, u, out, n); }
-extern "C" __global__ void swiglu_f16(const __half* g, const __half* u, __half* out, int64_t n) { swiglu_16(g, u, out, n); }
+extern "C" __global__ void swiglu_f32(const float* g, const float* u, float* out, int64_t n) { swiglu_t(g, u, out, n); }
+extern "C" __global__ void swiglu_bf16(const __nv_bfloat16* g, const __nv_bfloat16* u, __nv_bfloat16* out, int64_t n) { swiglu_t(g, u, out, n); }
+extern "C" __global__ void swiglu_f16(const __half* g, const __half* u, __half* out, int64_t n) { swiglu_t(g, u, out, n); }
 // (dg, du) of one element from gate x, up u and the output's gradient d.
 __device__ __forceinline__ float2 swiglu_grad1(float x, float u, float d) {
     const float sig = 1.f / (1.f + expf(-x));
     return make_float2(d * u * sig * (1.f + x * (1.f - sig)), d * x * sig);
 }
-extern "C" __global__ void swiglu_backward_f32(const float* g, const float* u, const float* dout, float* dg, float* du, int64_t n) {
-    for_each4(
-        n, aligned_to(g, 16) && aligned_to(u, 16) && aligned_to(dout, 16) && aligned_to(dg, 16) && aligned_to(du, 16),
-        [&](int64_t q) {
-            const float4 x = reinterpret_cast<const float4*>(g)[q], v = reinterpret_cast<const float4*>(u)[q], d = reinterpret_cast<const float4*>(dout)[q];
-            const float2 a = swiglu_grad1(x.x, v.x, d.x), b = swiglu_grad1(x.y, v.y, d.y), c = swiglu_grad1(x.z, v.z, d.z), e = swiglu_grad1(x.w, v.w, d.w);
-            reinterpret_cast<float4*>(dg)[q] = make_float4(a.x, b.x, c.x, e.x);
-            reinterpret_cast<float4*>(du)[q] = make_float4(a.y, b.y, c.y, e.y);
-        },
-        [&](int64_t i) {
-            const float2 r = swiglu_grad1(g[i], u[i], dout[i]);
-            dg[i] = r.x;
-            du[i] = r.y;
-        });
-}
-// swiglu_backward_f32 on 16-bit values: the gate and up products and the output's gradient as cuBLAS
-// wrote them (Cuda::mlp_backward), dg and du written in that dtype (rounded to nearest even, as the
-// gate and up products' input-gradient GEMMs' conversions rounded them).
+// The gradients of swiglu_t, in f32 or a 16-bit dtype: the gate and up products and the output's
+// gradient as cuBLAS wrote them (Cuda::mlp_backward), dg and du written in that dtype (rounded to
+// nearest even, as the gate and up products' input-gradient GEMMs' conversions rounded them).
 template <typename T>
-__device__ __forceinline__ void swiglu_backward_16(const T* g, const T* u, const T* dout, T* dg, T* du, int64_t n) {
+__device__ __forceinline__ void swiglu_backward_t(const T* g, const T* u, const T* dout, T* dg, T* du, int64_t n) {
+    constexpr int V = 4 * sizeof(T);  // bytes of four values
     for_each4(
-        n, aligned_to(g, 8) && aligned_to(u, 8) && aligned_to(dout, 8) && aligned_to(dg, 8) && aligned_to(du, 8),
+        n, aligned_to(g, V) && aligned_to(u, V) && aligned_to(dout, V) && aligned_to(dg, V) && aligned_to(du, V),
         [&](int64_t q) {
             const float4 x = load4(g + 4 * q), v = load4(u + 4 * q), d = load4(dout + 4 * q);
             const float2 a = swiglu_grad1(x.x, v.x, d.x), b = swiglu_grad1(x.y, v.y, d.y), c = swiglu_grad1(x.z, v.z, d.z), e = swiglu_grad1(x.w, v.w, d.w);
@@ -83,11 +61,14 @@ __device__ __forceinline__ void swiglu_backward_16(const T* g, const T* u, const
             store1(du + i, r.y);
         });
 }
+extern "C" __global__ void swiglu_backward_f32(const float* g, const float* u, const float* dout, float* dg, float* du, int64_t n) {
+    swiglu_backward_t(g, u, dout, dg, du, n);
+}
 extern "C" __global__ void swiglu_backward_bf16(const __nv_bfloat16* g, const __nv_bfloat16* u, const __nv_bfloat16* dout, __nv_bfloat16* dg, __nv_bfloat16* du, int64_t n) {
-    swiglu_backward_16(g, u, dout, dg, du, n);
+    swiglu_backward_t(g, u, dout, dg, du, n);
 }
 extern "C" __global__ void swiglu_backward_f16(const __half* g, const __half* u, const __half* dout, __half* dg, __half* du, int64_t n) {
-    swiglu_backward_16(g, u, dout, dg, du, n);
+    swiglu_backward_t(g, u, dout, dg, du, n);
 }
 extern "C" __global__ void f32_to_bf16(const float* x, __nv_bfloat16* out, int64_t n) {
     for_each4(
