@@ -653,7 +653,7 @@ pub enum MlpActs {
     /// Widened into f32, as every other product is (the composed ops).
     F32 { g: CudaSlice<f32>, u: CudaSlice<f32> },
     /// In the weights' 16-bit compute dtype as cuBLAS writes them, where all three products take the
-    /// second path ([`Cuda::mlp_in_16_bit`]): the same values in half the memory, no widening pass.
+    /// second path (`Cuda::mlp_in_16_bit`): the same values in half the memory, no widening pass.
     Half { g: Operand, u: Operand },
 }
 
