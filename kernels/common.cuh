@@ -72,6 +72,10 @@ __device__ __forceinline__ void cp_async4(uint32_t dst, const void* src, bool va
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
 template <int N> __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory"); }
 
+// Rotate-half RoPE of one pair (x1 at column j, x2 at j + head_dim/2) by the angle whose cosine and
+// sine are c and s (s negated for the inverse): rope.cu's kernels and flash.cu's rotation on load.
+__device__ __forceinline__ float2 rope_pair(float x1, float x2, float c, float s) { return make_float2(x1 * c - x2 * s, x2 * c + x1 * s); }
+
 // SwiGLU of one element: silu(g) · u (elementwise.cu's swiglu_f32 and nf4.cu's fused decoding GEMV).
 __device__ __forceinline__ float swiglu1(float g, float u) { return g / (1.f + expf(-g)) * u; }
 

@@ -2,10 +2,15 @@
 // head_dim 64 and 128: causal, GQA, segment masks (packing/padding), online softmax with the
 // log-sum-exp saved for the backward pass, no T×T matrix in memory. Activations are f32 in memory and
 // every operand is rounded to bf16 (as torch's bf16 SDPA sees them): the launchers (Cuda::attention,
-// Cuda::attention_backward) convert K and V (and, for the backward, Q and dO) once per call, and the
-// forward rounds Q as it loads it.
+// Cuda::attention_backward and their RoPE forms) convert K and V (and, for the backward, Q and dO) once
+// per call, and the forward rounds Q as it loads it. With RoPE tables (cos, sin: (token rows, HD/2);
+// training and evaluation, where query row t and key row t are the same token) q and k arrive before
+// the rotation: the conversions rotate K (and Q for the backward), the forward rotates Q in registers
+// as it loads it, and the backward rotates its dQ and dK back before adding or writing them, so the
+// gradients are with respect to the un-rotated q and k and no separate RoPE pass runs either way.
 // The f32 kernels in attention.cu serve other head sizes, decoding and the GPU's precise mode.
-// CPU reference: Cpu::attention / Cpu::attention_backward (src/backend/cpu.rs).
+// CPU reference: Cpu::attention / Cpu::attention_backward (src/backend/cpu.rs), with Cpu::rope around
+// them for the RoPE forms (backend::rope_attention_composed).
 #include "common.cuh"
 
 // Fragment layouts of mma.m16n8k16 (lane = 4·g + t): A (16×16, row-major) a0 = (g, 2t..2t+1),
@@ -63,7 +68,7 @@ __device__ __forceinline__ void ldsm_x4_trans(uint32_t addr, uint32_t& r0, uint3
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n" : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3) : "r"(addr));
 }
 template <int HD>
-__device__ void flash_fwd(const float* q, const __nv_bfloat16* k, const __nv_bfloat16* v, const uint32_t* seg, float* out, float* lse, const FGeom g) {
+__device__ void flash_fwd(const float* q, const __nv_bfloat16* k, const __nv_bfloat16* v, const uint32_t* seg, const float* cos_t, const float* sin_t, float* out, float* lse, const FGeom g) {
     __shared__ __align__(16) __nv_bfloat16 Ks[2][FBK][HD + PAD];
     __shared__ __align__(16) __nv_bfloat16 Vs[2][FBK][HD + PAD];
     __shared__ uint32_t kseg[2][FBK];
@@ -75,23 +80,45 @@ __device__ void flash_fwd(const float* q, const __nv_bfloat16* k, const __nv_bfl
     const uint32_t qs0 = r0 < g.q_len ? seg_of(seg, g, b, g.q_offset + r0) : 0u;
     const uint32_t qs1 = r1 < g.q_len ? seg_of(seg, g, b, g.q_offset + r1) : 0u;
 
-    // This warp's 16 query rows as A fragments, straight from global memory.
+    // This warp's 16 query rows as A fragments, straight from global memory. Column j < HD/2 and its
+    // RoPE partner j + HD/2 are the same lane's, in fragments kk and kk + HD/32, so with tables each
+    // pair is rotated in registers before it is rounded.
     uint32_t qa[HD / 16][4];
     {
         const float* p0 = r0 < g.q_len ? q + (((int64_t)b * g.q_len + r0) * g.heads + h) * HD : nullptr;
         const float* p1 = r1 < g.q_len ? q + (((int64_t)b * g.q_len + r1) * g.heads + h) * HD : nullptr;
-#pragma unroll
-        for (int kk = 0; kk < HD / 16; kk++) {
+        // Values (row r0 | r1) × (column c | c + 8) of fragment kk.
+        auto load = [&](int kk, float2 (&x)[4]) {
             const int c = kk * 16 + 2 * t4;
             const float2 z = make_float2(0.f, 0.f);
-            const float2 x00 = p0 ? *reinterpret_cast<const float2*>(p0 + c) : z;
-            const float2 x10 = p1 ? *reinterpret_cast<const float2*>(p1 + c) : z;
-            const float2 x01 = p0 ? *reinterpret_cast<const float2*>(p0 + c + 8) : z;
-            const float2 x11 = p1 ? *reinterpret_cast<const float2*>(p1 + c + 8) : z;
-            qa[kk][0] = pack_bf16(x00.x, x00.y);
-            qa[kk][1] = pack_bf16(x10.x, x10.y);
-            qa[kk][2] = pack_bf16(x01.x, x01.y);
-            qa[kk][3] = pack_bf16(x11.x, x11.y);
+            x[0] = p0 ? *reinterpret_cast<const float2*>(p0 + c) : z;
+            x[1] = p1 ? *reinterpret_cast<const float2*>(p1 + c) : z;
+            x[2] = p0 ? *reinterpret_cast<const float2*>(p0 + c + 8) : z;
+            x[3] = p1 ? *reinterpret_cast<const float2*>(p1 + c + 8) : z;
+        };
+        auto pack = [&](int kk, const float2 (&x)[4]) {
+#pragma unroll
+            for (int e = 0; e < 4; e++) qa[kk][e] = pack_bf16(x[e].x, x[e].y);
+        };
+#pragma unroll
+        for (int kk = 0; kk < HD / 32; kk++) {
+            float2 lo[4], hi[4];
+            load(kk, lo);
+            load(kk + HD / 32, hi);
+            if (cos_t) {
+#pragma unroll
+                for (int e = 0; e < 4; e++) {
+                    const int r = e & 1 ? r1 : r0;
+                    if (r >= g.q_len) continue;
+                    const int64_t ti = ((int64_t)b * g.q_len + r) * (HD / 2) + kk * 16 + 2 * t4 + (e >> 1) * 8;
+                    const float2 c = *reinterpret_cast<const float2*>(cos_t + ti), sn = *reinterpret_cast<const float2*>(sin_t + ti);
+                    const float2 a = rope_pair(lo[e].x, hi[e].x, c.x, sn.x), bb = rope_pair(lo[e].y, hi[e].y, c.y, sn.y);
+                    lo[e] = make_float2(a.x, bb.x);
+                    hi[e] = make_float2(a.y, bb.y);
+                }
+            }
+            pack(kk, lo);
+            pack(kk + HD / 32, hi);
         }
     }
     float o[HD / 8][4];
@@ -219,13 +246,14 @@ __device__ void flash_fwd(const float* q, const __nv_bfloat16* k, const __nv_bfl
     }
 }
 
-extern "C" __global__ void __launch_bounds__(128, 4) flash_fwd_hd64(const float* q, const __nv_bfloat16* k, const __nv_bfloat16* v, const uint32_t* seg, float* out, float* lse, FGEOM_ARGS) {
+// cos_t, sin_t: null, or the RoPE tables for q (k arrives rotated).
+extern "C" __global__ void __launch_bounds__(128, 4) flash_fwd_hd64(const float* q, const __nv_bfloat16* k, const __nv_bfloat16* v, const uint32_t* seg, const float* cos_t, const float* sin_t, float* out, float* lse, FGEOM_ARGS) {
     MAKE_FGEOM;
-    flash_fwd<64>(q, k, v, seg, out, lse, g);
+    flash_fwd<64>(q, k, v, seg, cos_t, sin_t, out, lse, g);
 }
-extern "C" __global__ void __launch_bounds__(128, 4) flash_fwd_hd128(const float* q, const __nv_bfloat16* k, const __nv_bfloat16* v, const uint32_t* seg, float* out, float* lse, FGEOM_ARGS) {
+extern "C" __global__ void __launch_bounds__(128, 4) flash_fwd_hd128(const float* q, const __nv_bfloat16* k, const __nv_bfloat16* v, const uint32_t* seg, const float* cos_t, const float* sin_t, float* out, float* lse, FGEOM_ARGS) {
     MAKE_FGEOM;
-    flash_fwd<128>(q, k, v, seg, out, lse, g);
+    flash_fwd<128>(q, k, v, seg, cos_t, sin_t, out, lse, g);
 }
 
 // ---- backward -----------------------------------------------------------------------------------
@@ -271,16 +299,27 @@ __device__ __forceinline__ void copy_tile(const __nv_bfloat16* x, int64_t base, 
         cp_async16(smem_addr(&dst[r][c]), x + base + (int64_t)(ok ? row0 + r : 0) * stride + c, ok);
     }
 }
-// The B fragments of two adjacent 8-wide column tiles (n0, n0 + 8) for 16 k rows from k0 of a
-// row-major (k, n) tile: b[0], b[1] for tile n0, b[2], b[3] for tile n0 + 8.
+// The B fragments of two 8-wide column tiles (n0 and n0 + off; adjacent when off = 8) for 16 k rows
+// from k0 of a row-major (k, n) tile: b[0], b[1] for tile n0, b[2], b[3] for tile n0 + off.
 template <int LD>
-__device__ __forceinline__ void b_frags_trans(const __nv_bfloat16 (*tile)[LD], int k0, int n0, uint32_t (&b)[4]) {
+__device__ __forceinline__ void b_frags_trans(const __nv_bfloat16 (*tile)[LD], int k0, int n0, uint32_t (&b)[4], int off = 8) {
     const int lane = threadIdx.x % WARP, mi = lane / 8;
-    ldsm_x4_trans(smem_addr(&tile[k0 + (mi & 1) * 8 + lane % 8][n0 + (mi >> 1) * 8]), b[0], b[1], b[2], b[3]);
+    ldsm_x4_trans(smem_addr(&tile[k0 + (mi & 1) * 8 + lane % 8][n0 + (mi >> 1) * off]), b[0], b[1], b[2], b[3]);
+}
+// Rotates a gradient pair back (RoPE's inverse: the angle negated) when there are tables: lo, hi are
+// columns j and j + HD/2 of table row `row`.
+template <int HD>
+__device__ __forceinline__ void unrotate(const float* cos_t, const float* sin_t, int64_t row, int j, float2& lo, float2& hi) {
+    if (!cos_t) return;
+    const int64_t ti = row * (HD / 2) + j;
+    const float2 c = *reinterpret_cast<const float2*>(cos_t + ti), sn = *reinterpret_cast<const float2*>(sin_t + ti);
+    const float2 a = rope_pair(lo.x, hi.x, c.x, -sn.x), bb = rope_pair(lo.y, hi.y, c.y, -sn.y);
+    lo = make_float2(a.x, bb.x);
+    hi = make_float2(a.y, bb.y);
 }
 
 template <int HD>
-__device__ void flash_bwd(const __nv_bfloat16* q, const __nv_bfloat16* k, const __nv_bfloat16* v, const float* lse, const float* delta, const __nv_bfloat16* dout, const uint32_t* seg, float* dq, float* dk, float* dv, const FGeom g) {
+__device__ void flash_bwd(const __nv_bfloat16* q, const __nv_bfloat16* k, const __nv_bfloat16* v, const float* lse, const float* delta, const __nv_bfloat16* dout, const uint32_t* seg, const float* cos_t, const float* sin_t, float* dq, float* dk, float* dv, const FGeom g) {
     extern __shared__ __align__(16) unsigned char smem_raw[];
     BwdSmem<HD>& sm = *reinterpret_cast<BwdSmem<HD>*>(smem_raw);
     const int kb = blockIdx.x, grp = blockIdx.y, b = blockIdx.z;
@@ -387,21 +426,25 @@ __device__ void flash_bwd(const __nv_bfloat16* q, const __nv_bfloat16* k, const 
             for (int e = 0; e < 4; e++) sm.dSq[nt * 8 + 2 * t4 + (e & 1)][e < 2 ? k0 : k1] = __float2bfloat16_rn(dpt[nt][e]);
         }
         __syncthreads();
-        // dQ (32 queries × HD) += dS (32 × 64 keys) · K: warp w takes columns [w·HD/4, (w+1)·HD/4); K's
-        // (key, d) B fragments by ldmatrix.trans.
+        // dQ (32 queries × HD) += dS (32 × 64 keys) · K: of each half of the columns, warp w takes the
+        // 8-wide tiles [w·TPW, (w+1)·TPW), so column j and its RoPE partner j + HD/2 are the same
+        // thread's (acc[dn], acc[dn + TPW]) and can be rotated back before the atomics; K's (key, d)
+        // B fragments by ldmatrix.trans.
+        constexpr int TPW = HD / 64;
+        auto dq_col = [&](int dn) { return (dn >= TPW ? HD / 2 : 0) + (warp * TPW + dn % TPW) * 8; };
 #pragma unroll
         for (int mt = 0; mt < BBQ / 16; mt++) {
-            float acc[HD / 32][4];
+            float acc[2 * TPW][4];
 #pragma unroll
-            for (int i = 0; i < HD / 32; i++) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
+            for (int i = 0; i < 2 * TPW; i++) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
 #pragma unroll
             for (int kk = 0; kk < BBK / 16; kk++) {
                 const int c = kk * 16 + 2 * t4, qr = mt * 16 + gr;
                 const uint32_t a[4] = {ld2(&sm.dSq[qr][c]), ld2(&sm.dSq[qr + 8][c]), ld2(&sm.dSq[qr][c + 8]), ld2(&sm.dSq[qr + 8][c + 8])};
 #pragma unroll
-                for (int dn = 0; dn < HD / 32; dn += 2) {
+                for (int dn = 0; dn < 2 * TPW; dn += 2) {
                     uint32_t bk[4];
-                    b_frags_trans<HD + PAD>(sm.Ks, kk * 16, warp * (HD / 4) + dn * 8, bk);
+                    b_frags_trans<HD + PAD>(sm.Ks, kk * 16, dq_col(dn), bk, dq_col(dn + 1) - dq_col(dn));
                     mma16816(acc[dn], a, bk[0], bk[1]);
                     mma16816(acc[dn + 1], a, bk[2], bk[3]);
                 }
@@ -410,17 +453,23 @@ __device__ void flash_bwd(const __nv_bfloat16* q, const __nv_bfloat16* k, const 
             for (int e2 = 0; e2 < 2; e2++) {
                 const int t = qb * BBQ + mt * 16 + gr + 8 * e2;
                 if (t >= g.q_len) continue;
+                float2 v2[2 * TPW];
+#pragma unroll
+                for (int dn = 0; dn < 2 * TPW; dn++) v2[dn] = make_float2(acc[dn][2 * e2], acc[dn][2 * e2 + 1]);
+#pragma unroll
+                for (int dn = 0; dn < TPW; dn++) unrotate<HD>(cos_t, sin_t, (int64_t)b * g.q_len + t, dq_col(dn) + 2 * t4, v2[dn], v2[dn + TPW]);
                 float* p = dq + qbase + (int64_t)t * qstride;
 #pragma unroll
-                for (int dn = 0; dn < HD / 32; dn++) {
-                    const int d = warp * (HD / 4) + dn * 8 + 2 * t4;
-                    atomicAdd(p + d, acc[dn][2 * e2]);
-                    atomicAdd(p + d + 1, acc[dn][2 * e2 + 1]);
+                for (int dn = 0; dn < 2 * TPW; dn++) {
+                    const int d = dq_col(dn) + 2 * t4;
+                    atomicAdd(p + d, v2[dn].x);
+                    atomicAdd(p + d + 1, v2[dn].y);
                 }
             }
         }
     }
-    // dK, dV rows of this block: only this block writes them.
+    // dK, dV rows of this block: only this block writes them (dK rotated back with tables: column j's
+    // partner j + HD/2 is fragment dn + HD/16 of the same thread).
 #pragma unroll
     for (int e2 = 0; e2 < 2; e2++) {
         const int s = kb * BBK + (e2 ? k1 : k0);
@@ -428,19 +477,28 @@ __device__ void flash_bwd(const __nv_bfloat16* q, const __nv_bfloat16* k, const 
         float* pk = dk + kbase + (int64_t)s * kstride;
         float* pv = dv + kbase + (int64_t)s * kstride;
 #pragma unroll
+        for (int dn = 0; dn < HD / 16; dn++) {
+            const int d = dn * 8 + 2 * t4;
+            float2 lo = make_float2(dka[dn][2 * e2], dka[dn][2 * e2 + 1]);
+            float2 hi = make_float2(dka[dn + HD / 16][2 * e2], dka[dn + HD / 16][2 * e2 + 1]);
+            unrotate<HD>(cos_t, sin_t, (int64_t)b * g.kv_cap + s, d, lo, hi);
+            *reinterpret_cast<float2*>(pk + d) = lo;
+            *reinterpret_cast<float2*>(pk + d + HD / 2) = hi;
+        }
+#pragma unroll
         for (int dn = 0; dn < HD / 8; dn++) {
             const int d = dn * 8 + 2 * t4;
-            *reinterpret_cast<float2*>(pk + d) = make_float2(dka[dn][2 * e2], dka[dn][2 * e2 + 1]);
             *reinterpret_cast<float2*>(pv + d) = make_float2(dva[dn][2 * e2], dva[dn][2 * e2 + 1]);
         }
     }
 }
 
-extern "C" __global__ void __launch_bounds__(128) flash_bwd_hd64(const __nv_bfloat16* q, const __nv_bfloat16* k, const __nv_bfloat16* v, const float* lse, const float* delta, const __nv_bfloat16* dout, const uint32_t* seg, float* dq, float* dk, float* dv, FGEOM_ARGS) {
+// cos_t, sin_t: null, or the RoPE tables that rotated q and k (dq, dk come out un-rotated).
+extern "C" __global__ void __launch_bounds__(128) flash_bwd_hd64(const __nv_bfloat16* q, const __nv_bfloat16* k, const __nv_bfloat16* v, const float* lse, const float* delta, const __nv_bfloat16* dout, const uint32_t* seg, const float* cos_t, const float* sin_t, float* dq, float* dk, float* dv, FGEOM_ARGS) {
     MAKE_FGEOM;
-    flash_bwd<64>(q, k, v, lse, delta, dout, seg, dq, dk, dv, g);
+    flash_bwd<64>(q, k, v, lse, delta, dout, seg, cos_t, sin_t, dq, dk, dv, g);
 }
-extern "C" __global__ void __launch_bounds__(128) flash_bwd_hd128(const __nv_bfloat16* q, const __nv_bfloat16* k, const __nv_bfloat16* v, const float* lse, const float* delta, const __nv_bfloat16* dout, const uint32_t* seg, float* dq, float* dk, float* dv, FGEOM_ARGS) {
+extern "C" __global__ void __launch_bounds__(128) flash_bwd_hd128(const __nv_bfloat16* q, const __nv_bfloat16* k, const __nv_bfloat16* v, const float* lse, const float* delta, const __nv_bfloat16* dout, const uint32_t* seg, const float* cos_t, const float* sin_t, float* dq, float* dk, float* dv, FGEOM_ARGS) {
     MAKE_FGEOM;
-    flash_bwd<128>(q, k, v, lse, delta, dout, seg, dq, dk, dv, g);
+    flash_bwd<128>(q, k, v, lse, delta, dout, seg, cos_t, sin_t, dq, dk, dv, g);
 }

@@ -10,7 +10,7 @@
 //! reads it ([`Tape::done_with`]) or a recorded op's backward will ([`Op::saved_values`]), and the
 //! backward walk drops each saved value after the last op that reads it.
 
-use crate::backend::{AttnShape, Backend, Dropout, LoraGrad};
+use crate::backend::{AttnShape, Backend, Dropout, LoraGrad, RopeTables};
 use crate::model::llama::Graph;
 use crate::model::lora::{LoraGrads, Proj};
 
@@ -44,11 +44,8 @@ pub enum Op {
         out: Id,
         lora: Option<(Id, Dropout)>,
     },
-    Rope {
-        x: Id,
-        out: Id,
-        heads: usize,
-    },
+    /// RoPE of `q` and `k` and causal attention ([`Backend::rope_attention`]): `q` and `k` are the
+    /// un-rotated projections, and backward gives their gradients.
     Attention {
         q: Id,
         k: Id,
@@ -96,7 +93,7 @@ impl Op {
             Op::RmsNorm { x, rstd, .. } => vec![x, rstd],
             // The frozen product's input gradient needs only dy; the LoRA branch also reads x and u.
             Op::Linear { x, lora: Some((u, _)), .. } => vec![x, u],
-            Op::Linear { lora: None, .. } | Op::Rope { .. } | Op::Add { .. } | Op::Mlp { .. } => vec![],
+            Op::Linear { lora: None, .. } | Op::Add { .. } | Op::Mlp { .. } => vec![],
             Op::Attention { q, k, v, out, lse, .. } => vec![q, k, v, out, lse],
             Op::SwiGlu { gate, up, .. } => vec![gate, up],
             Op::Segment { input, .. } => vec![input],
@@ -302,23 +299,17 @@ impl<B: Backend> Tape<B> {
                         dv[x] = Some(dx);
                     }
                 }
-                Op::Rope { x, out, heads } => {
-                    if let Some(d) = dv[out].take() {
-                        let mut dx = be.alloc_output(be.buf_len(&d));
-                        be.rope(&d, &g.cos, &g.sin, heads, g.model.cfg.head_dim, true, &mut dx);
-                        acc(be, &mut dv, x, dx);
-                    }
-                }
                 Op::Attention { q, k, v, out, lse, shape } => {
                     if let Some(d) = dv[out].take() {
                         let (qv, kv, vv) = (self.get(q), self.get(k), self.get(v));
                         let mut dq = be.alloc_output(be.buf_len(qv));
                         let mut dk = be.alloc_output(be.buf_len(kv));
                         let mut dvv = be.alloc_output(be.buf_len(vv));
-                        be.attention_backward(
+                        be.rope_attention_backward(
                             qv,
                             kv,
                             vv,
+                            RopeTables { cos: &g.cos, sin: &g.sin },
                             self.get(out),
                             self.get(lse),
                             &d,

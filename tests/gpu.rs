@@ -12,7 +12,7 @@ use llamatune::backend::cpu::Cpu;
 use llamatune::backend::cuda::{Cuda, Fused4bit, MlpActs};
 use llamatune::backend::{
     linear_many_lora_composed, mlp_gate_up_composed, AdamWStep, AttnShape, Backend, Dropout, HostWeight, LoraBranch,
-    LoraDown, LoraGrad,
+    LoraDown, LoraGrad, RopeTables,
 };
 use llamatune::config::{ComputeDtype, LoraConfig, ModelConfig, QuantConfig, QuantType};
 use llamatune::model::llama::{forward_backward, Batch, Checkpointing, Llama};
@@ -1079,6 +1079,55 @@ fn attention_forward_backward_gqa_packed_and_decode() {
             check(&format!("{} attention dq {label}", s.name), &gpu().download(&dq2), &dq1, tol);
             check(&format!("{} attention dk {label}", s.name), &gpu().download(&dk2), &dk1, tol);
             check(&format!("{} attention dv {label}", s.name), &gpu().download(&dv2), &dv1, tol);
+
+            // The same with q and k given before RoPE (training's form: the flash kernels rotate them as
+            // they load them and rotate dq, dk back), against the CPU's rope → attention → inverse rope.
+            let half = sh.head_dim / 2;
+            let angles = rnd(&mut rng, sh.batch * sh.q_len * half, std::f32::consts::PI);
+            let cos: Vec<f32> = angles.iter().map(|a| a.cos()).collect();
+            let sin: Vec<f32> = angles.iter().map(|a| a.sin()).collect();
+            let rope1 = RopeTables::<Cpu<f32>> { cos: &cos, sin: &sin };
+            let (gcos, gsin) = (gpu().upload(&cos), gpu().upload(&sin));
+            let rope2 = RopeTables::<Cuda> { cos: &gcos, sin: &gsin };
+            let (mut o1, mut l1) = (vec![0.0; nq], vec![0.0; nl]);
+            CPU.rope_attention(&q, &k, &v, rope1, sh, seg.as_deref(), &mut o1, &mut l1);
+            let (mut o2, mut l2) = (poisoned(nq), poisoned(nl));
+            gpu().rope_attention(&gq, &gk, &gv, rope2, sh, seg.as_deref(), &mut o2, &mut l2);
+            check(&format!("{} rope_attention {label}", s.name), &gpu().download(&o2), &o1, tol);
+            check(&format!("{} rope_attention lse {label}", s.name), &finite(&gpu().download(&l2)), &finite(&l1), tol);
+            let (mut dq1, mut dk1, mut dv1) = (vec![0.0; nq], vec![0.0; nk], vec![0.0; nk]);
+            CPU.rope_attention_backward(
+                &q,
+                &k,
+                &v,
+                rope1,
+                &o1,
+                &l1,
+                &dout,
+                sh,
+                seg.as_deref(),
+                &mut dq1,
+                &mut dk1,
+                &mut dv1,
+            );
+            let (mut dq2, mut dk2, mut dv2) = (poisoned(nq), poisoned(nk), poisoned(nk));
+            gpu().rope_attention_backward(
+                &gq,
+                &gk,
+                &gv,
+                rope2,
+                &o2,
+                &l2,
+                &gpu().upload(&dout),
+                sh,
+                seg.as_deref(),
+                &mut dq2,
+                &mut dk2,
+                &mut dv2,
+            );
+            check(&format!("{} rope_attention dq {label}", s.name), &gpu().download(&dq2), &dq1, tol);
+            check(&format!("{} rope_attention dk {label}", s.name), &gpu().download(&dk2), &dk1, tol);
+            check(&format!("{} rope_attention dv {label}", s.name), &gpu().download(&dv2), &dv1, tol);
         }
     }
 }

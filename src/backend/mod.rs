@@ -465,6 +465,44 @@ pub trait Backend {
         dk: &mut Self::Buf,
         dv: &mut Self::Buf,
     );
+    /// [`Backend::attention`] of `q` and `k` before RoPE: both rotated by `rope` first
+    /// ([`Backend::rope`]). For a square shape (training and evaluation: `q_offset` 0 and as many key
+    /// rows as query rows, so one table row serves query and key row `t`). CUDA's flash kernels rotate
+    /// q and k as they take them in, with no rotated copy in memory.
+    #[allow(clippy::too_many_arguments)]
+    fn rope_attention(
+        &self,
+        q: &Self::Buf,
+        k: &Self::Buf,
+        v: &Self::Buf,
+        rope: RopeTables<'_, Self>,
+        shape: AttnShape,
+        segments: Option<&[u32]>,
+        out: &mut Self::Buf,
+        lse: &mut Self::Buf,
+    ) {
+        rope_attention_composed(self, q, k, v, rope, shape, segments, out, lse);
+    }
+    /// The backward of [`Backend::rope_attention`]: `dq`, `dk` are the gradients of the un-rotated
+    /// `q` and `k`.
+    #[allow(clippy::too_many_arguments)]
+    fn rope_attention_backward(
+        &self,
+        q: &Self::Buf,
+        k: &Self::Buf,
+        v: &Self::Buf,
+        rope: RopeTables<'_, Self>,
+        out: &Self::Buf,
+        lse: &Self::Buf,
+        dout: &Self::Buf,
+        shape: AttnShape,
+        segments: Option<&[u32]>,
+        dq: &mut Self::Buf,
+        dk: &mut Self::Buf,
+        dv: &mut Self::Buf,
+    ) {
+        rope_attention_backward_composed(self, q, k, v, rope, out, lse, dout, shape, segments, dq, dk, dv);
+    }
     /// `out = silu(gate) * up`.
     fn swiglu(&self, gate: &Self::Buf, up: &Self::Buf, out: &mut Self::Buf);
     fn swiglu_backward(
@@ -608,6 +646,80 @@ pub trait Backend {
     }
     /// Runs a recording once, on the buffers it was recorded with.
     fn replay(&self, _r: &Self::Recording) {}
+}
+
+/// The per-row RoPE tables `cos, sin (rows, head_dim/2)` of a training or evaluation pass
+/// ([`Backend::rope_attention`]).
+pub struct RopeTables<'a, B: Backend + ?Sized> {
+    pub cos: &'a B::Buf,
+    pub sin: &'a B::Buf,
+}
+impl<B: Backend + ?Sized> Clone for RopeTables<'_, B> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<B: Backend + ?Sized> Copy for RopeTables<'_, B> {}
+
+/// `q (batch·q_len, heads, head_dim)` and `k (batch·kv_capacity, kv_heads, head_dim)` rotated into new
+/// buffers; the shape must be square, so that the tables' row `t` is query row and key row `t`.
+fn rotated_qk<B: Backend + ?Sized>(
+    be: &B,
+    q: &B::Buf,
+    k: &B::Buf,
+    rope: RopeTables<'_, B>,
+    sh: AttnShape,
+) -> (B::Buf, B::Buf) {
+    assert!(sh.q_offset == 0 && sh.kv_capacity == sh.q_len, "rope_attention: the shape must be square");
+    let mut q_rot = be.alloc_output(be.buf_len(q));
+    let mut k_rot = be.alloc_output(be.buf_len(k));
+    be.rope(q, rope.cos, rope.sin, sh.heads, sh.head_dim, false, &mut q_rot);
+    be.rope(k, rope.cos, rope.sin, sh.kv_heads, sh.head_dim, false, &mut k_rot);
+    (q_rot, k_rot)
+}
+
+/// [`Backend::rope_attention`] as [`Backend::rope`] of q and k, then [`Backend::attention`]: the
+/// trait's default and the CUDA backend's path where its flash kernels do not apply.
+#[allow(clippy::too_many_arguments)]
+pub fn rope_attention_composed<B: Backend + ?Sized>(
+    be: &B,
+    q: &B::Buf,
+    k: &B::Buf,
+    v: &B::Buf,
+    rope: RopeTables<'_, B>,
+    sh: AttnShape,
+    segments: Option<&[u32]>,
+    out: &mut B::Buf,
+    lse: &mut B::Buf,
+) {
+    let (q_rot, k_rot) = rotated_qk(be, q, k, rope, sh);
+    be.attention(&q_rot, &k_rot, v, sh, segments, out, lse);
+}
+
+/// [`Backend::rope_attention_backward`] as RoPE of q and k, [`Backend::attention_backward`], then
+/// the inverse RoPE of their gradients.
+#[allow(clippy::too_many_arguments)]
+pub fn rope_attention_backward_composed<B: Backend + ?Sized>(
+    be: &B,
+    q: &B::Buf,
+    k: &B::Buf,
+    v: &B::Buf,
+    rope: RopeTables<'_, B>,
+    out: &B::Buf,
+    lse: &B::Buf,
+    dout: &B::Buf,
+    sh: AttnShape,
+    segments: Option<&[u32]>,
+    dq: &mut B::Buf,
+    dk: &mut B::Buf,
+    dv: &mut B::Buf,
+) {
+    let (q_rot, k_rot) = rotated_qk(be, q, k, rope, sh);
+    let mut dq_rot = be.alloc_output(be.buf_len(q));
+    let mut dk_rot = be.alloc_output(be.buf_len(k));
+    be.attention_backward(&q_rot, &k_rot, v, out, lse, dout, sh, segments, &mut dq_rot, &mut dk_rot, dv);
+    be.rope(&dq_rot, rope.cos, rope.sin, sh.heads, sh.head_dim, true, dq);
+    be.rope(&dk_rot, rope.cos, rope.sin, sh.kv_heads, sh.head_dim, true, dk);
 }
 
 /// [`Backend::linear_many_lora`] as [`Backend::linear_many`] then [`Backend::lora_forward_many`]: the

@@ -2,7 +2,7 @@
 //! SwiGLU MLP → residual) → RMSNorm → lm_head → cross-entropy, written once over any [`Backend`]
 //! and used for training (recording a [`Tape`]), evaluation and cached decoding.
 
-use crate::backend::{AttnShape, Backend, Dropout, HostWeight, LoraDown, IGNORE_INDEX};
+use crate::backend::{AttnShape, Backend, Dropout, HostWeight, LoraDown, RopeTables, IGNORE_INDEX};
 use crate::config::{ModelConfig, QuantConfig};
 use crate::error::{Error, Result};
 use crate::model::lora::{Lora, LoraGrads, LoraPair, Proj};
@@ -420,16 +420,6 @@ impl<'a, B: Backend> Graph<'a, B> {
         out
     }
 
-    fn rope(&self, t: &mut Tape<B>, x: Id, heads: usize) -> Id {
-        let be = self.be;
-        let xv = t.get(x);
-        let mut out = be.alloc_output(be.buf_len(xv));
-        be.rope(xv, &self.cos, &self.sin, heads, self.model.cfg.head_dim, false, &mut out);
-        let out = t.put(out);
-        t.record(Op::Rope { x, out, heads });
-        out
-    }
-
     fn add(&self, t: &mut Tape<B>, a: Id, b: Id) -> Id {
         let be = self.be;
         let mut out = be.alloc_output(be.buf_len(t.get(a)));
@@ -439,13 +429,15 @@ impl<'a, B: Backend> Graph<'a, B> {
         out
     }
 
-    /// Attention over this pass's own keys (training/eval) — the cached variant is in `layer`.
+    /// RoPE of `q` and `k` and attention over this pass's own keys (training/eval), in one op — the
+    /// cached variant is in `layer`.
     fn attention(&self, t: &mut Tape<B>, q: Id, k: Id, v: Id) -> Id {
         let be = self.be;
         let sh = self.shape;
         let mut out = be.alloc_output(be.buf_len(t.get(q)));
         let mut lse = be.alloc_output(sh.batch * sh.heads * sh.q_len);
-        be.attention(t.get(q), t.get(k), t.get(v), sh, self.segments, &mut out, &mut lse);
+        let rope = RopeTables { cos: &self.cos, sin: &self.sin };
+        be.rope_attention(t.get(q), t.get(k), t.get(v), rope, sh, self.segments, &mut out, &mut lse);
         let (out, lse) = (t.put(out), t.put(lse));
         t.record(Op::Attention { q, k, v, out, lse, shape: sh });
         out
@@ -512,11 +504,6 @@ impl<'a, B: Backend> Graph<'a, B> {
         t.done_with(n1);
         let a = match cache {
             None => {
-                let (q_in, k_in) = (q, k);
-                let q = self.rope(t, q_in, c.num_attention_heads);
-                let k = self.rope(t, k_in, c.num_key_value_heads);
-                t.done_with(q_in);
-                t.done_with(k_in);
                 let a = self.attention(t, q, k, v);
                 for id in [q, k, v] {
                     t.done_with(id);

@@ -9,7 +9,10 @@
 mod blas;
 use blas::F32Math;
 
-use super::{AdamWStep, AttnShape, Backend, Dropout, HostWeight, LoraBranch, LoraDown, LoraGrad};
+use super::{
+    rope_attention_backward_composed, rope_attention_composed, AdamWStep, AttnShape, Backend, Dropout, HostWeight,
+    LoraBranch, LoraDown, LoraGrad, RopeTables,
+};
 use crate::config::{ComputeDtype, QuantType};
 use crate::error::{Error, Result};
 use crate::quant::{self, Absmax, Quant4};
@@ -1536,21 +1539,7 @@ impl Backend for Cuda {
         assert!(sh.head_dim <= 256, "head_dim {} > 256 is not supported", sh.head_dim);
         let seg = segments.map(|s| ck!(self.stream.clone_htod(s), "upload segments"));
         if self.flash(&sh) {
-            let kernel = if sh.head_dim == 64 { "flash_fwd_hd64" } else { "flash_fwd_hd128" };
-            let (kb, vb) = self.kv_bf16(k, v, sh);
-            let mut b = self.stream.launch_builder(self.f(kernel));
-            b.arg(q).arg(&kb).arg(&vb);
-            push_opt(&mut b, seg.as_ref());
-            b.arg(out).arg(lse);
-            let g = flash_geom(sh);
-            push_geom(&mut b, &g);
-            let cfg = LaunchConfig {
-                grid_dim: (sh.q_len.div_ceil(64) as u32, sh.heads as u32, sh.batch as u32),
-                block_dim: (128, 1, 1),
-                shared_mem_bytes: 0,
-            };
-            ck!(unsafe { b.launch(cfg) }, kernel);
-            return;
+            return self.flash_forward(q, k, v, None, sh, seg.as_ref(), out, lse);
         }
         self.attention_split(q, k, v, sh, seg.as_ref(), None, out, lse);
     }
@@ -1570,34 +1559,10 @@ impl Backend for Cuda {
     ) {
         let _span = self.span("attention_backward");
         let seg = segments.map(|s| ck!(self.stream.clone_htod(s), "upload segments"));
-        let mut delta = self.scratch(sh.batch * sh.heads * sh.q_len);
         if self.flash(&sh) {
-            let rows = sh.batch * sh.q_len * sh.heads;
-            let (b32, q32, h32, d32) = (sh.batch as i32, sh.q_len as i32, sh.heads as i32, sh.head_dim as i32);
-            launch!(self, "flash_delta", warp_grid(rows); out, dout, &mut delta, &b32, &q32, &h32, &d32);
-            // dq is accumulated with atomics; dk/dv rows past kv_len are not written.
-            ck!(self.stream.memset_zeros(dq), "memset");
-            ck!(self.stream.memset_zeros(dk), "memset");
-            ck!(self.stream.memset_zeros(dv), "memset");
-            let kernel = if sh.head_dim == 64 { "flash_bwd_hd64" } else { "flash_bwd_hd128" };
-            // Q, K, V and dO in bf16 for the kernel's asynchronous copies.
-            let nq = sh.batch * sh.q_len * sh.heads * sh.head_dim;
-            let (kb, vb) = self.kv_bf16(k, v, sh);
-            let (qb, db) = (self.bf16_prefix(q, nq), self.bf16_prefix(dout, nq));
-            let mut b = self.stream.launch_builder(self.f(kernel));
-            b.arg(&qb).arg(&kb).arg(&vb).arg(lse).arg(&delta).arg(&db);
-            push_opt(&mut b, seg.as_ref());
-            b.arg(&mut *dq).arg(&mut *dk).arg(&mut *dv);
-            let g = flash_geom(sh);
-            push_geom(&mut b, &g);
-            let cfg = LaunchConfig {
-                grid_dim: (sh.kv_len.div_ceil(64) as u32, sh.kv_heads as u32, sh.batch as u32),
-                block_dim: (128, 1, 1),
-                shared_mem_bytes: flash_bwd_smem(sh.head_dim) as u32,
-            };
-            ck!(unsafe { b.launch(cfg) }, kernel);
-            return;
+            return self.flash_backward(q, k, v, None, out, lse, dout, sh, seg.as_ref(), dq, dk, dv);
         }
+        let mut delta = self.scratch(sh.batch * sh.heads * sh.q_len);
         let g = geom(sh);
         let mut b = self.stream.launch_builder(self.f("attention_bwd_dq_f32"));
         b.arg(q).arg(k).arg(v).arg(out).arg(lse).arg(dout);
@@ -1613,6 +1578,48 @@ impl Backend for Cuda {
         b.arg(&mut *dk).arg(&mut *dv);
         push_geom(&mut b, &g);
         ck!(unsafe { b.launch(warp_grid(sh.batch * sh.kv_heads * sh.kv_len)) }, "attention_bwd_dkdv_f32");
+    }
+    fn rope_attention(
+        &self,
+        q: &CudaSlice<f32>,
+        k: &CudaSlice<f32>,
+        v: &CudaSlice<f32>,
+        rope: RopeTables<'_, Self>,
+        sh: AttnShape,
+        segments: Option<&[u32]>,
+        out: &mut CudaSlice<f32>,
+        lse: &mut CudaSlice<f32>,
+    ) {
+        if !self.flash(&sh) {
+            return rope_attention_composed(self, q, k, v, rope, sh, segments, out, lse);
+        }
+        let _span = self.span("attention (RoPE inside)");
+        assert!(sh.q_offset == 0 && sh.kv_capacity == sh.q_len, "rope_attention: the shape must be square");
+        let seg = segments.map(|s| ck!(self.stream.clone_htod(s), "upload segments"));
+        self.flash_forward(q, k, v, Some(rope), sh, seg.as_ref(), out, lse);
+    }
+    fn rope_attention_backward(
+        &self,
+        q: &CudaSlice<f32>,
+        k: &CudaSlice<f32>,
+        v: &CudaSlice<f32>,
+        rope: RopeTables<'_, Self>,
+        out: &CudaSlice<f32>,
+        lse: &CudaSlice<f32>,
+        dout: &CudaSlice<f32>,
+        sh: AttnShape,
+        segments: Option<&[u32]>,
+        dq: &mut CudaSlice<f32>,
+        dk: &mut CudaSlice<f32>,
+        dv: &mut CudaSlice<f32>,
+    ) {
+        if !self.flash(&sh) {
+            return rope_attention_backward_composed(self, q, k, v, rope, out, lse, dout, sh, segments, dq, dk, dv);
+        }
+        let _span = self.span("attention_backward (RoPE inside)");
+        assert!(sh.q_offset == 0 && sh.kv_capacity == sh.q_len, "rope_attention: the shape must be square");
+        let seg = segments.map(|s| ck!(self.stream.clone_htod(s), "upload segments"));
+        self.flash_backward(q, k, v, Some(rope), out, lse, dout, sh, seg.as_ref(), dq, dk, dv);
     }
 
     fn swiglu(&self, gate: &CudaSlice<f32>, up: &CudaSlice<f32>, out: &mut CudaSlice<f32>) {
@@ -2973,10 +2980,130 @@ impl Cuda {
 
     /// K and V of attention shape `sh` in bf16 for the flash kernels' asynchronous copies: the rows
     /// they may read (a KV cache of one sequence is converted only up to kv_len).
-    fn kv_bf16(&self, k: &CudaSlice<f32>, v: &CudaSlice<f32>, sh: AttnShape) -> (CudaSlice<bf16>, CudaSlice<bf16>) {
+    /// K and V of a flash launch in bf16 (kernels/flash.cu reads them by cp.async): the rows the kernel
+    /// may read, K rotated by `rope` when given (kernels/rope.cu `rope_bf16`).
+    fn kv_bf16(
+        &self,
+        k: &CudaSlice<f32>,
+        v: &CudaSlice<f32>,
+        rope: Option<RopeTables<'_, Self>>,
+        sh: AttnShape,
+    ) -> (CudaSlice<bf16>, CudaSlice<bf16>) {
         let rows = if sh.batch == 1 { sh.kv_len } else { sh.batch * sh.kv_capacity };
         let n = rows * sh.kv_heads * sh.head_dim;
-        (self.bf16_prefix(k, n), self.bf16_prefix(v, n))
+        let kb = match rope {
+            Some(r) => self.rope_bf16(k, r, sh.kv_heads, sh.head_dim),
+            None => self.bf16_prefix(k, n),
+        };
+        (kb, self.bf16_prefix(v, n))
+    }
+
+    /// `x (rows, heads, head_dim)` rotated by `rope` and rounded to bf16, in a fresh buffer.
+    fn rope_bf16(
+        &self,
+        x: &CudaSlice<f32>,
+        rope: RopeTables<'_, Self>,
+        heads: usize,
+        head_dim: usize,
+    ) -> CudaSlice<bf16> {
+        assert!(head_dim % 8 == 0, "rope_bf16: head_dim {head_dim} is not a multiple of 8");
+        let rows = x.len() / (heads * head_dim);
+        assert!(rope.cos.len() >= rows * head_dim / 2, "rope_bf16: fewer table rows than x rows");
+        // SAFETY: the kernel writes all of x.len() values before anything reads them.
+        let mut out = ck!(unsafe { self.stream.alloc::<bf16>(x.len().max(1)) }, "alloc");
+        let (r32, h32, d32) = (rows as i32, heads as i32, head_dim as i32);
+        launch!(self, "rope_bf16", grid_for(x.len() / 8); x, rope.cos, rope.sin, &mut out, &r32, &h32, &d32);
+        out
+    }
+
+    /// The flash forward (kernels/flash.cu `flash_fwd_hd*`): q rotated as it is loaded and K by its
+    /// conversion when `rope` is given.
+    #[allow(clippy::too_many_arguments)]
+    fn flash_forward(
+        &self,
+        q: &CudaSlice<f32>,
+        k: &CudaSlice<f32>,
+        v: &CudaSlice<f32>,
+        rope: Option<RopeTables<'_, Self>>,
+        sh: AttnShape,
+        seg: Option<&CudaSlice<u32>>,
+        out: &mut CudaSlice<f32>,
+        lse: &mut CudaSlice<f32>,
+    ) {
+        let kernel = if sh.head_dim == 64 { "flash_fwd_hd64" } else { "flash_fwd_hd128" };
+        let (kb, vb) = self.kv_bf16(k, v, rope, sh);
+        let mut b = self.stream.launch_builder(self.f(kernel));
+        b.arg(q).arg(&kb).arg(&vb);
+        push_opt(&mut b, seg);
+        push_opt(&mut b, rope.map(|r| r.cos));
+        push_opt(&mut b, rope.map(|r| r.sin));
+        b.arg(out).arg(lse);
+        let g = flash_geom(sh);
+        push_geom(&mut b, &g);
+        let cfg = LaunchConfig {
+            grid_dim: (sh.q_len.div_ceil(64) as u32, sh.heads as u32, sh.batch as u32),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: the kernel reads q, K, V, seg and the tables within the geometry and writes out and
+        // lse rows of its own queries.
+        ck!(unsafe { b.launch(cfg) }, kernel);
+    }
+
+    /// The flash backward (kernels/flash.cu `flash_delta`, `flash_bwd_hd*`): with `rope`, Q and K are
+    /// rotated by their conversions and dq, dk come out un-rotated.
+    #[allow(clippy::too_many_arguments)]
+    fn flash_backward(
+        &self,
+        q: &CudaSlice<f32>,
+        k: &CudaSlice<f32>,
+        v: &CudaSlice<f32>,
+        rope: Option<RopeTables<'_, Self>>,
+        out: &CudaSlice<f32>,
+        lse: &CudaSlice<f32>,
+        dout: &CudaSlice<f32>,
+        sh: AttnShape,
+        seg: Option<&CudaSlice<u32>>,
+        dq: &mut CudaSlice<f32>,
+        dk: &mut CudaSlice<f32>,
+        dv: &mut CudaSlice<f32>,
+    ) {
+        let mut delta = self.scratch(sh.batch * sh.heads * sh.q_len);
+        let rows = sh.batch * sh.q_len * sh.heads;
+        let (b32, q32, h32, d32) = (sh.batch as i32, sh.q_len as i32, sh.heads as i32, sh.head_dim as i32);
+        launch!(self, "flash_delta", warp_grid(rows); out, dout, &mut delta, &b32, &q32, &h32, &d32);
+        // dq is accumulated with atomics; dk/dv rows from kv_len on are not written, so they are
+        // zeroed only when there are such rows.
+        ck!(self.stream.memset_zeros(dq), "memset");
+        if sh.kv_len < sh.kv_capacity {
+            ck!(self.stream.memset_zeros(dk), "memset");
+            ck!(self.stream.memset_zeros(dv), "memset");
+        }
+        let kernel = if sh.head_dim == 64 { "flash_bwd_hd64" } else { "flash_bwd_hd128" };
+        // Q, K, V and dO in bf16 for the kernel's asynchronous copies.
+        let nq = sh.batch * sh.q_len * sh.heads * sh.head_dim;
+        let (kb, vb) = self.kv_bf16(k, v, rope, sh);
+        let qb = match rope {
+            Some(r) => self.rope_bf16(q, r, sh.heads, sh.head_dim),
+            None => self.bf16_prefix(q, nq),
+        };
+        let db = self.bf16_prefix(dout, nq);
+        let mut b = self.stream.launch_builder(self.f(kernel));
+        b.arg(&qb).arg(&kb).arg(&vb).arg(lse).arg(&delta).arg(&db);
+        push_opt(&mut b, seg);
+        push_opt(&mut b, rope.map(|r| r.cos));
+        push_opt(&mut b, rope.map(|r| r.sin));
+        b.arg(&mut *dq).arg(&mut *dk).arg(&mut *dv);
+        let g = flash_geom(sh);
+        push_geom(&mut b, &g);
+        let cfg = LaunchConfig {
+            grid_dim: (sh.kv_len.div_ceil(64) as u32, sh.kv_heads as u32, sh.batch as u32),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: flash_bwd_smem(sh.head_dim) as u32,
+        };
+        // SAFETY: the kernel reads its inputs within the geometry, adds into dq (zeroed above) and writes
+        // the dk/dv rows below kv_len.
+        ck!(unsafe { b.launch(cfg) }, kernel);
     }
 
     /// The first `n` values of `x` rounded to bf16, in a fresh buffer.
