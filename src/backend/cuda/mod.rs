@@ -764,7 +764,7 @@ fn kernel_names(module: &str) -> &'static [&'static str] {
             "gemm_4bit_reduce",
         ],
         "norm" => &["rmsnorm_f32", "add_rmsnorm_f32", "rmsnorm_backward_f32"],
-        "rope" => &["rope_f32", "rope_cache_f32"],
+        "rope" => &["rope_f32", "rope_bf16", "rope_cache_f32"],
         "xent" => &[
             "cross_entropy_f32",
             XENT_REG[0],
