@@ -3231,3 +3231,44 @@ fn warp_grid(warps: usize) -> LaunchConfig {
         shared_mem_bytes: 0,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::kernel_names;
+
+    /// Every kernel a `kernels/*.cu` file declares by a literal name is one `Cuda::new` resolves (a
+    /// missing one fails only when it is first launched, on a GPU host); names made by macros (`name`,
+    /// `prefix##SUFFIX`, or on the macro's next line) are listed through their name tables and not
+    /// seen here.
+    #[test]
+    fn every_declared_kernel_is_registered_with_its_module() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("kernels");
+        let mut seen = 0;
+        for entry in std::fs::read_dir(&dir).expect("kernels/") {
+            let path = entry.expect("a kernels/ entry").path();
+            if path.extension().and_then(|e| e.to_str()) != Some("cu") {
+                continue;
+            }
+            let module = path.file_stem().and_then(|s| s.to_str()).expect("a file name").to_string();
+            let src = std::fs::read_to_string(&path).expect("a kernel source");
+            for line in src.lines() {
+                let Some(rest) = line.split("extern \"C\" __global__ void ").nth(1) else { continue };
+                let rest = match rest.strip_prefix("__launch_bounds__(") {
+                    Some(r) => r.split_once(')').map_or("", |(_, after)| after).trim_start(),
+                    None => rest,
+                };
+                let name = rest.split('(').next().unwrap_or("").trim();
+                let identifier = !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+                if !identifier || name == "name" {
+                    continue;
+                }
+                seen += 1;
+                assert!(
+                    kernel_names(&module).contains(&name),
+                    "kernels/{module}.cu declares {name}, which kernel_names(\"{module}\") does not list"
+                );
+            }
+        }
+        assert!(seen > 40, "only {seen} kernel declarations found: the scan no longer matches the sources");
+    }
+}
