@@ -8,7 +8,7 @@
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use llamatune::backend::cuda::{Cuda, Fused4bit};
-use llamatune::backend::{AdamWStep, AttnShape, Backend, HostWeight};
+use llamatune::backend::{AdamWStep, AttnShape, Backend, HostWeight, RopeTables};
 use llamatune::config::{ComputeDtype, QuantConfig, QuantType};
 use llamatune::quant::Quant4;
 use rand::{Rng, SeedableRng};
@@ -205,6 +205,26 @@ fn attention(c: &mut Criterion) {
     g.bench_function("backward", |b| {
         b.iter(|| {
             be.attention_backward(&q, &k, &v, &out, &lse, &dout, sh, None, &mut dq, &mut dk, &mut dv);
+            be.synchronize();
+        })
+    });
+    // The training step's form: q and k before RoPE, rotated inside (random angles).
+    let half = sh.head_dim / 2;
+    let angles = rnd(sh.batch * sh.q_len * half, 11, std::f32::consts::PI);
+    let cos = be.upload(&angles.iter().map(|a| a.cos()).collect::<Vec<_>>());
+    let sin = be.upload(&angles.iter().map(|a| a.sin()).collect::<Vec<_>>());
+    let rope = RopeTables { cos: &cos, sin: &sin };
+    g.throughput(Throughput::Elements(fwd as u64));
+    g.bench_function("forward, RoPE inside", |b| {
+        b.iter(|| {
+            be.rope_attention(&q, &k, &v, rope, sh, None, &mut out, &mut lse);
+            be.synchronize();
+        })
+    });
+    g.throughput(Throughput::Elements((fwd as f64 * 2.5) as u64));
+    g.bench_function("backward, RoPE inside", |b| {
+        b.iter(|| {
+            be.rope_attention_backward(&q, &k, &v, rope, &out, &lse, &dout, sh, None, &mut dq, &mut dk, &mut dv);
             be.synchronize();
         })
     });

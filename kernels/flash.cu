@@ -67,6 +67,11 @@ __device__ __forceinline__ bool sees(const FGeom& g, int t, uint32_t qs, int s, 
 __device__ __forceinline__ void ldsm_x4_trans(uint32_t addr, uint32_t& r0, uint32_t& r1, uint32_t& r2, uint32_t& r3) {
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n" : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3) : "r"(addr));
 }
+// Four 8×8 bf16 matrices: lane l gives the address of row l % 8 of matrix l / 8 and receives, of each
+// matrix, row g, columns 2t and 2t+1 (an mma B fragment when rows are n and columns k).
+__device__ __forceinline__ void ldsm_x4(uint32_t addr, uint32_t& r0, uint32_t& r1, uint32_t& r2, uint32_t& r3) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n" : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3) : "r"(addr));
+}
 template <int HD>
 __device__ void flash_fwd(const float* q, const __nv_bfloat16* k, const __nv_bfloat16* v, const uint32_t* seg, const float* cos_t, const float* sin_t, float* out, float* lse, const FGeom g) {
     __shared__ __align__(16) __nv_bfloat16 Ks[2][FBK][HD + PAD];
@@ -154,14 +159,17 @@ __device__ void flash_fwd(const float* q, const __nv_bfloat16* k, const __nv_bfl
         if ((kb + 1) * FBK < kv_end) issue(kb + 1);
         cp_async_commit();
 
+        // S = Q·Kᵀ; K's B fragments of two k steps (matrices at d = 16kk, +8, +16, +24) per ldmatrix.
         float sc[FBK / 8][4];
 #pragma unroll
         for (int nt = 0; nt < FBK / 8; nt++) {
             sc[nt][0] = sc[nt][1] = sc[nt][2] = sc[nt][3] = 0.f;
 #pragma unroll
-            for (int kk = 0; kk < HD / 16; kk++) {
-                const __nv_bfloat16* kr = &Ks[buf][nt * 8 + gr][kk * 16 + 2 * t4];
-                mma16816(sc[nt], qa[kk], ld2(kr), ld2(kr + 8));
+            for (int kk = 0; kk < HD / 16; kk += 2) {
+                uint32_t b0, b1, b2, b3;
+                ldsm_x4(smem_addr(&Ks[buf][nt * 8 + lane % 8][kk * 16 + (lane / 8) * 8]), b0, b1, b2, b3);
+                mma16816(sc[nt], qa[kk], b0, b1);
+                mma16816(sc[nt], qa[kk + 1], b2, b3);
             }
         }
         // Mask, scale, and the running max of each of this thread's two rows. A tile wholly below the
@@ -186,28 +194,33 @@ __device__ void flash_fwd(const float* q, const __nv_bfloat16* k, const __nv_bfl
         mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 1));
         mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
         const float n0 = fmaxf(m0, mx0), n1 = fmaxf(m1, mx1);
-        // A row that has seen nothing yet keeps m = -inf and all-zero p.
-        const float c0 = n0 == -INFINITY ? 1.f : exp2f(m0 - n0), c1 = n1 == -INFINITY ? 1.f : exp2f(m1 - n1);
+        // Exponents relative to the new max, or to 0 for a row that has seen nothing yet (m = -inf):
+        // masked scores (-inf) then give p = 0 and the old sums' factor is 0 or 1 with no NaN.
+        const float b0 = n0 == -INFINITY ? 0.f : n0, b1 = n1 == -INFINITY ? 0.f : n1;
+        const float c0 = exp2f(m0 - b0), c1 = exp2f(m1 - b1);
         m0 = n0;
         m1 = n1;
         float s0 = 0.f, s1 = 0.f;
 #pragma unroll
         for (int nt = 0; nt < FBK / 8; nt++) {
-            sc[nt][0] = sc[nt][0] == -INFINITY ? 0.f : exp2f(sc[nt][0] - n0);
-            sc[nt][1] = sc[nt][1] == -INFINITY ? 0.f : exp2f(sc[nt][1] - n0);
-            sc[nt][2] = sc[nt][2] == -INFINITY ? 0.f : exp2f(sc[nt][2] - n1);
-            sc[nt][3] = sc[nt][3] == -INFINITY ? 0.f : exp2f(sc[nt][3] - n1);
+            sc[nt][0] = exp2f(sc[nt][0] - b0);
+            sc[nt][1] = exp2f(sc[nt][1] - b0);
+            sc[nt][2] = exp2f(sc[nt][2] - b1);
+            sc[nt][3] = exp2f(sc[nt][3] - b1);
             s0 += sc[nt][0] + sc[nt][1];
             s1 += sc[nt][2] + sc[nt][3];
         }
         l0 = l0 * c0 + s0;
         l1 = l1 * c1 + s1;
+        // Past the first key blocks a row's max seldom moves: skip the rescale when no row of the warp's did.
+        if (__any_sync(0xffffffffu, c0 != 1.f || c1 != 1.f)) {
 #pragma unroll
-        for (int i = 0; i < HD / 8; i++) {
-            o[i][0] *= c0;
-            o[i][1] *= c0;
-            o[i][2] *= c1;
-            o[i][3] *= c1;
+            for (int i = 0; i < HD / 8; i++) {
+                o[i][0] *= c0;
+                o[i][1] *= c0;
+                o[i][2] *= c1;
+                o[i][3] *= c1;
+            }
         }
         // O += P · V, P re-packed from the score tiles as A fragments.
 #pragma unroll
@@ -305,6 +318,16 @@ template <int LD>
 __device__ __forceinline__ void b_frags_trans(const __nv_bfloat16 (*tile)[LD], int k0, int n0, uint32_t (&b)[4], int off = 8) {
     const int lane = threadIdx.x % WARP, mi = lane / 8;
     ldsm_x4_trans(smem_addr(&tile[k0 + (mi & 1) * 8 + lane % 8][n0 + (mi >> 1) * off]), b[0], b[1], b[2], b[3]);
+}
+// *p += v.x, *(p + 1) += v.y atomically (p 8-byte aligned): one vector reduction on sm_90, half the
+// atomic operations of two scalar ones.
+__device__ __forceinline__ void red_add2(float* p, float2 v) {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("red.global.add.v2.f32 [%0], {%1, %2};\n" ::"l"(p), "f"(v.x), "f"(v.y) : "memory");
+#else
+    atomicAdd(p, v.x);
+    atomicAdd(p + 1, v.y);
+#endif
 }
 // Rotates a gradient pair back (RoPE's inverse: the angle negated) when there are tables: lo, hi are
 // columns j and j + HD/2 of table row `row`.
@@ -460,11 +483,7 @@ __device__ void flash_bwd(const __nv_bfloat16* q, const __nv_bfloat16* k, const 
                 for (int dn = 0; dn < TPW; dn++) unrotate<HD>(cos_t, sin_t, (int64_t)b * g.q_len + t, dq_col(dn) + 2 * t4, v2[dn], v2[dn + TPW]);
                 float* p = dq + qbase + (int64_t)t * qstride;
 #pragma unroll
-                for (int dn = 0; dn < 2 * TPW; dn++) {
-                    const int d = dq_col(dn) + 2 * t4;
-                    atomicAdd(p + d, v2[dn].x);
-                    atomicAdd(p + d + 1, v2[dn].y);
-                }
+                for (int dn = 0; dn < 2 * TPW; dn++) red_add2(p + dq_col(dn) + 2 * t4, v2[dn]);
             }
         }
     }
