@@ -302,6 +302,15 @@ struct BwdSmem {
     float lse[2][BBQ], delta[2][BBQ];
     uint32_t qseg[2][BBQ], kseg[BBK];
 };
+// With RoPE tables, each step's query rows of the tables, copied with its Q and dO tiles (the dQ
+// epilogue reads them once per key block; from global memory that read sat on every step's critical
+// path). After BwdSmem in dynamic shared memory, allocated only then (Cuda::flash_backward). Rows are
+// HD/2 + 8 floats apart, so a half-warp's 8-byte reads of four rows hit distinct banks.
+#define ROPE_STRIDE(HD) (HD / 2 + 8)
+template <int HD>
+struct RopeSmem {
+    float cos[2][BBQ][ROPE_STRIDE(HD)], sin[2][BBQ][ROPE_STRIDE(HD)];
+};
 // Rows [row0, row0 + rows) of one head of x (bf16, row stride `stride`) into dst (row-major, HD + PAD
 // per row) by 16-byte cp.async copies, zeros from row `valid` on.
 template <int HD>
@@ -329,22 +338,26 @@ __device__ __forceinline__ void red_add2(float* p, float2 v) {
     atomicAdd(p + 1, v.y);
 #endif
 }
-// Rotates a gradient pair back (RoPE's inverse: the angle negated) when there are tables: lo, hi are
-// columns j and j + HD/2 of table row `row`.
+// Rotates a gradient pair back (RoPE's inverse: the angle negated): lo, hi are columns j and j + HD/2,
+// c and sn the angle's cosines and sines at j, j + 1; `unrotate` reads them from table row `row` when
+// there are tables.
+__device__ __forceinline__ void unrotate_by(float2 c, float2 sn, float2& lo, float2& hi) {
+    const float2 a = rope_pair(lo.x, hi.x, c.x, -sn.x), bb = rope_pair(lo.y, hi.y, c.y, -sn.y);
+    lo = make_float2(a.x, bb.x);
+    hi = make_float2(a.y, bb.y);
+}
 template <int HD>
 __device__ __forceinline__ void unrotate(const float* cos_t, const float* sin_t, int64_t row, int j, float2& lo, float2& hi) {
     if (!cos_t) return;
     const int64_t ti = row * (HD / 2) + j;
-    const float2 c = *reinterpret_cast<const float2*>(cos_t + ti), sn = *reinterpret_cast<const float2*>(sin_t + ti);
-    const float2 a = rope_pair(lo.x, hi.x, c.x, -sn.x), bb = rope_pair(lo.y, hi.y, c.y, -sn.y);
-    lo = make_float2(a.x, bb.x);
-    hi = make_float2(a.y, bb.y);
+    unrotate_by(*reinterpret_cast<const float2*>(cos_t + ti), *reinterpret_cast<const float2*>(sin_t + ti), lo, hi);
 }
 
 template <int HD>
 __device__ void flash_bwd(const __nv_bfloat16* q, const __nv_bfloat16* k, const __nv_bfloat16* v, const float* lse, const float* delta, const __nv_bfloat16* dout, const uint32_t* seg, const float* cos_t, const float* sin_t, float* dq, float* dk, float* dv, const FGeom g) {
     extern __shared__ __align__(16) unsigned char smem_raw[];
     BwdSmem<HD>& sm = *reinterpret_cast<BwdSmem<HD>*>(smem_raw);
+    RopeSmem<HD>& rs = *reinterpret_cast<RopeSmem<HD>*>(smem_raw + sizeof(BwdSmem<HD>));  // only with tables
     const int kb = blockIdx.x, grp = blockIdx.y, b = blockIdx.z;
     const int warp = threadIdx.x / WARP, lane = threadIdx.x % WARP, gr = lane >> 2, t4 = lane & 3;
     const int rep = g.heads / g.kv_heads;
@@ -363,6 +376,15 @@ __device__ void flash_bwd(const __nv_bfloat16* q, const __nv_bfloat16* k, const 
         const int buf = it & 1, qb = qb0 + it % nq, h = head_of(it);
         copy_tile<HD>(q, qbase_of(it), qstride, qb * BBQ, BBQ, g.q_len, sm.Qs[buf]);
         copy_tile<HD>(dout, qbase_of(it), qstride, qb * BBQ, BBQ, g.q_len, sm.Ds[buf]);
+        if (cos_t) {
+            for (int i = threadIdx.x; i < BBQ * (HD / 8); i += blockDim.x) {
+                const int r = i / (HD / 8), c = (i % (HD / 8)) * 4, t = qb * BBQ + r;
+                const bool ok = t < g.q_len;
+                const int64_t off = ((int64_t)b * g.q_len + (ok ? t : 0)) * (HD / 2) + c;
+                cp_async16(smem_addr(&rs.cos[buf][r][c]), cos_t + off, ok);
+                cp_async16(smem_addr(&rs.sin[buf][r][c]), sin_t + off, ok);
+            }
+        }
         if (threadIdx.x < BBQ) {
             const int t = qb * BBQ + threadIdx.x;
             const bool ok = t < g.q_len;
@@ -480,7 +502,14 @@ __device__ void flash_bwd(const __nv_bfloat16* q, const __nv_bfloat16* k, const 
 #pragma unroll
                 for (int dn = 0; dn < 2 * TPW; dn++) v2[dn] = make_float2(acc[dn][2 * e2], acc[dn][2 * e2 + 1]);
 #pragma unroll
-                for (int dn = 0; dn < TPW; dn++) unrotate<HD>(cos_t, sin_t, (int64_t)b * g.q_len + t, dq_col(dn) + 2 * t4, v2[dn], v2[dn + TPW]);
+                if (cos_t) {
+                    const int ql = mt * 16 + gr + 8 * e2;
+#pragma unroll
+                    for (int dn = 0; dn < TPW; dn++) {
+                        const int j = dq_col(dn) + 2 * t4;
+                        unrotate_by(*reinterpret_cast<const float2*>(&rs.cos[buf][ql][j]), *reinterpret_cast<const float2*>(&rs.sin[buf][ql][j]), v2[dn], v2[dn + TPW]);
+                    }
+                }
                 float* p = dq + qbase + (int64_t)t * qstride;
 #pragma unroll
                 for (int dn = 0; dn < 2 * TPW; dn++) red_add2(p + dq_col(dn) + 2 * t4, v2[dn]);

@@ -235,7 +235,7 @@ impl Cuda {
         }
         let attr = cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES;
         for (name, hd) in [("flash_bwd_hd64", 64), ("flash_bwd_hd128", 128)] {
-            funcs[name].set_attribute(attr, flash_bwd_smem(hd) as i32).map_err(dev_err)?;
+            funcs[name].set_attribute(attr, flash_bwd_smem(hd, true) as i32).map_err(dev_err)?;
         }
         for name in GEMV_ONE_ROW.iter().chain(&GEMV_MANY).chain(&GEMV_MANY_LORA).chain(&GEMV_SWIGLU) {
             funcs[*name].set_attribute(attr, GEMV_MAX_X_SMEM as i32).map_err(dev_err)?;
@@ -2978,8 +2978,6 @@ impl Cuda {
         self.lora_split_reduce((LORA_OUTER[v], lora_outer_smem(v)), (tiles, m), (s, t), dims, d, true, out);
     }
 
-    /// K and V of attention shape `sh` in bf16 for the flash kernels' asynchronous copies: the rows
-    /// they may read (a KV cache of one sequence is converted only up to kv_len).
     /// K and V of a flash launch in bf16 (kernels/flash.cu reads them by cp.async): the rows the kernel
     /// may read, K rotated by `rope` when given (kernels/rope.cu `rope_bf16`).
     fn kv_bf16(
@@ -3099,7 +3097,7 @@ impl Cuda {
         let cfg = LaunchConfig {
             grid_dim: (sh.kv_len.div_ceil(64) as u32, sh.kv_heads as u32, sh.batch as u32),
             block_dim: (128, 1, 1),
-            shared_mem_bytes: flash_bwd_smem(sh.head_dim) as u32,
+            shared_mem_bytes: flash_bwd_smem(sh.head_dim, rope.is_some()) as u32,
         };
         // SAFETY: the kernel reads its inputs within the geometry, adds into dq (zeroed above) and writes
         // the dk/dv rows below kv_len.
@@ -3168,9 +3166,11 @@ fn flash_geom(sh: AttnShape) -> [i32; 7] {
 }
 /// `sizeof(BwdSmem<HD>)` of kernels/flash.cu: K, V (64 × (HD+8)), two buffers each of Q and dO
 /// (32 × (HD+8)), dS (32 × 72), all bf16; then lse, delta, query segments (2 × 32 each) and key
-/// segments (64), 4 bytes each.
-fn flash_bwd_smem(hd: usize) -> usize {
-    2 * (2 * 64 * (hd + 8) + 2 * 2 * 32 * (hd + 8) + 32 * 72) + 4 * (3 * 2 * 32 + 64)
+/// segments (64), 4 bytes each; with RoPE tables, `RopeSmem<HD>` after it.
+fn flash_bwd_smem(hd: usize, rope: bool) -> usize {
+    let base = 2 * (2 * 64 * (hd + 8) + 2 * 2 * 32 * (hd + 8) + 32 * 72) + 4 * (3 * 2 * 32 + 64);
+    // RopeSmem<HD>: cos and sin rows of two query blocks, 32 × (HD/2 + 8) f32 each.
+    base + if rope { 2 * 2 * 32 * (hd / 2 + 8) * 4 } else { 0 }
 }
 fn push_geom<'a, const N: usize>(b: &mut cudarc::driver::LaunchArgs<'a>, g: &'a [i32; N]) {
     for x in g {
