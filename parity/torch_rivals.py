@@ -1,6 +1,7 @@
 """The torch rivals of two kernel targets of issue 6, timed on this GPU in the run that times ours
 (`benches/gpu_kernels.rs`): causal scaled_dot_product_attention forward+backward at 4 × 32 heads ×
-512 × 128 in bf16, and fp32 cross-entropy forward+backward over 2048 × 32000 logits (its gradient in
+512 × 128 in bf16 (and, as transformers' Llama runs it under bf16 autocast, with RoPE applied to f32 q
+and k first, like-for-like with our RoPE-inside form), and fp32 cross-entropy forward+backward over 2048 × 32000 logits (its gradient in
 f32, and cast to bf16 as a bf16 LM head reads it). Each figure is
 the median of 20 timed runs after 5 warm-up runs, each run ending with a synchronization (as our
 criterion iterations do). Usage: python3 parity/torch_rivals.py [OUT.json]"""
@@ -43,6 +44,23 @@ def main():
         o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         torch.autograd.grad(o, (q, k, v), dout)
 
+    # transformers' path in the step: q, k, v f32 projections (batch, heads, T, d), RoPE by
+    # rotate_half on q and k in f32, SDPA casting to bf16 under autocast; gradients to the f32
+    # un-rotated q, k and to v.
+    q32, k32, v32 = (x.detach().float().requires_grad_(True) for x in (q, k, v))
+    ang = torch.rand(t, d // 2, device=dev) * 6.283
+    cos = torch.cat([ang.cos(), ang.cos()], dim=-1)
+    sin = torch.cat([ang.sin(), ang.sin()], dim=-1)
+
+    def rotate_half(x):
+        return torch.cat((-x[..., d // 2:], x[..., : d // 2]), dim=-1)
+
+    def rope_attn_fwd_bwd():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            qr, kr = q32 * cos + rotate_half(q32) * sin, k32 * cos + rotate_half(k32) * sin
+            o = F.scaled_dot_product_attention(qr, kr, v32, is_causal=True)
+        torch.autograd.grad(o, (q32, k32, v32), dout)
+
     rows, vocab = 2048, 32000
     logits = (torch.randn(rows, vocab, device=dev) * 4).requires_grad_(True)
     targets = torch.randint(0, vocab, (rows,), device=dev)
@@ -66,6 +84,7 @@ def main():
         "torch": torch.__version__,
         "sdpa_fwd_s": timed(attn_fwd),
         "sdpa_fwd_bwd_s": timed(attn_fwd_bwd),
+        "rope_f32_then_sdpa_autocast_fwd_bwd_s": timed(rope_attn_fwd_bwd),
         "cross_entropy_fp32_fwd_bwd_s": timed(ce),
         "cross_entropy_bf16_logits_fwd_bwd_s": timed(ce_from_bf16_logits),
     }
