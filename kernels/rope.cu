@@ -19,9 +19,9 @@ extern "C" __global__ void rope_f32(const float* x, const float* cos_t, const fl
     FOR_EACH(i, (int64_t)m * heads * (head_dim / 2)) rotate_pair(x, cos_t, sin_t, out, 0, i, heads, head_dim, inverse);
 }
 
-// The rotated q or k of flash attention's backward (Cuda::rope_attention_backward), rounded to bf16 for
-// its asynchronous copies: rope_f32 then f32_to_bf16 in one pass, four pairs per thread (head_dim % 8
-// = 0). x (rows, heads, head_dim) f32, out the same in bf16; cos, sin (rows, head_dim/2).
+// The rotated k of flash attention's forward and q and k of its backward (Cuda::rope_attention and its
+// backward), rounded to bf16 for the kernels' asynchronous copies: rope_f32 then f32_to_bf16 in one
+// pass, four pairs per thread (head_dim % 8 = 0). x (rows, heads, head_dim) f32, out the same in bf16; cos, sin (rows, head_dim/2).
 extern "C" __global__ void rope_bf16(const float* x, const float* cos_t, const float* sin_t, __nv_bfloat16* out, int rows, int heads, int head_dim) {
     const int half = head_dim / 2, quads = half / 4;
     FOR_EACH(i, (int64_t)rows * heads * quads) {
