@@ -77,7 +77,9 @@ __device__ void flash_fwd(const float* q, const __nv_bfloat16* k, const __nv_bfl
     __shared__ __align__(16) __nv_bfloat16 Ks[2][FBK][HD + PAD];
     __shared__ __align__(16) __nv_bfloat16 Vs[2][FBK][HD + PAD];
     __shared__ uint32_t kseg[2][FBK];
-    const int qb = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
+    // Causal: query block qb sees qb + 1 blocks of keys, so the blocks start with the last (heaviest)
+    // one and the light ones fill the last wave's gaps (the grid is ~2 waves at 4×512 tokens).
+    const int qb = gridDim.x - 1 - blockIdx.x, h = blockIdx.y, b = blockIdx.z;
     const int warp = threadIdx.x / WARP, lane = threadIdx.x % WARP, gr = lane >> 2, t4 = lane & 3;
     const int grp = h / (g.heads / g.kv_heads);
     const float sl2 = rsqrtf((float)HD) * LOG2E; // scores in log2 units
