@@ -272,19 +272,45 @@ extern "C" __global__ void __launch_bounds__(128, 4) flash_fwd_hd128(const float
 }
 
 // ---- backward -----------------------------------------------------------------------------------
-// delta (batch, heads, q_len) = rowsum(dout ⊙ out): one warp per query row.
-extern "C" __global__ void flash_delta(const float* out, const float* dout, float* delta, int batch, int q_len, int heads, int hd) {
-    const int64_t w = ((int64_t)blockIdx.x * blockDim.x + threadIdx.x) / WARP;
-    if (w >= (int64_t)batch * q_len * heads) return;
-    const int lane = threadIdx.x % WARP;
-    const int h = w % heads, t = (w / heads) % q_len, b = w / ((int64_t)heads * q_len);
-    const float* o = out + w * hd;
-    const float* d = dout + w * hd;
-    float s = 0.f;
-    for (int j = lane; j < hd; j += WARP) s += o[j] * d[j];
-    s = warp_sum(s);
-    if (lane == 0) delta[((int64_t)b * heads + h) * q_len + t] = s;
+// What the backward kernel reads of the queries, in one pass over q, out and dout (batch, q_len,
+// heads, HD), f32: delta (batch, heads, q_len) = rowsum(dout ⊙ out), dout in bf16, and q in bf16,
+// rotated by RoPE when there are tables (cos, sin: (batch·q_len, HD/2)). HD/8 lanes per row, each
+// with four columns j.. of each half (the RoPE pairs j, j + HD/2) of q, out and dout.
+template <int HD>
+__device__ void flash_bwd_prep(const float* q, const float* out, const float* dout, const float* cos_t, const float* sin_t, __nv_bfloat16* qb, __nv_bfloat16* db, float* delta, int batch, int q_len, int heads) {
+    constexpr int LANES = HD / 8;
+    const int64_t row = ((int64_t)blockIdx.x * blockDim.x + threadIdx.x) / LANES;
+    const int sub = threadIdx.x % LANES, j = 4 * sub;
+    const bool live = row < (int64_t)batch * q_len * heads;
+    const int64_t r = live ? row : 0, base = r * HD;
+    const float4 o1 = load4(out + base + j), o2 = load4(out + base + HD / 2 + j);
+    const float4 d1 = load4(dout + base + j), d2 = load4(dout + base + HD / 2 + j);
+    float4 q1 = load4(q + base + j), q2 = load4(q + base + HD / 2 + j);
+    float s = o1.x * d1.x + o1.y * d1.y + o1.z * d1.z + o1.w * d1.w + o2.x * d2.x + o2.y * d2.y + o2.z * d2.z + o2.w * d2.w;
+#pragma unroll
+    for (int o = LANES / 2; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+    if (!live) return;
+    const int h = r % heads;
+    const int64_t t = r / heads;  // token row b·q_len + position
+    if (cos_t) {
+        const float4 c = load4(cos_t + t * (HD / 2) + j), sn = load4(sin_t + t * (HD / 2) + j);
+        const float2 a0 = rope_pair(q1.x, q2.x, c.x, sn.x), a1 = rope_pair(q1.y, q2.y, c.y, sn.y);
+        const float2 a2 = rope_pair(q1.z, q2.z, c.z, sn.z), a3 = rope_pair(q1.w, q2.w, c.w, sn.w);
+        q1 = make_float4(a0.x, a1.x, a2.x, a3.x);
+        q2 = make_float4(a0.y, a1.y, a2.y, a3.y);
+    }
+    store4(qb + base + j, q1);
+    store4(qb + base + HD / 2 + j, q2);
+    store4(db + base + j, d1);
+    store4(db + base + HD / 2 + j, d2);
+    if (sub == 0) delta[((t / q_len) * heads + h) * q_len + t % q_len] = s;
 }
+#define FLASH_BWD_PREP(HD) \
+    extern "C" __global__ void flash_bwd_prep_hd##HD(const float* q, const float* out, const float* dout, const float* cos_t, const float* sin_t, __nv_bfloat16* qb, __nv_bfloat16* db, float* delta, int batch, int q_len, int heads) { \
+        flash_bwd_prep<HD>(q, out, dout, cos_t, sin_t, qb, db, delta, batch, q_len, heads); \
+    }
+FLASH_BWD_PREP(64)
+FLASH_BWD_PREP(128)
 
 // Block: 4 warps and 64 keys of one (batch, kv head); each warp owns 16 keys. For every query head
 // of the group and every block of 32 queries that can see these keys, with P = exp(S − lse) and

@@ -680,7 +680,14 @@ fn kernel_names(module: &str) -> &'static [&'static str] {
     match module {
         "adamw" => &["adamw_f32", "adamw_many_f32", "sum_squares_many_f32"],
         "attention" => &["attention_fwd_f32", "attention_bwd_dq_f32", "attention_bwd_dkdv_f32"],
-        "flash" => &["flash_fwd_hd64", "flash_fwd_hd128", "flash_delta", "flash_bwd_hd64", "flash_bwd_hd128"],
+        "flash" => &[
+            "flash_fwd_hd64",
+            "flash_fwd_hd128",
+            "flash_bwd_prep_hd64",
+            "flash_bwd_prep_hd128",
+            "flash_bwd_hd64",
+            "flash_bwd_hd128",
+        ],
         "elementwise" => &[
             "add_f32",
             "add_assign_f32",
@@ -3048,8 +3055,8 @@ impl Cuda {
         ck!(unsafe { b.launch(cfg) }, kernel);
     }
 
-    /// The flash backward (kernels/flash.cu `flash_delta`, `flash_bwd_hd*`): with `rope`, Q and K are
-    /// rotated by their conversions and dq, dk come out un-rotated.
+    /// The flash backward (kernels/flash.cu `flash_bwd_prep_hd*`, `flash_bwd_hd*`): with `rope`, Q and
+    /// K are rotated by their conversions and dq, dk come out un-rotated.
     #[allow(clippy::too_many_arguments)]
     fn flash_backward(
         &self,
@@ -3066,10 +3073,31 @@ impl Cuda {
         dk: &mut CudaSlice<f32>,
         dv: &mut CudaSlice<f32>,
     ) {
+        // Q, K, V and dO in bf16 for the kernel's asynchronous copies, Q (and K) rotated with tables;
+        // Q, dO and delta = rowsum(dO ⊙ O) from one pass over q, out and dout (flash_bwd_prep).
+        let nq = sh.batch * sh.q_len * sh.heads * sh.head_dim;
         let mut delta = self.scratch(sh.batch * sh.heads * sh.q_len);
-        let rows = sh.batch * sh.q_len * sh.heads;
-        let (b32, q32, h32, d32) = (sh.batch as i32, sh.q_len as i32, sh.heads as i32, sh.head_dim as i32);
-        launch!(self, "flash_delta", warp_grid(rows); out, dout, &mut delta, &b32, &q32, &h32, &d32);
+        // SAFETY: flash_bwd_prep writes every value of both before anything reads them.
+        let mut qb = ck!(unsafe { self.stream.alloc::<bf16>(nq) }, "alloc");
+        let mut db = ck!(unsafe { self.stream.alloc::<bf16>(nq) }, "alloc");
+        {
+            let prep = if sh.head_dim == 64 { "flash_bwd_prep_hd64" } else { "flash_bwd_prep_hd128" };
+            let threads = sh.batch * sh.q_len * sh.heads * (sh.head_dim / 8);
+            let cfg = LaunchConfig {
+                grid_dim: (threads.div_ceil(256) as u32, 1, 1),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            let (b32, q32, h32) = (sh.batch as i32, sh.q_len as i32, sh.heads as i32);
+            let mut b = self.stream.launch_builder(self.f(prep));
+            b.arg(q).arg(out).arg(dout);
+            push_opt(&mut b, rope.map(|r| r.cos));
+            push_opt(&mut b, rope.map(|r| r.sin));
+            b.arg(&mut qb).arg(&mut db).arg(&mut delta).arg(&b32).arg(&q32).arg(&h32);
+            // SAFETY: one row of HD/8 threads per query row, each reading and writing its own row.
+            ck!(unsafe { b.launch(cfg) }, prep);
+        }
+        let (kb, vb) = self.kv_bf16(k, v, rope, sh);
         // dq is accumulated with atomics; dk/dv rows from kv_len on are not written, so they are
         // zeroed only when there are such rows.
         ck!(self.stream.memset_zeros(dq), "memset");
@@ -3078,14 +3106,6 @@ impl Cuda {
             ck!(self.stream.memset_zeros(dv), "memset");
         }
         let kernel = if sh.head_dim == 64 { "flash_bwd_hd64" } else { "flash_bwd_hd128" };
-        // Q, K, V and dO in bf16 for the kernel's asynchronous copies.
-        let nq = sh.batch * sh.q_len * sh.heads * sh.head_dim;
-        let (kb, vb) = self.kv_bf16(k, v, rope, sh);
-        let qb = match rope {
-            Some(r) => self.rope_bf16(q, r, sh.heads, sh.head_dim),
-            None => self.bf16_prefix(q, nq),
-        };
-        let db = self.bf16_prefix(dout, nq);
         let mut b = self.stream.launch_builder(self.f(kernel));
         b.arg(&qb).arg(&kb).arg(&vb).arg(lse).arg(&delta).arg(&db);
         push_opt(&mut b, seg);
