@@ -2,10 +2,10 @@
 // head_dim 64 and 128: causal, GQA, segment masks (packing/padding), online softmax with the
 // log-sum-exp saved for the backward pass, no T×T matrix in memory. Activations are f32 in memory and
 // every operand is rounded to bf16 (as torch's bf16 SDPA sees them): the launchers (Cuda::attention,
-// Cuda::attention_backward and their RoPE forms) convert K and V (and, for the backward, Q and dO) once
-// per call, and the forward rounds Q as it loads it. With RoPE tables (cos, sin: (token rows, HD/2);
-// training and evaluation, where query row t and key row t are the same token) q and k arrive before
-// the rotation: the conversions rotate K (and Q for the backward), the forward rotates Q in registers
+// Cuda::attention_backward and their RoPE forms) convert K and V once per call (the backward's Q and
+// dO come from flash_bwd_prep, with delta), and the forward rounds Q as it loads it. With RoPE tables
+// (cos, sin: (token rows, HD/2); training and evaluation, where query row t and key row t are the same
+// token) q and k arrive before the rotation: the conversions rotate K (and Q for the backward), the forward rotates Q in registers
 // as it loads it, and the backward rotates its dQ and dK back before adding or writing them, so the
 // gradients are with respect to the un-rotated q and k and no separate RoPE pass runs either way.
 // The f32 kernels in attention.cu serve other head sizes, decoding and the GPU's precise mode.
@@ -315,8 +315,8 @@ FLASH_BWD_PREP(128)
 // Block: 4 warps and 64 keys of one (batch, kv head); each warp owns 16 keys. For every query head
 // of the group and every block of 32 queries that can see these keys, with P = exp(S − lse) and
 // dS = P ⊙ (dP − delta)·scale: dV += Pᵀ·dO and dK += dSᵀ·Q stay in registers; dS goes through shared
-// memory to give dQ += dS·K, added into dq with atomics (dq must be zero beforehand). Q, K, V and dO
-// arrive in bf16 (the launcher converts them once per call): the block's K and V tiles and each
+// memory to give dQ += dS·K, added into dq by vector reductions (dq must be zero beforehand). Q, K, V
+// and dO arrive in bf16 (converted once per call): the block's K and V tiles and each
 // query block's Q and dO tiles are copied by cp.async, the next query block's into the second of two
 // buffers while the warps work on the current one, and every operand that the products need
 // transposed (dO and Q for dV and dK, K for dQ) comes by ldmatrix.trans from the row-major tile.
