@@ -136,6 +136,11 @@ impl AttnShape {
     pub fn square(batch: usize, seq: usize, heads: usize, kv_heads: usize, head_dim: usize) -> Self {
         AttnShape { batch, q_len: seq, kv_len: seq, kv_capacity: seq, heads, kv_heads, head_dim, q_offset: 0 }
     }
+    /// A training or evaluation shape: no cached prefix and as many key rows as query rows, so one
+    /// RoPE table row serves query and key row `t` ([`Backend::rope_attention`]).
+    pub fn is_square(&self) -> bool {
+        self.q_offset == 0 && self.kv_capacity == self.q_len
+    }
 }
 
 /// bitsandbytes' 32-bit Adam step for one value, in f32: returns the new `(param, m, v)`.
@@ -670,7 +675,7 @@ fn rotated_qk<B: Backend + ?Sized>(
     rope: RopeTables<'_, B>,
     sh: AttnShape,
 ) -> (B::Buf, B::Buf) {
-    assert!(sh.q_offset == 0 && sh.kv_capacity == sh.q_len, "rope_attention: the shape must be square");
+    assert!(sh.is_square(), "rope_attention: the shape must be square");
     let mut q_rot = be.alloc_output(be.buf_len(q));
     let mut k_rot = be.alloc_output(be.buf_len(k));
     be.rope(q, rope.cos, rope.sin, sh.heads, sh.head_dim, false, &mut q_rot);

@@ -1601,7 +1601,7 @@ impl Backend for Cuda {
             return rope_attention_composed(self, q, k, v, rope, sh, segments, out, lse);
         }
         let _span = self.span("attention (RoPE inside)");
-        assert!(sh.q_offset == 0 && sh.kv_capacity == sh.q_len, "rope_attention: the shape must be square");
+        assert!(sh.is_square(), "rope_attention: the shape must be square");
         let seg = segments.map(|s| ck!(self.stream.clone_htod(s), "upload segments"));
         self.flash_forward(q, k, v, Some(rope), sh, seg.as_ref(), out, lse);
     }
@@ -1624,7 +1624,7 @@ impl Backend for Cuda {
             return rope_attention_backward_composed(self, q, k, v, rope, out, lse, dout, sh, segments, dq, dk, dv);
         }
         let _span = self.span("attention_backward (RoPE inside)");
-        assert!(sh.q_offset == 0 && sh.kv_capacity == sh.q_len, "rope_attention: the shape must be square");
+        assert!(sh.is_square(), "rope_attention: the shape must be square");
         let seg = segments.map(|s| ck!(self.stream.clone_htod(s), "upload segments"));
         self.flash_backward(q, k, v, Some(rope), out, lse, dout, sh, seg.as_ref(), dq, dk, dv);
     }
