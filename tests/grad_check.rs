@@ -2,7 +2,7 @@
 //! gradients, plus checkpointed (on the device or offloaded) == non-checkpointed backward.
 
 use llamatune::backend::cpu::Cpu;
-use llamatune::backend::{AttnShape, Backend, Dropout, HostWeight};
+use llamatune::backend::{AttnShape, Backend, Dropout, HostWeight, RopeTables};
 use llamatune::config::{ComputeDtype, LoraConfig, QuantConfig, QuantType};
 use llamatune::model::llama::{forward_backward, Batch, Checkpointing, Llama};
 use llamatune::model::lora::Lora;
@@ -184,6 +184,35 @@ fn attention_backward_gqa_with_segments() {
     k2[0] += 1.0; // row 0, position 0 (document 1) must not affect document 2 (positions 2..5)
     let out2 = run(&q, &k2, &v).0;
     assert_eq!(out[2 * d..5 * d], out2[2 * d..5 * d]);
+}
+
+/// Attention over q and k before RoPE (the training graph's op): the gradients of the un-rotated q
+/// and k, which a rotation dropped or applied the wrong way round would get wrong.
+#[test]
+fn rope_attention_backward_gqa_with_segments() {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(9);
+    let sh = AttnShape::square(2, 5, 4, 2, 4);
+    let nq = sh.batch * sh.q_len * sh.heads * sh.head_dim;
+    let nk = sh.batch * sh.kv_len * sh.kv_heads * sh.head_dim;
+    let seg: Vec<u32> = vec![1, 1, 2, 2, 2, 1, 1, 1, 0, 0];
+    let ang = rand_vec(&mut rng, sh.batch * sh.q_len * sh.head_dim / 2);
+    let cos: Vec<f64> = ang.iter().map(|a| (a * 3.0).cos()).collect();
+    let sin: Vec<f64> = ang.iter().map(|a| (a * 3.0).sin()).collect();
+    let rope = RopeTables::<B> { cos: &cos, sin: &sin };
+    let (q, k, v, dy) =
+        (rand_vec(&mut rng, nq), rand_vec(&mut rng, nk), rand_vec(&mut rng, nk), rand_vec(&mut rng, nq));
+    let run = |q: &[f64], k: &[f64], v: &[f64]| {
+        let mut out = vec![0.0; nq];
+        let mut lse = vec![0.0; sh.batch * sh.heads * sh.q_len];
+        BE.rope_attention(&q.to_vec(), &k.to_vec(), &v.to_vec(), rope, sh, Some(&seg), &mut out, &mut lse);
+        (out, lse)
+    };
+    let (out, lse) = run(&q, &k, &v);
+    let (mut dq, mut dk, mut dv) = (vec![0.0; nq], vec![0.0; nk], vec![0.0; nk]);
+    BE.rope_attention_backward(&q, &k, &v, rope, &out, &lse, &dy, sh, Some(&seg), &mut dq, &mut dk, &mut dv);
+    check("rope_attention dq", &dq, &numeric_grad(&q, |q| dot(&run(q, &k, &v).0, &dy)));
+    check("rope_attention dk", &dk, &numeric_grad(&k, |k| dot(&run(&q, k, &v).0, &dy)));
+    check("rope_attention dv", &dv, &numeric_grad(&v, |v| dot(&run(&q, &k, v).0, &dy)));
 }
 
 #[test]
