@@ -3,11 +3,12 @@
 // log-sum-exp saved for the backward pass, no T×T matrix in memory. Activations are f32 in memory and
 // every operand is rounded to bf16 (as torch's bf16 SDPA sees them): the launchers (Cuda::attention,
 // Cuda::attention_backward and their RoPE forms) convert K and V once per call (the backward's Q and
-// dO come from flash_bwd_prep, with delta), and the forward rounds Q as it loads it. With RoPE tables
-// (cos, sin: (token rows, HD/2); training and evaluation, where query row t and key row t are the same
-// token) q and k arrive before the rotation: the conversions rotate K (and Q for the backward), the forward rotates Q in registers
-// as it loads it, and the backward rotates its dQ and dK back before adding or writing them, so the
-// gradients are with respect to the un-rotated q and k and no separate RoPE pass runs either way.
+// dO come from flash_bwd_prep, with delta), and the forward rounds Q as it loads it.
+// With RoPE tables (cos, sin: (token rows, HD/2); training and evaluation, where query row t and key
+// row t are the same token) q and k arrive before the rotation: the conversions rotate K (and Q for
+// the backward), the forward rotates Q in registers as it loads it, and the backward rotates its dQ
+// and dK back before adding or writing them, so the gradients are with respect to the un-rotated q
+// and k and no separate RoPE pass runs either way.
 // The f32 kernels in attention.cu serve other head sizes, decoding and the GPU's precise mode.
 // CPU reference: Cpu::attention / Cpu::attention_backward (src/backend/cpu.rs), with Cpu::rope around
 // them for the RoPE forms (backend::rope_attention_composed).
