@@ -530,7 +530,6 @@ __device__ void flash_bwd(const __nv_bfloat16* q, const __nv_bfloat16* k, const 
                 float2 v2[2 * TPW];
 #pragma unroll
                 for (int dn = 0; dn < 2 * TPW; dn++) v2[dn] = make_float2(acc[dn][2 * e2], acc[dn][2 * e2 + 1]);
-#pragma unroll
                 if (cos_t) {
                     const int ql = mt * 16 + gr + 8 * e2;
 #pragma unroll
