@@ -48,15 +48,24 @@ fn main() {
     for k in &kernels {
         let stem = k.file_stem().and_then(|s| s.to_str()).expect("kernel file name");
         let fatbin = out.join(format!("{stem}.fatbin"));
-        let status = Command::new(&nvcc)
+        let output = Command::new(&nvcc)
             .args(&gencode)
             .args(["-O3", "-std=c++17", "-Xptxas=-warn-spills", "-fatbin", "-o"])
             .arg(&fatbin)
             .arg(k)
-            .status()
+            .output()
             .unwrap_or_else(|e| panic!("could not run {}: {e}", nvcc.display()));
-        if !status.success() {
-            panic!("nvcc failed on {} ({status})", k.display());
+        let messages = String::from_utf8_lossy(&output.stderr);
+        eprint!("{messages}");
+        if !output.status.success() {
+            panic!("nvcc failed on {} ({}):\n{messages}", k.display(), output.status);
+        }
+        // The compiler front end's warnings (`file(line): warning #N-D: ...`) fail the build: cargo
+        // shows a build script's output only when it fails, so they would otherwise go unseen (a
+        // stray `#pragma unroll` once did). ptxas's spill reports stay informational.
+        let front_end: Vec<&str> = messages.lines().filter(|l| l.contains(": warning #")).collect();
+        if !front_end.is_empty() {
+            panic!("nvcc warned on {}:\n{}", k.display(), front_end.join("\n"));
         }
         table.push_str(&format!("    ({stem:?}, include_bytes!({:?})),\n", fatbin.display().to_string()));
     }
