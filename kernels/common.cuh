@@ -75,6 +75,19 @@ template <int N> __device__ __forceinline__ void cp_async_wait() { asm volatile(
 // Rotate-half RoPE of one pair (x1 at column j, x2 at j + head_dim/2) by the angle whose cosine and
 // sine are c and s (s negated for the inverse): rope.cu's kernels and flash.cu's rotation on load.
 __device__ __forceinline__ float2 rope_pair(float x1, float x2, float c, float s) { return make_float2(x1 * c - x2 * s, x2 * c + x1 * s); }
+// rope_pair over two or four consecutive columns at once: lo holds columns j.., hi columns
+// j + head_dim/2.., rotated in place by the angles' cosines c and sines s of those columns.
+__device__ __forceinline__ void rope_pairs(float2& lo, float2& hi, float2 c, float2 s) {
+    const float2 a = rope_pair(lo.x, hi.x, c.x, s.x), b = rope_pair(lo.y, hi.y, c.y, s.y);
+    lo = make_float2(a.x, b.x);
+    hi = make_float2(a.y, b.y);
+}
+__device__ __forceinline__ void rope_pairs(float4& lo, float4& hi, float4 c, float4 s) {
+    const float2 a = rope_pair(lo.x, hi.x, c.x, s.x), b = rope_pair(lo.y, hi.y, c.y, s.y);
+    const float2 d = rope_pair(lo.z, hi.z, c.z, s.z), e = rope_pair(lo.w, hi.w, c.w, s.w);
+    lo = make_float4(a.x, b.x, d.x, e.x);
+    hi = make_float4(a.y, b.y, d.y, e.y);
+}
 
 // SwiGLU of one element: silu(g) · u (elementwise.cu's swiglu_f32 and nf4.cu's fused decoding GEMV).
 __device__ __forceinline__ float swiglu1(float g, float u) { return g / (1.f + expf(-g)) * u; }

@@ -119,10 +119,7 @@ __device__ void flash_fwd(const float* q, const __nv_bfloat16* k, const __nv_bfl
                     const int r = e & 1 ? r1 : r0;
                     if (r >= g.q_len) continue;
                     const int64_t ti = ((int64_t)b * g.q_len + r) * (HD / 2) + kk * 16 + 2 * t4 + (e >> 1) * 8;
-                    const float2 c = *reinterpret_cast<const float2*>(cos_t + ti), sn = *reinterpret_cast<const float2*>(sin_t + ti);
-                    const float2 a = rope_pair(lo[e].x, hi[e].x, c.x, sn.x), bb = rope_pair(lo[e].y, hi[e].y, c.y, sn.y);
-                    lo[e] = make_float2(a.x, bb.x);
-                    hi[e] = make_float2(a.y, bb.y);
+                    rope_pairs(lo[e], hi[e], *reinterpret_cast<const float2*>(cos_t + ti), *reinterpret_cast<const float2*>(sin_t + ti));
                 }
             }
             pack(kk, lo);
@@ -293,13 +290,7 @@ __device__ void flash_bwd_prep(const float* q, const float* out, const float* do
     if (!live) return;
     const int h = r % heads;
     const int64_t t = r / heads;  // token row b·q_len + position
-    if (cos_t) {
-        const float4 c = load4(cos_t + t * (HD / 2) + j), sn = load4(sin_t + t * (HD / 2) + j);
-        const float2 a0 = rope_pair(q1.x, q2.x, c.x, sn.x), a1 = rope_pair(q1.y, q2.y, c.y, sn.y);
-        const float2 a2 = rope_pair(q1.z, q2.z, c.z, sn.z), a3 = rope_pair(q1.w, q2.w, c.w, sn.w);
-        q1 = make_float4(a0.x, a1.x, a2.x, a3.x);
-        q2 = make_float4(a0.y, a1.y, a2.y, a3.y);
-    }
+    if (cos_t) rope_pairs(q1, q2, load4(cos_t + t * (HD / 2) + j), load4(sin_t + t * (HD / 2) + j));
     store4(qb + base + j, q1);
     store4(qb + base + HD / 2 + j, q2);
     store4(db + base + j, d1);
@@ -370,11 +361,7 @@ __device__ __forceinline__ void red_add2(float* p, float2 v) {
 // Rotates a gradient pair back (RoPE's inverse: the angle negated): lo, hi are columns j and j + HD/2,
 // c and sn the angle's cosines and sines at j, j + 1; `unrotate` reads them from table row `row` when
 // there are tables.
-__device__ __forceinline__ void unrotate_by(float2 c, float2 sn, float2& lo, float2& hi) {
-    const float2 a = rope_pair(lo.x, hi.x, c.x, -sn.x), bb = rope_pair(lo.y, hi.y, c.y, -sn.y);
-    lo = make_float2(a.x, bb.x);
-    hi = make_float2(a.y, bb.y);
-}
+__device__ __forceinline__ void unrotate_by(float2 c, float2 sn, float2& lo, float2& hi) { rope_pairs(lo, hi, c, make_float2(-sn.x, -sn.y)); }
 template <int HD>
 __device__ __forceinline__ void unrotate(const float* cos_t, const float* sin_t, int64_t row, int j, float2& lo, float2& hi) {
     if (!cos_t) return;

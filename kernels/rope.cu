@@ -28,12 +28,10 @@ extern "C" __global__ void rope_bf16(const float* x, const float* cos_t, const f
         const int64_t row_head = i / quads, t = row_head / heads;
         const int j = (int)(i % quads) * 4;
         const int64_t base = row_head * head_dim;
-        const float4 x1 = load4(x + base + j), x2 = load4(x + base + half + j);
-        const float4 c = load4(cos_t + t * half + j), s = load4(sin_t + t * half + j);
-        const float2 r0 = rope_pair(x1.x, x2.x, c.x, s.x), r1 = rope_pair(x1.y, x2.y, c.y, s.y);
-        const float2 r2 = rope_pair(x1.z, x2.z, c.z, s.z), r3 = rope_pair(x1.w, x2.w, c.w, s.w);
-        store4(out + base + j, make_float4(r0.x, r1.x, r2.x, r3.x));
-        store4(out + base + half + j, make_float4(r0.y, r1.y, r2.y, r3.y));
+        float4 x1 = load4(x + base + j), x2 = load4(x + base + half + j);
+        rope_pairs(x1, x2, load4(cos_t + t * half + j), load4(sin_t + t * half + j));
+        store4(out + base + j, x1);
+        store4(out + base + half + j, x2);
     }
 }
 
