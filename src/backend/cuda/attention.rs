@@ -1,0 +1,221 @@
+//! Launchers of kernels/flash.cu (tensor-core attention, RoPE optionally inside), kernels/attention.cu
+//! (f32 attention: decoding, other head sizes, precise mode) and kernels/rope.cu's rotated bf16
+//! conversion. CPU reference: `Cpu::attention`, `Cpu::attention_backward` and the composed
+//! `rope_attention` of backend/mod.rs.
+
+use super::{grid_for, push_geom, push_opt, Cuda};
+use crate::backend::{AttnShape, RopeTables};
+use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+use half::bf16;
+
+/// Warps per query row of the non-flash attention forward (kernels/attention.cu, SPLIT_WARPS).
+pub(super) const ATTENTION_SPLIT_WARPS: u32 = 8;
+
+pub(super) fn geom(sh: AttnShape) -> [i32; 8] {
+    [sh.batch, sh.q_len, sh.kv_len, sh.kv_capacity, sh.heads, sh.kv_heads, sh.head_dim, sh.q_offset].map(|x| x as i32)
+}
+
+/// The flash kernels' geometry (kernels/flash.cu, FGEOM_ARGS): head_dim is a template parameter.
+pub(super) fn flash_geom(sh: AttnShape) -> [i32; 7] {
+    [sh.batch, sh.q_len, sh.kv_len, sh.kv_capacity, sh.heads, sh.kv_heads, sh.q_offset].map(|x| x as i32)
+}
+
+/// `sizeof(BwdSmem<HD>)` of kernels/flash.cu: K, V (64 × (HD+8)), two buffers each of Q and dO
+/// (32 × (HD+8)), dS (32 × 72), all bf16; then lse, delta, query segments (2 × 32 each) and key
+/// segments (64), 4 bytes each; with RoPE tables, `RopeSmem<HD>` after it.
+pub(super) fn flash_bwd_smem(hd: usize, rope: bool) -> usize {
+    let base = 2 * (2 * 64 * (hd + 8) + 2 * 2 * 32 * (hd + 8) + 32 * 72) + 4 * (3 * 2 * 32 + 64);
+    // RopeSmem<HD>: cos and sin rows of two query blocks, 32 × (HD/2 + 8) f32 each.
+    base + if rope { 2 * 2 * 32 * (hd / 2 + 8) * 4 } else { 0 }
+}
+
+pub(super) fn warp_grid(warps: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: ((warps * 32).div_ceil(128).max(1) as u32, 1, 1),
+        block_dim: (128, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+impl Cuda {
+    /// Whether attention of shape `sh` runs on the tensor-core flash kernels (kernels/flash.cu): head
+    /// sizes 64 and 128 with at least 16 queries (training, prefill); otherwise the f32 kernels of
+    /// attention.cu (other head sizes, decoding). Precise mode never takes them ([`Cuda::set_precise`]).
+    pub fn uses_flash(sh: &AttnShape) -> bool {
+        matches!(sh.head_dim, 64 | 128) && sh.q_len >= 16
+    }
+
+    /// Whether this attention call takes the flash kernels (never in precise mode).
+    pub(super) fn flash(&self, sh: &AttnShape) -> bool {
+        Cuda::uses_flash(sh) && !self.is_precise()
+    }
+
+    /// The block-per-query-row attention of kernels/attention.cu; with `pos`, the geometry's q_offset
+    /// and kv_len come from the device (`pos[0]`, `pos[0] + q_len`).
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn attention_split(
+        &self,
+        q: &CudaSlice<f32>,
+        k: &CudaSlice<f32>,
+        v: &CudaSlice<f32>,
+        sh: AttnShape,
+        seg: Option<&CudaSlice<u32>>,
+        pos: Option<&CudaSlice<f32>>,
+        out: &mut CudaSlice<f32>,
+        lse: &mut CudaSlice<f32>,
+    ) {
+        let mut b = self.stream.launch_builder(self.f("attention_fwd_f32"));
+        b.arg(q).arg(k).arg(v);
+        push_opt(&mut b, seg);
+        push_opt(&mut b, pos);
+        b.arg(out).arg(lse);
+        let g = geom(sh);
+        push_geom(&mut b, &g);
+        let cfg = LaunchConfig {
+            grid_dim: ((sh.batch * sh.heads * sh.q_len) as u32, 1, 1),
+            block_dim: (ATTENTION_SPLIT_WARPS * 32, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: the kernel reads q/k/v/seg within the geometry and writes one out row and lse per block.
+        ck!(unsafe { b.launch(cfg) }, "attention_fwd_f32");
+    }
+
+    /// K and V of a flash launch in bf16 (kernels/flash.cu reads them by cp.async): the rows the kernel
+    /// may read, K rotated by `rope` when given (kernels/rope.cu `rope_bf16`).
+    pub(super) fn kv_bf16(
+        &self,
+        k: &CudaSlice<f32>,
+        v: &CudaSlice<f32>,
+        rope: Option<RopeTables<'_, Self>>,
+        sh: AttnShape,
+    ) -> (CudaSlice<bf16>, CudaSlice<bf16>) {
+        let rows = if sh.batch == 1 { sh.kv_len } else { sh.batch * sh.kv_capacity };
+        let n = rows * sh.kv_heads * sh.head_dim;
+        let kb = match rope {
+            Some(r) => self.rope_bf16(k, r, sh.kv_heads, sh.head_dim),
+            None => self.bf16_prefix(k, n),
+        };
+        (kb, self.bf16_prefix(v, n))
+    }
+
+    /// `x (rows, heads, head_dim)` rotated by `rope` and rounded to bf16, in a fresh buffer.
+    pub(super) fn rope_bf16(
+        &self,
+        x: &CudaSlice<f32>,
+        rope: RopeTables<'_, Self>,
+        heads: usize,
+        head_dim: usize,
+    ) -> CudaSlice<bf16> {
+        assert!(head_dim % 8 == 0, "rope_bf16: head_dim {head_dim} is not a multiple of 8");
+        let rows = x.len() / (heads * head_dim);
+        assert!(rope.cos.len() >= rows * head_dim / 2, "rope_bf16: fewer table rows than x rows");
+        // SAFETY: the kernel writes all of x.len() values before anything reads them.
+        let mut out = ck!(unsafe { self.stream.alloc::<bf16>(x.len().max(1)) }, "alloc");
+        let (r32, h32, d32) = (rows as i32, heads as i32, head_dim as i32);
+        launch!(self, "rope_bf16", grid_for(x.len() / 8); x, rope.cos, rope.sin, &mut out, &r32, &h32, &d32);
+        out
+    }
+
+    /// The flash forward (kernels/flash.cu `flash_fwd_hd*`): q rotated as it is loaded and K by its
+    /// conversion when `rope` is given.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn flash_forward(
+        &self,
+        q: &CudaSlice<f32>,
+        k: &CudaSlice<f32>,
+        v: &CudaSlice<f32>,
+        rope: Option<RopeTables<'_, Self>>,
+        sh: AttnShape,
+        seg: Option<&CudaSlice<u32>>,
+        out: &mut CudaSlice<f32>,
+        lse: &mut CudaSlice<f32>,
+    ) {
+        let kernel = if sh.head_dim == 64 { "flash_fwd_hd64" } else { "flash_fwd_hd128" };
+        let (kb, vb) = self.kv_bf16(k, v, rope, sh);
+        let mut b = self.stream.launch_builder(self.f(kernel));
+        b.arg(q).arg(&kb).arg(&vb);
+        push_opt(&mut b, seg);
+        push_opt(&mut b, rope.map(|r| r.cos));
+        push_opt(&mut b, rope.map(|r| r.sin));
+        b.arg(out).arg(lse);
+        let g = flash_geom(sh);
+        push_geom(&mut b, &g);
+        let cfg = LaunchConfig {
+            grid_dim: (sh.q_len.div_ceil(64) as u32, sh.heads as u32, sh.batch as u32),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: the kernel reads q, K, V, seg and the tables within the geometry and writes out and
+        // lse rows of its own queries.
+        ck!(unsafe { b.launch(cfg) }, kernel);
+    }
+
+    /// The flash backward (kernels/flash.cu `flash_bwd_prep_hd*`, `flash_bwd_hd*`): with `rope`, Q and
+    /// K are rotated by their conversions and dq, dk come out un-rotated.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn flash_backward(
+        &self,
+        q: &CudaSlice<f32>,
+        k: &CudaSlice<f32>,
+        v: &CudaSlice<f32>,
+        rope: Option<RopeTables<'_, Self>>,
+        out: &CudaSlice<f32>,
+        lse: &CudaSlice<f32>,
+        dout: &CudaSlice<f32>,
+        sh: AttnShape,
+        seg: Option<&CudaSlice<u32>>,
+        dq: &mut CudaSlice<f32>,
+        dk: &mut CudaSlice<f32>,
+        dv: &mut CudaSlice<f32>,
+    ) {
+        // Q, K, V and dO in bf16 for the kernel's asynchronous copies, Q (and K) rotated with tables;
+        // Q, dO and delta = rowsum(dO ⊙ O) from one pass over q, out and dout (flash_bwd_prep).
+        let nq = sh.batch * sh.q_len * sh.heads * sh.head_dim;
+        let mut delta = self.scratch(sh.batch * sh.heads * sh.q_len);
+        // SAFETY: flash_bwd_prep writes every value of both before anything reads them.
+        let mut qb = ck!(unsafe { self.stream.alloc::<bf16>(nq) }, "alloc");
+        let mut db = ck!(unsafe { self.stream.alloc::<bf16>(nq) }, "alloc");
+        {
+            let prep = if sh.head_dim == 64 { "flash_bwd_prep_hd64" } else { "flash_bwd_prep_hd128" };
+            let threads = sh.batch * sh.q_len * sh.heads * (sh.head_dim / 8);
+            let cfg = LaunchConfig {
+                grid_dim: (threads.div_ceil(256) as u32, 1, 1),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            let (b32, q32, h32) = (sh.batch as i32, sh.q_len as i32, sh.heads as i32);
+            let mut b = self.stream.launch_builder(self.f(prep));
+            b.arg(q).arg(out).arg(dout);
+            push_opt(&mut b, rope.map(|r| r.cos));
+            push_opt(&mut b, rope.map(|r| r.sin));
+            b.arg(&mut qb).arg(&mut db).arg(&mut delta).arg(&b32).arg(&q32).arg(&h32);
+            // SAFETY: one row of HD/8 threads per query row, each reading and writing its own row.
+            ck!(unsafe { b.launch(cfg) }, prep);
+        }
+        let (kb, vb) = self.kv_bf16(k, v, rope, sh);
+        // dq is accumulated with atomics; dk/dv rows from kv_len on are not written, so they are
+        // zeroed only when there are such rows.
+        ck!(self.stream.memset_zeros(dq), "memset");
+        if sh.kv_len < sh.kv_capacity {
+            ck!(self.stream.memset_zeros(dk), "memset");
+            ck!(self.stream.memset_zeros(dv), "memset");
+        }
+        let kernel = if sh.head_dim == 64 { "flash_bwd_hd64" } else { "flash_bwd_hd128" };
+        let mut b = self.stream.launch_builder(self.f(kernel));
+        b.arg(&qb).arg(&kb).arg(&vb).arg(lse).arg(&delta).arg(&db);
+        push_opt(&mut b, seg);
+        push_opt(&mut b, rope.map(|r| r.cos));
+        push_opt(&mut b, rope.map(|r| r.sin));
+        b.arg(&mut *dq).arg(&mut *dk).arg(&mut *dv);
+        let g = flash_geom(sh);
+        push_geom(&mut b, &g);
+        let cfg = LaunchConfig {
+            grid_dim: (sh.kv_len.div_ceil(64) as u32, sh.kv_heads as u32, sh.batch as u32),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: flash_bwd_smem(sh.head_dim, rope.is_some()) as u32,
+        };
+        // SAFETY: the kernel reads its inputs within the geometry, adds into dq (zeroed above) and writes
+        // the dk/dv rows below kv_len.
+        ck!(unsafe { b.launch(cfg) }, kernel);
+    }
+}

@@ -1,0 +1,335 @@
+//! Frozen products on cuBLAS (the second path): GEMM operands in the compute dtypes, a 4-bit
+//! weight's product written in its 16-bit compute dtype and widened into f32 (a LoRA B product added
+//! in the same pass, kernels/lora_fused.cu `lora_up_from_*`), and the products of weights sharing x.
+//! CPU reference: `Cpu::linear`, `Cpu::linear_backward_input` (backend/cpu.rs).
+
+use super::blas::{self, F32Math};
+use super::lora::lora_up_launch;
+use super::quant4::GEMV_MAX_M;
+use super::{grid_for, Cuda, CudaWeight, DenseData};
+use crate::backend::{Dropout, LoraDown};
+use crate::config::ComputeDtype;
+use cudarc::driver::{CudaSlice, PushKernelArg};
+use half::{bf16, f16};
+
+/// A LoRA B product `alpha · drop(U · W'ᵀ)` to add to a frozen product's output ([`Cuda::lora_up`]'s
+/// operands: `u (m, r)`, W' as `w (n, r)` or, when `w_is_rn`, `w (r, n)`).
+pub(super) struct UpTail<'a> {
+    pub(super) u: &'a CudaSlice<f32>,
+    pub(super) w: &'a CudaSlice<f32>,
+    pub(super) w_is_rn: bool,
+    pub(super) r: usize,
+    pub(super) alpha: f32,
+    pub(super) dropout: Dropout,
+}
+
+/// One GEMM of a frozen weight: `a (m, k) · op(b)` with `op(b)` `(k, n)`, row-major (see `blas::gemm_rm`).
+pub(super) struct Gemm<'a> {
+    pub(super) trans_b: bool,
+    pub(super) m: usize,
+    pub(super) n: usize,
+    pub(super) k: usize,
+    pub(super) a: OperandView<'a>,
+    pub(super) lda: usize,
+    pub(super) b: OperandView<'a>,
+    pub(super) ldb: usize,
+}
+
+impl<'a> Gemm<'a> {
+    /// A forward product `x (m, k) · Wᵀ` of a weight `W (n, k)`.
+    pub(super) fn forward(m: usize, n: usize, k: usize, x: OperandView<'a>, w: OperandView<'a>) -> Self {
+        Gemm { trans_b: true, m, n, k, a: x, lda: k, b: w, ldb: k }
+    }
+    /// An input gradient `dy (m, k) · W` of a weight `W (k, n)`.
+    pub(super) fn input_grad(m: usize, n: usize, k: usize, dy: OperandView<'a>, w: OperandView<'a>) -> Self {
+        Gemm { trans_b: false, m, n, k, a: dy, lda: k, b: w, ldb: n }
+    }
+}
+
+/// A GEMM operand in one of the three compute dtypes.
+pub enum Operand {
+    F32(CudaSlice<f32>),
+    F16(CudaSlice<f16>),
+    BF16(CudaSlice<bf16>),
+}
+
+impl Operand {
+    pub(super) fn len(&self) -> usize {
+        match self {
+            Operand::F32(x) => x.len(),
+            Operand::F16(x) => x.len(),
+            Operand::BF16(x) => x.len(),
+        }
+    }
+}
+
+pub enum OperandRef<'a> {
+    Borrowed(&'a DenseData),
+    Owned(Operand),
+}
+
+impl OperandRef<'_> {
+    pub(super) fn as_ref(&self) -> OperandView<'_> {
+        match self {
+            OperandRef::Borrowed(DenseData::BF16(b)) => OperandView::BF16(b),
+            OperandRef::Borrowed(DenseData::F16(b)) => OperandView::F16(b),
+            OperandRef::Owned(Operand::F32(x)) => OperandView::F32(x),
+            OperandRef::Owned(Operand::F16(x)) => OperandView::F16(x),
+            OperandRef::Owned(Operand::BF16(x)) => OperandView::BF16(x),
+        }
+    }
+}
+
+/// A borrowed GEMM operand.
+#[derive(Clone, Copy)]
+pub enum OperandView<'a> {
+    F32(&'a CudaSlice<f32>),
+    F16(&'a CudaSlice<f16>),
+    BF16(&'a CudaSlice<bf16>),
+}
+
+impl<'a> From<&'a Operand> for OperandView<'a> {
+    fn from(o: &'a Operand) -> Self {
+        match o {
+            Operand::F32(x) => OperandView::F32(x),
+            Operand::F16(x) => OperandView::F16(x),
+            Operand::BF16(x) => OperandView::BF16(x),
+        }
+    }
+}
+
+impl Cuda {
+    /// A copy of `x` converted to dtype `c`; `None` when `c` is f32 and `x` serves as it is.
+    pub(super) fn convert(&self, x: &CudaSlice<f32>, c: ComputeDtype) -> Option<Operand> {
+        let n = x.len();
+        Some(match c {
+            ComputeDtype::F32 => return None,
+            ComputeDtype::BF16 => Operand::BF16(self.bf16_prefix(x, n)),
+            ComputeDtype::F16 => {
+                // SAFETY: the conversion writes all n values before anything reads them.
+                let mut out = ck!(unsafe { self.stream.alloc::<f16>(n) }, "alloc");
+                let n64 = n as i64;
+                launch!(self, "f32_to_f16", grid_for(n); x, &mut out, &n64);
+                Operand::F16(out)
+            }
+        })
+    }
+
+    /// The weight as a GEMM operand, and the dtype the activations must be converted to.
+    pub(super) fn weight_operand<'a>(&self, w: &'a CudaWeight) -> (OperandRef<'a>, ComputeDtype) {
+        if self.is_precise() {
+            if let CudaWeight::Dense { rows, cols, data } = w {
+                // Precise mode: the dense weight widened to f32, so the activations are not rounded.
+                let n = rows * cols;
+                let mut out = self.scratch(n);
+                let n64 = n as i64;
+                match data {
+                    DenseData::BF16(d) => launch!(self, "bf16_to_f32", grid_for(n); d, &mut out, &n64),
+                    DenseData::F16(d) => launch!(self, "f16_to_f32", grid_for(n); d, &mut out, &n64),
+                }
+                return (OperandRef::Owned(Operand::F32(out)), ComputeDtype::F32);
+            }
+        }
+        match w {
+            CudaWeight::Dense { data: d @ DenseData::BF16(_), .. } => (OperandRef::Borrowed(d), ComputeDtype::BF16),
+            CudaWeight::Dense { data: d @ DenseData::F16(_), .. } => (OperandRef::Borrowed(d), ComputeDtype::F16),
+            CudaWeight::Quant4 { compute, .. } => (OperandRef::Owned(self.dequantize(w, *compute)), *compute),
+        }
+    }
+
+    /// `c = a · op(b) + beta · c` (row-major, `c` of `g.n` columns), exact f32 math.
+    pub(super) fn gemm(&self, g: &Gemm<'_>, c: blas::GemmOut<'_>, beta: f32, what: &str) {
+        let r = self.blas.gemm_rm(
+            F32Math::Exact,
+            false,
+            g.trans_b,
+            g.m,
+            g.n,
+            g.k,
+            1.0,
+            g.a,
+            g.lda,
+            g.b,
+            g.ldb,
+            beta,
+            c,
+            g.n,
+        );
+        ck!(r, what);
+    }
+
+    /// `a · op(b)` written by cuBLAS in the 16-bit dtype `c` (rounded as it writes), as a new operand.
+    pub(super) fn gemm_16(&self, g: &Gemm<'_>, c: ComputeDtype, what: &str) -> Operand {
+        let n = g.m * g.n;
+        // SAFETY: the GEMM (beta = 0) writes all m·n values before anything reads them.
+        match c {
+            ComputeDtype::BF16 => {
+                let mut o = ck!(unsafe { self.stream.alloc::<bf16>(n) }, "alloc");
+                self.gemm(g, blas::GemmOut::BF16(&mut o), 0.0, what);
+                Operand::BF16(o)
+            }
+            ComputeDtype::F16 => {
+                let mut o = ck!(unsafe { self.stream.alloc::<f16>(n) }, "alloc");
+                self.gemm(g, blas::GemmOut::F16(&mut o), 0.0, what);
+                Operand::F16(o)
+            }
+            ComputeDtype::F32 => unreachable!("a 16-bit output"),
+        }
+    }
+
+    /// `out (=|+=) a · op(b)` for a frozen weight `w`'s product. A 4-bit weight's product is rounded to
+    /// its 16-bit compute dtype, as bitsandbytes' 16-bit matmul output is, before it lands in (or is
+    /// added to) the f32 `out`: cuBLAS writes it in that dtype (rounding as it writes, where a separate
+    /// pass over f32 would read and write it again) and one kernel widens it into `out`. With `up`,
+    /// a LoRA B product is added after the product ([`UpTail`]): where the product is widened, in the
+    /// same kernel (`lora_up_from_*`, bit for bit the widening and then `lora_up`).
+    pub(super) fn gemm_rounded(
+        &self,
+        w: &CudaWeight,
+        g: Gemm<'_>,
+        out: &mut CudaSlice<f32>,
+        accumulate: bool,
+        up: Option<UpTail<'_>>,
+        what: &str,
+    ) {
+        let gemm = |c: blas::GemmOut<'_>, beta: f32| self.gemm(&g, c, beta, what);
+        match w {
+            CudaWeight::Quant4 { compute: ComputeDtype::BF16, .. } => {
+                // SAFETY: the GEMM (beta = 0) writes all m·n values before the kernel reads them.
+                let mut o16 = ck!(unsafe { self.stream.alloc::<bf16>(g.m * g.n) }, "alloc");
+                gemm(blas::GemmOut::BF16(&mut o16), 0.0);
+                let kernels = ["bf16_to_f32", "add_bf16_to_f32", "lora_up_from_bf16"];
+                self.widen_into(&o16, kernels, up, (g.m, g.n), accumulate, out);
+            }
+            CudaWeight::Quant4 { compute: ComputeDtype::F16, .. } => {
+                // SAFETY: as above.
+                let mut o16 = ck!(unsafe { self.stream.alloc::<f16>(g.m * g.n) }, "alloc");
+                gemm(blas::GemmOut::F16(&mut o16), 0.0);
+                let kernels = ["f16_to_f32", "add_f16_to_f32", "lora_up_from_f16"];
+                self.widen_into(&o16, kernels, up, (g.m, g.n), accumulate, out);
+            }
+            _ => {
+                gemm(blas::GemmOut::F32(&mut *out), if accumulate { 1.0 } else { 0.0 });
+                if let Some(up) = up {
+                    self.lora_up(up.u, up.w, up.w_is_rn, g.m, g.n, up.r, up.alpha, up.dropout, out);
+                }
+            }
+        }
+    }
+
+    /// A 16-bit product `o16 (m, n)` landed in the f32 `out`, written over it or added to it
+    /// (`accumulate`), by `kernels` = [widen, widen and add, widen with a LoRA B product]: with `up`,
+    /// [`Cuda::lora_up`]'s product is added in the same pass (`lora_up_from_*`, kernels/lora_fused.cu).
+    pub(super) fn widen_into<T: cudarc::driver::DeviceRepr>(
+        &self,
+        o16: &CudaSlice<T>,
+        [widen, widen_add, with_up]: [&str; 3],
+        up: Option<UpTail<'_>>,
+        (m, n): (usize, usize),
+        accumulate: bool,
+        out: &mut CudaSlice<f32>,
+    ) {
+        let Some(up) = up else {
+            let n64 = (m * n) as i64;
+            return launch!(self, if accumulate { widen_add } else { widen }, grid_for(m * n); o16, &mut *out, &n64);
+        };
+        let (dims, rn, acc) = ([m as i32, n as i32, up.r as i32], up.w_is_rn as i32, accumulate as i32);
+        let (u, w, d) = (up.u, up.w, up.dropout);
+        launch!(self, with_up, lora_up_launch(m, n); u, w, o16, &mut *out, &dims[0], &dims[1], &dims[2], &rn, &up.alpha, &d.seed, &d.p, &acc);
+    }
+
+    /// The second path's input gradient `dx (m, cols) (+)= dy (m, rows) · W`, with `up` added as its
+    /// 16-bit result is widened ([`Cuda::gemm_rounded`]).
+    pub(super) fn dgrad_gemm(
+        &self,
+        dy: &CudaSlice<f32>,
+        w: &CudaWeight,
+        m: usize,
+        dx: &mut CudaSlice<f32>,
+        accumulate: bool,
+        up: Option<UpTail<'_>>,
+    ) {
+        let (rows, cols) = w.shape();
+        let (wop, c) = self.weight_operand(w);
+        let dyc = self.convert(dy, c);
+        let dyop = dyc.as_ref().map_or(OperandView::F32(dy), OperandView::from);
+        let product = Gemm::input_grad(m, cols, rows, dyop, wop.as_ref());
+        self.gemm_rounded(w, product, dx, accumulate, up, "linear backward GEMM");
+    }
+
+    /// [`Backend::linear_many_lora`] when the products do not share a GEMV launch (and
+    /// [`Backend::linear_many`], with no branches): each frozen product, and then the LoRA branches.
+    /// A branch whose product goes through cuBLAS with a 16-bit output gets its B product added as
+    /// that output is widened (`gemm_rounded`'s [`UpTail`]); the others run after all the products.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn products_with_lora(
+        &self,
+        x: &CudaSlice<f32>,
+        ws: &[&CudaWeight],
+        m: usize,
+        outs: &mut [&mut CudaSlice<f32>],
+        loras: &mut [Option<LoraDown<'_, Self>>],
+        r: usize,
+        scale: f32,
+    ) {
+        assert_eq!(ws.len(), outs.len(), "linear_many: one output per weight");
+        assert!(loras.is_empty() || loras.len() == outs.len(), "linear_many_lora: one LoRA slot per output");
+        if self.gemv_many_fits(ws, m) {
+            {
+                let _span = self.span("linear (4-bit GEMV, several weights)");
+                self.gemv_4bit_many(x, ws, outs);
+            }
+            return crate::backend::lora_branches_into(self, x, outs, loras, m, r, scale);
+        }
+        // x in each compute dtype the second path needs, converted once for all the products (a 4096-wide
+        // conversion at 2048 rows is ~20 µs on the H200; q/k/v and gate/up share theirs).
+        let mut converted: Vec<(ComputeDtype, Option<Operand>)> = Vec::new();
+        for (i, (w, out)) in ws.iter().zip(outs.iter_mut()).enumerate() {
+            let (rows, cols) = w.shape();
+            assert!(x.len() == m * cols && out.len() == m * rows, "linear: bad shapes");
+            if m <= GEMV_MAX_M && matches!(w, CudaWeight::Quant4 { .. }) {
+                let _span = self.span("linear (4-bit GEMV)");
+                self.gemv_4bit(x, w, m, out);
+                continue;
+            }
+            if self.uses_fused_4bit(w, m) {
+                let _span = self.span("linear (fused 4-bit)");
+                self.gemm_4bit(x, w, m, out, false, false);
+                continue;
+            }
+            // This product's LoRA branch, taken here when its B product runs on `lora_up` (as
+            // lora_forward runs it past a few rows), which can ride in the widening.
+            let branch = match loras.get_mut(i) {
+                Some(slot) if slot.is_some() && m > GEMV_MAX_M && self.uses_fused_lora_up(rows, r) => slot.take(),
+                _ => None,
+            };
+            let _span = self.span(if branch.is_some() { "linear + LoRA" } else { "linear" });
+            let (wop, c) = self.weight_operand(w);
+            let j = match converted.iter().position(|(cc, _)| *cc == c) {
+                Some(j) => j,
+                None => {
+                    converted.push((c, self.convert(x, c)));
+                    converted.len() - 1
+                }
+            };
+            let xop = converted[j].1.as_ref().map_or(OperandView::F32(x), OperandView::from);
+            // out (m, rows) = x (m, cols) · Wᵀ [+ scale · (drop(x) · Aᵀ) · Bᵀ]
+            let product = Gemm::forward(m, rows, cols, xop, wop.as_ref());
+            let up = branch.map(|l| {
+                self.lora_a_product(x, l.a, m, r, l.dropout, l.u);
+                UpTail { u: &*l.u, w: l.b, w_is_rn: false, r, alpha: scale, dropout: Dropout::NONE }
+            });
+            self.gemm_rounded(w, product, out, false, up, "linear GEMM");
+        }
+        crate::backend::lora_branches_into(self, x, outs, loras, m, r, scale);
+    }
+
+    /// The first `n` values of `x` rounded to bf16, in a fresh buffer.
+    pub(super) fn bf16_prefix(&self, x: &CudaSlice<f32>, n: usize) -> CudaSlice<bf16> {
+        // SAFETY: the conversion writes all n values before anything reads them.
+        let mut out = ck!(unsafe { self.stream.alloc::<bf16>(n.max(1)) }, "alloc");
+        let n64 = n as i64;
+        launch!(self, "f32_to_bf16", grid_for(n); x, &mut out, &n64);
+        out
+    }
+}

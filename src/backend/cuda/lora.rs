@@ -1,0 +1,424 @@
+//! Launchers of kernels/lora_fused.cu (LoRA branches at training shapes, the dropout mask
+//! regenerated from its seed) and kernels/lora.cu (f32 products of decoding's few rows), and the
+//! cuBLAS TF32 path they replace. CPU reference: `Cpu::lora_forward`, `Cpu::lora_backward`.
+
+use super::blas::F32Math;
+use super::gemm::OperandView;
+use super::quant4::GEMV_MAX_M;
+use super::{grid_for, Cuda};
+use crate::backend::Dropout;
+use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg};
+
+/// The fused LoRA kernels (kernels/lora_fused.cu) by rank: r ≤ 16, ≤ 32, ≤ 64.
+pub(super) const LORA_DOWN: [&str; 3] = ["lora_down_r16", "lora_down_r32", "lora_down_r64"];
+
+pub(super) const LORA_OUTER: [&str; 3] = ["lora_outer_r16", "lora_outer_r32", "lora_outer_r64"];
+
+pub(super) fn lora_variant(r: usize) -> usize {
+    match r {
+        0..=16 => 0,
+        17..=32 => 1,
+        _ => 2,
+    }
+}
+
+/// Their geometry (DOWN_ROWS, STAGE_K, STAGES, UP_ROWS = UP_COLS, OUTER_COLS, 128-thread blocks).
+pub(super) const LORA_DOWN_ROWS: usize = 64;
+
+pub(super) const LORA_STAGE: usize = 32;
+
+pub(super) const LORA_STAGES: usize = 4;
+
+pub(super) const LORA_UP_TILE: usize = 64;
+
+pub(super) const LORA_OUTER_COLS: usize = 32;
+
+pub(super) const LORA_THREADS: u32 = 128;
+
+/// Blocks per SM of the split kernels (`down` and `outer` are built for three: their registers and
+/// shared memory allow it); the splits aim at one full wave of them.
+pub(super) const LORA_BLOCKS_PER_SM: usize = 3;
+
+/// Dynamic shared memory of `lora_down` variant v: STAGES × (64 rows of x + 8·NT of A) × 36 words.
+pub(super) fn lora_down_smem(v: usize) -> usize {
+    LORA_STAGES * (LORA_DOWN_ROWS + (16 << v)) * 36 * 4
+}
+
+/// Of `lora_outer` variant v: STAGES × 32 rows × (S: 16·MT + 8 words, T: 40 words).
+pub(super) fn lora_outer_smem(v: usize) -> usize {
+    LORA_STAGES * LORA_STAGE * ((16 << v) + 8 + 40) * 4
+}
+
+/// At most this many LoRA branches per `gemv_f32*_many` launch (kernels/gemv_f32.cuh LORA_MAX_TARGETS).
+pub(super) const LORA_MAX_TARGETS: usize = 3;
+
+/// Threads per block of `gemv_f32_many` (a group of lanes per row of B: [`lora_rows_per_warp`]).
+pub(super) const LORA_UP_THREADS: usize = 128;
+
+/// One product of a `gemv_f32*_many` launch: kernels/gemv_f32.cuh `GemvF32Target`, field for field.
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+pub(super) struct GemvF32Target {
+    pub(super) w: u64,
+    pub(super) x: u64,
+    pub(super) y: u64,
+    pub(super) rows: i32,
+    pub(super) first_block: i32,
+}
+
+/// kernels/gemv_f32.cuh `GemvF32Targets`, passed by value.
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+pub(super) struct GemvF32Targets {
+    pub(super) t: [GemvF32Target; LORA_MAX_TARGETS],
+    pub(super) count: i32,
+}
+
+// SAFETY: plain old data with the layout of the kernel's parameter struct.
+unsafe impl cudarc::driver::DeviceRepr for GemvF32Targets {}
+
+/// Rows of W per warp in kernels/lora.cu `gemv_f32_row` (its `lanes_per_row`): a power-of-two group of
+/// lanes covers a row's float4s, so B's 64-column rows go two to a warp.
+pub(super) fn lora_rows_per_warp(cols: usize) -> usize {
+    if cols % 4 != 0 || cols / 4 >= 32 {
+        return 1;
+    }
+    32 / (cols / 4).next_power_of_two()
+}
+
+/// kernels/lora_fused.cu `lora_up` and `lora_up_from_*` over `out (m, n)`: a block per 64 × 64 tile.
+pub(super) fn lora_up_launch(m: usize, n: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (n.div_ceil(LORA_UP_TILE) as u32, m.div_ceil(LORA_UP_TILE) as u32, 1),
+        block_dim: (LORA_THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+impl Cuda {
+    pub(super) fn lora_math(&self) -> F32Math {
+        if self.is_precise() {
+            F32Math::Exact
+        } else {
+            F32Math::Tf32
+        }
+    }
+
+    /// The A products `u_i (m, r) = x (m, cols) · A_iᵀ` of up to LORA_MAX_TARGETS branches as the targets
+    /// of a `gemv_f32_long_row` launch (kernels/gemv_f32.cuh): a block per row of every A_i, numbered
+    /// from `first_block`; returns them and the launch's block count. `guards` keeps the addresses valid.
+    pub(super) fn lora_down_targets<'a>(
+        &'a self,
+        x: &'a CudaSlice<f32>,
+        downs: impl Iterator<Item = (&'a CudaSlice<f32>, &'a mut CudaSlice<f32>)>,
+        m: usize,
+        r: usize,
+        first_block: usize,
+        guards: &mut Vec<cudarc::driver::SyncOnDrop<'a>>,
+    ) -> (GemvF32Targets, usize) {
+        let cols = x.len() / m;
+        let mut targets = GemvF32Targets::default();
+        let (xp, gx) = x.device_ptr(&self.stream);
+        guards.push(gx);
+        let mut blocks = first_block;
+        for (i, (a, u)) in downs.enumerate() {
+            assert!(i < LORA_MAX_TARGETS && a.len() == r * cols && u.len() == m * r, "LoRA A products: bad shapes");
+            let (ap, ga) = a.device_ptr(&self.stream);
+            let (up, gu) = u.device_ptr_mut(&self.stream);
+            targets.t[i] = GemvF32Target { w: ap, x: xp, y: up, rows: r as i32, first_block: blocks as i32 };
+            targets.count = i as i32 + 1;
+            blocks += r;
+            guards.extend([ga, gu]);
+        }
+        (targets, blocks)
+    }
+
+    /// The fused LoRA backward's weight gradients: `du (m, r) = scale · dy · B` (returned), `dB (rows,
+    /// r) += scale · dyᵀ · u` (both cuBLAS TF32), `dA (r, cols) += duᵀ · drop(x)` (kernels/lora_fused.cu
+    /// `lora_outer`, the mask regenerated from the seed). Each part has its own profile span.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn lora_weight_grads(
+        &self,
+        x: &CudaSlice<f32>,
+        a: &CudaSlice<f32>,
+        b: &CudaSlice<f32>,
+        u: &CudaSlice<f32>,
+        dy: &CudaSlice<f32>,
+        m: usize,
+        r: usize,
+        scale: f32,
+        dropout: Dropout,
+        da: &mut CudaSlice<f32>,
+        db: &mut CudaSlice<f32>,
+    ) -> CudaSlice<f32> {
+        let (cols, rows) = (a.len() / r, b.len() / r);
+        let (dyop, uop, bop) = (OperandView::F32(dy), OperandView::F32(u), OperandView::F32(b));
+        let mut du = self.scratch(m * r);
+        {
+            let _part = self.span("lora_backward: du GEMM");
+            ck!(
+                self.blas.gemm_rm(F32Math::Tf32, false, false, m, r, rows, scale, dyop, rows, bop, r, 0.0, &mut du, r),
+                "LoRA du GEMM"
+            );
+        }
+        {
+            let _part = self.span("lora_backward: dB GEMM");
+            ck!(
+                self.blas.gemm_rm(F32Math::Tf32, true, false, rows, r, m, scale, dyop, rows, uop, r, 1.0, db, r),
+                "LoRA dB GEMM"
+            );
+        }
+        let _part = self.span("lora_backward: dA (outer)");
+        self.lora_outer(&du, x, m, cols, r, dropout, da);
+        du
+    }
+
+    /// [`Backend::lora_down`] (without its profile span, for [`Backend::lora_forward`] too).
+    pub(super) fn lora_a_product(
+        &self,
+        x: &CudaSlice<f32>,
+        a: &CudaSlice<f32>,
+        m: usize,
+        r: usize,
+        dropout: Dropout,
+        u: &mut CudaSlice<f32>,
+    ) {
+        let cols = a.len() / r;
+        assert!(x.len() == m * cols && u.len() == m * r, "lora_down: bad shapes");
+        if m <= GEMV_MAX_M && !dropout.is_active() {
+            // A few rows (decoding): the f32 row products, as lora_forward_many runs them.
+            return self.lora_down_rows(x, std::iter::once((a, u)), m, r);
+        }
+        if self.uses_fused_lora_down(cols, r) {
+            // kernels/lora_fused.cu, the mask regenerated where x is read.
+            return self.lora_down_fused(x, a, m, cols, r, dropout, u);
+        }
+        let xd = self.dropped(x, dropout);
+        // u (m, r) = drop(x) · Aᵀ
+        ck!(
+            self.blas.gemm_rm(
+                self.lora_math(),
+                false,
+                true,
+                m,
+                r,
+                cols,
+                1.0,
+                OperandView::F32(xd.as_ref().unwrap_or(x)),
+                cols,
+                OperandView::F32(a),
+                cols,
+                0.0,
+                u,
+                r
+            ),
+            "LoRA A GEMM"
+        );
+    }
+
+    /// `u_i (m, r) = x (m, cols) · A_iᵀ` for up to LORA_MAX_TARGETS branches of a few rows, without
+    /// dropout, in one launch (`gemv_f32_long_rows_many`: a block per row of every A_i).
+    pub(super) fn lora_down_rows<'a>(
+        &'a self,
+        x: &'a CudaSlice<f32>,
+        downs: impl Iterator<Item = (&'a CudaSlice<f32>, &'a mut CudaSlice<f32>)>,
+        m: usize,
+        r: usize,
+    ) {
+        let mut guards = Vec::new();
+        let (down, blocks) = self.lora_down_targets(x, downs, m, r, 0, &mut guards);
+        let (m32, cols32) = (m as i32, (x.len() / m) as i32);
+        let long = LaunchConfig { grid_dim: (blocks as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        // SAFETY: each target's A, x and u are the live buffers whose addresses the guards hold;
+        // the kernel reads A (r, cols) and x (m, cols) and writes u (m, r) of each.
+        let mut b = self.stream.launch_builder(self.f("gemv_f32_long_rows_many"));
+        b.arg(&down).arg(&m32).arg(&cols32).arg(&1f32).arg(&0i32);
+        ck!(unsafe { b.launch(long) }, "gemv_f32_long_rows_many");
+        drop(guards);
+    }
+
+    /// `y_i (m, rows_i) += scale · u_i (m, r) · B_iᵀ` for up to LORA_MAX_TARGETS branches in one launch
+    /// (kernels/lora.cu `gemv_f32_many`: a group of lanes per row of every B_i): the B products of
+    /// [`Backend::lora_forward_many`] and [`Backend::linear_many_lora`] in decoding.
+    pub(super) fn lora_up_many<'a>(
+        &self,
+        ups: impl Iterator<Item = (&'a CudaSlice<f32>, &'a CudaSlice<f32>, &'a mut CudaSlice<f32>)>,
+        m: usize,
+        r: usize,
+        scale: f32,
+    ) {
+        let mut up = GemvF32Targets::default();
+        let mut guards = Vec::new();
+        let mut blocks = 0;
+        for (i, (b, u, y)) in ups.enumerate() {
+            let rows = b.len() / r;
+            assert!(i < LORA_MAX_TARGETS && u.len() == m * r && y.len() == m * rows, "LoRA B products: bad shapes");
+            let (bp, gb) = b.device_ptr(&self.stream);
+            let (up_ptr, gu) = u.device_ptr(&self.stream);
+            let (yp, gy) = y.device_ptr_mut(&self.stream);
+            up.t[i] = GemvF32Target { w: bp, x: up_ptr, y: yp, rows: rows as i32, first_block: blocks as i32 };
+            up.count = i as i32 + 1;
+            blocks += (rows.div_ceil(lora_rows_per_warp(r)) * 32).div_ceil(LORA_UP_THREADS);
+            guards.extend([gb, gu, gy]);
+        }
+        let cfg = LaunchConfig {
+            grid_dim: (blocks as u32, 1, 1),
+            block_dim: (LORA_UP_THREADS as u32, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let (m32, r32) = (m as i32, r as i32);
+        // SAFETY: each target's B, u and y are the live buffers whose addresses the guards hold; the
+        // kernel reads B (rows, r) and u (m, r) and adds into y (m, rows) of each.
+        let mut b = self.stream.launch_builder(self.f("gemv_f32_many"));
+        b.arg(&up).arg(&m32).arg(&r32).arg(&scale).arg(&1i32);
+        ck!(unsafe { b.launch(cfg) }, "gemv_f32_many");
+        drop(guards);
+    }
+
+    /// Whether a LoRA branch `cols → rows` of rank `r` with more than a few token rows runs on the fused
+    /// kernels of kernels/lora_fused.cu: not in precise mode (f32 cuBLAS there), rank ≤ 64, and rows of
+    /// 16 bytes (`LLAMATUNE_FUSED_LORA=0` or [`Cuda::set_fused_lora`] keep the cuBLAS TF32 path).
+    pub fn uses_fused_lora(&self, rows: usize, cols: usize, r: usize) -> bool {
+        self.uses_fused_lora_down(cols, r) && self.uses_fused_lora_up(rows, r)
+    }
+
+    /// Whether a branch's A product `u = drop(x)·Aᵀ` (`cols` in-features) runs on the fused `lora_down`.
+    pub(super) fn uses_fused_lora_down(&self, cols: usize, r: usize) -> bool {
+        self.fused_lora_rank(r) && cols % 4 == 0
+    }
+
+    /// Whether a branch's B product `y += scale·u·Bᵀ` (`rows` out-features) runs on the fused `lora_up`.
+    pub(super) fn uses_fused_lora_up(&self, rows: usize, r: usize) -> bool {
+        self.fused_lora_rank(r) && rows % 4 == 0
+    }
+
+    pub(super) fn fused_lora_rank(&self, r: usize) -> bool {
+        self.fused_lora.load(std::sync::atomic::Ordering::Relaxed) && !self.is_precise() && r <= 64 && r % 4 == 0
+    }
+
+    /// Turns the fused LoRA kernels on or off (off: dropout pass + cuBLAS TF32 GEMMs, the rival).
+    pub fn set_fused_lora(&self, on: bool) {
+        self.fused_lora.store(on, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// How to split a reduction of `len` (stages of [`LORA_STAGE`]) over blocks so that `tiles`
+    /// output tiles × splits fill the GPU's [`LORA_BLOCKS_PER_SM`] block slots per SM in one wave (a
+    /// second, nearly empty wave would cost as much as the first): (splits, length per split).
+    pub(super) fn lora_splits(&self, tiles: usize, len: usize) -> (usize, usize) {
+        let stages = len.div_ceil(LORA_STAGE);
+        let want = self.splits_to_fill(tiles, LORA_BLOCKS_PER_SM, stages);
+        let per = stages.div_ceil(want) * LORA_STAGE;
+        (len.div_ceil(per), per)
+    }
+
+    /// `out = [out +] alpha · Σ_s part[s]` for `part (splits, n)`, `out (n)` (kernels/lora_fused.cu,
+    /// lora_sum_splits).
+    pub(super) fn lora_sum_splits(
+        &self,
+        part: &CudaSlice<f32>,
+        splits: usize,
+        alpha: f32,
+        accumulate: bool,
+        out: &mut CudaSlice<f32>,
+    ) {
+        let n = out.len();
+        let (s32, n64, acc) = (splits as i32, n as i64, accumulate as i32);
+        launch!(self, "lora_sum_splits", grid_for(n / 4); part, &mut *out, &s32, &n64, &alpha, &acc);
+    }
+
+    /// Runs a split-reduction kernel of kernels/lora_fused.cu over `tiles` output tiles × splits of a
+    /// reduction of length `len` (arguments: the two inputs, the partials, `dims` = (m, n, r), the
+    /// split length, the dropout) and sums the splits into `out`, adding to it when `accumulate`. With
+    /// one split and nothing to add to, the kernel writes `out` itself.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn lora_split_reduce(
+        &self,
+        (kernel, smem): (&str, usize),
+        (tiles, len): (usize, usize),
+        (a, b): (&CudaSlice<f32>, &CudaSlice<f32>),
+        dims: [i32; 3],
+        d: Dropout,
+        accumulate: bool,
+        out: &mut CudaSlice<f32>,
+    ) {
+        let (splits, per) = self.lora_splits(tiles, len);
+        let cfg = LaunchConfig {
+            grid_dim: (tiles as u32, splits as u32, 1),
+            block_dim: (LORA_THREADS, 1, 1),
+            shared_mem_bytes: smem as u32,
+        };
+        let per = per as i32;
+        let mut part = (splits > 1 || accumulate).then(|| self.scratch(splits * out.len()));
+        let dst = part.as_mut().unwrap_or(out);
+        launch!(self, kernel, cfg; a, b, dst, &dims[0], &dims[1], &dims[2], &per, &d.seed, &d.p);
+        if let Some(part) = part {
+            self.lora_sum_splits(&part, splits, 1.0, accumulate, out);
+        }
+    }
+
+    /// `u (m, r) = drop(x) (m, cols) · Aᵀ` for `A (r, cols)`, split over `cols` to fill the GPU.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn lora_down_fused(
+        &self,
+        x: &CudaSlice<f32>,
+        a: &CudaSlice<f32>,
+        m: usize,
+        cols: usize,
+        r: usize,
+        d: Dropout,
+        u: &mut CudaSlice<f32>,
+    ) {
+        let v = lora_variant(r);
+        let (tiles, dims) = (m.div_ceil(LORA_DOWN_ROWS), [m as i32, cols as i32, r as i32]);
+        self.lora_split_reduce((LORA_DOWN[v], lora_down_smem(v)), (tiles, cols), (x, a), dims, d, false, u);
+    }
+
+    /// `out (m, n) += alpha · drop(U · W'ᵀ)` for `U (m, r)` and `W' (n, r)`, given as `w (n, r)` or, when
+    /// `w_is_rn`, as `w (r, n)`.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn lora_up(
+        &self,
+        u: &CudaSlice<f32>,
+        w: &CudaSlice<f32>,
+        w_is_rn: bool,
+        m: usize,
+        n: usize,
+        r: usize,
+        alpha: f32,
+        d: Dropout,
+        out: &mut CudaSlice<f32>,
+    ) {
+        let (dims, rn) = ([m as i32, n as i32, r as i32], w_is_rn as i32);
+        launch!(self, "lora_up", lora_up_launch(m, n); u, w, &mut *out, &dims[0], &dims[1], &dims[2], &rn, &alpha, &d.seed, &d.p);
+    }
+
+    /// `out (r, n) += Sᵀ · drop(T)` for `S (m, r)`, `T (m, n)`, split over `m` to fill the GPU.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn lora_outer(
+        &self,
+        s: &CudaSlice<f32>,
+        t: &CudaSlice<f32>,
+        m: usize,
+        n: usize,
+        r: usize,
+        d: Dropout,
+        out: &mut CudaSlice<f32>,
+    ) {
+        let v = lora_variant(r);
+        let (tiles, dims) = (n.div_ceil(LORA_OUTER_COLS), [m as i32, n as i32, r as i32]);
+        self.lora_split_reduce((LORA_OUTER[v], lora_outer_smem(v)), (tiles, m), (s, t), dims, d, true, out);
+    }
+
+    /// `x` with inverted dropout applied (the same mask formula as the CPU); `None` when dropout is
+    /// off and `x` serves as it is.
+    pub(super) fn dropped(&self, x: &CudaSlice<f32>, d: Dropout) -> Option<CudaSlice<f32>> {
+        if !d.is_active() {
+            return None;
+        }
+        let n = x.len();
+        let mut out = self.scratch(n);
+        let a0 = n as i64;
+        launch!(self, "dropout_f32", grid_for(n); x, &mut out, &d.seed, &d.p, &a0);
+        Some(out)
+    }
+}

@@ -1,0 +1,117 @@
+//! Launchers of kernels/xent.cu: cross-entropy loss and gradient in one launch, rows of logits held in
+//! registers, streamed by persistent blocks where the device's shared memory allows. CPU reference:
+//! `Cpu::cross_entropy`.
+
+use super::Cuda;
+use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+use half::{bf16, f16};
+
+/// The register-resident cross-entropy kernels of kernels/xent.cu: a block of
+/// [`XENT_REG_THREADS`] holds a row of up to that many × [`XENT_REG_VALUES`] logits.
+pub(super) const XENT_REG: [&str; 3] = ["cross_entropy_reg8", "cross_entropy_reg16", "cross_entropy_reg32"];
+
+pub(super) const XENT_REG_VALUES: [usize; 3] = [8, 16, 32];
+
+pub(super) const XENT_REG_THREADS: usize = 1024;
+
+/// The persistent-block variants of [`XENT_REG`] (the next row streamed into shared memory), by the
+/// dtype of the logits they read and the gradient they write (f32, bf16, f16), then values per thread.
+pub(super) const XENT_STREAM: [[&str; 3]; 3] = [
+    ["cross_entropy_stream8", "cross_entropy_stream16", "cross_entropy_stream32"],
+    ["cross_entropy_stream8_bf16", "cross_entropy_stream16_bf16", "cross_entropy_stream32_bf16"],
+    ["cross_entropy_stream8_f16", "cross_entropy_stream16_f16", "cross_entropy_stream32_f16"],
+];
+
+/// The logits a cross-entropy launch reads and the gradient it writes, in one dtype: f32, or a 16-bit
+/// LM head's (the streaming kernels only).
+pub(super) enum XentIo<'a> {
+    F32(&'a CudaSlice<f32>, &'a mut CudaSlice<f32>),
+    BF16(&'a CudaSlice<bf16>, &'a mut CudaSlice<bf16>),
+    F16(&'a CudaSlice<f16>, &'a mut CudaSlice<f16>),
+}
+
+/// The index into [`XENT_REG`] (and [`XENT_STREAM`]) whose kernels hold a row of `vocab` logits in
+/// registers: the fewest values per thread that cover it, if any does.
+pub(super) fn xent_reg_index(vocab: usize) -> Option<usize> {
+    XENT_REG_VALUES.iter().position(|&v| vocab <= XENT_REG_THREADS * v)
+}
+
+/// Dynamic shared memory of `XENT_STREAM[i]`: one row of its largest vocabulary in f32.
+pub(super) fn xent_stream_smem(i: usize) -> usize {
+    XENT_REG_THREADS * XENT_REG_VALUES[i] * 4
+}
+
+impl Cuda {
+    /// The index into [`XENT_STREAM`]'s kernels that takes a row of `vocab` logits of f32 or (with
+    /// `sixteen_bit`) a 16-bit dtype, when one does (the row fits 1024 threads × 8, 16 or 32 values,
+    /// whole 16-byte copies, the device's shared memory).
+    pub(super) fn xent_stream_index(&self, vocab: usize, sixteen_bit: bool) -> Option<usize> {
+        let i = xent_reg_index(vocab)?;
+        let per_copy = if sixteen_bit { 8 } else { 4 };
+        (self.xent_stream[i] && vocab % per_copy == 0).then_some(i)
+    }
+
+    /// Loss and gradient of the logits `(m, vocab)` in `io` against `targets`
+    /// (Backend::cross_entropy), the gradient in the logits' dtype; 16-bit logits need a streaming
+    /// kernel ([`Cuda::xent_stream_index`]).
+    pub(super) fn xent(&self, io: XentIo<'_>, targets: &[i32], vocab: usize, scale: f32) -> (f64, usize) {
+        let _span = self.span("cross_entropy");
+        let m = targets.len();
+        let t = ck!(self.stream.clone_htod(targets), "upload targets");
+        let mut loss = self.scalar_f64();
+        let mut count = ck!(self.stream.alloc_zeros::<i32>(1), "alloc");
+        // The row in registers (one read of the logits) when the vocabulary fits 1024 threads × 8, 16
+        // or 32 values: streamed through persistent blocks where 16-byte copies and the shared memory
+        // allow, else a block per row; past that, three passes over the row.
+        let (vocab32, rows) = (vocab as i32, m as i32);
+        let sixteen_bit = !matches!(io, XentIo::F32(..));
+        match (self.xent_stream_index(vocab, sixteen_bit), io) {
+            (Some(i), io) => {
+                let cfg = LaunchConfig {
+                    grid_dim: (m.min(self.sm_count).max(1) as u32, 1, 1),
+                    block_dim: (XENT_REG_THREADS as u32, 1, 1),
+                    shared_mem_bytes: xent_stream_smem(i) as u32,
+                };
+                match io {
+                    XentIo::F32(l, d) => {
+                        launch!(self, XENT_STREAM[0][i], cfg; l, &t, &mut *d, &mut loss, &mut count, &rows, &vocab32, &scale)
+                    }
+                    XentIo::BF16(l, d) => {
+                        launch!(self, XENT_STREAM[1][i], cfg; l, &t, &mut *d, &mut loss, &mut count, &rows, &vocab32, &scale)
+                    }
+                    XentIo::F16(l, d) => {
+                        launch!(self, XENT_STREAM[2][i], cfg; l, &t, &mut *d, &mut loss, &mut count, &rows, &vocab32, &scale)
+                    }
+                }
+            }
+            (None, XentIo::F32(logits, dlogits)) => {
+                let (kernel, threads) = match xent_reg_index(vocab) {
+                    Some(i) => (XENT_REG[i], XENT_REG_THREADS),
+                    None => ("cross_entropy_f32", 256),
+                };
+                let block_dim = (threads as u32, 1, 1);
+                let cfg = LaunchConfig { grid_dim: (m as u32, 1, 1), block_dim, shared_mem_bytes: 0 };
+                launch!(self, kernel, cfg; logits, &t, &mut *dlogits, &mut loss, &mut count, &vocab32, &scale);
+            }
+            (None, _) => unreachable!("16-bit logits need a streaming cross-entropy kernel"),
+        }
+        let c = ck!(self.stream.clone_dtoh(&count), "download")[0];
+        assert!(c < (1 << 30), "a target id is >= vocab {vocab}");
+        (ck!(self.stream.clone_dtoh(&loss), "download")[0], c as usize)
+    }
+
+    /// [`Backend::cross_entropy`] of bf16 logits with the gradient in bf16 (what
+    /// [`Backend::lm_head_cross_entropy`] runs for a bf16 head), for benchmarks and tests; `None` when
+    /// no streaming kernel takes rows of `vocab` 16-bit logits.
+    pub fn cross_entropy_bf16(
+        &self,
+        logits: &CudaSlice<bf16>,
+        targets: &[i32],
+        vocab: usize,
+        scale: f32,
+        dlogits: &mut CudaSlice<bf16>,
+    ) -> Option<(f64, usize)> {
+        self.xent_stream_index(vocab, true)?;
+        Some(self.xent(XentIo::BF16(logits, dlogits), targets, vocab, scale))
+    }
+}
