@@ -3,7 +3,7 @@
 //! conversion. CPU reference: `Cpu::attention`, `Cpu::attention_backward` and the composed
 //! `rope_attention` of backend/mod.rs.
 
-use super::{grid_for, push_geom, push_opt, Cuda};
+use super::{grid_for, push_opt, Cuda};
 use crate::backend::{AttnShape, RopeTables};
 use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 use half::bf16;
@@ -34,6 +34,13 @@ pub(super) fn warp_grid(warps: usize) -> LaunchConfig {
         grid_dim: ((warps * 32).div_ceil(128).max(1) as u32, 1, 1),
         block_dim: (128, 1, 1),
         shared_mem_bytes: 0,
+    }
+}
+
+/// Pushes a geometry's values as separate `int` arguments.
+pub(super) fn push_geom<'a, const N: usize>(b: &mut cudarc::driver::LaunchArgs<'a>, g: &'a [i32; N]) {
+    for x in g {
+        b.arg(x);
     }
 }
 
@@ -217,5 +224,44 @@ impl Cuda {
         // SAFETY: the kernel reads its inputs within the geometry, adds into dq (zeroed above) and writes
         // the dk/dv rows below kv_len.
         ck!(unsafe { b.launch(cfg) }, kernel);
+    }
+
+    /// The f32 backward of kernels/attention.cu: dq and delta = rowsum(dO ⊙ O) with a warp per query
+    /// row (`attention_bwd_dq_f32`), then dk and dv with a warp per key row (`attention_bwd_dkdv_f32`).
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn attention_split_backward(
+        &self,
+        q: &CudaSlice<f32>,
+        k: &CudaSlice<f32>,
+        v: &CudaSlice<f32>,
+        out: &CudaSlice<f32>,
+        lse: &CudaSlice<f32>,
+        dout: &CudaSlice<f32>,
+        sh: AttnShape,
+        seg: Option<&CudaSlice<u32>>,
+        dq: &mut CudaSlice<f32>,
+        dk: &mut CudaSlice<f32>,
+        dv: &mut CudaSlice<f32>,
+    ) {
+        let mut delta = self.scratch(sh.batch * sh.heads * sh.q_len);
+        let g = geom(sh);
+        let mut b = self.stream.launch_builder(self.f("attention_bwd_dq_f32"));
+        b.arg(q).arg(k).arg(v).arg(out).arg(lse).arg(dout);
+        push_opt(&mut b, seg);
+        b.arg(&mut *dq).arg(&mut delta);
+        push_geom(&mut b, &g);
+        // SAFETY: a warp per query row reads q/k/v/out/dout/seg within the geometry and writes that
+        // row of dq and its delta.
+        ck!(unsafe { b.launch(warp_grid(sh.batch * sh.heads * sh.q_len)) }, "attention_bwd_dq_f32");
+        ck!(self.stream.memset_zeros(dk), "memset");
+        ck!(self.stream.memset_zeros(dv), "memset");
+        let mut b = self.stream.launch_builder(self.f("attention_bwd_dkdv_f32"));
+        b.arg(q).arg(k).arg(v).arg(lse).arg(&delta).arg(dout);
+        push_opt(&mut b, seg);
+        b.arg(&mut *dk).arg(&mut *dv);
+        push_geom(&mut b, &g);
+        // SAFETY: a warp per key row reads the inputs within the geometry and writes that row of dk
+        // and dv (zeroed above: rows from kv_len on are not written).
+        ck!(unsafe { b.launch(warp_grid(sh.batch * sh.kv_heads * sh.kv_len)) }, "attention_bwd_dkdv_f32");
     }
 }

@@ -257,10 +257,10 @@ impl Cuda {
         self.gemm_rounded(w, product, dx, accumulate, up, "linear backward GEMM");
     }
 
-    /// [`Backend::linear_many_lora`] when the products do not share a GEMV launch (and
-    /// [`Backend::linear_many`], with no branches): each frozen product, and then the LoRA branches.
-    /// A branch whose product goes through cuBLAS with a 16-bit output gets its B product added as
-    /// that output is widened (`gemm_rounded`'s [`UpTail`]); the others run after all the products.
+    /// [`Backend::linear_many_lora`](crate::backend::Backend::linear_many_lora) when the products do not share a GEMV
+    /// launch (and [`Backend::linear_many`](crate::backend::Backend::linear_many), with no branches): each frozen
+    /// product, and then the LoRA branches. A branch whose product goes through cuBLAS with a 16-bit output gets its B
+    /// product added as that output is widened (`gemm_rounded`'s [`UpTail`]); the others run after all the products.
     #[allow(clippy::too_many_arguments)]
     pub(super) fn products_with_lora(
         &self,

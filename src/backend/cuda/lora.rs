@@ -173,7 +173,8 @@ impl Cuda {
         du
     }
 
-    /// [`Backend::lora_down`] (without its profile span, for [`Backend::lora_forward`] too).
+    /// [`Backend::lora_down`](crate::backend::Backend::lora_down) (without its profile span, for
+    /// [`Backend::lora_forward`](crate::backend::Backend::lora_forward) too).
     pub(super) fn lora_a_product(
         &self,
         x: &CudaSlice<f32>,
@@ -239,7 +240,8 @@ impl Cuda {
 
     /// `y_i (m, rows_i) += scale · u_i (m, r) · B_iᵀ` for up to LORA_MAX_TARGETS branches in one launch
     /// (kernels/lora.cu `gemv_f32_many`: a group of lanes per row of every B_i): the B products of
-    /// [`Backend::lora_forward_many`] and [`Backend::linear_many_lora`] in decoding.
+    /// [`Backend::lora_forward_many`](crate::backend::Backend::lora_forward_many) and
+    /// [`Backend::linear_many_lora`](crate::backend::Backend::linear_many_lora) in decoding.
     pub(super) fn lora_up_many<'a>(
         &self,
         ups: impl Iterator<Item = (&'a CudaSlice<f32>, &'a CudaSlice<f32>, &'a mut CudaSlice<f32>)>,
@@ -420,5 +422,40 @@ impl Cuda {
         let a0 = n as i64;
         launch!(self, "dropout_f32", grid_for(n); x, &mut out, &d.seed, &d.p, &a0);
         Some(out)
+    }
+
+    /// `y (m, rows) += scale · u (m, r) · Bᵀ` by cuBLAS (TF32, or f32 in precise mode): the B product
+    /// where the fused `lora_up` does not run.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn lora_b_product_cublas(
+        &self,
+        u: &CudaSlice<f32>,
+        b: &CudaSlice<f32>,
+        m: usize,
+        rows: usize,
+        r: usize,
+        scale: f32,
+        y: &mut CudaSlice<f32>,
+    ) {
+        // y (m, rows) += scale · u · Bᵀ
+        ck!(
+            self.blas.gemm_rm(
+                self.lora_math(),
+                false,
+                true,
+                m,
+                rows,
+                r,
+                scale,
+                OperandView::F32(u),
+                r,
+                OperandView::F32(b),
+                r,
+                1.0,
+                y,
+                rows
+            ),
+            "LoRA B GEMM"
+        );
     }
 }

@@ -1,13 +1,15 @@
 //! The MLP's gate and up products kept in the 16-bit compute dtype (`MlpActs::Half`), where all three
 //! of its 4-bit products take the second path. CPU reference: the composed ops of backend/mod.rs.
 
-use super::gemm::Operand;
+use super::gemm::{Gemm, Operand, OperandView};
 use super::quant4::GEMV_MAX_M;
-use super::{Cuda, CudaWeight};
+use super::{grid_for, Cuda, CudaWeight};
 use crate::config::ComputeDtype;
-use cudarc::driver::CudaSlice;
+use cudarc::driver::{CudaSlice, PushKernelArg};
+use half::{bf16, f16};
 
-/// An MLP's gate and up products `(m, ffn)` kept for its backward ([`Backend::mlp_gate_up`]).
+/// An MLP's gate and up products `(m, ffn)` kept for its backward
+/// ([`Backend::mlp_gate_up`](crate::backend::Backend::mlp_gate_up)).
 pub enum MlpActs {
     /// Widened into f32, as every other product is (the composed ops).
     F32 { g: CudaSlice<f32>, u: CudaSlice<f32> },
@@ -17,8 +19,8 @@ pub enum MlpActs {
 }
 
 impl Cuda {
-    /// The 16-bit dtype [`Backend::mlp_gate_up`] keeps an MLP's products in, when it can: three 4-bit
-    /// weights computing in one 16-bit dtype, all on the second path at `m` rows (dequantize +
+    /// The 16-bit dtype [`Backend::mlp_gate_up`](crate::backend::Backend::mlp_gate_up) keeps an MLP's products in, when
+    /// it can: three 4-bit weights computing in one 16-bit dtype, all on the second path at `m` rows (dequantize +
     /// cuBLAS, whose outputs are rounded to that dtype anyway); not in precise mode.
     pub(super) fn mlp_in_16_bit(&self, ws: [&CudaWeight; 3], m: usize) -> Option<ComputeDtype> {
         let c = match ws[0] {
@@ -29,5 +31,120 @@ impl Cuda {
             matches!(w, CudaWeight::Quant4 { compute, .. } if *compute == c) && !self.uses_fused_4bit(w, m)
         };
         (m > GEMV_MAX_M && !self.is_precise() && ws.iter().all(|w| second_path(w))).then_some(c)
+    }
+
+    /// [`Backend::mlp_gate_up`](crate::backend::Backend::mlp_gate_up) where [`Cuda::mlp_in_16_bit`] gives the compute
+    /// dtype `c`: both products written by cuBLAS in `c` and kept so.
+    pub(super) fn mlp_gate_up_16(
+        &self,
+        x: &CudaSlice<f32>,
+        gate: &CudaWeight,
+        up: &CudaWeight,
+        m: usize,
+        c: ComputeDtype,
+    ) -> MlpActs {
+        let _span = self.span("MLP gate and up (16-bit outputs)");
+        let (ffn, hidden) = gate.shape();
+        assert!(x.len() == m * hidden && up.shape() == (ffn, hidden), "mlp_gate_up: bad shapes");
+        // x converted once for both products, which stay in the compute dtype as cuBLAS writes them
+        // (the values the other path widens into f32).
+        let x16 = self.convert(x, c).expect("16-bit compute");
+        let product = |w: &CudaWeight, what: &str| {
+            let (wop, _) = self.weight_operand(w);
+            let g = Gemm::forward(m, ffn, hidden, OperandView::from(&x16), wop.as_ref());
+            self.gemm_16(&g, c, what)
+        };
+        MlpActs::Half { g: product(gate, "MLP gate GEMM"), u: product(up, "MLP up GEMM") }
+    }
+
+    /// [`Backend::mlp_down`](crate::backend::Backend::mlp_down) from 16-bit gate and up products: SwiGLU into the down
+    /// product's 16-bit input (kernels/elementwise.cu `swiglu_{bf16,f16}`), the product widened into (or added to) out.
+    pub(super) fn mlp_down_16(
+        &self,
+        (g, u): (&Operand, &Operand),
+        down: &CudaWeight,
+        m: usize,
+        out: &mut CudaSlice<f32>,
+        accumulate: bool,
+    ) {
+        let _span = self.span("MLP SwiGLU and down (16-bit input)");
+        let (d_rows, ffn) = down.shape();
+        let n = m * ffn;
+        assert!(g.len() == n && u.len() == n && out.len() == m * d_rows, "mlp_down: bad shapes");
+        // SwiGLU straight from the 16-bit products into the down product's 16-bit input (the rounding
+        // its conversion did), and the product widened into (or added to) out: linear_many + swiglu +
+        // linear's values without the f32 round trips.
+        let n64 = n as i64;
+        // SAFETY: the kernel writes all n values before the GEMM reads them.
+        let s16 = match (g, u) {
+            (Operand::BF16(g), Operand::BF16(u)) => {
+                let mut s = ck!(unsafe { self.stream.alloc::<bf16>(n) }, "alloc");
+                launch!(self, "swiglu_bf16", grid_for(n); g, u, &mut s, &n64);
+                Operand::BF16(s)
+            }
+            (Operand::F16(g), Operand::F16(u)) => {
+                let mut s = ck!(unsafe { self.stream.alloc::<f16>(n) }, "alloc");
+                launch!(self, "swiglu_f16", grid_for(n); g, u, &mut s, &n64);
+                Operand::F16(s)
+            }
+            _ => unreachable!("gate and up in one 16-bit dtype"),
+        };
+        let (wop, _) = self.weight_operand(down);
+        let product = Gemm::forward(m, d_rows, ffn, OperandView::from(&s16), wop.as_ref());
+        self.gemm_rounded(down, product, out, accumulate, None, "MLP down GEMM");
+    }
+
+    /// [`Backend::mlp_backward`](crate::backend::Backend::mlp_backward) from 16-bit gate and up products
+    /// (kernels/elementwise.cu `swiglu_backward_{bf16,f16}` between the GEMMs).
+    pub(super) fn mlp_backward_16(
+        &self,
+        dy: &CudaSlice<f32>,
+        (g, u): (&Operand, &Operand),
+        [gate, up, down]: [&CudaWeight; 3],
+        m: usize,
+        dx: &mut CudaSlice<f32>,
+        accumulate: bool,
+    ) {
+        let _span = self.span("MLP backward (16-bit intermediates)");
+        let ((ffn, hidden), (d_rows, _)) = (gate.shape(), down.shape());
+        let n = m * ffn;
+        assert!(dy.len() == m * d_rows && dx.len() == m * hidden && g.len() == n, "mlp_backward: bad shapes");
+        // The down product's input gradient as cuBLAS writes it in the compute dtype (the values the
+        // other path widens), SwiGLU's backward from it and the 16-bit products into the gate and up
+        // gradients in that dtype (the rounding their GEMMs' conversions did), and those GEMMs widened
+        // into dx: the composed ops' values without the f32 round trips.
+        let c = if matches!(g, Operand::F16(_)) { ComputeDtype::F16 } else { ComputeDtype::BF16 };
+        let ds16 = {
+            let (wop, _) = self.weight_operand(down);
+            let dy16 = self.convert(dy, c).expect("16-bit compute");
+            let product = Gemm::input_grad(m, ffn, d_rows, OperandView::from(&dy16), wop.as_ref());
+            self.gemm_16(&product, c, "MLP down backward GEMM")
+        };
+        let n64 = n as i64;
+        // SAFETY: the kernel writes all n values of both gradients before the GEMMs read them.
+        let (dg16, du16) = match (g, u, &ds16) {
+            (Operand::BF16(g), Operand::BF16(u), Operand::BF16(ds)) => {
+                let mut dg = ck!(unsafe { self.stream.alloc::<bf16>(n) }, "alloc");
+                let mut du = ck!(unsafe { self.stream.alloc::<bf16>(n) }, "alloc");
+                launch!(self, "swiglu_backward_bf16", grid_for(n); g, u, ds, &mut dg, &mut du, &n64);
+                (Operand::BF16(dg), Operand::BF16(du))
+            }
+            (Operand::F16(g), Operand::F16(u), Operand::F16(ds)) => {
+                let mut dg = ck!(unsafe { self.stream.alloc::<f16>(n) }, "alloc");
+                let mut du = ck!(unsafe { self.stream.alloc::<f16>(n) }, "alloc");
+                launch!(self, "swiglu_backward_f16", grid_for(n); g, u, ds, &mut dg, &mut du, &n64);
+                (Operand::F16(dg), Operand::F16(du))
+            }
+            _ => unreachable!("one 16-bit dtype"),
+        };
+        drop(ds16);
+        // dx (m, hidden) (+)= du (m, ffn) · U (ffn, hidden), then += dg · G: up first, as the tape did.
+        for (w, d16, acc, what) in
+            [(up, &du16, accumulate, "MLP up backward GEMM"), (gate, &dg16, true, "MLP gate backward GEMM")]
+        {
+            let (wop, _) = self.weight_operand(w);
+            let product = Gemm::input_grad(m, hidden, ffn, OperandView::from(d16), wop.as_ref());
+            self.gemm_rounded(w, product, dx, acc, None, what);
+        }
     }
 }

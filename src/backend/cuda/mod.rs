@@ -12,50 +12,16 @@ use super::{
     rope_attention_backward_composed, rope_attention_composed, AdamWStep, AttnShape, Backend, Dropout, HostWeight,
     LoraBranch, LoraDown, LoraGrad, RopeTables,
 };
-use crate::config::{ComputeDtype, QuantType};
+use crate::config::ComputeDtype;
 use crate::error::{Error, Result};
-use crate::quant::{self, Absmax, Quant4};
+use crate::quant;
 use cudarc::driver::{
-    result, CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, LaunchConfig, PinnedHostSlice,
+    result, CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtrMut, LaunchConfig, PinnedHostSlice,
     PushKernelArg,
 };
-use half::{bf16, f16};
+use half::bf16;
 use std::collections::HashMap;
 use std::sync::Arc;
-
-/// A frozen weight on the device.
-pub enum CudaWeight {
-    /// `(rows, cols)`, fp16 when every value is exactly an fp16 (an fp16 checkpoint), else bf16.
-    Dense { rows: usize, cols: usize, data: DenseData },
-    Quant4 {
-        rows: usize,
-        cols: usize,
-        quant_type: QuantType,
-        blocksize: usize,
-        compute: ComputeDtype,
-        /// `ceil(rows·cols/2)` bytes, element 2j in the high nibble.
-        packed: CudaSlice<u8>,
-        absmax: DeviceAbsmax,
-    },
-}
-
-pub enum DenseData {
-    F16(CudaSlice<f16>),
-    BF16(CudaSlice<bf16>),
-}
-
-pub enum DeviceAbsmax {
-    F32(CudaSlice<f32>),
-    Nested { q: CudaSlice<u8>, absmax2: CudaSlice<f32>, offset: f32 },
-}
-
-impl CudaWeight {
-    fn shape(&self) -> (usize, usize) {
-        match self {
-            CudaWeight::Dense { rows, cols, .. } | CudaWeight::Quant4 { rows, cols, .. } => (*rows, *cols),
-        }
-    }
-}
 
 /// The CUDA backend on one device.
 pub struct Cuda {
@@ -170,19 +136,20 @@ mod lora;
 mod mlp;
 mod offload;
 mod quant4;
+mod weights;
 mod xent;
-use adamw::{AdamHyper, AdamTensor, Chunks, SumTensor, MULTI_CHUNK};
-use attention::{flash_bwd_smem, geom, warp_grid};
-use gemm::{Gemm, UpTail};
+use adamw::AdamHyper;
+use attention::flash_bwd_smem;
+use gemm::UpTail;
 pub use gemm::{Operand, OperandRef, OperandView};
 use lora::{lora_down_smem, lora_outer_smem, LORA_DOWN, LORA_MAX_TARGETS, LORA_OUTER};
 pub use mlp::MlpActs;
 pub use offload::Offloaded;
-use quant4::{
-    dtype_code, GEMM_4BIT, GEMM_4BIT_TILES, GEMV_MANY, GEMV_MANY_LORA, GEMV_MAX_M, GEMV_MAX_X_SMEM, GEMV_ONE_ROW,
-    GEMV_ROWS_PER_WARP, GEMV_SWIGLU, GEMV_THREADS,
-};
 pub use quant4::{Fused4bit, FUSED_4BIT_MAX_M};
+use quant4::{
+    GEMM_4BIT, GEMM_4BIT_TILES, GEMV_MANY, GEMV_MANY_LORA, GEMV_MAX_M, GEMV_MAX_X_SMEM, GEMV_ONE_ROW, GEMV_SWIGLU,
+};
+pub use weights::{CudaWeight, DenseData, DeviceAbsmax};
 use xent::{xent_stream_smem, XentIo, XENT_REG_VALUES, XENT_STREAM};
 
 /// The device's default memory pool, told to keep what it frees (the default threshold of 0 hands
@@ -460,75 +427,13 @@ impl Backend for Cuda {
         buf.len()
     }
     fn upload_weight(&self, w: HostWeight) -> CudaWeight {
-        let out = match w {
-            HostWeight::Dense { rows, cols, data } => {
-                // Keep an fp16 checkpoint's values exact; anything else goes to bf16 (its range).
-                let data = if data.iter().all(|&x| f16::from_f32(x).to_f32() == x) {
-                    let h: Vec<f16> = data.iter().map(|&x| f16::from_f32(x)).collect();
-                    DenseData::F16(ck!(self.stream.clone_htod(&h), "upload weight"))
-                } else {
-                    let b: Vec<bf16> = data.iter().map(|&x| bf16::from_f32(x)).collect();
-                    DenseData::BF16(ck!(self.stream.clone_htod(&b), "upload weight"))
-                };
-                CudaWeight::Dense { rows, cols, data }
-            }
-            HostWeight::Quant4 { rows, cols, q, compute } => {
-                let absmax = match &q.absmax {
-                    Absmax::F32(a) => DeviceAbsmax::F32(ck!(self.stream.clone_htod(a), "upload absmax")),
-                    Absmax::Nested { q, absmax2, offset } => DeviceAbsmax::Nested {
-                        q: ck!(self.stream.clone_htod(q), "upload absmax"),
-                        absmax2: ck!(self.stream.clone_htod(absmax2), "upload absmax"),
-                        offset: *offset,
-                    },
-                };
-                CudaWeight::Quant4 {
-                    rows,
-                    cols,
-                    quant_type: q.quant_type,
-                    blocksize: q.blocksize,
-                    compute,
-                    packed: ck!(self.stream.clone_htod(&q.packed), "upload weight"),
-                    absmax,
-                }
-            }
-        };
-        out
+        CudaWeight::upload(&self.stream, w)
     }
     fn weight_shape(&self, w: &CudaWeight) -> (usize, usize) {
         w.shape()
     }
     fn weight_to_host(&self, w: &CudaWeight) -> HostWeight {
-        match w {
-            CudaWeight::Dense { rows, cols, data } => {
-                let data: Vec<f32> = match data {
-                    DenseData::BF16(d) => {
-                        ck!(self.stream.clone_dtoh(d), "download weight").iter().map(|x| x.to_f32()).collect()
-                    }
-                    DenseData::F16(d) => {
-                        ck!(self.stream.clone_dtoh(d), "download weight").iter().map(|x| x.to_f32()).collect()
-                    }
-                };
-                HostWeight::Dense { rows: *rows, cols: *cols, data }
-            }
-            CudaWeight::Quant4 { rows, cols, quant_type, blocksize, compute, packed, absmax } => {
-                let absmax = match absmax {
-                    DeviceAbsmax::F32(a) => Absmax::F32(ck!(self.stream.clone_dtoh(a), "download")),
-                    DeviceAbsmax::Nested { q, absmax2, offset } => Absmax::Nested {
-                        q: ck!(self.stream.clone_dtoh(q), "download"),
-                        absmax2: ck!(self.stream.clone_dtoh(absmax2), "download"),
-                        offset: *offset,
-                    },
-                };
-                let q = Quant4 {
-                    quant_type: *quant_type,
-                    blocksize: *blocksize,
-                    n: rows * cols,
-                    packed: ck!(self.stream.clone_dtoh(packed), "download"),
-                    absmax,
-                };
-                HostWeight::Quant4 { rows: *rows, cols: *cols, q, compute: *compute }
-            }
-        }
+        w.to_host(&self.stream)
     }
     fn read_range(&self, buf: &CudaSlice<f32>, start: usize, len: usize) -> CudaSlice<f32> {
         let _span = self.span("read_range");
@@ -570,29 +475,7 @@ impl Backend for Cuda {
     }
     fn sum_squares_all(&self, bufs: &[&CudaSlice<f32>]) -> f64 {
         let _span = self.span("sum_squares_all");
-        // Every tensor in one launch (a block per chunk of MULTI_CHUNK values, one f64 atomic each)
-        // and a single download (a download per tensor stalled the step 128 times for a 7B q,v
-        // adapter, a launch per tensor cost ~1.8 ms for an all-linear one's 448).
-        let mut acc = self.scalar_f64();
-        let mut guards = Vec::new();
-        let mut table = Vec::with_capacity(bufs.len());
-        let mut chunks = Chunks::default();
-        for buf in bufs {
-            let (x, g) = buf.device_ptr(&self.stream);
-            guards.push(g);
-            table.push(SumTensor { x, n: buf.len() as i64, first_chunk: chunks.take(buf.len()) });
-        }
-        if let Some(cfg) = chunks.launch() {
-            let table = ck!(self.stream.clone_htod(&table), "upload sum table");
-            let (count, chunk) = (bufs.len() as i32, MULTI_CHUNK as i64);
-            let mut b = self.stream.launch_builder(self.f("sum_squares_many_f32"));
-            b.arg(&table).arg(&count).arg(&mut acc).arg(&chunk);
-            // SAFETY: the table holds the addresses and lengths of live buffers (guards held until the
-            // launch is queued); the kernel reads n values of each and adds into acc.
-            ck!(unsafe { b.launch(cfg) }, "sum_squares_many_f32");
-        }
-        drop(guards);
-        ck!(self.stream.clone_dtoh(&acc), "download")[0]
+        self.sum_squares_many(bufs)
     }
     fn has_non_finite(&self, buf: &CudaSlice<f32>) -> bool {
         let _span = self.span("has_non_finite");
@@ -706,30 +589,7 @@ impl Backend for Cuda {
         if !self.linear_many_lora_shares_launch(ws, m, loras) {
             return self.products_with_lora(x, ws, m, outs, loras, r, scale);
         }
-        let _span = self.span("linear + LoRA A (4-bit GEMV, several weights)");
-        let cols = x.len();
-        {
-            // The frozen products and, in the blocks after theirs, every branch's u = x·Aᵀ.
-            let mut guards = Vec::new();
-            let (targets, first, kernel) = self.gemv_many_targets(x, ws, outs, &mut guards);
-            let branches = loras.iter_mut().flatten().map(|l| (l.a, &mut *l.u));
-            let (downs, blocks) = self.lora_down_targets(x, branches, m, r, first, &mut guards);
-            let name = GEMV_MANY_LORA[kernel];
-            let CudaWeight::Quant4 { quant_type, blocksize, .. } = ws[0] else { unreachable!("4-bit weights") };
-            let (bs, c32) = (*blocksize as i32, cols as i32);
-            let mut b = self.stream.launch_builder(self.f(name));
-            b.arg(&targets).arg(&self.code256).arg(self.code16(*quant_type)).arg(&bs).arg(x).arg(&c32).arg(&downs);
-            // SAFETY: each target's codes, absmax and output, each branch's A and u, and x are live
-            // buffers whose addresses the guards hold; the kernel reads x (cols), writes each output's
-            // rows and each u's r values.
-            ck!(unsafe { b.launch(self.gemv_many_launch(ws[0], blocks)) }, name);
-            drop(guards);
-        }
-        let ups = outs.iter_mut().zip(loras.iter_mut()).filter_map(|(y, l)| {
-            let l = l.as_mut()?;
-            Some((l.b, &*l.u, &mut **y))
-        });
-        self.lora_up_many(ups, m, r, scale);
+        self.gemv_4bit_many_lora(x, ws, m, outs, loras, r, scale);
     }
     fn linear_swiglu(
         &self,
@@ -748,32 +608,7 @@ impl Backend for Cuda {
         if !fused {
             return super::linear_swiglu_composed(self, x, gate, up, m, out);
         }
-        let _span = self.span("linear_swiglu (4-bit GEMV)");
-        let (
-            CudaWeight::Quant4 { rows, cols, quant_type, blocksize, compute, packed, absmax },
-            CudaWeight::Quant4 { packed: up_packed, absmax: up_absmax, .. },
-        ) = (gate, up)
-        else {
-            unreachable!("gemv_shares_x takes 4-bit weights")
-        };
-        assert!(x.len() == *cols && out.len() == *rows, "linear_swiglu: bad shapes");
-        let kernel = GEMV_SWIGLU[dtype_code(*compute) as usize];
-        // Two pairs of rows per warp.
-        let cfg = LaunchConfig {
-            grid_dim: (rows.div_ceil(GEMV_ROWS_PER_WARP / 2).div_ceil(GEMV_THREADS / 32) as u32, 1, 1),
-            block_dim: (GEMV_THREADS as u32, 1, 1),
-            shared_mem_bytes: ((cols + cols / 32) * 4) as u32,
-        };
-        let mut guards = Vec::new();
-        let codes = self.codes4(up_packed, up_absmax, &mut guards);
-        let (bs, m32, r32, c32) = (*blocksize as i32, m as i32, *rows as i32, *cols as i32);
-        let mut b = self.stream.launch_builder(self.f(kernel));
-        self.push_4bit(&mut b, packed, absmax, *quant_type);
-        b.arg(&bs).arg(x).arg(&mut *out).arg(&m32).arg(&r32).arg(&c32).arg(&codes);
-        // SAFETY: the kernel reads both weights' codes and absmax (the up side through the addresses
-        // the guards hold) and x (cols), and writes out (rows).
-        ck!(unsafe { b.launch(cfg) }, kernel);
-        drop(guards);
+        self.gemv_4bit_swiglu(x, gate, up, m, out);
     }
 
     fn mlp_gate_up(
@@ -788,18 +623,7 @@ impl Backend for Cuda {
             let (g, u) = super::mlp_gate_up_composed(self, x, gate, up, m);
             return MlpActs::F32 { g, u };
         };
-        let _span = self.span("MLP gate and up (16-bit outputs)");
-        let (ffn, hidden) = gate.shape();
-        assert!(x.len() == m * hidden && up.shape() == (ffn, hidden), "mlp_gate_up: bad shapes");
-        // x converted once for both products, which stay in the compute dtype as cuBLAS writes them
-        // (the values the other path widens into f32).
-        let x16 = self.convert(x, c).expect("16-bit compute");
-        let product = |w: &CudaWeight, what: &str| {
-            let (wop, _) = self.weight_operand(w);
-            let g = Gemm::forward(m, ffn, hidden, OperandView::from(&x16), wop.as_ref());
-            self.gemm_16(&g, c, what)
-        };
-        MlpActs::Half { g: product(gate, "MLP gate GEMM"), u: product(up, "MLP up GEMM") }
+        self.mlp_gate_up_16(x, gate, up, m, c)
     }
     fn mlp_acts_len(&self, acts: &MlpActs) -> usize {
         match acts {
@@ -812,31 +636,7 @@ impl Backend for Cuda {
             MlpActs::F32 { g, u } => return super::mlp_down_composed(self, (g, u), down, m, out, accumulate),
             MlpActs::Half { g, u } => (g, u),
         };
-        let _span = self.span("MLP SwiGLU and down (16-bit input)");
-        let (d_rows, ffn) = down.shape();
-        let n = m * ffn;
-        assert!(g.len() == n && u.len() == n && out.len() == m * d_rows, "mlp_down: bad shapes");
-        // SwiGLU straight from the 16-bit products into the down product's 16-bit input (the rounding
-        // its conversion did), and the product widened into (or added to) out: linear_many + swiglu +
-        // linear's values without the f32 round trips.
-        let n64 = n as i64;
-        // SAFETY: the kernel writes all n values before the GEMM reads them.
-        let s16 = match (g, u) {
-            (Operand::BF16(g), Operand::BF16(u)) => {
-                let mut s = ck!(unsafe { self.stream.alloc::<bf16>(n) }, "alloc");
-                launch!(self, "swiglu_bf16", grid_for(n); g, u, &mut s, &n64);
-                Operand::BF16(s)
-            }
-            (Operand::F16(g), Operand::F16(u)) => {
-                let mut s = ck!(unsafe { self.stream.alloc::<f16>(n) }, "alloc");
-                launch!(self, "swiglu_f16", grid_for(n); g, u, &mut s, &n64);
-                Operand::F16(s)
-            }
-            _ => unreachable!("gate and up in one 16-bit dtype"),
-        };
-        let (wop, _) = self.weight_operand(down);
-        let product = Gemm::forward(m, d_rows, ffn, OperandView::from(&s16), wop.as_ref());
-        self.gemm_rounded(down, product, out, accumulate, None, "MLP down GEMM");
+        self.mlp_down_16((g, u), down, m, out, accumulate);
     }
     fn mlp_backward(
         &self,
@@ -855,47 +655,7 @@ impl Backend for Cuda {
             }
             MlpActs::Half { g, u } => (g, u),
         };
-        let _span = self.span("MLP backward (16-bit intermediates)");
-        let ((ffn, hidden), (d_rows, _)) = (gate.shape(), down.shape());
-        let n = m * ffn;
-        assert!(dy.len() == m * d_rows && dx.len() == m * hidden && g.len() == n, "mlp_backward: bad shapes");
-        // The down product's input gradient as cuBLAS writes it in the compute dtype (the values the
-        // other path widens), SwiGLU's backward from it and the 16-bit products into the gate and up
-        // gradients in that dtype (the rounding their GEMMs' conversions did), and those GEMMs widened
-        // into dx: the composed ops' values without the f32 round trips.
-        let c = if matches!(g, Operand::F16(_)) { ComputeDtype::F16 } else { ComputeDtype::BF16 };
-        let ds16 = {
-            let (wop, _) = self.weight_operand(down);
-            let dy16 = self.convert(dy, c).expect("16-bit compute");
-            let product = Gemm::input_grad(m, ffn, d_rows, OperandView::from(&dy16), wop.as_ref());
-            self.gemm_16(&product, c, "MLP down backward GEMM")
-        };
-        let n64 = n as i64;
-        // SAFETY: the kernel writes all n values of both gradients before the GEMMs read them.
-        let (dg16, du16) = match (g, u, &ds16) {
-            (Operand::BF16(g), Operand::BF16(u), Operand::BF16(ds)) => {
-                let mut dg = ck!(unsafe { self.stream.alloc::<bf16>(n) }, "alloc");
-                let mut du = ck!(unsafe { self.stream.alloc::<bf16>(n) }, "alloc");
-                launch!(self, "swiglu_backward_bf16", grid_for(n); g, u, ds, &mut dg, &mut du, &n64);
-                (Operand::BF16(dg), Operand::BF16(du))
-            }
-            (Operand::F16(g), Operand::F16(u), Operand::F16(ds)) => {
-                let mut dg = ck!(unsafe { self.stream.alloc::<f16>(n) }, "alloc");
-                let mut du = ck!(unsafe { self.stream.alloc::<f16>(n) }, "alloc");
-                launch!(self, "swiglu_backward_f16", grid_for(n); g, u, ds, &mut dg, &mut du, &n64);
-                (Operand::F16(dg), Operand::F16(du))
-            }
-            _ => unreachable!("one 16-bit dtype"),
-        };
-        drop(ds16);
-        // dx (m, hidden) (+)= du (m, ffn) · U (ffn, hidden), then += dg · G: up first, as the tape did.
-        for (w, d16, acc, what) in
-            [(up, &du16, accumulate, "MLP up backward GEMM"), (gate, &dg16, true, "MLP gate backward GEMM")]
-        {
-            let (wop, _) = self.weight_operand(w);
-            let product = Gemm::input_grad(m, hidden, ffn, OperandView::from(d16), wop.as_ref());
-            self.gemm_rounded(w, product, dx, acc, None, what);
-        }
+        self.mlp_backward_16(dy, (g, u), [gate, up, down], m, dx, accumulate);
     }
     fn linear_backward_input(
         &self,
@@ -965,26 +725,7 @@ impl Backend for Cuda {
             self.lora_up(u, b, false, m, rows, r, scale, Dropout::NONE, y);
             return;
         }
-        // y (m, rows) += scale · u · Bᵀ
-        ck!(
-            self.blas.gemm_rm(
-                self.lora_math(),
-                false,
-                true,
-                m,
-                rows,
-                r,
-                scale,
-                OperandView::F32(u),
-                r,
-                OperandView::F32(b),
-                r,
-                1.0,
-                y,
-                rows
-            ),
-            "LoRA B GEMM"
-        );
+        self.lora_b_product_cublas(u, b, m, rows, r, scale, y);
     }
     fn lora_down(
         &self,
@@ -1173,22 +914,7 @@ impl Backend for Cuda {
         if self.flash(&sh) {
             return self.flash_backward(q, k, v, None, out, lse, dout, sh, seg.as_ref(), dq, dk, dv);
         }
-        let mut delta = self.scratch(sh.batch * sh.heads * sh.q_len);
-        let g = geom(sh);
-        let mut b = self.stream.launch_builder(self.f("attention_bwd_dq_f32"));
-        b.arg(q).arg(k).arg(v).arg(out).arg(lse).arg(dout);
-        push_opt(&mut b, seg.as_ref());
-        b.arg(&mut *dq).arg(&mut delta);
-        push_geom(&mut b, &g);
-        ck!(unsafe { b.launch(warp_grid(sh.batch * sh.heads * sh.q_len)) }, "attention_bwd_dq_f32");
-        ck!(self.stream.memset_zeros(dk), "memset");
-        ck!(self.stream.memset_zeros(dv), "memset");
-        let mut b = self.stream.launch_builder(self.f("attention_bwd_dkdv_f32"));
-        b.arg(q).arg(k).arg(v).arg(lse).arg(&delta).arg(dout);
-        push_opt(&mut b, seg.as_ref());
-        b.arg(&mut *dk).arg(&mut *dv);
-        push_geom(&mut b, &g);
-        ck!(unsafe { b.launch(warp_grid(sh.batch * sh.kv_heads * sh.kv_len)) }, "attention_bwd_dkdv_f32");
+        self.attention_split_backward(q, k, v, out, lse, dout, sh, seg.as_ref(), dq, dk, dv);
     }
     fn rope_attention(
         &self,
@@ -1272,8 +998,7 @@ impl Backend for Cuda {
         scale: f32,
         dx: Option<&mut CudaSlice<f32>>,
     ) -> (f64, usize) {
-        let (vocab, hidden) = head.shape();
-        let m = targets.len();
+        let (vocab, _) = head.shape();
         // A 16-bit dense head, run as transformers runs a bf16 one: its GEMM writes the logits in
         // the head's dtype, the loss kernel reads them and writes dlogits in that dtype for the
         // input-gradient GEMM (4 bytes per logit, where f32 logits and f32 dlogits took 8 + 8 and a
@@ -1284,34 +1009,7 @@ impl Backend for Cuda {
         if !sixteen_bit || self.xent_stream_index(vocab, true).is_none() {
             return super::lm_head_cross_entropy_composed(self, x, head, targets, scale, dx);
         }
-        let _span = self.span("lm_head_cross_entropy");
-        assert!(x.len() == m * hidden, "lm_head_cross_entropy: bad shapes");
-        assert!(dx.as_ref().is_none_or(|dx| dx.len() == m * hidden), "lm_head_cross_entropy: bad shapes");
-        let (wop, c) = self.weight_operand(head);
-        let x16 = self.convert(x, c).expect("a 16-bit head takes 16-bit activations");
-        // logits (m, vocab) = x (m, hidden) · Wᵀ, in the head's dtype
-        let logits = Gemm::forward(m, vocab, hidden, OperandView::from(&x16), wop.as_ref());
-        let logits = self.gemm_16(&logits, c, "LM head GEMM");
-        drop(x16);
-        // SAFETY: the loss kernel writes every gradient value before anything reads it.
-        let (result, dlogits) = match &logits {
-            Operand::BF16(l16) => {
-                let mut d = ck!(unsafe { self.stream.alloc::<bf16>(m * vocab) }, "alloc");
-                (self.xent(XentIo::BF16(l16, &mut d), targets, vocab, scale), Operand::BF16(d))
-            }
-            Operand::F16(l16) => {
-                let mut d = ck!(unsafe { self.stream.alloc::<f16>(m * vocab) }, "alloc");
-                (self.xent(XentIo::F16(l16, &mut d), targets, vocab, scale), Operand::F16(d))
-            }
-            Operand::F32(_) => unreachable!("a 16-bit head"),
-        };
-        drop(logits);
-        if let Some(dx) = dx {
-            // dx (m, hidden) = dlogits (m, vocab) · W (vocab, hidden)
-            let product = Gemm::input_grad(m, hidden, vocab, OperandView::from(&dlogits), wop.as_ref());
-            self.gemm_rounded(head, product, dx, false, None, "LM head backward GEMM");
-        }
-        result
+        self.lm_head_cross_entropy_16(x, head, targets, scale, dx)
     }
 
     fn free_memory(&self) -> Option<u64> {
@@ -1402,54 +1100,7 @@ impl Backend for Cuda {
         chunk: usize,
     ) {
         let _span = self.span("adamw_paged");
-        // Each chunk of m and v goes host → staging → kernel → host on the one stream, so a chunk's
-        // staging buffers are reused only after its copies back are done (stream order).
-        let n = param.len();
-        let chunk = chunk.clamp(1, n.max(1));
-        let (mut sm, mut sv) = (self.zeros(chunk), self.zeros(chunk));
-        let hyper = AdamHyper::of(hp);
-        let cu = self.stream.cu_stream();
-        let mp = ck!(m.as_mut_ptr(), "pinned access");
-        let vp = ck!(v.as_mut_ptr(), "pinned access");
-        let mut start = 0;
-        while start < n {
-            let len = chunk.min(n - start);
-            // SAFETY: [start, start+len) lies inside both pinned buffers (length n) and both staging
-            // buffers (length ≥ len); the host memory is not touched until the final synchronize.
-            unsafe {
-                let (dm, _g1) = sm.device_ptr_mut(&self.stream);
-                ck!(
-                    result::memcpy_htod_async(dm, std::slice::from_raw_parts(mp.add(start), len), cu),
-                    "paged state upload"
-                );
-                let (dv, _g2) = sv.device_ptr_mut(&self.stream);
-                ck!(
-                    result::memcpy_htod_async(dv, std::slice::from_raw_parts(vp.add(start), len), cu),
-                    "paged state upload"
-                );
-            }
-            {
-                let mut pv = param.slice_mut(start..start + len);
-                let gv = grad.slice(start..start + len);
-                let n64 = len as i64;
-                launch!(self, "adamw_f32", grid_for(len); &mut pv, &gv, &mut sm, &mut sv, &hyper, &n64);
-            }
-            // SAFETY: as above; the device → host copies land in the same ranges.
-            unsafe {
-                let (dm, _g1) = sm.device_ptr(&self.stream);
-                ck!(
-                    result::memcpy_dtoh_async(std::slice::from_raw_parts_mut(mp.add(start), len), dm, cu),
-                    "paged state download"
-                );
-                let (dv, _g2) = sv.device_ptr(&self.stream);
-                ck!(
-                    result::memcpy_dtoh_async(std::slice::from_raw_parts_mut(vp.add(start), len), dv, cu),
-                    "paged state download"
-                );
-            }
-            start += len;
-        }
-        self.synchronize();
+        self.adamw_paged_chunks(param, grad, m, v, hp, chunk);
     }
 
     fn adamw(
@@ -1474,31 +1125,7 @@ impl Backend for Cuda {
         hp: &AdamWStep,
     ) {
         let _span = self.span("adamw (all tensors)");
-        assert!(grads.len() == params.len() && m.len() == params.len() && v.len() == params.len(), "adamw_all");
-        // Every tensor in one launch: a table of their addresses, each tensor cut into chunks of
-        // MULTI_CHUNK values, a block per chunk.
-        let mut guards = Vec::new();
-        let mut table = Vec::with_capacity(params.len());
-        let mut chunks = Chunks::default();
-        for (((p, g), m), v) in params.into_iter().zip(grads).zip(m.iter_mut()).zip(v.iter_mut()) {
-            let n = p.len();
-            assert!(g.len() == n && m.len() == n && v.len() == n, "adamw_all: a tensor's shapes differ");
-            let (pp, gp_) = p.device_ptr_mut(&self.stream);
-            let (gp, gg) = g.device_ptr(&self.stream);
-            let (mp, gm) = m.device_ptr_mut(&self.stream);
-            let (vp, gv) = v.device_ptr_mut(&self.stream);
-            guards.extend([gp_, gg, gm, gv]);
-            table.push(AdamTensor { p: pp, g: gp, m: mp, v: vp, n: n as i64, first_chunk: chunks.take(n) });
-        }
-        let Some(cfg) = chunks.launch() else { return };
-        let (hyper, count, chunk) = (AdamHyper::of(hp), table.len() as i32, MULTI_CHUNK as i64);
-        let table = ck!(self.stream.clone_htod(&table), "upload adamw table");
-        let mut b = self.stream.launch_builder(self.f("adamw_many_f32"));
-        b.arg(&table).arg(&count).arg(&hyper).arg(&chunk);
-        // SAFETY: the table holds the addresses of live buffers (their guards held until the launch is
-        // queued) and each tensor's length; the kernel touches n values of each.
-        ck!(unsafe { b.launch(cfg) }, "adamw_many_f32");
-        drop(guards);
+        self.adamw_many(params, grads, m, v, hp);
     }
 }
 
@@ -1527,11 +1154,6 @@ impl Cuda {
     }
 }
 
-fn push_geom<'a, const N: usize>(b: &mut cudarc::driver::LaunchArgs<'a>, g: &'a [i32; N]) {
-    for x in g {
-        b.arg(x);
-    }
-}
 /// A null device pointer, for a kernel argument the kernel tests before use.
 static NULL_PTR: u64 = 0;
 /// Pushes an optional buffer, or [`NULL_PTR`] when there is none.

@@ -46,8 +46,8 @@ pub(super) const GEMV_MANY: [&str; 6] = [
     "gemv_4bit_many_bf16_r2",
 ];
 
-/// The same with the LoRA branches' A products in blocks after the weights' (kernels/nf4.cu
-/// `gemv_4bit_many_lora_*`, [`Backend::linear_many_lora`]), indexed as [`GEMV_MANY`].
+/// The same with the LoRA branches' A products in blocks after the weights' (kernels/nf4.cu `gemv_4bit_many_lora_*`,
+/// [`Backend::linear_many_lora`](crate::backend::Backend::linear_many_lora)), indexed as [`GEMV_MANY`].
 pub(super) const GEMV_MANY_LORA: [&str; 6] = [
     "gemv_4bit_many_lora_f32",
     "gemv_4bit_many_lora_f16",
@@ -276,8 +276,8 @@ impl Cuda {
         ck!(unsafe { b.launch(cfg) }, kernel);
     }
 
-    /// Whether [`Backend::linear_many_lora`] runs these products and branches in the shared launch
-    /// (`gemv_4bit_many_lora_*`): where the several-weight GEMV takes the products
+    /// Whether [`Backend::linear_many_lora`](crate::backend::Backend::linear_many_lora) runs these products and
+    /// branches in the shared launch (`gemv_4bit_many_lora_*`): where the several-weight GEMV takes the products
     /// (`Cuda::gemv_many_fits`) and 1 to 3 branches carry no dropout.
     pub fn linear_many_lora_shares_launch(
         &self,
@@ -512,5 +512,84 @@ impl Cuda {
             let (n, n64, splits32, c32) = (m * n_out, (m * n_out) as i64, splits as i32, dtype_code(*compute));
             launch!(self, "gemm_4bit_reduce", grid_for(n); &p, &mut *out, &n64, &splits32, &c32, &acc);
         }
+    }
+
+    /// [`Backend::linear_many_lora`](crate::backend::Backend::linear_many_lora) in one launch where
+    /// [`Cuda::linear_many_lora_shares_launch`] allows it (decoding): the frozen products and every branch's A product
+    /// (`gemv_4bit_many_lora_*`), then the branches' B products ([`Cuda::lora_up_many`]).
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn gemv_4bit_many_lora(
+        &self,
+        x: &CudaSlice<f32>,
+        ws: &[&CudaWeight],
+        m: usize,
+        outs: &mut [&mut CudaSlice<f32>],
+        loras: &mut [Option<LoraDown<'_, Self>>],
+        r: usize,
+        scale: f32,
+    ) {
+        let _span = self.span("linear + LoRA A (4-bit GEMV, several weights)");
+        let cols = x.len();
+        {
+            // The frozen products and, in the blocks after theirs, every branch's u = x·Aᵀ.
+            let mut guards = Vec::new();
+            let (targets, first, kernel) = self.gemv_many_targets(x, ws, outs, &mut guards);
+            let branches = loras.iter_mut().flatten().map(|l| (l.a, &mut *l.u));
+            let (downs, blocks) = self.lora_down_targets(x, branches, m, r, first, &mut guards);
+            let name = GEMV_MANY_LORA[kernel];
+            let CudaWeight::Quant4 { quant_type, blocksize, .. } = ws[0] else { unreachable!("4-bit weights") };
+            let (bs, c32) = (*blocksize as i32, cols as i32);
+            let mut b = self.stream.launch_builder(self.f(name));
+            b.arg(&targets).arg(&self.code256).arg(self.code16(*quant_type)).arg(&bs).arg(x).arg(&c32).arg(&downs);
+            // SAFETY: each target's codes, absmax and output, each branch's A and u, and x are live
+            // buffers whose addresses the guards hold; the kernel reads x (cols), writes each output's
+            // rows and each u's r values.
+            ck!(unsafe { b.launch(self.gemv_many_launch(ws[0], blocks)) }, name);
+            drop(guards);
+        }
+        let ups = outs.iter_mut().zip(loras.iter_mut()).filter_map(|(y, l)| {
+            let l = l.as_mut()?;
+            Some((l.b, &*l.u, &mut **y))
+        });
+        self.lora_up_many(ups, m, r, scale);
+    }
+
+    /// `out = silu(x·Gᵀ) ⊙ (x·Uᵀ)` for one row of x in one launch (`gemv_4bit_swiglu_*`), for the weight pairs
+    /// [`Cuda::gemv_shares_x`] accepts ([`Backend::linear_swiglu`](crate::backend::Backend::linear_swiglu) in
+    /// decoding).
+    pub(super) fn gemv_4bit_swiglu(
+        &self,
+        x: &CudaSlice<f32>,
+        gate: &CudaWeight,
+        up: &CudaWeight,
+        m: usize,
+        out: &mut CudaSlice<f32>,
+    ) {
+        let _span = self.span("linear_swiglu (4-bit GEMV)");
+        let (
+            CudaWeight::Quant4 { rows, cols, quant_type, blocksize, compute, packed, absmax },
+            CudaWeight::Quant4 { packed: up_packed, absmax: up_absmax, .. },
+        ) = (gate, up)
+        else {
+            unreachable!("gemv_shares_x takes 4-bit weights")
+        };
+        assert!(x.len() == *cols && out.len() == *rows, "linear_swiglu: bad shapes");
+        let kernel = GEMV_SWIGLU[dtype_code(*compute) as usize];
+        // Two pairs of rows per warp.
+        let cfg = LaunchConfig {
+            grid_dim: (rows.div_ceil(GEMV_ROWS_PER_WARP / 2).div_ceil(GEMV_THREADS / 32) as u32, 1, 1),
+            block_dim: (GEMV_THREADS as u32, 1, 1),
+            shared_mem_bytes: ((cols + cols / 32) * 4) as u32,
+        };
+        let mut guards = Vec::new();
+        let codes = self.codes4(up_packed, up_absmax, &mut guards);
+        let (bs, m32, r32, c32) = (*blocksize as i32, m as i32, *rows as i32, *cols as i32);
+        let mut b = self.stream.launch_builder(self.f(kernel));
+        self.push_4bit(&mut b, packed, absmax, *quant_type);
+        b.arg(&bs).arg(x).arg(&mut *out).arg(&m32).arg(&r32).arg(&c32).arg(&codes);
+        // SAFETY: the kernel reads both weights' codes and absmax (the up side through the addresses
+        // the guards hold) and x (cols), and writes out (rows).
+        ck!(unsafe { b.launch(cfg) }, kernel);
+        drop(guards);
     }
 }

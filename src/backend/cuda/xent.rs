@@ -2,7 +2,8 @@
 //! registers, streamed by persistent blocks where the device's shared memory allows. CPU reference:
 //! `Cpu::cross_entropy`.
 
-use super::Cuda;
+use super::gemm::{Gemm, Operand, OperandView};
+use super::{Cuda, CudaWeight};
 use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 use half::{bf16, f16};
 
@@ -100,9 +101,9 @@ impl Cuda {
         (ck!(self.stream.clone_dtoh(&loss), "download")[0], c as usize)
     }
 
-    /// [`Backend::cross_entropy`] of bf16 logits with the gradient in bf16 (what
-    /// [`Backend::lm_head_cross_entropy`] runs for a bf16 head), for benchmarks and tests; `None` when
-    /// no streaming kernel takes rows of `vocab` 16-bit logits.
+    /// [`Backend::cross_entropy`](crate::backend::Backend::cross_entropy) of bf16 logits with the gradient in bf16
+    /// (what [`Backend::lm_head_cross_entropy`](crate::backend::Backend::lm_head_cross_entropy) runs for a bf16 head),
+    /// for benchmarks and tests; `None` when no streaming kernel takes rows of `vocab` 16-bit logits.
     pub fn cross_entropy_bf16(
         &self,
         logits: &CudaSlice<bf16>,
@@ -113,5 +114,47 @@ impl Cuda {
     ) -> Option<(f64, usize)> {
         self.xent_stream_index(vocab, true)?;
         Some(self.xent(XentIo::BF16(logits, dlogits), targets, vocab, scale))
+    }
+
+    /// [`Backend::lm_head_cross_entropy`](crate::backend::Backend::lm_head_cross_entropy) for a 16-bit dense head whose
+    /// vocabulary a streaming kernel takes: logits and dlogits in the head's dtype.
+    pub(super) fn lm_head_cross_entropy_16(
+        &self,
+        x: &CudaSlice<f32>,
+        head: &CudaWeight,
+        targets: &[i32],
+        scale: f32,
+        dx: Option<&mut CudaSlice<f32>>,
+    ) -> (f64, usize) {
+        let (vocab, hidden) = head.shape();
+        let m = targets.len();
+        let _span = self.span("lm_head_cross_entropy");
+        assert!(x.len() == m * hidden, "lm_head_cross_entropy: bad shapes");
+        assert!(dx.as_ref().is_none_or(|dx| dx.len() == m * hidden), "lm_head_cross_entropy: bad shapes");
+        let (wop, c) = self.weight_operand(head);
+        let x16 = self.convert(x, c).expect("a 16-bit head takes 16-bit activations");
+        // logits (m, vocab) = x (m, hidden) · Wᵀ, in the head's dtype
+        let logits = Gemm::forward(m, vocab, hidden, OperandView::from(&x16), wop.as_ref());
+        let logits = self.gemm_16(&logits, c, "LM head GEMM");
+        drop(x16);
+        // SAFETY: the loss kernel writes every gradient value before anything reads it.
+        let (result, dlogits) = match &logits {
+            Operand::BF16(l16) => {
+                let mut d = ck!(unsafe { self.stream.alloc::<bf16>(m * vocab) }, "alloc");
+                (self.xent(XentIo::BF16(l16, &mut d), targets, vocab, scale), Operand::BF16(d))
+            }
+            Operand::F16(l16) => {
+                let mut d = ck!(unsafe { self.stream.alloc::<f16>(m * vocab) }, "alloc");
+                (self.xent(XentIo::F16(l16, &mut d), targets, vocab, scale), Operand::F16(d))
+            }
+            Operand::F32(_) => unreachable!("a 16-bit head"),
+        };
+        drop(logits);
+        if let Some(dx) = dx {
+            // dx (m, hidden) = dlogits (m, vocab) · W (vocab, hidden)
+            let product = Gemm::input_grad(m, hidden, vocab, OperandView::from(&dlogits), wop.as_ref());
+            self.gemm_rounded(head, product, dx, false, None, "LM head backward GEMM");
+        }
+        result
     }
 }
