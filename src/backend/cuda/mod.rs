@@ -5,6 +5,9 @@
 //! (kernels/nf4.cu, nf4_gemm.cu), or expanded to the compute dtype right before a cuBLAS GEMM (the
 //! second path, which training shapes take). LoRA branches run on kernels/lora_fused.cu.
 //! Each launcher names its kernel's file; the CPU reference of every op is in `backend/cpu.rs`.
+//! This module holds the device state and the [`Backend`] impl, which dispatches; the launchers sit
+//! in one module per kernel family (gemm, quant4, lora, attention, mlp, xent, adamw), frozen weights
+//! in weights.rs and the embedded modules' kernel names in kernels.rs.
 
 mod blas;
 
