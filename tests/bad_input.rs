@@ -187,6 +187,13 @@ fn permute(t: &HostTensor, n: usize) -> Vec<f32> {
 }
 
 fn tiny_gguf() -> (Vec<u8>, llamatune::model::random::MemorySource) {
+    tiny_gguf_with(|_| {})
+}
+
+/// [`tiny_gguf`] with its tensors `(ggml name, shape, values)` edited by `edit` before writing.
+fn tiny_gguf_with(
+    edit: impl Fn(&mut Vec<(String, Vec<usize>, Vec<f32>)>),
+) -> (Vec<u8>, llamatune::model::random::MemorySource) {
     let cfg = tiny_config(false);
     let src = random_source(&cfg, 9);
     let mut tensors = Vec::new();
@@ -245,6 +252,7 @@ fn tiny_gguf() -> (Vec<u8>, llamatune::model::random::MemorySource) {
         ("tokenizer.ggml.bos_token_id", Meta::U32(1)),
         ("tokenizer.ggml.eos_token_id", Meta::U32(2)),
     ];
+    edit(&mut tensors);
     (gguf_bytes(&meta, &tensors), src)
 }
 
@@ -289,4 +297,28 @@ fn malformed_gguf_is_reported() {
     v4[4..8].copy_from_slice(&4u32.to_le_bytes());
     std::fs::write(&path, &v4).unwrap();
     assert!(err_of(GgufFile::open(&path)).contains("version 4"));
+}
+
+#[test]
+fn gguf_sizes_that_overflow_or_do_not_fit_the_heads_are_reported() {
+    let d = tempfile::tempdir().unwrap();
+    let path = d.path().join("sizes.gguf");
+    // Dimensions whose product wraps around to a small number must not pass for a small tensor.
+    let huge = vec![("token_embd.weight".to_string(), vec![1usize << 62, 8], vec![0.5f32; 8])];
+    std::fs::write(&path, gguf_bytes(&[("general.architecture", Meta::Str("llama"))], &huge)).unwrap();
+    let e = err_of(GgufFile::open(&path));
+    assert!(e.contains("sizes.gguf") && e.contains("token_embd.weight") && e.contains("overflow"), "{e}");
+    // A q projection whose rows are not whole pairs of each head's rows cannot be un-permuted.
+    let (bytes, _) = tiny_gguf_with(|tensors| {
+        let q = tensors.iter_mut().find(|t| t.0 == "blk.0.attn_q.weight").unwrap();
+        let cols = q.1[1];
+        q.1 = vec![q.1[0] - 1, cols];
+        q.2.truncate(q.1[0] * cols);
+    });
+    std::fs::write(&path, &bytes).unwrap();
+    let g = GgufSource::open(&path).unwrap();
+    let e = err_of(g.tensor("model.layers.0.self_attn.q_proj.weight"));
+    assert!(e.contains("q_proj") && e.contains("heads"), "{e}");
+    let e = err_of(Llama::<B>::load(&BE, &g, None));
+    assert!(e.contains("q_proj"), "{e}");
 }

@@ -218,7 +218,10 @@ impl GgufFile {
         let data_start = r.pos.div_ceil(align.max(1)) * align.max(1);
         let mut tensors = BTreeMap::new();
         for (name, dims, ty, off) in infos {
-            let n: usize = dims.iter().product();
+            // Sizes come from the file: a corrupt one must not wrap around into a small, in-bounds one.
+            let n = dims.iter().try_fold(1usize, |n, &d| n.checked_mul(d)).ok_or_else(|| {
+                Error::format(path, format!("tensor `{name}`: dimensions {dims:?} overflow the address space"))
+            })?;
             let (per, bytes) = ty.block();
             if n % per != 0 {
                 return Err(Error::format(
@@ -226,18 +229,20 @@ impl GgufFile {
                     format!("tensor `{name}`: {n} values is not a whole number of blocks"),
                 ));
             }
-            let nbytes = n / per * bytes;
-            let offset = data_start + off;
-            if offset.checked_add(nbytes).is_none_or(|end| end > mmap.len()) {
+            let nbytes = (n / per).checked_mul(bytes);
+            let offset = data_start.checked_add(off);
+            let end = offset.zip(nbytes).and_then(|(o, b)| o.checked_add(b));
+            if end.is_none_or(|end| end > mmap.len()) {
+                let needs = end.map_or_else(|| "more than the address space".to_string(), |e| format!("{e} bytes"));
                 return Err(Error::format(
                     path,
                     format!(
-                        "tensor `{name}` data runs past the end of the file (truncated: needs {} bytes, file has {})",
-                        offset + nbytes,
+                        "tensor `{name}` data runs past the end of the file (truncated: needs {needs}, file has {})",
                         mmap.len()
                     ),
                 ));
             }
+            let (offset, nbytes) = (offset.unwrap_or(0), nbytes.unwrap_or(0));
             tensors.insert(name, TensorInfo { dims, ty, offset, nbytes });
         }
         Ok(GgufFile { path: path.to_path_buf(), version, meta, tensors, mmap })
@@ -499,13 +504,22 @@ impl WeightSource for GgufSource {
         let g = Self::gguf_name(name)
             .ok_or_else(|| Error::tensor(name, "has no GGUF counterpart (not a Llama tensor name)"))?;
         let t = self.file.raw_tensor(&g)?;
-        if name.ends_with("q_proj.weight") {
-            Ok(unpermute_rows(&t, self.config.num_attention_heads))
+        let heads = if name.ends_with("q_proj.weight") {
+            self.config.num_attention_heads
         } else if name.ends_with("k_proj.weight") {
-            Ok(unpermute_rows(&t, self.config.num_key_value_heads))
+            self.config.num_key_value_heads
         } else {
-            Ok(t)
+            return Ok(t);
+        };
+        // The row permutation works per pair of rows of each head: check the shape allows it before
+        // the loader compares it with the config.
+        if t.shape.len() != 2 || heads == 0 || t.shape[0] % (2 * heads) != 0 {
+            return Err(Error::tensor(
+                name,
+                format!("{} has shape {:?}: not {heads} heads of an even number of rows", g, t.shape),
+            ));
         }
+        Ok(unpermute_rows(&t, heads))
     }
 }
 
