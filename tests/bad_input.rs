@@ -322,3 +322,33 @@ fn gguf_sizes_that_overflow_or_do_not_fit_the_heads_are_reported() {
     let e = err_of(Llama::<B>::load(&BE, &g, None));
     assert!(e.contains("q_proj"), "{e}");
 }
+
+/// Sizes read from a config (an adapter's rank, a model's layer count) allocate nothing before the
+/// tensors that must match them are read: a corrupt value is an error, not an allocation that aborts.
+#[test]
+fn corrupt_sizes_in_configs_are_errors_not_huge_allocations() {
+    let d = tempfile::tempdir().unwrap();
+    let cfg = tiny_config(false);
+    let lcfg =
+        llamatune::config::LoraConfig { r: 4, alpha: 8.0, dropout: 0.0, use_rslora: false, target_modules: vec![] }
+            .with_targets(&["q_proj", "v_proj"])
+            .unwrap();
+    let lora = llamatune::model::lora::Lora::init(&BE, &cfg, lcfg, 3);
+    llamatune::io::peft::save_adapter(&BE, &lora, &cfg, "tiny", d.path()).unwrap();
+    let config = d.path().join("adapter_config.json");
+    let text = std::fs::read_to_string(&config).unwrap();
+    assert!(text.contains("\"r\": 4"), "{text}");
+    std::fs::write(&config, text.replace("\"r\": 4", "\"r\": 100000000000")).unwrap();
+    let e = err_of(llamatune::io::peft::load_adapter(&BE, &cfg, d.path()));
+    assert!(e.contains("q_proj.lora_A") && e.contains("100000000000"), "{e}");
+
+    let m = tempfile::tempdir().unwrap();
+    hf_dir(m.path());
+    let path = m.path().join("config.json");
+    let mut v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    v["num_hidden_layers"] = serde_json::json!(1_000_000_000u64);
+    std::fs::write(&path, v.to_string()).unwrap();
+    let src = SafetensorsSource::open(m.path()).unwrap();
+    let e = err_of(Llama::<B>::load(&BE, &src, None));
+    assert!(e.contains("model.layers.2.") && e.contains("not found"), "{e}");
+}

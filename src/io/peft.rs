@@ -111,16 +111,21 @@ pub fn read_adapter_config(dir: &Path) -> Result<LoraConfig> {
     Ok(cfg)
 }
 
-/// Loads an adapter written by PEFT (or by us) for a model of shape `model`.
+/// Loads an adapter written by PEFT (or by us) for a model of shape `model`. Each tensor's shape is
+/// checked against the config's rank before anything of that size is allocated, so a corrupt `r`
+/// is an error, not an allocation the machine cannot make.
 pub fn load_adapter<B: Backend>(be: &B, model: &ModelConfig, dir: &Path) -> Result<Lora<B>> {
     let cfg = read_adapter_config(dir)?;
     let path = dir.join(WEIGHTS_FILE);
     let st = SafetensorsSource::open_file(&path)?;
-    let mut lora = Lora::init(be, model, cfg.clone(), 0);
     let mut seen = 0usize;
-    for (l, layer) in lora.layers.iter_mut().enumerate() {
+    let mut layers = Vec::with_capacity(model.num_hidden_layers);
+    for l in 0..model.num_hidden_layers {
+        let mut layer: [Option<LoraPair<B>>; 7] = Default::default();
         for p in Proj::ALL {
-            let Some(pair) = layer[p as usize].as_mut() else { continue };
+            if !cfg.targets(p.name()) {
+                continue;
+            }
             let base = format!("base_model.model.model.layers.{l}.{}", p.hf_path());
             let (out, inp) = p.shape(model);
             let read = |suffix: &str, shape: [usize; 2]| -> Result<B::Buf> {
@@ -137,10 +142,12 @@ pub fn load_adapter<B: Backend>(be: &B, model: &ModelConfig, dir: &Path) -> Resu
                 }
                 Ok(be.upload(&t.data))
             };
-            *pair = LoraPair { a: read("lora_A", [cfg.r, inp])?, b: read("lora_B", [out, cfg.r])? };
+            layer[p as usize] = Some(LoraPair { a: read("lora_A", [cfg.r, inp])?, b: read("lora_B", [out, cfg.r])? });
             seen += 2;
         }
+        layers.push(layer);
     }
+    let lora = Lora { cfg, layers };
     let total = st.num_tensors();
     if total != seen {
         return Err(Error::format(

@@ -60,7 +60,9 @@ impl<B: Backend> Llama<B> {
     ) -> Result<Self> {
         let cfg = src.config().clone();
         let (v, h) = (cfg.vocab_size, cfg.hidden_size);
-        let total = 2 + cfg.num_hidden_layers * 9 + usize::from(!cfg.tie_word_embeddings);
+        // The sizes come from config.json: nothing is sized by them before the tensors that must match
+        // them have been read (a corrupt layer count fails at its first missing layer).
+        let total = cfg.num_hidden_layers.saturating_mul(9).saturating_add(2 + usize::from(!cfg.tie_word_embeddings));
         let mut done = 0;
         let mut step = |done: &mut usize| {
             *done += 1;
@@ -85,7 +87,7 @@ impl<B: Backend> Llama<B> {
         };
         let embed = be.upload_weight(weight(dense("model.embed_tokens.weight", &[v, h])?, None));
         step(&mut done);
-        let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
+        let mut layers = Vec::new();
         for l in 0..cfg.num_hidden_layers {
             let p = format!("model.layers.{l}");
             let attn_norm = be.upload(&dense(&format!("{p}.input_layernorm.weight"), &[h])?.data);
