@@ -172,6 +172,20 @@ fn bad_input_gets_a_message_and_a_nonzero_exit() {
     assert!(!o.status.success() && stderr(&o).contains("empty"), "{}", stderr(&o));
     let o = llamatune(&["generate", "--model", p(&d.path().join("nope")), "--prompt", "x"]);
     assert!(!o.status.success() && stderr(&o).contains("nope"), "{}", stderr(&o));
+
+    // A one-sample dataset cannot be split for evaluation (a panic until a fuzz run found it).
+    let one = d.path().join("one.jsonl");
+    common::text_dataset(&one, 1);
+    let o = llamatune(
+        &[
+            &["train", "--model", p(&model), "--dataset", p(&one), "--output-dir", p(&d.path().join("o3"))][..],
+            &["--eval-split-ratio", "0.5"],
+        ]
+        .concat(),
+    );
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains("--eval-split-ratio") && err.contains("one.jsonl") && !err.contains("panicked"), "{err}");
 }
 
 #[test]

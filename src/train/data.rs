@@ -49,10 +49,13 @@ pub fn load_train_data(cfg: &TrainConfig, tok: &Tokenizer) -> Result<(TrainData,
         }
         None if cfg.eval_split_ratio > 0.0 => {
             let n = train.samples.len();
-            let n_eval = ((n as f64 * cfg.eval_split_ratio).round() as usize).clamp(1, n.saturating_sub(1));
             if n < 2 {
-                return Err(Error::Config("--eval-split-ratio needs at least 2 samples".into()));
+                return Err(Error::Config(format!(
+                    "--eval-split-ratio needs at least 2 samples to split; {} has {n}",
+                    cfg.dataset
+                )));
             }
+            let n_eval = ((n as f64 * cfg.eval_split_ratio).round() as usize).clamp(1, n - 1);
             let mut idx: Vec<usize> = (0..n).collect();
             idx.shuffle(&mut rand::rngs::StdRng::seed_from_u64(cfg.seed ^ 0xe7a1));
             let eval_set: std::collections::HashSet<usize> = idx[..n_eval].iter().copied().collect();
