@@ -352,3 +352,96 @@ fn corrupt_sizes_in_configs_are_errors_not_huge_allocations() {
     let e = err_of(Llama::<B>::load(&BE, &src, None));
     assert!(e.contains("model.layers.2.") && e.contains("not found"), "{e}");
 }
+
+/// A xorshift generator: the mutation tests below are the same on every run.
+struct Xorshift(u64);
+
+impl Xorshift {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n.max(1) as u64) as usize
+    }
+}
+
+/// `bytes` with one to four random edits, most within `hot` (where a file's sizes and offsets live):
+/// a flipped bit, a random byte, a size-like u64 or u32, or a truncation.
+fn mutated(bytes: &[u8], hot: std::ops::Range<usize>, rng: &mut Xorshift) -> Vec<u8> {
+    const SIZES: [u64; 10] = [0, 1, 7, 33, 0xff, 0x8000_0000, 0xffff_ffff, 1 << 40, 1 << 63, u64::MAX];
+    let mut b = bytes.to_vec();
+    for _ in 0..1 + rng.below(4) {
+        let at =
+            if rng.below(4) == 0 { rng.below(b.len()) } else { (hot.start + rng.below(hot.len())).min(b.len() - 1) };
+        let end = |n: usize| (at + n).min(b.len());
+        match rng.below(5) {
+            0 => b[at] ^= 1 << rng.below(8),
+            1 => b[at] = rng.next() as u8,
+            2 => {
+                let (e, v) = (end(8), SIZES[rng.below(SIZES.len())].to_le_bytes());
+                b[at..e].copy_from_slice(&v[..e - at]);
+            }
+            3 => {
+                let (e, v) = (end(4), (rng.below(40) as u32).to_le_bytes());
+                b[at..e].copy_from_slice(&v[..e - at]);
+            }
+            _ => b.truncate(at.max(1)),
+        }
+    }
+    b
+}
+
+/// Whether `f` panicked; the panic's message is returned for the assertion.
+fn panic_of(f: impl FnOnce()) -> Option<String> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).err().map(|e| {
+        e.downcast_ref::<String>()
+            .cloned()
+            .or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()))
+            .unwrap_or_default()
+    })
+}
+
+/// Corrupted GGUF files and adapters are errors, never panics (this mutation run found GGUF tensor
+/// sizes that wrapped around and an adapter rank that was allocated before it was checked).
+#[test]
+fn mutated_gguf_files_and_adapters_never_panic() {
+    let d = tempfile::tempdir().unwrap();
+    let mut rng = Xorshift(0x9e37_79b9_7f4a_7c15);
+    let (gguf, _) = tiny_gguf();
+    let path = d.path().join("m.gguf");
+    // The tensor infos (names, dims, types, offsets) follow the metadata.
+    let infos = gguf.windows(17).position(|w| w == b"token_embd.weight").unwrap() - 8;
+    for case in 0..3000 {
+        let bytes = mutated(&gguf, infos..infos + 3000, &mut rng);
+        std::fs::write(&path, &bytes).unwrap();
+        let panicked = panic_of(|| {
+            let Ok(g) = GgufSource::open(&path) else { return };
+            let _ = g.tokenizer_json().map(llamatune::tokenizer::Tokenizer::from_json);
+            if let Ok(m) = Llama::<B>::load(&BE, &g, None) {
+                full_logits(&BE, &m, None, &Batch::causal_lm(&[vec![3, 1, 4]]));
+            }
+        });
+        assert!(panicked.is_none(), "GGUF mutation {case} panicked: {panicked:?}");
+    }
+
+    let cfg = tiny_config(false);
+    let lcfg =
+        llamatune::config::LoraConfig { r: 4, alpha: 8.0, dropout: 0.0, use_rslora: false, target_modules: vec![] }
+            .with_targets(&["q_proj", "v_proj"])
+            .unwrap();
+    let dir = d.path().join("adapter");
+    llamatune::io::peft::save_adapter(&BE, &llamatune::model::lora::Lora::init(&BE, &cfg, lcfg, 3), &cfg, "t", &dir)
+        .unwrap();
+    let files = [dir.join("adapter_model.safetensors"), dir.join("adapter_config.json")];
+    let originals = files.each_ref().map(|f| std::fs::read(f).unwrap());
+    for case in 0..1000 {
+        let which = rng.below(2);
+        std::fs::write(&files[which], mutated(&originals[which], 0..2000, &mut rng)).unwrap();
+        let panicked = panic_of(|| drop(llamatune::io::peft::load_adapter(&BE, &cfg, &dir)));
+        assert!(panicked.is_none(), "adapter mutation {case} panicked: {panicked:?}");
+        std::fs::write(&files[which], &originals[which]).unwrap();
+    }
+}
