@@ -45,6 +45,24 @@ impl Default for GenerationConfig {
     }
 }
 
+impl GenerationConfig {
+    /// The checks transformers makes when it builds its logits processors, each naming its flag: when
+    /// sampling, a finite temperature > 0 and top-p in (0, 1]; always, a finite repetition penalty > 0.
+    pub fn validate(&self) -> crate::error::Result<()> {
+        let bad = |m: String| Err(crate::error::Error::Config(m));
+        if self.do_sample && !(self.temperature > 0.0 && self.temperature.is_finite()) {
+            return bad(format!("--temperature must be a finite number > 0 when sampling, got {}", self.temperature));
+        }
+        if self.do_sample && !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            return bad(format!("--top-p must be in (0, 1], got {}", self.top_p));
+        }
+        if !(self.repetition_penalty > 0.0 && self.repetition_penalty.is_finite()) {
+            return bad(format!("--repetition-penalty must be a finite number > 0, got {}", self.repetition_penalty));
+        }
+        Ok(())
+    }
+}
+
 /// Why decoding stopped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StopReason {
@@ -148,6 +166,7 @@ pub fn generate<B: Backend>(
     if prompt.is_empty() {
         return Err(crate::error::Error::Other("the prompt is empty".into()));
     }
+    cfg.validate()?;
     let max_total = cfg
         .max_length
         .unwrap_or(usize::MAX)

@@ -159,6 +159,14 @@ fn bad_input_gets_a_message_and_a_nonzero_exit() {
     assert!(!o.status.success() && stderr(&o).contains("fast"), "{}", stderr(&o));
     let o = llamatune(&[&base[..], &["--device", "tpu"]].concat());
     assert!(!o.status.success() && stderr(&o).contains("--device"), "{}", stderr(&o));
+    // NaN reached the config as JSON null, which silently kept the default learning rate.
+    let o = llamatune(&[&base[..], &["--learning-rate", "nan"]].concat());
+    assert!(!o.status.success() && stderr(&o).contains("--learning-rate"), "{}", stderr(&o));
+    let gen = ["generate", "--model", p(&model), "--prompt", "x", "--device", "cpu", "--do-sample"];
+    let o = llamatune(&[&gen[..], &["--temperature", "0"]].concat());
+    assert!(!o.status.success() && stderr(&o).contains("--temperature"), "{}", stderr(&o));
+    let o = llamatune(&[&gen[..], &["--top-p", "0"]].concat());
+    assert!(!o.status.success() && stderr(&o).contains("--top-p"), "{}", stderr(&o));
 
     std::fs::remove_file(model.join("tokenizer.json")).unwrap();
     let o = llamatune(&base);

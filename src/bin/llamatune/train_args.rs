@@ -25,7 +25,7 @@ pub struct TrainArgs {
     #[serde(skip_serializing_if = "Option::is_none")]
     eval_dataset: Option<String>,
     /// Fraction of the training data held out for evaluation when no --eval-dataset [0]
-    #[arg(long)]
+    #[arg(long, value_parser = finite_f64)]
     #[serde(skip_serializing_if = "Option::is_none")]
     eval_split_ratio: Option<f64>,
     /// Checkpoints, logs, TensorBoard runs and the final adapter go here [./results]
@@ -49,11 +49,11 @@ pub struct TrainArgs {
     #[serde(skip_serializing_if = "Option::is_none")]
     lora_r: Option<usize>,
     /// LoRA alpha; the update is scaled by alpha/r [16]
-    #[arg(long)]
+    #[arg(long, value_parser = finite_f64)]
     #[serde(skip_serializing_if = "Option::is_none")]
     lora_alpha: Option<f64>,
     /// Dropout on the LoRA branch's input [0.1]
-    #[arg(long)]
+    #[arg(long, value_parser = finite_f64)]
     #[serde(skip_serializing_if = "Option::is_none")]
     lora_dropout: Option<f64>,
     /// Module names or `all-linear` [q_proj v_proj]
@@ -85,7 +85,7 @@ pub struct TrainArgs {
     #[serde(skip_serializing_if = "Option::is_none")]
     use_nested_quant: Option<bool>,
     /// Passes over the data (fractions allowed) [1]
-    #[arg(long)]
+    #[arg(long, value_parser = finite_f64)]
     #[serde(skip_serializing_if = "Option::is_none")]
     num_train_epochs: Option<f64>,
     /// Overrides epochs when > 0 [-1]
@@ -114,15 +114,15 @@ pub struct TrainArgs {
     #[serde(skip_serializing_if = "Option::is_none")]
     gradient_checkpointing_offload: Option<bool>,
     /// Clip the global gradient norm to this (0 = off) [0.3]
-    #[arg(long)]
+    #[arg(long, value_parser = finite_f64)]
     #[serde(skip_serializing_if = "Option::is_none")]
     max_grad_norm: Option<f64>,
     /// Peak learning rate [2e-4]
-    #[arg(long)]
+    #[arg(long, value_parser = finite_f64)]
     #[serde(skip_serializing_if = "Option::is_none")]
     learning_rate: Option<f64>,
     /// Decoupled weight decay [0.001]
-    #[arg(long)]
+    #[arg(long, value_parser = finite_f64)]
     #[serde(skip_serializing_if = "Option::is_none")]
     weight_decay: Option<f64>,
     /// paged_adamw_32bit or adamw_32bit [paged_adamw_32bit]
@@ -131,7 +131,7 @@ pub struct TrainArgs {
     optim: Option<String>,
     /// paged_adamw_32bit: keep optimizer state on the device up to this many MiB, else page it to
     /// pinned host memory [a quarter of free device memory]
-    #[arg(long)]
+    #[arg(long, value_parser = finite_f64)]
     #[serde(skip_serializing_if = "Option::is_none")]
     optim_memory_budget_mb: Option<f64>,
     /// constant, constant_with_warmup, linear, cosine [cosine]
@@ -139,7 +139,7 @@ pub struct TrainArgs {
     #[serde(skip_serializing_if = "Option::is_none")]
     lr_scheduler_type: Option<String>,
     /// Fraction of the steps spent warming up [0.03]
-    #[arg(long)]
+    #[arg(long, value_parser = finite_f64)]
     #[serde(skip_serializing_if = "Option::is_none")]
     warmup_ratio: Option<f64>,
     /// Overrides --warmup-ratio when > 0 [0]
@@ -206,4 +206,14 @@ pub struct TrainArgs {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     device: Option<String>,
+}
+
+/// A float flag's value, refused when it is not finite: the flags reach the config as JSON, where NaN
+/// and infinity become `null`, which would leave the default in place without a word.
+pub(crate) fn finite_f64(s: &str) -> Result<f64, String> {
+    match s.trim().parse::<f64>() {
+        Ok(v) if v.is_finite() => Ok(v),
+        Ok(v) => Err(format!("{v} is not a finite number")),
+        Err(e) => Err(e.to_string()),
+    }
 }
