@@ -318,7 +318,7 @@ fn gguf_sizes_that_overflow_or_do_not_fit_the_heads_are_reported() {
     std::fs::write(&path, &bytes).unwrap();
     let g = GgufSource::open(&path).unwrap();
     let e = err_of(g.tensor("model.layers.0.self_attn.q_proj.weight"));
-    assert!(e.contains("q_proj") && e.contains("heads"), "{e}");
+    assert!(e.contains("q_proj") && e.contains("sizes.gguf") && e.contains("heads"), "{e}");
     let e = err_of(Llama::<B>::load(&BE, &g, None));
     assert!(e.contains("q_proj"), "{e}");
 }

@@ -242,6 +242,7 @@ impl GgufFile {
                     ),
                 ));
             }
+            // Both are known here: `end` was computed from them.
             let (offset, nbytes) = (offset.unwrap_or(0), nbytes.unwrap_or(0));
             tensors.insert(name, TensorInfo { dims, ty, offset, nbytes });
         }
@@ -516,7 +517,11 @@ impl WeightSource for GgufSource {
         if t.shape.len() != 2 || heads == 0 || t.shape[0] % (2 * heads) != 0 {
             return Err(Error::tensor(
                 name,
-                format!("{} has shape {:?}: not {heads} heads of an even number of rows", g, t.shape),
+                format!(
+                    "{g} in {} has shape {:?}: not {heads} heads of an even number of rows",
+                    self.file.path.display(),
+                    t.shape
+                ),
             ));
         }
         Ok(unpermute_rows(&t, heads))
