@@ -7,6 +7,9 @@
 #   c OUT: the side-by-side benchmark against transformers + PEFT + bitsandbytes
 #   k OUT: the criterion kernel bench (7B shapes, cuBLAS and copy-bandwidth rivals) and torch's SDPA and
 #          fp32 cross-entropy timed in the same session (parity/torch_rivals.py)
+#   ab OUT: A/B against the baseline staged by scripts/stage-base.sh: the 7B training step of the classic
+#          and (AB_ALL_LINEAR=1) all-linear recipes, base and new alternating twice, and the criterion
+#          kernel bench rows matching AB_FILTER (default "attention") for both binaries
 # The GGUF (98 MB) travels in two parts because one call carries at most 64 MiB.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -50,6 +53,30 @@ b)
 k)
     timeout 400 stage/gpu-bench 2>&1 | grep -E "^[A-Za-z].*/|time:|thrpt:" | tee "$out/gpu-bench.log"
     timeout 120 python3 parity/torch_rivals.py "$out/torch-rivals.json"
+    ;;
+ab)
+    [ -x stage/base-llamatune ] || { echo "no stage/base-llamatune: run scripts/stage-base.sh" >&2; exit 2; }
+    echo "base $(cat stage/base-rev.txt 2>/dev/null)" | tee "$out/ab.log"
+    recipes=("q_proj,v_proj")
+    [ "${AB_ALL_LINEAR:-0}" = 1 ] && recipes+=("all-linear")
+    for targets in "${recipes[@]}"; do
+        for round in 1 2; do
+            for side in base new; do
+                bin=stage/llamatune
+                [ $side = base ] && bin=stage/base-llamatune
+                line=$(timeout 120 $bin bench --device cuda --shape llama2-7b --steps ${STEPS:-5} --warmup-steps 2 \
+                    --target-modules "$targets" --lora-r 64 --lora-alpha 16 --lora-dropout 0.1 \
+                    --optim paged_adamw_32bit --decode-tokens 0 2>&1 | grep -E "train step|train peak")
+                echo "$targets round $round $side: $(echo $line | tr -s ' ')" | tee -a "$out/ab.log"
+            done
+        done
+    done
+    for side in base new; do
+        bin=stage/gpu-bench
+        [ $side = base ] && bin=stage/base-gpu-bench
+        echo "== kernel bench ($side)" | tee -a "$out/ab.log"
+        timeout 200 $bin --bench "${AB_FILTER:-attention}" 2>&1 | grep -E "^[A-Za-z].*/|time:" | tee -a "$out/ab.log"
+    done
     ;;
 c)
     export PYTHONPATH="$PWD/.cache/bnb:${PYTHONPATH:-}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
