@@ -401,3 +401,33 @@ fn parity_tools_train_curve_and_tokenize() {
     assert!(text.contains("hi there"), "{text}");
     assert_eq!(t[0]["ids"], json!(tok.encode_templated(text).unwrap()));
 }
+
+/// AdamW's hyper-parameters go by transformers' flag names and reach the optimizer: beta1 first
+/// matters at step 2 (step 1's bias-corrected moment is the gradient whatever beta1), so two steps
+/// with another beta1 leave another adapter.
+#[test]
+fn adam_flags_reach_the_optimizer() {
+    let d = tempfile::tempdir().unwrap();
+    let model = d.path().join("model");
+    common::tiny_model_dir(&model, false);
+    let data = d.path().join("data.jsonl");
+    common::text_dataset(&data, 8);
+    let train = |out: &Path, extra: &[&str]| {
+        let args = ["train", "--model", p(&model), "--dataset", p(&data), "--output-dir", p(out), "--max-steps", "2"];
+        let o = llamatune(&[&args[..], extra].concat());
+        assert!(o.status.success(), "{}", stderr(&o));
+        std::fs::read(out.join("adapter").join("adapter_model.safetensors")).unwrap()
+    };
+    let plain = train(&d.path().join("plain"), &[]);
+    let again = train(&d.path().join("again"), &[]);
+    assert_eq!(plain, again, "the same run twice gives the same adapter");
+    let tuned = d.path().join("tuned");
+    let other = train(&tuned, &["--adam-beta1", "0.5", "--adam-beta2", "0.99", "--adam-epsilon", "1e-6"]);
+    assert_ne!(plain, other, "the flags changed nothing");
+    let saved = std::fs::read_to_string(tuned.join("train_config.toml")).unwrap();
+    for line in ["adam_beta1 = 0.5", "adam_beta2 = 0.99", "adam_epsilon = 0.000001"] {
+        assert!(saved.contains(line), "{line} not in the saved config:\n{saved}");
+    }
+    let o = llamatune(&["train", "--model", p(&model), "--dataset", p(&data), "--adam-beta2", "1"]);
+    assert!(!o.status.success() && stderr(&o).contains("--adam-beta2"), "{}", stderr(&o));
+}

@@ -240,6 +240,14 @@ impl TrainConfig {
         if !(0.0..1.0).contains(&self.eval_split_ratio) {
             return bad(format!("--eval-split-ratio must be in [0, 1), got {}", self.eval_split_ratio));
         }
+        for (name, beta) in [("--adam-beta1", self.adam_beta1), ("--adam-beta2", self.adam_beta2)] {
+            if !(0.0..1.0).contains(&beta) {
+                return bad(format!("{name} must be in [0, 1), got {beta}"));
+            }
+        }
+        if !(self.adam_epsilon > 0.0 && self.adam_epsilon.is_finite()) {
+            return bad(format!("--adam-epsilon must be > 0, got {}", self.adam_epsilon));
+        }
         if self.max_grad_norm < 0.0 {
             return bad(format!("--max-grad-norm must be >= 0, got {}", self.max_grad_norm));
         }

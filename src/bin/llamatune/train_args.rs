@@ -125,6 +125,18 @@ pub struct TrainArgs {
     #[arg(long, value_parser = finite_f64)]
     #[serde(skip_serializing_if = "Option::is_none")]
     weight_decay: Option<f64>,
+    /// AdamW's first-moment decay [0.9]
+    #[arg(long, value_parser = finite_f64)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    adam_beta1: Option<f64>,
+    /// AdamW's second-moment decay [0.999]
+    #[arg(long, value_parser = finite_f64)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    adam_beta2: Option<f64>,
+    /// AdamW's epsilon [1e-8]
+    #[arg(long, value_parser = finite_f64)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    adam_epsilon: Option<f64>,
     /// paged_adamw_32bit or adamw_32bit [paged_adamw_32bit]
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -190,6 +202,10 @@ pub struct TrainArgs {
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     #[serde(skip_serializing_if = "Option::is_none")]
     skip_bad_rows: Option<bool>,
+    /// Stop after this many optimizer steps in a row were skipped for a NaN/Inf loss or gradient [5]
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    max_bad_steps: Option<usize>,
     /// Seed of data order, adapter init and dropout [42]
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
