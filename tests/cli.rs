@@ -431,3 +431,43 @@ fn adam_flags_reach_the_optimizer() {
     let o = llamatune(&["train", "--model", p(&model), "--dataset", p(&data), "--adam-beta2", "1"]);
     assert!(!o.status.success() && stderr(&o).contains("--adam-beta2"), "{}", stderr(&o));
 }
+
+/// transformers' `report_to` and `logging_dir`, and BitsAndBytesConfig's flag names as aliases.
+#[test]
+fn report_to_logging_dir_and_bitsandbytes_names() {
+    let d = tempfile::tempdir().unwrap();
+    let model = d.path().join("model");
+    common::tiny_model_dir(&model, false);
+    let data = d.path().join("data.jsonl");
+    common::text_dataset(&data, 4);
+    let train = |out: &Path, extra: &[&str]| {
+        let args = ["train", "--model", p(&model), "--dataset", p(&data), "--output-dir", p(out), "--max-steps", "1"];
+        llamatune(&[&args[..], extra].concat())
+    };
+    let events_in = |dir: &Path| {
+        std::fs::read_dir(dir).map_or(0, |r| {
+            r.flatten().filter(|e| e.file_name().to_string_lossy().starts_with("events.out.tfevents")).count()
+        })
+    };
+
+    let quiet = d.path().join("quiet");
+    let o = train(&quiet, &["--report-to", "none", "--logging-steps", "1"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(!quiet.join("runs").exists(), "--report-to none wrote TensorBoard runs");
+    assert!(std::fs::read_to_string(quiet.join("log.jsonl")).unwrap().contains("\"loss\""), "log.jsonl still written");
+
+    let tb = d.path().join("tb");
+    let o = train(&d.path().join("logged"), &["--logging-dir", p(&tb), "--logging-steps", "1"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(events_in(&tb), 1, "one event file in --logging-dir");
+    assert!(!d.path().join("logged").join("runs").exists());
+
+    let o = train(&d.path().join("wandb"), &["--report-to", "wandb"]);
+    assert!(!o.status.success() && stderr(&o).contains("--report-to"), "{}", stderr(&o));
+
+    let nested = d.path().join("nested");
+    let o = train(&nested, &["--load-in-4bit", "--bnb-4bit-use-double-quant"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let saved = std::fs::read_to_string(nested.join("train_config.toml")).unwrap();
+    assert!(saved.contains("use_4bit = true") && saved.contains("use_nested_quant = true"), "{saved}");
+}

@@ -72,6 +72,11 @@ pub struct TrainConfig {
     pub save_steps: usize,
     pub save_total_limit: Option<usize>,
     pub logging_steps: usize,
+    /// Where the logs go besides `log.jsonl` (transformers' `report_to`): `tensorboard` (also `all`,
+    /// the one integration there is) or `none`.
+    pub report_to: Vec<String>,
+    /// TensorBoard's event directory [output_dir/runs/run-<time>].
+    pub logging_dir: Option<String>,
     pub eval_steps: Option<usize>,
     pub seed: u64,
     pub fp16: bool,
@@ -136,6 +141,8 @@ impl Default for TrainConfig {
             save_steps: 0,
             save_total_limit: None,
             logging_steps: 25,
+            report_to: vec!["tensorboard".into()],
+            logging_dir: None,
             eval_steps: None,
             seed: 42,
             fp16: false,
@@ -254,6 +261,9 @@ impl TrainConfig {
         if self.fp16 && self.bf16 {
             return bad("--fp16 and --bf16 are mutually exclusive".into());
         }
+        if let Some(other) = self.report_to.iter().find(|r| !matches!(r.as_str(), "tensorboard" | "all" | "none")) {
+            return bad(format!("--report-to {other:?}: only tensorboard (or all, or none) is available"));
+        }
         if Schedule::parse(&self.lr_scheduler_type).is_none() {
             return bad(format!(
                 "--lr-scheduler-type {:?} is not one of constant, constant_with_warmup, linear, cosine",
@@ -301,6 +311,11 @@ impl TrainConfig {
             eps: self.adam_epsilon as f32,
             weight_decay: self.weight_decay as f32,
         }
+    }
+
+    /// Whether the run writes TensorBoard event files (`report_to` names tensorboard or all).
+    pub fn reports_to_tensorboard(&self) -> bool {
+        self.report_to.iter().any(|r| r == "tensorboard" || r == "all")
     }
 
     pub fn schedule(&self) -> Schedule {

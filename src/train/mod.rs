@@ -143,7 +143,8 @@ pub struct Trainer<'a, B: Backend> {
     pub state: TrainerState,
     batching: Batching,
     out_dir: PathBuf,
-    tb: EventWriter,
+    /// TensorBoard's event file, unless `report_to` leaves it out.
+    tb: Option<EventWriter>,
 }
 
 impl<'a, B: Backend> Trainer<'a, B> {
@@ -234,8 +235,21 @@ impl<'a, B: Backend> Trainer<'a, B> {
                 (lora, opt, state)
             }
         };
-        let ts = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
-        let tb = EventWriter::create(&out_dir.join("runs").join(format!("run-{ts}")))?;
+        let tb = if cfg.reports_to_tensorboard() {
+            let dir = match &cfg.logging_dir {
+                Some(d) => PathBuf::from(d),
+                None => {
+                    let ts = std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map(|d| d.as_secs())
+                        .unwrap_or(0);
+                    out_dir.join("runs").join(format!("run-{ts}"))
+                }
+            };
+            Some(EventWriter::create(&dir)?)
+        } else {
+            None
+        };
         crate::model::weights::write_atomic(&out_dir.join("train_config.toml"), cfg.to_toml().as_bytes())?;
         Ok(Trainer { be, model, cfg, lora, opt, state, batching, out_dir, tb })
     }
@@ -275,7 +289,9 @@ impl<'a, B: Backend> Trainer<'a, B> {
             .map(|(k, v)| (k.strip_prefix("eval_").map_or_else(|| format!("train/{k}"), |e| format!("eval/{e}")), v))
             .collect();
         let refs: Vec<(&str, f64)> = tagged.iter().map(|(k, v)| (k.as_str(), *v)).collect();
-        self.tb.scalars(step, &refs)?;
+        if let Some(tb) = &mut self.tb {
+            tb.scalars(step, &refs)?;
+        }
         self.state.log_history.push(entry.clone());
         on(Event::Log(entry));
         Ok(())

@@ -68,8 +68,8 @@ pub struct TrainArgs {
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     #[serde(skip_serializing_if = "Option::is_none")]
     use_rslora: Option<bool>,
-    /// Store base projections in 4 bits [true]
-    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    /// Store base projections in 4 bits [true] (BitsAndBytesConfig's name: --load-in-4bit)
+    #[arg(long, alias = "load-in-4bit", num_args = 0..=1, default_missing_value = "true")]
     #[serde(skip_serializing_if = "Option::is_none")]
     use_4bit: Option<bool>,
     /// GPU compute dtype of the 4-bit matmuls: float16 or bfloat16 [float16] (the CPU computes in f32)
@@ -80,8 +80,8 @@ pub struct TrainArgs {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     bnb_4bit_quant_type: Option<String>,
-    /// Double quantization of the absmax [false]
-    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    /// Double quantization of the absmax [false] (BitsAndBytesConfig's name: --bnb-4bit-use-double-quant)
+    #[arg(long, alias = "bnb-4bit-use-double-quant", num_args = 0..=1, default_missing_value = "true")]
     #[serde(skip_serializing_if = "Option::is_none")]
     use_nested_quant: Option<bool>,
     /// Passes over the data (fractions allowed) [1]
@@ -174,6 +174,14 @@ pub struct TrainArgs {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     logging_steps: Option<usize>,
+    /// Integrations to log to: tensorboard (or all) or none [tensorboard]
+    #[arg(long, num_args = 1.., value_delimiter = ',')]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    report_to: Option<Vec<String>>,
+    /// TensorBoard's event directory [OUTPUT_DIR/runs/run-<time>]
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    logging_dir: Option<String>,
     /// Evaluate every N steps (and always at the end when there is eval data)
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
