@@ -471,3 +471,46 @@ fn report_to_logging_dir_and_bitsandbytes_names() {
     let saved = std::fs::read_to_string(nested.join("train_config.toml")).unwrap();
     assert!(saved.contains("use_4bit = true") && saved.contains("use_nested_quant = true"), "{saved}");
 }
+
+/// transformers' save and eval strategies: `epoch` acts at each epoch's end, `no` never.
+#[test]
+fn save_and_eval_strategies() {
+    let d = tempfile::tempdir().unwrap();
+    let model = d.path().join("model");
+    common::tiny_model_dir(&model, false);
+    let data = d.path().join("data.jsonl");
+    common::text_dataset(&data, 10);
+    // 10 samples, 2 held out: 8 to train on, 2 steps per epoch at batch 4, 2 epochs.
+    let train = |out: &Path, extra: &[&str]| {
+        let args = ["train", "--model", p(&model), "--dataset", p(&data), "--output-dir", p(out)];
+        let common = ["--num-train-epochs", "2", "--per-device-train-batch-size", "4", "--eval-split-ratio", "0.2"];
+        let o = llamatune(&[&args[..], &common, extra].concat());
+        assert!(o.status.success(), "{}", stderr(&o));
+        let mut checkpoints: Vec<String> = std::fs::read_dir(out)
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with("checkpoint-"))
+            .collect();
+        checkpoints.sort();
+        let evals: Vec<u64> = std::fs::read_to_string(out.join("log.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .filter(|v| v.get("eval_loss").is_some())
+            .map(|v| v["step"].as_u64().unwrap())
+            .collect();
+        (checkpoints, evals)
+    };
+    let (saved, evals) = train(&d.path().join("epoch"), &["--save-strategy", "epoch", "--eval-strategy", "epoch"]);
+    assert_eq!(saved, ["checkpoint-2", "checkpoint-4"]);
+    assert_eq!(evals, [2, 4], "after the first epoch, and at the end");
+    let (saved, evals) =
+        train(&d.path().join("no"), &["--save-strategy", "no", "--save-steps", "1", "--eval-strategy", "no"]);
+    assert!(saved.is_empty() && evals.is_empty(), "{saved:?} {evals:?}");
+    let (saved, evals) = train(&d.path().join("steps"), &["--save-steps", "3", "--eval-steps", "1"]);
+    assert_eq!(saved, ["checkpoint-3", "checkpoint-4"], "every 3 steps, and at the end");
+    assert_eq!(evals, [1, 2, 3, 4]);
+    let o = llamatune(&["train", "--model", p(&model), "--dataset", p(&data), "--save-strategy", "best"]);
+    assert!(!o.status.success() && stderr(&o).contains("--save-strategy"), "{}", stderr(&o));
+}

@@ -68,7 +68,10 @@ pub struct TrainConfig {
     /// > 0 overrides `warmup_ratio`.
     pub warmup_steps: usize,
     pub group_by_length: bool,
-    /// 0 = only at the end.
+    /// When checkpoints are written (transformers' `save_strategy`): `steps` (every `save_steps`, and
+    /// at the end; none when `save_steps` is 0), `epoch` (at each epoch's end, and at the end) or `no`.
+    pub save_strategy: String,
+    /// With `save_strategy = steps`: a checkpoint every this many steps (0 = none).
     pub save_steps: usize,
     pub save_total_limit: Option<usize>,
     pub logging_steps: usize,
@@ -77,6 +80,9 @@ pub struct TrainConfig {
     pub report_to: Vec<String>,
     /// TensorBoard's event directory [output_dir/runs/run-<time>].
     pub logging_dir: Option<String>,
+    /// When the eval data is evaluated (transformers' `eval_strategy`): `steps` (every `eval_steps`, and
+    /// at the end), `epoch` (at each epoch's end) or `no`.
+    pub eval_strategy: String,
     pub eval_steps: Option<usize>,
     pub seed: u64,
     pub fp16: bool,
@@ -138,11 +144,13 @@ impl Default for TrainConfig {
             warmup_ratio: 0.03,
             warmup_steps: 0,
             group_by_length: true,
+            save_strategy: "steps".into(),
             save_steps: 0,
             save_total_limit: None,
             logging_steps: 25,
             report_to: vec!["tensorboard".into()],
             logging_dir: None,
+            eval_strategy: "steps".into(),
             eval_steps: None,
             seed: 42,
             fp16: false,
@@ -260,6 +268,11 @@ impl TrainConfig {
         }
         if self.fp16 && self.bf16 {
             return bad("--fp16 and --bf16 are mutually exclusive".into());
+        }
+        for (name, v) in [("--save-strategy", &self.save_strategy), ("--eval-strategy", &self.eval_strategy)] {
+            if !matches!(v.as_str(), "steps" | "epoch" | "no") {
+                return bad(format!("{name} {v:?} is not one of steps, epoch, no"));
+            }
         }
         if let Some(other) = self.report_to.iter().find(|r| !matches!(r.as_str(), "tensorboard" | "all" | "none")) {
             return bad(format!("--report-to {other:?}: only tensorboard (or all, or none) is available"));

@@ -334,6 +334,16 @@ impl<'a, B: Backend> Trainer<'a, B> {
         Ok(())
     }
 
+    /// Whether `save_strategy` writes a checkpoint after step `gs` (`epoch_end`: it used the epoch's
+    /// last batch).
+    fn saves_at(&self, gs: usize, epoch_end: bool) -> bool {
+        match self.cfg.save_strategy.as_str() {
+            "steps" => self.cfg.save_steps > 0 && gs % self.cfg.save_steps == 0,
+            "epoch" => epoch_end,
+            _ => false,
+        }
+    }
+
     /// Runs until the last step, or until `stop` is raised (then saves a checkpoint and returns).
     pub fn run(&mut self, data: &TrainData, stop: &AtomicBool, on: &mut dyn FnMut(Event)) -> Result<Outcome> {
         let be = self.be;
@@ -453,18 +463,24 @@ impl<'a, B: Backend> Trainer<'a, B> {
                 (log_loss, log_steps, log_tokens, log_gn) = (0.0, 0, 0, 0.0);
                 log_start = Instant::now();
             }
-            if let (Some(every), Some(eval)) = (self.cfg.eval_steps, &data.eval) {
-                if every > 0 && gs % every == 0 && gs != total {
-                    let l = self.evaluate(eval);
-                    on(Event::Eval { step: gs, loss: l, perplexity: l.exp() });
-                    self.log(json!({"step": gs, "eval_loss": l, "eval_perplexity": l.exp()}), on)?;
-                }
+            // This step used the epoch's last batch.
+            let epoch_end = self.state.batch_in_epoch >= plan.len();
+            let eval_now = match self.cfg.eval_strategy.as_str() {
+                "steps" => self.cfg.eval_steps.is_some_and(|every| every > 0 && gs % every == 0),
+                "epoch" => epoch_end,
+                _ => false,
+            };
+            if let (true, Some(eval)) = (eval_now && gs != total, &data.eval) {
+                let l = self.evaluate(eval);
+                on(Event::Eval { step: gs, loss: l, perplexity: l.exp() });
+                self.log(json!({"step": gs, "eval_loss": l, "eval_perplexity": l.exp()}), on)?;
             }
-            if self.cfg.save_steps > 0 && gs % self.cfg.save_steps == 0 {
+            if self.saves_at(gs, epoch_end) {
                 self.save_checkpoint(on)?;
             }
         }
-        let final_eval_loss = match &data.eval {
+        let final_eval = if self.cfg.eval_strategy == "no" { None } else { data.eval.as_ref() };
+        let final_eval_loss = match final_eval {
             Some(eval) => {
                 let l = self.evaluate(eval);
                 on(Event::Eval { step: self.state.global_step, loss: l, perplexity: l.exp() });
@@ -473,7 +489,15 @@ impl<'a, B: Backend> Trainer<'a, B> {
             }
             None => None,
         };
-        if self.cfg.save_steps > 0 && self.state.global_step % self.cfg.save_steps != 0 {
+        // The end of the run is saved under any strategy that saves at all (as transformers does),
+        // unless the last step just was.
+        let gs = self.state.global_step;
+        let saves = match self.cfg.save_strategy.as_str() {
+            "steps" => self.cfg.save_steps > 0,
+            "epoch" => true,
+            _ => false,
+        };
+        if saves && !self.saves_at(gs, self.state.batch_in_epoch >= plan.len()) {
             self.save_checkpoint(on)?;
         }
         let adapter_dir = self.out_dir.join(&self.cfg.new_model);

@@ -162,6 +162,10 @@ pub struct TrainArgs {
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     #[serde(skip_serializing_if = "Option::is_none")]
     group_by_length: Option<bool>,
+    /// When checkpoints are written: steps, epoch or no [steps]
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    save_strategy: Option<String>,
     /// Checkpoint every N steps; 0 = only at the end [0]
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -182,6 +186,10 @@ pub struct TrainArgs {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     logging_dir: Option<String>,
+    /// When the eval data is evaluated: steps, epoch or no [steps]
+    #[arg(long, alias = "evaluation-strategy")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    eval_strategy: Option<String>,
     /// Evaluate every N steps (and always at the end when there is eval data)
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
