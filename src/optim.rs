@@ -143,14 +143,27 @@ pub fn clip_coefficient(norm: f64, max_norm: f64) -> f64 {
     (max_norm / (norm + 1e-6)).min(1.0)
 }
 
-/// Learning-rate schedules of transformers' `get_scheduler`.
+/// Learning-rate schedules of transformers' `get_scheduler`, with its default arguments.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Schedule {
     Constant,
     ConstantWithWarmup,
     Linear,
     Cosine,
+    /// One cycle (`num_cycles = 1`): the cosine's half wave, and 0 from the last step on.
+    CosineWithRestarts,
+    /// Linear decay to `lr_end = 1e-7` (`power = 1`).
+    Polynomial,
+    /// `1/√((step + shift)/timescale)` after warm-up, `timescale` = the warm-up steps (or 10,000).
+    InverseSqrt,
 }
+
+/// The names [`Schedule::parse`] takes, for messages.
+pub const SCHEDULE_NAMES: &str =
+    "constant, constant_with_warmup, linear, cosine, cosine_with_restarts, polynomial, inverse_sqrt";
+
+/// transformers' `get_polynomial_decay_schedule_with_warmup` default `lr_end`.
+const POLYNOMIAL_LR_END: f64 = 1e-7;
 
 impl Schedule {
     pub fn parse(s: &str) -> Option<Self> {
@@ -159,22 +172,43 @@ impl Schedule {
             "constant_with_warmup" => Some(Schedule::ConstantWithWarmup),
             "linear" => Some(Schedule::Linear),
             "cosine" => Some(Schedule::Cosine),
+            "cosine_with_restarts" => Some(Schedule::CosineWithRestarts),
+            "polynomial" => Some(Schedule::Polynomial),
+            "inverse_sqrt" => Some(Schedule::InverseSqrt),
             _ => None,
         }
     }
 
-    /// The multiplier of the base learning rate at optimizer step `step` (0-based).
+    /// The learning rate at optimizer step `step` (0-based) for a base (peak) rate `base`.
+    pub fn lr(self, base: f64, step: usize, warmup: usize, total: usize) -> f64 {
+        if self == Schedule::Polynomial && step >= warmup {
+            // The decay ends at an absolute rate, so its multiplier depends on the base rate.
+            if step > total {
+                return POLYNOMIAL_LR_END;
+            }
+            let remaining = 1.0 - (step - warmup) as f64 / (total - warmup).max(1) as f64;
+            return (base - POLYNOMIAL_LR_END) * remaining + POLYNOMIAL_LR_END;
+        }
+        base * self.factor(step, warmup, total)
+    }
+
+    /// The multiplier of the base learning rate at optimizer step `step` (0-based); for
+    /// [`Schedule::Polynomial`] after warm-up see [`Schedule::lr`].
     pub fn factor(self, step: usize, warmup: usize, total: usize) -> f64 {
         let (s, w, t) = (step as f64, warmup as f64, total as f64);
         if self != Schedule::Constant && step < warmup {
             return s / w.max(1.0);
         }
+        let progress = (s - w) / (t - w).max(1.0);
         match self {
             Schedule::Constant | Schedule::ConstantWithWarmup => 1.0,
-            Schedule::Linear => ((t - s) / (t - w).max(1.0)).max(0.0),
-            Schedule::Cosine => {
-                let progress = (s - w) / (t - w).max(1.0);
-                (0.5 * (1.0 + (std::f64::consts::PI * progress).cos())).max(0.0)
+            Schedule::Linear | Schedule::Polynomial => ((t - s) / (t - w).max(1.0)).max(0.0),
+            Schedule::Cosine => (0.5 * (1.0 + (std::f64::consts::PI * progress).cos())).max(0.0),
+            Schedule::CosineWithRestarts if progress >= 1.0 => 0.0,
+            Schedule::CosineWithRestarts => (0.5 * (1.0 + (std::f64::consts::PI * (progress % 1.0)).cos())).max(0.0),
+            Schedule::InverseSqrt => {
+                let timescale = if warmup > 0 { w } else { 10_000.0 };
+                1.0 / ((s + timescale - w) / timescale).sqrt()
             }
         }
     }
@@ -202,6 +236,23 @@ mod tests {
         assert!((Schedule::Cosine.factor(3 + 97 / 2, 3, 100) - 0.5).abs() < 0.02);
         assert_eq!(Schedule::Constant.factor(0, 3, 100), 1.0);
         assert_eq!(Schedule::ConstantWithWarmup.factor(1, 4, 100), 0.25);
+        // cosine_with_restarts with one cycle: the cosine, then 0 from the last step on.
+        let r = Schedule::CosineWithRestarts;
+        assert_eq!(r.factor(2, 4, 100), 0.5);
+        assert_eq!(r.factor(40, 4, 100), Schedule::Cosine.factor(40, 4, 100));
+        assert_eq!(r.factor(100, 4, 100), 0.0);
+        // polynomial (power 1) to lr_end = 1e-7: halfway, (lr − 1e-7)/2 + 1e-7.
+        let p = Schedule::Polynomial;
+        assert_eq!(p.lr(2e-4, 2, 4, 104), 1e-4);
+        assert!((p.lr(2e-4, 54, 4, 104) - ((2e-4 - 1e-7) * 0.5 + 1e-7)).abs() < 1e-15);
+        assert!((p.lr(2e-4, 104, 4, 104) - 1e-7).abs() < 1e-18);
+        assert_eq!(p.lr(2e-4, 105, 4, 104), 1e-7);
+        // inverse_sqrt, timescale = warm-up: 1 at the warm-up's end, 1/√2 a warm-up later.
+        let i = Schedule::InverseSqrt;
+        assert_eq!(i.factor(4, 4, 100), 1.0);
+        assert!((i.factor(8, 4, 100) - 0.5f64.sqrt()).abs() < 1e-15);
+        assert!((i.factor(30_000, 0, 100_000) - 0.5).abs() < 1e-15, "timescale 10,000 without warm-up");
+        assert_eq!(Schedule::parse("inverse_sqrt"), Some(i));
     }
 
     #[test]

@@ -4,7 +4,7 @@
 
 use crate::config::{LoraConfig, QuantConfig};
 use crate::error::{Error, Result};
-use crate::optim::{AdamWConfig, Schedule};
+use crate::optim::{AdamWConfig, Schedule, SCHEDULE_NAMES};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use std::path::Path;
@@ -278,10 +278,7 @@ impl TrainConfig {
             return bad(format!("--report-to {other:?}: only tensorboard (or all, or none) is available"));
         }
         if Schedule::parse(&self.lr_scheduler_type).is_none() {
-            return bad(format!(
-                "--lr-scheduler-type {:?} is not one of constant, constant_with_warmup, linear, cosine",
-                self.lr_scheduler_type
-            ));
+            return bad(format!("--lr-scheduler-type {:?} is not one of {SCHEDULE_NAMES}", self.lr_scheduler_type));
         }
         if !["paged_adamw_32bit", "adamw_32bit"].contains(&self.optim.as_str()) {
             return bad(format!("--optim {:?} is not one of paged_adamw_32bit, adamw_32bit", self.optim));

@@ -410,7 +410,7 @@ impl<'a, B: Backend> Trainer<'a, B> {
             }
             let loss = loss_sum / count.max(1) as f64;
             let gn = grad_norm(be, &grads);
-            let lr = self.cfg.learning_rate * schedule.factor(step, warmup, total);
+            let lr = schedule.lr(self.cfg.learning_rate, step, warmup, total);
             self.state.global_step += 1;
             if !loss.is_finite() || !gn.is_finite() {
                 self.state.bad_steps_in_a_row += 1;

@@ -146,7 +146,7 @@ pub struct TrainArgs {
     #[arg(long, value_parser = finite_f64)]
     #[serde(skip_serializing_if = "Option::is_none")]
     optim_memory_budget_mb: Option<f64>,
-    /// constant, constant_with_warmup, linear, cosine [cosine]
+    /// constant, constant_with_warmup, linear, cosine, cosine_with_restarts, polynomial, inverse_sqrt [cosine]
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     lr_scheduler_type: Option<String>,
