@@ -49,4 +49,7 @@ fi
 exit $status
 RUN
 chmod +x stage/run.sh
+# What was staged: the commit, and whether the tree had uncommitted changes.
+{ git rev-parse HEAD; git status --porcelain --untracked-files=no | grep -q . && echo "with uncommitted changes"; } \
+    > stage/rev.txt || true
 du -sh stage
