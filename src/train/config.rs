@@ -78,7 +78,7 @@ pub struct TrainConfig {
     /// Where the logs go besides `log.jsonl` (transformers' `report_to`): `tensorboard` (also `all`,
     /// the one integration there is) or `none`.
     pub report_to: Vec<String>,
-    /// TensorBoard's event directory [output_dir/runs/run-<time>].
+    /// TensorBoard's event directory (default: `output_dir/runs/run-<unix time>`).
     pub logging_dir: Option<String>,
     /// When the eval data is evaluated (transformers' `eval_strategy`): `steps` (every `eval_steps`, and
     /// at the end), `epoch` (at each epoch's end) or `no`.
