@@ -19,6 +19,32 @@ fn p(path: &Path) -> &str {
     path.to_str().unwrap()
 }
 
+/// A tiny model and a dataset of `samples` rows in a temporary directory, for training runs.
+struct TinyRun {
+    dir: tempfile::TempDir,
+    model: std::path::PathBuf,
+    data: std::path::PathBuf,
+}
+
+impl TinyRun {
+    fn new(samples: usize) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let (model, data) = (dir.path().join("model"), dir.path().join("data.jsonl"));
+        common::tiny_model_dir(&model, false);
+        common::text_dataset(&data, samples);
+        TinyRun { dir, model, data }
+    }
+    /// The directory `name` inside the run's temporary directory.
+    fn path(&self, name: &str) -> std::path::PathBuf {
+        self.dir.path().join(name)
+    }
+    /// `llamatune train` on the tiny model and data into `out`, with `extra` flags.
+    fn train(&self, out: &Path, extra: &[&str]) -> Output {
+        let args = ["train", "--model", p(&self.model), "--dataset", p(&self.data), "--output-dir", p(out)];
+        llamatune(&[&args[..], extra].concat())
+    }
+}
+
 #[test]
 fn every_subcommand_on_a_tiny_model() {
     let d = tempfile::tempdir().unwrap();
@@ -407,65 +433,53 @@ fn parity_tools_train_curve_and_tokenize() {
 /// with another beta1 leave another adapter.
 #[test]
 fn adam_flags_reach_the_optimizer() {
-    let d = tempfile::tempdir().unwrap();
-    let model = d.path().join("model");
-    common::tiny_model_dir(&model, false);
-    let data = d.path().join("data.jsonl");
-    common::text_dataset(&data, 8);
+    let run = TinyRun::new(8);
     let train = |out: &Path, extra: &[&str]| {
-        let args = ["train", "--model", p(&model), "--dataset", p(&data), "--output-dir", p(out), "--max-steps", "2"];
-        let o = llamatune(&[&args[..], extra].concat());
+        let o = run.train(out, &[&["--max-steps", "2"][..], extra].concat());
         assert!(o.status.success(), "{}", stderr(&o));
         std::fs::read(out.join("adapter").join("adapter_model.safetensors")).unwrap()
     };
-    let plain = train(&d.path().join("plain"), &[]);
-    let again = train(&d.path().join("again"), &[]);
+    let plain = train(&run.path("plain"), &[]);
+    let again = train(&run.path("again"), &[]);
     assert_eq!(plain, again, "the same run twice gives the same adapter");
-    let tuned = d.path().join("tuned");
+    let tuned = run.path("tuned");
     let other = train(&tuned, &["--adam-beta1", "0.5", "--adam-beta2", "0.99", "--adam-epsilon", "1e-6"]);
     assert_ne!(plain, other, "the flags changed nothing");
     let saved = std::fs::read_to_string(tuned.join("train_config.toml")).unwrap();
     for line in ["adam_beta1 = 0.5", "adam_beta2 = 0.99", "adam_epsilon = 0.000001"] {
         assert!(saved.contains(line), "{line} not in the saved config:\n{saved}");
     }
-    let o = llamatune(&["train", "--model", p(&model), "--dataset", p(&data), "--adam-beta2", "1"]);
+    let o = run.train(&run.path("bad"), &["--adam-beta2", "1"]);
     assert!(!o.status.success() && stderr(&o).contains("--adam-beta2"), "{}", stderr(&o));
 }
 
 /// transformers' `report_to` and `logging_dir`, and BitsAndBytesConfig's flag names as aliases.
 #[test]
 fn report_to_logging_dir_and_bitsandbytes_names() {
-    let d = tempfile::tempdir().unwrap();
-    let model = d.path().join("model");
-    common::tiny_model_dir(&model, false);
-    let data = d.path().join("data.jsonl");
-    common::text_dataset(&data, 4);
-    let train = |out: &Path, extra: &[&str]| {
-        let args = ["train", "--model", p(&model), "--dataset", p(&data), "--output-dir", p(out), "--max-steps", "1"];
-        llamatune(&[&args[..], extra].concat())
-    };
+    let run = TinyRun::new(4);
+    let train = |out: &Path, extra: &[&str]| run.train(out, &[&["--max-steps", "1"][..], extra].concat());
     let events_in = |dir: &Path| {
         std::fs::read_dir(dir).map_or(0, |r| {
             r.flatten().filter(|e| e.file_name().to_string_lossy().starts_with("events.out.tfevents")).count()
         })
     };
 
-    let quiet = d.path().join("quiet");
+    let quiet = run.path("quiet");
     let o = train(&quiet, &["--report-to", "none", "--logging-steps", "1"]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(!quiet.join("runs").exists(), "--report-to none wrote TensorBoard runs");
     assert!(std::fs::read_to_string(quiet.join("log.jsonl")).unwrap().contains("\"loss\""), "log.jsonl still written");
 
-    let tb = d.path().join("tb");
-    let o = train(&d.path().join("logged"), &["--logging-dir", p(&tb), "--logging-steps", "1"]);
+    let tb = run.path("tb");
+    let o = train(&run.path("logged"), &["--logging-dir", p(&tb), "--logging-steps", "1"]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert_eq!(events_in(&tb), 1, "one event file in --logging-dir");
-    assert!(!d.path().join("logged").join("runs").exists());
+    assert!(!run.path("logged").join("runs").exists());
 
-    let o = train(&d.path().join("wandb"), &["--report-to", "wandb"]);
+    let o = train(&run.path("wandb"), &["--report-to", "wandb"]);
     assert!(!o.status.success() && stderr(&o).contains("--report-to"), "{}", stderr(&o));
 
-    let nested = d.path().join("nested");
+    let nested = run.path("nested");
     let o = train(&nested, &["--load-in-4bit", "--bnb-4bit-use-double-quant"]);
     assert!(o.status.success(), "{}", stderr(&o));
     let saved = std::fs::read_to_string(nested.join("train_config.toml")).unwrap();
@@ -475,18 +489,14 @@ fn report_to_logging_dir_and_bitsandbytes_names() {
 /// transformers' save and eval strategies: `epoch` acts at each epoch's end, `no` never.
 #[test]
 fn save_and_eval_strategies() {
-    let d = tempfile::tempdir().unwrap();
-    let model = d.path().join("model");
-    common::tiny_model_dir(&model, false);
-    let data = d.path().join("data.jsonl");
-    common::text_dataset(&data, 10);
     // 10 samples, 2 held out: 8 to train on, 2 steps per epoch at batch 4, 2 epochs.
-    let train = |out: &Path, extra: &[&str]| {
-        let args = ["train", "--model", p(&model), "--dataset", p(&data), "--output-dir", p(out)];
-        let common = ["--num-train-epochs", "2", "--per-device-train-batch-size", "4", "--eval-split-ratio", "0.2"];
-        let o = llamatune(&[&args[..], &common, extra].concat());
+    let run = TinyRun::new(10);
+    let train = |name: &str, extra: &[&str]| {
+        let out = run.path(name);
+        let epochs = ["--num-train-epochs", "2", "--per-device-train-batch-size", "4", "--eval-split-ratio", "0.2"];
+        let o = run.train(&out, &[&epochs[..], extra].concat());
         assert!(o.status.success(), "{}", stderr(&o));
-        let mut checkpoints: Vec<String> = std::fs::read_dir(out)
+        let mut checkpoints: Vec<String> = std::fs::read_dir(&out)
             .unwrap()
             .flatten()
             .map(|e| e.file_name().to_string_lossy().into_owned())
@@ -502,15 +512,14 @@ fn save_and_eval_strategies() {
             .collect();
         (checkpoints, evals)
     };
-    let (saved, evals) = train(&d.path().join("epoch"), &["--save-strategy", "epoch", "--eval-strategy", "epoch"]);
+    let (saved, evals) = train("epoch", &["--save-strategy", "epoch", "--eval-strategy", "epoch"]);
     assert_eq!(saved, ["checkpoint-2", "checkpoint-4"]);
     assert_eq!(evals, [2, 4], "after the first epoch, and at the end");
-    let (saved, evals) =
-        train(&d.path().join("no"), &["--save-strategy", "no", "--save-steps", "1", "--eval-strategy", "no"]);
+    let (saved, evals) = train("no", &["--save-strategy", "no", "--save-steps", "1", "--eval-strategy", "no"]);
     assert!(saved.is_empty() && evals.is_empty(), "{saved:?} {evals:?}");
-    let (saved, evals) = train(&d.path().join("steps"), &["--save-steps", "3", "--eval-steps", "1"]);
+    let (saved, evals) = train("steps", &["--save-steps", "3", "--eval-steps", "1"]);
     assert_eq!(saved, ["checkpoint-3", "checkpoint-4"], "every 3 steps, and at the end");
     assert_eq!(evals, [1, 2, 3, 4]);
-    let o = llamatune(&["train", "--model", p(&model), "--dataset", p(&data), "--save-strategy", "best"]);
+    let o = run.train(&run.path("bad"), &["--save-strategy", "best"]);
     assert!(!o.status.success() && stderr(&o).contains("--save-strategy"), "{}", stderr(&o));
 }
