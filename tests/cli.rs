@@ -453,7 +453,7 @@ fn adam_flags_reach_the_optimizer() {
     assert!(!o.status.success() && stderr(&o).contains("--adam-beta2"), "{}", stderr(&o));
 }
 
-/// transformers' `report_to` and `logging_dir`, and BitsAndBytesConfig's flag names as aliases.
+/// transformers' `report_to` and `logging_dir`, and BitsAndBytesConfig's and TRL's flag names as aliases.
 #[test]
 fn report_to_logging_dir_and_bitsandbytes_names() {
     let run = TinyRun::new(4);
@@ -479,11 +479,23 @@ fn report_to_logging_dir_and_bitsandbytes_names() {
     let o = train(&run.path("wandb"), &["--report-to", "wandb"]);
     assert!(!o.status.success() && stderr(&o).contains("--report-to"), "{}", stderr(&o));
 
+    // BitsAndBytesConfig's and TRL's newer names for the same settings.
     let nested = run.path("nested");
-    let o = train(&nested, &["--load-in-4bit", "--bnb-4bit-use-double-quant"]);
+    let o = train(&nested, &["--load-in-4bit", "--bnb-4bit-use-double-quant", "--max-length", "96"]);
     assert!(o.status.success(), "{}", stderr(&o));
     let saved = std::fs::read_to_string(nested.join("train_config.toml")).unwrap();
-    assert!(saved.contains("use_4bit = true") && saved.contains("use_nested_quant = true"), "{saved}");
+    for line in ["use_4bit = true", "use_nested_quant = true", "max_seq_length = 96"] {
+        assert!(saved.contains(line), "{line} not in the saved config:\n{saved}");
+    }
+    let chats = run.path("chats.jsonl");
+    let chat = json!({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]});
+    std::fs::write(&chats, format!("{chat}\n{chat}\n")).unwrap();
+    let assistant = run.path("assistant");
+    let args = ["train", "--model", p(&run.model), "--dataset", p(&chats), "--output-dir", p(&assistant)];
+    let o = llamatune(&[&args[..], &["--max-steps", "1", "--assistant-only-loss"]].concat());
+    assert!(o.status.success(), "{}", stderr(&o));
+    let saved = std::fs::read_to_string(assistant.join("train_config.toml")).unwrap();
+    assert!(saved.contains("completion_only_loss = true"), "{saved}");
 }
 
 /// transformers' save and eval strategies: `epoch` acts at each epoch's end, `no` never.

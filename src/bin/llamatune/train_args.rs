@@ -194,8 +194,9 @@ pub struct TrainArgs {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     eval_steps: Option<usize>,
-    /// Longest sequence in tokens; longer samples are truncated and counted [1024]
-    #[arg(long)]
+    /// Longest sequence in tokens; longer samples are truncated and counted [1024] (TRL's newer name:
+    /// --max-length)
+    #[arg(long, alias = "max-length")]
     #[serde(skip_serializing_if = "Option::is_none")]
     max_seq_length: Option<usize>,
     /// Pack samples into full rows (documents never attend across each other) [false]
@@ -206,8 +207,9 @@ pub struct TrainArgs {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     dataset_text_field: Option<String>,
-    /// Loss on responses only (default: on for prompt/completion data)
-    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    /// Loss on responses only: completions, assistant turns of chats (TRL's --assistant-only-loss),
+    /// text after --response-template (default: on for prompt/completion data)
+    #[arg(long, alias = "assistant-only-loss", num_args = 0..=1, default_missing_value = "true")]
     #[serde(skip_serializing_if = "Option::is_none")]
     completion_only_loss: Option<bool>,
     /// With --completion-only-loss on `text` rows: train on what follows this marker, e.g. "[/INST]"
