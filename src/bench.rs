@@ -184,8 +184,8 @@ pub struct BenchConfig {
     /// 0 skips decoding.
     pub decode_tokens: usize,
     pub prompt_len: usize,
-    /// The card's dense bf16 peak, for MFU.
-    pub peak_tflops: f64,
+    /// The card's dense bf16 peak, for MFU (`None`: no MFU, as on a CPU).
+    pub peak_tflops: Option<f64>,
     pub seed: u64,
 }
 
@@ -212,8 +212,8 @@ pub struct BenchReport {
     pub tokens_per_s: f64,
     pub flops_per_step: f64,
     pub achieved_tflops: f64,
-    pub mfu: f64,
-    pub peak_tflops: f64,
+    pub mfu: Option<f64>,
+    pub peak_tflops: Option<f64>,
     pub train_peak_memory_bytes: Option<u64>,
     /// Device memory the backend held after the warm-up steps, and how much more it took from the
     /// device during the timed steps (0: every allocation came from memory already held).
@@ -386,7 +386,7 @@ pub fn run<B: Backend>(be: &B, cfg: &BenchConfig, log: &mut dyn FnMut(&str)) -> 
         tokens_per_s: (cfg.batch_size * cfg.seq_len) as f64 / median_step_s,
         flops_per_step: flops,
         achieved_tflops: achieved,
-        mfu: achieved / cfg.peak_tflops,
+        mfu: cfg.peak_tflops.map(|peak| achieved / peak),
         peak_tflops: cfg.peak_tflops,
         train_peak_memory_bytes: train_peak,
         reserved_memory_bytes: reserved_after_warmup,
@@ -453,7 +453,7 @@ mod tests {
             optim: "paged_adamw_32bit".into(),
             decode_tokens: 5,
             prompt_len: 4,
-            peak_tflops: 1.0,
+            peak_tflops: Some(1.0),
             seed: 1,
         };
         let be = crate::backend::cpu::Cpu::<f32>::new();
@@ -461,7 +461,7 @@ mod tests {
         assert_eq!(r.step_times_s.len(), 3);
         assert_eq!(r.losses.len(), 4);
         assert!(r.losses.iter().all(|l| l.is_finite() && *l > 0.0));
-        assert!(r.tokens_per_s > 0.0 && r.mfu > 0.0);
+        assert!(r.tokens_per_s > 0.0 && r.mfu.is_some_and(|m| m > 0.0));
         assert!(r.decode_tokens_per_s.unwrap() > 0.0);
         let bad = BenchConfig { optim: "sgd".into(), ..cfg };
         assert!(run(&be, &bad, &mut |_| {}).is_err());

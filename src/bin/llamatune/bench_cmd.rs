@@ -67,9 +67,9 @@ pub struct BenchArgs {
     /// Prompt tokens before decoding
     #[arg(long, default_value_t = 32)]
     prompt_len: usize,
-    /// The card's dense bf16 peak in TFLOP/s, for MFU (H100/H200 SXM: 989)
-    #[arg(long, default_value_t = 989.0)]
-    peak_tflops: f64,
+    /// The card's dense bf16 peak in TFLOP/s, for MFU [989 on a GPU (H100/H200 SXM); no MFU on the CPU]
+    #[arg(long)]
+    peak_tflops: Option<f64>,
     /// Seed of the random weights, adapters and tokens
     #[arg(long, default_value_t = 42)]
     seed: u64,
@@ -110,6 +110,8 @@ pub fn cmd_bench(a: BenchArgs) -> Result<ExitCode> {
         seed: a.seed,
     };
     let dev = open_device(&a.device)?;
+    #[cfg(feature = "cuda")]
+    let cfg = BenchConfig { peak_tflops: cfg.peak_tflops.or(matches!(dev, Device::Cuda(_)).then_some(989.0)), ..cfg };
     let report = with_device!(&dev, be => bench::run(be, &cfg, &mut |line| eprintln!("{line}"))?);
     let gib = |b: Option<u64>| b.map_or("n/a".to_string(), |b| format!("{:.2} GiB", b as f64 / (1u64 << 30) as f64));
     println!("device           {}", report.device);
@@ -126,12 +128,15 @@ pub fn cmd_bench(a: BenchArgs) -> Result<ExitCode> {
         report.seq_len,
         report.tokens_per_s
     );
-    println!(
-        "                 {:.1} TFLOP/s, MFU {:.1}% of {} TFLOP/s",
-        report.achieved_tflops,
-        report.mfu * 100.0,
-        report.peak_tflops
-    );
+    let rate = if report.achieved_tflops >= 1.0 {
+        format!("{:.1} TFLOP/s", report.achieved_tflops)
+    } else {
+        format!("{:.1} GFLOP/s", report.achieved_tflops * 1e3)
+    };
+    match (report.mfu, report.peak_tflops) {
+        (Some(mfu), Some(peak)) => println!("                 {rate}, MFU {:.1}% of {peak} TFLOP/s", mfu * 100.0),
+        _ => println!("                 {rate}"),
+    }
     println!("train peak mem   {}", gib(report.train_peak_memory_bytes));
     if let (Some(r), Some(g)) = (report.reserved_memory_bytes, report.reserved_growth_bytes) {
         println!("device memory    {} held after warm-up, {g} bytes more taken over the timed steps", gib(Some(r)));
