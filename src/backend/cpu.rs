@@ -294,6 +294,17 @@ impl<T: Real> Backend for Cpu<T> {
         let compute = w.compute();
         let x = rounded(x, compute);
         let x = x.as_ref();
+        if m <= GEMV_MAX_M {
+            // Decoding's few rows: a row of W at a time, straight from the codes when 4-bit (expanding
+            // every slab of W, or packing it for the GEMM, cost more than the products).
+            match w {
+                CpuWeight::Quant4 { q, .. } => gemv_quant4(q, (rows, cols), compute, x, m, out),
+                CpuWeight::Dense { data, .. } => {
+                    gemv_rows((rows, cols), x, m, out, |r, xi| dot8(xi, &data[r * cols..][..cols]))
+                }
+            }
+            return round_in_place(out, compute);
+        }
         // out[:, r0..r0+nr] = x · slabᵀ, the slab being rows r0.. of W.
         w.for_each_slab(|r0, slab| {
             let nr = slab.len() / cols;
@@ -655,6 +666,85 @@ impl<T: Real> Backend for Cpu<T> {
 }
 
 /// `x` rounded to `c` (a borrow when `c` is f32).
+/// Rows of x up to which a 4-bit linear takes [`gemv_quant4`] (as CUDA's GEMV: decoding, small prompts).
+const GEMV_MAX_M: usize = 8;
+
+/// `out (m, rows) = x (m, cols) · Wᵀ` for a 4-bit `W (rows, cols)` read from its codes: each weight
+/// rounded to the compute dtype and multiplied in `T`, as the slab-wise dequantize + GEMM path does,
+/// summed in another order. No expanded copy of W exists.
+fn gemv_quant4<T: Real>(q: &Quant4, (rows, cols): (usize, usize), c: ComputeDtype, x: &[T], m: usize, out: &mut [T]) {
+    let table = crate::quant::code_table(q.quant_type);
+    let absmax = q.absmax.values();
+    // The 16 codes of each absmax block as T, rounded to the compute dtype: one product per lookup.
+    let weight = |block: usize| -> [T; 16] { table.map(|v| T::of(c.round(v * absmax[block]) as f64)) };
+    gemv_rows((rows, cols), x, m, out, |row, xi| {
+        let mut sum = T::zero();
+        let mut j = 0;
+        while j < cols {
+            // The run of this row's columns in one absmax block.
+            let start = row * cols + j;
+            let block = start / q.blocksize;
+            let end = ((block + 1) * q.blocksize - row * cols).min(cols);
+            let w = weight(block);
+            let (mut even, mut odd) = (T::zero(), T::zero());
+            if start % 2 == 0 && (end - j) % 2 == 0 {
+                // Whole bytes: element 2k in the high nibble, 2k + 1 in the low one.
+                let bytes = &q.packed[start / 2..(start + end - j) / 2];
+                for (pair, &b) in xi[j..end].chunks_exact(2).zip(bytes) {
+                    even = even + pair[0] * w[(b >> 4) as usize];
+                    odd = odd + pair[1] * w[(b & 15) as usize];
+                }
+            } else {
+                for (col, &xv) in xi.iter().enumerate().take(end).skip(j) {
+                    even = even + xv * w[q.code_at(row * cols + col) as usize];
+                }
+            }
+            sum = sum + even + odd;
+            j = end;
+        }
+        sum
+    });
+}
+
+/// `out (m, rows)` with `out[i][r] = row_dot(r, x_i)` for the `m` rows `x_i` of `x (m, cols)`, output
+/// rows split over threads.
+fn gemv_rows<T: Real>(
+    (rows, cols): (usize, usize),
+    x: &[T],
+    m: usize,
+    out: &mut [T],
+    row_dot: impl Fn(usize, &[T]) -> T + Sync,
+) {
+    const ROWS_PER_TASK: usize = 16;
+    // Transposed (rows, m), so that each task owns whole output rows.
+    let mut out_t = vec![T::zero(); rows * m];
+    out_t.par_chunks_mut(ROWS_PER_TASK * m).enumerate().for_each(|(task, chunk)| {
+        for (k, per_row) in chunk.chunks_mut(m).enumerate() {
+            for (i, o) in per_row.iter_mut().enumerate() {
+                *o = row_dot(task * ROWS_PER_TASK + k, &x[i * cols..(i + 1) * cols]);
+            }
+        }
+    });
+    for (r, per_row) in out_t.chunks(m).enumerate() {
+        for (i, &v) in per_row.iter().enumerate() {
+            out[i * rows + r] = v;
+        }
+    }
+}
+
+/// `Σ a·b` over eight interleaved partial sums (independent chains the compiler can vectorize).
+fn dot8<T: Real>(a: &[T], b: &[T]) -> T {
+    let mut acc = [T::zero(); 8];
+    let (ac, bc) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: T = ac.remainder().iter().zip(bc.remainder()).map(|(&x, &y)| x * y).sum();
+    for (x, y) in ac.zip(bc) {
+        for l in 0..8 {
+            acc[l] = acc[l] + x[l] * y[l];
+        }
+    }
+    acc.iter().fold(tail, |s, &v| s + v)
+}
+
 fn rounded<T: Real>(x: &[T], c: ComputeDtype) -> std::borrow::Cow<'_, [T]> {
     if c == ComputeDtype::F32 {
         return std::borrow::Cow::Borrowed(x);
@@ -791,6 +881,74 @@ fn visible_keys(sh: AttnShape, segments: Option<&[u32]>, b: usize, t: usize, out
             let qseg = seg[b * sh.kv_capacity + pos];
             if qseg != 0 {
                 out.extend((0..=last).filter(|&s| seg[b * sh.kv_capacity + s] == qseg));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{QuantConfig, QuantType};
+    use rand::{Rng, SeedableRng};
+
+    /// The 4-bit GEMV of decoding gives the slab-wise dequantize + GEMM path's products (the same
+    /// rounded weights, summed in another order), for both code tables, plain and double-quantized
+    /// absmax, rounding compute dtypes, and shapes whose rows start inside an absmax block.
+    #[test]
+    fn gemv_quant4_matches_dequantize_then_gemm() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+        for (rows, cols, blocksize) in [(37, 64, 64), (33, 100, 64), (16, 30, 32), (5, 257, 128)] {
+            for quant_type in [QuantType::Nf4, QuantType::Fp4] {
+                for (double_quant, compute) in [(false, ComputeDtype::F32), (true, ComputeDtype::F16)] {
+                    let data: Vec<f32> = (0..rows * cols).map(|_| rng.gen_range(-1.0..1.0)).collect();
+                    let cfg = QuantConfig { quant_type, blocksize, double_quant, compute_dtype: compute };
+                    let q = Quant4::quantize(&data, &cfg);
+                    let w = CpuWeight::<f32>::Quant4 { rows, cols, q: q.clone(), compute };
+                    for m in [1, 3] {
+                        let x: Vec<f32> = (0..m * cols).map(|_| rng.gen_range(-1.0..1.0)).collect();
+                        let mut want = vec![0.0; m * rows];
+                        w.for_each_slab(|r0, slab| {
+                            let nr = slab.len() / cols;
+                            for i in 0..m {
+                                for r in 0..nr {
+                                    let dot: f64 =
+                                        (0..cols).map(|j| x[i * cols + j] as f64 * slab[r * cols + j] as f64).sum();
+                                    want[i * rows + r0 + r] = dot as f32;
+                                }
+                            }
+                        });
+                        let mut got = vec![f32::NAN; m * rows];
+                        gemv_quant4(&q, (rows, cols), compute, &x, m, &mut got);
+                        for (g, w) in got.iter().zip(&want) {
+                            assert!(
+                                (g - w).abs() <= 1e-5 * (1.0 + w.abs()),
+                                "{rows}x{cols}/{blocksize} m={m}: {g} vs {w}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Few rows of x through a dense weight (the LM head in decoding) give the GEMM's values.
+    #[test]
+    fn dense_linear_of_few_rows_matches_a_plain_product() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(4);
+        let be = Cpu::<f32>::new();
+        for (rows, cols, m) in [(45, 37, 1), (300, 64, 3), (7, 8, 8), (16, 9, 9)] {
+            let data: Vec<f32> = (0..rows * cols).map(|_| rng.gen_range(-1.0..1.0)).collect();
+            let x: Vec<f32> = (0..m * cols).map(|_| rng.gen_range(-1.0..1.0)).collect();
+            let w = CpuWeight::<f32>::Dense { rows, cols, data: data.clone() };
+            let mut got = vec![f32::NAN; m * rows];
+            be.linear(&x, &w, m, &mut got);
+            for i in 0..m {
+                for r in 0..rows {
+                    let want: f64 = (0..cols).map(|j| x[i * cols + j] as f64 * data[r * cols + j] as f64).sum();
+                    let g = got[i * rows + r] as f64;
+                    assert!((g - want).abs() <= 1e-5 * (1.0 + want.abs()), "{rows}x{cols} m={m}: {g} vs {want}");
+                }
             }
         }
     }
