@@ -36,6 +36,25 @@ fn linear(c: &mut Criterion) {
         g.bench_function(name, |b| b.iter(|| BE.linear(&x, &w, M, &mut y)));
     }
     g.finish();
+
+    // Decoding's one row: the 4-bit weight read from its codes, the dense one by dot products
+    // (floor: the codes, 0.44 MB, or the f32 weight, 3.5 MB, read once).
+    let mut g = c.benchmark_group("linear 1x576 -> 1536 (decoding)");
+    g.throughput(Throughput::Elements((2 * rows * cols) as u64));
+    let (x1, mut y1) = (x[..cols].to_vec(), vec![0f32; rows]);
+    g.bench_function("dense f32", |b| b.iter(|| BE.linear(&x1, &dense, 1, &mut y1)));
+    let q = Quant4::quantize(
+        &data,
+        &QuantConfig {
+            quant_type: QuantType::Nf4,
+            blocksize: 64,
+            double_quant: true,
+            compute_dtype: ComputeDtype::F32,
+        },
+    );
+    let w = BE.upload_weight(HostWeight::Quant4 { rows, cols, q, compute: ComputeDtype::F32 });
+    g.bench_function("nf4 f32-compute", |b| b.iter(|| BE.linear(&x1, &w, 1, &mut y1)));
+    g.finish();
 }
 
 fn attention(c: &mut Criterion) {
