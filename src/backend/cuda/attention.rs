@@ -57,6 +57,11 @@ impl Cuda {
         Cuda::uses_flash(sh) && !self.is_precise()
     }
 
+    /// A packed batch's segment ids (one per key row) copied to the device for an attention launch.
+    pub(super) fn segments_on_device(&self, segments: Option<&[u32]>) -> Option<CudaSlice<u32>> {
+        segments.map(|s| ck!(self.stream.clone_htod(s), "upload segments"))
+    }
+
     /// The block-per-query-row attention of kernels/attention.cu; with `pos`, the geometry's q_offset
     /// and kv_len come from the device (`pos[0]`, `pos[0] + q_len`).
     #[allow(clippy::too_many_arguments)]

@@ -892,7 +892,7 @@ impl Backend for Cuda {
     ) {
         let _span = self.span("attention");
         assert!(sh.head_dim <= 256, "head_dim {} > 256 is not supported", sh.head_dim);
-        let seg = segments.map(|s| ck!(self.stream.clone_htod(s), "upload segments"));
+        let seg = self.segments_on_device(segments);
         if self.flash(&sh) {
             return self.flash_forward(q, k, v, None, sh, seg.as_ref(), out, lse);
         }
@@ -913,7 +913,7 @@ impl Backend for Cuda {
         dv: &mut CudaSlice<f32>,
     ) {
         let _span = self.span("attention_backward");
-        let seg = segments.map(|s| ck!(self.stream.clone_htod(s), "upload segments"));
+        let seg = self.segments_on_device(segments);
         if self.flash(&sh) {
             return self.flash_backward(q, k, v, None, out, lse, dout, sh, seg.as_ref(), dq, dk, dv);
         }
@@ -935,7 +935,7 @@ impl Backend for Cuda {
         }
         let _span = self.span("attention (RoPE inside)");
         assert!(sh.is_square(), "rope_attention: the shape must be square");
-        let seg = segments.map(|s| ck!(self.stream.clone_htod(s), "upload segments"));
+        let seg = self.segments_on_device(segments);
         self.flash_forward(q, k, v, Some(rope), sh, seg.as_ref(), out, lse);
     }
     fn rope_attention_backward(
@@ -958,7 +958,7 @@ impl Backend for Cuda {
         }
         let _span = self.span("attention_backward (RoPE inside)");
         assert!(sh.is_square(), "rope_attention: the shape must be square");
-        let seg = segments.map(|s| ck!(self.stream.clone_htod(s), "upload segments"));
+        let seg = self.segments_on_device(segments);
         self.flash_backward(q, k, v, Some(rope), out, lse, dout, sh, seg.as_ref(), dq, dk, dv);
     }
 
