@@ -228,6 +228,39 @@ fn attention(c: &mut Criterion) {
             be.synchronize();
         })
     });
+    // From saved inputs (the tape's form: converted once, rotated, in bf16), and that conversion.
+    let acts = be.attn_acts(q.clone(), k.clone(), v.clone(), rope, sh);
+    g.throughput(Throughput::Elements(fwd as u64));
+    g.bench_function("forward, saved bf16 inputs", |b| {
+        b.iter(|| {
+            be.rope_attention_acts(&acts, rope, sh, None, &mut out, &mut lse);
+            be.synchronize();
+        })
+    });
+    g.throughput(Throughput::Elements((fwd as f64 * 2.5) as u64));
+    g.bench_function("backward, saved bf16 inputs", |b| {
+        b.iter(|| {
+            be.rope_attention_acts_backward(&acts, rope, &out, &lse, &dout, sh, None, &mut dq, &mut dk, &mut dv);
+            be.synchronize();
+        })
+    });
+    g.throughput(Throughput::Elements(3 * nq as u64));
+    g.bench_function("saving q, k, v (rotated, bf16)", |b| {
+        // Fresh f32 inputs each time (the call takes them over), copied before the clock starts.
+        let inputs = || {
+            let qkv = (q.clone(), k.clone(), v.clone());
+            be.synchronize();
+            qkv
+        };
+        b.iter_batched(
+            inputs,
+            |(q, k, v)| {
+                drop(be.attn_acts(q, k, v, rope, sh));
+                be.synchronize();
+            },
+            criterion::BatchSize::PerIteration,
+        )
+    });
     g.finish();
 }
 

@@ -74,7 +74,7 @@ __device__ __forceinline__ void ldsm_x4(uint32_t addr, uint32_t& r0, uint32_t& r
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n" : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3) : "r"(addr));
 }
 template <int HD>
-__device__ void flash_fwd(const float* q, const __nv_bfloat16* k, const __nv_bfloat16* v, const uint32_t* seg, const float* cos_t, const float* sin_t, float* out, float* lse, const FGeom g) {
+__device__ void flash_fwd(const float* q, const __nv_bfloat16* q16, const __nv_bfloat16* k, const __nv_bfloat16* v, const uint32_t* seg, const float* cos_t, const float* sin_t, float* out, float* lse, const FGeom g) {
     __shared__ __align__(16) __nv_bfloat16 Ks[2][FBK][HD + PAD];
     __shared__ __align__(16) __nv_bfloat16 Vs[2][FBK][HD + PAD];
     __shared__ uint32_t kseg[2][FBK];
@@ -88,11 +88,23 @@ __device__ void flash_fwd(const float* q, const __nv_bfloat16* k, const __nv_bfl
     const uint32_t qs0 = r0 < g.q_len ? seg_of(seg, g, b, g.q_offset + r0) : 0u;
     const uint32_t qs1 = r1 < g.q_len ? seg_of(seg, g, b, g.q_offset + r1) : 0u;
 
-    // This warp's 16 query rows as A fragments, straight from global memory. Column j < HD/2 and its
+    // This warp's 16 query rows as A fragments, straight from global memory: from q16 (bf16, already
+    // rotated: saved attention inputs) as they are, or from the f32 q. There, column j < HD/2 and its
     // RoPE partner j + HD/2 are the same lane's, in fragments kk and kk + HD/32, so with tables each
     // pair is rotated in registers before it is rounded.
     uint32_t qa[HD / 16][4];
-    {
+    if (q16) {
+        const __nv_bfloat16* p0 = r0 < g.q_len ? q16 + (((int64_t)b * g.q_len + r0) * g.heads + h) * HD : nullptr;
+        const __nv_bfloat16* p1 = r1 < g.q_len ? q16 + (((int64_t)b * g.q_len + r1) * g.heads + h) * HD : nullptr;
+#pragma unroll
+        for (int kk = 0; kk < HD / 16; kk++) {
+            const int c = kk * 16 + 2 * t4;
+            qa[kk][0] = p0 ? *reinterpret_cast<const uint32_t*>(p0 + c) : 0u;
+            qa[kk][1] = p1 ? *reinterpret_cast<const uint32_t*>(p1 + c) : 0u;
+            qa[kk][2] = p0 ? *reinterpret_cast<const uint32_t*>(p0 + c + 8) : 0u;
+            qa[kk][3] = p1 ? *reinterpret_cast<const uint32_t*>(p1 + c + 8) : 0u;
+        }
+    } else {
         const float* p0 = r0 < g.q_len ? q + (((int64_t)b * g.q_len + r0) * g.heads + h) * HD : nullptr;
         const float* p1 = r1 < g.q_len ? q + (((int64_t)b * g.q_len + r1) * g.heads + h) * HD : nullptr;
         // Values (row r0 | r1) × (column c | c + 8) of fragment kk.
@@ -259,21 +271,23 @@ __device__ void flash_fwd(const float* q, const __nv_bfloat16* k, const __nv_bfl
     }
 }
 
-// cos_t, sin_t: null, or the RoPE tables for q (k arrives rotated).
-extern "C" __global__ void __launch_bounds__(128, 4) flash_fwd_hd64(const float* q, const __nv_bfloat16* k, const __nv_bfloat16* v, const uint32_t* seg, const float* cos_t, const float* sin_t, float* out, float* lse, FGEOM_ARGS) {
+// q (f32) or q16 (bf16, already rotated): one of them, the other null. cos_t, sin_t: null, or the
+// RoPE tables for the f32 q (k arrives rotated).
+extern "C" __global__ void __launch_bounds__(128, 4) flash_fwd_hd64(const float* q, const __nv_bfloat16* q16, const __nv_bfloat16* k, const __nv_bfloat16* v, const uint32_t* seg, const float* cos_t, const float* sin_t, float* out, float* lse, FGEOM_ARGS) {
     MAKE_FGEOM;
-    flash_fwd<64>(q, k, v, seg, cos_t, sin_t, out, lse, g);
+    flash_fwd<64>(q, q16, k, v, seg, cos_t, sin_t, out, lse, g);
 }
-extern "C" __global__ void __launch_bounds__(128, 4) flash_fwd_hd128(const float* q, const __nv_bfloat16* k, const __nv_bfloat16* v, const uint32_t* seg, const float* cos_t, const float* sin_t, float* out, float* lse, FGEOM_ARGS) {
+extern "C" __global__ void __launch_bounds__(128, 4) flash_fwd_hd128(const float* q, const __nv_bfloat16* q16, const __nv_bfloat16* k, const __nv_bfloat16* v, const uint32_t* seg, const float* cos_t, const float* sin_t, float* out, float* lse, FGEOM_ARGS) {
     MAKE_FGEOM;
-    flash_fwd<128>(q, k, v, seg, cos_t, sin_t, out, lse, g);
+    flash_fwd<128>(q, q16, k, v, seg, cos_t, sin_t, out, lse, g);
 }
 
 // ---- backward -----------------------------------------------------------------------------------
 // What the backward kernel reads of the queries, in one pass over q, out and dout (batch, q_len,
 // heads, HD), f32: delta (batch, heads, q_len) = rowsum(dout ⊙ out), dout in bf16, and q in bf16,
-// rotated by RoPE when there are tables (cos, sin: (batch·q_len, HD/2)). HD/8 lanes per row, each
-// with four columns j.. of each half (the RoPE pairs j, j + HD/2) of q, out and dout.
+// rotated by RoPE when there are tables (cos, sin: (batch·q_len, HD/2)); q and qb null when the
+// caller holds q in bf16 already (saved attention inputs). HD/8 lanes per row, each with four
+// columns j.. of each half (the RoPE pairs j, j + HD/2) of q, out and dout.
 template <int HD>
 __device__ void flash_bwd_prep(const float* q, const float* out, const float* dout, const float* cos_t, const float* sin_t, __nv_bfloat16* qb, __nv_bfloat16* db, float* delta, int batch, int q_len, int heads) {
     constexpr int LANES = HD / 8;
@@ -283,16 +297,18 @@ __device__ void flash_bwd_prep(const float* q, const float* out, const float* do
     const int64_t r = live ? row : 0, base = r * HD;
     const float4 o1 = load4(out + base + j), o2 = load4(out + base + HD / 2 + j);
     const float4 d1 = load4(dout + base + j), d2 = load4(dout + base + HD / 2 + j);
-    float4 q1 = load4(q + base + j), q2 = load4(q + base + HD / 2 + j);
     float s = o1.x * d1.x + o1.y * d1.y + o1.z * d1.z + o1.w * d1.w + o2.x * d2.x + o2.y * d2.y + o2.z * d2.z + o2.w * d2.w;
 #pragma unroll
     for (int o = LANES / 2; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
     if (!live) return;
     const int h = r % heads;
     const int64_t t = r / heads;  // token row b·q_len + position
-    if (cos_t) rope_pairs(q1, q2, load4(cos_t + t * (HD / 2) + j), load4(sin_t + t * (HD / 2) + j));
-    store4(qb + base + j, q1);
-    store4(qb + base + HD / 2 + j, q2);
+    if (q) {
+        float4 q1 = load4(q + base + j), q2 = load4(q + base + HD / 2 + j);
+        if (cos_t) rope_pairs(q1, q2, load4(cos_t + t * (HD / 2) + j), load4(sin_t + t * (HD / 2) + j));
+        store4(qb + base + j, q1);
+        store4(qb + base + HD / 2 + j, q2);
+    }
     store4(db + base + j, d1);
     store4(db + base + HD / 2 + j, d2);
     if (sub == 0) delta[((t / q_len) * heads + h) * q_len + t % q_len] = s;

@@ -18,6 +18,8 @@ use crate::model::lora::{LoraGrads, Proj};
 pub type Id = usize;
 /// Index of an MLP's saved gate and up products ([`Backend::MlpActs`]) held by a [`Tape`].
 pub type MlpId = usize;
+/// Index of an attention call's saved q, k and v ([`Backend::AttnActs`]) held by a [`Tape`].
+pub type AttnId = usize;
 
 /// Which frozen norm weight an [`Op::RmsNorm`] used.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -44,12 +46,14 @@ pub enum Op {
         out: Id,
         lora: Option<(Id, Dropout)>,
     },
-    /// RoPE of `q` and `k` and causal attention ([`Backend::rope_attention`]): `q` and `k` are the
-    /// un-rotated projections, and backward gives their gradients.
+    /// RoPE of `q` and `k` and causal attention ([`Backend::rope_attention_acts`]): `q`, `k` and `v`
+    /// are the projections' ids, which backward gives gradients to (un-rotated for q and k); their
+    /// values are held apart, in the backend's own form ([`Tape::put_attn_acts`]).
     Attention {
         q: Id,
         k: Id,
         v: Id,
+        acts: AttnId,
         out: Id,
         lse: Id,
         shape: AttnShape,
@@ -94,7 +98,7 @@ impl Op {
             // The frozen product's input gradient needs only dy; the LoRA branch also reads x and u.
             Op::Linear { x, lora: Some((u, _)), .. } => vec![x, u],
             Op::Linear { lora: None, .. } | Op::Add { .. } | Op::Mlp { .. } => vec![],
-            Op::Attention { q, k, v, out, lse, .. } => vec![q, k, v, out, lse],
+            Op::Attention { out, lse, .. } => vec![out, lse],
             Op::SwiGlu { gate, up, .. } => vec![gate, up],
             Op::Segment { input, .. } => vec![input],
             Op::LmHeadLoss { dx, .. } => vec![dx],
@@ -113,6 +117,8 @@ pub struct Tape<B: Backend> {
     ops: Vec<Op>,
     /// The saved products of recorded [`Op::Mlp`]s, each dropped once its backward has run.
     mlp_acts: Vec<Option<B::MlpActs>>,
+    /// The saved inputs of recorded [`Op::Attention`]s, each dropped once its backward has run.
+    attn_acts: Vec<Option<B::AttnActs>>,
 }
 
 impl<B: Backend> Tape<B> {
@@ -124,6 +130,7 @@ impl<B: Backend> Tape<B> {
             parked: Default::default(),
             ops: Vec::new(),
             mlp_acts: Vec::new(),
+            attn_acts: Vec::new(),
         }
     }
     /// Stores a value and returns its id.
@@ -136,6 +143,11 @@ impl<B: Backend> Tape<B> {
     pub fn put_mlp_acts(&mut self, acts: B::MlpActs) -> MlpId {
         self.mlp_acts.push(Some(acts));
         self.mlp_acts.len() - 1
+    }
+    /// Keeps an attention call's inputs for the [`Op::Attention`] that will read them in backward.
+    pub fn put_attn_acts(&mut self, acts: B::AttnActs) -> AttnId {
+        self.attn_acts.push(Some(acts));
+        self.attn_acts.len() - 1
     }
     /// An id for a value that is recorded but never computed: backward's replay of a checkpointed
     /// layer gives one to an output no backward reads (see [`Graph::layer_replay`]). Reading it
@@ -170,11 +182,12 @@ impl<B: Backend> Tape<B> {
             None => self.take(id),
         }
     }
-    /// Elements held by the tape's live values on the device, the MLPs' saved products included
-    /// (what the memory tests count).
+    /// Elements held by the tape's live values on the device, the MLPs' saved products and the
+    /// attention calls' saved inputs included (what the memory tests count).
     pub fn live_elements(&self, be: &B) -> usize {
         self.vals.iter().flatten().map(|v| be.buf_len(v)).sum::<usize>()
             + self.mlp_acts.iter().flatten().map(|a| be.mlp_acts_len(a)).sum::<usize>()
+            + self.attn_acts.iter().flatten().map(|a| be.attn_acts_len(a)).sum::<usize>()
     }
     pub fn get(&self, id: Id) -> &B::Buf {
         self.vals[id].as_ref().expect("tape value was already released")
@@ -299,16 +312,15 @@ impl<B: Backend> Tape<B> {
                         dv[x] = Some(dx);
                     }
                 }
-                Op::Attention { q, k, v, out, lse, shape } => {
+                Op::Attention { q, k, v, acts, out, lse, shape } => {
+                    let saved = self.attn_acts[acts].take().expect("an attention call's inputs are read once");
                     if let Some(d) = dv[out].take() {
-                        let (qv, kv, vv) = (self.get(q), self.get(k), self.get(v));
-                        let mut dq = be.alloc_output(be.buf_len(qv));
-                        let mut dk = be.alloc_output(be.buf_len(kv));
-                        let mut dvv = be.alloc_output(be.buf_len(vv));
-                        be.rope_attention_backward(
-                            qv,
-                            kv,
-                            vv,
+                        let (nq, nkv) = (shape.batch * shape.q_len * shape.heads, shape.batch * shape.kv_capacity);
+                        let mut dq = be.alloc_output(nq * shape.head_dim);
+                        let mut dk = be.alloc_output(nkv * shape.kv_heads * shape.head_dim);
+                        let mut dvv = be.alloc_output(nkv * shape.kv_heads * shape.head_dim);
+                        be.rope_attention_acts_backward(
+                            &saved,
                             RopeTables { cos: &g.cos, sin: &g.sin },
                             self.get(out),
                             self.get(lse),

@@ -9,7 +9,7 @@
 #![cfg(feature = "cuda")]
 
 use llamatune::backend::cpu::Cpu;
-use llamatune::backend::cuda::{Cuda, Fused4bit, MlpActs};
+use llamatune::backend::cuda::{AttnActs, Cuda, Fused4bit, MlpActs};
 use llamatune::backend::{
     linear_many_lora_composed, mlp_gate_up_composed, AdamWStep, AttnShape, Backend, Dropout, HostWeight, LoraBranch,
     LoraDown, LoraGrad, RopeTables,
@@ -1128,6 +1128,36 @@ fn attention_forward_backward_gqa_packed_and_decode() {
             check(&format!("{} rope_attention dq {label}", s.name), &gpu().download(&dq2), &dq1, tol);
             check(&format!("{} rope_attention dk {label}", s.name), &gpu().download(&dk2), &dk1, tol);
             check(&format!("{} rope_attention dv {label}", s.name), &gpu().download(&dv2), &dv1, tol);
+
+            // And from saved inputs, training's form on the tape (q and k rotated and all three in bf16
+            // where the flash kernels take the call), against the same CPU values.
+            let acts = gpu().attn_acts(gq.clone(), gk.clone(), gv.clone(), rope2, sh);
+            assert_eq!(matches!(acts, AttnActs::Bf16 { .. }), Cuda::uses_flash(&sh), "{label}: the saved form");
+            let (mut o3, mut l3) = (poisoned(nq), poisoned(nl));
+            gpu().rope_attention_acts(&acts, rope2, sh, seg.as_deref(), &mut o3, &mut l3);
+            check(&format!("{} rope_attention_acts {label}", s.name), &gpu().download(&o3), &o1, tol);
+            check(
+                &format!("{} rope_attention_acts lse {label}", s.name),
+                &finite(&gpu().download(&l3)),
+                &finite(&l1),
+                tol,
+            );
+            let (mut dq3, mut dk3, mut dv3) = (poisoned(nq), poisoned(nk), poisoned(nk));
+            gpu().rope_attention_acts_backward(
+                &acts,
+                rope2,
+                &o3,
+                &l3,
+                &gpu().upload(&dout),
+                sh,
+                seg.as_deref(),
+                &mut dq3,
+                &mut dk3,
+                &mut dv3,
+            );
+            check(&format!("{} rope_attention_acts dq {label}", s.name), &gpu().download(&dq3), &dq1, tol);
+            check(&format!("{} rope_attention_acts dk {label}", s.name), &gpu().download(&dk3), &dk1, tol);
+            check(&format!("{} rope_attention_acts dv {label}", s.name), &gpu().download(&dv3), &dv1, tol);
         }
     }
 }

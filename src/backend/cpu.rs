@@ -4,7 +4,7 @@
 
 use super::{
     adam_value, mlp_backward_composed, mlp_down_composed, mlp_gate_up_composed, AdamWStep, AttnShape, Backend, Dropout,
-    HostWeight,
+    HostWeight, RopeTables,
 };
 use crate::config::ComputeDtype;
 use crate::quant::Quant4;
@@ -144,6 +144,7 @@ impl<T: Real> Backend for Cpu<T> {
     type Offloaded = Vec<T>;
     /// The gate and up products as they are.
     type MlpActs = (Vec<T>, Vec<T>);
+    type AttnActs = [Vec<T>; 3];
 
     fn name(&self) -> String {
         format!("cpu ({})", std::any::type_name::<T>())
@@ -548,6 +549,38 @@ impl<T: Real> Backend for Cpu<T> {
     }
     fn mlp_acts_len(&self, (g, u): &Self::MlpActs) -> usize {
         g.len() + u.len()
+    }
+    fn attn_acts(&self, q: Vec<T>, k: Vec<T>, v: Vec<T>, _: RopeTables<'_, Self>, _: AttnShape) -> [Vec<T>; 3] {
+        [q, k, v]
+    }
+    fn attn_acts_len(&self, acts: &[Vec<T>; 3]) -> usize {
+        acts.iter().map(Vec::len).sum()
+    }
+    fn rope_attention_acts(
+        &self,
+        [q, k, v]: &[Vec<T>; 3],
+        rope: RopeTables<'_, Self>,
+        shape: AttnShape,
+        segments: Option<&[u32]>,
+        out: &mut Vec<T>,
+        lse: &mut Vec<T>,
+    ) {
+        self.rope_attention(q, k, v, rope, shape, segments, out, lse);
+    }
+    fn rope_attention_acts_backward(
+        &self,
+        [q, k, v]: &[Vec<T>; 3],
+        rope: RopeTables<'_, Self>,
+        out: &Vec<T>,
+        lse: &Vec<T>,
+        dout: &Vec<T>,
+        shape: AttnShape,
+        segments: Option<&[u32]>,
+        dq: &mut Vec<T>,
+        dk: &mut Vec<T>,
+        dv: &mut Vec<T>,
+    ) {
+        self.rope_attention_backward(q, k, v, rope, out, lse, dout, shape, segments, dq, dk, dv);
     }
     fn mlp_down(&self, (g, u): &Self::MlpActs, down: &CpuWeight<T>, m: usize, out: &mut Vec<T>, accumulate: bool) {
         mlp_down_composed(self, (g, u), down, m, out, accumulate);

@@ -196,6 +196,11 @@ pub trait Backend {
     /// two f32 buffers on the CPU; on CUDA, where the 4-bit products' second path runs, their 16-bit
     /// compute dtype as cuBLAS writes them (no f32 copy: half the memory and traffic).
     type MlpActs;
+    /// An attention call's q, k and v kept from its forward for its backward
+    /// ([`Backend::attn_acts`]): the three f32 buffers on the CPU; on CUDA, where the flash kernels
+    /// take the call, q and k rotated by RoPE and all three in bf16, as those kernels read them (no
+    /// f32 copy, no conversion in each pass that reads them).
+    type AttnActs;
 
     fn name(&self) -> String;
     /// Whether activations can run in fp16/bf16 (transformers' `--fp16`/`--bf16`).
@@ -488,6 +493,45 @@ pub trait Backend {
     ) {
         rope_attention_composed(self, q, k, v, rope, shape, segments, out, lse);
     }
+    /// q `(m, heads·hd)`, k and v `(m, kv_heads·hd)` of a [`Backend::rope_attention`] call of shape
+    /// `shape`, taken over into the form [`Backend::rope_attention_acts`] and its backward read; the
+    /// training graph saves this instead of the three buffers.
+    fn attn_acts(
+        &self,
+        q: Self::Buf,
+        k: Self::Buf,
+        v: Self::Buf,
+        rope: RopeTables<'_, Self>,
+        shape: AttnShape,
+    ) -> Self::AttnActs;
+    /// Elements (of either dtype) held by saved attention inputs: q, k and v together.
+    fn attn_acts_len(&self, acts: &Self::AttnActs) -> usize;
+    /// [`Backend::rope_attention`] of saved inputs ([`Backend::attn_acts`]).
+    #[allow(clippy::too_many_arguments)]
+    fn rope_attention_acts(
+        &self,
+        acts: &Self::AttnActs,
+        rope: RopeTables<'_, Self>,
+        shape: AttnShape,
+        segments: Option<&[u32]>,
+        out: &mut Self::Buf,
+        lse: &mut Self::Buf,
+    );
+    /// [`Backend::rope_attention_backward`] of saved inputs ([`Backend::attn_acts`]).
+    #[allow(clippy::too_many_arguments)]
+    fn rope_attention_acts_backward(
+        &self,
+        acts: &Self::AttnActs,
+        rope: RopeTables<'_, Self>,
+        out: &Self::Buf,
+        lse: &Self::Buf,
+        dout: &Self::Buf,
+        shape: AttnShape,
+        segments: Option<&[u32]>,
+        dq: &mut Self::Buf,
+        dk: &mut Self::Buf,
+        dv: &mut Self::Buf,
+    );
     /// The backward of [`Backend::rope_attention`]: `dq`, `dk` are the gradients of the un-rotated
     /// `q` and `k`.
     #[allow(clippy::too_many_arguments)]

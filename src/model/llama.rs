@@ -432,16 +432,21 @@ impl<'a, B: Backend> Graph<'a, B> {
     }
 
     /// RoPE of `q` and `k` and attention over this pass's own keys (training/eval), in one op — the
-    /// cached variant is in `layer`.
+    /// cached variant is in `layer`. The projections' values move into the backend's saved form
+    /// ([`Backend::attn_acts`]); their ids stay, holding no value, for backward's gradients.
     fn attention(&self, t: &mut Tape<B>, q: Id, k: Id, v: Id) -> Id {
         let be = self.be;
         let sh = self.shape;
         let mut out = be.alloc_output(be.buf_len(t.get(q)));
         let mut lse = be.alloc_output(sh.batch * sh.heads * sh.q_len);
         let rope = RopeTables { cos: &self.cos, sin: &self.sin };
-        be.rope_attention(t.get(q), t.get(k), t.get(v), rope, sh, self.segments, &mut out, &mut lse);
+        let acts = be.attn_acts(t.take(q), t.take(k), t.take(v), rope, sh);
+        be.rope_attention_acts(&acts, rope, sh, self.segments, &mut out, &mut lse);
         let (out, lse) = (t.put(out), t.put(lse));
-        t.record(Op::Attention { q, k, v, out, lse, shape: sh });
+        if t.recording {
+            let acts = t.put_attn_acts(acts);
+            t.record(Op::Attention { q, k, v, acts, out, lse, shape: sh });
+        }
         out
     }
 

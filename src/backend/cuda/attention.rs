@@ -8,6 +8,24 @@ use crate::backend::{AttnShape, RopeTables};
 use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 use half::bf16;
 
+/// An attention call's saved q, k and v ([`Backend::AttnActs`](crate::backend::Backend::AttnActs)).
+pub enum AttnActs {
+    /// As the projections wrote them (calls the flash kernels do not take).
+    F32 { q: CudaSlice<f32>, k: CudaSlice<f32>, v: CudaSlice<f32> },
+    /// q and k rotated by RoPE, all three rounded to bf16: what the flash kernels read, converted once
+    /// for the forward pass, its replay's, and the backward instead of in each.
+    Bf16 { q: CudaSlice<bf16>, k: CudaSlice<bf16>, v: CudaSlice<bf16> },
+}
+
+/// The queries of a flash forward launch.
+#[derive(Clone, Copy)]
+pub(super) enum FlashQ<'a> {
+    /// f32, rotated by the tables (when given) as the kernel loads them.
+    F32(&'a CudaSlice<f32>, Option<RopeTables<'a, Cuda>>),
+    /// bf16, already rotated.
+    Bf16(&'a CudaSlice<bf16>),
+}
+
 /// Warps per query row of the non-flash attention forward (kernels/attention.cu, SPLIT_WARPS).
 pub(super) const ATTENTION_SPLIT_WARPS: u32 = 8;
 
@@ -128,8 +146,8 @@ impl Cuda {
         out
     }
 
-    /// The flash forward (kernels/flash.cu `flash_fwd_hd*`): q rotated as it is loaded and K by its
-    /// conversion when `rope` is given.
+    /// The flash forward (kernels/flash.cu `flash_fwd_hd*`) of f32 inputs: q rotated as it is loaded
+    /// and K by its conversion when `rope` is given.
     #[allow(clippy::too_many_arguments)]
     pub(super) fn flash_forward(
         &self,
@@ -142,10 +160,36 @@ impl Cuda {
         out: &mut CudaSlice<f32>,
         lse: &mut CudaSlice<f32>,
     ) {
-        let kernel = if sh.head_dim == 64 { "flash_fwd_hd64" } else { "flash_fwd_hd128" };
         let (kb, vb) = self.kv_bf16(k, v, rope, sh);
+        self.flash_forward_launch(FlashQ::F32(q, rope), (&kb, &vb), sh, seg, out, lse);
+    }
+
+    /// The flash forward launch over bf16 K and V: `q` f32 (rotated by its tables, if any, as it is
+    /// loaded) or bf16 as it is (already rotated).
+    pub(super) fn flash_forward_launch(
+        &self,
+        q: FlashQ<'_>,
+        (kb, vb): (&CudaSlice<bf16>, &CudaSlice<bf16>),
+        sh: AttnShape,
+        seg: Option<&CudaSlice<u32>>,
+        out: &mut CudaSlice<f32>,
+        lse: &mut CudaSlice<f32>,
+    ) {
+        let kernel = if sh.head_dim == 64 { "flash_fwd_hd64" } else { "flash_fwd_hd128" };
         let mut b = self.stream.launch_builder(self.f(kernel));
-        b.arg(q).arg(&kb).arg(&vb);
+        let rope = match q {
+            FlashQ::F32(q, rope) => {
+                b.arg(q);
+                push_opt(&mut b, None::<&CudaSlice<bf16>>);
+                rope
+            }
+            FlashQ::Bf16(q) => {
+                push_opt(&mut b, None::<&CudaSlice<f32>>);
+                b.arg(q);
+                None
+            }
+        };
+        b.arg(kb).arg(vb);
         push_opt(&mut b, seg);
         push_opt(&mut b, rope.map(|r| r.cos));
         push_opt(&mut b, rope.map(|r| r.sin));
@@ -162,8 +206,8 @@ impl Cuda {
         ck!(unsafe { b.launch(cfg) }, kernel);
     }
 
-    /// The flash backward (kernels/flash.cu `flash_bwd_prep_hd*`, `flash_bwd_hd*`): with `rope`, Q and
-    /// K are rotated by their conversions and dq, dk come out un-rotated.
+    /// The flash backward (kernels/flash.cu `flash_bwd_prep_hd*`, `flash_bwd_hd*`) of f32 inputs: with
+    /// `rope`, Q and K are rotated by their conversions and dq, dk come out un-rotated.
     #[allow(clippy::too_many_arguments)]
     pub(super) fn flash_backward(
         &self,
@@ -180,31 +224,64 @@ impl Cuda {
         dk: &mut CudaSlice<f32>,
         dv: &mut CudaSlice<f32>,
     ) {
-        // Q, K, V and dO in bf16 for the kernel's asynchronous copies, Q (and K) rotated with tables;
-        // Q, dO and delta = rowsum(dO ⊙ O) from one pass over q, out and dout (flash_bwd_prep).
+        let nq = sh.batch * sh.q_len * sh.heads * sh.head_dim;
+        // SAFETY: flash_bwd_prep writes every value before anything reads it.
+        let mut qb = ck!(unsafe { self.stream.alloc::<bf16>(nq) }, "alloc");
+        let (delta, db) = self.flash_bwd_prep(Some((q, &mut qb)), rope, out, dout, sh);
+        let (kb, vb) = self.kv_bf16(k, v, rope, sh);
+        self.flash_backward_launch((&qb, &kb, &vb), rope, (lse, &delta, &db), sh, seg, (dq, dk, dv));
+    }
+
+    /// What the backward kernel reads of the queries besides Q (kernels/flash.cu `flash_bwd_prep_hd*`,
+    /// one pass over out and dout): delta = rowsum(dO ⊙ O) `(batch, heads, q_len)` and dO in bf16; with
+    /// `q`, also the f32 q rounded (and rotated by `rope`) into its bf16 buffer.
+    pub(super) fn flash_bwd_prep(
+        &self,
+        q: Option<(&CudaSlice<f32>, &mut CudaSlice<bf16>)>,
+        rope: Option<RopeTables<'_, Self>>,
+        out: &CudaSlice<f32>,
+        dout: &CudaSlice<f32>,
+        sh: AttnShape,
+    ) -> (CudaSlice<f32>, CudaSlice<bf16>) {
         let nq = sh.batch * sh.q_len * sh.heads * sh.head_dim;
         let mut delta = self.scratch(sh.batch * sh.heads * sh.q_len);
-        // SAFETY: flash_bwd_prep writes every value of both before anything reads them.
-        let mut qb = ck!(unsafe { self.stream.alloc::<bf16>(nq) }, "alloc");
+        // SAFETY: flash_bwd_prep writes every value before anything reads it.
         let mut db = ck!(unsafe { self.stream.alloc::<bf16>(nq) }, "alloc");
-        {
-            let prep = if sh.head_dim == 64 { "flash_bwd_prep_hd64" } else { "flash_bwd_prep_hd128" };
-            let threads = sh.batch * sh.q_len * sh.heads * (sh.head_dim / 8);
-            let cfg = LaunchConfig {
-                grid_dim: (threads.div_ceil(256) as u32, 1, 1),
-                block_dim: (256, 1, 1),
-                shared_mem_bytes: 0,
-            };
-            let (b32, q32, h32) = (sh.batch as i32, sh.q_len as i32, sh.heads as i32);
-            let mut b = self.stream.launch_builder(self.f(prep));
-            b.arg(q).arg(out).arg(dout);
-            push_opt(&mut b, rope.map(|r| r.cos));
-            push_opt(&mut b, rope.map(|r| r.sin));
-            b.arg(&mut qb).arg(&mut db).arg(&mut delta).arg(&b32).arg(&q32).arg(&h32);
-            // SAFETY: one row of HD/8 threads per query row, each reading and writing its own row.
-            ck!(unsafe { b.launch(cfg) }, prep);
-        }
-        let (kb, vb) = self.kv_bf16(k, v, rope, sh);
+        let prep = if sh.head_dim == 64 { "flash_bwd_prep_hd64" } else { "flash_bwd_prep_hd128" };
+        let threads = sh.batch * sh.q_len * sh.heads * (sh.head_dim / 8);
+        let cfg = LaunchConfig {
+            grid_dim: (threads.div_ceil(256) as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let (b32, q32, h32) = (sh.batch as i32, sh.q_len as i32, sh.heads as i32);
+        let mut b = self.stream.launch_builder(self.f(prep));
+        let (q, qb) = match q {
+            Some((q, qb)) => (Some(q), Some(qb)),
+            None => (None, None),
+        };
+        push_opt(&mut b, q);
+        b.arg(out).arg(dout);
+        push_opt(&mut b, rope.map(|r| r.cos));
+        push_opt(&mut b, rope.map(|r| r.sin));
+        push_opt(&mut b, qb);
+        b.arg(&mut db).arg(&mut delta).arg(&b32).arg(&q32).arg(&h32);
+        // SAFETY: one row of HD/8 threads per query row, each reading and writing its own row.
+        ck!(unsafe { b.launch(cfg) }, prep);
+        (delta, db)
+    }
+
+    /// The flash backward launch over bf16 Q (rotated), K (rotated) and V: dq, dk un-rotated by the
+    /// tables when there are any.
+    pub(super) fn flash_backward_launch(
+        &self,
+        (qb, kb, vb): (&CudaSlice<bf16>, &CudaSlice<bf16>, &CudaSlice<bf16>),
+        rope: Option<RopeTables<'_, Self>>,
+        (lse, delta, db): (&CudaSlice<f32>, &CudaSlice<f32>, &CudaSlice<bf16>),
+        sh: AttnShape,
+        seg: Option<&CudaSlice<u32>>,
+        (dq, dk, dv): (&mut CudaSlice<f32>, &mut CudaSlice<f32>, &mut CudaSlice<f32>),
+    ) {
         // dq is accumulated with atomics; dk/dv rows from kv_len on are not written, so they are
         // zeroed only when there are such rows.
         ck!(self.stream.memset_zeros(dq), "memset");
@@ -214,7 +291,7 @@ impl Cuda {
         }
         let kernel = if sh.head_dim == 64 { "flash_bwd_hd64" } else { "flash_bwd_hd128" };
         let mut b = self.stream.launch_builder(self.f(kernel));
-        b.arg(&qb).arg(&kb).arg(&vb).arg(lse).arg(&delta).arg(&db);
+        b.arg(qb).arg(kb).arg(vb).arg(lse).arg(delta).arg(db);
         push_opt(&mut b, seg);
         push_opt(&mut b, rope.map(|r| r.cos));
         push_opt(&mut b, rope.map(|r| r.sin));
@@ -231,6 +308,26 @@ impl Cuda {
         ck!(unsafe { b.launch(cfg) }, kernel);
     }
 
+    /// Saved attention inputs ([`Backend::attn_acts`](crate::backend::Backend::attn_acts)): in bf16 as
+    /// the flash kernels read them (q and k rotated by `rope`, kernels/rope.cu `rope_bf16`) where the
+    /// flash kernels take the call and the shape is square; otherwise the f32 buffers as they are.
+    pub(super) fn saved_attention_inputs(
+        &self,
+        [q, k, v]: [CudaSlice<f32>; 3],
+        rope: RopeTables<'_, Self>,
+        sh: AttnShape,
+    ) -> AttnActs {
+        if !self.flash(&sh) || !sh.is_square() {
+            return AttnActs::F32 { q, k, v };
+        }
+        let _span = self.span("attention inputs saved (bf16, rotated)");
+        let n = v.len();
+        AttnActs::Bf16 {
+            q: self.rope_bf16(&q, rope, sh.heads, sh.head_dim),
+            k: self.rope_bf16(&k, rope, sh.kv_heads, sh.head_dim),
+            v: self.bf16_prefix(&v, n),
+        }
+    }
     /// The f32 backward of kernels/attention.cu: dq and delta = rowsum(dO ⊙ O) with a warp per query
     /// row (`attention_bwd_dq_f32`), then dk and dv with a warp per key row (`attention_bwd_dkdv_f32`).
     #[allow(clippy::too_many_arguments)]

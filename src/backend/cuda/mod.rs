@@ -142,7 +142,8 @@ mod quant4;
 mod weights;
 mod xent;
 use adamw::AdamHyper;
-use attention::flash_bwd_smem;
+pub use attention::AttnActs;
+use attention::{flash_bwd_smem, FlashQ};
 use gemm::UpTail;
 pub use gemm::{Operand, OperandRef, OperandView};
 use lora::{lora_down_smem, lora_outer_smem, LORA_DOWN, LORA_MAX_TARGETS, LORA_OUTER};
@@ -372,6 +373,7 @@ impl Backend for Cuda {
     type Recording = cudarc::driver::CudaGraph;
     type Offloaded = Offloaded;
     type MlpActs = MlpActs;
+    type AttnActs = AttnActs;
 
     fn name(&self) -> String {
         format!("cuda:{} ({})", self.ordinal, self.device_name)
@@ -960,6 +962,65 @@ impl Backend for Cuda {
         assert!(sh.is_square(), "rope_attention: the shape must be square");
         let seg = self.segments_on_device(segments);
         self.flash_backward(q, k, v, Some(rope), out, lse, dout, sh, seg.as_ref(), dq, dk, dv);
+    }
+
+    fn attn_acts(
+        &self,
+        q: CudaSlice<f32>,
+        k: CudaSlice<f32>,
+        v: CudaSlice<f32>,
+        rope: RopeTables<'_, Self>,
+        sh: AttnShape,
+    ) -> AttnActs {
+        self.saved_attention_inputs([q, k, v], rope, sh)
+    }
+    fn attn_acts_len(&self, acts: &AttnActs) -> usize {
+        match acts {
+            AttnActs::F32 { q, k, v } => q.len() + k.len() + v.len(),
+            AttnActs::Bf16 { q, k, v } => q.len() + k.len() + v.len(),
+        }
+    }
+    fn rope_attention_acts(
+        &self,
+        acts: &AttnActs,
+        rope: RopeTables<'_, Self>,
+        sh: AttnShape,
+        segments: Option<&[u32]>,
+        out: &mut CudaSlice<f32>,
+        lse: &mut CudaSlice<f32>,
+    ) {
+        let (q, k, v) = match acts {
+            AttnActs::F32 { q, k, v } => return self.rope_attention(q, k, v, rope, sh, segments, out, lse),
+            AttnActs::Bf16 { q, k, v } => (q, k, v),
+        };
+        let _span = self.span("attention (saved bf16 inputs)");
+        let seg = segments.map(|s| ck!(self.stream.clone_htod(s), "upload segments"));
+        self.flash_forward_launch(FlashQ::Bf16(q), (k, v), sh, seg.as_ref(), out, lse);
+    }
+    fn rope_attention_acts_backward(
+        &self,
+        acts: &AttnActs,
+        rope: RopeTables<'_, Self>,
+        out: &CudaSlice<f32>,
+        lse: &CudaSlice<f32>,
+        dout: &CudaSlice<f32>,
+        sh: AttnShape,
+        segments: Option<&[u32]>,
+        dq: &mut CudaSlice<f32>,
+        dk: &mut CudaSlice<f32>,
+        dv: &mut CudaSlice<f32>,
+    ) {
+        let (q, k, v) = match acts {
+            AttnActs::F32 { q, k, v } => {
+                return self.rope_attention_backward(q, k, v, rope, out, lse, dout, sh, segments, dq, dk, dv);
+            }
+            AttnActs::Bf16 { q, k, v } => (q, k, v),
+        };
+        let _span = self.span("attention_backward (saved bf16 inputs)");
+        let seg = segments.map(|s| ck!(self.stream.clone_htod(s), "upload segments"));
+        // Q is already in bf16: the prep pass reads only out and dout.
+        let (delta, db) = self.flash_bwd_prep(None, None, out, dout, sh);
+        self.flash_backward_launch((q, k, v), Some(rope), (lse, &delta, &db), sh, seg.as_ref(), (dq, dk, dv));
     }
 
     fn swiglu(&self, gate: &CudaSlice<f32>, up: &CudaSlice<f32>, out: &mut CudaSlice<f32>) {
