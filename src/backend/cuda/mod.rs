@@ -994,7 +994,7 @@ impl Backend for Cuda {
             AttnActs::Bf16 { q, k, v } => (q, k, v),
         };
         let _span = self.span("attention (saved bf16 inputs)");
-        let seg = segments.map(|s| ck!(self.stream.clone_htod(s), "upload segments"));
+        let seg = self.segments_on_device(segments);
         self.flash_forward_launch(FlashQ::Bf16(q), (k, v), sh, seg.as_ref(), out, lse);
     }
     fn rope_attention_acts_backward(
@@ -1017,7 +1017,7 @@ impl Backend for Cuda {
             AttnActs::Bf16 { q, k, v } => (q, k, v),
         };
         let _span = self.span("attention_backward (saved bf16 inputs)");
-        let seg = segments.map(|s| ck!(self.stream.clone_htod(s), "upload segments"));
+        let seg = self.segments_on_device(segments);
         // Q is already in bf16: the prep pass reads only out and dout.
         let (delta, db) = self.flash_bwd_prep(None, None, out, dout, sh);
         self.flash_backward_launch((q, k, v), Some(rope), (lse, &delta, &db), sh, seg.as_ref(), (dq, dk, dv));
