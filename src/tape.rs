@@ -377,8 +377,11 @@ impl<B: Backend> Tape<B> {
                         let x = sub.put(saved_input);
                         // Only what the layer's backward reads is computed: its output is `out`'s value,
                         // already known (the next checkpoint), so the replay never makes it.
+                        // The replay's expanded weights wait for the layer's input gradients.
+                        be.keep_weight_expansions(true);
                         let y = g.layer_replay(&mut sub, layer, x);
                         let dx = sub.backward(g, grads, Some((y, d)), &[x]).pop().expect("one gradient");
+                        be.keep_weight_expansions(false);
                         acc(be, &mut dv, input, dx);
                     }
                 }

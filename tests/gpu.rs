@@ -1390,6 +1390,72 @@ fn offloaded_checkpoints_give_the_same_step_in_less_device_memory() {
     );
 }
 
+/// A checkpointed layer's replay keeps its 4-bit weights' expansions for the layer's input gradients
+/// (`Backend::keep_weight_expansions`): the step equals the one that expands every weight again (the
+/// tolerance only covers the attention backward's atomic adds), each replayed layer's six expanded
+/// weights (q, k, v, o, gate, up; the replay skips down) are taken by their input gradients, nothing
+/// is held after the step, and the peak rises by at most one layer's expansions.
+#[test]
+fn replayed_layers_lend_their_expanded_weights_to_backward() {
+    let cfg = ModelConfig {
+        vocab_size: 1000,
+        hidden_size: 1024,
+        intermediate_size: 2048,
+        num_hidden_layers: 4,
+        num_attention_heads: 8,
+        num_key_value_heads: 8,
+        head_dim: 128,
+        ..small_config()
+    };
+    let q = QuantConfig {
+        quant_type: QuantType::Nf4,
+        blocksize: 64,
+        double_quant: true,
+        compute_dtype: ComputeDtype::BF16,
+    };
+    let model = Llama::load(gpu(), &random_source(&cfg, 21), Some(q)).unwrap();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(22);
+    // 1,024 rows: past the fused kernel's 512, so every product expands its weight (the second path).
+    let rows: Vec<Vec<u32>> =
+        (0..4).map(|_| (0..256).map(|_| rng.gen_range(0..cfg.vocab_size as u32)).collect()).collect();
+    let batch = Batch::causal_lm(&rows);
+    let scale = 1.0 / batch.num_targets() as f32;
+    let layer_expansions = 2 * (4 * cfg.hidden_size * cfg.hidden_size + 2 * cfg.intermediate_size * cfg.hidden_size);
+    for targets in [&["q_proj", "v_proj"][..], &["all-linear"]] {
+        let lcfg =
+            LoraConfig { r: 16, alpha: 32.0, dropout: 0.1, ..LoraConfig::default() }.with_targets(targets).unwrap();
+        let mut lora = Lora::init(gpu(), &cfg, lcfg, 23);
+        lora.randomize_b(gpu(), 24);
+        let run = |keep: bool| {
+            gpu().set_keep_expansions(keep);
+            let mut grads = lora.zero_grads(gpu());
+            gpu().synchronize();
+            gpu().reset_peak_memory();
+            let reused = gpu().expansions_reused();
+            let loss =
+                forward_backward(gpu(), &model, &lora, &mut grads, &batch, scale, Some(25), Checkpointing::OnDevice);
+            gpu().synchronize();
+            let peak = gpu().peak_memory().unwrap();
+            let g: Vec<f32> = grads.bufs().iter().flat_map(|b| gpu().download(b)).collect();
+            (loss.mean() as f32, g, peak, gpu().expansions_reused() - reused)
+        };
+        let (l_again, g_again, peak_again, reused_again) = run(false);
+        let (l_kept, g_kept, peak_kept, reused_kept) = run(true);
+        println!(
+            "{targets:?}: peak {peak_again} B expanding again, {peak_kept} B keeping; {reused_kept} expansions reused"
+        );
+        check(&format!("{targets:?} step loss, kept expansions"), &[l_kept], &[l_again], F32_TOL);
+        check(&format!("{targets:?} LoRA grads, kept expansions"), &g_kept, &g_again, F32_TOL);
+        assert_eq!(reused_again, 0, "{targets:?}: nothing is kept when the hint is ignored");
+        assert_eq!(reused_kept, 6 * (cfg.num_hidden_layers as u64 - 1), "{targets:?}: six per replayed layer");
+        assert_eq!(gpu().expansions_held(), 0, "{targets:?}: expansions held after the step");
+        assert!(
+            peak_kept <= peak_again + layer_expansions as u64,
+            "{targets:?}: peak {peak_kept} B is more than one layer's expansions ({layer_expansions} B) over {peak_again} B"
+        );
+    }
+}
+
 #[test]
 fn evaluation_and_cached_greedy_decoding_match_the_cpu() {
     let cfg = small_config();

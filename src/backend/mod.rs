@@ -695,6 +695,13 @@ pub trait Backend {
     }
     /// Runs a recording once, on the buffers it was recorded with.
     fn replay(&self, _r: &Self::Recording) {}
+    /// A hint, from `true` until `false`: what forward products derive from frozen weights may be
+    /// kept for the input gradients that follow to reuse instead of deriving it again (CUDA: the
+    /// 16-bit expansion of a 4-bit weight, which its product and its input gradient each made).
+    /// Backward's replay of a checkpointed layer turns it on for the replay and off after the
+    /// layer's backward, so at most one layer's expansions are held. Values are the same either way;
+    /// `false` also lets go of whatever is still kept.
+    fn keep_weight_expansions(&self, _on: bool) {}
 }
 
 /// The per-row RoPE tables `cos, sin (rows, head_dim/2)` of a training or evaluation pass

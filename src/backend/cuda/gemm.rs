@@ -11,6 +11,7 @@ use crate::backend::{Dropout, LoraDown};
 use crate::config::ComputeDtype;
 use cudarc::driver::{CudaSlice, PushKernelArg};
 use half::{bf16, f16};
+use std::sync::Arc;
 
 /// A LoRA B product `alpha · drop(U · W'ᵀ)` to add to a frozen product's output ([`Cuda::lora_up`]'s
 /// operands: `u (m, r)`, W' as `w (n, r)` or, when `w_is_rn`, `w (r, n)`).
@@ -66,6 +67,33 @@ impl Operand {
 pub enum OperandRef<'a> {
     Borrowed(&'a DenseData),
     Owned(Operand),
+    /// A 4-bit weight's expansion also held by [`KeptExpansions`].
+    Shared(Arc<Operand>),
+}
+
+/// The 16-bit expansions of 4-bit weights that a checkpointed layer's replay made, kept for that
+/// layer's input gradients ([`Backend::keep_weight_expansions`](crate::backend::Backend::keep_weight_expansions)):
+/// each 4-bit product's input gradient would otherwise expand its weight again (~13 µs for a 7B
+/// 4096² weight, ~35 µs for an MLP one, against the GEMM's ~135 / ~330 µs). Keyed by the weight's
+/// address, which stays put while anything is kept (one layer's backward).
+#[derive(Default)]
+pub(super) struct KeptExpansions {
+    /// Requests are honoured (`LLAMATUNE_KEEP_EXPANDED=0` or [`Cuda::set_keep_expansions`]: not).
+    pub(super) enabled: bool,
+    keeping: bool,
+    held: Vec<(usize, Arc<Operand>)>,
+    /// Expansions that an input gradient took instead of making its own (tests, A/B runs).
+    reused: u64,
+}
+
+impl KeptExpansions {
+    pub(super) fn new(enabled: bool) -> Self {
+        KeptExpansions { enabled, ..Default::default() }
+    }
+}
+
+fn weight_key(w: &CudaWeight) -> usize {
+    w as *const CudaWeight as usize
 }
 
 impl OperandRef<'_> {
@@ -76,6 +104,7 @@ impl OperandRef<'_> {
             OperandRef::Owned(Operand::F32(x)) => OperandView::F32(x),
             OperandRef::Owned(Operand::F16(x)) => OperandView::F16(x),
             OperandRef::Owned(Operand::BF16(x)) => OperandView::BF16(x),
+            OperandRef::Shared(o) => OperandView::from(&**o),
         }
     }
 }
@@ -133,7 +162,61 @@ impl Cuda {
         match w {
             CudaWeight::Dense { data: d @ DenseData::BF16(_), .. } => (OperandRef::Borrowed(d), ComputeDtype::BF16),
             CudaWeight::Dense { data: d @ DenseData::F16(_), .. } => (OperandRef::Borrowed(d), ComputeDtype::F16),
-            CudaWeight::Quant4 { compute, .. } => (OperandRef::Owned(self.dequantize(w, *compute)), *compute),
+            CudaWeight::Quant4 { compute, .. } => {
+                let mut kept = self.kept.lock().unwrap();
+                if let Some((_, o)) = kept.held.iter().find(|(k, _)| *k == weight_key(w)) {
+                    return (OperandRef::Shared(o.clone()), *compute);
+                }
+                let o = self.dequantize(w, *compute);
+                if !(kept.enabled && kept.keeping) {
+                    return (OperandRef::Owned(o), *compute);
+                }
+                let o = Arc::new(o);
+                kept.held.push((weight_key(w), o.clone()));
+                (OperandRef::Shared(o), *compute)
+            }
+        }
+    }
+
+    /// The weight as an input gradient's GEMM operand: [`Cuda::weight_operand`], but a 4-bit weight's
+    /// expansion kept from the replay is taken (its last use in the step) instead of made again.
+    pub(super) fn weight_operand_for_grad<'a>(&self, w: &'a CudaWeight) -> (OperandRef<'a>, ComputeDtype) {
+        if let CudaWeight::Quant4 { compute, .. } = w {
+            let mut kept = self.kept.lock().unwrap();
+            if let Some(i) = kept.held.iter().position(|(k, _)| *k == weight_key(w)) {
+                kept.reused += 1;
+                return (OperandRef::Shared(kept.held.swap_remove(i).1), *compute);
+            }
+        }
+        self.weight_operand(w)
+    }
+
+    /// Honours (`true`, the default) or ignores [`Backend::keep_weight_expansions`](crate::backend::Backend::keep_weight_expansions)
+    /// (`false`: every input gradient expands its weight again, as before; for A/B runs and tests).
+    pub fn set_keep_expansions(&self, on: bool) {
+        let mut kept = self.kept.lock().unwrap();
+        kept.enabled = on;
+        if !on {
+            kept.held.clear();
+        }
+    }
+
+    /// How many input gradients took a kept expansion instead of expanding their weight again.
+    pub fn expansions_reused(&self) -> u64 {
+        self.kept.lock().unwrap().reused
+    }
+
+    /// How many expansions are held now (none between steps).
+    pub fn expansions_held(&self) -> usize {
+        self.kept.lock().unwrap().held.len()
+    }
+
+    /// [`Backend::keep_weight_expansions`](crate::backend::Backend::keep_weight_expansions).
+    pub(super) fn keep_expansions(&self, on: bool) {
+        let mut kept = self.kept.lock().unwrap();
+        kept.keeping = on;
+        if !on {
+            kept.held.clear();
         }
     }
 
@@ -250,7 +333,7 @@ impl Cuda {
         up: Option<UpTail<'_>>,
     ) {
         let (rows, cols) = w.shape();
-        let (wop, c) = self.weight_operand(w);
+        let (wop, c) = self.weight_operand_for_grad(w);
         let dyc = self.convert(dy, c);
         let dyop = dyc.as_ref().map_or(OperandView::F32(dy), OperandView::from);
         let product = Gemm::input_grad(m, cols, rows, dyop, wop.as_ref());

@@ -115,7 +115,7 @@ impl Cuda {
         // into dx: the composed ops' values without the f32 round trips.
         let c = if matches!(g, Operand::F16(_)) { ComputeDtype::F16 } else { ComputeDtype::BF16 };
         let ds16 = {
-            let (wop, _) = self.weight_operand(down);
+            let (wop, _) = self.weight_operand_for_grad(down);
             let dy16 = self.convert(dy, c).expect("16-bit compute");
             let product = Gemm::input_grad(m, ffn, d_rows, OperandView::from(&dy16), wop.as_ref());
             self.gemm_16(&product, c, "MLP down backward GEMM")
@@ -142,7 +142,7 @@ impl Cuda {
         for (w, d16, acc, what) in
             [(up, &du16, accumulate, "MLP up backward GEMM"), (gate, &dg16, true, "MLP gate backward GEMM")]
         {
-            let (wop, _) = self.weight_operand(w);
+            let (wop, _) = self.weight_operand_for_grad(w);
             let product = Gemm::input_grad(m, hidden, ffn, OperandView::from(d16), wop.as_ref());
             self.gemm_rounded(w, product, dx, acc, None, what);
         }

@@ -56,6 +56,9 @@ pub struct Cuda {
     /// (`gemv_4bit_many_*`), gate/up with SwiGLU (`gemv_4bit_swiglu_*`); `LLAMATUNE_GEMV_MANY=0`: a
     /// launch per weight.
     gemv_many: std::sync::atomic::AtomicBool,
+    /// [`Backend::keep_weight_expansions`]: a replayed layer's 4-bit weight expansions, held for its
+    /// input gradients (`LLAMATUNE_KEEP_EXPANDED=0` ignores the hint).
+    kept: std::sync::Mutex<gemm::KeptExpansions>,
     /// The device runs the wgmma kernels (compute capability 9.0, built for sm_90a).
     wgmma: bool,
     /// Streaming multiprocessors (for sizing split-K grids).
@@ -271,6 +274,8 @@ impl Cuda {
         let fused_4bit = (fused_4bit as u8).into();
         let fused_lora = (!std::env::var("LLAMATUNE_FUSED_LORA").is_ok_and(|v| v == "0" || v == "off")).into();
         let gemv_many = (!std::env::var("LLAMATUNE_GEMV_MANY").is_ok_and(|v| v == "0" || v == "off")).into();
+        let keep_on = !std::env::var("LLAMATUNE_KEEP_EXPANDED").is_ok_and(|v| v == "0" || v == "off");
+        let kept = gemm::KeptExpansions::new(keep_on).into();
         Ok(Cuda {
             ordinal,
             device_name,
@@ -291,6 +296,7 @@ impl Cuda {
             fused_4bit,
             fused_lora,
             gemv_many,
+            kept,
             profile,
         })
     }
@@ -1131,6 +1137,9 @@ impl Backend for Cuda {
     fn replay(&self, r: &cudarc::driver::CudaGraph) {
         let _span = self.span("replay");
         ck!(r.launch(), "graph launch");
+    }
+    fn keep_weight_expansions(&self, on: bool) {
+        self.keep_expansions(on);
     }
     fn offload(&self, buf: CudaSlice<f32>) -> Offloaded {
         let _span = self.span("offload");
