@@ -9,7 +9,8 @@
 #          fp32 cross-entropy timed in the same session (parity/torch_rivals.py)
 #   ab OUT: A/B against the baseline staged by scripts/stage-base.sh: the 7B training step of the classic
 #          and (AB_ALL_LINEAR=1) all-linear recipes, base and new alternating twice, and the criterion
-#          kernel bench rows matching AB_FILTER (default "attention") for both binaries
+#          kernel bench rows matching AB_FILTER (default "attention") for both binaries; AB_VARIANTS
+#          adds runs of the new build with settings (e.g. "base new new:LLAMATUNE_KEEP_EXPANDED=0")
 # The GGUF (98 MB) travels in two parts because one call carries at most 64 MiB.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -56,18 +57,21 @@ k)
     ;;
 ab)
     [ -x stage/base-llamatune ] || { echo "no stage/base-llamatune: run scripts/stage-base.sh" >&2; exit 2; }
-    echo "base $(cat stage/base-rev.txt 2>/dev/null)" | tee "$out/ab.log"
+    echo "base $(cat stage/base-rev.txt 2>/dev/null), new $(cat stage/rev.txt 2>/dev/null)" | tee "$out/ab.log"
     recipes=("q_proj,v_proj")
     [ "${AB_ALL_LINEAR:-0}" = 1 ] && recipes+=("all-linear")
+    # AB_VARIANTS: "base", "new", or "new:VAR=value,VAR=value" (the new build with those settings).
     for targets in "${recipes[@]}"; do
         for round in 1 2; do
-            for side in base new; do
+            for variant in ${AB_VARIANTS:-base new}; do
                 bin=stage/llamatune
-                [ $side = base ] && bin=stage/base-llamatune
-                line=$(timeout 120 $bin bench --device cuda --shape llama2-7b --steps ${STEPS:-5} --warmup-steps 2 \
-                    --target-modules "$targets" --lora-r 64 --lora-alpha 16 --lora-dropout 0.1 \
+                [ "$variant" = base ] && bin=stage/base-llamatune
+                envs=()
+                [[ $variant == *:* ]] && IFS=, read -ra envs <<< "${variant#*:}"
+                line=$(timeout 120 env "${envs[@]}" $bin bench --device cuda --shape llama2-7b --steps ${STEPS:-5} \
+                    --warmup-steps 2 --target-modules "$targets" --lora-r 64 --lora-alpha 16 --lora-dropout 0.1 \
                     --optim paged_adamw_32bit --decode-tokens 0 2>&1 | grep -E "train step|train peak")
-                echo "$targets round $round $side: $(echo $line | tr -s ' ')" | tee -a "$out/ab.log"
+                echo "$targets round $round $variant: $(echo $line | tr -s ' ')" | tee -a "$out/ab.log"
             done
         done
     done
