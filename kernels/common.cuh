@@ -49,14 +49,21 @@ __device__ __forceinline__ uint32_t mix32(uint32_t h) {
     h *= 0xC2B2AE35u;
     return h ^ (h >> 16);
 }
-// Keep element idx with probability 1-p, scaled by 1/(1-p): dropped when the top 24 bits of a 32-bit
-// hash of (idx, seed) fall below p·2²⁴. Same formula as the CPU (src/backend/mod.rs, Dropout::factor);
-// the key and threshold depend only on the kernel's arguments, so loops hoist them.
+// 32 random bits for element idx of the draw seeded by seed. Same formula as the CPU
+// (src/backend/mod.rs, element_hash); the key depends only on the kernel's arguments, so loops hoist it.
+__device__ __forceinline__ uint32_t element_hash(uint64_t seed, uint64_t idx) {
+    const uint32_t key = mix32((uint32_t)seed ^ mix32((uint32_t)(seed >> 32)));
+    return mix32(((uint32_t)idx * 0x9E3779B1u) ^ ((uint32_t)(idx >> 32) * 0x7FEB352Du) ^ key);
+}
+// Keep element idx with probability 1-p, scaled by 1/(1-p): dropped when the top 24 bits of its hash
+// fall below p·2²⁴ (the CPU's Dropout::factor).
 __device__ __forceinline__ float dropout_factor(uint64_t seed, uint64_t idx, float p) {
     if (p <= 0.f) return 1.f;
-    const uint32_t key = mix32((uint32_t)seed ^ mix32((uint32_t)(seed >> 32)));
-    const uint32_t h = mix32(((uint32_t)idx * 0x9E3779B1u) ^ ((uint32_t)(idx >> 32) * 0x7FEB352Du) ^ key);
-    return (h >> 8) < (uint32_t)ceilf(p * 16777216.f) ? 0.f : 1.f / (1.f - p);
+    return (element_hash(seed, idx) >> 8) < (uint32_t)ceilf(p * 16777216.f) ? 0.f : 1.f / (1.f - p);
+}
+// Uniform on [-1, 1) in steps of 2⁻²³ from the hash's top 24 bits, exact in f32 (the CPU's uniform_pm1).
+__device__ __forceinline__ float uniform_pm1(uint64_t seed, uint64_t idx) {
+    return __fsub_rn(__fmul_rn((float)(element_hash(seed, idx) >> 8), 1.f / 8388608.f), 1.f);
 }
 
 // A shared-memory pointer as the 32-bit address cp.async, ldmatrix and wgmma descriptors take.

@@ -1,6 +1,6 @@
-// Elementwise ops of the graph: residual add, scaling, SwiGLU forward/backward, dtype conversion,
+// Elementwise ops of the graph: residual add, scaling, NEFTune's embedding noise, SwiGLU forward/backward, dtype conversion,
 // dropout, embedding gather/scatter, and the reductions the optimizer needs (Σx², non-finite check).
-// CPU references: src/backend/cpu.rs (add, add_assign, scale, swiglu*, embedding*, sum_squares).
+// CPU references: src/backend/cpu.rs (add, add_assign, scale, add_uniform_noise, swiglu*, embedding*, sum_squares).
 #include "common.cuh"
 #include <cuda_fp16.h>
 
@@ -18,6 +18,11 @@ extern "C" __global__ void add_assign_f32(float* dst, const float* src, int64_t 
 }
 extern "C" __global__ void scale_f32(float* x, float s, int64_t n) {
     FOR_EACH(i, n) x[i] *= s;
+}
+// NEFTune: x[i] += magnitude · u_i, u_i = uniform_pm1(seed, i); product and sum each rounded once (no
+// FMA contraction), as the CPU reference computes them (Cpu::add_uniform_noise).
+extern "C" __global__ void add_uniform_noise_f32(float* x, float magnitude, uint64_t seed, int64_t n) {
+    FOR_EACH(i, n) x[i] = __fadd_rn(x[i], __fmul_rn(magnitude, uniform_pm1(seed, (uint64_t)i)));
 }
 // out = silu(g) * u, in f32 or a 16-bit dtype (an MLP's gate and up products as cuBLAS writes them,
 // and the down product's input as its GEMM reads it: Cuda::mlp_down): computed in f32 from the

@@ -537,3 +537,26 @@ fn save_and_eval_strategies() {
     let o = run.train(&run.path("bad"), &["--save-strategy", "best"]);
     assert!(!o.status.success() && stderr(&o).contains("--save-strategy"), "{}", stderr(&o));
 }
+
+/// TRL's and transformers' `--neftune-noise-alpha` reaches the training step (another adapter, and
+/// the same one twice), is saved with the run's settings, and is refused when not positive.
+#[test]
+fn neftune_noise_alpha_reaches_the_step() {
+    let run = TinyRun::new(8);
+    let train = |out: &Path, extra: &[&str]| {
+        let o = run.train(out, &[&["--max-steps", "2"][..], extra].concat());
+        assert!(o.status.success(), "{}", stderr(&o));
+        std::fs::read(out.join("adapter").join("adapter_model.safetensors")).unwrap()
+    };
+    let plain = train(&run.path("plain"), &[]);
+    let noised = run.path("noised");
+    let a = train(&noised, &["--neftune-noise-alpha", "5"]);
+    assert_ne!(plain, a, "the noise changed nothing");
+    assert_eq!(a, train(&run.path("again"), &["--neftune-noise-alpha", "5"]), "the same seed, the same noise");
+    let saved = std::fs::read_to_string(noised.join("train_config.toml")).unwrap();
+    assert!(saved.contains("neftune_noise_alpha = 5.0"), "not in the saved config:\n{saved}");
+    for bad in ["0", "-1", "nan"] {
+        let o = run.train(&run.path("bad"), &[&format!("--neftune-noise-alpha={bad}")]);
+        assert!(!o.status.success() && stderr(&o).contains("neftune-noise-alpha"), "{bad}: {}", stderr(&o));
+    }
+}

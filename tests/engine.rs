@@ -6,7 +6,9 @@ use llamatune::backend::cpu::Cpu;
 use llamatune::backend::Backend;
 use llamatune::config::{ComputeDtype, LoraConfig, QuantConfig, QuantType};
 use llamatune::generate::{argmax, generate, GenerationConfig};
-use llamatune::model::llama::{evaluate, forward_backward, full_logits, Batch, Llama};
+use llamatune::model::llama::{
+    evaluate, forward_backward, forward_backward_with, full_logits, Batch, Checkpointing, Llama, StepOptions,
+};
 use llamatune::model::lora::Lora;
 use llamatune::model::merge::merge;
 use llamatune::model::random::{random_source, tiny_config, write_hf_dir};
@@ -222,4 +224,51 @@ fn a_recorded_layer_keeps_only_what_its_backward_reads() {
             assert_eq!(*a, b, "targets {targets:?}");
         }
     }
+}
+
+/// NEFTune (`neftune_noise_alpha`): a training pass adds noise uniform on ±α/√(L·d) to the embeddings,
+/// drawn from the step's seed. The same step twice gives the same loss and gradients, another seed or
+/// no noise different ones; checkpointed replays start from the noised embeddings (the same gradients
+/// with checkpointing on and off, bit for bit); a pass without a seed (evaluation) adds none.
+#[test]
+fn neftune_noise_is_seeded_replayed_and_training_only() {
+    let cfg = tiny_config(false);
+    let model = Llama::<B>::load(&BE, &random_source(&cfg, 31), None).unwrap();
+    let lora = lora_with_random_b(&cfg, &["q_proj", "v_proj"], 32);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(33);
+    let rows: Vec<Vec<u32>> =
+        (0..2).map(|_| (0..12).map(|_| rng.gen_range(0..cfg.vocab_size as u32)).collect()).collect();
+    let batch = Batch::causal_lm(&rows);
+    let step = |dropout_seed: Option<u64>, neftune_noise_alpha: Option<f32>, checkpointing: Checkpointing| {
+        let mut grads = lora.zero_grads(&BE);
+        let opts = StepOptions { dropout_seed, checkpointing, neftune_noise_alpha };
+        let l = forward_backward_with(&BE, &model, &lora, &mut grads, &batch, 1.0, opts);
+        (l.loss_sum, grads.bufs().iter().flat_map(|b| b.iter().copied()).collect::<Vec<f32>>())
+    };
+    let plain = step(Some(7), None, Checkpointing::Off);
+    let noised = step(Some(7), Some(5.0), Checkpointing::Off);
+    assert_ne!(plain.0, noised.0, "the noise changes the loss");
+    assert_eq!(noised, step(Some(7), Some(5.0), Checkpointing::Off), "the same seed draws the same noise");
+    assert_ne!(noised.1, step(Some(8), Some(5.0), Checkpointing::Off).1, "another seed, another draw");
+    assert_eq!(noised, step(Some(7), Some(5.0), Checkpointing::OnDevice), "replays see the noised embeddings");
+    assert_eq!(step(None, Some(5.0), Checkpointing::Off), step(None, None, Checkpointing::Off), "no seed, no noise");
+    assert_eq!(evaluate(&BE, &model, Some(&lora), &batch).loss_sum, step(None, None, Checkpointing::Off).0);
+}
+
+/// The noise itself: uniform on [-m, m) (all of the range used, mean ~0, variance ~m²/3), added to
+/// what the buffer holds.
+#[test]
+fn uniform_noise_covers_its_range_evenly() {
+    let (n, m) = (64 * 1031, 0.25f32);
+    let mut buf = vec![1.0f32; n];
+    BE.add_uniform_noise(&mut buf, m, 99);
+    let noise: Vec<f64> = buf.iter().map(|&x| x as f64 - 1.0).collect();
+    assert!(noise.iter().all(|&e| e.abs() <= m as f64 + 1e-6), "noise outside ±{m}");
+    let max = noise.iter().fold(0f64, |a, &e| a.max(e.abs()));
+    let mean = noise.iter().sum::<f64>() / n as f64;
+    let var = noise.iter().map(|e| (e - mean).powi(2)).sum::<f64>() / n as f64;
+    let want_var = (m as f64).powi(2) / 3.0;
+    assert!(max > 0.99 * m as f64, "largest |noise| {max} of {m}");
+    assert!(mean.abs() < 0.01 * m as f64, "mean {mean}");
+    assert!((var - want_var).abs() < 0.02 * want_var, "variance {var}, uniform's {want_var}");
 }

@@ -15,7 +15,7 @@ use llamatune::backend::{
     LoraDown, LoraGrad, RopeTables,
 };
 use llamatune::config::{ComputeDtype, LoraConfig, ModelConfig, QuantConfig, QuantType};
-use llamatune::model::llama::{forward_backward, Batch, Checkpointing, Llama};
+use llamatune::model::llama::{forward_backward, forward_backward_with, Batch, Checkpointing, Llama, StepOptions};
 use llamatune::model::lora::Lora;
 use llamatune::model::random::random_source;
 use llamatune::optim::{clip_coefficient, grad_norm, AdamW, AdamWConfig};
@@ -1316,14 +1316,20 @@ fn whole_qlora_step(cfg: &ModelConfig, targets: &[&str], len: usize) {
         (0..3).map(|_| (0..len).map(|_| rng.gen_range(0..cfg.vocab_size as u32)).collect()).collect();
     let batch = Batch::causal_lm(&rows);
     let scale = 1.0 / batch.num_targets() as f32;
+    // NEFTune's embedding noise on the q,v runs (both backends add the same values).
+    let neftune_noise_alpha = (targets == ["q_proj", "v_proj"]).then_some(5.0);
     for ckpt in [Checkpointing::Off, Checkpointing::OnDevice, Checkpointing::Offload] {
         let mut cg = cl.zero_grads(&CPU);
         let mut gg = gl.zero_grads(gpu());
-        let l1 = forward_backward(&CPU, &cm, &cl, &mut cg, &batch, scale, Some(11), ckpt);
-        let l2 = forward_backward(gpu(), &gm, &gl, &mut gg, &batch, scale, Some(11), ckpt);
+        let opts = StepOptions { dropout_seed: Some(11), checkpointing: ckpt, neftune_noise_alpha };
+        let l1 = forward_backward_with(&CPU, &cm, &cl, &mut cg, &batch, scale, opts);
+        let l2 = forward_backward_with(gpu(), &gm, &gl, &mut gg, &batch, scale, opts);
         assert_eq!(l1.count, l2.count);
         check(
-            &format!("vocab {} {targets:?} step loss (checkpointing {ckpt:?})", cfg.vocab_size),
+            &format!(
+                "vocab {} {targets:?} step loss (checkpointing {ckpt:?}, NEFTune {neftune_noise_alpha:?})",
+                cfg.vocab_size
+            ),
             &[l2.mean() as f32],
             &[l1.mean() as f32],
             MIXED_TOL,
@@ -1388,6 +1394,26 @@ fn offloaded_checkpoints_give_the_same_step_in_less_device_memory() {
         "offloading saved {saved} B, less than {} layer inputs of {checkpoint_bytes} B",
         cfg.num_hidden_layers - 3
     );
+}
+
+/// NEFTune's noise (`add_uniform_noise`): the CPU's values bit for bit (the same hash, the product and
+/// the sum each rounded once), at a 7B step's embeddings (2048 × 4096) and an odd size.
+#[test]
+fn uniform_noise_matches_the_cpu() {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(40);
+    for n in [2048 * 4096, 1_000_003] {
+        let x = rnd(&mut rng, n, 1.0);
+        let (magnitude, seed) = (0.0123, 41 + n as u64);
+        let mut want = x.clone();
+        CPU.add_uniform_noise(&mut want, magnitude, seed);
+        let mut got = gpu().upload(&x);
+        gpu().add_uniform_noise(&mut got, magnitude, seed);
+        let got = gpu().download(&got);
+        let diff = got.iter().zip(&want).position(|(a, b)| a.to_bits() != b.to_bits());
+        assert!(diff.is_none(), "n={n}: first difference at {diff:?}");
+        assert!(got.iter().zip(&x).filter(|(a, b)| a != b).count() > n / 2, "n={n}: noise mostly absent");
+        println!("uniform noise n={n}: equal to the CPU bit for bit");
+    }
 }
 
 /// A checkpointed layer's replay keeps its 4-bit weights' expansions for the layer's input gradients

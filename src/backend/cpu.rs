@@ -218,6 +218,12 @@ impl<T: Real> Backend for Cpu<T> {
     fn has_non_finite(&self, buf: &Vec<T>) -> bool {
         buf.iter().any(|x| !x.is_finite())
     }
+    fn add_uniform_noise(&self, buf: &mut Vec<T>, magnitude: f32, seed: u64) {
+        for (i, x) in buf.iter_mut().enumerate() {
+            // In f32 whatever T is: the noise is f32 on every backend.
+            *x = *x + T::of((magnitude * super::uniform_pm1(seed, i as u64)) as f64);
+        }
+    }
 
     fn embedding(&self, table: &CpuWeight<T>, ids: &[u32], out: &mut Vec<T>) {
         let (vocab, dim) = table.shape();

@@ -63,8 +63,7 @@ impl Dropout {
         if self.p <= 0.0 {
             return 1.0;
         }
-        let key = mix32(self.seed as u32 ^ mix32((self.seed >> 32) as u32));
-        let h = mix32((idx as u32).wrapping_mul(0x9E37_79B1) ^ ((idx >> 32) as u32).wrapping_mul(0x7FEB_352D) ^ key);
+        let h = element_hash(self.seed, idx);
         // u = (h >> 8) / 2²⁴ < p, in integers: h >> 8 < ceil(p·2²⁴) (p·2²⁴ is exact in f32).
         let threshold = (self.p * 16_777_216.0).ceil() as u32;
         if h >> 8 < threshold {
@@ -73,6 +72,21 @@ impl Dropout {
             1.0 / (1.0 - self.p)
         }
     }
+}
+
+/// 32 random bits for element `idx` of a draw seeded by `seed`: a pure function, so a replay (or the
+/// other backend: kernels/common.cuh `element_hash`, the same formula) draws the same values.
+#[inline]
+pub fn element_hash(seed: u64, idx: u64) -> u32 {
+    let key = mix32(seed as u32 ^ mix32((seed >> 32) as u32));
+    mix32((idx as u32).wrapping_mul(0x9E37_79B1) ^ ((idx >> 32) as u32).wrapping_mul(0x7FEB_352D) ^ key)
+}
+
+/// NEFTune's noise for element `idx`: uniform on [-1, 1) in steps of 2⁻²³ (the hash's top 24 bits;
+/// every step of the computation is exact in f32). kernels/common.cuh `uniform_pm1` is the same.
+#[inline]
+pub fn uniform_pm1(seed: u64, idx: u64) -> f32 {
+    (element_hash(seed, idx) >> 8) as f32 * (1.0 / 8_388_608.0) - 1.0
 }
 
 /// murmur3's 32-bit finalizer: every input bit flips each output bit with probability ~1/2.
@@ -264,6 +278,9 @@ pub trait Backend {
     }
     /// True if any element is NaN or infinite.
     fn has_non_finite(&self, buf: &Self::Buf) -> bool;
+    /// NEFTune: `buf[i] += magnitude · u_i`, `u_i` = [`uniform_pm1`]`(seed, i)` (the product and the sum
+    /// each rounded once, so every backend adds the same values).
+    fn add_uniform_noise(&self, buf: &mut Self::Buf, magnitude: f32, seed: u64);
 
     // ---- graph ops -------------------------------------------------------------------------------
     /// `out[i] = table[ids[i]]`: `(m, dim)` rows gathered from a `(vocab, dim)` weight.

@@ -251,7 +251,13 @@ pub struct Graph<'a, B: Backend> {
     /// Seed of this step's dropout masks; `None` disables dropout (evaluation, generation).
     pub dropout_seed: Option<u64>,
     pub checkpointing: Checkpointing,
+    /// NEFTune's α (`neftune_noise_alpha`): a training pass (one with a `dropout_seed`) adds noise
+    /// uniform on ±α/√(seq·hidden) to the embeddings, as transformers' NEFTune hook does; `None`: none.
+    pub neftune_noise_alpha: Option<f32>,
 }
+
+/// Salt of the NEFTune noise's seed (the LoRA dropout seeds set bits from 8 up, with a zero low byte).
+const NEFTUNE_SALT: u64 = 0x4E45_4654;
 
 /// Gradient checkpointing: whether decoder layers are recomputed in backward, and where their inputs
 /// wait meanwhile. `true` / `false` convert to `OnDevice` / `Off`.
@@ -306,6 +312,7 @@ impl<'a, B: Backend> Graph<'a, B> {
             shape: AttnShape::square(batch.batch, batch.seq, c.num_attention_heads, c.num_key_value_heads, c.head_dim),
             dropout_seed,
             checkpointing: checkpointing.into(),
+            neftune_noise_alpha: None,
         }
     }
 
@@ -627,6 +634,11 @@ impl<'a, B: Backend> Graph<'a, B> {
         let be = self.be;
         let mut h = be.alloc_output(ids.len() * self.model.cfg.hidden_size);
         be.embedding(&self.model.embed, ids, &mut h);
+        if let (Some(alpha), Some(seed)) = (self.neftune_noise_alpha, self.dropout_seed) {
+            // transformers' hook: uniform(-m, m) with m = α / √(L·d) over the (batch, L, d) embeddings.
+            let magnitude = alpha / ((self.shape.q_len * self.model.cfg.hidden_size) as f32).sqrt();
+            be.add_uniform_noise(&mut h, magnitude, seed ^ NEFTUNE_SALT);
+        }
         let mut x = t.put(h);
         let layers = self.model.layers.len();
         for l in 0..layers {
@@ -734,7 +746,32 @@ pub fn forward_backward<B: Backend>(
     dropout_seed: Option<u64>,
     checkpointing: impl Into<Checkpointing>,
 ) -> StepLoss {
-    let g = Graph::new(be, model, Some(lora), batch, dropout_seed, checkpointing);
+    let opts = StepOptions { dropout_seed, checkpointing: checkpointing.into(), neftune_noise_alpha: None };
+    forward_backward_with(be, model, lora, grads, batch, loss_scale, opts)
+}
+
+/// How a training step runs, beyond its batch ([`forward_backward_with`]).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct StepOptions {
+    /// Seed of the step's random draws (LoRA dropout masks, NEFTune noise); `None`: neither.
+    pub dropout_seed: Option<u64>,
+    pub checkpointing: Checkpointing,
+    /// NEFTune's α ([`Graph::neftune_noise_alpha`]); needs a `dropout_seed`.
+    pub neftune_noise_alpha: Option<f32>,
+}
+
+/// [`forward_backward`] with every option of a training step.
+pub fn forward_backward_with<B: Backend>(
+    be: &B,
+    model: &Llama<B>,
+    lora: &Lora<B>,
+    grads: &mut LoraGrads<B>,
+    batch: &Batch,
+    loss_scale: f32,
+    opts: StepOptions,
+) -> StepLoss {
+    let mut g = Graph::new(be, model, Some(lora), batch, opts.dropout_seed, opts.checkpointing);
+    g.neftune_noise_alpha = opts.neftune_noise_alpha;
     let mut tape = Tape::new(true);
     let x = g.body(&mut tape, &batch.input_ids);
     let (loss_sum, count) = g.lm_head_loss(&mut tape, x, &batch.targets(), loss_scale);
@@ -841,6 +878,7 @@ fn run_step<B: Backend>(
         },
         dropout_seed: None,
         checkpointing: Checkpointing::Off,
+        neftune_noise_alpha: None,
     };
     // The hidden state between layers: each layer leaves its last residual sum (a, b) to the next
     // layer's norm, which forms it in the same launch.

@@ -102,6 +102,9 @@ pub struct TrainConfig {
     pub skip_bad_rows: bool,
     /// Stop after this many optimizer steps in a row were skipped for a NaN/Inf loss or gradient.
     pub max_bad_steps: usize,
+    /// NEFTune (transformers' and TRL's `neftune_noise_alpha`): training passes add uniform noise of
+    /// magnitude α/√(seq·hidden) to the embeddings; evaluation and generation do not.
+    pub neftune_noise_alpha: Option<f64>,
 }
 
 impl Default for TrainConfig {
@@ -163,6 +166,7 @@ impl Default for TrainConfig {
             response_template: None,
             skip_bad_rows: false,
             max_bad_steps: 5,
+            neftune_noise_alpha: None,
         }
     }
 }
@@ -262,6 +266,11 @@ impl TrainConfig {
         }
         if !(self.adam_epsilon > 0.0 && self.adam_epsilon.is_finite()) {
             return bad(format!("--adam-epsilon must be > 0, got {}", self.adam_epsilon));
+        }
+        if let Some(alpha) = self.neftune_noise_alpha {
+            if !(alpha > 0.0 && alpha.is_finite()) {
+                return bad(format!("--neftune-noise-alpha must be > 0, got {alpha}"));
+            }
         }
         if self.max_grad_norm < 0.0 {
             return bad(format!("--max-grad-norm must be >= 0, got {}", self.max_grad_norm));

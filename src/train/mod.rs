@@ -11,7 +11,7 @@ use crate::error::{Error, Result};
 use crate::io::checkpoint::{self, TrainerState};
 use crate::io::peft;
 use crate::io::tensorboard::EventWriter;
-use crate::model::llama::{evaluate, forward_backward, Batch, Checkpointing, Llama};
+use crate::model::llama::{evaluate, forward_backward_with, Batch, Checkpointing, Llama, StepOptions};
 use crate::model::lora::{Lora, LoraGrads};
 use crate::optim::{clip_coefficient, grad_norm, warmup_steps, AdamW};
 pub use config::TrainConfig;
@@ -396,16 +396,16 @@ impl<'a, B: Backend> Trainer<'a, B> {
             let mut loss_sum = 0.0;
             for (i, b) in micro.iter().enumerate() {
                 let seed = mix(self.cfg.seed, step as u64, i as u64);
-                let l = forward_backward(
-                    be,
-                    self.model,
-                    &self.lora,
-                    &mut grads,
-                    b,
-                    1.0 / count.max(1) as f32,
-                    Some(seed),
-                    Checkpointing::from_flags(self.cfg.gradient_checkpointing, self.cfg.gradient_checkpointing_offload),
-                );
+                let opts = StepOptions {
+                    dropout_seed: Some(seed),
+                    checkpointing: Checkpointing::from_flags(
+                        self.cfg.gradient_checkpointing,
+                        self.cfg.gradient_checkpointing_offload,
+                    ),
+                    neftune_noise_alpha: self.cfg.neftune_noise_alpha.map(|a| a as f32),
+                };
+                let l =
+                    forward_backward_with(be, self.model, &self.lora, &mut grads, b, 1.0 / count.max(1) as f32, opts);
                 loss_sum += l.loss_sum;
             }
             let loss = loss_sum / count.max(1) as f64;

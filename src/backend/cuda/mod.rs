@@ -478,6 +478,12 @@ impl Backend for Cuda {
         let a1 = n as i64;
         launch!(self, "scale_f32", grid_for(n); &mut *buf, &a0, &a1);
     }
+    fn add_uniform_noise(&self, buf: &mut CudaSlice<f32>, magnitude: f32, seed: u64) {
+        let _span = self.span("add_uniform_noise");
+        let n = buf.len();
+        let n64 = n as i64;
+        launch!(self, "add_uniform_noise_f32", grid_for(n); &mut *buf, &magnitude, &seed, &n64);
+    }
     fn sum_squares(&self, buf: &CudaSlice<f32>) -> f64 {
         let _span = self.span("sum_squares");
         let mut acc = self.scalar_f64();

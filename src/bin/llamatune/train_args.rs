@@ -224,6 +224,11 @@ pub struct TrainArgs {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     max_bad_steps: Option<usize>,
+    /// NEFTune: add uniform noise of magnitude ALPHA/sqrt(seq_len * hidden) to the embeddings while
+    /// training (TRL/transformers' neftune_noise_alpha; the NEFTune paper used 5) [off]
+    #[arg(long, value_parser = finite_f64, value_name = "ALPHA")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    neftune_noise_alpha: Option<f64>,
     /// Seed of data order, adapter init and dropout [42]
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
