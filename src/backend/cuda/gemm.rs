@@ -67,7 +67,7 @@ impl Operand {
 pub enum OperandRef<'a> {
     Borrowed(&'a DenseData),
     Owned(Operand),
-    /// A 4-bit weight's expansion also held by [`KeptExpansions`].
+    /// A 4-bit weight's expansion also held by `KeptExpansions`.
     Shared(Arc<Operand>),
 }
 
