@@ -81,6 +81,30 @@ fn linear(c: &mut Criterion) {
     }
 }
 
+/// Expanding a 4-bit weight into bf16 (the second path's first step, and the cost that keeping a
+/// replay's expansions saves): whole 1,024-value segments a warp each against one thread per 32 values.
+/// Throughput in bytes moved (codes + absmax + bf16 output), to set against the copy rate.
+fn dequantize(c: &mut Criterion) {
+    let be = gpu();
+    for (name, rows, cols) in PROJ.into_iter().take(2) {
+        let (nf4, _) = weights(rows, cols);
+        let n = rows * cols;
+        let mut g = c.benchmark_group(format!("dequantize {name}"));
+        g.throughput(Throughput::Bytes((n / 2 + n / 64 * 4 + 2 * n) as u64));
+        for (label, seg) in [("segments", true), ("32 values per thread", false)] {
+            be.set_dequant_seg(seg);
+            g.bench_function(format!("bf16, {label}"), |b| {
+                b.iter(|| {
+                    drop(be.dequantize(&nf4, ComputeDtype::BF16));
+                    be.synchronize();
+                })
+            });
+        }
+        be.set_dequant_seg(true);
+        g.finish();
+    }
+}
+
 /// Where the fused 4-bit kernel beats dequantize + cuBLAS: the 4096×4096 projection over token counts
 /// from a short prompt to a training batch (the second path dequantizes all of W whatever M is).
 fn linear_by_m(c: &mut Criterion) {
@@ -378,6 +402,6 @@ fn optimizer_and_loss(c: &mut Criterion) {
 criterion_group! {
     name = benches;
     config = Criterion::default().sample_size(10).warm_up_time(std::time::Duration::from_millis(300)).measurement_time(std::time::Duration::from_secs(1));
-    targets = linear, linear_by_m, gemv, bandwidth, attention, lora, optimizer_and_loss
+    targets = linear, dequantize, linear_by_m, gemv, bandwidth, attention, lora, optimizer_and_loss
 }
 criterion_main!(benches);

@@ -374,6 +374,46 @@ __device__ void dequant_vec(const uint8_t* packed, const float* absmax, const ui
         }
     }
 }
+// out (n) as dequant_vec, a warp per segment of 1,024 values (512 bytes of codes): lane l loads code
+// words j·32 + l (j = 0..3, four coalesced 128-byte loads issued before any use) and stores values
+// [j·256 + 8l, +8), so each store instruction of a warp writes 512 contiguous bytes in a 16-bit dtype.
+// dequant_vec's thread-per-32-values layout put a warp's 16-byte stores 64 bytes apart (every sector
+// written in two halves by two instructions) and divided a 64-bit index by the block size per chunk.
+// Needs n % 1024 == 0 and a power-of-two blocksize ≥ 8 (a lane's 8 values share one absmax).
+template <typename T>
+__device__ void dequant_seg(const uint8_t* packed, const float* absmax, const uint8_t* absmax_q, const float* absmax2, const float* code256, float offset, const float* code16, int log2_blocksize, int64_t n, T* out) {
+    __shared__ float lut[16];
+    load_lut(lut, code16);
+    __syncthreads();
+    const int lane = threadIdx.x % WARP;
+    const uint32_t* words = reinterpret_cast<const uint32_t*>(packed);
+    const int64_t warps = (int64_t)gridDim.x * blockDim.x / WARP;
+    for (int64_t seg = (blockIdx.x * (int64_t)blockDim.x + threadIdx.x) / WARP; seg < n / 1024; seg += warps) {
+        uint32_t w[4];
+#pragma unroll
+        for (int j = 0; j < 4; j++) w[j] = __ldcs(words + seg * 128 + j * 32 + lane);  // read once: streaming
+#pragma unroll
+        for (int j = 0; j < 4; j++) {
+            const int64_t e = seg * 1024 + j * 256 + lane * 8;  // this lane's first value
+            const float a = block_absmax(absmax, absmax_q, absmax2, code256, offset, e >> log2_blocksize);
+            float v[8];
+#pragma unroll
+            for (int byte = 0; byte < 4; byte++) {
+                const uint32_t b = (w[j] >> (8 * byte)) & 0xffu;
+                v[2 * byte] = lut[b >> 4] * a;
+                v[2 * byte + 1] = lut[b & 15] * a;
+            }
+            Vec8<T>::store(out + e, v);
+        }
+    }
+}
+#define DEQUANT_SEG(name, T) \
+    extern "C" __global__ void name(const uint8_t* packed, const float* absmax, const uint8_t* absmax_q, const float* absmax2, const float* code256, float offset, const float* code16, int log2_blocksize, int64_t n, T* out) { \
+        dequant_seg<T>(packed, absmax, absmax_q, absmax2, code256, offset, code16, log2_blocksize, n, out); \
+    }
+DEQUANT_SEG(dequant_4bit_seg_f32, float)
+DEQUANT_SEG(dequant_4bit_seg_f16, __half)
+DEQUANT_SEG(dequant_4bit_seg_bf16, __nv_bfloat16)
 #define DEQUANT_VEC(name, T) \
     extern "C" __global__ void name(const uint8_t* packed, const float* absmax, const uint8_t* absmax_q, const float* absmax2, const float* code256, float offset, const float* code16, int blocksize, int64_t n, T* out) { \
         dequant_vec<T>(packed, absmax, absmax_q, absmax2, code256, offset, code16, blocksize, n, out); \

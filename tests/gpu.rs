@@ -1396,6 +1396,49 @@ fn offloaded_checkpoints_give_the_same_step_in_less_device_memory() {
     );
 }
 
+/// Expanding a 4-bit weight (the second path's first step): the segment kernel (a warp per 1,024
+/// values) gives the thread-per-32-values kernel's values bit for bit, and both give the CPU's
+/// (`Quant4::dequantize` rounded to the dtype): bit for bit with plain absmax; with double quantization
+/// within 1e-4 (the device may fuse the absmax's multiply-add). 7B and SmolLM2 shapes, a small one
+/// (3 segments), and one that is no whole number of segments (the other kernel takes it).
+#[test]
+fn dequantize_segments_match_the_cpu() {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(45);
+    for (rows, cols) in [(4096, 4096), (11008, 4096), (1536, 576), (64, 48), (37, 96)] {
+        let data = rnd(&mut rng, rows * cols, 0.05);
+        for double_quant in [false, true] {
+            for compute in [ComputeDtype::BF16, ComputeDtype::F16, ComputeDtype::F32] {
+                let cfg =
+                    QuantConfig { quant_type: QuantType::Nf4, blocksize: 64, double_quant, compute_dtype: compute };
+                let q = Quant4::quantize(&data, &cfg);
+                let round = |v: f32| match compute {
+                    ComputeDtype::BF16 => half::bf16::from_f32(v).to_f32(),
+                    ComputeDtype::F16 => half::f16::from_f32(v).to_f32(),
+                    ComputeDtype::F32 => v,
+                };
+                let want: Vec<f32> = q.dequantize().into_iter().map(round).collect();
+                let w = gpu().upload_weight(HostWeight::Quant4 { rows, cols, q, compute });
+                let mut got = Vec::new();
+                for seg in [true, false] {
+                    gpu().set_dequant_seg(seg);
+                    got.push(gpu().operand_to_host(&gpu().dequantize(&w, compute)));
+                }
+                gpu().set_dequant_seg(true);
+                let name = format!("dequantize {rows}x{cols} dq={double_quant} {compute:?}");
+                let diff = got[0].iter().zip(&got[1]).position(|(a, b)| a.to_bits() != b.to_bits());
+                assert!(diff.is_none(), "{name}: segments differ from 32 values per thread at {diff:?}");
+                if double_quant {
+                    check(&format!("{name} vs CPU"), &got[0], &want, F32_TOL);
+                } else {
+                    let diff = got[0].iter().zip(&want).position(|(a, b)| a.to_bits() != b.to_bits());
+                    assert!(diff.is_none(), "{name}: differs from the CPU at {diff:?}");
+                    println!("{name}: the CPU's values bit for bit");
+                }
+            }
+        }
+    }
+}
+
 /// NEFTune's noise (`add_uniform_noise`): the CPU's values bit for bit (the same hash, the product and
 /// the sum each rounded once), at a 7B step's embeddings (2048 × 4096) and an odd size.
 #[test]

@@ -128,6 +128,15 @@ impl<'a> From<&'a Operand> for OperandView<'a> {
 }
 
 impl Cuda {
+    /// An operand's values on the host, widened to f32 exactly (tests, benches).
+    pub fn operand_to_host(&self, o: &Operand) -> Vec<f32> {
+        match o {
+            Operand::F32(x) => ck!(self.stream.clone_dtoh(x), "download"),
+            Operand::F16(x) => ck!(self.stream.clone_dtoh(x), "download").into_iter().map(f16::to_f32).collect(),
+            Operand::BF16(x) => ck!(self.stream.clone_dtoh(x), "download").into_iter().map(bf16::to_f32).collect(),
+        }
+    }
+
     /// A copy of `x` converted to dtype `c`; `None` when `c` is f32 and `x` serves as it is.
     pub(super) fn convert(&self, x: &CudaSlice<f32>, c: ComputeDtype) -> Option<Operand> {
         let n = x.len();

@@ -59,6 +59,9 @@ pub struct Cuda {
     /// [`Backend::keep_weight_expansions`]: a replayed layer's 4-bit weight expansions, held for its
     /// input gradients (`LLAMATUNE_KEEP_EXPANDED=0` ignores the hint).
     kept: std::sync::Mutex<gemm::KeptExpansions>,
+    /// [`Cuda::set_dequant_seg`]: 4-bit weights expanded a warp per 1,024 values
+    /// (`LLAMATUNE_DEQUANT_SEG=0`: the thread-per-32-values kernel).
+    dequant_seg: std::sync::atomic::AtomicBool,
     /// The device runs the wgmma kernels (compute capability 9.0, built for sm_90a).
     wgmma: bool,
     /// Streaming multiprocessors (for sizing split-K grids).
@@ -274,6 +277,7 @@ impl Cuda {
         let fused_4bit = (fused_4bit as u8).into();
         let fused_lora = (!std::env::var("LLAMATUNE_FUSED_LORA").is_ok_and(|v| v == "0" || v == "off")).into();
         let gemv_many = (!std::env::var("LLAMATUNE_GEMV_MANY").is_ok_and(|v| v == "0" || v == "off")).into();
+        let dequant_seg = (!std::env::var("LLAMATUNE_DEQUANT_SEG").is_ok_and(|v| v == "0" || v == "off")).into();
         let keep_on = !std::env::var("LLAMATUNE_KEEP_EXPANDED").is_ok_and(|v| v == "0" || v == "off");
         let kept = gemm::KeptExpansions::new(keep_on).into();
         Ok(Cuda {
@@ -297,6 +301,7 @@ impl Cuda {
             fused_lora,
             gemv_many,
             kept,
+            dequant_seg,
             profile,
         })
     }

@@ -193,45 +193,69 @@ impl Cuda {
                 && scale_per_32_values(*blocksize) && rows * cols < 1 << 31)
     }
 
-    /// Expands a 4-bit weight into a fresh buffer of dtype `compute`.
-    pub(super) fn dequantize(&self, w: &CudaWeight, compute: ComputeDtype) -> Operand {
+    /// Expands a 4-bit weight into a fresh buffer of dtype `compute` (`code · absmax` in f32, rounded
+    /// to nearest even: `Quant4::dequantize`'s values rounded to the dtype).
+    pub fn dequantize(&self, w: &CudaWeight, compute: ComputeDtype) -> Operand {
         let CudaWeight::Quant4 { rows, cols, quant_type, blocksize, packed, absmax, .. } = w else {
             unreachable!("dequantize takes 4-bit weights")
         };
         let n = rows * cols;
-        // 16 bytes of codes (32 values in one absmax block) per thread when the sizes allow it.
+        // Whole segments of 1,024 values, a warp each (dequant_4bit_seg_*), when the sizes allow it;
+        // else 16 bytes of codes (32 values in one absmax block) per thread; else a byte per thread.
+        let seg = self.dequant_seg.load(std::sync::atomic::Ordering::Relaxed)
+            && n % 1024 == 0
+            && blocksize.is_power_of_two()
+            && *blocksize >= 8;
         let vec = n % 32 == 0 && blocksize % 32 == 0;
-        let cfg = if vec { grid_for(n / 32) } else { grid_for(n.div_ceil(2)) };
-        let (n64, bs) = (n as i64, *blocksize as i32);
+        let (kind, cfg) = match (seg, vec) {
+            (true, _) => ("seg", grid_for(n / 32)),
+            (false, true) => ("vec", grid_for(n / 32)),
+            (false, false) => ("byte", grid_for(n.div_ceil(2))),
+        };
+        // The segment kernel takes log2(blocksize), the others the block size.
+        let bs = if seg { blocksize.trailing_zeros() as i32 } else { *blocksize as i32 };
+        let n64 = n as i64;
+        let kernel = |dtype: &str| match kind {
+            "seg" => format!("dequant_4bit_seg_{dtype}"),
+            "vec" => format!("dequant_4bit_vec_{dtype}"),
+            _ => format!("dequant_4bit_{dtype}"),
+        };
         macro_rules! launch {
-            ($kernel:expr, $out:expr) => {{
-                let mut b = self.stream.launch_builder(self.f($kernel));
+            ($dtype:expr, $out:expr) => {{
+                let name = kernel($dtype);
+                let mut b = self.stream.launch_builder(self.f(&name));
                 self.push_4bit(&mut b, packed, absmax, *quant_type);
                 b.arg(&bs).arg(&n64).arg(&mut $out);
                 // SAFETY: the kernel reads `packed`/`absmax` within n and writes `out[..n]`.
-                ck!(unsafe { b.launch(cfg) }, $kernel);
+                ck!(unsafe { b.launch(cfg) }, name);
             }};
         }
         match compute {
             ComputeDtype::F32 => {
                 // SAFETY: the kernel writes all n values before anything reads them.
                 let mut out = ck!(unsafe { self.stream.alloc::<f32>(n) }, "alloc");
-                launch!(if vec { "dequant_4bit_vec_f32" } else { "dequant_4bit_f32" }, out);
+                launch!("f32", out);
                 Operand::F32(out)
             }
             ComputeDtype::F16 => {
                 // SAFETY: the kernel writes all n values before anything reads them.
                 let mut out = ck!(unsafe { self.stream.alloc::<f16>(n) }, "alloc");
-                launch!(if vec { "dequant_4bit_vec_f16" } else { "dequant_4bit_f16" }, out);
+                launch!("f16", out);
                 Operand::F16(out)
             }
             ComputeDtype::BF16 => {
                 // SAFETY: the kernel writes all n values before anything reads them.
                 let mut out = ck!(unsafe { self.stream.alloc::<bf16>(n) }, "alloc");
-                launch!(if vec { "dequant_4bit_vec_bf16" } else { "dequant_4bit_bf16" }, out);
+                launch!("bf16", out);
                 Operand::BF16(out)
             }
         }
+    }
+
+    /// Expands 4-bit weights by whole 1,024-value segments where the sizes allow (`true`, the default;
+    /// `LLAMATUNE_DEQUANT_SEG=0`) or by the thread-per-32-values kernel (`false`; A/B runs and tests).
+    pub fn set_dequant_seg(&self, on: bool) {
+        self.dequant_seg.store(on, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// `out (m, rows) = x · dequant(W)ᵀ` straight from the 4-bit codes, for decoding's few rows.
