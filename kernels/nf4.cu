@@ -377,8 +377,6 @@ __device__ void dequant_vec(const uint8_t* packed, const float* absmax, const ui
 // out (n) as dequant_vec, a warp per segment of 1,024 values (512 bytes of codes): lane l loads code
 // words j·32 + l (j = 0..3, four coalesced 128-byte loads issued before any use) and stores values
 // [j·256 + 8l, +8), so each store instruction of a warp writes 512 contiguous bytes in a 16-bit dtype.
-// Launched as one resident wave (Cuda::dequantize), a warp walking segments with the next one's codes
-// in flight.
 // dequant_vec's thread-per-32-values layout put a warp's 16-byte stores 64 bytes apart (every sector
 // written in two halves by two instructions) and divided a 64-bit index by the block size per chunk.
 // Needs n % 1024 == 0 and a power-of-two blocksize ≥ 8 (a lane's 8 values share one absmax).
@@ -389,18 +387,11 @@ __device__ void dequant_seg(const uint8_t* packed, const float* absmax, const ui
     __syncthreads();
     const int lane = threadIdx.x % WARP;
     const uint32_t* words = reinterpret_cast<const uint32_t*>(packed);
-    const int64_t warps = (int64_t)gridDim.x * blockDim.x / WARP, segs = n / 1024;
-    // The grid is one resident wave, so each warp walks several segments: the next segment's codes are
-    // loaded before this one's values are formed and stored (two segments in flight per warp).
-    int64_t seg = (blockIdx.x * (int64_t)blockDim.x + threadIdx.x) / WARP;
-    uint32_t w[4];
+    const int64_t warps = (int64_t)gridDim.x * blockDim.x / WARP;
+    for (int64_t seg = (blockIdx.x * (int64_t)blockDim.x + threadIdx.x) / WARP; seg < n / 1024; seg += warps) {
+        uint32_t w[4];
 #pragma unroll
-    for (int j = 0; j < 4; j++) w[j] = seg < segs ? __ldcs(words + seg * 128 + j * 32 + lane) : 0u;
-    for (; seg < segs; seg += warps) {
-        uint32_t next[4];
-        const bool more = seg + warps < segs;
-#pragma unroll
-        for (int j = 0; j < 4; j++) next[j] = more ? __ldcs(words + (seg + warps) * 128 + j * 32 + lane) : 0u;  // read once: streaming
+        for (int j = 0; j < 4; j++) w[j] = __ldcs(words + seg * 128 + j * 32 + lane);  // read once: streaming
 #pragma unroll
         for (int j = 0; j < 4; j++) {
             const int64_t e = seg * 1024 + j * 256 + lane * 8;  // this lane's first value
@@ -414,8 +405,6 @@ __device__ void dequant_seg(const uint8_t* packed, const float* absmax, const ui
             }
             Vec8<T>::store(out + e, v);
         }
-#pragma unroll
-        for (int j = 0; j < 4; j++) w[j] = next[j];
     }
 }
 #define DEQUANT_SEG(name, T) \

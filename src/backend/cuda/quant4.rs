@@ -208,12 +208,7 @@ impl Cuda {
             && *blocksize >= 8;
         let vec = n % 32 == 0 && blocksize % 32 == 0;
         let (kind, cfg) = match (seg, vec) {
-            // A warp per segment, at most one resident wave (8 blocks of 256 threads per SM): each warp
-            // then walks segments with the next one's codes in flight.
-            (true, _) => {
-                let blocks = (n / 1024).div_ceil(8).min(self.sm_count * 8).max(1) as u32;
-                ("seg", LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 })
-            }
+            (true, _) => ("seg", grid_for(n / 32)),
             (false, true) => ("vec", grid_for(n / 32)),
             (false, false) => ("byte", grid_for(n.div_ceil(2))),
         };
