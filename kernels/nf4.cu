@@ -24,13 +24,15 @@ __device__ void dequant(const uint8_t* packed, const float* absmax, const uint8_
     }
 }
 
-#define DEQUANT(name, T) \
-    extern "C" __global__ void name(const uint8_t* packed, const float* absmax, const uint8_t* absmax_q, const float* absmax2, const float* code256, float offset, const float* code16, int blocksize, int64_t n, T* out) { \
-        dequant<T>(packed, absmax, absmax_q, absmax2, code256, offset, code16, blocksize, n, out); \
+// The expansion kernels' entry points: `impl` over dtype T (`bs`: the block size, or its log2 for
+// dequant_seg).
+#define DEQUANT_ENTRY(name, impl, T) \
+    extern "C" __global__ void name(const uint8_t* packed, const float* absmax, const uint8_t* absmax_q, const float* absmax2, const float* code256, float offset, const float* code16, int bs, int64_t n, T* out) { \
+        impl<T>(packed, absmax, absmax_q, absmax2, code256, offset, code16, bs, n, out); \
     }
-DEQUANT(dequant_4bit_f32, float)
-DEQUANT(dequant_4bit_f16, __half)
-DEQUANT(dequant_4bit_bf16, __nv_bfloat16)
+DEQUANT_ENTRY(dequant_4bit_f32, dequant, float)
+DEQUANT_ENTRY(dequant_4bit_f16, dequant, __half)
+DEQUANT_ENTRY(dequant_4bit_bf16, dequant, __nv_bfloat16)
 
 extern "C" __global__ void f32_to_f16(const float* x, __half* out, int64_t n) {
     for_each4(
@@ -352,6 +354,17 @@ template <> struct Vec8<float> {
     }
 };
 
+// The 8 values of one 32-bit word of codes (bytes in memory order, each high nibble first), scaled by
+// their block's absmax a: code · a in f32, as Quant4::dequantize computes them.
+__device__ __forceinline__ void expand_word(uint32_t w, float a, const float* lut, float v[8]) {
+#pragma unroll
+    for (int byte = 0; byte < 4; byte++) {
+        const uint32_t b = (w >> (8 * byte)) & 0xffu;
+        v[2 * byte] = lut[b >> 4] * a;
+        v[2 * byte + 1] = lut[b & 15] * a;
+    }
+}
+
 template <typename T>
 __device__ void dequant_vec(const uint8_t* packed, const float* absmax, const uint8_t* absmax_q, const float* absmax2, const float* code256, float offset, const float* code16, int blocksize, int64_t n, T* out) {
     __shared__ float lut[16];
@@ -364,12 +377,7 @@ __device__ void dequant_vec(const uint8_t* packed, const float* absmax, const ui
 #pragma unroll
         for (int j = 0; j < 4; j++) {
             float v[8];
-#pragma unroll
-            for (int byte = 0; byte < 4; byte++) {
-                const uint32_t b = (w[j] >> (8 * byte)) & 0xffu;
-                v[2 * byte] = lut[b >> 4] * a;
-                v[2 * byte + 1] = lut[b & 15] * a;
-            }
+            expand_word(w[j], a, lut, v);
             Vec8<T>::store(out + c * 32 + j * 8, v);
         }
     }
@@ -397,27 +405,14 @@ __device__ void dequant_seg(const uint8_t* packed, const float* absmax, const ui
             const int64_t e = seg * 1024 + j * 256 + lane * 8;  // this lane's first value
             const float a = block_absmax(absmax, absmax_q, absmax2, code256, offset, e >> log2_blocksize);
             float v[8];
-#pragma unroll
-            for (int byte = 0; byte < 4; byte++) {
-                const uint32_t b = (w[j] >> (8 * byte)) & 0xffu;
-                v[2 * byte] = lut[b >> 4] * a;
-                v[2 * byte + 1] = lut[b & 15] * a;
-            }
+            expand_word(w[j], a, lut, v);
             Vec8<T>::store(out + e, v);
         }
     }
 }
-#define DEQUANT_SEG(name, T) \
-    extern "C" __global__ void name(const uint8_t* packed, const float* absmax, const uint8_t* absmax_q, const float* absmax2, const float* code256, float offset, const float* code16, int log2_blocksize, int64_t n, T* out) { \
-        dequant_seg<T>(packed, absmax, absmax_q, absmax2, code256, offset, code16, log2_blocksize, n, out); \
-    }
-DEQUANT_SEG(dequant_4bit_seg_f32, float)
-DEQUANT_SEG(dequant_4bit_seg_f16, __half)
-DEQUANT_SEG(dequant_4bit_seg_bf16, __nv_bfloat16)
-#define DEQUANT_VEC(name, T) \
-    extern "C" __global__ void name(const uint8_t* packed, const float* absmax, const uint8_t* absmax_q, const float* absmax2, const float* code256, float offset, const float* code16, int blocksize, int64_t n, T* out) { \
-        dequant_vec<T>(packed, absmax, absmax_q, absmax2, code256, offset, code16, blocksize, n, out); \
-    }
-DEQUANT_VEC(dequant_4bit_vec_f32, float)
-DEQUANT_VEC(dequant_4bit_vec_f16, __half)
-DEQUANT_VEC(dequant_4bit_vec_bf16, __nv_bfloat16)
+DEQUANT_ENTRY(dequant_4bit_seg_f32, dequant_seg, float)
+DEQUANT_ENTRY(dequant_4bit_seg_f16, dequant_seg, __half)
+DEQUANT_ENTRY(dequant_4bit_seg_bf16, dequant_seg, __nv_bfloat16)
+DEQUANT_ENTRY(dequant_4bit_vec_f32, dequant_vec, float)
+DEQUANT_ENTRY(dequant_4bit_vec_f16, dequant_vec, __half)
+DEQUANT_ENTRY(dequant_4bit_vec_bf16, dequant_vec, __nv_bfloat16)

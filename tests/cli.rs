@@ -43,6 +43,12 @@ impl TinyRun {
         let args = ["train", "--model", p(&self.model), "--dataset", p(&self.data), "--output-dir", p(out)];
         llamatune(&[&args[..], extra].concat())
     }
+    /// A two-step `train` into `out` that must succeed: the bytes of the adapter it wrote.
+    fn two_step_adapter(&self, out: &Path, extra: &[&str]) -> Vec<u8> {
+        let o = self.train(out, &[&["--max-steps", "2"][..], extra].concat());
+        assert!(o.status.success(), "{}", stderr(&o));
+        std::fs::read(out.join("adapter").join("adapter_model.safetensors")).unwrap()
+    }
 }
 
 #[test]
@@ -436,11 +442,7 @@ fn parity_tools_train_curve_and_tokenize() {
 #[test]
 fn adam_flags_reach_the_optimizer() {
     let run = TinyRun::new(8);
-    let train = |out: &Path, extra: &[&str]| {
-        let o = run.train(out, &[&["--max-steps", "2"][..], extra].concat());
-        assert!(o.status.success(), "{}", stderr(&o));
-        std::fs::read(out.join("adapter").join("adapter_model.safetensors")).unwrap()
-    };
+    let train = |out: &Path, extra: &[&str]| run.two_step_adapter(out, extra);
     let plain = train(&run.path("plain"), &[]);
     let again = train(&run.path("again"), &[]);
     assert_eq!(plain, again, "the same run twice gives the same adapter");
@@ -543,11 +545,7 @@ fn save_and_eval_strategies() {
 #[test]
 fn neftune_noise_alpha_reaches_the_step() {
     let run = TinyRun::new(8);
-    let train = |out: &Path, extra: &[&str]| {
-        let o = run.train(out, &[&["--max-steps", "2"][..], extra].concat());
-        assert!(o.status.success(), "{}", stderr(&o));
-        std::fs::read(out.join("adapter").join("adapter_model.safetensors")).unwrap()
-    };
+    let train = |out: &Path, extra: &[&str]| run.two_step_adapter(out, extra);
     let plain = train(&run.path("plain"), &[]);
     let noised = run.path("noised");
     let a = train(&noised, &["--neftune-noise-alpha", "5"]);
