@@ -79,8 +79,74 @@ impl_real!(f64, matrixmultiply::dgemm);
 /// A frozen weight on the CPU: dense, or 4-bit and expanded a slab of rows at a time when used.
 #[derive(Debug, Clone)]
 pub enum CpuWeight<T> {
-    Dense { rows: usize, cols: usize, data: Vec<T> },
-    Quant4 { rows: usize, cols: usize, q: Quant4, compute: ComputeDtype },
+    Dense {
+        rows: usize,
+        cols: usize,
+        data: Vec<T>,
+    },
+    /// `expanded`: the weight's values as products use them (dequantized, rounded to `compute`), made
+    /// once at upload while the process's [`expansion_budget`] lasts; `None`: expanded slab by slab
+    /// in every product.
+    Quant4 {
+        rows: usize,
+        cols: usize,
+        q: Quant4,
+        compute: ComputeDtype,
+        expanded: Option<Expanded<T>>,
+    },
+}
+
+/// Bytes of expanded 4-bit weights held by every CPU model of the process.
+static EXPANDED_BYTES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// How many bytes of expanded 4-bit weights the CPU backend holds at most: `LLAMATUNE_CPU_EXPAND_MB`
+/// (default 4096; 0 keeps every weight compressed). SmolLM2-135M takes ~0.5 GB; a 7B model (~27 GB in
+/// f32) gets its first layers expanded and keeps the rest compressed.
+pub fn expansion_budget() -> usize {
+    static BUDGET: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *BUDGET.get_or_init(|| {
+        let mb = std::env::var("LLAMATUNE_CPU_EXPAND_MB").ok().and_then(|v| v.parse::<usize>().ok()).unwrap_or(4096);
+        mb << 20
+    })
+}
+
+/// A 4-bit weight's values as its products use them, held for the weight's life (its bytes count
+/// against [`expansion_budget`] until it is dropped). Expanding every 256-row slab in every product
+/// cost more than the product itself (`cpu_ops` bench: NF4 linear 2.2× the dense one).
+pub struct Expanded<T>(Vec<T>);
+
+impl<T: Real> Expanded<T> {
+    /// `q`'s values rounded to `compute`, if the budget has room for them.
+    fn try_new(q: &Quant4, compute: ComputeDtype) -> Option<Self> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let bytes = q.n * std::mem::size_of::<T>();
+        EXPANDED_BYTES
+            .fetch_update(Relaxed, Relaxed, |used| (used + bytes <= expansion_budget()).then_some(used + bytes))
+            .ok()?;
+        let mut data = vec![T::zero(); q.n];
+        q.dequantize_range_map(0, &mut data, |v| T::of(compute.round(v) as f64));
+        Some(Expanded(data))
+    }
+}
+
+impl<T: Clone> Clone for Expanded<T> {
+    /// A copy counts against the budget as well (it may go over it: a weight's copy stays usable).
+    fn clone(&self) -> Self {
+        EXPANDED_BYTES.fetch_add(self.0.len() * std::mem::size_of::<T>(), std::sync::atomic::Ordering::Relaxed);
+        Expanded(self.0.clone())
+    }
+}
+
+impl<T> Drop for Expanded<T> {
+    fn drop(&mut self) {
+        EXPANDED_BYTES.fetch_sub(self.0.len() * std::mem::size_of::<T>(), std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+impl<T: std::fmt::Debug> std::fmt::Debug for Expanded<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Expanded({} values)", self.0.len())
+    }
 }
 
 impl<T: Real> CpuWeight<T> {
@@ -103,7 +169,8 @@ impl<T: Real> CpuWeight<T> {
     fn for_each_slab(&self, mut f: impl FnMut(usize, &[T])) {
         match self {
             CpuWeight::Dense { data, .. } => f(0, data),
-            CpuWeight::Quant4 { rows, cols, q, compute } => {
+            CpuWeight::Quant4 { expanded: Some(e), .. } => f(0, &e.0),
+            CpuWeight::Quant4 { rows, cols, q, compute, expanded: None } => {
                 const SLAB_ROWS: usize = 256;
                 let mut tmp: Vec<T> = vec![T::zero(); SLAB_ROWS.min(*rows) * cols];
                 let mut r0 = 0;
@@ -173,7 +240,10 @@ impl<T: Real> Backend for Cpu<T> {
             HostWeight::Dense { rows, cols, data } => {
                 CpuWeight::Dense { rows, cols, data: data.iter().map(|&x| T::of(x as f64)).collect() }
             }
-            HostWeight::Quant4 { rows, cols, q, compute } => CpuWeight::Quant4 { rows, cols, q, compute },
+            HostWeight::Quant4 { rows, cols, q, compute } => {
+                let expanded = Expanded::try_new(&q, compute);
+                CpuWeight::Quant4 { rows, cols, q, compute, expanded }
+            }
         }
     }
     fn weight_shape(&self, w: &CpuWeight<T>) -> (usize, usize) {
@@ -184,7 +254,7 @@ impl<T: Real> Backend for Cpu<T> {
             CpuWeight::Dense { rows, cols, data } => {
                 HostWeight::Dense { rows: *rows, cols: *cols, data: data.iter().map(|x| x.f64() as f32).collect() }
             }
-            CpuWeight::Quant4 { rows, cols, q, compute } => {
+            CpuWeight::Quant4 { rows, cols, q, compute, .. } => {
                 HostWeight::Quant4 { rows: *rows, cols: *cols, q: q.clone(), compute: *compute }
             }
         }
@@ -305,8 +375,8 @@ impl<T: Real> Backend for Cpu<T> {
             // Decoding's few rows: a row of W at a time, straight from the codes when 4-bit (expanding
             // every slab of W, or packing it for the GEMM, cost more than the products).
             match w {
-                CpuWeight::Quant4 { q, .. } => gemv_quant4(q, (rows, cols), compute, x, m, out),
-                CpuWeight::Dense { data, .. } => {
+                CpuWeight::Quant4 { q, expanded: None, .. } => gemv_quant4(q, (rows, cols), compute, x, m, out),
+                CpuWeight::Dense { data, .. } | CpuWeight::Quant4 { expanded: Some(Expanded(data)), .. } => {
                     gemv_rows((rows, cols), x, m, out, |r, xi| dot8(xi, &data[r * cols..][..cols]))
                 }
             }
@@ -931,6 +1001,46 @@ mod tests {
     use crate::config::{QuantConfig, QuantType};
     use rand::{Rng, SeedableRng};
 
+    /// A 4-bit weight expanded once at upload gives the products of the slab-by-slab expansion: the
+    /// same values in the forward product (each output's sum lies in one GEMM either way) and the GEMV,
+    /// the input gradient up to the order of its sum over the rows.
+    #[test]
+    fn expanded_weights_give_the_slab_products() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(4);
+        let be = Cpu::<f32>::new();
+        for (rows, cols, compute) in [(600, 64, ComputeDtype::BF16), (300, 96, ComputeDtype::F32)] {
+            let data: Vec<f32> = (0..rows * cols).map(|_| rng.gen_range(-1.0..1.0)).collect();
+            let cfg =
+                QuantConfig { quant_type: QuantType::Nf4, blocksize: 64, double_quant: true, compute_dtype: compute };
+            let q = Quant4::quantize(&data, &cfg);
+            let expanded = Expanded::try_new(&q, compute);
+            assert!(expanded.is_some(), "a small weight fits the budget");
+            let kept = CpuWeight::<f32>::Quant4 { rows, cols, q: q.clone(), compute, expanded };
+            let slabs = CpuWeight::<f32>::Quant4 { rows, cols, q, compute, expanded: None };
+            for m in [1, 5, 40] {
+                let x: Vec<f32> = (0..m * cols).map(|_| rng.gen_range(-1.0..1.0)).collect();
+                let dy: Vec<f32> = (0..m * rows).map(|_| rng.gen_range(-1.0..1.0)).collect();
+                let (mut y1, mut y2) = (vec![0.0; m * rows], vec![0.0; m * rows]);
+                be.linear(&x, &kept, m, &mut y1);
+                be.linear(&x, &slabs, m, &mut y2);
+                if m > GEMV_MAX_M {
+                    assert_eq!(y1, y2, "{rows}x{cols} m={m}: forward");
+                } else {
+                    // Dot products of the expanded rows against the GEMV from the codes.
+                    for (a, b) in y1.iter().zip(&y2) {
+                        assert!((a - b).abs() <= 1e-3 * (1.0 + b.abs()), "{rows}x{cols} m={m}: {a} vs {b}");
+                    }
+                }
+                let (mut d1, mut d2) = (vec![0.0; m * cols], vec![0.0; m * cols]);
+                be.linear_backward_input(&dy, &kept, m, &mut d1, false);
+                be.linear_backward_input(&dy, &slabs, m, &mut d2, false);
+                for (a, b) in d1.iter().zip(&d2) {
+                    assert!((a - b).abs() <= 1e-3 * (1.0 + b.abs()), "{rows}x{cols} m={m}: input grad {a} vs {b}");
+                }
+            }
+        }
+    }
+
     /// The 4-bit GEMV of decoding gives the slab-wise dequantize + GEMM path's products (the same
     /// rounded weights, summed in another order), for both code tables, plain and double-quantized
     /// absmax, rounding compute dtypes, and shapes whose rows start inside an absmax block.
@@ -943,7 +1053,7 @@ mod tests {
                     let data: Vec<f32> = (0..rows * cols).map(|_| rng.gen_range(-1.0..1.0)).collect();
                     let cfg = QuantConfig { quant_type, blocksize, double_quant, compute_dtype: compute };
                     let q = Quant4::quantize(&data, &cfg);
-                    let w = CpuWeight::<f32>::Quant4 { rows, cols, q: q.clone(), compute };
+                    let w = CpuWeight::<f32>::Quant4 { rows, cols, q: q.clone(), compute, expanded: None };
                     for m in [1, 3] {
                         let x: Vec<f32> = (0..m * cols).map(|_| rng.gen_range(-1.0..1.0)).collect();
                         let mut want = vec![0.0; m * rows];
