@@ -904,7 +904,7 @@ fn attention_group<T: Real>(
             let mut mx = T::neg_infinity();
             for &s in &visible {
                 let ki = ((b * sh.kv_capacity + s) * sh.kv_heads + g) * d;
-                let dot = dot(qrow, &k[ki..ki + d]) * scale;
+                let dot = dot8(qrow, &k[ki..ki + d]) * scale;
                 p[s] = dot;
                 mx = mx.max(dot);
             }
@@ -955,13 +955,13 @@ fn attention_group_backward<T: Real>(
             let qi = ((b * sh.q_len + t) * sh.heads + h) * d;
             let (qrow, dorow) = (&q[qi..qi + d], &dout[qi..qi + d]);
             let l = lse[(b * sh.heads + h) * sh.q_len + t];
-            let delta = dot(dorow, &out[qi..qi + d]);
+            let delta = dot8(dorow, &out[qi..qi + d]);
             let dqrow = &mut dq[(t * rep + r) * d..(t * rep + r + 1) * d];
             for &s in &visible {
                 let ki = ((b * sh.kv_capacity + s) * sh.kv_heads + g) * d;
                 let (krow, vrow) = (&k[ki..ki + d], &v[ki..ki + d]);
-                let p = (dot(qrow, krow) * scale - l).exp();
-                let ds = p * (dot(dorow, vrow) - delta) * scale;
+                let p = (dot8(qrow, krow) * scale - l).exp();
+                let ds = p * (dot8(dorow, vrow) - delta) * scale;
                 for j in 0..d {
                     dv[s * d + j] = dv[s * d + j] + p * dorow[j];
                     dqrow[j] = dqrow[j] + ds * krow[j];
@@ -971,11 +971,6 @@ fn attention_group_backward<T: Real>(
         }
     }
     [dq, dk, dv]
-}
-
-#[inline]
-fn dot<T: Real>(a: &[T], b: &[T]) -> T {
-    a.iter().zip(b).fold(T::zero(), |acc, (x, y)| acc + *x * *y)
 }
 
 /// Keys visible to query `t` of batch row `b`: causal by absolute position, same segment, not padding.
