@@ -76,7 +76,8 @@ macro_rules! impl_real {
 impl_real!(f32, matrixmultiply::sgemm);
 impl_real!(f64, matrixmultiply::dgemm);
 
-/// A frozen weight on the CPU: dense, or 4-bit and expanded a slab of rows at a time when used.
+/// A frozen weight on the CPU: dense, or 4-bit (expanded once at upload while the budget lasts, else a
+/// slab of rows at a time when used).
 #[derive(Debug, Clone)]
 pub enum CpuWeight<T> {
     Dense {
@@ -124,7 +125,7 @@ impl<T: Real> Expanded<T> {
             .fetch_update(Relaxed, Relaxed, |used| (used + bytes <= expansion_budget()).then_some(used + bytes))
             .ok()?;
         let mut data = vec![T::zero(); q.n];
-        q.dequantize_range_map(0, &mut data, |v| T::of(compute.round(v) as f64));
+        expand_range(q, compute, 0, &mut data);
         Some(Expanded(data))
     }
 }
@@ -164,8 +165,8 @@ impl<T: Real> CpuWeight<T> {
         }
     }
 
-    /// Calls `f(first_row, rows_slab)` over row slabs of the weight (a borrowed view when dense,
-    /// a freshly dequantized slab when 4-bit) so that a 4-bit weight is never fully expanded.
+    /// Calls `f(first_row, rows_slab)` over row slabs of the weight (a borrowed view when dense or
+    /// expanded at upload, else a freshly dequantized slab, so that the weight is never expanded whole).
     fn for_each_slab(&self, mut f: impl FnMut(usize, &[T])) {
         match self {
             CpuWeight::Dense { data, .. } => f(0, data),
@@ -177,8 +178,7 @@ impl<T: Real> CpuWeight<T> {
                 while r0 < *rows {
                     let nr = SLAB_ROWS.min(rows - r0);
                     let n = nr * cols;
-                    // Dequantize, round to the compute dtype and convert in one parallel pass.
-                    q.dequantize_range_map(r0 * cols, &mut tmp[..n], |v| T::of(compute.round(v) as f64));
+                    expand_range(q, *compute, r0 * cols, &mut tmp[..n]);
                     f(r0, &tmp[..n]);
                     r0 += nr;
                 }
@@ -774,9 +774,15 @@ impl<T: Real> Backend for Cpu<T> {
     }
 }
 
-/// `x` rounded to `c` (a borrow when `c` is f32).
-/// Rows of x up to which a 4-bit linear takes [`gemv_quant4`] (as CUDA's GEMV: decoding, small prompts).
+/// Rows of x up to which a linear takes a row of W at a time (as CUDA's GEMV: decoding, small prompts):
+/// [`gemv_quant4`] from the codes of a 4-bit weight not expanded at upload, dot products otherwise.
 const GEMV_MAX_M: usize = 8;
+
+/// Values `start..start + out.len()` of `q` as products use them: dequantized, rounded to the compute
+/// dtype and converted to `T`, in one parallel pass (the upload's expansion and the slabs alike).
+fn expand_range<T: Real>(q: &Quant4, compute: ComputeDtype, start: usize, out: &mut [T]) {
+    q.dequantize_range_map(start, out, |v| T::of(compute.round(v) as f64));
+}
 
 /// `out (m, rows) = x (m, cols) · Wᵀ` for a 4-bit `W (rows, cols)` read from its codes: each weight
 /// rounded to the compute dtype and multiplied in `T`, as the slab-wise dequantize + GEMM path does,
@@ -854,6 +860,7 @@ fn dot8<T: Real>(a: &[T], b: &[T]) -> T {
     acc.iter().fold(tail, |s, &v| s + v)
 }
 
+/// `x` rounded to `c` (a borrow when `c` is f32).
 fn rounded<T: Real>(x: &[T], c: ComputeDtype) -> std::borrow::Cow<'_, [T]> {
     if c == ComputeDtype::F32 {
         return std::borrow::Cow::Borrowed(x);
