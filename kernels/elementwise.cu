@@ -1,5 +1,6 @@
-// Elementwise ops of the graph: residual add, scaling, NEFTune's embedding noise, SwiGLU forward/backward, dtype conversion,
-// dropout, embedding gather/scatter, and the reductions the optimizer needs (Σx², non-finite check).
+// Elementwise ops of the graph: residual add, scaling, NEFTune's embedding noise, SwiGLU
+// forward/backward, dtype conversion, dropout, embedding gather/scatter, and the reductions the
+// optimizer needs (Σx², non-finite check).
 // CPU references: src/backend/cpu.rs (add, add_assign, scale, add_uniform_noise, swiglu*, embedding*, sum_squares).
 #include "common.cuh"
 #include <cuda_fp16.h>

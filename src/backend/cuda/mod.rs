@@ -184,6 +184,11 @@ fn default_pool(
     Ok(pool)
 }
 
+/// A default-on A/B switch: off when the environment variable `var` is `0` or `off`.
+fn switch_on(var: &str) -> bool {
+    !std::env::var(var).is_ok_and(|v| v == "0" || v == "off")
+}
+
 fn grid_for(n: usize) -> LaunchConfig {
     let blocks = n.div_ceil(256).clamp(1, 132 * 16) as u32;
     LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }
@@ -249,7 +254,7 @@ impl Cuda {
         let smem_optin = ctx
             .attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
             .map_err(dev_err)? as usize;
-        let stream_on = !std::env::var("LLAMATUNE_XENT_STREAM").is_ok_and(|v| v == "0" || v == "off");
+        let stream_on = switch_on("LLAMATUNE_XENT_STREAM");
         let mut xent_stream = [false; 3];
         for i in 0..XENT_REG_VALUES.len() {
             let smem = xent_stream_smem(i);
@@ -275,11 +280,10 @@ impl Cuda {
             _ => Fused4bit::Auto,
         };
         let fused_4bit = (fused_4bit as u8).into();
-        let fused_lora = (!std::env::var("LLAMATUNE_FUSED_LORA").is_ok_and(|v| v == "0" || v == "off")).into();
-        let gemv_many = (!std::env::var("LLAMATUNE_GEMV_MANY").is_ok_and(|v| v == "0" || v == "off")).into();
-        let dequant_seg = (!std::env::var("LLAMATUNE_DEQUANT_SEG").is_ok_and(|v| v == "0" || v == "off")).into();
-        let keep_on = !std::env::var("LLAMATUNE_KEEP_EXPANDED").is_ok_and(|v| v == "0" || v == "off");
-        let kept = gemm::KeptExpansions::new(keep_on).into();
+        let fused_lora = switch_on("LLAMATUNE_FUSED_LORA").into();
+        let gemv_many = switch_on("LLAMATUNE_GEMV_MANY").into();
+        let dequant_seg = switch_on("LLAMATUNE_DEQUANT_SEG").into();
+        let kept = gemm::KeptExpansions::new(switch_on("LLAMATUNE_KEEP_EXPANDED")).into();
         Ok(Cuda {
             ordinal,
             device_name,

@@ -207,22 +207,17 @@ impl Cuda {
             && blocksize.is_power_of_two()
             && *blocksize >= 8;
         let vec = n % 32 == 0 && blocksize % 32 == 0;
-        let (kind, cfg) = match (seg, vec) {
-            (true, _) => ("seg", grid_for(n / 32)),
-            (false, true) => ("vec", grid_for(n / 32)),
-            (false, false) => ("byte", grid_for(n.div_ceil(2))),
+        let (kernel, cfg) = match (seg, vec) {
+            (true, _) => ("dequant_4bit_seg", grid_for(n / 32)),
+            (false, true) => ("dequant_4bit_vec", grid_for(n / 32)),
+            (false, false) => ("dequant_4bit", grid_for(n.div_ceil(2))),
         };
         // The segment kernel takes log2(blocksize), the others the block size.
         let bs = if seg { blocksize.trailing_zeros() as i32 } else { *blocksize as i32 };
         let n64 = n as i64;
-        let kernel = |dtype: &str| match kind {
-            "seg" => format!("dequant_4bit_seg_{dtype}"),
-            "vec" => format!("dequant_4bit_vec_{dtype}"),
-            _ => format!("dequant_4bit_{dtype}"),
-        };
         macro_rules! launch {
             ($dtype:expr, $out:expr) => {{
-                let name = kernel($dtype);
+                let name = format!("{kernel}_{}", $dtype);
                 let mut b = self.stream.launch_builder(self.f(&name));
                 self.push_4bit(&mut b, packed, absmax, *quant_type);
                 b.arg(&bs).arg(&n64).arg(&mut $out);
