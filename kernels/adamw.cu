@@ -20,6 +20,7 @@ __device__ __forceinline__ void adam_update(float* p, const float* g, float* m, 
 }
 
 extern "C" __global__ void adamw_f32(float* p, const float* g, float* m, float* v, AdamHyper h, int64_t n) {
+    grid_dependency_wait();
     FOR_EACH(i, n) adam_update(p, g, m, v, i, h);
 }
 
@@ -48,6 +49,7 @@ __device__ __forceinline__ const T& tensor_of_block(const T* ts, int count, int6
 
 // Block b updates `chunk` values of one tensor: the same arithmetic as adamw_f32, value for value.
 extern "C" __global__ void adamw_many_f32(const AdamTensor* ts, int count, AdamHyper h, int64_t chunk) {
+    grid_dependency_wait();
     const AdamTensor& t = tensor_of_block(ts, count, blockIdx.x);
     const int64_t start = (blockIdx.x - t.first_chunk) * chunk, end = min(t.n, start + chunk);
     for (int64_t i = start + threadIdx.x; i < end; i += blockDim.x) adam_update(t.p, t.g, t.m, t.v, i, h);
@@ -63,6 +65,7 @@ struct SumTensor {
 // Σ x² over every tensor added into *acc (f64): block b sums `chunk` values of one tensor and adds
 // them with one atomic (Cuda::sum_squares_all: the global gradient norm in one launch).
 extern "C" __global__ void sum_squares_many_f32(const SumTensor* ts, int count, double* acc, int64_t chunk) {
+    grid_dependency_wait();
     const SumTensor& t = tensor_of_block(ts, count, blockIdx.x);
     const int64_t start = (blockIdx.x - t.first_chunk) * chunk, end = min(t.n, start + chunk);
     double s = 0.0;

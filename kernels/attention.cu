@@ -51,6 +51,7 @@ __device__ __forceinline__ float dot_row(const float* r, const float* src, int d
 // (decoding a recorded step) the geometry's q_offset is pos[0] and kv_len is pos[0] + q_len, read on
 // the device, so the same launch serves every position.
 extern "C" __global__ void __launch_bounds__(SPLIT_WARPS * WARP) attention_fwd_f32(const float* q, const float* k, const float* v, const uint32_t* seg, const float* pos, float* out, float* lse, GEOM_ARGS) {
+    grid_dependency_wait();
     if (pos) {
         q_offset = (int)pos[0];
         kv_len = q_offset + q_len;
@@ -126,6 +127,7 @@ extern "C" __global__ void __launch_bounds__(SPLIT_WARPS * WARP) attention_fwd_f
 
 // dq, and delta = rowsum(dout ⊙ out) for the dk/dv kernel. One warp per query row.
 extern "C" __global__ void attention_bwd_dq_f32(const float* q, const float* k, const float* v, const float* out, const float* lse, const float* dout, const uint32_t* seg, float* dq, float* delta, GEOM_ARGS) {
+    grid_dependency_wait();
     MAKE_GEOM;
     const int64_t w = ((int64_t)blockIdx.x * blockDim.x + threadIdx.x) / WARP;
     if (w >= (int64_t)batch * heads * q_len) return;
@@ -164,6 +166,7 @@ extern "C" __global__ void attention_bwd_dq_f32(const float* q, const float* k, 
 // dk, dv: one warp per key row (b, kv head, s), looping over the group's query heads and the
 // queries that see this key. Needs `delta` from attention_bwd_dq_f32.
 extern "C" __global__ void attention_bwd_dkdv_f32(const float* q, const float* k, const float* v, const float* lse, const float* delta, const float* dout, const uint32_t* seg, float* dk, float* dv, GEOM_ARGS) {
+    grid_dependency_wait();
     MAKE_GEOM;
     const int64_t w = ((int64_t)blockIdx.x * blockDim.x + threadIdx.x) / WARP;
     if (w >= (int64_t)batch * kv_heads * kv_len) return;

@@ -7,6 +7,18 @@
 
 #define WARP 32
 
+// Programmatic dependent launch (PDL): decoding's CUDA graph lets a kernel start while the one before
+// it is still running (src/backend/cuda/graph.rs turns the graph's edges between our kernels into
+// programmatic ones), so each kernel calls this before it reads anything an earlier kernel wrote or
+// writes anything an earlier kernel reads. It returns once the kernels it depends on have finished
+// and their writes are visible; outside such a graph (and before sm_90) it returns at once. Only
+// data no kernel writes (4-bit weights, absmax, code tables) may be read before it.
+__device__ __forceinline__ void grid_dependency_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
 // Sum over a warp (T: float, or double for the f64 accumulations); every lane gets it.
 template <typename T>
 __device__ __forceinline__ T warp_sum(T v) {

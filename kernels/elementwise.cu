@@ -6,23 +6,27 @@
 #include <cuda_fp16.h>
 
 extern "C" __global__ void add_f32(const float* a, const float* b, float* out, int64_t n) {
+    grid_dependency_wait();
     for_each4(
         n, aligned_to(a, 16) && aligned_to(b, 16) && aligned_to(out, 16),
         [&](int64_t q) { reinterpret_cast<float4*>(out)[q] = add4(reinterpret_cast<const float4*>(a)[q], reinterpret_cast<const float4*>(b)[q]); },
         [&](int64_t i) { out[i] = a[i] + b[i]; });
 }
 extern "C" __global__ void add_assign_f32(float* dst, const float* src, int64_t n) {
+    grid_dependency_wait();
     for_each4(
         n, aligned_to(dst, 16) && aligned_to(src, 16),
         [&](int64_t q) { reinterpret_cast<float4*>(dst)[q] = add4(reinterpret_cast<float4*>(dst)[q], reinterpret_cast<const float4*>(src)[q]); },
         [&](int64_t i) { dst[i] += src[i]; });
 }
 extern "C" __global__ void scale_f32(float* x, float s, int64_t n) {
+    grid_dependency_wait();
     FOR_EACH(i, n) x[i] *= s;
 }
 // NEFTune: x[i] += magnitude · u_i, u_i = uniform_pm1(seed, i); product and sum each rounded once (no
 // FMA contraction), as the CPU reference computes them (Cpu::add_uniform_noise).
 extern "C" __global__ void add_uniform_noise_f32(float* x, float magnitude, uint64_t seed, int64_t n) {
+    grid_dependency_wait();
     FOR_EACH(i, n) x[i] = __fadd_rn(x[i], __fmul_rn(magnitude, uniform_pm1(seed, (uint64_t)i)));
 }
 // out = silu(g) * u, in f32 or a 16-bit dtype (an MLP's gate and up products as cuBLAS writes them,
@@ -39,9 +43,9 @@ __device__ __forceinline__ void swiglu_t(const T* g, const T* u, T* out, int64_t
         },
         [&](int64_t i) { store1(out + i, swiglu1(load1(g + i), load1(u + i))); });
 }
-extern "C" __global__ void swiglu_f32(const float* g, const float* u, float* out, int64_t n) { swiglu_t(g, u, out, n); }
-extern "C" __global__ void swiglu_bf16(const __nv_bfloat16* g, const __nv_bfloat16* u, __nv_bfloat16* out, int64_t n) { swiglu_t(g, u, out, n); }
-extern "C" __global__ void swiglu_f16(const __half* g, const __half* u, __half* out, int64_t n) { swiglu_t(g, u, out, n); }
+extern "C" __global__ void swiglu_f32(const float* g, const float* u, float* out, int64_t n) { grid_dependency_wait(); swiglu_t(g, u, out, n); }
+extern "C" __global__ void swiglu_bf16(const __nv_bfloat16* g, const __nv_bfloat16* u, __nv_bfloat16* out, int64_t n) { grid_dependency_wait(); swiglu_t(g, u, out, n); }
+extern "C" __global__ void swiglu_f16(const __half* g, const __half* u, __half* out, int64_t n) { grid_dependency_wait(); swiglu_t(g, u, out, n); }
 // (dg, du) of one element from gate x, up u and the output's gradient d.
 __device__ __forceinline__ float2 swiglu_grad1(float x, float u, float d) {
     const float sig = 1.f / (1.f + expf(-x));
@@ -68,15 +72,19 @@ __device__ __forceinline__ void swiglu_backward_t(const T* g, const T* u, const 
         });
 }
 extern "C" __global__ void swiglu_backward_f32(const float* g, const float* u, const float* dout, float* dg, float* du, int64_t n) {
+    grid_dependency_wait();
     swiglu_backward_t(g, u, dout, dg, du, n);
 }
 extern "C" __global__ void swiglu_backward_bf16(const __nv_bfloat16* g, const __nv_bfloat16* u, const __nv_bfloat16* dout, __nv_bfloat16* dg, __nv_bfloat16* du, int64_t n) {
+    grid_dependency_wait();
     swiglu_backward_t(g, u, dout, dg, du, n);
 }
 extern "C" __global__ void swiglu_backward_f16(const __half* g, const __half* u, const __half* dout, __half* dg, __half* du, int64_t n) {
+    grid_dependency_wait();
     swiglu_backward_t(g, u, dout, dg, du, n);
 }
 extern "C" __global__ void f32_to_bf16(const float* x, __nv_bfloat16* out, int64_t n) {
+    grid_dependency_wait();
     for_each4(
         n, aligned_to(x, 16) && aligned_to(out, 8),
         [&](int64_t q) { reinterpret_cast<uint2*>(out)[q] = pack_bf16x4(reinterpret_cast<const float4*>(x)[q]); },
@@ -85,12 +93,14 @@ extern "C" __global__ void f32_to_bf16(const float* x, __nv_bfloat16* out, int64
 // A 4-bit matmul's 16-bit output (cuBLAS rounds it to the compute dtype as it writes, as bitsandbytes'
 // output is; the CPU reference rounds the same way in Cpu::linear), widened into the f32 activations.
 extern "C" __global__ void bf16_to_f32(const __nv_bfloat16* x, float* out, int64_t n) {
+    grid_dependency_wait();
     for_each4(
         n, aligned_to(x, 8) && aligned_to(out, 16),
         [&](int64_t q) { reinterpret_cast<float4*>(out)[q] = unpack_bf16x4(reinterpret_cast<const uint2*>(x)[q]); },
         [&](int64_t i) { out[i] = __bfloat162float(x[i]); });
 }
 extern "C" __global__ void f16_to_f32(const __half* x, float* out, int64_t n) {
+    grid_dependency_wait();
     for_each4(
         n, aligned_to(x, 8) && aligned_to(out, 16),
         [&](int64_t q) { reinterpret_cast<float4*>(out)[q] = unpack_f16x4(reinterpret_cast<const uint2*>(x)[q]); },
@@ -98,12 +108,14 @@ extern "C" __global__ void f16_to_f32(const __half* x, float* out, int64_t n) {
 }
 // dst += widened src: an input gradient accumulated after its rounding, as on the CPU.
 extern "C" __global__ void add_bf16_to_f32(const __nv_bfloat16* src, float* dst, int64_t n) {
+    grid_dependency_wait();
     for_each4(
         n, aligned_to(src, 8) && aligned_to(dst, 16),
         [&](int64_t q) { reinterpret_cast<float4*>(dst)[q] = add4(reinterpret_cast<float4*>(dst)[q], unpack_bf16x4(reinterpret_cast<const uint2*>(src)[q])); },
         [&](int64_t i) { dst[i] += __bfloat162float(src[i]); });
 }
 extern "C" __global__ void add_f16_to_f32(const __half* src, float* dst, int64_t n) {
+    grid_dependency_wait();
     for_each4(
         n, aligned_to(src, 8) && aligned_to(dst, 16),
         [&](int64_t q) { reinterpret_cast<float4*>(dst)[q] = add4(reinterpret_cast<float4*>(dst)[q], unpack_f16x4(reinterpret_cast<const uint2*>(src)[q])); },
@@ -111,26 +123,31 @@ extern "C" __global__ void add_f16_to_f32(const __half* src, float* dst, int64_t
 }
 // out = x * dropout(seed, i)
 extern "C" __global__ void dropout_f32(const float* x, float* out, uint64_t seed, float p, int64_t n) {
+    grid_dependency_wait();
     FOR_EACH(i, n) out[i] = x[i] * dropout_factor(seed, (uint64_t)i, p);
 }
 // dst += g * dropout(seed, i)
 extern "C" __global__ void dropout_add_f32(float* dst, const float* g, uint64_t seed, float p, int64_t n) {
+    grid_dependency_wait();
     FOR_EACH(i, n) dst[i] += g[i] * dropout_factor(seed, (uint64_t)i, p);
 }
 // out (m, dim) = table[ids] (bf16 table)
 extern "C" __global__ void embedding_bf16(const __nv_bfloat16* table, const uint32_t* ids, float* out, int m, int dim) {
+    grid_dependency_wait();
     FOR_EACH(i, (int64_t)m * dim) {
         const int64_t r = i / dim, c = i % dim;
         out[i] = __bfloat162float(table[(int64_t)ids[r] * dim + c]);
     }
 }
 extern "C" __global__ void embedding_f16(const __half* table, const uint32_t* ids, float* out, int m, int dim) {
+    grid_dependency_wait();
     FOR_EACH(i, (int64_t)m * dim) {
         const int64_t r = i / dim, c = i % dim;
         out[i] = __half2float(table[(int64_t)ids[r] * dim + c]);
     }
 }
 extern "C" __global__ void embedding_backward_f32(const uint32_t* ids, const float* dout, float* dtable, int m, int dim) {
+    grid_dependency_wait();
     FOR_EACH(i, (int64_t)m * dim) {
         const int64_t r = i / dim, c = i % dim;
         atomicAdd(&dtable[(int64_t)ids[r] * dim + c], dout[i]);
@@ -141,18 +158,21 @@ extern "C" __global__ void embedding_backward_f32(const uint32_t* ids, const flo
 // An atomic per warp on the one address serialized: ~3.7M of them for an all-linear 7B adapter's 448
 // gradients took ~9 ms per step on the H200.
 extern "C" __global__ void sum_squares_f32(const float* x, double* acc, int64_t n) {
+    grid_dependency_wait();
     double s = 0.0;
     FOR_EACH(i, n) s += (double)x[i] * (double)x[i];
     s = block_sum(s);
     if (threadIdx.x == 0) atomicAdd(acc, s);
 }
 extern "C" __global__ void non_finite_f32(const float* x, int* flag, int64_t n) {
+    grid_dependency_wait();
     FOR_EACH(i, n) if (!isfinite(x[i])) atomicOr(flag, 1);
 }
 
 // Appends rows to a KV cache at the position held on the device: dst[(pos[0] + r) * row + j] =
 // src[r * row + j] for the n rows of src. CPU reference: Cpu::kv_write.
 extern "C" __global__ void kv_write_f32(const float* src, float* dst, const float* pos, int64_t row, int64_t n) {
+    grid_dependency_wait();
     const int64_t off = (int64_t)pos[0] * row;
     FOR_EACH(i, n) dst[off + i] = src[i];
 }

@@ -274,10 +274,12 @@ __device__ void flash_fwd(const float* q, const __nv_bfloat16* q16, const __nv_b
 // q (f32) or q16 (bf16, already rotated): one of them, the other null. cos_t, sin_t: null, or the
 // RoPE tables for the f32 q (k arrives rotated).
 extern "C" __global__ void __launch_bounds__(128, 4) flash_fwd_hd64(const float* q, const __nv_bfloat16* q16, const __nv_bfloat16* k, const __nv_bfloat16* v, const uint32_t* seg, const float* cos_t, const float* sin_t, float* out, float* lse, FGEOM_ARGS) {
+    grid_dependency_wait();
     MAKE_FGEOM;
     flash_fwd<64>(q, q16, k, v, seg, cos_t, sin_t, out, lse, g);
 }
 extern "C" __global__ void __launch_bounds__(128, 4) flash_fwd_hd128(const float* q, const __nv_bfloat16* q16, const __nv_bfloat16* k, const __nv_bfloat16* v, const uint32_t* seg, const float* cos_t, const float* sin_t, float* out, float* lse, FGEOM_ARGS) {
+    grid_dependency_wait();
     MAKE_FGEOM;
     flash_fwd<128>(q, q16, k, v, seg, cos_t, sin_t, out, lse, g);
 }
@@ -315,6 +317,7 @@ __device__ void flash_bwd_prep(const float* q, const float* out, const float* do
 }
 #define FLASH_BWD_PREP(HD) \
     extern "C" __global__ void flash_bwd_prep_hd##HD(const float* q, const float* out, const float* dout, const float* cos_t, const float* sin_t, __nv_bfloat16* qb, __nv_bfloat16* db, float* delta, int batch, int q_len, int heads) { \
+        grid_dependency_wait(); \
         flash_bwd_prep<HD>(q, out, dout, cos_t, sin_t, qb, db, delta, batch, q_len, heads); \
     }
 FLASH_BWD_PREP(64)
@@ -574,10 +577,12 @@ __device__ void flash_bwd(const __nv_bfloat16* q, const __nv_bfloat16* k, const 
 
 // cos_t, sin_t: null, or the RoPE tables that rotated q and k (dq, dk come out un-rotated).
 extern "C" __global__ void __launch_bounds__(128) flash_bwd_hd64(const __nv_bfloat16* q, const __nv_bfloat16* k, const __nv_bfloat16* v, const float* lse, const float* delta, const __nv_bfloat16* dout, const uint32_t* seg, const float* cos_t, const float* sin_t, float* dq, float* dk, float* dv, FGEOM_ARGS) {
+    grid_dependency_wait();
     MAKE_FGEOM;
     flash_bwd<64>(q, k, v, lse, delta, dout, seg, cos_t, sin_t, dq, dk, dv, g);
 }
 extern "C" __global__ void __launch_bounds__(128) flash_bwd_hd128(const __nv_bfloat16* q, const __nv_bfloat16* k, const __nv_bfloat16* v, const float* lse, const float* delta, const __nv_bfloat16* dout, const uint32_t* seg, const float* cos_t, const float* sin_t, float* dq, float* dk, float* dv, FGEOM_ARGS) {
+    grid_dependency_wait();
     MAKE_FGEOM;
     flash_bwd<128>(q, k, v, lse, delta, dout, seg, cos_t, sin_t, dq, dk, dv, g);
 }

@@ -34,11 +34,13 @@ __device__ __forceinline__ void gemv_f32_row(const float* w, const float* x, flo
 // GemvF32Targets): u = x·Aᵀ with a block per row of every A (gemv_f32_long_row), y += scale·u·Bᵀ
 // with a group of lanes per row of every B; one branch is a launch of one target.
 extern "C" __global__ void gemv_f32_many(const GemvF32Targets ts, int m, int cols, float alpha, int accumulate) {
+    grid_dependency_wait();
     const GemvF32Target t = block_target(ts.t, ts.count);
     const int warp = (((int)blockIdx.x - t.first_block) * blockDim.x + threadIdx.x) / WARP;
     gemv_f32_row(t.w, t.x, t.y, m, t.rows, cols, alpha, accumulate, warp);
 }
 extern "C" __global__ void gemv_f32_long_rows_many(const GemvF32Targets ts, int m, int cols, float alpha, int accumulate) {
+    grid_dependency_wait();
     const GemvF32Target t = block_target(ts.t, ts.count);
     gemv_f32_long_row(t.w, t.x, t.y, m, t.rows, cols, alpha, accumulate, (int)blockIdx.x - t.first_block);
 }

@@ -143,6 +143,7 @@ __device__ void lora_down(const float* x, const float* w, float* part, int m, in
 }
 #define LORA_DOWN(name, NT) \
     extern "C" __global__ void __launch_bounds__(DOWN_THREADS, 3) name(const float* x, const float* w, float* part, int m, int K, int r, int k_split, uint64_t seed, float p) { \
+        grid_dependency_wait(); \
         lora_down<NT>(x, w, part, m, K, r, k_split, seed, p); \
     }
 LORA_DOWN(lora_down_r16, 2)
@@ -151,6 +152,7 @@ LORA_DOWN(lora_down_r64, 8)
 
 // ---- the sum of split partials: out (n) = [out +] alpha · Σ_s part[s] (n), n a multiple of 4 ------
 extern "C" __global__ void lora_sum_splits(const float* part, float* out, int splits, int64_t n, float alpha, int accumulate) {
+    grid_dependency_wait();
     FOR_EACH(i, n / 4) {
         float4 s = make_float4(0.f, 0.f, 0.f, 0.f);
         for (int k = 0; k < splits; k++) {
@@ -277,11 +279,13 @@ __device__ __forceinline__ void lora_up_tile(const float* u, const float* w, con
 }
 
 extern "C" __global__ void __launch_bounds__(UP_THREADS, 4) lora_up(const float* u, const float* w, float* out, int m, int N, int r, int w_is_rn, float alpha, uint64_t seed, float p) {
+    grid_dependency_wait();
     lora_up_tile<float>(u, w, nullptr, out, m, N, r, w_is_rn, alpha, seed, p, 1);
 }
 #define LORA_UP_FROM(name, T)                                                                                                   \
     extern "C" __global__ void __launch_bounds__(UP_THREADS, 4)                                                                  \
         name(const float* u, const float* w, const T* base, float* out, int m, int N, int r, int w_is_rn, float alpha, uint64_t seed, float p, int accumulate) { \
+        grid_dependency_wait();                                                                                                   \
         lora_up_tile<T>(u, w, base, out, m, N, r, w_is_rn, alpha, seed, p, accumulate);                                         \
     }
 LORA_UP_FROM(lora_up_from_bf16, __nv_bfloat16)
@@ -367,6 +371,7 @@ __device__ void lora_outer(const float* S, const float* T, float* part, int m, i
 }
 #define LORA_OUTER(name, MT) \
     extern "C" __global__ void __launch_bounds__(OUTER_THREADS, 3) name(const float* S, const float* T, float* part, int m, int N, int r, int m_split, uint64_t seed, float p) { \
+        grid_dependency_wait(); \
         lora_outer<MT>(S, T, part, m, N, r, m_split, seed, p); \
     }
 LORA_OUTER(lora_outer_r16, 1)

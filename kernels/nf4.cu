@@ -28,6 +28,7 @@ __device__ void dequant(const uint8_t* packed, const float* absmax, const uint8_
 // dequant_seg).
 #define DEQUANT_ENTRY(name, impl, T) \
     extern "C" __global__ void name(const uint8_t* packed, const float* absmax, const uint8_t* absmax_q, const float* absmax2, const float* code256, float offset, const float* code16, int bs, int64_t n, T* out) { \
+        grid_dependency_wait(); \
         impl<T>(packed, absmax, absmax_q, absmax2, code256, offset, code16, bs, n, out); \
     }
 DEQUANT_ENTRY(dequant_4bit_f32, dequant, float)
@@ -35,6 +36,7 @@ DEQUANT_ENTRY(dequant_4bit_f16, dequant, __half)
 DEQUANT_ENTRY(dequant_4bit_bf16, dequant, __nv_bfloat16)
 
 extern "C" __global__ void f32_to_f16(const float* x, __half* out, int64_t n) {
+    grid_dependency_wait();
     for_each4(
         n, aligned_to(x, 16) && aligned_to(out, 8),
         [&](int64_t q) { reinterpret_cast<uint2*>(out)[q] = pack_f16x4(reinterpret_cast<const float4*>(x)[q]); },
@@ -64,6 +66,7 @@ __device__ __forceinline__ void store_rows(float (&acc)[R][M], float* y, int row
 }
 
 extern "C" __global__ void gemv_4bit_f32(const uint8_t* packed, const float* absmax, const uint8_t* absmax_q, const float* absmax2, const float* code256, float offset, const float* code16, int blocksize, const float* x, float* y, int m, int rows, int cols, int compute) {
+    grid_dependency_wait();
     __shared__ float lut[16];
     load_lut(lut, code16);
     __syncthreads();
@@ -177,6 +180,8 @@ __device__ void gemv_rows(const uint8_t* packed, const float* absmax, const uint
             a_cur[r] = absmax_of(r, (chunk0[r] + lane) >> shift);
         }
     load_lut(lut, code16);
+    // Everything above reads only the weight and the code tables; x is the previous kernel's output.
+    grid_dependency_wait();
     if (SX) {
         // Four independent 16-byte loads per thread in flight, then the rounded stores.
         const float4* x4 = reinterpret_cast<const float4*>(x);
@@ -316,6 +321,7 @@ GEMV_MANY_KERNEL(gemv_4bit_many_bf16_r2, 2, 2)
 #define GEMV_MANY_LORA_KERNEL(name, C, R) \
     extern "C" __global__ void __launch_bounds__(GEMV_THREADS, 3) name(const GemvTargets ts, const float* code256, const float* code16, int blocksize, const float* x, int cols, const GemvF32Targets downs) { \
         if ((int)blockIdx.x >= downs.t[0].first_block) { \
+            grid_dependency_wait(); \
             const GemvF32Target d = block_target(downs.t, downs.count); \
             gemv_f32_long_row(d.w, d.x, d.y, 1, d.rows, cols, 1.f, 0, (int)blockIdx.x - d.first_block); \
             return; \

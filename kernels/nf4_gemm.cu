@@ -339,6 +339,7 @@ __device__ void gemm_4bit(const Quant4Args q, const float* code16, const uint16_
 
 #define GEMM_4BIT_KERNEL(name, C, DGRAD, BT) \
     extern "C" __global__ void __launch_bounds__(GEMM_THREADS, BT == 256 ? 1 : 2) name(const uint8_t* packed, const float* absmax, const uint8_t* absmax_q, const float* absmax2, const float* code256, float offset, const float* code16, int blocksize, const uint16_t* a, float* out, float* partial, int m, int rows, int cols, int accumulate) { \
+        grid_dependency_wait(); \
         gemm_4bit<C, DGRAD, BT>(Quant4Args{packed, absmax, absmax_q, absmax2, code256, offset, blocksize}, code16, a, out, partial, m, rows, cols, accumulate); \
     }
 GEMM_4BIT_KERNEL(gemm_4bit_fwd_f16_t128, 1, false, 128)
@@ -352,6 +353,7 @@ GEMM_4BIT_KERNEL(gemm_4bit_dgrad_bf16_t256, 2, true, 256)
 
 // Split-K epilogue: out (=|+=) round(Σ_z partial[z]) over n = m·n_out values, compute dtype C.
 extern "C" __global__ void gemm_4bit_reduce(const float* partial, float* out, int64_t n, int splits, int compute, int accumulate) {
+    grid_dependency_wait();
     FOR_EACH(i, n) {
         float s = 0.f;
         for (int z = 0; z < splits; z++) s += partial[z * n + i];

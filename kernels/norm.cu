@@ -63,6 +63,7 @@ __device__ __forceinline__ void norm_row(const float* a, const float* b, const f
 
 // out = x · rstd · w, rstd = (mean x² + eps)^-1/2;  x, out (m, dim); rstd (m). One block per row.
 extern "C" __global__ void __launch_bounds__(1024) rmsnorm_f32(const float* x, const float* w, float* out, float* rstd, int dim, float eps) {
+    grid_dependency_wait();
     norm_row<false>(x, nullptr, w, nullptr, out, rstd, dim, eps);
 }
 
@@ -70,12 +71,14 @@ extern "C" __global__ void __launch_bounds__(1024) rmsnorm_f32(const float* x, c
 // saves a launch per layer, training a read of the sum). a, b, sum, out (m, dim); rstd (m).
 // CPU reference: Backend::add_rmsnorm's default (add, rmsnorm).
 extern "C" __global__ void __launch_bounds__(1024) add_rmsnorm_f32(const float* a, const float* b, const float* w, float* sum, float* out, float* rstd, int dim, float eps) {
+    grid_dependency_wait();
     norm_row<true>(a, b, w, sum, out, rstd, dim, eps);
 }
 
 // dx (+)= r·(dy·w − x·r²·mean(dy·w·x)); accumulate: added to the gradient already in dx (the residual
 // stream's), instead of a separate add_assign pass over it; the sum is rounded once, as that pass did.
 extern "C" __global__ void rmsnorm_backward_f32(const float* x, const float* w, const float* rstd, const float* dy, float* dx, int dim, int accumulate) {
+    grid_dependency_wait();
     const int64_t off = (int64_t)blockIdx.x * dim;
     const float r = rstd[blockIdx.x];
     float dot = 0.f;

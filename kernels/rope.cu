@@ -16,6 +16,7 @@ __device__ __forceinline__ void rotate_pair(const float* x, const float* cos_t, 
 
 // x, out (m, heads, head_dim); cos, sin (m, head_dim/2)
 extern "C" __global__ void rope_f32(const float* x, const float* cos_t, const float* sin_t, float* out, int m, int heads, int head_dim, int inverse) {
+    grid_dependency_wait();
     FOR_EACH(i, (int64_t)m * heads * (head_dim / 2)) rotate_pair(x, cos_t, sin_t, out, 0, i, heads, head_dim, inverse);
 }
 
@@ -23,6 +24,7 @@ extern "C" __global__ void rope_f32(const float* x, const float* cos_t, const fl
 // backward), rounded to bf16 for the kernels' asynchronous copies: rope_f32 then f32_to_bf16 in one
 // pass, four pairs per thread (head_dim % 8 = 0). x (rows, heads, head_dim) f32, out the same in bf16; cos, sin (rows, head_dim/2).
 extern "C" __global__ void rope_bf16(const float* x, const float* cos_t, const float* sin_t, __nv_bfloat16* out, int rows, int heads, int head_dim) {
+    grid_dependency_wait();
     const int half = head_dim / 2, quads = half / 4;
     FOR_EACH(i, (int64_t)rows * heads * quads) {
         const int64_t row_head = i / quads, t = row_head / heads;
@@ -42,6 +44,7 @@ extern "C" __global__ void rope_bf16(const float* x, const float* cos_t, const f
 // Backend::rope_into_cache's default (rope, rope, kv_write, kv_write).
 // q, q_out (m, heads, head_dim); k, v (m, kv_heads, head_dim); caches (capacity, kv_heads, head_dim)
 extern "C" __global__ void rope_cache_f32(const float* q, const float* k, const float* v, const float* cos_t, const float* sin_t, float* q_out, float* k_cache, float* v_cache, const float* pos, int m, int heads, int kv_heads, int head_dim) {
+    grid_dependency_wait();
     const int half = head_dim / 2;
     const int64_t q_pairs = (int64_t)m * heads * half, k_pairs = (int64_t)m * kv_heads * half, v_values = (int64_t)m * kv_heads * head_dim;
     const int64_t cache_off = (int64_t)pos[0] * kv_heads * head_dim;

@@ -29,6 +29,7 @@ __device__ __forceinline__ bool skip_row(T* dlogits, int64_t off, int t, int* co
 
 // logits, dlogits (m, vocab); loss[0] += Σ (lse − logit[target]); count[0] += counted rows
 extern "C" __global__ void cross_entropy_f32(const float* logits, const int* targets, float* dlogits, double* loss, int* count, int vocab, float scale) {
+    grid_dependency_wait();
     const int64_t off = (int64_t)blockIdx.x * vocab;
     const int t = targets[blockIdx.x];
     if (skip_row(dlogits, off, t, count, vocab)) return;
@@ -103,6 +104,7 @@ __device__ void cross_entropy_reg(const float* logits, const int* targets, float
 }
 #define XENT_REG(VPT) \
     extern "C" __global__ void __launch_bounds__(XENT_THREADS, 1) cross_entropy_reg##VPT(const float* logits, const int* targets, float* dlogits, double* loss, int* count, int vocab, float scale) { \
+        grid_dependency_wait(); \
         cross_entropy_reg<VPT>(logits, targets, dlogits, loss, count, vocab, scale); \
     }
 XENT_REG(8)
@@ -161,6 +163,7 @@ __device__ void cross_entropy_stream(const TIn* logits, const int* targets, TOut
 }
 #define XENT_STREAM(VPT, SUFFIX, T) \
     extern "C" __global__ void __launch_bounds__(XENT_THREADS, 1) cross_entropy_stream##VPT##SUFFIX(const T* logits, const int* targets, T* dlogits, double* loss, int* count, int rows, int vocab, float scale) { \
+        grid_dependency_wait(); \
         cross_entropy_stream<VPT, T, T>(logits, targets, dlogits, loss, count, rows, vocab, scale); \
     }
 XENT_STREAM(8, , float)

@@ -11,6 +11,7 @@
 #          and (AB_ALL_LINEAR=1) all-linear recipes, base and new alternating twice, and the criterion
 #          kernel bench rows matching AB_FILTER (default "attention") for both binaries; AB_VARIANTS
 #          adds runs of the new build with settings (e.g. "base new new:LLAMATUNE_KEEP_EXPANDED=0")
+#   abdecode OUT: the same alternation for the 7B greedy decode (128 new tokens after a 1-step bench)
 # The GGUF (98 MB) travels in two parts because one call carries at most 64 MiB.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -80,6 +81,20 @@ ab)
         [ $side = base ] && bin=stage/base-gpu-bench
         echo "== kernel bench ($side)" | tee -a "$out/ab.log"
         timeout 200 $bin --bench "${AB_FILTER:-attention}" 2>&1 | grep -E "^[A-Za-z].*/|time:" | tee -a "$out/ab.log"
+    done
+    ;;
+abdecode)
+    echo "base $(cat stage/base-rev.txt 2>/dev/null), new $(cat stage/rev.txt 2>/dev/null)" | tee "$out/abdecode.log"
+    for round in 1 2; do
+        for variant in ${AB_VARIANTS:-base new}; do
+            bin=stage/llamatune
+            [ "$variant" = base ] && bin=stage/base-llamatune
+            envs=()
+            [[ $variant == *:* ]] && IFS=, read -ra envs <<< "${variant#*:}"
+            line=$(timeout 120 env "${envs[@]}" $bin bench --device cuda --shape llama2-7b --steps 1 --warmup-steps 0 \
+                --decode-tokens 128 2>&1 | grep -E "decoded")
+            echo "round $round $variant: $(echo $line | tr -s ' ')" | tee -a "$out/abdecode.log"
+        done
     done
     ;;
 c)

@@ -1560,6 +1560,57 @@ fn evaluation_and_cached_greedy_decoding_match_the_cpu() {
     }
 }
 
+/// Decoding's graph with programmatic launches between our kernels (each kernel's blocks placed
+/// while the previous kernel runs, `Pdl::AtLaunch`, the default; or once its blocks have exited,
+/// `Pdl::AtExit`) computes the same logits, bit for bit, as the plain graph over 24 replayed
+/// tokens (a kernel that used its inputs before `grid_dependency_wait()` would read them half
+/// written); on compute capability 9.0 every edge between two of our kernels is made programmatic,
+/// and there are such edges; without PDL none is.
+#[test]
+fn decoding_graph_with_programmatic_launches_matches_the_plain_graph() {
+    use llamatune::backend::cuda::Pdl;
+    use llamatune::model::llama::{decode_step, KvCache};
+    let cfg = small_config();
+    let src = random_source(&cfg, 23);
+    let q = QuantConfig {
+        quant_type: QuantType::Nf4,
+        blocksize: 64,
+        double_quant: true,
+        compute_dtype: ComputeDtype::BF16,
+    };
+    let gm = Llama::load(gpu(), &src, Some(q)).unwrap();
+    let (_, gl) = lora_pair(&cfg);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(29);
+    let tokens: Vec<u32> = (0..36).map(|_| rng.gen_range(0..cfg.vocab_size as u32)).collect();
+    let before = gpu().pdl();
+    gpu().set_pdl(Pdl::AtLaunch);
+    let sm90 = gpu().pdl() == Pdl::AtLaunch; // set_pdl keeps it off before compute capability 9.0
+    let mut runs = Vec::new();
+    for pdl in [Pdl::Off, Pdl::AtExit, Pdl::AtLaunch] {
+        gpu().set_pdl(pdl);
+        let mut cache = KvCache::new(gpu(), &cfg, 40);
+        decode_step(gpu(), &gm, Some(&gl), &mut cache, &tokens[..12]).unwrap();
+        let logits: Vec<Vec<f32>> =
+            tokens[12..].iter().map(|&t| decode_step(gpu(), &gm, Some(&gl), &mut cache, &[t]).unwrap()).collect();
+        let (made, of) = gpu().last_graph_edges();
+        println!("{pdl:?}: {made} of {of} edges between our kernels programmatic");
+        if pdl == Pdl::Off || !sm90 {
+            assert_eq!(made, 0, "{pdl:?}: no programmatic edge");
+        } else {
+            assert!(of > 10 && made == of, "{pdl:?}: {made} of {of} edges programmatic");
+        }
+        runs.push((pdl, logits));
+    }
+    gpu().set_pdl(before);
+    let (_, plain) = &runs[0];
+    for (pdl, logits) in &runs[1..] {
+        for (i, (a, b)) in logits.iter().zip(plain).enumerate() {
+            assert!(a.iter().all(|v| v.is_finite()), "{pdl:?} token {i}: non-finite logits");
+            check(&format!("{pdl:?} token {i} logits vs the plain graph"), a, b, 0.0);
+        }
+    }
+}
+
 #[test]
 fn fifty_gpu_steps_drive_the_loss_down() {
     let cfg = small_config();

@@ -62,6 +62,12 @@ pub struct Cuda {
     /// [`Cuda::set_dequant_seg`]: 4-bit weights expanded a warp per 1,024 values
     /// (`LLAMATUNE_DEQUANT_SEG=0`: the thread-per-32-values kernel).
     dequant_seg: std::sync::atomic::AtomicBool,
+    /// [`Cuda::set_pdl`]: how decoding's graph lets a kernel start while the previous one runs
+    /// (`LLAMATUNE_PDL=0|exit|launch`, default launch; off before compute capability 9.0).
+    pdl: std::sync::Mutex<graph::Pdl>,
+    /// [`Cuda::last_graph_edges`]: of the last captured graph, the edges made programmatic and the
+    /// edges between two of our kernels.
+    graph_edges: std::sync::Mutex<(usize, usize)>,
     /// The device runs the wgmma kernels (compute capability 9.0, built for sm_90a).
     wgmma: bool,
     /// Streaming multiprocessors (for sizing split-K grids).
@@ -140,6 +146,7 @@ macro_rules! launch {
 mod adamw;
 mod attention;
 mod gemm;
+mod graph;
 mod kernels;
 mod lora;
 mod mlp;
@@ -152,6 +159,7 @@ pub use attention::AttnActs;
 use attention::{flash_bwd_smem, FlashQ};
 use gemm::UpTail;
 pub use gemm::{Operand, OperandRef, OperandView};
+pub use graph::{Pdl, StepGraph};
 use lora::{lora_down_smem, lora_outer_smem, LORA_DOWN, LORA_MAX_TARGETS, LORA_OUTER};
 pub use mlp::MlpActs;
 pub use offload::Offloaded;
@@ -242,7 +250,10 @@ impl Cuda {
             funcs[LORA_OUTER[v]].set_attribute(attr, lora_outer_smem(v) as i32).map_err(dev_err)?;
         }
         // The fused 4-bit matmul needs compute capability 9.0 and sm_90a code (wgmma).
-        let wgmma = cfg!(wgmma_kernels) && ctx.compute_capability().map_err(dev_err)?.0 == 9;
+        let compute_capability = ctx.compute_capability().map_err(dev_err)?;
+        let wgmma = cfg!(wgmma_kernels) && compute_capability.0 == 9;
+        // Programmatic dependent launch needs compute capability 9.0 (kernels/common.cuh).
+        let pdl = if compute_capability.0 >= 9 { graph::Pdl::from_env() } else { graph::Pdl::Off }.into();
         let sm_count = ctx
             .attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
             .map_err(dev_err)? as usize;
@@ -306,6 +317,8 @@ impl Cuda {
             gemv_many,
             kept,
             dequant_seg,
+            pdl,
+            graph_edges: Default::default(),
             profile,
         })
     }
@@ -385,7 +398,7 @@ impl Backend for Cuda {
     type Buf = CudaSlice<f32>;
     type Weight = CudaWeight;
     type HostBuf = PinnedHostSlice<f32>;
-    type Recording = cudarc::driver::CudaGraph;
+    type Recording = graph::StepGraph;
     type Offloaded = Offloaded;
     type MlpActs = MlpActs;
     type AttnActs = AttnActs;
@@ -1132,26 +1145,17 @@ impl Backend for Cuda {
     }
     /// Captures the ops `f` issues on our stream into a CUDA graph. Not while profiling (a profiled
     /// op synchronizes, which a capture forbids) or with `LLAMATUNE_CUDA_GRAPHS=0`.
-    fn record(&self, f: &mut dyn FnMut()) -> Option<cudarc::driver::CudaGraph> {
+    fn record(&self, f: &mut dyn FnMut()) -> Option<graph::StepGraph> {
         if self.profile.is_some() || std::env::var("LLAMATUNE_CUDA_GRAPHS").is_ok_and(|v| v == "0") {
             return None;
         }
-        use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
         // A driver that cannot capture or instantiate the step costs speed, not the answer: nothing
         // captured has run, so the caller runs the step op by op instead.
-        let fallback = |what: &str, e: cudarc::driver::DriverError| {
-            eprintln!("warning: {what} failed ({e:?}); decoding without CUDA graphs");
-            None
-        };
-        if let Err(e) = self.stream.begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL) {
-            return fallback("CUDA graph capture", e);
-        }
-        f();
-        self.stream.end_capture(CUgraphInstantiate_flags(0)).unwrap_or_else(|e| fallback("CUDA graph instantiation", e))
+        self.capture_step(f)
     }
-    fn replay(&self, r: &cudarc::driver::CudaGraph) {
+    fn replay(&self, r: &graph::StepGraph) {
         let _span = self.span("replay");
-        ck!(r.launch(), "graph launch");
+        ck!(self.launch_step(r), "graph launch");
     }
     fn keep_weight_expansions(&self, on: bool) {
         self.keep_expansions(on);

@@ -1,0 +1,93 @@
+//! Checks on the CUDA sources that need no GPU: every kernel waits for the kernels it depends on
+//! before it touches their data. Decoding's CUDA graph launches each of our kernels while the one
+//! before it may still run (programmatic dependent launch, src/backend/cuda/graph.rs), which is only
+//! correct if the kernel calls `grid_dependency_wait()` first (kernels/common.cuh). A kernel that
+//! forgot it would read half-written activations in decoding only, and only sometimes.
+
+use std::fs;
+use std::path::Path;
+
+/// Device functions that call `grid_dependency_wait()` themselves after reading only weights, so a
+/// kernel whose body calls one of them waits too (checked below against their definitions).
+const WAITING_HELPERS: &[&str] = &["gemv_rows", "gemv_many_block"];
+
+/// The body of the function whose opening brace is at or after `from`: the text between its braces.
+fn body_after(src: &str, from: usize) -> &str {
+    // The first brace that is not a default argument's `{}`.
+    let open = from
+        + src[from..].match_indices('{').map(|(i, _)| i).find(|&i| !src[from + i..].starts_with("{}")).expect("a body");
+    let mut depth = 0usize;
+    for (i, ch) in src[open..].char_indices() {
+        match ch {
+            '{' => depth += 1,
+            '}' => {
+                depth -= 1;
+                if depth == 0 {
+                    return &src[open + 1..open + i];
+                }
+            }
+            _ => {}
+        }
+    }
+    panic!("unbalanced braces after byte {from}")
+}
+
+/// The text before the first `return` or the end, where the wait must come.
+fn before_first_return(body: &str) -> &str {
+    body.find("return").map_or(body, |i| &body[..i])
+}
+
+fn sources() -> Vec<(String, String)> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("kernels");
+    let mut files: Vec<_> = fs::read_dir(&dir)
+        .expect("kernels/")
+        .map(|e| e.expect("kernels/ entry").path())
+        .filter(|p| p.extension().is_some_and(|x| x == "cu" || x == "cuh"))
+        .collect();
+    files.sort();
+    files
+        .into_iter()
+        .map(|p| (p.file_name().unwrap().to_string_lossy().into_owned(), fs::read_to_string(&p).expect("read")))
+        .collect()
+}
+
+#[test]
+fn every_kernel_waits_for_its_inputs_before_using_them() {
+    let sources = sources();
+    let mut kernels = 0;
+    let mut missing = Vec::new();
+    for (file, src) in &sources {
+        for (at, _) in src.match_indices("__global__") {
+            kernels += 1;
+            let body = before_first_return(body_after(src, at));
+            let waits = body.contains("grid_dependency_wait()")
+                || WAITING_HELPERS.iter().any(|h| body.contains(&format!("{h}<")) || body.contains(&format!("{h}(")));
+            if !waits {
+                let line = src[..at].lines().count();
+                missing.push(format!("{file}:{line}"));
+            }
+        }
+    }
+    assert!(kernels > 50, "found only {kernels} kernels: did the sources move?");
+    assert!(
+        missing.is_empty(),
+        "kernels that do not call grid_dependency_wait() before using their inputs: {missing:?}"
+    );
+}
+
+#[test]
+fn the_waiting_helpers_wait() {
+    let sources = sources();
+    for helper in WAITING_HELPERS {
+        let def = sources.iter().find_map(|(_, src)| {
+            src.match_indices("__device__")
+                .map(|(at, _)| at)
+                .find(|&at| src[at..].split('(').next().is_some_and(|head| head.trim_end().ends_with(helper)))
+                .map(|at| body_after(src, at))
+        });
+        let body = def.unwrap_or_else(|| panic!("no __device__ definition of {helper}"));
+        let waits = body.contains("grid_dependency_wait()")
+            || WAITING_HELPERS.iter().any(|h| h != helper && body.contains(&format!("{h}<")));
+        assert!(waits, "{helper} does not call grid_dependency_wait()");
+    }
+}
