@@ -105,8 +105,19 @@ impl Cuda {
             let ours: HashSet<usize> = self.funcs.values().map(|f| f.cu_function() as usize).collect();
             // SAFETY: `graph` is the live graph captured above, not yet instantiated.
             match unsafe { make_programmatic(graph, &ours, pdl) } {
-                Ok((made, of)) => (programmatic_edges, kernel_edges) = (made, of),
+                Ok((made, of, refused)) => {
+                    (programmatic_edges, kernel_edges) = (made, of);
+                    if let Some(why) = refused {
+                        eprintln!("warning: {} of {of} kernel edges left plain: {why}", of - made);
+                    }
+                }
                 Err(e) => eprintln!("warning: programmatic launch between kernels unavailable ({e:?})"),
+            }
+            if let Some(path) = std::env::var_os("LLAMATUNE_GRAPH_DOT") {
+                // The captured graph as Graphviz, for looking at what a step launches (debugging).
+                let path = std::ffi::CString::new(path.to_string_lossy().as_bytes()).unwrap_or_default();
+                // SAFETY: `graph` is live; `path` is a NUL-terminated string; flags 0 = default detail.
+                let _ = unsafe { sys::cuGraphDebugDotPrint(graph, path.as_ptr(), 1 << 0 | 1 << 3) };
             }
         }
         let mut exec: CUgraphExec = null_mut();
@@ -140,9 +151,14 @@ unsafe fn kernel_of(node: CUgraphNode) -> Result<Option<usize>, DriverError> {
 }
 
 /// Replaces each plain edge from one of our kernels to another (`ours`: their function handles) by
-/// a programmatic edge leaving from `pdl`'s port; returns how many it replaced and how many such
-/// edges there are.
-unsafe fn make_programmatic(graph: CUgraph, ours: &HashSet<usize>, pdl: Pdl) -> Result<(usize, usize), DriverError> {
+/// a programmatic edge leaving from `pdl`'s port, where the driver takes it (an edge it refuses keeps
+/// its plain form); returns how many it replaced, how many such edges there are, and the first
+/// refusal.
+unsafe fn make_programmatic(
+    graph: CUgraph,
+    ours: &HashSet<usize>,
+    pdl: Pdl,
+) -> Result<(usize, usize, Option<String>), DriverError> {
     let mut n = 0usize;
     sys::cuGraphGetEdges_v2(graph, null_mut(), null_mut(), null_mut(), &mut n).result()?;
     let (mut from, mut to) = (vec![null_mut(); n], vec![null_mut(); n]);
@@ -158,22 +174,27 @@ unsafe fn make_programmatic(graph: CUgraph, ours: &HashSet<usize>, pdl: Pdl) -> 
         type_: sys::CUgraphDependencyType::CU_GRAPH_DEPENDENCY_TYPE_PROGRAMMATIC as u8,
         reserved: [0; 5],
     };
-    let is_ours = |node| -> Result<bool, DriverError> { Ok(kernel_of(node)?.is_some_and(|f| ours.contains(&f))) };
-    let (mut made, mut of) = (0, 0);
+    // A node whose parameters cannot be read (another library's kernel) is not ours.
+    let is_ours = |node| kernel_of(node).ok().flatten().is_some_and(|f| ours.contains(&f));
+    let (mut made, mut of, mut refused) = (0, 0, None);
     for i in 0..n {
         let plain = data[i].type_ == 0 && data[i].from_port == 0;
-        if !plain || !is_ours(from[i])? || !is_ours(to[i])? {
+        if !plain || !is_ours(from[i]) || !is_ours(to[i]) {
             continue;
         }
         of += 1;
-        sys::cuGraphRemoveDependencies_v2(graph, &from[i], &to[i], &data[i], 1).result()?;
-        if let Err(e) = sys::cuGraphAddDependencies_v2(graph, &from[i], &to[i], &programmatic, 1).result() {
-            // The plain edge back, so that the graph keeps every dependency; the edges made so far
-            // are valid as they are.
-            sys::cuGraphAddDependencies_v2(graph, &from[i], &to[i], &data[i], 1).result()?;
-            return Err(e);
+        if let Err(e) = sys::cuGraphRemoveDependencies_v2(graph, &from[i], &to[i], &data[i], 1).result() {
+            refused.get_or_insert(format!("removing edge {i} of {n}: {e:?}"));
+            continue;
         }
-        made += 1;
+        match sys::cuGraphAddDependencies_v2(graph, &from[i], &to[i], &programmatic, 1).result() {
+            Ok(()) => made += 1,
+            Err(e) => {
+                refused.get_or_insert(format!("adding edge {i} of {n} as programmatic: {e:?}"));
+                // The plain edge back, so that the graph keeps every dependency.
+                sys::cuGraphAddDependencies_v2(graph, &from[i], &to[i], &data[i], 1).result()?;
+            }
+        }
     }
-    Ok((made, of))
+    Ok((made, of, refused))
 }
