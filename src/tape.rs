@@ -119,6 +119,46 @@ pub struct Tape<B: Backend> {
     mlp_acts: Vec<Option<B::MlpActs>>,
     /// The saved inputs of recorded [`Op::Attention`]s, each dropped once its backward has run.
     attn_acts: Vec<Option<B::AttnActs>>,
+    /// Released values, kept instead of dropped when the tape is [`Tape::keeping_released`].
+    released: Option<Vec<B::Buf>>,
+}
+
+/// Buffers kept for reuse, by length. Decoding's recorded step draws every buffer from one and hands
+/// them all back after each layer, so that a CUDA graph of the step allocates and frees nothing: the
+/// graph's allocation and free nodes would otherwise stand between its kernels (551 of each per 7B
+/// token), and a graph holding such nodes cannot have its kernel-to-kernel edges made programmatic
+/// (src/backend/cuda/graph.rs).
+pub struct BufPool<B: Backend> {
+    free: std::cell::RefCell<std::collections::HashMap<usize, Vec<B::Buf>>>,
+    misses: std::cell::Cell<usize>,
+}
+
+impl<B: Backend> Default for BufPool<B> {
+    fn default() -> Self {
+        BufPool { free: Default::default(), misses: Default::default() }
+    }
+}
+
+impl<B: Backend> BufPool<B> {
+    /// A kept buffer of `n` elements (its contents are whatever it last held), or a new one.
+    pub fn take(&self, be: &B, n: usize) -> B::Buf {
+        if let Some(b) = self.free.borrow_mut().get_mut(&n).and_then(Vec::pop) {
+            return b;
+        }
+        self.misses.set(self.misses.get() + 1);
+        be.alloc_output(n)
+    }
+    /// Keeps `bufs` for later [`BufPool::take`]s.
+    pub fn give(&self, be: &B, bufs: impl IntoIterator<Item = B::Buf>) {
+        let mut free = self.free.borrow_mut();
+        for b in bufs {
+            free.entry(be.buf_len(&b)).or_default().push(b);
+        }
+    }
+    /// How many takes found no kept buffer and allocated one.
+    pub fn misses(&self) -> usize {
+        self.misses.get()
+    }
 }
 
 impl<B: Backend> Tape<B> {
@@ -131,7 +171,25 @@ impl<B: Backend> Tape<B> {
             ops: Vec::new(),
             mlp_acts: Vec::new(),
             attn_acts: Vec::new(),
+            released: None,
         }
+    }
+    /// A tape whose released values are kept for [`Tape::into_buffers`] instead of freed.
+    pub fn keeping_released(recording: bool) -> Self {
+        Tape { released: Some(Vec::new()), ..Self::new(recording) }
+    }
+    /// A temporary no value of the tape refers to, no longer read: kept like a released value when
+    /// the tape keeps them, dropped otherwise.
+    pub fn discard(&mut self, v: B::Buf) {
+        if let Some(kept) = &mut self.released {
+            kept.push(v);
+        }
+    }
+    /// Every buffer the tape holds: its live values and what it kept of the released ones.
+    pub fn into_buffers(mut self) -> Vec<B::Buf> {
+        let mut out = self.released.take().unwrap_or_default();
+        out.extend(self.vals.drain(..).flatten());
+        out
     }
     /// Stores a value and returns its id.
     pub fn put(&mut self, v: B::Buf) -> Id {
@@ -161,7 +219,9 @@ impl<B: Backend> Tape<B> {
     /// op's backward needs it (then the backward walk drops it after its last use).
     pub fn done_with(&mut self, id: Id) {
         if !self.saved[id] {
-            self.vals[id] = None;
+            if let Some(v) = self.vals[id].take() {
+                self.discard(v);
+            }
         }
     }
     /// Moves value `id` off the device until backward takes it back (an offloaded checkpoint).

@@ -9,7 +9,7 @@ use crate::model::lora::{Lora, LoraGrads, LoraPair, Proj};
 use crate::model::rope;
 use crate::model::weights::{HostTensor, WeightSource};
 use crate::quant::Quant4;
-use crate::tape::{Id, NormRef, Op, Tape};
+use crate::tape::{BufPool, Id, NormRef, Op, Tape};
 
 /// One decoder layer's frozen weights.
 pub struct Layer<B: Backend> {
@@ -235,6 +235,8 @@ impl<B: Backend> StepIo<B> {
 struct RecordedStep<B: Backend> {
     io: StepIo<B>,
     recording: B::Recording,
+    /// Every buffer the recording uses besides `io`'s and the cache's.
+    _buffers: BufPool<B>,
 }
 
 /// Everything one forward pass shares: the model, adapters, RoPE tables, mask and dropout seed.
@@ -254,6 +256,9 @@ pub struct Graph<'a, B: Backend> {
     /// NEFTune's α (`neftune_noise_alpha`): a training pass (one with a `dropout_seed`) adds noise
     /// uniform on ±α/√(seq·hidden) to the embeddings, as transformers' NEFTune hook does; `None`: none.
     pub neftune_noise_alpha: Option<f32>,
+    /// Where the layer's ops take their output buffers: a pool (decoding's recorded step) or, `None`,
+    /// fresh allocations.
+    pub pool: Option<&'a BufPool<B>>,
 }
 
 /// Salt of the NEFTune noise's seed (the LoRA dropout seeds set bits from 8 up, with a zero low byte).
@@ -313,6 +318,15 @@ impl<'a, B: Backend> Graph<'a, B> {
             dropout_seed,
             checkpointing: checkpointing.into(),
             neftune_noise_alpha: None,
+            pool: None,
+        }
+    }
+
+    /// An op's output buffer of `n` elements, from the pool when there is one.
+    fn alloc(&self, n: usize) -> B::Buf {
+        match self.pool {
+            Some(pool) => pool.take(self.be, n),
+            None => self.be.alloc_output(n),
         }
     }
 
@@ -350,8 +364,8 @@ impl<'a, B: Backend> Graph<'a, B> {
         let dim = be.buf_len(w);
         let xv = t.get(x);
         let m = be.buf_len(xv) / dim;
-        let mut out = be.alloc_output(be.buf_len(xv));
-        let mut rstd = be.alloc_output(m);
+        let mut out = self.alloc(be.buf_len(xv));
+        let mut rstd = self.alloc(m);
         be.rmsnorm(xv, w, dim, self.model.cfg.rms_norm_eps, &mut out, &mut rstd);
         let (out, rstd) = (t.put(out), t.put(rstd));
         t.record(Op::RmsNorm { x, norm, rstd, out });
@@ -365,7 +379,7 @@ impl<'a, B: Backend> Graph<'a, B> {
         let w = self.norm_weight(norm);
         let dim = be.buf_len(w);
         let n = be.buf_len(t.get(a));
-        let (mut sum, mut out, mut rstd) = (be.alloc_output(n), be.alloc_output(n), be.alloc_output(n / dim));
+        let (mut sum, mut out, mut rstd) = (self.alloc(n), self.alloc(n), self.alloc(n / dim));
         be.add_rmsnorm(t.get(a), t.get(b), w, dim, self.model.cfg.rms_norm_eps, &mut sum, &mut out, &mut rstd);
         let (sum, out, rstd) = (t.put(sum), t.put(out), t.put(rstd));
         t.record(Op::Add { a, b, out: sum });
@@ -384,11 +398,11 @@ impl<'a, B: Backend> Graph<'a, B> {
         let be = self.be;
         let ws: Vec<&B::Weight> = projs.iter().map(|&p| self.model.proj(layer, p)).collect();
         let m = be.buf_len(t.get(x)) / be.weight_shape(ws[0]).1;
-        let mut ys: Vec<B::Buf> = ws.iter().map(|w| be.alloc_output(m * be.weight_shape(w).0)).collect();
+        let mut ys: Vec<B::Buf> = ws.iter().map(|w| self.alloc(m * be.weight_shape(w).0)).collect();
         // The targeted projections' LoRA branches in the same call (the backend may share launches).
         let r = self.lora_rank();
         let mut us: Vec<Option<B::Buf>> =
-            projs.iter().map(|&p| self.lora_pair(layer, p).map(|_| be.alloc_output(m * r))).collect();
+            projs.iter().map(|&p| self.lora_pair(layer, p).map(|_| self.alloc(m * r))).collect();
         let mut loras: Vec<Option<LoraDown<'_, B>>> = projs
             .iter()
             .zip(us.iter_mut())
@@ -419,7 +433,7 @@ impl<'a, B: Backend> Graph<'a, B> {
             let r = self.lora_rank();
             let xv = t.get(x);
             let m = be.buf_len(xv) / be.weight_shape(self.model.proj(layer, p)).1;
-            let mut u = be.alloc_output(m * r);
+            let mut u = self.alloc(m * r);
             let dropout = self.lora_dropout(layer, p);
             be.lora_down(xv, &pair.a, m, r, dropout, &mut u);
             (t.put(u), dropout)
@@ -431,7 +445,7 @@ impl<'a, B: Backend> Graph<'a, B> {
 
     fn add(&self, t: &mut Tape<B>, a: Id, b: Id) -> Id {
         let be = self.be;
-        let mut out = be.alloc_output(be.buf_len(t.get(a)));
+        let mut out = self.alloc(be.buf_len(t.get(a)));
         be.add(t.get(a), t.get(b), &mut out);
         let out = t.put(out);
         t.record(Op::Add { a, b, out });
@@ -444,8 +458,8 @@ impl<'a, B: Backend> Graph<'a, B> {
     fn attention(&self, t: &mut Tape<B>, q: Id, k: Id, v: Id) -> Id {
         let be = self.be;
         let sh = self.shape;
-        let mut out = be.alloc_output(be.buf_len(t.get(q)));
-        let mut lse = be.alloc_output(sh.batch * sh.heads * sh.q_len);
+        let mut out = self.alloc(be.buf_len(t.get(q)));
+        let mut lse = self.alloc(sh.batch * sh.heads * sh.q_len);
         let rope = RopeTables { cos: &self.cos, sin: &self.sin };
         let acts = be.attn_acts(t.take(q), t.take(k), t.take(v), rope, sh);
         be.rope_attention_acts(&acts, rope, sh, self.segments, &mut out, &mut lse);
@@ -459,7 +473,7 @@ impl<'a, B: Backend> Graph<'a, B> {
 
     fn swiglu(&self, t: &mut Tape<B>, gate: Id, up: Id) -> Id {
         let be = self.be;
-        let mut out = be.alloc_output(be.buf_len(t.get(gate)));
+        let mut out = self.alloc(be.buf_len(t.get(gate)));
         be.swiglu(t.get(gate), t.get(up), &mut out);
         let out = t.put(out);
         t.record(Op::SwiGlu { gate, up, out });
@@ -527,16 +541,18 @@ impl<'a, B: Backend> Graph<'a, B> {
             Some((kv, pos)) => {
                 // Rotated q, and the rotated keys and the values appended to the cache, in one call.
                 let be = self.be;
-                let mut q_rot = be.alloc_output(be.buf_len(t.get(q)));
+                let mut q_rot = self.alloc(be.buf_len(t.get(q)));
                 let dims = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
                 let (qv, kv_, vv) = (t.get(q), t.get(k), t.get(v));
                 be.rope_into_cache(qv, kv_, vv, &self.cos, &self.sin, dims, &mut q_rot, &mut kv.k, &mut kv.v, pos);
                 for id in [q, k, v] {
                     t.done_with(id);
                 }
-                let mut a = be.alloc_output(be.buf_len(&q_rot));
-                let mut lse = be.alloc_output(self.shape.heads * self.shape.q_len);
+                let mut a = self.alloc(be.buf_len(&q_rot));
+                let mut lse = self.alloc(self.shape.heads * self.shape.q_len);
                 be.attention_at(&q_rot, &kv.k, &kv.v, self.shape, pos, &mut a, &mut lse);
+                t.discard(q_rot);
+                t.discard(lse);
                 t.put(a)
             }
         };
@@ -564,7 +580,7 @@ impl<'a, B: Backend> Graph<'a, B> {
             }
             let d = match pass {
                 Pass::Full => {
-                    let mut d = be.alloc_output(be.buf_len(t.get(x2)));
+                    let mut d = self.alloc(be.buf_len(t.get(x2)));
                     be.mlp_down(&acts, wd, m, &mut d, false);
                     t.put(d)
                 }
@@ -579,7 +595,7 @@ impl<'a, B: Backend> Graph<'a, B> {
             let be = self.be;
             let (wg, wu) = (self.model.proj(l, Proj::Gate), self.model.proj(l, Proj::Up));
             let m = be.buf_len(t.get(n2)) / be.weight_shape(wg).1;
-            let mut out = be.alloc_output(m * be.weight_shape(wg).0);
+            let mut out = self.alloc(m * be.weight_shape(wg).0);
             be.linear_swiglu(t.get(n2), wg, wu, m, &mut out);
             t.done_with(n2);
             t.put(out)
@@ -632,7 +648,7 @@ impl<'a, B: Backend> Graph<'a, B> {
     /// values take no more memory than a replayed layer's backward takes later.
     pub fn body(&self, t: &mut Tape<B>, ids: &[u32]) -> Id {
         let be = self.be;
-        let mut h = be.alloc_output(ids.len() * self.model.cfg.hidden_size);
+        let mut h = self.alloc(ids.len() * self.model.cfg.hidden_size);
         be.embedding(&self.model.embed, ids, &mut h);
         if let (Some(alpha), Some(seed)) = (self.neftune_noise_alpha, self.dropout_seed) {
             // transformers' hook: uniform(-m, m) with m = α / √(L·d) over the (batch, L, d) embeddings.
@@ -682,7 +698,7 @@ impl<'a, B: Backend> Graph<'a, B> {
         while r0 < m {
             let rows = CHUNK_ROWS.min(m - r0);
             let xc = be.read_range(t.get(n), r0 * hidden, rows * hidden);
-            let mut dx = dn.is_some().then(|| be.alloc_output(rows * hidden));
+            let mut dx = dn.is_some().then(|| self.alloc(rows * hidden));
             let (l, c) = be.lm_head_cross_entropy(&xc, head, &targets[r0..r0 + rows], loss_scale, dx.as_mut());
             loss += l;
             count += c;
@@ -712,7 +728,7 @@ impl<'a, B: Backend> Graph<'a, B> {
         let (vocab, _) = be.weight_shape(head);
         let nv = t.get(n);
         let m = be.buf_len(nv) / self.model.cfg.hidden_size;
-        let mut logits = be.alloc_output(m * vocab);
+        let mut logits = self.alloc(m * vocab);
         be.linear(nv, head, m, &mut logits);
         logits
     }
@@ -817,14 +833,23 @@ pub fn decode_step<B: Backend>(
         )));
     }
     if n == 1 && !cache.record_tried {
+        // The first one-token step runs as its recording will, taking its buffers from a pool that
+        // keeps them (the recording then takes the same ones: it allocates and frees nothing).
         cache.record_tried = true;
+        let pool = BufPool::default();
         let mut io = StepIo::new(be, &model.cfg, 1);
+        io.load(be, model, tokens, cache.len);
         let (layers, capacity) = (&mut cache.layers, cache.capacity);
         let StepIo { h, cos, sin, pos, logits } = &mut io;
-        let recording = be.record(&mut || run_step(be, model, lora, layers, capacity, h, cos, sin, pos, logits));
+        run_step(be, model, lora, layers, capacity, h, cos, sin, pos, logits, Some(&pool));
+        let out = be.download(logits);
+        cache.len += 1;
+        let recording =
+            be.record(&mut || run_step(be, model, lora, layers, capacity, h, cos, sin, pos, logits, Some(&pool)));
         if let Some(recording) = recording {
-            cache.step = Some(RecordedStep { io, recording });
+            cache.step = Some(RecordedStep { io, recording, _buffers: pool });
         }
+        return Ok(out);
     }
     if let (1, Some(step)) = (n, cache.step.as_mut()) {
         step.io.load(be, model, tokens, cache.len);
@@ -835,14 +860,15 @@ pub fn decode_step<B: Backend>(
     let mut io = StepIo::new(be, &model.cfg, n);
     io.load(be, model, tokens, cache.len);
     let StepIo { h, cos, sin, pos, logits } = &mut io;
-    run_step(be, model, lora, &mut cache.layers, cache.capacity, h, cos, sin, pos, logits);
+    run_step(be, model, lora, &mut cache.layers, cache.capacity, h, cos, sin, pos, logits, None);
     cache.len += n;
     Ok(be.download(&io.logits))
 }
 
 /// The decoding step proper: every layer over the embedded tokens `h` at the device-held position
 /// `pos`, then the last token's logits into `logits`. Allocates only temporaries it frees, so it
-/// can be recorded.
+/// can be recorded; with a `pool` it takes every buffer from it and gives each back, so once the
+/// pool holds what one step needs the step allocates nothing.
 #[allow(clippy::too_many_arguments)]
 fn run_step<B: Backend>(
     be: &B,
@@ -855,15 +881,31 @@ fn run_step<B: Backend>(
     sin: &B::Buf,
     pos: &B::Buf,
     logits: &mut B::Buf,
+    pool: Option<&BufPool<B>>,
 ) {
     let c = &model.cfg;
     let n = be.buf_len(h) / c.hidden_size;
+    // A copy of an input the step may consume or release.
+    let copy = |src: &B::Buf| match pool {
+        Some(pool) => {
+            let mut b = pool.take(be, be.buf_len(src));
+            be.write_range(src, &mut b, 0);
+            b
+        }
+        None => src.clone(),
+    };
+    let new_tape = || if pool.is_some() { Tape::<B>::keeping_released(false) } else { Tape::<B>::new(false) };
+    let give_back = |t: Tape<B>| {
+        if let Some(pool) = pool {
+            pool.give(be, t.into_buffers());
+        }
+    };
     let g = Graph {
         be,
         model,
         lora,
-        cos: cos.clone(),
-        sin: sin.clone(),
+        cos: copy(cos),
+        sin: copy(sin),
         segments: None,
         // q_offset and kv_len come from `pos` on the device (Backend::attention_at).
         shape: AttnShape {
@@ -879,12 +921,13 @@ fn run_step<B: Backend>(
         dropout_seed: None,
         checkpointing: Checkpointing::Off,
         neftune_noise_alpha: None,
+        pool,
     };
     // The hidden state between layers: each layer leaves its last residual sum (a, b) to the next
     // layer's norm, which forms it in the same launch.
-    let (mut a, mut b) = (h.clone(), None::<B::Buf>);
+    let (mut a, mut b) = (copy(h), None::<B::Buf>);
     for (l, kv) in layers.iter_mut().enumerate() {
-        let mut t = Tape::<B>::new(false);
+        let mut t = new_tape();
         let input = match b {
             Some(b) => Hidden::Sum(t.put(a), t.put(b)),
             None => Hidden::Value(t.put(a)),
@@ -893,9 +936,10 @@ fn run_step<B: Backend>(
             Hidden::Sum(x2, d) => (t.take(x2), Some(t.take(d))),
             Hidden::Value(y) => (t.take(y), None),
         };
+        give_back(t);
     }
     // The final norm and the head on the last row only.
-    let mut t = Tape::<B>::new(false);
+    let mut t = new_tape();
     let last_row = |buf: B::Buf| {
         if n == 1 {
             buf
@@ -911,7 +955,16 @@ fn run_step<B: Backend>(
         }
         None => g.rmsnorm(&mut t, last, NormRef::Final),
     };
-    be.write_range(&g.head_logits(&mut t, normed), logits, 0);
+    if n == 1 {
+        be.linear(t.get(normed), model.lm_head(), 1, logits);
+    } else {
+        be.write_range(&g.head_logits(&mut t, normed), logits, 0);
+    }
+    give_back(t);
+    if let Some(pool) = pool {
+        let Graph { cos, sin, .. } = g;
+        pool.give(be, [cos, sin]);
+    }
 }
 
 /// How much of a decoder layer a pass computes.
@@ -930,4 +983,47 @@ enum Pass {
 enum Hidden {
     Value(Id),
     Sum(Id, Id),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::cpu::Cpu;
+    use crate::config::{LoraConfig, QuantConfig};
+    use crate::model::random::{random_source, tiny_config};
+
+    /// Decoding's recorded step takes every buffer from a pool and gives each back: the first step
+    /// fills the pool, later steps allocate nothing (what lets the CUDA graph of the step hold no
+    /// allocation nodes), and the logits are those of the step without a pool, bit for bit.
+    #[test]
+    fn pooled_decoding_steps_allocate_only_in_the_first_and_match_plain_steps() {
+        let be = Cpu::<f32>::new();
+        let cfg = tiny_config(false);
+        let model = Llama::load(&be, &random_source(&cfg, 3), Some(QuantConfig::default())).unwrap();
+        let lcfg = LoraConfig { r: 4, alpha: 8.0, ..LoraConfig::default() }.with_targets(&["all-linear"]).unwrap();
+        let mut lora = Lora::init(&be, &cfg, lcfg, 5);
+        for (i, pair) in lora.layers.iter_mut().flat_map(|l| l.iter_mut().flatten()).enumerate() {
+            pair.b.iter_mut().enumerate().for_each(|(j, x)| *x = ((i * 31 + j * 7) % 13) as f32 * 0.02 - 0.12);
+        }
+        let (mut plain, mut pooled) = (KvCache::new(&be, &cfg, 8), KvCache::new(&be, &cfg, 8));
+        let pool = BufPool::default();
+        let mut first_misses = 0;
+        for (i, token) in [5u32, 9, 13, 2, 7].into_iter().enumerate() {
+            let step = |cache: &mut KvCache<Cpu<f32>>, pool: Option<&BufPool<Cpu<f32>>>| {
+                let mut io = StepIo::new(&be, &cfg, 1);
+                io.load(&be, &model, &[token], i);
+                let StepIo { h, cos, sin, pos, logits } = &mut io;
+                run_step(&be, &model, Some(&lora), &mut cache.layers, 8, h, cos, sin, pos, logits, pool);
+                io.logits
+            };
+            let want = step(&mut plain, None);
+            let got = step(&mut pooled, Some(&pool));
+            assert!(want.iter().zip(&got).all(|(a, b)| a.to_bits() == b.to_bits()), "token {i}: logits differ");
+            if i == 0 {
+                first_misses = pool.misses();
+                assert!(first_misses > 0, "the first step fills the pool");
+            }
+            assert_eq!(pool.misses(), first_misses, "token {i}: a pooled step after the first allocated");
+        }
+    }
 }
