@@ -376,6 +376,8 @@ impl Cuda {
         // x in each compute dtype the second path needs, converted once for all the products (a 4096-wide
         // conversion at 2048 rows is ~20 µs on the H200; q/k/v and gate/up share theirs).
         let mut converted: Vec<(ComputeDtype, Option<Operand>)> = Vec::new();
+        // Decoding's few rows convert into kept buffers (see `small_operands`).
+        let keep = m <= GEMV_MAX_M;
         for (i, (w, out)) in ws.iter().zip(outs.iter_mut()).enumerate() {
             let (rows, cols) = w.shape();
             assert!(x.len() == m * cols && out.len() == m * rows, "linear: bad shapes");
@@ -400,7 +402,8 @@ impl Cuda {
             let j = match converted.iter().position(|(cc, _)| *cc == c) {
                 Some(j) => j,
                 None => {
-                    converted.push((c, self.convert(x, c)));
+                    let op = if keep { self.convert_small(x, c) } else { self.convert(x, c) };
+                    converted.push((c, op));
                     converted.len() - 1
                 }
             };
@@ -413,7 +416,29 @@ impl Cuda {
             });
             self.gemm_rounded(w, product, out, false, up, "linear GEMM");
         }
+        if keep {
+            let mut kept = self.small_operands.lock().unwrap();
+            for (c, op) in converted.into_iter().filter_map(|(c, op)| Some((c, op?))) {
+                kept.entry((c as u8, x.len())).or_default().push(op);
+            }
+        }
         crate::backend::lora_branches_into(self, x, outs, loras, m, r, scale);
+    }
+
+    /// [`Cuda::convert`] into a buffer kept from an earlier call of the same size and dtype when there
+    /// is one. Why: decoding's recorded step must allocate nothing (a CUDA graph holding allocation
+    /// nodes cannot have its kernel edges made programmatic, src/backend/cuda/graph.rs); its dense
+    /// LM head converts x for cuBLAS, and the step run before the recording leaves the buffer here.
+    fn convert_small(&self, x: &CudaSlice<f32>, c: ComputeDtype) -> Option<Operand> {
+        let kept = self.small_operands.lock().unwrap().get_mut(&(c as u8, x.len())).and_then(Vec::pop);
+        let Some(mut op) = kept else { return self.convert(x, c) };
+        let n64 = x.len() as i64;
+        match &mut op {
+            Operand::BF16(out) => launch!(self, "f32_to_bf16", grid_for(x.len()); x, out, &n64),
+            Operand::F16(out) => launch!(self, "f32_to_f16", grid_for(x.len()); x, out, &n64),
+            Operand::F32(_) => unreachable!("f32 activations are not converted"),
+        }
+        Some(op)
     }
 
     /// The first `n` values of `x` rounded to bf16, in a fresh buffer.

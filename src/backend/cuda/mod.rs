@@ -59,6 +59,9 @@ pub struct Cuda {
     /// [`Backend::keep_weight_expansions`]: a replayed layer's 4-bit weight expansions, held for its
     /// input gradients (`LLAMATUNE_KEEP_EXPANDED=0` ignores the hint).
     kept: std::sync::Mutex<gemm::KeptExpansions>,
+    /// 16-bit copies of decoding's few activation rows for cuBLAS, kept by (dtype, length) for the
+    /// next conversion of that size (`Cuda::convert_small`).
+    small_operands: std::sync::Mutex<HashMap<(u8, usize), Vec<gemm::Operand>>>,
     /// [`Cuda::set_dequant_seg`]: 4-bit weights expanded a warp per 1,024 values
     /// (`LLAMATUNE_DEQUANT_SEG=0`: the thread-per-32-values kernel).
     dequant_seg: std::sync::atomic::AtomicBool,
@@ -316,6 +319,7 @@ impl Cuda {
             fused_lora,
             gemv_many,
             kept,
+            small_operands: Default::default(),
             dequant_seg,
             pdl,
             graph_edges: Default::default(),
