@@ -1561,8 +1561,8 @@ fn evaluation_and_cached_greedy_decoding_match_the_cpu() {
 }
 
 /// Decoding's graph with programmatic launches between our kernels (each kernel's blocks placed
-/// while the previous kernel runs, `Pdl::AtLaunch`, the default; or once its blocks have exited,
-/// `Pdl::AtExit`) computes the same logits, bit for bit, as the plain graph over 24 replayed
+/// once the previous kernel's blocks have exited, `Pdl::AtExit`, the default; or while it runs,
+/// `Pdl::AtLaunch`) computes the same logits, bit for bit, as the plain graph over 24 replayed
 /// tokens (a kernel that used its inputs before `grid_dependency_wait()` would read them half
 /// written); on compute capability 9.0 every edge between two of our kernels is made programmatic,
 /// and there are such edges; without PDL none is.

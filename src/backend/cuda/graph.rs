@@ -4,11 +4,12 @@
 //! Why PDL: a token is ~320 small kernels, and in a plain graph each starts only after the one
 //! before it has finished and drained, so every kernel pays its launch and its ramp-up (blocks
 //! placed, first loads in flight) with the GPU partly idle. An edge made programmatic lets the next
-//! kernel's blocks be placed while the previous kernel still runs; each of our kernels calls
-//! `grid_dependency_wait()` (kernels/common.cuh) before it touches data an earlier kernel wrote or
-//! reads, and the GEMVs issue their first weight loads before that wait. tests/kernel_sources.rs
-//! checks that every kernel waits. Edges to or from anything else (cuBLAS, copies, memsets,
-//! allocations) stay full dependencies.
+//! kernel launch before the previous one's completion is signalled ([`Pdl`]); each of our kernels
+//! calls `grid_dependency_wait()` (kernels/common.cuh) before it touches data an earlier kernel
+//! wrote or reads, and the GEMVs issue their first weight loads before that wait.
+//! tests/kernel_sources.rs checks that every kernel waits. Edges to or from anything else (cuBLAS, copies, memsets) stay
+//! full dependencies. The driver edits no edge of a graph that holds allocation or free nodes, so
+//! the recorded step allocates nothing (`tape::BufPool`, `Cuda::convert_small`).
 
 use super::Cuda;
 use cudarc::driver::sys::{
@@ -21,15 +22,17 @@ use std::ptr::null_mut;
 use std::sync::Arc;
 
 /// When a kernel that follows another of ours in the graph may start (`LLAMATUNE_PDL`).
+/// Measured on the H200 (2026-11-29, 7B decode, alternating in one run): off 352.3 / 357.6
+/// tokens/s, at launch 360.2 / 360.0, at exit 362.3 / 363.5, so exit is the default.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Pdl {
     /// `0` / `off`: after the previous kernel has finished (a plain graph edge).
     Off,
-    /// `exit`: once every block of the previous kernel has exited, before its completion is
-    /// signalled (saves the launch latency only; our kernels trigger nothing earlier).
+    /// `exit`, the default: once every block of the previous kernel has exited, before its
+    /// completion is signalled and its memory flushed (our kernels trigger nothing earlier).
     AtExit,
-    /// The default: once every block of the previous kernel has started, so the next kernel's blocks
-    /// are placed and issue their weight loads while it runs.
+    /// `launch`: once every block of the previous kernel has started, so the next kernel's blocks
+    /// are placed and issue their weight loads while it runs (they then hold SM slots waiting).
     AtLaunch,
 }
 
@@ -37,8 +40,8 @@ impl Pdl {
     pub(super) fn from_env() -> Pdl {
         match std::env::var("LLAMATUNE_PDL").as_deref() {
             Ok("0" | "off") => Pdl::Off,
-            Ok("exit") => Pdl::AtExit,
-            _ => Pdl::AtLaunch,
+            Ok("launch") => Pdl::AtLaunch,
+            _ => Pdl::AtExit,
         }
     }
 }

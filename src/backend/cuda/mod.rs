@@ -66,7 +66,7 @@ pub struct Cuda {
     /// (`LLAMATUNE_DEQUANT_SEG=0`: the thread-per-32-values kernel).
     dequant_seg: std::sync::atomic::AtomicBool,
     /// [`Cuda::set_pdl`]: how decoding's graph lets a kernel start while the previous one runs
-    /// (`LLAMATUNE_PDL=0|exit|launch`, default launch; off before compute capability 9.0).
+    /// (`LLAMATUNE_PDL=0|exit|launch`, default exit; off before compute capability 9.0).
     pdl: std::sync::Mutex<graph::Pdl>,
     /// [`Cuda::last_graph_edges`]: of the last captured graph, the edges made programmatic and the
     /// edges between two of our kernels.
