@@ -7,8 +7,8 @@
 
 #define WARP 32
 
-// Programmatic dependent launch (PDL): decoding's CUDA graph lets a kernel start while the one before
-// it is still running (src/backend/cuda/graph.rs turns the graph's edges between our kernels into
+// Programmatic dependent launch (PDL): decoding's CUDA graph lets a kernel launch before the one before
+// it has completed (src/backend/cuda/graph.rs turns the graph's edges between our kernels into
 // programmatic ones), so each kernel calls this before it reads anything an earlier kernel wrote or
 // writes anything an earlier kernel reads. It returns once the kernels it depends on have finished
 // and their writes are visible; outside such a graph (and before sm_90) it returns at once. Only

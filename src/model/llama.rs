@@ -813,9 +813,10 @@ pub fn full_logits<B: Backend>(be: &B, model: &Llama<B>, lora: Option<&Lora<B>>,
 }
 
 /// Runs `tokens` (batch 1) through the model at positions `cache.len..`, appending their keys and
-/// values to `cache`; returns the logits of the last token `(vocab)`. A one-token step is recorded
-/// the first time and replayed afterwards when the backend can (a CUDA graph: one launch per token
-/// instead of hundreds); its inputs are refreshed in place before each replay. The recording belongs
+/// values to `cache`; returns the logits of the last token `(vocab)`. The first one-token step runs
+/// op by op and is then recorded, to be replayed for every later one when the backend can (a CUDA
+/// graph: one launch per token instead of hundreds); its inputs are refreshed in place before each
+/// replay. The recording belongs
 /// to the cache: call with the same model and adapter for the cache's whole life (as `generate` does).
 pub fn decode_step<B: Backend>(
     be: &B,

@@ -7,9 +7,10 @@
 //! kernel launch before the previous one's completion is signalled ([`Pdl`]); each of our kernels
 //! calls `grid_dependency_wait()` (kernels/common.cuh) before it touches data an earlier kernel
 //! wrote or reads, and the GEMVs issue their first weight loads before that wait.
-//! tests/kernel_sources.rs checks that every kernel waits. Edges to or from anything else (cuBLAS, copies, memsets) stay
-//! full dependencies. The driver edits no edge of a graph that holds allocation or free nodes, so
-//! the recorded step allocates nothing (`tape::BufPool`, `Cuda::convert_small`).
+//! tests/kernel_sources.rs checks that every kernel waits. Edges to or from anything else (cuBLAS,
+//! copies, memsets) stay full dependencies. The driver edits no edge of a graph that holds
+//! allocation or free nodes, so the recorded step allocates nothing (`tape::BufPool`,
+//! `Cuda::convert_small`).
 
 use super::Cuda;
 use cudarc::driver::sys::{
@@ -116,12 +117,13 @@ impl Cuda {
                 }
                 Err(e) => eprintln!("warning: programmatic launch between kernels unavailable ({e:?})"),
             }
-            if let Some(path) = std::env::var_os("LLAMATUNE_GRAPH_DOT") {
-                // The captured graph as Graphviz, for looking at what a step launches (debugging).
-                let path = std::ffi::CString::new(path.to_string_lossy().as_bytes()).unwrap_or_default();
-                // SAFETY: `graph` is live; `path` is a NUL-terminated string; flags 0 = default detail.
-                let _ = unsafe { sys::cuGraphDebugDotPrint(graph, path.as_ptr(), 1 << 0 | 1 << 3) };
-            }
+        }
+        if let Some(path) = std::env::var_os("LLAMATUNE_GRAPH_DOT") {
+            // The captured graph as Graphviz, for looking at what a step launches (debugging; session
+            // 15 found its 551 allocation nodes so).
+            let path = std::ffi::CString::new(path.to_string_lossy().as_bytes()).unwrap_or_default();
+            // SAFETY: `graph` is live; `path` is a NUL-terminated string; flag 1: every node's details.
+            let _ = unsafe { sys::cuGraphDebugDotPrint(graph, path.as_ptr(), 1) };
         }
         let mut exec: CUgraphExec = null_mut();
         // SAFETY: `graph` is live; `exec` receives its instantiation.
