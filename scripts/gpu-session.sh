@@ -20,6 +20,15 @@ mkdir -p "$out" /tmp/llc
 export LD_LIBRARY_PATH="/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}"
 export LLAMATUNE_CACHE=/tmp/llc/cache
 gguf=$LLAMATUNE_CACHE/SmolLM2-135M-Instruct.Q4_1.gguf
+# Runs `llamatune bench ARGS...` as A/B variant $1: "base" (stage/base-llamatune), "new", or
+# "new:VAR=value,VAR=value" (the new build with those settings).
+bench_variant() {
+    local variant=$1 bin=stage/llamatune envs=()
+    shift
+    [ "$variant" = base ] && bin=stage/base-llamatune
+    [[ $variant == *:* ]] && IFS=, read -ra envs <<< "${variant#*:}"
+    timeout 120 env "${envs[@]}" $bin bench --device cuda --shape llama2-7b "$@" 2>&1
+}
 case $phase in
 a)
     [ -f .cache/smol/part-a ] && cp .cache/smol/part-a /tmp/llc/
@@ -61,17 +70,13 @@ ab)
     echo "base $(cat stage/base-rev.txt 2>/dev/null), new $(cat stage/rev.txt 2>/dev/null)" | tee "$out/ab.log"
     recipes=("q_proj,v_proj")
     [ "${AB_ALL_LINEAR:-0}" = 1 ] && recipes+=("all-linear")
-    # AB_VARIANTS: "base", "new", or "new:VAR=value,VAR=value" (the new build with those settings).
+    # AB_VARIANTS: see bench_variant.
     for targets in "${recipes[@]}"; do
         for round in 1 2; do
             for variant in ${AB_VARIANTS:-base new}; do
-                bin=stage/llamatune
-                [ "$variant" = base ] && bin=stage/base-llamatune
-                envs=()
-                [[ $variant == *:* ]] && IFS=, read -ra envs <<< "${variant#*:}"
-                line=$(timeout 120 env "${envs[@]}" $bin bench --device cuda --shape llama2-7b --steps ${STEPS:-5} \
-                    --warmup-steps 2 --target-modules "$targets" --lora-r 64 --lora-alpha 16 --lora-dropout 0.1 \
-                    --optim paged_adamw_32bit --decode-tokens 0 2>&1 | grep -E "train step|train peak")
+                line=$(bench_variant "$variant" --steps ${STEPS:-5} --warmup-steps 2 --target-modules "$targets" \
+                    --lora-r 64 --lora-alpha 16 --lora-dropout 0.1 --optim paged_adamw_32bit --decode-tokens 0 \
+                    | grep -E "train step|train peak")
                 echo "$targets round $round $variant: $(echo $line | tr -s ' ')" | tee -a "$out/ab.log"
             done
         done
@@ -87,12 +92,7 @@ abdecode)
     echo "base $(cat stage/base-rev.txt 2>/dev/null), new $(cat stage/rev.txt 2>/dev/null)" | tee "$out/abdecode.log"
     for round in 1 2; do
         for variant in ${AB_VARIANTS:-base new}; do
-            bin=stage/llamatune
-            [ "$variant" = base ] && bin=stage/base-llamatune
-            envs=()
-            [[ $variant == *:* ]] && IFS=, read -ra envs <<< "${variant#*:}"
-            line=$(timeout 120 env "${envs[@]}" $bin bench --device cuda --shape llama2-7b --steps 1 --warmup-steps 0 \
-                --decode-tokens 128 2>&1 | grep -E "decoded")
+            line=$(bench_variant "$variant" --steps 1 --warmup-steps 0 --decode-tokens 128 | grep -E "decoded")
             echo "round $round $variant: $(echo $line | tr -s ' ')" | tee -a "$out/abdecode.log"
         done
     done
