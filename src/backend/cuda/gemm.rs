@@ -140,17 +140,25 @@ impl Cuda {
     /// A copy of `x` converted to dtype `c`; `None` when `c` is f32 and `x` serves as it is.
     pub(super) fn convert(&self, x: &CudaSlice<f32>, c: ComputeDtype) -> Option<Operand> {
         let n = x.len();
-        Some(match c {
+        // SAFETY: the conversion below writes all n values before anything reads them.
+        let mut out = match c {
             ComputeDtype::F32 => return None,
-            ComputeDtype::BF16 => Operand::BF16(self.bf16_prefix(x, n)),
-            ComputeDtype::F16 => {
-                // SAFETY: the conversion writes all n values before anything reads them.
-                let mut out = ck!(unsafe { self.stream.alloc::<f16>(n) }, "alloc");
-                let n64 = n as i64;
-                launch!(self, "f32_to_f16", grid_for(n); x, &mut out, &n64);
-                Operand::F16(out)
-            }
-        })
+            ComputeDtype::BF16 => Operand::BF16(ck!(unsafe { self.stream.alloc::<bf16>(n.max(1)) }, "alloc")),
+            ComputeDtype::F16 => Operand::F16(ck!(unsafe { self.stream.alloc::<f16>(n) }, "alloc")),
+        };
+        self.convert_into(x, n, &mut out);
+        Some(out)
+    }
+
+    /// The first `n` values of `x` rounded into `out`'s 16-bit dtype (elementwise.cu `f32_to_bf16`,
+    /// nf4.cu `f32_to_f16`).
+    fn convert_into(&self, x: &CudaSlice<f32>, n: usize, out: &mut Operand) {
+        let n64 = n as i64;
+        match out {
+            Operand::BF16(o) => launch!(self, "f32_to_bf16", grid_for(n); x, o, &n64),
+            Operand::F16(o) => launch!(self, "f32_to_f16", grid_for(n); x, o, &n64),
+            Operand::F32(_) => unreachable!("f32 activations are not converted"),
+        }
     }
 
     /// The weight as a GEMM operand, and the dtype the activations must be converted to.
@@ -432,21 +440,16 @@ impl Cuda {
     fn convert_small(&self, x: &CudaSlice<f32>, c: ComputeDtype) -> Option<Operand> {
         let kept = self.small_operands.lock().unwrap().get_mut(&(c as u8, x.len())).and_then(Vec::pop);
         let Some(mut op) = kept else { return self.convert(x, c) };
-        let n64 = x.len() as i64;
-        match &mut op {
-            Operand::BF16(out) => launch!(self, "f32_to_bf16", grid_for(x.len()); x, out, &n64),
-            Operand::F16(out) => launch!(self, "f32_to_f16", grid_for(x.len()); x, out, &n64),
-            Operand::F32(_) => unreachable!("f32 activations are not converted"),
-        }
+        self.convert_into(x, x.len(), &mut op);
         Some(op)
     }
 
     /// The first `n` values of `x` rounded to bf16, in a fresh buffer.
     pub(super) fn bf16_prefix(&self, x: &CudaSlice<f32>, n: usize) -> CudaSlice<bf16> {
         // SAFETY: the conversion writes all n values before anything reads them.
-        let mut out = ck!(unsafe { self.stream.alloc::<bf16>(n.max(1)) }, "alloc");
-        let n64 = n as i64;
-        launch!(self, "f32_to_bf16", grid_for(n); x, &mut out, &n64);
+        let mut out = Operand::BF16(ck!(unsafe { self.stream.alloc::<bf16>(n.max(1)) }, "alloc"));
+        self.convert_into(x, n, &mut out);
+        let Operand::BF16(out) = out else { unreachable!("made bf16 above") };
         out
     }
 }
