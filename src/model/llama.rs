@@ -833,37 +833,31 @@ pub fn decode_step<B: Backend>(
             cache.capacity
         )));
     }
-    if n == 1 && !cache.record_tried {
-        // The first one-token step runs as its recording will, taking its buffers from a pool that
-        // keeps them (the recording then takes the same ones: it allocates and frees nothing).
-        cache.record_tried = true;
-        let pool = BufPool::default();
-        let mut io = StepIo::new(be, &model.cfg, 1);
-        io.load(be, model, tokens, cache.len);
-        let (layers, capacity) = (&mut cache.layers, cache.capacity);
-        let StepIo { h, cos, sin, pos, logits } = &mut io;
-        run_step(be, model, lora, layers, capacity, h, cos, sin, pos, logits, Some(&pool));
-        let out = be.download(logits);
-        cache.len += 1;
-        let recording =
-            be.record(&mut || run_step(be, model, lora, layers, capacity, h, cos, sin, pos, logits, Some(&pool)));
-        if let Some(recording) = recording {
-            cache.step = Some(RecordedStep { io, recording, _buffers: pool });
-        }
-        return Ok(out);
-    }
     if let (1, Some(step)) = (n, cache.step.as_mut()) {
         step.io.load(be, model, tokens, cache.len);
         be.replay(&step.recording);
         cache.len += 1;
         return Ok(be.download(&step.io.logits));
     }
+    // The first one-token step runs as its recording will, taking its buffers from a pool that keeps
+    // them (the recording then takes the same ones: it allocates and frees nothing).
+    let pool = (n == 1 && !cache.record_tried).then(BufPool::default);
     let mut io = StepIo::new(be, &model.cfg, n);
     io.load(be, model, tokens, cache.len);
+    let (layers, capacity) = (&mut cache.layers, cache.capacity);
     let StepIo { h, cos, sin, pos, logits } = &mut io;
-    run_step(be, model, lora, &mut cache.layers, cache.capacity, h, cos, sin, pos, logits, None);
+    run_step(be, model, lora, layers, capacity, h, cos, sin, pos, logits, pool.as_ref());
+    let out = be.download(logits);
     cache.len += n;
-    Ok(be.download(&io.logits))
+    if let Some(pool) = pool {
+        cache.record_tried = true;
+        let recording =
+            be.record(&mut || run_step(be, model, lora, layers, capacity, h, cos, sin, pos, logits, Some(&pool)));
+        if let Some(recording) = recording {
+            cache.step = Some(RecordedStep { io, recording, _buffers: pool });
+        }
+    }
+    Ok(out)
 }
 
 /// The decoding step proper: every layer over the embedded tokens `h` at the device-held position
