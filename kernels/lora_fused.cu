@@ -204,11 +204,26 @@ __device__ __forceinline__ float4 up_old<__half>(const float* out, const __half*
     return accumulate ? add4(*reinterpret_cast<const float4*>(out + i), v) : v;
 }
 
-template <typename Base>
-__device__ __forceinline__ void lora_up_tile(const float* u, const float* w, const Base* base, float* out, int m, int N, int r, int w_is_rn, float alpha, uint64_t seed, float p, int accumulate) {
+// The output column of a block's tile column j (0..63). Plain: 64 consecutive columns. For attention's
+// saved inputs with RoPE (`lora_up_acts_*`, heads of rope_hd columns, rope_hd % 64 = 0): 32 columns of
+// one head's first half and the 32 they rotate with in its second half, so every rotated pair is in
+// one block (for head_dim 64 that is again 64 consecutive columns).
+__device__ __forceinline__ int up_col(int bx, int j, int rope_hd) {
+    if (rope_hd == 0) return bx * UP_COLS + j;
+    const int groups = rope_hd / 64;  // 32-column groups per half head
+    return (bx / groups) * rope_hd + (j / 32) * (rope_hd / 2) + 32 * (bx % groups) + j % 32;
+}
+
+// The block's 64 × 64 tile of out: ACTS false writes f32 `out`; ACTS true writes `out16` in bf16 (a
+// projection's output straight into attention's saved inputs, Cuda::qkv_attn_acts), rotated by the
+// tables cos, sin (rows, rope_hd/2) when rope_hd > 0 (rope_pairs on the same f32 values, so bit for bit
+// lora_up_from_* and then rope_bf16).
+template <typename Base, bool ACTS>
+__device__ __forceinline__ void lora_up_tile(const float* u, const float* w, const Base* base, float* out, int m, int N, int r, int w_is_rn, float alpha, uint64_t seed, float p, int accumulate,
+                                             __nv_bfloat16* out16 = nullptr, const float* cos_t = nullptr, const float* sin_t = nullptr, int rope_hd = 0) {
     __shared__ __align__(16) float us[UP_ROWS * UP_STRIDE];
     __shared__ __align__(16) float wsh[64 * UP_KN_STRIDE];  // W' tile as (64 n, 68) or (64 k, 72); then the product (64, 72)
-    const int row0 = blockIdx.y * UP_ROWS, col0 = blockIdx.x * UP_COLS;
+    const int row0 = blockIdx.y * UP_ROWS, bx = blockIdx.x;
     const int warp = threadIdx.x / WARP, lane = threadIdx.x % WARP, g = lane / 4, t = lane % 4;
     // Piece q of a 64 × 64 tile: row e / 16, columns 4·(e % 16)..+3, e = thread + 128·q.
 #pragma unroll
@@ -217,18 +232,20 @@ __device__ __forceinline__ void lora_up_tile(const float* u, const float* w, con
         const bool uok = row0 + i < m && j < r;
         cp_async16(smem_addr(us + i * UP_STRIDE + j), uok ? u + (int64_t)(row0 + i) * r + j : u, uok);
         if (w_is_rn) {
-            const bool ok = i < r && col0 + j < N;
-            cp_async16(smem_addr(wsh + i * UP_KN_STRIDE + j), ok ? w + (int64_t)i * N + col0 + j : w, ok);
+            const int c = up_col(bx, j, rope_hd);
+            const bool ok = i < r && c < N;
+            cp_async16(smem_addr(wsh + i * UP_KN_STRIDE + j), ok ? w + (int64_t)i * N + c : w, ok);
         } else {
-            const bool ok = col0 + i < N && j < r;
-            cp_async16(smem_addr(wsh + i * UP_STRIDE + j), ok ? w + (int64_t)(col0 + i) * r + j : w, ok);
+            const int c = up_col(bx, i, rope_hd);
+            const bool ok = c < N && j < r;
+            cp_async16(smem_addr(wsh + i * UP_STRIDE + j), ok ? w + (int64_t)c * r + j : w, ok);
         }
     }
     cp_async_commit();
     float4 old[UP_V];  // this thread's pieces of out (N % 4 == 0: a piece is in or out whole)
 #pragma unroll
     for (int q = 0; q < UP_V; q++) {
-        const int e = threadIdx.x + q * UP_THREADS, row = row0 + e / 16, c = col0 + 4 * (e % 16);
+        const int e = threadIdx.x + q * UP_THREADS, row = row0 + e / 16, c = up_col(bx, 4 * (e % 16), rope_hd);
         old[q] = row < m && c < N ? up_old(out, base, (int64_t)row * N + c, accumulate) : make_float4(0.f, 0.f, 0.f, 0.f);
     }
     // The dropout decisions of those 32 elements, hashed while the loads are in flight (at the end,
@@ -239,7 +256,7 @@ __device__ __forceinline__ void lora_up_tile(const float* u, const float* w, con
 #pragma unroll
         for (int q = 0; q < UP_V; q++) {
             const int e = threadIdx.x + q * UP_THREADS;
-            keep |= keep_bits4(seed, p, (int64_t)(row0 + e / 16) * N + col0 + 4 * (e % 16)) << (4 * q);
+            keep |= keep_bits4(seed, p, (int64_t)(row0 + e / 16) * N + up_col(bx, 4 * (e % 16), rope_hd)) << (4 * q);
         }
     }
     cp_async_wait<0>();
@@ -268,28 +285,57 @@ __device__ __forceinline__ void lora_up_tile(const float* u, const float* w, con
     __syncthreads();
 #pragma unroll
     for (int q = 0; q < UP_V; q++) {
-        const int e = threadIdx.x + q * UP_THREADS, i = e / 16, j = 4 * (e % 16), row = row0 + i, c = col0 + j;
-        if (row >= m || c >= N) continue;
+        const int e = threadIdx.x + q * UP_THREADS, i = e / 16, j = 4 * (e % 16), row = row0 + i, c = up_col(bx, j, rope_hd);
         float4 v = *reinterpret_cast<const float4*>(&wsh[i * UP_KN_STRIDE + j]);
         const float s = p > 0.f ? alpha / (1.f - p) : alpha;  // the kept elements' factor
         v.x *= keep >> (4 * q) & 1 ? s : 0.f, v.y *= keep >> (4 * q + 1) & 1 ? s : 0.f;
         v.z *= keep >> (4 * q + 2) & 1 ? s : 0.f, v.w *= keep >> (4 * q + 3) & 1 ? s : 0.f;
-        *reinterpret_cast<float4*>(out + (int64_t)row * N + c) = make_float4(old[q].x + v.x, old[q].y + v.y, old[q].z + v.z, old[q].w + v.w);
+        float4 y = make_float4(old[q].x + v.x, old[q].y + v.y, old[q].z + v.z, old[q].w + v.w);
+        if (ACTS && rope_hd > 0) {
+            // Tile columns j and j + 32 rotate together; lane bit 3 picks the half (16 pieces per
+            // row, the first 8 in the first half), so the partner is lane ^ 8 of the same warp.
+            // Every lane shuffles (rows past m included) and both rotate; each stores its own half.
+            float4 o;
+            o.x = __shfl_xor_sync(0xffffffffu, y.x, 8), o.y = __shfl_xor_sync(0xffffffffu, y.y, 8);
+            o.z = __shfl_xor_sync(0xffffffffu, y.z, 8), o.w = __shfl_xor_sync(0xffffffffu, y.w, 8);
+            const bool second = j >= 32;
+            float4 lo = second ? o : y, hi = second ? y : o;
+            const int half = rope_hd / 2, jh = (c % rope_hd) - (second ? half : 0);
+            const int64_t tr = (int64_t)min(row, m - 1) * half + jh;
+            rope_pairs(lo, hi, load4(cos_t + tr), load4(sin_t + tr));
+            y = second ? hi : lo;
+        }
+        if (row >= m || c >= N) continue;
+        if (ACTS)
+            store4(out16 + (int64_t)row * N + c, y);
+        else
+            *reinterpret_cast<float4*>(out + (int64_t)row * N + c) = y;
     }
 }
 
 extern "C" __global__ void __launch_bounds__(UP_THREADS, 4) lora_up(const float* u, const float* w, float* out, int m, int N, int r, int w_is_rn, float alpha, uint64_t seed, float p) {
     grid_dependency_wait();
-    lora_up_tile<float>(u, w, nullptr, out, m, N, r, w_is_rn, alpha, seed, p, 1);
+    lora_up_tile<float, false>(u, w, nullptr, out, m, N, r, w_is_rn, alpha, seed, p, 1);
 }
 #define LORA_UP_FROM(name, T)                                                                                                   \
     extern "C" __global__ void __launch_bounds__(UP_THREADS, 4)                                                                  \
         name(const float* u, const float* w, const T* base, float* out, int m, int N, int r, int w_is_rn, float alpha, uint64_t seed, float p, int accumulate) { \
         grid_dependency_wait();                                                                                                   \
-        lora_up_tile<T>(u, w, base, out, m, N, r, w_is_rn, alpha, seed, p, accumulate);                                         \
+        lora_up_tile<T, false>(u, w, base, out, m, N, r, w_is_rn, alpha, seed, p, accumulate);                                  \
     }
 LORA_UP_FROM(lora_up_from_bf16, __nv_bfloat16)
 LORA_UP_FROM(lora_up_from_f16, __half)
+// A q, k or v projection's LoRA B product (forward: B (N, r), no dropout on it) added to its 16-bit
+// frozen product `base` and written in bf16 into attention's saved inputs `out16`, rotated when
+// rope_hd > 0 (Cuda::qkv_attn_acts): lora_up_from_* and then rope_bf16 (or f32_to_bf16) in one pass.
+#define LORA_UP_ACTS(name, T)                                                                                                    \
+    extern "C" __global__ void __launch_bounds__(UP_THREADS, 4)                                                                  \
+        name(const float* u, const float* w, const T* base, __nv_bfloat16* out16, const float* cos_t, const float* sin_t, int m, int N, int r, float alpha, int rope_hd) { \
+        grid_dependency_wait();                                                                                                   \
+        lora_up_tile<T, true>(u, w, base, nullptr, m, N, r, 0, alpha, 0, 0.f, 0, out16, cos_t, sin_t, rope_hd);                  \
+    }
+LORA_UP_ACTS(lora_up_acts_bf16, __nv_bfloat16)
+LORA_UP_ACTS(lora_up_acts_f16, __half)
 
 // ---- outer: part[split] (r, N) = S (m, r)ᵀ · [drop] (T (m, N)) over the split's range of m --------
 // dA = duᵀ·drop(x) (S = du, T = x, masked). (dB = dyᵀ·u has no dropout to fuse and stays a cuBLAS

@@ -22,9 +22,11 @@ extern "C" __global__ void rope_f32(const float* x, const float* cos_t, const fl
 
 // The rotated k of flash attention's forward and q and k of its backward (Cuda::rope_attention and its
 // backward), rounded to bf16 for the kernels' asynchronous copies: rope_f32 then f32_to_bf16 in one
-// pass, four pairs per thread (head_dim % 8 = 0). x (rows, heads, head_dim) f32, out the same in bf16; cos, sin (rows, head_dim/2).
-extern "C" __global__ void rope_bf16(const float* x, const float* cos_t, const float* sin_t, __nv_bfloat16* out, int rows, int heads, int head_dim) {
-    grid_dependency_wait();
+// pass, four pairs per thread (head_dim % 8 = 0). x (rows, heads, head_dim) f32, or (`_from_bf16/f16`)
+// a 16-bit product as cuBLAS wrote it (Cuda::qkv_attn_acts: k without a LoRA branch; widening it to
+// f32 first gives the same values bit for bit); out the same in bf16; cos, sin (rows, head_dim/2).
+template <typename T>
+__device__ __forceinline__ void rope_to_bf16(const T* x, const float* cos_t, const float* sin_t, __nv_bfloat16* out, int rows, int heads, int head_dim) {
     const int half = head_dim / 2, quads = half / 4;
     FOR_EACH(i, (int64_t)rows * heads * quads) {
         const int64_t row_head = i / quads, t = row_head / heads;
@@ -36,6 +38,14 @@ extern "C" __global__ void rope_bf16(const float* x, const float* cos_t, const f
         store4(out + base + half + j, x2);
     }
 }
+#define ROPE_TO_BF16(name, T)                                                                                               \
+    extern "C" __global__ void name(const T* x, const float* cos_t, const float* sin_t, __nv_bfloat16* out, int rows, int heads, int head_dim) { \
+        grid_dependency_wait();                                                                                              \
+        rope_to_bf16(x, cos_t, sin_t, out, rows, heads, head_dim);                                                           \
+    }
+ROPE_TO_BF16(rope_bf16, float)
+ROPE_TO_BF16(rope_bf16_from_bf16, __nv_bfloat16)
+ROPE_TO_BF16(rope_bf16_from_f16, __half)
 
 // Decoding after the q/k/v products, in one launch instead of four (each ~3 µs of a ~3.9 ms token
 // on the H200): q rotated into q_out, k rotated into the key cache and v copied into the value

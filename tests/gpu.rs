@@ -11,8 +11,8 @@
 use llamatune::backend::cpu::Cpu;
 use llamatune::backend::cuda::{AttnActs, Cuda, Fused4bit, MlpActs};
 use llamatune::backend::{
-    linear_many_lora_composed, mlp_gate_up_composed, AdamWStep, AttnShape, Backend, Dropout, HostWeight, LoraBranch,
-    LoraDown, LoraGrad, RopeTables,
+    linear_many_lora_composed, mlp_gate_up_composed, qkv_attn_acts_composed, AdamWStep, AttnShape, Backend, Dropout,
+    HostWeight, LoraBranch, LoraDown, LoraGrad, RopeTables,
 };
 use llamatune::config::{ComputeDtype, LoraConfig, ModelConfig, QuantConfig, QuantType};
 use llamatune::model::llama::{forward_backward, forward_backward_with, Batch, Checkpointing, Llama, StepOptions};
@@ -573,6 +573,77 @@ fn training_lora_b_products_ride_in_the_widening() {
                 check(&format!("{what} dA vs CPU"), &got[0], &da, TF32_TOL);
                 check(&format!("{what} dB vs CPU"), &got[1], &db, TF32_TOL);
             }
+        }
+    }
+}
+
+/// Training's q, k and v projections straight into attention's saved inputs (`Cuda::qkv_attn_acts`'s
+/// direct path: cuBLAS's 16-bit products taken to bf16 in one pass, with the LoRA B product and RoPE
+/// applied on the way) give the composed path's saved inputs bit for bit (`qkv_attn_acts_composed`:
+/// `linear_many_lora` into f32, then `attn_acts`), and the same u; and they are within the bf16 bound
+/// of the CPU's products rotated by its RoPE. Llama-2-7B's q/k/v with LoRA on q and v; SmolLM2's
+/// (head_dim 64, 9 heads over 3) with LoRA on all three, double quantization and f16 compute;
+/// head_dim 128 with GQA, LoRA on k only and f16 compute (q rotated from its f16 product, v's
+/// converted). 515 and 2 × 263 rows: no multiple of the kernels' 64-row tiles.
+#[test]
+fn qkv_products_go_straight_into_attention_inputs() {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(37);
+    for (cols, (heads, kv_heads, hd), (batch, len), with_lora, r, dq, c) in [
+        (4096, (32, 32, 128), (1, 515), [true, false, true], 64, false, ComputeDtype::BF16),
+        (576, (9, 3, 64), (1, 515), [true, true, true], 8, true, ComputeDtype::F16),
+        (320, (4, 2, 128), (2, 263), [false, true, false], 12, false, ComputeDtype::F16),
+    ] {
+        let sh = AttnShape::square(batch, len, heads, kv_heads, hd);
+        let m = batch * len;
+        let rows = [heads * hd, kv_heads * hd, kv_heads * hd];
+        let label =
+            format!("q/k/v {rows:?}x{cols} heads {heads}/{kv_heads}x{hd} LoRA {with_lora:?} r={r} dq={dq} {c:?}");
+        let (host, ab) = nf4_weights_with_lora(&mut rng, &rows, cols, r, dq, c);
+        let drops: Vec<_> = (0..3).map(|i| Dropout { p: 0.1, seed: 900 + i as u64 }).collect();
+        let x = rnd(&mut rng, m * cols, 1.0);
+        let angles = rnd(&mut rng, m * hd / 2, std::f32::consts::PI);
+        let cos: Vec<f32> = angles.iter().map(|a| a.cos()).collect();
+        let sin: Vec<f32> = angles.iter().map(|a| a.sin()).collect();
+        let g = gpu();
+        let gw: Vec<_> = host.iter().map(|h| g.upload_weight(h.clone())).collect();
+        let ws: Vec<_> = gw.iter().collect();
+        let gab: Vec<_> = ab.iter().map(|(a, b)| (g.upload(a), g.upload(b))).collect();
+        let (gx, gcos, gsin) = (g.upload(&x), g.upload(&cos), g.upload(&sin));
+        let rope = RopeTables::<Cuda> { cos: &gcos, sin: &gsin };
+        let run = |direct: bool| {
+            let mut us: Vec<_> = (0..3).map(|_| poisoned(m * r)).collect();
+            let mut loras: Vec<Option<LoraDown<'_, Cuda>>> = gab
+                .iter()
+                .zip(us.iter_mut())
+                .zip(with_lora.iter().zip(&drops))
+                .map(|(((a, b), u), (&on, &dropout))| on.then_some(LoraDown { a, b, dropout, u }))
+                .collect();
+            let acts = if direct {
+                assert!(g.qkv_direct(&ws, m, &loras, r, &sh).is_some(), "{label}: the direct path expected");
+                g.qkv_attn_acts(&gx, &ws, m, &mut loras, r, 0.25, rope, sh)
+            } else {
+                qkv_attn_acts_composed(g, &gx, &ws, m, &mut loras, r, 0.25, rope, sh)
+            };
+            assert!(matches!(acts, AttnActs::Bf16 { .. }), "{label}: the flash kernels' saved form");
+            drop(loras);
+            (g.attn_acts_to_host(&acts), us.iter().map(|u| g.download(u)).collect::<Vec<_>>())
+        };
+        let ((direct, us1), (composed, us2)) = (run(true), run(false));
+        for (i, name) in ["q", "k", "v"].iter().enumerate() {
+            check(&format!("{label} {name} vs the composed path"), &direct[i], &composed[i], 0.0);
+            let mut want = vec![0.0; m * rows[i]];
+            CPU.linear(&x, &CPU.upload_weight(host[i].clone()), m, &mut want);
+            if with_lora[i] {
+                check(&format!("{label} u of {name} vs the composed path"), &us1[i], &us2[i], 0.0);
+                let mut u = vec![0.0; m * r];
+                CPU.lora_forward(&x, &ab[i].0, &ab[i].1, m, r, 0.25, drops[i], &mut u, &mut want);
+            }
+            if i < 2 {
+                let mut rotated = vec![0.0; want.len()];
+                CPU.rope(&want, &cos, &sin, [heads, kv_heads][i], hd, false, &mut rotated);
+                want = rotated;
+            }
+            check(&format!("{label} {name} vs CPU"), &direct[i], &want, MIXED_TOL);
         }
     }
 }
@@ -1289,13 +1360,20 @@ fn lora_pair_on(cfg: &ModelConfig, targets: &[&str]) -> (Lora<Cpu<f32>>, Lora<Cu
 /// mode; vocabularies 503 (the LM head's loss composed on f32 logits) and 512 (the bf16 head's logits
 /// and dlogits in bf16, `Cuda::lm_head_cross_entropy`); LoRA on every projection, and on q and v only
 /// over 600 tokens (MLPs without LoRA on the second path: `Backend::mlp_gate_up`, `mlp_down` and
-/// `mlp_backward` with 16-bit intermediates).
+/// `mlp_backward` with 16-bit intermediates); with head_dim 64 over 600 tokens, q, k and v go
+/// straight into the flash kernels' saved inputs (`Backend::qkv_attn_acts`' direct path), with LoRA on
+/// q and v and on every projection.
 #[test]
 fn whole_qlora_step_matches_the_cpu() {
-    for (vocab_size, targets, len) in
-        [(503, &["all-linear"][..], 61), (512, &["all-linear"], 61), (512, &["q_proj", "v_proj"], 200)]
-    {
-        let cfg = ModelConfig { vocab_size, ..small_config() };
+    let flash = ModelConfig { hidden_size: 256, num_attention_heads: 4, head_dim: 64, ..small_config() };
+    for (base, vocab_size, targets, len) in [
+        (small_config(), 503, &["all-linear"][..], 61),
+        (small_config(), 512, &["all-linear"], 61),
+        (small_config(), 512, &["q_proj", "v_proj"], 200),
+        (flash.clone(), 512, &["q_proj", "v_proj"], 200),
+        (flash, 512, &["all-linear"], 200),
+    ] {
+        let cfg = ModelConfig { vocab_size, ..base };
         whole_qlora_step(&cfg, targets, len);
     }
 }

@@ -521,6 +521,26 @@ pub trait Backend {
         rope: RopeTables<'_, Self>,
         shape: AttnShape,
     ) -> Self::AttnActs;
+    /// The q, k and v projections of `x` with their LoRA branches ([`Backend::linear_many_lora`] of
+    /// `ws` = [q, k, v]) taken straight into the saved form of a [`Backend::rope_attention`] call of
+    /// shape `shape` ([`Backend::attn_acts`]): training's forward and replay read the three
+    /// projections only through it. The default computes them in f32 and hands them over; CUDA writes
+    /// the flash kernels' bf16 inputs from cuBLAS's 16-bit products where it can, with the LoRA B
+    /// product and RoPE applied in the same pass, and no f32 copy made.
+    #[allow(clippy::too_many_arguments)]
+    fn qkv_attn_acts(
+        &self,
+        x: &Self::Buf,
+        ws: &[&Self::Weight],
+        m: usize,
+        loras: &mut [Option<LoraDown<'_, Self>>],
+        r: usize,
+        scale: f32,
+        rope: RopeTables<'_, Self>,
+        shape: AttnShape,
+    ) -> Self::AttnActs {
+        qkv_attn_acts_composed(self, x, ws, m, loras, r, scale, rope, shape)
+    }
     /// Elements (of either dtype) held by saved attention inputs: q, k and v together.
     fn attn_acts_len(&self, acts: &Self::AttnActs) -> usize;
     /// [`Backend::rope_attention`] of saved inputs ([`Backend::attn_acts`]).
@@ -811,6 +831,27 @@ pub fn linear_many_lora_composed<B: Backend + ?Sized>(
     assert_eq!(outs.len(), loras.len(), "linear_many_lora: one LoRA slot per output");
     be.linear_many(x, ws, m, outs);
     lora_branches_into(be, x, outs, loras, m, r, scale);
+}
+
+/// [`Backend::qkv_attn_acts`] as [`Backend::linear_many_lora`] into f32 outputs, then
+/// [`Backend::attn_acts`]: the trait's default and the CUDA backend's path where its direct one does
+/// not apply.
+#[allow(clippy::too_many_arguments)]
+pub fn qkv_attn_acts_composed<B: Backend + ?Sized>(
+    be: &B,
+    x: &B::Buf,
+    ws: &[&B::Weight],
+    m: usize,
+    loras: &mut [Option<LoraDown<'_, B>>],
+    r: usize,
+    scale: f32,
+    rope: RopeTables<'_, B>,
+    shape: AttnShape,
+) -> B::AttnActs {
+    let [wq, wk, wv] = ws else { panic!("qkv_attn_acts: three weights, q, k and v") };
+    let [mut q, mut k, mut v] = [wq, wk, wv].map(|w| be.alloc_output(m * be.weight_shape(w).0));
+    be.linear_many_lora(x, ws, m, &mut [&mut q, &mut k, &mut v], loras, r, scale);
+    be.attn_acts(q, k, v, rope, shape)
 }
 
 /// The LoRA branches in `loras` (the empty slots skipped) added into their projections' outputs by

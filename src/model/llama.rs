@@ -399,10 +399,27 @@ impl<'a, B: Backend> Graph<'a, B> {
         let ws: Vec<&B::Weight> = projs.iter().map(|&p| self.model.proj(layer, p)).collect();
         let m = be.buf_len(t.get(x)) / be.weight_shape(ws[0]).1;
         let mut ys: Vec<B::Buf> = ws.iter().map(|w| self.alloc(m * be.weight_shape(w).0)).collect();
-        // The targeted projections' LoRA branches in the same call (the backend may share launches).
+        let ((), us) = self.with_lora_downs(layer, projs, m, |loras| {
+            let mut outs: Vec<&mut B::Buf> = ys.iter_mut().collect();
+            be.linear_many_lora(t.get(x), &ws, m, &mut outs, loras, self.lora_rank(), self.lora_scale());
+        });
+        let outs: Vec<Id> = ys.into_iter().map(|y| t.put(y)).collect();
+        self.record_linears(t, x, layer, projs, us, outs.try_into().expect("one output per projection"))
+    }
+
+    /// The LoRA branches of `projs` at `layer` for a products call of `m` rows: `run` gets one slot per
+    /// projection (a targeted one's branch, whose `u` it writes); returned are `run`'s result and each
+    /// branch's `u` with its dropout.
+    #[allow(clippy::type_complexity)]
+    fn with_lora_downs<const N: usize, R>(
+        &self,
+        layer: usize,
+        projs: [Proj; N],
+        m: usize,
+        run: impl FnOnce(&mut [Option<LoraDown<'_, B>>]) -> R,
+    ) -> (R, [Option<(B::Buf, Dropout)>; N]) {
         let r = self.lora_rank();
-        let mut us: Vec<Option<B::Buf>> =
-            projs.iter().map(|&p| self.lora_pair(layer, p).map(|_| self.alloc(m * r))).collect();
+        let mut us: [Option<B::Buf>; N] = projs.map(|p| self.lora_pair(layer, p).map(|_| self.alloc(m * r)));
         let mut loras: Vec<Option<LoraDown<'_, B>>> = projs
             .iter()
             .zip(us.iter_mut())
@@ -411,18 +428,32 @@ impl<'a, B: Backend> Graph<'a, B> {
                 Some(LoraDown { a: &pair.a, b: &pair.b, dropout: self.lora_dropout(layer, p), u: u.as_mut()? })
             })
             .collect();
-        let mut outs: Vec<&mut B::Buf> = ys.iter_mut().collect();
-        be.linear_many_lora(t.get(x), &ws, m, &mut outs, &mut loras, r, self.lora_scale());
-        drop(outs);
+        let res = run(&mut loras);
         drop(loras);
-        let mut ids = Vec::with_capacity(N);
-        for ((&p, y), u) in projs.iter().zip(ys).zip(us) {
-            let lora = u.map(|u| (t.put(u), self.lora_dropout(layer, p)));
-            let out = t.put(y);
+        let mut i = 0;
+        let us = us.map(|u| {
+            let d = self.lora_dropout(layer, projs[i]);
+            i += 1;
+            u.map(|u| (u, d))
+        });
+        (res, us)
+    }
+
+    /// One `Linear` op per projection: its input `x`, output id, and LoRA branch's `u` (put on the tape).
+    fn record_linears<const N: usize>(
+        &self,
+        t: &mut Tape<B>,
+        x: Id,
+        layer: usize,
+        projs: [Proj; N],
+        us: [Option<(B::Buf, Dropout)>; N],
+        outs: [Id; N],
+    ) -> [Id; N] {
+        for ((&p, u), &out) in projs.iter().zip(us).zip(&outs) {
+            let lora = u.map(|(u, d)| (t.put(u), d));
             t.record(Op::Linear { x, layer, proj: p, out, lora });
-            ids.push(out);
         }
-        ids.try_into().expect("one id per projection")
+        outs
     }
 
     /// Records projection `p` of `x` without computing its output (a replay, see
@@ -452,21 +483,32 @@ impl<'a, B: Backend> Graph<'a, B> {
         out
     }
 
-    /// RoPE of `q` and `k` and attention over this pass's own keys (training/eval), in one op — the
-    /// cached variant is in `layer`. The projections' values move into the backend's saved form
-    /// ([`Backend::attn_acts`]); their ids stay, holding no value, for backward's gradients.
-    fn attention(&self, t: &mut Tape<B>, q: Id, k: Id, v: Id) -> Id {
+    /// The q, k and v projections of `x` and RoPE and attention over this pass's own keys
+    /// (training/eval; the cached variant is in `layer`). The projections go straight into the
+    /// backend's saved form of attention's inputs ([`Backend::qkv_attn_acts`]); their ids hold no
+    /// value and serve as the targets of their gradients in backward.
+    fn qkv_attention(&self, t: &mut Tape<B>, x: Id, layer: usize) -> Id {
         let be = self.be;
         let sh = self.shape;
-        let mut out = self.alloc(be.buf_len(t.get(q)));
-        let mut lse = self.alloc(sh.batch * sh.heads * sh.q_len);
+        let projs = [Proj::Q, Proj::K, Proj::V];
+        let ws = projs.map(|p| self.model.proj(layer, p));
+        let m = be.buf_len(t.get(x)) / be.weight_shape(ws[0]).1;
         let rope = RopeTables { cos: &self.cos, sin: &self.sin };
-        let acts = be.attn_acts(t.take(q), t.take(k), t.take(v), rope, sh);
+        let (acts, us) = self.with_lora_downs(layer, projs, m, |loras| {
+            be.qkv_attn_acts(t.get(x), &ws, m, loras, self.lora_rank(), self.lora_scale(), rope, sh)
+        });
+        let mut out = self.alloc(m * be.weight_shape(ws[0]).0);
+        let mut lse = self.alloc(sh.batch * sh.heads * sh.q_len);
         be.rope_attention_acts(&acts, rope, sh, self.segments, &mut out, &mut lse);
         let (out, lse) = (t.put(out), t.put(lse));
         if t.recording {
+            let qkv = [(); 3].map(|_| t.put_uncomputed());
+            let [q, k, v] = self.record_linears(t, x, layer, projs, us, qkv);
             let acts = t.put_attn_acts(acts);
             t.record(Op::Attention { q, k, v, acts, out, lse, shape: sh });
+        } else {
+            // Nothing records the branches' u: hand them back now.
+            us.into_iter().flatten().for_each(|(u, _)| t.discard(u));
         }
         out
     }
@@ -528,17 +570,15 @@ impl<'a, B: Backend> Graph<'a, B> {
                 (x, n1)
             }
         };
-        let [q, k, v] = self.linears(t, n1, l, [Proj::Q, Proj::K, Proj::V]);
-        t.done_with(n1);
         let a = match cache {
             None => {
-                let a = self.attention(t, q, k, v);
-                for id in [q, k, v] {
-                    t.done_with(id);
-                }
+                let a = self.qkv_attention(t, n1, l);
+                t.done_with(n1);
                 a
             }
             Some((kv, pos)) => {
+                let [q, k, v] = self.linears(t, n1, l, [Proj::Q, Proj::K, Proj::V]);
+                t.done_with(n1);
                 // Rotated q, and the rotated keys and the values appended to the cache, in one call.
                 let be = self.be;
                 let mut q_rot = self.alloc(be.buf_len(t.get(q)));

@@ -3,6 +3,7 @@
 //! conversion. CPU reference: `Cpu::attention`, `Cpu::attention_backward` and the composed
 //! `rope_attention` of backend/mod.rs.
 
+use super::gemm::OperandView;
 use super::{grid_for, push_opt, Cuda};
 use crate::backend::{AttnShape, RopeTables};
 use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
@@ -122,27 +123,38 @@ impl Cuda {
         let rows = if sh.batch == 1 { sh.kv_len } else { sh.batch * sh.kv_capacity };
         let n = rows * sh.kv_heads * sh.head_dim;
         let kb = match rope {
-            Some(r) => self.rope_bf16(k, r, sh.kv_heads, sh.head_dim),
+            Some(r) => self.rope_bf16(OperandView::F32(k), r, sh.kv_heads, sh.head_dim),
             None => self.bf16_prefix(k, n),
         };
         (kb, self.bf16_prefix(v, n))
     }
 
-    /// `x (rows, heads, head_dim)` rotated by `rope` and rounded to bf16, in a fresh buffer.
+    /// `x (rows, heads, head_dim)` (f32, or a 16-bit product as cuBLAS wrote it) rotated by `rope` and
+    /// rounded to bf16, in a fresh buffer (kernels/rope.cu `rope_bf16`, `rope_bf16_from_*`).
     pub(super) fn rope_bf16(
         &self,
-        x: &CudaSlice<f32>,
+        x: OperandView<'_>,
         rope: RopeTables<'_, Self>,
         heads: usize,
         head_dim: usize,
     ) -> CudaSlice<bf16> {
+        let n = x.len();
         assert!(head_dim % 8 == 0, "rope_bf16: head_dim {head_dim} is not a multiple of 8");
-        let rows = x.len() / (heads * head_dim);
+        let rows = n / (heads * head_dim);
         assert!(rope.cos.len() >= rows * head_dim / 2, "rope_bf16: fewer table rows than x rows");
-        // SAFETY: the kernel writes all of x.len() values before anything reads them.
-        let mut out = ck!(unsafe { self.stream.alloc::<bf16>(x.len().max(1)) }, "alloc");
+        // SAFETY: the kernel writes all n values before anything reads them.
+        let mut out = ck!(unsafe { self.stream.alloc::<bf16>(n.max(1)) }, "alloc");
         let (r32, h32, d32) = (rows as i32, heads as i32, head_dim as i32);
-        launch!(self, "rope_bf16", grid_for(x.len() / 8); x, rope.cos, rope.sin, &mut out, &r32, &h32, &d32);
+        let cfg = grid_for(n / 8);
+        match x {
+            OperandView::F32(x) => launch!(self, "rope_bf16", cfg; x, rope.cos, rope.sin, &mut out, &r32, &h32, &d32),
+            OperandView::BF16(x) => {
+                launch!(self, "rope_bf16_from_bf16", cfg; x, rope.cos, rope.sin, &mut out, &r32, &h32, &d32)
+            }
+            OperandView::F16(x) => {
+                launch!(self, "rope_bf16_from_f16", cfg; x, rope.cos, rope.sin, &mut out, &r32, &h32, &d32)
+            }
+        }
         out
     }
 
@@ -308,6 +320,16 @@ impl Cuda {
         ck!(unsafe { b.launch(cfg) }, kernel);
     }
 
+    /// Saved attention inputs' values on the host, widened to f32 exactly: `[q, k, v]` (tests).
+    pub fn attn_acts_to_host(&self, acts: &AttnActs) -> [Vec<f32>; 3] {
+        let wide =
+            |x: &CudaSlice<bf16>| ck!(self.stream.clone_dtoh(x), "download").into_iter().map(bf16::to_f32).collect();
+        match acts {
+            AttnActs::F32 { q, k, v } => [q, k, v].map(|x| ck!(self.stream.clone_dtoh(x), "download")),
+            AttnActs::Bf16 { q, k, v } => [q, k, v].map(wide),
+        }
+    }
+
     /// Saved attention inputs ([`Backend::attn_acts`](crate::backend::Backend::attn_acts)): in bf16 as
     /// the flash kernels read them (q and k rotated by `rope`, kernels/rope.cu `rope_bf16`) where the
     /// flash kernels take the call and the shape is square; otherwise the f32 buffers as they are.
@@ -323,8 +345,8 @@ impl Cuda {
         let _span = self.span("attention inputs saved (bf16, rotated)");
         let n = v.len();
         AttnActs::Bf16 {
-            q: self.rope_bf16(&q, rope, sh.heads, sh.head_dim),
-            k: self.rope_bf16(&k, rope, sh.kv_heads, sh.head_dim),
+            q: self.rope_bf16(OperandView::F32(&q), rope, sh.heads, sh.head_dim),
+            k: self.rope_bf16(OperandView::F32(&k), rope, sh.kv_heads, sh.head_dim),
             v: self.bf16_prefix(&v, n),
         }
     }

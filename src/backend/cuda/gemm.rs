@@ -117,6 +117,16 @@ pub enum OperandView<'a> {
     BF16(&'a CudaSlice<bf16>),
 }
 
+impl OperandView<'_> {
+    pub(super) fn len(&self) -> usize {
+        match self {
+            OperandView::F32(x) => x.len(),
+            OperandView::F16(x) => x.len(),
+            OperandView::BF16(x) => x.len(),
+        }
+    }
+}
+
 impl<'a> From<&'a Operand> for OperandView<'a> {
     fn from(o: &'a Operand) -> Self {
         match o {

@@ -96,6 +96,8 @@ pub(super) fn kernel_names(module: &str) -> &'static [&'static str] {
             "lora_up",
             "lora_up_from_bf16",
             "lora_up_from_f16",
+            "lora_up_acts_bf16",
+            "lora_up_acts_f16",
         ],
         "nf4_gemm" => &[
             GEMM_4BIT[0],
@@ -109,7 +111,7 @@ pub(super) fn kernel_names(module: &str) -> &'static [&'static str] {
             "gemm_4bit_reduce",
         ],
         "norm" => &["rmsnorm_f32", "add_rmsnorm_f32", "rmsnorm_backward_f32"],
-        "rope" => &["rope_f32", "rope_bf16", "rope_cache_f32"],
+        "rope" => &["rope_f32", "rope_bf16", "rope_bf16_from_bf16", "rope_bf16_from_f16", "rope_cache_f32"],
         "xent" => &[
             "cross_entropy_f32",
             XENT_REG[0],

@@ -154,6 +154,7 @@ mod kernels;
 mod lora;
 mod mlp;
 mod offload;
+mod qkv;
 mod quant4;
 mod weights;
 mod xent;
@@ -1002,6 +1003,22 @@ impl Backend for Cuda {
         self.flash_backward(q, k, v, Some(rope), out, lse, dout, sh, seg.as_ref(), dq, dk, dv);
     }
 
+    fn qkv_attn_acts(
+        &self,
+        x: &CudaSlice<f32>,
+        ws: &[&CudaWeight],
+        m: usize,
+        loras: &mut [Option<LoraDown<'_, Self>>],
+        r: usize,
+        scale: f32,
+        rope: RopeTables<'_, Self>,
+        sh: AttnShape,
+    ) -> AttnActs {
+        match self.qkv_direct(ws, m, loras, r, &sh) {
+            Some(c) => self.qkv_attn_acts_direct(x, ws, m, loras, (r, scale), rope, sh, c),
+            None => super::qkv_attn_acts_composed(self, x, ws, m, loras, r, scale, rope, sh),
+        }
+    }
     fn attn_acts(
         &self,
         q: CudaSlice<f32>,

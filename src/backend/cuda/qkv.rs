@@ -1,0 +1,141 @@
+//! Training's q, k and v projections straight into attention's saved inputs
+//! ([`Backend::qkv_attn_acts`](crate::backend::Backend::qkv_attn_acts)). The flash kernels read q and
+//! k rotated and all three in bf16 (`AttnActs::Bf16`); the composed path gets there through f32: each
+//! 4-bit product written by cuBLAS in 16 bits, widened into f32 (with its LoRA B product added), then
+//! rotated and rounded to bf16 again. Here the 16-bit product goes to bf16 in one pass instead:
+//! `lora_up_acts_*` (kernels/lora_fused.cu: the B product, RoPE and the rounding) for a projection
+//! with a LoRA branch, `rope_bf16_from_*` (kernels/rope.cu) for q or k without one, and v without one
+//! is cuBLAS's bf16 output as it is. Each step computes the same f32 values as the composed one and
+//! rounds them once at the same point, so the saved inputs are the composed path's bit for bit; what
+//! goes is ~64 MB of f32 traffic per 7B projection and pass, and a launch or two.
+//! CPU reference: the trait's default, `qkv_attn_acts_composed` (backend/mod.rs).
+
+use super::attention::AttnActs;
+use super::gemm::{Gemm, Operand, OperandView};
+use super::lora::lora_up_launch;
+use super::quant4::GEMV_MAX_M;
+use super::{grid_for, Cuda, CudaWeight};
+use crate::backend::{AttnShape, LoraDown, RopeTables};
+use crate::config::ComputeDtype;
+use cudarc::driver::{CudaSlice, PushKernelArg};
+use half::bf16;
+
+impl Cuda {
+    /// The compute dtype of the direct path when it takes these products: not in precise mode; a
+    /// square flash shape; past decoding's few rows; all three weights 4-bit with one 16-bit compute
+    /// dtype, on the second path (cuBLAS: the fused 4-bit kernel writes f32); every LoRA branch of a
+    /// rank the fused `lora_up` handles.
+    pub fn qkv_direct(
+        &self,
+        ws: &[&CudaWeight],
+        m: usize,
+        loras: &[Option<LoraDown<'_, Self>>],
+        r: usize,
+        sh: &AttnShape,
+    ) -> Option<ComputeDtype> {
+        if self.is_precise() || !self.flash(sh) || !sh.is_square() || m <= GEMV_MAX_M || ws.len() != 3 {
+            return None;
+        }
+        let CudaWeight::Quant4 { compute: c @ (ComputeDtype::BF16 | ComputeDtype::F16), .. } = ws[0] else {
+            return None;
+        };
+        let same_path = ws
+            .iter()
+            .all(|w| matches!(w, CudaWeight::Quant4 { compute, .. } if compute == c) && !self.uses_fused_4bit(w, m));
+        let branches_fit = ws.iter().zip(loras).all(|(w, l)| l.is_none() || self.uses_fused_lora_up(w.shape().0, r));
+        (same_path && branches_fit).then_some(*c)
+    }
+
+    /// [`Backend::qkv_attn_acts`](crate::backend::Backend::qkv_attn_acts) on the direct path
+    /// ([`Cuda::qkv_direct`] gave `c`).
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn qkv_attn_acts_direct(
+        &self,
+        x: &CudaSlice<f32>,
+        ws: &[&CudaWeight],
+        m: usize,
+        loras: &mut [Option<LoraDown<'_, Self>>],
+        (r, scale): (usize, f32),
+        rope: RopeTables<'_, Self>,
+        sh: AttnShape,
+        c: ComputeDtype,
+    ) -> AttnActs {
+        let _span = self.span("q/k/v products into attention inputs (bf16)");
+        let xc = self.convert(x, c).expect("a 16-bit compute dtype");
+        // (heads, rotated) of q, k and v.
+        let layout = [(sh.heads, true), (sh.kv_heads, true), (sh.kv_heads, false)];
+        let mut saved = Vec::with_capacity(3);
+        for ((w, slot), (heads, rotated)) in ws.iter().zip(loras.iter_mut()).zip(layout) {
+            let (rows, cols) = w.shape();
+            assert_eq!(rows, heads * sh.head_dim, "qkv_attn_acts: a projection of the wrong width");
+            let o16 = {
+                let (wop, _) = self.weight_operand(w);
+                let product = Gemm::forward(m, rows, cols, OperandView::from(&xc), wop.as_ref());
+                self.gemm_16(&product, c, "q/k/v GEMM")
+            };
+            let tables = rotated.then_some(rope);
+            saved.push(match slot.take() {
+                Some(l) => {
+                    self.lora_a_product(x, l.a, m, r, l.dropout, l.u);
+                    self.lora_up_acts(&o16, l.u, l.b, (m, rows, r), scale, tables, sh.head_dim)
+                }
+                None => match (tables, o16) {
+                    (Some(t), o16) => self.rope_bf16(OperandView::from(&o16), t, heads, sh.head_dim),
+                    (None, Operand::BF16(o)) => o,
+                    (None, o16) => self.bf16_copy(&o16),
+                },
+            });
+        }
+        let [q, k, v]: [CudaSlice<bf16>; 3] = saved.try_into().expect("three projections");
+        AttnActs::Bf16 { q, k, v }
+    }
+
+    /// `bf16(rope(widen(o16) + scale · u · Bᵀ))` (kernels/lora_fused.cu `lora_up_acts_*`): a
+    /// projection's 16-bit product `o16 (m, n)` with its LoRA B product (`u (m, r)`, `b (n, r)`)
+    /// added, rotated by `rope` (heads of `head_dim`) when given, in bf16.
+    #[allow(clippy::too_many_arguments)]
+    fn lora_up_acts(
+        &self,
+        o16: &Operand,
+        u: &CudaSlice<f32>,
+        b: &CudaSlice<f32>,
+        (m, n, r): (usize, usize, usize),
+        scale: f32,
+        rope: Option<RopeTables<'_, Self>>,
+        head_dim: usize,
+    ) -> CudaSlice<bf16> {
+        let rope_hd = if rope.is_some() { head_dim } else { 0 };
+        assert!(rope_hd % 64 == 0 && n % 64 == 0, "lora_up_acts: {n} columns, head_dim {head_dim}");
+        // Without rotation the tables are not read; any live buffer stands in for them.
+        let (cos, sin) = rope.map_or((u, u), |t| (t.cos, t.sin));
+        assert!(rope.is_none() || cos.len() >= m * head_dim / 2, "lora_up_acts: fewer table rows than x rows");
+        // SAFETY: the kernel writes all m·n values before anything reads them.
+        let mut out = ck!(unsafe { self.stream.alloc::<bf16>(m * n) }, "alloc");
+        let (m32, n32, r32, hd32) = (m as i32, n as i32, r as i32, rope_hd as i32);
+        let cfg = lora_up_launch(m, n);
+        match o16 {
+            Operand::BF16(o) => {
+                launch!(self, "lora_up_acts_bf16", cfg; u, b, o, &mut out, cos, sin, &m32, &n32, &r32, &scale, &hd32)
+            }
+            Operand::F16(o) => {
+                launch!(self, "lora_up_acts_f16", cfg; u, b, o, &mut out, cos, sin, &m32, &n32, &r32, &scale, &hd32)
+            }
+            Operand::F32(_) => unreachable!("a 16-bit product"),
+        }
+        out
+    }
+
+    /// A 16-bit operand's values in bf16 (f16 widened to f32 exactly, then rounded: the composed
+    /// path's values).
+    fn bf16_copy(&self, x: &Operand) -> CudaSlice<bf16> {
+        let n = x.len();
+        let mut wide = self.scratch(n);
+        let n64 = n as i64;
+        match x {
+            Operand::F16(x) => launch!(self, "f16_to_f32", grid_for(n); x, &mut wide, &n64),
+            Operand::BF16(x) => launch!(self, "bf16_to_f32", grid_for(n); x, &mut wide, &n64),
+            Operand::F32(x) => return self.bf16_prefix(x, n),
+        }
+        self.bf16_prefix(&wide, n)
+    }
+}
