@@ -47,6 +47,16 @@ impl Pdl {
     }
 }
 
+/// Programmatic launches need compute capability 9.0 (`griddepcontrol`, kernels/common.cuh) and a
+/// driver of CUDA 12.3 or later (graph edge data: `cuGraphGetEdges_v2` and its siblings, which
+/// cudarc would panic on where the driver lacks them).
+pub(super) fn pdl_supported(compute_capability: (i32, i32)) -> bool {
+    let mut version = 0;
+    // SAFETY: writes one int.
+    let driver = unsafe { sys::cuDriverGetVersion(&mut version) }.result().is_ok();
+    compute_capability.0 >= 9 && driver && version >= 12030
+}
+
 /// A captured and instantiated step.
 pub struct StepGraph {
     graph: CUgraph,
@@ -67,10 +77,15 @@ impl Drop for StepGraph {
 
 impl Cuda {
     /// How graphs captured from now on let one of our kernels start after another (A/B runs and
-    /// tests; on devices before compute capability 9.0 this stays [`Pdl::Off`]).
+    /// tests; where `pdl_supported` says no, this stays [`Pdl::Off`]).
     pub fn set_pdl(&self, pdl: Pdl) {
-        let supported = self.ctx.compute_capability().is_ok_and(|c| c.0 >= 9);
+        let supported = self.ctx.compute_capability().is_ok_and(pdl_supported);
         *self.pdl.lock().unwrap() = if supported { pdl } else { Pdl::Off };
+    }
+
+    /// The device's compute capability (major, minor).
+    pub fn compute_capability(&self) -> (i32, i32) {
+        self.ctx.compute_capability().unwrap_or((0, 0))
     }
 
     pub fn pdl(&self) -> Pdl {

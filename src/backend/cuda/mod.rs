@@ -256,8 +256,8 @@ impl Cuda {
         // The fused 4-bit matmul needs compute capability 9.0 and sm_90a code (wgmma).
         let compute_capability = ctx.compute_capability().map_err(dev_err)?;
         let wgmma = cfg!(wgmma_kernels) && compute_capability.0 == 9;
-        // Programmatic dependent launch needs compute capability 9.0 (kernels/common.cuh).
-        let pdl = if compute_capability.0 >= 9 { graph::Pdl::from_env() } else { graph::Pdl::Off }.into();
+        let pdl =
+            if graph::pdl_supported(compute_capability) { graph::Pdl::from_env() } else { graph::Pdl::Off }.into();
         let sm_count = ctx
             .attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
             .map_err(dev_err)? as usize;
