@@ -8,11 +8,16 @@
 // 16384 values enough threads, at most 1024, hence 64 registers.
 #define NORM_VEC 4
 
+__device__ __forceinline__ float round_to(float v, float*) { return v; }
+__device__ __forceinline__ __nv_bfloat16 round_to(float v, __nv_bfloat16*) { return __float2bfloat16_rn(v); }
+__device__ __forceinline__ __half round_to(float v, __half*) { return __float2half_rn(v); }
+
 // Row blockIdx.x of out = rmsnorm(a [+ b]) · w, with sum = a + b stored when ADD (b, sum unused
 // otherwise). Every value is computed as add_f32 then rmsnorm_f32 compute it, bit for bit: the
-// same Σx² per thread in column order, the same block_sum for one block size.
-template <bool ADD>
-__device__ __forceinline__ void norm_row(const float* a, const float* b, const float* w, float* sum, float* out, float* rstd, int dim, float eps) {
+// same Σx² per thread in column order, the same block_sum for one block size. Out of type TO: f32,
+// or rounded to bf16/f16 as f32_to_bf16/f16 would round the f32 output (the same rounding, bit for bit).
+template <bool ADD, typename TO>
+__device__ __forceinline__ void norm_row(const float* a, const float* b, const float* w, float* sum, TO* out, float* rstd, int dim, float eps) {
     const int64_t off = (int64_t)blockIdx.x * dim;
     const float* x = ADD ? sum + off : a + off;  // the row the norm reads back (odd sizes)
     float ss = 0.f;
@@ -45,8 +50,7 @@ __device__ __forceinline__ void norm_row(const float* a, const float* b, const f
 #pragma unroll
         for (int i = 0; i < NORM_VEC; i++) {
             const int j = threadIdx.x + i * blockDim.x;
-            if (j < dim / 4)
-                reinterpret_cast<float4*>(out + off)[j] = make_float4(v[i].x * r * g[i].x, v[i].y * r * g[i].y, v[i].z * r * g[i].z, v[i].w * r * g[i].w);
+            if (j < dim / 4) store4(out + off + 4 * j, make_float4(v[i].x * r * g[i].x, v[i].y * r * g[i].y, v[i].z * r * g[i].z, v[i].w * r * g[i].w));
         }
         return;
     }
@@ -58,22 +62,28 @@ __device__ __forceinline__ void norm_row(const float* a, const float* b, const f
     ss = block_sum(ss);
     const float r = rsqrtf(ss / dim + eps);
     if (threadIdx.x == 0) rstd[blockIdx.x] = r;
-    for (int j = threadIdx.x; j < dim; j += blockDim.x) out[off + j] = x[j] * r * w[j];
+    for (int j = threadIdx.x; j < dim; j += blockDim.x) out[off + j] = round_to(x[j] * r * w[j], out);
 }
 
 // out = x · rstd · w, rstd = (mean x² + eps)^-1/2;  x, out (m, dim); rstd (m). One block per row.
 extern "C" __global__ void __launch_bounds__(1024) rmsnorm_f32(const float* x, const float* w, float* out, float* rstd, int dim, float eps) {
     grid_dependency_wait();
-    norm_row<false>(x, nullptr, w, nullptr, out, rstd, dim, eps);
+    norm_row<false, float>(x, nullptr, w, nullptr, out, rstd, dim, eps);
 }
 
 // sum = a + b, then out = rmsnorm(sum): a residual add and the norm after it in one pass (decoding
 // saves a launch per layer, training a read of the sum). a, b, sum, out (m, dim); rstd (m).
 // CPU reference: Backend::add_rmsnorm's default (add, rmsnorm).
-extern "C" __global__ void __launch_bounds__(1024) add_rmsnorm_f32(const float* a, const float* b, const float* w, float* sum, float* out, float* rstd, int dim, float eps) {
-    grid_dependency_wait();
-    norm_row<true>(a, b, w, sum, out, rstd, dim, eps);
-}
+// add_rmsnorm_to_bf16/f16: the same with out in the 16-bit compute dtype, where nothing reads the f32
+// norm output but a 16-bit product (Cuda::add_rmsnorm_mlp_gate_up: an MLP without LoRA).
+#define ADD_RMSNORM(name, TO)                                                                                                  \
+    extern "C" __global__ void __launch_bounds__(1024) name(const float* a, const float* b, const float* w, float* sum, TO* out, float* rstd, int dim, float eps) { \
+        grid_dependency_wait();                                                                                                  \
+        norm_row<true, TO>(a, b, w, sum, out, rstd, dim, eps);                                                                   \
+    }
+ADD_RMSNORM(add_rmsnorm_f32, float)
+ADD_RMSNORM(add_rmsnorm_to_bf16, __nv_bfloat16)
+ADD_RMSNORM(add_rmsnorm_to_f16, __half)
 
 // dx (+)= r·(dy·w − x·r²·mean(dy·w·x)); accumulate: added to the gradient already in dx (the residual
 // stream's), instead of a separate add_assign pass over it; the sum is rounded once, as that pass did.

@@ -12,6 +12,9 @@
 #          kernel bench rows matching AB_FILTER (default "attention") for both binaries; AB_VARIANTS
 #          adds runs of the new build with settings (e.g. "base new new:LLAMATUNE_KEEP_EXPANDED=0")
 #   abdecode OUT: the same alternation for the 7B greedy decode (128 new tokens after a 1-step bench)
+#   p OUT: where the 7B classic step's device time goes, op by op, timed by CUDA events with nothing
+#          synchronized (LLAMATUNE_PROFILE=events: the ops' times add up to the step's), beside the
+#          plain step time of the same build
 # The GGUF (98 MB) travels in two parts because one call carries at most 64 MiB.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -96,6 +99,12 @@ abdecode)
             echo "round $round $variant: $(echo $line | tr -s ' ')" | tee -a "$out/abdecode.log"
         done
     done
+    ;;
+p)
+    bench_variant new --steps 5 --warmup-steps 2 --decode-tokens 0 | grep -E "train step|peak" | tee "$out/profile.log"
+    echo "== LLAMATUNE_PROFILE=events, 3 steps after 2 warm-up" | tee -a "$out/profile.log"
+    bench_variant new:LLAMATUNE_PROFILE=events --steps 3 --warmup-steps 2 --decode-tokens 0 \
+        | grep -vE "^step |^built" | tail -60 | tee -a "$out/profile.log"
     ;;
 c)
     export PYTHONPATH="$PWD/.cache/bnb:${PYTHONPATH:-}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1

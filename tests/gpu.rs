@@ -397,7 +397,10 @@ fn linear_many_equals_one_linear_each() {
 fn mlp_with_16_bit_intermediates_equals_its_ops_forward_and_backward() {
     let mut rng = rand::rngs::StdRng::seed_from_u64(33);
     let m = 600;
-    for (s, c) in SHAPES.iter().map(|s| (s, ComputeDtype::BF16)).chain([(&SHAPES[2], ComputeDtype::F16)]) {
+    // A hidden size no multiple of 4: the norm's rows take its scalar loop.
+    let odd4 = Shape { name: "odd, hidden 202", hidden: 202, ..SHAPES[2] };
+    let cases = SHAPES.iter().map(|s| (s, ComputeDtype::BF16));
+    for (s, c) in cases.chain([(&SHAPES[2], ComputeDtype::F16), (&odd4, ComputeDtype::BF16)]) {
         let label = format!("{} {c:?} mlp", s.name);
         let quantized = |rng: &mut rand::rngs::StdRng, rows: usize, cols: usize| {
             let q = Quant4::quantize(
@@ -417,6 +420,25 @@ fn mlp_with_16_bit_intermediates_equals_its_ops_forward_and_backward() {
         let gx = gpu().upload(&x);
         let acts16 = gpu().mlp_gate_up(&gx, &gg, &gu, &gd, m);
         assert!(matches!(acts16, MlpActs::Half { .. }), "{label}: the 16-bit path is the one tested");
+        // The residual add and norm before it, with the norm's output written only in the compute
+        // dtype (add_rmsnorm_mlp_gate_up): the composed calls' sum, rstd and products bit for bit.
+        let (a, b, w) =
+            (rnd(&mut rng, m * s.hidden, 1.0), rnd(&mut rng, m * s.hidden, 1.0), rnd(&mut rng, s.hidden, 1.0));
+        let (ga, gb, gw) = (gpu().upload(&a), gpu().upload(&b), gpu().upload(&w));
+        let (mut sum1, mut rstd1) = (poisoned(m * s.hidden), poisoned(m));
+        let fused = gpu().add_rmsnorm_mlp_gate_up(&ga, &gb, &gw, 1e-5, [&gg, &gu, &gd], m, &mut sum1, &mut rstd1);
+        let (mut sum2, mut out2, mut rstd2) = (poisoned(m * s.hidden), poisoned(m * s.hidden), poisoned(m));
+        gpu().add_rmsnorm(&ga, &gb, &gw, s.hidden, 1e-5, &mut sum2, &mut out2, &mut rstd2);
+        let composed = gpu().mlp_gate_up(&out2, &gg, &gu, &gd, m);
+        check(&format!("{label} norm sum vs composed"), &gpu().download(&sum1), &gpu().download(&sum2), 0.0);
+        check(&format!("{label} norm rstd vs composed"), &gpu().download(&rstd1), &gpu().download(&rstd2), 0.0);
+        let (MlpActs::Half { g: g1, u: u1 }, MlpActs::Half { g: g2, u: u2 }) = (&fused, &composed) else {
+            panic!("{label}: the 16-bit path expected on both sides");
+        };
+        for (name, (p1, p2)) in [("gate", (g1, g2)), ("up", (u1, u2))] {
+            let (v1, v2) = (gpu().operand_to_host(p1), gpu().operand_to_host(p2));
+            check(&format!("{label} {name} after the norm vs composed"), &v1, &v2, 0.0);
+        }
         let (g32, u32) = mlp_gate_up_composed(gpu(), &gx, &gg, &gu, m);
         let acts32 = MlpActs::F32 { g: g32, u: u32 };
         let cpu_acts = CPU.mlp_gate_up(&x, &cg, &cu, &cd, m);

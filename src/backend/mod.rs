@@ -364,6 +364,27 @@ pub trait Backend {
         down: &Self::Weight,
         m: usize,
     ) -> Self::MlpActs;
+    /// [`Backend::add_rmsnorm`] whose normalized rows feed only an MLP without LoRA branches
+    /// ([`Backend::mlp_gate_up`] of `gate`, `up`, `down` at `m` rows): `sum` and `rstd` as
+    /// add_rmsnorm writes them, and the MLP's products of the normalized rows, which are not kept.
+    /// The default runs the two; CUDA's 16-bit MLP writes the norm's output straight in the compute
+    /// dtype its products read, with no f32 copy.
+    #[allow(clippy::too_many_arguments)]
+    fn add_rmsnorm_mlp_gate_up(
+        &self,
+        a: &Self::Buf,
+        b: &Self::Buf,
+        w: &Self::Buf,
+        eps: f64,
+        [gate, up, down]: [&Self::Weight; 3],
+        m: usize,
+        sum: &mut Self::Buf,
+        rstd: &mut Self::Buf,
+    ) -> Self::MlpActs {
+        let mut out = self.alloc_output(self.buf_len(a));
+        self.add_rmsnorm(a, b, w, self.buf_len(w), eps, sum, &mut out, rstd);
+        self.mlp_gate_up(&out, gate, up, down, m)
+    }
     /// Elements (of either dtype) an MLP's saved products hold: `2 · m · ffn`.
     fn mlp_acts_len(&self, acts: &Self::MlpActs) -> usize;
     /// `out (m, hidden) (+)= (silu(g) · u) · Dᵀ` from an MLP's gate and up products `acts`, written

@@ -387,6 +387,32 @@ impl<'a, B: Backend> Graph<'a, B> {
         (sum, out)
     }
 
+    /// [`Graph::add_rmsnorm`] before layer `l`'s MLP without LoRA branches, whose gate and up
+    /// products ([`Backend::add_rmsnorm_mlp_gate_up`]) are its output's only reader: the output holds
+    /// no value on the tape (its id is the target of the MLP's input gradient). Returns `(x2, norm
+    /// output, the MLP's products)`.
+    fn add_rmsnorm_mlp_gate_up(
+        &self,
+        t: &mut Tape<B>,
+        a: Id,
+        b: Id,
+        l: usize,
+        ws: [&B::Weight; 3],
+    ) -> (Id, Id, B::MlpActs) {
+        let be = self.be;
+        let norm = NormRef::Mlp(l);
+        let w = self.norm_weight(norm);
+        let n = be.buf_len(t.get(a));
+        let m = n / be.buf_len(w);
+        let (mut sum, mut rstd) = (self.alloc(n), self.alloc(m));
+        let eps = self.model.cfg.rms_norm_eps;
+        let acts = be.add_rmsnorm_mlp_gate_up(t.get(a), t.get(b), w, eps, ws, m, &mut sum, &mut rstd);
+        let (sum, rstd, out) = (t.put(sum), t.put(rstd), t.put_uncomputed());
+        t.record(Op::Add { a, b, out: sum });
+        t.record(Op::RmsNorm { x: sum, norm, rstd, out });
+        (sum, out, acts)
+    }
+
     fn linear(&self, t: &mut Tape<B>, x: Id, layer: usize, p: Proj) -> Id {
         let [y] = self.linears(t, x, layer, [p]);
         y
@@ -598,21 +624,20 @@ impl<'a, B: Backend> Graph<'a, B> {
         };
         let o = self.linear(t, a, l, Proj::O);
         t.done_with(a);
-        let (x2, n2) = self.add_rmsnorm(t, x, o, NormRef::Mlp(l));
-        t.done_with(x);
-        t.done_with(o);
         let mlp_has_lora = [Proj::Gate, Proj::Up, Proj::Down].into_iter().any(|p| self.lora_pair(l, p).is_some());
         if !decoding && !mlp_has_lora {
-            // The gate and up products (kept in their 16-bit dtype where the backend can), then SwiGLU
-            // and the down product from them. A pass that records nothing (a checkpointed layer's first
-            // pass, evaluation) adds the MLP's output straight into the residual; a recorded one saves
-            // the products in one op whose backward is one call (Backend::mlp_backward), and a replay
+            // The norm with the gate and up products (kept in their 16-bit dtype where the backend
+            // can, the norm's output then written only in that dtype), then SwiGLU and the down
+            // product from them. A pass that records nothing (a checkpointed layer's first pass,
+            // evaluation) adds the MLP's output straight into the residual; a recorded one saves the
+            // products in one op whose backward is one call (Backend::mlp_backward), and a replay
             // leaves SwiGLU and the down product uncomputed.
             let be = self.be;
             let [wg, wu, wd] = [Proj::Gate, Proj::Up, Proj::Down].map(|p| self.model.proj(l, p));
-            let m = be.buf_len(t.get(n2)) / be.weight_shape(wg).1;
-            let acts = be.mlp_gate_up(t.get(n2), wg, wu, wd, m);
-            t.done_with(n2);
+            let (x2, n2, acts) = self.add_rmsnorm_mlp_gate_up(t, x, o, l, [wg, wu, wd]);
+            t.done_with(x);
+            t.done_with(o);
+            let m = be.buf_len(t.get(x2)) / be.weight_shape(wg).1;
             if !t.recording {
                 let mut y = t.take(x2);
                 be.mlp_down(&acts, wd, m, &mut y, true);
@@ -630,6 +655,9 @@ impl<'a, B: Backend> Graph<'a, B> {
             t.record(Op::Mlp { x: n2, layer: l, acts, out: d });
             return self.residual_out(t, x2, d, pass);
         }
+        let (x2, n2) = self.add_rmsnorm(t, x, o, NormRef::Mlp(l));
+        t.done_with(x);
+        t.done_with(o);
         let s = if decoding && self.lora_pair(l, Proj::Gate).is_none() && self.lora_pair(l, Proj::Up).is_none() {
             // Nothing needs gate and up apart: the products and SwiGLU in one call.
             let be = self.be;

@@ -138,6 +138,7 @@ impl Cuda {
         heads: usize,
         head_dim: usize,
     ) -> CudaSlice<bf16> {
+        let _span = self.span("RoPE into bf16");
         let n = x.len();
         assert!(head_dim % 8 == 0, "rope_bf16: head_dim {head_dim} is not a multiple of 8");
         let rows = n / (heads * head_dim);

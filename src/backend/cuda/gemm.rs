@@ -163,6 +163,7 @@ impl Cuda {
     /// The first `n` values of `x` rounded into `out`'s 16-bit dtype (elementwise.cu `f32_to_bf16`,
     /// nf4.cu `f32_to_f16`).
     fn convert_into(&self, x: &CudaSlice<f32>, n: usize, out: &mut Operand) {
+        let _span = self.span("convert f32 to 16-bit");
         let n64 = n as i64;
         match out {
             Operand::BF16(o) => launch!(self, "f32_to_bf16", grid_for(n); x, o, &n64),
@@ -249,6 +250,7 @@ impl Cuda {
 
     /// `c = a · op(b) + beta · c` (row-major, `c` of `g.n` columns), exact f32 math.
     pub(super) fn gemm(&self, g: &Gemm<'_>, c: blas::GemmOut<'_>, beta: f32, what: &str) {
+        let _span = self.span("cuBLAS GEMM");
         let r = self.blas.gemm_rm(
             F32Math::Exact,
             false,
@@ -339,6 +341,7 @@ impl Cuda {
         accumulate: bool,
         out: &mut CudaSlice<f32>,
     ) {
+        let _span = self.span(if up.is_some() { "widen 16-bit product + LoRA B" } else { "widen 16-bit product" });
         let Some(up) = up else {
             let n64 = (m * n) as i64;
             return launch!(self, if accumulate { widen_add } else { widen }, grid_for(m * n); o16, &mut *out, &n64);

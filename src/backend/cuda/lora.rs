@@ -184,6 +184,7 @@ impl Cuda {
         dropout: Dropout,
         u: &mut CudaSlice<f32>,
     ) {
+        let _span = self.span("LoRA A product");
         let cols = a.len() / r;
         assert!(x.len() == m * cols && u.len() == m * r, "lora_down: bad shapes");
         if m <= GEMV_MAX_M && !dropout.is_active() {

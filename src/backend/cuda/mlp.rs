@@ -44,14 +44,26 @@ impl Cuda {
         c: ComputeDtype,
     ) -> MlpActs {
         let _span = self.span("MLP gate and up (16-bit outputs)");
-        let (ffn, hidden) = gate.shape();
-        assert!(x.len() == m * hidden && up.shape() == (ffn, hidden), "mlp_gate_up: bad shapes");
         // x converted once for both products, which stay in the compute dtype as cuBLAS writes them
         // (the values the other path widens into f32).
         let x16 = self.convert(x, c).expect("16-bit compute");
+        self.mlp_gate_up_from_16(&x16, gate, up, m, c)
+    }
+
+    /// [`Cuda::mlp_gate_up_16`] of `x16`, the MLP's input already in the compute dtype `c`.
+    pub(super) fn mlp_gate_up_from_16(
+        &self,
+        x16: &Operand,
+        gate: &CudaWeight,
+        up: &CudaWeight,
+        m: usize,
+        c: ComputeDtype,
+    ) -> MlpActs {
+        let (ffn, hidden) = gate.shape();
+        assert!(x16.len() == m * hidden && up.shape() == (ffn, hidden), "mlp_gate_up: bad shapes");
         let product = |w: &CudaWeight, what: &str| {
             let (wop, _) = self.weight_operand(w);
-            let g = Gemm::forward(m, ffn, hidden, OperandView::from(&x16), wop.as_ref());
+            let g = Gemm::forward(m, ffn, hidden, OperandView::from(x16), wop.as_ref());
             self.gemm_16(&g, c, what)
         };
         MlpActs::Half { g: product(gate, "MLP gate GEMM"), u: product(up, "MLP up GEMM") }

@@ -80,41 +80,17 @@ pub struct Cuda {
     xent_stream: [bool; 3],
     /// The side stream and buffers of offloaded checkpoints (offload.rs).
     offload: offload::OffloadState,
-    /// `LLAMATUNE_PROFILE=1`: device time per op (each op synchronizes; for finding hot spots).
-    profile: Option<std::sync::Mutex<HashMap<&'static str, (f64, u64)>>>,
+    /// `LLAMATUNE_PROFILE`: device time per op (profile.rs; for finding hot spots).
+    profile: Option<profile::Profiler>,
 }
 
 impl Drop for Cuda {
     /// Frees the device buffers of offloaded checkpoints once their copies are done, and prints the
-    /// profile (`LLAMATUNE_PROFILE=1`), when the backend goes away.
+    /// profile (`LLAMATUNE_PROFILE`), when the backend goes away.
     fn drop(&mut self) {
         self.release_offloaded();
-        let report = self.profile_report();
-        if !report.is_empty() {
-            let total: f64 = report.iter().map(|r| r.1).sum();
-            eprintln!("device time by op (each op synchronized), total {:.3} s:", total);
-            for (op, t, n) in report {
-                eprintln!("  {op:<24}{:>10.1} ms {:>6.1}% {n:>8} calls", t * 1e3, 100.0 * t / total);
-            }
-        }
-    }
-}
-
-struct Span<'a> {
-    cuda: &'a Cuda,
-    op: &'static str,
-    start: std::time::Instant,
-}
-
-impl Drop for Span<'_> {
-    fn drop(&mut self) {
-        if let Some(p) = &self.cuda.profile {
-            self.cuda.synchronize();
-            let dt = self.start.elapsed().as_secs_f64();
-            let mut p = p.lock().expect("profile lock");
-            let e = p.entry(self.op).or_insert((0.0, 0));
-            e.0 += dt;
-            e.1 += 1;
+        if let Some(p) = &self.profile {
+            p.print();
         }
     }
 }
@@ -154,6 +130,7 @@ mod kernels;
 mod lora;
 mod mlp;
 mod offload;
+mod profile;
 mod qkv;
 mod quant4;
 mod weights;
@@ -285,7 +262,7 @@ impl Cuda {
         let nf4 = stream.clone_htod(&quant::NF4_CODE).map_err(dev_err)?;
         let fp4 = stream.clone_htod(&quant::FP4_CODE).map_err(dev_err)?;
         let pool = Pool(default_pool(&ctx).map_err(dev_err)?);
-        let profile = std::env::var_os("LLAMATUNE_PROFILE").map(|_| std::sync::Mutex::new(HashMap::new()));
+        let profile = profile::ProfileMode::from_env().map(|mode| profile::Profiler::new(mode, stream.clone()));
         let poison = std::env::var("LLAMATUNE_POISON").is_ok_and(|v| v == "1");
         let precise = false.into();
         let fused_4bit = match std::env::var("LLAMATUNE_FUSED_4BIT").as_deref() {
@@ -344,20 +321,14 @@ impl Cuda {
         v
     }
 
-    /// Times the enclosing op when profiling (synchronizing before and after it).
-    fn span(&self, op: &'static str) -> Span<'_> {
-        if self.profile.is_some() {
-            self.synchronize();
-        }
-        Span { cuda: self, op, start: std::time::Instant::now() }
+    /// Times the enclosing op when profiling (`LLAMATUNE_PROFILE`).
+    fn span(&self, op: &'static str) -> Option<profile::Span<'_>> {
+        self.profile.as_ref().map(|p| p.span(op))
     }
 
-    /// The profile so far: (op, total seconds, calls), slowest first.
-    pub fn profile_report(&self) -> Vec<(&'static str, f64, u64)> {
-        let Some(p) = &self.profile else { return vec![] };
-        let mut v: Vec<_> = p.lock().expect("profile lock").iter().map(|(k, (t, n))| (*k, *t, *n)).collect();
-        v.sort_by(|a, b| b.1.total_cmp(&a.1));
-        v
+    /// The profile so far: (op, total seconds, calls, inside another timed op), slowest first.
+    pub fn profile_report(&self) -> Vec<(&'static str, f64, u64, bool)> {
+        self.profile.as_ref().map_or_else(Vec::new, |p| p.report())
     }
 
     pub fn synchronize(&self) {
@@ -433,7 +404,7 @@ impl Backend for Cuda {
     }
     fn reset_profile(&self) {
         if let Some(p) = &self.profile {
-            p.lock().expect("profile lock").clear();
+            p.reset();
         }
     }
 
@@ -668,6 +639,48 @@ impl Backend for Cuda {
             return MlpActs::F32 { g, u };
         };
         self.mlp_gate_up_16(x, gate, up, m, c)
+    }
+    fn add_rmsnorm_mlp_gate_up(
+        &self,
+        a: &CudaSlice<f32>,
+        b: &CudaSlice<f32>,
+        w: &CudaSlice<f32>,
+        eps: f64,
+        [gate, up, down]: [&CudaWeight; 3],
+        m: usize,
+        sum: &mut CudaSlice<f32>,
+        rstd: &mut CudaSlice<f32>,
+    ) -> MlpActs {
+        let Some(c) = self.mlp_in_16_bit([gate, up, down], m) else {
+            let mut out = self.alloc_output(a.len());
+            self.add_rmsnorm(a, b, w, w.len(), eps, sum, &mut out, rstd);
+            return self.mlp_gate_up(&out, gate, up, down, m);
+        };
+        let dim = w.len();
+        assert!(
+            b.len() == a.len() && sum.len() == a.len() && rstd.len() == m && a.len() == m * dim,
+            "add_rmsnorm: bad shapes"
+        );
+        let x16 = {
+            let _span = self.span("add_rmsnorm (16-bit output)");
+            let (cfg, dim32, eps32) = (norm_launch(m, dim), dim as i32, eps as f32);
+            // SAFETY: the kernel writes all m·dim values before the products read them.
+            match c {
+                ComputeDtype::BF16 => {
+                    let mut o = ck!(unsafe { self.stream.alloc::<bf16>(a.len()) }, "alloc");
+                    launch!(self, "add_rmsnorm_to_bf16", cfg; a, b, w, &mut *sum, &mut o, &mut *rstd, &dim32, &eps32);
+                    Operand::BF16(o)
+                }
+                ComputeDtype::F16 => {
+                    let mut o = ck!(unsafe { self.stream.alloc::<half::f16>(a.len()) }, "alloc");
+                    launch!(self, "add_rmsnorm_to_f16", cfg; a, b, w, &mut *sum, &mut o, &mut *rstd, &dim32, &eps32);
+                    Operand::F16(o)
+                }
+                ComputeDtype::F32 => unreachable!("a 16-bit MLP"),
+            }
+        };
+        let _span = self.span("MLP gate and up (16-bit outputs)");
+        self.mlp_gate_up_from_16(&x16, gate, up, m, c)
     }
     fn mlp_acts_len(&self, acts: &MlpActs) -> usize {
         match acts {

@@ -104,6 +104,7 @@ impl Cuda {
         rope: Option<RopeTables<'_, Self>>,
         head_dim: usize,
     ) -> CudaSlice<bf16> {
+        let _span = self.span("LoRA B (+ RoPE) into bf16");
         let rope_hd = if rope.is_some() { head_dim } else { 0 };
         assert!(rope_hd % 64 == 0 && n % 64 == 0, "lora_up_acts: {n} columns, head_dim {head_dim}");
         // Without rotation the tables are not read; any live buffer stands in for them.

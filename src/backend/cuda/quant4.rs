@@ -199,6 +199,7 @@ impl Cuda {
         let CudaWeight::Quant4 { rows, cols, quant_type, blocksize, packed, absmax, .. } = w else {
             unreachable!("dequantize takes 4-bit weights")
         };
+        let _span = self.span("expand 4-bit weight");
         let n = rows * cols;
         // Whole segments of 1,024 values, a warp each (dequant_4bit_seg_*), when the sizes allow it;
         // else 16 bytes of codes (32 values in one absmax block) per thread; else a byte per thread.
