@@ -499,6 +499,37 @@ fn nf4_weights_with_lora(
     (host, ab)
 }
 
+/// The `linear_many_lora` slots of projections with device LoRA pairs `gab`, each writing its `u`,
+/// where `on`.
+fn lora_downs<'a>(
+    gab: &'a [(<Cuda as Backend>::Buf, <Cuda as Backend>::Buf)],
+    us: &'a mut [<Cuda as Backend>::Buf],
+    on: &[bool],
+    drops: &[Dropout],
+) -> Vec<Option<LoraDown<'a, Cuda>>> {
+    gab.iter()
+        .zip(us.iter_mut())
+        .zip(on.iter().zip(drops))
+        .map(|(((a, b), u), (&on, &dropout))| on.then_some(LoraDown { a, b, dropout, u }))
+        .collect()
+}
+
+/// A LoRA pair's host values `(A (r, in), B (out, r))`.
+type LoraAb = (Vec<f32>, Vec<f32>);
+
+/// The CPU's `x (m, in) · Wᵀ` of `host`, plus its LoRA branch `(A, B)` with `dropout` at scale 0.25
+/// and rank `r` where given: what a projection with [`nf4_weights_with_lora`]'s weights computes.
+fn cpu_projection(x: &Vec<f32>, host: &HostWeight, lora: Option<(&LoraAb, Dropout)>, m: usize, r: usize) -> Vec<f32> {
+    let w = CPU.upload_weight(host.clone());
+    let mut y = vec![0.0; m * CPU.weight_shape(&w).0];
+    CPU.linear(x, &w, m, &mut y);
+    if let Some(((a, b), dropout)) = lora {
+        let mut u = vec![0.0; m * r];
+        CPU.lora_forward(x, a, b, m, r, 0.25, dropout, &mut u, &mut y);
+    }
+    y
+}
+
 /// At training shapes (past the fused 4-bit kernel's 512 rows) a targeted projection's LoRA B product
 /// is added in the pass that widens the frozen product's 16-bit output, forward (`linear_many_lora`)
 /// and backward (`linear_lora_backward`, the branch's dx term with its dropout): bit for bit what the
@@ -528,12 +559,7 @@ fn training_lora_b_products_ride_in_the_widening() {
         let forward = |fused: bool| {
             let mut ys: Vec<_> = rows.iter().map(|&n| poisoned(m * n)).collect();
             let mut us: Vec<_> = rows.iter().map(|_| poisoned(m * r)).collect();
-            let mut loras: Vec<Option<LoraDown<'_, Cuda>>> = gab
-                .iter()
-                .zip(us.iter_mut())
-                .zip(with_lora.iter().zip(&drops))
-                .map(|(((a, b), u), (&on, &dropout))| on.then_some(LoraDown { a, b, dropout, u }))
-                .collect();
+            let mut loras = lora_downs(&gab, &mut us, &with_lora, &drops);
             let mut outs: Vec<_> = ys.iter_mut().collect();
             if fused {
                 g.linear_many_lora(&gx, &ws, m, &mut outs, &mut loras, r, 0.25);
@@ -547,13 +573,10 @@ fn training_lora_b_products_ride_in_the_widening() {
         let (ys2, us2) = forward(false);
         for i in 0..rows.len() {
             check(&format!("{label} y{i} vs separate ops"), &ys1[i], &ys2[i], 0.0);
-            let mut want = vec![0.0; m * rows[i]];
-            CPU.linear(&x, &CPU.upload_weight(host[i].clone()), m, &mut want);
             if with_lora[i] {
                 check(&format!("{label} u{i} vs separate ops"), &us1[i], &us2[i], 0.0);
-                let mut u = vec![0.0; m * r];
-                CPU.lora_forward(&x, &ab[i].0, &ab[i].1, m, r, 0.25, drops[i], &mut u, &mut want);
             }
+            let want = cpu_projection(&x, &host[i], with_lora[i].then_some((&ab[i], drops[i])), m, r);
             check(&format!("{label} y{i} vs CPU"), &ys1[i], &want, MIXED_TOL);
         }
         // Backward of each targeted projection, from its forward's u.
@@ -634,12 +657,7 @@ fn qkv_products_go_straight_into_attention_inputs() {
         let rope = RopeTables::<Cuda> { cos: &gcos, sin: &gsin };
         let run = |direct: bool| {
             let mut us: Vec<_> = (0..3).map(|_| poisoned(m * r)).collect();
-            let mut loras: Vec<Option<LoraDown<'_, Cuda>>> = gab
-                .iter()
-                .zip(us.iter_mut())
-                .zip(with_lora.iter().zip(&drops))
-                .map(|(((a, b), u), (&on, &dropout))| on.then_some(LoraDown { a, b, dropout, u }))
-                .collect();
+            let mut loras = lora_downs(&gab, &mut us, &with_lora, &drops);
             let acts = if direct {
                 assert!(g.qkv_direct(&ws, m, &loras, r, &sh).is_some(), "{label}: the direct path expected");
                 g.qkv_attn_acts(&gx, &ws, m, &mut loras, r, 0.25, rope, sh)
@@ -653,13 +671,10 @@ fn qkv_products_go_straight_into_attention_inputs() {
         let ((direct, us1), (composed, us2)) = (run(true), run(false));
         for (i, name) in ["q", "k", "v"].iter().enumerate() {
             check(&format!("{label} {name} vs the composed path"), &direct[i], &composed[i], 0.0);
-            let mut want = vec![0.0; m * rows[i]];
-            CPU.linear(&x, &CPU.upload_weight(host[i].clone()), m, &mut want);
             if with_lora[i] {
                 check(&format!("{label} u of {name} vs the composed path"), &us1[i], &us2[i], 0.0);
-                let mut u = vec![0.0; m * r];
-                CPU.lora_forward(&x, &ab[i].0, &ab[i].1, m, r, 0.25, drops[i], &mut u, &mut want);
             }
+            let mut want = cpu_projection(&x, &host[i], with_lora[i].then_some((&ab[i], drops[i])), m, r);
             if i < 2 {
                 let mut rotated = vec![0.0; want.len()];
                 CPU.rope(&want, &cos, &sin, [heads, kv_heads][i], hd, false, &mut rotated);
