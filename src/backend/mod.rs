@@ -381,9 +381,7 @@ pub trait Backend {
         sum: &mut Self::Buf,
         rstd: &mut Self::Buf,
     ) -> Self::MlpActs {
-        let mut out = self.alloc_output(self.buf_len(a));
-        self.add_rmsnorm(a, b, w, self.buf_len(w), eps, sum, &mut out, rstd);
-        self.mlp_gate_up(&out, gate, up, down, m)
+        add_rmsnorm_mlp_gate_up_composed(self, a, b, w, eps, [gate, up, down], m, sum, rstd)
     }
     /// Elements (of either dtype) an MLP's saved products hold: `2 · m · ffn`.
     fn mlp_acts_len(&self, acts: &Self::MlpActs) -> usize;
@@ -852,6 +850,25 @@ pub fn linear_many_lora_composed<B: Backend + ?Sized>(
     assert_eq!(outs.len(), loras.len(), "linear_many_lora: one LoRA slot per output");
     be.linear_many(x, ws, m, outs);
     lora_branches_into(be, x, outs, loras, m, r, scale);
+}
+
+/// [`Backend::add_rmsnorm_mlp_gate_up`] as [`Backend::add_rmsnorm`] into an f32 output, then
+/// [`Backend::mlp_gate_up`] of it: the trait's default and CUDA's path outside its 16-bit MLP.
+#[allow(clippy::too_many_arguments)]
+pub fn add_rmsnorm_mlp_gate_up_composed<B: Backend + ?Sized>(
+    be: &B,
+    a: &B::Buf,
+    b: &B::Buf,
+    w: &B::Buf,
+    eps: f64,
+    [gate, up, down]: [&B::Weight; 3],
+    m: usize,
+    sum: &mut B::Buf,
+    rstd: &mut B::Buf,
+) -> B::MlpActs {
+    let mut out = be.alloc_output(be.buf_len(a));
+    be.add_rmsnorm(a, b, w, be.buf_len(w), eps, sum, &mut out, rstd);
+    be.mlp_gate_up(&out, gate, up, down, m)
 }
 
 /// [`Backend::qkv_attn_acts`] as [`Backend::linear_many_lora`] into f32 outputs, then

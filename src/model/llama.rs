@@ -435,15 +435,14 @@ impl<'a, B: Backend> Graph<'a, B> {
 
     /// The LoRA branches of `projs` at `layer` for a products call of `m` rows: `run` gets one slot per
     /// projection (a targeted one's branch, whose `u` it writes); returned are `run`'s result and each
-    /// branch's `u` with its dropout.
-    #[allow(clippy::type_complexity)]
+    /// branch's `u`.
     fn with_lora_downs<const N: usize, R>(
         &self,
         layer: usize,
         projs: [Proj; N],
         m: usize,
         run: impl FnOnce(&mut [Option<LoraDown<'_, B>>]) -> R,
-    ) -> (R, [Option<(B::Buf, Dropout)>; N]) {
+    ) -> (R, [Option<B::Buf>; N]) {
         let r = self.lora_rank();
         let mut us: [Option<B::Buf>; N] = projs.map(|p| self.lora_pair(layer, p).map(|_| self.alloc(m * r)));
         let mut loras: Vec<Option<LoraDown<'_, B>>> = projs
@@ -456,12 +455,6 @@ impl<'a, B: Backend> Graph<'a, B> {
             .collect();
         let res = run(&mut loras);
         drop(loras);
-        let mut i = 0;
-        let us = us.map(|u| {
-            let d = self.lora_dropout(layer, projs[i]);
-            i += 1;
-            u.map(|u| (u, d))
-        });
         (res, us)
     }
 
@@ -472,11 +465,11 @@ impl<'a, B: Backend> Graph<'a, B> {
         x: Id,
         layer: usize,
         projs: [Proj; N],
-        us: [Option<(B::Buf, Dropout)>; N],
+        us: [Option<B::Buf>; N],
         outs: [Id; N],
     ) -> [Id; N] {
         for ((&p, u), &out) in projs.iter().zip(us).zip(&outs) {
-            let lora = u.map(|(u, d)| (t.put(u), d));
+            let lora = u.map(|u| (t.put(u), self.lora_dropout(layer, p)));
             t.record(Op::Linear { x, layer, proj: p, out, lora });
         }
         outs
@@ -534,7 +527,7 @@ impl<'a, B: Backend> Graph<'a, B> {
             t.record(Op::Attention { q, k, v, acts, out, lse, shape: sh });
         } else {
             // Nothing records the branches' u: hand them back now.
-            us.into_iter().flatten().for_each(|(u, _)| t.discard(u));
+            us.into_iter().flatten().for_each(|u| t.discard(u));
         }
         out
     }

@@ -3,7 +3,7 @@
 
 use super::gemm::{Gemm, Operand, OperandView};
 use super::quant4::GEMV_MAX_M;
-use super::{grid_for, Cuda, CudaWeight};
+use super::{grid_for, norm_launch, Cuda, CudaWeight};
 use crate::config::ComputeDtype;
 use cudarc::driver::{CudaSlice, PushKernelArg};
 use half::{bf16, f16};
@@ -48,6 +48,40 @@ impl Cuda {
         // (the values the other path widens into f32).
         let x16 = self.convert(x, c).expect("16-bit compute");
         self.mlp_gate_up_from_16(&x16, gate, up, m, c)
+    }
+
+    /// `sum = a + b` and `rmsnorm(sum) · w` written only in the compute dtype `c` (kernels/norm.cu
+    /// `add_rmsnorm_to_{bf16,f16}`: add_rmsnorm_f32's values rounded as f32_to_bf16/f16 rounds them),
+    /// the 16-bit MLP's input, with rstd as add_rmsnorm writes it.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn add_rmsnorm_16(
+        &self,
+        a: &CudaSlice<f32>,
+        b: &CudaSlice<f32>,
+        w: &CudaSlice<f32>,
+        eps: f64,
+        sum: &mut CudaSlice<f32>,
+        rstd: &mut CudaSlice<f32>,
+        c: ComputeDtype,
+    ) -> Operand {
+        let _span = self.span("add_rmsnorm (16-bit output)");
+        let (n, dim) = (a.len(), w.len());
+        assert!(b.len() == n && sum.len() == n && n % dim == 0 && rstd.len() == n / dim, "add_rmsnorm: bad shapes");
+        let (cfg, dim32, eps32) = (norm_launch(n / dim, dim), dim as i32, eps as f32);
+        // SAFETY: the kernel writes all n values before anything reads them.
+        match c {
+            ComputeDtype::BF16 => {
+                let mut o = ck!(unsafe { self.stream.alloc::<bf16>(n) }, "alloc");
+                launch!(self, "add_rmsnorm_to_bf16", cfg; a, b, w, &mut *sum, &mut o, &mut *rstd, &dim32, &eps32);
+                Operand::BF16(o)
+            }
+            ComputeDtype::F16 => {
+                let mut o = ck!(unsafe { self.stream.alloc::<f16>(n) }, "alloc");
+                launch!(self, "add_rmsnorm_to_f16", cfg; a, b, w, &mut *sum, &mut o, &mut *rstd, &dim32, &eps32);
+                Operand::F16(o)
+            }
+            ComputeDtype::F32 => unreachable!("a 16-bit MLP"),
+        }
     }
 
     /// [`Cuda::mlp_gate_up_16`] of `x16`, the MLP's input already in the compute dtype `c`.

@@ -646,41 +646,17 @@ impl Backend for Cuda {
         b: &CudaSlice<f32>,
         w: &CudaSlice<f32>,
         eps: f64,
-        [gate, up, down]: [&CudaWeight; 3],
+        ws: [&CudaWeight; 3],
         m: usize,
         sum: &mut CudaSlice<f32>,
         rstd: &mut CudaSlice<f32>,
     ) -> MlpActs {
-        let Some(c) = self.mlp_in_16_bit([gate, up, down], m) else {
-            let mut out = self.alloc_output(a.len());
-            self.add_rmsnorm(a, b, w, w.len(), eps, sum, &mut out, rstd);
-            return self.mlp_gate_up(&out, gate, up, down, m);
+        let Some(c) = self.mlp_in_16_bit(ws, m) else {
+            return super::add_rmsnorm_mlp_gate_up_composed(self, a, b, w, eps, ws, m, sum, rstd);
         };
-        let dim = w.len();
-        assert!(
-            b.len() == a.len() && sum.len() == a.len() && rstd.len() == m && a.len() == m * dim,
-            "add_rmsnorm: bad shapes"
-        );
-        let x16 = {
-            let _span = self.span("add_rmsnorm (16-bit output)");
-            let (cfg, dim32, eps32) = (norm_launch(m, dim), dim as i32, eps as f32);
-            // SAFETY: the kernel writes all m·dim values before the products read them.
-            match c {
-                ComputeDtype::BF16 => {
-                    let mut o = ck!(unsafe { self.stream.alloc::<bf16>(a.len()) }, "alloc");
-                    launch!(self, "add_rmsnorm_to_bf16", cfg; a, b, w, &mut *sum, &mut o, &mut *rstd, &dim32, &eps32);
-                    Operand::BF16(o)
-                }
-                ComputeDtype::F16 => {
-                    let mut o = ck!(unsafe { self.stream.alloc::<half::f16>(a.len()) }, "alloc");
-                    launch!(self, "add_rmsnorm_to_f16", cfg; a, b, w, &mut *sum, &mut o, &mut *rstd, &dim32, &eps32);
-                    Operand::F16(o)
-                }
-                ComputeDtype::F32 => unreachable!("a 16-bit MLP"),
-            }
-        };
+        let x16 = self.add_rmsnorm_16(a, b, w, eps, sum, rstd, c);
         let _span = self.span("MLP gate and up (16-bit outputs)");
-        self.mlp_gate_up_from_16(&x16, gate, up, m, c)
+        self.mlp_gate_up_from_16(&x16, ws[0], ws[1], m, c)
     }
     fn mlp_acts_len(&self, acts: &MlpActs) -> usize {
         match acts {
