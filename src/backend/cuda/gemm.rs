@@ -56,11 +56,7 @@ pub enum Operand {
 
 impl Operand {
     pub(super) fn len(&self) -> usize {
-        match self {
-            Operand::F32(x) => x.len(),
-            Operand::F16(x) => x.len(),
-            Operand::BF16(x) => x.len(),
-        }
+        OperandView::from(self).len()
     }
 }
 

@@ -3,7 +3,7 @@
 
 use super::gemm::{Gemm, Operand, OperandView};
 use super::quant4::GEMV_MAX_M;
-use super::{grid_for, norm_launch, Cuda, CudaWeight};
+use super::{grid_for, Cuda, CudaWeight};
 use crate::config::ComputeDtype;
 use cudarc::driver::{CudaSlice, PushKernelArg};
 use half::{bf16, f16};
@@ -65,19 +65,17 @@ impl Cuda {
         c: ComputeDtype,
     ) -> Operand {
         let _span = self.span("add_rmsnorm (16-bit output)");
-        let (n, dim) = (a.len(), w.len());
-        assert!(b.len() == n && sum.len() == n && n % dim == 0 && rstd.len() == n / dim, "add_rmsnorm: bad shapes");
-        let (cfg, dim32, eps32) = (norm_launch(n / dim, dim), dim as i32, eps as f32);
+        let n = a.len();
         // SAFETY: the kernel writes all n values before anything reads them.
         match c {
             ComputeDtype::BF16 => {
                 let mut o = ck!(unsafe { self.stream.alloc::<bf16>(n) }, "alloc");
-                launch!(self, "add_rmsnorm_to_bf16", cfg; a, b, w, &mut *sum, &mut o, &mut *rstd, &dim32, &eps32);
+                self.add_rmsnorm_launch("add_rmsnorm_to_bf16", a, b, w, eps, sum, &mut o, rstd);
                 Operand::BF16(o)
             }
             ComputeDtype::F16 => {
                 let mut o = ck!(unsafe { self.stream.alloc::<f16>(n) }, "alloc");
-                launch!(self, "add_rmsnorm_to_f16", cfg; a, b, w, &mut *sum, &mut o, &mut *rstd, &dim32, &eps32);
+                self.add_rmsnorm_launch("add_rmsnorm_to_f16", a, b, w, eps, sum, &mut o, rstd);
                 Operand::F16(o)
             }
             ComputeDtype::F32 => unreachable!("a 16-bit MLP"),

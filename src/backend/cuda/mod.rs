@@ -321,6 +321,29 @@ impl Cuda {
         v
     }
 
+    /// `sum = a + b`, `out = rmsnorm(sum) · w` by `kernel` (kernels/norm.cu `add_rmsnorm_f32` or
+    /// `add_rmsnorm_to_{bf16,f16}`, whose out is of type T), a block per row of `w.len()` values.
+    #[allow(clippy::too_many_arguments)]
+    fn add_rmsnorm_launch<T: cudarc::driver::DeviceRepr>(
+        &self,
+        kernel: &str,
+        a: &CudaSlice<f32>,
+        b: &CudaSlice<f32>,
+        w: &CudaSlice<f32>,
+        eps: f64,
+        sum: &mut CudaSlice<f32>,
+        out: &mut CudaSlice<T>,
+        rstd: &mut CudaSlice<f32>,
+    ) {
+        let (n, dim) = (a.len(), w.len());
+        assert!(
+            b.len() == n && sum.len() == n && out.len() == n && n % dim == 0 && rstd.len() == n / dim,
+            "add_rmsnorm: bad shapes"
+        );
+        let (cfg, dim32, eps32) = (norm_launch(n / dim, dim), dim as i32, eps as f32);
+        launch!(self, kernel, cfg; a, b, w, &mut *sum, &mut *out, &mut *rstd, &dim32, &eps32);
+    }
+
     /// Times the enclosing op when profiling (`LLAMATUNE_PROFILE`).
     fn span(&self, op: &'static str) -> Option<profile::Span<'_>> {
         self.profile.as_ref().map(|p| p.span(op))
@@ -559,14 +582,8 @@ impl Backend for Cuda {
         rstd: &mut CudaSlice<f32>,
     ) {
         let _span = self.span("add_rmsnorm");
-        let m = a.len() / dim;
-        assert!(
-            b.len() == a.len() && sum.len() == a.len() && out.len() == a.len() && rstd.len() == m && w.len() == dim,
-            "add_rmsnorm: bad shapes"
-        );
-        let cfg = norm_launch(m, dim);
-        let (dim32, eps32) = (dim as i32, eps as f32);
-        launch!(self, "add_rmsnorm_f32", cfg; a, b, w, &mut *sum, &mut *out, &mut *rstd, &dim32, &eps32);
+        assert_eq!(w.len(), dim, "add_rmsnorm: bad shapes");
+        self.add_rmsnorm_launch("add_rmsnorm_f32", a, b, w, eps, sum, out, rstd);
     }
     fn rmsnorm_backward(
         &self,

@@ -18,7 +18,7 @@ use super::{grid_for, Cuda, CudaWeight};
 use crate::backend::{AttnShape, LoraDown, RopeTables};
 use crate::config::ComputeDtype;
 use cudarc::driver::{CudaSlice, PushKernelArg};
-use half::bf16;
+use half::{bf16, f16};
 
 impl Cuda {
     /// The compute dtype of the direct path when it takes these products: not in precise mode; a
@@ -82,7 +82,8 @@ impl Cuda {
                 None => match (tables, o16) {
                     (Some(t), o16) => self.rope_bf16(OperandView::from(&o16), t, heads, sh.head_dim),
                     (None, Operand::BF16(o)) => o,
-                    (None, o16) => self.bf16_copy(&o16),
+                    (None, Operand::F16(o)) => self.bf16_of_f16(&o),
+                    (None, Operand::F32(_)) => unreachable!("gemm_16 writes a 16-bit product"),
                 },
             });
         }
@@ -126,17 +127,13 @@ impl Cuda {
         out
     }
 
-    /// A 16-bit operand's values in bf16 (f16 widened to f32 exactly, then rounded: the composed
-    /// path's values).
-    fn bf16_copy(&self, x: &Operand) -> CudaSlice<bf16> {
+    /// An f16 product's values in bf16 (widened to f32 exactly, then rounded: the composed path's
+    /// values).
+    fn bf16_of_f16(&self, x: &CudaSlice<f16>) -> CudaSlice<bf16> {
         let n = x.len();
         let mut wide = self.scratch(n);
         let n64 = n as i64;
-        match x {
-            Operand::F16(x) => launch!(self, "f16_to_f32", grid_for(n); x, &mut wide, &n64),
-            Operand::BF16(x) => launch!(self, "bf16_to_f32", grid_for(n); x, &mut wide, &n64),
-            Operand::F32(x) => return self.bf16_prefix(x, n),
-        }
+        launch!(self, "f16_to_f32", grid_for(n); x, &mut wide, &n64);
         self.bf16_prefix(&wide, n)
     }
 }
