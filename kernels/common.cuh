@@ -67,11 +67,19 @@ __device__ __forceinline__ uint32_t element_hash(uint64_t seed, uint64_t idx) {
     const uint32_t key = mix32((uint32_t)seed ^ mix32((uint32_t)(seed >> 32)));
     return mix32(((uint32_t)idx * 0x9E3779B1u) ^ ((uint32_t)(idx >> 32) * 0x7FEB352Du) ^ key);
 }
-// Keep element idx with probability 1-p, scaled by 1/(1-p): dropped when the top 24 bits of its hash
-// fall below p·2²⁴ (the CPU's Dropout::factor).
+// Keep element idx with probability 1-p, scaled by 1/(1-p). Neighbours 2i and 2i+1 share the hash of
+// pair i, 16 bits each (the low half decides the even one): dropped when those bits fall below p·2¹⁶
+// (the CPU's Dropout::factor). dropout_pair takes both decisions of pair i from one hash.
+__device__ __forceinline__ uint32_t dropout_threshold(float p) { return (uint32_t)ceilf(p * 65536.f); }
 __device__ __forceinline__ float dropout_factor(uint64_t seed, uint64_t idx, float p) {
     if (p <= 0.f) return 1.f;
-    return (element_hash(seed, idx) >> 8) < (uint32_t)ceilf(p * 16777216.f) ? 0.f : 1.f / (1.f - p);
+    const uint32_t h = element_hash(seed, idx >> 1), bits = idx & 1 ? h >> 16 : h & 0xFFFFu;
+    return bits < dropout_threshold(p) ? 0.f : 1.f / (1.f - p);
+}
+// Bits 0 and 1: elements 2i and 2i+1 are kept (p > 0).
+__device__ __forceinline__ uint32_t dropout_pair_keep(uint64_t seed, uint64_t pair, float p) {
+    const uint32_t h = element_hash(seed, pair), t = dropout_threshold(p);
+    return (uint32_t)((h & 0xFFFFu) >= t) | ((uint32_t)((h >> 16) >= t) << 1);
 }
 // Uniform on [-1, 1) in steps of 2⁻²³ from the hash's top 24 bits, exact in f32 (the CPU's uniform_pm1).
 __device__ __forceinline__ float uniform_pm1(uint64_t seed, uint64_t idx) {

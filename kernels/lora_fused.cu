@@ -20,24 +20,23 @@ __device__ __forceinline__ void mma_tf32(float (&c)[4], uint32_t a0, uint32_t a1
                  : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
                  : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
+// The dropout decisions of elements idx0..idx0+3 as bits (bit i: element idx0 + i is kept), p > 0.
+// idx0 is even (callers pass 4-aligned pieces of rows whose lengths are multiples of 4), so the four
+// decisions take two hashes (pairs share one, kernels/common.cuh); gathered up front, the independent
+// hash chains overlap each other and the loads in flight.
+__device__ __forceinline__ uint32_t keep_bits4(uint64_t seed, float p, int64_t idx0) {
+    return dropout_pair_keep(seed, idx0 >> 1, p) | dropout_pair_keep(seed, (idx0 >> 1) + 1, p) << 2;
+}
 // v[i] · the dropout factor of element idx0 + i (p > 0 only: the caller skips it otherwise).
 __device__ __forceinline__ float4 drop4(float4 v, uint64_t seed, float p, int64_t idx0) {
-    v.x *= dropout_factor(seed, idx0, p), v.y *= dropout_factor(seed, idx0 + 1, p);
-    v.z *= dropout_factor(seed, idx0 + 2, p), v.w *= dropout_factor(seed, idx0 + 3, p);
+    const uint32_t keep = keep_bits4(seed, p, idx0);
+    const float s = 1.f / (1.f - p);
+    v.x *= keep & 1 ? s : 0.f, v.y *= keep & 2 ? s : 0.f, v.z *= keep & 4 ? s : 0.f, v.w *= keep & 8 ? s : 0.f;
     return v;
 }
 // v rounded to TF32 as cvt.rna does (nearest, ties away from zero) for finite v: add half of the
 // last kept bit; the tensor cores drop the 13 low bits.
 __device__ __forceinline__ uint32_t tf32(float v) { return __float_as_uint(v) + 0x1000u; }
-// The dropout decisions of elements idx0..idx0+3 as bits (bit i: element idx0 + i is kept). Callers
-// gather a thread's decisions into one mask up front, so that the independent hash chains overlap
-// each other and the loads in flight.
-__device__ __forceinline__ uint32_t keep_bits4(uint64_t seed, float p, int64_t idx0) {
-    uint32_t bits = 0;
-#pragma unroll
-    for (int i = 0; i < 4; i++) bits |= (dropout_factor(seed, idx0 + i, p) != 0.f) << i;
-    return bits;
-}
 __device__ __forceinline__ float4 ld4(const float* p) { return __ldg(reinterpret_cast<const float4*>(p)); }
 
 // ---- down: part[split] (m, r) = drop(x) (m, K) · W (r, K)ᵀ over the split's range of K ----------

@@ -53,20 +53,24 @@ impl Dropout {
         self.p > 0.0
     }
 
-    /// The multiplier of element `idx`: 0 (dropped) or 1/(1-p) (kept). Element `idx` is dropped when
-    /// the top 24 bits of a 32-bit hash of (idx, seed) fall below p·2²⁴. The hash (murmur3's
-    /// finalizer over the index, keyed by the seed) costs ~12 integer instructions per element on
-    /// the GPU (kernels/common.cuh, dropout_factor, the same formula); the 64-bit splitmix it
-    /// replaced cost ~40 and made the fused LoRA kernels ALU-bound (ncu, H200, 2026-11-28).
+    /// The multiplier of element `idx`: 0 (dropped) or 1/(1-p) (kept). Neighbours `2i` and `2i + 1`
+    /// share one 32-bit hash of (i, seed), 16 bits each (the low half decides the even one): an element
+    /// is dropped when its 16 bits fall below p·2¹⁶ (p is then kept to 2⁻¹⁶: 0.1 drops 6,554 of 65,536).
+    /// The hash (murmur3's finalizer over the index, keyed by the seed) costs ~12 integer instructions
+    /// on the GPU (kernels/common.cuh, dropout_factor and dropout_pair, the same formula), and the
+    /// fused LoRA kernels' `down` spent most of its instructions hashing one per element (ncu, H200,
+    /// session 16: instruction-bound); one hash per pair halves that. (The 64-bit splitmix before it
+    /// cost ~40 per element.)
     #[inline]
     pub fn factor(&self, idx: u64) -> f32 {
         if self.p <= 0.0 {
             return 1.0;
         }
-        let h = element_hash(self.seed, idx);
-        // u = (h >> 8) / 2²⁴ < p, in integers: h >> 8 < ceil(p·2²⁴) (p·2²⁴ is exact in f32).
-        let threshold = (self.p * 16_777_216.0).ceil() as u32;
-        if h >> 8 < threshold {
+        let h = element_hash(self.seed, idx >> 1);
+        let bits = if idx & 1 == 0 { h & 0xFFFF } else { h >> 16 };
+        // u = bits / 2¹⁶ < p, in integers: bits < ceil(p·2¹⁶) (p·2¹⁶ is exact in f32).
+        let threshold = (self.p * 65_536.0).ceil() as u32;
+        if bits < threshold {
             0.0
         } else {
             1.0 / (1.0 - self.p)
@@ -1030,12 +1034,32 @@ mod tests {
         assert!((kept - 0.9).abs() < 3e-3, "kept {kept}");
         assert!((0..n).all(|i| [0.0, 1.0 / 0.9].contains(&d.factor(i))));
         // Layers differ in the seed's high half, projections in its low half (model/llama.rs):
-        // each must give a different mask, and so must indices past 2³².
+        // each must give a different mask, and so must elements past 2³³ (pairs past 2³²).
         let differs =
             |a: Dropout, b: Dropout, off: u64| (0..4096).filter(|&i| a.factor(i) != b.factor(i + off)).count();
         assert!(differs(d, Dropout { seed: 7 ^ (1 << 32), ..d }, 0) > 400);
         assert!(differs(d, Dropout { seed: 7 ^ (1 << 8), ..d }, 0) > 400);
-        assert!(differs(d, d, 1 << 32) > 400);
+        assert!(differs(d, d, 1 << 33) > 400);
         assert!((0..4096).all(|i| Dropout { p: 0.0, seed: 7 }.factor(i) == 1.0));
+    }
+
+    /// Neighbours share a hash (16 bits each): each half on its own keeps 1-p, and the two decisions
+    /// of a pair are independent (both dropped about p² of the time, not p).
+    #[test]
+    fn dropout_pairs_sharing_a_hash_decide_independently() {
+        let d = Dropout { p: 0.1, seed: 11 };
+        let pairs = 1u64 << 19;
+        let dropped = |i: u64| d.factor(i) == 0.0;
+        for parity in [0, 1] {
+            let kept = (0..pairs).filter(|&i| !dropped(2 * i + parity)).count() as f64 / pairs as f64;
+            // 512k Bernoulli(0.9) draws: standard deviation 4.2e-4; 4e-3 is ~10 sigma.
+            assert!((kept - 0.9).abs() < 4e-3, "parity {parity}: kept {kept}");
+        }
+        let both = (0..pairs).filter(|&i| dropped(2 * i) && dropped(2 * i + 1)).count() as f64 / pairs as f64;
+        // p² = 0.01, standard deviation 1.4e-4.
+        assert!((both - 0.01).abs() < 1.5e-3, "both dropped {both}");
+        // The threshold is ceil(p·2¹⁶)/2¹⁶: 0.1 drops 6,554 of 65,536 values of a half.
+        let drops_half = (0..65_536u32).filter(|&b| b < (0.1f32 * 65_536.0).ceil() as u32).count();
+        assert_eq!(drops_half, 6_554);
     }
 }
