@@ -69,7 +69,7 @@ __device__ __forceinline__ uint32_t element_hash(uint64_t seed, uint64_t idx) {
 }
 // Keep element idx with probability 1-p, scaled by 1/(1-p). Neighbours 2i and 2i+1 share the hash of
 // pair i, 16 bits each (the low half decides the even one): dropped when those bits fall below p·2¹⁶
-// (the CPU's Dropout::factor). dropout_pair takes both decisions of pair i from one hash.
+// (the CPU's Dropout::factor). dropout_pair_keep takes both decisions of pair i from one hash.
 __device__ __forceinline__ uint32_t dropout_threshold(float p) { return (uint32_t)ceilf(p * 65536.f); }
 __device__ __forceinline__ float dropout_factor(uint64_t seed, uint64_t idx, float p) {
     if (p <= 0.f) return 1.f;
