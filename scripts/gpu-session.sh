@@ -15,6 +15,8 @@
 #   p OUT: where the 7B classic step's device time goes, op by op, timed by CUDA events with nothing
 #          synchronized (LLAMATUNE_PROFILE=events: the ops' times add up to the step's), beside the
 #          plain step time of the same build
+#   floor OUT: what one launch that only streams a 7B GEMV's bytes reaches (parity/stream_floor.py,
+#          torch's sums and copy, warm and cold), beside the GEMV bench rows of the same run
 # The GGUF (98 MB) travels in two parts because one call carries at most 64 MiB.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -105,6 +107,10 @@ p)
     echo "== LLAMATUNE_PROFILE=events, 3 steps after 2 warm-up" | tee -a "$out/profile.log"
     bench_variant new:LLAMATUNE_PROFILE=events --steps 3 --warmup-steps 2 --decode-tokens 0 \
         | grep -vE "^step |^built" | tail -60 | tee -a "$out/profile.log"
+    ;;
+floor)
+    timeout 120 python3 parity/stream_floor.py "$out/stream-floor.json" 2>&1 | tee "$out/stream-floor.log"
+    timeout 120 stage/gpu-bench --bench "gemv M=1" 2>&1 | grep -E "^gemv|time:|thrpt:" | tee -a "$out/stream-floor.log"
     ;;
 c)
     export PYTHONPATH="$PWD/.cache/bnb:${PYTHONPATH:-}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
