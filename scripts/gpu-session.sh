@@ -10,7 +10,8 @@
 #   ab OUT: A/B against the baseline staged by scripts/stage-base.sh: the 7B training step of the classic
 #          and (AB_ALL_LINEAR=1) all-linear recipes, base and new alternating twice, and the criterion
 #          kernel bench rows matching AB_FILTER (default "attention") for both binaries; AB_VARIANTS
-#          adds runs of the new build with settings (e.g. "base new new:LLAMATUNE_KEEP_EXPANDED=0")
+#          adds runs of the new build with settings (e.g. "base new new:LLAMATUNE_KEEP_EXPANDED=0") and
+#          of variants staged by scripts/stage-variant.sh (e.g. "base new down4 down4:LLAMATUNE_PDL=0")
 #   abdecode OUT: the same alternation for the 7B greedy decode (128 new tokens after a 1-step bench)
 #   p OUT: where the 7B classic step's device time goes, op by op, timed by CUDA events with nothing
 #          synchronized (LLAMATUNE_PROFILE=events: the ops' times add up to the step's), beside the
@@ -25,12 +26,31 @@ mkdir -p "$out" /tmp/llc
 export LD_LIBRARY_PATH="/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}"
 export LLAMATUNE_CACHE=/tmp/llc/cache
 gguf=$LLAMATUNE_CACHE/SmolLM2-135M-Instruct.Q4_1.gguf
-# Runs `llamatune bench ARGS...` as A/B variant $1: "base" (stage/base-llamatune), "new", or
-# "new:VAR=value,VAR=value" (the new build with those settings).
+# The staged builds' revisions: base, new, and each variant's.
+revisions() {
+    printf 'base %s, new %s' "$(cat stage/base-rev.txt 2>/dev/null)" "$(cat stage/rev.txt 2>/dev/null)"
+    for f in stage/*-rev.txt; do
+        local n
+        n=$(basename "$f" -rev.txt)
+        [ "$n" = base ] || printf ', %s %s' "$n" "$(cat "$f")"
+    done
+}
+# Variants staged by scripts/stage-variant.sh travel gzipped; unpacked here.
+mkdir -p /tmp/llc/variants
+for gz in stage/*-llamatune.gz; do
+    [ -e "$gz" ] || continue
+    bin=/tmp/llc/variants/$(basename "$gz" .gz)
+    gunzip -c "$gz" > "$bin" && chmod +x "$bin"  # always: a warm host may hold an older one
+done
+# Runs `llamatune bench ARGS...` as A/B variant $1: "base" (stage/base-llamatune), "new", a variant
+# NAME staged by scripts/stage-variant.sh, each optionally with ":VAR=value,VAR=value" (those settings).
 bench_variant() {
-    local variant=$1 bin=stage/llamatune envs=()
+    local variant=$1 bin=stage/llamatune envs=() name
     shift
-    [ "$variant" = base ] && bin=stage/base-llamatune
+    name=${variant%%:*}
+    [ "$name" = base ] && bin=stage/base-llamatune
+    [ "$name" != base ] && [ "$name" != new ] && bin=/tmp/llc/variants/$name-llamatune
+    [ -x "$bin" ] || { echo "no binary for variant $name ($bin)" >&2; return 2; }
     [[ $variant == *:* ]] && IFS=, read -ra envs <<< "${variant#*:}"
     timeout 120 env "${envs[@]}" $bin bench --device cuda --shape llama2-7b "$@" 2>&1
 }
@@ -72,7 +92,7 @@ k)
     ;;
 ab)
     [ -x stage/base-llamatune ] || { echo "no stage/base-llamatune: run scripts/stage-base.sh" >&2; exit 2; }
-    echo "base $(cat stage/base-rev.txt 2>/dev/null), new $(cat stage/rev.txt 2>/dev/null)" | tee "$out/ab.log"
+    echo "$(revisions)" | tee "$out/ab.log"
     recipes=("q_proj,v_proj")
     [ "${AB_ALL_LINEAR:-0}" = 1 ] && recipes+=("all-linear")
     # AB_VARIANTS: see bench_variant.
@@ -94,7 +114,7 @@ ab)
     done
     ;;
 abdecode)
-    echo "base $(cat stage/base-rev.txt 2>/dev/null), new $(cat stage/rev.txt 2>/dev/null)" | tee "$out/abdecode.log"
+    echo "$(revisions)" | tee "$out/abdecode.log"
     for round in 1 2; do
         for variant in ${AB_VARIANTS:-base new}; do
             line=$(bench_variant "$variant" --steps 1 --warmup-steps 0 --decode-tokens 128 | grep -E "decoded")
