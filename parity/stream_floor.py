@@ -8,26 +8,13 @@ more buffers than the L2 holds. Why (docs/PERF.md, session 17): three GEMV desig
 loops all streamed ~1.3 TB/s cold and ~1.7 TB/s L2-warm on the 25 MB shapes, so the limit may be one
 launch of that size rather than any loop. Usage: python3 parity/stream_floor.py [OUT.json]"""
 import json
-import statistics
 import sys
-import time
 
 import torch
 
+from torch_rivals import timed  # median of 20 synchronized runs after 5 warm-up runs
+
 REPS = 32
-
-
-def timed(fn, runs=20, warmup=5):
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    ts = []
-    for _ in range(runs):
-        t = time.perf_counter()
-        fn()
-        torch.cuda.synchronize()
-        ts.append(time.perf_counter() - t)
-    return statistics.median(ts) / REPS
 
 
 def main():
@@ -57,7 +44,7 @@ def main():
 
             for op, fn, moved in [("sum uint8", sum_u8, nbytes), ("sum bf16", sum_bf16, nbytes),
                                   ("copy (read + write)", copy, 2 * nbytes)]:
-                s = timed(fn)
+                s = timed(fn) / REPS
                 rows.append({"bytes": nbytes, "shape": name, "op": op, "cache": kind, "us": s * 1e6,
                              "GB/s read": nbytes / s / 1e9, "GB/s moved": moved / s / 1e9})
                 print(f"{name:28} {op:20} {kind}: {s * 1e6:7.2f} us per launch, "

@@ -7,13 +7,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 rev=${1:-main}
 [ -d stage ] || { echo "stage-base: run scripts/stage-gpu.sh first" >&2; exit 2; }
-NVCC="$(bash scripts/install-nvcc.sh)"
-export NVCC
+source scripts/rev-tree.sh
 tree=target/base-tree
-git worktree remove --force "$tree" 2>/dev/null || rm -rf "$tree"
-git worktree prune
-git worktree add --detach "$tree" "$rev" >/dev/null
-export CARGO_TARGET_DIR="$PWD/target/base"
+open_rev_tree "$rev" "$tree"
 (cd "$tree" && cargo build --release --locked --features cuda --bin llamatune)
 bench=$(cd "$tree" && cargo bench --locked --features cuda --bench gpu_kernels --no-run --message-format=json 2>/dev/null \
     | python3 -c 'import json,sys
@@ -25,6 +21,6 @@ cp "$CARGO_TARGET_DIR/release/llamatune" stage/base-llamatune
 cp "$bench" stage/base-gpu-bench
 strip stage/base-llamatune stage/base-gpu-bench
 git rev-parse "$rev" > stage/base-rev.txt
-git worktree remove --force "$tree"
+close_rev_tree "$tree"
 echo "staged base $(cat stage/base-rev.txt)"
 du -sh stage
