@@ -16,13 +16,15 @@ __device__ __forceinline__ __half round_to(float v, __half*) { return __float2ha
 // otherwise). Every value is computed as add_f32 then rmsnorm_f32 compute it, bit for bit: the
 // same Σx² per thread in column order, the same block_sum for one block size. Out of type TO: f32,
 // or rounded to bf16/f16 as f32_to_bf16/f16 would round the f32 output (the same rounding, bit for bit).
-template <bool ADD, typename TO>
-__device__ __forceinline__ void norm_row(const float* a, const float* b, const float* w, float* sum, TO* out, float* rstd, int dim, float eps) {
+// b of type TB: f32, or a 16-bit product's output read as the f32 its widening would have written
+// (load1/load4 of common.cuh: exact).
+template <bool ADD, typename TB, typename TO>
+__device__ __forceinline__ void norm_row(const float* a, const TB* b, const float* w, float* sum, TO* out, float* rstd, int dim, float eps) {
     const int64_t off = (int64_t)blockIdx.x * dim;
     const float* x = ADD ? sum + off : a + off;  // the row the norm reads back (odd sizes)
     float ss = 0.f;
     if (dim % 4 == 0 && dim / 4 <= NORM_VEC * (int)blockDim.x) {
-        const float4 *a4 = reinterpret_cast<const float4*>(a + off), *b4 = reinterpret_cast<const float4*>(b + off);
+        const float4* a4 = reinterpret_cast<const float4*>(a + off);
         const float4* w4 = reinterpret_cast<const float4*>(w);
         float4 v[NORM_VEC], g[NORM_VEC];
 #pragma unroll
@@ -31,7 +33,7 @@ __device__ __forceinline__ void norm_row(const float* a, const float* b, const f
             if (j < dim / 4) {
                 v[i] = a4[j], g[i] = w4[j];
                 if (ADD) {
-                    const float4 y = b4[j];
+                    const float4 y = load4(b + off + 4 * j);
                     v[i] = make_float4(v[i].x + y.x, v[i].y + y.y, v[i].z + y.z, v[i].w + y.w);
                 }
             }
@@ -55,7 +57,7 @@ __device__ __forceinline__ void norm_row(const float* a, const float* b, const f
         return;
     }
     for (int j = threadIdx.x; j < dim; j += blockDim.x) {
-        const float v = ADD ? a[off + j] + b[off + j] : a[off + j];
+        const float v = ADD ? a[off + j] + load1(b + off + j) : a[off + j];
         if (ADD) sum[off + j] = v;
         ss += v * v;
     }
@@ -68,7 +70,7 @@ __device__ __forceinline__ void norm_row(const float* a, const float* b, const f
 // out = x · rstd · w, rstd = (mean x² + eps)^-1/2;  x, out (m, dim); rstd (m). One block per row.
 extern "C" __global__ void __launch_bounds__(1024) rmsnorm_f32(const float* x, const float* w, float* out, float* rstd, int dim, float eps) {
     grid_dependency_wait();
-    norm_row<false, float>(x, nullptr, w, nullptr, out, rstd, dim, eps);
+    norm_row<false, float, float>(x, nullptr, w, nullptr, out, rstd, dim, eps);
 }
 
 // sum = a + b, then out = rmsnorm(sum): a residual add and the norm after it in one pass (decoding
@@ -76,14 +78,18 @@ extern "C" __global__ void __launch_bounds__(1024) rmsnorm_f32(const float* x, c
 // CPU reference: Backend::add_rmsnorm's default (add, rmsnorm).
 // add_rmsnorm_to_bf16/f16: the same with out in the 16-bit compute dtype, where nothing reads the f32
 // norm output but a 16-bit product (Cuda::add_rmsnorm_mlp_gate_up: an MLP without LoRA).
-#define ADD_RMSNORM(name, TO)                                                                                                  \
-    extern "C" __global__ void __launch_bounds__(1024) name(const float* a, const float* b, const float* w, float* sum, TO* out, float* rstd, int dim, float eps) { \
+// add16_rmsnorm_to_bf16/f16: b too in that dtype, the o projection's 16-bit product as cuBLAS wrote it
+// (Cuda::linear_add_rmsnorm_mlp_gate_up), so it is never widened into f32.
+#define ADD_RMSNORM(name, TB, TO)                                                                                              \
+    extern "C" __global__ void __launch_bounds__(1024) name(const float* a, const TB* b, const float* w, float* sum, TO* out, float* rstd, int dim, float eps) { \
         grid_dependency_wait();                                                                                                  \
-        norm_row<true, TO>(a, b, w, sum, out, rstd, dim, eps);                                                                   \
+        norm_row<true, TB, TO>(a, b, w, sum, out, rstd, dim, eps);                                                               \
     }
-ADD_RMSNORM(add_rmsnorm_f32, float)
-ADD_RMSNORM(add_rmsnorm_to_bf16, __nv_bfloat16)
-ADD_RMSNORM(add_rmsnorm_to_f16, __half)
+ADD_RMSNORM(add_rmsnorm_f32, float, float)
+ADD_RMSNORM(add_rmsnorm_to_bf16, float, __nv_bfloat16)
+ADD_RMSNORM(add_rmsnorm_to_f16, float, __half)
+ADD_RMSNORM(add16_rmsnorm_to_bf16, __nv_bfloat16, __nv_bfloat16)
+ADD_RMSNORM(add16_rmsnorm_to_f16, __half, __half)
 
 // dx (+)= r·(dy·w − x·r²·mean(dy·w·x)); accumulate: added to the gradient already in dx (the residual
 // stream's), instead of a separate add_assign pass over it; the sum is rounded once, as that pass did.

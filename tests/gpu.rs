@@ -11,8 +11,8 @@
 use llamatune::backend::cpu::Cpu;
 use llamatune::backend::cuda::{AttnActs, Cuda, Fused4bit, MlpActs};
 use llamatune::backend::{
-    linear_many_lora_composed, mlp_gate_up_composed, qkv_attn_acts_composed, AdamWStep, AttnShape, Backend, Dropout,
-    HostWeight, LoraBranch, LoraDown, LoraGrad, RopeTables,
+    linear_add_rmsnorm_mlp_gate_up_composed, linear_many_lora_composed, mlp_gate_up_composed, qkv_attn_acts_composed,
+    AdamWStep, AttnShape, Backend, Dropout, HostWeight, LoraBranch, LoraDown, LoraGrad, RopeTables,
 };
 use llamatune::config::{ComputeDtype, LoraConfig, ModelConfig, QuantConfig, QuantType};
 use llamatune::model::llama::{forward_backward, forward_backward_with, Batch, Checkpointing, Llama, StepOptions};
@@ -392,7 +392,8 @@ fn linear_many_equals_one_linear_each() {
 /// products in the compute dtype, which must give the composed ops' values on f32 products bit for
 /// bit (the down product written over its output or added into it; the input gradient written or
 /// added), and the CPU's within the 16-bit bound. SmolLM2, Llama-2-7B and odd shapes (ffn 333: the
-/// SwiGLU kernels' scalar tail), bf16 and f16 compute; outputs poisoned.
+/// SwiGLU kernels' scalar tail), bf16 and f16 compute; outputs poisoned. The residual add and norm
+/// before it, also with the o projection's 16-bit product as one of the addends.
 #[test]
 fn mlp_with_16_bit_intermediates_equals_its_ops_forward_and_backward() {
     let mut rng = rand::rngs::StdRng::seed_from_u64(33);
@@ -439,6 +440,57 @@ fn mlp_with_16_bit_intermediates_equals_its_ops_forward_and_backward() {
             let (v1, v2) = (gpu().operand_to_host(p1), gpu().operand_to_host(p2));
             check(&format!("{label} {name} after the norm vs composed"), &v1, &v2, 0.0);
         }
+        // The o projection's 16-bit product added as cuBLAS writes it (linear_add_rmsnorm_mlp_gate_up):
+        // the composed calls' (linear into f32, then the above) sum, rstd and products bit for bit.
+        let wo = quantized(&mut rng, s.hidden, s.heads * s.head_dim);
+        let (cwo, gwo) = (CPU.upload_weight(wo.clone()), gpu().upload_weight(wo));
+        assert_eq!(
+            gpu().o_product_in_16_bit(&gwo, [&gg, &gu, &gd], m),
+            Some(c),
+            "{label}: the 16-bit o path is tested"
+        );
+        let attn = rnd(&mut rng, m * s.heads * s.head_dim, 1.0);
+        let gattn = gpu().upload(&attn);
+        let (mut sum3, mut rstd3) = (poisoned(m * s.hidden), poisoned(m));
+        let with_o = gpu().linear_add_rmsnorm_mlp_gate_up(
+            &gattn,
+            &gwo,
+            &ga,
+            &gw,
+            1e-5,
+            [&gg, &gu, &gd],
+            m,
+            &mut sum3,
+            &mut rstd3,
+        );
+        let (mut sum4, mut rstd4) = (poisoned(m * s.hidden), poisoned(m));
+        let with_o_composed = linear_add_rmsnorm_mlp_gate_up_composed(
+            gpu(),
+            &gattn,
+            &gwo,
+            &ga,
+            &gw,
+            1e-5,
+            [&gg, &gu, &gd],
+            m,
+            &mut sum4,
+            &mut rstd4,
+        );
+        let sum3 = gpu().download(&sum3);
+        check(&format!("{label} o + norm sum vs composed"), &sum3, &gpu().download(&sum4), 0.0);
+        check(&format!("{label} o + norm rstd vs composed"), &gpu().download(&rstd3), &gpu().download(&rstd4), 0.0);
+        let (MlpActs::Half { g: g3, u: u3 }, MlpActs::Half { g: g4, u: u4 }) = (&with_o, &with_o_composed) else {
+            panic!("{label}: the 16-bit path expected on both sides");
+        };
+        for (name, (p3, p4)) in [("gate", (g3, g4)), ("up", (u3, u4))] {
+            let (v3, v4) = (gpu().operand_to_host(p3), gpu().operand_to_host(p4));
+            check(&format!("{label} {name} after o + norm vs composed"), &v3, &v4, 0.0);
+        }
+        let (mut o_cpu, mut sum_cpu, mut rstd_cpu) = (vec![0.0; m * s.hidden], vec![0.0; m * s.hidden], vec![0.0; m]);
+        CPU.linear(&attn, &cwo, m, &mut o_cpu);
+        let mut out_cpu = vec![0.0; m * s.hidden];
+        CPU.add_rmsnorm(&a, &o_cpu, &w, s.hidden, 1e-5, &mut sum_cpu, &mut out_cpu, &mut rstd_cpu);
+        check(&format!("{label} o + norm sum vs CPU"), &sum3, &sum_cpu, MIXED_TOL);
         let (g32, u32) = mlp_gate_up_composed(gpu(), &gx, &gg, &gu, m);
         let acts32 = MlpActs::F32 { g: g32, u: u32 };
         let cpu_acts = CPU.mlp_gate_up(&x, &cg, &cu, &cd, m);

@@ -387,6 +387,26 @@ pub trait Backend {
     ) -> Self::MlpActs {
         add_rmsnorm_mlp_gate_up_composed(self, a, b, w, eps, [gate, up, down], m, sum, rstd)
     }
+    /// The o projection of attention's output `attn (m, heads · head_dim)` by `wo` (no LoRA branch)
+    /// added to the residual `res` and normalized for an MLP without LoRA branches:
+    /// [`Backend::add_rmsnorm_mlp_gate_up`] of `res` and `attn · woᵀ`, whose product is not kept. The
+    /// default runs the two; CUDA's 16-bit MLP adds the o product as cuBLAS writes it in the compute
+    /// dtype, never widened into f32.
+    #[allow(clippy::too_many_arguments)]
+    fn linear_add_rmsnorm_mlp_gate_up(
+        &self,
+        attn: &Self::Buf,
+        wo: &Self::Weight,
+        res: &Self::Buf,
+        w: &Self::Buf,
+        eps: f64,
+        mlp: [&Self::Weight; 3],
+        m: usize,
+        sum: &mut Self::Buf,
+        rstd: &mut Self::Buf,
+    ) -> Self::MlpActs {
+        linear_add_rmsnorm_mlp_gate_up_composed(self, attn, wo, res, w, eps, mlp, m, sum, rstd)
+    }
     /// Elements (of either dtype) an MLP's saved products hold: `2 · m · ffn`.
     fn mlp_acts_len(&self, acts: &Self::MlpActs) -> usize;
     /// `out (m, hidden) (+)= (silu(g) · u) · Dᵀ` from an MLP's gate and up products `acts`, written
@@ -873,6 +893,27 @@ pub fn add_rmsnorm_mlp_gate_up_composed<B: Backend + ?Sized>(
     let mut out = be.alloc_output(be.buf_len(a));
     be.add_rmsnorm(a, b, w, be.buf_len(w), eps, sum, &mut out, rstd);
     be.mlp_gate_up(&out, gate, up, down, m)
+}
+
+/// [`Backend::linear_add_rmsnorm_mlp_gate_up`] as [`Backend::linear`] into an f32 output, then
+/// [`Backend::add_rmsnorm_mlp_gate_up`] of the residual and it: the trait's default and CUDA's path
+/// where the o product or the MLP is not on its 16-bit path.
+#[allow(clippy::too_many_arguments)]
+pub fn linear_add_rmsnorm_mlp_gate_up_composed<B: Backend + ?Sized>(
+    be: &B,
+    attn: &B::Buf,
+    wo: &B::Weight,
+    res: &B::Buf,
+    w: &B::Buf,
+    eps: f64,
+    mlp: [&B::Weight; 3],
+    m: usize,
+    sum: &mut B::Buf,
+    rstd: &mut B::Buf,
+) -> B::MlpActs {
+    let mut o = be.alloc_output(m * be.weight_shape(wo).0);
+    be.linear(attn, wo, m, &mut o);
+    be.add_rmsnorm_mlp_gate_up(res, &o, w, eps, mlp, m, sum, rstd)
 }
 
 /// [`Backend::qkv_attn_acts`] as [`Backend::linear_many_lora`] into f32 outputs, then

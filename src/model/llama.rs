@@ -413,6 +413,35 @@ impl<'a, B: Backend> Graph<'a, B> {
         (sum, out, acts)
     }
 
+    /// The o projection of attention's output `attn` (no LoRA branch) added to the residual `x` and
+    /// normalized for an MLP without LoRA branches ([`Backend::linear_add_rmsnorm_mlp_gate_up`]):
+    /// recorded as the linear, the add and the norm, the product and the norm's output holding no
+    /// value (their backward reads neither); returns the sum, the norm's output and the MLP's products.
+    fn linear_add_rmsnorm_mlp_gate_up(
+        &self,
+        t: &mut Tape<B>,
+        attn: Id,
+        x: Id,
+        l: usize,
+        ws: [&B::Weight; 3],
+    ) -> (Id, Id, B::MlpActs) {
+        let be = self.be;
+        let norm = NormRef::Mlp(l);
+        let w = self.norm_weight(norm);
+        let n = be.buf_len(t.get(x));
+        let m = n / be.buf_len(w);
+        let (mut sum, mut rstd) = (self.alloc(n), self.alloc(m));
+        let eps = self.model.cfg.rms_norm_eps;
+        let wo = self.model.proj(l, Proj::O);
+        let acts = be.linear_add_rmsnorm_mlp_gate_up(t.get(attn), wo, t.get(x), w, eps, ws, m, &mut sum, &mut rstd);
+        let o = t.put_uncomputed();
+        t.record(Op::Linear { x: attn, layer: l, proj: Proj::O, out: o, lora: None });
+        let (sum, rstd, out) = (t.put(sum), t.put(rstd), t.put_uncomputed());
+        t.record(Op::Add { a: x, b: o, out: sum });
+        t.record(Op::RmsNorm { x: sum, norm, rstd, out });
+        (sum, out, acts)
+    }
+
     fn linear(&self, t: &mut Tape<B>, x: Id, layer: usize, p: Proj) -> Id {
         let [y] = self.linears(t, x, layer, [p]);
         y
@@ -615,8 +644,6 @@ impl<'a, B: Backend> Graph<'a, B> {
                 t.put(a)
             }
         };
-        let o = self.linear(t, a, l, Proj::O);
-        t.done_with(a);
         let mlp_has_lora = [Proj::Gate, Proj::Up, Proj::Down].into_iter().any(|p| self.lora_pair(l, p).is_some());
         if !decoding && !mlp_has_lora {
             // The norm with the gate and up products (kept in their 16-bit dtype where the backend
@@ -627,9 +654,19 @@ impl<'a, B: Backend> Graph<'a, B> {
             // leaves SwiGLU and the down product uncomputed.
             let be = self.be;
             let [wg, wu, wd] = [Proj::Gate, Proj::Up, Proj::Down].map(|p| self.model.proj(l, p));
-            let (x2, n2, acts) = self.add_rmsnorm_mlp_gate_up(t, x, o, l, [wg, wu, wd]);
+            // The o product goes into the residual add with the norm unless a LoRA branch reads it.
+            let (x2, n2, acts) = if self.lora_pair(l, Proj::O).is_none() {
+                let r = self.linear_add_rmsnorm_mlp_gate_up(t, a, x, l, [wg, wu, wd]);
+                t.done_with(a);
+                r
+            } else {
+                let o = self.linear(t, a, l, Proj::O);
+                t.done_with(a);
+                let r = self.add_rmsnorm_mlp_gate_up(t, x, o, l, [wg, wu, wd]);
+                t.done_with(o);
+                r
+            };
             t.done_with(x);
-            t.done_with(o);
             let m = be.buf_len(t.get(x2)) / be.weight_shape(wg).1;
             if !t.recording {
                 let mut y = t.take(x2);
@@ -648,6 +685,8 @@ impl<'a, B: Backend> Graph<'a, B> {
             t.record(Op::Mlp { x: n2, layer: l, acts, out: d });
             return self.residual_out(t, x2, d, pass);
         }
+        let o = self.linear(t, a, l, Proj::O);
+        t.done_with(a);
         let (x2, n2) = self.add_rmsnorm(t, x, o, NormRef::Mlp(l));
         t.done_with(x);
         t.done_with(o);

@@ -110,9 +110,15 @@ pub(super) fn kernel_names(module: &str) -> &'static [&'static str] {
             GEMM_4BIT[7],
             "gemm_4bit_reduce",
         ],
-        "norm" => {
-            &["rmsnorm_f32", "add_rmsnorm_f32", "add_rmsnorm_to_bf16", "add_rmsnorm_to_f16", "rmsnorm_backward_f32"]
-        }
+        "norm" => &[
+            "rmsnorm_f32",
+            "add_rmsnorm_f32",
+            "add_rmsnorm_to_bf16",
+            "add_rmsnorm_to_f16",
+            "add16_rmsnorm_to_bf16",
+            "add16_rmsnorm_to_f16",
+            "rmsnorm_backward_f32",
+        ],
         "rope" => &["rope_f32", "rope_bf16", "rope_bf16_from_bf16", "rope_bf16_from_f16", "rope_cache_f32"],
         "xent" => &[
             "cross_entropy_f32",

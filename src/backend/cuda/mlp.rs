@@ -22,7 +22,7 @@ impl Cuda {
     /// The 16-bit dtype [`Backend::mlp_gate_up`](crate::backend::Backend::mlp_gate_up) keeps an MLP's products in, when
     /// it can: three 4-bit weights computing in one 16-bit dtype, all on the second path at `m` rows (dequantize +
     /// cuBLAS, whose outputs are rounded to that dtype anyway); not in precise mode.
-    pub(super) fn mlp_in_16_bit(&self, ws: [&CudaWeight; 3], m: usize) -> Option<ComputeDtype> {
+    pub fn mlp_in_16_bit(&self, ws: [&CudaWeight; 3], m: usize) -> Option<ComputeDtype> {
         let c = match ws[0] {
             CudaWeight::Quant4 { compute: c @ (ComputeDtype::BF16 | ComputeDtype::F16), .. } => *c,
             _ => return None,
@@ -80,6 +80,57 @@ impl Cuda {
             }
             ComputeDtype::F32 => unreachable!("a 16-bit MLP"),
         }
+    }
+
+    /// The compute dtype in which [`Backend::linear_add_rmsnorm_mlp_gate_up`](crate::backend::Backend::linear_add_rmsnorm_mlp_gate_up)
+    /// keeps the o product (as cuBLAS writes it) and adds it into the residual: where the MLP takes
+    /// its 16-bit path ([`Cuda::mlp_in_16_bit`]) and `wo` is a 4-bit weight of that compute dtype on
+    /// the second path; `None`: the composed calls.
+    pub fn o_product_in_16_bit(&self, wo: &CudaWeight, mlp: [&CudaWeight; 3], m: usize) -> Option<ComputeDtype> {
+        self.mlp_in_16_bit(mlp, m).filter(|&c| self.mlp_in_16_bit([wo, wo, wo], m) == Some(c))
+    }
+
+    /// `sum = a + b16` and `rmsnorm(sum) · w` in b16's 16-bit dtype (kernels/norm.cu
+    /// `add16_rmsnorm_to_{bf16,f16}`), b16 read as the f32 its widening would have given: the values
+    /// of [`Cuda::add_rmsnorm_16`] on the widened b16, bit for bit.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn add16_rmsnorm_16(
+        &self,
+        a: &CudaSlice<f32>,
+        b16: &Operand,
+        w: &CudaSlice<f32>,
+        eps: f64,
+        sum: &mut CudaSlice<f32>,
+        rstd: &mut CudaSlice<f32>,
+    ) -> Operand {
+        let _span = self.span("add_rmsnorm (16-bit o product and output)");
+        let n = a.len();
+        // SAFETY: the kernel writes all n values before anything reads them.
+        match b16 {
+            Operand::BF16(b) => {
+                let mut o = ck!(unsafe { self.stream.alloc::<bf16>(n) }, "alloc");
+                self.add_rmsnorm_launch("add16_rmsnorm_to_bf16", a, b, w, eps, sum, &mut o, rstd);
+                Operand::BF16(o)
+            }
+            Operand::F16(b) => {
+                let mut o = ck!(unsafe { self.stream.alloc::<f16>(n) }, "alloc");
+                self.add_rmsnorm_launch("add16_rmsnorm_to_f16", a, b, w, eps, sum, &mut o, rstd);
+                Operand::F16(o)
+            }
+            Operand::F32(_) => unreachable!("a 16-bit product"),
+        }
+    }
+
+    /// `x (m, cols) · Wᵀ` for a 4-bit weight on the second path in its 16-bit compute dtype `c`, kept
+    /// as cuBLAS writes it (the values `linear` widens into f32).
+    pub(super) fn linear_16(&self, x: &CudaSlice<f32>, w: &CudaWeight, m: usize, c: ComputeDtype) -> Operand {
+        let _span = self.span("linear (16-bit output)");
+        let (rows, cols) = w.shape();
+        assert!(x.len() == m * cols, "linear: bad shapes");
+        let x16 = self.convert(x, c).expect("16-bit compute");
+        let (wop, _) = self.weight_operand(w);
+        let g = Gemm::forward(m, rows, cols, OperandView::from(&x16), wop.as_ref());
+        self.gemm_16(&g, c, "linear GEMM")
     }
 
     /// [`Cuda::mlp_gate_up_16`] of `x16`, the MLP's input already in the compute dtype `c`.

@@ -321,14 +321,15 @@ impl Cuda {
         v
     }
 
-    /// `sum = a + b`, `out = rmsnorm(sum) · w` by `kernel` (kernels/norm.cu `add_rmsnorm_f32` or
-    /// `add_rmsnorm_to_{bf16,f16}`, whose out is of type T), a block per row of `w.len()` values.
+    /// `sum = a + b`, `out = rmsnorm(sum) · w` by `kernel` (kernels/norm.cu `add_rmsnorm_f32`,
+    /// `add_rmsnorm_to_{bf16,f16}` or `add16_rmsnorm_to_{bf16,f16}`: b of type TB, out of type T), a
+    /// block per row of `w.len()` values.
     #[allow(clippy::too_many_arguments)]
-    fn add_rmsnorm_launch<T: cudarc::driver::DeviceRepr>(
+    fn add_rmsnorm_launch<TB: cudarc::driver::DeviceRepr, T: cudarc::driver::DeviceRepr>(
         &self,
         kernel: &str,
         a: &CudaSlice<f32>,
-        b: &CudaSlice<f32>,
+        b: &CudaSlice<TB>,
         w: &CudaSlice<f32>,
         eps: f64,
         sum: &mut CudaSlice<f32>,
@@ -672,6 +673,26 @@ impl Backend for Cuda {
             return super::add_rmsnorm_mlp_gate_up_composed(self, a, b, w, eps, ws, m, sum, rstd);
         };
         let x16 = self.add_rmsnorm_16(a, b, w, eps, sum, rstd, c);
+        let _span = self.span("MLP gate and up (16-bit outputs)");
+        self.mlp_gate_up_from_16(&x16, ws[0], ws[1], m, c)
+    }
+    fn linear_add_rmsnorm_mlp_gate_up(
+        &self,
+        attn: &CudaSlice<f32>,
+        wo: &CudaWeight,
+        res: &CudaSlice<f32>,
+        w: &CudaSlice<f32>,
+        eps: f64,
+        ws: [&CudaWeight; 3],
+        m: usize,
+        sum: &mut CudaSlice<f32>,
+        rstd: &mut CudaSlice<f32>,
+    ) -> MlpActs {
+        let Some(c) = self.o_product_in_16_bit(wo, ws, m) else {
+            return super::linear_add_rmsnorm_mlp_gate_up_composed(self, attn, wo, res, w, eps, ws, m, sum, rstd);
+        };
+        let o16 = self.linear_16(attn, wo, m, c);
+        let x16 = self.add16_rmsnorm_16(res, &o16, w, eps, sum, rstd);
         let _span = self.span("MLP gate and up (16-bit outputs)");
         self.mlp_gate_up_from_16(&x16, ws[0], ws[1], m, c)
     }
