@@ -85,9 +85,15 @@ impl Cuda {
     /// The compute dtype in which [`Backend::linear_add_rmsnorm_mlp_gate_up`](crate::backend::Backend::linear_add_rmsnorm_mlp_gate_up)
     /// keeps the o product (as cuBLAS writes it) and adds it into the residual: where the MLP takes
     /// its 16-bit path ([`Cuda::mlp_in_16_bit`]) and `wo` is a 4-bit weight of that compute dtype on
-    /// the second path; `None`: the composed calls.
+    /// the second path, unless switched off ([`Cuda::set_o_into_norm`]); `None`: the composed calls.
     pub fn o_product_in_16_bit(&self, wo: &CudaWeight, mlp: [&CudaWeight; 3], m: usize) -> Option<ComputeDtype> {
-        self.mlp_in_16_bit(mlp, m).filter(|&c| self.mlp_in_16_bit([wo, wo, wo], m) == Some(c))
+        let on = self.o_into_norm.load(std::sync::atomic::Ordering::Relaxed);
+        self.mlp_in_16_bit(mlp, m).filter(|&c| on && self.mlp_in_16_bit([wo, wo, wo], m) == Some(c))
+    }
+
+    /// Turns [`Cuda::o_product_in_16_bit`]'s path on or off (off: the o product widened into f32 first).
+    pub fn set_o_into_norm(&self, on: bool) {
+        self.o_into_norm.store(on, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// `sum = a + b16` and `rmsnorm(sum) · w` in b16's 16-bit dtype (kernels/norm.cu

@@ -52,6 +52,9 @@ pub struct Cuda {
     /// [`Cuda::set_fused_lora`]: LoRA branches at training shapes on kernels/lora_fused.cu
     /// (`LLAMATUNE_FUSED_LORA=0|off` for the cuBLAS path; default on).
     fused_lora: std::sync::atomic::AtomicBool,
+    /// [`Cuda::set_o_into_norm`]: the o product added into the residual in its 16-bit dtype
+    /// (`Cuda::o_product_in_16_bit`); `LLAMATUNE_O_INTO_NORM=0`: widened first (A/B runs).
+    o_into_norm: std::sync::atomic::AtomicBool,
     /// [`Cuda::set_gemv_many`]: decoding's products that share one row of x in one launch: q/k/v
     /// (`gemv_4bit_many_*`), gate/up with SwiGLU (`gemv_4bit_swiglu_*`); `LLAMATUNE_GEMV_MANY=0`: a
     /// launch per weight.
@@ -273,6 +276,7 @@ impl Cuda {
         };
         let fused_4bit = (fused_4bit as u8).into();
         let fused_lora = switch_on("LLAMATUNE_FUSED_LORA").into();
+        let o_into_norm = switch_on("LLAMATUNE_O_INTO_NORM").into();
         let gemv_many = switch_on("LLAMATUNE_GEMV_MANY").into();
         let dequant_seg = switch_on("LLAMATUNE_DEQUANT_SEG").into();
         let kept = gemm::KeptExpansions::new(switch_on("LLAMATUNE_KEEP_EXPANDED")).into();
@@ -295,6 +299,7 @@ impl Cuda {
             offload,
             fused_4bit,
             fused_lora,
+            o_into_norm,
             gemv_many,
             kept,
             small_operands: Default::default(),
