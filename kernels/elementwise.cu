@@ -121,6 +121,28 @@ extern "C" __global__ void add_f16_to_f32(const __half* src, float* dst, int64_t
         [&](int64_t q) { reinterpret_cast<float4*>(dst)[q] = add4(reinterpret_cast<float4*>(dst)[q], unpack_f16x4(reinterpret_cast<const uint2*>(src)[q])); },
         [&](int64_t i) { dst[i] += __half2float(src[i]); });
 }
+// dst = ([dst +] widened a) + widened b: two input gradients accumulated after their rounding, in
+// that order, in one pass over dst (the MLP's up and gate products, Cuda::mlp_backward_16): the
+// values of the two passes above, bit for bit. CPU reference: two adds.
+template <typename T>
+__device__ __forceinline__ void add_two_16_to_f32(const T* a, const T* b, float* dst, int64_t n, int accumulate) {
+    for_each4(
+        n, aligned_to(a, 8) && aligned_to(b, 8) && aligned_to(dst, 16),
+        [&](int64_t q) {
+            const float4 va = load4(a + 4 * q), vb = load4(b + 4 * q);
+            float4* d = reinterpret_cast<float4*>(dst) + q;
+            *d = add4(accumulate ? add4(*d, va) : va, vb);
+        },
+        [&](int64_t i) { dst[i] = (accumulate ? dst[i] + load1(a + i) : load1(a + i)) + load1(b + i); });
+}
+extern "C" __global__ void add_two_bf16_to_f32(const __nv_bfloat16* a, const __nv_bfloat16* b, float* dst, int64_t n, int accumulate) {
+    grid_dependency_wait();
+    add_two_16_to_f32(a, b, dst, n, accumulate);
+}
+extern "C" __global__ void add_two_f16_to_f32(const __half* a, const __half* b, float* dst, int64_t n, int accumulate) {
+    grid_dependency_wait();
+    add_two_16_to_f32(a, b, dst, n, accumulate);
+}
 // out = x * dropout(seed, i)
 extern "C" __global__ void dropout_f32(const float* x, float* out, uint64_t seed, float p, int64_t n) {
     grid_dependency_wait();

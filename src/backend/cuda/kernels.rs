@@ -36,6 +36,8 @@ pub(super) fn kernel_names(module: &str) -> &'static [&'static str] {
             "f32_to_bf16",
             "add_bf16_to_f32",
             "add_f16_to_f32",
+            "add_two_bf16_to_f32",
+            "add_two_f16_to_f32",
             "bf16_to_f32",
             "f16_to_f32",
             "dropout_f32",

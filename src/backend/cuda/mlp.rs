@@ -239,13 +239,25 @@ impl Cuda {
             _ => unreachable!("one 16-bit dtype"),
         };
         drop(ds16);
-        // dx (m, hidden) (+)= du (m, ffn) · U (ffn, hidden), then += dg · G: up first, as the tape did.
-        for (w, d16, acc, what) in
-            [(up, &du16, accumulate, "MLP up backward GEMM"), (gate, &dg16, true, "MLP gate backward GEMM")]
-        {
+        // dx (m, hidden) (+)= du (m, ffn) · U (ffn, hidden), then += dg · G: up first, as the tape did;
+        // both products in 16 bits, added into dx in one pass.
+        let product = |w: &CudaWeight, d16: &Operand, what: &str| {
             let (wop, _) = self.weight_operand_for_grad(w);
-            let product = Gemm::input_grad(m, hidden, ffn, OperandView::from(d16), wop.as_ref());
-            self.gemm_rounded(w, product, dx, acc, None, what);
+            let g = Gemm::input_grad(m, hidden, ffn, OperandView::from(d16), wop.as_ref());
+            self.gemm_16(&g, c, what)
+        };
+        let up_dx = product(up, &du16, "MLP up backward GEMM");
+        let gate_dx = product(gate, &dg16, "MLP gate backward GEMM");
+        let _span = self.span("add two 16-bit products");
+        let (n64, acc) = ((m * hidden) as i64, accumulate as i32);
+        match (&up_dx, &gate_dx) {
+            (Operand::BF16(a), Operand::BF16(b)) => {
+                launch!(self, "add_two_bf16_to_f32", grid_for(m * hidden); a, b, &mut *dx, &n64, &acc)
+            }
+            (Operand::F16(a), Operand::F16(b)) => {
+                launch!(self, "add_two_f16_to_f32", grid_for(m * hidden); a, b, &mut *dx, &n64, &acc)
+            }
+            _ => unreachable!("one 16-bit dtype"),
         }
     }
 }
