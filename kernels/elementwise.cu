@@ -90,6 +90,27 @@ extern "C" __global__ void f32_to_bf16(const float* x, __nv_bfloat16* out, int64
         [&](int64_t q) { reinterpret_cast<uint2*>(out)[q] = pack_bf16x4(reinterpret_cast<const float4*>(x)[q]); },
         [&](int64_t i) { out[i] = __float2bfloat16_rn(x[i]); });
 }
+// s · x rounded to 16 bits: a LoRA branch's u (scaled by alpha / r) and its B as cuBLAS operands, so
+// that the B product is added into the frozen product's 16-bit output by one GEMM with beta = 1
+// (Cuda::lora_b_into_product). s multiplies in f32 before the single rounding.
+template <typename T>
+__device__ __forceinline__ void scaled_to_16(const float* x, T* out, int64_t n, float s) {
+    for_each4(
+        n, aligned_to(x, 16) && aligned_to(out, 8),
+        [&](int64_t q) {
+            const float4 v = load4(x + 4 * q);
+            store4(out + 4 * q, make_float4(s * v.x, s * v.y, s * v.z, s * v.w));
+        },
+        [&](int64_t i) { store1(out + i, s * x[i]); });
+}
+extern "C" __global__ void scaled_f32_to_bf16(const float* x, __nv_bfloat16* out, int64_t n, float s) {
+    grid_dependency_wait();
+    scaled_to_16(x, out, n, s);
+}
+extern "C" __global__ void scaled_f32_to_f16(const float* x, __half* out, int64_t n, float s) {
+    grid_dependency_wait();
+    scaled_to_16(x, out, n, s);
+}
 // A 4-bit matmul's 16-bit output (cuBLAS rounds it to the compute dtype as it writes, as bitsandbytes'
 // output is; the CPU reference rounds the same way in Cpu::linear), widened into the f32 activations.
 extern "C" __global__ void bf16_to_f32(const __nv_bfloat16* x, float* out, int64_t n) {

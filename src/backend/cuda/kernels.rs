@@ -34,6 +34,8 @@ pub(super) fn kernel_names(module: &str) -> &'static [&'static str] {
             "swiglu_backward_bf16",
             "swiglu_backward_f16",
             "f32_to_bf16",
+            "scaled_f32_to_bf16",
+            "scaled_f32_to_f16",
             "add_bf16_to_f32",
             "add_f16_to_f32",
             "add_two_bf16_to_f32",

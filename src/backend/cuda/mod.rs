@@ -55,6 +55,9 @@ pub struct Cuda {
     /// [`Cuda::set_o_into_norm`]: the o product added into the residual in its 16-bit dtype
     /// (`Cuda::o_product_in_16_bit`); `LLAMATUNE_O_INTO_NORM=0`: widened first (A/B runs).
     o_into_norm: std::sync::atomic::AtomicBool,
+    /// [`Cuda::set_lora_b_gemm`]: training's q/k/v LoRA B products added into their 16-bit products by
+    /// cuBLAS (`Cuda::lora_b_into_product`); `LLAMATUNE_LORA_B_GEMM=0`: by `lora_up_acts_*`.
+    lora_b_gemm: std::sync::atomic::AtomicBool,
     /// [`Cuda::set_gemv_many`]: decoding's products that share one row of x in one launch: q/k/v
     /// (`gemv_4bit_many_*`), gate/up with SwiGLU (`gemv_4bit_swiglu_*`); `LLAMATUNE_GEMV_MANY=0`: a
     /// launch per weight.
@@ -277,6 +280,7 @@ impl Cuda {
         let fused_4bit = (fused_4bit as u8).into();
         let fused_lora = switch_on("LLAMATUNE_FUSED_LORA").into();
         let o_into_norm = switch_on("LLAMATUNE_O_INTO_NORM").into();
+        let lora_b_gemm = switch_on("LLAMATUNE_LORA_B_GEMM").into();
         let gemv_many = switch_on("LLAMATUNE_GEMV_MANY").into();
         let dequant_seg = switch_on("LLAMATUNE_DEQUANT_SEG").into();
         let kept = gemm::KeptExpansions::new(switch_on("LLAMATUNE_KEEP_EXPANDED")).into();
@@ -300,6 +304,7 @@ impl Cuda {
             fused_4bit,
             fused_lora,
             o_into_norm,
+            lora_b_gemm,
             gemv_many,
             kept,
             small_operands: Default::default(),

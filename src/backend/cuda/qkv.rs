@@ -11,6 +11,7 @@
 //! CPU reference: the trait's default, `qkv_attn_acts_composed` (backend/mod.rs).
 
 use super::attention::AttnActs;
+use super::blas;
 use super::gemm::{Gemm, Operand, OperandView};
 use super::lora::lora_up_launch;
 use super::quant4::GEMV_MAX_M;
@@ -74,17 +75,25 @@ impl Cuda {
                 self.gemm_16(&product, c, "q/k/v GEMM")
             };
             let tables = rotated.then_some(rope);
+            // The 16-bit product (its LoRA B product added, if any) as attention's saved input.
+            let as_acts = |o16: Operand| match (tables, o16) {
+                (Some(t), o16) => self.rope_bf16(OperandView::from(&o16), t, heads, sh.head_dim),
+                (None, Operand::BF16(o)) => o,
+                (None, Operand::F16(o)) => self.bf16_of_f16(&o),
+                (None, Operand::F32(_)) => unreachable!("gemm_16 writes a 16-bit product"),
+            };
             saved.push(match slot.take() {
+                Some(l) if self.lora_b_gemm.load(std::sync::atomic::Ordering::Relaxed) => {
+                    self.lora_a_product(x, l.a, m, r, l.dropout, l.u);
+                    let mut o16 = o16;
+                    self.lora_b_into_product(&mut o16, l.u, l.b, (m, rows, r), scale);
+                    as_acts(o16)
+                }
                 Some(l) => {
                     self.lora_a_product(x, l.a, m, r, l.dropout, l.u);
                     self.lora_up_acts(&o16, l.u, l.b, (m, rows, r), scale, tables, sh.head_dim)
                 }
-                None => match (tables, o16) {
-                    (Some(t), o16) => self.rope_bf16(OperandView::from(&o16), t, heads, sh.head_dim),
-                    (None, Operand::BF16(o)) => o,
-                    (None, Operand::F16(o)) => self.bf16_of_f16(&o),
-                    (None, Operand::F32(_)) => unreachable!("gemm_16 writes a 16-bit product"),
-                },
+                None => as_acts(o16),
             });
         }
         let [q, k, v]: [CudaSlice<bf16>; 3] = saved.try_into().expect("three projections");
@@ -125,6 +134,65 @@ impl Cuda {
             Operand::F32(_) => unreachable!("a 16-bit product"),
         }
         out
+    }
+
+    /// `o16 (m, n) += 16-bit(scale · u) · 16-bit(B)ᵀ` in `o16`'s dtype: a LoRA branch's B product
+    /// (`u (m, r)`, `b (n, r)`) added into its frozen product's cuBLAS output by one more cuBLAS GEMM
+    /// (k = r, beta = 1; kernels/elementwise.cu `scaled_f32_to_*` round its operands). Why: the fused
+    /// `lora_up_acts_*` kernel took ~47 µs per 7B projection (latency-bound at low occupancy, see
+    /// docs/PERF.md), where a GEMM reading and writing the 16 MB product has ~10 µs of traffic. The
+    /// numbers: the branch's operands are rounded to 16 bits (TF32 in the kernel; f32 in PEFT, which
+    /// then rounds the branch's output to 16 bits and adds it to the 16-bit product), the sum is taken
+    /// in f32 and rounded once, as in the kernel.
+    pub(super) fn lora_b_into_product(
+        &self,
+        o16: &mut Operand,
+        u: &CudaSlice<f32>,
+        b: &CudaSlice<f32>,
+        (m, n, r): (usize, usize, usize),
+        scale: f32,
+    ) {
+        let _span = self.span("LoRA B GEMM into the 16-bit product");
+        assert!(u.len() >= m * r && b.len() == n * r && o16.len() == m * n, "lora_b_into_product: bad shapes");
+        let c = match o16 {
+            Operand::BF16(_) => ComputeDtype::BF16,
+            Operand::F16(_) => ComputeDtype::F16,
+            Operand::F32(_) => unreachable!("a 16-bit product"),
+        };
+        let (u16, b16) = (self.scaled_16(u, m * r, scale, c), self.scaled_16(b, n * r, 1.0, c));
+        let g = Gemm::forward(m, n, r, OperandView::from(&u16), OperandView::from(&b16));
+        let out = match o16 {
+            Operand::BF16(o) => blas::GemmOut::BF16(o),
+            Operand::F16(o) => blas::GemmOut::F16(o),
+            Operand::F32(_) => unreachable!("a 16-bit product"),
+        };
+        self.gemm(&g, out, 1.0, "LoRA B GEMM");
+    }
+
+    /// `s · x[..n]` rounded to the 16-bit dtype `c`, in a fresh buffer.
+    fn scaled_16(&self, x: &CudaSlice<f32>, n: usize, s: f32, c: ComputeDtype) -> Operand {
+        let n64 = n as i64;
+        // SAFETY: the kernel writes all n values before anything reads them.
+        match c {
+            ComputeDtype::BF16 => {
+                let mut o = ck!(unsafe { self.stream.alloc::<bf16>(n.max(1)) }, "alloc");
+                launch!(self, "scaled_f32_to_bf16", grid_for(n); x, &mut o, &n64, &s);
+                Operand::BF16(o)
+            }
+            ComputeDtype::F16 => {
+                let mut o = ck!(unsafe { self.stream.alloc::<f16>(n.max(1)) }, "alloc");
+                launch!(self, "scaled_f32_to_f16", grid_for(n); x, &mut o, &n64, &s);
+                Operand::F16(o)
+            }
+            ComputeDtype::F32 => unreachable!("a 16-bit operand"),
+        }
+    }
+
+    /// Whether a LoRA branch's B product goes into its frozen product's 16-bit output by cuBLAS
+    /// ([`Cuda::lora_b_into_product`]; default) or by the fused `lora_up_acts_*` kernel
+    /// (`LLAMATUNE_LORA_B_GEMM=0`; for A/B runs and tests).
+    pub fn set_lora_b_gemm(&self, on: bool) {
+        self.lora_b_gemm.store(on, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// An f16 product's values in bf16 (widened to f32 exactly, then rounded: the composed path's
