@@ -289,8 +289,10 @@ impl Cuda {
     /// its 16-bit compute dtype, as bitsandbytes' 16-bit matmul output is, before it lands in (or is
     /// added to) the f32 `out`: cuBLAS writes it in that dtype (rounding as it writes, where a separate
     /// pass over f32 would read and write it again) and one kernel widens it into `out`. With `up`,
-    /// a LoRA B product is added after the product ([`UpTail`]): where the product is widened, in the
-    /// same kernel (`lora_up_from_*`, bit for bit the widening and then `lora_up`).
+    /// a LoRA B product is added after the product ([`UpTail`]): a forward one (no dropout) by cuBLAS
+    /// into the 16-bit product before it is widened ([`Cuda::lora_b_into_product`], unless switched
+    /// off), one with dropout (backward's dx term) in the widening kernel (`lora_up_from_*`, bit for
+    /// bit the widening and then `lora_up`).
     pub(super) fn gemm_rounded(
         &self,
         w: &CudaWeight,
@@ -300,24 +302,31 @@ impl Cuda {
         up: Option<UpTail<'_>>,
         what: &str,
     ) {
-        let gemm = |c: blas::GemmOut<'_>, beta: f32| self.gemm(&g, c, beta, what);
         match w {
-            CudaWeight::Quant4 { compute: ComputeDtype::BF16, .. } => {
-                // SAFETY: the GEMM (beta = 0) writes all m·n values before the kernel reads them.
-                let mut o16 = ck!(unsafe { self.stream.alloc::<bf16>(g.m * g.n) }, "alloc");
-                gemm(blas::GemmOut::BF16(&mut o16), 0.0);
-                let kernels = ["bf16_to_f32", "add_bf16_to_f32", "lora_up_from_bf16"];
-                self.widen_into(&o16, kernels, up, (g.m, g.n), accumulate, out);
-            }
-            CudaWeight::Quant4 { compute: ComputeDtype::F16, .. } => {
-                // SAFETY: as above.
-                let mut o16 = ck!(unsafe { self.stream.alloc::<f16>(g.m * g.n) }, "alloc");
-                gemm(blas::GemmOut::F16(&mut o16), 0.0);
-                let kernels = ["f16_to_f32", "add_f16_to_f32", "lora_up_from_f16"];
-                self.widen_into(&o16, kernels, up, (g.m, g.n), accumulate, out);
+            CudaWeight::Quant4 { compute: c @ (ComputeDtype::BF16 | ComputeDtype::F16), .. } => {
+                let mut o16 = self.gemm_16(&g, *c, what);
+                // A forward LoRA B product (no dropout on it) goes into the 16-bit product by cuBLAS.
+                let up = match up {
+                    Some(t) if !t.w_is_rn && !t.dropout.is_active() && self.lora_b_by_gemm() => {
+                        self.lora_b_into_product(&mut o16, t.u, t.w, (g.m, g.n, t.r), t.alpha);
+                        None
+                    }
+                    up => up,
+                };
+                match &o16 {
+                    Operand::BF16(o) => {
+                        let kernels = ["bf16_to_f32", "add_bf16_to_f32", "lora_up_from_bf16"];
+                        self.widen_into(o, kernels, up, (g.m, g.n), accumulate, out);
+                    }
+                    Operand::F16(o) => {
+                        let kernels = ["f16_to_f32", "add_f16_to_f32", "lora_up_from_f16"];
+                        self.widen_into(o, kernels, up, (g.m, g.n), accumulate, out);
+                    }
+                    Operand::F32(_) => unreachable!("gemm_16 writes a 16-bit product"),
+                }
             }
             _ => {
-                gemm(blas::GemmOut::F32(&mut *out), if accumulate { 1.0 } else { 0.0 });
+                self.gemm(&g, blas::GemmOut::F32(&mut *out), if accumulate { 1.0 } else { 0.0 }, what);
                 if let Some(up) = up {
                     self.lora_up(up.u, up.w, up.w_is_rn, g.m, g.n, up.r, up.alpha, up.dropout, out);
                 }

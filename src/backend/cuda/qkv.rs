@@ -83,7 +83,7 @@ impl Cuda {
                 (None, Operand::F32(_)) => unreachable!("gemm_16 writes a 16-bit product"),
             };
             saved.push(match slot.take() {
-                Some(l) if self.lora_b_gemm.load(std::sync::atomic::Ordering::Relaxed) => {
+                Some(l) if self.lora_b_by_gemm() => {
                     self.lora_a_product(x, l.a, m, r, l.dropout, l.u);
                     let mut o16 = o16;
                     self.lora_b_into_product(&mut o16, l.u, l.b, (m, rows, r), scale);
@@ -188,11 +188,17 @@ impl Cuda {
         }
     }
 
-    /// Whether a LoRA branch's B product goes into its frozen product's 16-bit output by cuBLAS
-    /// ([`Cuda::lora_b_into_product`]; default) or by the fused `lora_up_acts_*` kernel
+    /// Whether a LoRA branch's forward B product goes into its frozen product's 16-bit output by
+    /// cuBLAS ([`Cuda::lora_b_into_product`]; default) or by the fused kernels that add it as they
+    /// widen the product (`lora_up_from_*`) or take it to attention's inputs (`lora_up_acts_*`)
     /// (`LLAMATUNE_LORA_B_GEMM=0`; for A/B runs and tests).
     pub fn set_lora_b_gemm(&self, on: bool) {
         self.lora_b_gemm.store(on, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Not in precise mode, whose LoRA products stay in exact f32.
+    pub(super) fn lora_b_by_gemm(&self) -> bool {
+        self.lora_b_gemm.load(std::sync::atomic::Ordering::Relaxed) && !self.is_precise()
     }
 
     /// An f16 product's values in bf16 (widened to f32 exactly, then rounded: the composed path's
