@@ -686,13 +686,13 @@ fn training_lora_b_products_ride_in_the_widening() {
 
 /// Training's q, k and v projections straight into attention's saved inputs (`Cuda::qkv_attn_acts`'s
 /// direct path: cuBLAS's 16-bit products taken to bf16 in one pass, with the LoRA B product and RoPE
-/// applied on the way) against the composed path (`qkv_attn_acts_composed`: `linear_many_lora` into
-/// f32, then `attn_acts`) and the CPU's products rotated by its RoPE. With the B product in the
-/// fused kernel (`LLAMATUNE_LORA_B_GEMM=0`) the saved inputs are the composed path's bit for bit; with
-/// it as a cuBLAS GEMM into the 16-bit product (the default) those of a projection with LoRA may
-/// differ by the rounding of its output (2⁻⁸, both sides rounding once) plus that of the branch's two
-/// operands to 16 bits (2⁻⁸ of a branch no larger than the output): 8e-3, set before the first run;
-/// the others stay bit for bit. Both take the same u and stay within the bf16 bound of the CPU. Llama-2-7B's q/k/v with LoRA on q and v; SmolLM2's
+/// applied on the way) give the composed path's saved inputs bit for bit (`qkv_attn_acts_composed`:
+/// `linear_many_lora` into f32, then `attn_acts`), and the same u, with the B product by cuBLAS into
+/// the 16-bit product on both paths (the default) and by the fused kernels on both
+/// (`LLAMATUNE_LORA_B_GEMM=0`); and they are within the bf16 bound of the CPU's products rotated by
+/// its RoPE. The two ways of adding the B product differ by the output's rounding (both round once,
+/// 2⁻⁸) and that of the branch's two operands to 16 bits (2⁻⁸ of a branch no larger than the
+/// output): at most 8e-3, set before the first run. Llama-2-7B's q/k/v with LoRA on q and v; SmolLM2's
 /// (head_dim 64, 9 heads over 3) with LoRA on all three, double quantization and f16 compute;
 /// head_dim 128 with GQA, LoRA on k only and f16 compute (q rotated from its f16 product, v's
 /// converted). 515 and 2 × 263 rows: no multiple of the kernels' 64-row tiles.
@@ -721,32 +721,39 @@ fn qkv_products_go_straight_into_attention_inputs() {
         let gab: Vec<_> = ab.iter().map(|(a, b)| (g.upload(a), g.upload(b))).collect();
         let (gx, gcos, gsin) = (g.upload(&x), g.upload(&cos), g.upload(&sin));
         let rope = RopeTables::<Cuda> { cos: &gcos, sin: &gsin };
-        // None: the composed path; Some(b): the direct one with the B product by cuBLAS (b) or not.
-        let run = |direct: Option<bool>| {
+        // The direct path or the composed one, with the B products by cuBLAS (b_gemm) or not.
+        let run = |direct: bool, b_gemm: bool| {
             let mut us: Vec<_> = (0..3).map(|_| poisoned(m * r)).collect();
             let mut loras = lora_downs(&gab, &mut us, &with_lora, &drops);
-            let acts = if let Some(b_gemm) = direct {
+            g.set_lora_b_gemm(b_gemm);
+            let acts = if direct {
                 assert!(g.qkv_direct(&ws, m, &loras, r, &sh).is_some(), "{label}: the direct path expected");
-                g.set_lora_b_gemm(b_gemm);
-                let acts = g.qkv_attn_acts(&gx, &ws, m, &mut loras, r, 0.25, rope, sh);
-                g.set_lora_b_gemm(true);
-                acts
+                g.qkv_attn_acts(&gx, &ws, m, &mut loras, r, 0.25, rope, sh)
             } else {
                 qkv_attn_acts_composed(g, &gx, &ws, m, &mut loras, r, 0.25, rope, sh)
             };
+            g.set_lora_b_gemm(true);
             assert!(matches!(acts, AttnActs::Bf16 { .. }), "{label}: the flash kernels' saved form");
             drop(loras);
             (g.attn_acts_to_host(&acts), us.iter().map(|u| g.download(u)).collect::<Vec<_>>())
         };
-        let ((direct, us1), (fused, us3), (composed, us2)) = (run(Some(true)), run(Some(false)), run(None));
-        for (i, name) in ["q", "k", "v"].iter().enumerate() {
-            check(&format!("{label} {name}, B in the kernel, vs the composed path"), &fused[i], &composed[i], 0.0);
-            let tol = if with_lora[i] { 8e-3 } else { 0.0 };
-            check(&format!("{label} {name}, B by cuBLAS, vs the composed path"), &direct[i], &composed[i], tol);
-            if with_lora[i] {
-                check(&format!("{label} u of {name} vs the composed path"), &us1[i], &us2[i], 0.0);
-                check(&format!("{label} u of {name} (B in the kernel) vs the composed path"), &us3[i], &us2[i], 0.0);
+        let (direct, us1) = run(true, true);
+        for b_gemm in [true, false] {
+            let how = if b_gemm { "B by cuBLAS" } else { "B in the kernels" };
+            let (d, ud) = if b_gemm { (direct.clone(), us1.clone()) } else { run(true, false) };
+            let (composed, uc) = run(false, b_gemm);
+            for (i, name) in ["q", "k", "v"].iter().enumerate() {
+                check(&format!("{label} {name}, {how}, vs the composed path"), &d[i], &composed[i], 0.0);
+                if with_lora[i] {
+                    check(&format!("{label} u of {name}, {how}, vs the composed path"), &ud[i], &uc[i], 0.0);
+                }
+                if !b_gemm {
+                    let tol = if with_lora[i] { 8e-3 } else { 0.0 };
+                    check(&format!("{label} {name}: B by cuBLAS vs in the kernels"), &direct[i], &d[i], tol);
+                }
             }
+        }
+        for (i, name) in ["q", "k", "v"].iter().enumerate() {
             let mut want = cpu_projection(&x, &host[i], with_lora[i].then_some((&ab[i], drops[i])), m, r);
             if i < 2 {
                 let mut rotated = vec![0.0; want.len()];
