@@ -189,7 +189,7 @@ impl Cuda {
     }
 
     /// Whether a LoRA branch's forward B product goes into its frozen product's 16-bit output by
-    /// cuBLAS ([`Cuda::lora_b_into_product`]; default) or by the fused kernels that add it as they
+    /// cuBLAS (`Cuda::lora_b_into_product`; default) or by the fused kernels that add it as they
     /// widen the product (`lora_up_from_*`) or take it to attention's inputs (`lora_up_acts_*`)
     /// (`LLAMATUNE_LORA_B_GEMM=0`; for A/B runs and tests).
     pub fn set_lora_b_gemm(&self, on: bool) {
