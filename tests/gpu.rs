@@ -1118,6 +1118,61 @@ fn check_lora(rng: &mut impl Rng, label: &str, (m, rows, cols, r): (usize, usize
     check(&format!("{label} lora dx"), &gpu().download(&dx2), &dx1, TF32_TOL);
 }
 
+/// Dropout's mask is one formula on both backends (`Dropout::factor`; kernels/common.cuh
+/// `dropout_factor`, and `dropout_pair_keep` in the fused LoRA kernels), checked element by element
+/// rather than through a product's tolerance: `dropout_f32` gives the CPU's dropped values bit for bit
+/// (odd lengths, indices past 2³², seeds with high bits set); the fused A product (`lora_down`, x of
+/// small nonzero integers, A selecting 64 columns at a time, so each u value is one dropped x value)
+/// is zero exactly where the CPU drops; so is the branch's dx term (`lora_backward` with all-ones
+/// operands, so du·A is nonzero everywhere) on the fused kernels and on `dropout_add_f32`.
+#[test]
+fn dropout_masks_are_the_cpus_element_for_element() {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(51);
+    let g = gpu();
+    for (n, p, seed) in
+        [(1, 0.5, 3u64), (7, 0.1, (1 << 40) | 5), (4097, 0.05, 99), ((1 << 20) + 3, 0.1, 0xdead_beef_0000_0001)]
+    {
+        let d = Dropout { p, seed };
+        let x = rnd(&mut rng, n, 1.0);
+        let got = g.download(&g.dropped(&g.upload(&x), d).expect("dropout is active"));
+        let want: Vec<f32> = x.iter().enumerate().map(|(i, v)| v * d.factor(i as u64)).collect();
+        check(&format!("dropout_f32 n={n} p={p} seed={seed:#x} vs CPU"), &got, &want, 0.0);
+    }
+    // The pattern of zeros of a (m, n) output against the CPU's mask of the same flat indices.
+    let same_mask = |label: &str, got: &[f32], (m, n, ld, c0): (usize, usize, usize, usize), d: Dropout| {
+        for i in 0..m {
+            for k in 0..n {
+                let (v, idx) = (got[i * n + k], (i * ld + c0 + k) as u64);
+                assert!(v.is_finite(), "{label}: element ({i}, {k}) unwritten or non-finite");
+                assert_eq!(v == 0.0, d.factor(idx) == 0.0, "{label}: element ({i}, {k}), flat index {idx}");
+            }
+        }
+    };
+    for (m, cols) in [(515, 4096), (140, 576)] {
+        let (r, d) = (64, Dropout { p: 0.1, seed: 0x5eed_0000_0077 });
+        assert!(g.uses_fused_lora(64, cols, r), "{cols} columns: the fused LoRA kernels expected");
+        let x: Vec<f32> = (0..m * cols).map(|_| rng.gen_range(1..=8) as f32).collect();
+        let gx = g.upload(&x);
+        for c0 in (0..cols).step_by(r) {
+            let mut a = vec![0.0f32; r * cols];
+            (0..r).for_each(|k| a[k * cols + c0 + k] = 1.0);
+            let mut u = poisoned(m * r);
+            g.lora_down(&gx, &g.upload(&a), m, r, d, &mut u);
+            same_mask(&format!("lora_down {m}x{cols} columns {c0}.."), &g.download(&u), (m, r, cols, c0), d);
+        }
+        let rows = 64;
+        let ones = |n: usize| g.upload(&vec![1.0; n]);
+        for fused in [true, false] {
+            g.set_fused_lora(fused);
+            let (mut da, mut db, mut dx) = (ones(r * cols), ones(rows * r), g.upload(&vec![0.0; m * cols]));
+            let (a, b, u, dy) = (ones(r * cols), ones(rows * r), ones(m * r), ones(m * rows));
+            g.lora_backward(&gx, &a, &b, &u, &dy, m, r, 0.25, d, &mut da, &mut db, &mut dx);
+            g.set_fused_lora(true);
+            same_mask(&format!("lora_backward dx {m}x{cols} (fused {fused})"), &g.download(&dx), (m, cols, cols, 0), d);
+        }
+    }
+}
+
 #[test]
 fn lora_forward_backward_with_dropout() {
     let mut rng = rand::rngs::StdRng::seed_from_u64(4);

@@ -412,9 +412,9 @@ impl Cuda {
         self.lora_split_reduce((LORA_OUTER[v], lora_outer_smem(v)), (tiles, m), (s, t), dims, d, true, out);
     }
 
-    /// `x` with inverted dropout applied (the same mask formula as the CPU); `None` when dropout is
-    /// off and `x` serves as it is.
-    pub(super) fn dropped(&self, x: &CudaSlice<f32>, d: Dropout) -> Option<CudaSlice<f32>> {
+    /// `x` with inverted dropout applied (`dropout_f32`: the same mask formula as the CPU's
+    /// `Dropout::factor`); `None` when dropout is off and `x` serves as it is.
+    pub fn dropped(&self, x: &CudaSlice<f32>, d: Dropout) -> Option<CudaSlice<f32>> {
         if !d.is_active() {
             return None;
         }
