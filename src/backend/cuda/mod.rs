@@ -55,8 +55,9 @@ pub struct Cuda {
     /// [`Cuda::set_o_into_norm`]: the o product added into the residual in its 16-bit dtype
     /// (`Cuda::o_product_in_16_bit`); `LLAMATUNE_O_INTO_NORM=0`: widened first (A/B runs).
     o_into_norm: std::sync::atomic::AtomicBool,
-    /// [`Cuda::set_lora_b_gemm`]: training's q/k/v LoRA B products added into their 16-bit products by
-    /// cuBLAS (`Cuda::lora_b_into_product`); `LLAMATUNE_LORA_B_GEMM=0`: by `lora_up_acts_*`.
+    /// [`Cuda::set_lora_b_gemm`]: forward LoRA B products past a few rows added into their frozen
+    /// products' 16-bit outputs by cuBLAS (`Cuda::lora_b_into_product`); `LLAMATUNE_LORA_B_GEMM=0`: by
+    /// the fused kernels (`lora_up_acts_*`, `lora_up_from_*`).
     lora_b_gemm: std::sync::atomic::AtomicBool,
     /// [`Cuda::set_gemv_many`]: decoding's products that share one row of x in one launch: q/k/v
     /// (`gemv_4bit_many_*`), gate/up with SwiGLU (`gemv_4bit_swiglu_*`); `LLAMATUNE_GEMV_MANY=0`: a
