@@ -387,6 +387,17 @@ fn linear_many_equals_one_linear_each() {
     }
 }
 
+/// Both MLPs' gate and up products on the 16-bit path, equal bit for bit.
+fn same_16_bit_products(what: &str, a: &MlpActs, b: &MlpActs) {
+    let (MlpActs::Half { g: g1, u: u1 }, MlpActs::Half { g: g2, u: u2 }) = (a, b) else {
+        panic!("{what}: the 16-bit path expected on both sides");
+    };
+    for (name, (p1, p2)) in [("gate", (g1, g2)), ("up", (u1, u2))] {
+        let (v1, v2) = (gpu().operand_to_host(p1), gpu().operand_to_host(p2));
+        check(&format!("{what}: {name} vs composed"), &v1, &v2, 0.0);
+    }
+}
+
 /// An MLP without LoRA (`Backend::mlp_gate_up`, `mlp_down`, `mlp_backward`): on the second path
 /// (600 rows) CUDA keeps the gate and up products, SwiGLU's output and the gradients between the
 /// products in the compute dtype, which must give the composed ops' values on f32 products bit for
@@ -433,13 +444,7 @@ fn mlp_with_16_bit_intermediates_equals_its_ops_forward_and_backward() {
         let composed = gpu().mlp_gate_up(&out2, &gg, &gu, &gd, m);
         check(&format!("{label} norm sum vs composed"), &gpu().download(&sum1), &gpu().download(&sum2), 0.0);
         check(&format!("{label} norm rstd vs composed"), &gpu().download(&rstd1), &gpu().download(&rstd2), 0.0);
-        let (MlpActs::Half { g: g1, u: u1 }, MlpActs::Half { g: g2, u: u2 }) = (&fused, &composed) else {
-            panic!("{label}: the 16-bit path expected on both sides");
-        };
-        for (name, (p1, p2)) in [("gate", (g1, g2)), ("up", (u1, u2))] {
-            let (v1, v2) = (gpu().operand_to_host(p1), gpu().operand_to_host(p2));
-            check(&format!("{label} {name} after the norm vs composed"), &v1, &v2, 0.0);
-        }
+        same_16_bit_products(&format!("{label} after the norm"), &fused, &composed);
         // The o projection's 16-bit product added as cuBLAS writes it (linear_add_rmsnorm_mlp_gate_up):
         // the composed calls' (linear into f32, then the above) sum, rstd and products bit for bit.
         let wo = quantized(&mut rng, s.hidden, s.heads * s.head_dim);
@@ -479,13 +484,7 @@ fn mlp_with_16_bit_intermediates_equals_its_ops_forward_and_backward() {
         let sum3 = gpu().download(&sum3);
         check(&format!("{label} o + norm sum vs composed"), &sum3, &gpu().download(&sum4), 0.0);
         check(&format!("{label} o + norm rstd vs composed"), &gpu().download(&rstd3), &gpu().download(&rstd4), 0.0);
-        let (MlpActs::Half { g: g3, u: u3 }, MlpActs::Half { g: g4, u: u4 }) = (&with_o, &with_o_composed) else {
-            panic!("{label}: the 16-bit path expected on both sides");
-        };
-        for (name, (p3, p4)) in [("gate", (g3, g4)), ("up", (u3, u4))] {
-            let (v3, v4) = (gpu().operand_to_host(p3), gpu().operand_to_host(p4));
-            check(&format!("{label} {name} after o + norm vs composed"), &v3, &v4, 0.0);
-        }
+        same_16_bit_products(&format!("{label} after o + norm"), &with_o, &with_o_composed);
         let (mut o_cpu, mut sum_cpu, mut rstd_cpu) = (vec![0.0; m * s.hidden], vec![0.0; m * s.hidden], vec![0.0; m]);
         CPU.linear(&attn, &cwo, m, &mut o_cpu);
         let mut out_cpu = vec![0.0; m * s.hidden];

@@ -400,17 +400,9 @@ impl<'a, B: Backend> Graph<'a, B> {
         ws: [&B::Weight; 3],
     ) -> (Id, Id, B::MlpActs) {
         let be = self.be;
-        let norm = NormRef::Mlp(l);
-        let w = self.norm_weight(norm);
-        let n = be.buf_len(t.get(a));
-        let m = n / be.buf_len(w);
-        let (mut sum, mut rstd) = (self.alloc(n), self.alloc(m));
-        let eps = self.model.cfg.rms_norm_eps;
-        let acts = be.add_rmsnorm_mlp_gate_up(t.get(a), t.get(b), w, eps, ws, m, &mut sum, &mut rstd);
-        let (sum, rstd, out) = (t.put(sum), t.put(rstd), t.put_uncomputed());
-        t.record(Op::Add { a, b, out: sum });
-        t.record(Op::RmsNorm { x: sum, norm, rstd, out });
-        (sum, out, acts)
+        self.add_rmsnorm_into_mlp(t, (a, b), l, |t, w, eps, m, sum, rstd| {
+            be.add_rmsnorm_mlp_gate_up(t.get(a), t.get(b), w, eps, ws, m, sum, rstd)
+        })
     }
 
     /// The o projection of attention's output `attn` (no LoRA branch) added to the residual `x` and
@@ -426,18 +418,33 @@ impl<'a, B: Backend> Graph<'a, B> {
         ws: [&B::Weight; 3],
     ) -> (Id, Id, B::MlpActs) {
         let be = self.be;
-        let norm = NormRef::Mlp(l);
-        let w = self.norm_weight(norm);
-        let n = be.buf_len(t.get(x));
-        let m = n / be.buf_len(w);
-        let (mut sum, mut rstd) = (self.alloc(n), self.alloc(m));
-        let eps = self.model.cfg.rms_norm_eps;
         let wo = self.model.proj(l, Proj::O);
-        let acts = be.linear_add_rmsnorm_mlp_gate_up(t.get(attn), wo, t.get(x), w, eps, ws, m, &mut sum, &mut rstd);
         let o = t.put_uncomputed();
         t.record(Op::Linear { x: attn, layer: l, proj: Proj::O, out: o, lora: None });
+        self.add_rmsnorm_into_mlp(t, (x, o), l, |t, w, eps, m, sum, rstd| {
+            be.linear_add_rmsnorm_mlp_gate_up(t.get(attn), wo, t.get(x), w, eps, ws, m, sum, rstd)
+        })
+    }
+
+    /// The residual add `a + b` and layer `l`'s MLP norm, computed with the MLP's products by `run`
+    /// (given the tape, the norm's weight, eps, the rows, and the sum and rstd to fill) and recorded
+    /// as the add and the norm, the norm's output holding no value.
+    fn add_rmsnorm_into_mlp(
+        &self,
+        t: &mut Tape<B>,
+        (a, b): (Id, Id),
+        l: usize,
+        run: impl FnOnce(&Tape<B>, &B::Buf, f64, usize, &mut B::Buf, &mut B::Buf) -> B::MlpActs,
+    ) -> (Id, Id, B::MlpActs) {
+        let be = self.be;
+        let norm = NormRef::Mlp(l);
+        let w = self.norm_weight(norm);
+        let n = be.buf_len(t.get(a));
+        let m = n / be.buf_len(w);
+        let (mut sum, mut rstd) = (self.alloc(n), self.alloc(m));
+        let acts = run(t, w, self.model.cfg.rms_norm_eps, m, &mut sum, &mut rstd);
         let (sum, rstd, out) = (t.put(sum), t.put(rstd), t.put_uncomputed());
-        t.record(Op::Add { a: x, b: o, out: sum });
+        t.record(Op::Add { a, b, out: sum });
         t.record(Op::RmsNorm { x: sum, norm, rstd, out });
         (sum, out, acts)
     }
