@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
 # One device session in phases (each phase is one `run` call on the GPU host; logs under OUT):
-#   a OUT: GPU tests (every kernel vs the CPU) + sanitizer, `llamatune bench` on SmolLM2 and 7B shapes;
-#          keeps the first part of the SmolLM2 GGUF (.cache/smol/part-a) in /tmp for phase b
-#   b OUT: joins the GGUF into the llamatune cache, runs the SmolLM2 GPU test, then the parity suite
-#          (needs .cache/bnb and .cache/llama2-tokenizer) without its 7B part
+#   a OUT: GPU tests (every kernel vs the CPU) + sanitizer, `llamatune bench` on SmolLM2 and 7B shapes
+#   b OUT: the parity suite without its 7B part and without SmolLM2 (needs .cache/bnb and
+#          .cache/llama2-tokenizer carried)
+#   s1 OUT, then s2 OUT at once (the host must stay warm; scripts/stage-smollm2.sh first): s1 (carry
+#          .cache/smolA) keeps the GGUF's first half and the gzipped gpu-tests and llamatune in /tmp;
+#          s2 (carry .cache/smolB and .cache/bnb) joins the GGUF, checks its sha256, runs the SmolLM2
+#          GPU test with poisoned outputs and the parity suite's SmolLM2 rows (logits, tokenizer)
 #   c OUT: the side-by-side benchmark against transformers + PEFT + bitsandbytes
 #   k OUT: the criterion kernel bench (7B shapes, cuBLAS and copy-bandwidth rivals) and torch's SDPA and
 #          fp32 cross-entropy timed in the same session (parity/torch_rivals.py)
@@ -56,7 +59,6 @@ bench_variant() {
 }
 case $phase in
 a)
-    [ -f .cache/smol/part-a ] && cp .cache/smol/part-a /tmp/llc/
     bash stage/run.sh "$out/tests" --skip smollm2
     echo "== compute-sanitizer initcheck (uninitialized reads) on the LoRA op and a whole step"
     compute-sanitizer --tool initcheck --error-exitcode 3 stage/gpu-tests --test-threads=1 lora_forward \
@@ -75,16 +77,30 @@ a)
         | tee "$out/profile-llama2-7b-decode.log"
     ;;
 b)
-    mkdir -p "$LLAMATUNE_CACHE"
-    cat /tmp/llc/part-a .cache/smol/part-b > "$gguf" && sha256sum "$gguf"
-    "stage/gpu-tests" smollm2 --nocapture 2>&1 | tee "$out/gpu-tests-smollm2.log"
-    stage/llamatune debug tokenize --tokenizer "$gguf" --chats /dev/null --output /dev/null \
-        --save-tokenizer /tmp/llc/smollm2-tokenizer 2>/dev/null
-    cp -r .cache/llama2-tokenizer /tmp/llc/ 2>/dev/null
     export PYTHONPATH="$PWD/.cache/bnb:${PYTHONPATH:-}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
     timeout 400 bash parity/run.sh "$out/parity" ${PARITY_ONLY:---only=quant,small,curve} --skip-7b \
-        --tokenizer=llama2:/tmp/llc/llama2-tokenizer --tokenizer=smollm2:/tmp/llc/smollm2-tokenizer \
-        --smollm2-gguf="$gguf" ${PARITY_ARGS:-} 2>&1 | tail -60
+        --tokenizer=llama2:"$PWD/.cache/llama2-tokenizer" ${PARITY_ARGS:-} 2>&1 | tail -60
+    ;;
+s1)
+    cp .cache/smolA/* /tmp/llc/ && ls -la /tmp/llc
+    ;;
+s2)
+    mkdir -p "$LLAMATUNE_CACHE"
+    [ -f /tmp/llc/part-a ] || { echo "s2: no /tmp/llc/part-a (run s1 on this host first)" >&2; exit 2; }
+    cat /tmp/llc/part-a .cache/smolB/part-b > "$gguf"
+    [ "$(sha256sum "$gguf" | cut -d' ' -f1)" = "$(cat .cache/smolB/sha256)" ] || { echo "s2: GGUF checksum" >&2; exit 3; }
+    for b in gpu-tests llamatune; do
+        gunzip -c /tmp/llc/$b.gz > /tmp/llc/$b && chmod +x /tmp/llc/$b
+    done
+    echo "build $(cat /tmp/llc/rev.txt)" | tee "$out/smollm2.log"
+    LLAMATUNE_POISON=1 timeout 200 /tmp/llc/gpu-tests --test-threads=1 --nocapture smollm2 2>&1 | tee -a "$out/smollm2.log"
+    /tmp/llc/llamatune debug tokenize --tokenizer "$gguf" --chats /dev/null --output /dev/null \
+        --save-tokenizer /tmp/llc/smollm2-tokenizer > /dev/null 2>&1
+    # parity/run.sh drives stage/llamatune: the staged binary of s1 stands in for it.
+    mkdir -p stage && cp /tmp/llc/llamatune stage/llamatune
+    export PYTHONPATH="$PWD/.cache/bnb:${PYTHONPATH:-}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+    timeout 200 bash parity/run.sh "$out/parity" --only=none --skip-7b \
+        --tokenizer=smollm2:/tmp/llc/smollm2-tokenizer --smollm2-gguf="$gguf" 2>&1 | tail -20
     ;;
 k)
     timeout 400 stage/gpu-bench 2>&1 | grep -E "^[A-Za-z].*/|time:|thrpt:" | tee "$out/gpu-bench.log"
