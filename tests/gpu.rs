@@ -588,7 +588,8 @@ fn cpu_projection(x: &Vec<f32>, host: &HostWeight, lora: Option<(&LoraAb, Dropou
 /// `linear_backward_input` + `lora_backward`), and within the mixed-precision bound of the CPU. The
 /// forward's default, the B product by cuBLAS into the 16-bit product before it is widened, differs
 /// from the separate ops where a branch is added by the output's rounding to 16 bits (2⁻⁹) and the
-/// branch operands' (2⁻⁸ of a branch no larger than the output): 8e-3, set before the first run. Llama-2-7B's q/k/v with LoRA on q and v; SmolLM2's
+/// branch operands' (2⁻⁸ of a branch no larger than the output): 8e-3, set before the first run.
+/// Llama-2-7B's q/k/v with LoRA on q and v; SmolLM2's
 /// with LoRA on all three (double-quant, f16 compute); odd sizes where one product's out-features
 /// are no multiple of 4 (its branch stays a separate op). Backward both writing dx and adding into it.
 #[test]
@@ -1120,7 +1121,7 @@ fn check_lora(rng: &mut impl Rng, label: &str, (m, rows, cols, r): (usize, usize
 /// Dropout's mask is one formula on both backends (`Dropout::factor`; kernels/common.cuh
 /// `dropout_factor`, and `dropout_pair_keep` in the fused LoRA kernels), checked element by element
 /// rather than through a product's tolerance: `dropout_f32` gives the CPU's dropped values bit for bit
-/// (odd lengths, indices past 2³², seeds with high bits set); the fused A product (`lora_down`, x of
+/// (odd lengths, a million values, seeds with high bits set); the fused A product (`lora_down`, x of
 /// small nonzero integers, A selecting 64 columns at a time, so each u value is one dropped x value)
 /// is zero exactly where the CPU drops; so is the branch's dx term (`lora_backward` with all-ones
 /// operands, so du·A is nonzero everywhere) on the fused kernels and on `dropout_add_f32`.
