@@ -50,32 +50,52 @@ impl Cuda {
         self.mlp_gate_up_from_16(&x16, gate, up, m, c)
     }
 
-    /// `sum = a + b` and `rmsnorm(sum) · w` written only in the compute dtype `c` (kernels/norm.cu
-    /// `add_rmsnorm_to_{bf16,f16}`: add_rmsnorm_f32's values rounded as f32_to_bf16/f16 rounds them),
-    /// the 16-bit MLP's input, with rstd as add_rmsnorm writes it.
+    /// `sum = a + b` and `rmsnorm(sum) · w` written only in the compute dtype `c`, the 16-bit MLP's
+    /// input, with rstd as add_rmsnorm writes it (kernels/norm.cu): `b` in f32
+    /// (`add_rmsnorm_to_{bf16,f16}`: add_rmsnorm_f32's values rounded as f32_to_bf16/f16 rounds them)
+    /// or, as the o projection's product comes from cuBLAS, in `c` (`add16_rmsnorm_to_{bf16,f16}`: b
+    /// read as the f32 its widening would have given, so the same values bit for bit).
     #[allow(clippy::too_many_arguments)]
     pub(super) fn add_rmsnorm_16(
         &self,
         a: &CudaSlice<f32>,
-        b: &CudaSlice<f32>,
+        b: OperandView<'_>,
         w: &CudaSlice<f32>,
         eps: f64,
         sum: &mut CudaSlice<f32>,
         rstd: &mut CudaSlice<f32>,
         c: ComputeDtype,
     ) -> Operand {
-        let _span = self.span("add_rmsnorm (16-bit output)");
+        let wide = matches!(b, OperandView::F32(_));
+        let _span =
+            self.span(if wide { "add_rmsnorm (16-bit output)" } else { "add_rmsnorm (16-bit o product and output)" });
         let n = a.len();
         // SAFETY: the kernel writes all n values before anything reads them.
         match c {
             ComputeDtype::BF16 => {
                 let mut o = ck!(unsafe { self.stream.alloc::<bf16>(n) }, "alloc");
-                self.add_rmsnorm_launch("add_rmsnorm_to_bf16", a, b, w, eps, sum, &mut o, rstd);
+                match b {
+                    OperandView::F32(b) => {
+                        self.add_rmsnorm_launch("add_rmsnorm_to_bf16", a, b, w, eps, sum, &mut o, rstd)
+                    }
+                    OperandView::BF16(b) => {
+                        self.add_rmsnorm_launch("add16_rmsnorm_to_bf16", a, b, w, eps, sum, &mut o, rstd)
+                    }
+                    OperandView::F16(_) => unreachable!("b in f32 or in the output's dtype"),
+                }
                 Operand::BF16(o)
             }
             ComputeDtype::F16 => {
                 let mut o = ck!(unsafe { self.stream.alloc::<f16>(n) }, "alloc");
-                self.add_rmsnorm_launch("add_rmsnorm_to_f16", a, b, w, eps, sum, &mut o, rstd);
+                match b {
+                    OperandView::F32(b) => {
+                        self.add_rmsnorm_launch("add_rmsnorm_to_f16", a, b, w, eps, sum, &mut o, rstd)
+                    }
+                    OperandView::F16(b) => {
+                        self.add_rmsnorm_launch("add16_rmsnorm_to_f16", a, b, w, eps, sum, &mut o, rstd)
+                    }
+                    OperandView::BF16(_) => unreachable!("b in f32 or in the output's dtype"),
+                }
                 Operand::F16(o)
             }
             ComputeDtype::F32 => unreachable!("a 16-bit MLP"),
@@ -94,37 +114,6 @@ impl Cuda {
     /// Turns [`Cuda::o_product_in_16_bit`]'s path on or off (off: the o product widened into f32 first).
     pub fn set_o_into_norm(&self, on: bool) {
         self.o_into_norm.store(on, std::sync::atomic::Ordering::Relaxed);
-    }
-
-    /// `sum = a + b16` and `rmsnorm(sum) · w` in b16's 16-bit dtype (kernels/norm.cu
-    /// `add16_rmsnorm_to_{bf16,f16}`), b16 read as the f32 its widening would have given: the values
-    /// of [`Cuda::add_rmsnorm_16`] on the widened b16, bit for bit.
-    #[allow(clippy::too_many_arguments)]
-    pub(super) fn add16_rmsnorm_16(
-        &self,
-        a: &CudaSlice<f32>,
-        b16: &Operand,
-        w: &CudaSlice<f32>,
-        eps: f64,
-        sum: &mut CudaSlice<f32>,
-        rstd: &mut CudaSlice<f32>,
-    ) -> Operand {
-        let _span = self.span("add_rmsnorm (16-bit o product and output)");
-        let n = a.len();
-        // SAFETY: the kernel writes all n values before anything reads them.
-        match b16 {
-            Operand::BF16(b) => {
-                let mut o = ck!(unsafe { self.stream.alloc::<bf16>(n) }, "alloc");
-                self.add_rmsnorm_launch("add16_rmsnorm_to_bf16", a, b, w, eps, sum, &mut o, rstd);
-                Operand::BF16(o)
-            }
-            Operand::F16(b) => {
-                let mut o = ck!(unsafe { self.stream.alloc::<f16>(n) }, "alloc");
-                self.add_rmsnorm_launch("add16_rmsnorm_to_f16", a, b, w, eps, sum, &mut o, rstd);
-                Operand::F16(o)
-            }
-            Operand::F32(_) => unreachable!("a 16-bit product"),
-        }
     }
 
     /// `x (m, cols) · Wᵀ` for a 4-bit weight on the second path in its 16-bit compute dtype `c`, kept

@@ -683,7 +683,7 @@ impl Backend for Cuda {
         let Some(c) = self.mlp_in_16_bit(ws, m) else {
             return super::add_rmsnorm_mlp_gate_up_composed(self, a, b, w, eps, ws, m, sum, rstd);
         };
-        let x16 = self.add_rmsnorm_16(a, b, w, eps, sum, rstd, c);
+        let x16 = self.add_rmsnorm_16(a, OperandView::F32(b), w, eps, sum, rstd, c);
         let _span = self.span("MLP gate and up (16-bit outputs)");
         self.mlp_gate_up_from_16(&x16, ws[0], ws[1], m, c)
     }
@@ -703,7 +703,7 @@ impl Backend for Cuda {
             return super::linear_add_rmsnorm_mlp_gate_up_composed(self, attn, wo, res, w, eps, ws, m, sum, rstd);
         };
         let o16 = self.linear_16(attn, wo, m, c);
-        let x16 = self.add16_rmsnorm_16(res, &o16, w, eps, sum, rstd);
+        let x16 = self.add_rmsnorm_16(res, OperandView::from(&o16), w, eps, sum, rstd, c);
         let _span = self.span("MLP gate and up (16-bit outputs)");
         self.mlp_gate_up_from_16(&x16, ws[0], ws[1], m, c)
     }
