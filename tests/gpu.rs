@@ -2004,11 +2004,6 @@ fn smollm2_qlora_step_and_greedy_answer_match_the_cpu() {
         *gp = gpu().upload(cp.1);
     }
     let scale = 1.0 / batch.num_targets() as f32;
-    let mut cg = cl.zero_grads(&CPU);
-    let mut cg32 = cl.zero_grads(&CPU);
-    let mut gg = gl.zero_grads(gpu());
-    let l1 = forward_backward(&CPU, &cm, &cl, &mut cg, &batch, scale, Some(22), true);
-    forward_backward(&CPU, &cm32, &cl, &mut cg32, &batch, scale, Some(22), true);
     // The same bf16 step in f64 arithmetic: how far working precision alone moves these gradients.
     const CPU64: Cpu<f64> = Cpu::new();
     let cm64 = Llama::load(&CPU64, &dense_bf16, Some(q(ComputeDtype::BF16))).unwrap();
@@ -2016,51 +2011,77 @@ fn smollm2_qlora_step_and_greedy_answer_match_the_cpu() {
     for (p64, cp) in cl64.params_mut().into_iter().zip(cl.named_params()) {
         *p64 = CPU64.upload(cp.1);
     }
-    let mut cg64 = cl64.zero_grads(&CPU64);
-    forward_backward(&CPU64, &cm64, &cl64, &mut cg64, &batch, scale, Some(22), true);
-    let cg64: Vec<Vec<f32>> = cg64.bufs().into_iter().map(|b| CPU64.download(b)).collect();
-    let l2 = forward_backward(gpu(), &gm, &gl, &mut gg, &batch, scale, Some(22), true);
-    check("SmolLM2 step loss", &[l2.mean() as f32], &[l1.mean() as f32], MIXED_TOL);
+    // The CPU's step at one dropout seed: its loss and its gradients with bf16 compute (the
+    // reference), f32 compute, and bf16 compute in f64 arithmetic (the last two: the CPU's own spreads).
+    let cpu_step = |seed: u64| {
+        let (mut cg, mut cg32, mut cg64) = (cl.zero_grads(&CPU), cl.zero_grads(&CPU), cl64.zero_grads(&CPU64));
+        let loss = forward_backward(&CPU, &cm, &cl, &mut cg, &batch, scale, Some(seed), true);
+        forward_backward(&CPU, &cm32, &cl, &mut cg32, &batch, scale, Some(seed), true);
+        forward_backward(&CPU64, &cm64, &cl64, &mut cg64, &batch, scale, Some(seed), true);
+        let bf16: Vec<Vec<f32>> = cg.bufs().into_iter().map(|b| CPU.download(b)).collect();
+        let f32: Vec<Vec<f32>> = cg32.bufs().into_iter().map(|b| CPU.download(b)).collect();
+        let f64: Vec<Vec<f32>> = cg64.bufs().into_iter().map(|b| CPU64.download(b)).collect();
+        (loss, [bf16, f32, f64])
+    };
+    // The GPU's step at one seed, in precise mode or not.
+    let gpu_step = |seed: u64, precise: bool| {
+        gpu().set_precise(precise);
+        let mut gg = gl.zero_grads(gpu());
+        let loss = forward_backward(gpu(), &gm, &gl, &mut gg, &batch, scale, Some(seed), true);
+        gpu().set_precise(false);
+        (loss, gg)
+    };
     let rel = |got: &[f32], want: &[f32]| {
         let num: f64 = got.iter().zip(want).map(|(x, y)| ((x - y) as f64).powi(2)).sum();
         let den: f64 = want.iter().map(|y| (*y as f64).powi(2)).sum();
         (num / den.max(1e-30)).sqrt()
     };
-    // The GPU again in precise mode: f32 attention and f32 LoRA products, so that it rounds only where
-    // the CPU reference does (the 4-bit linears' bf16 compute), and 4-bit products on the second path
-    // (the production run above takes the fused kernel for these 140 rows).
-    gpu().set_precise(true);
-    let mut gp = gl.zero_grads(gpu());
-    let l3 = forward_backward(gpu(), &gm, &gl, &mut gp, &batch, scale, Some(22), true);
-    gpu().set_precise(false);
-    check("SmolLM2 step loss (GPU precise mode)", &[l3.mean() as f32], &[l1.mean() as f32], MIXED_TOL);
     // Each gradient: within 2e-2 of the CPU's, or within 1.5× of the larger of the CPU's own spreads:
     // bf16 against f32 compute, and f64 against f32 arithmetic (this model amplifies rounding noise).
-    let compare = |label: &str, grads: &llamatune::model::lora::LoraGrads<Cuda>| {
+    // Besides the gradients over it, reports how close the rest come: each one's error over its
+    // allowance (fails above 1), the largest, and how many pass 0.8 of it.
+    let compare = |label: &str,
+                   grads: &llamatune::model::lora::LoraGrads<Cuda>,
+                   [cg, cg32, cg64]: &[Vec<Vec<f32>>; 3]| {
         let (mut worst, mut fails) = ((0.0f64, 0.0f64, String::new()), vec![]);
-        for (i, (((name, _), a), (a32, b))) in
-            cl.named_params().iter().zip(cg.bufs()).zip(cg32.bufs().iter().zip(grads.bufs())).enumerate()
-        {
+        let (mut most, mut near) = ((0.0f64, String::new()), 0);
+        for (i, ((name, _), b)) in cl.named_params().iter().zip(grads.bufs()).enumerate() {
             let got = gpu().download(b);
             assert!(got.iter().all(|x| x.is_finite()), "{name}: non-finite gradient");
-            let (err, spread) = (rel(&got, a), rel(a32, a).max(rel(&cg64[i], a)));
+            let (err, spread) = (rel(&got, &cg[i]), rel(&cg32[i], &cg[i]).max(rel(&cg64[i], &cg[i])));
             if err > worst.0 {
                 worst = (err, spread, name.clone());
+            }
+            let used = err / MIXED_TOL.max(1.5 * spread);
+            near += usize::from(used > 0.8);
+            if used > most.0 {
+                most = (used, name.clone());
             }
             if err > MIXED_TOL && err > 1.5 * spread {
                 fails.push(format!("{name}: {err:.2e} (CPU's own spread {spread:.2e})"));
             }
         }
         println!(
-            "SmolLM2 step, {label}: worst of {} LoRA grads {:.2e} ({}; CPU's own spread there {:.2e}); {} over the criterion",
-            cg.bufs().len(),
+            "SmolLM2 step, {label}: worst of {} LoRA grads {:.2e} ({}; CPU's own spread there {:.2e}); {} over the criterion; most of its allowance used {:.2} ({}), {} above 0.8 of it",
+            cg.len(),
             worst.0,
             worst.2,
             worst.1,
-            fails.len()
+            fails.len(),
+            most.0,
+            most.1,
+            near
         );
         fails
     };
+    let (l1, cpu) = cpu_step(22);
+    let (l2, gg) = gpu_step(22, false);
+    check("SmolLM2 step loss", &[l2.mean() as f32], &[l1.mean() as f32], MIXED_TOL);
+    // The GPU again in precise mode: f32 attention and f32 LoRA products, so that it rounds only where
+    // the CPU reference does (the 4-bit linears' bf16 compute), and 4-bit products on the second path
+    // (the production run above takes the fused kernel for these 140 rows).
+    let (l3, gp) = gpu_step(22, true);
+    check("SmolLM2 step loss (GPU precise mode)", &[l3.mean() as f32], &[l1.mean() as f32], MIXED_TOL);
     println!(
         "SmolLM2 step ({} tokens): loss cpu {:.6} gpu {:.6} gpu precise {:.6}",
         batch.input_ids.len(),
@@ -2070,11 +2091,22 @@ fn smollm2_qlora_step_and_greedy_answer_match_the_cpu() {
     );
     // The production path (bf16 flash attention, TF32 LoRA) is reported, not asserted: its extra
     // rounding is what the precise run takes away.
-    let production = compare("GPU (flash attention, TF32 LoRA)", &gg);
+    let production = compare("GPU (flash attention, TF32 LoRA)", &gg, &cpu);
     if !production.is_empty() {
         println!("  production path over the criterion (reported): {production:#?}");
     }
-    let fails = compare("GPU precise mode", &gp);
+    let fails = compare("GPU precise mode", &gp, &cpu);
+    // Diagnosis, reported only: the precise comparison at other dropout seeds
+    // (LLAMATUNE_SMOLLM2_SEEDS=23,24,...), to tell a mask sample at the criterion's edge from a fault
+    // that follows every sample.
+    for seed in std::env::var("LLAMATUNE_SMOLLM2_SEEDS").unwrap_or_default().split(',').filter(|s| !s.is_empty()) {
+        let seed: u64 = seed.trim().parse().expect("LLAMATUNE_SMOLLM2_SEEDS: comma-separated integers");
+        let (_, cpu) = cpu_step(seed);
+        let over = compare(&format!("seed {seed}, GPU precise mode"), &gpu_step(seed, true).1, &cpu);
+        if !over.is_empty() {
+            println!("  seed {seed} over the criterion (reported): {over:#?}");
+        }
+    }
     assert!(greedy_ok, "greedy decoding: GPU tokens {:?} vs CPU {:?}, answer {:?}", b.tokens, a.tokens, b.text);
     assert!(fails.is_empty(), "gradients off by more than bf16 noise: {fails:#?}");
 }
