@@ -111,6 +111,34 @@ extern "C" __global__ void scaled_f32_to_f16(const float* x, __half* out, int64_
     grid_dependency_wait();
     scaled_to_16(x, out, n, s);
 }
+// The same into columns col0.. of a row-major matrix with `ld` columns: out[r·ld + col0 + c] = s ·
+// x[r·cols + c] for x (rows, cols). Builds a GEMM operand whose rows join two matrices along k
+// (Cuda::qkv_attn_acts's concatenated path: [x | scale·u] and [W | B]).
+template <typename T>
+__device__ __forceinline__ void scaled_to_16_2d(const float* x, T* out, int rows, int cols, int64_t ld, int col0, float s) {
+    const bool vector = cols % 4 == 0 && ld % 4 == 0 && col0 % 4 == 0 && aligned_to(x, 16) && aligned_to(out, 8);
+    if (vector) {
+        const int q_per_row = cols / 4;
+        FOR_EACH(q, (int64_t)rows * q_per_row) {
+            const int64_t r = q / q_per_row, c = 4 * (q % q_per_row);
+            const float4 v = load4(x + r * cols + c);
+            store4(out + r * ld + col0 + c, make_float4(s * v.x, s * v.y, s * v.z, s * v.w));
+        }
+    } else {
+        FOR_EACH(i, (int64_t)rows * cols) {
+            const int64_t r = i / cols, c = i % cols;
+            store1(out + r * ld + col0 + c, s * x[i]);
+        }
+    }
+}
+extern "C" __global__ void scaled_f32_to_bf16_2d(const float* x, __nv_bfloat16* out, int rows, int cols, int64_t ld, int col0, float s) {
+    grid_dependency_wait();
+    scaled_to_16_2d(x, out, rows, cols, ld, col0, s);
+}
+extern "C" __global__ void scaled_f32_to_f16_2d(const float* x, __half* out, int rows, int cols, int64_t ld, int col0, float s) {
+    grid_dependency_wait();
+    scaled_to_16_2d(x, out, rows, cols, ld, col0, s);
+}
 // A 4-bit matmul's 16-bit output (cuBLAS rounds it to the compute dtype as it writes, as bitsandbytes'
 // output is; the CPU reference rounds the same way in Cpu::linear), widened into the f32 activations.
 extern "C" __global__ void bf16_to_f32(const __nv_bfloat16* x, float* out, int64_t n) {

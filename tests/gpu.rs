@@ -692,7 +692,10 @@ fn training_lora_b_products_ride_in_the_widening() {
 /// (`LLAMATUNE_LORA_B_GEMM=0`); and they are within the bf16 bound of the CPU's products rotated by
 /// its RoPE. The two ways of adding the B product differ by the output's rounding (both round once,
 /// 2⁻⁸) and that of the branch's two operands to 16 bits (2⁻⁸ of a branch no larger than the
-/// output): at most 8e-3, set before the first run. Llama-2-7B's q/k/v with LoRA on q and v; SmolLM2's
+/// output): at most 8e-3, set before the first run; so may the B products along k of the frozen
+/// products (`LLAMATUNE_LORA_B_CONCAT`, where in-features are a multiple of 1,024), against the second
+/// GEMM. Llama-2-7B's q/k/v with LoRA on q and v; 1,024 in-features with GQA, LoRA on k and v, double
+/// quantization; SmolLM2's
 /// (head_dim 64, 9 heads over 3) with LoRA on all three, double quantization and f16 compute;
 /// head_dim 128 with GQA, LoRA on k only and f16 compute (q rotated from its f16 product, v's
 /// converted). 515 and 2 × 263 rows: no multiple of the kernels' 64-row tiles.
@@ -701,6 +704,7 @@ fn qkv_products_go_straight_into_attention_inputs() {
     let mut rng = rand::rngs::StdRng::seed_from_u64(37);
     for (cols, (heads, kv_heads, hd), (batch, len), with_lora, r, dq, c) in [
         (4096, (32, 32, 128), (1, 515), [true, false, true], 64, false, ComputeDtype::BF16),
+        (1024, (8, 2, 128), (2, 263), [false, true, true], 8, true, ComputeDtype::BF16),
         (576, (9, 3, 64), (1, 515), [true, true, true], 8, true, ComputeDtype::F16),
         (320, (4, 2, 128), (2, 263), [false, true, false], 12, false, ComputeDtype::F16),
     ] {
@@ -721,11 +725,13 @@ fn qkv_products_go_straight_into_attention_inputs() {
         let gab: Vec<_> = ab.iter().map(|(a, b)| (g.upload(a), g.upload(b))).collect();
         let (gx, gcos, gsin) = (g.upload(&x), g.upload(&cos), g.upload(&sin));
         let rope = RopeTables::<Cuda> { cos: &gcos, sin: &gsin };
-        // The direct path or the composed one, with the B products by cuBLAS (b_gemm) or not.
-        let run = |direct: bool, b_gemm: bool| {
+        // The direct path or the composed one, with the B products by cuBLAS (b_gemm) or not, along k
+        // of the frozen products (concat) or by a second GEMM.
+        let run = |direct: bool, b_gemm: bool, concat: bool| {
             let mut us: Vec<_> = (0..3).map(|_| poisoned(m * r)).collect();
             let mut loras = lora_downs(&gab, &mut us, &with_lora, &drops);
             g.set_lora_b_gemm(b_gemm);
+            g.set_lora_b_concat(concat);
             let acts = if direct {
                 assert!(g.qkv_direct(&ws, m, &loras, r, &sh).is_some(), "{label}: the direct path expected");
                 g.qkv_attn_acts(&gx, &ws, m, &mut loras, r, 0.25, rope, sh)
@@ -733,15 +739,16 @@ fn qkv_products_go_straight_into_attention_inputs() {
                 qkv_attn_acts_composed(g, &gx, &ws, m, &mut loras, r, 0.25, rope, sh)
             };
             g.set_lora_b_gemm(true);
+            g.set_lora_b_concat(true);
             assert!(matches!(acts, AttnActs::Bf16 { .. }), "{label}: the flash kernels' saved form");
             drop(loras);
             (g.attn_acts_to_host(&acts), us.iter().map(|u| g.download(u)).collect::<Vec<_>>())
         };
-        let (direct, us1) = run(true, true);
+        let (direct, us1) = run(true, true, false);
         for b_gemm in [true, false] {
             let how = if b_gemm { "B by cuBLAS" } else { "B in the kernels" };
-            let (d, ud) = if b_gemm { (direct.clone(), us1.clone()) } else { run(true, false) };
-            let (composed, uc) = run(false, b_gemm);
+            let (d, ud) = if b_gemm { (direct.clone(), us1.clone()) } else { run(true, false, false) };
+            let (composed, uc) = run(false, b_gemm, false);
             for (i, name) in ["q", "k", "v"].iter().enumerate() {
                 check(&format!("{label} {name}, {how}, vs the composed path"), &d[i], &composed[i], 0.0);
                 if with_lora[i] {
@@ -753,6 +760,16 @@ fn qkv_products_go_straight_into_attention_inputs() {
                 }
             }
         }
+        // Along k where that applies (in-features a multiple of 1,024): one rounding of the sum
+        // instead of two, and cuBLAS may pick another kernel for rows ld apart: within 8e-3 of the
+        // second GEMM's values (set before the first run).
+        let (cat, uk) = run(true, true, true);
+        for (i, name) in ["q", "k", "v"].iter().enumerate() {
+            check(&format!("{label} {name}: B along k vs by a second GEMM"), &cat[i], &direct[i], 8e-3);
+            if with_lora[i] {
+                check(&format!("{label} u of {name}, B along k, vs by a second GEMM"), &uk[i], &us1[i], 0.0);
+            }
+        }
         for (i, name) in ["q", "k", "v"].iter().enumerate() {
             let mut want = cpu_projection(&x, &host[i], with_lora[i].then_some((&ab[i], drops[i])), m, r);
             if i < 2 {
@@ -761,6 +778,7 @@ fn qkv_products_go_straight_into_attention_inputs() {
                 want = rotated;
             }
             check(&format!("{label} {name} vs CPU"), &direct[i], &want, MIXED_TOL);
+            check(&format!("{label} {name} (B along k) vs CPU"), &cat[i], &want, MIXED_TOL);
         }
     }
 }
@@ -1739,8 +1757,13 @@ fn replayed_layers_lend_their_expanded_weights_to_backward() {
         (0..4).map(|_| (0..256).map(|_| rng.gen_range(0..cfg.vocab_size as u32)).collect()).collect();
     let batch = Batch::causal_lm(&rows);
     let scale = 1.0 / batch.num_targets() as f32;
-    let layer_expansions = 2 * (4 * cfg.hidden_size * cfg.hidden_size + 2 * cfg.intermediate_size * cfg.hidden_size);
-    for targets in [&["q_proj", "v_proj"][..], &["all-linear"]] {
+    for (targets, qkv_branches) in [(&["q_proj", "v_proj"][..], 2), (&["all-linear"], 3)] {
+        // One layer's expansions in bf16; q/k/v with a LoRA branch are expanded with its r = 16 B
+        // columns beside them (the B products along k, `Cuda::set_lora_b_concat`).
+        let layer_expansions = 2
+            * (4 * cfg.hidden_size * cfg.hidden_size
+                + 2 * cfg.intermediate_size * cfg.hidden_size
+                + qkv_branches * 16 * cfg.hidden_size);
         let lcfg =
             LoraConfig { r: 16, alpha: 32.0, dropout: 0.1, ..LoraConfig::default() }.with_targets(targets).unwrap();
         let mut lora = Lora::init(gpu(), &cfg, lcfg, 23);

@@ -77,7 +77,9 @@ pub(super) struct KeptExpansions {
     /// Requests are honoured (`LLAMATUNE_KEEP_EXPANDED=0` or [`Cuda::set_keep_expansions`]: not).
     pub(super) enabled: bool,
     keeping: bool,
-    held: Vec<(usize, Arc<Operand>)>,
+    /// (weight key, expansion, its row stride: the weight's cols, or more where the expansion is the
+    /// frozen part of a wider operand, `Cuda::qkv_attn_acts`'s concatenated path).
+    held: Vec<(usize, Arc<Operand>, usize)>,
     /// Expansions that an input gradient took instead of making its own (tests, A/B runs).
     reused: u64,
 }
@@ -188,7 +190,8 @@ impl Cuda {
             CudaWeight::Dense { data: d @ DenseData::F16(_), .. } => (OperandRef::Borrowed(d), ComputeDtype::F16),
             CudaWeight::Quant4 { compute, .. } => {
                 let mut kept = self.kept.lock().unwrap();
-                if let Some((_, o)) = kept.held.iter().find(|(k, _)| *k == weight_key(w)) {
+                let cols = w.shape().1;
+                if let Some((_, o, _)) = kept.held.iter().find(|(k, _, ld)| *k == weight_key(w) && *ld == cols) {
                     return (OperandRef::Shared(o.clone()), *compute);
                 }
                 let o = self.dequantize(w, *compute);
@@ -196,23 +199,37 @@ impl Cuda {
                     return (OperandRef::Owned(o), *compute);
                 }
                 let o = Arc::new(o);
-                kept.held.push((weight_key(w), o.clone()));
+                kept.held.push((weight_key(w), o.clone(), cols));
                 (OperandRef::Shared(o), *compute)
             }
         }
     }
 
-    /// The weight as an input gradient's GEMM operand: [`Cuda::weight_operand`], but a 4-bit weight's
-    /// expansion kept from the replay is taken (its last use in the step) instead of made again.
-    pub(super) fn weight_operand_for_grad<'a>(&self, w: &'a CudaWeight) -> (OperandRef<'a>, ComputeDtype) {
+    /// The weight as an input gradient's GEMM operand and its row stride: [`Cuda::weight_operand`]
+    /// (stride: the weight's cols), but a 4-bit weight's expansion kept from the replay is taken (its
+    /// last use in the step) instead of made again, with the stride it was kept with.
+    pub(super) fn weight_operand_for_grad<'a>(&self, w: &'a CudaWeight) -> (OperandRef<'a>, ComputeDtype, usize) {
         if let CudaWeight::Quant4 { compute, .. } = w {
             let mut kept = self.kept.lock().unwrap();
-            if let Some(i) = kept.held.iter().position(|(k, _)| *k == weight_key(w)) {
+            if let Some(i) = kept.held.iter().position(|(k, _, _)| *k == weight_key(w)) {
                 kept.reused += 1;
-                return (OperandRef::Shared(kept.held.swap_remove(i).1), *compute);
+                let (_, o, ld) = kept.held.swap_remove(i);
+                return (OperandRef::Shared(o), *compute, ld);
             }
         }
-        self.weight_operand(w)
+        let (o, c) = self.weight_operand(w);
+        (o, c, w.shape().1)
+    }
+
+    /// Holds `o`, weight `w`'s expansion with row stride `ld`, for its input gradient when the replay
+    /// keeps expansions ([`Cuda::weight_operand`] does the same for the ones it makes).
+    pub(super) fn keep_expansion(&self, w: &CudaWeight, o: Operand, ld: usize) -> Arc<Operand> {
+        let o = Arc::new(o);
+        let mut kept = self.kept.lock().unwrap();
+        if kept.enabled && kept.keeping {
+            kept.held.push((weight_key(w), o.clone(), ld));
+        }
+        o
     }
 
     /// Honours (`true`, the default) or ignores [`Backend::keep_weight_expansions`](crate::backend::Backend::keep_weight_expansions)
@@ -368,10 +385,10 @@ impl Cuda {
         up: Option<UpTail<'_>>,
     ) {
         let (rows, cols) = w.shape();
-        let (wop, c) = self.weight_operand_for_grad(w);
+        let (wop, c, ld) = self.weight_operand_for_grad(w);
         let dyc = self.convert(dy, c);
         let dyop = dyc.as_ref().map_or(OperandView::F32(dy), OperandView::from);
-        let product = Gemm::input_grad(m, cols, rows, dyop, wop.as_ref());
+        let product = Gemm { ldb: ld, ..Gemm::input_grad(m, cols, rows, dyop, wop.as_ref()) };
         self.gemm_rounded(w, product, dx, accumulate, up, "linear backward GEMM");
     }
 

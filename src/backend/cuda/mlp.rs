@@ -205,7 +205,8 @@ impl Cuda {
         // into dx: the composed ops' values without the f32 round trips.
         let c = if matches!(g, Operand::F16(_)) { ComputeDtype::F16 } else { ComputeDtype::BF16 };
         let ds16 = {
-            let (wop, _) = self.weight_operand_for_grad(down);
+            let (wop, _, ld) = self.weight_operand_for_grad(down);
+            assert_eq!(ld, down.shape().1, "an MLP weight is kept unstrided");
             let dy16 = self.convert(dy, c).expect("16-bit compute");
             let product = Gemm::input_grad(m, ffn, d_rows, OperandView::from(&dy16), wop.as_ref());
             self.gemm_16(&product, c, "MLP down backward GEMM")
@@ -231,7 +232,8 @@ impl Cuda {
         // dx (m, hidden) (+)= du (m, ffn) · U (ffn, hidden), then += dg · G: up first, as the tape did;
         // both products in 16 bits, added into dx in one pass.
         let product = |w: &CudaWeight, d16: &Operand, what: &str| {
-            let (wop, _) = self.weight_operand_for_grad(w);
+            let (wop, _, ld) = self.weight_operand_for_grad(w);
+            assert_eq!(ld, w.shape().1, "an MLP weight is kept unstrided");
             let g = Gemm::input_grad(m, hidden, ffn, OperandView::from(d16), wop.as_ref());
             self.gemm_16(&g, c, what)
         };

@@ -59,6 +59,9 @@ pub struct Cuda {
     /// products' 16-bit outputs by cuBLAS (`Cuda::lora_b_into_product`); `LLAMATUNE_LORA_B_GEMM=0`: by
     /// the fused kernels (`lora_up_acts_*`, `lora_up_from_*`).
     lora_b_gemm: std::sync::atomic::AtomicBool,
+    /// [`Cuda::set_lora_b_concat`]: those of q/k/v along k of the frozen product's GEMM
+    /// (`LLAMATUNE_LORA_B_CONCAT=0`: by a second GEMM).
+    lora_b_concat: std::sync::atomic::AtomicBool,
     /// [`Cuda::set_gemv_many`]: decoding's products that share one row of x in one launch: q/k/v
     /// (`gemv_4bit_many_*`), gate/up with SwiGLU (`gemv_4bit_swiglu_*`); `LLAMATUNE_GEMV_MANY=0`: a
     /// launch per weight.
@@ -282,6 +285,7 @@ impl Cuda {
         let fused_lora = switch_on("LLAMATUNE_FUSED_LORA").into();
         let o_into_norm = switch_on("LLAMATUNE_O_INTO_NORM").into();
         let lora_b_gemm = switch_on("LLAMATUNE_LORA_B_GEMM").into();
+        let lora_b_concat = switch_on("LLAMATUNE_LORA_B_CONCAT").into();
         let gemv_many = switch_on("LLAMATUNE_GEMV_MANY").into();
         let dequant_seg = switch_on("LLAMATUNE_DEQUANT_SEG").into();
         let kept = gemm::KeptExpansions::new(switch_on("LLAMATUNE_KEEP_EXPANDED")).into();
@@ -306,6 +310,7 @@ impl Cuda {
             fused_lora,
             o_into_norm,
             lora_b_gemm,
+            lora_b_concat,
             gemv_many,
             kept,
             small_operands: Default::default(),

@@ -62,42 +62,135 @@ impl Cuda {
         c: ComputeDtype,
     ) -> AttnActs {
         let _span = self.span("q/k/v products into attention inputs (bf16)");
-        let xc = self.convert(x, c).expect("a 16-bit compute dtype");
+        let cols = ws[0].shape().1;
+        // With the B products along k ([`Cuda::set_lora_b_concat`]): x and a branch's scale·u side by
+        // side, [x | scale·u] (m, cols + r) in the compute dtype, the u columns written anew for each
+        // branch after the previous product has read them (one stream).
+        let concat = self.lora_b_concat_applies(cols, r, loras);
+        let ld = if concat { cols + r } else { cols };
+        let mut xc = if concat {
+            let mut xu = self.alloc_16(m * ld, c);
+            self.scaled_into(x, (m, cols), 1.0, &mut xu, ld, 0);
+            xu
+        } else {
+            self.convert(x, c).expect("a 16-bit compute dtype")
+        };
         // (heads, rotated) of q, k and v.
         let layout = [(sh.heads, true), (sh.kv_heads, true), (sh.kv_heads, false)];
         let mut saved = Vec::with_capacity(3);
         for ((w, slot), (heads, rotated)) in ws.iter().zip(loras.iter_mut()).zip(layout) {
-            let (rows, cols) = w.shape();
+            let rows = w.shape().0;
             assert_eq!(rows, heads * sh.head_dim, "qkv_attn_acts: a projection of the wrong width");
+            let tables = rotated.then_some(rope);
+            // A branch's B product along k: [x | scale·u] · [W | B]ᵀ, one GEMM, one rounding.
+            let wb = match slot.as_ref() {
+                Some(_) if concat => self.dequantize_ld(w, ld),
+                _ => None,
+            };
+            if let (Some(mut wb), Some(l)) = (wb, slot.take()) {
+                self.lora_a_product(x, l.a, m, r, l.dropout, l.u);
+                self.scaled_into(l.u, (m, r), scale, &mut xc, ld, cols);
+                self.scaled_into(l.b, (rows, r), 1.0, &mut wb, ld, cols);
+                let wb = self.keep_expansion(w, wb, ld);
+                let product = Gemm {
+                    lda: ld,
+                    ldb: ld,
+                    ..Gemm::forward(m, rows, ld, OperandView::from(&xc), OperandView::from(&*wb))
+                };
+                let o16 = self.gemm_16(&product, c, "q/k/v GEMM with the LoRA B product along k");
+                saved.push(self.as_attn_input(o16, tables, heads, sh.head_dim));
+                continue;
+            }
             let o16 = {
                 let (wop, _) = self.weight_operand(w);
-                let product = Gemm::forward(m, rows, cols, OperandView::from(&xc), wop.as_ref());
+                let product = Gemm { lda: ld, ..Gemm::forward(m, rows, cols, OperandView::from(&xc), wop.as_ref()) };
                 self.gemm_16(&product, c, "q/k/v GEMM")
-            };
-            let tables = rotated.then_some(rope);
-            // The 16-bit product (its LoRA B product added, if any) as attention's saved input.
-            let as_acts = |o16: Operand| match (tables, o16) {
-                (Some(t), o16) => self.rope_bf16(OperandView::from(&o16), t, heads, sh.head_dim),
-                (None, Operand::BF16(o)) => o,
-                (None, Operand::F16(o)) => self.bf16_of_f16(&o),
-                (None, Operand::F32(_)) => unreachable!("gemm_16 writes a 16-bit product"),
             };
             saved.push(match slot.take() {
                 Some(l) if self.lora_b_by_gemm() => {
                     self.lora_a_product(x, l.a, m, r, l.dropout, l.u);
                     let mut o16 = o16;
                     self.lora_b_into_product(&mut o16, l.u, l.b, (m, rows, r), scale);
-                    as_acts(o16)
+                    self.as_attn_input(o16, tables, heads, sh.head_dim)
                 }
                 Some(l) => {
                     self.lora_a_product(x, l.a, m, r, l.dropout, l.u);
                     self.lora_up_acts(&o16, l.u, l.b, (m, rows, r), scale, tables, sh.head_dim)
                 }
-                None => as_acts(o16),
+                None => self.as_attn_input(o16, tables, heads, sh.head_dim),
             });
         }
         let [q, k, v]: [CudaSlice<bf16>; 3] = saved.try_into().expect("three projections");
         AttnActs::Bf16 { q, k, v }
+    }
+
+    /// A 16-bit product (its LoRA B product in it, if any) as attention's saved input: rotated by
+    /// `tables` into bf16 (`rope_bf16_from_*`), as it is (bf16), or converted (f16).
+    fn as_attn_input(
+        &self,
+        o16: Operand,
+        tables: Option<RopeTables<'_, Self>>,
+        heads: usize,
+        head_dim: usize,
+    ) -> CudaSlice<bf16> {
+        match (tables, o16) {
+            (Some(t), o16) => self.rope_bf16(OperandView::from(&o16), t, heads, head_dim),
+            (None, Operand::BF16(o)) => o,
+            (None, Operand::F16(o)) => self.bf16_of_f16(&o),
+            (None, Operand::F32(_)) => unreachable!("gemm_16 writes a 16-bit product"),
+        }
+    }
+
+    /// Whether the q/k/v products take their LoRA B products along k (`[x | scale·u] · [W | B]ᵀ`, one
+    /// GEMM per projection, [`Cuda::set_lora_b_concat`]): switched on, with the B products by cuBLAS
+    /// ([`Cuda::set_lora_b_gemm`]), some branch present, in-features a multiple of 1,024 (the strided
+    /// expansion's segments) and r of 8 (16-byte rows).
+    fn lora_b_concat_applies(&self, cols: usize, r: usize, loras: &[Option<LoraDown<'_, Self>>]) -> bool {
+        self.lora_b_concat.load(std::sync::atomic::Ordering::Relaxed)
+            && self.lora_b_by_gemm()
+            && cols % 1024 == 0
+            && r % 8 == 0
+            && loras.iter().any(Option::is_some)
+    }
+
+    /// The q/k/v LoRA B products along k of their frozen products (`true`, the default) or by a second
+    /// GEMM into each 16-bit product (`false`, `LLAMATUNE_LORA_B_CONCAT=0`; for A/B runs and tests).
+    /// Why: the second GEMM reads and writes the whole product again (~16 µs per 7B projection on
+    /// the H200, session 18's events profile) where r more columns of k cost the first one ~1.6%.
+    /// The values: the sum is rounded to 16 bits once instead of twice.
+    pub fn set_lora_b_concat(&self, on: bool) {
+        self.lora_b_concat.store(on, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// A fresh uninitialized 16-bit operand of `n` values in dtype `c`.
+    fn alloc_16(&self, n: usize, c: ComputeDtype) -> Operand {
+        // SAFETY: every caller writes the values its GEMMs read before they run.
+        match c {
+            ComputeDtype::BF16 => Operand::BF16(ck!(unsafe { self.stream.alloc::<bf16>(n.max(1)) }, "alloc")),
+            ComputeDtype::F16 => Operand::F16(ck!(unsafe { self.stream.alloc::<f16>(n.max(1)) }, "alloc")),
+            ComputeDtype::F32 => unreachable!("a 16-bit operand"),
+        }
+    }
+
+    /// `out[i·ld + col0 + j] = 16-bit(s · x[i·cols + j])` for `x (rows, cols)` (kernels/elementwise.cu
+    /// `scaled_f32_to_*_2d`): a block of columns of a 16-bit GEMM operand with rows `ld` apart.
+    fn scaled_into(
+        &self,
+        x: &CudaSlice<f32>,
+        (rows, cols): (usize, usize),
+        s: f32,
+        out: &mut Operand,
+        ld: usize,
+        col0: usize,
+    ) {
+        assert!(x.len() >= rows * cols && col0 + cols <= ld && out.len() >= rows * ld, "scaled_into: bad shapes");
+        let (r32, c32, ld64, c0) = (rows as i32, cols as i32, ld as i64, col0 as i32);
+        let cfg = grid_for(rows * cols / 4 + 1);
+        match out {
+            Operand::BF16(o) => launch!(self, "scaled_f32_to_bf16_2d", cfg; x, o, &r32, &c32, &ld64, &c0, &s),
+            Operand::F16(o) => launch!(self, "scaled_f32_to_f16_2d", cfg; x, o, &r32, &c32, &ld64, &c0, &s),
+            Operand::F32(_) => unreachable!("a 16-bit operand"),
+        }
     }
 
     /// `bf16(rope(widen(o16) + scale · u · Bᵀ))` (kernels/lora_fused.cu `lora_up_acts_*`): a

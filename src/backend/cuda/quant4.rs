@@ -248,6 +248,48 @@ impl Cuda {
         }
     }
 
+    /// A 4-bit weight `(rows, cols)` expanded into the first `cols` columns of a `(rows, ld)` matrix in
+    /// its 16-bit compute dtype (`dequant_4bit_seg_ld_*`: the segment kernel's values), the other
+    /// columns left for the caller to fill; `None` where that kernel does not apply (cols not a multiple
+    /// of 1,024, ld not of 8, a block size the segment kernel does not take, f32 compute).
+    pub(super) fn dequantize_ld(&self, w: &CudaWeight, ld: usize) -> Option<Operand> {
+        let CudaWeight::Quant4 { rows, cols, quant_type, blocksize, packed, absmax, compute } = w else {
+            return None;
+        };
+        let fits = cols % 1024 == 0 && ld >= *cols && ld % 8 == 0 && blocksize.is_power_of_two() && *blocksize >= 8;
+        if !fits || !matches!(compute, ComputeDtype::BF16 | ComputeDtype::F16) {
+            return None;
+        }
+        let _span = self.span("expand 4-bit weight");
+        let n = rows * cols;
+        let (bs, n64, c32, ld64) = (blocksize.trailing_zeros() as i32, n as i64, *cols as i32, ld as i64);
+        let cfg = grid_for(n / 32);
+        macro_rules! launch {
+            ($name:expr, $out:expr) => {{
+                let mut b = self.stream.launch_builder(self.f($name));
+                self.push_4bit(&mut b, packed, absmax, *quant_type);
+                b.arg(&bs).arg(&n64).arg(&mut $out).arg(&c32).arg(&ld64);
+                // SAFETY: the kernel reads `packed`/`absmax` within n and writes the first cols values
+                // of each of the rows rows of `out` (rows · ld values).
+                ck!(unsafe { b.launch(cfg) }, $name);
+            }};
+        }
+        // SAFETY (both allocations): the kernel writes the first cols columns; the caller writes the
+        // rest before any GEMM reads them.
+        Some(match compute {
+            ComputeDtype::BF16 => {
+                let mut out = ck!(unsafe { self.stream.alloc::<bf16>(rows * ld) }, "alloc");
+                launch!("dequant_4bit_seg_ld_bf16", out);
+                Operand::BF16(out)
+            }
+            _ => {
+                let mut out = ck!(unsafe { self.stream.alloc::<f16>(rows * ld) }, "alloc");
+                launch!("dequant_4bit_seg_ld_f16", out);
+                Operand::F16(out)
+            }
+        })
+    }
+
     /// Expands 4-bit weights by whole 1,024-value segments where the sizes allow (`true`, the default;
     /// `LLAMATUNE_DEQUANT_SEG=0`) or by the thread-per-32-values kernel (`false`; A/B runs and tests).
     pub fn set_dequant_seg(&self, on: bool) {
