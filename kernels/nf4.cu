@@ -394,8 +394,11 @@ __device__ void dequant_vec(const uint8_t* packed, const float* absmax, const ui
 // dequant_vec's thread-per-32-values layout put a warp's 16-byte stores 64 bytes apart (every sector
 // written in two halves by two instructions) and divided a 64-bit index by the block size per chunk.
 // Needs n % 1024 == 0 and a power-of-two blocksize ≥ 8 (a lane's 8 values share one absmax).
-template <typename T>
-__device__ void dequant_seg(const uint8_t* packed, const float* absmax, const uint8_t* absmax_q, const float* absmax2, const float* code256, float offset, const float* code16, int log2_blocksize, int64_t n, T* out) {
+// STRIDED: into a matrix whose rows are `ld` values apart (ld ≥ cols, cols a multiple of 1,024, so
+// each segment lies in one row; dequant_4bit_seg_ld_*): the frozen part of a GEMM operand [W | B]
+// (Cuda::qkv_attn_acts's concatenated path), the same values.
+template <typename T, bool STRIDED = false>
+__device__ void dequant_seg(const uint8_t* packed, const float* absmax, const uint8_t* absmax_q, const float* absmax2, const float* code256, float offset, const float* code16, int log2_blocksize, int64_t n, T* out, int cols = 0, int64_t ld = 0) {
     __shared__ float lut[16];
     load_lut(lut, code16);
     __syncthreads();
@@ -403,38 +406,14 @@ __device__ void dequant_seg(const uint8_t* packed, const float* absmax, const ui
     const uint32_t* words = reinterpret_cast<const uint32_t*>(packed);
     const int64_t warps = (int64_t)gridDim.x * blockDim.x / WARP;
     for (int64_t seg = (blockIdx.x * (int64_t)blockDim.x + threadIdx.x) / WARP; seg < n / 1024; seg += warps) {
+        // Where this segment's row moves in a strided output.
+        const int64_t shift = STRIDED ? seg * 1024 / cols * (ld - cols) : 0;
         uint32_t w[4];
 #pragma unroll
         for (int j = 0; j < 4; j++) w[j] = __ldcs(words + seg * 128 + j * 32 + lane);  // read once: streaming
 #pragma unroll
         for (int j = 0; j < 4; j++) {
             const int64_t e = seg * 1024 + j * 256 + lane * 8;  // this lane's first value
-            const float a = block_absmax(absmax, absmax_q, absmax2, code256, offset, e >> log2_blocksize);
-            float v[8];
-            expand_word(w[j], a, lut, v);
-            Vec8<T>::store(out + e, v);
-        }
-    }
-}
-// dequant_seg into a matrix whose rows are `ld` values apart (ld ≥ cols, cols a multiple of 1,024, so
-// each segment lies in one row): the frozen part of a GEMM operand [W | B] (Cuda::qkv_attn_acts's
-// concatenated path), the values of dequant_seg.
-template <typename T>
-__device__ void dequant_seg_ld(const uint8_t* packed, const float* absmax, const uint8_t* absmax_q, const float* absmax2, const float* code256, float offset, const float* code16, int log2_blocksize, int64_t n, T* out, int cols, int64_t ld) {
-    __shared__ float lut[16];
-    load_lut(lut, code16);
-    __syncthreads();
-    const int lane = threadIdx.x % WARP;
-    const uint32_t* words = reinterpret_cast<const uint32_t*>(packed);
-    const int64_t warps = (int64_t)gridDim.x * blockDim.x / WARP;
-    for (int64_t seg = (blockIdx.x * (int64_t)blockDim.x + threadIdx.x) / WARP; seg < n / 1024; seg += warps) {
-        const int64_t row = seg * 1024 / cols, shift = row * (ld - cols);  // where this segment's row moves
-        uint32_t w[4];
-#pragma unroll
-        for (int j = 0; j < 4; j++) w[j] = __ldcs(words + seg * 128 + j * 32 + lane);
-#pragma unroll
-        for (int j = 0; j < 4; j++) {
-            const int64_t e = seg * 1024 + j * 256 + lane * 8;
             const float a = block_absmax(absmax, absmax_q, absmax2, code256, offset, e >> log2_blocksize);
             float v[8];
             expand_word(w[j], a, lut, v);
@@ -445,7 +424,7 @@ __device__ void dequant_seg_ld(const uint8_t* packed, const float* absmax, const
 #define DEQUANT_LD_ENTRY(name, T) \
     extern "C" __global__ void name(const uint8_t* packed, const float* absmax, const uint8_t* absmax_q, const float* absmax2, const float* code256, float offset, const float* code16, int bs, int64_t n, T* out, int cols, int64_t ld) { \
         grid_dependency_wait(); \
-        dequant_seg_ld<T>(packed, absmax, absmax_q, absmax2, code256, offset, code16, bs, n, out, cols, ld); \
+        dequant_seg<T, true>(packed, absmax, absmax_q, absmax2, code256, offset, code16, bs, n, out, cols, ld); \
     }
 DEQUANT_LD_ENTRY(dequant_4bit_seg_ld_f16, __half)
 DEQUANT_LD_ENTRY(dequant_4bit_seg_ld_bf16, __nv_bfloat16)
