@@ -87,7 +87,10 @@ impl Cuda {
                 Some(_) if concat => self.dequantize_ld(w, ld),
                 _ => None,
             };
-            if let (Some(mut wb), Some(l)) = (wb, slot.take()) {
+            // (The slot is taken only here: a tuple pattern would take it even where wb is None,
+            // and the branch would be lost on the second-GEMM path below.)
+            if let Some(mut wb) = wb {
+                let l = slot.take().expect("wb is expanded only for a projection with a branch");
                 self.lora_a_product(x, l.a, m, r, l.dropout, l.u);
                 self.scaled_into(l.u, (m, r), scale, &mut xc, ld, cols);
                 self.scaled_into(l.b, (rows, r), 1.0, &mut wb, ld, cols);
