@@ -19,6 +19,9 @@
 #   p OUT: where the 7B classic step's device time goes, op by op, timed by CUDA events with nothing
 #          synchronized (LLAMATUNE_PROFILE=events: the ops' times add up to the step's), beside the
 #          plain step time of the same build
+#   attn OUT: ncu of the flash kernels inside the 7B classic step (one launch each: speed of light,
+#          occupancy, launch statistics, warp states with every stall reason, shared-memory wavefronts
+#          and bank conflicts), then the criterion attention rows and torch's SDPA in the same session
 #   floor OUT: what one launch that only streams a 7B GEMV's bytes reaches (parity/stream_floor.py,
 #          torch's sums and copy, warm and cold), beside the GEMV bench rows of the same run
 # The GGUF (98 MB) travels in two parts because one call carries at most 64 MiB.
@@ -143,6 +146,22 @@ p)
     echo "== LLAMATUNE_PROFILE=events, 3 steps after 2 warm-up" | tee -a "$out/profile.log"
     bench_variant new:LLAMATUNE_PROFILE=events --steps 3 --warmup-steps 2 --decode-tokens 0 \
         | grep -vE "^step |^built" | tail -60 | tee -a "$out/profile.log"
+    ;;
+attn)
+    stalls=$(printf 'smsp__average_warps_issue_stalled_%s_per_issue_active.ratio,' barrier long_scoreboard \
+        short_scoreboard mio_throttle math_pipe_throttle wait not_selected selected lg_throttle dispatch_stall \
+        membar drain no_instruction branch_resolving tex_throttle)
+    metrics="${stalls}l1tex__data_bank_conflicts_pipe_lsu_mem_shared_op_ld.sum,l1tex__data_bank_conflicts_pipe_lsu_mem_shared_op_st.sum,l1tex__data_pipe_lsu_wavefronts_mem_shared.sum,smsp__inst_executed.sum,sm__pipe_tensor_op_hmma_cycles_active.avg.pct_of_peak_sustained_active"
+    for k in flash_bwd_hd128 flash_fwd_hd128; do
+        echo "== ncu $k (launch 4 in the step)" | tee -a "$out/ncu-attn.log"
+        timeout 200 ncu --kernel-name "$k" --launch-skip 3 --launch-count 1 --section SpeedOfLight \
+            --section Occupancy --section LaunchStats --section WarpStateStats --section SchedulerStats \
+            --metrics "$metrics" stage/llamatune bench --device cuda --shape llama2-7b --steps 1 \
+            --warmup-steps 0 --decode-tokens 0 2>&1 | grep -vE "^step |^built" | sed -n '/Context/,$p' | tee -a "$out/ncu-attn.log"
+    done
+    echo "== criterion attention rows" | tee -a "$out/ncu-attn.log"
+    timeout 200 stage/gpu-bench --bench attention 2>&1 | grep -E "^[A-Za-z].*/|time:" | tee -a "$out/ncu-attn.log"
+    timeout 120 python3 parity/torch_rivals.py "$out/torch-rivals.json" 2>&1 | tail -8 | tee -a "$out/ncu-attn.log"
     ;;
 floor)
     timeout 120 python3 parity/stream_floor.py "$out/stream-floor.json" 2>&1 | tee "$out/stream-floor.log"
