@@ -28,8 +28,6 @@ __device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
     __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
     return *reinterpret_cast<uint32_t*>(&v);
 }
-// Two consecutive bf16 of shared memory as one operand register.
-__device__ __forceinline__ uint32_t ld2(const __nv_bfloat16* p) { return *reinterpret_cast<const uint32_t*>(p); }
 
 #define LOG2E 1.4426950408889634f
 #define LN2 0.6931471805599453f
@@ -455,15 +453,27 @@ __device__ void flash_bwd(const __nv_bfloat16* q, const __nv_bfloat16* k, const 
             st[nt][0] = st[nt][1] = st[nt][2] = st[nt][3] = 0.f;
             dpt[nt][0] = dpt[nt][1] = dpt[nt][2] = dpt[nt][3] = 0.f;
         }
+        // Every fragment by ldmatrix (lane l addresses row l % 8 of matrix l / 8): K's and V's A
+        // fragments as matrices (keys +0..7 | +8..15) × (d +0..7 | +8..15), Q's and dO's B fragments of
+        // two query tiles as (tile nt | nt + 1) × (d +0..7 | +8..15); the values of 32-bit shared
+        // loads one pair at a time, in a quarter of the instructions.
+        const int mi = lane / 8;
 #pragma unroll
         for (int kk = 0; kk < HD / 16; kk++) {
-            const int c = kk * 16 + 2 * t4;
-            const uint32_t ka[4] = {ld2(&sm.Ks[k0][c]), ld2(&sm.Ks[k1][c]), ld2(&sm.Ks[k0][c + 8]), ld2(&sm.Ks[k1][c + 8])};
-            const uint32_t va[4] = {ld2(&sm.Vs[k0][c]), ld2(&sm.Vs[k1][c]), ld2(&sm.Vs[k0][c + 8]), ld2(&sm.Vs[k1][c + 8])};
+            uint32_t ka[4], va[4];
+            const int arow = warp * 16 + (mi & 1) * 8 + lane % 8, acol = kk * 16 + (mi >> 1) * 8;
+            ldsm_x4(smem_addr(&sm.Ks[arow][acol]), ka[0], ka[1], ka[2], ka[3]);
+            ldsm_x4(smem_addr(&sm.Vs[arow][acol]), va[0], va[1], va[2], va[3]);
 #pragma unroll
-            for (int nt = 0; nt < BBQ / 8; nt++) {
-                mma16816(st[nt], ka, ld2(&sm.Qs[buf][nt * 8 + gr][c]), ld2(&sm.Qs[buf][nt * 8 + gr][c + 8]));
-                mma16816(dpt[nt], va, ld2(&sm.Ds[buf][nt * 8 + gr][c]), ld2(&sm.Ds[buf][nt * 8 + gr][c + 8]));
+            for (int nt = 0; nt < BBQ / 8; nt += 2) {
+                const int brow = (nt + (mi >> 1)) * 8 + lane % 8, bcol = kk * 16 + (mi & 1) * 8;
+                uint32_t bq[4], bd[4];
+                ldsm_x4(smem_addr(&sm.Qs[buf][brow][bcol]), bq[0], bq[1], bq[2], bq[3]);
+                ldsm_x4(smem_addr(&sm.Ds[buf][brow][bcol]), bd[0], bd[1], bd[2], bd[3]);
+                mma16816(st[nt], ka, bq[0], bq[1]);
+                mma16816(st[nt + 1], ka, bq[2], bq[3]);
+                mma16816(dpt[nt], va, bd[0], bd[1]);
+                mma16816(dpt[nt + 1], va, bd[2], bd[3]);
             }
         }
         // P and dS in place of Sᵀ and dPᵀ (rows: keys k0/k1, columns: queries); no mask for a tile
@@ -519,8 +529,9 @@ __device__ void flash_bwd(const __nv_bfloat16* q, const __nv_bfloat16* k, const 
             for (int i = 0; i < 2 * TPW; i++) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
 #pragma unroll
             for (int kk = 0; kk < BBK / 16; kk++) {
-                const int c = kk * 16 + 2 * t4, qr = mt * 16 + gr;
-                const uint32_t a[4] = {ld2(&sm.dSq[qr][c]), ld2(&sm.dSq[qr + 8][c]), ld2(&sm.dSq[qr][c + 8]), ld2(&sm.dSq[qr + 8][c + 8])};
+                // dS's A fragment: matrices (queries +0..7 | +8..15) × (keys +0..7 | +8..15).
+                uint32_t a[4];
+                ldsm_x4(smem_addr(&sm.dSq[mt * 16 + (mi & 1) * 8 + lane % 8][kk * 16 + (mi >> 1) * 8]), a[0], a[1], a[2], a[3]);
 #pragma unroll
                 for (int dn = 0; dn < 2 * TPW; dn += 2) {
                     uint32_t bk[4];
