@@ -90,30 +90,11 @@ extern "C" __global__ void f32_to_bf16(const float* x, __nv_bfloat16* out, int64
         [&](int64_t q) { reinterpret_cast<uint2*>(out)[q] = pack_bf16x4(reinterpret_cast<const float4*>(x)[q]); },
         [&](int64_t i) { out[i] = __float2bfloat16_rn(x[i]); });
 }
-// s · x rounded to 16 bits: a LoRA branch's u (scaled by alpha / r) and its B as cuBLAS operands, so
-// that the B product is added into the frozen product's 16-bit output by one GEMM with beta = 1
-// (Cuda::lora_b_into_product). s multiplies in f32 before the single rounding.
-template <typename T>
-__device__ __forceinline__ void scaled_to_16(const float* x, T* out, int64_t n, float s) {
-    for_each4(
-        n, aligned_to(x, 16) && aligned_to(out, 8),
-        [&](int64_t q) {
-            const float4 v = load4(x + 4 * q);
-            store4(out + 4 * q, make_float4(s * v.x, s * v.y, s * v.z, s * v.w));
-        },
-        [&](int64_t i) { store1(out + i, s * x[i]); });
-}
-extern "C" __global__ void scaled_f32_to_bf16(const float* x, __nv_bfloat16* out, int64_t n, float s) {
-    grid_dependency_wait();
-    scaled_to_16(x, out, n, s);
-}
-extern "C" __global__ void scaled_f32_to_f16(const float* x, __half* out, int64_t n, float s) {
-    grid_dependency_wait();
-    scaled_to_16(x, out, n, s);
-}
-// The same into columns col0.. of a row-major matrix with `ld` columns: out[r·ld + col0 + c] = s ·
-// x[r·cols + c] for x (rows, cols). Builds a GEMM operand whose rows join two matrices along k
-// (Cuda::qkv_attn_acts's concatenated path: [x | scale·u] and [W | B]).
+// s · x rounded to 16 bits (s multiplies in f32 before the single rounding), into columns col0.. of a
+// row-major matrix with `ld` columns: out[r·ld + col0 + c] = s · x[r·cols + c] for x (rows, cols).
+// A LoRA branch's u (scaled by alpha / r) and its B as cuBLAS operands, each on its own (ld = cols,
+// Cuda::lora_b_into_product) or as the columns that join two matrices along k (Cuda::qkv_attn_acts's
+// concatenated path: [x | scale·u] and [W | B]).
 template <typename T>
 __device__ __forceinline__ void scaled_to_16_2d(const float* x, T* out, int rows, int cols, int64_t ld, int col0, float s) {
     const bool vector = cols % 4 == 0 && ld % 4 == 0 && col0 % 4 == 0 && aligned_to(x, 16) && aligned_to(out, 8);

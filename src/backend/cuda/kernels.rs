@@ -34,8 +34,6 @@ pub(super) fn kernel_names(module: &str) -> &'static [&'static str] {
             "swiglu_backward_bf16",
             "swiglu_backward_f16",
             "f32_to_bf16",
-            "scaled_f32_to_bf16",
-            "scaled_f32_to_f16",
             "scaled_f32_to_bf16_2d",
             "scaled_f32_to_f16_2d",
             "add_bf16_to_f32",

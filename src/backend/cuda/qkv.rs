@@ -234,7 +234,7 @@ impl Cuda {
 
     /// `o16 (m, n) += 16-bit(scale · u) · 16-bit(B)ᵀ` in `o16`'s dtype: a LoRA branch's B product
     /// (`u (m, r)`, `b (n, r)`) added into its frozen product's cuBLAS output by one more cuBLAS GEMM
-    /// (k = r, beta = 1; kernels/elementwise.cu `scaled_f32_to_*` round its operands). Why: the fused
+    /// (k = r, beta = 1; kernels/elementwise.cu `scaled_f32_to_*_2d` round its operands). Why: the fused
     /// `lora_up_acts_*` kernel took ~47 µs per 7B projection (latency-bound at low occupancy, see
     /// docs/PERF.md), where a GEMM reading and writing the 16 MB product has ~10 µs of traffic. The
     /// numbers: the branch's operands are rounded to 16 bits (TF32 in the kernel; f32 in PEFT, which
@@ -255,7 +255,7 @@ impl Cuda {
             Operand::F16(_) => ComputeDtype::F16,
             Operand::F32(_) => unreachable!("a 16-bit product"),
         };
-        let (u16, b16) = (self.scaled_16(u, m * r, scale, c), self.scaled_16(b, n * r, 1.0, c));
+        let (u16, b16) = (self.scaled_16(u, (m, r), scale, c), self.scaled_16(b, (n, r), 1.0, c));
         let g = Gemm::forward(m, n, r, OperandView::from(&u16), OperandView::from(&b16));
         let out = match o16 {
             Operand::BF16(o) => blas::GemmOut::BF16(o),
@@ -265,23 +265,12 @@ impl Cuda {
         self.gemm(&g, out, 1.0, "LoRA B GEMM");
     }
 
-    /// `s · x[..n]` rounded to the 16-bit dtype `c`, in a fresh buffer.
-    fn scaled_16(&self, x: &CudaSlice<f32>, n: usize, s: f32, c: ComputeDtype) -> Operand {
-        let n64 = n as i64;
-        // SAFETY: the kernel writes all n values before anything reads them.
-        match c {
-            ComputeDtype::BF16 => {
-                let mut o = ck!(unsafe { self.stream.alloc::<bf16>(n.max(1)) }, "alloc");
-                launch!(self, "scaled_f32_to_bf16", grid_for(n); x, &mut o, &n64, &s);
-                Operand::BF16(o)
-            }
-            ComputeDtype::F16 => {
-                let mut o = ck!(unsafe { self.stream.alloc::<f16>(n.max(1)) }, "alloc");
-                launch!(self, "scaled_f32_to_f16", grid_for(n); x, &mut o, &n64, &s);
-                Operand::F16(o)
-            }
-            ComputeDtype::F32 => unreachable!("a 16-bit operand"),
-        }
+    /// `s · x (rows, cols)` rounded to the 16-bit dtype `c`, in a fresh buffer ([`Cuda::scaled_into`]
+    /// with rows `cols` apart).
+    fn scaled_16(&self, x: &CudaSlice<f32>, (rows, cols): (usize, usize), s: f32, c: ComputeDtype) -> Operand {
+        let mut o = self.alloc_16(rows * cols, c);
+        self.scaled_into(x, (rows, cols), s, &mut o, cols, 0);
+        o
     }
 
     /// Whether a LoRA branch's forward B product goes into its frozen product's 16-bit output by
