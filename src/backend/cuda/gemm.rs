@@ -189,17 +189,16 @@ impl Cuda {
             CudaWeight::Dense { data: d @ DenseData::BF16(_), .. } => (OperandRef::Borrowed(d), ComputeDtype::BF16),
             CudaWeight::Dense { data: d @ DenseData::F16(_), .. } => (OperandRef::Borrowed(d), ComputeDtype::F16),
             CudaWeight::Quant4 { compute, .. } => {
-                let mut kept = self.kept.lock().unwrap();
                 let cols = w.shape().1;
-                if let Some((_, o, _)) = kept.held.iter().find(|(k, _, ld)| *k == weight_key(w) && *ld == cols) {
-                    return (OperandRef::Shared(o.clone()), *compute);
-                }
-                let o = self.dequantize(w, *compute);
-                if !(kept.enabled && kept.keeping) {
-                    return (OperandRef::Owned(o), *compute);
-                }
-                let o = Arc::new(o);
-                kept.held.push((weight_key(w), o.clone(), cols));
+                let held = self
+                    .kept
+                    .lock()
+                    .unwrap()
+                    .held
+                    .iter()
+                    .find(|(k, _, ld)| *k == weight_key(w) && *ld == cols)
+                    .map(|(_, o, _)| o.clone());
+                let o = held.unwrap_or_else(|| self.keep_expansion(w, self.dequantize(w, *compute), cols));
                 (OperandRef::Shared(o), *compute)
             }
         }
@@ -222,7 +221,7 @@ impl Cuda {
     }
 
     /// Holds `o`, weight `w`'s expansion with row stride `ld`, for its input gradient when the replay
-    /// keeps expansions ([`Cuda::weight_operand`] does the same for the ones it makes).
+    /// keeps expansions (those [`Cuda::weight_operand`] makes, and the strided ones of the q/k/v path).
     pub(super) fn keep_expansion(&self, w: &CudaWeight, o: Operand, ld: usize) -> Arc<Operand> {
         let o = Arc::new(o);
         let mut kept = self.kept.lock().unwrap();
