@@ -170,12 +170,16 @@ __device__ void flash_fwd(const float* q, const __nv_bfloat16* q16, const __nv_b
         cp_async_commit();
 
         // S = Q·Kᵀ; K's B fragments of two k steps (matrices at d = 16kk, +8, +16, +24) per ldmatrix.
+        // The k steps outside and the key tiles inside, so that the four tiles' accumulation chains
+        // are independent neighbours the scheduler can interleave (nested the other way, they ran
+        // about two at a time: ~2 × 8 dependent mma latencies per key block).
         float sc[FBK / 8][4];
 #pragma unroll
-        for (int nt = 0; nt < FBK / 8; nt++) {
-            sc[nt][0] = sc[nt][1] = sc[nt][2] = sc[nt][3] = 0.f;
+        for (int nt = 0; nt < FBK / 8; nt++) sc[nt][0] = sc[nt][1] = sc[nt][2] = sc[nt][3] = 0.f;
 #pragma unroll
-            for (int kk = 0; kk < HD / 16; kk += 2) {
+        for (int kk = 0; kk < HD / 16; kk += 2) {
+#pragma unroll
+            for (int nt = 0; nt < FBK / 8; nt++) {
                 uint32_t b0, b1, b2, b3;
                 ldsm_x4(smem_addr(&Ks[buf][nt * 8 + lane % 8][kk * 16 + (lane / 8) * 8]), b0, b1, b2, b3);
                 mma16816(sc[nt], qa[kk], b0, b1);
