@@ -3,7 +3,8 @@
 #   a OUT: GPU tests (every kernel vs the CPU) + sanitizer, `llamatune bench` on SmolLM2 and 7B shapes
 #   b OUT: the parity suite without its 7B part and without SmolLM2 (needs .cache/bnb and
 #          .cache/llama2-tokenizer carried)
-#   s1 OUT, then s2 OUT at once (the host must stay warm; scripts/stage-smollm2.sh first): s1 (carry
+#   s1 OUT, then s2 OUT at once (the host must stay warm; scripts/stage-smollm2.sh first; SMOL_TIMEOUT
+#          seconds for the SmolLM2 test, default 200): s1 (carry
 #          .cache/smolA) keeps the GGUF's first half and the gzipped gpu-tests and llamatune in /tmp;
 #          s2 (carry .cache/smolB and .cache/bnb) joins the GGUF, checks its sha256, runs the SmolLM2
 #          GPU test with poisoned outputs and the parity suite's SmolLM2 rows (logits, tokenizer)
@@ -96,7 +97,7 @@ s2)
         gunzip -c /tmp/llc/$b.gz > /tmp/llc/$b && chmod +x /tmp/llc/$b
     done
     echo "build $(cat /tmp/llc/rev.txt)" | tee "$out/smollm2.log"
-    LLAMATUNE_POISON=1 timeout 200 /tmp/llc/gpu-tests --test-threads=1 --nocapture smollm2 2>&1 | tee -a "$out/smollm2.log"
+    LLAMATUNE_POISON=1 timeout ${SMOL_TIMEOUT:-200} /tmp/llc/gpu-tests --test-threads=1 --nocapture smollm2 2>&1 | tee -a "$out/smollm2.log"
     /tmp/llc/llamatune debug tokenize --tokenizer "$gguf" --chats /dev/null --output /dev/null \
         --save-tokenizer /tmp/llc/smollm2-tokenizer > /dev/null 2>&1
     # parity/run.sh drives stage/llamatune: the staged binary of s1 stands in for it.
