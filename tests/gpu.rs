@@ -2102,8 +2102,7 @@ fn smollm2_qlora_step_and_greedy_answer_match_the_cpu() {
     check("SmolLM2 step loss", &[l2.mean() as f32], &[l1.mean() as f32], MIXED_TOL);
     // The GPU again in precise mode: f32 attention and f32 LoRA products, so that it rounds only where
     // the CPU reference does (the 4-bit linears' bf16 compute), and 4-bit products on the second path
-    // (the production run above takes the fused kernel for these 140 rows) with their bf16 operands
-    // multiplied in exact f32, not on the tensor cores.
+    // (the production run above takes the fused kernel for these 140 rows).
     let (l3, gp) = gpu_step(22, true);
     check("SmolLM2 step loss (GPU precise mode)", &[l3.mean() as f32], &[l1.mean() as f32], MIXED_TOL);
     println!(

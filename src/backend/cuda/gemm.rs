@@ -260,12 +260,8 @@ impl Cuda {
         }
     }
 
-    /// `c = a · op(b) + beta · c` (row-major, `c` of `g.n` columns), exact f32 math; in precise mode
-    /// 16-bit operands go through [`Cuda::gemm_widened`].
+    /// `c = a · op(b) + beta · c` (row-major, `c` of `g.n` columns), exact f32 math.
     pub(super) fn gemm(&self, g: &Gemm<'_>, c: blas::GemmOut<'_>, beta: f32, what: &str) {
-        if self.is_precise() && !matches!(g.a, OperandView::F32(_)) {
-            return self.gemm_widened(g, c, beta, what);
-        }
         let _span = self.span("cuBLAS GEMM");
         let r = self.blas.gemm_rm(
             F32Math::Exact,
@@ -284,46 +280,6 @@ impl Cuda {
             g.n,
         );
         ck!(r, what);
-    }
-
-    /// Precise mode's GEMM of 16-bit operands (a 4-bit weight's expansion and its rounded input): both
-    /// widened to f32, which is exact, and multiplied in exact f32 math off the tensor cores, then
-    /// rounded to nearest into a 16-bit output. So the product differs from the CPU reference's
-    /// (`Cpu::linear`: the same rounded operands, f32 sums, the output rounded) only in the order of
-    /// its f32 sums. Why: the tensor cores' bf16 products accumulate below f32 precision, and on
-    /// SmolLM2, which amplifies rounding noise, that moved LoRA gradients as far as a different
-    /// dropout sample does (docs/PARITY.md); precise mode exists to take the GPU's own rounding out.
-    fn gemm_widened(&self, g: &Gemm<'_>, c: blas::GemmOut<'_>, beta: f32, what: &str) {
-        let widened = |o: OperandView<'_>| {
-            let n = o.len();
-            let n64 = n as i64;
-            let mut out = self.scratch(n);
-            match o {
-                OperandView::BF16(x) => launch!(self, "bf16_to_f32", grid_for(n); x, &mut out, &n64),
-                OperandView::F16(x) => launch!(self, "f16_to_f32", grid_for(n); x, &mut out, &n64),
-                OperandView::F32(_) => unreachable!("only 16-bit operands are widened"),
-            }
-            out
-        };
-        let (a, b) = (widened(g.a), widened(g.b));
-        let g32 = Gemm { a: OperandView::F32(&a), b: OperandView::F32(&b), ..*g };
-        let n = g.m * g.n;
-        let n64 = n as i64;
-        match c {
-            blas::GemmOut::F32(o) => self.gemm(&g32, blas::GemmOut::F32(o), beta, what),
-            blas::GemmOut::BF16(o) => {
-                assert!(beta == 0.0, "precise mode: a 16-bit GEMM output is written, not added to");
-                let mut t = self.scratch(n);
-                self.gemm(&g32, blas::GemmOut::F32(&mut t), 0.0, what);
-                launch!(self, "f32_to_bf16", grid_for(n); &t, o, &n64);
-            }
-            blas::GemmOut::F16(o) => {
-                assert!(beta == 0.0, "precise mode: a 16-bit GEMM output is written, not added to");
-                let mut t = self.scratch(n);
-                self.gemm(&g32, blas::GemmOut::F32(&mut t), 0.0, what);
-                launch!(self, "f32_to_f16", grid_for(n); &t, o, &n64);
-            }
-        }
     }
 
     /// `a · op(b)` written by cuBLAS in the 16-bit dtype `c` (rounded as it writes), as a new operand.

@@ -379,12 +379,10 @@ impl Cuda {
     /// ones, LoRA products in full f32 instead of TF32, and dense (16-bit stored) weights multiplied
     /// in f32 instead of rounding the activations to 16 bits, so the whole step rounds only where the
     /// CPU reference does (the 4-bit linears' compute dtype); 4-bit products take the second path
-    /// (dequantize + cuBLAS, the computation bitsandbytes itself runs), its 16-bit operands widened
-    /// and multiplied in exact f32 rather than on the tensor cores, whose accumulation falls below
-    /// f32 (`Cuda::gemm_widened`, src/backend/cuda/gemm.rs). The fused 4-bit kernel rounds at the
-    /// same points but sums in another order (split-K for few rows), and on SmolLM2 that alone moved
-    /// 2 of 420 gradients just past the test's criterion (docs/PARITY.md). Slower; the GPU tests use
-    /// it to show the step equals the CPU's on a model that amplifies rounding noise.
+    /// (dequantize + cuBLAS, the computation bitsandbytes itself runs). The fused 4-bit kernel rounds
+    /// at the same points but sums in another order (split-K for few rows), and on SmolLM2 that alone
+    /// moved 2 of 420 gradients just past the test's criterion (docs/PARITY.md). Slower; the GPU
+    /// tests use it to show the step equals the CPU's on a model that amplifies rounding noise.
     pub fn set_precise(&self, on: bool) {
         self.precise.store(on, std::sync::atomic::Ordering::Relaxed);
     }
