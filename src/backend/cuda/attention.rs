@@ -210,7 +210,8 @@ impl Cuda {
         let g = flash_geom(sh);
         push_geom(&mut b, &g);
         let cfg = LaunchConfig {
-            grid_dim: (sh.q_len.div_ceil(64) as u32, sh.heads as u32, sh.batch as u32),
+            // Query blocks on z: the heaviest of every head start first (kernels/flash.cu).
+            grid_dim: (sh.heads as u32, sh.batch as u32, sh.q_len.div_ceil(64) as u32),
             block_dim: (128, 1, 1),
             shared_mem_bytes: 0,
         };
@@ -312,7 +313,8 @@ impl Cuda {
         let g = flash_geom(sh);
         push_geom(&mut b, &g);
         let cfg = LaunchConfig {
-            grid_dim: (sh.kv_len.div_ceil(64) as u32, sh.kv_heads as u32, sh.batch as u32),
+            // Key blocks on z: the heaviest of every head start first (kernels/flash.cu).
+            grid_dim: (sh.kv_heads as u32, sh.batch as u32, sh.kv_len.div_ceil(64) as u32),
             block_dim: (128, 1, 1),
             shared_mem_bytes: flash_bwd_smem(sh.head_dim, rope.is_some()) as u32,
         };
