@@ -4,8 +4,8 @@
 and k first, like-for-like with our RoPE-inside form), and fp32 cross-entropy forward+backward over 2048 × 32000 logits (its gradient in
 f32, and cast to bf16 as a bf16 LM head reads it). Each figure is
 the median of 20 timed runs after 5 warm-up runs, each run ending with a synchronization (as our
-criterion iterations do); SDPA also replayed from a CUDA graph (`graphed`), which leaves out the
-host's dispatch. Usage: python3 parity/torch_rivals.py [OUT.json]"""
+criterion iterations do), and each also replayed from a CUDA graph (`graphed`), which leaves out
+the host's dispatch. Usage: python3 parity/torch_rivals.py [OUT.json]"""
 import json
 import statistics
 import sys
@@ -111,7 +111,9 @@ def main():
         "sdpa_fwd_bwd_graph_s": timed(g) if (g := graphed(attn_fwd_bwd)) else None,
         "rope_f32_then_sdpa_autocast_fwd_bwd_s": timed(rope_attn_fwd_bwd),
         "cross_entropy_fp32_fwd_bwd_s": timed(ce),
+        "cross_entropy_fp32_fwd_bwd_graph_s": timed(g) if (g := graphed(ce)) else None,
         "cross_entropy_bf16_logits_fwd_bwd_s": timed(ce_from_bf16_logits),
+        "cross_entropy_bf16_logits_fwd_bwd_graph_s": timed(g) if (g := graphed(ce_from_bf16_logits)) else None,
     }
     print(json.dumps(res, indent=1))
     if len(sys.argv) > 1:
