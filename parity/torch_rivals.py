@@ -4,7 +4,7 @@
 and k first, like-for-like with our RoPE-inside form), and fp32 cross-entropy forward+backward over 2048 × 32000 logits (its gradient in
 f32, and cast to bf16 as a bf16 LM head reads it). Each figure is
 the median of 20 timed runs after 5 warm-up runs, each run ending with a synchronization (as our
-criterion iterations do), and each also replayed from a CUDA graph (`graphed`), which leaves out
+criterion iterations do), and each also replayed from a CUDA graph (`timed_graph`), which leaves out
 the host's dispatch. Usage: python3 parity/torch_rivals.py [OUT.json]"""
 import json
 import statistics
@@ -28,10 +28,10 @@ def timed(fn, runs=20, warmup=5):
     return statistics.median(ts)
 
 
-def graphed(fn):
-    """fn captured in a CUDA graph (after warm-up runs on a side stream, as torch's capture wants):
-    its replay runs the same kernels without Python or autograd dispatch, so timing it gives the GPU's
-    time plus one launch. Why: the plain timing of SDPA forward+backward moved 222-300 µs between
+def timed_graph(fn):
+    """`timed` of fn captured in a CUDA graph (after warm-up runs on a side stream, as torch's capture
+    wants): its replay runs the same kernels without Python or autograd dispatch, so the figure is the
+    GPU's time plus one launch. Why: the plain timing of SDPA forward+backward moved 222-300 µs between
     fresh hosts on the same card (2026-11-29) while our kernels moved 0.2%; where the host dispatches
     slower than the GPU runs, the plain figure times the host. None if capture fails."""
     try:
@@ -44,10 +44,10 @@ def graphed(fn):
         g = torch.cuda.CUDAGraph()
         with torch.cuda.graph(g):
             fn()
-        return g.replay
     except RuntimeError as e:
         print(f"graph capture failed: {e}", file=sys.stderr)
         return None
+    return timed(g.replay)
 
 
 def main():
@@ -107,13 +107,13 @@ def main():
         "torch": torch.__version__,
         "sdpa_fwd_s": timed(attn_fwd),
         "sdpa_fwd_bwd_s": timed(attn_fwd_bwd),
-        "sdpa_fwd_graph_s": timed(g) if (g := graphed(attn_fwd)) else None,
-        "sdpa_fwd_bwd_graph_s": timed(g) if (g := graphed(attn_fwd_bwd)) else None,
+        "sdpa_fwd_graph_s": timed_graph(attn_fwd),
+        "sdpa_fwd_bwd_graph_s": timed_graph(attn_fwd_bwd),
         "rope_f32_then_sdpa_autocast_fwd_bwd_s": timed(rope_attn_fwd_bwd),
         "cross_entropy_fp32_fwd_bwd_s": timed(ce),
-        "cross_entropy_fp32_fwd_bwd_graph_s": timed(g) if (g := graphed(ce)) else None,
+        "cross_entropy_fp32_fwd_bwd_graph_s": timed_graph(ce),
         "cross_entropy_bf16_logits_fwd_bwd_s": timed(ce_from_bf16_logits),
-        "cross_entropy_bf16_logits_fwd_bwd_graph_s": timed(g) if (g := graphed(ce_from_bf16_logits)) else None,
+        "cross_entropy_bf16_logits_fwd_bwd_graph_s": timed_graph(ce_from_bf16_logits),
     }
     print(json.dumps(res, indent=1))
     if len(sys.argv) > 1:
