@@ -16,23 +16,24 @@
 // rounded to nearest even).
 
 // A row whose target is ignored (-100, any negative) or out of range gets a zero gradient and no
-// loss; an out-of-range one also flags the host through `count`. True when the row is done.
+// loss; an out-of-range one also flags the host through sums[1] (+2^30). True when the row is done.
 template <typename T>
-__device__ __forceinline__ bool skip_row(T* dlogits, int64_t off, int t, int* count, int vocab) {
+__device__ __forceinline__ bool skip_row(T* dlogits, int64_t off, int t, double* sums, int vocab) {
     if (t < 0 || t >= vocab) {
         for (int j = threadIdx.x; j < vocab; j += blockDim.x) store1(dlogits + off + j, 0.f);
-        if (t >= vocab && threadIdx.x == 0) atomicAdd(count, 1 << 30);
+        if (t >= vocab && threadIdx.x == 0) atomicAdd(sums + 1, 1073741824.0);
         return true;
     }
     return false;
 }
 
-// logits, dlogits (m, vocab); loss[0] += Σ (lse − logit[target]); count[0] += counted rows
-extern "C" __global__ void cross_entropy_f32(const float* logits, const int* targets, float* dlogits, double* loss, int* count, int vocab, float scale) {
+// logits, dlogits (m, vocab); sums[0] += Σ (lse − logit[target]); sums[1] += counted rows (one
+// f64 pair, so the host reads both in one download)
+extern "C" __global__ void cross_entropy_f32(const float* logits, const int* targets, float* dlogits, double* sums, int vocab, float scale) {
     grid_dependency_wait();
     const int64_t off = (int64_t)blockIdx.x * vocab;
     const int t = targets[blockIdx.x];
-    if (skip_row(dlogits, off, t, count, vocab)) return;
+    if (skip_row(dlogits, off, t, sums, vocab)) return;
     float mx = -INFINITY;
     for (int j = threadIdx.x; j < vocab; j += blockDim.x) mx = fmaxf(mx, logits[off + j]);
     mx = block_max(mx);
@@ -41,8 +42,8 @@ extern "C" __global__ void cross_entropy_f32(const float* logits, const int* tar
     sum = block_sum(sum);
     const float lse = mx + logf(sum);
     if (threadIdx.x == 0) {
-        atomicAdd(loss, (double)(lse - logits[off + t]));
-        atomicAdd(count, 1);
+        atomicAdd(sums, (double)(lse - logits[off + t]));
+        atomicAdd(sums + 1, 1.0);
     }
     const float p = scale / sum;
     for (int j = threadIdx.x; j < vocab; j += blockDim.x) {
@@ -54,9 +55,9 @@ extern "C" __global__ void cross_entropy_f32(const float* logits, const int* tar
 // none) and, in thread 0, the target's logit xt (fetched by the caller ahead of time: a load here
 // would put its latency on every row's critical path). Each exponential is taken once: v becomes
 // exp(v − max), and the gradient is v · (scale / sum) − scale at the target (Cpu::cross_entropy
-// computes the same). Adds the row's loss and count; returns scale / sum.
+// computes the same). Adds the row's loss and count to sums; returns scale / sum.
 template <int N>
-__device__ __forceinline__ float row_softmax(float (&v)[N], float xt, double* loss, int* count, float scale) {
+__device__ __forceinline__ float row_softmax(float (&v)[N], float xt, double* sums, float scale) {
     float mx = -INFINITY;
 #pragma unroll
     for (int i = 0; i < N; i++) mx = fmaxf(mx, v[i]);
@@ -69,8 +70,8 @@ __device__ __forceinline__ float row_softmax(float (&v)[N], float xt, double* lo
     }
     sum = block_sum(sum);
     if (threadIdx.x == 0) {
-        atomicAdd(loss, (double)(mx + logf(sum) - xt));
-        atomicAdd(count, 1);
+        atomicAdd(sums, (double)(mx + logf(sum) - xt));
+        atomicAdd(sums + 1, 1.0);
     }
     return scale / sum;
 }
@@ -78,8 +79,8 @@ __device__ __forceinline__ float row_softmax(float (&v)[N], float xt, double* lo
 // The loss and gradient of row `off` (target t, counted) from its values j = threadIdx.x +
 // XENT_THREADS·i held in v.
 template <int VPT>
-__device__ __forceinline__ void row_from_registers(float (&v)[VPT], float xt, float* dlogits, int64_t off, int t, double* loss, int* count, int vocab, float scale) {
-    const float p = row_softmax<VPT>(v, xt, loss, count, scale);
+__device__ __forceinline__ void row_from_registers(float (&v)[VPT], float xt, float* dlogits, int64_t off, int t, double* sums, int vocab, float scale) {
+    const float p = row_softmax<VPT>(v, xt, sums, scale);
 #pragma unroll
     for (int i = 0; i < VPT; i++) {
         const int j = threadIdx.x + XENT_THREADS * i;
@@ -89,10 +90,10 @@ __device__ __forceinline__ void row_from_registers(float (&v)[VPT], float xt, fl
 
 // A block per row, its values loaded into registers; for vocab ≤ XENT_THREADS·VPT.
 template <int VPT>
-__device__ void cross_entropy_reg(const float* logits, const int* targets, float* dlogits, double* loss, int* count, int vocab, float scale) {
+__device__ void cross_entropy_reg(const float* logits, const int* targets, float* dlogits, double* sums, int vocab, float scale) {
     const int64_t off = (int64_t)blockIdx.x * vocab;
     const int t = targets[blockIdx.x];
-    if (skip_row(dlogits, off, t, count, vocab)) return;
+    if (skip_row(dlogits, off, t, sums, vocab)) return;
     const float xt = threadIdx.x == 0 ? logits[off + t] : 0.f;
     float v[VPT];
 #pragma unroll
@@ -100,12 +101,12 @@ __device__ void cross_entropy_reg(const float* logits, const int* targets, float
         const int j = threadIdx.x + XENT_THREADS * i;
         v[i] = j < vocab ? logits[off + j] : -INFINITY;
     }
-    row_from_registers<VPT>(v, xt, dlogits, off, t, loss, count, vocab, scale);
+    row_from_registers<VPT>(v, xt, dlogits, off, t, sums, vocab, scale);
 }
 #define XENT_REG(VPT) \
-    extern "C" __global__ void __launch_bounds__(XENT_THREADS, 1) cross_entropy_reg##VPT(const float* logits, const int* targets, float* dlogits, double* loss, int* count, int vocab, float scale) { \
+    extern "C" __global__ void __launch_bounds__(XENT_THREADS, 1) cross_entropy_reg##VPT(const float* logits, const int* targets, float* dlogits, double* sums, int vocab, float scale) { \
         grid_dependency_wait(); \
-        cross_entropy_reg<VPT>(logits, targets, dlogits, loss, count, vocab, scale); \
+        cross_entropy_reg<VPT>(logits, targets, dlogits, sums, vocab, scale); \
     }
 XENT_REG(8)
 XENT_REG(16)
@@ -120,7 +121,7 @@ XENT_REG(32)
 // rows of whole 16-byte pieces (vocab % 4 == 0 for f32 logits, % 8 for 16-bit ones) and a row of
 // logits in dynamic shared memory (VPT·4 KiB reserved by the launcher: the f32 row).
 template <int VPT, typename TIn, typename TOut>
-__device__ void cross_entropy_stream(const TIn* logits, const int* targets, TOut* dlogits, double* loss, int* count, int rows, int vocab, float scale) {
+__device__ void cross_entropy_stream(const TIn* logits, const int* targets, TOut* dlogits, double* sums, int rows, int vocab, float scale) {
     constexpr int GROUPS = VPT / 4;               // groups of four values per thread
     constexpr int PER_COPY = 16 / sizeof(TIn);    // logits per 16-byte copy
     extern __shared__ float4 next_row_raw[];      // (vocab) the logits of the block's next row
@@ -150,8 +151,8 @@ __device__ void cross_entropy_stream(const TIn* logits, const int* targets, TOut
         __syncthreads();  // every thread holds its values: the buffer takes the following row
         if (r + gridDim.x < rows) prefetch(r + gridDim.x), next_target = targets[r + gridDim.x];
         const int64_t off = (int64_t)r * vocab;
-        if (skip_row(dlogits, off, t, count, vocab)) continue;
-        const float p = row_softmax<VPT>(v, xt, loss, count, scale);
+        if (skip_row(dlogits, off, t, sums, vocab)) continue;
+        const float p = row_softmax<VPT>(v, xt, sums, scale);
 #pragma unroll
         for (int g = 0; g < GROUPS; g++) {
             const int c = threadIdx.x + XENT_THREADS * g, j = 4 * c;
@@ -162,9 +163,9 @@ __device__ void cross_entropy_stream(const TIn* logits, const int* targets, TOut
     }
 }
 #define XENT_STREAM(VPT, SUFFIX, T) \
-    extern "C" __global__ void __launch_bounds__(XENT_THREADS, 1) cross_entropy_stream##VPT##SUFFIX(const T* logits, const int* targets, T* dlogits, double* loss, int* count, int rows, int vocab, float scale) { \
+    extern "C" __global__ void __launch_bounds__(XENT_THREADS, 1) cross_entropy_stream##VPT##SUFFIX(const T* logits, const int* targets, T* dlogits, double* sums, int rows, int vocab, float scale) { \
         grid_dependency_wait(); \
-        cross_entropy_stream<VPT, T, T>(logits, targets, dlogits, loss, count, rows, vocab, scale); \
+        cross_entropy_stream<VPT, T, T>(logits, targets, dlogits, sums, rows, vocab, scale); \
     }
 XENT_STREAM(8, , float)
 XENT_STREAM(16, , float)

@@ -59,8 +59,8 @@ impl Cuda {
         let _span = self.span("cross_entropy");
         let m = targets.len();
         let t = ck!(self.stream.clone_htod(targets), "upload targets");
-        let mut loss = self.scalar_f64();
-        let mut count = ck!(self.stream.alloc_zeros::<i32>(1), "alloc");
+        // [summed loss, counted rows (+2^30 per target id past the vocabulary)]: one download.
+        let mut sums = ck!(self.stream.alloc_zeros::<f64>(2), "alloc");
         // The row in registers (one read of the logits) when the vocabulary fits 1024 threads × 8, 16
         // or 32 values: streamed through persistent blocks where 16-byte copies and the shared memory
         // allow, else a block per row; past that, three passes over the row.
@@ -75,13 +75,13 @@ impl Cuda {
                 };
                 match io {
                     XentIo::F32(l, d) => {
-                        launch!(self, XENT_STREAM[0][i], cfg; l, &t, &mut *d, &mut loss, &mut count, &rows, &vocab32, &scale)
+                        launch!(self, XENT_STREAM[0][i], cfg; l, &t, &mut *d, &mut sums, &rows, &vocab32, &scale)
                     }
                     XentIo::BF16(l, d) => {
-                        launch!(self, XENT_STREAM[1][i], cfg; l, &t, &mut *d, &mut loss, &mut count, &rows, &vocab32, &scale)
+                        launch!(self, XENT_STREAM[1][i], cfg; l, &t, &mut *d, &mut sums, &rows, &vocab32, &scale)
                     }
                     XentIo::F16(l, d) => {
-                        launch!(self, XENT_STREAM[2][i], cfg; l, &t, &mut *d, &mut loss, &mut count, &rows, &vocab32, &scale)
+                        launch!(self, XENT_STREAM[2][i], cfg; l, &t, &mut *d, &mut sums, &rows, &vocab32, &scale)
                     }
                 }
             }
@@ -92,13 +92,13 @@ impl Cuda {
                 };
                 let block_dim = (threads as u32, 1, 1);
                 let cfg = LaunchConfig { grid_dim: (m as u32, 1, 1), block_dim, shared_mem_bytes: 0 };
-                launch!(self, kernel, cfg; logits, &t, &mut *dlogits, &mut loss, &mut count, &vocab32, &scale);
+                launch!(self, kernel, cfg; logits, &t, &mut *dlogits, &mut sums, &vocab32, &scale);
             }
             (None, _) => unreachable!("16-bit logits need a streaming cross-entropy kernel"),
         }
-        let c = ck!(self.stream.clone_dtoh(&count), "download")[0];
-        assert!(c < (1 << 30), "a target id is >= vocab {vocab}");
-        (ck!(self.stream.clone_dtoh(&loss), "download")[0], c as usize)
+        let [loss, rows] = ck!(self.stream.clone_dtoh(&sums), "download")[..] else { unreachable!("two sums") };
+        assert!(rows < (1u64 << 30) as f64, "a target id is >= vocab {vocab}");
+        (loss, rows as usize)
     }
 
     /// [`Backend::cross_entropy`](crate::backend::Backend::cross_entropy) of bf16 logits with the gradient in bf16
