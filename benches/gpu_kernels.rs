@@ -375,28 +375,32 @@ fn optimizer_and_loss(c: &mut Criterion) {
     });
     g.finish();
     drop((dlogits, dlogits16, logits, logits16));
-    // One 512-row chunk of the LM head's loss (Graph::lm_head_loss) for Llama-2-7B: logits GEMM, loss,
+    // One 512-row chunk of the LM head's loss (Graph::lm_head_loss) for Llama-2-7B (the streaming
+    // loss kernel) and for Llama-3-8B's vocabulary (the two-pass one): logits GEMM, loss,
     // input-gradient GEMM; composed from the three ops (f32 logits and dlogits, converted by the GEMM)
     // against the one op (bf16 logits from the GEMM, bf16 dlogits from the loss kernel).
     let (rows, hidden) = (512, 4096);
-    let head = be.upload_weight(HostWeight::Dense { rows: vocab, cols: hidden, data: rnd(vocab * hidden, 18, 0.02) });
-    let x = be.upload(&rnd(rows * hidden, 19, 1.0));
-    let targets: Vec<i32> = (0..rows as i32).map(|i| (i * 7919) % vocab as i32).collect();
-    let mut dx = be.zeros(rows * hidden);
-    let mut g = c.benchmark_group("LM head + loss, 512x4096 -> 32000 (bf16 head)");
-    g.bench_function("composed (f32 dlogits)", |b| {
-        b.iter(|| {
-            llamatune::backend::lm_head_cross_entropy_composed(be, &x, &head, &targets, 1.0, Some(&mut dx));
-            be.synchronize();
-        })
-    });
-    g.bench_function("one op (bf16 logits and dlogits)", |b| {
-        b.iter(|| {
-            be.lm_head_cross_entropy(&x, &head, &targets, 1.0, Some(&mut dx));
-            be.synchronize();
-        })
-    });
-    g.finish();
+    for vocab in [32000, 128256] {
+        let head =
+            be.upload_weight(HostWeight::Dense { rows: vocab, cols: hidden, data: rnd(vocab * hidden, 18, 0.02) });
+        let x = be.upload(&rnd(rows * hidden, 19, 1.0));
+        let targets: Vec<i32> = (0..rows as i32).map(|i| (i * 7919) % vocab as i32).collect();
+        let mut dx = be.zeros(rows * hidden);
+        let mut g = c.benchmark_group(format!("LM head + loss, 512x4096 -> {vocab} (bf16 head)"));
+        g.bench_function("composed (f32 dlogits)", |b| {
+            b.iter(|| {
+                llamatune::backend::lm_head_cross_entropy_composed(be, &x, &head, &targets, 1.0, Some(&mut dx));
+                be.synchronize();
+            })
+        });
+        g.bench_function("one op (bf16 logits and dlogits)", |b| {
+            b.iter(|| {
+                be.lm_head_cross_entropy(&x, &head, &targets, 1.0, Some(&mut dx));
+                be.synchronize();
+            })
+        });
+        g.finish();
+    }
 }
 
 criterion_group! {

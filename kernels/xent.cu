@@ -1,13 +1,15 @@
 // Cross-entropy over the vocabulary with ignore index -100, forward and gradient in one launch (the
 // caller feeds row chunks, so full-batch logits never exist). CPU: Cpu::cross_entropy.
-// Three kernels with the same results: cross_entropy_stream and cross_entropy_reg keep a row in
+// Four kernels with the same results: cross_entropy_stream and cross_entropy_reg keep a row in
 // registers, so the logits are read once and the gradient written once (the floor: 8 bytes per
 // logit in f32), for vocabularies up to 1024 × 32 (Llama-2's 32000; 48 per thread would spill);
-// cross_entropy_f32 reads the row three times (any vocabulary).
-// cross_entropy_stream also reads bf16 or f16 logits and writes the gradient in the same dtype
-// (`_bf16`, `_f16`: 4 bytes per logit): what a 16-bit LM head's GEMM writes and its input-gradient
-// GEMM reads (Cuda::lm_head_cross_entropy), as transformers computes the loss from a bf16 head's
-// logits cast to f32 and casts the gradient back; the gradient rounded to nearest even as that cast.
+// cross_entropy_two_pass (at the end) reads the rows of other vocabularies twice, the second time
+// from L2; cross_entropy_f32 reads the row three times (any vocabulary).
+// cross_entropy_stream and cross_entropy_two_pass also read bf16 or f16 logits and write the
+// gradient in the same dtype (`_bf16`, `_f16`: 4 bytes per logit): what a 16-bit LM head's GEMM
+// writes and its input-gradient GEMM reads (Cuda::lm_head_cross_entropy), as transformers computes
+// the loss from a bf16 head's logits cast to f32 and casts the gradient back; the gradient rounded
+// to nearest even as that cast.
 #include "common.cuh"
 
 #define XENT_THREADS 1024
@@ -176,3 +178,120 @@ XENT_STREAM(32, _bf16, __nv_bfloat16)
 XENT_STREAM(8, _f16, __half)
 XENT_STREAM(16, _f16, __half)
 XENT_STREAM(32, _f16, __half)
+
+// ---- two passes over each row from global memory: vocabularies that are a multiple of 4 -----------
+// For the rows the kernels above do not take (past 1024 × 32 values, or no whole 16-byte copies):
+// Llama-3's 128,256 or SmolLM2's 49,152, in 16 bits as an LM head writes them. A row is read twice:
+// pass 1 keeps a running max and a sum of exponentials rescaled to it (online softmax, one block
+// reduction of (max, sum) pairs per row), pass 2 reads the row again, from L2, and writes the
+// gradient. Nothing of the row is held, so XENT2_BLOCKS blocks of XENT2_THREADS share an SM and one
+// block's reduction overlaps the others' traffic; the launcher keeps gridDim.x small enough
+// (persistent blocks) that the rows in flight stay in L2 between the passes. At 2048 × 32000 it is
+// slower than the streaming kernel (bf16 ~108 µs with every logit read once from DRAM, at 46% of
+// its peak: two exponentials per logit and the latency bind; docs/PERF.md, session 21).
+// Each thread takes groups of four consecutive values (16-byte f32 or 8-byte 16-bit accesses), the
+// same groups for every dtype, so bf16 logits that are exact give the f32 kernel's values bit for bit.
+// Exponentials as 2^x (ex2.approx, relative error ~2^-22): e^(v − max) = 2^(v·log2 e − max·log2 e).
+#define XENT2_THREADS 512
+#define XENT2_UNROLL 3
+#define XENT2_BLOCKS 3  // per SM: 1,536 threads at ≤ 42 registers each
+#define XENT2_LOG2E 1.4426950408889634f
+
+__device__ __forceinline__ float xent_exp2(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+    return y;
+}
+// e^(v − m) where mL = m·log2 e.
+__device__ __forceinline__ float exp_minus(float v, float mL) { return xent_exp2(fmaf(v, XENT2_LOG2E, -mL)); }
+// (m, s) and (om, os), each a max and a sum of e^(v − max), as one pair; a side with max −inf has
+// sum 0 (no values), so its factor is taken as 1 rather than 2^(−inf + inf).
+__device__ __forceinline__ void combine_max_sum(float& m, float& s, float om, float os) {
+    const float nm = fmaxf(m, om);
+    s = s * (m == nm ? 1.f : xent_exp2((m - nm) * XENT2_LOG2E)) + os * (om == nm ? 1.f : xent_exp2((om - nm) * XENT2_LOG2E));
+    m = nm;
+}
+
+// Pass 2's accesses as streaming ones (ld/st .cs: evict first): the gradient is written once and the
+// row read for the last time, so neither should push the rows still between their passes out of L2.
+__device__ __forceinline__ float4 load4_last(const float* p) { return __ldcs(reinterpret_cast<const float4*>(p)); }
+__device__ __forceinline__ float4 load4_last(const __nv_bfloat16* p) { return unpack_bf16x4(__ldcs(reinterpret_cast<const uint2*>(p))); }
+__device__ __forceinline__ float4 load4_last(const __half* p) { return unpack_f16x4(__ldcs(reinterpret_cast<const uint2*>(p))); }
+__device__ __forceinline__ void store4_stream(float* p, float4 v) { __stcs(reinterpret_cast<float4*>(p), v); }
+__device__ __forceinline__ void store4_stream(__nv_bfloat16* p, float4 v) { __stcs(reinterpret_cast<uint2*>(p), pack_bf16x4(v)); }
+__device__ __forceinline__ void store4_stream(__half* p, float4 v) { __stcs(reinterpret_cast<uint2*>(p), pack_f16x4(v)); }
+
+template <typename T>
+__device__ void cross_entropy_two_pass(const T* logits, const int* targets, T* dlogits, double* sums, int rows, int vocab, float scale) {
+    __shared__ float red_m[2][XENT2_THREADS / WARP], red_s[2][XENT2_THREADS / WARP];  // by row parity
+    const int groups = vocab / 4, lane = threadIdx.x % WARP, wid = threadIdx.x / WARP;
+    constexpr int NW = XENT2_THREADS / WARP, STEP = XENT2_THREADS * XENT2_UNROLL;
+    int next_target = blockIdx.x < rows ? targets[blockIdx.x] : 0;
+    int parity = 0;  // which reduction slots this row uses: they alternate between reduced rows
+    for (int r = blockIdx.x; r < rows; r += gridDim.x) {
+        const int t = next_target;
+        if (r + gridDim.x < rows) next_target = targets[r + gridDim.x];
+        const int64_t off = (int64_t)r * vocab;
+        if (skip_row(dlogits, off, t, sums, vocab)) continue;
+        const T* row = logits + off;
+        const float xt = threadIdx.x == 0 ? load1(row + t) : 0.f;
+        // Pass 1: this thread's max and sum, XENT2_UNROLL groups loaded before any is used.
+        float m = -INFINITY, s = 0.f;
+        for (int g0 = threadIdx.x; g0 < groups; g0 += STEP) {
+            float4 v[XENT2_UNROLL];
+#pragma unroll
+            for (int u = 0; u < XENT2_UNROLL; u++) {
+                const int g = g0 + u * XENT2_THREADS;
+                v[u] = g < groups ? load4(row + 4 * g) : make_float4(-INFINITY, -INFINITY, -INFINITY, -INFINITY);
+            }
+            float cm = m;
+#pragma unroll
+            for (int u = 0; u < XENT2_UNROLL; u++) cm = fmaxf(cm, fmaxf(fmaxf(v[u].x, v[u].y), fmaxf(v[u].z, v[u].w)));
+            if (cm > m) s *= xent_exp2((m - cm) * XENT2_LOG2E), m = cm;  // s is 0 while m is −inf
+            const float mL = m * XENT2_LOG2E;
+#pragma unroll
+            for (int u = 0; u < XENT2_UNROLL; u++) s += (exp_minus(v[u].x, mL) + exp_minus(v[u].y, mL)) + (exp_minus(v[u].z, mL) + exp_minus(v[u].w, mL));
+        }
+        // The block's pair: over the warp, then the warps' pairs combined by every warp alike.
+#pragma unroll
+        for (int o = WARP / 2; o > 0; o >>= 1) combine_max_sum(m, s, __shfl_xor_sync(0xffffffffu, m, o), __shfl_xor_sync(0xffffffffu, s, o));
+        if (lane == 0) red_m[parity][wid] = m, red_s[parity][wid] = s;
+        // This barrier also orders every warp's reads of the other slots (the previous reduced row)
+        // before any warp writes them for the next one.
+        __syncthreads();
+        m = lane < NW ? red_m[parity][lane] : -INFINITY;
+        s = lane < NW ? red_s[parity][lane] : 0.f;
+        parity ^= 1;
+#pragma unroll
+        for (int o = WARP / 2; o > 0; o >>= 1) combine_max_sum(m, s, __shfl_xor_sync(0xffffffffu, m, o), __shfl_xor_sync(0xffffffffu, s, o));
+        if (threadIdx.x == 0) {
+            atomicAdd(sums, (double)(m + logf(s) - xt));
+            atomicAdd(sums + 1, 1.0);
+        }
+        // Pass 2: the gradient, e^(v − max) · scale / sum − scale at the target.
+        const float p = scale / s, mL = m * XENT2_LOG2E;
+        for (int g0 = threadIdx.x; g0 < groups; g0 += STEP) {
+            float4 v[XENT2_UNROLL];
+#pragma unroll
+            for (int u = 0; u < XENT2_UNROLL; u++) {
+                const int g = g0 + u * XENT2_THREADS;
+                if (g < groups) v[u] = load4_last(row + 4 * g);
+            }
+#pragma unroll
+            for (int u = 0; u < XENT2_UNROLL; u++) {
+                const int g = g0 + u * XENT2_THREADS, j = 4 * g;
+                if (g < groups)
+                    store4_stream(dlogits + off + j, make_float4(exp_minus(v[u].x, mL) * p - (j == t ? scale : 0.f), exp_minus(v[u].y, mL) * p - (j + 1 == t ? scale : 0.f),
+                                                          exp_minus(v[u].z, mL) * p - (j + 2 == t ? scale : 0.f), exp_minus(v[u].w, mL) * p - (j + 3 == t ? scale : 0.f)));
+            }
+        }
+    }
+}
+#define XENT_TWO_PASS(SUFFIX, T) \
+    extern "C" __global__ void __launch_bounds__(XENT2_THREADS, XENT2_BLOCKS) cross_entropy_two_pass##SUFFIX(const T* logits, const int* targets, T* dlogits, double* sums, int rows, int vocab, float scale) { \
+        grid_dependency_wait(); \
+        cross_entropy_two_pass<T>(logits, targets, dlogits, sums, rows, vocab, scale); \
+    }
+XENT_TWO_PASS(_f32, float)
+XENT_TWO_PASS(_bf16, __nv_bfloat16)
+XENT_TWO_PASS(_f16, __half)

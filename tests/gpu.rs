@@ -196,9 +196,13 @@ fn embedding_and_cross_entropy() {
         check(&format!("{} cross-entropy dlogits", s.name), &gpu().download(&d2), &d1, F32_TOL);
     }
     // Vocabularies around the register-resident kernels' limits (1024 threads × 8, 16, 32 values)
-    // and past them (three passes over the row); multiples of 4 take the streaming kernels, and
-    // with more rows than SMs (132 on an H100/H200) their blocks take several rows each.
-    for (m, vocab) in [(M, 8192), (M, 8193), (M, 32768), (M, 32769), (400, 32000), (301, 8196)] {
+    // and past them; multiples of 8 up to 32,768 take the streaming kernels, other multiples of 4
+    // the two-pass ones, the rest a block per row or three passes over the row. With more rows than
+    // blocks (132 streaming, at most 396 two-pass on an H100/H200) each block takes several rows,
+    // every fifth ignored between them.
+    for (m, vocab) in
+        [(M, 8192), (M, 8193), (M, 32768), (M, 32769), (400, 32000), (301, 8196), (M, 32772), (600, 40000)]
+    {
         let logits = rnd(&mut rng, m * vocab, 8.0);
         let (_, (l1, c1, d1), (l2, c2, d2)) = cross_entropy_cpu_and_gpu(&mut rng, &logits, m, vocab);
         assert_eq!(c1, c2);
@@ -208,9 +212,20 @@ fn embedding_and_cross_entropy() {
     // bf16 logits with the gradient in bf16 (a bf16 LM head's, Cuda::lm_head_cross_entropy): values
     // exact in bf16, so the f32 kernel on the same values gives the same loss (up to the order of its
     // atomic sums) and, rounded to bf16 to nearest even, the same gradient bit for bit; the CPU the
-    // loss within f32's bound and the gradient within bf16's. Vocabularies that are no multiple of 8
-    // (no whole 16-byte copies) or past 32,768 are not taken.
-    for (m, vocab) in [(M, 8192), (M, 32768), (400, 32000), (301, 8200), (M, 1000)] {
+    // loss within f32's bound and the gradient within bf16's. The streaming kernels take multiples
+    // of 8 up to 32,768, the two-pass ones other multiples of 4 (SmolLM2's 49,152, Llama-3's
+    // 128,256); the rest are not taken.
+    for (m, vocab) in [
+        (M, 8192),
+        (M, 32768),
+        (400, 32000),
+        (301, 8200),
+        (M, 1000),
+        (301, 8196),
+        (64, 49152),
+        (37, 128256),
+        (1500, 40004),
+    ] {
         let logits: Vec<f32> =
             rnd(&mut rng, m * vocab, 8.0).iter().map(|x| half::bf16::from_f32(*x).to_f32()).collect();
         let (targets, (l1, c1, d1), (l2, c2, d2)) = cross_entropy_cpu_and_gpu(&mut rng, &logits, m, vocab);
@@ -225,10 +240,10 @@ fn embedding_and_cross_entropy() {
         check(&format!("{label} loss vs CPU"), &[l3 as f32], &[l1 as f32], F32_TOL);
         check(&format!("{label} dlogits vs CPU"), &d3, &d1, MIXED_TOL);
     }
-    for vocab in [8196, 32776, 49152] {
+    for vocab in [8198, 32770, 1001] {
         let mut d = gpu().zeros_bf16(vocab);
         let none = gpu().cross_entropy_bf16(&gpu().zeros_bf16(vocab), &[0], vocab, 1.0, &mut d);
-        assert!(none.is_none(), "vocab {vocab}: no streaming kernel takes 16-bit rows of it");
+        assert!(none.is_none(), "vocab {vocab}: no kernel takes 16-bit rows of it");
     }
 }
 
@@ -251,20 +266,22 @@ fn cross_entropy_cpu_and_gpu(
 }
 
 /// The LM head's loss in one op (`Backend::lm_head_cross_entropy`). On CUDA a 16-bit head writes its
-/// logits in its own dtype (as transformers' bf16 head does) and the streaming kernel reads them and
+/// logits in its own dtype (as transformers' bf16 head does) and the loss kernel reads them and
 /// writes dlogits in that dtype for the input-gradient GEMM. Against the composed ops on the same
 /// logits rounded to the head's dtype (f32 logits from `linear`, rounded on the host; dlogits widened
 /// to f32 for `linear_backward_input`, whose conversion back is exact): the same count, the loss and
 /// dx within 1e-5 (the two logits GEMMs may accumulate in different orders, cuBLAS choosing kernels
 /// by output type, so a logit can round one ulp apart); the CPU's values within the 16-bit bound.
-/// Without a backward pass the loss is the same. bf16 and f16 heads, Llama-2's vocabulary, one that
-/// is no multiple of 8 (the composed path on f32 logits, bit for bit), rows with ignored targets;
-/// outputs poisoned.
+/// Without a backward pass the loss is the same. bf16 and f16 heads, Llama-2's vocabulary (the
+/// streaming kernel), SmolLM2's (the two-pass kernel), one that is no multiple of 4 (the composed
+/// path on f32 logits, bit for bit), rows with ignored targets; outputs poisoned.
 #[test]
 fn lm_head_cross_entropy_with_16_bit_logits() {
     let mut rng = rand::rngs::StdRng::seed_from_u64(32);
     let m = M;
-    for (vocab, hidden, f16_head) in [(32000, 4096, false), (1000, 200, false), (1000, 200, true), (1001, 200, false)] {
+    for (vocab, hidden, f16_head) in
+        [(32000, 4096, false), (49152, 576, false), (1000, 200, false), (1000, 200, true), (1001, 200, false)]
+    {
         let label = format!("vocab {vocab} hidden {hidden} {}", if f16_head { "f16" } else { "bf16" });
         // Values on a 1/1024 grid are exact in f16, so the head uploads as f16; random ones as bf16.
         let data: Vec<f32> = if f16_head {
@@ -285,7 +302,7 @@ fn lm_head_cross_entropy_with_16_bit_logits() {
         let (l4, c4) = gpu().lm_head_cross_entropy(&gx, &gw, &targets, 0.01, None);
         // The composed ops on the logits rounded to the head's dtype (the 16-bit path), or on the
         // f32 logits (vocab 1001).
-        let sixteen_bit = vocab % 8 == 0;
+        let sixteen_bit = vocab % 4 == 0;
         let round = |v: f32| match (sixteen_bit, f16_head) {
             (false, _) => v,
             (true, false) => half::bf16::from_f32(v).to_f32(),

@@ -3,7 +3,7 @@
 
 use super::lora::{LORA_DOWN, LORA_OUTER};
 use super::quant4::{GEMM_4BIT, GEMV_FEW_ROWS, GEMV_MANY, GEMV_MANY_LORA, GEMV_ONE_ROW, GEMV_SWIGLU};
-use super::xent::{XENT_REG, XENT_STREAM};
+use super::xent::{XENT_REG, XENT_STREAM, XENT_TWO_PASS};
 
 pub(super) mod embedded {
     include!(concat!(env!("OUT_DIR"), "/kernels.rs"));
@@ -140,6 +140,9 @@ pub(super) fn kernel_names(module: &str) -> &'static [&'static str] {
             XENT_STREAM[2][0],
             XENT_STREAM[2][1],
             XENT_STREAM[2][2],
+            XENT_TWO_PASS[0],
+            XENT_TWO_PASS[1],
+            XENT_TWO_PASS[2],
         ],
         _ => &[],
     }

@@ -88,6 +88,12 @@ pub struct Cuda {
     /// Which of [`XENT_STREAM`]'s kernels this device gives their shared memory (a row of up to
     /// 1024 × 8, 16, 32 logits); `LLAMATUNE_XENT_STREAM=0` turns them off (A/B runs).
     xent_stream: [bool; 3],
+    /// The two-pass cross-entropy kernels (`XENT_TWO_PASS`) take the rows no streaming kernel takes
+    /// (vocabularies past 32,768 that are a multiple of 4); `LLAMATUNE_XENT_TWO_PASS=0` turns them
+    /// off (16-bit logits of such rows then go through the composed f32 ops; A/B runs).
+    xent_two_pass: bool,
+    /// Bytes of L2 cache: the two-pass kernels keep the rows in flight within half of it.
+    l2_bytes: usize,
     /// The side stream and buffers of offloaded checkpoints (offload.rs).
     offload: offload::OffloadState,
     /// `LLAMATUNE_PROFILE`: device time per op (profile.rs; for finding hot spots).
@@ -256,6 +262,10 @@ impl Cuda {
         let smem_optin = ctx
             .attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
             .map_err(dev_err)? as usize;
+        let l2_bytes = ctx
+            .attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_L2_CACHE_SIZE)
+            .map_err(dev_err)? as usize;
+        let xent_two_pass = switch_on("LLAMATUNE_XENT_TWO_PASS");
         let stream_on = switch_on("LLAMATUNE_XENT_STREAM");
         let mut xent_stream = [false; 3];
         for i in 0..XENT_REG_VALUES.len() {
@@ -305,6 +315,8 @@ impl Cuda {
             wgmma,
             sm_count,
             xent_stream,
+            xent_two_pass,
+            l2_bytes,
             offload,
             fused_4bit,
             fused_lora,
@@ -1165,10 +1177,10 @@ impl Backend for Cuda {
         // the head's dtype, the loss kernel reads them and writes dlogits in that dtype for the
         // input-gradient GEMM (4 bytes per logit, where f32 logits and f32 dlogits took 8 + 8 and a
         // conversion). With or without a backward pass, so that a batch's evaluation loss is its
-        // training loss. Otherwise (4-bit or precise heads, vocabularies the streaming kernels do not
-        // take): the composed ops on f32 logits.
+        // training loss. Otherwise (4-bit or precise heads, vocabularies no kernel takes in 16 bits):
+        // the composed ops on f32 logits.
         let sixteen_bit = matches!(head, CudaWeight::Dense { .. }) && !self.is_precise();
-        if !sixteen_bit || self.xent_stream_index(vocab, true).is_none() {
+        if !sixteen_bit || !self.xent_takes_16_bit(vocab) {
             return super::lm_head_cross_entropy_composed(self, x, head, targets, scale, dx);
         }
         self.lm_head_cross_entropy_16(x, head, targets, scale, dx)

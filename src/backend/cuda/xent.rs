@@ -1,5 +1,6 @@
 //! Launchers of kernels/xent.cu: cross-entropy loss and gradient in one launch, rows of logits held in
-//! registers, streamed by persistent blocks where the device's shared memory allows. CPU reference:
+//! registers, streamed by persistent blocks where the device's shared memory allows; rows of larger
+//! vocabularies (Llama-3's 128,256) read twice, the second time from L2. CPU reference:
 //! `Cpu::cross_entropy`.
 
 use super::gemm::{Gemm, Operand, OperandView};
@@ -23,8 +24,18 @@ pub(super) const XENT_STREAM: [[&str; 3]; 3] = [
     ["cross_entropy_stream8_f16", "cross_entropy_stream16_f16", "cross_entropy_stream32_f16"],
 ];
 
+/// The two-pass kernels (vocabularies that are a multiple of 4 and no streaming kernel takes), by the
+/// dtype of the logits they read and the gradient they write (f32, bf16, f16).
+pub(super) const XENT_TWO_PASS: [&str; 3] =
+    ["cross_entropy_two_pass_f32", "cross_entropy_two_pass_bf16", "cross_entropy_two_pass_f16"];
+
+/// Threads of a two-pass block, and how many such blocks share an SM (kernels/xent.cu
+/// `XENT2_THREADS`, `XENT2_BLOCKS`).
+const XENT2_THREADS: usize = 512;
+const XENT2_BLOCKS: usize = 3;
+
 /// The logits a cross-entropy launch reads and the gradient it writes, in one dtype: f32, or a 16-bit
-/// LM head's (the streaming kernels only).
+/// LM head's (the streaming and two-pass kernels only).
 pub(super) enum XentIo<'a> {
     F32(&'a CudaSlice<f32>, &'a mut CudaSlice<f32>),
     BF16(&'a CudaSlice<bf16>, &'a mut CudaSlice<bf16>),
@@ -43,18 +54,37 @@ pub(super) fn xent_stream_smem(i: usize) -> usize {
 }
 
 impl Cuda {
-    /// The index into [`XENT_STREAM`]'s kernels that takes a row of `vocab` logits of f32 or (with
-    /// `sixteen_bit`) a 16-bit dtype, when one does (the row fits 1024 threads × 8, 16 or 32 values,
-    /// whole 16-byte copies, the device's shared memory).
-    pub(super) fn xent_stream_index(&self, vocab: usize, sixteen_bit: bool) -> Option<usize> {
+    /// The index into [`XENT_STREAM`]'s kernels that takes a row of `vocab` logits, when one does
+    /// (the row fits 1024 threads × 8, 16 or 32 values, whole 16-byte copies of 16-bit logits, the
+    /// device's shared memory). The same for every dtype, so that 16-bit logits and their f32
+    /// widening go through the same kernel family (the GPU tests compare them bit for bit).
+    fn xent_stream_index(&self, vocab: usize) -> Option<usize> {
         let i = xent_reg_index(vocab)?;
-        let per_copy = if sixteen_bit { 8 } else { 4 };
-        (self.xent_stream[i] && vocab % per_copy == 0).then_some(i)
+        (self.xent_stream[i] && vocab % 8 == 0).then_some(i)
+    }
+
+    /// Whether the two-pass kernels take rows of `vocab` logits: those no streaming kernel takes,
+    /// whose rows are whole 8-byte (16-bit) or 16-byte (f32) groups of four.
+    fn xent_two_pass_takes(&self, vocab: usize) -> bool {
+        self.xent_two_pass && vocab % 4 == 0 && self.xent_stream_index(vocab).is_none()
+    }
+
+    /// Whether a kernel takes 16-bit logits in rows of `vocab` (the gradient in the same dtype).
+    pub(super) fn xent_takes_16_bit(&self, vocab: usize) -> bool {
+        self.xent_stream_index(vocab).is_some() || self.xent_two_pass_takes(vocab)
+    }
+
+    /// The two-pass kernels' persistent blocks for `rows` rows of `row_bytes` each: up to
+    /// `XENT2_BLOCKS` per SM, fewer where the rows in flight (one per block) would pass half the L2
+    /// (pass 2 reads each row again from there), but at least one per SM.
+    fn xent_two_pass_grid(&self, rows: usize, row_bytes: usize) -> usize {
+        let fits_l2 = self.l2_bytes / 2 / row_bytes.max(1);
+        fits_l2.clamp(self.sm_count, self.sm_count * XENT2_BLOCKS).min(rows).max(1)
     }
 
     /// Loss and gradient of the logits `(m, vocab)` in `io` against `targets`
-    /// (Backend::cross_entropy), the gradient in the logits' dtype; 16-bit logits need a streaming
-    /// kernel ([`Cuda::xent_stream_index`]).
+    /// (Backend::cross_entropy), the gradient in the logits' dtype; 16-bit logits need a kernel that
+    /// takes them ([`Cuda::xent_takes_16_bit`]).
     pub(super) fn xent(&self, io: XentIo<'_>, targets: &[i32], vocab: usize, scale: f32) -> (f64, usize) {
         let _span = self.span("cross_entropy");
         let m = targets.len();
@@ -62,11 +92,32 @@ impl Cuda {
         // [summed loss, counted rows (+2^30 per target id past the vocabulary)]: one download.
         let mut sums = ck!(self.stream.alloc_zeros::<f64>(2), "alloc");
         // The row in registers (one read of the logits) when the vocabulary fits 1024 threads × 8, 16
-        // or 32 values: streamed through persistent blocks where 16-byte copies and the shared memory
-        // allow, else a block per row; past that, three passes over the row.
+        // or 32 values: streamed through persistent blocks where 16-byte copies of 16-bit logits and
+        // the shared memory allow; else two passes over the row where it is whole groups of four;
+        // else (f32 only) a block per row in registers, or three passes over the row.
         let (vocab32, rows) = (vocab as i32, m as i32);
         let sixteen_bit = !matches!(io, XentIo::F32(..));
-        match (self.xent_stream_index(vocab, sixteen_bit), io) {
+        if self.xent_two_pass_takes(vocab) {
+            let row_bytes = vocab * if sixteen_bit { 2 } else { 4 };
+            let cfg = LaunchConfig {
+                grid_dim: (self.xent_two_pass_grid(m, row_bytes) as u32, 1, 1),
+                block_dim: (XENT2_THREADS as u32, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            match io {
+                XentIo::F32(l, d) => {
+                    launch!(self, XENT_TWO_PASS[0], cfg; l, &t, &mut *d, &mut sums, &rows, &vocab32, &scale)
+                }
+                XentIo::BF16(l, d) => {
+                    launch!(self, XENT_TWO_PASS[1], cfg; l, &t, &mut *d, &mut sums, &rows, &vocab32, &scale)
+                }
+                XentIo::F16(l, d) => {
+                    launch!(self, XENT_TWO_PASS[2], cfg; l, &t, &mut *d, &mut sums, &rows, &vocab32, &scale)
+                }
+            }
+            return self.xent_result(&sums, vocab);
+        }
+        match (self.xent_stream_index(vocab), io) {
             (Some(i), io) => {
                 let cfg = LaunchConfig {
                     grid_dim: (m.min(self.sm_count).max(1) as u32, 1, 1),
@@ -94,16 +145,21 @@ impl Cuda {
                 let cfg = LaunchConfig { grid_dim: (m as u32, 1, 1), block_dim, shared_mem_bytes: 0 };
                 launch!(self, kernel, cfg; logits, &t, &mut *dlogits, &mut sums, &vocab32, &scale);
             }
-            (None, _) => unreachable!("16-bit logits need a streaming cross-entropy kernel"),
+            (None, _) => unreachable!("16-bit logits need a streaming or two-pass cross-entropy kernel"),
         }
-        let [loss, rows] = ck!(self.stream.clone_dtoh(&sums), "download")[..] else { unreachable!("two sums") };
+        self.xent_result(&sums, vocab)
+    }
+
+    /// The summed loss and the counted rows a cross-entropy launch left in `sums`.
+    fn xent_result(&self, sums: &CudaSlice<f64>, vocab: usize) -> (f64, usize) {
+        let [loss, rows] = ck!(self.stream.clone_dtoh(sums), "download")[..] else { unreachable!("two sums") };
         assert!(rows < (1u64 << 30) as f64, "a target id is >= vocab {vocab}");
         (loss, rows as usize)
     }
 
     /// [`Backend::cross_entropy`](crate::backend::Backend::cross_entropy) of bf16 logits with the gradient in bf16
     /// (what [`Backend::lm_head_cross_entropy`](crate::backend::Backend::lm_head_cross_entropy) runs for a bf16 head),
-    /// for benchmarks and tests; `None` when no streaming kernel takes rows of `vocab` 16-bit logits.
+    /// for benchmarks and tests; `None` when no kernel takes rows of `vocab` 16-bit logits.
     pub fn cross_entropy_bf16(
         &self,
         logits: &CudaSlice<bf16>,
@@ -112,12 +168,14 @@ impl Cuda {
         scale: f32,
         dlogits: &mut CudaSlice<bf16>,
     ) -> Option<(f64, usize)> {
-        self.xent_stream_index(vocab, true)?;
+        if !self.xent_takes_16_bit(vocab) {
+            return None;
+        }
         Some(self.xent(XentIo::BF16(logits, dlogits), targets, vocab, scale))
     }
 
     /// [`Backend::lm_head_cross_entropy`](crate::backend::Backend::lm_head_cross_entropy) for a 16-bit dense head whose
-    /// vocabulary a streaming kernel takes: logits and dlogits in the head's dtype.
+    /// vocabulary a kernel takes in 16 bits: logits and dlogits in the head's dtype.
     pub(super) fn lm_head_cross_entropy_16(
         &self,
         x: &CudaSlice<f32>,
