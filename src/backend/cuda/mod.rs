@@ -89,8 +89,9 @@ pub struct Cuda {
     /// 1024 × 8, 16, 32 logits); `LLAMATUNE_XENT_STREAM=0` turns them off (A/B runs).
     xent_stream: [bool; 3],
     /// The two-pass cross-entropy kernels (`XENT_TWO_PASS`) take the rows no streaming kernel takes
-    /// (vocabularies past 32,768 that are a multiple of 4); `LLAMATUNE_XENT_TWO_PASS=0` turns them
-    /// off (16-bit logits of such rows then go through the composed f32 ops; A/B runs).
+    /// whose vocabulary is a multiple of 4 (past 32,768, or no multiple of 8);
+    /// `LLAMATUNE_XENT_TWO_PASS=0` turns them off (16-bit logits of such rows then go through the
+    /// composed f32 ops; A/B runs).
     xent_two_pass: bool,
     /// Bytes of L2 cache: the two-pass kernels keep the rows in flight within half of it.
     l2_bytes: usize,
