@@ -53,6 +53,17 @@ __device__ __forceinline__ float block_max(float v) {
     return warp_max(v);
 }
 
+#define LOG2E 1.4426950408889634f
+// 2^x by the special-function unit alone (flash attention's softmax, cross_entropy_two_pass). exp2f
+// adds a range check and two multiplies to each call so that results under 2^-126 come out
+// denormal; here they flush to 0 (no softmax weight needs them), and every other result is the same
+// MUFU.EX2 value bit for bit.
+__device__ __forceinline__ float exp2_ftz(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+    return y;
+}
+
 // murmur3's 32-bit finalizer.
 __device__ __forceinline__ uint32_t mix32(uint32_t h) {
     h ^= h >> 16;

@@ -29,7 +29,6 @@ __device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
     return *reinterpret_cast<uint32_t*>(&v);
 }
 
-#define LOG2E 1.4426950408889634f
 #define LN2 0.6931471805599453f
 #define PAD 8 // bf16 of padding per shared row: rows 16 bytes apart in bank terms, no conflicts
 
@@ -70,14 +69,6 @@ __device__ __forceinline__ void ldsm_x4_trans(uint32_t addr, uint32_t& r0, uint3
 // matrix, row g, columns 2t and 2t+1 (an mma B fragment when rows are n and columns k).
 __device__ __forceinline__ void ldsm_x4(uint32_t addr, uint32_t& r0, uint32_t& r1, uint32_t& r2, uint32_t& r3) {
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n" : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3) : "r"(addr));
-}
-// 2^x by the special-function unit alone. exp2f adds a range check and two multiplies to each call so
-// that results under 2^-126 come out denormal; here they flush to 0 (no softmax weight needs them),
-// and every other result is the same MUFU.EX2 value bit for bit.
-__device__ __forceinline__ float exp2_ftz(float x) {
-    float y;
-    asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
-    return y;
 }
 // Rows [row0, row0 + ROWS) of one head of two tensors of the same layout (K and V, or Q and dO: bf16,
 // row stride `stride`) into dst_a and dst_b (row-major, HD + PAD per row) by 16-byte cp.async copies

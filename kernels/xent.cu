@@ -191,24 +191,19 @@ XENT_STREAM(32, _f16, __half)
 // its peak: two exponentials per logit and the latency bind; docs/PERF.md, session 21).
 // Each thread takes groups of four consecutive values (16-byte f32 or 8-byte 16-bit accesses), the
 // same groups for every dtype, so bf16 logits that are exact give the f32 kernel's values bit for bit.
-// Exponentials as 2^x (ex2.approx, relative error ~2^-22): e^(v − max) = 2^(v·log2 e − max·log2 e).
+// Exponentials as 2^x (common.cuh exp2_ftz: ex2.approx, relative error ~2^-22):
+// e^(v − max) = 2^(v·log2 e − max·log2 e).
 #define XENT2_THREADS 512
 #define XENT2_UNROLL 3
 #define XENT2_BLOCKS 3  // per SM: 1,536 threads at ≤ 42 registers each
-#define XENT2_LOG2E 1.4426950408889634f
 
-__device__ __forceinline__ float xent_exp2(float x) {
-    float y;
-    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
-    return y;
-}
 // e^(v − m) where mL = m·log2 e.
-__device__ __forceinline__ float exp_minus(float v, float mL) { return xent_exp2(fmaf(v, XENT2_LOG2E, -mL)); }
+__device__ __forceinline__ float exp_minus(float v, float mL) { return exp2_ftz(fmaf(v, LOG2E, -mL)); }
 // (m, s) and (om, os), each a max and a sum of e^(v − max), as one pair; a side with max −inf has
 // sum 0 (no values), so its factor is taken as 1 rather than 2^(−inf + inf).
 __device__ __forceinline__ void combine_max_sum(float& m, float& s, float om, float os) {
     const float nm = fmaxf(m, om);
-    s = s * (m == nm ? 1.f : xent_exp2((m - nm) * XENT2_LOG2E)) + os * (om == nm ? 1.f : xent_exp2((om - nm) * XENT2_LOG2E));
+    s = s * (m == nm ? 1.f : exp2_ftz((m - nm) * LOG2E)) + os * (om == nm ? 1.f : exp2_ftz((om - nm) * LOG2E));
     m = nm;
 }
 
@@ -247,8 +242,8 @@ __device__ void cross_entropy_two_pass(const T* logits, const int* targets, T* d
             float cm = m;
 #pragma unroll
             for (int u = 0; u < XENT2_UNROLL; u++) cm = fmaxf(cm, fmaxf(fmaxf(v[u].x, v[u].y), fmaxf(v[u].z, v[u].w)));
-            if (cm > m) s *= xent_exp2((m - cm) * XENT2_LOG2E), m = cm;  // s is 0 while m is −inf
-            const float mL = m * XENT2_LOG2E;
+            if (cm > m) s *= exp2_ftz((m - cm) * LOG2E), m = cm;  // s is 0 while m is −inf
+            const float mL = m * LOG2E;
 #pragma unroll
             for (int u = 0; u < XENT2_UNROLL; u++) s += (exp_minus(v[u].x, mL) + exp_minus(v[u].y, mL)) + (exp_minus(v[u].z, mL) + exp_minus(v[u].w, mL));
         }
@@ -269,7 +264,7 @@ __device__ void cross_entropy_two_pass(const T* logits, const int* targets, T* d
             atomicAdd(sums + 1, 1.0);
         }
         // Pass 2: the gradient, e^(v − max) · scale / sum − scale at the target.
-        const float p = scale / s, mL = m * XENT2_LOG2E;
+        const float p = scale / s, mL = m * LOG2E;
         for (int g0 = threadIdx.x; g0 < groups; g0 += STEP) {
             float4 v[XENT2_UNROLL];
 #pragma unroll
