@@ -96,46 +96,33 @@ impl Cuda {
         // the shared memory allow; else two passes over the row where it is whole groups of four;
         // else (f32 only) a block per row in registers, or three passes over the row.
         let (vocab32, rows) = (vocab as i32, m as i32);
-        let sixteen_bit = !matches!(io, XentIo::F32(..));
-        if self.xent_two_pass_takes(vocab) {
-            let row_bytes = vocab * if sixteen_bit { 2 } else { 4 };
+        // The persistent kernels (by dtype: f32, bf16, f16) and their launch, where one takes the rows.
+        let persistent = if let Some(i) = self.xent_stream_index(vocab) {
+            let cfg = LaunchConfig {
+                grid_dim: (m.min(self.sm_count).max(1) as u32, 1, 1),
+                block_dim: (XENT_REG_THREADS as u32, 1, 1),
+                shared_mem_bytes: xent_stream_smem(i) as u32,
+            };
+            Some((XENT_STREAM.map(|of_dtype| of_dtype[i]), cfg))
+        } else if self.xent_two_pass_takes(vocab) {
+            let row_bytes = vocab * if matches!(io, XentIo::F32(..)) { 4 } else { 2 };
             let cfg = LaunchConfig {
                 grid_dim: (self.xent_two_pass_grid(m, row_bytes) as u32, 1, 1),
                 block_dim: (XENT2_THREADS as u32, 1, 1),
                 shared_mem_bytes: 0,
             };
-            match io {
-                XentIo::F32(l, d) => {
-                    launch!(self, XENT_TWO_PASS[0], cfg; l, &t, &mut *d, &mut sums, &rows, &vocab32, &scale)
-                }
+            Some((XENT_TWO_PASS, cfg))
+        } else {
+            None
+        };
+        match (persistent, io) {
+            (Some((kernels, cfg)), io) => match io {
+                XentIo::F32(l, d) => launch!(self, kernels[0], cfg; l, &t, &mut *d, &mut sums, &rows, &vocab32, &scale),
                 XentIo::BF16(l, d) => {
-                    launch!(self, XENT_TWO_PASS[1], cfg; l, &t, &mut *d, &mut sums, &rows, &vocab32, &scale)
+                    launch!(self, kernels[1], cfg; l, &t, &mut *d, &mut sums, &rows, &vocab32, &scale)
                 }
-                XentIo::F16(l, d) => {
-                    launch!(self, XENT_TWO_PASS[2], cfg; l, &t, &mut *d, &mut sums, &rows, &vocab32, &scale)
-                }
-            }
-            return self.xent_result(&sums, vocab);
-        }
-        match (self.xent_stream_index(vocab), io) {
-            (Some(i), io) => {
-                let cfg = LaunchConfig {
-                    grid_dim: (m.min(self.sm_count).max(1) as u32, 1, 1),
-                    block_dim: (XENT_REG_THREADS as u32, 1, 1),
-                    shared_mem_bytes: xent_stream_smem(i) as u32,
-                };
-                match io {
-                    XentIo::F32(l, d) => {
-                        launch!(self, XENT_STREAM[0][i], cfg; l, &t, &mut *d, &mut sums, &rows, &vocab32, &scale)
-                    }
-                    XentIo::BF16(l, d) => {
-                        launch!(self, XENT_STREAM[1][i], cfg; l, &t, &mut *d, &mut sums, &rows, &vocab32, &scale)
-                    }
-                    XentIo::F16(l, d) => {
-                        launch!(self, XENT_STREAM[2][i], cfg; l, &t, &mut *d, &mut sums, &rows, &vocab32, &scale)
-                    }
-                }
-            }
+                XentIo::F16(l, d) => launch!(self, kernels[2], cfg; l, &t, &mut *d, &mut sums, &rows, &vocab32, &scale),
+            },
             (None, XentIo::F32(logits, dlogits)) => {
                 let (kernel, threads) = match xent_reg_index(vocab) {
                     Some(i) => (XENT_REG[i], XENT_REG_THREADS),
@@ -147,12 +134,7 @@ impl Cuda {
             }
             (None, _) => unreachable!("16-bit logits need a streaming or two-pass cross-entropy kernel"),
         }
-        self.xent_result(&sums, vocab)
-    }
-
-    /// The summed loss and the counted rows a cross-entropy launch left in `sums`.
-    fn xent_result(&self, sums: &CudaSlice<f64>, vocab: usize) -> (f64, usize) {
-        let [loss, rows] = ck!(self.stream.clone_dtoh(sums), "download")[..] else { unreachable!("two sums") };
+        let [loss, rows] = ck!(self.stream.clone_dtoh(&sums), "download")[..] else { unreachable!("two sums") };
         assert!(rows < (1u64 << 30) as f64, "a target id is >= vocab {vocab}");
         (loss, rows as usize)
     }
