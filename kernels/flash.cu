@@ -12,7 +12,7 @@
 // The f32 kernels in attention.cu serve other head sizes, decoding and the GPU's precise mode.
 // CPU reference: Cpu::attention / Cpu::attention_backward (src/backend/cpu.rs), with Cpu::rope around
 // them for the RoPE forms (backend::rope_attention_composed).
-#include "common.cuh"
+#include "flash_common.cuh"
 
 // Fragment layouts of mma.m16n8k16 (lane = 4·g + t): A (16×16, row-major) a0 = (g, 2t..2t+1),
 // a1 = (g+8, 2t..), a2 = (g, 2t+8..), a3 = (g+8, 2t+8..); B (16×8, "col") b0 = (k 2t..2t+1, n g),
@@ -24,28 +24,8 @@ __device__ __forceinline__ void mma16816(float* c, const uint32_t* a, uint32_t b
         : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
-__device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
-    __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
-    return *reinterpret_cast<uint32_t*>(&v);
-}
 
-#define LN2 0.6931471805599453f
 #define PAD 8 // bf16 of padding per shared row: rows 16 bytes apart in bank terms, no conflicts
-
-struct FGeom {
-    int batch, q_len, kv_len, kv_cap, heads, kv_heads, q_offset;
-};
-#define FGEOM_ARGS int batch, int q_len, int kv_len, int kv_cap, int heads, int kv_heads, int q_offset
-#define MAKE_FGEOM FGeom g{batch, q_len, kv_len, kv_cap, heads, kv_heads, q_offset}
-
-// Segment id of position `pos` of batch row b (1 when there are no segments; 0 = padding).
-__device__ __forceinline__ uint32_t seg_of(const uint32_t* seg, const FGeom& g, int b, int pos) {
-    return seg ? seg[(int64_t)b * g.kv_cap + pos] : 1u;
-}
-// Query t (segment qs) sees key s (segment ks)?
-__device__ __forceinline__ bool sees(const FGeom& g, int t, uint32_t qs, int s, uint32_t ks) {
-    return t < g.q_len && s < g.kv_len && s <= g.q_offset + t && qs != 0 && ks == qs;
-}
 
 // ---- forward ------------------------------------------------------------------------------------
 // Block: 4 warps, 64 queries of one (batch, head); each warp owns 16 query rows and walks the key

@@ -36,6 +36,7 @@
 // Progression and measurements: docs/PERF.md. Built for sm_90a only (wgmma); the host picks this path
 // only there (build.rs sets `wgmma_kernels`).
 #include "quant4.cuh"
+#include "wgmma.cuh"
 
 #define GEMM_THREADS 256
 #define BM 128                 // W rows (forward) or W columns (input grad) per block, 64 per warpgroup
@@ -56,10 +57,6 @@ template <int BT> struct Cfg {
     static_assert(STAGE % 1024 == 0, "stage alignment");
 };
 
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && defined(__CUDA_ARCH_FEAT_SM90_ALL)
-#define HAVE_WGMMA 1
-#endif
-
 struct Quant4Args {
     const uint8_t* packed;
     const float* absmax;
@@ -71,23 +68,6 @@ struct Quant4Args {
 };
 
 #ifdef HAVE_WGMMA
-// Byte offset of 16-byte chunk `c` of row `r` in a 128-byte-swizzled tile.
-__device__ __forceinline__ uint32_t swz(int r, int c) { return r * 128 + ((c ^ (r & 7)) << 4); }
-
-// Matrix descriptor of a K-major operand at shared address `addr` (1024-aligned tile + 32·k16 step):
-// 128-byte swizzle (bits 62-63 = 1), 8-row groups 1024 bytes apart (stride offset), leading offset
-// unused by this layout (1).
-__device__ __forceinline__ uint64_t desc_sw128(uint32_t addr) {
-    return (uint64_t)((addr & 0x3FFFF) >> 4) | ((uint64_t)1 << 16) | ((uint64_t)(1024 >> 4) << 32) | ((uint64_t)1 << 62);
-}
-__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
-__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
-template <int N> __device__ __forceinline__ void wgmma_wait() { asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory"); }
-// Completed cp.async writes to shared memory made visible to wgmma's reads.
-__device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
-// Keeps the compiler from moving accesses to an accumulator across the asynchronous wgmma.
-__device__ __forceinline__ void pin(float& r) { asm volatile("" : "+f"(r)::"memory"); }
-
 // d (m64 × nN over the warpgroup) (+)= A · B: A from registers (this thread's four 16-bit pairs of the
 // 64 × 16 slice), B (N tokens × 16) from shared memory through its descriptor, f32 accumulation;
 // acc_in 0 ignores d's old contents (the first product, so d needs no zeroing). TY is the 16-bit type

@@ -27,6 +27,10 @@ pub(super) enum FlashQ<'a> {
     Bf16(&'a CudaSlice<bf16>),
 }
 
+/// Dynamic shared memory of kernels/flash_fwd_wgmma.cu (`WSMEM`): Q and two stages of K and V, 64 rows
+/// × 128 bf16 each (16 KB), the two stages' 64 key segment ids, and 1,024 bytes of alignment slack.
+pub(super) const FLASH_WGMMA_SMEM: usize = 5 * 64 * 128 * 2 + 2 * 64 * 4 + 1024;
+
 /// Warps per query row of the non-flash attention forward (kernels/attention.cu, SPLIT_WARPS).
 pub(super) const ATTENTION_SPLIT_WARPS: u32 = 8;
 
@@ -188,6 +192,9 @@ impl Cuda {
         out: &mut CudaSlice<f32>,
         lse: &mut CudaSlice<f32>,
     ) {
+        if let (FlashQ::Bf16(q), 128, true) = (q, sh.head_dim, self.uses_flash_wgmma()) {
+            return self.flash_forward_wgmma(q, (kb, vb), sh, seg, out, lse);
+        }
         let kernel = if sh.head_dim == 64 { "flash_fwd_hd64" } else { "flash_fwd_hd128" };
         let mut b = self.stream.launch_builder(self.f(kernel));
         let rope = match q {
@@ -217,6 +224,35 @@ impl Cuda {
         };
         // SAFETY: the kernel reads q, K, V, seg and the tables within the geometry and writes out and
         // lse rows of its own queries.
+        ck!(unsafe { b.launch(cfg) }, kernel);
+    }
+
+    /// The wgmma flash forward (kernels/flash_fwd_wgmma.cu) of head size 128 from bf16 q, K and V (q
+    /// and K already rotated): the same contract as `flash_fwd_hd128`.
+    fn flash_forward_wgmma(
+        &self,
+        q: &CudaSlice<bf16>,
+        (kb, vb): (&CudaSlice<bf16>, &CudaSlice<bf16>),
+        sh: AttnShape,
+        seg: Option<&CudaSlice<u32>>,
+        out: &mut CudaSlice<f32>,
+        lse: &mut CudaSlice<f32>,
+    ) {
+        let kernel = "flash_fwd_wgmma_hd128";
+        let mut b = self.stream.launch_builder(self.f(kernel));
+        b.arg(q).arg(kb).arg(vb);
+        push_opt(&mut b, seg);
+        b.arg(out).arg(lse);
+        let g = flash_geom(sh);
+        push_geom(&mut b, &g);
+        let cfg = LaunchConfig {
+            // Query blocks of 64 on z: the heaviest of every head start first.
+            grid_dim: (sh.heads as u32, sh.batch as u32, sh.q_len.div_ceil(64) as u32),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: FLASH_WGMMA_SMEM as u32,
+        };
+        // SAFETY: the kernel reads q, K, V and seg within the geometry and writes out and lse rows of
+        // its own queries; its shared memory is FLASH_WGMMA_SMEM, set as its maximum in Cuda::new.
         ck!(unsafe { b.launch(cfg) }, kernel);
     }
 

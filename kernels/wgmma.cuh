@@ -1,0 +1,36 @@
+// What the Hopper tensor-core kernels (nf4_gemm.cu: the fused 4-bit matmul; flash_fwd_wgmma.cu: the
+// attention forward) share: whether this compilation has wgmma (sm_90a only), the 128-byte-swizzled
+// shared-memory tile layout and its matrix descriptors, and wgmma's fences and waits.
+#pragma once
+#include "common.cuh"
+
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define HAVE_WGMMA 1
+#endif
+
+#ifdef HAVE_WGMMA
+// Byte offset of 16-byte chunk `c` of row `r` in a 128-byte-swizzled tile: rows of 128 bytes (64
+// 16-bit values), chunk c stored at c ^ (r % 8), the tile 1024-aligned.
+__device__ __forceinline__ uint32_t swz(int r, int c) { return r * 128 + ((c ^ (r & 7)) << 4); }
+
+// Matrix descriptor of a K-major operand at shared address `addr` (1024-aligned tile + 32·k16 step):
+// 128-byte swizzle (bits 62-63 = 1), 8-row groups 1024 bytes apart (stride offset), leading offset
+// unused by this layout (1).
+__device__ __forceinline__ uint64_t desc_sw128(uint32_t addr) {
+    return (uint64_t)((addr & 0x3FFFF) >> 4) | ((uint64_t)1 << 16) | ((uint64_t)(1024 >> 4) << 32) | ((uint64_t)1 << 62);
+}
+// Matrix descriptor of an MN-major B operand (the N values contiguous; wgmma's transpose flag set) at
+// `addr` (1024-aligned tile + 2048·k16 step) in the same swizzled layout: each 128-byte row holds 64
+// N values of one k, 8 k rows form a 1024-byte group (stride offset), and the next 64 N values are
+// `atom_bytes` further on (leading offset).
+__device__ __forceinline__ uint64_t desc_sw128_mn(uint32_t addr, uint32_t atom_bytes) {
+    return (uint64_t)((addr & 0x3FFFF) >> 4) | ((uint64_t)(atom_bytes >> 4) << 16) | ((uint64_t)(1024 >> 4) << 32) | ((uint64_t)1 << 62);
+}
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+template <int N> __device__ __forceinline__ void wgmma_wait() { asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory"); }
+// Completed cp.async writes to shared memory made visible to wgmma's reads.
+__device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
+// Keeps the compiler from moving accesses to an accumulator across the asynchronous wgmma.
+__device__ __forceinline__ void pin(float& r) { asm volatile("" : "+f"(r)::"memory"); }
+#endif
