@@ -265,8 +265,8 @@ fn attention(c: &mut Criterion) {
     // rival's CUDA-graph replay measures it, without each launch's synchronization. Then flash.cu's
     // mma.sync forward on the same inputs (the wgmma kernel's predecessor), both ways.
     for wgmma in [true, false] {
-        be.set_flash_wgmma(wgmma);
-        let kernel = if be.uses_flash_wgmma() { "wgmma" } else { "mma.sync" };
+        be.set_flash_wgmma(wgmma, true);
+        let kernel = if be.uses_flash_wgmma().0 { "wgmma" } else { "mma.sync" };
         g.bench_function(format!("forward, saved bf16 inputs, {kernel}, back to back"), |b| {
             b.iter_custom(|iters| {
                 be.synchronize();
@@ -279,19 +279,25 @@ fn attention(c: &mut Criterion) {
             })
         });
     }
-    be.set_flash_wgmma(true);
     g.throughput(Throughput::Elements((fwd as f64 * 2.5) as u64));
-    g.bench_function("backward, saved bf16 inputs, back to back", |b| {
-        b.iter_custom(|iters| {
-            be.synchronize();
-            let start = std::time::Instant::now();
-            for _ in 0..iters {
-                be.rope_attention_acts_backward(&acts, rope, &out, &lse, &dout, sh, None, &mut dq, &mut dk, &mut dv);
-            }
-            be.synchronize();
-            start.elapsed()
-        })
-    });
+    for wgmma in [true, false] {
+        be.set_flash_wgmma(true, wgmma);
+        let kernel = if be.uses_flash_wgmma().1 { "wgmma" } else { "mma.sync" };
+        g.bench_function(format!("backward, saved bf16 inputs, {kernel}, back to back"), |b| {
+            b.iter_custom(|iters| {
+                be.synchronize();
+                let start = std::time::Instant::now();
+                for _ in 0..iters {
+                    be.rope_attention_acts_backward(
+                        &acts, rope, &out, &lse, &dout, sh, None, &mut dq, &mut dk, &mut dv,
+                    );
+                }
+                be.synchronize();
+                start.elapsed()
+            })
+        });
+    }
+    be.set_flash_wgmma(true, true);
     g.bench_function("backward, saved bf16 inputs", |b| {
         b.iter(|| {
             be.rope_attention_acts_backward(&acts, rope, &out, &lse, &dout, sh, None, &mut dq, &mut dk, &mut dv);

@@ -363,27 +363,6 @@ __device__ __forceinline__ void b_frags_trans(const __nv_bfloat16 (*tile)[LD], i
     const int lane = threadIdx.x % WARP, mi = lane / 8;
     ldsm_x4_trans(smem_addr(&tile[k0 + (mi & 1) * 8 + lane % 8][n0 + (mi >> 1) * off]), b[0], b[1], b[2], b[3]);
 }
-// *p += v.x, *(p + 1) += v.y atomically (p 8-byte aligned): one vector reduction on sm_90, half the
-// atomic operations of two scalar ones.
-__device__ __forceinline__ void red_add2(float* p, float2 v) {
-#if __CUDA_ARCH__ >= 900
-    asm volatile("red.global.add.v2.f32 [%0], {%1, %2};\n" ::"l"(p), "f"(v.x), "f"(v.y) : "memory");
-#else
-    atomicAdd(p, v.x);
-    atomicAdd(p + 1, v.y);
-#endif
-}
-// Rotates a gradient pair back (RoPE's inverse: the angle negated): lo, hi are columns j and j + HD/2,
-// c and sn the angle's cosines and sines at j, j + 1; `unrotate` reads them from table row `row` when
-// there are tables.
-__device__ __forceinline__ void unrotate_by(float2 c, float2 sn, float2& lo, float2& hi) { rope_pairs(lo, hi, c, make_float2(-sn.x, -sn.y)); }
-template <int HD>
-__device__ __forceinline__ void unrotate(const float* cos_t, const float* sin_t, int64_t row, int j, float2& lo, float2& hi) {
-    if (!cos_t) return;
-    const int64_t ti = row * (HD / 2) + j;
-    unrotate_by(*reinterpret_cast<const float2*>(cos_t + ti), *reinterpret_cast<const float2*>(sin_t + ti), lo, hi);
-}
-
 template <int HD>
 __device__ void flash_bwd(const __nv_bfloat16* q, const __nv_bfloat16* k, const __nv_bfloat16* v, const float* lse, const float* delta, const __nv_bfloat16* dout, const uint32_t* seg, const float* cos_t, const float* sin_t, float* dq, float* dk, float* dv, const FGeom g) {
     extern __shared__ __align__(16) unsigned char smem_raw[];

@@ -1,6 +1,6 @@
-// What both flash forward kernels (flash.cu on mma.sync, flash_fwd_wgmma.cu on wgmma) and the flash
-// backward share: the attention geometry, its visibility rule (causal, lengths, segments) and bf16
-// packing of score tiles into the next product's A fragments.
+// What the flash kernels (flash.cu on mma.sync, flash_wgmma.cu on wgmma) share: the attention
+// geometry, its visibility rule (causal, lengths, segments), bf16 packing of score tiles into the next
+// product's A fragments, and the backward's dQ reductions and RoPE inverse.
 #pragma once
 #include "common.cuh"
 
@@ -24,4 +24,24 @@ __device__ __forceinline__ uint32_t seg_of(const uint32_t* seg, const FGeom& g, 
 // Query t (segment qs) sees key s (segment ks)?
 __device__ __forceinline__ bool sees(const FGeom& g, int t, uint32_t qs, int s, uint32_t ks) {
     return t < g.q_len && s < g.kv_len && s <= g.q_offset + t && qs != 0 && ks == qs;
+}
+// *p += v.x, *(p + 1) += v.y atomically (p 8-byte aligned): one vector reduction on sm_90, half the
+// atomic operations of two scalar ones.
+__device__ __forceinline__ void red_add2(float* p, float2 v) {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("red.global.add.v2.f32 [%0], {%1, %2};\n" ::"l"(p), "f"(v.x), "f"(v.y) : "memory");
+#else
+    atomicAdd(p, v.x);
+    atomicAdd(p + 1, v.y);
+#endif
+}
+// Rotates a gradient pair back (RoPE's inverse: the angle negated): lo, hi are columns j and j + HD/2,
+// c and sn the angle's cosines and sines at j, j + 1; `unrotate` reads them from table row `row` when
+// there are tables.
+__device__ __forceinline__ void unrotate_by(float2 c, float2 sn, float2& lo, float2& hi) { rope_pairs(lo, hi, c, make_float2(-sn.x, -sn.y)); }
+template <int HD>
+__device__ __forceinline__ void unrotate(const float* cos_t, const float* sin_t, int64_t row, int j, float2& lo, float2& hi) {
+    if (!cos_t) return;
+    const int64_t ti = row * (HD / 2) + j;
+    unrotate_by(*reinterpret_cast<const float2*>(cos_t + ti), *reinterpret_cast<const float2*>(sin_t + ti), lo, hi);
 }

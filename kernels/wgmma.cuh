@@ -1,5 +1,5 @@
-// What the Hopper tensor-core kernels (nf4_gemm.cu: the fused 4-bit matmul; flash_fwd_wgmma.cu: the
-// attention forward) share: whether this compilation has wgmma (sm_90a only), the 128-byte-swizzled
+// What the Hopper tensor-core kernels (nf4_gemm.cu: the fused 4-bit matmul; flash_wgmma.cu: the
+// attention kernels) share: whether this compilation has wgmma (sm_90a only), the 128-byte-swizzled
 // shared-memory tile layout and its matrix descriptors, and wgmma's fences and waits.
 #pragma once
 #include "common.cuh"

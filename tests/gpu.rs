@@ -1442,53 +1442,84 @@ fn attention_forward_backward_gqa_packed_and_decode() {
     }
 }
 
-/// The wgmma flash forward (kernels/flash_fwd_wgmma.cu: head size 128 from training's saved bf16
-/// inputs) against the CPU, and flash.cu's mma.sync kernel on the same inputs against the CPU: at the
-/// 7B training shape (4 × 512, 32 heads), with GQA (32 query heads on 8 KV heads) over a length no
-/// multiple of the 64-query block, with packed segments and padding, and shorter than one block.
+/// The wgmma flash kernels (kernels/flash_wgmma.cu: head size 128, the forward from training's saved
+/// bf16 inputs, the backward) against the CPU, and flash.cu's mma.sync kernels on the same inputs
+/// against the CPU: at the 7B training shape (4 × 512, 32 heads), with GQA (32 query heads on 8 KV
+/// heads) over a length no multiple of the 64-query and 128-key blocks, with packed segments and
+/// padding, and shorter than one block; forward and backward with RoPE tables (dq and dk rotated
+/// back), and the backward of plain attention (no tables).
 #[test]
-fn wgmma_flash_forward_matches_the_cpu() {
+fn wgmma_flash_kernels_match_the_cpu() {
     let mut rng = rand::rngs::StdRng::seed_from_u64(31);
-    println!("wgmma flash forward on this device: {}", gpu().uses_flash_wgmma());
+    println!("wgmma flash kernels on this device (forward, backward): {:?}", gpu().uses_flash_wgmma());
     for (label, sh, packed) in [
         ("7b 4x512", AttnShape::square(4, 512, 32, 32, 128), false),
         ("gqa 32/8, 77 tokens", AttnShape::square(2, 77, 32, 8, 128), false),
-        ("gqa packed+pad", AttnShape::square(2, 77, 32, 8, 128), true),
+        ("gqa packed+pad, 200 tokens", AttnShape::square(2, 200, 32, 8, 128), true),
         ("21 tokens", AttnShape::square(3, 21, 4, 2, 128), false),
     ] {
         let nq = sh.batch * sh.q_len * sh.heads * sh.head_dim;
         let nk = sh.batch * sh.kv_capacity * sh.kv_heads * sh.head_dim;
         let nl = sh.batch * sh.heads * sh.q_len;
-        let (q, k, v) = (rnd(&mut rng, nq, 1.0), rnd(&mut rng, nk, 1.0), rnd(&mut rng, nk, 1.0));
+        let (q, k, v, dout) =
+            (rnd(&mut rng, nq, 1.0), rnd(&mut rng, nk, 1.0), rnd(&mut rng, nk, 1.0), rnd(&mut rng, nq, 1.0));
         let seg: Option<Vec<u32>> = packed.then(|| {
             (0..sh.batch)
-                .flat_map(|b| (0..sh.kv_capacity).map(move |t| if b == 1 && t >= 60 { 0 } else { 1 + (t / 30) as u32 }))
+                .flat_map(|b| {
+                    (0..sh.kv_capacity).map(move |t| if b == 1 && t >= 150 { 0 } else { 1 + (t / 70) as u32 })
+                })
                 .collect()
         });
         let angles = rnd(&mut rng, sh.batch * sh.q_len * sh.head_dim / 2, std::f32::consts::PI);
         let cos: Vec<f32> = angles.iter().map(|a| a.cos()).collect();
         let sin: Vec<f32> = angles.iter().map(|a| a.sin()).collect();
+        let rope1 = RopeTables::<Cpu<f32>> { cos: &cos, sin: &sin };
         let (mut o1, mut l1) = (vec![0.0; nq], vec![0.0; nl]);
-        CPU.rope_attention(&q, &k, &v, RopeTables { cos: &cos, sin: &sin }, sh, seg.as_deref(), &mut o1, &mut l1);
+        CPU.rope_attention(&q, &k, &v, rope1, sh, seg.as_deref(), &mut o1, &mut l1);
+        let (mut dq1, mut dk1, mut dv1) = (vec![0.0; nq], vec![0.0; nk], vec![0.0; nk]);
+        #[rustfmt::skip]
+        CPU.rope_attention_backward(&q, &k, &v, rope1, &o1, &l1, &dout, sh, seg.as_deref(), &mut dq1, &mut dk1, &mut dv1);
+        // Plain attention's backward at the CPU's own forward values (no tables).
+        let (mut o0, mut l0) = (vec![0.0; nq], vec![0.0; nl]);
+        CPU.attention(&q, &k, &v, sh, seg.as_deref(), &mut o0, &mut l0);
+        let (mut dq0, mut dk0, mut dv0) = (vec![0.0; nq], vec![0.0; nk], vec![0.0; nk]);
+        CPU.attention_backward(&q, &k, &v, &o0, &l0, &dout, sh, seg.as_deref(), &mut dq0, &mut dk0, &mut dv0);
+
         let (gcos, gsin) = (gpu().upload(&cos), gpu().upload(&sin));
         let rope = RopeTables::<Cuda> { cos: &gcos, sin: &gsin };
-        let acts = gpu().attn_acts(gpu().upload(&q), gpu().upload(&k), gpu().upload(&v), rope, sh);
+        let (gq, gk, gv, gdout) = (gpu().upload(&q), gpu().upload(&k), gpu().upload(&v), gpu().upload(&dout));
+        let acts = gpu().attn_acts(gq.clone(), gk.clone(), gv.clone(), rope, sh);
         let finite = |l: &[f32]| l.iter().map(|x| if x.is_finite() { *x } else { 0.0 }).collect::<Vec<_>>();
         for wgmma in [true, false] {
-            gpu().set_flash_wgmma(wgmma);
-            let kernel = if gpu().uses_flash_wgmma() { "wgmma" } else { "mma.sync" };
+            gpu().set_flash_wgmma(wgmma, wgmma);
+            let kernel = if gpu().uses_flash_wgmma() == (true, true) { "wgmma" } else { "mma.sync" };
             let (mut o2, mut l2) = (poisoned(nq), poisoned(nl));
             gpu().rope_attention_acts(&acts, rope, sh, seg.as_deref(), &mut o2, &mut l2);
             check(&format!("{kernel} flash forward {label}"), &gpu().download(&o2), &o1, MIXED_TOL);
-            let l2 = gpu().download(&l2);
+            let l2h = gpu().download(&l2);
             assert_eq!(
                 l1.iter().map(|x| x.is_finite()).collect::<Vec<_>>(),
-                l2.iter().map(|x| x.is_finite()).collect::<Vec<_>>(),
+                l2h.iter().map(|x| x.is_finite()).collect::<Vec<_>>(),
                 "{kernel} {label}: rows without a visible key"
             );
-            check(&format!("{kernel} flash forward lse {label}"), &finite(&l2), &finite(&l1), MIXED_TOL);
+            check(&format!("{kernel} flash forward lse {label}"), &finite(&l2h), &finite(&l1), MIXED_TOL);
+            let (mut dq2, mut dk2, mut dv2) = (poisoned(nq), poisoned(nk), poisoned(nk));
+            #[rustfmt::skip]
+            gpu().rope_attention_acts_backward(&acts, rope, &o2, &l2, &gdout, sh, seg.as_deref(), &mut dq2, &mut dk2, &mut dv2);
+            for (name, got, want) in [("dq", &dq2, &dq1), ("dk", &dk2, &dk1), ("dv", &dv2, &dv1)] {
+                check(&format!("{kernel} flash backward {name} {label}"), &gpu().download(got), want, MIXED_TOL);
+            }
+            // The backward of plain attention from f32 inputs (converted to bf16 by the launcher),
+            // at the CPU's forward values.
+            let (go0, gl0) = (gpu().upload(&o0), gpu().upload(&l0));
+            let (mut dq3, mut dk3, mut dv3) = (poisoned(nq), poisoned(nk), poisoned(nk));
+            #[rustfmt::skip]
+            gpu().attention_backward(&gq, &gk, &gv, &go0, &gl0, &gdout, sh, seg.as_deref(), &mut dq3, &mut dk3, &mut dv3);
+            for (name, got, want) in [("dq", &dq3, &dq0), ("dk", &dk3, &dk0), ("dv", &dv3, &dv0)] {
+                check(&format!("{kernel} plain backward {name} {label}"), &gpu().download(got), want, MIXED_TOL);
+            }
         }
-        gpu().set_flash_wgmma(true);
+        gpu().set_flash_wgmma(true, true);
     }
 }
 

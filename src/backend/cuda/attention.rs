@@ -27,9 +27,21 @@ pub(super) enum FlashQ<'a> {
     Bf16(&'a CudaSlice<bf16>),
 }
 
-/// Dynamic shared memory of kernels/flash_fwd_wgmma.cu (`WSMEM`): Q and two stages of K and V, 64 rows
-/// × 128 bf16 each (16 KB), the two stages' 64 key segment ids, and 1,024 bytes of alignment slack.
+/// Dynamic shared memory of kernels/flash_wgmma.cu's forward (`WSMEM`): Q and two stages of K and V,
+/// 64 rows × 128 bf16 each (16 KB), the two stages' 64 key segment ids, and 1,024 bytes of alignment
+/// slack.
 pub(super) const FLASH_WGMMA_SMEM: usize = 5 * 64 * 128 * 2 + 2 * 64 * 4 + 1024;
+
+/// Dynamic shared memory of kernels/flash_wgmma.cu's backward (`BWD2_SMEM`, `BWD2_SMEM_ROPE`): K and V
+/// (128 rows × 128 bf16 each), Q and dO of two steps (64 rows each), each warpgroup's dSᵀ (64 × 64
+/// bf16); lse, delta and query segment ids of two steps (64 each) and 128 key segment ids, 4 bytes
+/// each; with RoPE tables, their cos and sin rows of two steps (64 × 72 f32); 1,024 bytes of
+/// alignment slack.
+pub(super) fn flash_wgmma_bwd_smem(rope: bool) -> usize {
+    let tiles = 2 * (2 * 128 * 128 + 2 * 2 * 64 * 128 + 2 * 64 * 64);
+    let small = 4 * (3 * 2 * 64 + 128);
+    tiles + small + if rope { 2 * 2 * 64 * 72 * 4 } else { 0 } + 1024
+}
 
 /// Warps per query row of the non-flash attention forward (kernels/attention.cu, SPLIT_WARPS).
 pub(super) const ATTENTION_SPLIT_WARPS: u32 = 8;
@@ -192,7 +204,7 @@ impl Cuda {
         out: &mut CudaSlice<f32>,
         lse: &mut CudaSlice<f32>,
     ) {
-        if let (FlashQ::Bf16(q), 128, true) = (q, sh.head_dim, self.uses_flash_wgmma()) {
+        if let (FlashQ::Bf16(q), 128, (true, _)) = (q, sh.head_dim, self.uses_flash_wgmma()) {
             return self.flash_forward_wgmma(q, (kb, vb), sh, seg, out, lse);
         }
         let kernel = if sh.head_dim == 64 { "flash_fwd_hd64" } else { "flash_fwd_hd128" };
@@ -227,7 +239,7 @@ impl Cuda {
         ck!(unsafe { b.launch(cfg) }, kernel);
     }
 
-    /// The wgmma flash forward (kernels/flash_fwd_wgmma.cu) of head size 128 from bf16 q, K and V (q
+    /// The wgmma flash forward (kernels/flash_wgmma.cu) of head size 128 from bf16 q, K and V (q
     /// and K already rotated): the same contract as `flash_fwd_hd128`.
     fn flash_forward_wgmma(
         &self,
@@ -339,7 +351,12 @@ impl Cuda {
             ck!(self.stream.memset_zeros(dk), "memset");
             ck!(self.stream.memset_zeros(dv), "memset");
         }
-        let kernel = if sh.head_dim == 64 { "flash_bwd_hd64" } else { "flash_bwd_hd128" };
+        let wgmma = sh.head_dim == 128 && self.uses_flash_wgmma().1;
+        let kernel = match (sh.head_dim, wgmma) {
+            (64, _) => "flash_bwd_hd64",
+            (_, false) => "flash_bwd_hd128",
+            (_, true) => "flash_bwd_wgmma_hd128",
+        };
         let mut b = self.stream.launch_builder(self.f(kernel));
         b.arg(qb).arg(kb).arg(vb).arg(lse).arg(delta).arg(db);
         push_opt(&mut b, seg);
@@ -348,11 +365,20 @@ impl Cuda {
         b.arg(&mut *dq).arg(&mut *dk).arg(&mut *dv);
         let g = flash_geom(sh);
         push_geom(&mut b, &g);
-        let cfg = LaunchConfig {
-            // Key blocks on z: the heaviest of every head start first (kernels/flash.cu).
-            grid_dim: (sh.kv_heads as u32, sh.batch as u32, sh.kv_len.div_ceil(64) as u32),
-            block_dim: (128, 1, 1),
-            shared_mem_bytes: flash_bwd_smem(sh.head_dim, rope.is_some()) as u32,
+        // Key blocks on z: the heaviest of every head start first. flash.cu: 64 keys and one warpgroup
+        // per block; flash_wgmma.cu: 128 keys and two.
+        let cfg = if wgmma {
+            LaunchConfig {
+                grid_dim: (sh.kv_heads as u32, sh.batch as u32, sh.kv_len.div_ceil(128) as u32),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: flash_wgmma_bwd_smem(rope.is_some()) as u32,
+            }
+        } else {
+            LaunchConfig {
+                grid_dim: (sh.kv_heads as u32, sh.batch as u32, sh.kv_len.div_ceil(64) as u32),
+                block_dim: (128, 1, 1),
+                shared_mem_bytes: flash_bwd_smem(sh.head_dim, rope.is_some()) as u32,
+            }
         };
         // SAFETY: the kernel reads its inputs within the geometry, adds into dq (zeroed above) and writes
         // the dk/dv rows below kv_len.

@@ -22,7 +22,7 @@ pub(super) fn kernel_names(module: &str) -> &'static [&'static str] {
             "flash_bwd_hd64",
             "flash_bwd_hd128",
         ],
-        "flash_fwd_wgmma" => &["flash_fwd_wgmma_hd128"],
+        "flash_wgmma" => &["flash_fwd_wgmma_hd128", "flash_bwd_wgmma_hd128"],
         "elementwise" => &[
             "add_f32",
             "add_assign_f32",

@@ -93,10 +93,11 @@ pub struct Cuda {
     /// `LLAMATUNE_XENT_TWO_PASS=0` turns them off (16-bit logits of such rows then go through the
     /// composed f32 ops; A/B runs).
     xent_two_pass: bool,
-    /// The flash forward of head size 128 from bf16 q (the training step's saved attention inputs)
-    /// runs on wgmma (kernels/flash_fwd_wgmma.cu) rather than mma.sync (flash.cu); needs `wgmma`;
-    /// `LLAMATUNE_FLASH_WGMMA=0` or [`Cuda::set_flash_wgmma`] keeps flash.cu's kernel (A/B runs).
-    flash_wgmma: std::sync::atomic::AtomicBool,
+    /// Head size 128's flash forward from bf16 q (the training step's saved attention inputs) and
+    /// flash backward run on wgmma (kernels/flash_wgmma.cu) rather than mma.sync (flash.cu); needs
+    /// `wgmma`. `LLAMATUNE_FLASH_WGMMA=0` keeps flash.cu's kernels, `=fwd` or `=bwd` takes wgmma for
+    /// that direction only; [`Cuda::set_flash_wgmma`] sets them at run time (A/B runs).
+    flash_wgmma: [std::sync::atomic::AtomicBool; 2],
     /// Bytes of L2 cache: the two-pass kernels keep the rows in flight within half of it.
     l2_bytes: usize,
     /// The side stream and buffers of offloaded checkpoints (offload.rs).
@@ -158,7 +159,7 @@ mod weights;
 mod xent;
 use adamw::AdamHyper;
 pub use attention::AttnActs;
-use attention::{flash_bwd_smem, FlashQ, FLASH_WGMMA_SMEM};
+use attention::{flash_bwd_smem, flash_wgmma_bwd_smem, FlashQ, FLASH_WGMMA_SMEM};
 use gemm::UpTail;
 pub use gemm::{Operand, OperandRef, OperandView};
 pub use graph::{Pdl, StepGraph};
@@ -264,8 +265,15 @@ impl Cuda {
                 funcs[*name].set_attribute(attr, GEMM_4BIT_TILES[i / 4].smem as i32).map_err(dev_err)?;
             }
             funcs["flash_fwd_wgmma_hd128"].set_attribute(attr, FLASH_WGMMA_SMEM as i32).map_err(dev_err)?;
+            funcs["flash_bwd_wgmma_hd128"].set_attribute(attr, flash_wgmma_bwd_smem(true) as i32).map_err(dev_err)?;
         }
-        let flash_wgmma = (wgmma && switch_on("LLAMATUNE_FLASH_WGMMA")).into();
+        let flash_wgmma = match std::env::var("LLAMATUNE_FLASH_WGMMA").as_deref() {
+            Ok("0" | "off") => [false, false],
+            Ok("fwd") => [true, false],
+            Ok("bwd") => [false, true],
+            _ => [true, true],
+        }
+        .map(|on| (on && wgmma).into());
         let smem_optin = ctx
             .attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
             .map_err(dev_err)? as usize;
@@ -410,15 +418,18 @@ impl Cuda {
         self.precise.load(std::sync::atomic::Ordering::Relaxed)
     }
 
-    /// Whether head size 128's flash forward from saved bf16 inputs runs on wgmma
-    /// (kernels/flash_fwd_wgmma.cu, the default where the device has it) or on flash.cu's mma.sync
-    /// kernel; for tests and A/B runs that compare the two. Without wgmma it stays off.
-    pub fn set_flash_wgmma(&self, on: bool) {
-        self.flash_wgmma.store(on && self.wgmma, std::sync::atomic::Ordering::Relaxed);
+    /// Whether head size 128's flash forward from saved bf16 inputs and flash backward run on wgmma
+    /// (kernels/flash_wgmma.cu, the default where the device has it) or on flash.cu's mma.sync
+    /// kernels; for tests and A/B runs that compare them. Without wgmma they stay off.
+    pub fn set_flash_wgmma(&self, forward: bool, backward: bool) {
+        for (switch, on) in self.flash_wgmma.iter().zip([forward, backward]) {
+            switch.store(on && self.wgmma, std::sync::atomic::Ordering::Relaxed);
+        }
     }
-    /// See [`Cuda::set_flash_wgmma`].
-    pub fn uses_flash_wgmma(&self) -> bool {
-        self.flash_wgmma.load(std::sync::atomic::Ordering::Relaxed)
+    /// See [`Cuda::set_flash_wgmma`]: (forward, backward).
+    pub fn uses_flash_wgmma(&self) -> (bool, bool) {
+        let on = |i: usize| self.flash_wgmma[i].load(std::sync::atomic::Ordering::Relaxed);
+        (on(0), on(1))
     }
 
     /// An uninitialized temporary for a kernel or GEMM (beta = 0) that writes every element before

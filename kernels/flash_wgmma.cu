@@ -1,0 +1,490 @@
+// Flash attention on Hopper's warpgroup products (wgmma), head_dim 128: the forward from bf16 q, k
+// and v (the training step's saved attention inputs: q and k already rotated) and the backward from
+// bf16 Q, K, V and dO. Same contracts and values as flash.cu's flash_fwd_hd128 and flash_bwd_hd128
+// (causal, GQA, segment masks, q_offset; lse saved by the forward; dq, dk rotated back by RoPE tables
+// in the backward), which serve the other calls (f32 q, head_dim 64, devices without wgmma).
+// CPU reference: Cpu::attention, Cpu::attention_backward (src/backend/cpu.rs). Launchers:
+// Cuda::flash_forward_wgmma, Cuda::flash_backward_wgmma (src/backend/cuda/attention.rs).
+//
+// Why: the mma.sync kernels issue a shared load (ldmatrix) for every two 16×8×16 products on tiles of
+// 16 rows per warp (ncu: latency-bound on that chain). Here each warpgroup (4 warps) owns 64 rows and
+// its products read their operands from shared memory themselves, through matrix descriptors over
+// tiles in the 128-byte swizzle (wgmma.cuh): K-major where the reduction runs along the head
+// dimension, MN-major (the transpose flag) where it runs along keys or queries of a row-major tile.
+// A tile of 64 or 128 rows × 128 bf16 is stored as two 64-column halves ("atoms"), rows 128 bytes
+// apart, the second half rows·128 bytes after the first. Accumulators and register A operands use
+// each warp's 16 rows as mma.m16n8k16's C and A fragments (value 4j + e: row gr + 8·(e / 2), column
+// 8j + 2·t4 + e % 2), so P and dS re-pack into A operands as in flash.cu.
+#include "flash_common.cuh"
+#include "wgmma.cuh"
+
+#define WHD 128  // head_dim
+
+#ifdef HAVE_WGMMA
+// S (m64 × n64 over the warpgroup, 32 values per thread) (+)= A · B, both from shared memory through
+// K-major descriptors; acc_in 0 ignores d's old contents.
+__device__ __forceinline__ void wgmma_ss_n64(float* d, uint64_t da, uint64_t db, int acc_in) {
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, %32, %33, p, 1, 1, 0, 0;\n}\n"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+                 : "l"(da), "l"(db), "r"(acc_in));
+}
+// O (m64 × n128, 64 values per thread) (+)= A · B: A from registers (this thread's four bf16 pairs of
+// the 64 × 16 slice, mma.m16n8k16's A layout per warp), B through an MN-major descriptor (transpose
+// flag 1).
+__device__ __forceinline__ void wgmma_rs_n128_tb(float* d, const uint32_t* a, uint64_t db, int acc_in) {
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, {%64, %65, %66, %67}, %68, p, 1, 1, 1;\n}\n"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(acc_in));
+}
+
+// Rows [row0, row0 + ROWS) of one head (row r at src + r·stride, 128 bf16) into the two swizzled
+// halves at shared address dst (the second ROWS·128 bytes after the first), zeros from row `valid` on;
+// 16-byte copies by a block of NT threads. A thread's column chunk and its row within each 8-row group
+// are fixed, so its swizzled column is too.
+template <int ROWS, int NT>
+__device__ __forceinline__ void copy_tile(uint32_t dst, const __nv_bfloat16* src, int64_t stride, int row0, int valid) {
+    constexpr int RSTEP = NT / 16;  // rows per round (a multiple of 8)
+    const int cc = threadIdx.x & 15, r = threadIdx.x >> 4;  // chunk of the 16 per row; first row
+    const uint32_t d0 = dst + (cc >> 3) * (ROWS * 128) + r * 128 + (((cc & 7) ^ (r & 7)) << 4);
+#pragma unroll
+    for (int i = 0; i < ROWS / RSTEP; i++) {
+        const int row = row0 + r + RSTEP * i;
+        const bool ok = row < valid;
+        cp_async16(d0 + i * RSTEP * 128, src + (int64_t)(ok ? row : 0) * stride + cc * 8, ok);
+    }
+}
+// O (m64 × n128) (+)= A · B with both from shared memory through MN-major descriptors (transpose flags
+// 1, 1): the backward's dQ = dS · K from dSᵀ and K as they are stored.
+__device__ __forceinline__ void wgmma_ss_n128_tt(float* d, uint64_t da, uint64_t db, int acc_in) {
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, %64, %65, p, 1, 1, 1, 1;\n}\n"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+                 : "l"(da), "l"(db), "r"(acc_in));
+}
+#endif
+
+// ---- forward ------------------------------------------------------------------------------------
+// Block: one warpgroup on 64 query rows (16 per warp), 64 keys per step in two products: S = Q·Kᵀ
+// (m64n64, Q and K K-major) and O += P·V (m64n128, P from registers, V MN-major), with the online
+// softmax between them as in flash.cu. Shared memory (dynamic, rounded up to 1024 bytes): Q, then two
+// stages of K and V, then the two stages' key segment ids; stage kb & 1 is filled by cp.async while
+// the warpgroup works on the other.
+#define WQ 64      // queries per block: one warpgroup, 16 rows per warp
+#define WK 64      // keys per step
+#define ATOM 8192  // one 64-row × 64-column bf16 half of a tile
+#define WQ_OFF 0
+#define WKV_OFF (2 * ATOM)
+#define WSTAGE (4 * ATOM)  // K's two halves, then V's
+#define WSEG_OFF (WKV_OFF + 2 * WSTAGE)
+// Bytes of dynamic shared memory a launch asks for (Cuda::flash_forward_launch: FLASH_WGMMA_SMEM):
+// the tiles, the segment ids, and up to 1023 bytes to reach 1024-byte alignment.
+#define WSMEM (WSEG_OFF + 2 * WK * 4 + 1024)
+
+
+// q (batch, q_len, heads, 128) bf16, rotated; k, v (batch, kv_cap, kv_heads, 128) bf16, rows from
+// kv_len on never read; out (batch, q_len, heads, 128) f32; lse (batch, heads, q_len), natural log of
+// Σ exp(score). Grid (heads, batch, query blocks of 64, heaviest first), 128 threads, WSMEM bytes.
+extern "C" __global__ void __launch_bounds__(128, 2) flash_fwd_wgmma_hd128(const __nv_bfloat16* q, const __nv_bfloat16* k, const __nv_bfloat16* v, const uint32_t* seg, float* out, float* lse, FGEOM_ARGS) {
+    grid_dependency_wait();
+#ifdef HAVE_WGMMA
+    MAKE_FGEOM;
+    extern __shared__ __align__(16) uint8_t dyn[];
+    const uint32_t raw = smem_addr(dyn), base = (raw + 1023) & ~1023u;
+    uint32_t* kseg = reinterpret_cast<uint32_t*>(dyn + (base - raw) + WSEG_OFF);  // [2][WK]
+    // Causal: query block qb sees qb + 1 key blocks; with the query blocks on z, last first, every
+    // head's heaviest block starts before any lighter one (as flash.cu's forward).
+    const int qb = gridDim.z - 1 - blockIdx.z, h = blockIdx.x, b = blockIdx.y;
+    const int warp = threadIdx.x / WARP, lane = threadIdx.x % WARP, gr = lane >> 2, t4 = lane & 3;
+    const int grp = h / (g.heads / g.kv_heads);
+    const float sl2 = rsqrtf((float)WHD) * LOG2E;  // scores in log2 units
+    const int r0 = qb * WQ + warp * 16 + gr, r1 = r0 + 8;
+    const uint32_t qs0 = r0 < g.q_len ? seg_of(seg, g, b, g.q_offset + r0) : 0u;
+    const uint32_t qs1 = r1 < g.q_len ? seg_of(seg, g, b, g.q_offset + r1) : 0u;
+    const int q_hi = min(g.q_len, (qb + 1) * WQ);
+    const int kv_end = min(g.kv_len, g.q_offset + q_hi);  // keys any query of this block can see
+    const int64_t kbase = ((int64_t)b * g.kv_cap * g.kv_heads + grp) * WHD, kstride = (int64_t)g.kv_heads * WHD;
+
+    copy_tile<64, 128>(base + WQ_OFF, q + ((int64_t)b * g.q_len * g.heads + h) * WHD, (int64_t)g.heads * WHD, qb * WQ, g.q_len);
+    // Key block kb into stage kb & 1, and its segment ids by plain stores that the next barrier publishes.
+    auto issue = [&](int kb) {
+        const uint32_t st = base + WKV_OFF + (kb & 1) * WSTAGE;
+        copy_tile<64, 128>(st, k + kbase, kstride, kb * WK, g.kv_len);
+        copy_tile<64, 128>(st + 2 * ATOM, v + kbase, kstride, kb * WK, g.kv_len);
+        if (threadIdx.x < WK) {
+            const int s = kb * WK + threadIdx.x;
+            kseg[(kb & 1) * WK + threadIdx.x] = s < g.kv_len ? seg_of(seg, g, b, s) : 0u;
+        }
+    };
+    if (kv_end > 0) issue(0);
+    cp_async_commit();  // Q with the first key block
+
+    // O: accumulator value 4j + e is row r0 (e < 2) or r1, column 8j + 2·t4 + e % 2 (wgmma's m64nN
+    // layout: each warp's 16 rows as mma.m16n8k16's C tiles side by side); S likewise over 64 keys.
+    float o[WHD / 2];
+#pragma unroll
+    for (int i = 0; i < WHD / 2; i++) o[i] = 0.f;
+    float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.f, l1 = 0.f;
+    for (int kb = 0; kb * WK < kv_end; kb++) {
+        const int buf = kb & 1;
+        cp_async_wait<0>();  // this thread's copies of block kb (and Q) have landed ...
+        fence_proxy_async(); // ... visible to wgmma's reads ...
+        __syncthreads();     // ... everyone's too, and every warp is done with block kb − 1's stage
+        if ((kb + 1) * WK < kv_end) issue(kb + 1);
+        cp_async_commit();
+        const uint32_t st = base + WKV_OFF + buf * WSTAGE;
+
+        // S = Q·Kᵀ over the head's 128 columns: 8 k16 steps, 32 bytes apart within each half.
+        float sc[WK / 2];
+#pragma unroll
+        for (int i = 0; i < WK / 2; i++) sc[i] = 0.f;
+        wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < WHD / 16; kk++) {
+            const uint32_t off = (kk >> 2) * ATOM + (kk & 3) * 32;
+            wgmma_ss_n64(sc, desc_sw128(base + WQ_OFF + off), desc_sw128(st + off), kk > 0);
+        }
+        wgmma_commit();
+        wgmma_wait<0>();
+#pragma unroll
+        for (int i = 0; i < WK / 2; i++) pin(sc[i]);
+
+        // Mask, scale, and the running max of each of this thread's two rows. A tile wholly below the
+        // diagonal, inside both lengths and without segments needs no mask.
+        const bool full = !seg && (qb + 1) * WQ <= g.q_len && (kb + 1) * WK <= g.kv_len &&
+                          (kb + 1) * WK - 1 <= g.q_offset + qb * WQ;
+        float mx0 = -INFINITY, mx1 = -INFINITY;
+#pragma unroll
+        for (int j = 0; j < WK / 8; j++) {
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                const int sl = j * 8 + 2 * t4 + (e & 1), s = kb * WK + sl;
+                const uint32_t ks = kseg[buf * WK + sl];
+                const bool vis = full || (e < 2 ? sees(g, r0, qs0, s, ks) : sees(g, r1, qs1, s, ks));
+                sc[4 * j + e] = vis ? sc[4 * j + e] * sl2 : -INFINITY;
+            }
+            mx0 = fmaxf(mx0, fmaxf(sc[4 * j], sc[4 * j + 1]));
+            mx1 = fmaxf(mx1, fmaxf(sc[4 * j + 2], sc[4 * j + 3]));
+        }
+        // The four lanes of a quad hold one row between them.
+        mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 1));
+        mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 2));
+        mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 1));
+        mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
+        const float n0 = fmaxf(m0, mx0), n1 = fmaxf(m1, mx1);
+        // Exponents relative to the new max, or to 0 for a row that has seen nothing yet (m = -inf):
+        // masked scores (-inf) then give p = 0 and the old sums' factor is 0 or 1 with no NaN.
+        const float b0 = n0 == -INFINITY ? 0.f : n0, b1 = n1 == -INFINITY ? 0.f : n1;
+        const float c0 = exp2_ftz(m0 - b0), c1 = exp2_ftz(m1 - b1);
+        m0 = n0;
+        m1 = n1;
+        float s0 = 0.f, s1 = 0.f;
+#pragma unroll
+        for (int j = 0; j < WK / 8; j++) {
+            sc[4 * j] = exp2_ftz(sc[4 * j] - b0);
+            sc[4 * j + 1] = exp2_ftz(sc[4 * j + 1] - b0);
+            sc[4 * j + 2] = exp2_ftz(sc[4 * j + 2] - b1);
+            sc[4 * j + 3] = exp2_ftz(sc[4 * j + 3] - b1);
+            s0 += sc[4 * j] + sc[4 * j + 1];
+            s1 += sc[4 * j + 2] + sc[4 * j + 3];
+        }
+        l0 = l0 * c0 + s0;
+        l1 = l1 * c1 + s1;
+        if (__any_sync(0xffffffffu, c0 != 1.f || c1 != 1.f)) {
+#pragma unroll
+            for (int j = 0; j < WHD / 8; j++) {
+                o[4 * j] *= c0;
+                o[4 * j + 1] *= c0;
+                o[4 * j + 2] *= c1;
+                o[4 * j + 3] *= c1;
+            }
+        }
+        // O += P·V: P's k16 slice kk is score tiles 2kk and 2kk + 1 re-packed (an A fragment); V's rows
+        // 16kk.. of both halves through one MN-major descriptor (halves ATOM apart).
+        // All of P packed before the fence: registers written between two products of one batch
+        // make the compiler add a fence before each.
+        uint32_t pa[WK / 16][4];
+#pragma unroll
+        for (int kk = 0; kk < WK / 16; kk++) {
+            pa[kk][0] = pack_bf16(sc[8 * kk], sc[8 * kk + 1]);
+            pa[kk][1] = pack_bf16(sc[8 * kk + 2], sc[8 * kk + 3]);
+            pa[kk][2] = pack_bf16(sc[8 * kk + 4], sc[8 * kk + 5]);
+            pa[kk][3] = pack_bf16(sc[8 * kk + 6], sc[8 * kk + 7]);
+        }
+        wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < WK / 16; kk++) wgmma_rs_n128_tb(o, pa[kk], desc_sw128_mn(st + 2 * ATOM + kk * 2048, ATOM), 1);
+        wgmma_commit();
+        wgmma_wait<0>();
+#pragma unroll
+        for (int i = 0; i < WHD / 2; i++) pin(o[i]);
+    }
+    l0 += __shfl_xor_sync(0xffffffffu, l0, 1);
+    l0 += __shfl_xor_sync(0xffffffffu, l0, 2);
+    l1 += __shfl_xor_sync(0xffffffffu, l1, 1);
+    l1 += __shfl_xor_sync(0xffffffffu, l1, 2);
+    const float i0 = l0 > 0.f ? 1.f / l0 : 0.f, i1 = l1 > 0.f ? 1.f / l1 : 0.f;
+    if (r0 < g.q_len) {
+        float* po = out + (((int64_t)b * g.q_len + r0) * g.heads + h) * WHD;
+#pragma unroll
+        for (int j = 0; j < WHD / 8; j++) *reinterpret_cast<float2*>(po + j * 8 + 2 * t4) = make_float2(o[4 * j] * i0, o[4 * j + 1] * i0);
+        if (t4 == 0) lse[((int64_t)b * g.heads + h) * g.q_len + r0] = l0 > 0.f ? m0 * LN2 + logf(l0) : -INFINITY;
+    }
+    if (r1 < g.q_len) {
+        float* po = out + (((int64_t)b * g.q_len + r1) * g.heads + h) * WHD;
+#pragma unroll
+        for (int j = 0; j < WHD / 8; j++) *reinterpret_cast<float2*>(po + j * 8 + 2 * t4) = make_float2(o[4 * j + 2] * i1, o[4 * j + 3] * i1);
+        if (t4 == 0) lse[((int64_t)b * g.heads + h) * g.q_len + r1] = l1 > 0.f ? m1 * LN2 + logf(l1) : -INFINITY;
+    }
+#else
+    __trap();  // built for an arch without wgmma; the host never launches it there
+#endif
+}
+
+// ---- backward -----------------------------------------------------------------------------------
+// Block: two warpgroups on 128 keys of one (batch, kv head), warpgroup w on keys 64w.. of them; they
+// walk the (head of the GQA group, block of 64 queries) steps that can see these keys together,
+// sharing each step's Q and dO tiles (and lse, delta, segment ids, RoPE rows). Per step and
+// warpgroup, with P = exp(S − lse) and dS = P ⊙ (dP − delta)·scale:
+//   Sᵀ = K·Qᵀ and dPᵀ = V·dOᵀ   (m64n64, K/V rows as A and Q/dO as B, all K-major),
+//   dV += Pᵀ·dO and dK += dSᵀ·Q (m64n128, P and dS from registers, dO and Q MN-major),
+//   dQ  = dS·K                   (m64n128, dSᵀ through shared memory as an MN-major A, K MN-major),
+// dV and dK stay in registers to the end; each warpgroup adds its dQ (rotated back with tables) into
+// dq by vector reductions (dq must be zero beforehand), as flash.cu's backward does per 64 keys.
+// A warpgroup whose keys all follow the step's queries skips the step (its products would be 0).
+#define BK2 128    // keys per block
+#define BQ2 64     // queries per step
+#define ROPE_LD 72 // floats per staged RoPE table row (64 used): a quad's float2 reads of 8 rows hit 2 wavefronts
+// Shared memory (bytes from the 1024-aligned base).
+#define B_K 0                        // K: two 16 KB halves of 128 rows
+#define B_V (B_K + 2 * 16384)        // V: likewise
+#define B_Q (B_V + 2 * 16384)        // Q of two steps: two 8 KB halves of 64 rows each
+#define B_DO (B_Q + 2 * 16384)       // dO of two steps: likewise
+#define B_DS (B_DO + 2 * 16384)      // dSᵀ of each warpgroup: 64 keys × 64 queries (one 8 KB half)
+#define B_SMALL (B_DS + 2 * 8192)    // lse[2][64], delta[2][64] (f32), query segments [2][64], key segments [128]
+#define B_ROPE (B_SMALL + 4 * (3 * 2 * BQ2 + BK2))  // cos[2][64][ROPE_LD], then sin (f32), with tables
+// Bytes of dynamic shared memory a launch asks for (Cuda::flash_backward_wgmma: FLASH_WGMMA_BWD_SMEM),
+// with and without RoPE tables, 1,024 bytes of alignment slack included.
+#define BWD2_SMEM (B_ROPE + 1024)
+#define BWD2_SMEM_ROPE (B_ROPE + 2 * 2 * BQ2 * ROPE_LD * 4 + 1024)
+
+// q, dout (batch, q_len, heads, 128) bf16 (q rotated); k, v (batch, kv_cap, kv_heads, 128) bf16 (k
+// rotated); lse, delta (batch, heads, q_len); cos_t, sin_t: null, or the RoPE tables (batch·q_len,
+// 64) that rotated q and k (dq, dk come out un-rotated); dq (f32, zeroed) += ; dk, dv (f32) rows below
+// kv_len written. Grid (kv heads, batch, key blocks of 128, heaviest first), 256 threads.
+extern "C" __global__ void __launch_bounds__(256, 1) flash_bwd_wgmma_hd128(const __nv_bfloat16* q, const __nv_bfloat16* k, const __nv_bfloat16* v, const float* lse, const float* delta, const __nv_bfloat16* dout, const uint32_t* seg, const float* cos_t, const float* sin_t, float* dq, float* dk, float* dv, FGEOM_ARGS) {
+    grid_dependency_wait();
+#ifdef HAVE_WGMMA
+    MAKE_FGEOM;
+    extern __shared__ __align__(16) uint8_t dyn[];
+    const uint32_t raw = smem_addr(dyn), base = (raw + 1023) & ~1023u;
+    uint8_t* const sp = dyn + (base - raw);
+    float* const s_lse = reinterpret_cast<float*>(sp + B_SMALL);  // [2][BQ2]
+    float* const s_delta = s_lse + 2 * BQ2;                         // [2][BQ2]
+    uint32_t* const s_qseg = reinterpret_cast<uint32_t*>(s_delta + 2 * BQ2);  // [2][BQ2]
+    uint32_t* const s_kseg = s_qseg + 2 * BQ2;                                // [BK2]
+    float* const s_cos = reinterpret_cast<float*>(sp + B_ROPE);  // [2][BQ2][ROPE_LD]
+    float* const s_sin = s_cos + 2 * BQ2 * ROPE_LD;
+    // Key block kb is seen by the queries from kb·BK2 on, so the low ones carry the most steps; on z
+    // they start first for every head (as flash.cu's backward).
+    const int kb = blockIdx.z, grp = blockIdx.x, b = blockIdx.y;
+    const int wg = threadIdx.x >> 7, warp = (threadIdx.x >> 5) & 3, lane = threadIdx.x & 31, gr = lane >> 2, t4 = lane & 3;
+    const int rep = g.heads / g.kv_heads;
+    const float scale = rsqrtf((float)WHD), sl2 = scale * LOG2E;
+    const int64_t kbase = ((int64_t)b * g.kv_cap * g.kv_heads + grp) * WHD, kstride = (int64_t)g.kv_heads * WHD;
+    const int64_t qstride = (int64_t)g.heads * WHD;
+    const int key0 = kb * BK2 + 64 * wg;  // this warpgroup's first key
+    // The first query that can see key kb·BK2 is at position kb·BK2, i.e. query index kb·BK2 − q_offset.
+    const int qb0 = max(0, kb * BK2 - g.q_offset) / BQ2;
+    const int nq = max(0, (g.q_len + BQ2 - 1) / BQ2 - qb0), steps = rep * nq;  // (head, query block) pairs
+    struct Step {
+        int h, qb;
+        int64_t qbase;  // offset of (b, query 0, head h) in q, dout, dq
+    };
+    auto step_of = [&](int it) {
+        const int hi = rep == 1 ? 0 : it / nq, h = grp * rep + hi;
+        return Step{h, qb0 + it - hi * nq, (int64_t)b * g.q_len * g.heads * WHD + (int64_t)h * WHD};
+    };
+    // Step it's Q and dO tiles, lse, delta and table rows into buffer it & 1 by cp.async, and its query
+    // segment ids by plain stores that the next barrier publishes.
+    auto issue = [&](int it) {
+        const Step st = step_of(it);
+        const int buf = it & 1, t0 = st.qb * BQ2;
+        copy_tile<BQ2, 256>(base + B_Q + buf * 16384, q + st.qbase, qstride, t0, g.q_len);
+        copy_tile<BQ2, 256>(base + B_DO + buf * 16384, dout + st.qbase, qstride, t0, g.q_len);
+        if (cos_t) {  // 64 rows × 16 chunks of 4 floats, 4 rounds of 16 rows
+            const int c = (threadIdx.x & 15) * 4, r = threadIdx.x >> 4;
+#pragma unroll
+            for (int i = 0; i < BQ2 / 16; i++) {
+                const int row = r + 16 * i, t = t0 + row;
+                const bool ok = t < g.q_len;
+                const int64_t off = ((int64_t)b * g.q_len + (ok ? t : 0)) * (WHD / 2) + c;
+                cp_async16(smem_addr(s_cos + (buf * BQ2 + row) * ROPE_LD + c), cos_t + off, ok);
+                cp_async16(smem_addr(s_sin + (buf * BQ2 + row) * ROPE_LD + c), sin_t + off, ok);
+            }
+        }
+        if (threadIdx.x < BQ2) {
+            const int t = t0 + threadIdx.x;
+            const bool ok = t < g.q_len;
+            const int64_t li = ((int64_t)b * g.heads + st.h) * g.q_len + t;
+            cp_async4(smem_addr(s_lse + buf * BQ2 + threadIdx.x), lse + (ok ? li : 0), ok);
+            cp_async4(smem_addr(s_delta + buf * BQ2 + threadIdx.x), delta + (ok ? li : 0), ok);
+            s_qseg[buf * BQ2 + threadIdx.x] = ok ? seg_of(seg, g, b, g.q_offset + t) : 0u;
+        }
+    };
+    copy_tile<BK2, 256>(base + B_K, k + kbase, kstride, kb * BK2, g.kv_len);
+    copy_tile<BK2, 256>(base + B_V, v + kbase, kstride, kb * BK2, g.kv_len);
+    if (threadIdx.x < BK2) {
+        const int s = kb * BK2 + threadIdx.x;
+        s_kseg[threadIdx.x] = s < g.kv_len ? seg_of(seg, g, b, s) : 0u;
+    }
+    if (steps > 0) issue(0);
+    cp_async_commit();
+
+    float dka[WHD / 2], dva[WHD / 2];  // rows: keys key0 + 16·warp + gr (+8); columns: d
+#pragma unroll
+    for (int i = 0; i < WHD / 2; i++) dka[i] = dva[i] = 0.f;
+    // This warpgroup's rows of K and V (64 of each half's 128) and its dSᵀ tile.
+    const uint32_t kw = base + B_K + wg * 64 * 128, vw = base + B_V + wg * 64 * 128, dsw = base + B_DS + wg * 8192;
+    uint8_t* const ds_rows = sp + B_DS + wg * 8192;
+    const int kl0 = 64 * wg + 16 * warp + gr, kl1 = kl0 + 8;  // this thread's key rows within the block
+    for (int it = 0; it < steps; it++) {
+        cp_async_wait<0>();   // this thread's copies of step it (and, first, of K and V) have landed ...
+        fence_proxy_async();  // ... visible to wgmma's reads ...
+        __syncthreads();      // ... everyone's too; step it − 1's buffers are no longer read
+        if (it + 1 < steps) issue(it + 1);
+        cp_async_commit();
+        const Step cur = step_of(it);
+        const int buf = it & 1, qb = cur.qb;
+        if (key0 >= g.kv_len || key0 > g.q_offset + qb * BQ2 + BQ2 - 1) continue;  // nothing this step sees
+        const uint32_t qt = base + B_Q + buf * 16384, dot = base + B_DO + buf * 16384;
+
+        // Sᵀ = K·Qᵀ and dPᵀ = V·dOᵀ over the head's 128 columns: 8 k16 steps, 32 bytes apart within
+        // each half (K/V halves 16 KB apart, Q/dO halves 8 KB).
+        float sc[BQ2 / 2], dp[BQ2 / 2];
+#pragma unroll
+        for (int i = 0; i < BQ2 / 2; i++) sc[i] = dp[i] = 0.f;
+        wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < WHD / 16; kk++)
+            wgmma_ss_n64(sc, desc_sw128(kw + (kk >> 2) * 16384 + (kk & 3) * 32), desc_sw128(qt + (kk >> 2) * 8192 + (kk & 3) * 32), kk > 0);
+#pragma unroll
+        for (int kk = 0; kk < WHD / 16; kk++)
+            wgmma_ss_n64(dp, desc_sw128(vw + (kk >> 2) * 16384 + (kk & 3) * 32), desc_sw128(dot + (kk >> 2) * 8192 + (kk & 3) * 32), kk > 0);
+        wgmma_commit();
+        wgmma_wait<0>();
+#pragma unroll
+        for (int i = 0; i < BQ2 / 2; i++) {
+            pin(sc[i]);
+            pin(dp[i]);
+        }
+        // P and dS in place of Sᵀ and dPᵀ (rows: keys, columns: queries); no mask for a tile wholly
+        // below the diagonal, inside both lengths and without segments.
+        const bool full = !seg && (qb + 1) * BQ2 <= g.q_len && key0 + 64 <= g.kv_len && key0 + 63 <= g.q_offset + qb * BQ2;
+#pragma unroll
+        for (int j = 0; j < BQ2 / 8; j++) {
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                const int ql = j * 8 + 2 * t4 + (e & 1), kl = e < 2 ? kl0 : kl1;
+                const bool vis = full || sees(g, qb * BQ2 + ql, s_qseg[buf * BQ2 + ql], kb * BK2 + kl, s_kseg[kl]);
+                const float p = vis ? exp2_ftz(sc[4 * j + e] * sl2 - s_lse[buf * BQ2 + ql] * LOG2E) : 0.f;
+                sc[4 * j + e] = p;
+                dp[4 * j + e] = p * (dp[4 * j + e] - s_delta[buf * BQ2 + ql]) * scale;
+            }
+        }
+        // P and dS as A operands (k16 slice kk: query tiles 2kk, 2kk + 1), and dSᵀ into this
+        // warpgroup's tile as dQ's MN-major A: row = key, 16-byte chunk j = queries 8j.., swizzled.
+        uint32_t pa[BQ2 / 16][4], da[BQ2 / 16][4];
+#pragma unroll
+        for (int kk = 0; kk < BQ2 / 16; kk++) {
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                pa[kk][e] = pack_bf16(sc[8 * kk + 2 * e], sc[8 * kk + 2 * e + 1]);
+                da[kk][e] = pack_bf16(dp[8 * kk + 2 * e], dp[8 * kk + 2 * e + 1]);
+            }
+        }
+        {
+            const int r0 = 16 * warp + gr;  // local key row (r0 + 8 has the same swizzle)
+#pragma unroll
+            for (int kk = 0; kk < BQ2 / 16; kk++) {
+#pragma unroll
+                for (int e = 0; e < 4; e++) {  // e: (row r0 | r0 + 8) × (query tile 2kk | 2kk + 1)
+                    const int row = r0 + 8 * (e & 1), j = 2 * kk + (e >> 1);
+                    *reinterpret_cast<uint32_t*>(ds_rows + row * 128 + ((j ^ (r0 & 7)) << 4) + 4 * t4) = da[kk][e];
+                }
+            }
+        }
+        // dV += Pᵀ·dO and dK += dSᵀ·Q: the tiles' rows 16kk.. of both halves (8 KB apart) per k16 step.
+        wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < BQ2 / 16; kk++) wgmma_rs_n128_tb(dva, pa[kk], desc_sw128_mn(dot + kk * 2048, 8192), 1);
+#pragma unroll
+        for (int kk = 0; kk < BQ2 / 16; kk++) wgmma_rs_n128_tb(dka, da[kk], desc_sw128_mn(qt + kk * 2048, 8192), 1);
+        wgmma_commit();
+        // dQ (64 queries × 128) = dS (64 × this warpgroup's 64 keys) · K: dSᵀ's rows 16kk.. (one
+        // half: no leading offset) and K's rows 64w + 16kk.. of both halves (16 KB apart).
+        fence_proxy_async();  // this thread's dSᵀ stores, visible to wgmma ...
+        asm volatile("bar.sync %0, 128;\n" ::"r"(1 + wg) : "memory");  // ... and the warpgroup's
+        float dqa[WHD / 2];
+#pragma unroll
+        for (int i = 0; i < WHD / 2; i++) dqa[i] = 0.f;
+        wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < 64 / 16; kk++)
+            wgmma_ss_n128_tt(dqa, desc_sw128_mn(dsw + kk * 2048, 8192), desc_sw128_mn(kw + kk * 2048, 16384), kk > 0);
+        wgmma_commit();
+        wgmma_wait<0>();
+#pragma unroll
+        for (int i = 0; i < WHD / 2; i++) pin(dqa[i]);
+        // dQ rows: queries 16·warp + gr (+8) of the step; column j's RoPE partner j + 64 is value
+        // 4(jt + 8) + e of the same thread.
+#pragma unroll
+        for (int e2 = 0; e2 < 2; e2++) {
+            const int ql = 16 * warp + gr + 8 * e2, t = qb * BQ2 + ql;
+            if (t >= g.q_len) continue;
+            float2 v2[WHD / 8];
+#pragma unroll
+            for (int jt = 0; jt < WHD / 8; jt++) v2[jt] = make_float2(dqa[4 * jt + 2 * e2], dqa[4 * jt + 2 * e2 + 1]);
+            if (cos_t) {
+                const float* cr = s_cos + (buf * BQ2 + ql) * ROPE_LD + 2 * t4;
+                const float* sr = s_sin + (buf * BQ2 + ql) * ROPE_LD + 2 * t4;
+#pragma unroll
+                for (int jt = 0; jt < WHD / 16; jt++)
+                    unrotate_by(*reinterpret_cast<const float2*>(cr + 8 * jt), *reinterpret_cast<const float2*>(sr + 8 * jt), v2[jt], v2[jt + WHD / 16]);
+            }
+            float* p = dq + cur.qbase + (int64_t)t * qstride + 2 * t4;
+#pragma unroll
+            for (int jt = 0; jt < WHD / 8; jt++) red_add2(p + 8 * jt, v2[jt]);
+        }
+    }
+    wgmma_wait<0>();
+#pragma unroll
+    for (int i = 0; i < WHD / 2; i++) {
+        pin(dka[i]);
+        pin(dva[i]);
+    }
+    // dK, dV rows of this warpgroup: only this block writes them (dK rotated back with tables).
+#pragma unroll
+    for (int e2 = 0; e2 < 2; e2++) {
+        const int s = kb * BK2 + (e2 ? kl1 : kl0);
+        if (s >= g.kv_len) continue;
+        float* pk = dk + kbase + (int64_t)s * kstride;
+        float* pv = dv + kbase + (int64_t)s * kstride;
+#pragma unroll
+        for (int jt = 0; jt < WHD / 16; jt++) {
+            const int d = jt * 8 + 2 * t4;
+            float2 lo = make_float2(dka[4 * jt + 2 * e2], dka[4 * jt + 2 * e2 + 1]);
+            float2 hi = make_float2(dka[4 * (jt + WHD / 16) + 2 * e2], dka[4 * (jt + WHD / 16) + 2 * e2 + 1]);
+            unrotate<WHD>(cos_t, sin_t, (int64_t)b * g.kv_cap + s, d, lo, hi);
+            *reinterpret_cast<float2*>(pk + d) = lo;
+            *reinterpret_cast<float2*>(pk + d + WHD / 2) = hi;
+        }
+#pragma unroll
+        for (int jt = 0; jt < WHD / 8; jt++)
+            *reinterpret_cast<float2*>(pv + jt * 8 + 2 * t4) = make_float2(dva[4 * jt + 2 * e2], dva[4 * jt + 2 * e2 + 1]);
+    }
+#else
+    __trap();  // built for an arch without wgmma; the host never launches it there
+#endif
+}
