@@ -361,7 +361,8 @@ extern "C" __global__ void __launch_bounds__(256, 1) flash_bwd_wgmma_hd128(const
         const uint32_t qt = base + B_Q + buf * 16384, dot = base + B_DO + buf * 16384;
 
         // Sᵀ = K·Qᵀ and dPᵀ = V·dOᵀ over the head's 128 columns: 8 k16 steps, 32 bytes apart within
-        // each half (K/V halves 16 KB apart, Q/dO halves 8 KB).
+        // each half (K/V halves 16 KB apart, Q/dO halves 8 KB), committed apart so that P is computed
+        // while dPᵀ's products run, and dS while dV's run.
         float sc[BQ2 / 2], dp[BQ2 / 2];
 #pragma unroll
         for (int i = 0; i < BQ2 / 2; i++) sc[i] = dp[i] = 0.f;
@@ -369,41 +370,75 @@ extern "C" __global__ void __launch_bounds__(256, 1) flash_bwd_wgmma_hd128(const
 #pragma unroll
         for (int kk = 0; kk < WHD / 16; kk++)
             wgmma_ss_n64(sc, desc_sw128(kw + (kk >> 2) * 16384 + (kk & 3) * 32), desc_sw128(qt + (kk >> 2) * 8192 + (kk & 3) * 32), kk > 0);
+        wgmma_commit();
 #pragma unroll
         for (int kk = 0; kk < WHD / 16; kk++)
             wgmma_ss_n64(dp, desc_sw128(vw + (kk >> 2) * 16384 + (kk & 3) * 32), desc_sw128(dot + (kk >> 2) * 8192 + (kk & 3) * 32), kk > 0);
         wgmma_commit();
-        wgmma_wait<0>();
+        wgmma_wait<1>();  // Sᵀ
 #pragma unroll
-        for (int i = 0; i < BQ2 / 2; i++) {
-            pin(sc[i]);
-            pin(dp[i]);
-        }
-        // P and dS in place of Sᵀ and dPᵀ (rows: keys, columns: queries); no mask for a tile wholly
-        // below the diagonal, inside both lengths and without segments.
+        for (int i = 0; i < BQ2 / 2; i++) pin(sc[i]);
+        // P = exp(S − lse) in place of Sᵀ (rows: keys, columns: queries). Value 4j + e is column
+        // 8j + 2·t4 + e % 2, so each j's lse (and delta) of the thread's two columns is one 8-byte
+        // load. A tile wholly below the diagonal, inside both lengths and without segments takes no
+        // mask (uniform over the warpgroup); otherwise a select per value, with no branch.
+        const float2* lse2 = reinterpret_cast<const float2*>(s_lse + buf * BQ2) + t4;
+        const float2* delta2 = reinterpret_cast<const float2*>(s_delta + buf * BQ2) + t4;
         const bool full = !seg && (qb + 1) * BQ2 <= g.q_len && key0 + 64 <= g.kv_len && key0 + 63 <= g.q_offset + qb * BQ2;
+        if (full) {
+#pragma unroll
+            for (int j = 0; j < BQ2 / 8; j++) {
+                const float2 l = lse2[4 * j];
+                const float l0 = l.x * LOG2E, l1 = l.y * LOG2E;
+                sc[4 * j] = exp2_ftz(fmaf(sc[4 * j], sl2, -l0));
+                sc[4 * j + 1] = exp2_ftz(fmaf(sc[4 * j + 1], sl2, -l1));
+                sc[4 * j + 2] = exp2_ftz(fmaf(sc[4 * j + 2], sl2, -l0));
+                sc[4 * j + 3] = exp2_ftz(fmaf(sc[4 * j + 3], sl2, -l1));
+            }
+        } else {
+            const int s0 = kb * BK2 + kl0;
+            const uint32_t ks0 = s_kseg[kl0], ks1 = s_kseg[kl1];
+            const uint2* qseg2 = reinterpret_cast<const uint2*>(s_qseg + buf * BQ2) + t4;
+#pragma unroll
+            for (int j = 0; j < BQ2 / 8; j++) {
+                const float2 l = lse2[4 * j];
+                const uint2 qs = qseg2[4 * j];
+                const int t = qb * BQ2 + 8 * j + 2 * t4;
+#pragma unroll
+                for (int e = 0; e < 4; e++) {
+                    const bool vis = sees(g, t + (e & 1), e & 1 ? qs.y : qs.x, s0 + 8 * (e >> 1), e < 2 ? ks0 : ks1);
+                    const float p = exp2_ftz(fmaf(sc[4 * j + e], sl2, -(e & 1 ? l.y : l.x) * LOG2E));
+                    sc[4 * j + e] = vis ? p : 0.f;
+                }
+            }
+        }
+        // dV += Pᵀ·dO: P as A operands (k16 slice kk: query tiles 2kk, 2kk + 1), dO's rows 16kk.. of
+        // both halves (8 KB apart) per k16 step.
+        uint32_t pa[BQ2 / 16][4];
+#pragma unroll
+        for (int kk = 0; kk < BQ2 / 16; kk++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) pa[kk][e] = pack_bf16(sc[8 * kk + 2 * e], sc[8 * kk + 2 * e + 1]);
+        wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < BQ2 / 16; kk++) wgmma_rs_n128_tb(dva, pa[kk], desc_sw128_mn(dot + kk * 2048, 8192), 1);
+        wgmma_commit();
+        wgmma_wait<1>();  // dPᵀ
+#pragma unroll
+        for (int i = 0; i < BQ2 / 2; i++) pin(dp[i]);
+        // dS = P ⊙ (dP − delta)·scale in place of dPᵀ; as A operands, and dSᵀ into this warpgroup's
+        // tile as dQ's MN-major A: row = key, 16-byte chunk j = queries 8j.., swizzled.
 #pragma unroll
         for (int j = 0; j < BQ2 / 8; j++) {
+            const float2 d = delta2[4 * j];
 #pragma unroll
-            for (int e = 0; e < 4; e++) {
-                const int ql = j * 8 + 2 * t4 + (e & 1), kl = e < 2 ? kl0 : kl1;
-                const bool vis = full || sees(g, qb * BQ2 + ql, s_qseg[buf * BQ2 + ql], kb * BK2 + kl, s_kseg[kl]);
-                const float p = vis ? exp2_ftz(sc[4 * j + e] * sl2 - s_lse[buf * BQ2 + ql] * LOG2E) : 0.f;
-                sc[4 * j + e] = p;
-                dp[4 * j + e] = p * (dp[4 * j + e] - s_delta[buf * BQ2 + ql]) * scale;
-            }
+            for (int e = 0; e < 4; e++) dp[4 * j + e] = sc[4 * j + e] * (dp[4 * j + e] - (e & 1 ? d.y : d.x)) * scale;
         }
-        // P and dS as A operands (k16 slice kk: query tiles 2kk, 2kk + 1), and dSᵀ into this
-        // warpgroup's tile as dQ's MN-major A: row = key, 16-byte chunk j = queries 8j.., swizzled.
-        uint32_t pa[BQ2 / 16][4], da[BQ2 / 16][4];
+        uint32_t da[BQ2 / 16][4];
 #pragma unroll
-        for (int kk = 0; kk < BQ2 / 16; kk++) {
+        for (int kk = 0; kk < BQ2 / 16; kk++)
 #pragma unroll
-            for (int e = 0; e < 4; e++) {
-                pa[kk][e] = pack_bf16(sc[8 * kk + 2 * e], sc[8 * kk + 2 * e + 1]);
-                da[kk][e] = pack_bf16(dp[8 * kk + 2 * e], dp[8 * kk + 2 * e + 1]);
-            }
-        }
+            for (int e = 0; e < 4; e++) da[kk][e] = pack_bf16(dp[8 * kk + 2 * e], dp[8 * kk + 2 * e + 1]);
         {
             const int r0 = 16 * warp + gr;  // local key row (r0 + 8 has the same swizzle)
 #pragma unroll
@@ -415,10 +450,8 @@ extern "C" __global__ void __launch_bounds__(256, 1) flash_bwd_wgmma_hd128(const
                 }
             }
         }
-        // dV += Pᵀ·dO and dK += dSᵀ·Q: the tiles' rows 16kk.. of both halves (8 KB apart) per k16 step.
+        // dK += dSᵀ·Q, Q's rows as dO's above.
         wgmma_fence();
-#pragma unroll
-        for (int kk = 0; kk < BQ2 / 16; kk++) wgmma_rs_n128_tb(dva, pa[kk], desc_sw128_mn(dot + kk * 2048, 8192), 1);
 #pragma unroll
         for (int kk = 0; kk < BQ2 / 16; kk++) wgmma_rs_n128_tb(dka, da[kk], desc_sw128_mn(qt + kk * 2048, 8192), 1);
         wgmma_commit();
