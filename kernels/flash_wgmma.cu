@@ -17,6 +17,7 @@
 // 8j + 2·t4 + e % 2), so P and dS re-pack into A operands as in flash.cu.
 #include "flash_common.cuh"
 #include "wgmma.cuh"
+#include <type_traits>
 
 #define WHD 128  // head_dim
 
@@ -43,11 +44,16 @@ __device__ __forceinline__ void wgmma_rs_n128_tb(float* d, const uint32_t* a, ui
 // halves at shared address dst (the second ROWS·128 bytes after the first), zeros from row `valid` on;
 // 16-byte copies by a block of NT threads. A thread's column chunk and its row within each 8-row group
 // are fixed, so its swizzled column is too.
-template <int ROWS, int NT>
+// With PAIRED, 16-byte chunk c of a row is stored at position swap23(c) (bits 2 and 3 of c swapped):
+// the first half then holds columns 0..31 and 64..95, the second 32..63 and 96..127, so a product
+// whose N is one half still has each column's RoPE partner (j + 64) beside it.
+__device__ __forceinline__ int swap23(int c) { return (c & 3) | ((c >> 1) & 4) | ((c << 1) & 8); }
+template <int ROWS, int NT, bool PAIRED = false>
 __device__ __forceinline__ void copy_tile(uint32_t dst, const __nv_bfloat16* src, int64_t stride, int row0, int valid) {
     constexpr int RSTEP = NT / 16;  // rows per round (a multiple of 8)
     const int cc = threadIdx.x & 15, r = threadIdx.x >> 4;  // chunk of the 16 per row; first row
-    const uint32_t d0 = dst + (cc >> 3) * (ROWS * 128) + r * 128 + (((cc & 7) ^ (r & 7)) << 4);
+    const int pos = PAIRED ? swap23(cc) : cc;
+    const uint32_t d0 = dst + (pos >> 3) * (ROWS * 128) + r * 128 + (((pos & 7) ^ (r & 7)) << 4);
 #pragma unroll
     for (int i = 0; i < ROWS / RSTEP; i++) {
         const int row = row0 + r + RSTEP * i;
@@ -55,12 +61,12 @@ __device__ __forceinline__ void copy_tile(uint32_t dst, const __nv_bfloat16* src
         cp_async16(d0 + i * RSTEP * 128, src + (int64_t)(ok ? row : 0) * stride + cc * 8, ok);
     }
 }
-// O (m64 × n128) (+)= A · B with both from shared memory through MN-major descriptors (transpose flags
+// D (m64 × n64) (+)= A · B with both from shared memory through MN-major descriptors (transpose flags
 // 1, 1): the backward's dQ = dS · K from dSᵀ and K as they are stored.
-__device__ __forceinline__ void wgmma_ss_n128_tt(float* d, uint64_t da, uint64_t db, int acc_in) {
-    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
-                 "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, %64, %65, p, 1, 1, 1, 1;\n}\n"
-                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+__device__ __forceinline__ void wgmma_ss_n64_tt(float* d, uint64_t da, uint64_t db, int acc_in) {
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, %32, %33, p, 1, 1, 1, 1;\n}\n"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
                  : "l"(da), "l"(db), "r"(acc_in));
 }
 #endif
@@ -311,8 +317,8 @@ extern "C" __global__ void __launch_bounds__(256, 1) flash_bwd_wgmma_hd128(const
     auto issue = [&](int it) {
         const Step st = step_of(it);
         const int buf = it & 1, t0 = st.qb * BQ2;
-        copy_tile<BQ2, 256>(base + B_Q + buf * 16384, q + st.qbase, qstride, t0, g.q_len);
-        copy_tile<BQ2, 256>(base + B_DO + buf * 16384, dout + st.qbase, qstride, t0, g.q_len);
+        copy_tile<BQ2, 256, true>(base + B_Q + buf * 16384, q + st.qbase, qstride, t0, g.q_len);
+        copy_tile<BQ2, 256, true>(base + B_DO + buf * 16384, dout + st.qbase, qstride, t0, g.q_len);
         if (cos_t) {  // 64 rows × 16 chunks of 4 floats, 4 rounds of 16 rows
             const int c = (threadIdx.x & 15) * 4, r = threadIdx.x >> 4;
 #pragma unroll
@@ -333,8 +339,8 @@ extern "C" __global__ void __launch_bounds__(256, 1) flash_bwd_wgmma_hd128(const
             s_qseg[buf * BQ2 + threadIdx.x] = ok ? seg_of(seg, g, b, g.q_offset + t) : 0u;
         }
     };
-    copy_tile<BK2, 256>(base + B_K, k + kbase, kstride, kb * BK2, g.kv_len);
-    copy_tile<BK2, 256>(base + B_V, v + kbase, kstride, kb * BK2, g.kv_len);
+    copy_tile<BK2, 256, true>(base + B_K, k + kbase, kstride, kb * BK2, g.kv_len);
+    copy_tile<BK2, 256, true>(base + B_V, v + kbase, kstride, kb * BK2, g.kv_len);
     if (threadIdx.x < BK2) {
         const int s = kb * BK2 + threadIdx.x;
         s_kseg[threadIdx.x] = s < g.kv_len ? seg_of(seg, g, b, s) : 0u;
@@ -342,11 +348,11 @@ extern "C" __global__ void __launch_bounds__(256, 1) flash_bwd_wgmma_hd128(const
     if (steps > 0) issue(0);
     cp_async_commit();
 
-    float dka[WHD / 2], dva[WHD / 2];  // rows: keys key0 + 16·warp + gr (+8); columns: d
+    float dka[WHD / 2], dva[WHD / 2];  // rows: keys key0 + 16·warp + gr (+8); columns: stored positions
 #pragma unroll
     for (int i = 0; i < WHD / 2; i++) dka[i] = dva[i] = 0.f;
     // This warpgroup's rows of K and V (64 of each half's 128) and its dSᵀ tile.
-    const uint32_t kw = base + B_K + wg * 64 * 128, vw = base + B_V + wg * 64 * 128, dsw = base + B_DS + wg * 8192;
+    const uint32_t kw = base + B_K + wg * 64 * 128, vw = base + B_V + wg * 64 * 128;
     uint8_t* const ds_rows = sp + B_DS + wg * 8192;
     const int kl0 = 64 * wg + 16 * warp + gr, kl1 = kl0 + 8;  // this thread's key rows within the block
     for (int it = 0; it < steps; it++) {
@@ -357,138 +363,155 @@ extern "C" __global__ void __launch_bounds__(256, 1) flash_bwd_wgmma_hd128(const
         cp_async_commit();
         const Step cur = step_of(it);
         const int buf = it & 1, qb = cur.qb;
-        if (key0 >= g.kv_len || key0 > g.q_offset + qb * BQ2 + BQ2 - 1) continue;  // nothing this step sees
+        const int last_q = g.q_offset + qb * BQ2 + BQ2 - 1;  // position of the step's last query
+        if (kb * BK2 >= g.kv_len || kb * BK2 > last_q) continue;  // no key of the block is seen
+        // Warpgroup 1's keys may all follow the step's queries: it then adds nothing to dV, dK, and dQ
+        // reduces over warpgroup 0's keys only.
+        const bool upper = kb * BK2 + 64 < g.kv_len && kb * BK2 + 64 <= last_q;
         const uint32_t qt = base + B_Q + buf * 16384, dot = base + B_DO + buf * 16384;
+        if (wg == 0 || upper) {
 
-        // Sᵀ = K·Qᵀ and dPᵀ = V·dOᵀ over the head's 128 columns: 8 k16 steps, 32 bytes apart within
-        // each half (K/V halves 16 KB apart, Q/dO halves 8 KB), committed apart so that P is computed
-        // while dPᵀ's products run, and dS while dV's run.
-        float sc[BQ2 / 2], dp[BQ2 / 2];
+            // Sᵀ = K·Qᵀ and dPᵀ = V·dOᵀ over the head's 128 columns: 8 k16 steps, 32 bytes apart within
+            // each half (K/V halves 16 KB apart, Q/dO halves 8 KB), committed apart so that P is computed
+            // while dPᵀ's products run, and dS while dV's run.
+            float sc[BQ2 / 2], dp[BQ2 / 2];
 #pragma unroll
-        for (int i = 0; i < BQ2 / 2; i++) sc[i] = dp[i] = 0.f;
-        wgmma_fence();
+            for (int i = 0; i < BQ2 / 2; i++) sc[i] = dp[i] = 0.f;
+            wgmma_fence();
 #pragma unroll
-        for (int kk = 0; kk < WHD / 16; kk++)
-            wgmma_ss_n64(sc, desc_sw128(kw + (kk >> 2) * 16384 + (kk & 3) * 32), desc_sw128(qt + (kk >> 2) * 8192 + (kk & 3) * 32), kk > 0);
-        wgmma_commit();
+            for (int kk = 0; kk < WHD / 16; kk++)
+                wgmma_ss_n64(sc, desc_sw128(kw + (kk >> 2) * 16384 + (kk & 3) * 32), desc_sw128(qt + (kk >> 2) * 8192 + (kk & 3) * 32), kk > 0);
+            wgmma_commit();
 #pragma unroll
-        for (int kk = 0; kk < WHD / 16; kk++)
-            wgmma_ss_n64(dp, desc_sw128(vw + (kk >> 2) * 16384 + (kk & 3) * 32), desc_sw128(dot + (kk >> 2) * 8192 + (kk & 3) * 32), kk > 0);
-        wgmma_commit();
-        wgmma_wait<1>();  // Sᵀ
+            for (int kk = 0; kk < WHD / 16; kk++)
+                wgmma_ss_n64(dp, desc_sw128(vw + (kk >> 2) * 16384 + (kk & 3) * 32), desc_sw128(dot + (kk >> 2) * 8192 + (kk & 3) * 32), kk > 0);
+            wgmma_commit();
+            wgmma_wait<1>();  // Sᵀ
 #pragma unroll
-        for (int i = 0; i < BQ2 / 2; i++) pin(sc[i]);
-        // P = exp(S − lse) in place of Sᵀ (rows: keys, columns: queries). Value 4j + e is column
-        // 8j + 2·t4 + e % 2, so each j's lse (and delta) of the thread's two columns is one 8-byte
-        // load. A tile wholly below the diagonal, inside both lengths and without segments takes no
-        // mask (uniform over the warpgroup); otherwise a select per value, with no branch.
-        const float2* lse2 = reinterpret_cast<const float2*>(s_lse + buf * BQ2) + t4;
-        const float2* delta2 = reinterpret_cast<const float2*>(s_delta + buf * BQ2) + t4;
-        const bool full = !seg && (qb + 1) * BQ2 <= g.q_len && key0 + 64 <= g.kv_len && key0 + 63 <= g.q_offset + qb * BQ2;
-        if (full) {
+            for (int i = 0; i < BQ2 / 2; i++) pin(sc[i]);
+            // P = exp(S − lse) in place of Sᵀ (rows: keys, columns: queries). Value 4j + e is column
+            // 8j + 2·t4 + e % 2, so each j's lse (and delta) of the thread's two columns is one 8-byte
+            // load. A tile wholly below the diagonal, inside both lengths and without segments takes no
+            // mask (uniform over the warpgroup); otherwise a select per value, with no branch.
+            const float2* lse2 = reinterpret_cast<const float2*>(s_lse + buf * BQ2) + t4;
+            const float2* delta2 = reinterpret_cast<const float2*>(s_delta + buf * BQ2) + t4;
+            const bool full = !seg && (qb + 1) * BQ2 <= g.q_len && key0 + 64 <= g.kv_len && key0 + 63 <= g.q_offset + qb * BQ2;
+            if (full) {
 #pragma unroll
-            for (int j = 0; j < BQ2 / 8; j++) {
-                const float2 l = lse2[4 * j];
-                const float l0 = l.x * LOG2E, l1 = l.y * LOG2E;
-                sc[4 * j] = exp2_ftz(fmaf(sc[4 * j], sl2, -l0));
-                sc[4 * j + 1] = exp2_ftz(fmaf(sc[4 * j + 1], sl2, -l1));
-                sc[4 * j + 2] = exp2_ftz(fmaf(sc[4 * j + 2], sl2, -l0));
-                sc[4 * j + 3] = exp2_ftz(fmaf(sc[4 * j + 3], sl2, -l1));
-            }
-        } else {
-            const int s0 = kb * BK2 + kl0;
-            const uint32_t ks0 = s_kseg[kl0], ks1 = s_kseg[kl1];
-            const uint2* qseg2 = reinterpret_cast<const uint2*>(s_qseg + buf * BQ2) + t4;
+                for (int j = 0; j < BQ2 / 8; j++) {
+                    const float2 l = lse2[4 * j];
+                    const float l0 = l.x * LOG2E, l1 = l.y * LOG2E;
+                    sc[4 * j] = exp2_ftz(fmaf(sc[4 * j], sl2, -l0));
+                    sc[4 * j + 1] = exp2_ftz(fmaf(sc[4 * j + 1], sl2, -l1));
+                    sc[4 * j + 2] = exp2_ftz(fmaf(sc[4 * j + 2], sl2, -l0));
+                    sc[4 * j + 3] = exp2_ftz(fmaf(sc[4 * j + 3], sl2, -l1));
+                }
+            } else {
+                const int s0 = kb * BK2 + kl0;
+                const uint32_t ks0 = s_kseg[kl0], ks1 = s_kseg[kl1];
+                const uint2* qseg2 = reinterpret_cast<const uint2*>(s_qseg + buf * BQ2) + t4;
 #pragma unroll
-            for (int j = 0; j < BQ2 / 8; j++) {
-                const float2 l = lse2[4 * j];
-                const uint2 qs = qseg2[4 * j];
-                const int t = qb * BQ2 + 8 * j + 2 * t4;
+                for (int j = 0; j < BQ2 / 8; j++) {
+                    const float2 l = lse2[4 * j];
+                    const uint2 qs = qseg2[4 * j];
+                    const int t = qb * BQ2 + 8 * j + 2 * t4;
 #pragma unroll
-                for (int e = 0; e < 4; e++) {
-                    const bool vis = sees(g, t + (e & 1), e & 1 ? qs.y : qs.x, s0 + 8 * (e >> 1), e < 2 ? ks0 : ks1);
-                    const float p = exp2_ftz(fmaf(sc[4 * j + e], sl2, -(e & 1 ? l.y : l.x) * LOG2E));
-                    sc[4 * j + e] = vis ? p : 0.f;
+                    for (int e = 0; e < 4; e++) {
+                        const bool vis = sees(g, t + (e & 1), e & 1 ? qs.y : qs.x, s0 + 8 * (e >> 1), e < 2 ? ks0 : ks1);
+                        const float p = exp2_ftz(fmaf(sc[4 * j + e], sl2, -(e & 1 ? l.y : l.x) * LOG2E));
+                        sc[4 * j + e] = vis ? p : 0.f;
+                    }
                 }
             }
-        }
-        // dV += Pᵀ·dO: P as A operands (k16 slice kk: query tiles 2kk, 2kk + 1), dO's rows 16kk.. of
-        // both halves (8 KB apart) per k16 step.
-        uint32_t pa[BQ2 / 16][4];
+            // dV += Pᵀ·dO: P as A operands (k16 slice kk: query tiles 2kk, 2kk + 1), dO's rows 16kk.. of
+            // both halves (8 KB apart) per k16 step.
+            uint32_t pa[BQ2 / 16][4];
 #pragma unroll
-        for (int kk = 0; kk < BQ2 / 16; kk++)
+            for (int kk = 0; kk < BQ2 / 16; kk++)
 #pragma unroll
-            for (int e = 0; e < 4; e++) pa[kk][e] = pack_bf16(sc[8 * kk + 2 * e], sc[8 * kk + 2 * e + 1]);
-        wgmma_fence();
+                for (int e = 0; e < 4; e++) pa[kk][e] = pack_bf16(sc[8 * kk + 2 * e], sc[8 * kk + 2 * e + 1]);
+            wgmma_fence();
 #pragma unroll
-        for (int kk = 0; kk < BQ2 / 16; kk++) wgmma_rs_n128_tb(dva, pa[kk], desc_sw128_mn(dot + kk * 2048, 8192), 1);
-        wgmma_commit();
-        wgmma_wait<1>();  // dPᵀ
+            for (int kk = 0; kk < BQ2 / 16; kk++) wgmma_rs_n128_tb(dva, pa[kk], desc_sw128_mn(dot + kk * 2048, 8192), 1);
+            wgmma_commit();
+            wgmma_wait<1>();  // dPᵀ
 #pragma unroll
-        for (int i = 0; i < BQ2 / 2; i++) pin(dp[i]);
-        // dS = P ⊙ (dP − delta)·scale in place of dPᵀ; as A operands, and dSᵀ into this warpgroup's
-        // tile as dQ's MN-major A: row = key, 16-byte chunk j = queries 8j.., swizzled.
+            for (int i = 0; i < BQ2 / 2; i++) pin(dp[i]);
+            // dS = P ⊙ (dP − delta)·scale in place of dPᵀ; as A operands, and dSᵀ into this warpgroup's
+            // tile as dQ's MN-major A: row = key, 16-byte chunk j = queries 8j.., swizzled.
 #pragma unroll
-        for (int j = 0; j < BQ2 / 8; j++) {
-            const float2 d = delta2[4 * j];
+            for (int j = 0; j < BQ2 / 8; j++) {
+                const float2 d = delta2[4 * j];
 #pragma unroll
-            for (int e = 0; e < 4; e++) dp[4 * j + e] = sc[4 * j + e] * (dp[4 * j + e] - (e & 1 ? d.y : d.x)) * scale;
-        }
-        uint32_t da[BQ2 / 16][4];
+                for (int e = 0; e < 4; e++) dp[4 * j + e] = sc[4 * j + e] * (dp[4 * j + e] - (e & 1 ? d.y : d.x)) * scale;
+            }
+            uint32_t da[BQ2 / 16][4];
 #pragma unroll
-        for (int kk = 0; kk < BQ2 / 16; kk++)
+            for (int kk = 0; kk < BQ2 / 16; kk++)
 #pragma unroll
-            for (int e = 0; e < 4; e++) da[kk][e] = pack_bf16(dp[8 * kk + 2 * e], dp[8 * kk + 2 * e + 1]);
-        {
-            const int r0 = 16 * warp + gr;  // local key row (r0 + 8 has the same swizzle)
+                for (int e = 0; e < 4; e++) da[kk][e] = pack_bf16(dp[8 * kk + 2 * e], dp[8 * kk + 2 * e + 1]);
+            {
+                const int r0 = 16 * warp + gr;  // local key row (r0 + 8 has the same swizzle)
 #pragma unroll
-            for (int kk = 0; kk < BQ2 / 16; kk++) {
+                for (int kk = 0; kk < BQ2 / 16; kk++) {
 #pragma unroll
-                for (int e = 0; e < 4; e++) {  // e: (row r0 | r0 + 8) × (query tile 2kk | 2kk + 1)
-                    const int row = r0 + 8 * (e & 1), j = 2 * kk + (e >> 1);
-                    *reinterpret_cast<uint32_t*>(ds_rows + row * 128 + ((j ^ (r0 & 7)) << 4) + 4 * t4) = da[kk][e];
+                    for (int e = 0; e < 4; e++) {  // e: (row r0 | r0 + 8) × (query tile 2kk | 2kk + 1)
+                        const int row = r0 + 8 * (e & 1), j = 2 * kk + (e >> 1);
+                        *reinterpret_cast<uint32_t*>(ds_rows + row * 128 + ((j ^ (r0 & 7)) << 4) + 4 * t4) = da[kk][e];
+                    }
                 }
             }
-        }
-        // dK += dSᵀ·Q, Q's rows as dO's above.
-        wgmma_fence();
+            // dK += dSᵀ·Q, Q's rows as dO's above.
+            wgmma_fence();
 #pragma unroll
-        for (int kk = 0; kk < BQ2 / 16; kk++) wgmma_rs_n128_tb(dka, da[kk], desc_sw128_mn(qt + kk * 2048, 8192), 1);
-        wgmma_commit();
-        // dQ (64 queries × 128) = dS (64 × this warpgroup's 64 keys) · K: dSᵀ's rows 16kk.. (one
-        // half: no leading offset) and K's rows 64w + 16kk.. of both halves (16 KB apart).
+            for (int kk = 0; kk < BQ2 / 16; kk++) wgmma_rs_n128_tb(dka, da[kk], desc_sw128_mn(qt + kk * 2048, 8192), 1);
+            wgmma_commit();
+        }
+        // dQ (64 queries × 64 columns) = dS (64 × the block's 128 keys) · K: warpgroup w takes K's half
+        // w (columns paired for RoPE, see copy_tile), the dSᵀ tiles of both warpgroups as one MN-major
+        // A (warpgroup 1's 8 KB after warpgroup 0's: k16 steps 2048 bytes apart throughout), and adds
+        // its columns into dq: one reduction per value of the step, not one per warpgroup.
         fence_proxy_async();  // this thread's dSᵀ stores, visible to wgmma ...
-        asm volatile("bar.sync %0, 128;\n" ::"r"(1 + wg) : "memory");  // ... and the warpgroup's
-        float dqa[WHD / 2];
+        __syncthreads();      // ... and both warpgroups'
+        float dqa[WHD / 4];
 #pragma unroll
-        for (int i = 0; i < WHD / 2; i++) dqa[i] = 0.f;
-        wgmma_fence();
+        for (int i = 0; i < WHD / 4; i++) dqa[i] = 0.f;
+        auto dq_products = [&](auto steps) {  // k16 steps: 8 over both warpgroups' keys, or 4
+            wgmma_fence();
 #pragma unroll
-        for (int kk = 0; kk < 64 / 16; kk++)
-            wgmma_ss_n128_tt(dqa, desc_sw128_mn(dsw + kk * 2048, 8192), desc_sw128_mn(kw + kk * 2048, 16384), kk > 0);
-        wgmma_commit();
+            for (int kk = 0; kk < decltype(steps)::value; kk++)
+                wgmma_ss_n64_tt(dqa, desc_sw128_mn(base + B_DS + kk * 2048, 8192), desc_sw128_mn(base + B_K + wg * 16384 + kk * 2048, 16384), kk > 0);
+            wgmma_commit();
+        };
+        if (upper) dq_products(std::integral_constant<int, BK2 / 16>{});
+        else dq_products(std::integral_constant<int, 4>{});
         wgmma_wait<0>();
 #pragma unroll
-        for (int i = 0; i < WHD / 2; i++) pin(dqa[i]);
-        // dQ rows: queries 16·warp + gr (+8) of the step; column j's RoPE partner j + 64 is value
-        // 4(jt + 8) + e of the same thread.
+        for (int i = 0; i < WHD / 4; i++) pin(dqa[i]);
+        // dQ rows: queries 16·warp + gr (+8) of the step. Value 4jt + e is stored column position
+        // 8w + jt, i.e. column 32w + 8jt + 2·t4 + e % 2 for jt < 4 and its RoPE partner 64 further
+        // for jt + 4.
 #pragma unroll
         for (int e2 = 0; e2 < 2; e2++) {
             const int ql = 16 * warp + gr + 8 * e2, t = qb * BQ2 + ql;
             if (t >= g.q_len) continue;
-            float2 v2[WHD / 8];
+            float2 v2[8];
 #pragma unroll
-            for (int jt = 0; jt < WHD / 8; jt++) v2[jt] = make_float2(dqa[4 * jt + 2 * e2], dqa[4 * jt + 2 * e2 + 1]);
+            for (int jt = 0; jt < 8; jt++) v2[jt] = make_float2(dqa[4 * jt + 2 * e2], dqa[4 * jt + 2 * e2 + 1]);
+            const int c0 = 32 * wg + 2 * t4;  // column of v2[0]
             if (cos_t) {
-                const float* cr = s_cos + (buf * BQ2 + ql) * ROPE_LD + 2 * t4;
-                const float* sr = s_sin + (buf * BQ2 + ql) * ROPE_LD + 2 * t4;
+                const float* cr = s_cos + (buf * BQ2 + ql) * ROPE_LD + c0;
+                const float* sr = s_sin + (buf * BQ2 + ql) * ROPE_LD + c0;
 #pragma unroll
-                for (int jt = 0; jt < WHD / 16; jt++)
-                    unrotate_by(*reinterpret_cast<const float2*>(cr + 8 * jt), *reinterpret_cast<const float2*>(sr + 8 * jt), v2[jt], v2[jt + WHD / 16]);
+                for (int jt = 0; jt < 4; jt++)
+                    unrotate_by(*reinterpret_cast<const float2*>(cr + 8 * jt), *reinterpret_cast<const float2*>(sr + 8 * jt), v2[jt], v2[jt + 4]);
             }
-            float* p = dq + cur.qbase + (int64_t)t * qstride + 2 * t4;
+            float* p = dq + cur.qbase + (int64_t)t * qstride + c0;
 #pragma unroll
-            for (int jt = 0; jt < WHD / 8; jt++) red_add2(p + 8 * jt, v2[jt]);
+            for (int jt = 0; jt < 4; jt++) {
+                red_add2(p + 8 * jt, v2[jt]);
+                red_add2(p + 8 * jt + WHD / 2, v2[jt + 4]);
+            }
         }
     }
     wgmma_wait<0>();
@@ -497,7 +520,9 @@ extern "C" __global__ void __launch_bounds__(256, 1) flash_bwd_wgmma_hd128(const
         pin(dka[i]);
         pin(dva[i]);
     }
-    // dK, dV rows of this warpgroup: only this block writes them (dK rotated back with tables).
+    // dK, dV rows of this warpgroup: only this block writes them (dK rotated back with tables). Value
+    // 4jt + e is stored column position jt, i.e. column 8·swap23(jt) + 2·t4 + e % 2; positions jt and
+    // jt + 4 (jt in 0..3, 8..11) are a column and its RoPE partner.
 #pragma unroll
     for (int e2 = 0; e2 < 2; e2++) {
         const int s = kb * BK2 + (e2 ? kl1 : kl0);
@@ -505,17 +530,18 @@ extern "C" __global__ void __launch_bounds__(256, 1) flash_bwd_wgmma_hd128(const
         float* pk = dk + kbase + (int64_t)s * kstride;
         float* pv = dv + kbase + (int64_t)s * kstride;
 #pragma unroll
-        for (int jt = 0; jt < WHD / 16; jt++) {
-            const int d = jt * 8 + 2 * t4;
+        for (int jt = 0; jt < 12; jt++) {
+            if (jt & 4) continue;
+            const int d = 8 * swap23(jt) + 2 * t4;
             float2 lo = make_float2(dka[4 * jt + 2 * e2], dka[4 * jt + 2 * e2 + 1]);
-            float2 hi = make_float2(dka[4 * (jt + WHD / 16) + 2 * e2], dka[4 * (jt + WHD / 16) + 2 * e2 + 1]);
+            float2 hi = make_float2(dka[4 * (jt + 4) + 2 * e2], dka[4 * (jt + 4) + 2 * e2 + 1]);
             unrotate<WHD>(cos_t, sin_t, (int64_t)b * g.kv_cap + s, d, lo, hi);
             *reinterpret_cast<float2*>(pk + d) = lo;
             *reinterpret_cast<float2*>(pk + d + WHD / 2) = hi;
         }
 #pragma unroll
         for (int jt = 0; jt < WHD / 8; jt++)
-            *reinterpret_cast<float2*>(pv + jt * 8 + 2 * t4) = make_float2(dva[4 * jt + 2 * e2], dva[4 * jt + 2 * e2 + 1]);
+            *reinterpret_cast<float2*>(pv + 8 * swap23(jt) + 2 * t4) = make_float2(dva[4 * jt + 2 * e2], dva[4 * jt + 2 * e2 + 1]);
     }
 #else
     __trap();  // built for an arch without wgmma; the host never launches it there
