@@ -156,20 +156,26 @@ extern "C" __global__ void __launch_bounds__(128, 2) flash_fwd_wgmma_hd128(const
 #pragma unroll
         for (int i = 0; i < WK / 2; i++) pin(sc[i]);
 
-        // Mask, scale, and the running max of each of this thread's two rows. A tile wholly below the
-        // diagonal, inside both lengths and without segments needs no mask.
+        // Mask and the running max of each of this thread's two rows, on the unscaled scores (the scale
+        // goes into the exponent's FFMA below). A tile wholly below the diagonal, inside both lengths
+        // and without segments takes no mask (uniform over the warpgroup, no per-value test).
         const bool full = !seg && (qb + 1) * WQ <= g.q_len && (kb + 1) * WK <= g.kv_len &&
                           (kb + 1) * WK - 1 <= g.q_offset + qb * WQ;
+        if (!full) {
+#pragma unroll
+            for (int j = 0; j < WK / 8; j++) {
+#pragma unroll
+                for (int e = 0; e < 4; e++) {
+                    const int sl = j * 8 + 2 * t4 + (e & 1), s = kb * WK + sl;
+                    const uint32_t ks = kseg[buf * WK + sl];
+                    const bool vis = e < 2 ? sees(g, r0, qs0, s, ks) : sees(g, r1, qs1, s, ks);
+                    sc[4 * j + e] = vis ? sc[4 * j + e] : -INFINITY;
+                }
+            }
+        }
         float mx0 = -INFINITY, mx1 = -INFINITY;
 #pragma unroll
         for (int j = 0; j < WK / 8; j++) {
-#pragma unroll
-            for (int e = 0; e < 4; e++) {
-                const int sl = j * 8 + 2 * t4 + (e & 1), s = kb * WK + sl;
-                const uint32_t ks = kseg[buf * WK + sl];
-                const bool vis = full || (e < 2 ? sees(g, r0, qs0, s, ks) : sees(g, r1, qs1, s, ks));
-                sc[4 * j + e] = vis ? sc[4 * j + e] * sl2 : -INFINITY;
-            }
             mx0 = fmaxf(mx0, fmaxf(sc[4 * j], sc[4 * j + 1]));
             mx1 = fmaxf(mx1, fmaxf(sc[4 * j + 2], sc[4 * j + 3]));
         }
@@ -178,7 +184,7 @@ extern "C" __global__ void __launch_bounds__(128, 2) flash_fwd_wgmma_hd128(const
         mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 2));
         mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 1));
         mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
-        const float n0 = fmaxf(m0, mx0), n1 = fmaxf(m1, mx1);
+        const float n0 = fmaxf(m0, mx0 * sl2), n1 = fmaxf(m1, mx1 * sl2);  // in log2 units
         // Exponents relative to the new max, or to 0 for a row that has seen nothing yet (m = -inf):
         // masked scores (-inf) then give p = 0 and the old sums' factor is 0 or 1 with no NaN.
         const float b0 = n0 == -INFINITY ? 0.f : n0, b1 = n1 == -INFINITY ? 0.f : n1;
@@ -188,10 +194,10 @@ extern "C" __global__ void __launch_bounds__(128, 2) flash_fwd_wgmma_hd128(const
         float s0 = 0.f, s1 = 0.f;
 #pragma unroll
         for (int j = 0; j < WK / 8; j++) {
-            sc[4 * j] = exp2_ftz(sc[4 * j] - b0);
-            sc[4 * j + 1] = exp2_ftz(sc[4 * j + 1] - b0);
-            sc[4 * j + 2] = exp2_ftz(sc[4 * j + 2] - b1);
-            sc[4 * j + 3] = exp2_ftz(sc[4 * j + 3] - b1);
+            sc[4 * j] = exp2_ftz(fmaf(sc[4 * j], sl2, -b0));
+            sc[4 * j + 1] = exp2_ftz(fmaf(sc[4 * j + 1], sl2, -b0));
+            sc[4 * j + 2] = exp2_ftz(fmaf(sc[4 * j + 2], sl2, -b1));
+            sc[4 * j + 3] = exp2_ftz(fmaf(sc[4 * j + 3], sl2, -b1));
             s0 += sc[4 * j] + sc[4 * j + 1];
             s1 += sc[4 * j + 2] + sc[4 * j + 3];
         }
