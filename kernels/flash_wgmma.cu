@@ -261,10 +261,12 @@ extern "C" __global__ void __launch_bounds__(128, 2) flash_fwd_wgmma_hd128(const
 // warpgroup, with P = exp(S − lse) and dS = P ⊙ (dP − delta)·scale:
 //   Sᵀ = K·Qᵀ and dPᵀ = V·dOᵀ   (m64n64, K/V rows as A and Q/dO as B, all K-major),
 //   dV += Pᵀ·dO and dK += dSᵀ·Q (m64n128, P and dS from registers, dO and Q MN-major),
-//   dQ  = dS·K                   (m64n128, dSᵀ through shared memory as an MN-major A, K MN-major),
-// dV and dK stay in registers to the end; each warpgroup adds its dQ (rotated back with tables) into
-// dq by vector reductions (dq must be zero beforehand), as flash.cu's backward does per 64 keys.
-// A warpgroup whose keys all follow the step's queries skips the step (its products would be 0).
+//   dQ  = dS·K over the block's 128 keys, warpgroup w taking column half w (m64n64; both
+//         warpgroups' dSᵀ through shared memory as one MN-major A, K MN-major),
+// dV and dK stay in registers to the end; each warpgroup adds its half of dQ (rotated back with
+// tables) into dq by vector reductions (dq must be zero beforehand). Warpgroup 1 skips the products
+// of a step whose queries all precede its keys (they would be 0) and then reduces dQ over warpgroup
+// 0's keys only; the block skips a step none of its keys is seen in.
 #define BK2 128    // keys per block
 #define BQ2 64     // queries per step
 #define ROPE_LD 72 // floats per staged RoPE table row (64 used): a quad's float2 reads of 8 rows hit 2 wavefronts
