@@ -381,23 +381,15 @@ __device__ void flash_bwd(const __nv_bfloat16* q, const __nv_bfloat16* k, const 
     // The first query that can see key kb·BBK is at position kb·BBK, i.e. query index kb·BBK − q_offset.
     const int qb0 = max(0, kb * BBK - g.q_offset) / BBQ;
     const int nq = max(0, (g.q_len + BBQ - 1) / BBQ - qb0), steps = rep * nq;  // (head, query block) pairs
-    // Step it is head h (of the rep sharing this K/V head) and query block qb; with one head per K/V
-    // head (no GQA) without the division.
-    struct Step {
-        int h, qb;
-        int64_t qbase;  // offset of (b, query 0, head h) in q, dout, dq
-    };
-    auto step_of = [&](int it) {
-        const int hi = rep == 1 ? 0 : it / nq, h = grp * rep + hi;
-        return Step{h, qb0 + it - hi * nq, (int64_t)b * g.q_len * g.heads * HD + (int64_t)h * HD};
-    };
+    // Step it: flash_common.cuh flash_bwd_step.
+    auto step_of = [&](int it) { return flash_bwd_step<HD>(g, b, grp, rep, qb0, nq, it); };
     // Step it's Q and dO tiles, lse and delta into buffer it & 1, all by cp.async (a plain load here
     // would hold warp 0 up for a memory latency every step), and its query segment ids (only with
     // segments does that read memory) by plain stores that the next barrier publishes. The RoPE rows
     // are HD/2 floats, HD/8 16-byte chunks like a bf16 row of HD, so they go in rounds of the same
     // rows as Q's.
     auto issue = [&](int it) {
-        const Step st = step_of(it);
+        const FlashBwdStep st = step_of(it);
         const int buf = it & 1, qb = st.qb, h = st.h;
         copy_rows2<HD, BBQ>(q, dout, st.qbase, qstride, qb * BBQ, g.q_len, sm.Qs[buf], sm.Ds[buf]);
         if (cos_t) {
@@ -438,7 +430,7 @@ __device__ void flash_bwd(const __nv_bfloat16* q, const __nv_bfloat16* k, const 
         __syncthreads();     // ... everyone's too; step it − 1's buffers and dSq are no longer read
         if (it + 1 < steps) issue(it + 1);
         cp_async_commit();
-        const Step cur = step_of(it);
+        const FlashBwdStep cur = step_of(it);
         const int buf = it & 1, qb = cur.qb;
         const int64_t qbase = cur.qbase;
         // Sᵀ = K·Qᵀ and dPᵀ = V·dOᵀ for this warp's 16 keys × 32 queries.

@@ -45,3 +45,16 @@ __device__ __forceinline__ void unrotate(const float* cos_t, const float* sin_t,
     const int64_t ti = row * (HD / 2) + j;
     unrotate_by(*reinterpret_cast<const float2*>(cos_t + ti), *reinterpret_cast<const float2*>(sin_t + ti), lo, hi);
 }
+// A backward block walks every (head of the GQA group, query block) pair that can see its keys: rep
+// heads share K/V head grp, and nq query blocks from qb0 (the first that can see the block's first
+// key). Step it is head h and query block qb, with qbase the offset of (b, query 0, head h) in q, dout
+// and dq; with one head per K/V head (no GQA) without the division.
+struct FlashBwdStep {
+    int h, qb;
+    int64_t qbase;
+};
+template <int HD>
+__device__ __forceinline__ FlashBwdStep flash_bwd_step(const FGeom& g, int b, int grp, int rep, int qb0, int nq, int it) {
+    const int hi = rep == 1 ? 0 : it / nq, h = grp * rep + hi;
+    return FlashBwdStep{h, qb0 + it - hi * nq, (int64_t)b * g.q_len * g.heads * HD + (int64_t)h * HD};
+}

@@ -312,18 +312,12 @@ extern "C" __global__ void __launch_bounds__(256, 1) flash_bwd_wgmma_hd128(const
     // The first query that can see key kb·BK2 is at position kb·BK2, i.e. query index kb·BK2 − q_offset.
     const int qb0 = max(0, kb * BK2 - g.q_offset) / BQ2;
     const int nq = max(0, (g.q_len + BQ2 - 1) / BQ2 - qb0), steps = rep * nq;  // (head, query block) pairs
-    struct Step {
-        int h, qb;
-        int64_t qbase;  // offset of (b, query 0, head h) in q, dout, dq
-    };
-    auto step_of = [&](int it) {
-        const int hi = rep == 1 ? 0 : it / nq, h = grp * rep + hi;
-        return Step{h, qb0 + it - hi * nq, (int64_t)b * g.q_len * g.heads * WHD + (int64_t)h * WHD};
-    };
+    // Step it: flash_common.cuh flash_bwd_step.
+    auto step_of = [&](int it) { return flash_bwd_step<WHD>(g, b, grp, rep, qb0, nq, it); };
     // Step it's Q and dO tiles, lse, delta and table rows into buffer it & 1 by cp.async, and its query
     // segment ids by plain stores that the next barrier publishes.
     auto issue = [&](int it) {
-        const Step st = step_of(it);
+        const FlashBwdStep st = step_of(it);
         const int buf = it & 1, t0 = st.qb * BQ2;
         copy_tile<BQ2, 256, true>(base + B_Q + buf * 16384, q + st.qbase, qstride, t0, g.q_len);
         copy_tile<BQ2, 256, true>(base + B_DO + buf * 16384, dout + st.qbase, qstride, t0, g.q_len);
@@ -369,7 +363,7 @@ extern "C" __global__ void __launch_bounds__(256, 1) flash_bwd_wgmma_hd128(const
         __syncthreads();      // ... everyone's too; step it − 1's buffers are no longer read
         if (it + 1 < steps) issue(it + 1);
         cp_async_commit();
-        const Step cur = step_of(it);
+        const FlashBwdStep cur = step_of(it);
         const int buf = it & 1, qb = cur.qb;
         const int last_q = g.q_offset + qb * BQ2 + BQ2 - 1;  // position of the step's last query
         if (kb * BK2 >= g.kv_len || kb * BK2 > last_q) continue;  // no key of the block is seen
