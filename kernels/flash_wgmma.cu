@@ -282,6 +282,8 @@ extern "C" __global__ void __launch_bounds__(128, 2) flash_fwd_wgmma_hd128(const
 // with and without RoPE tables, 1,024 bytes of alignment slack included.
 #define BWD2_SMEM (B_ROPE + 1024)
 #define BWD2_SMEM_ROPE (B_ROPE + 2 * 2 * BQ2 * ROPE_LD * 4 + 1024)
+// The epilogue's key-row tables (cos and sin, BK2 rows of ROPE_LD floats) fit where Q, dO and dSᵀ were.
+static_assert(2 * BK2 * ROPE_LD * 4 <= B_SMALL - B_Q, "key-row RoPE tables overflow the Q/dO/dS buffers");
 
 // q, dout (batch, q_len, heads, 128) bf16 (q rotated); k, v (batch, kv_cap, kv_heads, 128) bf16 (k
 // rotated); lse, delta (batch, heads, q_len); cos_t, sin_t: null, or the RoPE tables (batch·q_len,
@@ -525,25 +527,54 @@ extern "C" __global__ void __launch_bounds__(256, 1) flash_bwd_wgmma_hd128(const
     // dK, dV rows of this warpgroup: only this block writes them (dK rotated back with tables). Value
     // 4jt + e is stored column position jt, i.e. column 8·swap23(jt) + 2·t4 + e % 2; positions jt and
     // jt + 4 (jt in 0..3, 8..11) are a column and its RoPE partner.
+    // The tables' rows of the block's 128 keys come into the Q, dO and dSᵀ buffers (free once both
+    // warpgroups' products are done) by one round of copies that flies while dV is stored: read from
+    // global memory beside each rotation, with dK and dV holding 128 registers, they had come a few at
+    // a time, and ncu put ~20% of the kernel's warp samples on that wait.
+    float* const k_cos = reinterpret_cast<float*>(sp + B_Q);  // [BK2][ROPE_LD]
+    float* const k_sin = k_cos + BK2 * ROPE_LD;               // [BK2][ROPE_LD], ends before B_SMALL
+    if (cos_t) {
+        __syncthreads();  // both warpgroups are done reading Q, dO and dSᵀ
+        const int c = (threadIdx.x & 15) * 4, r = threadIdx.x >> 4;  // 16 rows × 16 chunks per round
+#pragma unroll
+        for (int i = 0; i < BK2 / 16; i++) {
+            const int row = r + 16 * i, s = kb * BK2 + row;
+            const bool ok = s < g.kv_len;
+            const int64_t off = ((int64_t)b * g.kv_cap + (ok ? s : 0)) * (WHD / 2) + c;
+            cp_async16(smem_addr(k_cos + row * ROPE_LD + c), cos_t + off, ok);
+            cp_async16(smem_addr(k_sin + row * ROPE_LD + c), sin_t + off, ok);
+        }
+        cp_async_commit();
+    }
 #pragma unroll
     for (int e2 = 0; e2 < 2; e2++) {
         const int s = kb * BK2 + (e2 ? kl1 : kl0);
         if (s >= g.kv_len) continue;
-        float* pk = dk + kbase + (int64_t)s * kstride;
         float* pv = dv + kbase + (int64_t)s * kstride;
+#pragma unroll
+        for (int jt = 0; jt < WHD / 8; jt++)
+            *reinterpret_cast<float2*>(pv + 8 * swap23(jt) + 2 * t4) = make_float2(dva[4 * jt + 2 * e2], dva[4 * jt + 2 * e2 + 1]);
+    }
+    if (cos_t) {
+        cp_async_wait<0>();
+        __syncthreads();
+    }
+#pragma unroll
+    for (int e2 = 0; e2 < 2; e2++) {
+        const int kl = e2 ? kl1 : kl0, s = kb * BK2 + kl;
+        if (s >= g.kv_len) continue;
+        float* pk = dk + kbase + (int64_t)s * kstride;
 #pragma unroll
         for (int jt = 0; jt < 12; jt++) {
             if (jt & 4) continue;
             const int d = 8 * swap23(jt) + 2 * t4;
             float2 lo = make_float2(dka[4 * jt + 2 * e2], dka[4 * jt + 2 * e2 + 1]);
             float2 hi = make_float2(dka[4 * (jt + 4) + 2 * e2], dka[4 * (jt + 4) + 2 * e2 + 1]);
-            unrotate<WHD>(cos_t, sin_t, (int64_t)b * g.kv_cap + s, d, lo, hi);
+            if (cos_t)
+                unrotate_by(*reinterpret_cast<const float2*>(k_cos + kl * ROPE_LD + d), *reinterpret_cast<const float2*>(k_sin + kl * ROPE_LD + d), lo, hi);
             *reinterpret_cast<float2*>(pk + d) = lo;
             *reinterpret_cast<float2*>(pk + d + WHD / 2) = hi;
         }
-#pragma unroll
-        for (int jt = 0; jt < WHD / 8; jt++)
-            *reinterpret_cast<float2*>(pv + 8 * swap23(jt) + 2 * t4) = make_float2(dva[4 * jt + 2 * e2], dva[4 * jt + 2 * e2 + 1]);
     }
 #else
     __trap();  // built for an arch without wgmma; the host never launches it there
