@@ -282,8 +282,12 @@ extern "C" __global__ void __launch_bounds__(128, 2) flash_fwd_wgmma_hd128(const
 // with and without RoPE tables, 1,024 bytes of alignment slack included.
 #define BWD2_SMEM (B_ROPE + 1024)
 #define BWD2_SMEM_ROPE (B_ROPE + 2 * 2 * BQ2 * ROPE_LD * 4 + 1024)
-// The epilogue's key-row tables (cos and sin, BK2 rows of ROPE_LD floats) fit where Q, dO and dSᵀ were.
-static_assert(2 * BK2 * ROPE_LD * 4 <= B_SMALL - B_Q, "key-row RoPE tables overflow the Q/dO/dS buffers");
+// The epilogue stages dV and dK rows of OUT_LD floats where K, V, Q, dO and dSᵀ were (128 used; 8
+// more so that a quad's float2 stores to 8 rows take 2 wavefronts) and the key rows' tables where
+// the per-step tables were.
+#define OUT_LD 136
+static_assert(2 * BK2 * OUT_LD * 4 <= B_SMALL - B_K, "dV and dK staging overflows the tiles' space");
+static_assert(BK2 == 2 * BQ2, "the key rows' tables take the two steps' table buffers");
 
 // q, dout (batch, q_len, heads, 128) bf16 (q rotated); k, v (batch, kv_cap, kv_heads, 128) bf16 (k
 // rotated); lse, delta (batch, heads, q_len); cos_t, sin_t: null, or the RoPE tables (batch·q_len,
@@ -527,14 +531,15 @@ extern "C" __global__ void __launch_bounds__(256, 1) flash_bwd_wgmma_hd128(const
     // dK, dV rows of this warpgroup: only this block writes them (dK rotated back with tables). Value
     // 4jt + e is stored column position jt, i.e. column 8·swap23(jt) + 2·t4 + e % 2; positions jt and
     // jt + 4 (jt in 0..3, 8..11) are a column and its RoPE partner.
-    // The tables' rows of the block's 128 keys come into the Q, dO and dSᵀ buffers (free once both
-    // warpgroups' products are done) by one round of copies that flies while dV is stored: read from
-    // global memory beside each rotation, with dK and dV holding 128 registers, they had come a few at
-    // a time, and ncu put ~20% of the kernel's warp samples on that wait.
-    float* const k_cos = reinterpret_cast<float*>(sp + B_Q);  // [BK2][ROPE_LD]
-    float* const k_sin = k_cos + BK2 * ROPE_LD;               // [BK2][ROPE_LD], ends before B_SMALL
+    // Both go out through shared memory: each row staged whole, then one bulk copy per row (dV's
+    // while dK is rotated), where 64 8-byte stores per thread had queued on the load/store unit and
+    // the tables' rows, loaded beside each rotation, had waited a few at a time (ncu: ~20% of the
+    // kernel's warp samples on the tables, ~5% on store throttling). The tables' rows of the block's
+    // keys come by one round of copies into the per-step tables' place, flying while dV is staged.
+    __syncthreads();  // both warpgroups are done with every tile (K, V, Q, dO, dSᵀ, tables)
+    float* const k_cos = reinterpret_cast<float*>(sp + B_ROPE);  // [BK2][ROPE_LD], with tables
+    float* const k_sin = k_cos + BK2 * ROPE_LD;
     if (cos_t) {
-        __syncthreads();  // both warpgroups are done reading Q, dO and dSᵀ
         const int c = (threadIdx.x & 15) * 4, r = threadIdx.x >> 4;  // 16 rows × 16 chunks per round
 #pragma unroll
         for (int i = 0; i < BK2 / 16; i++) {
@@ -546,24 +551,26 @@ extern "C" __global__ void __launch_bounds__(256, 1) flash_bwd_wgmma_hd128(const
         }
         cp_async_commit();
     }
+    float* const t_dv = reinterpret_cast<float*>(sp + B_K);  // [BK2][OUT_LD]
+    float* const t_dk = t_dv + BK2 * OUT_LD;                 // [BK2][OUT_LD]
 #pragma unroll
     for (int e2 = 0; e2 < 2; e2++) {
-        const int s = kb * BK2 + (e2 ? kl1 : kl0);
-        if (s >= g.kv_len) continue;
-        float* pv = dv + kbase + (int64_t)s * kstride;
+        float* const row = t_dv + (e2 ? kl1 : kl0) * OUT_LD + 2 * t4;
 #pragma unroll
         for (int jt = 0; jt < WHD / 8; jt++)
-            *reinterpret_cast<float2*>(pv + 8 * swap23(jt) + 2 * t4) = make_float2(dva[4 * jt + 2 * e2], dva[4 * jt + 2 * e2 + 1]);
+            *reinterpret_cast<float2*>(row + 8 * swap23(jt)) = make_float2(dva[4 * jt + 2 * e2], dva[4 * jt + 2 * e2 + 1]);
     }
-    if (cos_t) {
-        cp_async_wait<0>();
-        __syncthreads();
-    }
+    if (cos_t) cp_async_wait<0>();
+    fence_proxy_async();  // the staged dV rows, visible to the bulk copies ...
+    __syncthreads();      // ... all of them; the tables' rows have landed
+    // Row r of the block's keys: thread r copies its dV, thread BK2 + r (below) its dK.
+    const int out_row = threadIdx.x & (BK2 - 1), out_key = kb * BK2 + out_row;
+    const bool copies_out = out_key < g.kv_len;
+    if (threadIdx.x < BK2 && copies_out) bulk_store(dv + kbase + (int64_t)out_key * kstride, smem_addr(t_dv + out_row * OUT_LD), WHD * 4);
 #pragma unroll
     for (int e2 = 0; e2 < 2; e2++) {
-        const int kl = e2 ? kl1 : kl0, s = kb * BK2 + kl;
-        if (s >= g.kv_len) continue;
-        float* pk = dk + kbase + (int64_t)s * kstride;
+        const int kl = e2 ? kl1 : kl0;
+        float* const row = t_dk + kl * OUT_LD;
 #pragma unroll
         for (int jt = 0; jt < 12; jt++) {
             if (jt & 4) continue;
@@ -572,10 +579,15 @@ extern "C" __global__ void __launch_bounds__(256, 1) flash_bwd_wgmma_hd128(const
             float2 hi = make_float2(dka[4 * (jt + 4) + 2 * e2], dka[4 * (jt + 4) + 2 * e2 + 1]);
             if (cos_t)
                 unrotate_by(*reinterpret_cast<const float2*>(k_cos + kl * ROPE_LD + d), *reinterpret_cast<const float2*>(k_sin + kl * ROPE_LD + d), lo, hi);
-            *reinterpret_cast<float2*>(pk + d) = lo;
-            *reinterpret_cast<float2*>(pk + d + WHD / 2) = hi;
+            *reinterpret_cast<float2*>(row + d) = lo;
+            *reinterpret_cast<float2*>(row + d + WHD / 2) = hi;
         }
     }
+    fence_proxy_async();
+    __syncthreads();
+    if (threadIdx.x >= BK2 && copies_out) bulk_store(dk + kbase + (int64_t)out_key * kstride, smem_addr(t_dk + out_row * OUT_LD), WHD * 4);
+    bulk_commit();
+    bulk_wait_read();  // the block's shared memory must outlive the copies' reads
 #else
     __trap();  // built for an arch without wgmma; the host never launches it there
 #endif

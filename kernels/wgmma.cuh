@@ -1,6 +1,6 @@
 // What the Hopper tensor-core kernels (nf4_gemm.cu: the fused 4-bit matmul; flash_wgmma.cu: the
 // attention kernels) share: whether this compilation has wgmma (sm_90a only), the 128-byte-swizzled
-// shared-memory tile layout and its matrix descriptors, and wgmma's fences and waits.
+// shared-memory tile layout and its matrix descriptors, wgmma's fences and waits, and bulk stores.
 #pragma once
 #include "common.cuh"
 
@@ -31,6 +31,14 @@ __device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_grou
 template <int N> __device__ __forceinline__ void wgmma_wait() { asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory"); }
 // Completed cp.async writes to shared memory made visible to wgmma's reads.
 __device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
+// A bulk copy of `bytes` (a multiple of 16; both addresses 16-byte aligned) from shared to global
+// memory by the copy engine, in this thread's current bulk group; the group committed, and a wait
+// until this thread's groups have read their shared memory (the writes land on their own).
+__device__ __forceinline__ void bulk_store(void* dst, uint32_t src, uint32_t bytes) {
+    asm volatile("cp.async.bulk.global.shared::cta.bulk_group [%0], [%1], %2;\n" ::"l"(dst), "r"(src), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void bulk_commit() { asm volatile("cp.async.bulk.commit_group;\n" ::: "memory"); }
+__device__ __forceinline__ void bulk_wait_read() { asm volatile("cp.async.bulk.wait_group.read 0;\n" ::: "memory"); }
 // Keeps the compiler from moving accesses to an accumulator across the asynchronous wgmma.
 __device__ __forceinline__ void pin(float& r) { asm volatile("" : "+f"(r)::"memory"); }
 #endif
