@@ -74,25 +74,28 @@ __device__ __forceinline__ void wgmma_ss_n64_tt(float* d, uint64_t da, uint64_t 
 // ---- forward ------------------------------------------------------------------------------------
 // Block: one warpgroup on 64 query rows (16 per warp), 64 keys per step in two products: S = Q·Kᵀ
 // (m64n64, Q and K K-major) and O += P·V (m64n128, P from registers, V MN-major), with the online
-// softmax between them as in flash.cu. Shared memory (dynamic, rounded up to 1024 bytes): Q, then two
-// stages of K and V, then the two stages' key segment ids; stage kb & 1 is filled by cp.async while
-// the warpgroup works on the other.
+// softmax between them as in flash.cu. Three blocks per SM: the blocks are short (4.5 key blocks on
+// average at 512 tokens) and their first copies' latency was the largest stall (ncu: ~12% of warp
+// samples on the first wait with two blocks per SM), so shared memory holds Q, two stages of K and
+// one of V (64 KB) instead of two of each: key block j + 1's K is copied while block j is worked on,
+// and block j's V while its S and softmax run.
 #define WQ 64      // queries per block: one warpgroup, 16 rows per warp
 #define WK 64      // keys per step
 #define ATOM 8192  // one 64-row × 64-column bf16 half of a tile
 #define WQ_OFF 0
-#define WKV_OFF (2 * ATOM)
-#define WSTAGE (4 * ATOM)  // K's two halves, then V's
-#define WSEG_OFF (WKV_OFF + 2 * WSTAGE)
+#define WK_OFF (2 * ATOM)          // K of stage 0, then of stage 1 (two halves each)
+#define WV_OFF (WK_OFF + 4 * ATOM) // V (two halves)
+#define WSEG_OFF (WV_OFF + 2 * ATOM)
 // Bytes of dynamic shared memory a launch asks for (Cuda::flash_forward_launch: FLASH_WGMMA_SMEM):
 // the tiles, the segment ids, and up to 1023 bytes to reach 1024-byte alignment.
 #define WSMEM (WSEG_OFF + 2 * WK * 4 + 1024)
+static_assert(3 * (WSMEM + 1024) <= 228 * 1024, "three forward blocks per SM");
 
 
 // q (batch, q_len, heads, 128) bf16, rotated; k, v (batch, kv_cap, kv_heads, 128) bf16, rows from
 // kv_len on never read; out (batch, q_len, heads, 128) f32; lse (batch, heads, q_len), natural log of
 // Σ exp(score). Grid (heads, batch, query blocks of 64, heaviest first), 128 threads, WSMEM bytes.
-extern "C" __global__ void __launch_bounds__(128, 2) flash_fwd_wgmma_hd128(const __nv_bfloat16* q, const __nv_bfloat16* k, const __nv_bfloat16* v, const uint32_t* seg, float* out, float* lse, FGEOM_ARGS) {
+extern "C" __global__ void __launch_bounds__(128, 3) flash_fwd_wgmma_hd128(const __nv_bfloat16* q, const __nv_bfloat16* k, const __nv_bfloat16* v, const uint32_t* seg, float* out, float* lse, FGEOM_ARGS) {
     grid_dependency_wait();
 #ifdef HAVE_WGMMA
     MAKE_FGEOM;
@@ -113,18 +116,17 @@ extern "C" __global__ void __launch_bounds__(128, 2) flash_fwd_wgmma_hd128(const
     const int64_t kbase = ((int64_t)b * g.kv_cap * g.kv_heads + grp) * WHD, kstride = (int64_t)g.kv_heads * WHD;
 
     copy_tile<64, 128>(base + WQ_OFF, q + ((int64_t)b * g.q_len * g.heads + h) * WHD, (int64_t)g.heads * WHD, qb * WQ, g.q_len);
-    // Key block kb into stage kb & 1, and its segment ids by plain stores that the next barrier publishes.
-    auto issue = [&](int kb) {
-        const uint32_t st = base + WKV_OFF + (kb & 1) * WSTAGE;
-        copy_tile<64, 128>(st, k + kbase, kstride, kb * WK, g.kv_len);
-        copy_tile<64, 128>(st + 2 * ATOM, v + kbase, kstride, kb * WK, g.kv_len);
+    // Key block kb's K into stage kb & 1, and its segment ids by plain stores that the next barrier
+    // publishes; its V into the one V buffer (in the loop).
+    auto issue_k = [&](int kb) {
+        copy_tile<64, 128>(base + WK_OFF + (kb & 1) * 2 * ATOM, k + kbase, kstride, kb * WK, g.kv_len);
         if (threadIdx.x < WK) {
             const int s = kb * WK + threadIdx.x;
             kseg[(kb & 1) * WK + threadIdx.x] = s < g.kv_len ? seg_of(seg, g, b, s) : 0u;
         }
     };
-    if (kv_end > 0) issue(0);
-    cp_async_commit();  // Q with the first key block
+    if (kv_end > 0) issue_k(0);
+    cp_async_commit();  // Q with the first key block's K
 
     // O: accumulator value 4j + e is row r0 (e < 2) or r1, column 8j + 2·t4 + e % 2 (wgmma's m64nN
     // layout: each warp's 16 rows as mma.m16n8k16's C tiles side by side); S likewise over 64 keys.
@@ -134,12 +136,14 @@ extern "C" __global__ void __launch_bounds__(128, 2) flash_fwd_wgmma_hd128(const
     float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.f, l1 = 0.f;
     for (int kb = 0; kb * WK < kv_end; kb++) {
         const int buf = kb & 1;
-        cp_async_wait<0>();  // this thread's copies of block kb (and Q) have landed ...
+        cp_async_wait<0>();  // this thread's copies of K_kb (and Q) have landed ...
         fence_proxy_async(); // ... visible to wgmma's reads ...
-        __syncthreads();     // ... everyone's too, and every warp is done with block kb − 1's stage
-        if ((kb + 1) * WK < kv_end) issue(kb + 1);
+        __syncthreads();     // ... everyone's too; every warp is done with S_{kb−1} and P·V_{kb−1}
+        copy_tile<64, 128>(base + WV_OFF, v + kbase, kstride, kb * WK, g.kv_len);
+        cp_async_commit();   // V_kb, then K_{kb+1} (possibly no copies): V's group completes first
+        if ((kb + 1) * WK < kv_end) issue_k(kb + 1);
         cp_async_commit();
-        const uint32_t st = base + WKV_OFF + buf * WSTAGE;
+        const uint32_t st = base + WK_OFF + buf * 2 * ATOM;
 
         // S = Q·Kᵀ over the head's 128 columns: 8 k16 steps, 32 bytes apart within each half.
         float sc[WK / 2];
@@ -224,9 +228,12 @@ extern "C" __global__ void __launch_bounds__(128, 2) flash_fwd_wgmma_hd128(const
             pa[kk][2] = pack_bf16(sc[8 * kk + 4], sc[8 * kk + 5]);
             pa[kk][3] = pack_bf16(sc[8 * kk + 6], sc[8 * kk + 7]);
         }
+        cp_async_wait<1>();   // this thread's copies of V_kb have landed (K_{kb+1}'s may fly) ...
+        fence_proxy_async();
+        __syncthreads();      // ... everyone's too
         wgmma_fence();
 #pragma unroll
-        for (int kk = 0; kk < WK / 16; kk++) wgmma_rs_n128_tb(o, pa[kk], desc_sw128_mn(st + 2 * ATOM + kk * 2048, ATOM), 1);
+        for (int kk = 0; kk < WK / 16; kk++) wgmma_rs_n128_tb(o, pa[kk], desc_sw128_mn(base + WV_OFF + kk * 2048, ATOM), 1);
         wgmma_commit();
         wgmma_wait<0>();
 #pragma unroll

@@ -27,10 +27,10 @@ pub(super) enum FlashQ<'a> {
     Bf16(&'a CudaSlice<bf16>),
 }
 
-/// Dynamic shared memory of kernels/flash_wgmma.cu's forward (`WSMEM`): Q and two stages of K and V,
-/// 64 rows × 128 bf16 each (16 KB), the two stages' 64 key segment ids, and 1,024 bytes of alignment
-/// slack.
-pub(super) const FLASH_WGMMA_SMEM: usize = 5 * 64 * 128 * 2 + 2 * 64 * 4 + 1024;
+/// Dynamic shared memory of kernels/flash_wgmma.cu's forward (`WSMEM`): Q, two stages of K and one of
+/// V, 64 rows × 128 bf16 each (16 KB), the two stages' 64 key segment ids, and 1,024 bytes of
+/// alignment slack (three blocks fit an SM).
+pub(super) const FLASH_WGMMA_SMEM: usize = 4 * 64 * 128 * 2 + 2 * 64 * 4 + 1024;
 
 /// Dynamic shared memory of kernels/flash_wgmma.cu's backward (`BWD2_SMEM`, `BWD2_SMEM_ROPE`): K and V
 /// (128 rows × 128 bf16 each), Q and dO of two steps (64 rows each), each warpgroup's dSᵀ (64 × 64

@@ -265,6 +265,11 @@ impl Cuda {
                 funcs[*name].set_attribute(attr, GEMM_4BIT_TILES[i / 4].smem as i32).map_err(dev_err)?;
             }
             funcs["flash_fwd_wgmma_hd128"].set_attribute(attr, FLASH_WGMMA_SMEM as i32).map_err(dev_err)?;
+            // Its three blocks per SM take ~200 KB: the largest shared-memory carveout, not the
+            // driver's pick for one block.
+            let carveout =
+                cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT;
+            funcs["flash_fwd_wgmma_hd128"].set_attribute(carveout, 100).map_err(dev_err)?;
             funcs["flash_bwd_wgmma_hd128"].set_attribute(attr, flash_wgmma_bwd_smem(true) as i32).map_err(dev_err)?;
         }
         let flash_wgmma = match std::env::var("LLAMATUNE_FLASH_WGMMA").as_deref() {
