@@ -4,7 +4,7 @@
 // (causal, GQA, segment masks, q_offset; lse saved by the forward; dq, dk rotated back by RoPE tables
 // in the backward), which serve the other calls (f32 q, head_dim 64, devices without wgmma).
 // CPU reference: Cpu::attention, Cpu::attention_backward (src/backend/cpu.rs). Launchers:
-// Cuda::flash_forward_wgmma, Cuda::flash_backward_wgmma (src/backend/cuda/attention.rs).
+// Cuda::flash_forward_launch, Cuda::flash_backward_launch (src/backend/cuda/attention.rs).
 //
 // Why: the mma.sync kernels issue a shared load (ldmatrix) for every two 16×8×16 products on tiles of
 // 16 rows per warp (ncu: latency-bound on that chain). Here each warpgroup (4 warps) owns 64 rows and
@@ -270,8 +270,9 @@ extern "C" __global__ void __launch_bounds__(128, 3) flash_fwd_wgmma_hd128(const
 //   dV += Pᵀ·dO and dK += dSᵀ·Q (m64n128, P and dS from registers, dO and Q MN-major),
 //   dQ  = dS·K over the block's 128 keys, warpgroup w taking column half w (m64n64; both
 //         warpgroups' dSᵀ through shared memory as one MN-major A, K MN-major),
-// dV and dK stay in registers to the end; each warpgroup adds its half of dQ (rotated back with
-// tables) into dq by vector reductions (dq must be zero beforehand). Warpgroup 1 skips the products
+// dV and dK stay in registers to the end (then leave through shared memory, a bulk copy per row);
+// each warpgroup adds its half of dQ (rotated back with tables) into dq by vector reductions (dq
+// must be zero beforehand). Warpgroup 1 skips the products
 // of a step whose queries all precede its keys (they would be 0) and then reduces dQ over warpgroup
 // 0's keys only; the block skips a step none of its keys is seen in.
 #define BK2 128    // keys per block

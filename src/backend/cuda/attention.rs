@@ -194,7 +194,8 @@ impl Cuda {
     }
 
     /// The flash forward launch over bf16 K and V: `q` f32 (rotated by its tables, if any, as it is
-    /// loaded) or bf16 as it is (already rotated).
+    /// loaded) or bf16 as it is (already rotated). Head size 128 from bf16 q takes the wgmma kernel
+    /// (kernels/flash_wgmma.cu, the same contract as `flash_fwd_hd128`) where it is switched on.
     pub(super) fn flash_forward_launch(
         &self,
         q: FlashQ<'_>,
@@ -204,11 +205,15 @@ impl Cuda {
         out: &mut CudaSlice<f32>,
         lse: &mut CudaSlice<f32>,
     ) {
-        if let (FlashQ::Bf16(q), 128, (true, _)) = (q, sh.head_dim, self.uses_flash_wgmma()) {
-            return self.flash_forward_wgmma(q, (kb, vb), sh, seg, out, lse);
-        }
-        let kernel = if sh.head_dim == 64 { "flash_fwd_hd64" } else { "flash_fwd_hd128" };
+        let wgmma = matches!(q, FlashQ::Bf16(_)) && sh.head_dim == 128 && self.uses_flash_wgmma().0;
+        let kernel = match (sh.head_dim, wgmma) {
+            (64, _) => "flash_fwd_hd64",
+            (_, false) => "flash_fwd_hd128",
+            (_, true) => "flash_fwd_wgmma_hd128",
+        };
         let mut b = self.stream.launch_builder(self.f(kernel));
+        // flash.cu's kernels take q as f32 or bf16 (one of them null) and RoPE tables; the wgmma
+        // kernel only bf16 q, already rotated.
         let rope = match q {
             FlashQ::F32(q, rope) => {
                 b.arg(q);
@@ -216,55 +221,31 @@ impl Cuda {
                 rope
             }
             FlashQ::Bf16(q) => {
-                push_opt(&mut b, None::<&CudaSlice<f32>>);
+                if !wgmma {
+                    push_opt(&mut b, None::<&CudaSlice<f32>>);
+                }
                 b.arg(q);
                 None
             }
         };
         b.arg(kb).arg(vb);
         push_opt(&mut b, seg);
-        push_opt(&mut b, rope.map(|r| r.cos));
-        push_opt(&mut b, rope.map(|r| r.sin));
+        if !wgmma {
+            push_opt(&mut b, rope.map(|r| r.cos));
+            push_opt(&mut b, rope.map(|r| r.sin));
+        }
         b.arg(out).arg(lse);
         let g = flash_geom(sh);
         push_geom(&mut b, &g);
         let cfg = LaunchConfig {
-            // Query blocks on z: the heaviest of every head start first (kernels/flash.cu).
+            // Query blocks of 64 on z: the heaviest of every head start first (kernels/flash.cu).
             grid_dim: (sh.heads as u32, sh.batch as u32, sh.q_len.div_ceil(64) as u32),
             block_dim: (128, 1, 1),
-            shared_mem_bytes: 0,
+            shared_mem_bytes: if wgmma { FLASH_WGMMA_SMEM as u32 } else { 0 },
         };
         // SAFETY: the kernel reads q, K, V, seg and the tables within the geometry and writes out and
-        // lse rows of its own queries.
-        ck!(unsafe { b.launch(cfg) }, kernel);
-    }
-
-    /// The wgmma flash forward (kernels/flash_wgmma.cu) of head size 128 from bf16 q, K and V (q
-    /// and K already rotated): the same contract as `flash_fwd_hd128`.
-    fn flash_forward_wgmma(
-        &self,
-        q: &CudaSlice<bf16>,
-        (kb, vb): (&CudaSlice<bf16>, &CudaSlice<bf16>),
-        sh: AttnShape,
-        seg: Option<&CudaSlice<u32>>,
-        out: &mut CudaSlice<f32>,
-        lse: &mut CudaSlice<f32>,
-    ) {
-        let kernel = "flash_fwd_wgmma_hd128";
-        let mut b = self.stream.launch_builder(self.f(kernel));
-        b.arg(q).arg(kb).arg(vb);
-        push_opt(&mut b, seg);
-        b.arg(out).arg(lse);
-        let g = flash_geom(sh);
-        push_geom(&mut b, &g);
-        let cfg = LaunchConfig {
-            // Query blocks of 64 on z: the heaviest of every head start first.
-            grid_dim: (sh.heads as u32, sh.batch as u32, sh.q_len.div_ceil(64) as u32),
-            block_dim: (128, 1, 1),
-            shared_mem_bytes: FLASH_WGMMA_SMEM as u32,
-        };
-        // SAFETY: the kernel reads q, K, V and seg within the geometry and writes out and lse rows of
-        // its own queries; its shared memory is FLASH_WGMMA_SMEM, set as its maximum in Cuda::new.
+        // lse rows of its own queries; the wgmma kernel's shared memory is FLASH_WGMMA_SMEM, set as its
+        // maximum in Cuda::new.
         ck!(unsafe { b.launch(cfg) }, kernel);
     }
 
