@@ -272,9 +272,9 @@ extern "C" __global__ void __launch_bounds__(128, 3) flash_fwd_wgmma_hd128(const
 //         warpgroups' dSᵀ through shared memory as one MN-major A, K MN-major),
 // dV and dK stay in registers to the end (then leave through shared memory, a bulk copy per row);
 // each warpgroup adds its half of dQ (rotated back with tables) into dq by vector reductions (dq
-// must be zero beforehand). Warpgroup 1 skips the products
-// of a step whose queries all precede its keys (they would be 0) and then reduces dQ over warpgroup
-// 0's keys only; the block skips a step none of its keys is seen in.
+// must be zero beforehand). Warpgroup 1 skips the products of a step whose queries all precede its
+// keys (they would be 0) and then reduces dQ over warpgroup 0's keys only; the block skips a step
+// none of its keys is seen in.
 #define BK2 128    // keys per block
 #define BQ2 64     // queries per step
 #define ROPE_LD 72 // floats per staged RoPE table row (64 used): a quad's float2 reads of 8 rows hit 2 wavefronts

@@ -31,9 +31,10 @@ __device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_grou
 template <int N> __device__ __forceinline__ void wgmma_wait() { asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory"); }
 // Completed cp.async writes to shared memory made visible to wgmma's reads.
 __device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
-// A bulk copy of `bytes` (a multiple of 16; both addresses 16-byte aligned) from shared to global
-// memory by the copy engine, in this thread's current bulk group; the group committed, and a wait
-// until this thread's groups have read their shared memory (the writes land on their own).
+// Stores by the copy engine: `bulk_store` adds a copy of `bytes` (a multiple of 16; both addresses
+// 16-byte aligned) from shared to global memory to this thread's open bulk group, `bulk_commit` closes
+// the group, and `bulk_wait_read` waits until this thread's groups have read their shared memory (the
+// writes land on their own; the shared memory may be reused or freed after it).
 __device__ __forceinline__ void bulk_store(void* dst, uint32_t src, uint32_t bytes) {
     asm volatile("cp.async.bulk.global.shared::cta.bulk_group [%0], [%1], %2;\n" ::"l"(dst), "r"(src), "r"(bytes) : "memory");
 }
