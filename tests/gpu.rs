@@ -1545,6 +1545,18 @@ fn adamw_and_reductions() {
     let all = gpu().sum_squares_all(&[&gg, &pp, &mm, &tt, &aa]);
     let want = [&g, &p, &m, &tiny, &lora_a].iter().map(|t| CPU.sum_squares(t)).sum::<f64>();
     check("sum of squares over five tensors", &[all as f32], &[want as f32], F32_TOL);
+    // Zeros into tensors of one value, a chunk and one past it, a LoRA A's and 37 in one launch
+    // (zero_all), NaN and random values before, with a neighbour allocated between them left alone.
+    let zero_sizes = [1, 16384, 16385, 64 * 4096, 37];
+    let mut zs: Vec<_> = zero_sizes.iter().map(|&k| gpu().upload(&vec![f32::NAN; k])).collect();
+    zs[3] = gpu().upload(&rnd(&mut rng, 64 * 4096, 1.0));
+    let neighbour = rnd(&mut rng, 4099, 1.0);
+    let kept = gpu().upload(&neighbour);
+    gpu().zero_all(zs.iter_mut().collect());
+    for (z, &k) in zs.iter().zip(&zero_sizes) {
+        check(&format!("zero_all, {k} values"), &gpu().download(z), &vec![0.0; k], 0.0);
+    }
+    check("zero_all leaves other buffers", &gpu().download(&kept), &neighbour, 0.0);
     // Every tensor in one launch (adamw_all) against one adamw each, bit for bit: sizes of one value,
     // of a chunk and one past it (16,384), a LoRA A's, ~1M and 37, in that order.
     let sizes = [1, 16384, 16385, 64 * 4096, n, 37];

@@ -275,6 +275,14 @@ pub trait Backend {
     fn scale(&self, buf: &mut Self::Buf, s: f64);
     /// Σ buf², accumulated in f64 (for the global gradient norm).
     fn sum_squares(&self, buf: &Self::Buf) -> f64;
+    /// Every buffer in `bufs` set to zeros, NaN or not (the gradients before each step): by default a
+    /// fresh zeroed buffer each; a backend may zero them in place in one launch (CUDA:
+    /// `zero_many_f32`; an all-linear adapter has 448).
+    fn zero_all(&self, bufs: Vec<&mut Self::Buf>) {
+        for b in bufs {
+            *b = self.zeros(self.buf_len(b));
+        }
+    }
     /// Σ over all `bufs` of Σ buf² (the global gradient norm's square): one result to wait for
     /// instead of one per tensor.
     fn sum_squares_all(&self, bufs: &[&Self::Buf]) -> f64 {

@@ -189,9 +189,7 @@ impl<B: Backend> LoraGrads<B> {
         out
     }
     pub fn zero(&mut self, be: &B) {
-        // Fresh zeros rather than `*= 0`, which would keep a NaN from a skipped step.
-        for b in self.bufs_mut() {
-            *b = be.zeros(be.buf_len(b));
-        }
+        // Zeros written, not `*= 0`, which would keep a NaN from a skipped step.
+        be.zero_all(self.bufs_mut());
     }
 }

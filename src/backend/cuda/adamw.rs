@@ -120,6 +120,44 @@ impl Cuda {
         ck!(self.stream.clone_dtoh(&acc), "download")[0]
     }
 
+    /// Zeros into every buffer in `bufs` in one launch (`zero_many_f32`,
+    /// [`Backend::zero_all`](crate::backend::Backend::zero_all)); `LLAMATUNE_ZERO_MANY=0` (or
+    /// [`Cuda::set_zero_many`]) gives each a fresh zeroed buffer instead, as the trait's default does.
+    pub(super) fn zero_many(&self, bufs: Vec<&mut CudaSlice<f32>>) {
+        if !self.zero_many.load(std::sync::atomic::Ordering::Relaxed) {
+            for b in bufs {
+                *b = self.zeros(b.len());
+            }
+            return;
+        }
+        let _span = self.span("zero_all");
+        let mut guards = Vec::new();
+        let mut table = Vec::with_capacity(bufs.len());
+        let mut chunks = Chunks::default();
+        for buf in bufs {
+            let n = buf.len();
+            let (x, g) = buf.device_ptr_mut(&self.stream);
+            guards.push(g);
+            table.push(SumTensor { x, n: n as i64, first_chunk: chunks.take(n) });
+        }
+        if let Some(cfg) = chunks.launch() {
+            let table_d = ck!(self.stream.clone_htod(&table), "upload zero table");
+            let (count, chunk) = (table.len() as i32, MULTI_CHUNK as i64);
+            let mut b = self.stream.launch_builder(self.f("zero_many_f32"));
+            b.arg(&table_d).arg(&count).arg(&chunk);
+            // SAFETY: the table holds the addresses and lengths of live buffers (guards held until the
+            // launch is queued); the kernel writes n values of each.
+            ck!(unsafe { b.launch(cfg) }, "zero_many_f32");
+        }
+        drop(guards);
+    }
+
+    /// Gradients zeroed in one launch (`true`, the default) or each given a fresh zeroed buffer
+    /// (`false`; A/B runs).
+    pub fn set_zero_many(&self, on: bool) {
+        self.zero_many.store(on, std::sync::atomic::Ordering::Relaxed);
+    }
+
     /// AdamW with the moments in pinned host memory ([`Backend::adamw_paged`](crate::backend::Backend::adamw_paged)):
     /// `chunk` values of m and v at a time go host → staging buffers → `adamw_f32` → host.
     pub(super) fn adamw_paged_chunks(

@@ -12,7 +12,7 @@ pub(super) mod embedded {
 /// Every kernel of a module (the names `Cuda::new` resolves).
 pub(super) fn kernel_names(module: &str) -> &'static [&'static str] {
     match module {
-        "adamw" => &["adamw_f32", "adamw_many_f32", "sum_squares_many_f32"],
+        "adamw" => &["adamw_f32", "adamw_many_f32", "sum_squares_many_f32", "zero_many_f32"],
         "attention" => &["attention_fwd_f32", "attention_bwd_dq_f32", "attention_bwd_dkdv_f32"],
         "flash" => &[
             "flash_fwd_hd64",

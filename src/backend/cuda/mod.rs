@@ -75,6 +75,8 @@ pub struct Cuda {
     /// [`Cuda::set_dequant_seg`]: 4-bit weights expanded a warp per 1,024 values
     /// (`LLAMATUNE_DEQUANT_SEG=0`: the thread-per-32-values kernel).
     dequant_seg: std::sync::atomic::AtomicBool,
+    /// [`Cuda::set_zero_many`]: gradients zeroed in one launch (`LLAMATUNE_ZERO_MANY`).
+    zero_many: std::sync::atomic::AtomicBool,
     /// [`Cuda::set_pdl`]: how decoding's graph lets a kernel start while the previous one runs
     /// (`LLAMATUNE_PDL=0|exit|launch`, default exit; off before compute capability 9.0).
     pdl: std::sync::Mutex<graph::Pdl>,
@@ -318,6 +320,7 @@ impl Cuda {
         let lora_b_concat = switch_on("LLAMATUNE_LORA_B_CONCAT").into();
         let gemv_many = switch_on("LLAMATUNE_GEMV_MANY").into();
         let dequant_seg = switch_on("LLAMATUNE_DEQUANT_SEG").into();
+        let zero_many = switch_on("LLAMATUNE_ZERO_MANY").into();
         let kept = gemm::KeptExpansions::new(switch_on("LLAMATUNE_KEEP_EXPANDED")).into();
         Ok(Cuda {
             ordinal,
@@ -348,6 +351,7 @@ impl Cuda {
             kept,
             small_operands: Default::default(),
             dequant_seg,
+            zero_many,
             pdl,
             graph_edges: Default::default(),
             profile,
@@ -574,6 +578,9 @@ impl Backend for Cuda {
         let mut acc = self.scalar_f64();
         self.add_sum_squares(buf, &mut acc);
         ck!(self.stream.clone_dtoh(&acc), "download")[0]
+    }
+    fn zero_all(&self, bufs: Vec<&mut CudaSlice<f32>>) {
+        self.zero_many(bufs)
     }
     fn sum_squares_all(&self, bufs: &[&CudaSlice<f32>]) -> f64 {
         // Timed under this name by sum_squares_many itself.
