@@ -75,10 +75,11 @@ __device__ __forceinline__ void wgmma_ss_n64_tt(float* d, uint64_t da, uint64_t 
 // Block: one warpgroup on 64 query rows (16 per warp), 64 keys per step in two products: S = Q·Kᵀ
 // (m64n64, Q and K K-major) and O += P·V (m64n128, P from registers, V MN-major), with the online
 // softmax between them as in flash.cu. Three blocks per SM: the blocks are short (4.5 key blocks on
-// average at 512 tokens) and their first copies' latency was the largest stall (ncu: ~12% of warp
-// samples on the first wait with two blocks per SM), so shared memory holds Q, two stages of K and
-// one of V (64 KB) instead of two of each: key block j + 1's K is copied while block j is worked on,
-// and block j's V while its S and softmax run.
+// average at 512 tokens) and waiting for their copies was the largest stall with two blocks per SM
+// (ncu: ~10% of warp samples at the step's copy wait; 11.6% on the first block's copies alone in a
+// variant whose steps overlapped), so shared memory holds Q, two stages of K and one of V (64 KB)
+// instead of two of each: key block j + 1's K is copied while block j is worked on, and block j's V
+// while its S and softmax run.
 #define WQ 64      // queries per block: one warpgroup, 16 rows per warp
 #define WK 64      // keys per step
 #define ATOM 8192  // one 64-row × 64-column bf16 half of a tile
