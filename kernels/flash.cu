@@ -256,25 +256,7 @@ __device__ void flash_fwd(const float* q, const __nv_bfloat16* q16, const __nv_b
             }
         }
     }
-    l0 += __shfl_xor_sync(0xffffffffu, l0, 1);
-    l0 += __shfl_xor_sync(0xffffffffu, l0, 2);
-    l1 += __shfl_xor_sync(0xffffffffu, l1, 1);
-    l1 += __shfl_xor_sync(0xffffffffu, l1, 2);
-    const float i0 = l0 > 0.f ? 1.f / l0 : 0.f, i1 = l1 > 0.f ? 1.f / l1 : 0.f;
-    if (r0 < g.q_len) {
-        float* po = out + (((int64_t)b * g.q_len + r0) * g.heads + h) * HD;
-#pragma unroll
-        for (int dn = 0; dn < HD / 8; dn++)
-            *reinterpret_cast<float2*>(po + dn * 8 + 2 * t4) = make_float2(o[dn][0] * i0, o[dn][1] * i0);
-        if (t4 == 0) lse[((int64_t)b * g.heads + h) * g.q_len + r0] = l0 > 0.f ? m0 * LN2 + logf(l0) : -INFINITY;
-    }
-    if (r1 < g.q_len) {
-        float* po = out + (((int64_t)b * g.q_len + r1) * g.heads + h) * HD;
-#pragma unroll
-        for (int dn = 0; dn < HD / 8; dn++)
-            *reinterpret_cast<float2*>(po + dn * 8 + 2 * t4) = make_float2(o[dn][2] * i1, o[dn][3] * i1);
-        if (t4 == 0) lse[((int64_t)b * g.heads + h) * g.q_len + r1] = l1 > 0.f ? m1 * LN2 + logf(l1) : -INFINITY;
-    }
+    flash_fwd_store<HD>([&](int j, int e) { return o[j][e]; }, m0, m1, l0, l1, g, b, h, r0, r1, t4, out, lse);
 }
 
 // q (f32) or q16 (bf16, already rotated): one of them, the other null. cos_t, sin_t: null, or the

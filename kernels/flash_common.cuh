@@ -1,6 +1,6 @@
 // What the flash kernels (flash.cu on mma.sync, flash_wgmma.cu on wgmma) share: the attention
 // geometry, its visibility rule (causal, lengths, segments), bf16 packing of score tiles into the next
-// product's A fragments, and the backward's dQ reductions and RoPE inverse.
+// product's A fragments, the forward's output stores, and the backward's dQ reductions and RoPE inverse.
 #pragma once
 #include "common.cuh"
 
@@ -24,6 +24,31 @@ __device__ __forceinline__ uint32_t seg_of(const uint32_t* seg, const FGeom& g, 
 // Query t (segment qs) sees key s (segment ks)?
 __device__ __forceinline__ bool sees(const FGeom& g, int t, uint32_t qs, int s, uint32_t ks) {
     return t < g.q_len && s < g.kv_len && s <= g.q_offset + t && qs != 0 && ks == qs;
+}
+// A forward block's end, per thread: its two rows' sums l0, l1 (each spread over a quad) added up,
+// O's rows r0 and r1 divided by them into out (value (j, e) of `o_at`: column 8j + 2·t4 + e % 2 of row
+// r0 for e < 2, of r1 otherwise: mma's C fragment layout, which wgmma's accumulators share) and their
+// lse (natural log; running max m in log2 units) from the quad's first lane; rows from q_len on are not
+// written.
+template <int HD, typename OAt>
+__device__ __forceinline__ void flash_fwd_store(OAt o_at, float m0, float m1, float l0, float l1, const FGeom& g, int b, int h, int r0, int r1, int t4, float* out, float* lse) {
+    l0 += __shfl_xor_sync(0xffffffffu, l0, 1);
+    l0 += __shfl_xor_sync(0xffffffffu, l0, 2);
+    l1 += __shfl_xor_sync(0xffffffffu, l1, 1);
+    l1 += __shfl_xor_sync(0xffffffffu, l1, 2);
+    const float i0 = l0 > 0.f ? 1.f / l0 : 0.f, i1 = l1 > 0.f ? 1.f / l1 : 0.f;
+    if (r0 < g.q_len) {
+        float* po = out + (((int64_t)b * g.q_len + r0) * g.heads + h) * HD;
+#pragma unroll
+        for (int j = 0; j < HD / 8; j++) *reinterpret_cast<float2*>(po + j * 8 + 2 * t4) = make_float2(o_at(j, 0) * i0, o_at(j, 1) * i0);
+        if (t4 == 0) lse[((int64_t)b * g.heads + h) * g.q_len + r0] = l0 > 0.f ? m0 * LN2 + logf(l0) : -INFINITY;
+    }
+    if (r1 < g.q_len) {
+        float* po = out + (((int64_t)b * g.q_len + r1) * g.heads + h) * HD;
+#pragma unroll
+        for (int j = 0; j < HD / 8; j++) *reinterpret_cast<float2*>(po + j * 8 + 2 * t4) = make_float2(o_at(j, 2) * i1, o_at(j, 3) * i1);
+        if (t4 == 0) lse[((int64_t)b * g.heads + h) * g.q_len + r1] = l1 > 0.f ? m1 * LN2 + logf(l1) : -INFINITY;
+    }
 }
 // *p += v.x, *(p + 1) += v.y atomically (p 8-byte aligned): one vector reduction on sm_90, half the
 // atomic operations of two scalar ones.

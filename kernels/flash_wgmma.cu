@@ -240,23 +240,7 @@ extern "C" __global__ void __launch_bounds__(128, 3) flash_fwd_wgmma_hd128(const
 #pragma unroll
         for (int i = 0; i < WHD / 2; i++) pin(o[i]);
     }
-    l0 += __shfl_xor_sync(0xffffffffu, l0, 1);
-    l0 += __shfl_xor_sync(0xffffffffu, l0, 2);
-    l1 += __shfl_xor_sync(0xffffffffu, l1, 1);
-    l1 += __shfl_xor_sync(0xffffffffu, l1, 2);
-    const float i0 = l0 > 0.f ? 1.f / l0 : 0.f, i1 = l1 > 0.f ? 1.f / l1 : 0.f;
-    if (r0 < g.q_len) {
-        float* po = out + (((int64_t)b * g.q_len + r0) * g.heads + h) * WHD;
-#pragma unroll
-        for (int j = 0; j < WHD / 8; j++) *reinterpret_cast<float2*>(po + j * 8 + 2 * t4) = make_float2(o[4 * j] * i0, o[4 * j + 1] * i0);
-        if (t4 == 0) lse[((int64_t)b * g.heads + h) * g.q_len + r0] = l0 > 0.f ? m0 * LN2 + logf(l0) : -INFINITY;
-    }
-    if (r1 < g.q_len) {
-        float* po = out + (((int64_t)b * g.q_len + r1) * g.heads + h) * WHD;
-#pragma unroll
-        for (int j = 0; j < WHD / 8; j++) *reinterpret_cast<float2*>(po + j * 8 + 2 * t4) = make_float2(o[4 * j + 2] * i1, o[4 * j + 3] * i1);
-        if (t4 == 0) lse[((int64_t)b * g.heads + h) * g.q_len + r1] = l1 > 0.f ? m1 * LN2 + logf(l1) : -INFINITY;
-    }
+    flash_fwd_store<WHD>([&](int j, int e) { return o[4 * j + e]; }, m0, m1, l0, l1, g, b, h, r0, r1, t4, out, lse);
 #else
     __trap();  // built for an arch without wgmma; the host never launches it there
 #endif
