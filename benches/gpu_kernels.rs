@@ -203,6 +203,19 @@ fn bandwidth(c: &mut Criterion) {
     g.finish();
 }
 
+/// Wall time of `iters` calls of `launch` queued back to back with one synchronization after them (and
+/// one before, so earlier work is not counted): device time as a CUDA-graph replay measures it, without
+/// a synchronization per call (criterion's `iter_custom`).
+fn back_to_back(be: &Cuda, iters: u64, mut launch: impl FnMut()) -> std::time::Duration {
+    be.synchronize();
+    let start = std::time::Instant::now();
+    for _ in 0..iters {
+        launch();
+    }
+    be.synchronize();
+    start.elapsed()
+}
+
 fn attention(c: &mut Criterion) {
     let be = gpu();
     let sh = AttnShape::square(4, 512, 32, 32, 128);
@@ -269,13 +282,7 @@ fn attention(c: &mut Criterion) {
         let kernel = if be.uses_flash_wgmma().0 { "wgmma" } else { "mma.sync" };
         g.bench_function(format!("forward, saved bf16 inputs, {kernel}, back to back"), |b| {
             b.iter_custom(|iters| {
-                be.synchronize();
-                let start = std::time::Instant::now();
-                for _ in 0..iters {
-                    be.rope_attention_acts(&acts, rope, sh, None, &mut out, &mut lse);
-                }
-                be.synchronize();
-                start.elapsed()
+                back_to_back(be, iters, || be.rope_attention_acts(&acts, rope, sh, None, &mut out, &mut lse))
             })
         });
     }
@@ -285,15 +292,9 @@ fn attention(c: &mut Criterion) {
         let kernel = if be.uses_flash_wgmma().1 { "wgmma" } else { "mma.sync" };
         g.bench_function(format!("backward, saved bf16 inputs, {kernel}, back to back"), |b| {
             b.iter_custom(|iters| {
-                be.synchronize();
-                let start = std::time::Instant::now();
-                for _ in 0..iters {
-                    be.rope_attention_acts_backward(
-                        &acts, rope, &out, &lse, &dout, sh, None, &mut dq, &mut dk, &mut dv,
-                    );
-                }
-                be.synchronize();
-                start.elapsed()
+                back_to_back(be, iters, || {
+                    be.rope_attention_acts_backward(&acts, rope, &out, &lse, &dout, sh, None, &mut dq, &mut dk, &mut dv)
+                })
             })
         });
     }
