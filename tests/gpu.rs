@@ -39,6 +39,19 @@ const CPU: Cpu<f32> = Cpu::new();
 fn rnd(rng: &mut impl Rng, n: usize, scale: f32) -> Vec<f32> {
     (0..n).map(|_| rng.gen_range(-1.0..1.0) * scale).collect()
 }
+/// Random attention inputs of shape `sh`, drawn in this order: q, k, v (kv_capacity rows) and dout.
+fn attention_inputs(rng: &mut impl Rng, sh: AttnShape) -> [Vec<f32>; 4] {
+    let nq = sh.batch * sh.q_len * sh.heads * sh.head_dim;
+    let nk = sh.batch * sh.kv_capacity * sh.kv_heads * sh.head_dim;
+    [rnd(rng, nq, 1.0), rnd(rng, nk, 1.0), rnd(rng, nk, 1.0), rnd(rng, nq, 1.0)]
+}
+/// Segment ids of packed rows: segments of `len` positions (ids 1, 2, …), and batch row 1 padding (0)
+/// from position `pad_from` on.
+fn packed_segments(sh: AttnShape, pad_from: usize, len: usize) -> Vec<u32> {
+    (0..sh.batch)
+        .flat_map(|b| (0..sh.kv_capacity).map(move |t| if b == 1 && t >= pad_from { 0 } else { 1 + (t / len) as u32 }))
+        .collect()
+}
 fn poisoned(n: usize) -> <Cuda as Backend>::Buf {
     gpu().upload(&vec![f32::NAN; n])
 }
@@ -1299,16 +1312,9 @@ fn attention_forward_backward_gqa_packed_and_decode() {
                 if Cuda::uses_flash(&sh) { "flash (bf16 mma)" } else { "attention.cu (f32)" }
             );
             let nq = sh.batch * sh.q_len * sh.heads * sh.head_dim;
-            let nk = sh.batch * sh.kv_capacity * sh.kv_heads * sh.head_dim;
-            let (q, k, v, dout) =
-                (rnd(&mut rng, nq, 1.0), rnd(&mut rng, nk, 1.0), rnd(&mut rng, nk, 1.0), rnd(&mut rng, nq, 1.0));
-            let seg: Option<Vec<u32>> = packed.then(|| {
-                (0..sh.batch)
-                    .flat_map(|b| {
-                        (0..sh.kv_capacity).map(move |t| if b == 1 && t >= 60 { 0 } else { 1 + (t / 30) as u32 })
-                    })
-                    .collect()
-            });
+            let [q, k, v, dout] = attention_inputs(&mut rng, sh);
+            let nk = k.len();
+            let seg = packed.then(|| packed_segments(sh, 60, 30));
             let nl = sh.batch * sh.heads * sh.q_len;
             let (mut o1, mut l1) = (vec![0.0; nq], vec![0.0; nl]);
             CPU.attention(&q, &k, &v, sh, seg.as_deref(), &mut o1, &mut l1);
@@ -1459,17 +1465,10 @@ fn wgmma_flash_kernels_match_the_cpu() {
         ("21 tokens", AttnShape::square(3, 21, 4, 2, 128), false),
     ] {
         let nq = sh.batch * sh.q_len * sh.heads * sh.head_dim;
-        let nk = sh.batch * sh.kv_capacity * sh.kv_heads * sh.head_dim;
         let nl = sh.batch * sh.heads * sh.q_len;
-        let (q, k, v, dout) =
-            (rnd(&mut rng, nq, 1.0), rnd(&mut rng, nk, 1.0), rnd(&mut rng, nk, 1.0), rnd(&mut rng, nq, 1.0));
-        let seg: Option<Vec<u32>> = packed.then(|| {
-            (0..sh.batch)
-                .flat_map(|b| {
-                    (0..sh.kv_capacity).map(move |t| if b == 1 && t >= 150 { 0 } else { 1 + (t / 70) as u32 })
-                })
-                .collect()
-        });
+        let [q, k, v, dout] = attention_inputs(&mut rng, sh);
+        let nk = k.len();
+        let seg = packed.then(|| packed_segments(sh, 150, 70));
         let angles = rnd(&mut rng, sh.batch * sh.q_len * sh.head_dim / 2, std::f32::consts::PI);
         let cos: Vec<f32> = angles.iter().map(|a| a.cos()).collect();
         let sin: Vec<f32> = angles.iter().map(|a| a.sin()).collect();
