@@ -338,21 +338,25 @@ LORA_UP_ACTS(lora_up_acts_f16, __half)
 
 // ---- outer: part[split] (r, N) = S (m, r)ᵀ · [drop] (T (m, N)) over the split's range of m --------
 // dA = duᵀ·drop(x) (S = du, T = x, masked). (dB = dyᵀ·u has no dropout to fuse and stays a cuBLAS
-// GEMM, which ran it in 21 µs against this kernel's 32 at 7B shapes.) Block: 4 warps, 32 columns of
-// T (8 per warp) × all 16·MT ≥ r rows of the result; m in stages of 32 rows copied raw by cp.async,
-// STAGES deep, as in `down`; dropout as the fragments are read (each T value by exactly one lane).
-// Fragments read one word at a time in the natural k (= row of S, T) order: S staged as (k, r) with
-// stride 16·MT + 8 and T as (k, n) with stride 40 keep every load on 32 banks.
-#define OUTER_COLS 32
+// GEMM, which ran it in 21 µs against this kernel's 32 at 7B shapes.) Computed transposed, as
+// partᵀ (N, r) = drop(T)ᵀ · S: T's columns are the products' A rows, so that a lane's A fragment
+// holds neighbouring columns of one row of T and one hash decides both (dropout_pair_keep), and each
+// S fragment serves 16 columns of T. Block: 4 warps, 64 columns of T (16 per warp: A row i is column
+// 2i of the warp's 16 for i < 8 and column 2(i−8)+1 after) × all 8·NT ≥ r values of r; m in stages
+// of 32 rows copied raw by cp.async, STAGES deep, as in `down`; dropout as the fragments are read
+// (each T value by exactly one lane). Shared memory: T as (k, n) with stride 72 (a lane's two columns
+// are one 8-byte load; each half-warp's 16 loads cover 32 banks), S as (k, r) with stride 8·NT + 8
+// (its fragments' 32 lanes on 32 banks).
+#define OUTER_COLS 64
 #define OUTER_THREADS 128
-#define OUTER_T_STRIDE 40
+#define OUTER_T_STRIDE 72
 
-template <int MT>
+template <int NT>
 __device__ void lora_outer(const float* S, const float* T, float* part, int m, int N, int r, int m_split, uint64_t seed, float p) {
-    constexpr int R = 16 * MT, SS = R + 8, SW = STAGE_K * SS + STAGE_K * OUTER_T_STRIDE;  // words per stage
-    extern __shared__ __align__(16) float smem[];  // STAGES × [S (32, SS) | T (32, 40)]
+    constexpr int R = 8 * NT, SS = R + 8, SW = STAGE_K * SS + STAGE_K * OUTER_T_STRIDE;  // words per stage
+    extern __shared__ __align__(16) float smem[];  // STAGES × [S (32, SS) | T (32, 72)]
     constexpr int SV = (STAGE_K * R / 4 + OUTER_THREADS - 1) / OUTER_THREADS;  // S copies per thread
-    constexpr int TV = STAGE_K * OUTER_COLS / 4 / OUTER_THREADS;                // T copies: 2
+    constexpr int TV = STAGE_K * OUTER_COLS / 4 / OUTER_THREADS;                // T copies: 4
     const int col0 = blockIdx.x * OUTER_COLS;
     const int m_begin = blockIdx.y * m_split, m_end = min(m, m_begin + m_split);
     const int warp = threadIdx.x / WARP, lane = threadIdx.x % WARP, g = lane / 4, t = lane % 4;
@@ -373,52 +377,57 @@ __device__ void lora_outer(const float* S, const float* T, float* part, int m, i
             cp_async16(smem_addr(ss + STAGE_K * SS + k * OUTER_T_STRIDE + j), ok ? T + (int64_t)(k0 + k) * N + col0 + j : T, ok);
         }
     };
-    float acc[MT][4];
+    float acc[NT][4];
 #pragma unroll
-    for (int i = 0; i < MT; i++) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
-    const int n = col0 + warp * 8 + g;  // this lane's column of T in the B fragments
+    for (int n = 0; n < NT; n++) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.f;
+    const int c = col0 + warp * 16 + 2 * g;  // this lane's columns of T: c (A row g) and c + 1 (row g + 8)
     pipeline(stages, issue, [&](int s) {
         const float* ss = smem + (s % STAGES) * SW;
-        const float* ts = ss + STAGE_K * SS;
+        const float* ts = ss + STAGE_K * SS + warp * 16 + 2 * g;
         const int k0 = m_begin + s * STAGE_K;
-        // This lane's 8 values of T in the stage are rows k0 + 4h + t (h < 8) of column n; their
-        // dropout decisions first, all 8 hashes side by side (past the edges the values are zeros,
-        // so the decision does not matter).
+        // This lane's values of T in the stage are columns c, c + 1 of rows k0 + 4h + t (h < 8); their
+        // dropout decisions first, one hash per row, all 8 side by side (past the edges the values
+        // are zeros, so the decision does not matter). c is even, so (row, c) starts a pair.
         uint32_t keep = ~0u;
         if (p > 0.f) {
             keep = 0;
 #pragma unroll
-            for (int h = 0; h < 8; h++) keep |= (dropout_factor(seed, (int64_t)(k0 + 4 * h + t) * N + n, p) != 0.f) << h;
+            for (int h = 0; h < 8; h++) keep |= dropout_pair_keep(seed, ((int64_t)(k0 + 4 * h + t) * N + c) >> 1, p) << (2 * h);
         }
         const float kept = p > 0.f ? 1.f / (1.f - p) : 1.f;
 #pragma unroll
         for (int kk = 0; kk < STAGE_K; kk += 8) {
-            const float t0 = ts[(kk + t) * OUTER_T_STRIDE + warp * 8 + g], t1 = ts[(kk + t + 4) * OUTER_T_STRIDE + warp * 8 + g];
-            const uint32_t b0 = tf32(keep >> (kk / 4) & 1 ? t0 * kept : 0.f), b1 = tf32(keep >> (kk / 4 + 1) & 1 ? t1 * kept : 0.f);
+            // Rows kk + t (h = kk/4) and kk + t + 4 (h + 1): a0, a1 and a2, a3.
+            const float2 lo = *reinterpret_cast<const float2*>(ts + (kk + t) * OUTER_T_STRIDE);
+            const float2 hi = *reinterpret_cast<const float2*>(ts + (kk + t + 4) * OUTER_T_STRIDE);
+            const uint32_t kb = keep >> (2 * (kk / 4));
+            const uint32_t a0 = tf32(kb & 1 ? lo.x * kept : 0.f), a1 = tf32(kb & 2 ? lo.y * kept : 0.f);
+            const uint32_t a2 = tf32(kb & 4 ? hi.x * kept : 0.f), a3 = tf32(kb & 8 ? hi.y * kept : 0.f);
 #pragma unroll
-            for (int i = 0; i < MT; i++) {
-                const float* sa = ss + (kk + t) * SS + i * 16 + g;
-                mma_tf32(acc[i], tf32(sa[0]), tf32(sa[8]), tf32(sa[4 * SS]), tf32(sa[4 * SS + 8]), b0, b1);
+            for (int n = 0; n < NT; n++) {
+                const float* sb = ss + (kk + t) * SS + n * 8 + g;
+                mma_tf32(acc[n], a0, a1, a2, a3, tf32(sb[0]), tf32(sb[4 * SS]));
             }
         }
     });
+    // acc[n]: (A row g, r 2t), (g, 2t+1), (g+8, 2t), (g+8, 2t+1) = columns c, c, c+1, c+1 of part rows
+    // n·8 + 2t and n·8 + 2t + 1.
     float* out = part + (int64_t)blockIdx.y * r * N;
-    const int c = col0 + warp * 8 + 2 * t;  // N is a multiple of 4: c < N implies c + 1 < N
-    if (c >= N) return;
+    if (c >= N) return;  // N is a multiple of 4: c < N implies c + 1 < N
 #pragma unroll
-    for (int i = 0; i < MT; i++)
+    for (int n = 0; n < NT; n++)
 #pragma unroll
         for (int h = 0; h < 2; h++) {
-            const int row = i * 16 + g + 8 * h;
+            const int row = n * 8 + 2 * t + h;
             if (row >= r) continue;
-            *reinterpret_cast<float2*>(out + (int64_t)row * N + c) = make_float2(acc[i][2 * h], acc[i][2 * h + 1]);
+            *reinterpret_cast<float2*>(out + (int64_t)row * N + c) = make_float2(acc[n][h], acc[n][2 + h]);
         }
 }
-#define LORA_OUTER(name, MT) \
+#define LORA_OUTER(name, NT) \
     extern "C" __global__ void __launch_bounds__(OUTER_THREADS, 3) name(const float* S, const float* T, float* part, int m, int N, int r, int m_split, uint64_t seed, float p) { \
         grid_dependency_wait(); \
-        lora_outer<MT>(S, T, part, m, N, r, m_split, seed, p); \
+        lora_outer<NT>(S, T, part, m, N, r, m_split, seed, p); \
     }
-LORA_OUTER(lora_outer_r16, 1)
-LORA_OUTER(lora_outer_r32, 2)
-LORA_OUTER(lora_outer_r64, 4)
+LORA_OUTER(lora_outer_r16, 2)
+LORA_OUTER(lora_outer_r32, 4)
+LORA_OUTER(lora_outer_r64, 8)

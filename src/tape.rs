@@ -121,6 +121,11 @@ pub struct Tape<B: Backend> {
     attn_acts: Vec<Option<B::AttnActs>>,
     /// Released values, kept instead of dropped when the tape is [`Tape::keeping_released`].
     released: Option<Vec<B::Buf>>,
+    /// LoRA branches' `u = drop(x) · Aᵀ` by (layer, projection), kept from a checkpointed layer's
+    /// first pass for its replay, which then runs no A product ([`Tape::keep_lora_u`]).
+    lora_us: std::collections::HashMap<(usize, Proj), B::Buf>,
+    /// Whether [`Tape::keep_lora_u`] keeps (a checkpointed layer's first pass, [`Tape::keeping_lora_us`]).
+    keeps_lora_us: bool,
 }
 
 /// Buffers kept for reuse, by length. Decoding's recorded step draws every buffer from one and hands
@@ -172,6 +177,37 @@ impl<B: Backend> Tape<B> {
             mlp_acts: Vec::new(),
             attn_acts: Vec::new(),
             released: None,
+            lora_us: Default::default(),
+            keeps_lora_us: false,
+        }
+    }
+    /// The tape of a checkpointed layer's first pass (not recording): it keeps the LoRA branches' `u`
+    /// for the layer's replay ([`Tape::keep_lora_u`]). Why: a `u` is `m × r` values (0.5 MB for a
+    /// 7B projection at 2,048 rows) while computing it again reads all of `x`; the A products were
+    /// half of them recomputations (session 23's profile: 15.2 ms per all-linear 7B step).
+    pub fn keeping_lora_us() -> Self {
+        Tape { keeps_lora_us: true, ..Self::new(false) }
+    }
+    /// Hands the `u` of `(layer, proj)`'s LoRA branch to the tape: kept for the layer's replay on a
+    /// [`Tape::keeping_lora_us`] tape (returns `None`), given back otherwise.
+    pub fn keep_lora_u(&mut self, layer: usize, proj: Proj, u: B::Buf) -> Option<B::Buf> {
+        if !self.keeps_lora_us {
+            return Some(u);
+        }
+        self.lora_us.insert((layer, proj), u);
+        None
+    }
+    /// The kept `u` of `(layer, proj)`'s LoRA branch, if any (removed from the tape).
+    pub fn take_lora_u(&mut self, layer: usize, proj: Proj) -> Option<B::Buf> {
+        self.lora_us.remove(&(layer, proj))
+    }
+    /// Moves the `u`s `other` kept for `layer` (for every layer: `None`) onto this tape: a layer's
+    /// first pass hands them to the tape that records it, which hands them to the layer's replay.
+    pub fn adopt_lora_us(&mut self, other: &mut Tape<B>, layer: Option<usize>) {
+        let keys: Vec<_> = other.lora_us.keys().copied().filter(|&(l, _)| layer.is_none_or(|want| l == want)).collect();
+        for key in keys {
+            let u = other.lora_us.remove(&key).expect("listed above");
+            self.lora_us.insert(key, u);
         }
     }
     /// A tape whose released values are kept for [`Tape::into_buffers`] instead of freed.
@@ -242,12 +278,13 @@ impl<B: Backend> Tape<B> {
             None => self.take(id),
         }
     }
-    /// Elements held by the tape's live values on the device, the MLPs' saved products and the
-    /// attention calls' saved inputs included (what the memory tests count).
+    /// Elements held by the tape's live values on the device, the MLPs' saved products, the
+    /// attention calls' saved inputs and the kept LoRA `u`s included (what the memory tests count).
     pub fn live_elements(&self, be: &B) -> usize {
         self.vals.iter().flatten().map(|v| be.buf_len(v)).sum::<usize>()
             + self.mlp_acts.iter().flatten().map(|a| be.mlp_acts_len(a)).sum::<usize>()
             + self.attn_acts.iter().flatten().map(|a| be.attn_acts_len(a)).sum::<usize>()
+            + self.lora_us.values().map(|u| be.buf_len(u)).sum::<usize>()
     }
     pub fn get(&self, id: Id) -> &B::Buf {
         self.vals[id].as_ref().expect("tape value was already released")
@@ -434,6 +471,7 @@ impl<B: Backend> Tape<B> {
                         {
                             self.start_reload(be, *next);
                         }
+                        sub.adopt_lora_us(self, Some(layer));
                         let x = sub.put(saved_input);
                         // Only what the layer's backward reads is computed: its output is `out`'s value,
                         // already known (the next checkpoint), so the replay never makes it.

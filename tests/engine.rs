@@ -226,6 +226,67 @@ fn a_recorded_layer_keeps_only_what_its_backward_reads() {
     }
 }
 
+/// A checkpointed layer's first pass (`Tape::keeping_lora_us`) keeps every LoRA branch's u, and the
+/// layer's replay reads them instead of running the A products again: from the kept values the
+/// gradients are the plain tape's bit for bit; with down's kept u doubled, down's dB doubles exactly
+/// (dB = scale · dyᵀ · u, and a replay reads down's u nowhere else) and every other gradient stays.
+#[test]
+fn a_replay_reads_the_lora_u_its_first_pass_kept() {
+    use llamatune::model::llama::Graph;
+    use llamatune::model::lora::Proj;
+    use llamatune::tape::Tape;
+    let cfg = tiny_config(false);
+    let model = Llama::<B>::load(&BE, &random_source(&cfg, 15), None).unwrap();
+    let rows: Vec<Vec<u32>> = (0..2).map(|b| (0..9).map(|i| (4 + 3 * b + i) as u32).collect()).collect();
+    let batch_in = Batch::causal_lm(&rows);
+    let (m, h) = (2 * 9, cfg.hidden_size);
+    let mut lora = lora_with_random_b(&cfg, &["all-linear"], 16);
+    lora.cfg.dropout = 0.1;
+    let r = lora.cfg.r;
+    let g = Graph::new(&BE, &model, Some(&lora), &batch_in, Some(17), true);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(18);
+    let x0: Vec<f32> = (0..m * h).map(|_| rng.gen_range(-1.0..1.0)).collect();
+    let dy: Vec<f32> = (0..m * h).map(|_| rng.gen_range(-1.0..1.0)).collect();
+
+    let mut plain = Tape::<B>::new(true);
+    let x = plain.put(x0.clone());
+    let y = g.layer_forward(&mut plain, 0, x);
+    let mut want = lora.zero_grads(&BE);
+    plain.backward(&g, &mut want, Some((y, dy.clone())), &[x]);
+
+    let replayed = |down_factor: f32| {
+        let mut first = Tape::<B>::keeping_lora_us();
+        let x = first.put(x0.clone());
+        g.layer_forward(&mut first, 0, x);
+        let mut u = first.take_lora_u(0, Proj::Down).expect("down's u kept");
+        u.iter_mut().for_each(|v| *v *= down_factor);
+        assert!(first.keep_lora_u(0, Proj::Down, u).is_none(), "a first pass keeps u");
+        let mut replay = Tape::<B>::new(true);
+        replay.adopt_lora_us(&mut first, Some(0));
+        assert_eq!(replay.live_elements(&BE), 7 * m * r, "one u per projection");
+        let x = replay.put(x0.clone());
+        let y = g.layer_replay(&mut replay, 0, x);
+        let mut grads = lora.zero_grads(&BE);
+        replay.backward(&g, &mut grads, Some((y, dy.clone())), &[x]);
+        grads
+    };
+    let same = replayed(1.0);
+    for (a, b) in want.bufs().iter().zip(same.bufs()) {
+        assert_eq!(*a, b);
+    }
+    let doubled = replayed(2.0);
+    for p in Proj::ALL {
+        let (w, d) = (want.layers[0][p as usize].as_ref().unwrap(), doubled.layers[0][p as usize].as_ref().unwrap());
+        assert_eq!(w.a, d.a, "{p:?} dA");
+        if p == Proj::Down {
+            assert!(w.b.iter().any(|&v| v != 0.0));
+            assert_eq!(w.b.iter().map(|v| 2.0 * v).collect::<Vec<f32>>(), d.b, "down's dB from the doubled u");
+        } else {
+            assert_eq!(w.b, d.b, "{p:?} dB");
+        }
+    }
+}
+
 /// NEFTune (`neftune_noise_alpha`): a training pass adds noise uniform on ±α/√(L·d) to the embeddings,
 /// drawn from the step's seed. The same step twice gives the same loss and gradients, another seed or
 /// no noise different ones; checkpointed replays start from the noised embeddings (the same gradients

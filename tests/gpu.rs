@@ -582,19 +582,30 @@ fn nf4_weights_with_lora(
     (host, ab)
 }
 
-/// The `linear_many_lora` slots of projections with device LoRA pairs `gab`, each writing its `u`,
-/// where `on`.
+/// The `linear_many_lora` slots of projections with device LoRA pairs `gab`, where `on`: each writing
+/// its `u`, or (`u_ready`) reading the value `us` holds instead of computing it.
 fn lora_downs<'a>(
     gab: &'a [(<Cuda as Backend>::Buf, <Cuda as Backend>::Buf)],
     us: &'a mut [<Cuda as Backend>::Buf],
     on: &[bool],
     drops: &[Dropout],
+    u_ready: bool,
 ) -> Vec<Option<LoraDown<'a, Cuda>>> {
     gab.iter()
         .zip(us.iter_mut())
         .zip(on.iter().zip(drops))
-        .map(|(((a, b), u), (&on, &dropout))| on.then_some(LoraDown { a, b, dropout, u }))
+        .map(|(((a, b), u), (&on, &dropout))| on.then_some(LoraDown { a, b, dropout, u, u_ready }))
         .collect()
+}
+
+/// The CPU's `x (m, in) · Wᵀ` of `host` plus `0.25 · u · Bᵀ` for a given `u (m, r)`: a projection whose
+/// LoRA branch is handed its `u` ([`LoraDown::u_ready`]).
+fn cpu_projection_given_u(x: &Vec<f32>, host: &HostWeight, b: &[f32], u: &[f32], m: usize, r: usize) -> Vec<f32> {
+    let w = CPU.upload_weight(host.clone());
+    let mut y = vec![0.0; m * CPU.weight_shape(&w).0];
+    CPU.linear(x, &w, m, &mut y);
+    CPU.lora_b_forward(&u.to_vec(), &b.to_vec(), m, r, 0.25, &mut y);
+    y
 }
 
 /// A LoRA pair's host values `(A (r, in), B (out, r))`.
@@ -647,7 +658,7 @@ fn training_lora_b_products_ride_in_the_widening() {
         let forward = |fused: Option<bool>| {
             let mut ys: Vec<_> = rows.iter().map(|&n| poisoned(m * n)).collect();
             let mut us: Vec<_> = rows.iter().map(|_| poisoned(m * r)).collect();
-            let mut loras = lora_downs(&gab, &mut us, &with_lora, &drops);
+            let mut loras = lora_downs(&gab, &mut us, &with_lora, &drops, false);
             let mut outs: Vec<_> = ys.iter_mut().collect();
             if let Some(b_gemm) = fused {
                 g.set_lora_b_gemm(b_gemm);
@@ -662,6 +673,44 @@ fn training_lora_b_products_ride_in_the_widening() {
         let (ys1, us1) = forward(Some(true));
         let (ys2, us2) = forward(None);
         let (ys3, us3) = forward(Some(false));
+        // Branches handed a u (a checkpointed layer's replay): random values, not the u x would give,
+        // so a path that computed u anyway would fail against the CPU. Both ways of adding the B
+        // product, against the separate ops (`lora_forward_many`: `lora_b_forward`) bit for bit.
+        let given: Vec<_> = rows.iter().map(|_| rnd(&mut rng, m * r, 4.0)).collect();
+        let forward_given = |fused: Option<bool>| {
+            let mut ys: Vec<_> = rows.iter().map(|&n| poisoned(m * n)).collect();
+            let mut us: Vec<_> = given.iter().map(|u| g.upload(u)).collect();
+            let mut loras = lora_downs(&gab, &mut us, &with_lora, &drops, true);
+            let mut outs: Vec<_> = ys.iter_mut().collect();
+            match fused {
+                Some(b_gemm) => {
+                    g.set_lora_b_gemm(b_gemm);
+                    g.linear_many_lora(&gx, &ws, m, &mut outs, &mut loras, r, 0.25);
+                    g.set_lora_b_gemm(true);
+                }
+                None => linear_many_lora_composed(g, &gx, &ws, m, &mut outs, &mut loras, r, 0.25),
+            }
+            drop(loras);
+            let us: Vec<_> = us.iter().map(|u| g.download(u)).collect();
+            (ys.iter().map(|y| g.download(y)).collect::<Vec<_>>(), us)
+        };
+        let (gy1, gu1) = forward_given(Some(true));
+        let (gy2, _) = forward_given(None);
+        let (gy3, gu3) = forward_given(Some(false));
+        for i in 0..rows.len() {
+            let what = format!("{label} y{i} from a given u");
+            check(&format!("{what}, B in the widening, vs separate ops"), &gy3[i], &gy2[i], 0.0);
+            let tol = if with_lora[i] { 8e-3 } else { 0.0 };
+            check(&format!("{what}, B by cuBLAS, vs separate ops"), &gy1[i], &gy2[i], tol);
+            let want = if with_lora[i] {
+                check(&format!("{label} given u{i} left as it was"), &gu1[i], &given[i], 0.0);
+                check(&format!("{label} given u{i} left as it was (B in the widening)"), &gu3[i], &given[i], 0.0);
+                cpu_projection_given_u(&x, &host[i], &ab[i].1, &given[i], m, r)
+            } else {
+                cpu_projection(&x, &host[i], None, m, r)
+            };
+            check(&format!("{what} vs CPU"), &gy1[i], &want, MIXED_TOL);
+        }
         for i in 0..rows.len() {
             check(&format!("{label} y{i}, B in the widening, vs separate ops"), &ys3[i], &ys2[i], 0.0);
             let tol = if with_lora[i] { 8e-3 } else { 0.0 };
@@ -759,9 +808,13 @@ fn qkv_products_go_straight_into_attention_inputs() {
         let rope = RopeTables::<Cuda> { cos: &gcos, sin: &gsin };
         // The direct path or the composed one, with the B products by cuBLAS (b_gemm) or not, along k
         // of the frozen products (concat) or by a second GEMM.
-        let run = |direct: bool, b_gemm: bool, concat: bool| {
-            let mut us: Vec<_> = (0..3).map(|_| poisoned(m * r)).collect();
-            let mut loras = lora_downs(&gab, &mut us, &with_lora, &drops);
+        // `given`: the branches are handed these u instead of computing them.
+        let run_given = |direct: bool, b_gemm: bool, concat: bool, given: Option<&Vec<Vec<f32>>>| {
+            let mut us: Vec<_> = match given {
+                Some(us) => us.iter().map(|u| g.upload(u)).collect(),
+                None => (0..3).map(|_| poisoned(m * r)).collect(),
+            };
+            let mut loras = lora_downs(&gab, &mut us, &with_lora, &drops, given.is_some());
             g.set_lora_b_gemm(b_gemm);
             g.set_lora_b_concat(concat);
             let acts = if direct {
@@ -776,6 +829,7 @@ fn qkv_products_go_straight_into_attention_inputs() {
             drop(loras);
             (g.attn_acts_to_host(&acts), us.iter().map(|u| g.download(u)).collect::<Vec<_>>())
         };
+        let run = |direct: bool, b_gemm: bool, concat: bool| run_given(direct, b_gemm, concat, None);
         let (direct, us1) = run(true, true, false);
         for b_gemm in [true, false] {
             let how = if b_gemm { "B by cuBLAS" } else { "B in the kernels" };
@@ -811,6 +865,31 @@ fn qkv_products_go_straight_into_attention_inputs() {
             }
             check(&format!("{label} {name} vs CPU"), &direct[i], &want, MIXED_TOL);
             check(&format!("{label} {name} (B along k) vs CPU"), &cat[i], &want, MIXED_TOL);
+        }
+        // Branches handed a u (a checkpointed layer's replay): random values, not the u x would give,
+        // so a path that computed u anyway would fail against the CPU. Every way of adding the B
+        // product on the direct path against the composed path (`lora_b_forward`) with the same u.
+        let given: Vec<_> = (0..3).map(|_| rnd(&mut rng, m * r, 4.0)).collect();
+        let (composed, _) = run_given(false, true, false, Some(&given));
+        for (b_gemm, concat, tol) in [(true, false, 0.0), (false, false, 8e-3), (true, true, 8e-3)] {
+            let (d, ud) = run_given(true, b_gemm, concat, Some(&given));
+            let how = format!("from a given u, B by cuBLAS {b_gemm}, along k {concat}");
+            for (i, name) in ["q", "k", "v"].iter().enumerate() {
+                let tol = if with_lora[i] { tol } else { 0.0 };
+                check(&format!("{label} {name} {how} vs the composed path"), &d[i], &composed[i], tol);
+                let mut want = if with_lora[i] {
+                    check(&format!("{label} given u of {name} {how} left as it was"), &ud[i], &given[i], 0.0);
+                    cpu_projection_given_u(&x, &host[i], &ab[i].1, &given[i], m, r)
+                } else {
+                    cpu_projection(&x, &host[i], None, m, r)
+                };
+                if i < 2 {
+                    let mut rotated = vec![0.0; want.len()];
+                    CPU.rope(&want, &cos, &sin, [heads, kv_heads][i], hd, false, &mut rotated);
+                    want = rotated;
+                }
+                check(&format!("{label} {name} {how} vs CPU"), &d[i], &want, MIXED_TOL);
+            }
         }
     }
 }
@@ -982,7 +1061,7 @@ fn decoding_lora_branches_in_one_launch() {
         let mut branches: Vec<LoraBranch<'_, Cuda>> = gab
             .iter()
             .zip(us.iter_mut().zip(ys.iter_mut()))
-            .map(|((a, b), (u, y))| LoraBranch { a, b, dropout: Dropout::NONE, u, y })
+            .map(|((a, b), (u, y))| LoraBranch { a, b, dropout: Dropout::NONE, u, u_ready: false, y })
             .collect();
         g.lora_forward_many(&gx, &mut branches, m, r, 0.25);
         drop(branches);
@@ -1028,7 +1107,7 @@ fn decoding_frozen_products_and_lora_a_in_one_launch() {
                 .iter()
                 .zip(us.iter_mut())
                 .zip(&with_lora)
-                .map(|(((a, b), u), &on)| on.then_some(LoraDown { a, b, dropout: Dropout::NONE, u }))
+                .map(|(((a, b), u), &on)| on.then_some(LoraDown { a, b, dropout: Dropout::NONE, u, u_ready: false }))
                 .collect();
             let mut outs: Vec<_> = ys.iter_mut().collect();
             if shared {

@@ -438,21 +438,9 @@ impl<T: Real> Backend for Cpu<T> {
         let xd = dropped(x, dropout);
         T::gemm(m, cols, r, T::one(), &xd, (cols as isize, 1), a, (1, cols as isize), T::zero(), u, (r as isize, 1));
     }
-    fn lora_forward(
-        &self,
-        x: &Vec<T>,
-        a: &Vec<T>,
-        b: &Vec<T>,
-        m: usize,
-        r: usize,
-        scale: f32,
-        dropout: Dropout,
-        u: &mut Vec<T>,
-        y: &mut Vec<T>,
-    ) {
+    fn lora_b_forward(&self, u: &Vec<T>, b: &Vec<T>, m: usize, r: usize, scale: f32, y: &mut Vec<T>) {
         let rows = b.len() / r;
-        assert!(y.len() == m * rows, "lora_forward: bad shapes");
-        self.lora_down(x, a, m, r, dropout, u);
+        assert!(u.len() == m * r && y.len() == m * rows, "lora_b_forward: bad shapes");
         T::gemm(
             m,
             r,

@@ -105,21 +105,26 @@ fn mix32(mut h: u32) -> u32 {
 
 /// One projection's LoRA branch in [`Backend::lora_forward_many`]: `a (r, in)`, `b (out, r)`, its
 /// dropout, and the buffers it writes: `u (m, r)` and the projection's output `y (m, out)` it adds to.
+/// With `u_ready`, `u` already holds `drop(x) · Aᵀ` and only the B product runs.
 pub struct LoraBranch<'a, B: Backend + ?Sized> {
     pub a: &'a B::Buf,
     pub b: &'a B::Buf,
     pub dropout: Dropout,
     pub u: &'a mut B::Buf,
+    pub u_ready: bool,
     pub y: &'a mut B::Buf,
 }
 
 /// One projection's LoRA branch in [`Backend::linear_many_lora`], which adds it into the projection's
-/// own output: `a (r, in)`, `b (out, r)`, its dropout, and `u (m, r)`, which it writes.
+/// own output: `a (r, in)`, `b (out, r)`, its dropout, and `u (m, r)`, which it writes, unless
+/// `u_ready`: then `u` already holds `drop(x) · Aᵀ` (backward's replay of a checkpointed layer is
+/// given the `u` its first pass computed) and the A product is skipped.
 pub struct LoraDown<'a, B: Backend + ?Sized> {
     pub a: &'a B::Buf,
     pub b: &'a B::Buf,
     pub dropout: Dropout,
     pub u: &'a mut B::Buf,
+    pub u_ready: bool,
 }
 
 /// One projection's LoRA branch in [`Backend::linear_lora_backward`]: what its forward saved (`x`,
@@ -458,9 +463,11 @@ pub trait Backend {
     }
     /// A LoRA branch's A product alone: `u (m, r) = drop(x) · Aᵀ`, `a (r, in)`. Backward's replay of
     /// a checkpointed layer runs it for a projection whose output it does not need (the down
-    /// product, whose output the next checkpoint already holds), since the branch's backward reads u.
-    /// It computes u exactly as [`Backend::lora_forward`] does.
+    /// product, whose output the next checkpoint already holds) when the layer's first pass kept no
+    /// `u`, since the branch's backward reads u. It computes u exactly as [`Backend::lora_forward`] does.
     fn lora_down(&self, x: &Self::Buf, a: &Self::Buf, m: usize, r: usize, dropout: Dropout, u: &mut Self::Buf);
+    /// A LoRA branch's B product alone: `y (m, out) += scale · u · Bᵀ`, `u (m, r)`, `b (out, r)`.
+    fn lora_b_forward(&self, u: &Self::Buf, b: &Self::Buf, m: usize, r: usize, scale: f32, y: &mut Self::Buf);
     /// LoRA branch: `u (m, r) = drop(x) · Aᵀ`, then `y (m, out) += scale · u · Bᵀ`.
     /// `a` is `(r, in)`, `b` is `(out, r)`.
     #[allow(clippy::too_many_arguments)]
@@ -475,13 +482,20 @@ pub trait Backend {
         dropout: Dropout,
         u: &mut Self::Buf,
         y: &mut Self::Buf,
-    );
+    ) {
+        self.lora_down(x, a, m, r, dropout, u);
+        self.lora_b_forward(u, b, m, r, scale, y);
+    }
     /// The LoRA branches of projections that read the same `x` (q/k/v, gate/up):
     /// [`Backend::lora_forward`] of each, with launches shared where a backend can (CUDA, decoding:
     /// one launch for every branch's A product and one for every B product).
     fn lora_forward_many(&self, x: &Self::Buf, branches: &mut [LoraBranch<'_, Self>], m: usize, r: usize, scale: f32) {
         for br in branches.iter_mut() {
-            self.lora_forward(x, br.a, br.b, m, r, scale, br.dropout, br.u, br.y);
+            if br.u_ready {
+                self.lora_b_forward(br.u, br.b, m, r, scale, br.y);
+            } else {
+                self.lora_forward(x, br.a, br.b, m, r, scale, br.dropout, br.u, br.y);
+            }
         }
     }
     /// LoRA backward: `da += (scale·dy·B)ᵀ · drop(x)`, `db += scale · dyᵀ · u`, `dx += drop'((scale·dy·B) · A)`.
@@ -961,7 +975,7 @@ pub fn lora_branches_into<B: Backend + ?Sized>(
         .zip(loras.iter_mut())
         .filter_map(|(y, l)| {
             let l = l.as_mut()?;
-            Some(LoraBranch { a: l.a, b: l.b, dropout: l.dropout, u: &mut *l.u, y: &mut **y })
+            Some(LoraBranch { a: l.a, b: l.b, dropout: l.dropout, u: &mut *l.u, u_ready: l.u_ready, y: &mut **y })
         })
         .collect();
     if !branches.is_empty() {

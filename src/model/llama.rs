@@ -259,6 +259,9 @@ pub struct Graph<'a, B: Backend> {
     /// Where the layer's ops take their output buffers: a pool (decoding's recorded step) or, `None`,
     /// fresh allocations.
     pub pool: Option<&'a BufPool<B>>,
+    /// A checkpointed layer's first pass keeps its LoRA branches' `u` for the replay, which then runs
+    /// no A product ([`Tape::keeping_lora_us`]); `LLAMATUNE_KEEP_LORA_U=0` recomputes them instead.
+    pub keep_lora_us: bool,
 }
 
 /// Salt of the NEFTune noise's seed (the LoRA dropout seeds set bits from 8 up, with a zero low byte).
@@ -319,6 +322,7 @@ impl<'a, B: Backend> Graph<'a, B> {
             checkpointing: checkpointing.into(),
             neftune_noise_alpha: None,
             pool: None,
+            keep_lora_us: std::env::var("LLAMATUNE_KEEP_LORA_U").map_or(true, |v| v != "0"),
         }
     }
 
@@ -461,7 +465,8 @@ impl<'a, B: Backend> Graph<'a, B> {
         let ws: Vec<&B::Weight> = projs.iter().map(|&p| self.model.proj(layer, p)).collect();
         let m = be.buf_len(t.get(x)) / be.weight_shape(ws[0]).1;
         let mut ys: Vec<B::Buf> = ws.iter().map(|w| self.alloc(m * be.weight_shape(w).0)).collect();
-        let ((), us) = self.with_lora_downs(layer, projs, m, |loras| {
+        let slots = self.lora_u_slots(t, layer, projs, m);
+        let ((), us) = self.with_lora_downs(layer, projs, slots, |loras| {
             let mut outs: Vec<&mut B::Buf> = ys.iter_mut().collect();
             be.linear_many_lora(t.get(x), &ws, m, &mut outs, loras, self.lora_rank(), self.lora_scale());
         });
@@ -469,24 +474,44 @@ impl<'a, B: Backend> Graph<'a, B> {
         self.record_linears(t, x, layer, projs, us, outs.try_into().expect("one output per projection"))
     }
 
-    /// The LoRA branches of `projs` at `layer` for a products call of `m` rows: `run` gets one slot per
-    /// projection (a targeted one's branch, whose `u` it writes); returned are `run`'s result and each
-    /// branch's `u`.
+    /// The `u (m, r)` of each targeted projection among `projs` at `layer`: the one the layer's first
+    /// pass kept on `t` (a replay; `true`: it holds its value already), or a new buffer to write.
+    fn lora_u_slots<const N: usize>(
+        &self,
+        t: &mut Tape<B>,
+        layer: usize,
+        projs: [Proj; N],
+        m: usize,
+    ) -> [Option<(B::Buf, bool)>; N] {
+        projs.map(|p| {
+            self.lora_pair(layer, p)?;
+            Some(match t.take_lora_u(layer, p) {
+                Some(u) => (u, true),
+                None => (self.alloc(m * self.lora_rank()), false),
+            })
+        })
+    }
+
+    /// The LoRA branches of `projs` at `layer`, their `u` in `slots` ([`Graph::lora_u_slots`]): `run`
+    /// gets one slot per projection (a targeted one's branch, whose `u` it writes unless ready);
+    /// returned are `run`'s result and each branch's `u`.
     fn with_lora_downs<const N: usize, R>(
         &self,
         layer: usize,
         projs: [Proj; N],
-        m: usize,
+        slots: [Option<(B::Buf, bool)>; N],
         run: impl FnOnce(&mut [Option<LoraDown<'_, B>>]) -> R,
     ) -> (R, [Option<B::Buf>; N]) {
-        let r = self.lora_rank();
-        let mut us: [Option<B::Buf>; N] = projs.map(|p| self.lora_pair(layer, p).map(|_| self.alloc(m * r)));
+        let ready = slots.each_ref().map(|s| s.as_ref().is_some_and(|&(_, ready)| ready));
+        let mut us: [Option<B::Buf>; N] = slots.map(|s| s.map(|(u, _)| u));
         let mut loras: Vec<Option<LoraDown<'_, B>>> = projs
             .iter()
             .zip(us.iter_mut())
-            .map(|(&p, u)| {
+            .zip(ready)
+            .map(|((&p, u), u_ready)| {
                 let pair = self.lora_pair(layer, p)?;
-                Some(LoraDown { a: &pair.a, b: &pair.b, dropout: self.lora_dropout(layer, p), u: u.as_mut()? })
+                let dropout = self.lora_dropout(layer, p);
+                Some(LoraDown { a: &pair.a, b: &pair.b, dropout, u: u.as_mut()?, u_ready })
             })
             .collect();
         let res = run(&mut loras);
@@ -494,7 +519,8 @@ impl<'a, B: Backend> Graph<'a, B> {
         (res, us)
     }
 
-    /// One `Linear` op per projection: its input `x`, output id, and LoRA branch's `u` (put on the tape).
+    /// One `Linear` op per projection: its input `x`, output id, and LoRA branch's `u` (put on the tape;
+    /// on a tape that records nothing, kept for the layer's replay or released: [`Graph::release_lora_us`]).
     fn record_linears<const N: usize>(
         &self,
         t: &mut Tape<B>,
@@ -504,6 +530,10 @@ impl<'a, B: Backend> Graph<'a, B> {
         us: [Option<B::Buf>; N],
         outs: [Id; N],
     ) -> [Id; N] {
+        if !t.recording {
+            self.release_lora_us(t, layer, projs, us);
+            return outs;
+        }
         for ((&p, u), &out) in projs.iter().zip(us).zip(&outs) {
             let lora = u.map(|u| (t.put(u), self.lora_dropout(layer, p)));
             t.record(Op::Linear { x, layer, proj: p, out, lora });
@@ -511,17 +541,37 @@ impl<'a, B: Backend> Graph<'a, B> {
         outs
     }
 
+    /// The LoRA branches' `u` of a pass that records nothing: kept for the layer's replay on a
+    /// checkpointed layer's first pass ([`Tape::keep_lora_u`]), released otherwise.
+    fn release_lora_us<const N: usize>(
+        &self,
+        t: &mut Tape<B>,
+        layer: usize,
+        projs: [Proj; N],
+        us: [Option<B::Buf>; N],
+    ) {
+        for (p, u) in projs.into_iter().zip(us) {
+            if let Some(u) = u.and_then(|u| t.keep_lora_u(layer, p, u)) {
+                t.discard(u);
+            }
+        }
+    }
+
     /// Records projection `p` of `x` without computing its output (a replay, see
-    /// [`Graph::layer_replay`]); only a LoRA branch's `u`, which its backward reads, is computed.
+    /// [`Graph::layer_replay`]); only a LoRA branch's `u`, which its backward reads, is computed
+    /// unless the layer's first pass kept it.
     fn linear_output_uncomputed(&self, t: &mut Tape<B>, x: Id, layer: usize, p: Proj) -> Id {
         let be = self.be;
         let lora = self.lora_pair(layer, p).map(|pair| {
-            let r = self.lora_rank();
-            let xv = t.get(x);
-            let m = be.buf_len(xv) / be.weight_shape(self.model.proj(layer, p)).1;
-            let mut u = self.alloc(m * r);
             let dropout = self.lora_dropout(layer, p);
-            be.lora_down(xv, &pair.a, m, r, dropout, &mut u);
+            let u = t.take_lora_u(layer, p).unwrap_or_else(|| {
+                let r = self.lora_rank();
+                let xv = t.get(x);
+                let m = be.buf_len(xv) / be.weight_shape(self.model.proj(layer, p)).1;
+                let mut u = self.alloc(m * r);
+                be.lora_down(xv, &pair.a, m, r, dropout, &mut u);
+                u
+            });
             (t.put(u), dropout)
         });
         let out = t.put_uncomputed();
@@ -549,7 +599,8 @@ impl<'a, B: Backend> Graph<'a, B> {
         let ws = projs.map(|p| self.model.proj(layer, p));
         let m = be.buf_len(t.get(x)) / be.weight_shape(ws[0]).1;
         let rope = RopeTables { cos: &self.cos, sin: &self.sin };
-        let (acts, us) = self.with_lora_downs(layer, projs, m, |loras| {
+        let slots = self.lora_u_slots(t, layer, projs, m);
+        let (acts, us) = self.with_lora_downs(layer, projs, slots, |loras| {
             be.qkv_attn_acts(t.get(x), &ws, m, loras, self.lora_rank(), self.lora_scale(), rope, sh)
         });
         let mut out = self.alloc(m * be.weight_shape(ws[0]).0);
@@ -562,8 +613,7 @@ impl<'a, B: Backend> Graph<'a, B> {
             let acts = t.put_attn_acts(acts);
             t.record(Op::Attention { q, k, v, acts, out, lse, shape: sh });
         } else {
-            // Nothing records the branches' u: hand them back now.
-            us.into_iter().flatten().for_each(|u| t.discard(u));
+            self.release_lora_us(t, layer, projs, us);
         }
         out
     }
@@ -766,12 +816,13 @@ impl<'a, B: Backend> Graph<'a, B> {
         let layers = self.model.layers.len();
         for l in 0..layers {
             if self.checkpointing != Checkpointing::Off && t.recording && l + 1 < layers {
-                let mut sub = Tape::<B>::new(false);
+                let mut sub = if self.keep_lora_us { Tape::<B>::keeping_lora_us() } else { Tape::<B>::new(false) };
                 let sx = sub.put(t.get(x).clone());
                 if self.checkpointing == Checkpointing::Offload {
                     t.offload(be, x);
                 }
                 let sy = self.layer_forward(&mut sub, l, sx);
+                t.adopt_lora_us(&mut sub, None);
                 let out = t.put(sub.take(sy));
                 t.record(Op::Segment { layer: l, input: x, out });
                 x = out;
@@ -1023,6 +1074,7 @@ fn run_step<B: Backend>(
         dropout_seed: None,
         checkpointing: Checkpointing::Off,
         neftune_noise_alpha: None,
+        keep_lora_us: false,
         pool,
     };
     // The hidden state between layers: each layer leaves its last residual sum (a, b) to the next

@@ -7,7 +7,7 @@ use crate::config::{LoraConfig, ModelConfig, LLAMA_LINEAR_NAMES};
 use rand::{Rng, SeedableRng};
 
 /// The seven linear layers of a Llama decoder layer, in PEFT's naming order.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Proj {
     Q = 0,
     K = 1,

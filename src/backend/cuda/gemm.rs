@@ -452,8 +452,8 @@ impl Cuda {
             let xop = converted[j].1.as_ref().map_or(OperandView::F32(x), OperandView::from);
             // out (m, rows) = x (m, cols) · Wᵀ [+ scale · (drop(x) · Aᵀ) · Bᵀ]
             let product = Gemm::forward(m, rows, cols, xop, wop.as_ref());
-            let up = branch.map(|l| {
-                self.lora_a_product(x, l.a, m, r, l.dropout, l.u);
+            let up = branch.map(|mut l| {
+                self.branch_u(x, &mut l, m, r);
                 UpTail { u: &*l.u, w: l.b, w_is_rn: false, r, alpha: scale, dropout: Dropout::NONE }
             });
             self.gemm_rounded(w, product, out, false, up, "linear GEMM");

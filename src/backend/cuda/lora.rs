@@ -6,7 +6,7 @@ use super::blas::F32Math;
 use super::gemm::OperandView;
 use super::quant4::GEMV_MAX_M;
 use super::{grid_for, Cuda};
-use crate::backend::Dropout;
+use crate::backend::{Dropout, LoraDown};
 use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg};
 
 /// The fused LoRA kernels (kernels/lora_fused.cu) by rank: r ≤ 16, ≤ 32, ≤ 64.
@@ -31,7 +31,7 @@ pub(super) const LORA_STAGES: usize = 4;
 
 pub(super) const LORA_UP_TILE: usize = 64;
 
-pub(super) const LORA_OUTER_COLS: usize = 32;
+pub(super) const LORA_OUTER_COLS: usize = 64;
 
 pub(super) const LORA_THREADS: u32 = 128;
 
@@ -44,9 +44,9 @@ pub(super) fn lora_down_smem(v: usize) -> usize {
     LORA_STAGES * (LORA_DOWN_ROWS + (16 << v)) * 36 * 4
 }
 
-/// Of `lora_outer` variant v: STAGES × 32 rows × (S: 16·MT + 8 words, T: 40 words).
+/// Of `lora_outer` variant v: STAGES × 32 rows × (S: 8·NT + 8 words, T: 72 words).
 pub(super) fn lora_outer_smem(v: usize) -> usize {
-    LORA_STAGES * LORA_STAGE * ((16 << v) + 8 + 40) * 4
+    LORA_STAGES * LORA_STAGE * ((16 << v) + 8 + 72) * 4
 }
 
 /// At most this many LoRA branches per `gemv_f32*_many` launch (kernels/gemv_f32.cuh LORA_MAX_TARGETS).
@@ -171,6 +171,13 @@ impl Cuda {
         let _part = self.span("lora_backward: dA (outer)");
         self.lora_outer(&du, x, m, cols, r, dropout, da);
         du
+    }
+
+    /// A branch's `u = drop(x) · Aᵀ` where it is not [`LoraDown::u_ready`] already.
+    pub(super) fn branch_u(&self, x: &CudaSlice<f32>, l: &mut LoraDown<'_, Self>, m: usize, r: usize) {
+        if !l.u_ready {
+            self.lora_a_product(x, l.a, m, r, l.dropout, l.u);
+        }
     }
 
     /// [`Backend::lora_down`](crate::backend::Backend::lora_down) (without its profile span, for

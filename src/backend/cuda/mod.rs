@@ -854,13 +854,24 @@ impl Backend for Cuda {
         y: &mut CudaSlice<f32>,
     ) {
         let _span = self.span("lora_forward");
-        let rows = b.len() / r;
         if m <= GEMV_MAX_M && !dropout.is_active() {
             // Decoding: two f32 products (kernels/lora.cu) instead of two GEMMs, as lora_forward_many
             // runs them for one branch.
-            return self.lora_forward_many(x, &mut [LoraBranch { a, b, dropout, u, y }], m, r, scale);
+            return self.lora_forward_many(x, &mut [LoraBranch { a, b, dropout, u, u_ready: false, y }], m, r, scale);
         }
         self.lora_a_product(x, a, m, r, dropout, u);
+        self.lora_b_forward(u, b, m, r, scale, y);
+    }
+    fn lora_b_forward(
+        &self,
+        u: &CudaSlice<f32>,
+        b: &CudaSlice<f32>,
+        m: usize,
+        r: usize,
+        scale: f32,
+        y: &mut CudaSlice<f32>,
+    ) {
+        let rows = b.len() / r;
         if self.uses_fused_lora_up(rows, r) {
             // y (m, rows) += scale · u · Bᵀ (kernels/lora_fused.cu).
             self.lora_up(u, b, false, m, rows, r, scale, Dropout::NONE, y);
@@ -890,10 +901,14 @@ impl Backend for Cuda {
     ) {
         let shared = m <= GEMV_MAX_M
             && (1..=LORA_MAX_TARGETS).contains(&branches.len())
-            && branches.iter().all(|br| !br.dropout.is_active());
+            && branches.iter().all(|br| !br.dropout.is_active() && !br.u_ready);
         if !shared {
             for br in branches.iter_mut() {
-                self.lora_forward(x, br.a, br.b, m, r, scale, br.dropout, br.u, br.y);
+                if br.u_ready {
+                    self.lora_b_forward(br.u, br.b, m, r, scale, br.y);
+                } else {
+                    self.lora_forward(x, br.a, br.b, m, r, scale, br.dropout, br.u, br.y);
+                }
             }
             return;
         }

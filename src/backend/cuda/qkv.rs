@@ -90,8 +90,8 @@ impl Cuda {
             // (The slot is taken only here: a tuple pattern would take it even where wb is None,
             // and the branch would be lost on the second-GEMM path below.)
             if let Some(mut wb) = wb {
-                let l = slot.take().expect("wb is expanded only for a projection with a branch");
-                self.lora_a_product(x, l.a, m, r, l.dropout, l.u);
+                let mut l = slot.take().expect("wb is expanded only for a projection with a branch");
+                self.branch_u(x, &mut l, m, r);
                 self.scaled_into(l.u, (m, r), scale, &mut xc, ld, cols);
                 self.scaled_into(l.b, (rows, r), 1.0, &mut wb, ld, cols);
                 let wb = self.keep_expansion(w, wb, ld);
@@ -110,14 +110,14 @@ impl Cuda {
                 self.gemm_16(&product, c, "q/k/v GEMM")
             };
             saved.push(match slot.take() {
-                Some(l) if self.lora_b_by_gemm() => {
-                    self.lora_a_product(x, l.a, m, r, l.dropout, l.u);
+                Some(mut l) if self.lora_b_by_gemm() => {
+                    self.branch_u(x, &mut l, m, r);
                     let mut o16 = o16;
                     self.lora_b_into_product(&mut o16, l.u, l.b, (m, rows, r), scale);
                     self.as_attn_input(o16, tables, heads, sh.head_dim)
                 }
-                Some(l) => {
-                    self.lora_a_product(x, l.a, m, r, l.dropout, l.u);
+                Some(mut l) => {
+                    self.branch_u(x, &mut l, m, r);
                     self.lora_up_acts(&o16, l.u, l.b, (m, rows, r), scale, tables, sh.head_dim)
                 }
                 None => self.as_attn_input(o16, tables, heads, sh.head_dim),

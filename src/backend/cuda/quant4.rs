@@ -340,7 +340,7 @@ impl Cuda {
 
     /// Whether [`Backend::linear_many_lora`](crate::backend::Backend::linear_many_lora) runs these products and
     /// branches in the shared launch (`gemv_4bit_many_lora_*`): where the several-weight GEMV takes the products
-    /// (`Cuda::gemv_many_fits`) and 1 to 3 branches carry no dropout.
+    /// (`Cuda::gemv_many_fits`) and 1 to 3 branches carry no dropout and no ready `u`.
     pub fn linear_many_lora_shares_launch(
         &self,
         ws: &[&CudaWeight],
@@ -348,7 +348,7 @@ impl Cuda {
         loras: &[Option<LoraDown<'_, Self>>],
     ) -> bool {
         (1..=LORA_MAX_TARGETS).contains(&loras.iter().flatten().count())
-            && loras.iter().flatten().all(|l| !l.dropout.is_active())
+            && loras.iter().flatten().all(|l| !l.dropout.is_active() && !l.u_ready)
             && self.gemv_many_fits(ws, m)
     }
 
