@@ -629,9 +629,10 @@ fn cpu_projection(x: &Vec<f32>, host: &HostWeight, lora: Option<(&LoraAb, Dropou
 /// with `LLAMATUNE_LORA_B_GEMM=0`) and backward (`linear_lora_backward`, the branch's dx term with its
 /// dropout): bit for bit what the separate ops give (`linear_many` + `lora_forward_many`;
 /// `linear_backward_input` + `lora_backward`), and within the mixed-precision bound of the CPU. The
-/// forward's default, the B product by cuBLAS into the 16-bit product before it is widened, differs
-/// from the separate ops where a branch is added by the output's rounding to 16 bits (2⁻⁹) and the
-/// branch operands' (2⁻⁸ of a branch no larger than the output): 8e-3, set before the first run.
+/// forward's default, the B product by cuBLAS (along k of the frozen product where in-features are a
+/// multiple of 1,024, as in the first case; by a second GEMM into the 16-bit product otherwise),
+/// differs from the separate ops where a branch is added by the output's rounding to 16 bits (2⁻⁹)
+/// and the branch operands' (2⁻⁸ of a branch no larger than the output): 8e-3, set before the first run.
 /// Llama-2-7B's q/k/v with LoRA on q and v; SmolLM2's
 /// with LoRA on all three (double-quant, f16 compute); odd sizes where one product's out-features
 /// are no multiple of 4 (its branch stays a separate op). Backward both writing dx and adding into it.

@@ -329,17 +329,7 @@ impl Cuda {
                     }
                     up => up,
                 };
-                match &o16 {
-                    Operand::BF16(o) => {
-                        let kernels = ["bf16_to_f32", "add_bf16_to_f32", "lora_up_from_bf16"];
-                        self.widen_into(o, kernels, up, (g.m, g.n), accumulate, out);
-                    }
-                    Operand::F16(o) => {
-                        let kernels = ["f16_to_f32", "add_f16_to_f32", "lora_up_from_f16"];
-                        self.widen_into(o, kernels, up, (g.m, g.n), accumulate, out);
-                    }
-                    Operand::F32(_) => unreachable!("gemm_16 writes a 16-bit product"),
-                }
+                self.widen_16(&o16, up, (g.m, g.n), accumulate, out);
             }
             _ => {
                 self.gemm(&g, blas::GemmOut::F32(&mut *out), if accumulate { 1.0 } else { 0.0 }, what);
@@ -347,6 +337,28 @@ impl Cuda {
                     self.lora_up(up.u, up.w, up.w_is_rn, g.m, g.n, up.r, up.alpha, up.dropout, out);
                 }
             }
+        }
+    }
+
+    /// [`Cuda::widen_into`] of a 16-bit product of either dtype.
+    fn widen_16(
+        &self,
+        o16: &Operand,
+        up: Option<UpTail<'_>>,
+        mn: (usize, usize),
+        accumulate: bool,
+        out: &mut CudaSlice<f32>,
+    ) {
+        match o16 {
+            Operand::BF16(o) => {
+                let kernels = ["bf16_to_f32", "add_bf16_to_f32", "lora_up_from_bf16"];
+                self.widen_into(o, kernels, up, mn, accumulate, out);
+            }
+            Operand::F16(o) => {
+                let kernels = ["f16_to_f32", "add_f16_to_f32", "lora_up_from_f16"];
+                self.widen_into(o, kernels, up, mn, accumulate, out);
+            }
+            Operand::F32(_) => unreachable!("a 16-bit product"),
         }
     }
 
@@ -416,10 +428,16 @@ impl Cuda {
             return crate::backend::lora_branches_into(self, x, outs, loras, m, r, scale);
         }
         // x in each compute dtype the second path needs, converted once for all the products (a 4096-wide
-        // conversion at 2048 rows is ~20 µs on the H200; q/k/v and gate/up share theirs).
+        // conversion at 2048 rows is ~20 µs on the H200; q/k/v and gate/up share theirs). With the LoRA B
+        // products along k ([`Cuda::set_lora_b_concat`]), a 16-bit x has its rows ld = cols + r apart,
+        // the last r columns taking each branch's scale·u in turn (one stream: the product before has
+        // read them).
         let mut converted: Vec<(ComputeDtype, Option<Operand>)> = Vec::new();
         // Decoding's few rows convert into kept buffers (see `small_operands`).
         let keep = m <= GEMV_MAX_M;
+        let cols = x.len() / m.max(1);
+        let concat = !keep && !self.is_precise() && self.lora_b_concat_applies(cols, r, loras);
+        let ld = if concat { cols + r } else { cols };
         for (i, (w, out)) in ws.iter().zip(outs.iter_mut()).enumerate() {
             let (rows, cols) = w.shape();
             assert!(x.len() == m * cols && out.len() == m * rows, "linear: bad shapes");
@@ -440,18 +458,52 @@ impl Cuda {
                 _ => None,
             };
             let _span = self.span(if branch.is_some() { "linear + LoRA" } else { "linear" });
-            let (wop, c) = self.weight_operand(w);
+            // Along k: w expanded with rows ld apart (None where that does not apply: a dense weight,
+            // in-features no multiple of 1,024).
+            let wb = match &branch {
+                Some(_) if concat => self.dequantize_ld(w, ld),
+                _ => None,
+            };
+            let (wop, c) = match (&wb, w) {
+                (Some(_), CudaWeight::Quant4 { compute, .. }) => (None, *compute),
+                _ => {
+                    let (wop, c) = self.weight_operand(w);
+                    (Some(wop), c)
+                }
+            };
             let j = match converted.iter().position(|(cc, _)| *cc == c) {
                 Some(j) => j,
                 None => {
-                    let op = if keep { self.convert_small(x, c) } else { self.convert(x, c) };
+                    let op = match c {
+                        _ if keep => self.convert_small(x, c),
+                        ComputeDtype::BF16 | ComputeDtype::F16 if concat => {
+                            let mut xc = self.alloc_16(m * ld, c);
+                            self.scaled_into(x, (m, cols), 1.0, &mut xc, ld, 0);
+                            Some(xc)
+                        }
+                        _ => self.convert(x, c),
+                    };
                     converted.push((c, op));
                     converted.len() - 1
                 }
             };
+            let lda = if concat && converted[j].1.is_some() { ld } else { cols };
+            let branch = match (wb, branch) {
+                (Some(wb), Some(mut l)) => {
+                    let xc = converted[j].1.as_mut().expect("x in a 16-bit dtype when w expands with a stride");
+                    let o16 = self.product_with_b_along_k(x, w, wb, &mut l, xc, (m, r, scale), c);
+                    self.widen_16(&o16, None, (m, rows), false, out);
+                    continue;
+                }
+                (wb, branch) => {
+                    assert!(wb.is_none(), "w is expanded with a stride only for a branch");
+                    branch
+                }
+            };
+            let wop = wop.expect("expanded above unless along k");
             let xop = converted[j].1.as_ref().map_or(OperandView::F32(x), OperandView::from);
             // out (m, rows) = x (m, cols) · Wᵀ [+ scale · (drop(x) · Aᵀ) · Bᵀ]
-            let product = Gemm::forward(m, rows, cols, xop, wop.as_ref());
+            let product = Gemm { lda, ..Gemm::forward(m, rows, cols, xop, wop.as_ref()) };
             let up = branch.map(|mut l| {
                 self.branch_u(x, &mut l, m, r);
                 UpTail { u: &*l.u, w: l.b, w_is_rn: false, r, alpha: scale, dropout: Dropout::NONE }

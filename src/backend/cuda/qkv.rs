@@ -89,18 +89,9 @@ impl Cuda {
             };
             // (The slot is taken only here: a tuple pattern would take it even where wb is None,
             // and the branch would be lost on the second-GEMM path below.)
-            if let Some(mut wb) = wb {
+            if let Some(wb) = wb {
                 let mut l = slot.take().expect("wb is expanded only for a projection with a branch");
-                self.branch_u(x, &mut l, m, r);
-                self.scaled_into(l.u, (m, r), scale, &mut xc, ld, cols);
-                self.scaled_into(l.b, (rows, r), 1.0, &mut wb, ld, cols);
-                let wb = self.keep_expansion(w, wb, ld);
-                let product = Gemm {
-                    lda: ld,
-                    ldb: ld,
-                    ..Gemm::forward(m, rows, ld, OperandView::from(&xc), OperandView::from(&*wb))
-                };
-                let o16 = self.gemm_16(&product, c, "q/k/v GEMM with the LoRA B product along k");
+                let o16 = self.product_with_b_along_k(x, w, wb, &mut l, &mut xc, (m, r, scale), c);
                 saved.push(self.as_attn_input(o16, tables, heads, sh.head_dim));
                 continue;
             }
@@ -127,6 +118,33 @@ impl Cuda {
         AttnActs::Bf16 { q, k, v }
     }
 
+    /// A branch's frozen product with its B product along k: `[x | scale·u] · [W | B]ᵀ` (m, rows), one
+    /// GEMM written in the 16-bit dtype `c`, the sum rounded once. `xc` holds x (m, cols) in `c` with
+    /// rows `ld = cols + r` apart, whose last r columns take this branch's `scale·u` (computed here
+    /// unless ready); `wb` is w's expansion with the same stride ([`Cuda::dequantize_ld`]), whose last
+    /// r columns take B. The expansion is kept for the input gradient when the replay keeps them.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn product_with_b_along_k(
+        &self,
+        x: &CudaSlice<f32>,
+        w: &CudaWeight,
+        mut wb: Operand,
+        l: &mut LoraDown<'_, Self>,
+        xc: &mut Operand,
+        (m, r, scale): (usize, usize, f32),
+        c: ComputeDtype,
+    ) -> Operand {
+        let (rows, cols) = w.shape();
+        let ld = cols + r;
+        self.branch_u(x, l, m, r);
+        self.scaled_into(l.u, (m, r), scale, xc, ld, cols);
+        self.scaled_into(l.b, (rows, r), 1.0, &mut wb, ld, cols);
+        let wb = self.keep_expansion(w, wb, ld);
+        let product =
+            Gemm { lda: ld, ldb: ld, ..Gemm::forward(m, rows, ld, OperandView::from(&*xc), OperandView::from(&*wb)) };
+        self.gemm_16(&product, c, "GEMM with the LoRA B product along k")
+    }
+
     /// A 16-bit product (its LoRA B product in it, if any) as attention's saved input: rotated by
     /// `tables` into bf16 (`rope_bf16_from_*`), as it is (bf16), or converted (f16).
     fn as_attn_input(
@@ -144,11 +162,11 @@ impl Cuda {
         }
     }
 
-    /// Whether the q/k/v products take their LoRA B products along k (`[x | scale·u] · [W | B]ᵀ`, one
+    /// Whether training's products take their LoRA B products along k (`[x | scale·u] · [W | B]ᵀ`, one
     /// GEMM per projection, [`Cuda::set_lora_b_concat`]): switched on, with the B products by cuBLAS
     /// ([`Cuda::set_lora_b_gemm`]), some branch present, in-features a multiple of 1,024 (the strided
     /// expansion's segments) and r of 8 (16-byte rows).
-    fn lora_b_concat_applies(&self, cols: usize, r: usize, loras: &[Option<LoraDown<'_, Self>>]) -> bool {
+    pub(super) fn lora_b_concat_applies(&self, cols: usize, r: usize, loras: &[Option<LoraDown<'_, Self>>]) -> bool {
         self.lora_b_concat.load(std::sync::atomic::Ordering::Relaxed)
             && self.lora_b_by_gemm()
             && cols % 1024 == 0
@@ -156,8 +174,9 @@ impl Cuda {
             && loras.iter().any(Option::is_some)
     }
 
-    /// The q/k/v LoRA B products along k of their frozen products (`true`, the default) or by a second
-    /// GEMM into each 16-bit product (`false`, `LLAMATUNE_LORA_B_CONCAT=0`; for A/B runs and tests).
+    /// Training's LoRA B products along k of their frozen products (`true`, the default: the q/k/v path
+    /// and `Cuda::products_with_lora`) or by a second GEMM into each 16-bit product (`false`,
+    /// `LLAMATUNE_LORA_B_CONCAT=0`; for A/B runs and tests).
     /// Why: the second GEMM reads and writes the whole product again (~16 µs per 7B projection on
     /// the H200, session 18's events profile) where r more columns of k cost the first one ~1.6%.
     /// The values: the sum is rounded to 16 bits once instead of twice.
@@ -166,7 +185,7 @@ impl Cuda {
     }
 
     /// A fresh uninitialized 16-bit operand of `n` values in dtype `c`.
-    fn alloc_16(&self, n: usize, c: ComputeDtype) -> Operand {
+    pub(super) fn alloc_16(&self, n: usize, c: ComputeDtype) -> Operand {
         // SAFETY: every caller writes the values its GEMMs read before they run.
         match c {
             ComputeDtype::BF16 => Operand::BF16(ck!(unsafe { self.stream.alloc::<bf16>(n.max(1)) }, "alloc")),
@@ -177,7 +196,7 @@ impl Cuda {
 
     /// `out[i·ld + col0 + j] = 16-bit(s · x[i·cols + j])` for `x (rows, cols)` (kernels/elementwise.cu
     /// `scaled_f32_to_*_2d`): a block of columns of a 16-bit GEMM operand with rows `ld` apart.
-    fn scaled_into(
+    pub(super) fn scaled_into(
         &self,
         x: &CudaSlice<f32>,
         (rows, cols): (usize, usize),
