@@ -490,13 +490,7 @@ pub trait Backend {
     /// [`Backend::lora_forward`] of each, with launches shared where a backend can (CUDA, decoding:
     /// one launch for every branch's A product and one for every B product).
     fn lora_forward_many(&self, x: &Self::Buf, branches: &mut [LoraBranch<'_, Self>], m: usize, r: usize, scale: f32) {
-        for br in branches.iter_mut() {
-            if br.u_ready {
-                self.lora_b_forward(br.u, br.b, m, r, scale, br.y);
-            } else {
-                self.lora_forward(x, br.a, br.b, m, r, scale, br.dropout, br.u, br.y);
-            }
-        }
+        lora_forward_each(self, x, branches, m, r, scale);
     }
     /// LoRA backward: `da += (scale·dy·B)ᵀ · drop(x)`, `db += scale · dyᵀ · u`, `dx += drop'((scale·dy·B) · A)`.
     #[allow(clippy::too_many_arguments)]
@@ -957,6 +951,25 @@ pub fn qkv_attn_acts_composed<B: Backend + ?Sized>(
     let [mut q, mut k, mut v] = [wq, wk, wv].map(|w| be.alloc_output(m * be.weight_shape(w).0));
     be.linear_many_lora(x, ws, m, &mut [&mut q, &mut k, &mut v], loras, r, scale);
     be.attn_acts(q, k, v, rope, shape)
+}
+
+/// Each of `branches` on its own: [`Backend::lora_forward`], or only [`Backend::lora_b_forward`] where
+/// its `u` is ready (the trait's default of [`Backend::lora_forward_many`], and CUDA's past a few rows).
+pub fn lora_forward_each<B: Backend + ?Sized>(
+    be: &B,
+    x: &B::Buf,
+    branches: &mut [LoraBranch<'_, B>],
+    m: usize,
+    r: usize,
+    scale: f32,
+) {
+    for br in branches.iter_mut() {
+        if br.u_ready {
+            be.lora_b_forward(br.u, br.b, m, r, scale, br.y);
+        } else {
+            be.lora_forward(x, br.a, br.b, m, r, scale, br.dropout, br.u, br.y);
+        }
+    }
 }
 
 /// The LoRA branches in `loras` (the empty slots skipped) added into their projections' outputs by

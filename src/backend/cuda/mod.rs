@@ -903,14 +903,7 @@ impl Backend for Cuda {
             && (1..=LORA_MAX_TARGETS).contains(&branches.len())
             && branches.iter().all(|br| !br.dropout.is_active() && !br.u_ready);
         if !shared {
-            for br in branches.iter_mut() {
-                if br.u_ready {
-                    self.lora_b_forward(br.u, br.b, m, r, scale, br.y);
-                } else {
-                    self.lora_forward(x, br.a, br.b, m, r, scale, br.dropout, br.u, br.y);
-                }
-            }
-            return;
+            return super::lora_forward_each(self, x, branches, m, r, scale);
         }
         let _span = self.span("lora_forward (f32 products of a few rows)");
         // Decoding: the two f32 products, each over all branches in one launch (kernels/lora.cu
