@@ -92,22 +92,32 @@ __device__ void lora_down(const float* x, const float* w, float* part, int m, in
     const int k_begin = blockIdx.y * k_split, k_end = min(K, k_begin + k_split);
     const int warp = threadIdx.x / WARP, lane = threadIdx.x % WARP, g = lane / 4, t = lane % 4;
     const int stages = (k_end - k_begin + STAGE_K - 1) / STAGE_K;
-    // Copies of stage s into buffer s % STAGES (zeros past the edges). Copy e covers row e / 8,
-    // columns 4·(e % 8)..+3 of the stage.
+    // Copies of stage s into buffer s % STAGES (zeros past the edges). Copy q of a thread is row
+    // tr + 16q of the stage's x tile (q < XV) or of W's (n = tr + 16q < 8·NT), columns tc..tc+3:
+    // the same rows and columns every stage but for the offset s·STAGE_K, so the source rows are
+    // worked out once here (SASS: the per-stage address arithmetic was ~150 of the loop's 488
+    // instructions).
+    const int tr = threadIdx.x / 8, tc = 4 * (threadIdx.x % 8), kc = k_begin + tc;
+    const float* xq[XV];  // copy q's source in stage 0 (nullptr: past the rows)
+    const float* wq[WV];
+#pragma unroll
+    for (int q = 0; q < XV; q++) xq[q] = row0 + tr + 16 * q < m ? x + (int64_t)(row0 + tr + 16 * q) * K + kc : nullptr;
+#pragma unroll
+    for (int q = 0; q < WV; q++) wq[q] = tr + 16 * q < r ? w + (int64_t)(tr + 16 * q) * K + kc : nullptr;
+    static_assert(WV * DOWN_THREADS == 8 * NT * STAGE_K / 4, "the W copies cover its 8·NT-row tile exactly");
     auto issue = [&](int s) {
-        const int k0 = k_begin + s * STAGE_K;
-        float* xs = smem + (s % STAGES) * SW;
+        const int off = s * STAGE_K;
+        const bool kok = kc + off < k_end;
+        float* xs = smem + (s % STAGES) * SW + tr * DOWN_STRIDE + tc;
 #pragma unroll
         for (int q = 0; q < XV; q++) {
-            const int e = threadIdx.x + q * DOWN_THREADS, row = row0 + e / 8, k = k0 + 4 * (e % 8);
-            const bool ok = row < m && k < k_end;
-            cp_async16(smem_addr(xs + (e / 8) * DOWN_STRIDE + 4 * (e % 8)), ok ? x + (int64_t)row * K + k : x, ok);
+            const bool ok = kok && xq[q];
+            cp_async16(smem_addr(xs + 16 * q * DOWN_STRIDE), ok ? xq[q] + off : x, ok);
         }
 #pragma unroll
         for (int q = 0; q < WV; q++) {
-            const int e = threadIdx.x + q * DOWN_THREADS, n = e / 8, k = k0 + 4 * (e % 8);
-            const bool ok = n < r && k < k_end;
-            if (e < 8 * NT * STAGE_K / 4) cp_async16(smem_addr(xs + XW + n * DOWN_STRIDE + 4 * (e % 8)), ok ? w + (int64_t)n * K + k : w, ok);
+            const bool ok = kok && wq[q];
+            cp_async16(smem_addr(xs + XW + 16 * q * DOWN_STRIDE), ok ? wq[q] + off : w, ok);
         }
     };
     float acc[NT][4];
@@ -361,20 +371,33 @@ __device__ void lora_outer(const float* S, const float* T, float* part, int m, i
     const int m_begin = blockIdx.y * m_split, m_end = min(m, m_begin + m_split);
     const int warp = threadIdx.x / WARP, lane = threadIdx.x % WARP, g = lane / 4, t = lane % 4;
     const int stages = (m_end - m_begin + STAGE_K - 1) / STAGE_K;
+    // Copy q of a thread: S row sk + q·(128/SQ), columns si..si+3; T row tk + 8q, columns tj..tj+3 of
+    // the block's 64 (SQ = R/4 copies per S row divides 128, so a thread's columns are the same for
+    // every q and stage); the source rows worked out once, a stage adding s·STAGE_K rows.
+    constexpr int SQ = R / 4, SROWS = OUTER_THREADS / SQ;
+    const int sk = threadIdx.x / SQ, si = 4 * (threadIdx.x % SQ), tk = threadIdx.x / 16, tj = 4 * (threadIdx.x % 16);
+    const float* sq[SV];  // copy q's source in stage 0 (nullptr: past r or N)
+    const float* tq[TV];
+#pragma unroll
+    for (int q = 0; q < SV; q++) sq[q] = si < r ? S + (int64_t)(m_begin + sk + q * SROWS) * r + si : nullptr;
+#pragma unroll
+    for (int q = 0; q < TV; q++) tq[q] = col0 + tj < N ? T + (int64_t)(m_begin + tk + 8 * q) * N + col0 + tj : nullptr;
+    static_assert(SV * OUTER_THREADS == STAGE_K * R / 4, "the S copies cover the stage's 32 rows exactly");
     auto issue = [&](int s) {
         const int k0 = m_begin + s * STAGE_K;
+        const int64_t soff = (int64_t)s * STAGE_K * r, toff = (int64_t)s * STAGE_K * N;
         float* ss = smem + (s % STAGES) * SW;
 #pragma unroll
         for (int q = 0; q < SV; q++) {
-            const int e = threadIdx.x + q * OUTER_THREADS, k = e / (R / 4), i = 4 * (e % (R / 4));
-            const bool ok = k0 + k < m_end && i < r;
-            if (e < STAGE_K * R / 4) cp_async16(smem_addr(ss + k * SS + i), ok ? S + (int64_t)(k0 + k) * r + i : S, ok);
+            const int k = sk + q * SROWS;
+            const bool ok = sq[q] && k0 + k < m_end;
+            cp_async16(smem_addr(ss + k * SS + si), ok ? sq[q] + soff : S, ok);
         }
 #pragma unroll
         for (int q = 0; q < TV; q++) {
-            const int e = threadIdx.x + q * OUTER_THREADS, k = e / (OUTER_COLS / 4), j = 4 * (e % (OUTER_COLS / 4));
-            const bool ok = k0 + k < m_end && col0 + j < N;
-            cp_async16(smem_addr(ss + STAGE_K * SS + k * OUTER_T_STRIDE + j), ok ? T + (int64_t)(k0 + k) * N + col0 + j : T, ok);
+            const int k = tk + 8 * q;
+            const bool ok = tq[q] && k0 + k < m_end;
+            cp_async16(smem_addr(ss + STAGE_K * SS + k * OUTER_T_STRIDE + tj), ok ? tq[q] + toff : T, ok);
         }
     };
     float acc[NT][4];
