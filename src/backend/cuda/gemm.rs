@@ -488,18 +488,13 @@ impl Cuda {
                 }
             };
             let lda = if concat && converted[j].1.is_some() { ld } else { cols };
-            let branch = match (wb, branch) {
-                (Some(wb), Some(mut l)) => {
-                    let xc = converted[j].1.as_mut().expect("x in a 16-bit dtype when w expands with a stride");
-                    let o16 = self.product_with_b_along_k(x, w, wb, &mut l, xc, (m, r, scale), c);
-                    self.widen_16(&o16, None, (m, rows), false, out);
-                    continue;
-                }
-                (wb, branch) => {
-                    assert!(wb.is_none(), "w is expanded with a stride only for a branch");
-                    branch
-                }
-            };
+            if let Some(wb) = wb {
+                let mut l = branch.expect("w is expanded with a stride only for a branch");
+                let xc = converted[j].1.as_mut().expect("x in a 16-bit dtype when w expands with a stride");
+                let o16 = self.product_with_b_along_k(x, w, wb, &mut l, xc, (m, r, scale), c);
+                self.widen_16(&o16, None, (m, rows), false, out);
+                continue;
+            }
             let wop = wop.expect("expanded above unless along k");
             let xop = converted[j].1.as_ref().map_or(OperandView::F32(x), OperandView::from);
             // out (m, rows) = x (m, cols) · Wᵀ [+ scale · (drop(x) · Aᵀ) · Bᵀ]
