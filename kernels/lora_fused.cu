@@ -159,6 +159,108 @@ LORA_DOWN(lora_down_r16, 2)
 LORA_DOWN(lora_down_r32, 4)
 LORA_DOWN(lora_down_r64, 8)
 
+// ---- du: part[split] (m, r) = alpha · dy (m, K) · B (K, r) over the split's range of K, and dy16 ----
+// The backward's du = scale·dy·B, reading dy (f32) once and writing it rounded to 16 bits on the way
+// (dy16, unless null: the input gradient's GEMM operand, bit for bit what f32_to_bf16 / f32_to_f16
+// give, which was a pass of its own over dy). The pipeline of `down`, with 128 rows of dy per block (8
+// warps) so that each stage's B tile serves twice the rows; B arrives as it is stored, (K, r), and
+// goes into shared memory as (k, n), so its fragments are scalar loads in the natural k order: b0
+// (k = t, n = g) at t·BS + g, conflict-free for BS ≡ 8 (mod 32) and for BS = 24 (r ≤ 16); dy's at
+// (row g, k = t) with stride 36. Each thread stores the 16-bit copies of the pieces it copied itself.
+#define DU_ROWS 128
+#define DU_THREADS 256
+
+template <int NT, typename Out16>
+__device__ void lora_du(const float* dy, const float* b, float* part, Out16* dy16, int m, int K, int r, int k_split, float alpha) {
+    extern __shared__ __align__(16) float smem[];  // STAGES × [dy (128, 36) | B (32, 8·NT + 8)]
+    constexpr int BS = 8 * NT + 8, XW = DU_ROWS * DOWN_STRIDE, SW = XW + STAGE_K * BS;
+    constexpr int XV = DU_ROWS * STAGE_K / 4 / DU_THREADS;                       // dy copies per thread: 4
+    constexpr int BP = STAGE_K * 2 * NT;                                         // B pieces per stage
+    constexpr int BV = (BP + DU_THREADS - 1) / DU_THREADS;                       // per thread: 1 or 2
+    const int row0 = blockIdx.x * DU_ROWS;
+    const int k_begin = blockIdx.y * k_split, k_end = min(K, k_begin + k_split);
+    const int warp = threadIdx.x / WARP, lane = threadIdx.x % WARP, g = lane / 4, t = lane % 4;
+    const int stages = (k_end - k_begin + STAGE_K - 1) / STAGE_K;
+    // Copy q of dy: row tr + 32q of the tile, columns tc..tc+3 of the stage; copy q of B: piece
+    // e = thread + 256q, its row kb[q] of the stage and columns cb[q]..+3 (zeros past r). Sources and
+    // dy16's destinations at stage 0 (nullptr: past m, or no such piece), offset per stage.
+    const int tr = threadIdx.x / 8, tc = 4 * (threadIdx.x % 8), kc = k_begin + tc;
+    const float* xq[XV];
+    Out16* oq[XV];
+#pragma unroll
+    for (int q = 0; q < XV; q++) {
+        const bool ok = row0 + tr + 32 * q < m;
+        xq[q] = ok ? dy + (int64_t)(row0 + tr + 32 * q) * K + kc : nullptr;
+        oq[q] = ok && dy16 ? dy16 + (int64_t)(row0 + tr + 32 * q) * K + kc : nullptr;
+    }
+    const float* bq[BV];
+    int kb[BV], cb[BV];
+#pragma unroll
+    for (int q = 0; q < BV; q++) {
+        const int e = threadIdx.x + DU_THREADS * q;
+        kb[q] = e / (2 * NT), cb[q] = 4 * (e % (2 * NT));
+        bq[q] = e < BP && cb[q] < r ? b + (int64_t)(k_begin + kb[q]) * r + cb[q] : nullptr;
+    }
+    auto issue = [&](int s) {
+        const int off = s * STAGE_K;
+        float* xs = smem + (s % STAGES) * SW;
+        const bool kok = kc + off < k_end;
+#pragma unroll
+        for (int q = 0; q < XV; q++) {
+            const bool ok = kok && xq[q];
+            cp_async16(smem_addr(xs + (tr + 32 * q) * DOWN_STRIDE + tc), ok ? xq[q] + off : dy, ok);
+        }
+#pragma unroll
+        for (int q = 0; q < BV; q++) {
+            if (threadIdx.x + DU_THREADS * q >= BP) continue;
+            const bool ok = bq[q] && k_begin + kb[q] + off < k_end;
+            cp_async16(smem_addr(xs + XW + kb[q] * BS + cb[q]), ok ? bq[q] + (int64_t)off * r : b, ok);
+        }
+    };
+    float acc[NT][4];
+#pragma unroll
+    for (int n = 0; n < NT; n++) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.f;
+    pipeline(stages, issue, [&](int s) {
+        const float* xs = smem + (s % STAGES) * SW;
+        const int off = s * STAGE_K;
+        if (kc + off < k_end) {
+#pragma unroll
+            for (int q = 0; q < XV; q++)
+                if (oq[q]) store4(oq[q] + off, lds4f(xs + (tr + 32 * q) * DOWN_STRIDE + tc));
+        }
+        const float* xa = xs + (warp * 16 + g) * DOWN_STRIDE + t;
+        const float* bb = xs + XW + t * BS + g;
+#pragma unroll
+        for (int j = 0; j < STAGE_K / 8; j++) {
+            const uint32_t a0 = tf32(xa[8 * j]), a1 = tf32(xa[8 * j + 8 * DOWN_STRIDE]);
+            const uint32_t a2 = tf32(xa[8 * j + 4]), a3 = tf32(xa[8 * j + 4 + 8 * DOWN_STRIDE]);
+#pragma unroll
+            for (int n = 0; n < NT; n++)
+                mma_tf32(acc[n], a0, a1, a2, a3, tf32(bb[8 * j * BS + 8 * n]), tf32(bb[(8 * j + 4) * BS + 8 * n]));
+        }
+    });
+    float* out = part + (int64_t)blockIdx.y * m * r;
+    const int ra = row0 + warp * 16 + g, rb = ra + 8;
+#pragma unroll
+    for (int n = 0; n < NT; n++) {
+        const int c = n * 8 + 2 * t;  // r is a multiple of 4, so c < r implies c + 1 < r
+        if (c >= r) continue;
+        if (ra < m) *reinterpret_cast<float2*>(out + (int64_t)ra * r + c) = make_float2(alpha * acc[n][0], alpha * acc[n][1]);
+        if (rb < m) *reinterpret_cast<float2*>(out + (int64_t)rb * r + c) = make_float2(alpha * acc[n][2], alpha * acc[n][3]);
+    }
+}
+#define LORA_DU(name, NT, T) \
+    extern "C" __global__ void __launch_bounds__(DU_THREADS, 2) name(const float* dy, const float* b, float* part, T* dy16, int m, int K, int r, int k_split, float alpha) { \
+        grid_dependency_wait(); \
+        lora_du<NT, T>(dy, b, part, dy16, m, K, r, k_split, alpha); \
+    }
+LORA_DU(lora_du_r16_bf16, 2, __nv_bfloat16)
+LORA_DU(lora_du_r32_bf16, 4, __nv_bfloat16)
+LORA_DU(lora_du_r64_bf16, 8, __nv_bfloat16)
+LORA_DU(lora_du_r16_f16, 2, __half)
+LORA_DU(lora_du_r32_f16, 4, __half)
+LORA_DU(lora_du_r64_f16, 8, __half)
+
 // ---- the sum of split partials: out (n) = [out +] alpha · Σ_s part[s] (n), n a multiple of 4 ------
 extern "C" __global__ void lora_sum_splits(const float* part, float* out, int splits, int64_t n, float alpha, int accumulate) {
     grid_dependency_wait();

@@ -9,7 +9,7 @@
 #![cfg(feature = "cuda")]
 
 use llamatune::backend::cpu::Cpu;
-use llamatune::backend::cuda::{AttnActs, Cuda, Fused4bit, MlpActs};
+use llamatune::backend::cuda::{AttnActs, Cuda, Fused4bit, MlpActs, Operand};
 use llamatune::backend::{
     linear_add_rmsnorm_mlp_gate_up_composed, linear_many_lora_composed, mlp_gate_up_composed, qkv_attn_acts_composed,
     AdamWStep, AttnShape, Backend, Dropout, HostWeight, LoraBranch, LoraDown, LoraGrad, RopeTables,
@@ -1246,6 +1246,40 @@ fn check_lora(rng: &mut impl Rng, label: &str, (m, rows, cols, r): (usize, usize
     check(&format!("{label} lora dA"), &gpu().download(&da2), &da1, TF32_TOL);
     check(&format!("{label} lora dB"), &gpu().download(&db2), &db1, TF32_TOL);
     check(&format!("{label} lora dx"), &gpu().download(&dx2), &dx1, TF32_TOL);
+}
+
+/// The backward's du kernel (`Cuda::lora_du`: du = scale · dy · B) writes dy rounded to bf16 on the
+/// way, for the input gradient's GEMM: every value of that copy is dy's round-to-nearest-even (the
+/// buffer starts as NaN), and du is the f64 product within TF32's bound, with and without the copy.
+/// Down's 11,008-wide dy at the 7B recipe's 2,048 rows (many splits), and odd sizes: 75 and 515 rows
+/// (no multiple of the 128-row blocks), 1,000 and 36 columns, ranks 60, 16 and 8.
+#[test]
+fn lora_du_rounds_dy_to_16_bits_on_the_way() {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(77);
+    let g = gpu();
+    for (m, rows, r) in [(2048, 11008, 64), (75, 1000, 60), (515, 4096, 16), (75, 36, 8)] {
+        let label = format!("lora_du {m}x{rows} r={r}");
+        let (dy, b) = (rnd(&mut rng, m * rows, 1.0), rnd(&mut rng, rows * r, 0.1));
+        let mut want = vec![0.0f32; m * r];
+        for (row, out) in want.chunks_mut(r).enumerate() {
+            let mut acc = vec![0.0f64; r];
+            for (k, bk) in b.chunks(r).enumerate() {
+                let d = dy[row * rows + k] as f64;
+                acc.iter_mut().zip(bk).for_each(|(a, &bv)| *a += d * bv as f64);
+            }
+            out.iter_mut().zip(&acc).for_each(|(o, a)| *o = (0.25 * a) as f32);
+        }
+        let (gdy, gb) = (g.upload(&dy), g.upload(&b));
+        let mut dy16 = Operand::BF16(g.upload_bf16(&vec![f32::NAN; m * rows]));
+        let (mut du, mut du_alone) = (poisoned(m * r), poisoned(m * r));
+        g.lora_du(&gdy, &gb, m, r, 0.25, &mut du, Some(&mut dy16));
+        g.lora_du(&gdy, &gb, m, r, 0.25, &mut du_alone, None);
+        let Operand::BF16(dy16) = dy16 else { unreachable!() };
+        let rounded: Vec<f32> = dy.iter().map(|&v| half::bf16::from_f32(v).to_f32()).collect();
+        check(&format!("{label} dy in bf16 vs rounded on the host"), &g.download_bf16(&dy16), &rounded, 0.0);
+        check(&format!("{label} du vs f64"), &g.download(&du), &want, TF32_TOL);
+        check(&format!("{label} du without the copy vs with it"), &g.download(&du_alone), &g.download(&du), 0.0);
+    }
 }
 
 /// Dropout's mask is one formula on both backends (`Dropout::factor`; kernels/common.cuh

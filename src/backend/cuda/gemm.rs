@@ -58,6 +58,14 @@ impl Operand {
     pub(super) fn len(&self) -> usize {
         OperandView::from(self).len()
     }
+
+    pub(super) fn dtype(&self) -> ComputeDtype {
+        match self {
+            Operand::F32(_) => ComputeDtype::F32,
+            Operand::F16(_) => ComputeDtype::F16,
+            Operand::BF16(_) => ComputeDtype::BF16,
+        }
+    }
 }
 
 pub enum OperandRef<'a> {
@@ -385,10 +393,13 @@ impl Cuda {
     }
 
     /// The second path's input gradient `dx (m, cols) (+)= dy (m, rows) · W`, with `up` added as its
-    /// 16-bit result is widened ([`Cuda::gemm_rounded`]).
+    /// 16-bit result is widened ([`Cuda::gemm_rounded`]). `dy16`: dy already rounded to the weight's
+    /// compute dtype (by `lora_du`), instead of converting it here.
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn dgrad_gemm(
         &self,
         dy: &CudaSlice<f32>,
+        dy16: Option<Operand>,
         w: &CudaWeight,
         m: usize,
         dx: &mut CudaSlice<f32>,
@@ -397,7 +408,13 @@ impl Cuda {
     ) {
         let (rows, cols) = w.shape();
         let (wop, c, ld) = self.weight_operand_for_grad(w);
-        let dyc = self.convert(dy, c);
+        let dyc = match dy16 {
+            Some(o) => {
+                assert!(o.dtype() == c && o.len() >= dy.len(), "dgrad_gemm: dy16 is not dy in the compute dtype");
+                Some(o)
+            }
+            None => self.convert(dy, c),
+        };
         let dyop = dyc.as_ref().map_or(OperandView::F32(dy), OperandView::from);
         let product = Gemm { ldb: ld, ..Gemm::input_grad(m, cols, rows, dyop, wop.as_ref()) };
         self.gemm_rounded(w, product, dx, accumulate, up, "linear backward GEMM");

@@ -1,7 +1,7 @@
 //! The kernels compiled into the binary: each `kernels/*.cu` file's fatbin (built by build.rs) and
 //! the names of the kernels `Cuda::new` loads from it.
 
-use super::lora::{LORA_DOWN, LORA_OUTER};
+use super::lora::{LORA_DOWN, LORA_DU, LORA_OUTER};
 use super::quant4::{GEMM_4BIT, GEMV_FEW_ROWS, GEMV_MANY, GEMV_MANY_LORA, GEMV_ONE_ROW, GEMV_SWIGLU};
 use super::xent::{XENT_REG, XENT_STREAM, XENT_TWO_PASS};
 
@@ -99,6 +99,12 @@ pub(super) fn kernel_names(module: &str) -> &'static [&'static str] {
             LORA_OUTER[0],
             LORA_OUTER[1],
             LORA_OUTER[2],
+            LORA_DU[0][0],
+            LORA_DU[0][1],
+            LORA_DU[0][2],
+            LORA_DU[1][0],
+            LORA_DU[1][1],
+            LORA_DU[1][2],
             "lora_sum_splits",
             "lora_up",
             "lora_up_from_bf16",

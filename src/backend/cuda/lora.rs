@@ -3,16 +3,23 @@
 //! cuBLAS TF32 path they replace. CPU reference: `Cpu::lora_forward`, `Cpu::lora_backward`.
 
 use super::blas::F32Math;
-use super::gemm::OperandView;
+use super::gemm::{Operand, OperandView};
 use super::quant4::GEMV_MAX_M;
-use super::{grid_for, Cuda};
+use super::{grid_for, push_opt, Cuda};
 use crate::backend::{Dropout, LoraDown};
 use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg};
+use half::bf16;
 
 /// The fused LoRA kernels (kernels/lora_fused.cu) by rank: r ≤ 16, ≤ 32, ≤ 64.
 pub(super) const LORA_DOWN: [&str; 3] = ["lora_down_r16", "lora_down_r32", "lora_down_r64"];
 
 pub(super) const LORA_OUTER: [&str; 3] = ["lora_outer_r16", "lora_outer_r32", "lora_outer_r64"];
+
+/// `lora_du` by the dtype of its 16-bit copy of dy (bf16, f16), then by rank.
+pub(super) const LORA_DU: [[&str; 3]; 2] = [
+    ["lora_du_r16_bf16", "lora_du_r32_bf16", "lora_du_r64_bf16"],
+    ["lora_du_r16_f16", "lora_du_r32_f16", "lora_du_r64_f16"],
+];
 
 pub(super) fn lora_variant(r: usize) -> usize {
     match r {
@@ -35,6 +42,13 @@ pub(super) const LORA_OUTER_COLS: usize = 64;
 
 pub(super) const LORA_THREADS: u32 = 128;
 
+/// `lora_du`'s blocks: DU_ROWS rows of dy, DU_THREADS threads, two blocks per SM.
+const LORA_DU_ROWS: usize = 128;
+
+const LORA_DU_THREADS: u32 = 256;
+
+const LORA_DU_BLOCKS_PER_SM: usize = 2;
+
 /// Blocks per SM of the split kernels (`down` and `outer` are built for three: their registers and
 /// shared memory allow it); the splits aim at one full wave of them.
 pub(super) const LORA_BLOCKS_PER_SM: usize = 3;
@@ -47,6 +61,11 @@ pub(super) fn lora_down_smem(v: usize) -> usize {
 /// Of `lora_outer` variant v: STAGES × 32 rows × (S: 8·NT + 8 words, T: 72 words).
 pub(super) fn lora_outer_smem(v: usize) -> usize {
     LORA_STAGES * LORA_STAGE * ((16 << v) + 8 + 72) * 4
+}
+
+/// Of `lora_du` variant v: STAGES × (128 rows of dy × 36 words + 32 rows of B × (8·NT + 8) words).
+pub(super) fn lora_du_smem(v: usize) -> usize {
+    LORA_STAGES * (LORA_DU_ROWS * 36 + LORA_STAGE * ((16 << v) + 8)) * 4
 }
 
 /// At most this many LoRA branches per `gemv_f32*_many` launch (kernels/gemv_f32.cuh LORA_MAX_TARGETS).
@@ -133,9 +152,10 @@ impl Cuda {
         (targets, blocks)
     }
 
-    /// The fused LoRA backward's weight gradients: `du (m, r) = scale · dy · B` (returned), `dB (rows,
-    /// r) += scale · dyᵀ · u` (both cuBLAS TF32), `dA (r, cols) += duᵀ · drop(x)` (kernels/lora_fused.cu
-    /// `lora_outer`, the mask regenerated from the seed). Each part has its own profile span.
+    /// The fused LoRA backward's weight gradients: `du (m, r) = scale · dy · B` (returned; kernels/lora_fused.cu
+    /// `lora_du`, which also rounds dy into `dy16` when given, for the input gradient's GEMM), `dB (rows, r) +=
+    /// scale · dyᵀ · u` (cuBLAS TF32), `dA (r, cols) += duᵀ · drop(x)` (`lora_outer`, the mask regenerated from
+    /// the seed). Each part has its own profile span.
     #[allow(clippy::too_many_arguments)]
     pub(super) fn lora_weight_grads(
         &self,
@@ -150,16 +170,15 @@ impl Cuda {
         dropout: Dropout,
         da: &mut CudaSlice<f32>,
         db: &mut CudaSlice<f32>,
+        dy16: Option<&mut Operand>,
     ) -> CudaSlice<f32> {
         let (cols, rows) = (a.len() / r, b.len() / r);
-        let (dyop, uop, bop) = (OperandView::F32(dy), OperandView::F32(u), OperandView::F32(b));
+        let (dyop, uop) = (OperandView::F32(dy), OperandView::F32(u));
         let mut du = self.scratch(m * r);
         {
-            let _part = self.span("lora_backward: du GEMM");
-            ck!(
-                self.blas.gemm_rm(F32Math::Tf32, false, false, m, r, rows, scale, dyop, rows, bop, r, 0.0, &mut du, r),
-                "LoRA du GEMM"
-            );
+            let _part =
+                self.span(if dy16.is_some() { "lora_backward: du + dy in 16 bits" } else { "lora_backward: du" });
+            self.lora_du(dy, b, m, r, scale, &mut du, dy16);
         }
         {
             let _part = self.span("lora_backward: dB GEMM");
@@ -171,6 +190,54 @@ impl Cuda {
         let _part = self.span("lora_backward: dA (outer)");
         self.lora_outer(&du, x, m, cols, r, dropout, da);
         du
+    }
+
+    /// `du (m, r) = scale · dy (m, rows) · B (rows, r)` (kernels/lora_fused.cu `lora_du_*`), split over
+    /// `rows` to fill the GPU; with `dy16`, dy is also written rounded to that operand's 16-bit dtype, bit
+    /// for bit what [`Cuda::convert`] gives, from the same read.
+    #[allow(clippy::too_many_arguments)]
+    pub fn lora_du(
+        &self,
+        dy: &CudaSlice<f32>,
+        b: &CudaSlice<f32>,
+        m: usize,
+        r: usize,
+        scale: f32,
+        du: &mut CudaSlice<f32>,
+        dy16: Option<&mut Operand>,
+    ) {
+        let rows = b.len() / r;
+        assert!(self.uses_fused_lora_up(rows, r), "lora_du: rank {r} or {rows} rows not for the fused kernels");
+        assert!(dy.len() == m * rows && du.len() == m * r, "lora_du: bad shapes");
+        assert!(dy16.as_ref().is_none_or(|o| o.len() >= m * rows), "lora_du: dy16 too short");
+        let (v, tiles, stages) = (lora_variant(r), m.div_ceil(LORA_DU_ROWS), rows.div_ceil(LORA_STAGE));
+        let per = stages.div_ceil(self.splits_to_fill(tiles, LORA_DU_BLOCKS_PER_SM, stages)) * LORA_STAGE;
+        let splits = rows.div_ceil(per);
+        let cfg = LaunchConfig {
+            grid_dim: (tiles as u32, splits as u32, 1),
+            block_dim: (LORA_DU_THREADS, 1, 1),
+            shared_mem_bytes: lora_du_smem(v) as u32,
+        };
+        let mut part = (splits > 1).then(|| self.scratch(splits * m * r));
+        let dst = part.as_mut().unwrap_or(du);
+        let dims = [m as i32, rows as i32, r as i32, per as i32];
+        let kernel = LORA_DU[matches!(dy16, Some(Operand::F16(_))) as usize][v];
+        let mut l = self.stream.launch_builder(self.f(kernel));
+        l.arg(dy).arg(b).arg(&mut *dst);
+        match dy16 {
+            Some(Operand::BF16(o)) => push_opt(&mut l, Some(o)),
+            Some(Operand::F16(o)) => push_opt(&mut l, Some(o)),
+            Some(Operand::F32(_)) => unreachable!("a 16-bit copy of dy"),
+            None => push_opt(&mut l, None::<&mut CudaSlice<bf16>>),
+        }
+        l.arg(&dims[0]).arg(&dims[1]).arg(&dims[2]).arg(&dims[3]).arg(&scale);
+        // SAFETY: the kernel bounds-checks rows against m and columns against rows; dy16, when given,
+        // holds m · rows values (asserted above).
+        ck!(unsafe { l.launch(cfg) }, kernel);
+        drop(l);
+        if let Some(part) = part {
+            self.lora_sum_splits(&part, splits, 1.0, false, du);
+        }
     }
 
     /// A branch's `u = drop(x) · Aᵀ` where it is not [`LoraDown::u_ready`] already.

@@ -165,7 +165,7 @@ use attention::{flash_bwd_smem, flash_wgmma_bwd_smem, FlashQ, FLASH_WGMMA_SMEM};
 use gemm::UpTail;
 pub use gemm::{Operand, OperandRef, OperandView};
 pub use graph::{Pdl, StepGraph};
-use lora::{lora_down_smem, lora_outer_smem, LORA_DOWN, LORA_MAX_TARGETS, LORA_OUTER};
+use lora::{lora_down_smem, lora_du_smem, lora_outer_smem, LORA_DOWN, LORA_DU, LORA_MAX_TARGETS, LORA_OUTER};
 pub use mlp::MlpActs;
 pub use offload::Offloaded;
 pub use quant4::{Fused4bit, FUSED_4BIT_MAX_M};
@@ -253,6 +253,9 @@ impl Cuda {
         for v in 0..LORA_DOWN.len() {
             funcs[LORA_DOWN[v]].set_attribute(attr, lora_down_smem(v) as i32).map_err(dev_err)?;
             funcs[LORA_OUTER[v]].set_attribute(attr, lora_outer_smem(v) as i32).map_err(dev_err)?;
+            for names in LORA_DU {
+                funcs[names[v]].set_attribute(attr, lora_du_smem(v) as i32).map_err(dev_err)?;
+            }
         }
         // The fused 4-bit matmul needs compute capability 9.0 and sm_90a code (wgmma).
         let compute_capability = ctx.compute_capability().map_err(dev_err)?;
@@ -813,7 +816,7 @@ impl Backend for Cuda {
             return self.gemm_4bit(dy, w, m, dx, true, accumulate);
         }
         let _span = self.span("linear_backward_input");
-        self.dgrad_gemm(dy, w, m, dx, accumulate, None);
+        self.dgrad_gemm(dy, None, w, m, dx, accumulate, None);
     }
     fn linear_lora_backward(
         &self,
@@ -835,10 +838,18 @@ impl Backend for Cuda {
         assert!(dy.len() == m * rows && dx.len() == m * cols, "linear_backward_input: bad shapes");
         let _span = self.span("linear_backward_input + LoRA");
         let LoraGrad { x, a, b, u, dropout, da, db } = lora;
-        let du = self.lora_weight_grads(x, a, b, u, dy, m, r, scale, dropout, da, db);
+        // du's kernel also rounds dy for the input gradient's GEMM where a 4-bit weight's product takes
+        // it in 16 bits, saving that conversion its own pass over dy.
+        let mut dy16 = match w {
+            CudaWeight::Quant4 { compute: c @ (ComputeDtype::BF16 | ComputeDtype::F16), .. } => {
+                Some(self.alloc_16(m * rows, *c))
+            }
+            _ => None,
+        };
+        let du = self.lora_weight_grads(x, a, b, u, dy, m, r, scale, dropout, da, db, dy16.as_mut());
         // dx (+)= dy · W + drop'(du · A): the branch's term added as the product's gradient is widened.
         let up = UpTail { u: &du, w: a, w_is_rn: true, r, alpha: 1.0, dropout };
-        self.dgrad_gemm(dy, w, m, dx, accumulate, Some(up));
+        self.dgrad_gemm(dy, dy16, w, m, dx, accumulate, Some(up));
     }
 
     fn lora_forward(
@@ -933,7 +944,7 @@ impl Backend for Cuda {
         let (dyop, uop) = (OperandView::F32(dy), OperandView::F32(u));
         let (aop, bop) = (OperandView::F32(a), OperandView::F32(b));
         if self.uses_fused_lora(rows, cols, r) {
-            let du = self.lora_weight_grads(x, a, b, u, dy, m, r, scale, dropout, da, db);
+            let du = self.lora_weight_grads(x, a, b, u, dy, m, r, scale, dropout, da, db, None);
             // dx += drop'(du · A) (kernels/lora_fused.cu; the mask regenerated from the seed).
             let _part = self.span("lora_backward: dx (up)");
             self.lora_up(&du, a, true, m, cols, r, 1.0, dropout, dx);

@@ -18,7 +18,7 @@ use super::quant4::GEMV_MAX_M;
 use super::{grid_for, Cuda, CudaWeight};
 use crate::backend::{AttnShape, LoraDown, RopeTables};
 use crate::config::ComputeDtype;
-use cudarc::driver::{CudaSlice, PushKernelArg};
+use cudarc::driver::{result, CudaSlice, DevicePtrMut, PushKernelArg};
 use half::{bf16, f16};
 
 impl Cuda {
@@ -185,13 +185,24 @@ impl Cuda {
     }
 
     /// A fresh uninitialized 16-bit operand of `n` values in dtype `c`.
+    /// With `LLAMATUNE_POISON=1` it starts as NaN (0xFFFF in either dtype), as [`Cuda::scratch`] does.
     pub(super) fn alloc_16(&self, n: usize, c: ComputeDtype) -> Operand {
         // SAFETY: every caller writes the values its GEMMs read before they run.
-        match c {
+        let mut o = match c {
             ComputeDtype::BF16 => Operand::BF16(ck!(unsafe { self.stream.alloc::<bf16>(n.max(1)) }, "alloc")),
             ComputeDtype::F16 => Operand::F16(ck!(unsafe { self.stream.alloc::<f16>(n.max(1)) }, "alloc")),
             ComputeDtype::F32 => unreachable!("a 16-bit operand"),
+        };
+        if self.poison {
+            let (ptr, _rec) = match &mut o {
+                Operand::BF16(b) => b.device_ptr_mut(&self.stream),
+                Operand::F16(h) => h.device_ptr_mut(&self.stream),
+                Operand::F32(_) => unreachable!("a 16-bit operand"),
+            };
+            // SAFETY: `ptr` addresses the `n.max(1)` 16-bit values of `o`, alive for the whole call.
+            ck!(unsafe { result::memset_d8_async(ptr, 0xff, n.max(1) * 2, self.stream.cu_stream()) }, "poison");
         }
+        o
     }
 
     /// `out[i·ld + col0 + j] = 16-bit(s · x[i·cols + j])` for `x (rows, cols)` (kernels/elementwise.cu
