@@ -32,11 +32,13 @@ extern "C" __global__ void add_uniform_noise_f32(float* x, float magnitude, uint
 // out = silu(g) * u, in f32 or a 16-bit dtype (an MLP's gate and up products as cuBLAS writes them,
 // and the down product's input as its GEMM reads it: Cuda::mlp_down): computed in f32 from the
 // widened values, a 16-bit output rounded to nearest even as the down product's conversion rounded it.
-template <typename T>
-__device__ __forceinline__ void swiglu_t(const T* g, const T* u, T* out, int64_t n) {
-    constexpr int V = 4 * sizeof(T);  // bytes of four values
+// With 16-bit products and an f32 output (`swiglu_*_to_f32`: an MLP whose down product has a LoRA
+// branch, Cuda::mlp_swiglu), the values swiglu_f32 gives from the widened products, bit for bit.
+template <typename T, typename O>
+__device__ __forceinline__ void swiglu_t(const T* g, const T* u, O* out, int64_t n) {
+    constexpr int V = 4 * sizeof(T), VO = 4 * sizeof(O);  // bytes of four values
     for_each4(
-        n, aligned_to(g, V) && aligned_to(u, V) && aligned_to(out, V),
+        n, aligned_to(g, V) && aligned_to(u, V) && aligned_to(out, VO),
         [&](int64_t q) {
             const float4 a = load4(g + 4 * q), b = load4(u + 4 * q);
             store4(out + 4 * q, make_float4(swiglu1(a.x, b.x), swiglu1(a.y, b.y), swiglu1(a.z, b.z), swiglu1(a.w, b.w)));
@@ -46,6 +48,8 @@ __device__ __forceinline__ void swiglu_t(const T* g, const T* u, T* out, int64_t
 extern "C" __global__ void swiglu_f32(const float* g, const float* u, float* out, int64_t n) { grid_dependency_wait(); swiglu_t(g, u, out, n); }
 extern "C" __global__ void swiglu_bf16(const __nv_bfloat16* g, const __nv_bfloat16* u, __nv_bfloat16* out, int64_t n) { grid_dependency_wait(); swiglu_t(g, u, out, n); }
 extern "C" __global__ void swiglu_f16(const __half* g, const __half* u, __half* out, int64_t n) { grid_dependency_wait(); swiglu_t(g, u, out, n); }
+extern "C" __global__ void swiglu_bf16_to_f32(const __nv_bfloat16* g, const __nv_bfloat16* u, float* out, int64_t n) { grid_dependency_wait(); swiglu_t(g, u, out, n); }
+extern "C" __global__ void swiglu_f16_to_f32(const __half* g, const __half* u, float* out, int64_t n) { grid_dependency_wait(); swiglu_t(g, u, out, n); }
 // (dg, du) of one element from gate x, up u and the output's gradient d.
 __device__ __forceinline__ float2 swiglu_grad1(float x, float u, float d) {
     const float sig = 1.f / (1.f + expf(-x));
@@ -53,12 +57,15 @@ __device__ __forceinline__ float2 swiglu_grad1(float x, float u, float d) {
 }
 // The gradients of swiglu_t, in f32 or a 16-bit dtype: the gate and up products and the output's
 // gradient as cuBLAS wrote them (Cuda::mlp_backward), dg and du written in that dtype (rounded to
-// nearest even, as the gate and up products' input-gradient GEMMs' conversions rounded them).
-template <typename T>
-__device__ __forceinline__ void swiglu_backward_t(const T* g, const T* u, const T* dout, T* dg, T* du, int64_t n) {
-    constexpr int V = 4 * sizeof(T);  // bytes of four values
+// nearest even, as the gate and up products' input-gradient GEMMs' conversions rounded them). With
+// 16-bit products and f32 gradients (`swiglu_backward_*_f32`: an MLP with LoRA branches, whose
+// gradients feed the branches in f32; Cuda::mlp_swiglu_backward), swiglu_backward_f32's values from
+// the widened products, bit for bit.
+template <typename T, typename D>
+__device__ __forceinline__ void swiglu_backward_t(const T* g, const T* u, const D* dout, D* dg, D* du, int64_t n) {
+    constexpr int V = 4 * sizeof(T), VD = 4 * sizeof(D);  // bytes of four values
     for_each4(
-        n, aligned_to(g, V) && aligned_to(u, V) && aligned_to(dout, V) && aligned_to(dg, V) && aligned_to(du, V),
+        n, aligned_to(g, V) && aligned_to(u, V) && aligned_to(dout, VD) && aligned_to(dg, VD) && aligned_to(du, VD),
         [&](int64_t q) {
             const float4 x = load4(g + 4 * q), v = load4(u + 4 * q), d = load4(dout + 4 * q);
             const float2 a = swiglu_grad1(x.x, v.x, d.x), b = swiglu_grad1(x.y, v.y, d.y), c = swiglu_grad1(x.z, v.z, d.z), e = swiglu_grad1(x.w, v.w, d.w);
@@ -80,6 +87,14 @@ extern "C" __global__ void swiglu_backward_bf16(const __nv_bfloat16* g, const __
     swiglu_backward_t(g, u, dout, dg, du, n);
 }
 extern "C" __global__ void swiglu_backward_f16(const __half* g, const __half* u, const __half* dout, __half* dg, __half* du, int64_t n) {
+    grid_dependency_wait();
+    swiglu_backward_t(g, u, dout, dg, du, n);
+}
+extern "C" __global__ void swiglu_backward_bf16_f32(const __nv_bfloat16* g, const __nv_bfloat16* u, const float* dout, float* dg, float* du, int64_t n) {
+    grid_dependency_wait();
+    swiglu_backward_t(g, u, dout, dg, du, n);
+}
+extern "C" __global__ void swiglu_backward_f16_f32(const __half* g, const __half* u, const float* dout, float* dg, float* du, int64_t n) {
     grid_dependency_wait();
     swiglu_backward_t(g, u, dout, dg, du, n);
 }

@@ -58,9 +58,13 @@ pub enum Op {
         lse: Id,
         shape: AttnShape,
     },
-    SwiGlu {
+    /// SwiGLU of an MLP's gate and up products held apart ([`Tape::put_mlp_acts`], in the backend's
+    /// own form: [`Backend::mlp_gate_up_lora`]); `gate` and `up` hold no value and take the products'
+    /// gradients, which their `Linear` ops (with LoRA branches) then carry back.
+    SwiGluActs {
         gate: Id,
         up: Id,
+        acts: MlpId,
         out: Id,
     },
     /// An MLP without LoRA branches from its input `x` to the down product `out`; its gate and up
@@ -97,9 +101,8 @@ impl Op {
             Op::RmsNorm { x, rstd, .. } => vec![x, rstd],
             // The frozen product's input gradient needs only dy; the LoRA branch also reads x and u.
             Op::Linear { x, lora: Some((u, _)), .. } => vec![x, u],
-            Op::Linear { lora: None, .. } | Op::Add { .. } | Op::Mlp { .. } => vec![],
+            Op::Linear { lora: None, .. } | Op::Add { .. } | Op::Mlp { .. } | Op::SwiGluActs { .. } => vec![],
             Op::Attention { out, lse, .. } => vec![out, lse],
-            Op::SwiGlu { gate, up, .. } => vec![gate, up],
             Op::Segment { input, .. } => vec![input],
             Op::LmHeadLoss { dx, .. } => vec![dx],
         }
@@ -115,7 +118,8 @@ pub struct Tape<B: Backend> {
     /// Values moved off the device until backward needs them (offloaded checkpoints).
     parked: std::collections::HashMap<Id, B::Offloaded>,
     ops: Vec<Op>,
-    /// The saved products of recorded [`Op::Mlp`]s, each dropped once its backward has run.
+    /// The saved products of recorded [`Op::Mlp`]s and [`Op::SwiGluActs`], each dropped once its
+    /// backward has run.
     mlp_acts: Vec<Option<B::MlpActs>>,
     /// The saved inputs of recorded [`Op::Attention`]s, each dropped once its backward has run.
     attn_acts: Vec<Option<B::AttnActs>>,
@@ -233,7 +237,8 @@ impl<B: Backend> Tape<B> {
         self.saved.push(false);
         self.vals.len() - 1
     }
-    /// Keeps an MLP's gate and up products for the [`Op::Mlp`] that will read them in backward.
+    /// Keeps an MLP's gate and up products for the [`Op::Mlp`] or [`Op::SwiGluActs`] that will read
+    /// them in backward.
     pub fn put_mlp_acts(&mut self, acts: B::MlpActs) -> MlpId {
         self.mlp_acts.push(Some(acts));
         self.mlp_acts.len() - 1
@@ -433,12 +438,13 @@ impl<B: Backend> Tape<B> {
                         acc(be, &mut dv, v, dvv);
                     }
                 }
-                Op::SwiGlu { gate, up, out } => {
+                Op::SwiGluActs { gate, up, acts, out } => {
+                    // Its only reader: the products go with this op's backward.
+                    let acts = self.mlp_acts[acts].take().expect("an MLP's products are read once");
                     if let Some(d) = dv[out].take() {
-                        let (gv, uv) = (self.get(gate), self.get(up));
-                        let mut dg = be.alloc_output(be.buf_len(gv));
-                        let mut du = be.alloc_output(be.buf_len(uv));
-                        be.swiglu_backward(gv, uv, &d, &mut dg, &mut du);
+                        let n = be.buf_len(&d);
+                        let (mut dg, mut du) = (be.alloc_output(n), be.alloc_output(n));
+                        be.mlp_swiglu_backward(&acts, &d, &mut dg, &mut du);
                         acc(be, &mut dv, gate, dg);
                         acc(be, &mut dv, up, du);
                     }

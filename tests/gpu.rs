@@ -766,6 +766,73 @@ fn training_lora_b_products_ride_in_the_widening() {
     }
 }
 
+/// An MLP's gate and up products with LoRA branches kept in 16 bits (`Cuda::mlp_gate_up_lora`'s
+/// `MlpActs::Half`): SwiGLU from them, its gradients, and the branches' u are the f32 path's
+/// (`LLAMATUNE_MLP_LORA_16=0`: `linear_many_lora` into f32) bit for bit, and SwiGLU is within the bf16
+/// bound of the CPU's from its products with their branches. 4,096 in-features with a branch on each
+/// (B along k), 576 with f16 compute and a branch on up only (B by a second GEMM), and branches handed
+/// their u (a replay); 515 rows (past the fused 4-bit kernel's 512, no multiple of any tile).
+#[test]
+fn mlp_gate_up_with_lora_kept_in_16_bits_equals_the_f32_path() {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(61);
+    let g = gpu();
+    let m = 515;
+    for (cols, ffn, on, r, c, u_ready) in [
+        (4096, 2112, [true, true], 64, ComputeDtype::BF16, false),
+        (576, 1536, [false, true], 8, ComputeDtype::F16, false),
+        (4096, 2112, [true, true], 64, ComputeDtype::BF16, true),
+    ] {
+        let label = format!("{ffn}x{cols} LoRA {on:?} r={r} {c:?} u ready {u_ready}");
+        let (host, ab) = nf4_weights_with_lora(&mut rng, &[ffn, ffn], cols, r, true, c);
+        let drops = [Dropout { p: 0.1, seed: 801 }, Dropout { p: 0.1, seed: 802 }];
+        let gw: Vec<_> = host.iter().map(|h| g.upload_weight(h.clone())).collect();
+        let gab: Vec<_> = ab.iter().map(|(a, b)| (g.upload(a), g.upload(b))).collect();
+        let x = rnd(&mut rng, m * cols, 1.0);
+        let gx = g.upload(&x);
+        let given: Vec<_> = (0..2).map(|_| rnd(&mut rng, m * r, 4.0)).collect();
+        let ds = rnd(&mut rng, m * ffn, 1.0);
+        let gds = g.upload(&ds);
+        // (s, dg, du, us) of one path.
+        let run = |half: bool| {
+            g.set_mlp_lora_16(half);
+            let mut us: Vec<_> = given.iter().map(|u| if u_ready { g.upload(u) } else { poisoned(m * r) }).collect();
+            let mut loras = lora_downs(&gab, &mut us, &on, &drops, u_ready);
+            assert_eq!(g.mlp_lora_in_16_bit([&gw[0], &gw[1]], m, &loras, r).is_some(), half, "{label}: path");
+            let acts = g.mlp_gate_up_lora(&gx, [&gw[0], &gw[1]], m, &mut loras, r, 0.25);
+            g.set_mlp_lora_16(true);
+            drop(loras);
+            assert_eq!(matches!(acts, MlpActs::Half { .. }), half, "{label}: the path asked for");
+            let mut s = poisoned(m * ffn);
+            g.mlp_swiglu(&acts, &mut s);
+            let (mut dg, mut du) = (poisoned(m * ffn), poisoned(m * ffn));
+            g.mlp_swiglu_backward(&acts, &gds, &mut dg, &mut du);
+            let us: Vec<_> = us.iter().map(|u| g.download(u)).collect();
+            ([s, dg, du].map(|v| g.download(&v)), us)
+        };
+        let (half, us16) = run(true);
+        let (wide, us32) = run(false);
+        for (name, (a, b)) in ["SwiGLU", "dgate", "dup"].iter().zip(half.iter().zip(&wide)) {
+            check(&format!("{label} {name}, 16-bit products vs f32"), a, b, 0.0);
+        }
+        for i in 0..2 {
+            if on[i] {
+                check(&format!("{label} u{i}, 16-bit products vs f32"), &us16[i], &us32[i], 0.0);
+            }
+        }
+        // SwiGLU against the CPU's from its products (each with its branch, from the u the GPU used).
+        let cpu_products: Vec<Vec<f32>> = (0..2)
+            .map(|i| match on[i] {
+                true if u_ready => cpu_projection_given_u(&x, &host[i], &ab[i].1, &given[i], m, r),
+                true => cpu_projection(&x, &host[i], Some((&ab[i], drops[i])), m, r),
+                false => cpu_projection(&x, &host[i], None, m, r),
+            })
+            .collect();
+        let mut want = vec![0.0; m * ffn];
+        CPU.swiglu(&cpu_products[0], &cpu_products[1], &mut want);
+        check(&format!("{label} SwiGLU vs CPU"), &half[0], &want, MIXED_TOL);
+    }
+}
+
 /// Training's q, k and v projections straight into attention's saved inputs (`Cuda::qkv_attn_acts`'s
 /// direct path: cuBLAS's 16-bit products taken to bf16 in one pass, with the LoRA B product and RoPE
 /// applied on the way) give the composed path's saved inputs bit for bit (`qkv_attn_acts_composed`:

@@ -614,6 +614,15 @@ impl<T: Real> Backend for Cpu<T> {
     fn mlp_acts_len(&self, (g, u): &Self::MlpActs) -> usize {
         g.len() + u.len()
     }
+    fn mlp_acts_from_f32(&self, g: Vec<T>, u: Vec<T>) -> Self::MlpActs {
+        (g, u)
+    }
+    fn mlp_swiglu(&self, (g, u): &Self::MlpActs, out: &mut Vec<T>) {
+        self.swiglu(g, u, out);
+    }
+    fn mlp_swiglu_backward(&self, (g, u): &Self::MlpActs, dout: &Vec<T>, dgate: &mut Vec<T>, dup: &mut Vec<T>) {
+        self.swiglu_backward(g, u, dout, dgate, dup);
+    }
     fn attn_acts(&self, q: Vec<T>, k: Vec<T>, v: Vec<T>, _: RopeTables<'_, Self>, _: AttnShape) -> [Vec<T>; 3] {
         [q, k, v]
     }

@@ -422,6 +422,29 @@ pub trait Backend {
     }
     /// Elements (of either dtype) an MLP's saved products hold: `2 · m · ffn`.
     fn mlp_acts_len(&self, acts: &Self::MlpActs) -> usize;
+    /// The gate and up products `(m, ffn)` of an MLP's input `x (m, hidden)` with their LoRA branches
+    /// (`loras`: gate's, then up's, each `u` written unless ready, as [`Backend::linear_many_lora`]
+    /// writes it), kept as [`Self::MlpActs`] for [`Backend::mlp_swiglu`] and
+    /// [`Backend::mlp_swiglu_backward`]: a backend may keep them in a 16-bit dtype (CUDA, where its
+    /// products are rounded to that dtype anyway). The default: `linear_many_lora` into f32.
+    #[allow(clippy::too_many_arguments)]
+    fn mlp_gate_up_lora(
+        &self,
+        x: &Self::Buf,
+        [gate, up]: [&Self::Weight; 2],
+        m: usize,
+        loras: &mut [Option<LoraDown<'_, Self>>],
+        r: usize,
+        scale: f32,
+    ) -> Self::MlpActs {
+        mlp_gate_up_lora_composed(self, x, [gate, up], m, loras, r, scale)
+    }
+    /// An MLP's gate and up products held in f32, as [`Self::MlpActs`].
+    fn mlp_acts_from_f32(&self, gate: Self::Buf, up: Self::Buf) -> Self::MlpActs;
+    /// `out (m, ffn) = silu(g) · u` ([`Backend::swiglu`]) from an MLP's saved products.
+    fn mlp_swiglu(&self, acts: &Self::MlpActs, out: &mut Self::Buf);
+    /// [`Backend::swiglu_backward`] from an MLP's saved products: `dgate` and `dup` from `dout`.
+    fn mlp_swiglu_backward(&self, acts: &Self::MlpActs, dout: &Self::Buf, dgate: &mut Self::Buf, dup: &mut Self::Buf);
     /// `out (m, hidden) (+)= (silu(g) · u) · Dᵀ` from an MLP's gate and up products `acts`, written
     /// over `out` or added into it (`accumulate`: the residual).
     fn mlp_down(&self, acts: &Self::MlpActs, down: &Self::Weight, m: usize, out: &mut Self::Buf, accumulate: bool);
@@ -1008,6 +1031,24 @@ pub fn mlp_gate_up_composed<B: Backend + ?Sized>(
     let (mut g, mut u) = (be.alloc_output(m * ffn), be.alloc_output(m * ffn));
     be.linear_many(x, &[gate, up], m, &mut [&mut g, &mut u]);
     (g, u)
+}
+
+/// [`Backend::mlp_gate_up_lora`] as f32 buffers: `linear_many_lora` (the CPU's, and a backend's
+/// fallback).
+#[allow(clippy::too_many_arguments)]
+pub fn mlp_gate_up_lora_composed<B: Backend + ?Sized>(
+    be: &B,
+    x: &B::Buf,
+    [gate, up]: [&B::Weight; 2],
+    m: usize,
+    loras: &mut [Option<LoraDown<'_, B>>],
+    r: usize,
+    scale: f32,
+) -> B::MlpActs {
+    let ffn = be.weight_shape(gate).0;
+    let (mut g, mut u) = (be.alloc_output(m * ffn), be.alloc_output(m * ffn));
+    be.linear_many_lora(x, &[gate, up], m, &mut [&mut g, &mut u], loras, r, scale);
+    be.mlp_acts_from_f32(g, u)
 }
 
 /// [`Backend::mlp_down`] from f32 products: `swiglu`, `linear` and `add_assign` (the CPU's, and a

@@ -618,12 +618,35 @@ impl<'a, B: Backend> Graph<'a, B> {
         out
     }
 
-    fn swiglu(&self, t: &mut Tape<B>, gate: Id, up: Id) -> Id {
+    /// SwiGLU of the gate and up projections of `x` (with their LoRA branches), computed unless
+    /// `!need_out` (a replay whose down product has no branch to read it: recorded uncomputed). The
+    /// products stay in the backend's own form ([`Backend::mlp_gate_up_lora`]: CUDA keeps them in their
+    /// 16-bit dtype, never widened), saved for one [`Op::SwiGluActs`]; the gate and up ids hold no
+    /// value and serve as the targets of their gradients, carried on by their `Linear` ops.
+    fn gate_up_swiglu(&self, t: &mut Tape<B>, x: Id, layer: usize, need_out: bool) -> Id {
         let be = self.be;
-        let mut out = self.alloc(be.buf_len(t.get(gate)));
-        be.swiglu(t.get(gate), t.get(up), &mut out);
-        let out = t.put(out);
-        t.record(Op::SwiGlu { gate, up, out });
+        let projs = [Proj::Gate, Proj::Up];
+        let ws = projs.map(|p| self.model.proj(layer, p));
+        let m = be.buf_len(t.get(x)) / be.weight_shape(ws[0]).1;
+        let slots = self.lora_u_slots(t, layer, projs, m);
+        let (acts, us) = self.with_lora_downs(layer, projs, slots, |loras| {
+            be.mlp_gate_up_lora(t.get(x), ws, m, loras, self.lora_rank(), self.lora_scale())
+        });
+        let out = if need_out {
+            let mut s = self.alloc(m * be.weight_shape(ws[0]).0);
+            be.mlp_swiglu(&acts, &mut s);
+            t.put(s)
+        } else {
+            t.put_uncomputed()
+        };
+        if t.recording {
+            let outs = [(); 2].map(|_| t.put_uncomputed());
+            let [gate, up] = self.record_linears(t, x, layer, projs, us, outs);
+            let acts = t.put_mlp_acts(acts);
+            t.record(Op::SwiGluActs { gate, up, acts, out });
+        } else {
+            self.release_lora_us(t, layer, projs, us);
+        }
         out
     }
 
@@ -756,19 +779,22 @@ impl<'a, B: Backend> Graph<'a, B> {
             be.linear_swiglu(t.get(n2), wg, wu, m, &mut out);
             t.done_with(n2);
             t.put(out)
-        } else {
+        } else if decoding {
+            // Decoding's few rows (never recorded): the products into the step's own buffers, as a
+            // recorded step takes every buffer from its pool; then SwiGLU.
             let [gate, up] = self.linears(t, n2, l, [Proj::Gate, Proj::Up]);
             t.done_with(n2);
-            // Down's product reads SwiGLU's output; a replay computes only its LoRA branch's A product.
-            let s = if pass == Pass::Replay && self.lora_pair(l, Proj::Down).is_none() {
-                let s = t.put_uncomputed();
-                t.record(Op::SwiGlu { gate, up, out: s });
-                s
-            } else {
-                self.swiglu(t, gate, up)
-            };
+            let be = self.be;
+            let mut s = self.alloc(be.buf_len(t.get(gate)));
+            be.swiglu(t.get(gate), t.get(up), &mut s);
             t.done_with(gate);
             t.done_with(up);
+            t.put(s)
+        } else {
+            // Down's product reads SwiGLU's output; a replay computes only its LoRA branch's A product.
+            let need_out = pass != Pass::Replay || self.lora_pair(l, Proj::Down).is_some();
+            let s = self.gate_up_swiglu(t, n2, l, need_out);
+            t.done_with(n2);
             s
         };
         let d = if pass == Pass::Replay {

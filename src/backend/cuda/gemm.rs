@@ -493,11 +493,7 @@ impl Cuda {
                 None => {
                     let op = match c {
                         _ if keep => self.convert_small(x, c),
-                        ComputeDtype::BF16 | ComputeDtype::F16 if concat => {
-                            let mut xc = self.alloc_16(m * ld, c);
-                            self.scaled_into(x, (m, cols), 1.0, &mut xc, ld, 0);
-                            Some(xc)
-                        }
+                        ComputeDtype::BF16 | ComputeDtype::F16 if concat => Some(self.x_in_16_bit(x, (m, cols), ld, c)),
                         _ => self.convert(x, c),
                     };
                     converted.push((c, op));

@@ -4,6 +4,7 @@
 use super::gemm::{Gemm, Operand, OperandView};
 use super::quant4::GEMV_MAX_M;
 use super::{grid_for, Cuda, CudaWeight};
+use crate::backend::LoraDown;
 use crate::config::ComputeDtype;
 use cudarc::driver::{CudaSlice, PushKernelArg};
 use half::{bf16, f16};
@@ -48,6 +49,99 @@ impl Cuda {
         // (the values the other path widens into f32).
         let x16 = self.convert(x, c).expect("16-bit compute");
         self.mlp_gate_up_from_16(&x16, gate, up, m, c)
+    }
+
+    /// The 16-bit dtype [`Backend::mlp_gate_up_lora`](crate::backend::Backend::mlp_gate_up_lora) keeps an MLP's
+    /// gate and up products in: [`Cuda::mlp_in_16_bit`]'s conditions for the two weights, and each branch's B
+    /// product going into its 16-bit product (by cuBLAS or along k, as `Cuda::products_with_lora` puts it there
+    /// before widening: the same values), unless switched off ([`Cuda::set_mlp_lora_16`]).
+    pub fn mlp_lora_in_16_bit(
+        &self,
+        [gate, up]: [&CudaWeight; 2],
+        m: usize,
+        loras: &[Option<LoraDown<'_, Self>>],
+        r: usize,
+    ) -> Option<ComputeDtype> {
+        let on = self.mlp_lora_16.load(std::sync::atomic::Ordering::Relaxed);
+        let rows = gate.shape().0;
+        let branches_fit =
+            loras.iter().all(Option::is_none) || (self.lora_b_by_gemm() && self.uses_fused_lora_up(rows, r));
+        self.mlp_in_16_bit([gate, up, up], m).filter(|_| on && branches_fit && up.shape() == gate.shape())
+    }
+
+    /// Turns [`Cuda::mlp_lora_in_16_bit`]'s path on or off (off: the products widened into f32, as
+    /// `linear_many_lora` writes them).
+    pub fn set_mlp_lora_16(&self, on: bool) {
+        self.mlp_lora_16.store(on, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// [`Backend::mlp_gate_up_lora`](crate::backend::Backend::mlp_gate_up_lora) where
+    /// [`Cuda::mlp_lora_in_16_bit`] gives `c`: each product with its branch's B product in it, as
+    /// `Cuda::products_with_lora` computes it before widening, kept in `c`.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn mlp_gate_up_lora_16(
+        &self,
+        x: &CudaSlice<f32>,
+        ws: [&CudaWeight; 2],
+        m: usize,
+        loras: &mut [Option<LoraDown<'_, Self>>],
+        (r, scale): (usize, f32),
+        c: ComputeDtype,
+    ) -> MlpActs {
+        let _span = self.span("MLP gate and up + LoRA (16-bit outputs)");
+        let cols = ws[0].shape().1;
+        assert!(x.len() == m * cols && loras.len() == 2, "mlp_gate_up_lora: bad shapes");
+        let concat = self.lora_b_concat_applies(cols, r, loras);
+        let mut xc = self.x_in_16_bit(x, (m, cols), if concat { cols + r } else { cols }, c);
+        let [g, u] = [0, 1].map(|i| {
+            let o16 = self.product_16_with_lora(x, ws[i], &mut loras[i], &mut xc, (m, r, scale), concat, c, "MLP GEMM");
+            assert!(loras[i].is_none(), "a branch's B product goes into its 16-bit product here");
+            o16
+        });
+        MlpActs::Half { g, u }
+    }
+
+    /// `out (f32) = silu(g) · u` from 16-bit gate and up products (kernels/elementwise.cu
+    /// `swiglu_{bf16,f16}_to_f32`): `swiglu_f32`'s values from the widened products.
+    pub(super) fn swiglu_16_to_f32(&self, (g, u): (&Operand, &Operand), out: &mut CudaSlice<f32>) {
+        let _span = self.span("swiglu (16-bit products)");
+        let n = out.len();
+        assert!(g.len() == n && u.len() == n, "swiglu: bad shapes");
+        let n64 = n as i64;
+        match (g, u) {
+            (Operand::BF16(g), Operand::BF16(u)) => {
+                launch!(self, "swiglu_bf16_to_f32", grid_for(n); g, u, &mut *out, &n64)
+            }
+            (Operand::F16(g), Operand::F16(u)) => {
+                launch!(self, "swiglu_f16_to_f32", grid_for(n); g, u, &mut *out, &n64)
+            }
+            _ => unreachable!("gate and up in one 16-bit dtype"),
+        }
+    }
+
+    /// SwiGLU's f32 gradients from 16-bit gate and up products and the f32 output gradient `dout`
+    /// (kernels/elementwise.cu `swiglu_backward_{bf16,f16}_f32`): `swiglu_backward_f32`'s values from
+    /// the widened products.
+    pub(super) fn swiglu_backward_16_f32(
+        &self,
+        (g, u): (&Operand, &Operand),
+        dout: &CudaSlice<f32>,
+        dg: &mut CudaSlice<f32>,
+        du: &mut CudaSlice<f32>,
+    ) {
+        let _span = self.span("swiglu_backward (16-bit products)");
+        let n = dout.len();
+        assert!(g.len() == n && u.len() == n && dg.len() == n && du.len() == n, "swiglu_backward: bad shapes");
+        let n64 = n as i64;
+        match (g, u) {
+            (Operand::BF16(g), Operand::BF16(u)) => {
+                launch!(self, "swiglu_backward_bf16_f32", grid_for(n); g, u, dout, &mut *dg, &mut *du, &n64)
+            }
+            (Operand::F16(g), Operand::F16(u)) => {
+                launch!(self, "swiglu_backward_f16_f32", grid_for(n); g, u, dout, &mut *dg, &mut *du, &n64)
+            }
+            _ => unreachable!("gate and up in one 16-bit dtype"),
+        }
     }
 
     /// `sum = a + b` and `rmsnorm(sum) · w` written only in the compute dtype `c`, the 16-bit MLP's

@@ -55,6 +55,9 @@ pub struct Cuda {
     /// [`Cuda::set_o_into_norm`]: the o product added into the residual in its 16-bit dtype
     /// (`Cuda::o_product_in_16_bit`); `LLAMATUNE_O_INTO_NORM=0`: widened first (A/B runs).
     o_into_norm: std::sync::atomic::AtomicBool,
+    /// [`Cuda::set_mlp_lora_16`]: an MLP's gate and up products with LoRA branches kept in their
+    /// 16-bit compute dtype (`Cuda::mlp_lora_in_16_bit`); `LLAMATUNE_MLP_LORA_16=0`: widened into f32.
+    mlp_lora_16: std::sync::atomic::AtomicBool,
     /// [`Cuda::set_lora_b_gemm`]: forward LoRA B products past a few rows added into their frozen
     /// products' 16-bit outputs by cuBLAS (`Cuda::lora_b_into_product`); `LLAMATUNE_LORA_B_GEMM=0`: by
     /// the fused kernels (`lora_up_acts_*`, `lora_up_from_*`).
@@ -319,6 +322,7 @@ impl Cuda {
         let fused_4bit = (fused_4bit as u8).into();
         let fused_lora = switch_on("LLAMATUNE_FUSED_LORA").into();
         let o_into_norm = switch_on("LLAMATUNE_O_INTO_NORM").into();
+        let mlp_lora_16 = switch_on("LLAMATUNE_MLP_LORA_16").into();
         let lora_b_gemm = switch_on("LLAMATUNE_LORA_B_GEMM").into();
         let lora_b_concat = switch_on("LLAMATUNE_LORA_B_CONCAT").into();
         let gemv_many = switch_on("LLAMATUNE_GEMV_MANY").into();
@@ -348,6 +352,7 @@ impl Cuda {
             fused_4bit,
             fused_lora,
             o_into_norm,
+            mlp_lora_16,
             lora_b_gemm,
             lora_b_concat,
             gemv_many,
@@ -773,6 +778,41 @@ impl Backend for Cuda {
         match acts {
             MlpActs::F32 { g, u } => g.len() + u.len(),
             MlpActs::Half { g, u } => g.len() + u.len(),
+        }
+    }
+    fn mlp_gate_up_lora(
+        &self,
+        x: &CudaSlice<f32>,
+        ws: [&CudaWeight; 2],
+        m: usize,
+        loras: &mut [Option<LoraDown<'_, Self>>],
+        r: usize,
+        scale: f32,
+    ) -> MlpActs {
+        match self.mlp_lora_in_16_bit(ws, m, loras, r) {
+            Some(c) => self.mlp_gate_up_lora_16(x, ws, m, loras, (r, scale), c),
+            None => super::mlp_gate_up_lora_composed(self, x, ws, m, loras, r, scale),
+        }
+    }
+    fn mlp_acts_from_f32(&self, g: CudaSlice<f32>, u: CudaSlice<f32>) -> MlpActs {
+        MlpActs::F32 { g, u }
+    }
+    fn mlp_swiglu(&self, acts: &MlpActs, out: &mut CudaSlice<f32>) {
+        match acts {
+            MlpActs::F32 { g, u } => self.swiglu(g, u, out),
+            MlpActs::Half { g, u } => self.swiglu_16_to_f32((g, u), out),
+        }
+    }
+    fn mlp_swiglu_backward(
+        &self,
+        acts: &MlpActs,
+        dout: &CudaSlice<f32>,
+        dgate: &mut CudaSlice<f32>,
+        dup: &mut CudaSlice<f32>,
+    ) {
+        match acts {
+            MlpActs::F32 { g, u } => self.swiglu_backward(g, u, dout, dgate, dup),
+            MlpActs::Half { g, u } => self.swiglu_backward_16_f32((g, u), dout, dgate, dup),
         }
     }
     fn mlp_down(&self, acts: &MlpActs, down: &CudaWeight, m: usize, out: &mut CudaSlice<f32>, accumulate: bool) {

@@ -67,14 +67,7 @@ impl Cuda {
         // side, [x | scale·u] (m, cols + r) in the compute dtype, the u columns written anew for each
         // branch after the previous product has read them (one stream).
         let concat = self.lora_b_concat_applies(cols, r, loras);
-        let ld = if concat { cols + r } else { cols };
-        let mut xc = if concat {
-            let mut xu = self.alloc_16(m * ld, c);
-            self.scaled_into(x, (m, cols), 1.0, &mut xu, ld, 0);
-            xu
-        } else {
-            self.convert(x, c).expect("a 16-bit compute dtype")
-        };
+        let mut xc = self.x_in_16_bit(x, (m, cols), if concat { cols + r } else { cols }, c);
         // (heads, rotated) of q, k and v.
         let layout = [(sh.heads, true), (sh.kv_heads, true), (sh.kv_heads, false)];
         let mut saved = Vec::with_capacity(3);
@@ -82,31 +75,10 @@ impl Cuda {
             let rows = w.shape().0;
             assert_eq!(rows, heads * sh.head_dim, "qkv_attn_acts: a projection of the wrong width");
             let tables = rotated.then_some(rope);
-            // A branch's B product along k: [x | scale·u] · [W | B]ᵀ, one GEMM, one rounding.
-            let wb = match slot.as_ref() {
-                Some(_) if concat => self.dequantize_ld(w, ld),
-                _ => None,
-            };
-            // (The slot is taken only here: a tuple pattern would take it even where wb is None,
-            // and the branch would be lost on the second-GEMM path below.)
-            if let Some(wb) = wb {
-                let mut l = slot.take().expect("wb is expanded only for a projection with a branch");
-                let o16 = self.product_with_b_along_k(x, w, wb, &mut l, &mut xc, (m, r, scale), c);
-                saved.push(self.as_attn_input(o16, tables, heads, sh.head_dim));
-                continue;
-            }
-            let o16 = {
-                let (wop, _) = self.weight_operand(w);
-                let product = Gemm { lda: ld, ..Gemm::forward(m, rows, cols, OperandView::from(&xc), wop.as_ref()) };
-                self.gemm_16(&product, c, "q/k/v GEMM")
-            };
+            let o16 = self.product_16_with_lora(x, w, slot, &mut xc, (m, r, scale), concat, c, "q/k/v GEMM");
             saved.push(match slot.take() {
-                Some(mut l) if self.lora_b_by_gemm() => {
-                    self.branch_u(x, &mut l, m, r);
-                    let mut o16 = o16;
-                    self.lora_b_into_product(&mut o16, l.u, l.b, (m, rows, r), scale);
-                    self.as_attn_input(o16, tables, heads, sh.head_dim)
-                }
+                // The B product left to the fused kernel ([`Cuda::set_lora_b_gemm`] off), with RoPE
+                // and the rounding in the same pass.
                 Some(mut l) => {
                     self.branch_u(x, &mut l, m, r);
                     self.lora_up_acts(&o16, l.u, l.b, (m, rows, r), scale, tables, sh.head_dim)
@@ -143,6 +115,66 @@ impl Cuda {
         let product =
             Gemm { lda: ld, ldb: ld, ..Gemm::forward(m, rows, ld, OperandView::from(&*xc), OperandView::from(&*wb)) };
         self.gemm_16(&product, c, "GEMM with the LoRA B product along k")
+    }
+
+    /// x (m, cols) in the 16-bit dtype `c` with rows `ld` apart, as training's products read it: `ld =
+    /// cols + r` leaves the last r columns of each row to the branches' scale·u (B along k).
+    pub(super) fn x_in_16_bit(
+        &self,
+        x: &CudaSlice<f32>,
+        (m, cols): (usize, usize),
+        ld: usize,
+        c: ComputeDtype,
+    ) -> Operand {
+        if ld == cols {
+            return self.convert(x, c).expect("a 16-bit compute dtype");
+        }
+        let mut xu = self.alloc_16(m * ld, c);
+        self.scaled_into(x, (m, cols), 1.0, &mut xu, ld, 0);
+        xu
+    }
+
+    /// A frozen product written in the 16-bit dtype `c`, with the LoRA B product of the branch in
+    /// `slot` in it where one is there: along k ([`Cuda::product_with_b_along_k`], when `concat`), else
+    /// added by cuBLAS ([`Cuda::lora_b_into_product`]); the branch is taken from the slot then. With
+    /// [`Cuda::set_lora_b_gemm`] off and not along k, the slot is left to the caller. `xc`: x in `c`
+    /// ([`Cuda::x_in_16_bit`], rows `cols + r` apart when `concat`).
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn product_16_with_lora(
+        &self,
+        x: &CudaSlice<f32>,
+        w: &CudaWeight,
+        slot: &mut Option<LoraDown<'_, Self>>,
+        xc: &mut Operand,
+        (m, r, scale): (usize, usize, f32),
+        concat: bool,
+        c: ComputeDtype,
+        what: &str,
+    ) -> Operand {
+        let (rows, cols) = w.shape();
+        let ld = if concat { cols + r } else { cols };
+        let wb = match slot.as_ref() {
+            Some(_) if concat => self.dequantize_ld(w, ld),
+            _ => None,
+        };
+        // (The slot is taken only where its branch is used: a tuple pattern would take it even where
+        // wb is None, and the branch would be lost.)
+        if let Some(wb) = wb {
+            let mut l = slot.take().expect("wb is expanded only for a projection with a branch");
+            return self.product_with_b_along_k(x, w, wb, &mut l, xc, (m, r, scale), c);
+        }
+        let mut o16 = {
+            let (wop, _) = self.weight_operand(w);
+            let product = Gemm { lda: ld, ..Gemm::forward(m, rows, cols, OperandView::from(&*xc), wop.as_ref()) };
+            self.gemm_16(&product, c, what)
+        };
+        if self.lora_b_by_gemm() {
+            if let Some(mut l) = slot.take() {
+                self.branch_u(x, &mut l, m, r);
+                self.lora_b_into_product(&mut o16, l.u, l.b, (m, rows, r), scale);
+            }
+        }
+        o16
     }
 
     /// A 16-bit product (its LoRA B product in it, if any) as attention's saved input: rotated by
