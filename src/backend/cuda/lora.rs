@@ -194,7 +194,7 @@ impl Cuda {
 
     /// `du (m, r) = scale · dy (m, rows) · B (rows, r)` (kernels/lora_fused.cu `lora_du_*`), split over
     /// `rows` to fill the GPU; with `dy16`, dy is also written rounded to that operand's 16-bit dtype, bit
-    /// for bit what [`Cuda::convert`] gives, from the same read.
+    /// for bit what `f32_to_bf16` / `f32_to_f16` give, from the same read.
     #[allow(clippy::too_many_arguments)]
     pub fn lora_du(
         &self,
