@@ -78,26 +78,16 @@ __device__ __forceinline__ void swiglu_backward_t(const T* g, const T* u, const 
             store1(du + i, r.y);
         });
 }
-extern "C" __global__ void swiglu_backward_f32(const float* g, const float* u, const float* dout, float* dg, float* du, int64_t n) {
-    grid_dependency_wait();
-    swiglu_backward_t(g, u, dout, dg, du, n);
-}
-extern "C" __global__ void swiglu_backward_bf16(const __nv_bfloat16* g, const __nv_bfloat16* u, const __nv_bfloat16* dout, __nv_bfloat16* dg, __nv_bfloat16* du, int64_t n) {
-    grid_dependency_wait();
-    swiglu_backward_t(g, u, dout, dg, du, n);
-}
-extern "C" __global__ void swiglu_backward_f16(const __half* g, const __half* u, const __half* dout, __half* dg, __half* du, int64_t n) {
-    grid_dependency_wait();
-    swiglu_backward_t(g, u, dout, dg, du, n);
-}
-extern "C" __global__ void swiglu_backward_bf16_f32(const __nv_bfloat16* g, const __nv_bfloat16* u, const float* dout, float* dg, float* du, int64_t n) {
-    grid_dependency_wait();
-    swiglu_backward_t(g, u, dout, dg, du, n);
-}
-extern "C" __global__ void swiglu_backward_f16_f32(const __half* g, const __half* u, const float* dout, float* dg, float* du, int64_t n) {
-    grid_dependency_wait();
-    swiglu_backward_t(g, u, dout, dg, du, n);
-}
+#define SWIGLU_BACKWARD(name, T, D)                                                                        \
+    extern "C" __global__ void name(const T* g, const T* u, const D* dout, D* dg, D* du, int64_t n) { \
+        grid_dependency_wait();                                                                        \
+        swiglu_backward_t(g, u, dout, dg, du, n);                                                      \
+    }
+SWIGLU_BACKWARD(swiglu_backward_f32, float, float)
+SWIGLU_BACKWARD(swiglu_backward_bf16, __nv_bfloat16, __nv_bfloat16)
+SWIGLU_BACKWARD(swiglu_backward_f16, __half, __half)
+SWIGLU_BACKWARD(swiglu_backward_bf16_f32, __nv_bfloat16, float)
+SWIGLU_BACKWARD(swiglu_backward_f16_f32, __half, float)
 extern "C" __global__ void f32_to_bf16(const float* x, __nv_bfloat16* out, int64_t n) {
     grid_dependency_wait();
     for_each4(
