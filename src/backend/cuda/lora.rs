@@ -210,9 +210,8 @@ impl Cuda {
         assert!(self.uses_fused_lora_up(rows, r), "lora_du: rank {r} or {rows} rows not for the fused kernels");
         assert!(dy.len() == m * rows && du.len() == m * r, "lora_du: bad shapes");
         assert!(dy16.as_ref().is_none_or(|o| o.len() >= m * rows), "lora_du: dy16 too short");
-        let (v, tiles, stages) = (lora_variant(r), m.div_ceil(LORA_DU_ROWS), rows.div_ceil(LORA_STAGE));
-        let per = stages.div_ceil(self.splits_to_fill(tiles, LORA_DU_BLOCKS_PER_SM, stages)) * LORA_STAGE;
-        let splits = rows.div_ceil(per);
+        let (v, tiles) = (lora_variant(r), m.div_ceil(LORA_DU_ROWS));
+        let (splits, per) = self.lora_splits(tiles, rows, LORA_DU_BLOCKS_PER_SM);
         let cfg = LaunchConfig {
             grid_dim: (tiles as u32, splits as u32, 1),
             block_dim: (LORA_DU_THREADS, 1, 1),
@@ -379,11 +378,11 @@ impl Cuda {
     }
 
     /// How to split a reduction of `len` (stages of [`LORA_STAGE`]) over blocks so that `tiles`
-    /// output tiles × splits fill the GPU's [`LORA_BLOCKS_PER_SM`] block slots per SM in one wave (a
+    /// output tiles × splits fill the GPU's `blocks_per_sm` block slots per SM in one wave (a
     /// second, nearly empty wave would cost as much as the first): (splits, length per split).
-    pub(super) fn lora_splits(&self, tiles: usize, len: usize) -> (usize, usize) {
+    pub(super) fn lora_splits(&self, tiles: usize, len: usize, blocks_per_sm: usize) -> (usize, usize) {
         let stages = len.div_ceil(LORA_STAGE);
-        let want = self.splits_to_fill(tiles, LORA_BLOCKS_PER_SM, stages);
+        let want = self.splits_to_fill(tiles, blocks_per_sm, stages);
         let per = stages.div_ceil(want) * LORA_STAGE;
         (len.div_ceil(per), per)
     }
@@ -418,7 +417,7 @@ impl Cuda {
         accumulate: bool,
         out: &mut CudaSlice<f32>,
     ) {
-        let (splits, per) = self.lora_splits(tiles, len);
+        let (splits, per) = self.lora_splits(tiles, len, LORA_BLOCKS_PER_SM);
         let cfg = LaunchConfig {
             grid_dim: (tiles as u32, splits as u32, 1),
             block_dim: (LORA_THREADS, 1, 1),
