@@ -90,6 +90,10 @@ ADD_RMSNORM(add_rmsnorm_to_bf16, float, __nv_bfloat16)
 ADD_RMSNORM(add_rmsnorm_to_f16, float, __half)
 ADD_RMSNORM(add16_rmsnorm_to_bf16, __nv_bfloat16, __nv_bfloat16)
 ADD_RMSNORM(add16_rmsnorm_to_f16, __half, __half)
+// add16_rmsnorm_bf16/f16: b in the 16-bit dtype, out in f32 (a projection with a LoRA branch before an
+// MLP with branches, whose inputs are read in f32: Cuda::linear_lora_add_rmsnorm).
+ADD_RMSNORM(add16_rmsnorm_bf16, __nv_bfloat16, float)
+ADD_RMSNORM(add16_rmsnorm_f16, __half, float)
 
 // dx (+)= r·(dy·w − x·r²·mean(dy·w·x)); accumulate: added to the gradient already in dx (the residual
 // stream's), instead of a separate add_assign pass over it; the sum is rounded once, as that pass did.

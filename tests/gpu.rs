@@ -833,6 +833,77 @@ fn mlp_gate_up_with_lora_kept_in_16_bits_equals_the_f32_path() {
     }
 }
 
+/// A projection whose only reader is the residual stream, added into it in its 16-bit dtype
+/// (`Cuda::linear_lora_add_rmsnorm`: the o projection before the MLP's norm; `linear_lora_add_into`:
+/// the down projection of a pass that records nothing): the sum, the norm's output and rstd, and the
+/// branch's u are the widening path's (`LLAMATUNE_RESIDUAL_16=0`) bit for bit, and within the bf16
+/// bound of the CPU's. 4,096 in-features with a branch (B along k), 576 with f16 compute (B by a second
+/// GEMM), no branch, and a branch handed its u; 515 rows.
+#[test]
+fn projections_into_the_residual_in_16_bits_equal_the_widening_path() {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(62);
+    let g = gpu();
+    let m = 515;
+    for (cols, rows, on, r, c, u_ready) in [
+        (4096, 1088, true, 64, ComputeDtype::BF16, false),
+        (576, 576, true, 8, ComputeDtype::F16, false),
+        (4096, 1088, false, 64, ComputeDtype::BF16, false),
+        (4096, 1088, true, 64, ComputeDtype::BF16, true),
+    ] {
+        let label = format!("{rows}x{cols} LoRA {on} r={r} {c:?} u ready {u_ready}");
+        let (host, ab) = nf4_weights_with_lora(&mut rng, &[rows], cols, r, true, c);
+        let drops = [Dropout { p: 0.1, seed: 811 }];
+        let gw = g.upload_weight(host[0].clone());
+        let gab = vec![(g.upload(&ab[0].0), g.upload(&ab[0].1))];
+        let (x, res, nw) = (rnd(&mut rng, m * cols, 1.0), rnd(&mut rng, m * rows, 1.0), rnd(&mut rng, rows, 1.0));
+        let given = rnd(&mut rng, m * r, 4.0);
+        let (gx, gres, gnw) = (g.upload(&x), g.upload(&res), g.upload(&nw));
+        // (sum, norm output, rstd, res + product, u) of one path.
+        let run = |half: bool| {
+            g.set_residual_16(half);
+            let mut outs = Vec::new();
+            let mut us = Vec::new();
+            for into in [false, true] {
+                let mut u = vec![if u_ready { g.upload(&given) } else { poisoned(m * r) }];
+                let mut lora = lora_downs(&gab, &mut u, &[on], &drops, u_ready);
+                assert_eq!(g.residual_in_16_bit(&gw, m, &lora, r).is_some(), half, "{label}: path");
+                if into {
+                    let mut y = g.upload(&res);
+                    g.linear_lora_add_into(&gx, &gw, m, &mut lora, r, 0.25, &mut y);
+                    outs.push(y);
+                } else {
+                    let (mut sum, mut out, mut rstd) = (poisoned(m * rows), poisoned(m * rows), poisoned(m));
+                    let norm = (&gres, &gnw, 1e-5);
+                    g.linear_lora_add_rmsnorm(&gx, &gw, m, &mut lora, (r, 0.25), norm, &mut sum, &mut out, &mut rstd);
+                    outs.extend([sum, out, rstd]);
+                }
+                drop(lora);
+                us.push(g.download(&u[0]));
+            }
+            g.set_residual_16(true);
+            (outs.iter().map(|v| g.download(v)).collect::<Vec<_>>(), us)
+        };
+        let (half, us16) = run(true);
+        let (wide, us32) = run(false);
+        for (name, (a, b)) in ["sum", "norm output", "rstd", "res + product"].iter().zip(half.iter().zip(&wide)) {
+            check(&format!("{label} {name}, 16-bit product vs widened"), a, b, 0.0);
+        }
+        if on {
+            for (a, b) in us16.iter().zip(&us32) {
+                check(&format!("{label} u, 16-bit product vs widened"), a, b, 0.0);
+            }
+        }
+        let product = match on {
+            true if u_ready => cpu_projection_given_u(&x, &host[0], &ab[0].1, &given, m, r),
+            true => cpu_projection(&x, &host[0], Some((&ab[0], drops[0])), m, r),
+            false => cpu_projection(&x, &host[0], None, m, r),
+        };
+        let want: Vec<f32> = res.iter().zip(&product).map(|(a, b)| a + b).collect();
+        check(&format!("{label} sum vs CPU"), &half[0], &want, MIXED_TOL);
+        check(&format!("{label} res + product vs CPU"), &half[3], &want, MIXED_TOL);
+    }
+}
+
 /// Training's q, k and v projections straight into attention's saved inputs (`Cuda::qkv_attn_acts`'s
 /// direct path: cuBLAS's 16-bit products taken to bf16 in one pass, with the LoRA B product and RoPE
 /// applied on the way) give the composed path's saved inputs bit for bit (`qkv_attn_acts_composed`:

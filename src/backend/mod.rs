@@ -422,6 +422,42 @@ pub trait Backend {
     }
     /// Elements (of either dtype) an MLP's saved products hold: `2 · m · ffn`.
     fn mlp_acts_len(&self, acts: &Self::MlpActs) -> usize;
+    /// A projection of `x (m, cols)` by `w` with its LoRA branch (`lora`: its one slot, `u` written
+    /// unless ready) added to the residual `res` and normalized by `norm_w`: `sum = res + x·Wᵀ (+ the
+    /// branch)`, `out = rmsnorm(sum) · norm_w` and `rstd`, as `linear_many_lora` and `add_rmsnorm`
+    /// write them; the product is not kept (this sum is its only reader). CUDA adds its 16-bit product
+    /// into the sum as cuBLAS writes it, never widened. The default: the two calls.
+    #[allow(clippy::too_many_arguments)]
+    fn linear_lora_add_rmsnorm(
+        &self,
+        x: &Self::Buf,
+        w: &Self::Weight,
+        m: usize,
+        lora: &mut [Option<LoraDown<'_, Self>>],
+        (r, scale): (usize, f32),
+        (res, norm_w, eps): (&Self::Buf, &Self::Buf, f64),
+        sum: &mut Self::Buf,
+        out: &mut Self::Buf,
+        rstd: &mut Self::Buf,
+    ) {
+        linear_lora_add_rmsnorm_composed(self, x, w, m, lora, (r, scale), (res, norm_w, eps), sum, out, rstd);
+    }
+    /// `out (m, rows) += x · Wᵀ (+ its LoRA branch)`: a projection added into `out` (the residual) as
+    /// it lands, in a pass that records nothing (nothing else reads the product). CUDA widens its
+    /// 16-bit product straight into the sum. The default: `linear_many_lora`, then `add_assign`.
+    #[allow(clippy::too_many_arguments)]
+    fn linear_lora_add_into(
+        &self,
+        x: &Self::Buf,
+        w: &Self::Weight,
+        m: usize,
+        lora: &mut [Option<LoraDown<'_, Self>>],
+        r: usize,
+        scale: f32,
+        out: &mut Self::Buf,
+    ) {
+        linear_lora_add_into_composed(self, x, w, m, lora, r, scale, out);
+    }
     /// The gate and up products `(m, ffn)` of an MLP's input `x (m, hidden)` with their LoRA branches
     /// (`loras`: gate's, then up's, each `u` written unless ready, as [`Backend::linear_many_lora`]
     /// writes it), kept as [`Self::MlpActs`] for [`Backend::mlp_swiglu`] and
@@ -1031,6 +1067,44 @@ pub fn mlp_gate_up_composed<B: Backend + ?Sized>(
     let (mut g, mut u) = (be.alloc_output(m * ffn), be.alloc_output(m * ffn));
     be.linear_many(x, &[gate, up], m, &mut [&mut g, &mut u]);
     (g, u)
+}
+
+/// [`Backend::linear_lora_add_rmsnorm`] as its two calls: `linear_many_lora` into f32, then
+/// `add_rmsnorm` (the CPU's, and a backend's fallback).
+#[allow(clippy::too_many_arguments)]
+pub fn linear_lora_add_rmsnorm_composed<B: Backend + ?Sized>(
+    be: &B,
+    x: &B::Buf,
+    w: &B::Weight,
+    m: usize,
+    lora: &mut [Option<LoraDown<'_, B>>],
+    (r, scale): (usize, f32),
+    (res, norm_w, eps): (&B::Buf, &B::Buf, f64),
+    sum: &mut B::Buf,
+    out: &mut B::Buf,
+    rstd: &mut B::Buf,
+) {
+    let mut o = be.alloc_output(m * be.weight_shape(w).0);
+    be.linear_many_lora(x, &[w], m, &mut [&mut o], lora, r, scale);
+    be.add_rmsnorm(res, &o, norm_w, be.buf_len(norm_w), eps, sum, out, rstd);
+}
+
+/// [`Backend::linear_lora_add_into`] as `linear_many_lora` into f32, then `add_assign` (the CPU's, and a
+/// backend's fallback).
+#[allow(clippy::too_many_arguments)]
+pub fn linear_lora_add_into_composed<B: Backend + ?Sized>(
+    be: &B,
+    x: &B::Buf,
+    w: &B::Weight,
+    m: usize,
+    lora: &mut [Option<LoraDown<'_, B>>],
+    r: usize,
+    scale: f32,
+    out: &mut B::Buf,
+) {
+    let mut o = be.alloc_output(m * be.weight_shape(w).0);
+    be.linear_many_lora(x, &[w], m, &mut [&mut o], lora, r, scale);
+    be.add_assign(out, &o);
 }
 
 /// [`Backend::mlp_gate_up_lora`] as f32 buffers: `linear_many_lora` (the CPU's, and a backend's

@@ -391,6 +391,43 @@ impl<'a, B: Backend> Graph<'a, B> {
         (sum, out)
     }
 
+    /// Projection `p` of `x` at `layer` added to the residual `res` and normalized ([`Graph::add_rmsnorm`])
+    /// in one backend call ([`Backend::linear_lora_add_rmsnorm`]): the product's id holds no value (the
+    /// sum is its only reader) and serves as the target of its gradient. Returns `(sum, norm output)`.
+    fn linear_add_rmsnorm(&self, t: &mut Tape<B>, x: Id, res: Id, layer: usize, p: Proj, norm: NormRef) -> (Id, Id) {
+        let be = self.be;
+        let w = self.model.proj(layer, p);
+        let m = be.buf_len(t.get(x)) / be.weight_shape(w).1;
+        let (nw, eps) = (self.norm_weight(norm), self.model.cfg.rms_norm_eps);
+        let n = be.buf_len(t.get(res));
+        let (mut sum, mut out, mut rstd) = (self.alloc(n), self.alloc(n), self.alloc(m));
+        let slots = self.lora_u_slots(t, layer, [p], m);
+        let rs = (self.lora_rank(), self.lora_scale());
+        let ((), us) = self.with_lora_downs(layer, [p], slots, |lora| {
+            let (xv, resv) = (t.get(x), t.get(res));
+            be.linear_lora_add_rmsnorm(xv, w, m, lora, rs, (resv, nw, eps), &mut sum, &mut out, &mut rstd);
+        });
+        let o = t.put_uncomputed();
+        let [o] = self.record_linears(t, x, layer, [p], us, [o]);
+        let (sum, out, rstd) = (t.put(sum), t.put(out), t.put(rstd));
+        t.record(Op::Add { a: res, b: o, out: sum });
+        t.record(Op::RmsNorm { x: sum, norm, rstd, out });
+        (sum, out)
+    }
+
+    /// `y += x · Wᵀ` (with its LoRA branch) for projection `p` at `layer`, in a pass that records
+    /// nothing ([`Backend::linear_lora_add_into`]: the product added as it lands, never kept apart).
+    fn linear_add_into(&self, t: &mut Tape<B>, x: Id, layer: usize, p: Proj, y: &mut B::Buf) {
+        let be = self.be;
+        let w = self.model.proj(layer, p);
+        let m = be.buf_len(t.get(x)) / be.weight_shape(w).1;
+        let slots = self.lora_u_slots(t, layer, [p], m);
+        let (r, scale) = (self.lora_rank(), self.lora_scale());
+        let ((), us) =
+            self.with_lora_downs(layer, [p], slots, |lora| be.linear_lora_add_into(t.get(x), w, m, lora, r, scale, y));
+        self.release_lora_us(t, layer, [p], us);
+    }
+
     /// [`Graph::add_rmsnorm`] before layer `l`'s MLP without LoRA branches, whose gate and up
     /// products ([`Backend::add_rmsnorm_mlp_gate_up`]) are its output's only reader: the output holds
     /// no value on the tape (its id is the target of the MLP's input gradient). Returns `(x2, norm
@@ -765,11 +802,17 @@ impl<'a, B: Backend> Graph<'a, B> {
             t.record(Op::Mlp { x: n2, layer: l, acts, out: d });
             return self.residual_out(t, x2, d, pass);
         }
-        let o = self.linear(t, a, l, Proj::O);
+        let (x2, n2) = if decoding {
+            let o = self.linear(t, a, l, Proj::O);
+            let sum_norm = self.add_rmsnorm(t, x, o, NormRef::Mlp(l));
+            t.done_with(o);
+            sum_norm
+        } else {
+            // The o product's only reader is the residual sum: added into it as it lands.
+            self.linear_add_rmsnorm(t, a, x, l, Proj::O, NormRef::Mlp(l))
+        };
         t.done_with(a);
-        let (x2, n2) = self.add_rmsnorm(t, x, o, NormRef::Mlp(l));
         t.done_with(x);
-        t.done_with(o);
         let s = if decoding && self.lora_pair(l, Proj::Gate).is_none() && self.lora_pair(l, Proj::Up).is_none() {
             // Nothing needs gate and up apart: the products and SwiGLU in one call.
             let be = self.be;
@@ -797,6 +840,14 @@ impl<'a, B: Backend> Graph<'a, B> {
             t.done_with(n2);
             s
         };
+        if !decoding && !t.recording {
+            // A pass that records nothing (a checkpointed layer's first pass, evaluation): the down
+            // product goes straight into the residual, whose buffer nothing else reads now.
+            let mut y = t.take(x2);
+            self.linear_add_into(t, s, l, Proj::Down, &mut y);
+            t.done_with(s);
+            return Hidden::Value(t.put(y));
+        }
         let d = if pass == Pass::Replay {
             self.linear_output_uncomputed(t, s, l, Proj::Down)
         } else {

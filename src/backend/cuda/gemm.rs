@@ -349,7 +349,7 @@ impl Cuda {
     }
 
     /// [`Cuda::widen_into`] of a 16-bit product of either dtype.
-    fn widen_16(
+    pub(super) fn widen_16(
         &self,
         o16: &Operand,
         up: Option<UpTail<'_>>,

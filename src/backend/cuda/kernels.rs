@@ -134,6 +134,8 @@ pub(super) fn kernel_names(module: &str) -> &'static [&'static str] {
             "add_rmsnorm_to_f16",
             "add16_rmsnorm_to_bf16",
             "add16_rmsnorm_to_f16",
+            "add16_rmsnorm_bf16",
+            "add16_rmsnorm_f16",
             "rmsnorm_backward_f32",
         ],
         "rope" => &["rope_f32", "rope_bf16", "rope_bf16_from_bf16", "rope_bf16_from_f16", "rope_cache_f32"],

@@ -24,14 +24,33 @@ impl Cuda {
     /// it can: three 4-bit weights computing in one 16-bit dtype, all on the second path at `m` rows (dequantize +
     /// cuBLAS, whose outputs are rounded to that dtype anyway); not in precise mode.
     pub fn mlp_in_16_bit(&self, ws: [&CudaWeight; 3], m: usize) -> Option<ComputeDtype> {
-        let c = match ws[0] {
+        self.products_16_dtype(&ws, m, &[], 0)
+    }
+
+    /// The 16-bit dtype in which the products of `ws` at `m` rows, with the LoRA branches in `loras`
+    /// (one slot per weight, or none), can be kept as cuBLAS writes them with each branch's B product
+    /// inside ([`Cuda::product_16_with_lora`]: the values `Cuda::products_with_lora` widens): 4-bit
+    /// weights of one 16-bit compute dtype, all on the second path, past decoding's few rows, not in
+    /// precise mode; each branch's B product by cuBLAS or along k, at a rank the fused kernels take.
+    pub(super) fn products_16_dtype(
+        &self,
+        ws: &[&CudaWeight],
+        m: usize,
+        loras: &[Option<LoraDown<'_, Self>>],
+        r: usize,
+    ) -> Option<ComputeDtype> {
+        let c = match ws.first()? {
             CudaWeight::Quant4 { compute: c @ (ComputeDtype::BF16 | ComputeDtype::F16), .. } => *c,
             _ => return None,
         };
         let second_path = |w: &CudaWeight| {
             matches!(w, CudaWeight::Quant4 { compute, .. } if *compute == c) && !self.uses_fused_4bit(w, m)
         };
-        (m > GEMV_MAX_M && !self.is_precise() && ws.iter().all(|w| second_path(w))).then_some(c)
+        let branch_fits = |(l, w): (&Option<LoraDown<'_, Self>>, &&CudaWeight)| {
+            l.is_none() || (self.lora_b_by_gemm() && self.uses_fused_lora_up(w.shape().0, r))
+        };
+        let fits = ws.iter().all(|w| second_path(w)) && loras.iter().zip(ws).all(branch_fits);
+        (m > GEMV_MAX_M && !self.is_precise() && fits).then_some(c)
     }
 
     /// [`Backend::mlp_gate_up`](crate::backend::Backend::mlp_gate_up) where [`Cuda::mlp_in_16_bit`] gives the compute
@@ -63,10 +82,8 @@ impl Cuda {
         r: usize,
     ) -> Option<ComputeDtype> {
         let on = self.mlp_lora_16.load(std::sync::atomic::Ordering::Relaxed);
-        let rows = gate.shape().0;
-        let branches_fit =
-            loras.iter().all(Option::is_none) || (self.lora_b_by_gemm() && self.uses_fused_lora_up(rows, r));
-        self.mlp_in_16_bit([gate, up, up], m).filter(|_| on && branches_fit && up.shape() == gate.shape())
+        let c = self.products_16_dtype(&[gate, up], m, loras, r);
+        c.filter(|_| on && up.shape() == gate.shape())
     }
 
     /// Turns [`Cuda::mlp_lora_in_16_bit`]'s path on or off (off: the products widened into f32, as

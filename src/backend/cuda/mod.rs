@@ -58,6 +58,9 @@ pub struct Cuda {
     /// [`Cuda::set_mlp_lora_16`]: an MLP's gate and up products with LoRA branches kept in their
     /// 16-bit compute dtype (`Cuda::mlp_lora_in_16_bit`); `LLAMATUNE_MLP_LORA_16=0`: widened into f32.
     mlp_lora_16: std::sync::atomic::AtomicBool,
+    /// [`Cuda::set_residual_16`]: a projection whose only reader is the residual stream added into it
+    /// in its 16-bit dtype (`Cuda::residual_in_16_bit`); `LLAMATUNE_RESIDUAL_16=0`: widened first.
+    residual_16: std::sync::atomic::AtomicBool,
     /// [`Cuda::set_lora_b_gemm`]: forward LoRA B products past a few rows added into their frozen
     /// products' 16-bit outputs by cuBLAS (`Cuda::lora_b_into_product`); `LLAMATUNE_LORA_B_GEMM=0`: by
     /// the fused kernels (`lora_up_acts_*`, `lora_up_from_*`).
@@ -160,6 +163,7 @@ mod offload;
 mod profile;
 mod qkv;
 mod quant4;
+mod residual;
 mod weights;
 mod xent;
 use adamw::AdamHyper;
@@ -323,6 +327,7 @@ impl Cuda {
         let fused_lora = switch_on("LLAMATUNE_FUSED_LORA").into();
         let o_into_norm = switch_on("LLAMATUNE_O_INTO_NORM").into();
         let mlp_lora_16 = switch_on("LLAMATUNE_MLP_LORA_16").into();
+        let residual_16 = switch_on("LLAMATUNE_RESIDUAL_16").into();
         let lora_b_gemm = switch_on("LLAMATUNE_LORA_B_GEMM").into();
         let lora_b_concat = switch_on("LLAMATUNE_LORA_B_CONCAT").into();
         let gemv_many = switch_on("LLAMATUNE_GEMV_MANY").into();
@@ -353,6 +358,7 @@ impl Cuda {
             fused_lora,
             o_into_norm,
             mlp_lora_16,
+            residual_16,
             lora_b_gemm,
             lora_b_concat,
             gemv_many,
@@ -792,6 +798,52 @@ impl Backend for Cuda {
         match self.mlp_lora_in_16_bit(ws, m, loras, r) {
             Some(c) => self.mlp_gate_up_lora_16(x, ws, m, loras, (r, scale), c),
             None => super::mlp_gate_up_lora_composed(self, x, ws, m, loras, r, scale),
+        }
+    }
+    fn linear_lora_add_rmsnorm(
+        &self,
+        x: &CudaSlice<f32>,
+        w: &CudaWeight,
+        m: usize,
+        lora: &mut [Option<LoraDown<'_, Self>>],
+        (r, scale): (usize, f32),
+        (res, norm_w, eps): (&CudaSlice<f32>, &CudaSlice<f32>, f64),
+        sum: &mut CudaSlice<f32>,
+        out: &mut CudaSlice<f32>,
+        rstd: &mut CudaSlice<f32>,
+    ) {
+        match self.residual_in_16_bit(w, m, lora, r) {
+            Some(c) => {
+                let outs = (sum, out, rstd);
+                self.linear_lora_add_rmsnorm_16(x, w, m, lora, (r, scale), (res, norm_w, eps), outs, c);
+            }
+            None => super::linear_lora_add_rmsnorm_composed(
+                self,
+                x,
+                w,
+                m,
+                lora,
+                (r, scale),
+                (res, norm_w, eps),
+                sum,
+                out,
+                rstd,
+            ),
+        }
+    }
+    fn linear_lora_add_into(
+        &self,
+        x: &CudaSlice<f32>,
+        w: &CudaWeight,
+        m: usize,
+        lora: &mut [Option<LoraDown<'_, Self>>],
+        r: usize,
+        scale: f32,
+        out: &mut CudaSlice<f32>,
+    ) {
+        match self.residual_in_16_bit(w, m, lora, r) {
+            Some(c) => self.linear_lora_add_into_16(x, w, m, lora, (r, scale), out, c),
+            None => super::linear_lora_add_into_composed(self, x, w, m, lora, r, scale, out),
         }
     }
     fn mlp_acts_from_f32(&self, g: CudaSlice<f32>, u: CudaSlice<f32>) -> MlpActs {
