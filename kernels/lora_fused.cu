@@ -307,8 +307,9 @@ struct UpRaw {
     float4 out;  // out's piece (plain, or accumulating)
     uint2 base;  // the 16-bit product's piece, as loaded
 };
-// Piece i of out (and of base), or zeros where `ok` is false; the address is clamped rather than the
-// load predicated, so that the compiler issues all of them without branches.
+// Piece i of out (and of base). Where `ok` is false (rows past m, columns past N) the address is
+// clamped to piece 0 and the values are never stored (lora_up_tile skips such pieces), so nothing
+// here waits for a load: a select on each loaded value had made every load wait for the one before.
 template <typename Base>
 __device__ __forceinline__ UpRaw up_load(const float* out, const Base* base, int64_t i, bool ok, int accumulate) {
     const int64_t at = ok ? i : 0;
@@ -320,9 +321,7 @@ __device__ __forceinline__ UpRaw up_load(const float* out, const Base* base, int
     } else {
         r.base = *reinterpret_cast<const uint2*>(base + at);
         if (accumulate) r.out = *reinterpret_cast<const float4*>(out + at);
-        if (!ok) r.base = make_uint2(0u, 0u);
     }
-    if (!ok) r.out = make_float4(0.f, 0.f, 0.f, 0.f);
     return r;
 }
 __device__ __forceinline__ float4 unpack16x4(uint2 u, const __nv_bfloat16*) { return unpack_bf16x4(u); }
