@@ -42,7 +42,7 @@ __device__ __forceinline__ uint32_t tf32(float v) { return __float_as_uint(v) + 
 __device__ __forceinline__ float4 ld4(const float* p) { return __ldg(reinterpret_cast<const float4*>(p)); }
 
 // ---- down: part[split] (m, r) = drop(x) (m, K) · W (r, K)ᵀ over the split's range of K ----------
-// Block: 4 warps, 64 rows of x (16 per warp) × all r ≤ 8·NT columns; K in stages of 32 copied raw
+// Block: 4 or 8 warps, 64 or 128 rows of x (16 per warp) × all r ≤ 8·NT columns; K in stages of 32 copied raw
 // (f32) into shared memory by cp.async, STAGES deep, so each block keeps STAGES−1 stages of loads in
 // flight (ncu, H200: with one stage prefetched through registers, 16% of DRAM bandwidth). Dropout is
 // applied as the fragments are read: each x value is read by exactly one lane.
@@ -50,11 +50,9 @@ __device__ __forceinline__ float4 ld4(const float* p) { return __ldg(reinterpret
 // sub-step j of a stage, fragment k-slots t and t+4 of lane (g, t) are columns 8t+2j and 8t+2j+1, so
 // each lane reads its 8 columns of a row with two 16-byte shared loads (row stride 36 words: the 8
 // lanes of each load phase hit 32 distinct banks).
-#define DOWN_ROWS 64
 #define STAGE_K 32
 #define STAGES 4
 #define DOWN_STRIDE 36
-#define DOWN_THREADS 128
 
 __device__ __forceinline__ float4 lds4f(const float* p) { return *reinterpret_cast<const float4*>(p); }
 // The 8 values (a, b) as tensor-core operands, after the dropout factors of elements idx0..idx0+7
@@ -84,18 +82,22 @@ __device__ __forceinline__ void pipeline(int stages, Issue issue, Compute comput
     }
 }
 
-template <int NT>
+// ROWS rows of x per block (64, or 128 with twice the warps: each stage's W tile then serves twice
+// the rows, so a block reads W from L2 once per 128 rows instead of per 64; ncu had the 64-row kernel
+// at 57% of L2 throughput, W's tile as large as x's).
+template <int NT, int ROWS>
 __device__ void lora_down(const float* x, const float* w, float* part, int m, int K, int r, int k_split, uint64_t seed, float p) {
-    extern __shared__ __align__(16) float smem[];  // STAGES × [x (64, 36) | W (8·NT, 36)]
-    constexpr int XW = DOWN_ROWS * DOWN_STRIDE, SW = XW + 8 * NT * DOWN_STRIDE;
-    constexpr int XV = DOWN_ROWS * STAGE_K / 4 / DOWN_THREADS;              // x 16-byte copies per thread: 4
-    constexpr int WV = (8 * NT * STAGE_K / 4 + DOWN_THREADS - 1) / DOWN_THREADS;  // W copies: NT/2
-    const int row0 = blockIdx.x * DOWN_ROWS;
+    constexpr int THREADS = 2 * ROWS, CR = THREADS / 8;  // threads; rows a round of copies covers
+    extern __shared__ __align__(16) float smem[];  // STAGES × [x (ROWS, 36) | W (8·NT, 36)]
+    constexpr int XW = ROWS * DOWN_STRIDE, SW = XW + 8 * NT * DOWN_STRIDE;
+    constexpr int XV = ROWS * STAGE_K / 4 / THREADS;              // x 16-byte copies per thread: 4
+    constexpr int WV = (8 * NT * STAGE_K / 4 + THREADS - 1) / THREADS;  // W copies: 64·NT/THREADS
+    const int row0 = blockIdx.x * ROWS;
     const int k_begin = blockIdx.y * k_split, k_end = min(K, k_begin + k_split);
     const int warp = threadIdx.x / WARP, lane = threadIdx.x % WARP, g = lane / 4, t = lane % 4;
     const int stages = (k_end - k_begin + STAGE_K - 1) / STAGE_K;
     // Copies of stage s into buffer s % STAGES (zeros past the edges). Copy q of a thread is row
-    // tr + 16q of the stage's x tile (q < XV) or of W's (n = tr + 16q < 8·NT), columns tc..tc+3:
+    // tr + CR·q of the stage's x tile (q < XV) or of W's (n = tr + CR·q < 8·NT), columns tc..tc+3:
     // the same rows and columns every stage but for the offset s·STAGE_K, so the source rows are
     // worked out once here (SASS: the per-stage address arithmetic was ~150 of the loop's 488
     // instructions).
@@ -103,10 +105,11 @@ __device__ void lora_down(const float* x, const float* w, float* part, int m, in
     const float* xq[XV];  // copy q's source in stage 0 (nullptr: past the rows)
     const float* wq[WV];
 #pragma unroll
-    for (int q = 0; q < XV; q++) xq[q] = row0 + tr + 16 * q < m ? x + (int64_t)(row0 + tr + 16 * q) * K + kc : nullptr;
+    for (int q = 0; q < XV; q++) xq[q] = row0 + tr + CR * q < m ? x + (int64_t)(row0 + tr + CR * q) * K + kc : nullptr;
 #pragma unroll
-    for (int q = 0; q < WV; q++) wq[q] = tr + 16 * q < r ? w + (int64_t)(tr + 16 * q) * K + kc : nullptr;
-    static_assert(WV * DOWN_THREADS == 8 * NT * STAGE_K / 4, "the W copies cover its 8·NT-row tile exactly");
+    for (int q = 0; q < WV; q++) wq[q] = tr + CR * q < r ? w + (int64_t)(tr + CR * q) * K + kc : nullptr;
+    static_assert(XV * THREADS == ROWS * STAGE_K / 4, "the x copies cover its ROWS-row tile exactly");
+    static_assert(WV * THREADS == 8 * NT * STAGE_K / 4, "the W copies cover its 8·NT-row tile exactly");
     auto issue = [&](int s) {
         const int off = s * STAGE_K;
         const bool kok = kc + off < k_end;
@@ -114,12 +117,12 @@ __device__ void lora_down(const float* x, const float* w, float* part, int m, in
 #pragma unroll
         for (int q = 0; q < XV; q++) {
             const bool ok = kok && xq[q];
-            cp_async16(smem_addr(xs + 16 * q * DOWN_STRIDE), ok ? xq[q] + off : x, ok);
+            cp_async16(smem_addr(xs + CR * q * DOWN_STRIDE), ok ? xq[q] + off : x, ok);
         }
 #pragma unroll
         for (int q = 0; q < WV; q++) {
             const bool ok = kok && wq[q];
-            cp_async16(smem_addr(xs + XW + 16 * q * DOWN_STRIDE), ok ? wq[q] + off : w, ok);
+            cp_async16(smem_addr(xs + XW + CR * q * DOWN_STRIDE), ok ? wq[q] + off : w, ok);
         }
     };
     float acc[NT][4];
@@ -152,14 +155,16 @@ __device__ void lora_down(const float* x, const float* w, float* part, int m, in
         if (rb < m) *reinterpret_cast<float2*>(out + (int64_t)rb * r + c) = make_float2(acc[n][2], acc[n][3]);
     }
 }
-#define LORA_DOWN(name, NT) \
-    extern "C" __global__ void __launch_bounds__(DOWN_THREADS, 3) name(const float* x, const float* w, float* part, int m, int K, int r, int k_split, uint64_t seed, float p) { \
+#define LORA_DOWN(name, NT, ROWS, BLOCKS) \
+    extern "C" __global__ void __launch_bounds__(2 * ROWS, BLOCKS) name(const float* x, const float* w, float* part, int m, int K, int r, int k_split, uint64_t seed, float p) { \
         grid_dependency_wait(); \
-        lora_down<NT>(x, w, part, m, K, r, k_split, seed, p); \
+        lora_down<NT, ROWS>(x, w, part, m, K, r, k_split, seed, p); \
     }
-LORA_DOWN(lora_down_r16, 2)
-LORA_DOWN(lora_down_r32, 4)
-LORA_DOWN(lora_down_r64, 8)
+LORA_DOWN(lora_down_r16, 2, 64, 3)
+LORA_DOWN(lora_down_r32, 4, 64, 3)
+LORA_DOWN(lora_down_r64, 8, 64, 3)
+LORA_DOWN(lora_down128_r32, 4, 128, 2)
+LORA_DOWN(lora_down128_r64, 8, 128, 2)
 
 // ---- du: part[split] (m, r) = alpha · dy (m, K) · B (K, r) over the split's range of K, and dy16 ----
 // The backward's du = scale·dy·B, reading dy (f32) once and writing it rounded to 16 bits on the way
@@ -493,38 +498,40 @@ LORA_UP_ACTS(lora_up_acts_f16, __half)
 // GEMM, which ran it in 21 µs against this kernel's 32 at 7B shapes.) Computed transposed, as
 // partᵀ (N, r) = drop(T)ᵀ · S: T's columns are the products' A rows, so that a lane's A fragment
 // holds neighbouring columns of one row of T and one hash decides both (dropout_pair_keep), and each
-// S fragment serves 16 columns of T. Block: 4 warps, 64 columns of T (16 per warp: A row i is column
+// S fragment serves 16 columns of T. Block: 4 (8) warps, 64 (128) columns of T (16 per warp: A row i is column
 // 2i of the warp's 16 for i < 8 and column 2(i−8)+1 after) × all 8·NT ≥ r values of r; m in stages
 // of 32 rows copied raw by cp.async, STAGES deep, as in `down`; dropout as the fragments are read
-// (each T value by exactly one lane). Shared memory: T as (k, n) with stride 72 (a lane's two columns
-// are one 8-byte load; each half-warp's 16 loads cover 32 banks), S as (k, r) with stride 8·NT + 8
+// (each T value by exactly one lane). Shared memory: T as (k, n) with stride 72 (136) (a lane's two
+// columns are one 8-byte load; each half-warp's 16 loads cover 32 banks), S as (k, r) with stride 8·NT + 8
 // (its fragments' 32 lanes on 32 banks).
-#define OUTER_COLS 64
-#define OUTER_THREADS 128
-#define OUTER_T_STRIDE 72
 
-template <int NT>
+// COLS columns of T per block (64, or 128 with twice the warps: each stage's S tile then serves twice
+// the columns, as in `down`); T's shared-memory stride COLS + 8.
+template <int NT, int COLS>
 __device__ void lora_outer(const float* S, const float* T, float* part, int m, int N, int r, int m_split, uint64_t seed, float p) {
-    constexpr int R = 8 * NT, SS = R + 8, SW = STAGE_K * SS + STAGE_K * OUTER_T_STRIDE;  // words per stage
-    extern __shared__ __align__(16) float smem[];  // STAGES × [S (32, SS) | T (32, 72)]
-    constexpr int SV = (STAGE_K * R / 4 + OUTER_THREADS - 1) / OUTER_THREADS;  // S copies per thread
-    constexpr int TV = STAGE_K * OUTER_COLS / 4 / OUTER_THREADS;                // T copies: 4
-    const int col0 = blockIdx.x * OUTER_COLS;
+    constexpr int THREADS = 2 * COLS, TS = COLS + 8;
+    constexpr int R = 8 * NT, SS = R + 8, SW = STAGE_K * SS + STAGE_K * TS;  // words per stage
+    extern __shared__ __align__(16) float smem[];  // STAGES × [S (32, SS) | T (32, TS)]
+    constexpr int SV = (STAGE_K * R / 4 + THREADS - 1) / THREADS;  // S copies per thread
+    constexpr int TV = STAGE_K * COLS / 4 / THREADS;                // T copies: 4
+    const int col0 = blockIdx.x * COLS;
     const int m_begin = blockIdx.y * m_split, m_end = min(m, m_begin + m_split);
     const int warp = threadIdx.x / WARP, lane = threadIdx.x % WARP, g = lane / 4, t = lane % 4;
     const int stages = (m_end - m_begin + STAGE_K - 1) / STAGE_K;
-    // Copy q of a thread: S row sk + q·(128/SQ), columns si..si+3; T row tk + 8q, columns tj..tj+3 of
-    // the block's 64 (SQ = R/4 copies per S row divides 128, so a thread's columns are the same for
-    // every q and stage); the source rows worked out once, a stage adding s·STAGE_K rows.
-    constexpr int SQ = R / 4, SROWS = OUTER_THREADS / SQ;
-    const int sk = threadIdx.x / SQ, si = 4 * (threadIdx.x % SQ), tk = threadIdx.x / 16, tj = 4 * (threadIdx.x % 16);
+    // Copy q of a thread: S row sk + q·(THREADS/SQ), columns si..si+3; T row tk + 8q, columns
+    // tj..tj+3 of the block's COLS (SQ = R/4 copies per S row divides THREADS, so a thread's columns
+    // are the same for every q and stage); the source rows worked out once, a stage adding s·STAGE_K
+    // rows.
+    constexpr int SQ = R / 4, SROWS = THREADS / SQ;
+    const int sk = threadIdx.x / SQ, si = 4 * (threadIdx.x % SQ), tk = threadIdx.x / (COLS / 4), tj = 4 * (threadIdx.x % (COLS / 4));
     const float* sq[SV];  // copy q's source in stage 0 (nullptr: past r or N)
     const float* tq[TV];
 #pragma unroll
     for (int q = 0; q < SV; q++) sq[q] = si < r ? S + (int64_t)(m_begin + sk + q * SROWS) * r + si : nullptr;
 #pragma unroll
     for (int q = 0; q < TV; q++) tq[q] = col0 + tj < N ? T + (int64_t)(m_begin + tk + 8 * q) * N + col0 + tj : nullptr;
-    static_assert(SV * OUTER_THREADS == STAGE_K * R / 4, "the S copies cover the stage's 32 rows exactly");
+    static_assert(SV * THREADS == STAGE_K * R / 4, "the S copies cover the stage's 32 rows exactly");
+    static_assert(TV * THREADS == STAGE_K * COLS / 4 && THREADS / (COLS / 4) == 8, "T's copies: 8 rows a round");
     auto issue = [&](int s) {
         const int k0 = m_begin + s * STAGE_K;
         const int64_t soff = (int64_t)s * STAGE_K * r, toff = (int64_t)s * STAGE_K * N;
@@ -539,7 +546,7 @@ __device__ void lora_outer(const float* S, const float* T, float* part, int m, i
         for (int q = 0; q < TV; q++) {
             const int k = tk + 8 * q;
             const bool ok = tq[q] && k0 + k < m_end;
-            cp_async16(smem_addr(ss + STAGE_K * SS + k * OUTER_T_STRIDE + tj), ok ? tq[q] + toff : T, ok);
+            cp_async16(smem_addr(ss + STAGE_K * SS + k * TS + tj), ok ? tq[q] + toff : T, ok);
         }
     };
     float acc[NT][4];
@@ -563,8 +570,8 @@ __device__ void lora_outer(const float* S, const float* T, float* part, int m, i
 #pragma unroll
         for (int kk = 0; kk < STAGE_K; kk += 8) {
             // Rows kk + t (h = kk/4) and kk + t + 4 (h + 1): a0, a1 and a2, a3.
-            const float2 lo = *reinterpret_cast<const float2*>(ts + (kk + t) * OUTER_T_STRIDE);
-            const float2 hi = *reinterpret_cast<const float2*>(ts + (kk + t + 4) * OUTER_T_STRIDE);
+            const float2 lo = *reinterpret_cast<const float2*>(ts + (kk + t) * TS);
+            const float2 hi = *reinterpret_cast<const float2*>(ts + (kk + t + 4) * TS);
             const uint32_t kb = keep >> (2 * (kk / 4));
             const uint32_t a0 = tf32(kb & 1 ? lo.x * kept : 0.f), a1 = tf32(kb & 2 ? lo.y * kept : 0.f);
             const uint32_t a2 = tf32(kb & 4 ? hi.x * kept : 0.f), a3 = tf32(kb & 8 ? hi.y * kept : 0.f);
@@ -588,11 +595,13 @@ __device__ void lora_outer(const float* S, const float* T, float* part, int m, i
             *reinterpret_cast<float2*>(out + (int64_t)row * N + c) = make_float2(acc[n][h], acc[n][2 + h]);
         }
 }
-#define LORA_OUTER(name, NT) \
-    extern "C" __global__ void __launch_bounds__(OUTER_THREADS, 3) name(const float* S, const float* T, float* part, int m, int N, int r, int m_split, uint64_t seed, float p) { \
+#define LORA_OUTER(name, NT, COLS, BLOCKS) \
+    extern "C" __global__ void __launch_bounds__(2 * COLS, BLOCKS) name(const float* S, const float* T, float* part, int m, int N, int r, int m_split, uint64_t seed, float p) { \
         grid_dependency_wait(); \
-        lora_outer<NT>(S, T, part, m, N, r, m_split, seed, p); \
+        lora_outer<NT, COLS>(S, T, part, m, N, r, m_split, seed, p); \
     }
-LORA_OUTER(lora_outer_r16, 2)
-LORA_OUTER(lora_outer_r32, 4)
-LORA_OUTER(lora_outer_r64, 8)
+LORA_OUTER(lora_outer_r16, 2, 64, 3)
+LORA_OUTER(lora_outer_r32, 4, 64, 3)
+LORA_OUTER(lora_outer_r64, 8, 64, 3)
+LORA_OUTER(lora_outer128_r32, 4, 128, 2)
+LORA_OUTER(lora_outer128_r64, 8, 128, 2)

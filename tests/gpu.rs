@@ -1487,6 +1487,12 @@ fn lora_forward_backward_with_dropout() {
             assert!(gpu().uses_fused_lora(rows, cols, r), "{} r={r}: fused LoRA expected", s.name);
             check_lora(&mut rng, &format!("{} r={r}", s.name), (M, rows, cols, r), d);
         }
+        // The narrow A-product and dA kernels where the ranks above took the wide ones (r > 16).
+        gpu().set_lora_wide(false);
+        for r in [64, 32] {
+            check_lora(&mut rng, &format!("{} r={r} narrow split kernels", s.name), (M, rows, cols, r), d);
+        }
+        gpu().set_lora_wide(true);
         gpu().set_fused_lora(false);
         check_lora(&mut rng, &format!("{} cuBLAS path", s.name), (M, rows, cols, 64), d);
         gpu().set_fused_lora(true);
@@ -1517,6 +1523,8 @@ fn lora_forward_backward_with_dropout() {
     let d = Dropout { p: 0.1, seed: 99 };
     check_lora(&mut rng, "narrow in-features (no split)", (M, 64, 32, 16), d);
     check_lora(&mut rng, "llama2-7b m=2048 r=64", (2048, 4096, 4096, 64), d);
+    // Rows and columns that leave the wide kernels' last 128-row and 128-column tiles partly empty.
+    check_lora(&mut rng, "m=200 4160 -> 4096 r=64", (200, 4096, 4160, 64), d);
 }
 
 #[test]

@@ -1,7 +1,7 @@
 //! The kernels compiled into the binary: each `kernels/*.cu` file's fatbin (built by build.rs) and
 //! the names of the kernels `Cuda::new` loads from it.
 
-use super::lora::{LORA_DOWN, LORA_DU, LORA_OUTER};
+use super::lora::{LORA_DOWN, LORA_DOWN_WIDE, LORA_DU, LORA_OUTER, LORA_OUTER_WIDE};
 use super::quant4::{GEMM_4BIT, GEMV_FEW_ROWS, GEMV_MANY, GEMV_MANY_LORA, GEMV_ONE_ROW, GEMV_SWIGLU};
 use super::xent::{XENT_REG, XENT_STREAM, XENT_TWO_PASS};
 
@@ -103,6 +103,10 @@ pub(super) fn kernel_names(module: &str) -> &'static [&'static str] {
             LORA_OUTER[0],
             LORA_OUTER[1],
             LORA_OUTER[2],
+            LORA_DOWN_WIDE[0],
+            LORA_DOWN_WIDE[1],
+            LORA_OUTER_WIDE[0],
+            LORA_OUTER_WIDE[1],
             LORA_DU[0][0],
             LORA_DU[0][1],
             LORA_DU[0][2],

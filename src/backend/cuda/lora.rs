@@ -15,6 +15,13 @@ pub(super) const LORA_DOWN: [&str; 3] = ["lora_down_r16", "lora_down_r32", "lora
 
 pub(super) const LORA_OUTER: [&str; 3] = ["lora_outer_r16", "lora_outer_r32", "lora_outer_r64"];
 
+/// Their wide forms (`down` over 128 rows of x, `outer` over 128 columns of T, 8 warps, two blocks
+/// per SM) for r ≤ 32 and r ≤ 64: each stage's small-operand tile serves twice the values of the big
+/// one, halving its reads from L2.
+pub(super) const LORA_DOWN_WIDE: [&str; 2] = ["lora_down128_r32", "lora_down128_r64"];
+
+pub(super) const LORA_OUTER_WIDE: [&str; 2] = ["lora_outer128_r32", "lora_outer128_r64"];
+
 /// `lora_du` by the dtype of its 16-bit copy of dy (bf16, f16), then by rank.
 pub(super) const LORA_DU: [[&str; 3]; 2] = [
     ["lora_du_r16_bf16", "lora_du_r32_bf16", "lora_du_r64_bf16"],
@@ -29,7 +36,8 @@ pub(super) fn lora_variant(r: usize) -> usize {
     }
 }
 
-/// Their geometry (DOWN_ROWS, STAGE_K, STAGES, UP_ROWS = UP_COLS, OUTER_COLS, 128-thread blocks).
+/// Their geometry (a block's rows of x or columns of T, STAGE_K, STAGES, UP_ROWS = UP_COLS, OUTER_COLS,
+/// 128-thread blocks; twice the rows or columns and threads in the wide forms).
 pub(super) const LORA_DOWN_ROWS: usize = 64;
 
 pub(super) const LORA_STAGE: usize = 32;
@@ -53,14 +61,63 @@ const LORA_DU_BLOCKS_PER_SM: usize = 2;
 /// shared memory allow it); the splits aim at one full wave of them.
 pub(super) const LORA_BLOCKS_PER_SM: usize = 3;
 
-/// Dynamic shared memory of `lora_down` variant v: STAGES × (64 rows of x + 8·NT of A) × 36 words.
-pub(super) fn lora_down_smem(v: usize) -> usize {
-    LORA_STAGES * (LORA_DOWN_ROWS + (16 << v)) * 36 * 4
+/// Dynamic shared memory of `lora_down` variant v over `rows` rows of x: STAGES × (rows of x + 8·NT
+/// of A) × 36 words.
+pub(super) fn lora_down_smem(v: usize, rows: usize) -> usize {
+    LORA_STAGES * (rows + (16 << v)) * 36 * 4
 }
 
-/// Of `lora_outer` variant v: STAGES × 32 rows × (S: 8·NT + 8 words, T: 72 words).
-pub(super) fn lora_outer_smem(v: usize) -> usize {
-    LORA_STAGES * LORA_STAGE * ((16 << v) + 8 + 72) * 4
+/// Of `lora_outer` variant v over `cols` columns of T: STAGES × 32 rows × (S: 8·NT + 8 words, T:
+/// cols + 8 words).
+pub(super) fn lora_outer_smem(v: usize, cols: usize) -> usize {
+    LORA_STAGES * LORA_STAGE * ((16 << v) + 8 + cols + 8) * 4
+}
+
+/// A split-reduction kernel of kernels/lora_fused.cu and its launch geometry.
+#[derive(Clone, Copy)]
+pub(super) struct SplitKernel {
+    name: &'static str,
+    smem: usize,
+    threads: u32,
+    blocks_per_sm: usize,
+    /// Rows of x (`down`) or columns of T (`outer`) per block.
+    tile: usize,
+}
+
+impl SplitKernel {
+    /// `lora_down` for rank variant v, wide (128 rows) where one exists and `wide`.
+    fn down(v: usize, wide: bool) -> Self {
+        match (wide, v) {
+            (true, 1..) => Self::wide(LORA_DOWN_WIDE[v - 1], lora_down_smem(v, 2 * LORA_DOWN_ROWS), 2 * LORA_DOWN_ROWS),
+            _ => Self::narrow(LORA_DOWN[v], lora_down_smem(v, LORA_DOWN_ROWS), LORA_DOWN_ROWS),
+        }
+    }
+
+    /// `lora_outer` for rank variant v, wide (128 columns) where one exists and `wide`.
+    fn outer(v: usize, wide: bool) -> Self {
+        match (wide, v) {
+            (true, 1..) => {
+                Self::wide(LORA_OUTER_WIDE[v - 1], lora_outer_smem(v, 2 * LORA_OUTER_COLS), 2 * LORA_OUTER_COLS)
+            }
+            _ => Self::narrow(LORA_OUTER[v], lora_outer_smem(v, LORA_OUTER_COLS), LORA_OUTER_COLS),
+        }
+    }
+
+    fn narrow(name: &'static str, smem: usize, tile: usize) -> Self {
+        Self { name, smem, threads: LORA_THREADS, blocks_per_sm: LORA_BLOCKS_PER_SM, tile }
+    }
+
+    fn wide(name: &'static str, smem: usize, tile: usize) -> Self {
+        Self { name, smem, threads: 2 * LORA_THREADS, blocks_per_sm: 2, tile }
+    }
+
+    /// Every split kernel with the dynamic shared memory it asks for (set as each one's maximum).
+    pub(super) fn all() -> impl Iterator<Item = (&'static str, usize)> {
+        (0..LORA_DOWN.len()).flat_map(|v| {
+            let kernels = [Self::down(v, false), Self::down(v, true), Self::outer(v, false), Self::outer(v, true)];
+            kernels.into_iter().map(|k| (k.name, k.smem))
+        })
+    }
 }
 
 /// Of `lora_du` variant v: STAGES × (128 rows of dy × 36 words + 32 rows of B × (8·NT + 8) words).
@@ -377,6 +434,16 @@ impl Cuda {
         self.fused_lora.store(on, std::sync::atomic::Ordering::Relaxed);
     }
 
+    /// Runs the A products and dA on the wide split kernels (`lora_down128_*`, `lora_outer128_*`)
+    /// where the rank has one (on by default; `LLAMATUNE_LORA_WIDE=0`: the 64-row and 64-column ones).
+    pub fn set_lora_wide(&self, on: bool) {
+        self.lora_wide.store(on, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn lora_wide(&self) -> bool {
+        self.lora_wide.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// How to split a reduction of `len` (stages of [`LORA_STAGE`]) over blocks so that `tiles`
     /// output tiles × splits fill the GPU's `blocks_per_sm` block slots per SM in one wave (a
     /// second, nearly empty wave would cost as much as the first): (splits, length per split).
@@ -409,7 +476,7 @@ impl Cuda {
     #[allow(clippy::too_many_arguments)]
     pub(super) fn lora_split_reduce(
         &self,
-        (kernel, smem): (&str, usize),
+        kernel: SplitKernel,
         (tiles, len): (usize, usize),
         (a, b): (&CudaSlice<f32>, &CudaSlice<f32>),
         dims: [i32; 3],
@@ -417,16 +484,16 @@ impl Cuda {
         accumulate: bool,
         out: &mut CudaSlice<f32>,
     ) {
-        let (splits, per) = self.lora_splits(tiles, len, LORA_BLOCKS_PER_SM);
+        let (splits, per) = self.lora_splits(tiles, len, kernel.blocks_per_sm);
         let cfg = LaunchConfig {
             grid_dim: (tiles as u32, splits as u32, 1),
-            block_dim: (LORA_THREADS, 1, 1),
-            shared_mem_bytes: smem as u32,
+            block_dim: (kernel.threads, 1, 1),
+            shared_mem_bytes: kernel.smem as u32,
         };
         let per = per as i32;
         let mut part = (splits > 1 || accumulate).then(|| self.scratch(splits * out.len()));
         let dst = part.as_mut().unwrap_or(out);
-        launch!(self, kernel, cfg; a, b, dst, &dims[0], &dims[1], &dims[2], &per, &d.seed, &d.p);
+        launch!(self, kernel.name, cfg; a, b, dst, &dims[0], &dims[1], &dims[2], &per, &d.seed, &d.p);
         if let Some(part) = part {
             self.lora_sum_splits(&part, splits, 1.0, accumulate, out);
         }
@@ -444,9 +511,9 @@ impl Cuda {
         d: Dropout,
         u: &mut CudaSlice<f32>,
     ) {
-        let v = lora_variant(r);
-        let (tiles, dims) = (m.div_ceil(LORA_DOWN_ROWS), [m as i32, cols as i32, r as i32]);
-        self.lora_split_reduce((LORA_DOWN[v], lora_down_smem(v)), (tiles, cols), (x, a), dims, d, false, u);
+        let kernel = SplitKernel::down(lora_variant(r), self.lora_wide());
+        let (tiles, dims) = (m.div_ceil(kernel.tile), [m as i32, cols as i32, r as i32]);
+        self.lora_split_reduce(kernel, (tiles, cols), (x, a), dims, d, false, u);
     }
 
     /// `out (m, n) += alpha · drop(U · W'ᵀ)` for `U (m, r)` and `W' (n, r)`, given as `w (n, r)` or, when
@@ -480,9 +547,9 @@ impl Cuda {
         d: Dropout,
         out: &mut CudaSlice<f32>,
     ) {
-        let v = lora_variant(r);
-        let (tiles, dims) = (n.div_ceil(LORA_OUTER_COLS), [m as i32, n as i32, r as i32]);
-        self.lora_split_reduce((LORA_OUTER[v], lora_outer_smem(v)), (tiles, m), (s, t), dims, d, true, out);
+        let kernel = SplitKernel::outer(lora_variant(r), self.lora_wide());
+        let (tiles, dims) = (n.div_ceil(kernel.tile), [m as i32, n as i32, r as i32]);
+        self.lora_split_reduce(kernel, (tiles, m), (s, t), dims, d, true, out);
     }
 
     /// `x` with inverted dropout applied (`dropout_f32`: the same mask formula as the CPU's

@@ -52,6 +52,9 @@ pub struct Cuda {
     /// [`Cuda::set_fused_lora`]: LoRA branches at training shapes on kernels/lora_fused.cu
     /// (`LLAMATUNE_FUSED_LORA=0|off` for the cuBLAS path; default on).
     fused_lora: std::sync::atomic::AtomicBool,
+    /// [`Cuda::set_lora_wide`]: the wide split kernels for A products and dA (`LLAMATUNE_LORA_WIDE=0`:
+    /// the narrow ones).
+    lora_wide: std::sync::atomic::AtomicBool,
     /// [`Cuda::set_o_into_norm`]: the o product added into the residual in its 16-bit dtype
     /// (`Cuda::o_product_in_16_bit`); `LLAMATUNE_O_INTO_NORM=0`: widened first (A/B runs).
     o_into_norm: std::sync::atomic::AtomicBool,
@@ -172,7 +175,7 @@ use attention::{flash_bwd_smem, flash_wgmma_bwd_smem, FlashQ, FLASH_WGMMA_SMEM};
 use gemm::UpTail;
 pub use gemm::{Operand, OperandRef, OperandView};
 pub use graph::{Pdl, StepGraph};
-use lora::{lora_down_smem, lora_du_smem, lora_outer_smem, LORA_DOWN, LORA_DU, LORA_MAX_TARGETS, LORA_OUTER};
+use lora::{lora_du_smem, SplitKernel, LORA_DOWN, LORA_DU, LORA_MAX_TARGETS};
 pub use mlp::MlpActs;
 pub use offload::Offloaded;
 pub use quant4::{Fused4bit, FUSED_4BIT_MAX_M};
@@ -257,9 +260,10 @@ impl Cuda {
         for name in GEMV_ONE_ROW.iter().chain(&GEMV_MANY).chain(&GEMV_MANY_LORA).chain(&GEMV_SWIGLU) {
             funcs[*name].set_attribute(attr, GEMV_MAX_X_SMEM as i32).map_err(dev_err)?;
         }
+        for (name, smem) in SplitKernel::all() {
+            funcs[name].set_attribute(attr, smem as i32).map_err(dev_err)?;
+        }
         for v in 0..LORA_DOWN.len() {
-            funcs[LORA_DOWN[v]].set_attribute(attr, lora_down_smem(v) as i32).map_err(dev_err)?;
-            funcs[LORA_OUTER[v]].set_attribute(attr, lora_outer_smem(v) as i32).map_err(dev_err)?;
             for names in LORA_DU {
                 funcs[names[v]].set_attribute(attr, lora_du_smem(v) as i32).map_err(dev_err)?;
             }
@@ -325,6 +329,7 @@ impl Cuda {
         };
         let fused_4bit = (fused_4bit as u8).into();
         let fused_lora = switch_on("LLAMATUNE_FUSED_LORA").into();
+        let lora_wide = switch_on("LLAMATUNE_LORA_WIDE").into();
         let o_into_norm = switch_on("LLAMATUNE_O_INTO_NORM").into();
         let mlp_lora_16 = switch_on("LLAMATUNE_MLP_LORA_16").into();
         let residual_16 = switch_on("LLAMATUNE_RESIDUAL_16").into();
@@ -356,6 +361,7 @@ impl Cuda {
             offload,
             fused_4bit,
             fused_lora,
+            lora_wide,
             o_into_norm,
             mlp_lora_16,
             residual_16,
