@@ -78,6 +78,12 @@ impl Dropout {
     }
 }
 
+/// A default-on A/B switch: off when the environment variable `var` is `0` or `off` (the CUDA
+/// backend's path choices, the model's kept LoRA u).
+pub(crate) fn switch_on(var: &str) -> bool {
+    !std::env::var(var).is_ok_and(|v| v == "0" || v == "off")
+}
+
 /// 32 random bits for element `idx` of a draw seeded by `seed`: a pure function, so a replay (or the
 /// other backend: kernels/common.cuh `element_hash`, the same formula) draws the same values.
 #[inline]

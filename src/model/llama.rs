@@ -322,7 +322,7 @@ impl<'a, B: Backend> Graph<'a, B> {
             checkpointing: checkpointing.into(),
             neftune_noise_alpha: None,
             pool: None,
-            keep_lora_us: std::env::var("LLAMATUNE_KEEP_LORA_U").map_or(true, |v| v != "0"),
+            keep_lora_us: crate::backend::switch_on("LLAMATUNE_KEEP_LORA_U"),
         }
     }
 

@@ -169,6 +169,7 @@ mod quant4;
 mod residual;
 mod weights;
 mod xent;
+use crate::backend::switch_on;
 use adamw::AdamHyper;
 pub use attention::AttnActs;
 use attention::{flash_bwd_smem, flash_wgmma_bwd_smem, FlashQ, FLASH_WGMMA_SMEM};
@@ -205,11 +206,6 @@ fn default_pool(
         .result()?;
     }
     Ok(pool)
-}
-
-/// A default-on A/B switch: off when the environment variable `var` is `0` or `off`.
-fn switch_on(var: &str) -> bool {
-    !std::env::var(var).is_ok_and(|v| v == "0" || v == "off")
 }
 
 fn grid_for(n: usize) -> LaunchConfig {
