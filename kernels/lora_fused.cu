@@ -361,63 +361,71 @@ struct UpSmem {
     __align__(16) float us[UP_ROWS * UP_STRIDE];
     __align__(16) float wsh[64 * UP_KN_STRIDE];  // W' tile as (64 n, 68) or (64 k, 72); then the product (64, 72)
 };
-template <typename Base, bool ACTS, bool W_RN>
-__device__ __forceinline__ void lora_up_tile(UpSmem& sm, const float* u, const float* w, const Base* base, float* out, int m, int N, int r, float alpha, uint64_t seed, float p, int accumulate,
-                                             __nv_bfloat16* out16 = nullptr, const float* cos_t = nullptr, const float* sin_t = nullptr, int rope_hd = 0) {
-    float* us = sm.us;
-    float* wsh = sm.wsh;
-    const int row0 = blockIdx.y * UP_ROWS, bx = blockIdx.x;
-    const int warp = threadIdx.x / WARP, lane = threadIdx.x % WARP, g = lane / 4, t = lane % 4;
-    // Piece q of a 64 × 64 tile: row i0 + 8q, columns j..j+3 (i0 = thread / 16, j = 4·(thread % 16)):
-    // a thread's pieces share their columns and step by 8 rows, so each address below is worked out
-    // once and stepped (ncu, H200: 60 instructions per output value, the kernel issue-bound).
-    const int i0 = threadIdx.x / 16, j = 4 * (threadIdx.x % 16), c = up_col(bx, j, rope_hd);
-    const int64_t at0 = (int64_t)(row0 + i0) * N + c, step = 8 * (int64_t)N;  // piece 0 in out; q's: + q·step
-    {
-        // Sources stepped by 8 rows; a copy that is off reads nothing (cp_async16), so its address
-        // may lie past the tensor.
-        const float* usrc = u + (int64_t)(row0 + i0) * r + j;
-        const float* wsrc = w + (int64_t)i0 * N + c;  // W (r, N)
+// Where a block's thread stands: piece q of the block's 64 × 64 tile is row i0 + 8q, columns j..j+3
+// of the tile (i0 = thread / 16, j = 4·(thread % 16)), column c of out; a thread's pieces share their
+// columns and step by 8 rows, so each address is worked out once and stepped (ncu, H200: 60
+// instructions per output value before, the kernel issue-bound). at0: piece 0's index in out.
+struct UpPlace {
+    int row0, bx, i0, j, c;
+    int64_t at0, step;
+    __device__ __forceinline__ UpPlace(int N, int rope_hd) {
+        row0 = blockIdx.y * UP_ROWS, bx = blockIdx.x;
+        i0 = threadIdx.x / 16, j = 4 * (threadIdx.x % 16), c = up_col(bx, j, rope_hd);
+        at0 = (int64_t)(row0 + i0) * N + c, step = 8 * (int64_t)N;
+    }
+};
+
+// The block's U tile (its 64 rows, k < r) and W' tile (its 64 columns of out) into shared memory by
+// cp.async (committed, not waited for). Sources stepped by 8 rows; a copy that is off reads nothing
+// (cp_async16), so its address may lie past the tensor.
+template <bool W_RN>
+__device__ __forceinline__ void up_copy_tiles(UpSmem& sm, const UpPlace& pl, const float* u, const float* w, int m, int N, int r, int rope_hd) {
+    const float* usrc = u + (int64_t)(pl.row0 + pl.i0) * r + pl.j;
+    const float* wsrc = w + (int64_t)pl.i0 * N + pl.c;  // W (r, N)
 #pragma unroll
-        for (int q = 0; q < UP_V; q++, usrc += 8 * (int64_t)r, wsrc += step) {
-            const int i = i0 + 8 * q;
-            cp_async16(smem_addr(us + i * UP_STRIDE + j), usrc, row0 + i < m && j < r);
-            if constexpr (W_RN) {
-                cp_async16(smem_addr(wsh + i * UP_KN_STRIDE + j), wsrc, i < r && c < N);
-            } else {
-                const int cw = up_col(bx, i, rope_hd);
-                const bool ok = cw < N && j < r;
-                cp_async16(smem_addr(wsh + i * UP_STRIDE + j), ok ? w + (int64_t)cw * r + j : w, ok);
-            }
+    for (int q = 0; q < UP_V; q++, usrc += 8 * (int64_t)r, wsrc += pl.step) {
+        const int i = pl.i0 + 8 * q, j = pl.j;
+        cp_async16(smem_addr(sm.us + i * UP_STRIDE + j), usrc, pl.row0 + i < m && j < r);
+        if constexpr (W_RN) {
+            cp_async16(smem_addr(sm.wsh + i * UP_KN_STRIDE + j), wsrc, i < r && pl.c < N);
+        } else {
+            const int cw = up_col(pl.bx, i, rope_hd);
+            const bool ok = cw < N && j < r;
+            cp_async16(smem_addr(sm.wsh + i * UP_STRIDE + j), ok ? w + (int64_t)cw * r + j : w, ok);
         }
     }
     cp_async_commit();
-    UpRaw raw[UP_V];  // this thread's pieces of out (N % 4 == 0: a piece is in or out whole)
-#pragma unroll
-    for (int q = 0; q < UP_V; q++) raw[q] = up_load<Base>(out, base, at0 + q * step, row0 + i0 + 8 * q < m && c < N, accumulate);
-    // The dropout decisions of those 32 elements, hashed while the loads are in flight (at the end,
-    // with nothing left to overlap, they cost as much as the rest of the kernel).
+}
+
+// The dropout decisions of a thread's 32 elements of out (bit 4q + e: piece q's element e is kept);
+// all set when p = 0.
+__device__ __forceinline__ uint32_t up_keep(const UpPlace& pl, uint64_t seed, float p) {
     uint32_t keep = ~0u;
     if (p > 0.f) {
         keep = 0;
 #pragma unroll
-        for (int q = 0; q < UP_V; q++) keep |= keep_bits4(seed, p, at0 + q * step) << (4 * q);
+        for (int q = 0; q < UP_V; q++) keep |= keep_bits4(seed, p, pl.at0 + q * pl.step) << (4 * q);
     }
-    float4 old[UP_V];
-#pragma unroll
-    for (int q = 0; q < UP_V; q++) old[q] = up_old<Base>(raw[q], accumulate);
+    return keep;
+}
+
+// Once up_copy_tiles' copies have landed: the block's product tile U·W'ᵀ into sm.wsh as (row, n),
+// stride UP_KN_STRIDE (the W' tile's space, free once every warp is done with it), visible to all.
+template <bool W_RN>
+__device__ __forceinline__ void up_product(UpSmem& sm, int r) {
+    const int warp = threadIdx.x / WARP, lane = threadIdx.x % WARP, g = lane / 4, t = lane % 4;
     cp_async_wait<0>();
     __syncthreads();
     float acc[8][4];
 #pragma unroll
     for (int n = 0; n < 8; n++) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.f;
-    const float* ua = &us[(warp * 16 + g) * UP_STRIDE + t];
+    const float* ua = &sm.us[(warp * 16 + g) * UP_STRIDE + t];
     const int r8 = (r + 7) / 8 * 8;  // k past r is zero in both tiles
     for (int k0 = 0; k0 < r8; k0 += 8) {
         const uint32_t a0 = tf32(ua[k0]), a1 = tf32(ua[k0 + 8 * UP_STRIDE]), a2 = tf32(ua[k0 + 4]), a3 = tf32(ua[k0 + 8 * UP_STRIDE + 4]);
 #pragma unroll
         for (int n = 0; n < 8; n++) {
-            const float* b = W_RN ? &wsh[(k0 + t) * UP_KN_STRIDE + n * 8 + g] : &wsh[(n * 8 + g) * UP_STRIDE + k0 + t];
+            const float* b = W_RN ? &sm.wsh[(k0 + t) * UP_KN_STRIDE + n * 8 + g] : &sm.wsh[(n * 8 + g) * UP_STRIDE + k0 + t];
             const int next = W_RN ? 4 * UP_KN_STRIDE : 4;  // k + 4
             mma_tf32(acc[n], a0, a1, a2, a3, tf32(b[0]), tf32(b[next]));
         }
@@ -425,18 +433,42 @@ __device__ __forceinline__ void lora_up_tile(UpSmem& sm, const float* u, const f
     __syncthreads();  // every warp is done with the W' tile: its space takes the product
 #pragma unroll
     for (int n = 0; n < 8; n++) {
-        float* c = &wsh[(warp * 16 + g) * UP_KN_STRIDE + n * 8 + 2 * t];
+        float* c = &sm.wsh[(warp * 16 + g) * UP_KN_STRIDE + n * 8 + 2 * t];
         *reinterpret_cast<float2*>(c) = make_float2(acc[n][0], acc[n][1]);
         *reinterpret_cast<float2*>(c + 8 * UP_KN_STRIDE) = make_float2(acc[n][2], acc[n][3]);
     }
     __syncthreads();
+}
+
+// Piece q of the product tile times its elements' factors: s where kept, 0 where dropped.
+__device__ __forceinline__ float4 up_scaled(const UpSmem& sm, const UpPlace& pl, int q, uint32_t keep, float s) {
+    float4 v = *reinterpret_cast<const float4*>(&sm.wsh[(pl.i0 + 8 * q) * UP_KN_STRIDE + pl.j]);
+    v.x *= keep >> (4 * q) & 1 ? s : 0.f, v.y *= keep >> (4 * q + 1) & 1 ? s : 0.f;
+    v.z *= keep >> (4 * q + 2) & 1 ? s : 0.f, v.w *= keep >> (4 * q + 3) & 1 ? s : 0.f;
+    return v;
+}
+
+template <typename Base, bool ACTS, bool W_RN>
+__device__ __forceinline__ void lora_up_tile(UpSmem& sm, const float* u, const float* w, const Base* base, float* out, int m, int N, int r, float alpha, uint64_t seed, float p, int accumulate,
+                                             __nv_bfloat16* out16 = nullptr, const float* cos_t = nullptr, const float* sin_t = nullptr, int rope_hd = 0) {
+    const UpPlace pl(N, rope_hd);
+    const int c = pl.c;
+    up_copy_tiles<W_RN>(sm, pl, u, w, m, N, r, rope_hd);
+    UpRaw loaded[UP_V];  // this thread's pieces of out (N % 4 == 0: a piece is in or out whole)
+#pragma unroll
+    for (int q = 0; q < UP_V; q++) loaded[q] = up_load<Base>(out, base, pl.at0 + q * pl.step, pl.row0 + pl.i0 + 8 * q < m && c < N, accumulate);
+    // The dropout decisions, hashed while the loads are in flight (at the end, with nothing left to
+    // overlap, they cost as much as the rest of the kernel).
+    const uint32_t keep = up_keep(pl, seed, p);
+    float4 old[UP_V];
+#pragma unroll
+    for (int q = 0; q < UP_V; q++) old[q] = up_old<Base>(loaded[q], accumulate);
+    up_product<W_RN>(sm, r);
+    const float s = p > 0.f ? alpha / (1.f - p) : alpha;  // the kept elements' factor
 #pragma unroll
     for (int q = 0; q < UP_V; q++) {
-        const int i = i0 + 8 * q, row = row0 + i;
-        float4 v = *reinterpret_cast<const float4*>(&wsh[i * UP_KN_STRIDE + j]);
-        const float s = p > 0.f ? alpha / (1.f - p) : alpha;  // the kept elements' factor
-        v.x *= keep >> (4 * q) & 1 ? s : 0.f, v.y *= keep >> (4 * q + 1) & 1 ? s : 0.f;
-        v.z *= keep >> (4 * q + 2) & 1 ? s : 0.f, v.w *= keep >> (4 * q + 3) & 1 ? s : 0.f;
+        const int row = pl.row0 + pl.i0 + 8 * q, j = pl.j;
+        const float4 v = up_scaled(sm, pl, q, keep, s);
         float4 y = make_float4(old[q].x + v.x, old[q].y + v.y, old[q].z + v.z, old[q].w + v.w);
         if (ACTS && rope_hd > 0) {
             // Tile columns j and j + 32 rotate together; lane bit 3 picks the half (16 pieces per
@@ -454,9 +486,9 @@ __device__ __forceinline__ void lora_up_tile(UpSmem& sm, const float* u, const f
         }
         if (row >= m || c >= N) continue;
         if (ACTS)
-            store4(out16 + at0 + q * step, y);
+            store4(out16 + pl.at0 + q * pl.step, y);
         else
-            *reinterpret_cast<float4*>(out + at0 + q * step) = y;
+            *reinterpret_cast<float4*>(out + pl.at0 + q * pl.step) = y;
     }
 }
 
@@ -480,6 +512,72 @@ extern "C" __global__ void __launch_bounds__(UP_THREADS, 4) lora_up(const float*
     }
 LORA_UP_FROM(lora_up_from_bf16, __nv_bfloat16)
 LORA_UP_FROM(lora_up_from_f16, __half)
+
+// ---- up, many parts: the input gradients of projections sharing x (q/k/v, gate/up) in one pass ----
+// out (m, N) = [out +] Σ_t (widen(base_t) [+ drop_t'(u_t · A_t)]) over up to UP_PARTS parts in order,
+// each added as lora_up_from_* adds its part (the sum so far + widen(base_t), then the branch's term),
+// so the values are bit for bit those of one lora_up_from_* (or widening) per part into the same out:
+// out is read (when accumulating) and written once instead of once per part. A part without a branch
+// has u_t null. A_t is given as (r, N) (W_RN). Launcher: Cuda::linears_backward_input.
+#define UP_PARTS 3
+struct UpParts {
+    const void* base[UP_PARTS];  // the parts' 16-bit products (m, N)
+    const float* u[UP_PARTS];    // du (m, r), or null: no branch
+    const float* a[UP_PARTS];    // A (r, N)
+    uint64_t seed[UP_PARTS];
+    float p[UP_PARTS];
+};
+template <typename T>
+__device__ __forceinline__ void lora_up_many_tile(UpSmem& sm, const UpParts& parts, int n_parts, float* out, int m, int N, int r, int accumulate) {
+    const UpPlace pl(N, 0);
+    const bool col_ok = pl.c < N;
+    float4 y[UP_V];  // the sum so far of this thread's pieces
+    if (accumulate) {
+        UpRaw loaded[UP_V];
+#pragma unroll
+        for (int q = 0; q < UP_V; q++) loaded[q] = up_load<float>(out, nullptr, pl.at0 + q * pl.step, pl.row0 + pl.i0 + 8 * q < m && col_ok, 1);
+#pragma unroll
+        for (int q = 0; q < UP_V; q++) y[q] = loaded[q].out;
+    }
+    // Unrolled, so that the parts' arguments are read where the launch put them (indexed at run
+    // time, the struct would be copied to local memory first).
+#pragma unroll
+    for (int t = 0; t < UP_PARTS; t++) {
+        if (t >= n_parts) break;
+        const T* base = static_cast<const T*>(parts.base[t]);
+        const bool branch = parts.u[t] != nullptr;
+        if (branch) up_copy_tiles<true>(sm, pl, parts.u[t], parts.a[t], m, N, r, 0);
+        UpRaw loaded[UP_V];
+#pragma unroll
+        for (int q = 0; q < UP_V; q++) loaded[q] = up_load<T>(nullptr, base, pl.at0 + q * pl.step, pl.row0 + pl.i0 + 8 * q < m && col_ok, 0);
+        const uint32_t keep = branch ? up_keep(pl, parts.seed[t], parts.p[t]) : ~0u;
+        const bool first = t == 0 && !accumulate;
+#pragma unroll
+        for (int q = 0; q < UP_V; q++) {
+            const float4 v = up_old<T>(loaded[q], 0);  // widen(base)
+            y[q] = first ? v : add4(y[q], v);
+        }
+        if (!branch) continue;
+        up_product<true>(sm, r);
+        const float p = parts.p[t], s = p > 0.f ? 1.f / (1.f - p) : 1.f;
+#pragma unroll
+        for (int q = 0; q < UP_V; q++) y[q] = add4(y[q], up_scaled(sm, pl, q, keep, s));
+        __syncthreads();  // every thread has read the product before the next part's copies land there
+    }
+#pragma unroll
+    for (int q = 0; q < UP_V; q++) {
+        if (pl.row0 + pl.i0 + 8 * q >= m || !col_ok) continue;
+        *reinterpret_cast<float4*>(out + pl.at0 + q * pl.step) = y[q];
+    }
+}
+#define LORA_UP_MANY(name, T)                                                                                                        \
+    extern "C" __global__ void __launch_bounds__(UP_THREADS, 4) name(UpParts parts, int n_parts, float* out, int m, int N, int r, int accumulate) { \
+        grid_dependency_wait();                                                                                                       \
+        __shared__ UpSmem sm;                                                                                                         \
+        lora_up_many_tile<T>(sm, parts, n_parts, out, m, N, r, accumulate);                                                           \
+    }
+LORA_UP_MANY(lora_up_many_bf16, __nv_bfloat16)
+LORA_UP_MANY(lora_up_many_f16, __half)
 // A q, k or v projection's LoRA B product (forward: B (N, r), no dropout on it) added to its 16-bit
 // frozen product `base` and written in bf16 into attention's saved inputs `out16`, rotated when
 // rope_hd > 0 (Cuda::qkv_attn_acts): lora_up_from_* and then rope_bf16 (or f32_to_bf16) in one pass.

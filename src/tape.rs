@@ -10,9 +10,9 @@
 //! reads it ([`Tape::done_with`]) or a recorded op's backward will ([`Op::saved_values`]), and the
 //! backward walk drops each saved value after the last op that reads it.
 
-use crate::backend::{AttnShape, Backend, Dropout, LoraGrad, RopeTables};
+use crate::backend::{AttnShape, Backend, Dropout, LinearGradPart, LoraGrad, RopeTables};
 use crate::model::llama::Graph;
-use crate::model::lora::{LoraGrads, Proj};
+use crate::model::lora::{LoraGrads, LoraPair, Proj};
 
 /// Index of a value held by a [`Tape`].
 pub type Id = usize;
@@ -29,6 +29,9 @@ pub enum NormRef {
     Final,
 }
 
+/// A `Linear` op's LoRA branch as recorded: its saved `u` and its dropout.
+type LoraSaved = Option<(Id, Dropout)>;
+
 /// One recorded op with the ids of what its backward needs.
 #[derive(Debug, Clone)]
 pub enum Op {
@@ -44,7 +47,7 @@ pub enum Op {
         layer: usize,
         proj: Proj,
         out: Id,
-        lora: Option<(Id, Dropout)>,
+        lora: LoraSaved,
     },
     /// RoPE of `q` and `k` and causal attention ([`Backend::rope_attention_acts`]): `q`, `k` and `v`
     /// are the projections' ids, which backward gives gradients to (un-rotated for q and k); their
@@ -378,19 +381,35 @@ impl<B: Backend> Tape<B> {
                         dv[x] = Some(dx);
                     }
                 }
-                Op::Linear { x, layer, proj, out, lora } => {
-                    if let Some(d) = dv[out].take() {
-                        let w = g.model.proj(layer, proj);
-                        let (rows, cols) = be.weight_shape(w);
-                        let m = be.buf_len(&d) / rows;
-                        // Added straight into a gradient x already has (q/k/v and gate/up share x).
-                        let (mut dx, accumulate) = grad_slot(be, &mut dv, x, m * cols);
-                        match lora {
-                            None => be.linear_backward_input(&d, w, m, &mut dx, accumulate),
-                            Some((u, dropout)) => {
-                                let pair = g.lora_pair(layer, proj).expect("LoRA op without adapter");
-                                let gp = grads.layers[layer][proj as usize].as_mut().expect("LoRA grads missing");
-                                let branch = LoraGrad {
+                Op::Linear { x, layer, out, .. } if dv[out].is_some() => {
+                    // This op and those recorded just before it that read the same x (q/k/v and
+                    // gate/up, recorded side by side): their input gradients in one call, in this
+                    // walk's order (the later ops find their gradients taken and pass).
+                    let group: Vec<(Proj, B::Buf, LoraSaved)> = (0..=i)
+                        .rev()
+                        .map_while(|j| match ops[j] {
+                            Op::Linear { x: xj, layer: lj, proj, out, lora } if xj == x && lj == layer => {
+                                dv[out].take().map(|d| (proj, d, lora))
+                            }
+                            _ => None,
+                        })
+                        .collect();
+                    let (rows, cols) = be.weight_shape(g.model.proj(layer, group[0].0));
+                    let m = be.buf_len(&group[0].1) / rows;
+                    // Added straight into a gradient x already has (its residual stream's, or none).
+                    let (mut dx, accumulate) = grad_slot(be, &mut dv, x, m * cols);
+                    // Each branch's weight gradients: disjoint entries of the layer's gradients.
+                    let mut layer_grads: Vec<Option<&mut LoraPair<B>>> =
+                        grads.layers[layer].iter_mut().map(Option::as_mut).collect();
+                    let parts = group
+                        .iter()
+                        .map(|(proj, d, lora)| LinearGradPart {
+                            dy: d,
+                            w: g.model.proj(layer, *proj),
+                            lora: lora.map(|(u, dropout)| {
+                                let pair = g.lora_pair(layer, *proj).expect("LoRA op without adapter");
+                                let gp = layer_grads[*proj as usize].take().expect("LoRA grads missing");
+                                LoraGrad {
                                     x: self.get(x),
                                     a: &pair.a,
                                     b: &pair.b,
@@ -398,22 +417,14 @@ impl<B: Backend> Tape<B> {
                                     dropout,
                                     da: &mut gp.a,
                                     db: &mut gp.b,
-                                };
-                                be.linear_lora_backward(
-                                    &d,
-                                    w,
-                                    m,
-                                    &mut dx,
-                                    accumulate,
-                                    branch,
-                                    g.lora_rank(),
-                                    g.lora_scale(),
-                                );
-                            }
-                        }
-                        dv[x] = Some(dx);
-                    }
+                                }
+                            }),
+                        })
+                        .collect();
+                    be.linears_backward_input(parts, m, &mut dx, accumulate, g.lora_rank(), g.lora_scale());
+                    dv[x] = Some(dx);
                 }
+                Op::Linear { .. } => {}
                 Op::Attention { q, k, v, acts, out, lse, shape } => {
                     let saved = self.attn_acts[acts].take().expect("an attention call's inputs are read once");
                     if let Some(d) = dv[out].take() {

@@ -12,7 +12,7 @@ use llamatune::backend::cpu::Cpu;
 use llamatune::backend::cuda::{AttnActs, Cuda, Fused4bit, MlpActs, Operand};
 use llamatune::backend::{
     linear_add_rmsnorm_mlp_gate_up_composed, linear_many_lora_composed, mlp_gate_up_composed, qkv_attn_acts_composed,
-    AdamWStep, AttnShape, Backend, Dropout, HostWeight, LoraBranch, LoraDown, LoraGrad, RopeTables,
+    AdamWStep, AttnShape, Backend, Dropout, HostWeight, LinearGradPart, LoraBranch, LoraDown, LoraGrad, RopeTables,
 };
 use llamatune::config::{ComputeDtype, LoraConfig, ModelConfig, QuantConfig, QuantType};
 use llamatune::model::llama::{forward_backward, forward_backward_with, Batch, Checkpointing, Llama, StepOptions};
@@ -761,6 +761,106 @@ fn training_lora_b_products_ride_in_the_widening() {
                 check(&format!("{what} dx vs CPU"), &got[2], &dx, MIXED_TOL);
                 check(&format!("{what} dA vs CPU"), &got[0], &da, TF32_TOL);
                 check(&format!("{what} dB vs CPU"), &got[1], &db, TF32_TOL);
+            }
+        }
+    }
+}
+
+/// The input gradients of projections sharing x landed in one pass (`Backend::linears_backward_input`
+/// on CUDA: every part's 16-bit product widened and every branch's dx term added by one
+/// `lora_up_many_*` launch) are bit for bit one `linear_lora_backward` / `linear_backward_input` per
+/// part in the same order (the composed path, `LLAMATUNE_SHARED_X_DGRAD=0`), dA and dB too, with dx
+/// poisoned or added into, and within the mixed-precision bound of the CPU. Llama-2-7B's q/k/v with
+/// LoRA on q and v (the classic recipe) at 2,048 rows; all three with LoRA at 515 rows; gate and up
+/// (11,008 out-features, two parts) with double quantization and f16 compute; odd sizes, the first
+/// part without a branch.
+#[test]
+fn shared_x_input_gradients_in_one_pass_equal_one_per_projection() {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(83);
+    let g = gpu();
+    for (m, cols, rows, with_lora, r, dq, c) in [
+        (2048, 4096, vec![4096, 4096, 4096], vec![true, false, true], 64, false, ComputeDtype::BF16),
+        (515, 4096, vec![4096, 4096, 4096], vec![true, true, true], 64, false, ComputeDtype::BF16),
+        (515, 4096, vec![11008, 11008], vec![true, true], 64, true, ComputeDtype::F16),
+        (600, 320, vec![1000, 76], vec![false, true], 12, false, ComputeDtype::BF16),
+    ] {
+        let label = format!("m={m} {rows:?}x{cols} LoRA {with_lora:?} r={r} dq={dq} {c:?}");
+        let (host, ab) = nf4_weights_with_lora(&mut rng, &rows, cols, r, dq, c);
+        let n = rows.len();
+        let drops: Vec<_> = (0..n).map(|i| Dropout { p: 0.1, seed: 900 + i as u64 }).collect();
+        let x = rnd(&mut rng, m * cols, 1.0);
+        let us: Vec<_> = (0..n).map(|_| rnd(&mut rng, m * r, 1.0)).collect();
+        let dys: Vec<_> = rows.iter().map(|&k| rnd(&mut rng, m * k, 1.0)).collect();
+        let d0: Vec<_> = rows.iter().map(|&k| (rnd(&mut rng, r * cols, 0.1), rnd(&mut rng, k * r, 0.1))).collect();
+        let dx0 = rnd(&mut rng, m * cols, 0.1);
+        let gw: Vec<_> = host.iter().map(|h| g.upload_weight(h.clone())).collect();
+        let gab: Vec<_> = ab.iter().map(|(a, b)| (g.upload(a), g.upload(b))).collect();
+        let (gx, gus, gdys) = (
+            g.upload(&x),
+            us.iter().map(|u| g.upload(u)).collect::<Vec<_>>(),
+            dys.iter().map(|d| g.upload(d)).collect::<Vec<_>>(),
+        );
+        for accumulate in [false, true] {
+            let run = |one_pass: bool| {
+                let mut grads: Vec<_> = d0.iter().map(|(da, db)| (g.upload(da), g.upload(db))).collect();
+                let mut dx = if accumulate { g.upload(&dx0) } else { poisoned(m * cols) };
+                let parts: Vec<_> = grads
+                    .iter_mut()
+                    .enumerate()
+                    .map(|(i, (da, db))| LinearGradPart {
+                        dy: &gdys[i],
+                        w: &gw[i],
+                        lora: with_lora[i].then(|| LoraGrad {
+                            x: &gx,
+                            a: &gab[i].0,
+                            b: &gab[i].1,
+                            u: &gus[i],
+                            dropout: drops[i],
+                            da,
+                            db,
+                        }),
+                    })
+                    .collect();
+                g.set_shared_x_dgrad(one_pass);
+                assert_eq!(g.linears_in_one_pass(&parts, m, r).is_some(), one_pass, "{label}: the one-pass path");
+                g.linears_backward_input(parts, m, &mut dx, accumulate, r, 0.25);
+                g.set_shared_x_dgrad(true);
+                let grads: Vec<_> = grads.iter().map(|(da, db)| (g.download(da), g.download(db))).collect();
+                (g.download(&dx), grads)
+            };
+            let ((dx1, grads1), (dx2, grads2)) = (run(true), run(false));
+            let what = format!("{label} accumulate {accumulate}");
+            check(&format!("{what} dx, one pass vs one per part"), &dx1, &dx2, 0.0);
+            for (i, ((da1, db1), (da2, db2))) in grads1.iter().zip(&grads2).enumerate().filter(|(i, _)| with_lora[*i]) {
+                check(&format!("{what} dA{i}, one pass vs one per part"), da1, da2, 0.0);
+                check(&format!("{what} dB{i}, one pass vs one per part"), db1, db2, 0.0);
+            }
+            // The CPU's composed path from the same operands.
+            let cw: Vec<_> = host.iter().map(|h| CPU.upload_weight(h.clone())).collect();
+            let mut cgrads = d0.clone();
+            let mut cdx = if accumulate { dx0.clone() } else { vec![0.0; m * cols] };
+            let parts: Vec<_> = cgrads
+                .iter_mut()
+                .enumerate()
+                .map(|(i, (da, db))| LinearGradPart {
+                    dy: &dys[i],
+                    w: &cw[i],
+                    lora: with_lora[i].then(|| LoraGrad {
+                        x: &x,
+                        a: &ab[i].0,
+                        b: &ab[i].1,
+                        u: &us[i],
+                        dropout: drops[i],
+                        da,
+                        db,
+                    }),
+                })
+                .collect();
+            CPU.linears_backward_input(parts, m, &mut cdx, accumulate, r, 0.25);
+            check(&format!("{what} dx vs CPU"), &dx1, &cdx, MIXED_TOL);
+            for (i, ((da1, db1), (da, db))) in grads1.iter().zip(&cgrads).enumerate().filter(|(i, _)| with_lora[*i]) {
+                check(&format!("{what} dA{i} vs CPU"), da1, da, TF32_TOL);
+                check(&format!("{what} dB{i} vs CPU"), db1, db, TF32_TOL);
             }
         }
     }

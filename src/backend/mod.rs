@@ -145,6 +145,14 @@ pub struct LoraGrad<'a, B: Backend + ?Sized> {
     pub db: &'a mut B::Buf,
 }
 
+/// One projection's part of [`Backend::linears_backward_input`]: its output gradient `dy (m, out)`,
+/// its frozen weight and its LoRA branch, if any.
+pub struct LinearGradPart<'a, B: Backend + ?Sized> {
+    pub dy: &'a B::Buf,
+    pub w: &'a B::Weight,
+    pub lora: Option<LoraGrad<'a, B>>,
+}
+
 /// Geometry of one attention call. Queries are `(batch, q_len, heads, head_dim)`; keys and values
 /// `(batch, kv_capacity, kv_heads, head_dim)` of which the first `kv_len` rows are valid. Query `t`
 /// sits at absolute position `q_offset + t` and sees keys `s <= q_offset + t` (causal).
@@ -525,6 +533,23 @@ pub trait Backend {
         self.linear_backward_input(dy, w, m, dx, accumulate);
         let LoraGrad { x, a, b, u, dropout, da, db } = lora;
         self.lora_backward(x, a, b, u, dy, m, r, scale, dropout, da, db, dx);
+    }
+    /// The input gradient of projections that read the same `x (m, in)` (q/k/v, gate/up), each part
+    /// landing in `dx` as [`Backend::linear_lora_backward`] (or [`Backend::linear_backward_input`]
+    /// without a branch) would land it, in the order given: the first written over `dx` unless
+    /// `accumulate`, the others added (the default makes those calls). A backend may land every part
+    /// in one pass over `dx` (CUDA: the 16-bit products and the branches' dx terms added in one kernel,
+    /// the same values in the same order).
+    fn linears_backward_input(
+        &self,
+        parts: Vec<LinearGradPart<'_, Self>>,
+        m: usize,
+        dx: &mut Self::Buf,
+        accumulate: bool,
+        r: usize,
+        scale: f32,
+    ) {
+        linears_backward_input_composed(self, parts, m, dx, accumulate, r, scale);
     }
     /// A LoRA branch's A product alone: `u (m, r) = drop(x) · Aᵀ`, `a (r, in)`. Backward's replay of
     /// a checkpointed layer runs it for a projection whose output it does not need (the down
@@ -995,6 +1020,28 @@ pub fn linear_add_rmsnorm_mlp_gate_up_composed<B: Backend + ?Sized>(
     let mut o = be.alloc_output(m * be.weight_shape(wo).0);
     be.linear(attn, wo, m, &mut o);
     be.add_rmsnorm_mlp_gate_up(res, &o, w, eps, mlp, m, sum, rstd)
+}
+
+/// [`Backend::linears_backward_input`] as one [`Backend::linear_lora_backward`] (or
+/// [`Backend::linear_backward_input`]) per part, in order, the first written over `dx` unless
+/// `accumulate`: the default, and the reference a fused backend is compared with.
+#[allow(clippy::too_many_arguments)]
+pub fn linears_backward_input_composed<B: Backend + ?Sized>(
+    be: &B,
+    parts: Vec<LinearGradPart<'_, B>>,
+    m: usize,
+    dx: &mut B::Buf,
+    accumulate: bool,
+    r: usize,
+    scale: f32,
+) {
+    for (k, p) in parts.into_iter().enumerate() {
+        let acc = accumulate || k > 0;
+        match p.lora {
+            None => be.linear_backward_input(p.dy, p.w, m, dx, acc),
+            Some(l) => be.linear_lora_backward(p.dy, p.w, m, dx, acc, l, r, scale),
+        }
+    }
 }
 
 /// [`Backend::qkv_attn_acts`] as [`Backend::linear_many_lora`] into f32 outputs, then

@@ -408,16 +408,41 @@ impl Cuda {
     ) {
         let (rows, cols) = w.shape();
         let (wop, c, ld) = self.weight_operand_for_grad(w);
-        let dyc = match dy16 {
-            Some(o) => {
-                assert!(o.dtype() == c && o.len() >= dy.len(), "dgrad_gemm: dy16 is not dy in the compute dtype");
-                Some(o)
-            }
-            None => self.convert(dy, c),
-        };
+        let dyc = self.dy_for_grad(dy, dy16, c);
         let dyop = dyc.as_ref().map_or(OperandView::F32(dy), OperandView::from);
         let product = Gemm { ldb: ld, ..Gemm::input_grad(m, cols, rows, dyop, wop.as_ref()) };
         self.gemm_rounded(w, product, dx, accumulate, up, "linear backward GEMM");
+    }
+
+    /// [`Cuda::dgrad_gemm`]'s product `dy (m, rows) · W` as cuBLAS writes it in the 4-bit weight's
+    /// 16-bit compute dtype `c`, not widened (for `Cuda::linears_backward_input_one_pass`).
+    pub(super) fn dgrad_16(
+        &self,
+        dy: &CudaSlice<f32>,
+        dy16: Option<Operand>,
+        w: &CudaWeight,
+        m: usize,
+        c: ComputeDtype,
+    ) -> Operand {
+        let (rows, cols) = w.shape();
+        let (wop, wc, ld) = self.weight_operand_for_grad(w);
+        assert_eq!(wc, c, "dgrad_16: the weight's compute dtype");
+        let dyc = self.dy_for_grad(dy, dy16, c);
+        let dyop = dyc.as_ref().map_or(OperandView::F32(dy), OperandView::from);
+        let product = Gemm { ldb: ld, ..Gemm::input_grad(m, cols, rows, dyop, wop.as_ref()) };
+        self.gemm_16(&product, c, "linear backward GEMM")
+    }
+
+    /// dy as the input gradient's GEMM takes it for compute dtype `c`: `dy16` (dy already rounded to
+    /// it, by `lora_du`), else converted here (`None`: f32, taken as it is).
+    fn dy_for_grad(&self, dy: &CudaSlice<f32>, dy16: Option<Operand>, c: ComputeDtype) -> Option<Operand> {
+        match dy16 {
+            Some(o) => {
+                assert!(o.dtype() == c && o.len() >= dy.len(), "dgrad: dy16 is not dy in the compute dtype");
+                Some(o)
+            }
+            None => self.convert(dy, c),
+        }
     }
 
     /// [`Backend::linear_many_lora`](crate::backend::Backend::linear_many_lora) when the products do not share a GEMV

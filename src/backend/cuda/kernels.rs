@@ -117,6 +117,8 @@ pub(super) fn kernel_names(module: &str) -> &'static [&'static str] {
             "lora_up",
             "lora_up_from_bf16",
             "lora_up_from_f16",
+            "lora_up_many_bf16",
+            "lora_up_many_f16",
             "lora_up_acts_bf16",
             "lora_up_acts_f16",
         ],

@@ -13,7 +13,7 @@ mod blas;
 
 use super::{
     rope_attention_backward_composed, rope_attention_composed, AdamWStep, AttnShape, Backend, Dropout, HostWeight,
-    LoraBranch, LoraDown, LoraGrad, RopeTables,
+    LinearGradPart, LoraBranch, LoraDown, LoraGrad, RopeTables,
 };
 use crate::config::ComputeDtype;
 use crate::error::{Error, Result};
@@ -55,6 +55,9 @@ pub struct Cuda {
     /// [`Cuda::set_lora_wide`]: the wide split kernels for A products and dA (`LLAMATUNE_LORA_WIDE=0`:
     /// the narrow ones).
     lora_wide: std::sync::atomic::AtomicBool,
+    /// [`Cuda::set_shared_x_dgrad`]: the input gradients of projections sharing x landed in one pass
+    /// (`Cuda::linears_in_one_pass`); `LLAMATUNE_SHARED_X_DGRAD=0`: one widening per projection.
+    shared_x_dgrad: std::sync::atomic::AtomicBool,
     /// [`Cuda::set_o_into_norm`]: the o product added into the residual in its 16-bit dtype
     /// (`Cuda::o_product_in_16_bit`); `LLAMATUNE_O_INTO_NORM=0`: widened first (A/B runs).
     o_into_norm: std::sync::atomic::AtomicBool,
@@ -167,6 +170,7 @@ mod profile;
 mod qkv;
 mod quant4;
 mod residual;
+mod shared_x;
 mod weights;
 mod xent;
 use crate::backend::switch_on;
@@ -326,6 +330,7 @@ impl Cuda {
         let fused_4bit = (fused_4bit as u8).into();
         let fused_lora = switch_on("LLAMATUNE_FUSED_LORA").into();
         let lora_wide = switch_on("LLAMATUNE_LORA_WIDE").into();
+        let shared_x_dgrad = switch_on("LLAMATUNE_SHARED_X_DGRAD").into();
         let o_into_norm = switch_on("LLAMATUNE_O_INTO_NORM").into();
         let mlp_lora_16 = switch_on("LLAMATUNE_MLP_LORA_16").into();
         let residual_16 = switch_on("LLAMATUNE_RESIDUAL_16").into();
@@ -358,6 +363,7 @@ impl Cuda {
             fused_4bit,
             fused_lora,
             lora_wide,
+            shared_x_dgrad,
             o_into_norm,
             mlp_lora_16,
             residual_16,
@@ -946,6 +952,20 @@ impl Backend for Cuda {
         self.dgrad_gemm(dy, dy16, w, m, dx, accumulate, Some(up));
     }
 
+    fn linears_backward_input(
+        &self,
+        parts: Vec<LinearGradPart<'_, Self>>,
+        m: usize,
+        dx: &mut CudaSlice<f32>,
+        accumulate: bool,
+        r: usize,
+        scale: f32,
+    ) {
+        match self.linears_in_one_pass(&parts, m, r) {
+            Some(c) => self.linears_backward_input_one_pass(parts, m, dx, accumulate, r, scale, c),
+            None => super::linears_backward_input_composed(self, parts, m, dx, accumulate, r, scale),
+        }
+    }
     fn lora_forward(
         &self,
         x: &CudaSlice<f32>,
