@@ -766,6 +766,30 @@ fn training_lora_b_products_ride_in_the_widening() {
     }
 }
 
+/// The parts of one `linears_backward_input` call on backend B: part i's output gradient and weight,
+/// and where `with_lora[i]`, its branch (saved x and u, A and B, dropout) adding into `grads[i]`.
+#[allow(clippy::too_many_arguments)]
+fn linear_grad_parts<'a, B: Backend>(
+    dys: &'a [B::Buf],
+    ws: &'a [B::Weight],
+    x: &'a B::Buf,
+    ab: &'a [(B::Buf, B::Buf)],
+    us: &'a [B::Buf],
+    drops: &[Dropout],
+    with_lora: &[bool],
+    grads: &'a mut [(B::Buf, B::Buf)],
+) -> Vec<LinearGradPart<'a, B>> {
+    grads
+        .iter_mut()
+        .enumerate()
+        .map(|(i, (da, db))| LinearGradPart {
+            dy: &dys[i],
+            w: &ws[i],
+            lora: with_lora[i].then(|| LoraGrad { x, a: &ab[i].0, b: &ab[i].1, u: &us[i], dropout: drops[i], da, db }),
+        })
+        .collect()
+}
+
 /// The input gradients of projections sharing x landed in one pass (`Backend::linears_backward_input`
 /// on CUDA: every part's 16-bit product widened and every branch's dx term added by one
 /// `lora_up_many_*` launch) are bit for bit one `linear_lora_backward` / `linear_backward_input` per
@@ -804,23 +828,7 @@ fn shared_x_input_gradients_in_one_pass_equal_one_per_projection() {
             let run = |one_pass: bool| {
                 let mut grads: Vec<_> = d0.iter().map(|(da, db)| (g.upload(da), g.upload(db))).collect();
                 let mut dx = if accumulate { g.upload(&dx0) } else { poisoned(m * cols) };
-                let parts: Vec<_> = grads
-                    .iter_mut()
-                    .enumerate()
-                    .map(|(i, (da, db))| LinearGradPart {
-                        dy: &gdys[i],
-                        w: &gw[i],
-                        lora: with_lora[i].then(|| LoraGrad {
-                            x: &gx,
-                            a: &gab[i].0,
-                            b: &gab[i].1,
-                            u: &gus[i],
-                            dropout: drops[i],
-                            da,
-                            db,
-                        }),
-                    })
-                    .collect();
+                let parts = linear_grad_parts(&gdys, &gw, &gx, &gab, &gus, &drops, &with_lora, &mut grads);
                 g.set_shared_x_dgrad(one_pass);
                 assert_eq!(g.linears_in_one_pass(&parts, m, r).is_some(), one_pass, "{label}: the one-pass path");
                 g.linears_backward_input(parts, m, &mut dx, accumulate, r, 0.25);
@@ -839,23 +847,7 @@ fn shared_x_input_gradients_in_one_pass_equal_one_per_projection() {
             let cw: Vec<_> = host.iter().map(|h| CPU.upload_weight(h.clone())).collect();
             let mut cgrads = d0.clone();
             let mut cdx = if accumulate { dx0.clone() } else { vec![0.0; m * cols] };
-            let parts: Vec<_> = cgrads
-                .iter_mut()
-                .enumerate()
-                .map(|(i, (da, db))| LinearGradPart {
-                    dy: &dys[i],
-                    w: &cw[i],
-                    lora: with_lora[i].then(|| LoraGrad {
-                        x: &x,
-                        a: &ab[i].0,
-                        b: &ab[i].1,
-                        u: &us[i],
-                        dropout: drops[i],
-                        da,
-                        db,
-                    }),
-                })
-                .collect();
+            let parts = linear_grad_parts(&dys, &cw, &x, &ab, &us, &drops, &with_lora, &mut cgrads);
             CPU.linears_backward_input(parts, m, &mut cdx, accumulate, r, 0.25);
             check(&format!("{what} dx vs CPU"), &dx1, &cdx, MIXED_TOL);
             for (i, ((da1, db1), (da, db))) in grads1.iter().zip(&cgrads).enumerate().filter(|(i, _)| with_lora[*i]) {
