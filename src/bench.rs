@@ -5,7 +5,7 @@ use crate::backend::Backend;
 use crate::config::{LoraConfig, ModelConfig, QuantConfig};
 use crate::error::{Error, Result};
 use crate::generate::{generate, GenerationConfig};
-use crate::model::llama::{forward_backward, Batch, Checkpointing, Llama};
+use crate::model::llama::{forward_backward_with, Batch, Checkpointing, Llama, StepOptions};
 use crate::model::lora::{param_count, Lora, Proj};
 use crate::model::weights::{HostTensor, WeightSource};
 use crate::optim::{clip_coefficient, grad_norm, AdamW, AdamWConfig, PAGED_CHUNK};
@@ -178,6 +178,8 @@ pub struct BenchConfig {
     pub gradient_checkpointing: bool,
     /// Checkpointed layer inputs wait in host memory ([`Checkpointing::Offload`]).
     pub gradient_checkpointing_offload: bool,
+    /// Checkpointed layers whose MLP products are kept for backward ([`StepOptions::keep_mlp_layers`]).
+    pub gradient_checkpointing_keep_mlp: usize,
     /// `adamw_torch` or `paged_adamw_32bit` (paged: optimizer state moves to pinned host memory when
     /// it would take over a quarter of the free device memory, as in training).
     pub optim: String,
@@ -201,6 +203,7 @@ pub struct BenchReport {
     pub seq_len: usize,
     pub gradient_checkpointing: bool,
     pub gradient_checkpointing_offload: bool,
+    pub gradient_checkpointing_keep_mlp: usize,
     pub optim: String,
     /// Whether the optimizer state actually lived in host memory.
     pub optimizer_paged: bool,
@@ -237,10 +240,18 @@ pub struct BenchReport {
 ///   input gradient through A and B);
 /// - with gradient checkpointing, the forward again for every layer but the last (recorded whole),
 ///   without the down projection's product and LoRA B product, whose output backward's replay does
-///   not need (`Graph::layer_replay`).
-pub fn step_flops(c: &ModelConfig, lora: &LoraConfig, batch: usize, seq: usize, checkpointing: bool) -> f64 {
+///   not need (`Graph::layer_replay`), and without the gate and up products (with their LoRA
+///   branches) in the `kept_mlp` layers whose first pass kept them (`StepOptions::keep_mlp_layers`).
+pub fn step_flops(
+    c: &ModelConfig,
+    lora: &LoraConfig,
+    batch: usize,
+    seq: usize,
+    checkpointing: bool,
+    kept_mlp: usize,
+) -> f64 {
     let tokens = (batch * seq) as f64;
-    let (mut proj, mut lora_f, mut replay) = (0.0f64, 0.0f64, 0.0f64);
+    let (mut proj, mut lora_f, mut replay, mut gate_up) = (0.0f64, 0.0f64, 0.0f64, 0.0f64);
     for p in Proj::ALL {
         let (o, i) = p.shape(c);
         let (product, (lora_a, lora_b)) =
@@ -256,12 +267,17 @@ pub fn step_flops(c: &ModelConfig, lora: &LoraConfig, batch: usize, seq: usize, 
             (_, true) => product + lora_a + lora_b,
             (_, false) => product,
         };
+        if matches!(p, Proj::Gate | Proj::Up) {
+            gate_up += product + if targeted { lora_a + lora_b } else { 0.0 };
+        }
     }
     let layers = c.num_hidden_layers as f64;
     let attn = 4.0 * (c.head_dim * c.num_attention_heads) as f64 * (seq as f64 + 1.0) / 2.0;
     let replayed = if checkpointing { layers - 1.0 } else { 0.0 };
+    let kept = (kept_mlp as f64).min(replayed);
     let head = 2.0 * (c.vocab_size * c.hidden_size) as f64;
-    let per_token = layers * (proj * 2.0 + attn * 3.5 + lora_f * 3.0) + replayed * (replay + attn) + 2.0 * head;
+    let per_token =
+        layers * (proj * 2.0 + attn * 3.5 + lora_f * 3.0) + replayed * (replay + attn) - kept * gate_up + 2.0 * head;
     per_token * tokens
 }
 
@@ -317,16 +333,13 @@ pub fn run<B: Backend>(be: &B, cfg: &BenchConfig, log: &mut dyn FnMut(&str)) -> 
         let t = Instant::now();
         grads.zero(be);
         let count = b.num_targets();
-        let l = forward_backward(
-            be,
-            &model,
-            &lora,
-            &mut grads,
-            &b,
-            1.0 / count.max(1) as f32,
-            Some(step as u64),
-            Checkpointing::from_flags(cfg.gradient_checkpointing, cfg.gradient_checkpointing_offload),
-        );
+        let opts = StepOptions {
+            dropout_seed: Some(step as u64),
+            checkpointing: Checkpointing::from_flags(cfg.gradient_checkpointing, cfg.gradient_checkpointing_offload),
+            neftune_noise_alpha: None,
+            keep_mlp_layers: cfg.gradient_checkpointing_keep_mlp,
+        };
+        let l = forward_backward_with(be, &model, &lora, &mut grads, &b, 1.0 / count.max(1) as f32, opts);
         let gn = grad_norm(be, &grads);
         opt.update(be, &mut lora, &grads, 2e-4, clip_coefficient(gn, 0.3) as f32);
         be.synchronize();
@@ -340,7 +353,8 @@ pub fn run<B: Backend>(be: &B, cfg: &BenchConfig, log: &mut dyn FnMut(&str)) -> 
     let train_peak = be.peak_memory();
     let reserved_growth = reserved_after_warmup.zip(be.reserved_memory()).map(|(a, b)| b.saturating_sub(a));
     let median_step_s = median(&step_times);
-    let flops = step_flops(&cfg.model, &cfg.lora, cfg.batch_size, cfg.seq_len, cfg.gradient_checkpointing);
+    let (ckpt, kept) = (cfg.gradient_checkpointing, cfg.gradient_checkpointing_keep_mlp);
+    let flops = step_flops(&cfg.model, &cfg.lora, cfg.batch_size, cfg.seq_len, ckpt, kept);
     let achieved = flops / median_step_s / 1e12;
 
     let (mut decode_tps, mut prefill_s) = (None, None);
@@ -376,6 +390,7 @@ pub fn run<B: Backend>(be: &B, cfg: &BenchConfig, log: &mut dyn FnMut(&str)) -> 
         seq_len: cfg.seq_len,
         gradient_checkpointing: cfg.gradient_checkpointing,
         gradient_checkpointing_offload: cfg.gradient_checkpointing_offload,
+        gradient_checkpointing_keep_mlp: cfg.gradient_checkpointing_keep_mlp,
         optim: cfg.optim.clone(),
         optimizer_paged: opt.is_paged(),
         trainable_params: param_count(&cfg.model, &cfg.lora),
@@ -409,13 +424,21 @@ mod tests {
         // 4·4096² + 3·4096·11008), the lm_head 2·4096·32000 twice, attention small.
         let c = shape_config("llama2-7b").unwrap();
         let lora = LoraConfig { r: 64, ..LoraConfig::default() }.with_targets(&["q_proj", "v_proj"]).unwrap();
-        let f = step_flops(&c, &lora, 4, 512, true) / 2048.0;
+        let f = step_flops(&c, &lora, 4, 512, true, 0) / 2048.0;
         let proj: f64 = 32.0 * 2.0 * (4.0 * 4096.0 * 4096.0 + 3.0 * 4096.0 * 11008.0);
         assert!((proj - 2.0 * 6.476e9).abs() / proj < 1e-3);
         // Backward's replay: 31 layers (the last is recorded whole), without the down product.
         let replay: f64 = 31.0 * 2.0 * (4.0 * 4096.0 * 4096.0 + 2.0 * 4096.0 * 11008.0);
         let lower = 2.0 * proj + replay + 2.0 * 2.0 * 4096.0 * 32000.0;
         assert!(f > lower && f < lower * 1.06, "{f:e} vs {lower:e}");
+        // Layers whose MLP products were kept replay no gate and up products (no LoRA on them
+        // here); asking for more layers than are replayed keeps the 31 there are.
+        let gate_up = 2.0 * 2.0 * 4096.0 * 11008.0;
+        let kept = step_flops(&c, &lora, 4, 512, true, 10) / 2048.0;
+        assert!(((f - kept) - 10.0 * gate_up).abs() / gate_up < 1e-9, "{:e}", f - kept);
+        let all = step_flops(&c, &lora, 4, 512, true, 100) / 2048.0;
+        assert!(((f - all) - 31.0 * gate_up).abs() / gate_up < 1e-9, "{:e}", f - all);
+        assert_eq!(step_flops(&c, &lora, 4, 512, false, 5), step_flops(&c, &lora, 4, 512, false, 0));
     }
 
     #[test]
@@ -450,6 +473,7 @@ mod tests {
             steps: 3,
             gradient_checkpointing: true,
             gradient_checkpointing_offload: true,
+            gradient_checkpointing_keep_mlp: 0,
             optim: "paged_adamw_32bit".into(),
             decode_tokens: 5,
             prompt_len: 4,

@@ -112,6 +112,21 @@ impl Op {
     }
 }
 
+/// What a checkpointed layer's first pass keeps for the layer's replay in backward, instead of the
+/// replay computing it again: the same values, so the same gradients bit for bit, held on the device
+/// from the first pass to the layer's backward.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ReplayKeeps {
+    /// The LoRA branches' `u = drop(x) · Aᵀ`. Why: a `u` is `m × r` values (0.5 MB for a 7B
+    /// projection at 2,048 rows) while computing it again reads all of `x`; the A products were
+    /// half of them recomputations (session 23's profile: 15.2 ms per all-linear 7B step).
+    pub lora_us: bool,
+    /// The MLP's gate and up products (`2 · m · intermediate_size` values in the backend's form:
+    /// 90 MB in bf16 for Llama-2-7B at 2,048 rows), whose two GEMMs are the larger part of a
+    /// layer's recompute (370 of its 645 GFLOP at 7B): memory traded for time, per layer as asked.
+    pub mlp_acts: bool,
+}
+
 /// Values and (when `recording`) the ops that made them.
 pub struct Tape<B: Backend> {
     pub recording: bool,
@@ -131,8 +146,11 @@ pub struct Tape<B: Backend> {
     /// LoRA branches' `u = drop(x) · Aᵀ` by (layer, projection), kept from a checkpointed layer's
     /// first pass for its replay, which then runs no A product ([`Tape::keep_lora_u`]).
     lora_us: std::collections::HashMap<(usize, Proj), B::Buf>,
-    /// Whether [`Tape::keep_lora_u`] keeps (a checkpointed layer's first pass, [`Tape::keeping_lora_us`]).
-    keeps_lora_us: bool,
+    /// MLPs' gate and up products by layer, kept from a checkpointed layer's first pass for its
+    /// replay, which then runs neither product ([`Tape::keep_mlp_acts`]).
+    kept_mlp_acts: std::collections::HashMap<usize, B::MlpActs>,
+    /// What a checkpointed layer's first pass keeps for its replay ([`Tape::keeping`]).
+    keeps: ReplayKeeps,
 }
 
 /// Buffers kept for reuse, by length. Decoding's recorded step draws every buffer from one and hands
@@ -185,20 +203,19 @@ impl<B: Backend> Tape<B> {
             attn_acts: Vec::new(),
             released: None,
             lora_us: Default::default(),
-            keeps_lora_us: false,
+            kept_mlp_acts: Default::default(),
+            keeps: ReplayKeeps::default(),
         }
     }
-    /// The tape of a checkpointed layer's first pass (not recording): it keeps the LoRA branches' `u`
-    /// for the layer's replay ([`Tape::keep_lora_u`]). Why: a `u` is `m × r` values (0.5 MB for a
-    /// 7B projection at 2,048 rows) while computing it again reads all of `x`; the A products were
-    /// half of them recomputations (session 23's profile: 15.2 ms per all-linear 7B step).
-    pub fn keeping_lora_us() -> Self {
-        Tape { keeps_lora_us: true, ..Self::new(false) }
+    /// The tape of a checkpointed layer's first pass (not recording), keeping what `keeps` names for
+    /// the layer's replay ([`Tape::keep_lora_u`], [`Tape::keep_mlp_acts`]).
+    pub fn keeping(keeps: ReplayKeeps) -> Self {
+        Tape { keeps, ..Self::new(false) }
     }
     /// Hands the `u` of `(layer, proj)`'s LoRA branch to the tape: kept for the layer's replay on a
-    /// [`Tape::keeping_lora_us`] tape (returns `None`), given back otherwise.
+    /// tape [`Tape::keeping`] them (returns `None`), given back otherwise.
     pub fn keep_lora_u(&mut self, layer: usize, proj: Proj, u: B::Buf) -> Option<B::Buf> {
-        if !self.keeps_lora_us {
+        if !self.keeps.lora_us {
             return Some(u);
         }
         self.lora_us.insert((layer, proj), u);
@@ -208,13 +225,32 @@ impl<B: Backend> Tape<B> {
     pub fn take_lora_u(&mut self, layer: usize, proj: Proj) -> Option<B::Buf> {
         self.lora_us.remove(&(layer, proj))
     }
-    /// Moves the `u`s `other` kept for `layer` (for every layer: `None`) onto this tape: a layer's
-    /// first pass hands them to the tape that records it, which hands them to the layer's replay.
-    pub fn adopt_lora_us(&mut self, other: &mut Tape<B>, layer: Option<usize>) {
-        let keys: Vec<_> = other.lora_us.keys().copied().filter(|&(l, _)| layer.is_none_or(|want| l == want)).collect();
+    /// Hands `layer`'s MLP gate and up products to the tape: kept for the layer's replay on a tape
+    /// [`Tape::keeping`] them (returns `None`), given back otherwise.
+    pub fn keep_mlp_acts(&mut self, layer: usize, acts: B::MlpActs) -> Option<B::MlpActs> {
+        if !self.keeps.mlp_acts {
+            return Some(acts);
+        }
+        self.kept_mlp_acts.insert(layer, acts);
+        None
+    }
+    /// `layer`'s kept MLP products, if any (removed from the tape).
+    pub fn take_kept_mlp_acts(&mut self, layer: usize) -> Option<B::MlpActs> {
+        self.kept_mlp_acts.remove(&layer)
+    }
+    /// Moves what `other` kept for `layer`'s replay (for every layer: `None`) onto this tape: a
+    /// layer's first pass hands it to the tape that records the step, which hands it to the replay.
+    pub fn adopt_kept(&mut self, other: &mut Tape<B>, layer: Option<usize>) {
+        let wanted = |l: usize| layer.is_none_or(|want| l == want);
+        let keys: Vec<_> = other.lora_us.keys().copied().filter(|&(l, _)| wanted(l)).collect();
         for key in keys {
             let u = other.lora_us.remove(&key).expect("listed above");
             self.lora_us.insert(key, u);
+        }
+        let layers: Vec<_> = other.kept_mlp_acts.keys().copied().filter(|&l| wanted(l)).collect();
+        for l in layers {
+            let acts = other.kept_mlp_acts.remove(&l).expect("listed above");
+            self.kept_mlp_acts.insert(l, acts);
         }
     }
     /// A tape whose released values are kept for [`Tape::into_buffers`] instead of freed.
@@ -287,12 +323,13 @@ impl<B: Backend> Tape<B> {
         }
     }
     /// Elements held by the tape's live values on the device, the MLPs' saved products, the
-    /// attention calls' saved inputs and the kept LoRA `u`s included (what the memory tests count).
+    /// attention calls' saved inputs and what first passes kept for replays included (what the memory tests count).
     pub fn live_elements(&self, be: &B) -> usize {
         self.vals.iter().flatten().map(|v| be.buf_len(v)).sum::<usize>()
             + self.mlp_acts.iter().flatten().map(|a| be.mlp_acts_len(a)).sum::<usize>()
             + self.attn_acts.iter().flatten().map(|a| be.attn_acts_len(a)).sum::<usize>()
             + self.lora_us.values().map(|u| be.buf_len(u)).sum::<usize>()
+            + self.kept_mlp_acts.values().map(|a| be.mlp_acts_len(a)).sum::<usize>()
     }
     pub fn get(&self, id: Id) -> &B::Buf {
         self.vals[id].as_ref().expect("tape value was already released")
@@ -488,7 +525,7 @@ impl<B: Backend> Tape<B> {
                         {
                             self.start_reload(be, *next);
                         }
-                        sub.adopt_lora_us(self, Some(layer));
+                        sub.adopt_kept(self, Some(layer));
                         let x = sub.put(saved_input);
                         // Only what the layer's backward reads is computed: its output is `out`'s value,
                         // already known (the next checkpoint), so the replay never makes it.

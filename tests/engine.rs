@@ -226,15 +226,16 @@ fn a_recorded_layer_keeps_only_what_its_backward_reads() {
     }
 }
 
-/// A checkpointed layer's first pass (`Tape::keeping_lora_us`) keeps every LoRA branch's u, and the
-/// layer's replay reads them instead of running the A products again: from the kept values the
-/// gradients are the plain tape's bit for bit; with down's kept u doubled, down's dB doubles exactly
-/// (dB = scale · dyᵀ · u, and a replay reads down's u nowhere else) and every other gradient stays.
+/// A checkpointed layer's first pass (`Tape::keeping` with `ReplayKeeps::lora_us`) keeps every LoRA
+/// branch's u, and the layer's replay reads them instead of running the A products again: from the
+/// kept values the gradients are the plain tape's bit for bit; with down's kept u doubled, down's dB
+/// doubles exactly (dB = scale · dyᵀ · u, and a replay reads down's u nowhere else) and every other
+/// gradient stays.
 #[test]
 fn a_replay_reads_the_lora_u_its_first_pass_kept() {
     use llamatune::model::llama::Graph;
     use llamatune::model::lora::Proj;
-    use llamatune::tape::Tape;
+    use llamatune::tape::{ReplayKeeps, Tape};
     let cfg = tiny_config(false);
     let model = Llama::<B>::load(&BE, &random_source(&cfg, 15), None).unwrap();
     let rows: Vec<Vec<u32>> = (0..2).map(|b| (0..9).map(|i| (4 + 3 * b + i) as u32).collect()).collect();
@@ -255,14 +256,14 @@ fn a_replay_reads_the_lora_u_its_first_pass_kept() {
     plain.backward(&g, &mut want, Some((y, dy.clone())), &[x]);
 
     let replayed = |down_factor: f32| {
-        let mut first = Tape::<B>::keeping_lora_us();
+        let mut first = Tape::<B>::keeping(ReplayKeeps { lora_us: true, mlp_acts: false });
         let x = first.put(x0.clone());
         g.layer_forward(&mut first, 0, x);
         let mut u = first.take_lora_u(0, Proj::Down).expect("down's u kept");
         u.iter_mut().for_each(|v| *v *= down_factor);
         assert!(first.keep_lora_u(0, Proj::Down, u).is_none(), "a first pass keeps u");
         let mut replay = Tape::<B>::new(true);
-        replay.adopt_lora_us(&mut first, Some(0));
+        replay.adopt_kept(&mut first, Some(0));
         assert_eq!(replay.live_elements(&BE), 7 * m * r, "one u per projection");
         let x = replay.put(x0.clone());
         let y = g.layer_replay(&mut replay, 0, x);
@@ -302,7 +303,7 @@ fn neftune_noise_is_seeded_replayed_and_training_only() {
     let batch = Batch::causal_lm(&rows);
     let step = |dropout_seed: Option<u64>, neftune_noise_alpha: Option<f32>, checkpointing: Checkpointing| {
         let mut grads = lora.zero_grads(&BE);
-        let opts = StepOptions { dropout_seed, checkpointing, neftune_noise_alpha };
+        let opts = StepOptions { dropout_seed, checkpointing, neftune_noise_alpha, keep_mlp_layers: 0 };
         let l = forward_backward_with(&BE, &model, &lora, &mut grads, &batch, 1.0, opts);
         (l.loss_sum, grads.bufs().iter().flat_map(|b| b.iter().copied()).collect::<Vec<f32>>())
     };

@@ -2049,16 +2049,24 @@ fn whole_qlora_step(cfg: &ModelConfig, targets: &[&str], len: usize) {
     let scale = 1.0 / batch.num_targets() as f32;
     // NEFTune's embedding noise on the q,v runs (both backends add the same values).
     let neftune_noise_alpha = (targets == ["q_proj", "v_proj"]).then_some(5.0);
-    for ckpt in [Checkpointing::Off, Checkpointing::OnDevice, Checkpointing::Offload] {
+    // Last: the checkpointed layers' MLP products kept from the first pass (the CPU's gradients are
+    // the same as without, bit for bit: tests/grad_check.rs).
+    let runs = [
+        (Checkpointing::Off, 0),
+        (Checkpointing::OnDevice, 0),
+        (Checkpointing::Offload, 0),
+        (Checkpointing::OnDevice, 9),
+    ];
+    for (ckpt, keep_mlp_layers) in runs {
         let mut cg = cl.zero_grads(&CPU);
         let mut gg = gl.zero_grads(gpu());
-        let opts = StepOptions { dropout_seed: Some(11), checkpointing: ckpt, neftune_noise_alpha };
+        let opts = StepOptions { dropout_seed: Some(11), checkpointing: ckpt, neftune_noise_alpha, keep_mlp_layers };
         let l1 = forward_backward_with(&CPU, &cm, &cl, &mut cg, &batch, scale, opts);
         let l2 = forward_backward_with(gpu(), &gm, &gl, &mut gg, &batch, scale, opts);
         assert_eq!(l1.count, l2.count);
         check(
             &format!(
-                "vocab {} {targets:?} step loss (checkpointing {ckpt:?}, NEFTune {neftune_noise_alpha:?})",
+                "vocab {} {targets:?} step loss (checkpointing {ckpt:?}, MLP kept in {keep_mlp_layers}, NEFTune {neftune_noise_alpha:?})",
                 cfg.vocab_size
             ),
             &[l2.mean() as f32],
@@ -2125,6 +2133,64 @@ fn offloaded_checkpoints_give_the_same_step_in_less_device_memory() {
         "offloading saved {saved} B, less than {} layer inputs of {checkpoint_bytes} B",
         cfg.num_hidden_layers - 3
     );
+}
+
+/// Checkpointed layers that keep their MLP's gate and up products from the first pass give the step
+/// of replays that recompute them (the same kernels on the same values; the tolerance only covers
+/// the attention backward's atomic adds), holding about the kept products more at the peak: at least
+/// those of all kept layers but two (a replay that recomputes holds one layer's products itself, and
+/// some slack), at most those of one layer more than are kept, counted in f32.
+#[test]
+fn kept_mlp_products_give_the_same_step_for_their_memory() {
+    let cfg = ModelConfig {
+        vocab_size: 1000,
+        hidden_size: 1024,
+        intermediate_size: 2048,
+        num_hidden_layers: 8,
+        num_attention_heads: 8,
+        num_key_value_heads: 8,
+        head_dim: 128,
+        ..small_config()
+    };
+    let q = QuantConfig::default();
+    let model = Llama::load(gpu(), &random_source(&cfg, 17), Some(q)).unwrap();
+    for targets in [&["q_proj", "v_proj"][..], &["all-linear"]] {
+        let lcfg =
+            LoraConfig { r: 16, alpha: 32.0, dropout: 0.1, ..LoraConfig::default() }.with_targets(targets).unwrap();
+        let mut lora = Lora::init(gpu(), &cfg, lcfg, 18);
+        lora.randomize_b(gpu(), 19);
+        let mut rng = rand::rngs::StdRng::seed_from_u64(20);
+        let rows: Vec<Vec<u32>> =
+            (0..4).map(|_| (0..256).map(|_| rng.gen_range(0..cfg.vocab_size as u32)).collect()).collect();
+        let batch = Batch::causal_lm(&rows);
+        let scale = 1.0 / batch.num_targets() as f32;
+        let run = |keep_mlp_layers: usize| {
+            let mut grads = lora.zero_grads(gpu());
+            gpu().synchronize();
+            gpu().reset_peak_memory();
+            let opts = StepOptions {
+                dropout_seed: Some(21),
+                checkpointing: Checkpointing::OnDevice,
+                neftune_noise_alpha: None,
+                keep_mlp_layers,
+            };
+            let loss = forward_backward_with(gpu(), &model, &lora, &mut grads, &batch, scale, opts);
+            gpu().synchronize();
+            let peak = gpu().peak_memory().unwrap();
+            let g: Vec<f32> = grads.bufs().iter().flat_map(|b| gpu().download(b)).collect();
+            (loss.mean() as f32, g, peak)
+        };
+        let (l0, g0, peak0) = run(0);
+        let kept = 5;
+        let (l1, g1, peak1) = run(kept);
+        check(&format!("{targets:?} step loss, MLP products kept in {kept} layers"), &[l1], &[l0], F32_TOL);
+        check(&format!("{targets:?} LoRA grads, MLP products kept in {kept} layers"), &g1, &g0, F32_TOL);
+        let products = 2 * batch.input_ids.len() * cfg.intermediate_size;
+        let more = peak1 as i64 - peak0 as i64;
+        println!("{targets:?} peak device memory: {peak0} B, with the MLP products of {kept} layers kept {peak1} B (+{more} B; one layer's products: {products} values)");
+        let (low, high) = (((kept - 2) * products * 2) as i64, ((kept + 1) * products * 4) as i64);
+        assert!(more >= low && more <= high, "{targets:?}: {more} B more at the peak, outside {low}..={high}");
+    }
 }
 
 /// Expanding a 4-bit weight (the second path's first step): the segment kernel (a warp per 1,024

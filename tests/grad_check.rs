@@ -3,11 +3,12 @@
 
 use llamatune::backend::cpu::Cpu;
 use llamatune::backend::{AttnShape, Backend, Dropout, HostWeight, RopeTables};
-use llamatune::config::{ComputeDtype, LoraConfig, QuantConfig, QuantType};
-use llamatune::model::llama::{forward_backward, Batch, Checkpointing, Llama};
+use llamatune::config::{ComputeDtype, LoraConfig, ModelConfig, QuantConfig, QuantType};
+use llamatune::model::llama::{forward_backward, Batch, Checkpointing, Graph, Llama};
 use llamatune::model::lora::Lora;
 use llamatune::model::random::{random_source, tiny_config};
 use llamatune::quant::Quant4;
+use llamatune::tape::Tape;
 use rand::{Rng, SeedableRng};
 
 type B = Cpu<f64>;
@@ -370,6 +371,68 @@ fn checkpointed_backward_equals_plain() {
             assert_eq!(l1, l2);
             for (a, b) in g1.bufs().iter().zip(g2.bufs()) {
                 assert_eq!(*a, b, "checkpointing {ckpt:?} changed a gradient");
+            }
+        }
+    }
+}
+
+/// Checkpointed layers that keep their MLP's gate and up products from the first pass
+/// (`gradient_checkpointing_keep_mlp`) replay without computing them: the gradients must be the plain
+/// tape's bit for bit on every MLP path (LoRA on gate/up; only on down; none, with o's product into
+/// the norm or, with LoRA on o, apart), with the LoRA `u`s kept too or recomputed by the replay, for
+/// some of the checkpointed layers or all of them; and the first pass holds exactly the kept
+/// layers' products (`2 · rows · intermediate_size` values each) more than without.
+#[test]
+fn kept_mlp_products_give_the_plain_gradients() {
+    let cfg = ModelConfig { num_hidden_layers: 4, ..tiny_config(false) };
+    let cases: [(Option<QuantConfig>, &[&str]); 4] = [
+        (Some(QuantConfig::default()), &["all-linear"]),
+        (None, &["down_proj"]),
+        (Some(QuantConfig::default()), &["q_proj", "v_proj"]),
+        (None, &["q_proj", "o_proj"]),
+    ];
+    for (quant, targets) in cases {
+        let model = Llama::<B>::load(&BE, &random_source(&cfg, 41), quant).unwrap();
+        let lcfg =
+            LoraConfig { r: 3, alpha: 6.0, dropout: 0.1, ..LoraConfig::default() }.with_targets(targets).unwrap();
+        let mut lora = Lora::init(&BE, &cfg, lcfg, 42);
+        let mut rng = rand::rngs::StdRng::seed_from_u64(43);
+        for pair in lora.layers.iter_mut().flat_map(|l| l.iter_mut().flatten()) {
+            let n = pair.b.len();
+            pair.b = rand_vec(&mut rng, n).iter().map(|x| x * 0.3).collect();
+        }
+        let rows: Vec<Vec<u32>> =
+            (0..2).map(|_| (0..7).map(|_| rng.gen_range(0..cfg.vocab_size as u32)).collect()).collect();
+        let batch = Batch::causal_lm(&rows);
+        // One step through the public graph API, returning the loss, the gradients and what the
+        // tape held after the forward pass.
+        let step = |ckpt: Checkpointing, keep_mlp_layers: usize, keep_lora_us: bool| {
+            let mut grads = lora.zero_grads(&BE);
+            let mut g = Graph::new(&BE, &model, Some(&lora), &batch, Some(3), ckpt);
+            (g.keep_mlp_layers, g.keep_lora_us) = (keep_mlp_layers, keep_lora_us);
+            let mut tape = Tape::new(true);
+            let x = g.body(&mut tape, &batch.input_ids);
+            let held = tape.live_elements(&BE);
+            let (loss, _) = g.lm_head_loss(&mut tape, x, &batch.targets(), 0.1);
+            tape.backward(&g, &mut grads, None, &[]);
+            (loss, grads.bufs().iter().map(|b| b.to_vec()).collect::<Vec<_>>(), held)
+        };
+        let (loss, grads, _) = step(Checkpointing::Off, 0, true);
+        assert!(grads.iter().all(|b| b.iter().any(|&x| x != 0.0)), "{targets:?}: a zero gradient");
+        let products = 2 * batch.input_ids.len() * cfg.intermediate_size;
+        for ckpt in [Checkpointing::OnDevice, Checkpointing::Offload] {
+            let (_, _, held_none) = step(ckpt, 0, true);
+            // 3 of the 4 layers are checkpointed (the last is recorded whole): 5 keeps those 3.
+            for (keep, kept_layers) in [(1, 1), (5, 3)] {
+                for keep_lora_us in [true, false] {
+                    let (l2, g2, held) = step(ckpt, keep, keep_lora_us);
+                    let what = format!("{targets:?} {ckpt:?}, MLP products of {keep} layers, u kept {keep_lora_us}");
+                    assert_eq!(loss, l2, "{what}: loss");
+                    assert!(grads == g2, "{what}: the gradients differ");
+                    if keep_lora_us {
+                        assert_eq!(held - held_none, kept_layers * products, "{what}: held after the forward");
+                    }
+                }
             }
         }
     }

@@ -9,7 +9,7 @@ use crate::model::lora::{Lora, LoraGrads, LoraPair, Proj};
 use crate::model::rope;
 use crate::model::weights::{HostTensor, WeightSource};
 use crate::quant::Quant4;
-use crate::tape::{BufPool, Id, NormRef, Op, Tape};
+use crate::tape::{BufPool, Id, NormRef, Op, ReplayKeeps, Tape};
 
 /// One decoder layer's frozen weights.
 pub struct Layer<B: Backend> {
@@ -260,8 +260,12 @@ pub struct Graph<'a, B: Backend> {
     /// fresh allocations.
     pub pool: Option<&'a BufPool<B>>,
     /// A checkpointed layer's first pass keeps its LoRA branches' `u` for the replay, which then runs
-    /// no A product ([`Tape::keeping_lora_us`]); `LLAMATUNE_KEEP_LORA_U=0` recomputes them instead.
+    /// no A product ([`ReplayKeeps::lora_us`]); `LLAMATUNE_KEEP_LORA_U=0` recomputes them instead.
     pub keep_lora_us: bool,
+    /// With checkpointing, this many of the checkpointed layers nearest the output keep their MLP's
+    /// gate and up products from the first pass for the replay ([`ReplayKeeps::mlp_acts`]; the
+    /// `gradient_checkpointing_keep_mlp` setting); 0: every replay recomputes them.
+    pub keep_mlp_layers: usize,
 }
 
 /// Salt of the NEFTune noise's seed (the LoRA dropout seeds set bits from 8 up, with a zero low byte).
@@ -323,6 +327,7 @@ impl<'a, B: Backend> Graph<'a, B> {
             neftune_noise_alpha: None,
             pool: None,
             keep_lora_us: crate::backend::switch_on("LLAMATUNE_KEEP_LORA_U"),
+            keep_mlp_layers: 0,
         }
     }
 
@@ -556,6 +561,27 @@ impl<'a, B: Backend> Graph<'a, B> {
         (res, us)
     }
 
+    /// The `u` of each targeted projection among `projs` from its slot ([`Graph::lora_u_slots`]),
+    /// computed (`Backend::lora_down`) where the slot is not ready: for a replay that runs no product.
+    fn lora_us_ready<const N: usize>(
+        &self,
+        t: &Tape<B>,
+        x: Id,
+        layer: usize,
+        projs: [Proj; N],
+        slots: [Option<(B::Buf, bool)>; N],
+    ) -> [Option<B::Buf>; N] {
+        let be = self.be;
+        let mut us = slots;
+        for (&p, slot) in projs.iter().zip(us.iter_mut()) {
+            let (Some((u, false)), Some(pair)) = (slot.as_mut(), self.lora_pair(layer, p)) else { continue };
+            let xv = t.get(x);
+            let m = be.buf_len(xv) / be.weight_shape(self.model.proj(layer, p)).1;
+            be.lora_down(xv, &pair.a, m, self.lora_rank(), self.lora_dropout(layer, p), u);
+        }
+        us.map(|s| s.map(|(u, _)| u))
+    }
+
     /// One `Linear` op per projection: its input `x`, output id, and LoRA branch's `u` (put on the tape;
     /// on a tape that records nothing, kept for the layer's replay or released: [`Graph::release_lora_us`]).
     fn record_linears<const N: usize>(
@@ -655,20 +681,26 @@ impl<'a, B: Backend> Graph<'a, B> {
         out
     }
 
-    /// SwiGLU of the gate and up projections of `x` (with their LoRA branches), computed unless
-    /// `!need_out` (a replay whose down product has no branch to read it: recorded uncomputed). The
-    /// products stay in the backend's own form ([`Backend::mlp_gate_up_lora`]: CUDA keeps them in their
+    /// SwiGLU of the gate and up projections of `x` (with their LoRA branches), computed unless a
+    /// replay's down product has no branch to read it (recorded uncomputed then). The products stay in the backend's own form ([`Backend::mlp_gate_up_lora`]: CUDA keeps them in their
     /// 16-bit dtype, never widened), saved for one [`Op::SwiGluActs`]; the gate and up ids hold no
     /// value and serve as the targets of their gradients, carried on by their `Linear` ops.
-    fn gate_up_swiglu(&self, t: &mut Tape<B>, x: Id, layer: usize, need_out: bool) -> Id {
+    fn gate_up_swiglu(&self, t: &mut Tape<B>, x: Id, layer: usize, pass: Pass) -> Id {
         let be = self.be;
+        let need_out = pass != Pass::Replay || self.lora_pair(layer, Proj::Down).is_some();
         let projs = [Proj::Gate, Proj::Up];
         let ws = projs.map(|p| self.model.proj(layer, p));
         let m = be.buf_len(t.get(x)) / be.weight_shape(ws[0]).1;
         let slots = self.lora_u_slots(t, layer, projs, m);
-        let (acts, us) = self.with_lora_downs(layer, projs, slots, |loras| {
-            be.mlp_gate_up_lora(t.get(x), ws, m, loras, self.lora_rank(), self.lora_scale())
-        });
+        // A replay whose first pass kept the products computes neither, only any branch's u the
+        // first pass did not keep (its backward reads them).
+        let kept = if pass == Pass::Replay { t.take_kept_mlp_acts(layer) } else { None };
+        let (acts, us) = match kept {
+            Some(acts) => (acts, self.lora_us_ready(t, x, layer, projs, slots)),
+            None => self.with_lora_downs(layer, projs, slots, |loras| {
+                be.mlp_gate_up_lora(t.get(x), ws, m, loras, self.lora_rank(), self.lora_scale())
+            }),
+        };
         let out = if need_out {
             let mut s = self.alloc(m * be.weight_shape(ws[0]).0);
             be.mlp_swiglu(&acts, &mut s);
@@ -683,6 +715,8 @@ impl<'a, B: Backend> Graph<'a, B> {
             t.record(Op::SwiGluActs { gate, up, acts, out });
         } else {
             self.release_lora_us(t, layer, projs, us);
+            // Kept for the replay when the first pass keeps them, dropped otherwise.
+            drop(t.keep_mlp_acts(layer, acts));
         }
         out
     }
@@ -772,22 +806,43 @@ impl<'a, B: Backend> Graph<'a, B> {
             let be = self.be;
             let [wg, wu, wd] = [Proj::Gate, Proj::Up, Proj::Down].map(|p| self.model.proj(l, p));
             // The o product goes into the residual add with the norm unless a LoRA branch reads it.
-            let (x2, n2, acts) = if self.lora_pair(l, Proj::O).is_none() {
-                let r = self.linear_add_rmsnorm_mlp_gate_up(t, a, x, l, [wg, wu, wd]);
-                t.done_with(a);
-                r
-            } else {
-                let o = self.linear(t, a, l, Proj::O);
-                t.done_with(a);
-                let r = self.add_rmsnorm_mlp_gate_up(t, x, o, l, [wg, wu, wd]);
-                t.done_with(o);
-                r
+            // A replay whose first pass kept the products computes only the sum and the norm: the
+            // same calls' values bit for bit (tests/gpu.rs: the fused paths against the composed).
+            let kept = if pass == Pass::Replay { t.take_kept_mlp_acts(l) } else { None };
+            let o_plain = self.lora_pair(l, Proj::O).is_none();
+            let (x2, n2, acts) = match kept {
+                Some(acts) if o_plain => {
+                    let (x2, n2) = self.linear_add_rmsnorm(t, a, x, l, Proj::O, NormRef::Mlp(l));
+                    t.done_with(a);
+                    (x2, n2, acts)
+                }
+                Some(acts) => {
+                    let o = self.linear(t, a, l, Proj::O);
+                    t.done_with(a);
+                    let (x2, n2) = self.add_rmsnorm(t, x, o, NormRef::Mlp(l));
+                    t.done_with(o);
+                    (x2, n2, acts)
+                }
+                None if o_plain => {
+                    let r = self.linear_add_rmsnorm_mlp_gate_up(t, a, x, l, [wg, wu, wd]);
+                    t.done_with(a);
+                    r
+                }
+                None => {
+                    let o = self.linear(t, a, l, Proj::O);
+                    t.done_with(a);
+                    let r = self.add_rmsnorm_mlp_gate_up(t, x, o, l, [wg, wu, wd]);
+                    t.done_with(o);
+                    r
+                }
             };
             t.done_with(x);
             let m = be.buf_len(t.get(x2)) / be.weight_shape(wg).1;
             if !t.recording {
                 let mut y = t.take(x2);
                 be.mlp_down(&acts, wd, m, &mut y, true);
+                // Kept for the replay when the first pass keeps them, dropped otherwise.
+                drop(t.keep_mlp_acts(l, acts));
                 return Hidden::Value(t.put(y));
             }
             let d = match pass {
@@ -835,8 +890,7 @@ impl<'a, B: Backend> Graph<'a, B> {
             t.put(s)
         } else {
             // Down's product reads SwiGLU's output; a replay computes only its LoRA branch's A product.
-            let need_out = pass != Pass::Replay || self.lora_pair(l, Proj::Down).is_some();
-            let s = self.gate_up_swiglu(t, n2, l, need_out);
+            let s = self.gate_up_swiglu(t, n2, l, pass);
             t.done_with(n2);
             s
         };
@@ -893,13 +947,15 @@ impl<'a, B: Backend> Graph<'a, B> {
         let layers = self.model.layers.len();
         for l in 0..layers {
             if self.checkpointing != Checkpointing::Off && t.recording && l + 1 < layers {
-                let mut sub = if self.keep_lora_us { Tape::<B>::keeping_lora_us() } else { Tape::<B>::new(false) };
+                // The last `keep_mlp_layers` checkpointed layers (the last layer is recorded whole).
+                let mlp_acts = l + 1 + self.keep_mlp_layers >= layers;
+                let mut sub = Tape::<B>::keeping(ReplayKeeps { lora_us: self.keep_lora_us, mlp_acts });
                 let sx = sub.put(t.get(x).clone());
                 if self.checkpointing == Checkpointing::Offload {
                     t.offload(be, x);
                 }
                 let sy = self.layer_forward(&mut sub, l, sx);
-                t.adopt_lora_us(&mut sub, None);
+                t.adopt_kept(&mut sub, None);
                 let out = t.put(sub.take(sy));
                 t.record(Op::Segment { layer: l, input: x, out });
                 x = out;
@@ -997,7 +1053,12 @@ pub fn forward_backward<B: Backend>(
     dropout_seed: Option<u64>,
     checkpointing: impl Into<Checkpointing>,
 ) -> StepLoss {
-    let opts = StepOptions { dropout_seed, checkpointing: checkpointing.into(), neftune_noise_alpha: None };
+    let opts = StepOptions {
+        dropout_seed,
+        checkpointing: checkpointing.into(),
+        neftune_noise_alpha: None,
+        keep_mlp_layers: 0,
+    };
     forward_backward_with(be, model, lora, grads, batch, loss_scale, opts)
 }
 
@@ -1009,6 +1070,8 @@ pub struct StepOptions {
     pub checkpointing: Checkpointing,
     /// NEFTune's α ([`Graph::neftune_noise_alpha`]); needs a `dropout_seed`.
     pub neftune_noise_alpha: Option<f32>,
+    /// [`Graph::keep_mlp_layers`]: checkpointed layers whose MLP products wait for their replay.
+    pub keep_mlp_layers: usize,
 }
 
 /// [`forward_backward`] with every option of a training step.
@@ -1023,6 +1086,7 @@ pub fn forward_backward_with<B: Backend>(
 ) -> StepLoss {
     let mut g = Graph::new(be, model, Some(lora), batch, opts.dropout_seed, opts.checkpointing);
     g.neftune_noise_alpha = opts.neftune_noise_alpha;
+    g.keep_mlp_layers = opts.keep_mlp_layers;
     let mut tape = Tape::new(true);
     let x = g.body(&mut tape, &batch.input_ids);
     let (loss_sum, count) = g.lm_head_loss(&mut tape, x, &batch.targets(), loss_scale);
@@ -1152,6 +1216,7 @@ fn run_step<B: Backend>(
         checkpointing: Checkpointing::Off,
         neftune_noise_alpha: None,
         keep_lora_us: false,
+        keep_mlp_layers: 0,
         pool,
     };
     // The hidden state between layers: each layer leaves its last residual sum (a, b) to the next

@@ -58,6 +58,10 @@ pub struct BenchArgs {
     /// With gradient checkpointing, keep each layer's saved input in host memory until backward
     #[arg(long, default_value_t = true, num_args = 0..=1, default_missing_value = "true", action = clap::ArgAction::Set)]
     gradient_checkpointing_offload: bool,
+    /// With gradient checkpointing, the MLP's gate and up products of this many layers are kept from
+    /// the forward pass instead of recomputed (memory for time)
+    #[arg(long, default_value_t = 0)]
+    gradient_checkpointing_keep_mlp: usize,
     /// adamw_torch or paged_adamw_32bit
     #[arg(long, default_value = "paged_adamw_32bit")]
     optim: String,
@@ -103,6 +107,7 @@ pub fn cmd_bench(a: BenchArgs) -> Result<ExitCode> {
         steps: a.steps,
         gradient_checkpointing: a.gradient_checkpointing,
         gradient_checkpointing_offload: a.gradient_checkpointing_offload,
+        gradient_checkpointing_keep_mlp: a.gradient_checkpointing_keep_mlp,
         optim: a.optim.clone(),
         decode_tokens: a.decode_tokens,
         prompt_len: a.prompt_len,
@@ -119,6 +124,12 @@ pub fn cmd_bench(a: BenchArgs) -> Result<ExitCode> {
         "shape            {} ({}, LoRA r={} on {:?})",
         report.shape, report.quant, report.lora_r, report.target_modules
     );
+    if report.gradient_checkpointing_keep_mlp > 0 {
+        println!(
+            "checkpointing    MLP products kept for backward in {} layers",
+            report.gradient_checkpointing_keep_mlp
+        );
+    }
     println!("load + quantize  {:.1} s, weights {}", report.load_quantize_s, gib(report.weights_memory_bytes));
     println!(
         "train step       {:.1} ms median of {} ({} × {} tokens) → {:.0} tokens/s",

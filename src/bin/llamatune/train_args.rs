@@ -113,6 +113,13 @@ pub struct TrainArgs {
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     #[serde(skip_serializing_if = "Option::is_none")]
     gradient_checkpointing_offload: Option<bool>,
+    /// With gradient checkpointing, the MLP's gate and up products of this many layers (those
+    /// nearest the output) are kept from the forward pass instead of recomputed in backward: same
+    /// results, faster, 2 · rows · intermediate_size values more per layer (90 MB for Llama-2-7B at
+    /// 4 × 512) [0]
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    gradient_checkpointing_keep_mlp: Option<usize>,
     /// Clip the global gradient norm to this (0 = off) [0.3]
     #[arg(long, value_parser = finite_f64)]
     #[serde(skip_serializing_if = "Option::is_none")]
