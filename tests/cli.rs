@@ -558,3 +558,19 @@ fn neftune_noise_alpha_reaches_the_step() {
         assert!(!o.status.success() && stderr(&o).contains("neftune-noise-alpha"), "{bad}: {}", stderr(&o));
     }
 }
+
+/// `--gradient-checkpointing-keep-mlp N` (the MLP products of N checkpointed layers kept for their
+/// replays) trains the adapter of a run without it, bit for bit, is saved with the run's settings,
+/// and is refused when not a count.
+#[test]
+fn kept_mlp_products_train_the_same_adapter() {
+    let run = TinyRun::new(8);
+    let plain = run.two_step_adapter(&run.path("plain"), &[]);
+    let kept_dir = run.path("kept");
+    let kept = run.two_step_adapter(&kept_dir, &["--gradient-checkpointing-keep-mlp", "1"]);
+    assert_eq!(plain, kept, "keeping the MLP products changed the adapter");
+    let saved = std::fs::read_to_string(kept_dir.join("train_config.toml")).unwrap();
+    assert!(saved.contains("gradient_checkpointing_keep_mlp = 1"), "not in the saved config:\n{saved}");
+    let o = run.train(&run.path("bad"), &["--gradient-checkpointing-keep-mlp=-1"]);
+    assert!(!o.status.success() && stderr(&o).contains("gradient-checkpointing-keep-mlp"), "{}", stderr(&o));
+}
