@@ -2084,11 +2084,9 @@ fn whole_qlora_step(cfg: &ModelConfig, targets: &[&str], len: usize) {
     }
 }
 
-/// Offloaded checkpoints give the step of on-device ones (the same kernels on the same values; the
-/// tolerance only covers the attention backward's atomic adds) with less device memory: the inputs of
-/// all but about two layers are in host memory when backward starts.
-#[test]
-fn offloaded_checkpoints_give_the_same_step_in_less_device_memory() {
+/// The model of the memory tests (8 layers 1,024 wide, NF4), from `seed`; LoRA r = 16 on `targets`
+/// (B random) from `seed + 1` and `seed + 2`; 4 rows of 256 random tokens from `seed + 3`.
+fn memory_case(targets: &[&str], seed: u64) -> (ModelConfig, Llama<Cuda>, Lora<Cuda>, Batch) {
     let cfg = ModelConfig {
         vocab_size: 1000,
         hidden_size: 1024,
@@ -2099,30 +2097,43 @@ fn offloaded_checkpoints_give_the_same_step_in_less_device_memory() {
         head_dim: 128,
         ..small_config()
     };
-    let q = QuantConfig::default();
-    let model = Llama::load(gpu(), &random_source(&cfg, 12), Some(q)).unwrap();
-    let lcfg = LoraConfig { r: 16, alpha: 32.0, dropout: 0.1, ..LoraConfig::default() }
-        .with_targets(&["q_proj", "v_proj"])
-        .unwrap();
-    let mut lora = Lora::init(gpu(), &cfg, lcfg, 13);
-    lora.randomize_b(gpu(), 14);
-    let mut rng = rand::rngs::StdRng::seed_from_u64(15);
+    let model = Llama::load(gpu(), &random_source(&cfg, seed), Some(QuantConfig::default())).unwrap();
+    let lcfg = LoraConfig { r: 16, alpha: 32.0, dropout: 0.1, ..LoraConfig::default() }.with_targets(targets).unwrap();
+    let mut lora = Lora::init(gpu(), &cfg, lcfg, seed + 1);
+    lora.randomize_b(gpu(), seed + 2);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed + 3);
     let rows: Vec<Vec<u32>> =
         (0..4).map(|_| (0..256).map(|_| rng.gen_range(0..cfg.vocab_size as u32)).collect()).collect();
-    let batch = Batch::causal_lm(&rows);
+    (cfg, model, lora, Batch::causal_lm(&rows))
+}
+
+/// One training step's mean loss, LoRA gradients and peak device memory.
+fn measured_step(model: &Llama<Cuda>, lora: &Lora<Cuda>, batch: &Batch, opts: StepOptions) -> (f32, Vec<f32>, u64) {
+    let mut grads = lora.zero_grads(gpu());
+    gpu().synchronize();
+    gpu().reset_peak_memory();
     let scale = 1.0 / batch.num_targets() as f32;
-    let run = |ckpt: Checkpointing| {
-        let mut grads = lora.zero_grads(gpu());
-        gpu().synchronize();
-        gpu().reset_peak_memory();
-        let loss = forward_backward(gpu(), &model, &lora, &mut grads, &batch, scale, Some(16), ckpt);
-        gpu().synchronize();
-        let peak = gpu().peak_memory().unwrap();
-        let g: Vec<f32> = grads.bufs().iter().flat_map(|b| gpu().download(b)).collect();
-        (loss.mean() as f32, g, peak)
+    let loss = forward_backward_with(gpu(), model, lora, &mut grads, batch, scale, opts);
+    gpu().synchronize();
+    let peak = gpu().peak_memory().unwrap();
+    let g: Vec<f32> = grads.bufs().iter().flat_map(|b| gpu().download(b)).collect();
+    (loss.mean() as f32, g, peak)
+}
+
+/// Offloaded checkpoints give the step of on-device ones (the same kernels on the same values; the
+/// tolerance only covers the attention backward's atomic adds) with less device memory: the inputs of
+/// all but about two layers are in host memory when backward starts.
+#[test]
+fn offloaded_checkpoints_give_the_same_step_in_less_device_memory() {
+    let (cfg, model, lora, batch) = memory_case(&["q_proj", "v_proj"], 12);
+    let opts = |checkpointing| StepOptions {
+        dropout_seed: Some(16),
+        checkpointing,
+        neftune_noise_alpha: None,
+        keep_mlp_layers: 0,
     };
-    let (l_dev, g_dev, peak_dev) = run(Checkpointing::OnDevice);
-    let (l_off, g_off, peak_off) = run(Checkpointing::Offload);
+    let (l_dev, g_dev, peak_dev) = measured_step(&model, &lora, &batch, opts(Checkpointing::OnDevice));
+    let (l_off, g_off, peak_off) = measured_step(&model, &lora, &batch, opts(Checkpointing::Offload));
     check("offloaded step loss", &[l_off], &[l_dev], F32_TOL);
     check("offloaded step LoRA grads", &g_off, &g_dev, F32_TOL);
     let checkpoint_bytes = (batch.input_ids.len() * cfg.hidden_size * 4) as u64;
@@ -2142,47 +2153,17 @@ fn offloaded_checkpoints_give_the_same_step_in_less_device_memory() {
 /// some slack), at most those of one layer more than are kept, counted in f32.
 #[test]
 fn kept_mlp_products_give_the_same_step_for_their_memory() {
-    let cfg = ModelConfig {
-        vocab_size: 1000,
-        hidden_size: 1024,
-        intermediate_size: 2048,
-        num_hidden_layers: 8,
-        num_attention_heads: 8,
-        num_key_value_heads: 8,
-        head_dim: 128,
-        ..small_config()
-    };
-    let q = QuantConfig::default();
-    let model = Llama::load(gpu(), &random_source(&cfg, 17), Some(q)).unwrap();
     for targets in [&["q_proj", "v_proj"][..], &["all-linear"]] {
-        let lcfg =
-            LoraConfig { r: 16, alpha: 32.0, dropout: 0.1, ..LoraConfig::default() }.with_targets(targets).unwrap();
-        let mut lora = Lora::init(gpu(), &cfg, lcfg, 18);
-        lora.randomize_b(gpu(), 19);
-        let mut rng = rand::rngs::StdRng::seed_from_u64(20);
-        let rows: Vec<Vec<u32>> =
-            (0..4).map(|_| (0..256).map(|_| rng.gen_range(0..cfg.vocab_size as u32)).collect()).collect();
-        let batch = Batch::causal_lm(&rows);
-        let scale = 1.0 / batch.num_targets() as f32;
-        let run = |keep_mlp_layers: usize| {
-            let mut grads = lora.zero_grads(gpu());
-            gpu().synchronize();
-            gpu().reset_peak_memory();
-            let opts = StepOptions {
-                dropout_seed: Some(21),
-                checkpointing: Checkpointing::OnDevice,
-                neftune_noise_alpha: None,
-                keep_mlp_layers,
-            };
-            let loss = forward_backward_with(gpu(), &model, &lora, &mut grads, &batch, scale, opts);
-            gpu().synchronize();
-            let peak = gpu().peak_memory().unwrap();
-            let g: Vec<f32> = grads.bufs().iter().flat_map(|b| gpu().download(b)).collect();
-            (loss.mean() as f32, g, peak)
+        let (cfg, model, lora, batch) = memory_case(targets, 17);
+        let opts = |keep_mlp_layers| StepOptions {
+            dropout_seed: Some(21),
+            checkpointing: Checkpointing::OnDevice,
+            neftune_noise_alpha: None,
+            keep_mlp_layers,
         };
-        let (l0, g0, peak0) = run(0);
+        let (l0, g0, peak0) = measured_step(&model, &lora, &batch, opts(0));
         let kept = 5;
-        let (l1, g1, peak1) = run(kept);
+        let (l1, g1, peak1) = measured_step(&model, &lora, &batch, opts(kept));
         check(&format!("{targets:?} step loss, MLP products kept in {kept} layers"), &[l1], &[l0], F32_TOL);
         check(&format!("{targets:?} LoRA grads, MLP products kept in {kept} layers"), &g1, &g0, F32_TOL);
         let products = 2 * batch.input_ids.len() * cfg.intermediate_size;
