@@ -628,7 +628,9 @@ fn cpu_projection(x: &Vec<f32>, host: &HostWeight, lora: Option<(&LoraAb, Dropou
 /// is added in the pass that widens the frozen product's 16-bit output, forward (`linear_many_lora`
 /// with `LLAMATUNE_LORA_B_GEMM=0`) and backward (`linear_lora_backward`, the branch's dx term with its
 /// dropout): bit for bit what the separate ops give (`linear_many` + `lora_forward_many`;
-/// `linear_backward_input` + `lora_backward`), and within the mixed-precision bound of the CPU. The
+/// `linear_backward_input` + `lora_backward`; dB too with it formed in TF32, `set_lora_db_bf16(false)`,
+/// while dB from dy's bf16 copy is held to the CPU's TF32 bound), and within the mixed-precision bound
+/// of the CPU. The
 /// forward's default, the B product by cuBLAS (along k of the frozen product where in-features are a
 /// multiple of 1,024, as in the first case; by a second GEMM into the 16-bit product otherwise),
 /// differs from the separate ops where a branch is added by the output's rounding to 16 bits (2⁻⁹)
@@ -733,22 +735,30 @@ fn training_lora_b_products_ride_in_the_widening() {
                 (rnd(&mut rng, r * cols, 0.1), rnd(&mut rng, rows[i] * r, 0.1), rnd(&mut rng, m * cols, 0.1));
             let (gdy, gu) = (g.upload(&dy), g.upload(&us1[i]));
             for accumulate in [false, true] {
-                let backward = |fused: bool| {
+                // fused: linear_lora_backward, its dB from dy's bf16 copy where there is one unless
+                // `db_bf16` is off; else the separate ops.
+                let backward = |fused: bool, db_bf16: bool| {
                     let (mut da, mut db) = (g.upload(&da0), g.upload(&db0));
                     let mut dx = if accumulate { g.upload(&dx0) } else { poisoned(m * cols) };
                     let (a, b) = (&gab[i].0, &gab[i].1);
                     if fused {
                         let branch = LoraGrad { x: &gx, a, b, u: &gu, dropout: drops[i], da: &mut da, db: &mut db };
+                        g.set_lora_db_bf16(db_bf16);
                         g.linear_lora_backward(&gdy, ws[i], m, &mut dx, accumulate, branch, r, 0.25);
+                        g.set_lora_db_bf16(true);
                     } else {
                         g.linear_backward_input(&gdy, ws[i], m, &mut dx, accumulate);
                         g.lora_backward(&gx, a, b, &gu, &gdy, m, r, 0.25, drops[i], &mut da, &mut db, &mut dx);
                     }
                     [da, db, dx].map(|v| g.download(&v))
                 };
-                let (got, sep) = (backward(true), backward(false));
+                let (got, got_tf32, sep) = (backward(true, true), backward(true, false), backward(false, true));
                 let what = format!("{label} backward {i} (accumulate {accumulate})");
-                for (name, (a, b)) in ["dA", "dB", "dx"].iter().zip(got.iter().zip(&sep)) {
+                for (name, (a, b)) in ["dA", "dB", "dx"].iter().zip(got_tf32.iter().zip(&sep)) {
+                    check(&format!("{what} {name} (dB in TF32) vs separate ops"), a, b, 0.0);
+                }
+                // dB from bf16 dy: only dB may differ, and it is held to the CPU below.
+                for (name, (a, b)) in ["dA", "dx"].iter().zip([&got[0], &got[2]].into_iter().zip([&sep[0], &sep[2]])) {
                     check(&format!("{what} {name} vs separate ops"), a, b, 0.0);
                 }
                 let (mut da, mut db) = (da0.clone(), db0.clone());

@@ -7,6 +7,7 @@ use super::gemm::{Operand, OperandView};
 use super::quant4::GEMV_MAX_M;
 use super::{grid_for, push_opt, Cuda};
 use crate::backend::{Dropout, LoraDown};
+use crate::config::ComputeDtype;
 use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg};
 use half::bf16;
 
@@ -211,8 +212,14 @@ impl Cuda {
 
     /// The fused LoRA backward's weight gradients: `du (m, r) = scale · dy · B` (returned; kernels/lora_fused.cu
     /// `lora_du`, which also rounds dy into `dy16` when given, for the input gradient's GEMM), `dB (rows, r) +=
-    /// scale · dyᵀ · u` (cuBLAS TF32), `dA (r, cols) += duᵀ · drop(x)` (`lora_outer`, the mask regenerated from
+    /// scale · dyᵀ · u` (cuBLAS), `dA (r, cols) += duᵀ · drop(x)` (`lora_outer`, the mask regenerated from
     /// the seed). Each part has its own profile span.
+    ///
+    /// dB reads `dy16` where it is bf16 (with u rounded to bf16, f32 accumulation): half the bytes of
+    /// f32 dy, on the bf16 tensor cores, where the TF32 GEMM of f32 dy took ~28 µs per 7B projection
+    /// (session 27's profile); bf16 keeps f32's range, and PEFT under autocast forms dB from bf16
+    /// operands too. An f16 copy (float16 compute) stays off this path: gradients can fall below
+    /// f16's range. `LLAMATUNE_LORA_DB_BF16=0` keeps TF32 throughout.
     #[allow(clippy::too_many_arguments)]
     pub(super) fn lora_weight_grads(
         &self,
@@ -227,7 +234,7 @@ impl Cuda {
         dropout: Dropout,
         da: &mut CudaSlice<f32>,
         db: &mut CudaSlice<f32>,
-        dy16: Option<&mut Operand>,
+        mut dy16: Option<&mut Operand>,
     ) -> CudaSlice<f32> {
         let (cols, rows) = (a.len() / r, b.len() / r);
         let (dyop, uop) = (OperandView::F32(dy), OperandView::F32(u));
@@ -235,14 +242,25 @@ impl Cuda {
         {
             let _part =
                 self.span(if dy16.is_some() { "lora_backward: du + dy in 16 bits" } else { "lora_backward: du" });
-            self.lora_du(dy, b, m, r, scale, &mut du, dy16);
+            self.lora_du(dy, b, m, r, scale, &mut du, dy16.as_deref_mut());
         }
-        {
-            let _part = self.span("lora_backward: dB GEMM");
-            ck!(
-                self.blas.gemm_rm(F32Math::Tf32, true, false, rows, r, m, scale, dyop, rows, uop, r, 1.0, db, r),
-                "LoRA dB GEMM"
-            );
+        match dy16.as_deref() {
+            Some(dy_bf16 @ Operand::BF16(_)) if self.lora_db_bf16() => {
+                let _part = self.span("lora_backward: dB GEMM (bf16 dy)");
+                let u16 = self.convert(u, ComputeDtype::BF16).expect("a bf16 copy of u");
+                let (dyop, uop) = (OperandView::from(dy_bf16), OperandView::from(&u16));
+                ck!(
+                    self.blas.gemm_rm(F32Math::Exact, true, false, rows, r, m, scale, dyop, rows, uop, r, 1.0, db, r),
+                    "LoRA dB GEMM (bf16)"
+                );
+            }
+            _ => {
+                let _part = self.span("lora_backward: dB GEMM");
+                ck!(
+                    self.blas.gemm_rm(F32Math::Tf32, true, false, rows, r, m, scale, dyop, rows, uop, r, 1.0, db, r),
+                    "LoRA dB GEMM"
+                );
+            }
         }
         let _part = self.span("lora_backward: dA (outer)");
         self.lora_outer(&du, x, m, cols, r, dropout, da);
@@ -436,6 +454,14 @@ impl Cuda {
 
     /// Runs the A products and dA on the wide split kernels (`lora_down128_*`, `lora_outer128_*`)
     /// where the rank has one (on by default; `LLAMATUNE_LORA_WIDE=0`: the 64-row and 64-column ones).
+    /// Whether dB is formed from dy's bf16 copy where there is one (see [`Cuda::lora_weight_grads`]); for
+    /// tests and A/B runs (`LLAMATUNE_LORA_DB_BF16=0`: TF32 from f32 dy).
+    pub fn set_lora_db_bf16(&self, on: bool) {
+        self.lora_db_bf16.store(on, std::sync::atomic::Ordering::Relaxed);
+    }
+    fn lora_db_bf16(&self) -> bool {
+        self.lora_db_bf16.load(std::sync::atomic::Ordering::Relaxed) && !self.is_precise()
+    }
     pub fn set_lora_wide(&self, on: bool) {
         self.lora_wide.store(on, std::sync::atomic::Ordering::Relaxed);
     }

@@ -58,6 +58,8 @@ pub struct Cuda {
     /// [`Cuda::set_shared_x_dgrad`]: the input gradients of projections sharing x landed in one pass
     /// (`Cuda::linears_in_one_pass`); `LLAMATUNE_SHARED_X_DGRAD=0`: one widening per projection.
     shared_x_dgrad: std::sync::atomic::AtomicBool,
+    /// [`Cuda::set_lora_db_bf16`]: LoRA dB from dy's bf16 copy (on unless `LLAMATUNE_LORA_DB_BF16=0`).
+    lora_db_bf16: std::sync::atomic::AtomicBool,
     /// [`Cuda::set_o_into_norm`]: the o product added into the residual in its 16-bit dtype
     /// (`Cuda::o_product_in_16_bit`); `LLAMATUNE_O_INTO_NORM=0`: widened first (A/B runs).
     o_into_norm: std::sync::atomic::AtomicBool,
@@ -331,6 +333,7 @@ impl Cuda {
         let fused_lora = switch_on("LLAMATUNE_FUSED_LORA").into();
         let lora_wide = switch_on("LLAMATUNE_LORA_WIDE").into();
         let shared_x_dgrad = switch_on("LLAMATUNE_SHARED_X_DGRAD").into();
+        let lora_db_bf16 = switch_on("LLAMATUNE_LORA_DB_BF16").into();
         let o_into_norm = switch_on("LLAMATUNE_O_INTO_NORM").into();
         let mlp_lora_16 = switch_on("LLAMATUNE_MLP_LORA_16").into();
         let residual_16 = switch_on("LLAMATUNE_RESIDUAL_16").into();
@@ -364,6 +367,7 @@ impl Cuda {
             fused_lora,
             lora_wide,
             shared_x_dgrad,
+            lora_db_bf16,
             o_into_norm,
             mlp_lora_16,
             residual_16,
