@@ -452,8 +452,6 @@ impl Cuda {
         self.fused_lora.store(on, std::sync::atomic::Ordering::Relaxed);
     }
 
-    /// Runs the A products and dA on the wide split kernels (`lora_down128_*`, `lora_outer128_*`)
-    /// where the rank has one (on by default; `LLAMATUNE_LORA_WIDE=0`: the 64-row and 64-column ones).
     /// Whether dB is formed from dy's bf16 copy where there is one (see [`Cuda::lora_weight_grads`]); for
     /// tests and A/B runs (`LLAMATUNE_LORA_DB_BF16=0`: TF32 from f32 dy).
     pub fn set_lora_db_bf16(&self, on: bool) {
@@ -462,6 +460,8 @@ impl Cuda {
     fn lora_db_bf16(&self) -> bool {
         self.lora_db_bf16.load(std::sync::atomic::Ordering::Relaxed) && !self.is_precise()
     }
+    /// Runs the A products and dA on the wide split kernels (`lora_down128_*`, `lora_outer128_*`)
+    /// where the rank has one (on by default; `LLAMATUNE_LORA_WIDE=0`: the 64-row and 64-column ones).
     pub fn set_lora_wide(&self, on: bool) {
         self.lora_wide.store(on, std::sync::atomic::Ordering::Relaxed);
     }
