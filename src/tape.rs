@@ -323,7 +323,8 @@ impl<B: Backend> Tape<B> {
         }
     }
     /// Elements held by the tape's live values on the device, the MLPs' saved products, the
-    /// attention calls' saved inputs and what first passes kept for replays included (what the memory tests count).
+    /// attention calls' saved inputs and what first passes kept for replays included (what the
+    /// memory tests count).
     pub fn live_elements(&self, be: &B) -> usize {
         self.vals.iter().flatten().map(|v| be.buf_len(v)).sum::<usize>()
             + self.mlp_acts.iter().flatten().map(|a| be.mlp_acts_len(a)).sum::<usize>()

@@ -682,9 +682,12 @@ impl<'a, B: Backend> Graph<'a, B> {
     }
 
     /// SwiGLU of the gate and up projections of `x` (with their LoRA branches), computed unless a
-    /// replay's down product has no branch to read it (recorded uncomputed then). The products stay in the backend's own form ([`Backend::mlp_gate_up_lora`]: CUDA keeps them in their
-    /// 16-bit dtype, never widened), saved for one [`Op::SwiGluActs`]; the gate and up ids hold no
-    /// value and serve as the targets of their gradients, carried on by their `Linear` ops.
+    /// replay's down product has no branch to read it (recorded uncomputed then). The products stay
+    /// in the backend's own form ([`Backend::mlp_gate_up_lora`]: CUDA keeps them in their 16-bit
+    /// dtype, never widened), saved for one [`Op::SwiGluActs`], or on a first pass kept for the
+    /// layer's replay ([`ReplayKeeps::mlp_acts`]), which then computes neither product; the gate and
+    /// up ids hold no value and serve as the targets of their gradients, carried on by their `Linear`
+    /// ops.
     fn gate_up_swiglu(&self, t: &mut Tape<B>, x: Id, layer: usize, pass: Pass) -> Id {
         let be = self.be;
         let need_out = pass != Pass::Replay || self.lora_pair(layer, Proj::Down).is_some();
