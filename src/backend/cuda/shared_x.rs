@@ -1,8 +1,8 @@
 //! The input gradients of projections that read the same x (q/k/v, gate/up) landed in dx in one
-//! pass ([`Backend::linears_backward_input`](crate::backend::Backend::linears_backward_input)): each part's 16-bit product by cuBLAS as before, then
-//! kernels/lora_fused.cu `lora_up_many_{bf16,f16}` widens them all and adds every branch's dx term,
-//! reading and writing dx once instead of once per part (the same values: the parts are added in the
-//! same order by the same operations). Composed path and reference:
+//! pass ([`Backend::linears_backward_input`](crate::backend::Backend::linears_backward_input)): each
+//! part's 16-bit product by cuBLAS as before, then kernels/lora_fused.cu `lora_up_many_{bf16,f16}`
+//! widens them all and adds every branch's dx term, reading and writing dx once instead of once per
+//! part (the same values: the parts are added in the same order by the same operations). Composed path and reference:
 //! `backend::linears_backward_input_composed` (one `linear_lora_backward` per part).
 
 use super::gemm::Operand;
@@ -30,10 +30,11 @@ struct UpParts {
 unsafe impl cudarc::driver::DeviceRepr for UpParts {}
 
 impl Cuda {
-    /// The 16-bit dtype in which [`Backend::linears_backward_input`](crate::backend::Backend::linears_backward_input) lands its parts in one pass: two
-    /// or three parts, each a 4-bit weight whose input gradient cuBLAS writes in that dtype (not the
-    /// fused 4-bit matmul), each branch on the fused LoRA kernels; `None` (the composed path)
-    /// otherwise or when switched off ([`Cuda::set_shared_x_dgrad`]).
+    /// The 16-bit dtype in which
+    /// [`Backend::linears_backward_input`](crate::backend::Backend::linears_backward_input) lands its
+    /// parts in one pass: two or three parts, each a 4-bit weight whose input gradient cuBLAS writes
+    /// in that dtype (not the fused 4-bit matmul), each branch on the fused LoRA kernels; `None` (the
+    /// composed path) otherwise or when switched off ([`Cuda::set_shared_x_dgrad`]).
     pub fn linears_in_one_pass(&self, parts: &[LinearGradPart<'_, Self>], m: usize, r: usize) -> Option<ComputeDtype> {
         if !self.shared_x_dgrad.load(std::sync::atomic::Ordering::Relaxed) || !(2..=UP_PARTS).contains(&parts.len()) {
             return None;
@@ -59,7 +60,8 @@ impl Cuda {
         self.shared_x_dgrad.store(on, std::sync::atomic::Ordering::Relaxed);
     }
 
-    /// [`Backend::linears_backward_input`](crate::backend::Backend::linears_backward_input) where [`Cuda::linears_in_one_pass`] gave `c`.
+    /// [`Backend::linears_backward_input`](crate::backend::Backend::linears_backward_input) where
+    /// [`Cuda::linears_in_one_pass`] gave `c`.
     #[allow(clippy::too_many_arguments)]
     pub(super) fn linears_backward_input_one_pass(
         &self,
