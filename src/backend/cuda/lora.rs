@@ -452,7 +452,7 @@ impl Cuda {
         self.fused_lora.store(on, std::sync::atomic::Ordering::Relaxed);
     }
 
-    /// Whether dB is formed from dy's bf16 copy where there is one (see [`Cuda::lora_weight_grads`]); for
+    /// Whether dB is formed from dy's bf16 copy where there is one (`Cuda::lora_weight_grads`); for
     /// tests and A/B runs (`LLAMATUNE_LORA_DB_BF16=0`: TF32 from f32 dy).
     pub fn set_lora_db_bf16(&self, on: bool) {
         self.lora_db_bf16.store(on, std::sync::atomic::Ordering::Relaxed);
