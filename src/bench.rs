@@ -296,6 +296,9 @@ pub fn run<B: Backend>(be: &B, cfg: &BenchConfig, log: &mut dyn FnMut(&str)) -> 
     if cfg.optim != "adamw_torch" && cfg.optim != "paged_adamw_32bit" {
         return Err(Error::Config(format!("--optim {:?}: expected adamw_torch or paged_adamw_32bit", cfg.optim)));
     }
+    if cfg.gradient_checkpointing_keep_mlp > 0 && !cfg.gradient_checkpointing {
+        return Err(Error::Config("--gradient-checkpointing-keep-mlp needs --gradient-checkpointing".into()));
+    }
     let src = RandomSource { config: cfg.model.clone(), seed: cfg.seed };
     be.reset_peak_memory();
     let t0 = Instant::now();
@@ -487,6 +490,13 @@ mod tests {
         assert!(r.losses.iter().all(|l| l.is_finite() && *l > 0.0));
         assert!(r.tokens_per_s > 0.0 && r.mfu.is_some_and(|m| m > 0.0));
         assert!(r.decode_tokens_per_s.unwrap() > 0.0);
+        // The MLP products kept: the same losses (the same gradients, so the same updates).
+        let kept = run(&be, &BenchConfig { gradient_checkpointing_keep_mlp: 1, ..cfg.clone() }, &mut |_| {}).unwrap();
+        assert_eq!(kept.losses, r.losses);
+        assert_eq!(kept.gradient_checkpointing_keep_mlp, 1);
+        let no_ckpt = BenchConfig { gradient_checkpointing: false, gradient_checkpointing_keep_mlp: 1, ..cfg.clone() };
+        let err = run(&be, &no_ckpt, &mut |_| {}).unwrap_err().to_string();
+        assert!(err.contains("--gradient-checkpointing-keep-mlp needs --gradient-checkpointing"), "{err}");
         let bad = BenchConfig { optim: "sgd".into(), ..cfg };
         assert!(run(&be, &bad, &mut |_| {}).is_err());
     }

@@ -561,7 +561,7 @@ fn neftune_noise_alpha_reaches_the_step() {
 
 /// `--gradient-checkpointing-keep-mlp N` (the MLP products of N checkpointed layers kept for their
 /// replays) trains the adapter of a run without it, bit for bit, is saved with the run's settings,
-/// and is refused when not a count.
+/// and is refused when not a count or without gradient checkpointing.
 #[test]
 fn kept_mlp_products_train_the_same_adapter() {
     let run = TinyRun::new(8);
@@ -573,4 +573,12 @@ fn kept_mlp_products_train_the_same_adapter() {
     assert!(saved.contains("gradient_checkpointing_keep_mlp = 1"), "not in the saved config:\n{saved}");
     let o = run.train(&run.path("bad"), &["--gradient-checkpointing-keep-mlp=-1"]);
     assert!(!o.status.success() && stderr(&o).contains("gradient-checkpointing-keep-mlp"), "{}", stderr(&o));
+    // Without checkpointing nothing is recomputed: the setting is refused, not ignored.
+    let o =
+        run.train(&run.path("bad2"), &["--gradient-checkpointing", "false", "--gradient-checkpointing-keep-mlp", "2"]);
+    let err = stderr(&o);
+    assert!(
+        !o.status.success() && err.contains("--gradient-checkpointing-keep-mlp needs --gradient-checkpointing"),
+        "{err}"
+    );
 }

@@ -279,6 +279,11 @@ impl TrainConfig {
                 return bad(format!("--neftune-noise-alpha must be > 0, got {alpha}"));
             }
         }
+        if self.gradient_checkpointing_keep_mlp > 0 && !self.gradient_checkpointing {
+            // Nothing is recomputed without checkpointing, so there is nothing to keep: say so rather
+            // than ignore the setting.
+            return bad("--gradient-checkpointing-keep-mlp needs --gradient-checkpointing".into());
+        }
         if self.max_grad_norm < 0.0 {
             return bad(format!("--max-grad-norm must be >= 0, got {}", self.max_grad_norm));
         }
