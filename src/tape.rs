@@ -127,6 +127,19 @@ pub struct ReplayKeeps {
     pub mlp_acts: bool,
 }
 
+/// Moves the entries of `from` whose keys `wanted` picks into `to`.
+fn move_entries<K: Copy + Eq + std::hash::Hash, V>(
+    from: &mut std::collections::HashMap<K, V>,
+    to: &mut std::collections::HashMap<K, V>,
+    wanted: impl Fn(&K) -> bool,
+) {
+    let keys: Vec<K> = from.keys().copied().filter(|k| wanted(k)).collect();
+    for key in keys {
+        let value = from.remove(&key).expect("listed above");
+        to.insert(key, value);
+    }
+}
+
 /// Values and (when `recording`) the ops that made them.
 pub struct Tape<B: Backend> {
     pub recording: bool,
@@ -242,16 +255,8 @@ impl<B: Backend> Tape<B> {
     /// layer's first pass hands it to the tape that records the step, which hands it to the replay.
     pub fn adopt_kept(&mut self, other: &mut Tape<B>, layer: Option<usize>) {
         let wanted = |l: usize| layer.is_none_or(|want| l == want);
-        let keys: Vec<_> = other.lora_us.keys().copied().filter(|&(l, _)| wanted(l)).collect();
-        for key in keys {
-            let u = other.lora_us.remove(&key).expect("listed above");
-            self.lora_us.insert(key, u);
-        }
-        let layers: Vec<_> = other.kept_mlp_acts.keys().copied().filter(|&l| wanted(l)).collect();
-        for l in layers {
-            let acts = other.kept_mlp_acts.remove(&l).expect("listed above");
-            self.kept_mlp_acts.insert(l, acts);
-        }
+        move_entries(&mut other.lora_us, &mut self.lora_us, |&(l, _)| wanted(l));
+        move_entries(&mut other.kept_mlp_acts, &mut self.kept_mlp_acts, |&l| wanted(l));
     }
     /// A tape whose released values are kept for [`Tape::into_buffers`] instead of freed.
     pub fn keeping_released(recording: bool) -> Self {

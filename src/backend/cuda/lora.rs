@@ -237,30 +237,23 @@ impl Cuda {
         mut dy16: Option<&mut Operand>,
     ) -> CudaSlice<f32> {
         let (cols, rows) = (a.len() / r, b.len() / r);
-        let (dyop, uop) = (OperandView::F32(dy), OperandView::F32(u));
         let mut du = self.scratch(m * r);
         {
             let _part =
                 self.span(if dy16.is_some() { "lora_backward: du + dy in 16 bits" } else { "lora_backward: du" });
             self.lora_du(dy, b, m, r, scale, &mut du, dy16.as_deref_mut());
         }
-        match dy16.as_deref() {
-            Some(dy_bf16 @ Operand::BF16(_)) if self.lora_db_bf16() => {
-                let _part = self.span("lora_backward: dB GEMM (bf16 dy)");
-                let u16 = self.convert(u, ComputeDtype::BF16).expect("a bf16 copy of u");
-                let (dyop, uop) = (OperandView::from(dy_bf16), OperandView::from(&u16));
-                ck!(
-                    self.blas.gemm_rm(F32Math::Exact, true, false, rows, r, m, scale, dyop, rows, uop, r, 1.0, db, r),
-                    "LoRA dB GEMM (bf16)"
-                );
-            }
-            _ => {
-                let _part = self.span("lora_backward: dB GEMM");
-                ck!(
-                    self.blas.gemm_rm(F32Math::Tf32, true, false, rows, r, m, scale, dyop, rows, uop, r, 1.0, db, r),
-                    "LoRA dB GEMM"
-                );
-            }
+        {
+            // dy's bf16 copy where there is one and the path is on, else f32 dy in TF32.
+            let dy_bf16 = dy16.as_deref().filter(|o| matches!(o, Operand::BF16(_)) && self.lora_db_bf16());
+            let what = if dy_bf16.is_some() { "lora_backward: dB GEMM (bf16 dy)" } else { "lora_backward: dB GEMM" };
+            let _part = self.span(what);
+            let u16 = dy_bf16.map(|_| self.convert(u, ComputeDtype::BF16).expect("a bf16 copy of u"));
+            let (math, dyop, uop) = match (dy_bf16, &u16) {
+                (Some(d), Some(u16)) => (F32Math::Exact, OperandView::from(d), OperandView::from(u16)),
+                _ => (F32Math::Tf32, OperandView::F32(dy), OperandView::F32(u)),
+            };
+            ck!(self.blas.gemm_rm(math, true, false, rows, r, m, scale, dyop, rows, uop, r, 1.0, db, r), what);
         }
         let _part = self.span("lora_backward: dA (outer)");
         self.lora_outer(&du, x, m, cols, r, dropout, da);
