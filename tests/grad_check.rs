@@ -385,11 +385,13 @@ fn checkpointed_backward_equals_plain() {
 #[test]
 fn kept_mlp_products_give_the_plain_gradients() {
     let cfg = ModelConfig { num_hidden_layers: 4, ..tiny_config(false) };
-    let cases: [(Option<QuantConfig>, &[&str]); 4] = [
+    let cases: [(Option<QuantConfig>, &[&str]); 5] = [
         (Some(QuantConfig::default()), &["all-linear"]),
         (None, &["down_proj"]),
         (Some(QuantConfig::default()), &["q_proj", "v_proj"]),
         (None, &["q_proj", "o_proj"]),
+        // LoRA on gate but not down: the replay leaves SwiGLU's output uncomputed.
+        (None, &["gate_proj", "o_proj"]),
     ];
     for (quant, targets) in cases {
         let model = Llama::<B>::load(&BE, &random_source(&cfg, 41), quant).unwrap();

@@ -624,12 +624,23 @@ impl<'a, B: Backend> Graph<'a, B> {
     /// [`Graph::layer_replay`]); only a LoRA branch's `u`, which its backward reads, is computed
     /// unless the layer's first pass kept it.
     fn linear_output_uncomputed(&self, t: &mut Tape<B>, x: Id, layer: usize, p: Proj) -> Id {
+        // x is read only for a branch's u that was not kept: without a branch on down, x (SwiGLU's
+        // output) is itself uncomputed in a replay.
         let be = self.be;
-        let m = be.buf_len(t.get(x)) / be.weight_shape(self.model.proj(layer, p)).1;
-        let slots = self.lora_u_slots(t, layer, [p], m);
-        let us = self.lora_us_ready(t, x, layer, [p], slots);
+        let lora = self.lora_pair(layer, p).map(|pair| {
+            let dropout = self.lora_dropout(layer, p);
+            let u = t.take_lora_u(layer, p).unwrap_or_else(|| {
+                let r = self.lora_rank();
+                let xv = t.get(x);
+                let m = be.buf_len(xv) / be.weight_shape(self.model.proj(layer, p)).1;
+                let mut u = self.alloc(m * r);
+                be.lora_down(xv, &pair.a, m, r, dropout, &mut u);
+                u
+            });
+            (t.put(u), dropout)
+        });
         let out = t.put_uncomputed();
-        let [out] = self.record_linears(t, x, layer, [p], us, [out]);
+        t.record(Op::Linear { x, layer, proj: p, out, lora });
         out
     }
 
