@@ -4,16 +4,17 @@ and writes them as JSON.
 
     python3 parity/side_by_side.py STAGE/llamatune OUT_DIR [--shape llama2-7b] [--steps 10]
         [--recipes classic,all-linear] [--decode-tokens 128] [--skip-python] [--skip-ours]
-        [--keep-mlp-layers N]
+        [--keep-mlp-layers N] [--keep-attention-layers N]
 
 The Python stack follows the classic QLoRA recipe as trl's SFTTrainer runs it: NF4 base with bf16
 compute, `prepare_model_for_kbit_training` (gradient checkpointing, fp32 norms), LoRA r=64 alpha=16
 dropout 0.1, bitsandbytes' PagedAdamW32bit at lr 2e-4, clip 0.3, batch 4 rows of 512 tokens (every
 row full, so both sides do the same work). Each stack runs in its own process, so neither sees the
 other's memory; peak memory is torch's max_memory_allocated on one side and the CUDA pool's
-high-water mark on ours, both counted after the weights are loaded. With --keep-mlp-layers N, ours
-runs each recipe once more with `--gradient-checkpointing-keep-mlp N` (memory traded for time), its rows
-set against the same Python run.
+high-water mark on ours, both counted after the weights are loaded. With --keep-mlp-layers N and/or
+--keep-attention-layers N, ours runs each recipe once more with `--gradient-checkpointing-keep-mlp N`
+and `--gradient-checkpointing-keep-attention N` (memory traded for time), its rows ("+keep") set against
+the same Python run.
 """
 import argparse
 import json
@@ -117,13 +118,14 @@ def ours(a, exe, out):
         print("+", " ".join(cmd), flush=True)
         subprocess.run(cmd, check=True)
         results[recipe] = json.load(open(j))
-        if a.keep_mlp_layers:
-            jk = os.path.join(out, f"llamatune-{recipe}-keep-mlp.json")
+        if a.keep_mlp_layers or a.keep_attention_layers:
+            jk = os.path.join(out, f"llamatune-{recipe}-keep.json")
             cmd = [*cmd[:cmd.index("--decode-tokens")], "--decode-tokens", "0",
-                   "--gradient-checkpointing-keep-mlp", str(a.keep_mlp_layers), "--json", jk]
+                   "--gradient-checkpointing-keep-mlp", str(a.keep_mlp_layers),
+                   "--gradient-checkpointing-keep-attention", str(a.keep_attention_layers), "--json", jk]
             print("+", " ".join(cmd), flush=True)
             subprocess.run(cmd, check=True)
-            results[f"{recipe}+keep-mlp"] = json.load(open(jk))
+            results[f"{recipe}+keep"] = json.load(open(jk))
     return results
 
 
@@ -139,6 +141,7 @@ def main():
     p.add_argument("--skip-python", action="store_true")
     p.add_argument("--skip-ours", action="store_true")
     p.add_argument("--keep-mlp-layers", type=int, default=0)
+    p.add_argument("--keep-attention-layers", type=int, default=0)
     p.add_argument("--python-child", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args()
     os.makedirs(a.out, exist_ok=True)
@@ -154,7 +157,7 @@ def main():
     rows = []
     print(f"\n{card}, shape {a.shape}, batch 4 x 512, NF4 bf16 compute, checkpointing, paged AdamW 32-bit")
     print(f"{'what':<34}{'python':>14}{'llamatune':>14}{'ratio':>10}")
-    keep = [f"{r}+keep-mlp" for r in a.recipes.split(",")] if a.keep_mlp_layers else []
+    keep = [f"{r}+keep" for r in a.recipes.split(",")] if a.keep_mlp_layers or a.keep_attention_layers else []
     for recipe in a.recipes.split(",") + keep:
         P, U = py.get(recipe.split("+")[0], {}), us.get(recipe, {})
         for key, label in [("tokens_per_s", f"{recipe} tokens/s"),

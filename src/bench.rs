@@ -180,6 +180,8 @@ pub struct BenchConfig {
     pub gradient_checkpointing_offload: bool,
     /// Checkpointed layers whose MLP products are kept for backward ([`StepOptions::keep_mlp_layers`]).
     pub gradient_checkpointing_keep_mlp: usize,
+    /// Checkpointed layers whose attention is kept for backward ([`StepOptions::keep_attention_layers`]).
+    pub gradient_checkpointing_keep_attention: usize,
     /// `adamw_torch` or `paged_adamw_32bit` (paged: optimizer state moves to pinned host memory when
     /// it would take over a quarter of the free device memory, as in training).
     pub optim: String,
@@ -204,6 +206,7 @@ pub struct BenchReport {
     pub gradient_checkpointing: bool,
     pub gradient_checkpointing_offload: bool,
     pub gradient_checkpointing_keep_mlp: usize,
+    pub gradient_checkpointing_keep_attention: usize,
     pub optim: String,
     /// Whether the optimizer state actually lived in host memory.
     pub optimizer_paged: bool,
@@ -241,17 +244,18 @@ pub struct BenchReport {
 /// - with gradient checkpointing, the forward again for every layer but the last (recorded whole),
 ///   without the down projection's product and LoRA B product, whose output backward's replay does
 ///   not need (`Graph::layer_replay`), and without the gate and up products (with their LoRA
-///   branches) in the `kept_mlp` layers whose first pass kept them (`StepOptions::keep_mlp_layers`).
+///   branches) in the `kept_mlp` layers whose first pass kept them (`StepOptions::keep_mlp_layers`),
+///   nor the q/k/v products and attention in the `kept_attention` ones.
 pub fn step_flops(
     c: &ModelConfig,
     lora: &LoraConfig,
-    batch: usize,
-    seq: usize,
+    (batch, seq): (usize, usize),
     checkpointing: bool,
     kept_mlp: usize,
+    kept_attention: usize,
 ) -> f64 {
     let tokens = (batch * seq) as f64;
-    let (mut proj, mut lora_f, mut replay, mut gate_up) = (0.0f64, 0.0f64, 0.0f64, 0.0f64);
+    let (mut proj, mut lora_f, mut replay, mut gate_up, mut qkv) = (0.0f64, 0.0f64, 0.0f64, 0.0f64, 0.0f64);
     for p in Proj::ALL {
         let (o, i) = p.shape(c);
         let (product, (lora_a, lora_b)) =
@@ -267,17 +271,23 @@ pub fn step_flops(
             (_, true) => product + lora_a + lora_b,
             (_, false) => product,
         };
-        if matches!(p, Proj::Gate | Proj::Up) {
-            gate_up += product + if targeted { lora_a + lora_b } else { 0.0 };
+        let with_branch = product + if targeted { lora_a + lora_b } else { 0.0 };
+        match p {
+            Proj::Gate | Proj::Up => gate_up += with_branch,
+            Proj::Q | Proj::K | Proj::V => qkv += with_branch,
+            _ => {}
         }
     }
     let layers = c.num_hidden_layers as f64;
     let attn = 4.0 * (c.head_dim * c.num_attention_heads) as f64 * (seq as f64 + 1.0) / 2.0;
     let replayed = if checkpointing { layers - 1.0 } else { 0.0 };
-    let kept = (kept_mlp as f64).min(replayed);
+    let kept_mlp = (kept_mlp as f64).min(replayed);
+    let kept_attention = (kept_attention as f64).min(replayed);
     let head = 2.0 * (c.vocab_size * c.hidden_size) as f64;
-    let per_token =
-        layers * (proj * 2.0 + attn * 3.5 + lora_f * 3.0) + replayed * (replay + attn) - kept * gate_up + 2.0 * head;
+    let per_token = layers * (proj * 2.0 + attn * 3.5 + lora_f * 3.0) + replayed * (replay + attn)
+        - kept_mlp * gate_up
+        - kept_attention * (qkv + attn)
+        + 2.0 * head;
     per_token * tokens
 }
 
@@ -296,8 +306,13 @@ pub fn run<B: Backend>(be: &B, cfg: &BenchConfig, log: &mut dyn FnMut(&str)) -> 
     if cfg.optim != "adamw_torch" && cfg.optim != "paged_adamw_32bit" {
         return Err(Error::Config(format!("--optim {:?}: expected adamw_torch or paged_adamw_32bit", cfg.optim)));
     }
-    if cfg.gradient_checkpointing_keep_mlp > 0 && !cfg.gradient_checkpointing {
-        return Err(Error::Config("--gradient-checkpointing-keep-mlp needs --gradient-checkpointing".into()));
+    for (name, layers) in [
+        ("--gradient-checkpointing-keep-mlp", cfg.gradient_checkpointing_keep_mlp),
+        ("--gradient-checkpointing-keep-attention", cfg.gradient_checkpointing_keep_attention),
+    ] {
+        if layers > 0 && !cfg.gradient_checkpointing {
+            return Err(Error::Config(format!("{name} needs --gradient-checkpointing")));
+        }
     }
     let src = RandomSource { config: cfg.model.clone(), seed: cfg.seed };
     be.reset_peak_memory();
@@ -341,6 +356,7 @@ pub fn run<B: Backend>(be: &B, cfg: &BenchConfig, log: &mut dyn FnMut(&str)) -> 
             checkpointing: Checkpointing::from_flags(cfg.gradient_checkpointing, cfg.gradient_checkpointing_offload),
             neftune_noise_alpha: None,
             keep_mlp_layers: cfg.gradient_checkpointing_keep_mlp,
+            keep_attention_layers: cfg.gradient_checkpointing_keep_attention,
         };
         let l = forward_backward_with(be, &model, &lora, &mut grads, &b, 1.0 / count.max(1) as f32, opts);
         let gn = grad_norm(be, &grads);
@@ -357,7 +373,8 @@ pub fn run<B: Backend>(be: &B, cfg: &BenchConfig, log: &mut dyn FnMut(&str)) -> 
     let reserved_growth = reserved_after_warmup.zip(be.reserved_memory()).map(|(a, b)| b.saturating_sub(a));
     let median_step_s = median(&step_times);
     let (ckpt, kept) = (cfg.gradient_checkpointing, cfg.gradient_checkpointing_keep_mlp);
-    let flops = step_flops(&cfg.model, &cfg.lora, cfg.batch_size, cfg.seq_len, ckpt, kept);
+    let kept_attention = cfg.gradient_checkpointing_keep_attention;
+    let flops = step_flops(&cfg.model, &cfg.lora, (cfg.batch_size, cfg.seq_len), ckpt, kept, kept_attention);
     let achieved = flops / median_step_s / 1e12;
 
     let (mut decode_tps, mut prefill_s) = (None, None);
@@ -394,6 +411,7 @@ pub fn run<B: Backend>(be: &B, cfg: &BenchConfig, log: &mut dyn FnMut(&str)) -> 
         gradient_checkpointing: cfg.gradient_checkpointing,
         gradient_checkpointing_offload: cfg.gradient_checkpointing_offload,
         gradient_checkpointing_keep_mlp: cfg.gradient_checkpointing_keep_mlp,
+        gradient_checkpointing_keep_attention: cfg.gradient_checkpointing_keep_attention,
         optim: cfg.optim.clone(),
         optimizer_paged: opt.is_paged(),
         trainable_params: param_count(&cfg.model, &cfg.lora),
@@ -427,7 +445,7 @@ mod tests {
         // 4·4096² + 3·4096·11008), the lm_head 2·4096·32000 twice, attention small.
         let c = shape_config("llama2-7b").unwrap();
         let lora = LoraConfig { r: 64, ..LoraConfig::default() }.with_targets(&["q_proj", "v_proj"]).unwrap();
-        let f = step_flops(&c, &lora, 4, 512, true, 0) / 2048.0;
+        let f = step_flops(&c, &lora, (4, 512), true, 0, 0) / 2048.0;
         let proj: f64 = 32.0 * 2.0 * (4.0 * 4096.0 * 4096.0 + 3.0 * 4096.0 * 11008.0);
         assert!((proj - 2.0 * 6.476e9).abs() / proj < 1e-3);
         // Backward's replay: 31 layers (the last is recorded whole), without the down product.
@@ -437,11 +455,17 @@ mod tests {
         // Layers whose MLP products were kept replay no gate and up products (no LoRA on them
         // here); asking for more layers than are replayed keeps the 31 there are.
         let gate_up = 2.0 * 2.0 * 4096.0 * 11008.0;
-        let kept = step_flops(&c, &lora, 4, 512, true, 10) / 2048.0;
+        let kept = step_flops(&c, &lora, (4, 512), true, 10, 0) / 2048.0;
         assert!(((f - kept) - 10.0 * gate_up).abs() / gate_up < 1e-9, "{:e}", f - kept);
-        let all = step_flops(&c, &lora, 4, 512, true, 100) / 2048.0;
+        let all = step_flops(&c, &lora, (4, 512), true, 100, 0) / 2048.0;
         assert!(((f - all) - 31.0 * gate_up).abs() / gate_up < 1e-9, "{:e}", f - all);
-        assert_eq!(step_flops(&c, &lora, 4, 512, false, 5), step_flops(&c, &lora, 4, 512, false, 0));
+        assert_eq!(step_flops(&c, &lora, (4, 512), false, 5, 5), step_flops(&c, &lora, (4, 512), false, 0, 0));
+        // Kept attention: no q/k/v products (LoRA r = 64 on q and v: A and B products too) and no
+        // attention forward (4 · hidden per visible key, 256.5 of them on average).
+        let qkv = 3.0 * 2.0 * 4096.0 * 4096.0 + 2.0 * 2.0 * 64.0 * (4096.0 + 4096.0);
+        let attn = 4.0 * 4096.0 * 513.0 / 2.0;
+        let kept = step_flops(&c, &lora, (4, 512), true, 0, 7) / 2048.0;
+        assert!(((f - kept) - 7.0 * (qkv + attn)).abs() / qkv < 1e-9, "{:e}", f - kept);
     }
 
     #[test]
@@ -477,6 +501,7 @@ mod tests {
             gradient_checkpointing: true,
             gradient_checkpointing_offload: true,
             gradient_checkpointing_keep_mlp: 0,
+            gradient_checkpointing_keep_attention: 0,
             optim: "paged_adamw_32bit".into(),
             decode_tokens: 5,
             prompt_len: 4,
@@ -490,10 +515,12 @@ mod tests {
         assert!(r.losses.iter().all(|l| l.is_finite() && *l > 0.0));
         assert!(r.tokens_per_s > 0.0 && r.mfu.is_some_and(|m| m > 0.0));
         assert!(r.decode_tokens_per_s.unwrap() > 0.0);
-        // The MLP products kept: the same losses (the same gradients, so the same updates).
-        let kept = run(&be, &BenchConfig { gradient_checkpointing_keep_mlp: 1, ..cfg.clone() }, &mut |_| {}).unwrap();
+        // The MLP products and attention kept: the same losses (the same gradients, so the same updates).
+        let keep =
+            BenchConfig { gradient_checkpointing_keep_mlp: 1, gradient_checkpointing_keep_attention: 1, ..cfg.clone() };
+        let kept = run(&be, &keep, &mut |_| {}).unwrap();
         assert_eq!(kept.losses, r.losses);
-        assert_eq!(kept.gradient_checkpointing_keep_mlp, 1);
+        assert_eq!((kept.gradient_checkpointing_keep_mlp, kept.gradient_checkpointing_keep_attention), (1, 1));
         let no_ckpt = BenchConfig { gradient_checkpointing: false, gradient_checkpointing_keep_mlp: 1, ..cfg.clone() };
         let err = run(&be, &no_ckpt, &mut |_| {}).unwrap_err().to_string();
         assert!(err.contains("--gradient-checkpointing-keep-mlp needs --gradient-checkpointing"), "{err}");

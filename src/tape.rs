@@ -125,6 +125,10 @@ pub struct ReplayKeeps {
     /// 90 MB in bf16 for Llama-2-7B at 2,048 rows), whose two GEMMs are the larger part of a
     /// layer's recompute (370 of its 645 GFLOP at 7B): memory traded for time, per layer as asked.
     pub mlp_acts: bool,
+    /// Attention's saved inputs, output and lse ([`KeptAttention`]: ~84 MB for a Llama-2-7B layer at
+    /// 2,048 rows), so that the replay runs neither the q/k/v products (206 GFLOP at 7B, with their
+    /// B products and RoPE) nor the attention forward.
+    pub attention: bool,
 }
 
 /// Moves the entries of `from` whose keys `wanted` picks into `to`.
@@ -139,6 +143,19 @@ fn move_entries<K: Copy + Eq + std::hash::Hash, V>(
         to.insert(key, value);
     }
 }
+
+/// A layer's attention as its first pass computed it, kept for the replay ([`ReplayKeeps::attention`]).
+pub struct KeptAttention<B: Backend> {
+    /// q, k and v as [`Backend::qkv_attn_acts`] saved them.
+    pub acts: B::AttnActs,
+    /// Attention's output (the o projection's input) and its log-sum-exp rows.
+    pub out: B::Buf,
+    pub lse: B::Buf,
+}
+
+/// What a first pass keeps of a layer's attention: its saved inputs, its lse, and (once the o
+/// product has read it) its output.
+type AttentionParts<B> = (<B as Backend>::AttnActs, <B as Backend>::Buf, Option<<B as Backend>::Buf>);
 
 /// Values and (when `recording`) the ops that made them.
 pub struct Tape<B: Backend> {
@@ -162,6 +179,9 @@ pub struct Tape<B: Backend> {
     /// MLPs' gate and up products by layer, kept from a checkpointed layer's first pass for its
     /// replay, which then runs neither product ([`Tape::keep_mlp_acts`]).
     kept_mlp_acts: std::collections::HashMap<usize, B::MlpActs>,
+    /// Attention's saved inputs and lse by layer, and (once the o product has read it) its output:
+    /// kept from a checkpointed layer's first pass for its replay ([`Tape::keep_attention`]).
+    kept_attention: std::collections::HashMap<usize, AttentionParts<B>>,
     /// What a checkpointed layer's first pass keeps for its replay ([`Tape::keeping`]).
     keeps: ReplayKeeps,
 }
@@ -217,6 +237,7 @@ impl<B: Backend> Tape<B> {
             released: None,
             lora_us: Default::default(),
             kept_mlp_acts: Default::default(),
+            kept_attention: Default::default(),
             keeps: ReplayKeeps::default(),
         }
     }
@@ -251,12 +272,43 @@ impl<B: Backend> Tape<B> {
     pub fn take_kept_mlp_acts(&mut self, layer: usize) -> Option<B::MlpActs> {
         self.kept_mlp_acts.remove(&layer)
     }
+    /// Hands `layer`'s attention inputs and lse to the tape: kept for the layer's replay on a tape
+    /// [`Tape::keeping`] them (returns `None`; the output follows, [`Tape::keep_attention_out`]),
+    /// given back otherwise.
+    pub fn keep_attention(&mut self, layer: usize, acts: B::AttnActs, lse: B::Buf) -> Option<(B::AttnActs, B::Buf)> {
+        if !self.keeps.attention {
+            return Some((acts, lse));
+        }
+        self.kept_attention.insert(layer, (acts, lse, None));
+        None
+    }
+    /// Whether `layer`'s attention output is awaited by what [`Tape::keep_attention`] kept.
+    pub fn awaits_attention_out(&self, layer: usize) -> bool {
+        self.kept_attention.get(&layer).is_some_and(|(_, _, out)| out.is_none())
+    }
+    /// Adds `layer`'s attention output to what [`Tape::keep_attention`] kept.
+    pub fn keep_attention_out(&mut self, layer: usize, out: B::Buf) {
+        let kept = self.kept_attention.get_mut(&layer).expect("keep_attention came first");
+        kept.2 = Some(out);
+    }
+    /// `layer`'s kept attention, if the first pass kept all of it (removed from the tape).
+    pub fn take_kept_attention(&mut self, layer: usize) -> Option<KeptAttention<B>> {
+        match self.kept_attention.remove(&layer)? {
+            (acts, lse, Some(out)) => Some(KeptAttention { acts, out, lse }),
+            _ => None,
+        }
+    }
+    /// Whether the tape holds anything a first pass kept for a replay.
+    fn holds_kept(&self) -> bool {
+        !(self.lora_us.is_empty() && self.kept_mlp_acts.is_empty() && self.kept_attention.is_empty())
+    }
     /// Moves what `other` kept for `layer`'s replay (for every layer: `None`) onto this tape: a
     /// layer's first pass hands it to the tape that records the step, which hands it to the replay.
     pub fn adopt_kept(&mut self, other: &mut Tape<B>, layer: Option<usize>) {
         let wanted = |l: usize| layer.is_none_or(|want| l == want);
         move_entries(&mut other.lora_us, &mut self.lora_us, |&(l, _)| wanted(l));
         move_entries(&mut other.kept_mlp_acts, &mut self.kept_mlp_acts, |&l| wanted(l));
+        move_entries(&mut other.kept_attention, &mut self.kept_attention, |&l| wanted(l));
     }
     /// A tape whose released values are kept for [`Tape::into_buffers`] instead of freed.
     pub fn keeping_released(recording: bool) -> Self {
@@ -336,6 +388,11 @@ impl<B: Backend> Tape<B> {
             + self.attn_acts.iter().flatten().map(|a| be.attn_acts_len(a)).sum::<usize>()
             + self.lora_us.values().map(|u| be.buf_len(u)).sum::<usize>()
             + self.kept_mlp_acts.values().map(|a| be.mlp_acts_len(a)).sum::<usize>()
+            + (self.kept_attention.values())
+                .map(|(acts, lse, out)| {
+                    be.attn_acts_len(acts) + be.buf_len(lse) + out.as_ref().map_or(0, |o| be.buf_len(o))
+                })
+                .sum::<usize>()
     }
     pub fn get(&self, id: Id) -> &B::Buf {
         self.vals[id].as_ref().expect("tape value was already released")
@@ -538,6 +595,9 @@ impl<B: Backend> Tape<B> {
                         // The replay's expanded weights wait for the layer's input gradients.
                         be.keep_weight_expansions(true);
                         let y = g.layer_replay(&mut sub, layer, x);
+                        // Whatever the first pass kept, the replay must have taken instead of
+                        // computing it again (else it held that memory for nothing).
+                        assert!(!sub.holds_kept(), "layer {layer}'s replay left values its first pass kept");
                         let dx = sub.backward(g, grads, Some((y, d)), &[x]).pop().expect("one gradient");
                         be.keep_weight_expansions(false);
                         acc(be, &mut dv, input, dx);

@@ -559,26 +559,28 @@ fn neftune_noise_alpha_reaches_the_step() {
     }
 }
 
-/// `--gradient-checkpointing-keep-mlp N` (the MLP products of N checkpointed layers kept for their
-/// replays) trains the adapter of a run without it, bit for bit, is saved with the run's settings,
-/// and is refused when not a count or without gradient checkpointing.
+/// `--gradient-checkpointing-keep-mlp N` and `--gradient-checkpointing-keep-attention N` (the MLP
+/// products, attention's inputs and output, of N checkpointed layers kept for their replays) train
+/// the adapter of a run without them, bit for bit, are saved with the run's settings, and are
+/// refused when not a count or without gradient checkpointing.
 #[test]
-fn kept_mlp_products_train_the_same_adapter() {
+fn kept_products_train_the_same_adapter() {
     let run = TinyRun::new(8);
     let plain = run.two_step_adapter(&run.path("plain"), &[]);
     let kept_dir = run.path("kept");
-    let kept = run.two_step_adapter(&kept_dir, &["--gradient-checkpointing-keep-mlp", "1"]);
-    assert_eq!(plain, kept, "keeping the MLP products changed the adapter");
+    let flags = ["--gradient-checkpointing-keep-mlp", "1", "--gradient-checkpointing-keep-attention", "1"];
+    let kept = run.two_step_adapter(&kept_dir, &flags);
+    assert_eq!(plain, kept, "keeping the MLP products and attention changed the adapter");
     let saved = std::fs::read_to_string(kept_dir.join("train_config.toml")).unwrap();
-    assert!(saved.contains("gradient_checkpointing_keep_mlp = 1"), "not in the saved config:\n{saved}");
-    let o = run.train(&run.path("bad"), &["--gradient-checkpointing-keep-mlp=-1"]);
-    assert!(!o.status.success() && stderr(&o).contains("gradient-checkpointing-keep-mlp"), "{}", stderr(&o));
-    // Without checkpointing nothing is recomputed: the setting is refused, not ignored.
-    let o =
-        run.train(&run.path("bad2"), &["--gradient-checkpointing", "false", "--gradient-checkpointing-keep-mlp", "2"]);
-    let err = stderr(&o);
-    assert!(
-        !o.status.success() && err.contains("--gradient-checkpointing-keep-mlp needs --gradient-checkpointing"),
-        "{err}"
-    );
+    for line in ["gradient_checkpointing_keep_mlp = 1", "gradient_checkpointing_keep_attention = 1"] {
+        assert!(saved.contains(line), "{line} not in the saved config:\n{saved}");
+    }
+    for flag in ["--gradient-checkpointing-keep-mlp", "--gradient-checkpointing-keep-attention"] {
+        let o = run.train(&run.path("bad"), &[&format!("{flag}=-1")]);
+        assert!(!o.status.success() && stderr(&o).contains(flag), "{}", stderr(&o));
+        // Without checkpointing nothing is recomputed: the setting is refused, not ignored.
+        let o = run.train(&run.path("bad2"), &["--gradient-checkpointing", "false", flag, "2"]);
+        let err = stderr(&o);
+        assert!(!o.status.success() && err.contains(&format!("{flag} needs --gradient-checkpointing")), "{err}");
+    }
 }

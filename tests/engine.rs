@@ -256,7 +256,7 @@ fn a_replay_reads_the_lora_u_its_first_pass_kept() {
     plain.backward(&g, &mut want, Some((y, dy.clone())), &[x]);
 
     let replayed = |down_factor: f32| {
-        let mut first = Tape::<B>::keeping(ReplayKeeps { lora_us: true, mlp_acts: false });
+        let mut first = Tape::<B>::keeping(ReplayKeeps { lora_us: true, ..ReplayKeeps::default() });
         let x = first.put(x0.clone());
         g.layer_forward(&mut first, 0, x);
         let mut u = first.take_lora_u(0, Proj::Down).expect("down's u kept");
@@ -303,7 +303,13 @@ fn neftune_noise_is_seeded_replayed_and_training_only() {
     let batch = Batch::causal_lm(&rows);
     let step = |dropout_seed: Option<u64>, neftune_noise_alpha: Option<f32>, checkpointing: Checkpointing| {
         let mut grads = lora.zero_grads(&BE);
-        let opts = StepOptions { dropout_seed, checkpointing, neftune_noise_alpha, keep_mlp_layers: 0 };
+        let opts = StepOptions {
+            dropout_seed,
+            checkpointing,
+            neftune_noise_alpha,
+            keep_mlp_layers: 0,
+            keep_attention_layers: 0,
+        };
         let l = forward_backward_with(&BE, &model, &lora, &mut grads, &batch, 1.0, opts);
         (l.loss_sum, grads.bufs().iter().flat_map(|b| b.iter().copied()).collect::<Vec<f32>>())
     };

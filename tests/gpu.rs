@@ -2059,24 +2059,31 @@ fn whole_qlora_step(cfg: &ModelConfig, targets: &[&str], len: usize) {
     let scale = 1.0 / batch.num_targets() as f32;
     // NEFTune's embedding noise on the q,v runs (both backends add the same values).
     let neftune_noise_alpha = (targets == ["q_proj", "v_proj"]).then_some(5.0);
-    // Last: the checkpointed layers' MLP products kept from the first pass (the CPU's gradients are
-    // the same as without, bit for bit: tests/grad_check.rs).
+    // Last: the checkpointed layers' MLP products, then also their attention, kept from the first
+    // pass (the CPU's gradients are the same as without, bit for bit: tests/grad_check.rs).
     let runs = [
-        (Checkpointing::Off, 0),
-        (Checkpointing::OnDevice, 0),
-        (Checkpointing::Offload, 0),
-        (Checkpointing::OnDevice, 9),
+        (Checkpointing::Off, 0, 0),
+        (Checkpointing::OnDevice, 0, 0),
+        (Checkpointing::Offload, 0, 0),
+        (Checkpointing::OnDevice, 9, 0),
+        (Checkpointing::Offload, 9, 9),
     ];
-    for (ckpt, keep_mlp_layers) in runs {
+    for (ckpt, keep_mlp_layers, keep_attention_layers) in runs {
         let mut cg = cl.zero_grads(&CPU);
         let mut gg = gl.zero_grads(gpu());
-        let opts = StepOptions { dropout_seed: Some(11), checkpointing: ckpt, neftune_noise_alpha, keep_mlp_layers };
+        let opts = StepOptions {
+            dropout_seed: Some(11),
+            checkpointing: ckpt,
+            neftune_noise_alpha,
+            keep_mlp_layers,
+            keep_attention_layers,
+        };
         let l1 = forward_backward_with(&CPU, &cm, &cl, &mut cg, &batch, scale, opts);
         let l2 = forward_backward_with(gpu(), &gm, &gl, &mut gg, &batch, scale, opts);
         assert_eq!(l1.count, l2.count);
         check(
             &format!(
-                "vocab {} {targets:?} step loss (checkpointing {ckpt:?}, MLP kept in {keep_mlp_layers}, NEFTune {neftune_noise_alpha:?})",
+                "vocab {} {targets:?} step loss (checkpointing {ckpt:?}, MLP kept in {keep_mlp_layers}, attention in {keep_attention_layers}, NEFTune {neftune_noise_alpha:?})",
                 cfg.vocab_size
             ),
             &[l2.mean() as f32],
@@ -2141,6 +2148,7 @@ fn offloaded_checkpoints_give_the_same_step_in_less_device_memory() {
         checkpointing,
         neftune_noise_alpha: None,
         keep_mlp_layers: 0,
+        keep_attention_layers: 0,
     };
     let (l_dev, g_dev, peak_dev) = measured_step(&model, &lora, &batch, opts(Checkpointing::OnDevice));
     let (l_off, g_off, peak_off) = measured_step(&model, &lora, &batch, opts(Checkpointing::Offload));
@@ -2156,31 +2164,49 @@ fn offloaded_checkpoints_give_the_same_step_in_less_device_memory() {
     );
 }
 
-/// Checkpointed layers that keep their MLP's gate and up products from the first pass give the step
-/// of replays that recompute them (the same kernels on the same values; the tolerance only covers
-/// the attention backward's atomic adds), holding about the kept products more at the peak: at least
-/// those of all kept layers but two (a replay that recomputes holds one layer's products itself, and
-/// some slack), at most those of one layer more than are kept, counted in f32.
+/// Checkpointed layers that keep their MLP's gate and up products, or their attention's inputs,
+/// output and lse, from the first pass give the step of replays that recompute them (the same
+/// kernels on the same values; the tolerance only covers the attention backward's atomic adds),
+/// holding about the kept values more at the peak: at least those of all kept layers but two (a
+/// replay that recomputes holds one layer's itself, and some slack), at most those of one layer more
+/// than are kept, counted in f32.
 #[test]
-fn kept_mlp_products_give_the_same_step_for_their_memory() {
+fn kept_products_give_the_same_step_for_their_memory() {
     for targets in [&["q_proj", "v_proj"][..], &["all-linear"]] {
         let (cfg, model, lora, batch) = memory_case(targets, 17);
-        let opts = |keep_mlp_layers| StepOptions {
+        let opts = |keep_mlp_layers, keep_attention_layers| StepOptions {
             dropout_seed: Some(21),
             checkpointing: Checkpointing::OnDevice,
             neftune_noise_alpha: None,
             keep_mlp_layers,
+            keep_attention_layers,
         };
-        let (l0, g0, peak0) = measured_step(&model, &lora, &batch, opts(0));
+        let (l0, g0, peak0) = measured_step(&model, &lora, &batch, opts(0, 0));
+        let m = batch.input_ids.len();
+        let kv = cfg.num_key_value_heads * cfg.head_dim;
+        // Per layer, the fewest and most bytes: the MLP's two products (16-bit or f32); attention's
+        // q, k, v (bf16 or f32), its f32 output, and its lse (counted in the upper bound only).
+        let mlp = (2 * m * cfg.intermediate_size * 2, 2 * m * cfg.intermediate_size * 4);
+        let qkv = m * (cfg.hidden_size + 2 * kv);
+        let lse = cfg.num_attention_heads * m;
+        let attention = (qkv * 2 + m * cfg.hidden_size * 4, (qkv + m * cfg.hidden_size + lse) * 4);
         let kept = 5;
-        let (l1, g1, peak1) = measured_step(&model, &lora, &batch, opts(kept));
-        check(&format!("{targets:?} step loss, MLP products kept in {kept} layers"), &[l1], &[l0], F32_TOL);
-        check(&format!("{targets:?} LoRA grads, MLP products kept in {kept} layers"), &g1, &g0, F32_TOL);
-        let products = 2 * batch.input_ids.len() * cfg.intermediate_size;
-        let more = peak1 as i64 - peak0 as i64;
-        println!("{targets:?} peak device memory: {peak0} B, with the MLP products of {kept} layers kept {peak1} B (+{more} B; one layer's products: {products} values)");
-        let (low, high) = (((kept - 2) * products * 2) as i64, ((kept + 1) * products * 4) as i64);
-        assert!(more >= low && more <= high, "{targets:?}: {more} B more at the peak, outside {low}..={high}");
+        for (what, (keep_mlp, keep_attention), (low_bytes, high_bytes)) in
+            [("MLP products", (kept, 0), mlp), ("attention", (0, kept), attention)]
+        {
+            let (l1, g1, peak1) = measured_step(&model, &lora, &batch, opts(keep_mlp, keep_attention));
+            check(&format!("{targets:?} step loss, {what} kept in {kept} layers"), &[l1], &[l0], F32_TOL);
+            check(&format!("{targets:?} LoRA grads, {what} kept in {kept} layers"), &g1, &g0, F32_TOL);
+            let more = peak1 as i64 - peak0 as i64;
+            println!(
+                "{targets:?} peak device memory: {peak0} B, with {what} of {kept} layers kept {peak1} B (+{more} B)"
+            );
+            let (low, high) = (((kept - 2) * low_bytes) as i64, ((kept + 1) * high_bytes) as i64);
+            assert!(
+                more >= low && more <= high,
+                "{targets:?}, {what}: {more} B more at the peak, outside {low}..={high}"
+            );
+        }
     }
 }
 

@@ -376,21 +376,21 @@ fn checkpointed_backward_equals_plain() {
     }
 }
 
-/// Checkpointed layers that keep their MLP's gate and up products from the first pass
-/// (`gradient_checkpointing_keep_mlp`) replay without computing them: the gradients must be the plain
-/// tape's bit for bit on every MLP path (LoRA on gate/up; only on down; none, with o's product into
-/// the norm or, with LoRA on o, apart), with the LoRA `u`s kept too or recomputed by the replay, for
-/// some of the checkpointed layers or all of them; and the first pass holds exactly the kept
-/// layers' products (`2 · rows · intermediate_size` values each) more than without.
+/// Checkpointed layers that keep their MLP's gate and up products (`gradient_checkpointing_keep_mlp`)
+/// or their attention's inputs, output and lse (`gradient_checkpointing_keep_attention`) from the
+/// first pass replay without computing them: the gradients must be the plain tape's bit for bit on
+/// every MLP path (LoRA on gate/up; only on down; none, with o's product into the norm or, with LoRA
+/// on o, apart) and with LoRA on q/k/v or not, with the LoRA `u`s kept too or recomputed by the
+/// replay, for some of the checkpointed layers or all of them; and the first pass holds exactly the
+/// kept values more (the MLP's `2 · rows · intermediate_size`, attention's q, k, v, output and lse).
 #[test]
-fn kept_mlp_products_give_the_plain_gradients() {
+fn kept_products_give_the_plain_gradients() {
     let cfg = ModelConfig { num_hidden_layers: 4, ..tiny_config(false) };
     let cases: [(Option<QuantConfig>, &[&str]); 5] = [
         (Some(QuantConfig::default()), &["all-linear"]),
         (None, &["down_proj"]),
         (Some(QuantConfig::default()), &["q_proj", "v_proj"]),
         (None, &["q_proj", "o_proj"]),
-        // LoRA on gate but not down: the replay leaves SwiGLU's output uncomputed.
         (None, &["gate_proj", "o_proj"]),
     ];
     for (quant, targets) in cases {
@@ -403,15 +403,16 @@ fn kept_mlp_products_give_the_plain_gradients() {
             let n = pair.b.len();
             pair.b = rand_vec(&mut rng, n).iter().map(|x| x * 0.3).collect();
         }
+        let (batch_rows, seq) = (2, 7);
         let rows: Vec<Vec<u32>> =
-            (0..2).map(|_| (0..7).map(|_| rng.gen_range(0..cfg.vocab_size as u32)).collect()).collect();
+            (0..batch_rows).map(|_| (0..seq).map(|_| rng.gen_range(0..cfg.vocab_size as u32)).collect()).collect();
         let batch = Batch::causal_lm(&rows);
         // One step through the public graph API, returning the loss, the gradients and what the
         // tape held after the forward pass.
-        let step = |ckpt: Checkpointing, keep_mlp_layers: usize, keep_lora_us: bool| {
+        let step = |ckpt: Checkpointing, (mlp, attention): (usize, usize), keep_lora_us: bool| {
             let mut grads = lora.zero_grads(&BE);
             let mut g = Graph::new(&BE, &model, Some(&lora), &batch, Some(3), ckpt);
-            (g.keep_mlp_layers, g.keep_lora_us) = (keep_mlp_layers, keep_lora_us);
+            (g.keep_mlp_layers, g.keep_attention_layers, g.keep_lora_us) = (mlp, attention, keep_lora_us);
             let mut tape = Tape::new(true);
             let x = g.body(&mut tape, &batch.input_ids);
             let held = tape.live_elements(&BE);
@@ -419,20 +420,28 @@ fn kept_mlp_products_give_the_plain_gradients() {
             tape.backward(&g, &mut grads, None, &[]);
             (loss, grads.bufs().iter().map(|b| b.to_vec()).collect::<Vec<_>>(), held)
         };
-        let (loss, grads, _) = step(Checkpointing::Off, 0, true);
+        let (loss, grads, _) = step(Checkpointing::Off, (0, 0), true);
         assert!(grads.iter().all(|b| b.iter().any(|&x| x != 0.0)), "{targets:?}: a zero gradient");
-        let products = 2 * batch.input_ids.len() * cfg.intermediate_size;
+        let m = batch.input_ids.len();
+        let mlp_values = 2 * m * cfg.intermediate_size;
+        let kv = cfg.num_key_value_heads * cfg.head_dim;
+        let attention_values = m * (2 * cfg.hidden_size + 2 * kv) + batch_rows * cfg.num_attention_heads * seq;
         for ckpt in [Checkpointing::OnDevice, Checkpointing::Offload] {
-            let (_, _, held_none) = step(ckpt, 0, true);
+            let (_, _, held_none) = step(ckpt, (0, 0), true);
             // 3 of the 4 layers are checkpointed (the last is recorded whole): 5 keeps those 3.
-            for (keep, kept_layers) in [(1, 1), (5, 3)] {
+            for (keep, kept) in
+                [((1, 0), (1, 0)), ((5, 0), (3, 0)), ((0, 1), (0, 1)), ((0, 5), (0, 3)), ((2, 3), (2, 3))]
+            {
                 for keep_lora_us in [true, false] {
                     let (l2, g2, held) = step(ckpt, keep, keep_lora_us);
-                    let what = format!("{targets:?} {ckpt:?}, MLP products of {keep} layers, u kept {keep_lora_us}");
+                    let what = format!(
+                        "{targets:?} {ckpt:?}, kept (MLP, attention) of {keep:?} layers, u kept {keep_lora_us}"
+                    );
                     assert_eq!(loss, l2, "{what}: loss");
                     assert!(grads == g2, "{what}: the gradients differ");
                     if keep_lora_us {
-                        assert_eq!(held - held_none, kept_layers * products, "{what}: held after the forward");
+                        let want = kept.0 * mlp_values + kept.1 * attention_values;
+                        assert_eq!(held - held_none, want, "{what}: held after the forward");
                     }
                 }
             }

@@ -266,6 +266,10 @@ pub struct Graph<'a, B: Backend> {
     /// gate and up products from the first pass for the replay ([`ReplayKeeps::mlp_acts`]; the
     /// `gradient_checkpointing_keep_mlp` setting); 0: every replay recomputes them.
     pub keep_mlp_layers: usize,
+    /// As `keep_mlp_layers`, for attention's inputs, output and lse ([`ReplayKeeps::attention`]; the
+    /// `gradient_checkpointing_keep_attention` setting): those layers' replays run neither the q/k/v
+    /// products nor the attention forward.
+    pub keep_attention_layers: usize,
 }
 
 /// Salt of the NEFTune noise's seed (the LoRA dropout seeds set bits from 8 up, with a zero low byte).
@@ -328,6 +332,7 @@ impl<'a, B: Backend> Graph<'a, B> {
             pool: None,
             keep_lora_us: crate::backend::switch_on("LLAMATUNE_KEEP_LORA_U"),
             keep_mlp_layers: 0,
+            keep_attention_layers: 0,
         }
     }
 
@@ -657,7 +662,7 @@ impl<'a, B: Backend> Graph<'a, B> {
     /// (training/eval; the cached variant is in `layer`). The projections go straight into the
     /// backend's saved form of attention's inputs ([`Backend::qkv_attn_acts`]); their ids hold no
     /// value and serve as the targets of their gradients in backward.
-    fn qkv_attention(&self, t: &mut Tape<B>, x: Id, layer: usize) -> Id {
+    fn qkv_attention(&self, t: &mut Tape<B>, x: Id, layer: usize, pass: Pass) -> Id {
         let be = self.be;
         let sh = self.shape;
         let projs = [Proj::Q, Proj::K, Proj::V];
@@ -665,6 +670,17 @@ impl<'a, B: Backend> Graph<'a, B> {
         let m = be.buf_len(t.get(x)) / be.weight_shape(ws[0]).1;
         let rope = RopeTables { cos: &self.cos, sin: &self.sin };
         let slots = self.lora_u_slots(t, layer, projs, m);
+        // A replay whose first pass kept its attention computes neither the products nor attention,
+        // only any branch's u the first pass did not keep (its backward reads them).
+        if let Some(kept) = if pass == Pass::Replay { t.take_kept_attention(layer) } else { None } {
+            let us = self.lora_us_ready(t, x, layer, projs, slots);
+            let (out, lse) = (t.put(kept.out), t.put(kept.lse));
+            let qkv = [(); 3].map(|_| t.put_uncomputed());
+            let [q, k, v] = self.record_linears(t, x, layer, projs, us, qkv);
+            let acts = t.put_attn_acts(kept.acts);
+            t.record(Op::Attention { q, k, v, acts, out, lse, shape: sh });
+            return out;
+        }
         let (acts, us) = self.with_lora_downs(layer, projs, slots, |loras| {
             be.qkv_attn_acts(t.get(x), &ws, m, loras, self.lora_rank(), self.lora_scale(), rope, sh)
         });
@@ -679,8 +695,26 @@ impl<'a, B: Backend> Graph<'a, B> {
             t.record(Op::Attention { q, k, v, acts, out, lse, shape: sh });
         } else {
             self.release_lora_us(t, layer, projs, us);
+            // Kept for the replay when the first pass keeps them (the output follows once the o
+            // product has read it: `attention_out_done`), given back otherwise.
+            let lse = t.take(lse);
+            if let Some((_, lse)) = t.keep_attention(layer, acts, lse) {
+                t.discard(lse);
+            }
         }
         out
+    }
+
+    /// Attention's output `a` after its last read in layer `l` (the o product's): kept for the
+    /// layer's replay where the first pass keeps its attention ([`Tape::keep_attention`]), handed
+    /// back to the tape otherwise.
+    fn attention_out_done(&self, t: &mut Tape<B>, l: usize, a: Id) {
+        if t.awaits_attention_out(l) {
+            let out = t.take(a);
+            t.keep_attention_out(l, out);
+        } else {
+            t.done_with(a);
+        }
     }
 
     /// SwiGLU of the gate and up projections of `x` (with their LoRA branches), computed unless a
@@ -776,7 +810,7 @@ impl<'a, B: Backend> Graph<'a, B> {
         };
         let a = match cache {
             None => {
-                let a = self.qkv_attention(t, n1, l);
+                let a = self.qkv_attention(t, n1, l, pass);
                 t.done_with(n1);
                 a
             }
@@ -818,24 +852,24 @@ impl<'a, B: Backend> Graph<'a, B> {
             let (x2, n2, acts) = match kept {
                 Some(acts) if o_plain => {
                     let (x2, n2) = self.linear_add_rmsnorm(t, a, x, l, Proj::O, NormRef::Mlp(l));
-                    t.done_with(a);
+                    self.attention_out_done(t, l, a);
                     (x2, n2, acts)
                 }
                 Some(acts) => {
                     let o = self.linear(t, a, l, Proj::O);
-                    t.done_with(a);
+                    self.attention_out_done(t, l, a);
                     let (x2, n2) = self.add_rmsnorm(t, x, o, NormRef::Mlp(l));
                     t.done_with(o);
                     (x2, n2, acts)
                 }
                 None if o_plain => {
                     let r = self.linear_add_rmsnorm_mlp_gate_up(t, a, x, l, [wg, wu, wd]);
-                    t.done_with(a);
+                    self.attention_out_done(t, l, a);
                     r
                 }
                 None => {
                     let o = self.linear(t, a, l, Proj::O);
-                    t.done_with(a);
+                    self.attention_out_done(t, l, a);
                     let r = self.add_rmsnorm_mlp_gate_up(t, x, o, l, [wg, wu, wd]);
                     t.done_with(o);
                     r
@@ -871,7 +905,7 @@ impl<'a, B: Backend> Graph<'a, B> {
             // The o product's only reader is the residual sum: added into it as it lands.
             self.linear_add_rmsnorm(t, a, x, l, Proj::O, NormRef::Mlp(l))
         };
-        t.done_with(a);
+        self.attention_out_done(t, l, a);
         t.done_with(x);
         let s = if decoding && self.lora_pair(l, Proj::Gate).is_none() && self.lora_pair(l, Proj::Up).is_none() {
             // Nothing needs gate and up apart: the products and SwiGLU in one call.
@@ -952,9 +986,11 @@ impl<'a, B: Backend> Graph<'a, B> {
         let layers = self.model.layers.len();
         for l in 0..layers {
             if self.checkpointing != Checkpointing::Off && t.recording && l + 1 < layers {
-                // The last `keep_mlp_layers` checkpointed layers (the last layer is recorded whole).
+                // The last `keep_mlp_layers` (`keep_attention_layers`) checkpointed layers keep their
+                // MLP products (attention) for the replay; the last layer is recorded whole.
                 let mlp_acts = l + 1 + self.keep_mlp_layers >= layers;
-                let mut sub = Tape::<B>::keeping(ReplayKeeps { lora_us: self.keep_lora_us, mlp_acts });
+                let attention = l + 1 + self.keep_attention_layers >= layers;
+                let mut sub = Tape::<B>::keeping(ReplayKeeps { lora_us: self.keep_lora_us, mlp_acts, attention });
                 let sx = sub.put(t.get(x).clone());
                 if self.checkpointing == Checkpointing::Offload {
                     t.offload(be, x);
@@ -1063,6 +1099,7 @@ pub fn forward_backward<B: Backend>(
         checkpointing: checkpointing.into(),
         neftune_noise_alpha: None,
         keep_mlp_layers: 0,
+        keep_attention_layers: 0,
     };
     forward_backward_with(be, model, lora, grads, batch, loss_scale, opts)
 }
@@ -1077,6 +1114,8 @@ pub struct StepOptions {
     pub neftune_noise_alpha: Option<f32>,
     /// [`Graph::keep_mlp_layers`]: checkpointed layers whose MLP products wait for their replay.
     pub keep_mlp_layers: usize,
+    /// [`Graph::keep_attention_layers`]: checkpointed layers whose attention waits for their replay.
+    pub keep_attention_layers: usize,
 }
 
 /// [`forward_backward`] with every option of a training step.
@@ -1092,6 +1131,7 @@ pub fn forward_backward_with<B: Backend>(
     let mut g = Graph::new(be, model, Some(lora), batch, opts.dropout_seed, opts.checkpointing);
     g.neftune_noise_alpha = opts.neftune_noise_alpha;
     g.keep_mlp_layers = opts.keep_mlp_layers;
+    g.keep_attention_layers = opts.keep_attention_layers;
     let mut tape = Tape::new(true);
     let x = g.body(&mut tape, &batch.input_ids);
     let (loss_sum, count) = g.lm_head_loss(&mut tape, x, &batch.targets(), loss_scale);
@@ -1222,6 +1262,7 @@ fn run_step<B: Backend>(
         neftune_noise_alpha: None,
         keep_lora_us: false,
         keep_mlp_layers: 0,
+        keep_attention_layers: 0,
         pool,
     };
     // The hidden state between layers: each layer leaves its last residual sum (a, b) to the next

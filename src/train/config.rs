@@ -58,6 +58,10 @@ pub struct TrainConfig {
     /// (90 MB in bf16 for Llama-2-7B at 4 × 512), the two largest of a layer's recomputed products.
     /// 0: none.
     pub gradient_checkpointing_keep_mlp: usize,
+    /// As `gradient_checkpointing_keep_mlp`, for attention's inputs, output and log-sum-exp: those
+    /// layers' replays run neither the q/k/v products nor attention, for 2 · rows · (hidden + 2 ·
+    /// kv_heads · head_dim) more values per layer (~84 MB for Llama-2-7B at 4 × 512). 0: none.
+    pub gradient_checkpointing_keep_attention: usize,
     pub max_grad_norm: f64,
     pub learning_rate: f64,
     pub weight_decay: f64,
@@ -142,6 +146,7 @@ impl Default for TrainConfig {
             gradient_checkpointing: true,
             gradient_checkpointing_offload: true,
             gradient_checkpointing_keep_mlp: 0,
+            gradient_checkpointing_keep_attention: 0,
             max_grad_norm: 0.3,
             learning_rate: 2e-4,
             weight_decay: 0.001,
@@ -279,10 +284,15 @@ impl TrainConfig {
                 return bad(format!("--neftune-noise-alpha must be > 0, got {alpha}"));
             }
         }
-        if self.gradient_checkpointing_keep_mlp > 0 && !self.gradient_checkpointing {
-            // Nothing is recomputed without checkpointing, so there is nothing to keep: say so rather
-            // than ignore the setting.
-            return bad("--gradient-checkpointing-keep-mlp needs --gradient-checkpointing".into());
+        for (name, layers) in [
+            ("--gradient-checkpointing-keep-mlp", self.gradient_checkpointing_keep_mlp),
+            ("--gradient-checkpointing-keep-attention", self.gradient_checkpointing_keep_attention),
+        ] {
+            if layers > 0 && !self.gradient_checkpointing {
+                // Nothing is recomputed without checkpointing, so there is nothing to keep: say so
+                // rather than ignore the setting.
+                return bad(format!("{name} needs --gradient-checkpointing"));
+            }
         }
         if self.max_grad_norm < 0.0 {
             return bad(format!("--max-grad-norm must be >= 0, got {}", self.max_grad_norm));

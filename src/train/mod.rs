@@ -404,6 +404,7 @@ impl<'a, B: Backend> Trainer<'a, B> {
                     ),
                     neftune_noise_alpha: self.cfg.neftune_noise_alpha.map(|a| a as f32),
                     keep_mlp_layers: self.cfg.gradient_checkpointing_keep_mlp,
+                    keep_attention_layers: self.cfg.gradient_checkpointing_keep_attention,
                 };
                 let l =
                     forward_backward_with(be, self.model, &self.lora, &mut grads, b, 1.0 / count.max(1) as f32, opts);

@@ -62,6 +62,10 @@ pub struct BenchArgs {
     /// the forward pass instead of recomputed (memory for time)
     #[arg(long, default_value_t = 0)]
     gradient_checkpointing_keep_mlp: usize,
+    /// With gradient checkpointing, attention's inputs and output of this many layers are kept from
+    /// the forward pass instead of recomputed (memory for time)
+    #[arg(long, default_value_t = 0)]
+    gradient_checkpointing_keep_attention: usize,
     /// adamw_torch or paged_adamw_32bit
     #[arg(long, default_value = "paged_adamw_32bit")]
     optim: String,
@@ -108,6 +112,7 @@ pub fn cmd_bench(a: BenchArgs) -> Result<ExitCode> {
         gradient_checkpointing: a.gradient_checkpointing,
         gradient_checkpointing_offload: a.gradient_checkpointing_offload,
         gradient_checkpointing_keep_mlp: a.gradient_checkpointing_keep_mlp,
+        gradient_checkpointing_keep_attention: a.gradient_checkpointing_keep_attention,
         optim: a.optim.clone(),
         decode_tokens: a.decode_tokens,
         prompt_len: a.prompt_len,
@@ -124,11 +129,13 @@ pub fn cmd_bench(a: BenchArgs) -> Result<ExitCode> {
         "shape            {} ({}, LoRA r={} on {:?})",
         report.shape, report.quant, report.lora_r, report.target_modules
     );
-    if report.gradient_checkpointing_keep_mlp > 0 {
-        println!(
-            "checkpointing    MLP products kept for backward in {} layers",
-            report.gradient_checkpointing_keep_mlp
-        );
+    for (what, layers) in [
+        ("MLP products", report.gradient_checkpointing_keep_mlp),
+        ("attention", report.gradient_checkpointing_keep_attention),
+    ] {
+        if layers > 0 {
+            println!("checkpointing    {what} kept for backward in {layers} layers");
+        }
     }
     println!("load + quantize  {:.1} s, weights {}", report.load_quantize_s, gib(report.weights_memory_bytes));
     println!(
