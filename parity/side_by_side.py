@@ -14,7 +14,9 @@ other's memory; peak memory is torch's max_memory_allocated on one side and the 
 high-water mark on ours, both counted after the weights are loaded. With --keep-mlp-layers N and/or
 --keep-attention-layers N, ours runs each recipe once more with `--gradient-checkpointing-keep-mlp N`
 and `--gradient-checkpointing-keep-attention N` (memory traded for time), its rows ("+keep") set against
-the same Python run.
+the same Python run. The Python stack's speed depends on its host as well as the card (each step is
+thousands of small ops launched from Python; batch-1 decoding is almost nothing else), so its child also
+times torch's eager launch of a one-element op before and after its runs, printed with the table.
 """
 import argparse
 import json
@@ -34,6 +36,19 @@ RECIPES = {"classic": ["q_proj", "v_proj"],
            "all-linear": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]}
 
 
+def eager_op_us(torch):
+    """Microseconds the host takes per small eager torch op (one-element add, launched back to back)."""
+    x = torch.zeros(1, device="cuda")
+    for _ in range(200):
+        x.add_(1)
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(5000):
+        x.add_(1)
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t) / 5000 * 1e6
+
+
 def python_stack(a, out):
     """Runs in a child process: builds, quantizes and trains with the Python stack."""
     import torch
@@ -50,6 +65,7 @@ def python_stack(a, out):
         del m
         torch.cuda.empty_cache()
     results = {}
+    host_us = [eager_op_us(torch)]
     for recipe in a.recipes.split(","):
         torch.cuda.reset_peak_memory_stats()
         t0 = time.time()
@@ -104,6 +120,8 @@ def python_stack(a, out):
         print(f"python {recipe}: {r['tokens_per_s']:.0f} tokens/s, peak {peak / 2**30:.2f} GiB", flush=True)
         del model, opt, params
         torch.cuda.empty_cache()
+    host_us.append(eager_op_us(torch))
+    results["host"] = dict(us_per_eager_torch_op=host_us)
     json.dump(results, open(os.path.join(out, "python.json"), "w"), indent=1)
 
 
@@ -156,6 +174,10 @@ def main():
     card = torch.cuda.get_device_name(0)
     rows = []
     print(f"\n{card}, shape {a.shape}, batch 4 x 512, NF4 bf16 compute, checkpointing, paged AdamW 32-bit")
+    host_us = py.get("host", {}).get("us_per_eager_torch_op")
+    if host_us:
+        print("host: torch's eager launch of a small op " + " / ".join(f"{v:.1f}" for v in host_us)
+              + " us (before / after the Python runs)")
     print(f"{'what':<34}{'python':>14}{'llamatune':>14}{'ratio':>10}")
     keep = [f"{r}+keep" for r in a.recipes.split(",")] if a.keep_mlp_layers or a.keep_attention_layers else []
     for recipe in a.recipes.split(",") + keep:
