@@ -23,6 +23,9 @@
 #   attn OUT: ncu of the flash kernels inside the 7B classic step (one launch each: speed of light,
 #          occupancy, launch statistics, warp states with every stall reason, shared-memory wavefronts
 #          and bank conflicts), then the criterion attention rows and torch's SDPA in the same session
+#   lora OUT: ncu of the LoRA split kernels inside the 7B all-linear step (the A product over x's 4,096
+#          and 11,008 columns, dA, du; one launch each): speed of light, memory workload (L1, L2,
+#          DRAM), occupancy, launch statistics, warp states with every stall reason, tensor-pipe use
 #   floor OUT: what one launch that only streams a 7B GEMV's bytes reaches (parity/stream_floor.py,
 #          torch's sums and copy, warm and cold), beside the GEMV bench rows of the same run
 # The GGUF (98 MB) travels in two parts because one call carries at most 64 MiB.
@@ -41,6 +44,12 @@ revisions() {
         n=$(basename "$f" -rev.txt)
         [ "$n" = base ] || printf ', %s %s' "$n" "$(cat "$f")"
     done
+}
+# ncu's average stall cycles per issued instruction, by reason (the attn and lora phases).
+stall_metrics() {
+    printf 'smsp__average_warps_issue_stalled_%s_per_issue_active.ratio,' barrier long_scoreboard \
+        short_scoreboard mio_throttle math_pipe_throttle wait not_selected selected lg_throttle dispatch_stall \
+        membar drain no_instruction branch_resolving tex_throttle
 }
 # Variants staged by scripts/stage-variant.sh travel gzipped; unpacked here.
 mkdir -p /tmp/llc/variants
@@ -149,10 +158,7 @@ p)
         | grep -vE "^step |^built" | tail -60 | tee -a "$out/profile.log"
     ;;
 attn)
-    stalls=$(printf 'smsp__average_warps_issue_stalled_%s_per_issue_active.ratio,' barrier long_scoreboard \
-        short_scoreboard mio_throttle math_pipe_throttle wait not_selected selected lg_throttle dispatch_stall \
-        membar drain no_instruction branch_resolving tex_throttle)
-    metrics="${stalls}l1tex__data_bank_conflicts_pipe_lsu_mem_shared_op_ld.sum,l1tex__data_bank_conflicts_pipe_lsu_mem_shared_op_st.sum,l1tex__data_pipe_lsu_wavefronts_mem_shared.sum,smsp__inst_executed.sum,sm__pipe_tensor_op_hmma_cycles_active.avg.pct_of_peak_sustained_active"
+    metrics="$(stall_metrics)l1tex__data_bank_conflicts_pipe_lsu_mem_shared_op_ld.sum,l1tex__data_bank_conflicts_pipe_lsu_mem_shared_op_st.sum,l1tex__data_pipe_lsu_wavefronts_mem_shared.sum,smsp__inst_executed.sum,sm__pipe_tensor_op_hmma_cycles_active.avg.pct_of_peak_sustained_active"
     for k in flash_bwd_hd128 flash_fwd_hd128; do
         echo "== ncu $k (launch 4 in the step)" | tee -a "$out/ncu-attn.log"
         timeout 200 ncu --kernel-name "$k" --launch-skip 3 --launch-count 1 --section SpeedOfLight \
@@ -163,6 +169,24 @@ attn)
     echo "== criterion attention rows" | tee -a "$out/ncu-attn.log"
     timeout 200 stage/gpu-bench --bench attention 2>&1 | grep -E "^[A-Za-z].*/|time:" | tee -a "$out/ncu-attn.log"
     timeout 120 python3 parity/torch_rivals.py "$out/torch-rivals.json" 2>&1 | tail -8 | tee -a "$out/ncu-attn.log"
+    ;;
+lora)
+    metrics="$(stall_metrics)smsp__inst_executed.sum,sm__pipe_tensor_op_hmma_cycles_active.avg.pct_of_peak_sustained_active"
+    # Seven launches per layer (the first pass's A products: q, k, v, o, gate, up, down; the backward's
+    # dA and du of the seven projections): layer 1's q and down, the backward's second layer's first.
+    for spec in "lora_down128_r64 7 A product, x of 4,096 columns (layer 1, q)" \
+        "lora_down128_r64 13 A product, x of 11,008 columns (layer 1, down)" \
+        "lora_outer128_r64 7 dA (the backward's second layer)" "lora_du_r64_bf16 7 du (the backward's second layer)"; do
+        set -- $spec
+        k=$1 skip=$2
+        shift 2
+        echo "== ncu $k, launch $((skip + 1)) in the step: $*" | tee -a "$out/ncu-lora.log"
+        timeout 200 ncu --kernel-name "$k" --launch-skip "$skip" --launch-count 1 --section SpeedOfLight \
+            --section MemoryWorkloadAnalysis --section Occupancy --section LaunchStats --section WarpStateStats \
+            --section SchedulerStats --metrics "$metrics" stage/llamatune bench --device cuda --shape llama2-7b \
+            --target-modules all-linear --steps 1 --warmup-steps 0 --decode-tokens 0 2>&1 \
+            | grep -vE "^step |^built" | sed -n '/Context/,$p' | tee -a "$out/ncu-lora.log"
+    done
     ;;
 floor)
     timeout 120 python3 parity/stream_floor.py "$out/stream-floor.json" 2>&1 | tee "$out/stream-floor.log"
