@@ -5,7 +5,7 @@ use crate::backend::Backend;
 use crate::config::{LoraConfig, ModelConfig, QuantConfig};
 use crate::error::{Error, Result};
 use crate::generate::{generate, GenerationConfig};
-use crate::model::llama::{forward_backward_with, Batch, Checkpointing, Llama, StepOptions};
+use crate::model::llama::{check_replay_keeps, forward_backward_with, Batch, Checkpointing, Llama, StepOptions};
 use crate::model::lora::{param_count, Lora, Proj};
 use crate::model::weights::{HostTensor, WeightSource};
 use crate::optim::{clip_coefficient, grad_norm, AdamW, AdamWConfig, PAGED_CHUNK};
@@ -306,14 +306,11 @@ pub fn run<B: Backend>(be: &B, cfg: &BenchConfig, log: &mut dyn FnMut(&str)) -> 
     if cfg.optim != "adamw_torch" && cfg.optim != "paged_adamw_32bit" {
         return Err(Error::Config(format!("--optim {:?}: expected adamw_torch or paged_adamw_32bit", cfg.optim)));
     }
-    for (name, layers) in [
-        ("--gradient-checkpointing-keep-mlp", cfg.gradient_checkpointing_keep_mlp),
-        ("--gradient-checkpointing-keep-attention", cfg.gradient_checkpointing_keep_attention),
-    ] {
-        if layers > 0 && !cfg.gradient_checkpointing {
-            return Err(Error::Config(format!("{name} needs --gradient-checkpointing")));
-        }
-    }
+    check_replay_keeps(
+        cfg.gradient_checkpointing,
+        cfg.gradient_checkpointing_keep_mlp,
+        cfg.gradient_checkpointing_keep_attention,
+    )?;
     let src = RandomSource { config: cfg.model.clone(), seed: cfg.seed };
     be.reset_peak_memory();
     let t0 = Instant::now();

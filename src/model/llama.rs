@@ -1118,6 +1118,22 @@ pub struct StepOptions {
     pub keep_attention_layers: usize,
 }
 
+/// Checks the replay keeps a run asks for (`--gradient-checkpointing-keep-mlp`,
+/// `--gradient-checkpointing-keep-attention`; [`StepOptions::keep_mlp_layers`] and
+/// [`StepOptions::keep_attention_layers`]) against its checkpointing: without it nothing is recomputed,
+/// so nothing can be kept, and the setting is refused by name rather than ignored.
+pub fn check_replay_keeps(checkpointing: bool, keep_mlp_layers: usize, keep_attention_layers: usize) -> Result<()> {
+    for (name, layers) in [
+        ("--gradient-checkpointing-keep-mlp", keep_mlp_layers),
+        ("--gradient-checkpointing-keep-attention", keep_attention_layers),
+    ] {
+        if layers > 0 && !checkpointing {
+            return Err(Error::Config(format!("{name} needs --gradient-checkpointing")));
+        }
+    }
+    Ok(())
+}
+
 /// [`forward_backward`] with every option of a training step.
 pub fn forward_backward_with<B: Backend>(
     be: &B,

@@ -284,16 +284,11 @@ impl TrainConfig {
                 return bad(format!("--neftune-noise-alpha must be > 0, got {alpha}"));
             }
         }
-        for (name, layers) in [
-            ("--gradient-checkpointing-keep-mlp", self.gradient_checkpointing_keep_mlp),
-            ("--gradient-checkpointing-keep-attention", self.gradient_checkpointing_keep_attention),
-        ] {
-            if layers > 0 && !self.gradient_checkpointing {
-                // Nothing is recomputed without checkpointing, so there is nothing to keep: say so
-                // rather than ignore the setting.
-                return bad(format!("{name} needs --gradient-checkpointing"));
-            }
-        }
+        crate::model::llama::check_replay_keeps(
+            self.gradient_checkpointing,
+            self.gradient_checkpointing_keep_mlp,
+            self.gradient_checkpointing_keep_attention,
+        )?;
         if self.max_grad_norm < 0.0 {
             return bad(format!("--max-grad-norm must be >= 0, got {}", self.max_grad_norm));
         }

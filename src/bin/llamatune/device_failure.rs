@@ -30,9 +30,9 @@ pub fn explain(panic_text: &str) -> Option<String> {
     let what = panic_text.strip_prefix("CUDA ")?;
     let hint = if what.contains("OUT_OF_MEMORY") {
         "the GPU ran out of memory: try a smaller --per-device-train-batch-size or --max-seq-length, \
-         keep --gradient-checkpointing on (with a lower --gradient-checkpointing-keep-mlp), or stop \
-         other processes using the GPU; a training run stopped this way resumes with \
-         --resume-from-checkpoint latest"
+         keep --gradient-checkpointing on (with lower --gradient-checkpointing-keep-mlp and \
+         --gradient-checkpointing-keep-attention), or stop other processes using the GPU; a training \
+         run stopped this way resumes with --resume-from-checkpoint latest"
     } else {
         "the GPU or its driver reported a failure; `nvidia-smi` shows the device's state, and \
          --device cpu runs without it"
@@ -49,7 +49,7 @@ mod tests {
         let oom = explain("CUDA alloc failed: DriverError(CUDA_ERROR_OUT_OF_MEMORY, \"out of memory\")").unwrap();
         assert!(oom.starts_with("alloc failed: DriverError(CUDA_ERROR_OUT_OF_MEMORY"), "{oom}");
         assert!(oom.contains("ran out of memory") && oom.contains("--per-device-train-batch-size"), "{oom}");
-        assert!(oom.contains("--gradient-checkpointing-keep-mlp"), "{oom}");
+        assert!(oom.contains("--gradient-checkpointing-keep-mlp") && oom.contains("keep-attention"), "{oom}");
         let launch =
             explain("CUDA rmsnorm_f32 failed: DriverError(CUDA_ERROR_LAUNCH_FAILED, \"unspecified launch failure\")")
                 .unwrap();
