@@ -82,17 +82,32 @@ __device__ __forceinline__ void pipeline(int stages, Issue issue, Compute comput
     }
 }
 
+// The split kernels' branches: up to SPLIT_BRANCHES LoRA branches that read the same big operand
+// (x: the projections of q/k/v, or gate/up) in one launch, each with its own small operand (A for
+// `down`, du for `outer`), its partials (or output) and its dropout. Block x index = tile · count +
+// branch, so the branches of one tile run side by side and x comes from DRAM once for all of them
+// (ncu, H200, 7B: each branch's launch of its own read x at ~35% of DRAM bandwidth, three times). A
+// single branch is a table of one. Laid out as src/backend/cuda/lora.rs `SplitBranches`.
+#define SPLIT_BRANCHES 3
+struct SplitBranches {
+    const float* own[SPLIT_BRANCHES];
+    float* part[SPLIT_BRANCHES];
+    uint64_t seed[SPLIT_BRANCHES];
+    float p[SPLIT_BRANCHES];
+    int count;
+};
+
 // ROWS rows of x per block (64, or 128 with twice the warps: each stage's W tile then serves twice
 // the rows, so a block reads W from L2 once per 128 rows instead of per 64; ncu had the 64-row kernel
 // at 57% of L2 throughput, W's tile as large as x's).
 template <int NT, int ROWS>
-__device__ void lora_down(const float* x, const float* w, float* part, int m, int K, int r, int k_split, uint64_t seed, float p) {
+__device__ void lora_down(const float* x, const float* w, float* part, int m, int K, int r, int k_split, uint64_t seed, float p, int tile) {
     constexpr int THREADS = 2 * ROWS, CR = THREADS / 8;  // threads; rows a round of copies covers
     extern __shared__ __align__(16) float smem[];  // STAGES × [x (ROWS, 36) | W (8·NT, 36)]
     constexpr int XW = ROWS * DOWN_STRIDE, SW = XW + 8 * NT * DOWN_STRIDE;
     constexpr int XV = ROWS * STAGE_K / 4 / THREADS;              // x 16-byte copies per thread: 4
     constexpr int WV = (8 * NT * STAGE_K / 4 + THREADS - 1) / THREADS;  // W copies: 64·NT/THREADS
-    const int row0 = blockIdx.x * ROWS;
+    const int row0 = tile * ROWS;
     const int k_begin = blockIdx.y * k_split, k_end = min(K, k_begin + k_split);
     const int warp = threadIdx.x / WARP, lane = threadIdx.x % WARP, g = lane / 4, t = lane % 4;
     const int stages = (k_end - k_begin + STAGE_K - 1) / STAGE_K;
@@ -156,9 +171,10 @@ __device__ void lora_down(const float* x, const float* w, float* part, int m, in
     }
 }
 #define LORA_DOWN(name, NT, ROWS, BLOCKS) \
-    extern "C" __global__ void __launch_bounds__(2 * ROWS, BLOCKS) name(const float* x, const float* w, float* part, int m, int K, int r, int k_split, uint64_t seed, float p) { \
+    extern "C" __global__ void __launch_bounds__(2 * ROWS, BLOCKS) name(const float* x, SplitBranches br, int m, int K, int r, int k_split) { \
         grid_dependency_wait(); \
-        lora_down<NT, ROWS>(x, w, part, m, K, r, k_split, seed, p); \
+        const int b = blockIdx.x % br.count; \
+        lora_down<NT, ROWS>(x, br.own[b], br.part[b], m, K, r, k_split, br.seed[b], br.p[b], blockIdx.x / br.count); \
     }
 LORA_DOWN(lora_down_r16, 2, 64, 3)
 LORA_DOWN(lora_down_r32, 4, 64, 3)
@@ -269,8 +285,12 @@ LORA_DU(lora_du_r32_f16, 4, __half)
 LORA_DU(lora_du_r64_f16, 8, __half)
 
 // ---- the sum of split partials: out (n) = [out +] alpha · Σ_s part[s] (n), n a multiple of 4 ------
-extern "C" __global__ void lora_sum_splits(const float* part, float* out, int splits, int64_t n, float alpha, int accumulate) {
+// For branch blockIdx.y of the table: its partials are part + blockIdx.y · splits · n (one scratch
+// for the launch's branches), its output the table's part pointer.
+extern "C" __global__ void lora_sum_splits(const float* part, SplitBranches outs, int splits, int64_t n, float alpha, int accumulate) {
     grid_dependency_wait();
+    part += (int64_t)blockIdx.y * splits * n;
+    float* out = outs.part[blockIdx.y];
     FOR_EACH(i, n / 4) {
         float4 s = make_float4(0.f, 0.f, 0.f, 0.f);
         for (int k = 0; k < splits; k++) {
@@ -606,13 +626,13 @@ LORA_UP_ACTS(lora_up_acts_f16, __half)
 // COLS columns of T per block (64, or 128 with twice the warps: each stage's S tile then serves twice
 // the columns, as in `down`); T's shared-memory stride COLS + 8.
 template <int NT, int COLS>
-__device__ void lora_outer(const float* S, const float* T, float* part, int m, int N, int r, int m_split, uint64_t seed, float p) {
+__device__ void lora_outer(const float* S, const float* T, float* part, int m, int N, int r, int m_split, uint64_t seed, float p, int tile) {
     constexpr int THREADS = 2 * COLS, TS = COLS + 8;
     constexpr int R = 8 * NT, SS = R + 8, SW = STAGE_K * SS + STAGE_K * TS;  // words per stage
     extern __shared__ __align__(16) float smem[];  // STAGES × [S (32, SS) | T (32, TS)]
     constexpr int SV = (STAGE_K * R / 4 + THREADS - 1) / THREADS;  // S copies per thread
     constexpr int TV = STAGE_K * COLS / 4 / THREADS;                // T copies: 4
-    const int col0 = blockIdx.x * COLS;
+    const int col0 = tile * COLS;
     const int m_begin = blockIdx.y * m_split, m_end = min(m, m_begin + m_split);
     const int warp = threadIdx.x / WARP, lane = threadIdx.x % WARP, g = lane / 4, t = lane % 4;
     const int stages = (m_end - m_begin + STAGE_K - 1) / STAGE_K;
@@ -694,9 +714,10 @@ __device__ void lora_outer(const float* S, const float* T, float* part, int m, i
         }
 }
 #define LORA_OUTER(name, NT, COLS, BLOCKS) \
-    extern "C" __global__ void __launch_bounds__(2 * COLS, BLOCKS) name(const float* S, const float* T, float* part, int m, int N, int r, int m_split, uint64_t seed, float p) { \
+    extern "C" __global__ void __launch_bounds__(2 * COLS, BLOCKS) name(const float* T, SplitBranches br, int m, int N, int r, int m_split) { \
         grid_dependency_wait(); \
-        lora_outer<NT, COLS>(S, T, part, m, N, r, m_split, seed, p); \
+        const int b = blockIdx.x % br.count; \
+        lora_outer<NT, COLS>(br.own[b], T, br.part[b], m, N, r, m_split, br.seed[b], br.p[b], blockIdx.x / br.count); \
     }
 LORA_OUTER(lora_outer_r16, 2, 64, 3)
 LORA_OUTER(lora_outer_r32, 4, 64, 3)

@@ -804,7 +804,8 @@ fn linear_grad_parts<'a, B: Backend>(
 /// on CUDA: every part's 16-bit product widened and every branch's dx term added by one
 /// `lora_up_many_*` launch) are bit for bit one `linear_lora_backward` / `linear_backward_input` per
 /// part in the same order (the composed path, `LLAMATUNE_SHARED_X_DGRAD=0`), dA and dB too, with dx
-/// poisoned or added into, and within the mixed-precision bound of the CPU. Llama-2-7B's q/k/v with
+/// poisoned or added into, and within the mixed-precision bound of the CPU. With the branches' dA in
+/// one launch (the default, `Cuda::set_lora_grouped`) dA differs only by the order of its f32 sums. Llama-2-7B's q/k/v with
 /// LoRA on q and v (the classic recipe) at 2,048 rows; all three with LoRA at 515 rows; gate and up
 /// (11,008 out-features, two parts) with double quantization and f16 compute; odd sizes, the first
 /// part without a branch.
@@ -835,23 +836,38 @@ fn shared_x_input_gradients_in_one_pass_equal_one_per_projection() {
             dys.iter().map(|d| g.upload(d)).collect::<Vec<_>>(),
         );
         for accumulate in [false, true] {
-            let run = |one_pass: bool| {
+            // `grouped`: the branches' dA in one launch (`Cuda::set_lora_grouped`).
+            let run = |one_pass: bool, grouped: bool| {
                 let mut grads: Vec<_> = d0.iter().map(|(da, db)| (g.upload(da), g.upload(db))).collect();
                 let mut dx = if accumulate { g.upload(&dx0) } else { poisoned(m * cols) };
                 let parts = linear_grad_parts(&gdys, &gw, &gx, &gab, &gus, &drops, &with_lora, &mut grads);
                 g.set_shared_x_dgrad(one_pass);
+                g.set_lora_grouped(grouped);
                 assert_eq!(g.linears_in_one_pass(&parts, m, r).is_some(), one_pass, "{label}: the one-pass path");
                 g.linears_backward_input(parts, m, &mut dx, accumulate, r, 0.25);
                 g.set_shared_x_dgrad(true);
+                g.set_lora_grouped(true);
                 let grads: Vec<_> = grads.iter().map(|(da, db)| (g.download(da), g.download(db))).collect();
                 (g.download(&dx), grads)
             };
-            let ((dx1, grads1), (dx2, grads2)) = (run(true), run(false));
+            let ((dx1, grads1), (dx2, grads2)) = (run(true, false), run(false, false));
             let what = format!("{label} accumulate {accumulate}");
             check(&format!("{what} dx, one pass vs one per part"), &dx1, &dx2, 0.0);
             for (i, ((da1, db1), (da2, db2))) in grads1.iter().zip(&grads2).enumerate().filter(|(i, _)| with_lora[*i]) {
                 check(&format!("{what} dA{i}, one pass vs one per part"), da1, da2, 0.0);
                 check(&format!("{what} dB{i}, one pass vs one per part"), db1, db2, 0.0);
+            }
+            // The branches' dA in one launch (the default): the same products summed over other
+            // splits of m, so only the order of f32 sums differs (1e-5, set before the first run); dx
+            // and dB do not depend on it.
+            let (dx1, grads_one) = (dx1, grads1);
+            let (dx3, grads1) = run(true, true);
+            check(&format!("{what} dx, dA grouped vs not"), &dx3, &dx1, 0.0);
+            for (i, ((da3, db3), (da1, db1))) in
+                grads1.iter().zip(&grads_one).enumerate().filter(|(i, _)| with_lora[*i])
+            {
+                check(&format!("{what} dA{i}, grouped vs one launch each"), da3, da1, 1e-5);
+                check(&format!("{what} dB{i}, dA grouped vs not"), db3, db1, 0.0);
             }
             // The CPU's composed path from the same operands.
             let cw: Vec<_> = host.iter().map(|h| CPU.upload_weight(h.clone())).collect();
@@ -864,6 +880,67 @@ fn shared_x_input_gradients_in_one_pass_equal_one_per_projection() {
                 check(&format!("{what} dA{i} vs CPU"), da1, da, TF32_TOL);
                 check(&format!("{what} dB{i} vs CPU"), db1, db, TF32_TOL);
             }
+        }
+    }
+}
+
+/// The A products of LoRA branches that read the same x, in one launch of the split kernel per three
+/// branches (`Cuda::set_lora_grouped`, the default; `linear_many_lora` groups its branches): each u
+/// within 1e-5 of its own launch's (the same TF32 products, summed over other splits of x's columns;
+/// set before the first run) and within the TF32 bound of the CPU's `lora_down` with the same
+/// dropout, u poisoned beforehand; the outputs within 1e-5 of each other and the CPU's mixed-precision
+/// bound. Llama-2-7B's q/k/v at 2,048
+/// rows (the wide kernel; three branches, one launch); four projections at 515 rows with r = 8 (the
+/// narrow kernel; a launch of three, then one), one branch without dropout; two at 263 rows, r = 12,
+/// 576 in-features (no multiple of the 32-column stage).
+#[test]
+fn lora_a_products_sharing_x_in_one_launch() {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(97);
+    let g = gpu();
+    for (m, cols, rows, r, p) in [
+        (2048, 4096, vec![4096, 4096, 4096], 64, vec![0.1, 0.1, 0.1]),
+        (515, 1024, vec![1024, 256, 256, 512], 8, vec![0.1, 0.0, 0.1, 0.05]),
+        (263, 576, vec![1536, 1536], 12, vec![0.1, 0.1]),
+    ] {
+        let label = format!("m={m} {rows:?}x{cols} r={r} dropout {p:?}");
+        let (host, ab) = nf4_weights_with_lora(&mut rng, &rows, cols, r, false, ComputeDtype::BF16);
+        let n = rows.len();
+        let drops: Vec<_> = p.iter().enumerate().map(|(i, &p)| Dropout { p, seed: 700 + i as u64 }).collect();
+        let x = rnd(&mut rng, m * cols, 1.0);
+        let gw: Vec<_> = host.iter().map(|h| g.upload_weight(h.clone())).collect();
+        let gab: Vec<_> = ab.iter().map(|(a, b)| (g.upload(a), g.upload(b))).collect();
+        let gx = g.upload(&x);
+        let run = |grouped: bool| {
+            let mut us: Vec<_> = (0..n).map(|_| poisoned(m * r)).collect();
+            let mut ys: Vec<_> = rows.iter().map(|&k| poisoned(m * k)).collect();
+            let mut loras = lora_downs(&gab, &mut us, &vec![true; n], &drops, false);
+            g.set_lora_grouped(grouped);
+            g.linear_many_lora(
+                &gx,
+                &gw.iter().collect::<Vec<_>>(),
+                m,
+                &mut ys.iter_mut().collect::<Vec<_>>(),
+                &mut loras,
+                r,
+                0.25,
+            );
+            g.set_lora_grouped(true);
+            drop(loras);
+            (us.iter().map(|u| g.download(u)).collect::<Vec<_>>(), ys.iter().map(|y| g.download(y)).collect::<Vec<_>>())
+        };
+        let ((us1, ys1), (us0, ys0)) = (run(true), run(false));
+        for i in 0..n {
+            check(&format!("{label} u{i}, one launch vs one each"), &us1[i], &us0[i], 1e-5);
+            check(&format!("{label} y{i}, one launch vs one each"), &ys1[i], &ys0[i], 1e-5);
+            let mut want = vec![0.0; m * r];
+            CPU.lora_down(&x, &ab[i].0, m, r, drops[i], &mut want);
+            check(&format!("{label} u{i} vs CPU"), &us1[i], &want, TF32_TOL);
+            check(
+                &format!("{label} y{i} vs CPU"),
+                &ys1[i],
+                &cpu_projection(&x, &host[i], Some((&ab[i], drops[i])), m, r),
+                MIXED_TOL,
+            );
         }
     }
 }

@@ -480,6 +480,7 @@ impl Cuda {
         let cols = x.len() / m.max(1);
         let concat = !keep && !self.is_precise() && self.lora_b_concat_applies(cols, r, loras);
         let ld = if concat { cols + r } else { cols };
+        self.branch_us(x, loras, m, r);
         for (i, (w, out)) in ws.iter().zip(outs.iter_mut()).enumerate() {
             let (rows, cols) = w.shape();
             assert!(x.len() == m * cols && out.len() == m * rows, "linear: bad shapes");

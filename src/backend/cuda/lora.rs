@@ -121,6 +121,31 @@ impl SplitKernel {
     }
 }
 
+/// Branches one split-kernel launch takes (kernels/lora_fused.cu SPLIT_BRANCHES).
+pub(super) const SPLIT_BRANCHES: usize = 3;
+
+/// kernels/lora_fused.cu `SplitBranches`, field for field: per branch its own small operand (A, or
+/// du), its partials or output, its dropout; passed by value.
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct SplitBranches {
+    own: [u64; SPLIT_BRANCHES],
+    part: [u64; SPLIT_BRANCHES],
+    seed: [u64; SPLIT_BRANCHES],
+    p: [f32; SPLIT_BRANCHES],
+    count: i32,
+}
+// SAFETY: plain data laid out as the kernel's `SplitBranches` (#[repr(C)], the same fields).
+unsafe impl cudarc::driver::DeviceRepr for SplitBranches {}
+
+/// One branch of a split-kernel launch: its small operand (A for the A product, du for dA), the
+/// output it writes or adds into, and its dropout.
+pub(super) struct SplitBranch<'a> {
+    pub(super) own: &'a CudaSlice<f32>,
+    pub(super) out: &'a mut CudaSlice<f32>,
+    pub(super) dropout: Dropout,
+}
+
 /// Of `lora_du` variant v: STAGES × (128 rows of dy × 36 words + 32 rows of B × (8·NT + 8) words).
 pub(super) fn lora_du_smem(v: usize) -> usize {
     LORA_STAGES * (LORA_DU_ROWS * 36 + LORA_STAGE * ((16 << v) + 8)) * 4
@@ -210,54 +235,117 @@ impl Cuda {
         (targets, blocks)
     }
 
-    /// The fused LoRA backward's weight gradients: `du (m, r) = scale · dy · B` (returned; kernels/lora_fused.cu
-    /// `lora_du`, which also rounds dy into `dy16` when given, for the input gradient's GEMM), `dB (rows, r) +=
-    /// scale · dyᵀ · u` (cuBLAS), `dA (r, cols) += duᵀ · drop(x)` (`lora_outer`, the mask regenerated from
-    /// the seed). Each part has its own profile span.
+    /// The fused LoRA backward's weight gradients: `du (m, r) = scale · dy · B` (returned) and `dB`
+    /// ([`Cuda::lora_du_and_db`]), then `dA (r, cols) += duᵀ · drop(x)` (`lora_outer`, the mask
+    /// regenerated from the seed). Each part has its own profile span.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn lora_weight_grads(
+        &self,
+        x: &CudaSlice<f32>,
+        b: &CudaSlice<f32>,
+        u: &CudaSlice<f32>,
+        dy: &CudaSlice<f32>,
+        (m, r, scale): (usize, usize, f32),
+        dropout: Dropout,
+        da: &mut CudaSlice<f32>,
+        db: &mut CudaSlice<f32>,
+        dy16: Option<&mut Operand>,
+    ) -> CudaSlice<f32> {
+        let du = self.lora_du_and_db(b, u, dy, (m, r, scale), db, dy16);
+        self.lora_das(vec![(x, &du, da, dropout)], m, r);
+        du
+    }
+
+    /// `du (m, r) = scale · dy · B` (returned; kernels/lora_fused.cu `lora_du`, which also rounds dy
+    /// into `dy16` when given, for the input gradient's GEMM) and `dB (rows, r) += scale · dyᵀ · u`
+    /// (cuBLAS).
     ///
     /// dB reads `dy16` where it is bf16 (with u rounded to bf16, f32 accumulation): half the bytes of
     /// f32 dy, on the bf16 tensor cores, where the TF32 GEMM of f32 dy took ~28 µs per 7B projection
     /// (session 27's profile); bf16 keeps f32's range, and PEFT under autocast forms dB from bf16
     /// operands too. An f16 copy (float16 compute) stays off this path: gradients can fall below
     /// f16's range. `LLAMATUNE_LORA_DB_BF16=0` keeps TF32 throughout.
-    #[allow(clippy::too_many_arguments)]
-    pub(super) fn lora_weight_grads(
+    pub(super) fn lora_du_and_db(
         &self,
-        x: &CudaSlice<f32>,
-        a: &CudaSlice<f32>,
         b: &CudaSlice<f32>,
         u: &CudaSlice<f32>,
         dy: &CudaSlice<f32>,
-        m: usize,
-        r: usize,
-        scale: f32,
-        dropout: Dropout,
-        da: &mut CudaSlice<f32>,
+        (m, r, scale): (usize, usize, f32),
         db: &mut CudaSlice<f32>,
         mut dy16: Option<&mut Operand>,
     ) -> CudaSlice<f32> {
-        let (cols, rows) = (a.len() / r, b.len() / r);
+        let rows = b.len() / r;
         let mut du = self.scratch(m * r);
         {
             let _part =
                 self.span(if dy16.is_some() { "lora_backward: du + dy in 16 bits" } else { "lora_backward: du" });
             self.lora_du(dy, b, m, r, scale, &mut du, dy16.as_deref_mut());
         }
-        {
-            // dy's bf16 copy where there is one and the path is on, else f32 dy in TF32.
-            let dy_bf16 = dy16.as_deref().filter(|o| matches!(o, Operand::BF16(_)) && self.lora_db_bf16());
-            let what = if dy_bf16.is_some() { "lora_backward: dB GEMM (bf16 dy)" } else { "lora_backward: dB GEMM" };
-            let _part = self.span(what);
-            let u16 = dy_bf16.map(|_| self.convert(u, ComputeDtype::BF16).expect("a bf16 copy of u"));
-            let (math, dyop, uop) = match (dy_bf16, &u16) {
-                (Some(d), Some(u16)) => (F32Math::Exact, OperandView::from(d), OperandView::from(u16)),
-                _ => (F32Math::Tf32, OperandView::F32(dy), OperandView::F32(u)),
-            };
-            ck!(self.blas.gemm_rm(math, true, false, rows, r, m, scale, dyop, rows, uop, r, 1.0, db, r), what);
-        }
-        let _part = self.span("lora_backward: dA (outer)");
-        self.lora_outer(&du, x, m, cols, r, dropout, da);
+        // dy's bf16 copy where there is one and the path is on, else f32 dy in TF32.
+        let dy_bf16 = dy16.as_deref().filter(|o| matches!(o, Operand::BF16(_)) && self.lora_db_bf16());
+        let what = if dy_bf16.is_some() { "lora_backward: dB GEMM (bf16 dy)" } else { "lora_backward: dB GEMM" };
+        let _part = self.span(what);
+        let u16 = dy_bf16.map(|_| self.convert(u, ComputeDtype::BF16).expect("a bf16 copy of u"));
+        let (math, dyop, uop) = match (dy_bf16, &u16) {
+            (Some(d), Some(u16)) => (F32Math::Exact, OperandView::from(d), OperandView::from(u16)),
+            _ => (F32Math::Tf32, OperandView::F32(dy), OperandView::F32(u)),
+        };
+        ck!(self.blas.gemm_rm(math, true, false, rows, r, m, scale, dyop, rows, uop, r, 1.0, db, r), what);
         du
+    }
+
+    /// `dA_i (r, cols) += du_iᵀ · drop_i(x_i)` for branches `(x_i, du_i, dA_i, dropout_i)`: in launches
+    /// of up to [`SPLIT_BRANCHES`] where they all read the same x and grouping is on
+    /// ([`Cuda::set_lora_grouped`]), else one launch each.
+    #[allow(clippy::type_complexity)]
+    pub(super) fn lora_das(
+        &self,
+        mut das: Vec<(&CudaSlice<f32>, &CudaSlice<f32>, &mut CudaSlice<f32>, Dropout)>,
+        m: usize,
+        r: usize,
+    ) {
+        let grouped = das.len() > 1 && self.lora_grouped() && das.windows(2).all(|w| std::ptr::eq(w[0].0, w[1].0));
+        let _part = self.span(if grouped {
+            "lora_backward: dA (outer), branches sharing x"
+        } else {
+            "lora_backward: dA (outer)"
+        });
+        for chunk in das.chunks_mut(if grouped { SPLIT_BRANCHES } else { 1 }) {
+            let x = chunk[0].0;
+            let mut branches: Vec<SplitBranch<'_>> = chunk
+                .iter_mut()
+                .map(|(_, du, da, dropout)| SplitBranch { own: du, out: da, dropout: *dropout })
+                .collect();
+            self.lora_outer_many(x, &mut branches, m, r);
+        }
+    }
+
+    /// The A products `u = drop(x)·Aᵀ` of the branches in `loras` (all reading x) that are not ready,
+    /// in launches of up to [`SPLIT_BRANCHES`] branches, each then marked ready: where they run on the
+    /// fused split kernel, more than one is pending and grouping is on ([`Cuda::set_lora_grouped`]).
+    /// Otherwise nothing happens here and [`Cuda::branch_u`] computes each on its own.
+    pub(super) fn branch_us(&self, x: &CudaSlice<f32>, loras: &mut [Option<LoraDown<'_, Self>>], m: usize, r: usize) {
+        let cols = x.len() / m.max(1);
+        if !self.lora_grouped() || !self.uses_fused_lora_down(cols, r) {
+            return;
+        }
+        // (A few rows without dropout take the row products of `lora_a_product`.)
+        let mut pending: Vec<&mut LoraDown<'_, Self>> =
+            loras.iter_mut().flatten().filter(|l| !l.u_ready && (m > GEMV_MAX_M || l.dropout.is_active())).collect();
+        if pending.len() < 2 {
+            return;
+        }
+        let _span = self.span("LoRA A products sharing x");
+        let kernel = SplitKernel::down(lora_variant(r), self.lora_wide());
+        let (tiles, dims) = (m.div_ceil(kernel.tile), [m as i32, cols as i32, r as i32]);
+        for chunk in pending.chunks_mut(SPLIT_BRANCHES) {
+            assert!(chunk.iter().all(|l| l.a.len() == r * cols && l.u.len() == m * r), "LoRA A products: bad shapes");
+            let mut branches: Vec<SplitBranch<'_>> =
+                chunk.iter_mut().map(|l| SplitBranch { own: l.a, out: &mut *l.u, dropout: l.dropout }).collect();
+            self.lora_split_reduce(kernel, (tiles, cols), x, &mut branches, dims, false);
+            drop(branches);
+            chunk.iter_mut().for_each(|l| l.u_ready = true);
+        }
     }
 
     /// `du (m, r) = scale · dy (m, rows) · B (rows, r)` (kernels/lora_fused.cu `lora_du_*`), split over
@@ -303,7 +391,11 @@ impl Cuda {
         ck!(unsafe { l.launch(cfg) }, kernel);
         drop(l);
         if let Some(part) = part {
-            self.lora_sum_splits(&part, splits, 1.0, false, du);
+            let (ptr, g) = du.device_ptr_mut(&self.stream);
+            let mut outs = SplitBranches { count: 1, ..Default::default() };
+            outs.part[0] = ptr;
+            self.sum_splits(&part, &outs, splits, m * r, false);
+            drop(g);
         }
     }
 
@@ -463,6 +555,17 @@ impl Cuda {
         self.lora_wide.load(std::sync::atomic::Ordering::Relaxed)
     }
 
+    /// Runs the A products, and dA, of branches that read the same x (q/k/v, gate/up) in one launch of
+    /// the split kernels per three branches ([`Cuda::branch_us`], [`Cuda::lora_das`]; on by default,
+    /// `LLAMATUNE_LORA_GROUPED=0`: a launch per branch).
+    pub fn set_lora_grouped(&self, on: bool) {
+        self.lora_grouped.store(on, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn lora_grouped(&self) -> bool {
+        self.lora_grouped.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// How to split a reduction of `len` (stages of [`LORA_STAGE`]) over blocks so that `tiles`
     /// output tiles × splits fill the GPU's `blocks_per_sm` block slots per SM in one wave (a
     /// second, nearly empty wave would cost as much as the first): (splits, length per split).
@@ -473,49 +576,66 @@ impl Cuda {
         (len.div_ceil(per), per)
     }
 
-    /// `out = [out +] alpha · Σ_s part[s]` for `part (splits, n)`, `out (n)` (kernels/lora_fused.cu,
-    /// lora_sum_splits).
-    pub(super) fn lora_sum_splits(
-        &self,
-        part: &CudaSlice<f32>,
-        splits: usize,
-        alpha: f32,
-        accumulate: bool,
-        out: &mut CudaSlice<f32>,
-    ) {
-        let n = out.len();
-        let (s32, n64, acc) = (splits as i32, n as i64, accumulate as i32);
-        launch!(self, "lora_sum_splits", grid_for(n / 4); part, &mut *out, &s32, &n64, &alpha, &acc);
-    }
-
-    /// Runs a split-reduction kernel of kernels/lora_fused.cu over `tiles` output tiles × splits of a
-    /// reduction of length `len` (arguments: the two inputs, the partials, `dims` = (m, n, r), the
-    /// split length, the dropout) and sums the splits into `out`, adding to it when `accumulate`. With
-    /// one split and nothing to add to, the kernel writes `out` itself.
-    #[allow(clippy::too_many_arguments)]
+    /// Runs a split-reduction kernel of kernels/lora_fused.cu for up to [`SPLIT_BRANCHES`] branches
+    /// that read the same big operand `shared` (x), over `tiles` output tiles per branch × splits of a
+    /// reduction of length `len` (`dims` = (m, n, r); each branch's own operand, output and dropout in
+    /// `branches`), and sums each branch's splits into its output, adding to it when `accumulate`.
+    /// With one split and nothing to add to, the kernel writes the outputs itself. The splits aim at
+    /// one wave of all the branches' blocks, so grouped branches also take fewer, longer splits.
     pub(super) fn lora_split_reduce(
         &self,
         kernel: SplitKernel,
         (tiles, len): (usize, usize),
-        (a, b): (&CudaSlice<f32>, &CudaSlice<f32>),
+        shared: &CudaSlice<f32>,
+        branches: &mut [SplitBranch<'_>],
         dims: [i32; 3],
-        d: Dropout,
         accumulate: bool,
-        out: &mut CudaSlice<f32>,
     ) {
-        let (splits, per) = self.lora_splits(tiles, len, kernel.blocks_per_sm);
+        let count = branches.len();
+        assert!((1..=SPLIT_BRANCHES).contains(&count), "split kernels: 1 to {SPLIT_BRANCHES} branches");
+        let n = branches[0].out.len();
+        assert!(branches.iter().all(|b| b.out.len() == n), "split kernels: branches of one shape");
+        let (splits, per) = self.lora_splits(tiles * count, len, kernel.blocks_per_sm);
         let cfg = LaunchConfig {
-            grid_dim: (tiles as u32, splits as u32, 1),
+            grid_dim: ((tiles * count) as u32, splits as u32, 1),
             block_dim: (kernel.threads, 1, 1),
             shared_mem_bytes: kernel.smem as u32,
         };
-        let per = per as i32;
-        let mut part = (splits > 1 || accumulate).then(|| self.scratch(splits * out.len()));
-        let dst = part.as_mut().unwrap_or(out);
-        launch!(self, kernel.name, cfg; a, b, dst, &dims[0], &dims[1], &dims[2], &per, &d.seed, &d.p);
-        if let Some(part) = part {
-            self.lora_sum_splits(&part, splits, 1.0, accumulate, out);
+        // Partials (count, splits, n) in one scratch where the outputs are not written directly.
+        let part = (splits > 1 || accumulate).then(|| self.scratch(count * splits * n));
+        let mut table = SplitBranches { count: count as i32, ..Default::default() };
+        let mut outs = table;
+        let mut guards = Vec::new();
+        let part_base = part.as_ref().map(|p| {
+            let (ptr, g) = p.device_ptr(&self.stream);
+            guards.push(g);
+            ptr
+        });
+        for (i, b) in branches.iter_mut().enumerate() {
+            let (own, g_own) = b.own.device_ptr(&self.stream);
+            let (out, g_out) = b.out.device_ptr_mut(&self.stream);
+            table.own[i] = own;
+            outs.part[i] = out;
+            table.part[i] = part_base.map_or(out, |base| base + (i * splits * n * 4) as u64);
+            (table.seed[i], table.p[i]) = (b.dropout.seed, b.dropout.p);
+            guards.extend([g_own, g_out]);
         }
+        let per = per as i32;
+        launch!(self, kernel.name, cfg; shared, &table, &dims[0], &dims[1], &dims[2], &per);
+        if let Some(part) = &part {
+            self.sum_splits(part, &outs, splits, n, accumulate);
+        }
+        drop(guards);
+    }
+
+    /// `out_i = [out_i +] Σ_s part[i][s]` for `part (count, splits, n)` and the outputs whose addresses
+    /// are `outs.part[i]`, i < `outs.count` (kernels/lora_fused.cu `lora_sum_splits`, a grid row per
+    /// output). The caller holds the outputs' guards.
+    fn sum_splits(&self, part: &CudaSlice<f32>, outs: &SplitBranches, splits: usize, n: usize, accumulate: bool) {
+        let (s32, n64, acc) = (splits as i32, n as i64, accumulate as i32);
+        let mut cfg = grid_for(n / 4);
+        cfg.grid_dim.1 = outs.count as u32;
+        launch!(self, "lora_sum_splits", cfg; part, outs, &s32, &n64, &1f32, &acc);
     }
 
     /// `u (m, r) = drop(x) (m, cols) · Aᵀ` for `A (r, cols)`, split over `cols` to fill the GPU.
@@ -532,7 +652,14 @@ impl Cuda {
     ) {
         let kernel = SplitKernel::down(lora_variant(r), self.lora_wide());
         let (tiles, dims) = (m.div_ceil(kernel.tile), [m as i32, cols as i32, r as i32]);
-        self.lora_split_reduce(kernel, (tiles, cols), (x, a), dims, d, false, u);
+        self.lora_split_reduce(
+            kernel,
+            (tiles, cols),
+            x,
+            &mut [SplitBranch { own: a, out: u, dropout: d }],
+            dims,
+            false,
+        );
     }
 
     /// `out (m, n) += alpha · drop(U · W'ᵀ)` for `U (m, r)` and `W' (n, r)`, given as `w (n, r)` or, when
@@ -554,21 +681,15 @@ impl Cuda {
         launch!(self, "lora_up", lora_up_launch(m, n); u, w, &mut *out, &dims[0], &dims[1], &dims[2], &rn, &alpha, &d.seed, &d.p);
     }
 
-    /// `out (r, n) += Sᵀ · drop(T)` for `S (m, r)`, `T (m, n)`, split over `m` to fill the GPU.
-    #[allow(clippy::too_many_arguments)]
-    pub(super) fn lora_outer(
-        &self,
-        s: &CudaSlice<f32>,
-        t: &CudaSlice<f32>,
-        m: usize,
-        n: usize,
-        r: usize,
-        d: Dropout,
-        out: &mut CudaSlice<f32>,
-    ) {
+    /// `out_i (r, n) += S_iᵀ · drop_i(T)` for up to [`SPLIT_BRANCHES`] branches `(S_i (m, r), out_i,
+    /// dropout_i)` that share `T (m, n)`, in one launch, split over `m` to fill the GPU (dA = duᵀ·drop(x)
+    /// of branches reading the same x).
+    pub(super) fn lora_outer_many(&self, t: &CudaSlice<f32>, branches: &mut [SplitBranch<'_>], m: usize, r: usize) {
+        let n = t.len() / m;
+        assert!(branches.iter().all(|b| b.own.len() == m * r && b.out.len() == r * n), "lora_outer: bad shapes");
         let kernel = SplitKernel::outer(lora_variant(r), self.lora_wide());
         let (tiles, dims) = (n.div_ceil(kernel.tile), [m as i32, n as i32, r as i32]);
-        self.lora_split_reduce(kernel, (tiles, m), (s, t), dims, d, true, out);
+        self.lora_split_reduce(kernel, (tiles, m), t, branches, dims, true);
     }
 
     /// `x` with inverted dropout applied (`dropout_f32`: the same mask formula as the CPU's

@@ -110,6 +110,7 @@ impl Cuda {
         assert!(x.len() == m * cols && loras.len() == 2, "mlp_gate_up_lora: bad shapes");
         let concat = self.lora_b_concat_applies(cols, r, loras);
         let mut xc = self.x_in_16_bit(x, (m, cols), if concat { cols + r } else { cols }, c);
+        self.branch_us(x, loras, m, r);
         let [g, u] = [0, 1].map(|i| {
             let o16 = self.product_16_with_lora(x, ws[i], &mut loras[i], &mut xc, (m, r, scale), concat, c, "MLP GEMM");
             assert!(loras[i].is_none(), "a branch's B product goes into its 16-bit product here");

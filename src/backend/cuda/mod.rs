@@ -55,6 +55,9 @@ pub struct Cuda {
     /// [`Cuda::set_lora_wide`]: the wide split kernels for A products and dA (`LLAMATUNE_LORA_WIDE=0`:
     /// the narrow ones).
     lora_wide: std::sync::atomic::AtomicBool,
+    /// [`Cuda::set_lora_grouped`]: the A products and dA of branches sharing x in one launch
+    /// (`LLAMATUNE_LORA_GROUPED=0`: a launch per branch).
+    lora_grouped: std::sync::atomic::AtomicBool,
     /// [`Cuda::set_shared_x_dgrad`]: the input gradients of projections sharing x landed in one pass
     /// (`Cuda::linears_in_one_pass`); `LLAMATUNE_SHARED_X_DGRAD=0`: one widening per projection.
     shared_x_dgrad: std::sync::atomic::AtomicBool,
@@ -332,6 +335,7 @@ impl Cuda {
         let fused_4bit = (fused_4bit as u8).into();
         let fused_lora = switch_on("LLAMATUNE_FUSED_LORA").into();
         let lora_wide = switch_on("LLAMATUNE_LORA_WIDE").into();
+        let lora_grouped = switch_on("LLAMATUNE_LORA_GROUPED").into();
         let shared_x_dgrad = switch_on("LLAMATUNE_SHARED_X_DGRAD").into();
         let lora_db_bf16 = switch_on("LLAMATUNE_LORA_DB_BF16").into();
         let o_into_norm = switch_on("LLAMATUNE_O_INTO_NORM").into();
@@ -366,6 +370,7 @@ impl Cuda {
             fused_4bit,
             fused_lora,
             lora_wide,
+            lora_grouped,
             shared_x_dgrad,
             lora_db_bf16,
             o_into_norm,
@@ -950,7 +955,7 @@ impl Backend for Cuda {
             }
             _ => None,
         };
-        let du = self.lora_weight_grads(x, a, b, u, dy, m, r, scale, dropout, da, db, dy16.as_mut());
+        let du = self.lora_weight_grads(x, b, u, dy, (m, r, scale), dropout, da, db, dy16.as_mut());
         // dx (+)= dy · W + drop'(du · A): the branch's term added as the product's gradient is widened.
         let up = UpTail { u: &du, w: a, w_is_rn: true, r, alpha: 1.0, dropout };
         self.dgrad_gemm(dy, dy16, w, m, dx, accumulate, Some(up));
@@ -1062,7 +1067,7 @@ impl Backend for Cuda {
         let (dyop, uop) = (OperandView::F32(dy), OperandView::F32(u));
         let (aop, bop) = (OperandView::F32(a), OperandView::F32(b));
         if self.uses_fused_lora(rows, cols, r) {
-            let du = self.lora_weight_grads(x, a, b, u, dy, m, r, scale, dropout, da, db, None);
+            let du = self.lora_weight_grads(x, b, u, dy, (m, r, scale), dropout, da, db, None);
             // dx += drop'(du · A) (kernels/lora_fused.cu; the mask regenerated from the seed).
             let _part = self.span("lora_backward: dx (up)");
             self.lora_up(&du, a, true, m, cols, r, 1.0, dropout, dx);

@@ -68,6 +68,7 @@ impl Cuda {
         // branch after the previous product has read them (one stream).
         let concat = self.lora_b_concat_applies(cols, r, loras);
         let mut xc = self.x_in_16_bit(x, (m, cols), if concat { cols + r } else { cols }, c);
+        self.branch_us(x, loras, m, r);
         // (heads, rotated) of q, k and v.
         let layout = [(sh.heads, true), (sh.kv_heads, true), (sh.kv_heads, false)];
         let mut saved = Vec::with_capacity(3);

@@ -78,19 +78,25 @@ impl Cuda {
         assert!(dx.len() == m * cols, "linears_backward_input: bad shapes");
         // Each part's weight gradients and its input gradient's 16-bit product, as
         // linear_lora_backward makes them (du's kernel also rounds dy for the GEMM).
+        // dA of the branches after all their du: one launch for the branches reading the same x.
         let mut products = Vec::with_capacity(parts.len());
+        let mut das = Vec::with_capacity(parts.len());
         for p in parts {
             let (rows, w_cols) = p.w.shape();
             assert!(p.dy.len() == m * rows && w_cols == cols, "linears_backward_input: bad shapes");
             match p.lora {
                 Some(LoraGrad { x, a, b, u, dropout, da, db }) => {
                     let mut dy16 = self.alloc_16(m * rows, c);
-                    let du = self.lora_weight_grads(x, a, b, u, p.dy, m, r, scale, dropout, da, db, Some(&mut dy16));
+                    let du = self.lora_du_and_db(b, u, p.dy, (m, r, scale), db, Some(&mut dy16));
+                    das.push((x, da, dropout));
                     products.push((self.dgrad_16(p.dy, Some(dy16), p.w, m, c), Some((du, a, dropout))));
                 }
                 None => products.push((self.dgrad_16(p.dy, None, p.w, m, c), None)),
             }
         }
+        let dus = products.iter().filter_map(|(_, branch)| branch.as_ref().map(|(du, _, _)| du));
+        let das = das.into_iter().zip(dus).map(|((x, da, dropout), du)| (x, du, da, dropout)).collect();
+        self.lora_das(das, m, r);
         let _part = self.span("widen 16-bit products + LoRA dx terms");
         let mut arg = UpParts::default();
         let mut guards = Vec::new();
