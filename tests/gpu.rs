@@ -658,6 +658,8 @@ fn training_lora_b_products_ride_in_the_widening() {
         let gab: Vec<_> = ab.iter().map(|(a, b)| (g.upload(a), g.upload(b))).collect();
         let gx = g.upload(&x);
         // None: the separate ops; Some(b): linear_many_lora with the B product by cuBLAS (b) or not.
+        // Its A products one launch per branch, as the separate ops run them (in one launch they sum
+        // over other splits of x: `lora_a_products_sharing_x_in_one_launch`).
         let forward = |fused: Option<bool>| {
             let mut ys: Vec<_> = rows.iter().map(|&n| poisoned(m * n)).collect();
             let mut us: Vec<_> = rows.iter().map(|_| poisoned(m * r)).collect();
@@ -665,7 +667,9 @@ fn training_lora_b_products_ride_in_the_widening() {
             let mut outs: Vec<_> = ys.iter_mut().collect();
             if let Some(b_gemm) = fused {
                 g.set_lora_b_gemm(b_gemm);
+                g.set_lora_grouped(false);
                 g.linear_many_lora(&gx, &ws, m, &mut outs, &mut loras, r, 0.25);
+                g.set_lora_grouped(true);
                 g.set_lora_b_gemm(true);
             } else {
                 linear_many_lora_composed(g, &gx, &ws, m, &mut outs, &mut loras, r, 0.25);
@@ -888,8 +892,10 @@ fn shared_x_input_gradients_in_one_pass_equal_one_per_projection() {
 /// branches (`Cuda::set_lora_grouped`, the default; `linear_many_lora` groups its branches): each u
 /// within 1e-5 of its own launch's (the same TF32 products, summed over other splits of x's columns;
 /// set before the first run) and within the TF32 bound of the CPU's `lora_down` with the same
-/// dropout, u poisoned beforehand; the outputs within 1e-5 of each other and the CPU's mixed-precision
-/// bound. Llama-2-7B's q/k/v at 2,048
+/// dropout, u poisoned beforehand; the outputs within the CPU's mixed-precision bound, and bit for bit
+/// what one launch per branch makes from the grouped launch's u (the outputs are rounded to 16 bits
+/// after u is added, so u's last bits move them by whole bf16 steps: comparing them at 1e-5, as the
+/// first run of this test did, asked for what the design does not give). Llama-2-7B's q/k/v at 2,048
 /// rows (the wide kernel; three branches, one launch); four projections at 515 rows with r = 8 (the
 /// narrow kernel; a launch of three, then one), one branch without dropout; two at 263 rows, r = 12,
 /// 576 in-features (no multiple of the 32-column stage).
@@ -910,10 +916,14 @@ fn lora_a_products_sharing_x_in_one_launch() {
         let gw: Vec<_> = host.iter().map(|h| g.upload_weight(h.clone())).collect();
         let gab: Vec<_> = ab.iter().map(|(a, b)| (g.upload(a), g.upload(b))).collect();
         let gx = g.upload(&x);
-        let run = |grouped: bool| {
-            let mut us: Vec<_> = (0..n).map(|_| poisoned(m * r)).collect();
+        // `given`: the branches are handed these u (ready) instead of computing them.
+        let run = |grouped: bool, given: Option<&Vec<Vec<f32>>>| {
+            let mut us: Vec<_> = match given {
+                Some(us) => us.iter().map(|u| g.upload(u)).collect(),
+                None => (0..n).map(|_| poisoned(m * r)).collect(),
+            };
             let mut ys: Vec<_> = rows.iter().map(|&k| poisoned(m * k)).collect();
-            let mut loras = lora_downs(&gab, &mut us, &vec![true; n], &drops, false);
+            let mut loras = lora_downs(&gab, &mut us, &vec![true; n], &drops, given.is_some());
             g.set_lora_grouped(grouped);
             g.linear_many_lora(
                 &gx,
@@ -928,10 +938,11 @@ fn lora_a_products_sharing_x_in_one_launch() {
             drop(loras);
             (us.iter().map(|u| g.download(u)).collect::<Vec<_>>(), ys.iter().map(|y| g.download(y)).collect::<Vec<_>>())
         };
-        let ((us1, ys1), (us0, ys0)) = (run(true), run(false));
+        let ((us1, ys1), (us0, _)) = (run(true, None), run(false, None));
+        let (_, ys_from_us1) = run(false, Some(&us1));
         for i in 0..n {
             check(&format!("{label} u{i}, one launch vs one each"), &us1[i], &us0[i], 1e-5);
-            check(&format!("{label} y{i}, one launch vs one each"), &ys1[i], &ys0[i], 1e-5);
+            check(&format!("{label} y{i}, one launch vs one each from its u"), &ys1[i], &ys_from_us1[i], 0.0);
             let mut want = vec![0.0; m * r];
             CPU.lora_down(&x, &ab[i].0, m, r, drops[i], &mut want);
             check(&format!("{label} u{i} vs CPU"), &us1[i], &want, TF32_TOL);
