@@ -556,7 +556,7 @@ impl Cuda {
     }
 
     /// Runs the A products, and dA, of branches that read the same x (q/k/v, gate/up) in one launch of
-    /// the split kernels per three branches ([`Cuda::branch_us`], [`Cuda::lora_das`]; on by default,
+    /// the split kernels per three branches (`Cuda::branch_us`, `Cuda::lora_das`; on by default,
     /// `LLAMATUNE_LORA_GROUPED=0`: a launch per branch).
     pub fn set_lora_grouped(&self, on: bool) {
         self.lora_grouped.store(on, std::sync::atomic::Ordering::Relaxed);
