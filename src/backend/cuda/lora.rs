@@ -602,26 +602,25 @@ impl Cuda {
             shared_mem_bytes: kernel.smem as u32,
         };
         // Partials (count, splits, n) in one scratch where the outputs are not written directly.
-        let part = (splits > 1 || accumulate).then(|| self.scratch(count * splits * n));
+        let mut part = (splits > 1 || accumulate).then(|| self.scratch(count * splits * n));
         let mut table = SplitBranches { count: count as i32, ..Default::default() };
         let mut outs = table;
         let mut guards = Vec::new();
-        let part_base = part.as_ref().map(|p| {
-            let (ptr, g) = p.device_ptr(&self.stream);
-            guards.push(g);
-            ptr
-        });
+        let part_written = part.as_mut().map(|p| p.device_ptr_mut(&self.stream));
         for (i, b) in branches.iter_mut().enumerate() {
             let (own, g_own) = b.own.device_ptr(&self.stream);
             let (out, g_out) = b.out.device_ptr_mut(&self.stream);
             table.own[i] = own;
             outs.part[i] = out;
-            table.part[i] = part_base.map_or(out, |base| base + (i * splits * n * 4) as u64);
+            table.part[i] = part_written.as_ref().map_or(out, |(base, _)| base + (i * splits * n * 4) as u64);
             (table.seed[i], table.p[i]) = (b.dropout.seed, b.dropout.p);
             guards.extend([g_own, g_out]);
         }
         let per = per as i32;
+        // The table's buffers stay borrowed (the guards) until the sums are queued: each branch's own
+        // operand of r · len values, its output of n values, its slice of splits · n partials.
         launch!(self, kernel.name, cfg; shared, &table, &dims[0], &dims[1], &dims[2], &per);
+        drop(part_written);
         if let Some(part) = &part {
             self.sum_splits(part, &outs, splits, n, accumulate);
         }
