@@ -8,7 +8,7 @@
 use super::gemm::Operand;
 use super::lora::lora_up_launch;
 use super::{Cuda, CudaWeight};
-use crate::backend::{LinearGradPart, LoraGrad};
+use crate::backend::{Dropout, LinearGradPart, LoraGrad};
 use crate::config::ComputeDtype;
 use cudarc::driver::{CudaSlice, DevicePtr, PushKernelArg};
 
@@ -28,6 +28,15 @@ struct UpParts {
 }
 // SAFETY: plain data laid out as kernels/lora_fused.cu's `UpParts` (#[repr(C)], the same fields).
 unsafe impl cudarc::driver::DeviceRepr for UpParts {}
+
+/// A part's LoRA branch once its du is made: what its dA (`Cuda::lora_das`) and its dx term read.
+struct BranchDu<'a> {
+    x: &'a CudaSlice<f32>,
+    a: &'a CudaSlice<f32>,
+    du: CudaSlice<f32>,
+    da: &'a mut CudaSlice<f32>,
+    dropout: Dropout,
+}
 
 impl Cuda {
     /// The 16-bit dtype in which
@@ -80,7 +89,6 @@ impl Cuda {
         // linear_lora_backward makes them (du's kernel also rounds dy for the GEMM).
         // dA of the branches after all their du: one launch for the branches reading the same x.
         let mut products = Vec::with_capacity(parts.len());
-        let mut das = Vec::with_capacity(parts.len());
         for p in parts {
             let (rows, w_cols) = p.w.shape();
             assert!(p.dy.len() == m * rows && w_cols == cols, "linears_backward_input: bad shapes");
@@ -88,15 +96,14 @@ impl Cuda {
                 Some(LoraGrad { x, a, b, u, dropout, da, db }) => {
                     let mut dy16 = self.alloc_16(m * rows, c);
                     let du = self.lora_du_and_db(b, u, p.dy, (m, r, scale), db, Some(&mut dy16));
-                    das.push((x, da, dropout));
-                    products.push((self.dgrad_16(p.dy, Some(dy16), p.w, m, c), Some((du, a, dropout))));
+                    let branch = BranchDu { x, a, du, da, dropout };
+                    products.push((self.dgrad_16(p.dy, Some(dy16), p.w, m, c), Some(branch)));
                 }
                 None => products.push((self.dgrad_16(p.dy, None, p.w, m, c), None)),
             }
         }
-        let dus = products.iter().filter_map(|(_, branch)| branch.as_ref().map(|(du, _, _)| du));
-        let das = das.into_iter().zip(dus).map(|((x, da, dropout), du)| (x, du, da, dropout)).collect();
-        self.lora_das(das, m, r);
+        let das = products.iter_mut().filter_map(|(_, branch)| branch.as_mut());
+        self.lora_das(das.map(|br| (br.x, &br.du, &mut *br.da, br.dropout)).collect(), m, r);
         let _part = self.span("widen 16-bit products + LoRA dx terms");
         let mut arg = UpParts::default();
         let mut guards = Vec::new();
@@ -108,10 +115,10 @@ impl Cuda {
             };
             arg.base[t] = ptr;
             guards.push(g);
-            if let Some((du, a, dropout)) = branch {
-                let (u, gu) = du.device_ptr(&self.stream);
-                let (ap, ga) = a.device_ptr(&self.stream);
-                (arg.u[t], arg.a[t], arg.seed[t], arg.p[t]) = (u, ap, dropout.seed, dropout.p);
+            if let Some(br) = branch {
+                let (u, gu) = br.du.device_ptr(&self.stream);
+                let (ap, ga) = br.a.device_ptr(&self.stream);
+                (arg.u[t], arg.a[t], arg.seed[t], arg.p[t]) = (u, ap, br.dropout.seed, br.dropout.p);
                 guards.extend([gu, ga]);
             }
         }
