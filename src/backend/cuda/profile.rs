@@ -11,6 +11,10 @@
 //!   it (a starved device) is timed at the host's pace: compare the profiled step's time with the
 //!   plain one's; where they agree, the device was never waiting.
 //!
+//! - `host` (`LLAMATUNE_PROFILE=host`): the host's own time in each op (issuing its launches, its
+//!   allocations, and any wait for a download inside it), nothing recorded on the stream: where the
+//!   host spends a step when the device waits for it.
+//!
 //! An op timed inside another (a nested span) is reported apart and not added to the total; its time
 //! is also part of the enclosing op's.
 
@@ -27,13 +31,18 @@ const EVENT_BATCH: usize = 256;
 pub(super) enum ProfileMode {
     Sync,
     Events,
+    Host,
 }
 
 impl ProfileMode {
     /// The mode `LLAMATUNE_PROFILE` asks for: unset → none, `events` → events, anything else → sync.
     pub(super) fn from_env() -> Option<ProfileMode> {
         let v = std::env::var_os("LLAMATUNE_PROFILE")?;
-        Some(if v == "events" { ProfileMode::Events } else { ProfileMode::Sync })
+        Some(match v.to_str() {
+            Some("events") => ProfileMode::Events,
+            Some("host") => ProfileMode::Host,
+            _ => ProfileMode::Sync,
+        })
     }
 }
 
@@ -101,6 +110,7 @@ impl Profiler {
                 None
             }
             ProfileMode::Events => Some(self.record(&mut st)),
+            ProfileMode::Host => None,
         };
         Span { profiler: self, op, nested, start: Instant::now(), event }
     }
@@ -110,7 +120,9 @@ impl Profiler {
         st.depth -= 1;
         match span.event.take() {
             None => {
-                ck!(self.stream.synchronize(), "synchronize");
+                if self.mode == ProfileMode::Sync {
+                    ck!(self.stream.synchronize(), "synchronize");
+                }
                 let seconds = span.start.elapsed().as_secs_f64();
                 add(&mut st, span.op, span.nested, seconds);
             }
@@ -158,8 +170,10 @@ impl Profiler {
         let how = match self.mode {
             ProfileMode::Sync => "each op synchronized",
             ProfileMode::Events => "CUDA events, nothing synchronized",
+            ProfileMode::Host => "the host's time in each op, nothing synchronized",
         };
-        eprintln!("device time by op ({how}), total {total:.3} s (↳: inside another op, not added):");
+        let what = if self.mode == ProfileMode::Host { "host time" } else { "device time" };
+        eprintln!("{what} by op ({how}), total {total:.3} s (↳: inside another op, not added):");
         for (op, t, n, nested) in report {
             let mark = if nested { "↳ " } else { "" };
             eprintln!("  {:<26}{:>10.1} ms {:>6.1}% {n:>8} calls", format!("{mark}{op}"), t * 1e3, 100.0 * t / total);
