@@ -26,6 +26,10 @@
 #   lora OUT: ncu of the LoRA split kernels inside the 7B all-linear step (the A product over x's 4,096
 #          and 11,008 columns, dA, du; one launch each): speed of light, memory workload (L1, L2,
 #          DRAM), occupancy, launch statistics, warp states with every stall reason, tensor-pipe use
+#   census OUT: every kernel of one 7B step (classic, then all-linear; no warm-up) under ncu with the
+#          clocks and caches left alone: duration, DRAM and L2 bytes per launch, summed by kernel name
+#          (scripts/ncu_census.py); their total against the plain step's time is what the kernels
+#          leave out (launch gaps, host waits, the busy card's lower clock)
 #   floor OUT: what one launch that only streams a 7B GEMV's bytes reaches (parity/stream_floor.py,
 #          torch's sums and copy, warm and cold), beside the GEMV bench rows of the same run
 # The GGUF (98 MB) travels in two parts because one call carries at most 64 MiB.
@@ -186,6 +190,19 @@ lora)
             --section SchedulerStats --metrics "$metrics" stage/llamatune bench --device cuda --shape llama2-7b \
             --target-modules all-linear --steps 1 --warmup-steps 0 --decode-tokens 0 2>&1 \
             | grep -vE "^step |^built" | sed -n '/Context/,$p' | tee -a "$out/ncu-lora.log"
+    done
+    ;;
+census)
+    metrics="gpu__time_duration.sum,dram__bytes_read.sum,dram__bytes_write.sum,lts__t_bytes.sum"
+    for recipe in "classic q_proj,v_proj" "all-linear all-linear"; do
+        set -- $recipe
+        echo "== ncu census of one 7B step, $1" | tee -a "$out/census.log"
+        timeout 270 ncu --clock-control none --cache-control none --metrics "$metrics" --csv --page raw \
+            --log-file "$out/census-$1.csv" stage/llamatune bench --device cuda --shape llama2-7b \
+            --target-modules "$2" --lora-r 64 --lora-alpha 16 --lora-dropout 0.1 --optim paged_adamw_32bit \
+            --steps 1 --warmup-steps 0 --decode-tokens 0 > /dev/null 2>&1
+        python3 scripts/ncu_census.py "$out/census-$1.csv" 40 | tee -a "$out/census.log"
+        gzip -f "$out/census-$1.csv"
     done
     ;;
 floor)
