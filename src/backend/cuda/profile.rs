@@ -1,6 +1,6 @@
-//! Device time per op (`LLAMATUNE_PROFILE`), for finding where a step's time goes.
+//! Time per op (`LLAMATUNE_PROFILE`), for finding where a step's time goes.
 //!
-//! Two ways to time an op:
+//! Three ways to time an op:
 //! - `sync` (`LLAMATUNE_PROFILE=1`): the stream is synchronized before and after the op and the host
 //!   clock read. Simple, but each op's time then includes its launch and its drain, which overstates
 //!   small ops (session 15's split-k LoRA change was predicted from it and gained nothing).
@@ -10,7 +10,6 @@
 //!   (queried, never waited for). An op whose work the host issues more slowly than the device runs
 //!   it (a starved device) is timed at the host's pace: compare the profiled step's time with the
 //!   plain one's; where they agree, the device was never waiting.
-//!
 //! - `host` (`LLAMATUNE_PROFILE=host`): the host's own time in each op (issuing its launches, its
 //!   allocations, and any wait for a download inside it), nothing recorded on the stream: where the
 //!   host spends a step when the device waits for it.
@@ -35,7 +34,8 @@ pub(super) enum ProfileMode {
 }
 
 impl ProfileMode {
-    /// The mode `LLAMATUNE_PROFILE` asks for: unset → none, `events` → events, anything else → sync.
+    /// The mode `LLAMATUNE_PROFILE` asks for: unset → none, `events` → events, `host` → host, anything
+    /// else → sync.
     pub(super) fn from_env() -> Option<ProfileMode> {
         let v = std::env::var_os("LLAMATUNE_PROFILE")?;
         Some(match v.to_str() {
