@@ -17,13 +17,20 @@ and `--gradient-checkpointing-keep-attention N` (memory traded for time), its ro
 the same Python run. The Python stack's speed depends on its host as well as the card (each step is
 thousands of small ops launched from Python; batch-1 decoding is almost nothing else), so its child also
 times torch's eager launch of a one-element op before and after its runs, printed with the table.
+And the card's clock: nvidia-smi samples the SM clock and board power every 50 ms while each stack
+runs, and the table ends with each run's median SM clock and mean power over its busy samples (power
+above --busy-watts). A step that draws the card to its power limit is throttled (session 30 saw ours
+at a median 1.83-1.85 GHz and the Python stack's at 1.98), so the ratios partly measure power.
 """
 import argparse
+import atexit
+import contextlib
 import json
 import os
 import statistics
 import subprocess
 import sys
+import threading
 import time
 
 SHAPES = {
@@ -34,6 +41,53 @@ SHAPES = {
 }
 RECIPES = {"classic": ["q_proj", "v_proj"],
            "all-linear": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]}
+
+
+class ClockSampler:
+    """nvidia-smi's SM clock (MHz) and board power (W) every 50 ms, time-stamped, and named time windows
+    to summarize them over. Without nvidia-smi (or if it fails) it records nothing and summarizes
+    nothing: the side by side runs the same."""
+
+    def __init__(self):
+        self.samples, self.windows = [], []
+        try:
+            self.proc = subprocess.Popen(
+                ["nvidia-smi", "--query-gpu=clocks.sm,power.draw", "--format=csv,noheader,nounits", "-lms", "50"],
+                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        except OSError:
+            self.proc = None
+            return
+        atexit.register(self.proc.terminate)  # also when a run fails before the summary
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self):
+        for line in self.proc.stdout:
+            try:
+                clock, power = (float(v) for v in line.split(",")[:2])
+            except ValueError:
+                continue  # "[N/A]" and the like
+            self.samples.append((time.monotonic(), clock, power))
+
+    @contextlib.contextmanager
+    def window(self, name):
+        start = time.monotonic()
+        try:
+            yield
+        finally:
+            self.windows.append((name, start, time.monotonic()))
+
+    def summary(self, busy_watts):
+        """(name, busy samples, median MHz, min MHz, mean W) per window with busy samples."""
+        if self.proc:
+            self.proc.terminate()
+        rows = []
+        for name, start, end in self.windows:
+            busy = [(c, w) for t, c, w in list(self.samples) if start <= t <= end and w > busy_watts]
+            if busy:
+                clocks = [c for c, _ in busy]
+                rows.append((name, len(busy), statistics.median(clocks), min(clocks),
+                             statistics.mean(w for _, w in busy)))
+        return rows
 
 
 def eager_op_us(torch):
@@ -125,7 +179,7 @@ def python_stack(a, out):
     json.dump(results, open(os.path.join(out, "python.json"), "w"), indent=1)
 
 
-def ours(a, exe, out):
+def ours(a, exe, out, clocks):
     results = {}
     for i, recipe in enumerate(a.recipes.split(",")):
         j = os.path.join(out, f"llamatune-{recipe}.json")
@@ -134,7 +188,8 @@ def ours(a, exe, out):
                "--lora-r", "64", "--lora-alpha", "16", "--lora-dropout", "0.1", "--optim", "paged_adamw_32bit",
                "--decode-tokens", str(a.decode_tokens if i == 0 else 0), "--json", j]
         print("+", " ".join(cmd), flush=True)
-        subprocess.run(cmd, check=True)
+        with clocks.window(f"llamatune {recipe}"):
+            subprocess.run(cmd, check=True)
         results[recipe] = json.load(open(j))
         if a.keep_mlp_layers or a.keep_attention_layers:
             jk = os.path.join(out, f"llamatune-{recipe}-keep.json")
@@ -142,7 +197,8 @@ def ours(a, exe, out):
                    "--gradient-checkpointing-keep-mlp", str(a.keep_mlp_layers),
                    "--gradient-checkpointing-keep-attention", str(a.keep_attention_layers), "--json", jk]
             print("+", " ".join(cmd), flush=True)
-            subprocess.run(cmd, check=True)
+            with clocks.window(f"llamatune {recipe}+keep"):
+                subprocess.run(cmd, check=True)
             results[f"{recipe}+keep"] = json.load(open(jk))
     return results
 
@@ -160,16 +216,19 @@ def main():
     p.add_argument("--skip-ours", action="store_true")
     p.add_argument("--keep-mlp-layers", type=int, default=0)
     p.add_argument("--keep-attention-layers", type=int, default=0)
+    p.add_argument("--busy-watts", type=float, default=300.0, help="power above which a clock sample counts")
     p.add_argument("--python-child", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args()
     os.makedirs(a.out, exist_ok=True)
     if a.python_child:
         return python_stack(a, a.out)
+    clocks = ClockSampler()
     if not a.skip_python:
         args = [sys.executable, __file__, *sys.argv[1:], "--python-child"]
-        subprocess.run(args, check=True)
+        with clocks.window("python (all recipes and decode)"):
+            subprocess.run(args, check=True)
     py = json.load(open(os.path.join(a.out, "python.json"))) if os.path.exists(os.path.join(a.out, "python.json")) else {}
-    us = {} if a.skip_ours else ours(a, a.exe, a.out)
+    us = {} if a.skip_ours else ours(a, a.exe, a.out, clocks)
     import torch
     card = torch.cuda.get_device_name(0)
     rows = []
@@ -193,7 +252,12 @@ def main():
             rows.append(dict(recipe=recipe, what=key, python=pv, llamatune=uv, ratio=ratio))
             f = lambda v: "-" if v is None else f"{v / scale:.2f}" if scale > 1 else f"{v:.1f}"
             print(f"{label:<34}{f(pv):>14}{f(uv):>14}{'-' if ratio is None else f'{ratio:.2f}x':>10}")
-    json.dump(dict(card=card, shape=a.shape, rows=rows, python=py, llamatune=us),
+    clock_rows = clocks.summary(a.busy_watts)
+    for name, n, median, low, watts in clock_rows:
+        print(f"clock, {name}: median {median:.0f} MHz (min {low:.0f}), mean {watts:.0f} W over {n} samples above {a.busy_watts:.0f} W")
+    json.dump(dict(card=card, shape=a.shape, rows=rows, python=py, llamatune=us,
+                   clocks=[dict(run=r[0], busy_samples=r[1], median_sm_mhz=r[2], min_sm_mhz=r[3], mean_watts=r[4])
+                           for r in clock_rows]),
               open(os.path.join(a.out, "side_by_side.json"), "w"), indent=1)
 
 
