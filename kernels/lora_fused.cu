@@ -284,10 +284,10 @@ LORA_DU(lora_du_r16_f16, 2, __half)
 LORA_DU(lora_du_r32_f16, 4, __half)
 LORA_DU(lora_du_r64_f16, 8, __half)
 
-// ---- the sum of split partials: out (n) = [out +] alpha · Σ_s part[s] (n), n a multiple of 4 ------
+// ---- the sum of split partials: out (n) = [out +] Σ_s part[s] (n), n a multiple of 4 --------------
 // For branch blockIdx.y of the table: its partials are part + blockIdx.y · splits · n (one scratch
 // for the launch's branches), its output the table's part pointer.
-extern "C" __global__ void lora_sum_splits(const float* part, SplitBranches outs, int splits, int64_t n, float alpha, int accumulate) {
+extern "C" __global__ void lora_sum_splits(const float* part, SplitBranches outs, int splits, int64_t n, int accumulate) {
     grid_dependency_wait();
     part += (int64_t)blockIdx.y * splits * n;
     float* out = outs.part[blockIdx.y];
@@ -299,7 +299,7 @@ extern "C" __global__ void lora_sum_splits(const float* part, SplitBranches outs
         }
         float4* o = reinterpret_cast<float4*>(out) + i;
         const float4 old = accumulate ? *o : make_float4(0.f, 0.f, 0.f, 0.f);
-        *o = make_float4(old.x + alpha * s.x, old.y + alpha * s.y, old.z + alpha * s.z, old.w + alpha * s.w);
+        *o = make_float4(old.x + s.x, old.y + s.y, old.z + s.z, old.w + s.w);
     }
 }
 

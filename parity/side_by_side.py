@@ -4,7 +4,7 @@ and writes them as JSON.
 
     python3 parity/side_by_side.py STAGE/llamatune OUT_DIR [--shape llama2-7b] [--steps 10]
         [--recipes classic,all-linear] [--decode-tokens 128] [--skip-python] [--skip-ours]
-        [--keep-mlp-layers N] [--keep-attention-layers N]
+        [--keep-mlp-layers N] [--keep-attention-layers N] [--keep RECIPE=MLP,ATTENTION ...]
 
 The Python stack follows the classic QLoRA recipe as trl's SFTTrainer runs it: NF4 base with bf16
 compute, `prepare_model_for_kbit_training` (gradient checkpointing, fp32 norms), LoRA r=64 alpha=16
@@ -14,7 +14,9 @@ other's memory; peak memory is torch's max_memory_allocated on one side and the 
 high-water mark on ours, both counted after the weights are loaded. With --keep-mlp-layers N and/or
 --keep-attention-layers N, ours runs each recipe once more with `--gradient-checkpointing-keep-mlp N`
 and `--gradient-checkpointing-keep-attention N` (memory traded for time), its rows ("+keep") set against
-the same Python run. The Python stack's speed depends on its host as well as the card (each step is
+the same Python run. `--keep RECIPE=MLP,ATTENTION` (repeatable) sets them for one recipe instead, so
+each recipe can run with what fits its own memory bound (the Python stack's peak differs between them).
+The Python stack's speed depends on its host as well as the card (each step is
 thousands of small ops launched from Python; batch-1 decoding is almost nothing else), so its child also
 times torch's eager launch of a one-element op before and after its runs, printed with the table.
 And the card's clock: nvidia-smi samples the SM clock and board power every 50 ms while each stack
@@ -191,16 +193,37 @@ def ours(a, exe, out, clocks):
         with clocks.window(f"llamatune {recipe}"):
             subprocess.run(cmd, check=True)
         results[recipe] = json.load(open(j))
-        if a.keep_mlp_layers or a.keep_attention_layers:
+        if recipe in a.keeps:
+            keep_mlp, keep_attention = a.keeps[recipe]
             jk = os.path.join(out, f"llamatune-{recipe}-keep.json")
             cmd = [*cmd[:cmd.index("--decode-tokens")], "--decode-tokens", "0",
-                   "--gradient-checkpointing-keep-mlp", str(a.keep_mlp_layers),
-                   "--gradient-checkpointing-keep-attention", str(a.keep_attention_layers), "--json", jk]
+                   "--gradient-checkpointing-keep-mlp", str(keep_mlp),
+                   "--gradient-checkpointing-keep-attention", str(keep_attention), "--json", jk]
             print("+", " ".join(cmd), flush=True)
             with clocks.window(f"llamatune {recipe}+keep"):
                 subprocess.run(cmd, check=True)
             results[f"{recipe}+keep"] = json.load(open(jk))
     return results
+
+
+def keep_settings(a, parser):
+    """{recipe: (mlp layers, attention layers)} for the recipes whose extra run keeps activations:
+    --keep-mlp-layers / --keep-attention-layers for every recipe, then each --keep for its own."""
+    recipes = a.recipes.split(",")
+    keeps = {r: (a.keep_mlp_layers, a.keep_attention_layers) for r in recipes
+             if a.keep_mlp_layers or a.keep_attention_layers}
+    for item in a.keep:
+        recipe, _, layers = item.partition("=")
+        try:
+            mlp, attention = (int(v) for v in layers.split(","))
+        except ValueError:
+            parser.error(f"--keep {item!r}: expected RECIPE=MLP,ATTENTION, e.g. all-linear=31,12")
+        if recipe not in recipes:
+            parser.error(f"--keep {item!r}: {recipe!r} is not one of --recipes ({a.recipes})")
+        if mlp < 0 or attention < 0 or mlp + attention == 0:
+            parser.error(f"--keep {item!r}: layer counts must be >= 0 and not both 0")
+        keeps[recipe] = (mlp, attention)
+    return keeps
 
 
 def main():
@@ -216,9 +239,12 @@ def main():
     p.add_argument("--skip-ours", action="store_true")
     p.add_argument("--keep-mlp-layers", type=int, default=0)
     p.add_argument("--keep-attention-layers", type=int, default=0)
+    p.add_argument("--keep", action="append", default=[], metavar="RECIPE=MLP,ATTENTION",
+                   help="layers whose MLP / attention activations one recipe's extra run keeps")
     p.add_argument("--busy-watts", type=float, default=300.0, help="power above which a clock sample counts")
     p.add_argument("--python-child", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args()
+    a.keeps = keep_settings(a, p)
     os.makedirs(a.out, exist_ok=True)
     if a.python_child:
         return python_stack(a, a.out)
@@ -238,7 +264,7 @@ def main():
         print("host: torch's eager launch of a small op " + " / ".join(f"{v:.1f}" for v in host_us)
               + " us (before / after the Python runs)")
     print(f"{'what':<34}{'python':>14}{'llamatune':>14}{'ratio':>10}")
-    keep = [f"{r}+keep" for r in a.recipes.split(",")] if a.keep_mlp_layers or a.keep_attention_layers else []
+    keep = [f"{r}+keep" for r in a.recipes.split(",") if r in a.keeps]
     for recipe in a.recipes.split(",") + keep:
         P, U = py.get(recipe.split("+")[0], {}), us.get(recipe, {})
         for key, label in [("tokens_per_s", f"{recipe} tokens/s"),

@@ -634,7 +634,7 @@ impl Cuda {
         let (s32, n64, acc) = (splits as i32, n as i64, accumulate as i32);
         let mut cfg = grid_for(n / 4);
         cfg.grid_dim.1 = outs.count as u32;
-        launch!(self, "lora_sum_splits", cfg; part, outs, &s32, &n64, &1f32, &acc);
+        launch!(self, "lora_sum_splits", cfg; part, outs, &s32, &n64, &acc);
     }
 
     /// `u (m, r) = drop(x) (m, cols) · Aᵀ` for `A (r, cols)`, split over `cols` to fill the GPU.
