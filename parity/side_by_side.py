@@ -22,7 +22,9 @@ times torch's eager launch of a one-element op before and after its runs, printe
 And the card's clock: nvidia-smi samples the SM clock and board power every 50 ms while each stack
 runs, and the table ends with each run's median SM clock and mean power over its busy samples (power
 above --busy-watts). A step that draws the card to its power limit is throttled (session 30 saw ours
-at a median 1.83-1.85 GHz and the Python stack's at 1.98), so the ratios partly measure power.
+at a median 1.83-1.85 GHz and the Python stack's at 1.98), so the ratios partly measure power; both
+stacks' joules per timed step (the board's energy counter around them, parity/nvml_energy.py on the
+Python side, `llamatune bench`'s own reading on ours) are in the table too.
 """
 import argparse
 import atexit
@@ -34,6 +36,8 @@ import subprocess
 import sys
 import threading
 import time
+
+import nvml_energy  # parity/, beside this script
 
 SHAPES = {
     "llama2-7b": dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
@@ -121,6 +125,7 @@ def python_stack(a, out):
         del m
         torch.cuda.empty_cache()
     results = {}
+    nvml = nvml_energy.open_or_none()
     host_us = [eager_op_us(torch)]
     for recipe in a.recipes.split(","):
         torch.cuda.reset_peak_memory_stats()
@@ -141,8 +146,11 @@ def python_stack(a, out):
         model.train()
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-        times, losses = [], []
+        times, losses, energy_start = [], [], None
         for step in range(a.warmup_steps + a.steps):
+            if step == a.warmup_steps and nvml:
+                torch.cuda.synchronize()
+                energy_start = (nvml.joules(), time.time())
             ids = torch.randint(0, vocab, (4, 512), device="cuda", generator=g)
             torch.cuda.synchronize()
             t = time.time()
@@ -160,6 +168,10 @@ def python_stack(a, out):
         med = statistics.median(times)
         r = dict(median_step_s=med, tokens_per_s=2048 / med, train_peak_memory_bytes=peak, load_quantize_s=load_s,
                  losses=losses)
+        if energy_start:  # the steps end synchronized: the span holds their work (as `llamatune bench` counts)
+            joules = nvml.joules() - energy_start[0]
+            r.update(train_joules_per_step=joules / a.steps,
+                     train_mean_power_watts=joules / (time.time() - energy_start[1]))
         if a.decode_tokens and recipe == a.recipes.split(",")[0]:
             model.eval()
             model.config.use_cache = True
@@ -269,6 +281,7 @@ def main():
         P, U = py.get(recipe.split("+")[0], {}), us.get(recipe, {})
         for key, label in [("tokens_per_s", f"{recipe} tokens/s"),
                            ("train_peak_memory_bytes", f"{recipe} peak GiB (ratio < 1: ours smaller)"),
+                           ("train_joules_per_step", f"{recipe} J per step (ratio < 1: ours less)"),
                            ("decode_tokens_per_s", "decode tokens/s (batch 1)")]:
             pv, uv = P.get(key), U.get(key)
             if uv is None and (pv is None or "+" in recipe):  # the settings' extra runs decode nothing

@@ -30,9 +30,9 @@
 #          clocks and caches left alone: duration, DRAM and L2 bytes per launch, summed by kernel name
 #          (scripts/ncu_census.py); their total against the plain step's time is what the kernels
 #          leave out (launch gaps, host waits, the busy card's lower clock)
-#   energy OUT: joules per 7B step and the mean board power over the timed steps (scripts/step_energy.py:
-#          NVML's energy counter at each step's line), classic and all-linear, STEPS timed steps (default
-#          12) after 2, ENERGY_ARGS appended to each bench (e.g. keep flags)
+#   energy OUT: joules per 7B step and the board's mean power over the timed steps (`llamatune bench`'s
+#          "train energy" line: NVML's energy counter around them), classic and all-linear, STEPS timed
+#          steps (default 12) after 2, ENERGY_ARGS appended to each bench (e.g. keep flags)
 #   floor OUT: what one launch that only streams a 7B GEMV's bytes reaches (parity/stream_floor.py,
 #          torch's sums and copy, warm and cold), beside the GEMV bench rows of the same run
 # The GGUF (98 MB) travels in two parts because one call carries at most 64 MiB.
@@ -215,10 +215,9 @@ floor)
 energy)
     for targets in q_proj,v_proj all-linear; do
         echo "== $targets ${ENERGY_ARGS:-}" | tee -a "$out/energy.log"
-        timeout 150 python3 scripts/step_energy.py "$out/energy-${targets%%,*}.json" -- stage/llamatune bench \
-            --device cuda --shape llama2-7b --steps ${STEPS:-12} --warmup-steps 2 --target-modules $targets \
-            --lora-r 64 --lora-alpha 16 --lora-dropout 0.1 --optim paged_adamw_32bit --decode-tokens 0 \
-            ${ENERGY_ARGS:-} 2>&1 | grep -E "timed steps|train peak" | tee -a "$out/energy.log"
+        bench_variant new --steps ${STEPS:-12} --warmup-steps 2 --target-modules $targets --lora-r 64 \
+            --lora-alpha 16 --lora-dropout 0.1 --optim paged_adamw_32bit --decode-tokens 0 ${ENERGY_ARGS:-} \
+            | grep -E "train step|train peak|train energy" | tee -a "$out/energy.log"
     done
     ;;
 c)

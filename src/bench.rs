@@ -221,6 +221,11 @@ pub struct BenchReport {
     pub mfu: Option<f64>,
     pub peak_tflops: Option<f64>,
     pub train_peak_memory_bytes: Option<u64>,
+    /// The device's energy per timed step (J) and its mean power over them (W), from its energy
+    /// counter where the backend reads one (`Backend::energy_joules`; on the H200 the counter moves
+    /// every ~100 ms, so a few steps are good to ~70 J in all).
+    pub train_joules_per_step: Option<f64>,
+    pub train_mean_power_watts: Option<f64>,
     /// Device memory the backend held after the warm-up steps, and how much more it took from the
     /// device during the timed steps (0: every allocation came from memory already held).
     pub reserved_memory_bytes: Option<u64>,
@@ -339,10 +344,13 @@ pub fn run<B: Backend>(be: &B, cfg: &BenchConfig, log: &mut dyn FnMut(&str)) -> 
     be.reset_peak_memory();
     let (mut step_times, mut losses) = (vec![], vec![]);
     let mut reserved_after_warmup = None;
+    // The energy counter and the clock at the start of the timed steps.
+    let mut energy_start = None;
     for step in 0..cfg.warmup_steps + cfg.steps {
         if step == cfg.warmup_steps {
             reserved_after_warmup = be.reserved_memory();
             be.reset_profile();
+            energy_start = be.energy_joules().map(|j| (j, Instant::now()));
         }
         let b = batch();
         let t = Instant::now();
@@ -366,6 +374,12 @@ pub fn run<B: Backend>(be: &B, cfg: &BenchConfig, log: &mut dyn FnMut(&str)) -> 
         losses.push(l.mean());
         log(&format!("step {step}: {dt:.3} s, loss {:.4}", l.mean()));
     }
+    // Joules per timed step and the mean power over them (the steps end synchronized, so the span
+    // from the first timed step's start to the last one's end holds their work and nothing else).
+    let energy = energy_start.zip(be.energy_joules()).map(|((j0, t0), j1)| {
+        let joules = (j1 - j0).max(0.0);
+        (joules / cfg.steps.max(1) as f64, joules / t0.elapsed().as_secs_f64())
+    });
     let train_peak = be.peak_memory();
     let reserved_growth = reserved_after_warmup.zip(be.reserved_memory()).map(|(a, b)| b.saturating_sub(a));
     let median_step_s = median(&step_times);
@@ -422,6 +436,8 @@ pub fn run<B: Backend>(be: &B, cfg: &BenchConfig, log: &mut dyn FnMut(&str)) -> 
         mfu: cfg.peak_tflops.map(|peak| achieved / peak),
         peak_tflops: cfg.peak_tflops,
         train_peak_memory_bytes: train_peak,
+        train_joules_per_step: energy.map(|(j, _)| j),
+        train_mean_power_watts: energy.map(|(_, w)| w),
         reserved_memory_bytes: reserved_after_warmup,
         reserved_growth_bytes: reserved_growth,
         losses,

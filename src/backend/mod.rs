@@ -256,6 +256,12 @@ pub trait Backend {
     fn reserved_memory(&self) -> Option<u64> {
         None
     }
+    /// The board's energy counter in joules (any origin; differences matter), when the backend can
+    /// read one (CUDA: NVML's total energy). A benchmark reads it around its timed steps: a device
+    /// held at its power limit runs a step in its joules over that limit (docs/PERF.md).
+    fn energy_joules(&self) -> Option<f64> {
+        None
+    }
     /// Waits until every queued operation has finished (timing needs it; the CPU is synchronous).
     fn synchronize(&self) {}
     /// Starts a new window of the per-op profile when the backend keeps one (`LLAMATUNE_PROFILE=1` on

@@ -123,6 +123,8 @@ pub struct Cuda {
     offload: offload::OffloadState,
     /// `LLAMATUNE_PROFILE`: device time per op (profile.rs; for finding hot spots).
     profile: Option<profile::Profiler>,
+    /// The board's energy counter (energy.rs), opened at the first reading.
+    nvml: std::sync::OnceLock<Option<energy::Nvml>>,
 }
 
 impl Drop for Cuda {
@@ -165,6 +167,7 @@ macro_rules! launch {
 
 mod adamw;
 mod attention;
+mod energy;
 mod gemm;
 mod graph;
 mod kernels;
@@ -386,6 +389,7 @@ impl Cuda {
             pdl,
             graph_edges: Default::default(),
             profile,
+            nvml: Default::default(),
         })
     }
 
@@ -509,6 +513,10 @@ impl Backend for Cuda {
     }
     fn reserved_memory(&self) -> Option<u64> {
         Some(self.pool_attribute(cudarc::driver::sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RESERVED_MEM_CURRENT))
+    }
+    fn energy_joules(&self) -> Option<f64> {
+        let nvml = self.nvml.get_or_init(|| energy::Nvml::open(self.ctx.cu_device()));
+        nvml.as_ref()?.energy_mj().map(|mj| mj as f64 / 1e3)
     }
     fn reset_peak_memory(&self) {
         let mut zero = 0u64;

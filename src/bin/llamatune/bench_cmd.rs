@@ -156,6 +156,9 @@ pub fn cmd_bench(a: BenchArgs) -> Result<ExitCode> {
         _ => println!("                 {rate}"),
     }
     println!("train peak mem   {}", gib(report.train_peak_memory_bytes));
+    if let (Some(j), Some(w)) = (report.train_joules_per_step, report.train_mean_power_watts) {
+        println!("train energy     {j:.1} J per step, {w:.0} W mean over the timed steps (the board's counter)");
+    }
     if let (Some(r), Some(g)) = (report.reserved_memory_bytes, report.reserved_growth_bytes) {
         println!("device memory    {} held after warm-up, {g} bytes more taken over the timed steps", gib(Some(r)));
     }
