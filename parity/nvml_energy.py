@@ -1,5 +1,5 @@
 """The board's energy counter from Python: NVML's total energy since the driver loaded (ctypes over
-libnvidia-ml.so.1, which comes with the driver). `llamatune bench` reads the same
+libnvidia-ml.so.1, which comes with the driver), and its SM clock. `llamatune bench` reads the same
 counter around its timed steps (src/backend/cuda/energy.rs); parity/side_by_side.py reads it around the
 Python stack's, so both stacks' joules per step are counted alike. Why: a step that draws the card to its
 power limit runs in its joules over that limit (docs/PERF.md, session 31). On the H200 the counter moves
@@ -26,6 +26,11 @@ class Nvml:
         v = ctypes.c_ulonglong()
         self._check(self.lib.nvmlDeviceGetTotalEnergyConsumption(self.dev, ctypes.byref(v)), "energy")
         return v.value / 1e3
+
+    def sm_mhz(self):
+        v = ctypes.c_uint()
+        self._check(self.lib.nvmlDeviceGetClockInfo(self.dev, 1, ctypes.byref(v)), "SM clock")  # NVML_CLOCK_SM
+        return v.value
 
 
 def open_or_none(index=0):
