@@ -408,15 +408,21 @@ __device__ void dequant_seg(const uint8_t* packed, const float* absmax, const ui
     for (int64_t seg = (blockIdx.x * (int64_t)blockDim.x + threadIdx.x) / WARP; seg < n / 1024; seg += warps) {
         // Where this segment's row moves in a strided output.
         const int64_t shift = STRIDED ? seg * 1024 / cols * (ld - cols) : 0;
+        // The codes and all four absmax values requested before any store: the stores may alias the
+        // absmax for all the compiler knows, so an absmax loaded inside the loop below waited for the
+        // previous chunk's store (SASS: four absmax loads, each issued after a store, one memory round
+        // trip apiece per segment).
         uint32_t w[4];
+        float a[4];
 #pragma unroll
         for (int j = 0; j < 4; j++) w[j] = __ldcs(words + seg * 128 + j * 32 + lane);  // read once: streaming
 #pragma unroll
+        for (int j = 0; j < 4; j++) a[j] = block_absmax(absmax, absmax_q, absmax2, code256, offset, (seg * 1024 + j * 256 + lane * 8) >> log2_blocksize);
+#pragma unroll
         for (int j = 0; j < 4; j++) {
             const int64_t e = seg * 1024 + j * 256 + lane * 8;  // this lane's first value
-            const float a = block_absmax(absmax, absmax_q, absmax2, code256, offset, e >> log2_blocksize);
             float v[8];
-            expand_word(w[j], a, lut, v);
+            expand_word(w[j], a[j], lut, v);
             Vec8<T>::store(out + e + shift, v);
         }
     }
