@@ -101,6 +101,10 @@ fn dequantize(c: &mut Criterion) {
             });
         }
         be.set_dequant_seg(true);
+        // Device time as the step sees it, without a synchronization per expansion.
+        g.bench_function("bf16, segments, back to back", |b| {
+            b.iter_custom(|iters| back_to_back(be, iters, || drop(be.dequantize(&nf4, ComputeDtype::BF16))))
+        });
         g.finish();
     }
 }
@@ -214,6 +218,24 @@ fn back_to_back(be: &Cuda, iters: u64, mut launch: impl FnMut()) -> std::time::D
     }
     be.synchronize();
     start.elapsed()
+}
+
+/// The norm's backward at the step's shape (2048 rows of 4096 values), accumulating into the residual
+/// stream's gradient as the step does: x and dy read, dx read and written, 16 bytes per value to set
+/// against the copy rate.
+fn norm_backward(c: &mut Criterion) {
+    let be = gpu();
+    let dim = 4096;
+    let n = M * dim;
+    let (x, dy, w) = (be.upload(&rnd(n, 11, 2.0)), be.upload(&rnd(n, 12, 1.0)), be.upload(&rnd(dim, 13, 1.0)));
+    let (mut y, mut rstd, mut dx) = (be.zeros(n), be.zeros(M), be.zeros(n));
+    be.rmsnorm(&x, &w, dim, 1e-5, &mut y, &mut rstd);
+    let mut g = c.benchmark_group("RMSNorm backward 2048x4096");
+    g.throughput(Throughput::Bytes((16 * n) as u64));
+    g.bench_function("accumulating, back to back", |b| {
+        b.iter_custom(|iters| back_to_back(be, iters, || be.rmsnorm_backward(&x, &w, &rstd, &dy, dim, &mut dx, true)))
+    });
+    g.finish();
 }
 
 fn attention(c: &mut Criterion) {
@@ -443,6 +465,6 @@ fn optimizer_and_loss(c: &mut Criterion) {
 criterion_group! {
     name = benches;
     config = Criterion::default().sample_size(10).warm_up_time(std::time::Duration::from_millis(300)).measurement_time(std::time::Duration::from_secs(1));
-    targets = linear, dequantize, linear_by_m, gemv, bandwidth, attention, lora, optimizer_and_loss
+    targets = linear, dequantize, linear_by_m, gemv, bandwidth, norm_backward, attention, lora, optimizer_and_loss
 }
 criterion_main!(benches);
