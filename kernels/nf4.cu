@@ -388,8 +388,7 @@ __device__ void dequant_vec(const uint8_t* packed, const float* absmax, const ui
         }
     }
 }
-// out (n) as dequant_vec, a warp at a time per segment of 1,024 values (512 bytes of codes), each warp
-// taking every `warps`-th segment from one wave of blocks: lane l loads code
+// out (n) as dequant_vec, a warp per segment of 1,024 values (512 bytes of codes): lane l loads code
 // words j·32 + l (j = 0..3, four coalesced 128-byte loads issued before any use) and stores values
 // [j·256 + 8l, +8), so each store instruction of a warp writes 512 contiguous bytes in a 16-bit dtype.
 // dequant_vec's thread-per-32-values layout put a warp's 16-byte stores 64 bytes apart (every sector
@@ -401,41 +400,29 @@ __device__ void dequant_vec(const uint8_t* packed, const float* absmax, const ui
 template <typename T, bool STRIDED = false>
 __device__ void dequant_seg(const uint8_t* packed, const float* absmax, const uint8_t* absmax_q, const float* absmax2, const float* code256, float offset, const float* code16, int log2_blocksize, int64_t n, T* out, int cols = 0, int64_t ld = 0) {
     __shared__ float lut[16];
+    load_lut(lut, code16);
+    __syncthreads();
     const int lane = threadIdx.x % WARP;
     const uint32_t* words = reinterpret_cast<const uint32_t*>(packed);
-    const int64_t warps = (int64_t)gridDim.x * blockDim.x / WARP, segs = n / 1024;
-    // A segment's codes and its four absmax values, requested together before any store: the stores
-    // may alias the absmax for all the compiler knows, so an absmax loaded after a store waited for it
-    // (SASS: four absmax loads, each issued after a store, one memory round trip apiece per segment).
-    uint32_t w[4];
-    float a[4];
-    auto fetch = [&](int64_t seg) {
+    const int64_t warps = (int64_t)gridDim.x * blockDim.x / WARP;
+    for (int64_t seg = (blockIdx.x * (int64_t)blockDim.x + threadIdx.x) / WARP; seg < n / 1024; seg += warps) {
+        // Where this segment's row moves in a strided output.
+        const int64_t shift = STRIDED ? seg * 1024 / cols * (ld - cols) : 0;
+        // The codes and all four absmax values requested before any store: the stores may alias the
+        // absmax for all the compiler knows, so an absmax loaded inside the loop below waited for the
+        // previous chunk's store (SASS: four absmax loads, each issued after a store, one memory round
+        // trip apiece per segment).
+        uint32_t w[4];
+        float a[4];
 #pragma unroll
         for (int j = 0; j < 4; j++) w[j] = __ldcs(words + seg * 128 + j * 32 + lane);  // read once: streaming
 #pragma unroll
         for (int j = 0; j < 4; j++) a[j] = block_absmax(absmax, absmax_q, absmax2, code256, offset, (seg * 1024 + j * 256 + lane * 8) >> log2_blocksize);
-    };
-    int64_t seg = (blockIdx.x * (int64_t)blockDim.x + threadIdx.x) / WARP;
-    // The first segment's loads go out before the code table's and the barrier after it, so the
-    // two round trips overlap instead of following each other at the start of every block.
-    if (seg < segs) fetch(seg);
-    load_lut(lut, code16);
-    __syncthreads();
-    for (; seg < segs; seg += warps) {
-        uint32_t cw[4];
-        float ca[4];
-#pragma unroll
-        for (int j = 0; j < 4; j++) cw[j] = w[j], ca[j] = a[j];
-        // The launcher gives each warp several segments (Cuda::dequant_seg_grid): the next one's
-        // loads are in flight while this one is expanded and stored.
-        if (seg + warps < segs) fetch(seg + warps);
-        // Where this segment's row moves in a strided output.
-        const int64_t shift = STRIDED ? seg * 1024 / cols * (ld - cols) : 0;
 #pragma unroll
         for (int j = 0; j < 4; j++) {
             const int64_t e = seg * 1024 + j * 256 + lane * 8;  // this lane's first value
             float v[8];
-            expand_word(cw[j], ca[j], lut, v);
+            expand_word(w[j], a[j], lut, v);
             Vec8<T>::store(out + e + shift, v);
         }
     }

@@ -79,10 +79,6 @@ pub(super) const GEMV_MAX_TARGETS: usize = 3;
 
 /// Blocks of the one-row GEMV kernels that share an SM (their `__launch_bounds__` minimum).
 pub(super) const GEMV_BLOCKS_PER_SM: usize = 3;
-/// Resident 256-thread blocks per SM the 4-bit expansion's grid aims at (`dequant_seg_grid`): a
-/// warp's next segment of codes in flight (512 bytes) over 32 warps per SM keeps ~2 MB of reads
-/// in flight across an H200, over twice what its DRAM latency asks at the copy rate.
-pub(super) const DEQUANT_SEG_BLOCKS_PER_SM: usize = 4;
 
 /// One weight of a `gemv_4bit_many_*` launch: kernels/nf4.cu `GemvTarget`, field for field (device
 /// addresses as u64, the same C layout).
@@ -212,7 +208,7 @@ impl Cuda {
             && *blocksize >= 8;
         let vec = n % 32 == 0 && blocksize % 32 == 0;
         let (kernel, cfg) = match (seg, vec) {
-            (true, _) => ("dequant_4bit_seg", self.dequant_seg_grid(n)),
+            (true, _) => ("dequant_4bit_seg", grid_for(n / 32)),
             (false, true) => ("dequant_4bit_vec", grid_for(n / 32)),
             (false, false) => ("dequant_4bit", grid_for(n.div_ceil(2))),
         };
@@ -258,7 +254,7 @@ impl Cuda {
         let _span = self.span("expand 4-bit weight");
         let n = rows * cols;
         let (bs, n64, c32, ld64) = (blocksize.trailing_zeros() as i32, n as i64, *cols as i32, ld as i64);
-        let cfg = self.dequant_seg_grid(n);
+        let cfg = grid_for(n / 32);
         macro_rules! launch {
             ($name:expr, $out:expr) => {{
                 let mut b = self.stream.launch_builder(self.f($name));
@@ -284,18 +280,6 @@ impl Cuda {
     /// `LLAMATUNE_DEQUANT_SEG=0`) or by the thread-per-32-values kernel (`false`; A/B runs and tests).
     pub fn set_dequant_seg(&self, on: bool) {
         self.dequant_seg.store(on, std::sync::atomic::Ordering::Relaxed);
-    }
-
-    /// The segment kernels' grid for `n` values: one wave of 256-thread blocks at
-    /// [`DEQUANT_SEG_BLOCKS_PER_SM`], fewer where there are fewer segments than warps. A warp then
-    /// walks several segments, the next one's codes in flight while it stores the current one; a
-    /// warp per segment (two waves of blocks for a 4096² weight) started every block with two
-    /// dependent round trips (the code table, then the codes) and left the card at ~3.2 TB/s of the
-    /// ~4.1 a write-heavy kernel reaches (session 30's census).
-    fn dequant_seg_grid(&self, n: usize) -> LaunchConfig {
-        let segs = n / 1024;
-        let blocks = segs.div_ceil(8).clamp(1, self.sm_count * DEQUANT_SEG_BLOCKS_PER_SM);
-        LaunchConfig { grid_dim: (blocks as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }
     }
 
     /// `out (m, rows) = x · dequant(W)ᵀ` straight from the 4-bit codes, for decoding's few rows.
