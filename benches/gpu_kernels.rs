@@ -100,11 +100,14 @@ fn dequantize(c: &mut Criterion) {
                 })
             });
         }
-        be.set_dequant_seg(true);
         // Device time as the step sees it, without a synchronization per expansion.
-        g.bench_function("bf16, segments, back to back", |b| {
-            b.iter_custom(|iters| back_to_back(be, iters, || drop(be.dequantize(&nf4, ComputeDtype::BF16))))
-        });
+        for (label, seg) in [("segments", true), ("32 values per thread", false)] {
+            be.set_dequant_seg(seg);
+            g.bench_function(format!("bf16, {label}, back to back"), |b| {
+                b.iter_custom(|iters| back_to_back(be, iters, || drop(be.dequantize(&nf4, ComputeDtype::BF16))))
+            });
+        }
+        be.set_dequant_seg(true);
         g.finish();
     }
 }

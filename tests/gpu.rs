@@ -110,6 +110,19 @@ fn elementwise_norm_rope_swiglu() {
         let (mut of2, mut rf2) = (poisoned(M * s.ffn), poisoned(M));
         gpu().rmsnorm(&gpu().upload(&xf), &gpu().upload(&wf), s.ffn, 1e-5, &mut of2, &mut rf2);
         check(&format!("{} rmsnorm over {}", s.name, s.ffn), &gpu().download(&of2), &of1, F32_TOL);
+        // Its backward over those rows: 333 (not a multiple of 4) and 11,008 (over the 8,192 values
+        // a block holds in registers) take the kernel's loops, 1,536 its registers.
+        let (dyf, priorf) = (rnd(&mut rng, M * s.ffn, 1.0), rnd(&mut rng, M * s.ffn, 1.0));
+        for accumulate in [false, true] {
+            let mut d1 = if accumulate { priorf.clone() } else { vec![0.0; M * s.ffn] };
+            CPU.rmsnorm_backward(&xf, &wf, &rf1, &dyf, s.ffn, &mut d1, accumulate);
+            let mut d2 = if accumulate { gpu().upload(&priorf) } else { poisoned(M * s.ffn) };
+            let (gxf, gwf, grf, gdyf) = (gpu().upload(&xf), gpu().upload(&wf), gpu().upload(&rf1), gpu().upload(&dyf));
+            gpu().rmsnorm_backward(&gxf, &gwf, &grf, &gdyf, s.ffn, &mut d2, accumulate);
+            let label =
+                format!("{} rmsnorm backward over {}{}", s.name, s.ffn, if accumulate { ", accumulated" } else { "" });
+            check(&label, &gpu().download(&d2), &d1, F32_TOL);
+        }
         // add + rmsnorm in one kernel: against the CPU, and bit for bit against add then rmsnorm on
         // the GPU; hidden rows (all multiples of 4) and the ffn rows (333: the scalar path), and one row.
         for (dim, rows) in [(h, M), (s.ffn, M), (h, 1)] {

@@ -707,7 +707,10 @@ impl Backend for Cuda {
     ) {
         let _span = self.span("rmsnorm_backward");
         let m = x.len() / dim;
-        let cfg = LaunchConfig { grid_dim: (m as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        // A thread per NORM_BWD_VEC (kernels/norm.cu) float4s of the row, so the row sits in registers
+        // (4096 values: 512 threads); wider rows than 1,024 such threads take the kernel's loops.
+        let threads = dim.div_ceil(4 * NORM_BWD_VEC).next_multiple_of(32).clamp(64, 1024);
+        let cfg = LaunchConfig { grid_dim: (m as u32, 1, 1), block_dim: (threads as u32, 1, 1), shared_mem_bytes: 0 };
         let (dim32, accumulate32) = (dim as i32, accumulate as i32);
         launch!(self, "rmsnorm_backward_f32", cfg; x, w, rstd, dout, dx, &dim32, &accumulate32);
     }
@@ -1542,5 +1545,7 @@ fn norm_launch(rows: usize, dim: usize) -> LaunchConfig {
     let threads = dim.div_ceil(per_thread).next_multiple_of(32).clamp(floor, 1024);
     LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (threads as u32, 1, 1), shared_mem_bytes: 0 }
 }
+/// Float4s of a row per thread in `rmsnorm_backward_f32` (kernels/norm.cu `NORM_BWD_VEC`).
+const NORM_BWD_VEC: usize = 2;
 /// Below this many rows a norm's launch takes a thread per four values ([`norm_launch`]).
 const NORM_FEW_ROWS: usize = 64;

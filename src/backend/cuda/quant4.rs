@@ -10,7 +10,6 @@ use super::{grid_for, push_opt, Cuda, CudaWeight, DeviceAbsmax, NULL_PTR};
 use crate::backend::LoraDown;
 use crate::config::{ComputeDtype, QuantType};
 use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg};
-use half::{bf16, f16};
 
 /// Rows of `x` up to which a 4-bit linear reads the codes directly (kernels/nf4.cu, gemv_4bit_*).
 pub(super) const GEMV_MAX_M: usize = 8;
@@ -221,31 +220,23 @@ impl Cuda {
                 let name = format!("{kernel}_{}", $dtype);
                 let mut b = self.stream.launch_builder(self.f(&name));
                 self.push_4bit(&mut b, packed, absmax, *quant_type);
-                b.arg(&bs).arg(&n64).arg(&mut $out);
+                b.arg(&bs).arg(&n64).arg($out);
                 // SAFETY: the kernel reads `packed`/`absmax` within n and writes `out[..n]`.
                 ck!(unsafe { b.launch(cfg) }, name);
             }};
         }
-        match compute {
-            ComputeDtype::F32 => {
-                // SAFETY: the kernel writes all n values before anything reads them.
-                let mut out = ck!(unsafe { self.stream.alloc::<f32>(n) }, "alloc");
-                launch!("f32", out);
-                Operand::F32(out)
-            }
-            ComputeDtype::F16 => {
-                // SAFETY: the kernel writes all n values before anything reads them.
-                let mut out = ck!(unsafe { self.stream.alloc::<f16>(n) }, "alloc");
-                launch!("f16", out);
-                Operand::F16(out)
-            }
-            ComputeDtype::BF16 => {
-                // SAFETY: the kernel writes all n values before anything reads them.
-                let mut out = ck!(unsafe { self.stream.alloc::<bf16>(n) }, "alloc");
-                launch!("bf16", out);
-                Operand::BF16(out)
-            }
+        // Outputs from `scratch` / `alloc_16`: poisoned under `LLAMATUNE_POISON=1`, so a segment the
+        // kernel misses shows up in the tests.
+        let mut out = match compute {
+            ComputeDtype::F32 => Operand::F32(self.scratch(n)),
+            c => self.alloc_16(n, c),
+        };
+        match &mut out {
+            Operand::F32(o) => launch!("f32", o),
+            Operand::F16(o) => launch!("f16", o),
+            Operand::BF16(o) => launch!("bf16", o),
         }
+        out
     }
 
     /// A 4-bit weight `(rows, cols)` expanded into the first `cols` columns of a `(rows, ld)` matrix in
@@ -268,26 +259,21 @@ impl Cuda {
             ($name:expr, $out:expr) => {{
                 let mut b = self.stream.launch_builder(self.f($name));
                 self.push_4bit(&mut b, packed, absmax, *quant_type);
-                b.arg(&bs).arg(&n64).arg(&mut $out).arg(&c32).arg(&ld64);
+                b.arg(&bs).arg(&n64).arg($out).arg(&c32).arg(&ld64);
                 // SAFETY: the kernel reads `packed`/`absmax` within n and writes the first cols values
                 // of each of the rows rows of `out` (rows · ld values).
                 ck!(unsafe { b.launch(cfg) }, $name);
             }};
         }
-        // SAFETY (both allocations): the kernel writes the first cols columns; the caller writes the
-        // rest before any GEMM reads them.
-        Some(match compute {
-            ComputeDtype::BF16 => {
-                let mut out = ck!(unsafe { self.stream.alloc::<bf16>(rows * ld) }, "alloc");
-                launch!("dequant_4bit_seg_ld_bf16", out);
-                Operand::BF16(out)
-            }
-            _ => {
-                let mut out = ck!(unsafe { self.stream.alloc::<f16>(rows * ld) }, "alloc");
-                launch!("dequant_4bit_seg_ld_f16", out);
-                Operand::F16(out)
-            }
-        })
+        // The kernel writes the first cols columns; the caller writes the rest before any GEMM reads
+        // them (`alloc_16`: poisoned under `LLAMATUNE_POISON=1`).
+        let mut out = self.alloc_16(rows * ld, *compute);
+        match &mut out {
+            Operand::BF16(o) => launch!("dequant_4bit_seg_ld_bf16", o),
+            Operand::F16(o) => launch!("dequant_4bit_seg_ld_f16", o),
+            Operand::F32(_) => unreachable!("16-bit compute only"),
+        }
+        Some(out)
     }
 
     /// Expands 4-bit weights by whole 1,024-value segments where the sizes allow (`true`, the default;
