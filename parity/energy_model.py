@@ -12,27 +12,9 @@ and without the idle board's power (measured first) subtracted.
 """
 import argparse
 import json
-import statistics
 import time
 
 import nvml_energy
-
-
-def measure(nvml, torch, run_once, seconds):
-    """Calls run_once() (one launch or a few) until `seconds` have passed, synchronized at the end:
-    (calls, seconds, joules, median SM MHz)."""
-    run_once()
-    torch.cuda.synchronize()
-    clocks, calls = [], 0
-    j0, t0 = nvml.joules(), time.monotonic()
-    while time.monotonic() - t0 < seconds:
-        for _ in range(20):
-            run_once()
-        calls += 20
-        clocks.append(nvml.sm_mhz())
-        torch.cuda.synchronize()  # keeps the queue short, so the clock readings are current
-    torch.cuda.synchronize()
-    return calls, time.monotonic() - t0, nvml.joules() - j0, statistics.median(clocks) if clocks else 0
 
 
 def main():
@@ -65,12 +47,12 @@ def main():
     for m, n, k in [(8192, 8192, 8192), (2048, 4096, 4096), (2048, 11008, 4096)]:
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
         w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
-        calls, secs, joules, mhz = measure(nvml, torch, lambda: x @ w.t(), a.seconds)
+        calls, secs, joules, mhz = nvml_energy.measure(nvml, torch, lambda: x @ w.t(), a.seconds)
         report(f"bf16 GEMM {m}x{n}x{k}", calls, secs, joules, mhz, "TFLOP", 2 * m * n * k / 1e12)
         del x, w
     src = torch.empty(2**28, device="cuda", dtype=torch.float32).normal_()  # 1 GiB
     dst = torch.empty_like(src)
-    calls, secs, joules, mhz = measure(nvml, torch, lambda: dst.copy_(src), a.seconds)
+    calls, secs, joules, mhz = nvml_energy.measure(nvml, torch, lambda: dst.copy_(src), a.seconds)
     report("copy 1 GiB (read + write)", calls, secs, joules, mhz, "GB", 2 * src.numel() * 4 / 1e9)
     json.dump(dict(card=torch.cuda.get_device_name(0), rows=rows), open(a.out, "w"), indent=1)
 

@@ -16,8 +16,6 @@ torch itself loaded, else libcublasLt from the system.
 import argparse
 import ctypes
 import json
-import statistics
-import time
 
 import nvml_energy
 
@@ -117,44 +115,6 @@ class Lt:
                                            ctypes.c_size_t(WORKSPACE), ctypes.c_void_p(stream)), "matmul")
 
 
-def measure(nvml, torch, run_once, seconds):
-    """Runs run_once() back to back (the queue kept two batches deep, never drained) for about
-    `seconds`, the span aligned to the energy counter's updates at both ends (it moves about every
-    100 ms: a span of a few seconds between two reads at arbitrary times is off by up to 4%):
-    (calls, seconds, joules, median SM MHz) over whole counter intervals."""
-    from collections import deque
-
-    pending = deque()
-
-    def batch():
-        for _ in range(10):
-            run_once()
-        e = torch.cuda.Event()
-        e.record()
-        pending.append(e)
-        if len(pending) > 2:
-            pending.popleft().synchronize()
-
-    warm_until = time.monotonic() + 0.5  # the board at its steady power before the span starts
-    while time.monotonic() < warm_until:
-        batch()
-    j = nvml.joules()
-    while (j0 := nvml.joules()) == j:
-        batch()
-    t0, calls, clocks = time.monotonic(), 0, []
-    while time.monotonic() - t0 < seconds:
-        batch()
-        calls += 10
-        clocks.append(nvml.sm_mhz())
-    j = nvml.joules()
-    while (j1 := nvml.joules()) == j:
-        batch()
-        calls += 10
-    t1 = time.monotonic()
-    torch.cuda.synchronize()
-    return calls, t1 - t0, j1 - j0, statistics.median(clocks) if clocks else 0
-
-
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("out")
@@ -198,7 +158,7 @@ def main():
             run = lambda: lt.matmul(desc, w.data_ptr(), la, x.data_ptr(), lb, y.data_ptr(), lc, algo,
                                     ws.data_ptr(), stream)
             try:
-                calls, secs, joules, mhz = measure(nvml, torch, run, a.seconds)
+                calls, secs, joules, mhz = nvml_energy.measure(nvml, torch, run, a.seconds)
             except RuntimeError as e:
                 print(f"{label} algo {rank}: {e}")
                 continue
@@ -216,7 +176,7 @@ def main():
             run = lambda: torch.matmul(x, wt, out=y)
         else:
             run = lambda: torch.matmul(x, w, out=y)
-        calls, secs, joules, mhz = measure(nvml, torch, run, a.seconds)
+        calls, secs, joules, mhz = nvml_energy.measure(nvml, torch, run, a.seconds)
         tflop = calls * flop / 1e12
         rows.append({"case": label, "rank": "torch", "us_per_call": secs / calls * 1e6, "tflops": tflop / secs,
                      "joules_per_tflop": joules / tflop, "watts": joules / secs, "sm_mhz": mhz})

@@ -3,9 +3,13 @@ libnvidia-ml.so.1, which comes with the driver), and its SM clock. `llamatune be
 counter around its timed steps (src/backend/cuda/energy.rs); parity/side_by_side.py reads it around the
 Python stack's, so both stacks' joules per step are counted alike. Why: a step that draws the card to its
 power limit runs in its joules over that limit (docs/PERF.md, session 31). On the H200 the counter moves
-about every 100 ms, so a span of several steps is good to about one update (~70 J at 700 W).
+about every 100 ms, so a span of several steps is good to about one update (~70 J at 700 W); `measure`
+(parity/energy_model.py, parity/gemm_algo_energy.py) aligns its span to the updates instead.
 """
 import ctypes
+import statistics
+import time
+from collections import deque
 
 
 class Nvml:
@@ -41,3 +45,39 @@ def open_or_none(index=0):
         return nvml
     except (OSError, RuntimeError, AttributeError):
         return None
+
+
+def measure(nvml, torch, run_once, seconds):
+    """Runs run_once() back to back (the queue kept two batches deep, never drained) for about
+    `seconds`, the span aligned to the energy counter's updates at both ends (it moves about every
+    100 ms: a span of a few seconds between two reads at arbitrary times is off by up to 4%):
+    (calls, seconds, joules, median SM MHz) over whole counter intervals."""
+    pending = deque()
+
+    def batch():
+        for _ in range(10):
+            run_once()
+        e = torch.cuda.Event()
+        e.record()
+        pending.append(e)
+        if len(pending) > 2:
+            pending.popleft().synchronize()
+
+    warm_until = time.monotonic() + 0.5  # the board at its steady power before the span starts
+    while time.monotonic() < warm_until:
+        batch()
+    j = nvml.joules()
+    while (j0 := nvml.joules()) == j:
+        batch()
+    t0, calls, clocks = time.monotonic(), 0, []
+    while time.monotonic() - t0 < seconds:
+        batch()
+        calls += 10
+        clocks.append(nvml.sm_mhz())
+    j = nvml.joules()
+    while (j1 := nvml.joules()) == j:
+        batch()
+        calls += 10
+    t1 = time.monotonic()
+    torch.cuda.synchronize()
+    return calls, t1 - t0, j1 - j0, statistics.median(clocks) if clocks else 0
