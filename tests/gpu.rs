@@ -113,11 +113,11 @@ fn elementwise_norm_rope_swiglu() {
         // Its backward over those rows: 333 (not a multiple of 4) and 11,008 (over the 8,192 values
         // a block holds in registers) take the kernel's loops, 1,536 its registers.
         let (dyf, priorf) = (rnd(&mut rng, M * s.ffn, 1.0), rnd(&mut rng, M * s.ffn, 1.0));
+        let (gxf, gwf, grf, gdyf) = (gpu().upload(&xf), gpu().upload(&wf), gpu().upload(&rf1), gpu().upload(&dyf));
         for accumulate in [false, true] {
             let mut d1 = if accumulate { priorf.clone() } else { vec![0.0; M * s.ffn] };
             CPU.rmsnorm_backward(&xf, &wf, &rf1, &dyf, s.ffn, &mut d1, accumulate);
             let mut d2 = if accumulate { gpu().upload(&priorf) } else { poisoned(M * s.ffn) };
-            let (gxf, gwf, grf, gdyf) = (gpu().upload(&xf), gpu().upload(&wf), gpu().upload(&rf1), gpu().upload(&dyf));
             gpu().rmsnorm_backward(&gxf, &gwf, &grf, &gdyf, s.ffn, &mut d2, accumulate);
             let label =
                 format!("{} rmsnorm backward over {}{}", s.name, s.ffn, if accumulate { ", accumulated" } else { "" });
