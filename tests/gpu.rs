@@ -1304,11 +1304,15 @@ fn fused_4bit_matmul_matches_the_cpu_and_the_second_path() {
     }
 }
 
+/// The decoding GEMVs (kernels/nf4.cu `gemv_4bit_rows_*`) against the CPU at 1, 3 and 8 rows of x:
+/// each shape's projections, up to 4,099 rows of its head, and 6,000 rows, which at two rows per warp
+/// is more blocks than two per SM on the H100 and H200 (the 80-register kernel; 4,096 and 4,099 rows
+/// take the `_two_per_sm` one). Output poisoned.
 #[test]
 fn small_m_4bit_gemv_for_decoding() {
     let mut rng = rand::rngs::StdRng::seed_from_u64(15);
     for s in &SHAPES {
-        for (rows, cols) in [(s.ffn, s.hidden), (s.hidden, s.ffn), (s.vocab.min(4099), s.hidden)] {
+        for (rows, cols) in [(s.ffn, s.hidden), (s.hidden, s.ffn), (s.vocab.min(4099), s.hidden), (6000, s.hidden)] {
             let data = rnd(&mut rng, rows * cols, 0.05);
             for (qt, dq, c) in [
                 (QuantType::Nf4, false, ComputeDtype::BF16),

@@ -21,14 +21,18 @@ pub(super) const GEMV_ROWS_PER_WARP: usize = 4;
 pub(super) const GEMV_THREADS: usize = 256;
 
 /// The row-blocked GEMV kernels of kernels/nf4.cu, indexed by compute dtype (f32, f16, bf16): one row
-/// of x staged in shared memory, 4 then 2 output rows per warp; and up to 8 rows of x read through L1.
-pub(super) const GEMV_ONE_ROW: [&str; 6] = [
+/// of x staged in shared memory, 4 then 2 output rows per warp, then 2 rows per warp for launches of
+/// at most two blocks per SM (up to 128 registers); and up to 8 rows of x read through L1.
+pub(super) const GEMV_ONE_ROW: [&str; 9] = [
     "gemv_4bit_rows_f32_m1",
     "gemv_4bit_rows_f16_m1",
     "gemv_4bit_rows_bf16_m1",
     "gemv_4bit_rows_f32_m1_r2",
     "gemv_4bit_rows_f16_m1_r2",
     "gemv_4bit_rows_bf16_m1_r2",
+    "gemv_4bit_rows_f32_m1_r2_two_per_sm",
+    "gemv_4bit_rows_f16_m1_r2_two_per_sm",
+    "gemv_4bit_rows_bf16_m1_r2_two_per_sm",
 ];
 
 pub(super) const GEMV_FEW_ROWS: [&str; 3] =
@@ -299,14 +303,17 @@ impl Cuda {
             // Two rows per warp when four would leave most warp slots empty (fewer than 8192 rows:
             // the 4096-row projections of a 7B model give 1024 warps for 132 SMs × 24 slots).
             let two_rows = staged && *rows < 8192;
+            let warps = rows.div_ceil(if two_rows { 2 } else { GEMV_ROWS_PER_WARP });
+            let blocks = warps.div_ceil(GEMV_THREADS / 32);
             let kernel = match (staged, two_rows) {
                 (true, false) => GEMV_ONE_ROW[compute as usize],
+                // Where the launch leaves a third block per SM no work, its registers go to the two.
+                (true, true) if blocks <= 2 * self.sm_count => GEMV_ONE_ROW[6 + compute as usize],
                 (true, true) => GEMV_ONE_ROW[3 + compute as usize],
                 (false, _) => GEMV_FEW_ROWS[compute as usize],
             };
-            let warps = rows.div_ceil(if two_rows { 2 } else { GEMV_ROWS_PER_WARP });
             let cfg = LaunchConfig {
-                grid_dim: (warps.div_ceil(GEMV_THREADS / 32) as u32, 1, 1),
+                grid_dim: (blocks as u32, 1, 1),
                 block_dim: (GEMV_THREADS as u32, 1, 1),
                 shared_mem_bytes: if staged { x_smem as u32 } else { 0 },
             };
