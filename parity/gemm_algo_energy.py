@@ -141,6 +141,16 @@ def main():
              ("dgrad 11008x4096 (gate/up)", 0, 0, 11008, 4096)]
     print(f"cuBLASLt: {lt.path}; torch {torch.__version__}; {torch.cuda.get_device_name()}")
     rows = []
+
+    def record(label, rank, name, flop, calls, secs, joules, mhz, **extra):
+        """One measured kernel: its row (rate, joules per TFLOP, power, clock) kept and printed."""
+        tflop = calls * flop / 1e12
+        row = {"case": label, "rank": rank, **extra, "us_per_call": secs / calls * 1e6, "tflops": tflop / secs,
+               "joules_per_tflop": joules / tflop, "watts": joules / secs, "sm_mhz": mhz}
+        rows.append(row)
+        print(f"{label:<28} {name}: {row['us_per_call']:7.1f} us, {row['tflops']:6.1f} TFLOP/s, "
+              f"{row['joules_per_tflop']:.3f} J/TFLOP, {row['watts']:5.0f} W, {mhz:.0f} MHz", flush=True)
+
     for label, ta, tb, n_out, k_in in cases:
         w = (torch.randn(n_out, k_in, device=dev) * 0.02).to(torch.bfloat16)
         if ta:  # forward: X (M, K) in, Y (M, N) out
@@ -158,30 +168,19 @@ def main():
             run = lambda: lt.matmul(desc, w.data_ptr(), la, x.data_ptr(), lb, y.data_ptr(), lc, algo,
                                     ws.data_ptr(), stream)
             try:
-                calls, secs, joules, mhz = nvml_energy.measure(nvml, torch, run, a.seconds)
+                measured = nvml_energy.measure(nvml, torch, run, a.seconds)
             except RuntimeError as e:
                 print(f"{label} algo {rank}: {e}")
                 continue
-            tflop = calls * flop / 1e12
-            row = {"case": label, "rank": rank, "config": lt.config(algo), "waves": h.waves,
-                   "us_per_call": secs / calls * 1e6, "tflops": tflop / secs, "joules_per_tflop": joules / tflop,
-                   "watts": joules / secs, "sm_mhz": mhz}
-            rows.append(row)
-            print(f"{label:<28} algo {rank} {row['config']}: {row['us_per_call']:7.1f} us, "
-                  f"{row['tflops']:6.1f} TFLOP/s, {row['joules_per_tflop']:.3f} J/TFLOP, {row['watts']:5.0f} W, "
-                  f"{mhz:.0f} MHz", flush=True)
+            config = lt.config(algo)
+            record(label, rank, f"algo {rank} {config}", flop, *measured, config=config, waves=h.waves)
         # torch's own choice, the rival every row is read against.
         wt = w.t()
         if ta:
             run = lambda: torch.matmul(x, wt, out=y)
         else:
             run = lambda: torch.matmul(x, w, out=y)
-        calls, secs, joules, mhz = nvml_energy.measure(nvml, torch, run, a.seconds)
-        tflop = calls * flop / 1e12
-        rows.append({"case": label, "rank": "torch", "us_per_call": secs / calls * 1e6, "tflops": tflop / secs,
-                     "joules_per_tflop": joules / tflop, "watts": joules / secs, "sm_mhz": mhz})
-        print(f"{label:<28} torch.matmul: {secs / calls * 1e6:7.1f} us, {tflop / secs:6.1f} TFLOP/s, "
-              f"{joules / tflop:.3f} J/TFLOP, {joules / secs:5.0f} W, {mhz:.0f} MHz", flush=True)
+        record(label, "torch", "torch.matmul", flop, *nvml_energy.measure(nvml, torch, run, a.seconds))
     json.dump({"card": torch.cuda.get_device_name(), "rows": rows}, open(a.out, "w"), indent=1)
 
 
