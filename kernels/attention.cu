@@ -44,62 +44,71 @@ __device__ __forceinline__ float dot_row(const float* r, const float* src, int d
 #define MAKE_GEOM Geom g{batch, q_len, kv_len, kv_cap, heads, kv_heads, head_dim, q_offset}
 
 #define SPLIT_WARPS 8
-#define KEY_GROUP 4
 
-// q, out (batch, q_len, heads, d); k, v (batch, kv_cap, kv_heads, d); lse (batch, heads, q_len).
-// One block of SPLIT_WARPS warps per (b, h, t); warp w takes keys w, w + SPLIT_WARPS, … . With `pos`
-// (decoding a recorded step) the geometry's q_offset is pos[0] and kv_len is pos[0] + q_len, read on
-// the device, so the same launch serves every position.
-extern "C" __global__ void __launch_bounds__(SPLIT_WARPS * WARP) attention_fwd_f32(const float* q, const float* k, const float* v, const uint32_t* seg, const float* pos, float* out, float* lse, GEOM_ARGS) {
-    grid_dependency_wait();
-    if (pos) {
-        q_offset = (int)pos[0];
-        kv_len = q_offset + q_len;
-    }
-    MAKE_GEOM;
-    __shared__ float part_m[SPLIT_WARPS], part_l[SPLIT_WARPS];
-    __shared__ float part_acc[SPLIT_WARPS][MAX_PER_LANE * WARP];
-    const int64_t row = blockIdx.x;  // (b, h, t)
-    const int t = row % q_len, h = (row / q_len) % heads, b = row / ((int64_t)q_len * heads);
-    const int grp = h / (heads / kv_heads), d = head_dim, lane = threadIdx.x % WARP, wid = threadIdx.x / WARP;
+// The warps' states for the merge, declared once by the entry point (a `__shared__` array inside the
+// template would be allocated once per instantiation: 4 × 8 KB of static shared memory per block).
+struct SplitSmem {
+    float m[SPLIT_WARPS], l[SPLIT_WARPS];
+    float acc[SPLIT_WARPS][MAX_PER_LANE * WARP];
+};
+
+// One query row (b, h, t) = blockIdx.x. PL = d/32 rounded up to a power of two (values per lane);
+// each warp loads KG = 32/PL keys' K and V rows before using any (64 registers of them; 8 keys at
+// head dim 128, so a decoding context of up to 64 keys is one load round: 4 keys a round took ~2.5%
+// more of decoding, session 34/35). Nothing is requested before the grid wait (session 34: early
+// requests slow the previous kernel's last blocks more than they hide).
+// Warp w takes keys w, w + SPLIT_WARPS, … and folds them into its online softmax in that order one
+// at a time whatever KG is, so the values do not depend on KG, bit for bit.
+template <int PL>
+__device__ __forceinline__ void attention_fwd_row(SplitSmem& sm, const float* q, const float* k, const float* v, const uint32_t* seg, float* out, float* lse, const Geom g) {
+    constexpr int KG = 32 / PL;
+    const int64_t row = blockIdx.x;
+    const int t = row % g.q_len, h = (row / g.q_len) % g.heads, b = row / ((int64_t)g.q_len * g.heads);
+    const int grp = h / (g.heads / g.kv_heads), d = g.head_dim, lane = threadIdx.x % WARP, wid = threadIdx.x / WARP;
     const float scale = rsqrtf((float)d);
-    float qr[MAX_PER_LANE], acc[MAX_PER_LANE];
-    load_row(qr, q + (((int64_t)b * q_len + t) * heads + h) * d, d);
+    float qr[PL], acc[PL];
+    const float* qrow = q + (((int64_t)b * g.q_len + t) * g.heads + h) * d;
 #pragma unroll
-    for (int i = 0; i < MAX_PER_LANE; i++) acc[i] = 0.f;
+    for (int i = 0; i < PL; i++) {
+        const int j = lane + i * WARP;
+        qr[i] = j < d ? qrow[j] : 0.f;
+        acc[i] = 0.f;
+    }
     float m = -INFINITY, l = 0.f;
-    const int last = min(q_offset + t, kv_len - 1);
-    // Warp w takes keys w, w + SPLIT_WARPS, … in that order, KEY_GROUP of them at a time with their K
-    // and V rows loaded before any is used: one key per iteration left each warp one load round per
-    // key (decoding a long context: ~10 µs per layer). The keys and their order are a warp's alone,
-    // as before the grouping, so the values are those of one key at a time, bit for bit.
-    for (int s0 = wid; s0 <= last; s0 += SPLIT_WARPS * KEY_GROUP) {
-        float kr[KEY_GROUP][MAX_PER_LANE], vr[KEY_GROUP][MAX_PER_LANE];
-        bool ok[KEY_GROUP];
+    const int last = min(g.q_offset + t, g.kv_len - 1);
+    for (int s0 = wid; s0 <= last; s0 += SPLIT_WARPS * KG) {
+        float kr[KG][PL], vr[KG][PL];  // key s0 + u·SPLIT_WARPS's rows (zeros for a key not taken)
+        bool ok[KG];
 #pragma unroll
-        for (int u = 0; u < KEY_GROUP; u++) {
+        for (int u = 0; u < KG; u++) {
             const int s = s0 + u * SPLIT_WARPS;
             ok[u] = s <= last && visible(g, seg, b, t, s);
-            const int64_t ki = (((int64_t)b * kv_cap + (ok[u] ? s : 0)) * kv_heads + grp) * d;
+            const int64_t ki = (((int64_t)b * g.kv_cap + (ok[u] ? s : 0)) * g.kv_heads + grp) * d;
 #pragma unroll
-            for (int i = 0; i < MAX_PER_LANE; i++) {
+            for (int i = 0; i < PL; i++) {
                 const int j = lane + i * WARP;
                 kr[u][i] = ok[u] && j < d ? k[ki + j] : 0.f;
                 vr[u][i] = ok[u] && j < d ? v[ki + j] : 0.f;
             }
         }
+        // The KG scores first, their warp sums independent of each other (one key's shuffle chain
+        // after another's was each warp's critical path), then the softmax updates in key order.
+        float sc[KG];
 #pragma unroll
-        for (int u = 0; u < KEY_GROUP; u++) {
-            if (!ok[u]) continue;
+        for (int u = 0; u < KG; u++) {
             float dot = 0.f;
 #pragma unroll
-            for (int i = 0; i < MAX_PER_LANE; i++)
+            for (int i = 0; i < PL; i++)
                 if (lane + i * WARP < d) dot += qr[i] * kr[u][i];
-            const float sc = warp_sum(dot) * scale;
-            const float mn = fmaxf(m, sc), corr = expf(m - mn), p = expf(sc - mn);
+            sc[u] = warp_sum(dot) * scale;
+        }
+#pragma unroll
+        for (int u = 0; u < KG; u++) {
+            if (!ok[u]) continue;
+            const float mn = fmaxf(m, sc[u]), corr = expf(m - mn), p = expf(sc[u] - mn);
             l = l * corr + p;
 #pragma unroll
-            for (int i = 0; i < MAX_PER_LANE; i++) {
+            for (int i = 0; i < PL; i++) {
                 const int j = lane + i * WARP;
                 acc[i] = acc[i] * corr + (j < d ? p * vr[u][i] : 0.f);
             }
@@ -107,22 +116,40 @@ extern "C" __global__ void __launch_bounds__(SPLIT_WARPS * WARP) attention_fwd_f
         }
     }
     // Merge the warps' states: M = max m_w, L = Σ l_w e^(m_w − M), out = Σ acc_w e^(m_w − M) / L.
-    if (lane == 0) part_m[wid] = m, part_l[wid] = l;
+    if (lane == 0) sm.m[wid] = m, sm.l[wid] = l;
 #pragma unroll
-    for (int i = 0; i < MAX_PER_LANE; i++) part_acc[wid][lane + i * WARP] = acc[i];
+    for (int i = 0; i < PL; i++) sm.acc[wid][lane + i * WARP] = acc[i];
     __syncthreads();
     float M = -INFINITY;
-    for (int w = 0; w < SPLIT_WARPS; w++) M = fmaxf(M, part_m[w]);
+    for (int w = 0; w < SPLIT_WARPS; w++) M = fmaxf(M, sm.m[w]);
     float L = 0.f;
-    for (int w = 0; w < SPLIT_WARPS; w++) L += part_l[w] > 0.f ? part_l[w] * expf(part_m[w] - M) : 0.f;
-    float* o = out + (((int64_t)b * q_len + t) * heads + h) * d;
+    for (int w = 0; w < SPLIT_WARPS; w++) L += sm.l[w] > 0.f ? sm.l[w] * expf(sm.m[w] - M) : 0.f;
+    float* o = out + (((int64_t)b * g.q_len + t) * g.heads + h) * d;
     for (int j = threadIdx.x; j < d; j += blockDim.x) {
         float sum = 0.f;
         for (int w = 0; w < SPLIT_WARPS; w++)
-            if (part_l[w] > 0.f) sum += part_acc[w][j] * expf(part_m[w] - M);
+            if (sm.l[w] > 0.f) sum += sm.acc[w][j] * expf(sm.m[w] - M);
         o[j] = L > 0.f ? sum / L : 0.f;
     }
-    if (threadIdx.x == 0) lse[((int64_t)b * heads + h) * q_len + t] = L > 0.f ? M + logf(L) : -INFINITY;
+    if (threadIdx.x == 0) lse[((int64_t)b * g.heads + h) * g.q_len + t] = L > 0.f ? M + logf(L) : -INFINITY;
+}
+
+// q, out (batch, q_len, heads, d); k, v (batch, kv_cap, kv_heads, d); lse (batch, heads, q_len).
+// One block of SPLIT_WARPS warps per (b, h, t), warp w taking keys w, w + SPLIT_WARPS, … . With `pos`
+// (decoding a recorded step) the geometry's q_offset is pos[0] and kv_len is pos[0] + q_len, read on
+// the device, so the same launch serves every position.
+extern "C" __global__ void __launch_bounds__(SPLIT_WARPS * WARP, 1) attention_fwd_f32(const float* q, const float* k, const float* v, const uint32_t* seg, const float* pos, float* out, float* lse, GEOM_ARGS) {
+    grid_dependency_wait();
+    if (pos) {
+        q_offset = (int)pos[0];
+        kv_len = q_offset + q_len;
+    }
+    MAKE_GEOM;
+    __shared__ SplitSmem sm;
+    if (head_dim <= 32) attention_fwd_row<1>(sm, q, k, v, seg, out, lse, g);
+    else if (head_dim <= 64) attention_fwd_row<2>(sm, q, k, v, seg, out, lse, g);
+    else if (head_dim <= 128) attention_fwd_row<4>(sm, q, k, v, seg, out, lse, g);
+    else attention_fwd_row<8>(sm, q, k, v, seg, out, lse, g);
 }
 
 // dq, and delta = rowsum(dout ⊙ out) for the dk/dv kernel. One warp per query row.
