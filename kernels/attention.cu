@@ -54,9 +54,11 @@ struct SplitSmem {
 
 // One query row (b, h, t) = blockIdx.x. PL = d/32 rounded up to a power of two (values per lane);
 // each warp loads KG = 32/PL keys' K and V rows before using any (64 registers of them; 8 keys at
-// head dim 128, so a decoding context of up to 64 keys is one load round: 4 keys a round took ~2.5%
-// more of decoding, session 34/35). Nothing is requested before the grid wait (session 34: early
-// requests slow the previous kernel's last blocks more than they hide).
+// head dim 128, so a decoding context of up to 64 keys is one load round), then forms their KG scores
+// before folding any into its softmax (with both, decoding +1.6% against 4 keys a round one at a time,
+// session 35). 157 registers, so one block per SM (decoding launches one block per head). Nothing is
+// requested before the grid wait (session 34: early requests slow the previous kernel's last blocks
+// more than they hide).
 // Warp w takes keys w, w + SPLIT_WARPS, … and folds them into its online softmax in that order one
 // at a time whatever KG is, so the values do not depend on KG, bit for bit.
 template <int PL>
