@@ -21,10 +21,12 @@ __device__ __forceinline__ bool visible(const Geom& g, const uint32_t* seg, int 
     return qs != 0 && seg[(int64_t)b * g.kv_cap + s] == qs;
 }
 
-__device__ __forceinline__ void load_row(float* r, const float* src, int d) {
+// r: a lane's N values of a row of d (N·32 ≥ d), zeros past d.
+template <int N>
+__device__ __forceinline__ void load_row(float (&r)[N], const float* src, int d) {
     const int lane = threadIdx.x % WARP;
 #pragma unroll
-    for (int i = 0; i < MAX_PER_LANE; i++) {
+    for (int i = 0; i < N; i++) {
         const int j = lane + i * WARP;
         r[i] = j < d ? src[j] : 0.f;
     }
@@ -69,13 +71,9 @@ __device__ __forceinline__ void attention_fwd_row(SplitSmem& sm, const float* q,
     const int grp = h / (g.heads / g.kv_heads), d = g.head_dim, lane = threadIdx.x % WARP, wid = threadIdx.x / WARP;
     const float scale = rsqrtf((float)d);
     float qr[PL], acc[PL];
-    const float* qrow = q + (((int64_t)b * g.q_len + t) * g.heads + h) * d;
+    load_row(qr, q + (((int64_t)b * g.q_len + t) * g.heads + h) * d, d);
 #pragma unroll
-    for (int i = 0; i < PL; i++) {
-        const int j = lane + i * WARP;
-        qr[i] = j < d ? qrow[j] : 0.f;
-        acc[i] = 0.f;
-    }
+    for (int i = 0; i < PL; i++) acc[i] = 0.f;
     float m = -INFINITY, l = 0.f;
     const int last = min(g.q_offset + t, g.kv_len - 1);
     for (int s0 = wid; s0 <= last; s0 += SPLIT_WARPS * KG) {
