@@ -54,10 +54,12 @@ ROPE_TO_BF16(rope_bf16_from_f16, __half)
 // Backend::rope_into_cache's default (rope, rope, kv_write, kv_write).
 // q, q_out (m, heads, head_dim); k, v (m, kv_heads, head_dim); caches (capacity, kv_heads, head_dim)
 extern "C" __global__ void rope_cache_f32(const float* q, const float* k, const float* v, const float* cos_t, const float* sin_t, float* q_out, float* k_cache, float* v_cache, const float* pos, int m, int heads, int kv_heads, int head_dim) {
+    // pos is copied from the host before the step (no kernel writes it): read before the wait, so
+    // its load overlaps the previous kernel's tail instead of preceding the cache stores.
+    const int64_t cache_off = (int64_t)pos[0] * kv_heads * head_dim;
     grid_dependency_wait();
     const int half = head_dim / 2;
     const int64_t q_pairs = (int64_t)m * heads * half, k_pairs = (int64_t)m * kv_heads * half, v_values = (int64_t)m * kv_heads * head_dim;
-    const int64_t cache_off = (int64_t)pos[0] * kv_heads * head_dim;
     FOR_EACH(i, q_pairs + k_pairs + v_values) {
         if (i < q_pairs)
             rotate_pair(q, cos_t, sin_t, q_out, 0, i, heads, head_dim, false);
