@@ -115,6 +115,7 @@ __device__ __forceinline__ void attention_fwd_row(SplitSmem& sm, const float* q,
             m = mn;
         }
     }
+    allow_dependent_launch();  // every K/V row is loaded; what is left is the merge and one row's stores
     // Merge the warps' states: M = max m_w, L = Σ l_w e^(m_w − M), out = Σ acc_w e^(m_w − M) / L.
     if (lane == 0) sm.m[wid] = m, sm.l[wid] = l;
 #pragma unroll

@@ -19,6 +19,18 @@ __device__ __forceinline__ void grid_dependency_wait() {
 #endif
 }
 
+// The other half of PDL: lets the kernel after this one in decoding's graph launch once every block
+// of this one has called it (or exited), instead of once every block has exited, so its blocks are
+// placed and issue their weight loads while this one's last blocks finish their reductions and
+// stores. Called after a kernel's last large load is issued; the next kernel's
+// grid_dependency_wait() still waits for this one to complete, so this changes no value. Without
+// programmatic dependents (training, eager launches) it does nothing.
+__device__ __forceinline__ void allow_dependent_launch() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
 // Sum over a warp (T: float, or double for the f64 accumulations); every lane gets it.
 template <typename T>
 __device__ __forceinline__ T warp_sum(T v) {

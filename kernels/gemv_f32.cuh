@@ -42,6 +42,7 @@ __device__ __forceinline__ void store_dot(float* y, int64_t idx, float s, float 
 __device__ __forceinline__ void gemv_f32_long_row(const float* w, const float* x, float* y, int m, int rows, int cols, float alpha, int accumulate, int row) {
     float acc[SMALL_M];
     partial_dots(w + (int64_t)row * cols, x, m, cols, threadIdx.x, blockDim.x, acc);
+    allow_dependent_launch();
 #pragma unroll
     for (int j = 0; j < SMALL_M; j++) {
         if (j >= m) break;  // the same j for every thread: block_sum's barriers stay uniform

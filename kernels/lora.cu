@@ -23,6 +23,7 @@ __device__ __forceinline__ void gemv_f32_row(const float* w, const float* x, flo
     const int row = warp * (WARP / group) + lane / group, first = lane % group;
     float acc[SMALL_M];
     partial_dots(w + (int64_t)min(row, rows - 1) * cols, x, m, cols, first, group, acc);
+    allow_dependent_launch();
 #pragma unroll
     for (int j = 0; j < SMALL_M; j++) {
         float s = acc[j];

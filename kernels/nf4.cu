@@ -237,6 +237,7 @@ __device__ void gemv_rows(const uint8_t* packed, const float* absmax, const uint
 #pragma unroll
         for (int r = 0; r < GEMV_ROWS; r++) cur[r] = nxt[r], a_cur[r] = a_nxt[r];
     }
+    allow_dependent_launch();  // what is left is the warp sums and one store per row
     if constexpr (PAIR) {
 #pragma unroll
         for (int r = 0; r < OWN; r++) {

@@ -38,6 +38,7 @@ __device__ __forceinline__ void norm_row(const float* a, const TB* b, const floa
                 }
             }
         }
+        allow_dependent_launch();  // the row is loaded; what is left is one block sum and the stores
 #pragma unroll
         for (int i = 0; i < NORM_VEC; i++) {
             const int j = threadIdx.x + i * blockDim.x;

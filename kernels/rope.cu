@@ -58,6 +58,7 @@ extern "C" __global__ void rope_cache_f32(const float* q, const float* k, const 
     // its load overlaps the previous kernel's tail instead of preceding the cache stores.
     const int64_t cache_off = (int64_t)pos[0] * kv_heads * head_dim;
     grid_dependency_wait();
+    allow_dependent_launch();  // a few µs of loads and stores in all: the attention may be placed now
     const int half = head_dim / 2;
     const int64_t q_pairs = (int64_t)m * heads * half, k_pairs = (int64_t)m * kv_heads * half, v_values = (int64_t)m * kv_heads * head_dim;
     FOR_EACH(i, q_pairs + k_pairs + v_values) {
