@@ -115,7 +115,6 @@ __device__ __forceinline__ void attention_fwd_row(SplitSmem& sm, const float* q,
             m = mn;
         }
     }
-    allow_dependent_launch();  // every K/V row is loaded; what is left is the merge and one row's stores
     // Merge the warps' states: M = max m_w, L = Σ l_w e^(m_w − M), out = Σ acc_w e^(m_w − M) / L.
     if (lane == 0) sm.m[wid] = m, sm.l[wid] = l;
 #pragma unroll
@@ -147,6 +146,7 @@ extern "C" __global__ void __launch_bounds__(SPLIT_WARPS * WARP, 1) attention_fw
         kv_len = q_offset + q_len;
     }
     grid_dependency_wait();
+    allow_dependent_launch();
     MAKE_GEOM;
     __shared__ SplitSmem sm;
     if (head_dim <= 32) attention_fwd_row<1>(sm, q, k, v, seg, out, lse, g);

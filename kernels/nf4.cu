@@ -182,6 +182,7 @@ __device__ void gemv_rows(const uint8_t* packed, const float* absmax, const uint
     load_lut(lut, code16);
     // Everything above reads only the weight and the code tables; x is the previous kernel's output.
     grid_dependency_wait();
+    allow_dependent_launch();
     if (SX) {
         // Four independent 16-byte loads per thread in flight, then the rounded stores.
         const float4* x4 = reinterpret_cast<const float4*>(x);
@@ -237,7 +238,6 @@ __device__ void gemv_rows(const uint8_t* packed, const float* absmax, const uint
 #pragma unroll
         for (int r = 0; r < GEMV_ROWS; r++) cur[r] = nxt[r], a_cur[r] = a_nxt[r];
     }
-    allow_dependent_launch();  // what is left is the warp sums and one store per row
     if constexpr (PAIR) {
 #pragma unroll
         for (int r = 0; r < OWN; r++) {

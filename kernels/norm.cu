@@ -38,7 +38,6 @@ __device__ __forceinline__ void norm_row(const float* a, const TB* b, const floa
                 }
             }
         }
-        allow_dependent_launch();  // the row is loaded; what is left is one block sum and the stores
 #pragma unroll
         for (int i = 0; i < NORM_VEC; i++) {
             const int j = threadIdx.x + i * blockDim.x;
@@ -84,6 +83,7 @@ extern "C" __global__ void __launch_bounds__(1024) rmsnorm_f32(const float* x, c
 #define ADD_RMSNORM(name, TB, TO)                                                                                              \
     extern "C" __global__ void __launch_bounds__(1024) name(const float* a, const TB* b, const float* w, float* sum, TO* out, float* rstd, int dim, float eps) { \
         grid_dependency_wait();                                                                                                  \
+        allow_dependent_launch(); \
         norm_row<true, TB, TO>(a, b, w, sum, out, rstd, dim, eps);                                                               \
     }
 ADD_RMSNORM(add_rmsnorm_f32, float, float)
