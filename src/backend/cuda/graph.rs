@@ -7,8 +7,8 @@
 //! kernel launch before the previous one's completion is signalled ([`Pdl`]); each of our kernels
 //! calls `grid_dependency_wait()` (kernels/common.cuh) before it touches data an earlier kernel
 //! wrote or reads, and the GEMVs issue their first weight loads before that wait; decoding's
-//! kernels call `allow_dependent_launch()` after their last large load, so the next kernel's
-//! blocks are placed and issue those weight loads during this one's reductions and stores.
+//! kernels call `allow_dependent_launch()` right after that wait, so the next kernel's blocks are
+//! placed and issue those weight loads while this one runs.
 //! tests/kernel_sources.rs checks that every kernel waits. Edges to or from anything else (cuBLAS,
 //! copies, memsets) stay full dependencies. The driver edits no edge of a graph that holds
 //! allocation or free nodes, so the recorded step allocates nothing (`tape::BufPool`,
@@ -32,10 +32,10 @@ pub enum Pdl {
     /// `0` / `off`: after the previous kernel has finished (a plain graph edge).
     Off,
     /// `exit`, the default: once every block of the previous kernel has triggered
-    /// (`allow_dependent_launch`, kernels/common.cuh: decoding's kernels call it after their last
-    /// large load) or exited, before its completion is signalled and its memory flushed. The
-    /// triggers gave +6.9% decoding against exit alone (H200, session 36: 386.3 against 361.5
-    /// tokens/s, four alternating rounds).
+    /// (`allow_dependent_launch`, kernels/common.cuh: decoding's kernels call it right after their
+    /// grid wait) or exited, before its completion is signalled and its memory flushed. Triggers
+    /// after each kernel's last large load gave +6.9% decoding against exit alone, right after the
+    /// wait +1.9% more (H200, session 36, four alternating rounds each).
     AtExit,
     /// `launch`: once every block of the previous kernel has started, so the next kernel's blocks
     /// are placed and issue their weight loads while it runs (they then hold SM slots waiting).
