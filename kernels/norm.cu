@@ -83,7 +83,7 @@ extern "C" __global__ void __launch_bounds__(1024) rmsnorm_f32(const float* x, c
 #define ADD_RMSNORM(name, TB, TO)                                                                                              \
     extern "C" __global__ void __launch_bounds__(1024) name(const float* a, const TB* b, const float* w, float* sum, TO* out, float* rstd, int dim, float eps) { \
         grid_dependency_wait();                                                                                                  \
-        allow_dependent_launch(); \
+        allow_dependent_launch();                                                                                                \
         norm_row<true, TB, TO>(a, b, w, sum, out, rstd, dim, eps);                                                               \
     }
 ADD_RMSNORM(add_rmsnorm_f32, float, float)
