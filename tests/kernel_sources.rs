@@ -38,6 +38,23 @@ fn before_first_return(body: &str) -> &str {
     body.find("return").map_or(body, |i| &body[..i])
 }
 
+/// The body of the function or macro `name` defined in `sources`: the first `name(` after a space
+/// on a line that declares a function (`void`) or a macro (`#define`).
+fn definition<'a>(sources: &'a [(String, String)], name: &str) -> &'a str {
+    sources
+        .iter()
+        .find_map(|(_, src)| {
+            src.match_indices(&format!(" {name}("))
+                .map(|(at, _)| at)
+                .find(|&at| {
+                    let line = &src[src[..at].rfind('\n').map_or(0, |i| i + 1)..=at];
+                    line.contains("void ") || line.starts_with("#define")
+                })
+                .map(|at| body_after(src, at))
+        })
+        .unwrap_or_else(|| panic!("no definition of {name} in kernels/"))
+}
+
 fn sources() -> Vec<(String, String)> {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("kernels");
     let mut files: Vec<_> = fs::read_dir(&dir)
@@ -80,13 +97,7 @@ fn every_kernel_waits_for_its_inputs_before_using_them() {
 fn the_waiting_helpers_wait() {
     let sources = sources();
     for helper in WAITING_HELPERS {
-        let def = sources.iter().find_map(|(_, src)| {
-            src.match_indices("__device__")
-                .map(|(at, _)| at)
-                .find(|&at| src[at..].split('(').next().is_some_and(|head| head.trim_end().ends_with(helper)))
-                .map(|at| body_after(src, at))
-        });
-        let body = def.unwrap_or_else(|| panic!("no __device__ definition of {helper}"));
+        let body = definition(&sources, helper);
         let waits = body.contains("grid_dependency_wait()")
             || WAITING_HELPERS.iter().any(|h| h != helper && body.contains(&format!("{h}<")));
         assert!(waits, "{helper} does not call grid_dependency_wait()");
@@ -105,19 +116,7 @@ const TRIGGERING: &[&str] =
 fn decoding_kernels_let_the_next_kernel_launch_early() {
     let sources = sources();
     for name in TRIGGERING {
-        let body = sources
-            .iter()
-            .find_map(|(_, src)| {
-                // The definition: `name(` after a space, on a line that declares a function or a macro.
-                src.match_indices(&format!(" {name}("))
-                    .map(|(at, _)| at)
-                    .find(|&at| {
-                        let line = &src[src[..at].rfind('\n').map_or(0, |i| i + 1)..=at];
-                        line.contains("void ") || line.starts_with("#define")
-                    })
-                    .map(|at| body_after(src, at))
-            })
-            .unwrap_or_else(|| panic!("no definition of {name} in kernels/"));
+        let body = definition(&sources, name);
         assert!(body.contains("allow_dependent_launch()"), "{name} no longer calls allow_dependent_launch()");
     }
 }
