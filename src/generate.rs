@@ -4,7 +4,7 @@
 
 use crate::backend::Backend;
 use crate::error::Result;
-use crate::model::llama::{decode_step, KvCache, Llama};
+use crate::model::llama::{decode_step, decode_step_argmax, KvCache, Llama};
 use crate::model::lora::Lora;
 use crate::tokenizer::Tokenizer;
 use rand::{Rng, SeedableRng};
@@ -180,9 +180,8 @@ pub fn generate<B: Backend>(
     if prompt.len() >= max_total {
         return Ok(Generated { tokens, text, stop: StopReason::MaxLength });
     }
-    let mut logits = decode_step(be, model, lora, &mut cache, prompt)?;
+    let mut next = next_token(be, model, lora, &mut cache, prompt, &history, cfg, &mut rng)?;
     loop {
-        let next = sample_next(&mut logits, &history, cfg, &mut rng);
         tokens.push(next);
         history.push(next);
         let is_eos = cfg.eos_token_ids.contains(&next);
@@ -209,8 +208,29 @@ pub fn generate<B: Backend>(
         if history.len() >= max_total {
             return Ok(Generated { tokens, text, stop: StopReason::MaxLength });
         }
-        logits = decode_step(be, model, lora, &mut cache, &[next])?;
+        next = next_token(be, model, lora, &mut cache, &[next], &history, cfg, &mut rng)?;
     }
+}
+
+/// Runs `tokens` through the model and chooses the token after them ([`sample_next`], given the
+/// `history` so far). Greedy decoding without a repetition penalty only needs the largest logit's
+/// index, which the backend finds where the logits are ([`decode_step_argmax`]; the same token).
+#[allow(clippy::too_many_arguments)]
+fn next_token<B: Backend>(
+    be: &B,
+    model: &Llama<B>,
+    lora: Option<&Lora<B>>,
+    cache: &mut KvCache<B>,
+    tokens: &[u32],
+    history: &[u32],
+    cfg: &GenerationConfig,
+    rng: &mut impl Rng,
+) -> Result<u32> {
+    if !cfg.do_sample && cfg.repetition_penalty == 1.0 {
+        return decode_step_argmax(be, model, lora, cache, tokens);
+    }
+    let mut logits = decode_step(be, model, lora, cache, tokens)?;
+    Ok(sample_next(&mut logits, history, cfg, rng))
 }
 
 #[cfg(test)]

@@ -2381,6 +2381,31 @@ fn uniform_noise_matches_the_cpu() {
     }
 }
 
+/// Greedy decoding's argmax on the device (`argmax_f32`, `Backend::argmax`) picks the token that
+/// `generate::argmax` picks from the downloaded logits: the first of equal largest values, a NaN
+/// passed over (and x[0] kept when it is NaN), at the vocabularies' sizes and odd ones.
+#[test]
+fn argmax_on_the_device_picks_the_hosts_token() {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(43);
+    for n in [1, 31, 1025, 32000, 100_003, 128_256] {
+        let mut ties = rnd(&mut rng, n, 1.0);
+        for k in [n - 1, n / 2, n / 3] {
+            ties[k] = 10.0;
+        }
+        let mut non_finite = rnd(&mut rng, n, 1.0);
+        non_finite[n / 2] = f32::NAN;
+        non_finite[n - 1] = f32::INFINITY;
+        let mut nan_first = rnd(&mut rng, n, 1.0);
+        nan_first[0] = f32::NAN;
+        let cases = [rnd(&mut rng, n, 4.0), ties, non_finite, nan_first, vec![f32::NEG_INFINITY; n]];
+        for (c, x) in cases.iter().enumerate() {
+            let want = llamatune::generate::argmax(x);
+            assert_eq!(gpu().argmax(&gpu().upload(x)), want, "n={n}, case {c}");
+        }
+    }
+    println!("argmax: the host's token in every case");
+}
+
 /// A checkpointed layer's replay keeps its 4-bit weights' expansions for the layer's input gradients
 /// (`Backend::keep_weight_expansions`): the step equals the one that expands every weight again (the
 /// tolerance only covers the attention backward's atomic adds), each replayed layer's six expanded

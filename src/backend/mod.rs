@@ -315,6 +315,12 @@ pub trait Backend {
     }
     /// True if any element is NaN or infinite.
     fn has_non_finite(&self, buf: &Self::Buf) -> bool;
+    /// The index of the largest element, the first of equal ones, as [`crate::generate::argmax`]
+    /// picks it from the downloaded values (greedy decoding); a backend may pick it where the values
+    /// are and download only the index (CUDA: `argmax_f32`).
+    fn argmax(&self, buf: &Self::Buf) -> u32 {
+        crate::generate::argmax(&self.download(buf))
+    }
     /// NEFTune: `buf[i] += magnitude · u_i`, `u_i` = [`uniform_pm1`]`(seed, i)` (the product and the sum
     /// each rounded once, so every backend adds the same values).
     fn add_uniform_noise(&self, buf: &mut Self::Buf, magnitude: f32, seed: u64);

@@ -1185,6 +1185,31 @@ pub fn decode_step<B: Backend>(
     cache: &mut KvCache<B>,
     tokens: &[u32],
 ) -> Result<Vec<f32>> {
+    decode_step_then(be, model, lora, cache, tokens, |logits| be.download(logits))
+}
+
+/// [`decode_step`] for greedy decoding: the index of the last token's largest logit
+/// ([`Backend::argmax`], so a device backend downloads 4 bytes instead of the vocab's logits and the
+/// host does not scan them).
+pub fn decode_step_argmax<B: Backend>(
+    be: &B,
+    model: &Llama<B>,
+    lora: Option<&Lora<B>>,
+    cache: &mut KvCache<B>,
+    tokens: &[u32],
+) -> Result<u32> {
+    decode_step_then(be, model, lora, cache, tokens, |logits| be.argmax(logits))
+}
+
+/// The step, then `read` of the last token's logits `(vocab)` on the device.
+fn decode_step_then<B: Backend, T>(
+    be: &B,
+    model: &Llama<B>,
+    lora: Option<&Lora<B>>,
+    cache: &mut KvCache<B>,
+    tokens: &[u32],
+    read: impl Fn(&B::Buf) -> T,
+) -> Result<T> {
     let n = tokens.len();
     if cache.len + n > cache.capacity {
         return Err(Error::Other(format!(
@@ -1197,7 +1222,7 @@ pub fn decode_step<B: Backend>(
         step.io.load(be, model, tokens, cache.len);
         be.replay(&step.recording);
         cache.len += 1;
-        return Ok(be.download(&step.io.logits));
+        return Ok(read(&step.io.logits));
     }
     // The first one-token step runs as its recording will, taking its buffers from a pool that keeps
     // them (the recording then takes the same ones: it allocates and frees nothing).
@@ -1207,7 +1232,7 @@ pub fn decode_step<B: Backend>(
     let (layers, capacity) = (&mut cache.layers, cache.capacity);
     let StepIo { h, cos, sin, pos, logits } = &mut io;
     run_step(be, model, lora, layers, capacity, h, cos, sin, pos, logits, pool.as_ref());
-    let out = be.download(logits);
+    let out = read(logits);
     cache.len += n;
     if let Some(pool) = pool {
         cache.record_tried = true;

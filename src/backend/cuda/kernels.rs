@@ -28,6 +28,7 @@ pub(super) fn kernel_names(module: &str) -> &'static [&'static str] {
             "add_assign_f32",
             "scale_f32",
             "add_uniform_noise_f32",
+            "argmax_f32",
             "swiglu_f32",
             "swiglu_backward_f32",
             "swiglu_bf16",

@@ -625,6 +625,14 @@ impl Backend for Cuda {
         // Timed under this name by sum_squares_many itself.
         self.sum_squares_many(bufs)
     }
+    fn argmax(&self, buf: &CudaSlice<f32>) -> u32 {
+        let _span = self.span("argmax");
+        let mut out = ck!(self.stream.alloc_zeros::<u32>(1), "alloc");
+        let n = buf.len() as i64;
+        let cfg = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (1024, 1, 1), shared_mem_bytes: 0 };
+        launch!(self, "argmax_f32", cfg; buf, &n, &mut out);
+        ck!(self.stream.clone_dtoh(&out), "download")[0]
+    }
     fn has_non_finite(&self, buf: &CudaSlice<f32>) -> bool {
         let _span = self.span("has_non_finite");
         let mut flag = ck!(self.stream.alloc_zeros::<i32>(1), "alloc");
