@@ -226,45 +226,6 @@ extern "C" __global__ void non_finite_f32(const float* x, int* flag, int64_t n) 
     FOR_EACH(i, n) if (!isfinite(x[i])) atomicOr(flag, 1);
 }
 
-// out[0] = the index of x's largest value, the first of equal ones, as generate::argmax (the CPU
-// reference) picks it scanning in order: a NaN never replaces the best so far, and x[0] stays the
-// answer when it is NaN. One block of 1,024 threads (greedy decoding's logits: one row of the vocab),
-// so that decoding downloads 4 bytes instead of the row and the host does not scan it.
-extern "C" __global__ void __launch_bounds__(1024) argmax_f32(const float* x, int64_t n, uint32_t* out) {
-    grid_dependency_wait();
-    __shared__ float sv[WARP];
-    __shared__ int64_t si[WARP];
-    // Each thread's best of its elements i ≡ thread (mod 1,024), in order: NaN read as −∞ (it loses
-    // every comparison in the scan; the tie rule below then keeps the smaller index).
-    float bv = -INFINITY;
-    int64_t bi = n;
-    for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
-        const float v = isnan(x[i]) ? -INFINITY : x[i];
-        if (bi == n || v > bv) bv = v, bi = i;
-    }
-    // Larger value wins, then the smaller index (the first of equal values, as the scan keeps it).
-    auto better = [](float v, int64_t i, float bv, int64_t bi) { return bi == -1 || v > bv || (v == bv && i < bi); };
-    const int lane = threadIdx.x % WARP, wid = threadIdx.x / WARP;
-    if (bi == n) bi = -1;  // no element: loses to any
-    for (int o = WARP / 2; o > 0; o >>= 1) {
-        const float ov = __shfl_xor_sync(0xffffffffu, bv, o);
-        const int64_t oi = __shfl_xor_sync(0xffffffffu, bi, o);
-        if (oi != -1 && better(ov, oi, bv, bi)) bv = ov, bi = oi;
-    }
-    if (lane == 0) sv[wid] = bv, si[wid] = bi;
-    __syncthreads();
-    if (wid == 0) {
-        bv = lane < (int)(blockDim.x / WARP) ? sv[lane] : -INFINITY;
-        bi = lane < (int)(blockDim.x / WARP) ? si[lane] : -1;
-        for (int o = WARP / 2; o > 0; o >>= 1) {
-            const float ov = __shfl_xor_sync(0xffffffffu, bv, o);
-            const int64_t oi = __shfl_xor_sync(0xffffffffu, bi, o);
-            if (oi != -1 && better(ov, oi, bv, bi)) bv = ov, bi = oi;
-        }
-        if (lane == 0) out[0] = n > 0 && isnan(x[0]) ? 0u : (uint32_t)max(bi, (int64_t)0);
-    }
-}
-
 // Appends rows to a KV cache at the position held on the device: dst[(pos[0] + r) * row + j] =
 // src[r * row + j] for the n rows of src. CPU reference: Cpu::kv_write.
 extern "C" __global__ void kv_write_f32(const float* src, float* dst, const float* pos, int64_t row, int64_t n) {

@@ -4,7 +4,7 @@
 
 use crate::backend::Backend;
 use crate::error::Result;
-use crate::model::llama::{decode_step, decode_step_argmax, KvCache, Llama};
+use crate::model::llama::{decode_step, decode_step_argmax, decode_step_greedy_launch, KvCache, Llama, StepToken};
 use crate::model::lora::Lora;
 use crate::tokenizer::Tokenizer;
 use rand::{Rng, SeedableRng};
@@ -173,64 +173,90 @@ pub fn generate<B: Backend>(
         .min(prompt.len() + cfg.max_new_tokens)
         .min(model.cfg.max_position_embeddings.max(prompt.len() + 1));
     let mut cache = KvCache::new(be, &model.cfg, max_total.max(prompt.len() + 1));
-    let mut rng = rand::rngs::StdRng::seed_from_u64(cfg.seed);
-    let mut history = prompt.to_vec();
-    let mut tokens = Vec::new();
-    let mut text = String::new();
+    let mut out =
+        Output { tokens: Vec::new(), history: prompt.to_vec(), text: String::new(), tokenizer, cfg, max_total };
     if prompt.len() >= max_total {
-        return Ok(Generated { tokens, text, stop: StopReason::MaxLength });
+        return Ok(out.finish(StopReason::MaxLength));
     }
-    let mut next = next_token(be, model, lora, &mut cache, prompt, &history, cfg, &mut rng)?;
-    loop {
-        tokens.push(next);
-        history.push(next);
-        let is_eos = cfg.eos_token_ids.contains(&next);
-        let mut piece = String::new();
-        if let Some(tok) = tokenizer {
-            let full = tok.decode(&tokens, true)?;
-            piece = full.get(text.len()..).unwrap_or("").to_string();
-            text = full;
-            if let Some(pos) = cfg.stop_strings.iter().filter_map(|s| text.find(s.as_str())).min() {
-                text.truncate(pos);
-                on_token(next, "");
-                return Ok(Generated { tokens, text, stop: StopReason::StopString });
+    if !cfg.do_sample && cfg.repetition_penalty == 1.0 {
+        // Greedy: each step's choice stays on the device for the next, so the step after a token is
+        // queued before the host reads that token and streams it; the device runs step after step.
+        let budget = cfg.max_new_tokens.min(max_total - prompt.len());
+        let mut next = decode_step_argmax(be, model, lora, &mut cache, prompt)?;
+        let mut queued = std::collections::VecDeque::new();
+        let mut launched = 1;
+        let mut input = StepToken::Host(next);
+        loop {
+            if launched < budget {
+                queued.push_back(decode_step_greedy_launch(be, model, lora, &mut cache, input)?);
+                launched += 1;
+                input = StepToken::Chosen;
             }
+            if let Some(stop) = out.accept(next, on_token)? {
+                // At most one step ran past the end; its read is waited for, not left in flight.
+                queued.into_iter().for_each(|p| drop(be.read_wait(p)));
+                return Ok(out.finish(stop));
+            }
+            // Every token up to the budget has been queued, so accept stops at the budget's last.
+            let pending = queued.pop_front().expect("a step is queued until accept reaches the budget");
+            next = be.read_wait(pending)[0] as u32;
         }
-        if !on_token(next, &piece) {
-            return Ok(Generated { tokens, text, stop: StopReason::Interrupted });
+    }
+    let mut rng = rand::rngs::StdRng::seed_from_u64(cfg.seed);
+    let mut logits = decode_step(be, model, lora, &mut cache, prompt)?;
+    loop {
+        let next = sample_next(&mut logits, &out.history, cfg, &mut rng);
+        if let Some(stop) = out.accept(next, on_token)? {
+            return Ok(out.finish(stop));
         }
-        if is_eos {
-            return Ok(Generated { tokens, text, stop: StopReason::Eos });
-        }
-        if tokens.len() >= cfg.max_new_tokens {
-            return Ok(Generated { tokens, text, stop: StopReason::MaxNewTokens });
-        }
-        if history.len() >= max_total {
-            return Ok(Generated { tokens, text, stop: StopReason::MaxLength });
-        }
-        next = next_token(be, model, lora, &mut cache, &[next], &history, cfg, &mut rng)?;
+        logits = decode_step(be, model, lora, &mut cache, &[next])?;
     }
 }
 
-/// Runs `tokens` through the model and chooses the token after them ([`sample_next`], given the
-/// `history` so far). Greedy decoding without a repetition penalty only needs the largest logit's
-/// index, which the backend finds where the logits are ([`decode_step_argmax`]; the same token).
-#[allow(clippy::too_many_arguments)]
-fn next_token<B: Backend>(
-    be: &B,
-    model: &Llama<B>,
-    lora: Option<&Lora<B>>,
-    cache: &mut KvCache<B>,
-    tokens: &[u32],
-    history: &[u32],
-    cfg: &GenerationConfig,
-    rng: &mut impl Rng,
-) -> Result<u32> {
-    if !cfg.do_sample && cfg.repetition_penalty == 1.0 {
-        return decode_step_argmax(be, model, lora, cache, tokens);
+/// What has been generated so far, and the checks each new token goes through.
+struct Output<'a> {
+    tokens: Vec<u32>,
+    /// The prompt and the new tokens.
+    history: Vec<u32>,
+    text: String,
+    tokenizer: Option<&'a Tokenizer>,
+    cfg: &'a GenerationConfig,
+    max_total: usize,
+}
+
+impl Output<'_> {
+    /// Takes `next`: streams its text to `on_token` and says why to stop, if it is time.
+    fn accept(&mut self, next: u32, on_token: &mut dyn FnMut(u32, &str) -> bool) -> Result<Option<StopReason>> {
+        let cfg = self.cfg;
+        self.tokens.push(next);
+        self.history.push(next);
+        let mut piece = String::new();
+        if let Some(tok) = self.tokenizer {
+            let full = tok.decode(&self.tokens, true)?;
+            piece = full.get(self.text.len()..).unwrap_or("").to_string();
+            self.text = full;
+            if let Some(pos) = cfg.stop_strings.iter().filter_map(|s| self.text.find(s.as_str())).min() {
+                self.text.truncate(pos);
+                on_token(next, "");
+                return Ok(Some(StopReason::StopString));
+            }
+        }
+        Ok(if !on_token(next, &piece) {
+            Some(StopReason::Interrupted)
+        } else if cfg.eos_token_ids.contains(&next) {
+            Some(StopReason::Eos)
+        } else if self.tokens.len() >= cfg.max_new_tokens {
+            Some(StopReason::MaxNewTokens)
+        } else if self.history.len() >= self.max_total {
+            Some(StopReason::MaxLength)
+        } else {
+            None
+        })
     }
-    let mut logits = decode_step(be, model, lora, cache, tokens)?;
-    Ok(sample_next(&mut logits, history, cfg, rng))
+
+    fn finish(self, stop: StopReason) -> Generated {
+        Generated { tokens: self.tokens, text: self.text, stop }
+    }
 }
 
 #[cfg(test)]

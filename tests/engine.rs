@@ -340,3 +340,53 @@ fn uniform_noise_covers_its_range_evenly() {
     assert!(mean.abs() < 0.01 * m as f64, "mean {mean}");
     assert!((var - want_var).abs() < 0.02 * want_var, "variance {var}, uniform's {want_var}");
 }
+
+/// The cache's one-token step reads its token and position on the device: greedy steps chained on
+/// the device's own choices (`StepToken::Chosen`, queued before the host reads them) give the
+/// tokens of steps fed from the host, one-token steps after a prompt step in the middle of a
+/// sequence still see every position (the position held on the device is set again), and a chain
+/// cannot start without a choice on the device nor take a token outside the vocab.
+#[test]
+fn one_token_steps_read_their_token_and_position_on_the_device() {
+    use llamatune::model::llama::{decode_step, decode_step_argmax, decode_step_greedy_launch, KvCache, StepToken};
+    let cfg = tiny_config(false);
+    let model = Llama::<B>::load(&BE, &random_source(&cfg, 11), Some(QuantConfig::default())).unwrap();
+    let lora = lora_with_random_b(&cfg, &["q_proj", "v_proj"], 12);
+    let prompt = [4u32, 8, 15, 16, 23];
+    let want = greedy_uncached(&model, Some(&lora), &prompt, 9);
+
+    let mut cache = KvCache::new(&BE, &cfg, 16);
+    let first = decode_step_argmax(&BE, &model, Some(&lora), &mut cache, &prompt).unwrap();
+    let mut queued =
+        vec![decode_step_greedy_launch(&BE, &model, Some(&lora), &mut cache, StepToken::Host(first)).unwrap()];
+    for _ in 0..7 {
+        queued.push(decode_step_greedy_launch(&BE, &model, Some(&lora), &mut cache, StepToken::Chosen).unwrap());
+    }
+    let mut chained = vec![first];
+    chained.extend(queued.into_iter().map(|p| BE.read_wait(p)[0] as u32));
+    assert_eq!(chained, want[..9], "chained greedy steps equal the uncached re-run");
+    assert_eq!(cache.len, prompt.len() + 8);
+
+    // Host tokens, a three-token step in between, then host tokens again: every step's logits are
+    // the full re-run's at its position.
+    let seq: Vec<u32> = [&prompt[..], &[7, 1, 30, 2, 9, 14, 3]].concat();
+    let full = full_logits(&BE, &model, Some(&lora), &Batch::causal_lm(std::slice::from_ref(&seq)));
+    let v = cfg.vocab_size;
+    let mut cache = KvCache::new(&BE, &cfg, 16);
+    let mut at = 0;
+    for n in [5, 1, 1, 3, 1, 1] {
+        let logits = decode_step(&BE, &model, Some(&lora), &mut cache, &seq[at..at + n]).unwrap();
+        at += n;
+        let reference = &full[(at - 1) * v..at * v];
+        let err = logits.iter().zip(reference).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        assert!(err < 1e-4, "step ending at position {} differs from the re-run by {err}", at - 1);
+    }
+
+    let mut fresh = KvCache::new(&BE, &cfg, 16);
+    decode_step(&BE, &model, None, &mut fresh, &prompt).unwrap();
+    let err = decode_step_greedy_launch(&BE, &model, None, &mut fresh, StepToken::Chosen).err().unwrap();
+    assert!(err.to_string().contains("no greedy choice"), "{err}");
+    let err = decode_step(&BE, &model, None, &mut fresh, &[cfg.vocab_size as u32]).unwrap_err();
+    assert!(err.to_string().contains("outside the model's vocab"), "{err}");
+    assert_eq!(fresh.len, prompt.len(), "refused steps leave the cache as it was");
+}

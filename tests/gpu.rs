@@ -2406,6 +2406,80 @@ fn argmax_on_the_device_picks_the_hosts_token() {
     println!("argmax: the host's token in every case");
 }
 
+/// Greedy decoding's device-held state against the CPU references (the trait's defaults): a step's
+/// inputs read at the device's token and position (bf16 and f16 tables, Llama-2's and an odd
+/// shape, outputs poisoned; exact), the position moved on by one, the choice as an f32 index, and
+/// reads to the host that do not wait: two in flight at once, of different lengths, then the
+/// pinned memory reused, each giving what a plain download gives.
+#[test]
+fn decoding_state_on_the_device_matches_the_cpu() {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(47);
+    for (vocab, hidden, half, positions) in [(32000, 4096, 64, 300), (1003, 200, 17, 41)] {
+        let table = rnd(&mut rng, vocab * hidden, 1.0);
+        let (cos_table, sin_table) = (rnd(&mut rng, positions * half, 1.0), rnd(&mut rng, positions * half, 1.0));
+        for dtype in ["bf16", "f16"] {
+            // The device keeps a dense weight in f16 when every value is an f16, else in bf16: values
+            // exact in the dtype, and one past f16's range for the bf16 table, so each is exact.
+            let mut data: Vec<f32> = match dtype {
+                "bf16" => table.iter().map(|x| half::bf16::from_f32(*x).to_f32()).collect(),
+                _ => table.iter().map(|x| half::f16::from_f32(*x).to_f32()).collect(),
+            };
+            if dtype == "bf16" {
+                data[1] = half::bf16::from_f32(1e30).to_f32();
+            }
+            let hw = HostWeight::Dense { rows: vocab, cols: hidden, data };
+            let (cw, gw) = (CPU.upload_weight(hw.clone()), gpu().upload_weight(hw));
+            for (id, p) in [(0, 0), (vocab - 1, positions - 1), (rng.gen_range(0..vocab), rng.gen_range(0..positions))]
+            {
+                let (token, pos) = ([id as f32], [p as f32]);
+                let (mut h1, mut c1, mut s1) = (vec![0.0; hidden], vec![0.0; half], vec![0.0; half]);
+                CPU.decode_inputs_at(
+                    &cw,
+                    &token.to_vec(),
+                    &pos.to_vec(),
+                    &cos_table,
+                    &sin_table,
+                    &mut h1,
+                    &mut c1,
+                    &mut s1,
+                );
+                let (mut h2, mut c2, mut s2) = (poisoned(hidden), poisoned(half), poisoned(half));
+                let (gc, gs) = (gpu().upload(&cos_table), gpu().upload(&sin_table));
+                gpu().decode_inputs_at(
+                    &gw,
+                    &gpu().upload(&token),
+                    &gpu().upload(&pos),
+                    &gc,
+                    &gs,
+                    &mut h2,
+                    &mut c2,
+                    &mut s2,
+                );
+                let name = format!("{dtype} {vocab}x{hidden} token {id} position {p}");
+                check(&format!("{name}: h"), &gpu().download(&h2), &h1, 0.0);
+                check(&format!("{name}: cos"), &gpu().download(&c2), &c1, 0.0);
+                check(&format!("{name}: sin"), &gpu().download(&s2), &s1, 0.0);
+            }
+        }
+    }
+    let mut pos = gpu().upload(&[41.0]);
+    gpu().advance_position(&mut pos);
+    gpu().advance_position(&mut pos);
+    assert_eq!(gpu().download(&pos), [43.0], "two steps move the position on by two");
+    let logits = rnd(&mut rng, 32000, 4.0);
+    let mut chosen = poisoned(1);
+    gpu().argmax_into(&gpu().upload(&logits), &mut chosen);
+    assert_eq!(gpu().download(&chosen), [llamatune::generate::argmax(&logits) as f32], "the choice as an f32");
+    for round in 0..3 {
+        let (a, b) = (rnd(&mut rng, 1, 1.0), rnd(&mut rng, 1000 + round, 1.0));
+        let (ga, gb) = (gpu().upload(&a), gpu().upload(&b));
+        let (pa, pb) = (gpu().read_later(&ga), gpu().read_later(&gb));
+        assert_eq!(gpu().read_wait(pb), b, "round {round}: the longer read");
+        assert_eq!(gpu().read_wait(pa), a, "round {round}: the one-value read");
+    }
+    println!("decoding state: inputs, position, choice and reads as on the CPU");
+}
+
 /// A checkpointed layer's replay keeps its 4-bit weights' expansions for the layer's input gradients
 /// (`Backend::keep_weight_expansions`): the step equals the one that expands every weight again (the
 /// tolerance only covers the attention backward's atomic adds), each replayed layer's six expanded

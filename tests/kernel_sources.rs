@@ -8,9 +8,10 @@
 use std::fs;
 use std::path::Path;
 
-/// Device functions that call `grid_dependency_wait()` themselves after reading only weights, so a
-/// kernel whose body calls one of them waits too (checked below against their definitions).
-const WAITING_HELPERS: &[&str] = &["gemv_rows", "gemv_many_block"];
+/// Device functions that call `grid_dependency_wait()` themselves (the GEMVs after reading only
+/// weights), so a kernel whose body calls one of them waits too (checked below against their
+/// definitions).
+const WAITING_HELPERS: &[&str] = &["gemv_rows", "gemv_many_block", "decode_inputs_at"];
 
 /// The body of the function whose opening brace is at or after `from`: the text between its braces.
 fn body_after(src: &str, from: usize) -> &str {
@@ -106,11 +107,19 @@ fn the_waiting_helpers_wait() {
 
 /// Where decoding's per-layer kernels let the next kernel launch early (`allow_dependent_launch()`,
 /// kernels/common.cuh): the 4-bit GEMVs (`gemv_rows`), the LoRA f32 products, RoPE into the cache,
-/// the attention and the add + norms. A kernel that lost its trigger would still give the same
-/// values, only slower: the next kernel would launch once its every block had exited (the triggers
-/// gave +8.9% decoding on the H200, session 36).
-const TRIGGERING: &[&str] =
-    &["gemv_rows", "gemv_f32_row", "gemv_f32_long_row", "rope_cache_f32", "attention_fwd_f32", "ADD_RMSNORM"];
+/// the attention, the add + norms, and the step's inputs and greedy choice. A kernel that lost its
+/// trigger would still give the same values, only slower: the next kernel would launch once its
+/// every block had exited (the triggers gave +8.9% decoding on the H200, session 36).
+const TRIGGERING: &[&str] = &[
+    "gemv_rows",
+    "gemv_f32_row",
+    "gemv_f32_long_row",
+    "rope_cache_f32",
+    "attention_fwd_f32",
+    "ADD_RMSNORM",
+    "decode_inputs_at",
+    "argmax_f32",
+];
 
 #[test]
 fn decoding_kernels_let_the_next_kernel_launch_early() {

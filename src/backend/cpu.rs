@@ -212,6 +212,8 @@ impl<T: Real> Backend for Cpu<T> {
     /// The gate and up products as they are.
     type MlpActs = (Vec<T>, Vec<T>);
     type AttnActs = [Vec<T>; 3];
+    /// The values, copied when the read was asked for (the ops before it have all run).
+    type PendingRead = Vec<f32>;
 
     fn name(&self) -> String {
         format!("cpu ({})", std::any::type_name::<T>())
@@ -231,6 +233,12 @@ impl<T: Real> Backend for Cpu<T> {
     }
     fn download_f64(&self, buf: &Vec<T>) -> Vec<f64> {
         buf.iter().map(|x| x.f64()).collect()
+    }
+    fn read_later(&self, buf: &Vec<T>) -> Vec<f32> {
+        self.download(buf)
+    }
+    fn read_wait(&self, pending: Vec<f32>) -> Vec<f32> {
+        pending
     }
     fn buf_len(&self, buf: &Vec<T>) -> usize {
         buf.len()

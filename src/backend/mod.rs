@@ -238,6 +238,9 @@ pub trait Backend {
     /// take the call, q and k rotated by RoPE and all three in bf16, as those kernels read them (no
     /// f32 copy, no conversion in each pass that reads them).
     type AttnActs;
+    /// A copy to the host under way ([`Backend::read_later`]): pinned memory and the copy's event on
+    /// CUDA; the values themselves on the CPU.
+    type PendingRead;
 
     fn name(&self) -> String;
     /// Whether activations can run in fp16/bf16 (transformers' `--fp16`/`--bf16`).
@@ -316,10 +319,19 @@ pub trait Backend {
     /// True if any element is NaN or infinite.
     fn has_non_finite(&self, buf: &Self::Buf) -> bool;
     /// The index of the largest element, the first of equal ones, as [`crate::generate::argmax`]
-    /// picks it from the downloaded values (greedy decoding); a backend may pick it where the values
-    /// are and download only the index (CUDA: `argmax_f32`).
+    /// picks it from the downloaded values (greedy decoding): [`Backend::argmax_into`], then the
+    /// index alone downloaded.
     fn argmax(&self, buf: &Self::Buf) -> u32 {
-        crate::generate::argmax(&self.download(buf))
+        let mut out = self.alloc_output(1);
+        self.argmax_into(buf, &mut out);
+        self.download(&out)[0] as u32
+    }
+    /// `out[0]` = [`Backend::argmax`] of `buf`, as an f32 (exact below 2^24): greedy decoding's
+    /// choice left where the next step's [`Backend::decode_inputs_at`] reads it. A backend may pick
+    /// it where the values are (CUDA: `argmax_f32`, recordable).
+    fn argmax_into(&self, buf: &Self::Buf, out: &mut Self::Buf) {
+        let index = crate::generate::argmax(&self.download(buf));
+        self.upload_into(&[index as f32], out);
     }
     /// NEFTune: `buf[i] += magnitude · u_i`, `u_i` = [`uniform_pm1`]`(seed, i)` (the product and the sum
     /// each rounded once, so every backend adds the same values).
@@ -839,6 +851,40 @@ pub trait Backend {
     fn upload_into(&self, host: &[f32], dst: &mut Self::Buf) {
         self.write_range(&self.upload(host), dst, 0);
     }
+    /// A one-token decoding step's inputs from device-held state, so that the step can be launched
+    /// before the host knows its token: `h (hidden)` = row `token[0]` of `table (vocab, hidden)`,
+    /// `cos` and `sin (head_dim/2)` = rows `pos[0]` of `cos_table` and `sin_table (positions,
+    /// head_dim/2)` ([`crate::model::rope::tables`] of every position). `token` and `pos` hold
+    /// integers as f32 ([`Backend::argmax_into`], [`Backend::advance_position`]).
+    #[allow(clippy::too_many_arguments)]
+    fn decode_inputs_at(
+        &self,
+        table: &Self::Weight,
+        token: &Self::Buf,
+        pos: &Self::Buf,
+        cos_table: &Self::Buf,
+        sin_table: &Self::Buf,
+        h: &mut Self::Buf,
+        cos: &mut Self::Buf,
+        sin: &mut Self::Buf,
+    ) {
+        let (id, p) = (self.download(token)[0] as u32, self.download(pos)[0] as usize);
+        self.embedding(table, &[id], h);
+        let half = self.buf_len(cos);
+        self.write_range(&self.read_range(cos_table, p * half, half), cos, 0);
+        self.write_range(&self.read_range(sin_table, p * half, half), sin, 0);
+    }
+    /// `pos[0] += 1`: a decoding step moves its own position on, for the step queued behind it.
+    fn advance_position(&self, pos: &mut Self::Buf) {
+        let p = self.download(pos)[0];
+        self.upload_into(&[p + 1.0], pos);
+    }
+    /// Starts copying `buf` to the host behind the work queued so far, without waiting for it
+    /// ([`Backend::read_wait`] returns the values): greedy decoding queues the next step before it
+    /// reads this one's token. The CPU backend copies at once.
+    fn read_later(&self, buf: &Self::Buf) -> Self::PendingRead;
+    /// The values of a [`Backend::read_later`], once the work before it has run.
+    fn read_wait(&self, pending: Self::PendingRead) -> Vec<f32>;
     /// Appends `src` (whole rows of `row` values) to a KV cache at row `pos[0]`: the cache length,
     /// held in a buffer so that a recorded decoding step replays at any position.
     fn kv_write(&self, src: &Self::Buf, dst: &mut Self::Buf, pos: &Self::Buf, row: usize) {

@@ -178,10 +178,8 @@ pub struct KvCache<B: Backend> {
     pub layers: Vec<KvLayer<B>>,
     pub len: usize,
     pub capacity: usize,
-    /// The one-token step, recorded once and replayed for every later token (CUDA graphs).
-    step: Option<RecordedStep<B>>,
-    /// Whether recording was tried (a backend that cannot record is asked once).
-    record_tried: bool,
+    /// The one-token step's state and recording, made by the first one-token step.
+    token_step: Option<TokenStep<B>>,
 }
 
 impl<B: Backend> KvCache<B> {
@@ -191,8 +189,7 @@ impl<B: Backend> KvCache<B> {
             layers: (0..cfg.num_hidden_layers).map(|_| KvLayer { k: be.zeros(n), v: be.zeros(n) }).collect(),
             len: 0,
             capacity,
-            step: None,
-            record_tried: false,
+            token_step: None,
         }
     }
 }
@@ -232,11 +229,63 @@ impl<B: Backend> StepIo<B> {
     }
 }
 
-struct RecordedStep<B: Backend> {
+/// What a one-token step takes as its token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StepToken {
+    /// A token the host has (the prompt's last, a sampled one): uploaded before the step.
+    Host(u32),
+    /// The token the one-token step before chose greedily, still on the device: the step can be
+    /// queued before the host has read it.
+    Chosen,
+}
+
+/// The one-token step. Its inputs are read on the device, from the token the step before chose
+/// (or the host uploaded) and the position the step before moved on, so a greedy step needs nothing
+/// from the host; recorded once where the backend can (a CUDA graph: one launch per token instead
+/// of hundreds) and replayed for every later token.
+struct TokenStep<B: Backend> {
     io: StepIo<B>,
-    recording: B::Recording,
-    /// Every buffer the recording uses besides `io`'s and the cache's.
-    _buffers: BufPool<B>,
+    /// `(1)`: the step's token, as an f32; each step leaves its greedy choice here
+    /// ([`Backend::argmax_into`]) for the next.
+    token: B::Buf,
+    /// RoPE tables of every cache position, `(capacity, head_dim/2)` each: row `p` is what
+    /// [`rope::tables`] gives a step at position `p` (dynamic scaling included).
+    cos_table: B::Buf,
+    sin_table: B::Buf,
+    /// The position `io.pos` holds: where the last one-token step left it (a prompt step in between
+    /// moves the cache on without it).
+    pos_held: usize,
+    /// Whether `token` holds a step's choice (only `StepToken::Host` may start a chain).
+    chosen: bool,
+    recording: Option<B::Recording>,
+    /// Whether recording was tried (a backend that cannot record is asked once).
+    record_tried: bool,
+    /// Every buffer the step uses besides those above and the cache's: the recording takes the same
+    /// ones as the first step, so it allocates and frees nothing.
+    buffers: BufPool<B>,
+}
+
+impl<B: Backend> TokenStep<B> {
+    fn new(be: &B, cfg: &ModelConfig, capacity: usize) -> Self {
+        let half = cfg.head_dim / 2;
+        let (mut cos, mut sin) = (Vec::with_capacity(capacity * half), Vec::with_capacity(capacity * half));
+        for p in 0..capacity as u32 {
+            let (c, s) = rope::tables(cfg, &[p]);
+            cos.extend(c);
+            sin.extend(s);
+        }
+        TokenStep {
+            io: StepIo::new(be, cfg, 1),
+            token: be.zeros(1),
+            cos_table: be.upload(&cos),
+            sin_table: be.upload(&sin),
+            pos_held: usize::MAX,
+            chosen: false,
+            recording: None,
+            record_tried: false,
+            buffers: BufPool::default(),
+        }
+    }
 }
 
 /// Everything one forward pass shares: the model, adapters, RoPE tables, mask and dropout seed.
@@ -1173,11 +1222,9 @@ pub fn full_logits<B: Backend>(be: &B, model: &Llama<B>, lora: Option<&Lora<B>>,
 }
 
 /// Runs `tokens` (batch 1) through the model at positions `cache.len..`, appending their keys and
-/// values to `cache`; returns the logits of the last token `(vocab)`. The first one-token step runs
-/// op by op and is then recorded, to be replayed for every later one when the backend can (a CUDA
-/// graph: one launch per token instead of hundreds); its inputs are refreshed in place before each
-/// replay. The recording belongs
-/// to the cache: call with the same model and adapter for the cache's whole life (as `generate` does).
+/// values to `cache`; returns the logits of the last token `(vocab)`. One token runs as the cache's
+/// one-token step ([`decode_step_greedy_launch`], which a CUDA graph replays). The cache's steps
+/// belong to it: call with the same model and adapter for the cache's whole life (as `generate` does).
 pub fn decode_step<B: Backend>(
     be: &B,
     model: &Llama<B>,
@@ -1185,7 +1232,11 @@ pub fn decode_step<B: Backend>(
     cache: &mut KvCache<B>,
     tokens: &[u32],
 ) -> Result<Vec<f32>> {
-    decode_step_then(be, model, lora, cache, tokens, |logits| be.download(logits))
+    if let [token] = tokens {
+        let step = token_step(be, model, lora, cache, StepToken::Host(*token))?;
+        return Ok(be.download(&step.io.logits));
+    }
+    prompt_step(be, model, lora, cache, tokens, |logits| be.download(logits))
 }
 
 /// [`decode_step`] for greedy decoding: the index of the last token's largest logit
@@ -1198,11 +1249,99 @@ pub fn decode_step_argmax<B: Backend>(
     cache: &mut KvCache<B>,
     tokens: &[u32],
 ) -> Result<u32> {
-    decode_step_then(be, model, lora, cache, tokens, |logits| be.argmax(logits))
+    if let [token] = tokens {
+        let step = token_step(be, model, lora, cache, StepToken::Host(*token))?;
+        return Ok(be.download(&step.token)[0] as u32);
+    }
+    prompt_step(be, model, lora, cache, tokens, |logits| be.argmax(logits))
 }
 
-/// The step, then `read` of the last token's logits `(vocab)` on the device.
-fn decode_step_then<B: Backend, T>(
+/// Queues a greedy one-token step on `token` and returns the pending read of its choice
+/// ([`Backend::read_wait`] gives `[token id as f32]`). With [`StepToken::Chosen`] the step reads the
+/// choice of the step queued before it, on the device: the host can queue it before it has read
+/// that token, and the device then runs step after step with no gap for the host between them.
+pub fn decode_step_greedy_launch<B: Backend>(
+    be: &B,
+    model: &Llama<B>,
+    lora: Option<&Lora<B>>,
+    cache: &mut KvCache<B>,
+    token: StepToken,
+) -> Result<B::PendingRead> {
+    let step = token_step(be, model, lora, cache, token)?;
+    Ok(be.read_later(&step.token))
+}
+
+/// Runs the cache's one-token step on `token` at position `cache.len` (the first time op by op, then
+/// recorded if the backend can, later replayed).
+fn token_step<'c, B: Backend>(
+    be: &B,
+    model: &Llama<B>,
+    lora: Option<&Lora<B>>,
+    cache: &'c mut KvCache<B>,
+    token: StepToken,
+) -> Result<&'c TokenStep<B>> {
+    check_room(cache, 1)?;
+    let capacity = cache.capacity;
+    let step = cache.token_step.get_or_insert_with(|| TokenStep::new(be, &model.cfg, capacity));
+    match token {
+        StepToken::Host(id) if id as usize >= model.cfg.vocab_size => {
+            return Err(Error::Other(format!("token id {id} is outside the model's vocab ({})", model.cfg.vocab_size)));
+        }
+        StepToken::Host(id) => be.upload_into(&[id as f32], &mut step.token),
+        StepToken::Chosen if !step.chosen => {
+            return Err(Error::Other("no greedy choice on the device to decode from: start with a host token".into()));
+        }
+        StepToken::Chosen => {}
+    }
+    if step.pos_held != cache.len {
+        be.upload_into(&[cache.len as f32], &mut step.io.pos);
+    }
+    let layers = &mut cache.layers;
+    match &step.recording {
+        Some(recording) => be.replay(recording),
+        None => {
+            let TokenStep { io, token, cos_table, sin_table, buffers, .. } = &mut *step;
+            let tables = (&*cos_table, &*sin_table);
+            run_token_step(be, model, lora, layers, capacity, io, token, tables, buffers);
+            if !step.record_tried {
+                step.record_tried = true;
+                let TokenStep { io, token, cos_table, sin_table, buffers, .. } = &mut *step;
+                let tables = (&*cos_table, &*sin_table);
+                step.recording =
+                    be.record(&mut || run_token_step(be, model, lora, layers, capacity, io, token, tables, buffers));
+            }
+        }
+    }
+    cache.len += 1;
+    step.pos_held = cache.len;
+    step.chosen = true;
+    Ok(step)
+}
+
+/// The one-token step: its inputs at the device-held token and position, the step, its greedy
+/// choice into `token` and the position moved on, all on the device (so that it can be recorded).
+#[allow(clippy::too_many_arguments)]
+fn run_token_step<B: Backend>(
+    be: &B,
+    model: &Llama<B>,
+    lora: Option<&Lora<B>>,
+    layers: &mut [KvLayer<B>],
+    capacity: usize,
+    io: &mut StepIo<B>,
+    token: &mut B::Buf,
+    (cos_table, sin_table): (&B::Buf, &B::Buf),
+    pool: &BufPool<B>,
+) {
+    let StepIo { h, cos, sin, pos, logits } = io;
+    be.decode_inputs_at(&model.embed, token, pos, cos_table, sin_table, h, cos, sin);
+    run_step(be, model, lora, layers, capacity, h, cos, sin, pos, logits, Some(pool));
+    be.argmax_into(logits, token);
+    be.advance_position(pos);
+}
+
+/// A step of several tokens (a prompt), op by op with its inputs from the host, then `read` of the
+/// last token's logits `(vocab)` on the device.
+fn prompt_step<B: Backend, T>(
     be: &B,
     model: &Llama<B>,
     lora: Option<&Lora<B>>,
@@ -1210,7 +1349,19 @@ fn decode_step_then<B: Backend, T>(
     tokens: &[u32],
     read: impl Fn(&B::Buf) -> T,
 ) -> Result<T> {
-    let n = tokens.len();
+    if tokens.is_empty() {
+        return Err(Error::Other("a decoding step needs at least one token".into()));
+    }
+    check_room(cache, tokens.len())?;
+    let mut io = StepIo::new(be, &model.cfg, tokens.len());
+    io.load(be, model, tokens, cache.len);
+    let StepIo { h, cos, sin, pos, logits } = &mut io;
+    run_step(be, model, lora, &mut cache.layers, cache.capacity, h, cos, sin, pos, logits, None);
+    cache.len += tokens.len();
+    Ok(read(logits))
+}
+
+fn check_room<B: Backend>(cache: &KvCache<B>, n: usize) -> Result<()> {
     if cache.len + n > cache.capacity {
         return Err(Error::Other(format!(
             "sequence of {} tokens exceeds the KV cache capacity {}",
@@ -1218,31 +1369,7 @@ fn decode_step_then<B: Backend, T>(
             cache.capacity
         )));
     }
-    if let (1, Some(step)) = (n, cache.step.as_mut()) {
-        step.io.load(be, model, tokens, cache.len);
-        be.replay(&step.recording);
-        cache.len += 1;
-        return Ok(read(&step.io.logits));
-    }
-    // The first one-token step runs as its recording will, taking its buffers from a pool that keeps
-    // them (the recording then takes the same ones: it allocates and frees nothing).
-    let pool = (n == 1 && !cache.record_tried).then(BufPool::default);
-    let mut io = StepIo::new(be, &model.cfg, n);
-    io.load(be, model, tokens, cache.len);
-    let (layers, capacity) = (&mut cache.layers, cache.capacity);
-    let StepIo { h, cos, sin, pos, logits } = &mut io;
-    run_step(be, model, lora, layers, capacity, h, cos, sin, pos, logits, pool.as_ref());
-    let out = read(logits);
-    cache.len += n;
-    if let Some(pool) = pool {
-        cache.record_tried = true;
-        let recording =
-            be.record(&mut || run_step(be, model, lora, layers, capacity, h, cos, sin, pos, logits, Some(&pool)));
-        if let Some(recording) = recording {
-            cache.step = Some(RecordedStep { io, recording, _buffers: pool });
-        }
-    }
-    Ok(out)
+    Ok(())
 }
 
 /// The decoding step proper: every layer over the embedded tokens `h` at the device-held position

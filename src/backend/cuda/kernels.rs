@@ -23,12 +23,12 @@ pub(super) fn kernel_names(module: &str) -> &'static [&'static str] {
             "flash_bwd_hd128",
         ],
         "flash_wgmma" => &["flash_fwd_wgmma_hd128", "flash_bwd_wgmma_hd128"],
+        "decode_state" => &["argmax_f32", "decode_inputs_at_bf16", "decode_inputs_at_f16", "advance_position_f32"],
         "elementwise" => &[
             "add_f32",
             "add_assign_f32",
             "scale_f32",
             "add_uniform_noise_f32",
-            "argmax_f32",
             "swiglu_f32",
             "swiglu_backward_f32",
             "swiglu_bf16",

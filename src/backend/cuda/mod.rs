@@ -125,6 +125,9 @@ pub struct Cuda {
     profile: Option<profile::Profiler>,
     /// The board's energy counter (energy.rs), opened at the first reading.
     nvml: std::sync::OnceLock<Option<energy::Nvml>>,
+    /// Pinned host memory of finished [`Backend::read_later`] copies, for the next ones (greedy
+    /// decoding reads a token per step; a pinned allocation costs more than the copy).
+    pinned_reads: std::sync::Mutex<Vec<decode_state::PinnedRead>>,
 }
 
 impl Drop for Cuda {
@@ -167,6 +170,7 @@ macro_rules! launch {
 
 mod adamw;
 mod attention;
+mod decode_state;
 mod energy;
 mod gemm;
 mod graph;
@@ -390,6 +394,7 @@ impl Cuda {
             graph_edges: Default::default(),
             profile,
             nvml: Default::default(),
+            pinned_reads: Default::default(),
         })
     }
 
@@ -504,6 +509,7 @@ impl Backend for Cuda {
     type Offloaded = Offloaded;
     type MlpActs = MlpActs;
     type AttnActs = AttnActs;
+    type PendingRead = decode_state::PendingRead;
 
     fn name(&self) -> String {
         format!("cuda:{} ({})", self.ordinal, self.device_name)
@@ -625,13 +631,8 @@ impl Backend for Cuda {
         // Timed under this name by sum_squares_many itself.
         self.sum_squares_many(bufs)
     }
-    fn argmax(&self, buf: &CudaSlice<f32>) -> u32 {
-        let _span = self.span("argmax");
-        let mut out = ck!(self.stream.alloc_zeros::<u32>(1), "alloc");
-        let n = buf.len() as i64;
-        let cfg = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (1024, 1, 1), shared_mem_bytes: 0 };
-        launch!(self, "argmax_f32", cfg; buf, &n, &mut out);
-        ck!(self.stream.clone_dtoh(&out), "download")[0]
+    fn argmax_into(&self, buf: &CudaSlice<f32>, out: &mut CudaSlice<f32>) {
+        self.argmax_to(buf, out)
     }
     fn has_non_finite(&self, buf: &CudaSlice<f32>) -> bool {
         let _span = self.span("has_non_finite");
@@ -1396,6 +1397,28 @@ impl Backend for Cuda {
     fn upload_into(&self, host: &[f32], dst: &mut CudaSlice<f32>) {
         let _span = self.span("upload_into");
         ck!(self.stream.memcpy_htod(host, &mut dst.slice_mut(0..host.len())), "upload");
+    }
+    fn decode_inputs_at(
+        &self,
+        table: &CudaWeight,
+        token: &CudaSlice<f32>,
+        pos: &CudaSlice<f32>,
+        cos_table: &CudaSlice<f32>,
+        sin_table: &CudaSlice<f32>,
+        h: &mut CudaSlice<f32>,
+        cos: &mut CudaSlice<f32>,
+        sin: &mut CudaSlice<f32>,
+    ) {
+        self.inputs_at(table, token, pos, (cos_table, sin_table), h, cos, sin)
+    }
+    fn advance_position(&self, pos: &mut CudaSlice<f32>) {
+        self.advance(pos)
+    }
+    fn read_later(&self, buf: &CudaSlice<f32>) -> decode_state::PendingRead {
+        self.start_read(buf)
+    }
+    fn read_wait(&self, pending: decode_state::PendingRead) -> Vec<f32> {
+        self.finish_read(pending)
     }
     fn kv_write(&self, src: &CudaSlice<f32>, dst: &mut CudaSlice<f32>, pos: &CudaSlice<f32>, row: usize) {
         let _span = self.span("kv_write");
