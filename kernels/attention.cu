@@ -139,8 +139,9 @@ __device__ __forceinline__ void attention_fwd_row(SplitSmem& sm, const float* q,
 // (decoding a recorded step) the geometry's q_offset is pos[0] and kv_len is pos[0] + q_len, read on
 // the device, so the same launch serves every position.
 extern "C" __global__ void __launch_bounds__(SPLIT_WARPS * WARP, 1) attention_fwd_f32(const float* q, const float* k, const float* v, const uint32_t* seg, const float* pos, float* out, float* lse, GEOM_ARGS) {
-    // pos is copied from the host before the step (no kernel writes it), so it is read before the
-    // wait: its load then overlaps the previous kernel's tail instead of preceding every K/V request.
+    // pos changes only between steps (the host's upload, or advance_position_f32 as the previous
+    // step's last kernel, in its own graph launch), never inside one, so it is read before the wait:
+    // its load then overlaps the previous kernel's tail instead of preceding every K/V request.
     if (pos) {
         q_offset = (int)pos[0];
         kv_len = q_offset + q_len;

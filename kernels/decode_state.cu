@@ -76,7 +76,9 @@ extern "C" __global__ void decode_inputs_at_f16(const __half* table, const float
 }
 
 // pos[0] += 1, after every other kernel of the step: its wait is for the step's last kernel, which
-// waited for the one before, so every reader of pos in this step has completed.
+// waited for the one before, so every reader of pos in this step has completed. (RoPE into the cache
+// and the attention read pos before their waits: the next step, a separate graph launch, starts only
+// once this one is complete.)
 extern "C" __global__ void advance_position_f32(float* pos) {
     grid_dependency_wait();
     if (blockIdx.x == 0 && threadIdx.x == 0) pos[0] += 1.0f;

@@ -54,8 +54,9 @@ ROPE_TO_BF16(rope_bf16_from_f16, __half)
 // Backend::rope_into_cache's default (rope, rope, kv_write, kv_write).
 // q, q_out (m, heads, head_dim); k, v (m, kv_heads, head_dim); caches (capacity, kv_heads, head_dim)
 extern "C" __global__ void rope_cache_f32(const float* q, const float* k, const float* v, const float* cos_t, const float* sin_t, float* q_out, float* k_cache, float* v_cache, const float* pos, int m, int heads, int kv_heads, int head_dim) {
-    // pos is copied from the host before the step (no kernel writes it): read before the wait, so
-    // its load overlaps the previous kernel's tail instead of preceding the cache stores.
+    // pos changes only between steps (the host's upload, or advance_position_f32 as the previous
+    // step's last kernel, in its own graph launch, complete before this one starts), never inside
+    // one: read before the wait, so its load overlaps the previous kernel's tail.
     const int64_t cache_off = (int64_t)pos[0] * kv_heads * head_dim;
     grid_dependency_wait();
     allow_dependent_launch();  // a few µs of loads and stores in all: the attention may be placed now

@@ -1297,17 +1297,15 @@ fn token_step<'c, B: Backend>(
         be.upload_into(&[cache.len as f32], &mut step.io.pos);
     }
     let layers = &mut cache.layers;
-    match &step.recording {
+    let TokenStep { io, token, cos_table, sin_table, buffers, recording, record_tried, .. } = &mut *step;
+    let tables = (&*cos_table, &*sin_table);
+    match recording {
         Some(recording) => be.replay(recording),
         None => {
-            let TokenStep { io, token, cos_table, sin_table, buffers, .. } = &mut *step;
-            let tables = (&*cos_table, &*sin_table);
             run_token_step(be, model, lora, layers, capacity, io, token, tables, buffers);
-            if !step.record_tried {
-                step.record_tried = true;
-                let TokenStep { io, token, cos_table, sin_table, buffers, .. } = &mut *step;
-                let tables = (&*cos_table, &*sin_table);
-                step.recording =
+            if !*record_tried {
+                *record_tried = true;
+                *recording =
                     be.record(&mut || run_token_step(be, model, lora, layers, capacity, io, token, tables, buffers));
             }
         }

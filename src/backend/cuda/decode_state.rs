@@ -11,7 +11,7 @@ use cudarc::driver::{result, CudaEvent, CudaSlice, DevicePtr, LaunchConfig, Pinn
 /// A copy to the host under way: pinned memory (so the copy runs behind the queued work without
 /// blocking the host) of at least `len` values, and the event recorded after the copy.
 pub struct PendingRead {
-    host: PinnedRead,
+    pinned: PinnedRead,
     len: usize,
 }
 
@@ -100,16 +100,16 @@ impl Cuda {
             ck!(unsafe { result::memcpy_dtoh_async(dst, src, self.stream.cu_stream()) }, "read_later");
         }
         ck!(pinned.done.record(&self.stream), "event record");
-        PendingRead { host: pinned, len }
+        PendingRead { pinned, len }
     }
 
     /// Waits for a [`Cuda::start_read`]'s copy and gives its pinned memory back to the free list.
     pub(super) fn finish_read(&self, pending: PendingRead) -> Vec<f32> {
-        ck!(pending.host.done.synchronize(), "read_wait");
-        let hp = ck!(pending.host.host.as_ptr(), "pinned access");
+        ck!(pending.pinned.done.synchronize(), "read_wait");
+        let hp = ck!(pending.pinned.host.as_ptr(), "pinned access");
         // SAFETY: the copy of `len` values into `hp` has completed (its event above).
         let values = unsafe { std::slice::from_raw_parts(hp, pending.len) }.to_vec();
-        self.pinned_reads.lock().unwrap().push(pending.host);
+        self.pinned_reads.lock().unwrap().push(pending.pinned);
         values
     }
 }
