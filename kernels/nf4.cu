@@ -98,9 +98,11 @@ extern "C" __global__ void gemv_4bit_f32(const uint8_t* packed, const float* abs
 // before the current one is used (two chunks in flight per lane), and code loads bypass L1. The
 // first chunk is requested before x is staged (below) so that the two latencies overlap.
 // x: with SX (one row of x) the block first stages x, rounded to the compute dtype, in shared memory
-// with one float of padding per 32 (element c at c + c/32), so that the 32 lanes, each reading its
-// own 32-column chunk, hit 32 different banks; without SX (up to 8 rows, rarer) x is read through
-// L1. Template parameters: compute dtype C (0 f32, 1 f16, 2 bf16) and rows of x M.
+// with 16 bytes of padding per 32-column chunk (element c at c + 4·(c/32): chunks 144 bytes apart),
+// so that each lane reads its own chunk's x as eight 16-byte loads and the eight lanes that share one
+// such load's wavefront hit eight different groups of four banks (the padding used to be one float
+// per 32, for 32 scalar loads per chunk; ncu, session 38: the shared-memory waits were the kernel's
+// first stall); without SX (up to 8 rows, rarer) x is read through L1. Template parameters: compute dtype C (0 f32, 1 f16, 2 bf16) and rows of x M.
 #define GEMV_THREADS 256
 
 __device__ __forceinline__ uint4 load_stream(const uint8_t* p) {
@@ -152,7 +154,7 @@ struct Codes4 {
 template <int C, int M, bool SX, int GEMV_ROWS, bool PAIR = false>
 __device__ void gemv_rows(const uint8_t* packed, const float* absmax, const uint8_t* absmax_q, const float* absmax2, const float* code256, float offset, const float* code16, int blocksize, const float* x, float* y, int m, int rows, int cols, int warp, Codes4 up = {}) {
     __shared__ float lut[16];
-    extern __shared__ float xsh[];  // SX: (cols + cols/32) floats
+    extern __shared__ __align__(16) float xsh[];  // SX: (cols + cols/8) floats: 36 per 32-column chunk
     const int lane = threadIdx.x % WARP;
     constexpr int OWN = PAIR ? GEMV_ROWS / 2 : GEMV_ROWS;  // output rows (or pairs) per warp
     const int row0 = warp * OWN;
@@ -195,9 +197,8 @@ __device__ void gemv_rows(const uint8_t* packed, const float* absmax, const uint
             for (int u = 0; u < 4; u++) {
                 const int c = 4 * (i0 + u * blockDim.x);
                 if (c < cols) {
-                    float* d = xsh + c + c / 32;  // c..c+3 share one 32-column group
-                    d[0] = round_to(v[u].x, C), d[1] = round_to(v[u].y, C);
-                    d[2] = round_to(v[u].z, C), d[3] = round_to(v[u].w, C);
+                    const float4 r = make_float4(round_to(v[u].x, C), round_to(v[u].y, C), round_to(v[u].z, C), round_to(v[u].w, C));
+                    *reinterpret_cast<float4*>(xsh + c + 4 * (c >> 5)) = r;  // c..c+3 share one chunk
                 }
             }
         }
@@ -216,14 +217,39 @@ __device__ void gemv_rows(const uint8_t* packed, const float* absmax, const uint
                 nxt[r] = load_stream(codes_of(r) + (chunk0[r] + c + WARP) * 16);
                 a_nxt[r] = absmax_of(r, (chunk0[r] + c + WARP) >> shift);
             }
+        if (SX) {
+            // Word by word over the chunk (8 weights of every row per word), so only the word's 8 x
+            // values are live, read as two 16-byte loads; each row's sums run in dot32's order.
+            const float4* xc = reinterpret_cast<const float4*>(xsh + 36 * c);
+            const char* base = reinterpret_cast<const char*>(lut);
+            float s0[GEMV_ROWS], s1[GEMV_ROWS];
+#pragma unroll
+            for (int r = 0; r < GEMV_ROWS; r++) s0[r] = 0.f, s1[r] = 0.f;
+#pragma unroll
+            for (int q4 = 0; q4 < 4; q4++) {
+                const float4 xa = xc[2 * q4], xb = xc[2 * q4 + 1];
+                const float x8[8] = {xa.x, xa.y, xa.z, xa.w, xb.x, xb.y, xb.z, xb.w};
+#pragma unroll
+                for (int r = 0; r < GEMV_ROWS; r++) {
+                    const uint32_t w = q4 == 0 ? cur[r].x : q4 == 1 ? cur[r].y : q4 == 2 ? cur[r].z : cur[r].w;
+                    const uint32_t hi4 = (w >> 2) & 0x3c3c3c3cu, lo4 = (w << 2) & 0x3c3c3c3cu;
+#pragma unroll
+                    for (int byte = 0; byte < 4; byte++) {
+                        const float hi = *reinterpret_cast<const float*>(base + __byte_perm(hi4, 0, 0x4440 + byte));
+                        const float lo = *reinterpret_cast<const float*>(base + __byte_perm(lo4, 0, 0x4440 + byte));
+                        s0[r] = fmaf(hi, x8[2 * byte], s0[r]);
+                        s1[r] = fmaf(lo, x8[2 * byte + 1], s1[r]);
+                    }
+                }
+            }
+#pragma unroll
+            for (int r = 0; r < GEMV_ROWS; r++) acc[r][0] += (s0[r] + s1[r]) * a_cur[r];
+        } else
 #pragma unroll
         for (int j = 0; j < M; j++) {
             if (j >= m) break;
             float xs[32];
-            if (SX) {
-#pragma unroll
-                for (int i = 0; i < 32; i++) xs[i] = xsh[33 * c + i];
-            } else {
+            {
                 const float4* xp = reinterpret_cast<const float4*>(x + (int64_t)j * cols + c * 32);
 #pragma unroll
                 for (int i = 0; i < 8; i++) {

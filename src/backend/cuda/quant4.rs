@@ -109,6 +109,12 @@ unsafe impl cudarc::driver::DeviceRepr for GemvTargets {}
 /// Shared memory the one-row GEMV kernels may take for x (set as their limit when the module loads).
 pub(super) const GEMV_MAX_X_SMEM: usize = 160 * 1024;
 
+/// Bytes of shared memory a one-row GEMV stages x in (kernels/nf4.cu `gemv_rows`): `cols` floats and
+/// 16 bytes of padding per 32-column chunk.
+pub(super) fn gemv_x_smem(cols: usize) -> usize {
+    (cols + cols / 32 * 4) * 4
+}
+
 /// The fused 4-bit kernels (kernels/nf4_gemm.cu), index 4·tile + 2·input-grad + bf16, tile as in
 /// [`GEMM_4BIT_TILES`].
 pub(super) const GEMM_4BIT: [&str; 8] = [
@@ -297,8 +303,8 @@ impl Cuda {
         // of two ≥ 32 values (the usual case; its dtype is in its name), else the any-size one (dtype
         // argument).
         let (kernel, cfg, any_size) = if cols % 32 == 0 && scale_per_32_values(*blocksize) {
-            // One row of x is staged in shared memory (cols + cols/32 floats) when it fits.
-            let x_smem = (cols + cols / 32) * 4;
+            // One row of x is staged in shared memory when it fits.
+            let x_smem = gemv_x_smem(*cols);
             let staged = m == 1 && x_smem <= GEMV_MAX_X_SMEM;
             // Two rows per warp when four would leave most warp slots empty (fewer than 8192 rows:
             // the 4096-row projections of a 7B model give 1024 warps for 132 SMs × 24 slots).
@@ -374,7 +380,7 @@ impl Cuda {
             && ws.iter().all(|w| key(w) == Some(first))
             && cols % 32 == 0
             && scale_per_32_values(blocksize)
-            && (cols + cols / 32) * 4 <= GEMV_MAX_X_SMEM
+            && gemv_x_smem(cols) <= GEMV_MAX_X_SMEM
     }
 
     /// Each weight's blocks in a `gemv_4bit_many_*` launch over weights of these row counts, and the
@@ -448,7 +454,7 @@ impl Cuda {
         LaunchConfig {
             grid_dim: (blocks as u32, 1, 1),
             block_dim: (GEMV_THREADS as u32, 1, 1),
-            shared_mem_bytes: ((cols + cols / 32) * 4) as u32,
+            shared_mem_bytes: gemv_x_smem(cols) as u32,
         }
     }
 
@@ -634,7 +640,7 @@ impl Cuda {
         let cfg = LaunchConfig {
             grid_dim: (rows.div_ceil(GEMV_ROWS_PER_WARP / 2).div_ceil(GEMV_THREADS / 32) as u32, 1, 1),
             block_dim: (GEMV_THREADS as u32, 1, 1),
-            shared_mem_bytes: ((cols + cols / 32) * 4) as u32,
+            shared_mem_bytes: gemv_x_smem(*cols) as u32,
         };
         let mut guards = Vec::new();
         let codes = self.codes4(up_packed, up_absmax, &mut guards);
