@@ -210,6 +210,52 @@ fn bandwidth(c: &mut Criterion) {
     g.finish();
 }
 
+/// The decoding GEMVs against a launch that only reads the same bytes (kernels/read_floor.cu), both
+/// cold: a ring of buffers (weights) of 200 MB or more, past the 50 MB L2, each launch reading the next,
+/// as decoding reads each layer's weights once per token. Launches back to back (a graph replays them
+/// so). Does any read-only launch of these sizes beat the GEMV's 1.3-1.8 TB/s, and with how many loads
+/// in flight per thread and blocks per SM?
+fn read_floor_vs_gemv(c: &mut Criterion) {
+    let be = gpu();
+    let mut sink = be.zeros(1);
+    for (name, rows, cols) in PROJ {
+        let bytes = rows * cols / 2 + rows * cols / 64 * 4;
+        let ring = (200usize << 20).div_ceil(bytes).max(2);
+        let mut g =
+            c.benchmark_group(format!("read floor, cold, {name} ({:.1} MB) x {ring} rotating", bytes as f64 / 1e6));
+        g.throughput(Throughput::Bytes(bytes as u64));
+        let floats = bytes.div_ceil(16) * 4;
+        let bufs: Vec<_> = (0..ring).map(|i| be.upload(&rnd(floats, 20 + i as u64, 1.0))).collect();
+        for unroll in [2, 4, 8, 16] {
+            for blocks_per_sm in [2, 4] {
+                g.bench_function(format!("read, {unroll} loads in flight, {blocks_per_sm} blocks/SM"), |b| {
+                    let mut k = 0;
+                    b.iter_custom(|iters| {
+                        back_to_back(be, iters, || {
+                            be.read_floor(&bufs[k % ring], unroll, blocks_per_sm, &mut sink);
+                            k += 1;
+                        })
+                    })
+                });
+            }
+        }
+        drop(bufs);
+        let ws: Vec<_> = (0..ring).map(|_| weights(rows, cols).0).collect();
+        let x = be.upload(&rnd(cols, 4, 1.0));
+        let mut y = be.zeros(rows);
+        g.bench_function("nf4 gemv", |b| {
+            let mut k = 0;
+            b.iter_custom(|iters| {
+                back_to_back(be, iters, || {
+                    be.linear(&x, &ws[k % ring], 1, &mut y);
+                    k += 1;
+                })
+            })
+        });
+        g.finish();
+    }
+}
+
 /// Wall time of `iters` calls of `launch` queued back to back with one synchronization after them (and
 /// one before, so earlier work is not counted): device time as a CUDA-graph replay measures it, without
 /// a synchronization per call (criterion's `iter_custom`).
@@ -468,6 +514,6 @@ fn optimizer_and_loss(c: &mut Criterion) {
 criterion_group! {
     name = benches;
     config = Criterion::default().sample_size(10).warm_up_time(std::time::Duration::from_millis(300)).measurement_time(std::time::Duration::from_secs(1));
-    targets = linear, dequantize, linear_by_m, gemv, bandwidth, norm_backward, attention, lora, optimizer_and_loss
+    targets = linear, dequantize, linear_by_m, gemv, read_floor_vs_gemv, bandwidth, norm_backward, attention, lora, optimizer_and_loss
 }
 criterion_main!(benches);

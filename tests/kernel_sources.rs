@@ -11,7 +11,7 @@ use std::path::Path;
 /// Device functions that call `grid_dependency_wait()` themselves (the GEMVs after reading only
 /// weights), so a kernel whose body calls one of them waits too (checked below against their
 /// definitions).
-const WAITING_HELPERS: &[&str] = &["gemv_rows", "gemv_many_block", "decode_inputs_at"];
+const WAITING_HELPERS: &[&str] = &["gemv_rows", "gemv_many_block", "decode_inputs_at", "read_floor"];
 
 /// The body of the function whose opening brace is at or after `from`: the text between its braces.
 fn body_after(src: &str, from: usize) -> &str {

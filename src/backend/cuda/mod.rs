@@ -181,6 +181,7 @@ mod offload;
 mod profile;
 mod qkv;
 mod quant4;
+mod read_floor;
 mod residual;
 mod shared_x;
 mod weights;
