@@ -3,7 +3,9 @@
 // which left open whether a read-only launch of our own can go faster). Each thread keeps UNROLL
 // 16-byte loads in flight, streamed past L1 as the GEMV streams its codes, and folds them into one
 // word, stored only if it equals a value the inputs never give, so no load is dropped. Used by
-// benches/gpu_kernels.rs (`read floor`) only; no op calls it. Launcher: Cuda::read_floor.
+// benches/gpu_kernels.rs (`read floor`) only; no op calls it. Launcher: Cuda::read_floor. H200,
+// session 38, cold: 2.10 TB/s on 9.4 MB and 3.20 TB/s on 25.4 MB, against the GEMV's 1.28 and ~1.6
+// (docs/PERF.md): the GEMV's loop, not one launch's read rate, is what bounds it.
 #include "common.cuh"
 
 __device__ __forceinline__ uint4 load_streamed(const uint4* p) {

@@ -6,8 +6,9 @@ use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 
 impl Cuda {
     /// One launch reading every byte of `buf` (its length a multiple of 4 floats) with `unroll`
-    /// (2, 4, 8 or 16) 16-byte loads in flight per thread, `blocks_per_sm` blocks of 256 threads per
-    /// SM (at most 2 to 3 fit: the kernels' launch bounds let ptxas keep every load in flight); `sink` `(1)` is written only in a case the inputs never give.
+    /// (2, 4, 8 or 16) 16-byte loads in flight per thread, in `blocks_per_sm` blocks of 256 threads
+    /// per SM (blocks past what fits at once wait for a second wave); `sink` `(1)` is written only in a
+    /// case the inputs never give.
     pub fn read_floor(&self, buf: &CudaSlice<f32>, unroll: usize, blocks_per_sm: usize, sink: &mut CudaSlice<f32>) {
         assert!(buf.len() % 4 == 0, "read_floor: whole 16-byte words");
         let kernel = match unroll {
