@@ -112,15 +112,27 @@ __device__ __forceinline__ uint4 load_stream(const uint8_t* p) {
     return u;
 }
 
+// The 16-entry code table of the row-blocked GEMVs: aligned to 256 bytes in shared memory, so that
+// an entry's shared address is the table's upper three address bytes with the entry's byte offset
+// (nibble × 4) as the low byte, and one byte permute builds it from a word of offsets (SASS, session
+// 39: with a base pointer, each lookup was a byte permute, an integer add and the load).
+struct CodeTable {
+    uint32_t base;  // shared address of entry 0; low byte 0
+    __device__ __forceinline__ float at(uint32_t offsets4, int byte) const {
+        float v;
+        asm volatile("ld.shared.f32 %0, [%1];" : "=f"(v) : "r"(__byte_perm(offsets4, base, 0x7650 + byte)));
+        return v;
+    }
+};
+
 // Σ over 32 columns of dequant(codes u, absmax a) · x, with x already rounded to the compute dtype,
 // as a · Σ code · x: the 32 values share one absmax, so it multiplies once per chunk, and the weights
 // are not rounded to the compute dtype (their products with x are exact in f32 up to the sum's
 // rounding; the dequantize + GEMM path rounds each weight first). The instruction count per weight
 // bounds this kernel (ncu, 2026-11-28: issue-bound at ~6 per weight with the per-weight multiply and
-// rounding), now ~3: one byte permute for the table offset, one shared load, one FMA.
-__device__ __forceinline__ float dot32(const uint4 u, float a, const float* lut, const float (&xs)[32]) {
+// rounding), now ~3: one byte permute for the entry's address, one shared load, one FMA.
+__device__ __forceinline__ float dot32(const uint4 u, float a, CodeTable lut, const float (&xs)[32]) {
     const uint32_t w4[4] = {u.x, u.y, u.z, u.w};
-    const char* base = reinterpret_cast<const char*>(lut);
     float s0 = 0.f, s1 = 0.f;  // two chains: shorter dependency on the adds
 #pragma unroll
     for (int q4 = 0; q4 < 4; q4++) {
@@ -128,10 +140,8 @@ __device__ __forceinline__ float dot32(const uint4 u, float a, const float* lut,
         const uint32_t hi4 = (w4[q4] >> 2) & 0x3c3c3c3cu, lo4 = (w4[q4] << 2) & 0x3c3c3c3cu;
 #pragma unroll
         for (int byte = 0; byte < 4; byte++) {
-            const float hi = *reinterpret_cast<const float*>(base + __byte_perm(hi4, 0, 0x4440 + byte));
-            const float lo = *reinterpret_cast<const float*>(base + __byte_perm(lo4, 0, 0x4440 + byte));
-            s0 = fmaf(hi, xs[q4 * 8 + 2 * byte], s0);
-            s1 = fmaf(lo, xs[q4 * 8 + 2 * byte + 1], s1);
+            s0 = fmaf(lut.at(hi4, byte), xs[q4 * 8 + 2 * byte], s0);
+            s1 = fmaf(lut.at(lo4, byte), xs[q4 * 8 + 2 * byte + 1], s1);
         }
     }
     return (s0 + s1) * a;
@@ -154,7 +164,8 @@ struct Codes4 {
 // outputs and swiglu_f32 would give them (each row's sum is the same computation either way).
 template <int C, int M, bool SX, int GEMV_ROWS, bool PAIR = false>
 __device__ void gemv_rows(const uint8_t* packed, const float* absmax, const uint8_t* absmax_q, const float* absmax2, const float* code256, float offset, const float* code16, int blocksize, const float* x, float* y, int m, int rows, int cols, int warp, Codes4 up = {}) {
-    __shared__ float lut[16];
+    __shared__ __align__(256) float lut[16];
+    const CodeTable table{(uint32_t)__cvta_generic_to_shared(lut)};
     extern __shared__ __align__(16) float xsh[];  // SX: (cols + cols/8) floats: 36 per 32-column chunk
     const int lane = threadIdx.x % WARP;
     constexpr int OWN = PAIR ? GEMV_ROWS / 2 : GEMV_ROWS;  // output rows (or pairs) per warp
@@ -165,21 +176,22 @@ __device__ void gemv_rows(const uint8_t* packed, const float* absmax, const uint
     const int shift = __ffs(blocksize / 32) - 1;
     // Row r's weight (a compile-time choice in the unrolled loops below).
     auto codes_of = [&](int r) { return PAIR && r >= OWN ? up.packed : packed; };
-    auto absmax_of = [&](int r, int64_t block) {
-        return PAIR && r >= OWN ? block_absmax(up.absmax, up.absmax_q, up.absmax2, code256, up.offset, block)
-                                : block_absmax(absmax, absmax_q, absmax2, code256, offset, block);
+    auto absmax_of = [&](int r, uint32_t block) {
+        return PAIR && r >= OWN ? block_absmax_u32(up.absmax, up.absmax_q, up.absmax2, code256, up.offset, block)
+                                : block_absmax_u32(absmax, absmax_q, absmax2, code256, offset, block);
     };
-    // A row past the end re-reads the last row (its sums are never stored).
-    int64_t chunk0[GEMV_ROWS];
+    // A row past the end re-reads the last row (its sums are never stored). Chunk indices are 32-bit
+    // (the launcher checks rows · cols / 32 < 2³¹): 64-bit ones cost ~1 address instruction per weight.
+    uint32_t chunk0[GEMV_ROWS];
 #pragma unroll
-    for (int r = 0; r < GEMV_ROWS; r++) chunk0[r] = (int64_t)min(row0 + r % OWN, rows - 1) * chunks;
+    for (int r = 0; r < GEMV_ROWS; r++) chunk0[r] = (uint32_t)min(row0 + r % OWN, rows - 1) * (uint32_t)chunks;
     // The first codes are requested before x is staged, so both latencies overlap.
     uint4 cur[GEMV_ROWS], nxt[GEMV_ROWS];
     float a_cur[GEMV_ROWS], a_nxt[GEMV_ROWS];  // each chunk's absmax, fetched with its codes
     if (row0 < rows && lane < chunks)
 #pragma unroll
         for (int r = 0; r < GEMV_ROWS; r++) {
-            cur[r] = load_stream(codes_of(r) + (chunk0[r] + lane) * 16);
+            cur[r] = load_stream(codes_of(r) + (uint64_t)(chunk0[r] + lane) * 16);
             a_cur[r] = absmax_of(r, (chunk0[r] + lane) >> shift);
         }
     load_lut(lut, code16);
@@ -215,14 +227,13 @@ __device__ void gemv_rows(const uint8_t* packed, const float* absmax, const uint
         if (c + WARP < chunks)
 #pragma unroll
             for (int r = 0; r < GEMV_ROWS; r++) {
-                nxt[r] = load_stream(codes_of(r) + (chunk0[r] + c + WARP) * 16);
+                nxt[r] = load_stream(codes_of(r) + (uint64_t)(chunk0[r] + c + WARP) * 16);
                 a_nxt[r] = absmax_of(r, (chunk0[r] + c + WARP) >> shift);
             }
         if (SX) {
             // Word by word over the chunk (8 weights of every row per word), so only the word's 8 x
             // values are live, read as two 16-byte loads; each row's sums run in dot32's order.
             const float4* xc = reinterpret_cast<const float4*>(xsh + 36 * c);
-            const char* base = reinterpret_cast<const char*>(lut);
             float s0[GEMV_ROWS], s1[GEMV_ROWS];
 #pragma unroll
             for (int r = 0; r < GEMV_ROWS; r++) s0[r] = 0.f, s1[r] = 0.f;
@@ -236,10 +247,8 @@ __device__ void gemv_rows(const uint8_t* packed, const float* absmax, const uint
                     const uint32_t hi4 = (w >> 2) & 0x3c3c3c3cu, lo4 = (w << 2) & 0x3c3c3c3cu;
 #pragma unroll
                     for (int byte = 0; byte < 4; byte++) {
-                        const float hi = *reinterpret_cast<const float*>(base + __byte_perm(hi4, 0, 0x4440 + byte));
-                        const float lo = *reinterpret_cast<const float*>(base + __byte_perm(lo4, 0, 0x4440 + byte));
-                        s0[r] = fmaf(hi, x8[2 * byte], s0[r]);
-                        s1[r] = fmaf(lo, x8[2 * byte + 1], s1[r]);
+                        s0[r] = fmaf(table.at(hi4, byte), x8[2 * byte], s0[r]);
+                        s1[r] = fmaf(table.at(lo4, byte), x8[2 * byte + 1], s1[r]);
                     }
                 }
             }
@@ -259,7 +268,7 @@ __device__ void gemv_rows(const uint8_t* packed, const float* absmax, const uint
                     xs[4 * i + 2] = round_to(v.z, C), xs[4 * i + 3] = round_to(v.w, C);
                 }
 #pragma unroll
-                for (int r = 0; r < GEMV_ROWS; r++) acc[r][j] += dot32(cur[r], a_cur[r], lut, xs);
+                for (int r = 0; r < GEMV_ROWS; r++) acc[r][j] += dot32(cur[r], a_cur[r], table, xs);
             }
         }
 #pragma unroll

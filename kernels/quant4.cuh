@@ -10,6 +10,11 @@
 __device__ __forceinline__ float block_absmax(const float* absmax, const uint8_t* absmax_q, const float* absmax2, const float* code256, float offset, int64_t blk) {
     return absmax_q ? code256[absmax_q[blk]] * absmax2[blk / 256] + offset : absmax[blk];
 }
+// The same with a 32-bit block index, for the decoding GEMVs' inner loop: unsigned 32-bit arithmetic
+// is a third of the address instructions of the signed 64-bit one (SASS, session 39).
+__device__ __forceinline__ float block_absmax_u32(const float* absmax, const uint8_t* absmax_q, const float* absmax2, const float* code256, float offset, uint32_t blk) {
+    return absmax_q ? code256[absmax_q[blk]] * absmax2[blk >> 8] + offset : absmax[blk];
+}
 
 // v rounded to the compute dtype (0 f32, 1 f16, 2 bf16), kept in an f32.
 __device__ __forceinline__ float round_to(float v, int compute) {

@@ -171,6 +171,12 @@ pub(super) fn scale_per_32_values(blocksize: usize) -> bool {
     blocksize >= 32 && blocksize.is_power_of_two()
 }
 
+/// Whether the row GEMVs' 32-bit code-chunk indices (16 bytes each, kernels/nf4.cu's gemv_rows) reach
+/// every chunk of a `rows` × `cols` weight: fewer than 2³¹ chunks, 68 billion weights.
+pub(super) fn gemv_chunks_fit_u32(rows: usize, cols: usize) -> bool {
+    (rows as u64) * (cols as u64 / 32) < 1 << 31
+}
+
 /// A compute dtype as the kernels' `compute` argument takes it (round_to in kernels/quant4.cuh).
 pub(super) fn dtype_code(c: ComputeDtype) -> i32 {
     match c {
@@ -302,7 +308,8 @@ impl Cuda {
         // The row-blocked kernel when every row starts on a 16-byte boundary and blocks span a power
         // of two ≥ 32 values (the usual case; its dtype is in its name), else the any-size one (dtype
         // argument).
-        let (kernel, cfg, any_size) = if cols % 32 == 0 && scale_per_32_values(*blocksize) {
+        let row_blocked = cols % 32 == 0 && scale_per_32_values(*blocksize) && gemv_chunks_fit_u32(*rows, *cols);
+        let (kernel, cfg, any_size) = if row_blocked {
             // One row of x is staged in shared memory when it fits.
             let x_smem = gemv_x_smem(*cols);
             let staged = m == 1 && x_smem <= GEMV_MAX_X_SMEM;
@@ -381,6 +388,7 @@ impl Cuda {
             && cols % 32 == 0
             && scale_per_32_values(blocksize)
             && gemv_x_smem(cols) <= GEMV_MAX_X_SMEM
+            && ws.iter().all(|w| matches!(w, CudaWeight::Quant4 { rows, .. } if gemv_chunks_fit_u32(*rows, cols)))
     }
 
     /// Each weight's blocks in a `gemv_4bit_many_*` launch over weights of these row counts, and the
