@@ -125,6 +125,13 @@ struct CodeTable {
     }
 };
 
+// One entry of the one-row GEMVs' f16 pair table (gemv_rows) at a shared address.
+__device__ __forceinline__ __half2 half_pair(uint32_t addr) {
+    uint32_t v;
+    asm volatile("ld.shared.b32 %0, [%1];" : "=r"(v) : "r"(addr));
+    return *reinterpret_cast<__half2*>(&v);
+}
+
 // Σ over 32 columns of dequant(codes u, absmax a) · x, with x already rounded to the compute dtype,
 // as a · Σ code · x: the 32 values share one absmax, so it multiplies once per chunk, and the weights
 // are not rounded to the compute dtype (their products with x are exact in f32 up to the sum's
@@ -166,6 +173,16 @@ template <int C, int M, bool SX, int GEMV_ROWS, bool PAIR = false>
 __device__ void gemv_rows(const uint8_t* packed, const float* absmax, const uint8_t* absmax_q, const float* absmax2, const float* code256, float offset, const float* code16, int blocksize, const float* x, float* y, int m, int rows, int cols, int warp, Codes4 up = {}) {
     __shared__ __align__(256) float lut[16];
     const CodeTable table{(uint32_t)__cvta_generic_to_shared(lut)};
+    // HALF (a one-row GEMV in a 16-bit compute dtype): each code byte's two values as one f16 pair
+    // (high nibble's in the low half), in 32 copies side by side (256 entries × 32 copies × 4 bytes =
+    // 32 KB) so that lane l's copy l puts a warp's loads on the 32 banks once whatever the bytes: one
+    // shared-memory wavefront per 64 weights where the f32 table takes two (ncu, session 39: the
+    // shared-memory queue is the GEMVs' second stall, and halving the load instructions alone with an
+    // f32 pair table did not pay). The codes rounded to f16 (2⁻¹² relative) are what bitsandbytes'
+    // GEMV multiplies by too; the f32 compute dtype keeps the exact f32 table.
+    constexpr bool HALF = SX && M == 1 && C != 0;
+    __shared__ __align__(16) uint32_t half_pairs[HALF ? 256 * WARP : 1];
+    const uint32_t pair_lane = (uint32_t)__cvta_generic_to_shared(half_pairs) + (threadIdx.x % WARP) * 4;
     extern __shared__ __align__(16) float xsh[];  // SX: (cols + cols/8) floats: 36 per 32-column chunk
     const int lane = threadIdx.x % WARP;
     constexpr int OWN = PAIR ? GEMV_ROWS / 2 : GEMV_ROWS;  // output rows (or pairs) per warp
@@ -195,6 +212,21 @@ __device__ void gemv_rows(const uint8_t* packed, const float* absmax, const uint
             a_cur[r] = absmax_of(r, (chunk0[r] + lane) >> shift);
         }
     load_lut(lut, code16);
+    if constexpr (HALF) {
+        // Four copies per 16-byte store, 8 stores per thread (GEMV_THREADS threads, as every launcher
+        // takes): store j of thread t is entry b = t/8 + 32j, whose low nibble t/8 % 16 is the same
+        // for all 8 and high nibble t/128 + 2j; the nine loads go out together.
+        const float lo = code16[(threadIdx.x / 8) % 16];
+        float hi[8];
+#pragma unroll
+        for (int j = 0; j < 8; j++) hi[j] = code16[threadIdx.x / 128 + 2 * j];
+#pragma unroll
+        for (int j = 0; j < 8; j++) {
+            const __half2 h = __floats2half2_rn(hi[j], lo);
+            const uint32_t v = *reinterpret_cast<const uint32_t*>(&h);
+            reinterpret_cast<uint4*>(half_pairs)[threadIdx.x + j * GEMV_THREADS] = make_uint4(v, v, v, v);
+        }
+    }
     // Everything above reads only the weight and the code tables; x is the previous kernel's output.
     grid_dependency_wait();
     allow_dependent_launch();
@@ -244,11 +276,20 @@ __device__ void gemv_rows(const uint8_t* packed, const float* absmax, const uint
 #pragma unroll
                 for (int r = 0; r < GEMV_ROWS; r++) {
                     const uint32_t w = q4 == 0 ? cur[r].x : q4 == 1 ? cur[r].y : q4 == 2 ? cur[r].z : cur[r].w;
-                    const uint32_t hi4 = (w >> 2) & 0x3c3c3c3cu, lo4 = (w << 2) & 0x3c3c3c3cu;
+                    if constexpr (HALF) {
 #pragma unroll
-                    for (int byte = 0; byte < 4; byte++) {
-                        s0[r] = fmaf(table.at(hi4, byte), x8[2 * byte], s0[r]);
-                        s1[r] = fmaf(table.at(lo4, byte), x8[2 * byte + 1], s1[r]);
+                        for (int byte = 0; byte < 4; byte++) {
+                            const float2 v = __half22float2(half_pair(pair_lane + __byte_perm(w, 0, 0x4440 + byte) * (WARP * 4)));
+                            s0[r] = fmaf(v.x, x8[2 * byte], s0[r]);
+                            s1[r] = fmaf(v.y, x8[2 * byte + 1], s1[r]);
+                        }
+                    } else {
+                        const uint32_t hi4 = (w >> 2) & 0x3c3c3c3cu, lo4 = (w << 2) & 0x3c3c3c3cu;
+#pragma unroll
+                        for (int byte = 0; byte < 4; byte++) {
+                            s0[r] = fmaf(table.at(hi4, byte), x8[2 * byte], s0[r]);
+                            s1[r] = fmaf(table.at(lo4, byte), x8[2 * byte + 1], s1[r]);
+                        }
                     }
                 }
             }
