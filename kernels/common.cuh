@@ -113,6 +113,15 @@ __device__ __forceinline__ float uniform_pm1(uint64_t seed, uint64_t idx) {
 
 // A shared-memory pointer as the 32-bit address cp.async, ldmatrix and wgmma descriptors take.
 __device__ __forceinline__ uint32_t smem_addr(const void* p) { return (uint32_t)__cvta_generic_to_shared(p); }
+
+// 16 bytes read once, past L1 (read-only, no L1 allocation): the decoding GEMVs' codes (nf4.cu) and
+// the read floor they are measured against (read_floor.cu).
+__device__ __forceinline__ uint4 load_stream(const void* p) {
+    uint4 u;
+    asm("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];" : "=r"(u.x), "=r"(u.y), "=r"(u.z), "=r"(u.w) : "l"(p));
+    return u;
+}
+
 // 16 bytes global → shared without registers; `valid` false fills zeros (src is then not read).
 __device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, bool valid) {
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(valid ? 16 : 0) : "memory");

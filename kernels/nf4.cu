@@ -106,12 +106,6 @@ extern "C" __global__ void gemv_4bit_f32(const uint8_t* packed, const float* abs
 // read through L1. Template parameters: compute dtype C (0 f32, 1 f16, 2 bf16) and rows of x M.
 #define GEMV_THREADS 256
 
-__device__ __forceinline__ uint4 load_stream(const uint8_t* p) {
-    uint4 u;
-    asm("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];" : "=r"(u.x), "=r"(u.y), "=r"(u.z), "=r"(u.w) : "l"(p));
-    return u;
-}
-
 // The 16-entry code table of the row-blocked GEMVs: aligned to 256 bytes in shared memory, so that
 // an entry's shared address is the table's upper three address bytes with the entry's byte offset
 // (nibble × 4) as the low byte, and one byte permute builds it from a word of offsets (SASS, session
@@ -172,7 +166,7 @@ struct Codes4 {
 template <int C, int M, bool SX, int GEMV_ROWS, bool PAIR = false>
 __device__ void gemv_rows(const uint8_t* packed, const float* absmax, const uint8_t* absmax_q, const float* absmax2, const float* code256, float offset, const float* code16, int blocksize, const float* x, float* y, int m, int rows, int cols, int warp, Codes4 up = {}) {
     __shared__ __align__(256) float lut[16];
-    const CodeTable table{(uint32_t)__cvta_generic_to_shared(lut)};
+    const CodeTable table{smem_addr(lut)};
     // HALF (a one-row GEMV in a 16-bit compute dtype): each code byte's two values as one f16 pair
     // (high nibble's in the low half), in 32 copies side by side (256 entries × 32 copies × 4 bytes =
     // 32 KB) so that lane l's copy l puts a warp's loads on the 32 banks once whatever the bytes: one
@@ -182,7 +176,7 @@ __device__ void gemv_rows(const uint8_t* packed, const float* absmax, const uint
     // GEMV multiplies by too; the f32 compute dtype keeps the exact f32 table.
     constexpr bool HALF = SX && M == 1 && C != 0;
     __shared__ __align__(16) uint32_t half_pairs[HALF ? 256 * WARP : 1];
-    const uint32_t pair_lane = (uint32_t)__cvta_generic_to_shared(half_pairs) + (threadIdx.x % WARP) * 4;
+    const uint32_t pair_lane = smem_addr(half_pairs) + (threadIdx.x % WARP) * 4;
     extern __shared__ __align__(16) float xsh[];  // SX: (cols + cols/8) floats: 36 per 32-column chunk
     const int lane = threadIdx.x % WARP;
     constexpr int OWN = PAIR ? GEMV_ROWS / 2 : GEMV_ROWS;  // output rows (or pairs) per warp

@@ -8,14 +8,6 @@
 // (docs/PERF.md): the GEMV's loop, not one launch's read rate, is what bounds it.
 #include "common.cuh"
 
-__device__ __forceinline__ uint4 load_streamed(const uint4* p) {
-    uint4 u;
-    asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
-                 : "=r"(u.x), "=r"(u.y), "=r"(u.z), "=r"(u.w)
-                 : "l"(p));
-    return u;
-}
-
 template <int UNROLL>
 __device__ void read_floor(const uint4* p, int64_t n, uint32_t* sink) {
     grid_dependency_wait();
@@ -26,12 +18,12 @@ __device__ void read_floor(const uint4* p, int64_t n, uint32_t* sink) {
     for (; base + span < n; base += stride) {
         uint4 v[UNROLL];
 #pragma unroll
-        for (int k = 0; k < UNROLL; ++k) v[k] = load_streamed(p + base + (int64_t)k * blockDim.x);
+        for (int k = 0; k < UNROLL; ++k) v[k] = load_stream(p + base + (int64_t)k * blockDim.x);
 #pragma unroll
         for (int k = 0; k < UNROLL; ++k) acc ^= v[k].x ^ v[k].y ^ v[k].z ^ v[k].w;
     }
     for (int k = 0; k < UNROLL && base + (int64_t)k * blockDim.x < n; ++k) {
-        const uint4 v = load_streamed(p + base + (int64_t)k * blockDim.x);
+        const uint4 v = load_stream(p + base + (int64_t)k * blockDim.x);
         acc ^= v.x ^ v.y ^ v.z ^ v.w;
     }
     if (acc == 0x9e3779b9u) sink[0] = acc;

@@ -662,3 +662,22 @@ impl Cuda {
         drop(guards);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::gemv_chunks_fit_u32;
+
+    /// The row GEMVs index 16-byte code chunks in 32 bits: every product of a 70B model fits, and the
+    /// launcher refuses exactly from 2³¹ chunks on.
+    #[test]
+    fn row_gemv_chunk_indices_fit_32_bits_below_2_pow_31_chunks() {
+        // Llama-2-70B's largest weights (MLP 28,672 × 8,192) and a 128k-token LM head.
+        assert!(gemv_chunks_fit_u32(28_672, 8_192));
+        assert!(gemv_chunks_fit_u32(128_256, 8_192));
+        // 2³¹ − 2¹⁵ chunks, then 2³¹ (cols / 32 = 2¹⁵ chunks per row).
+        assert!(gemv_chunks_fit_u32((1 << 16) - 1, 1 << 20));
+        assert!(!gemv_chunks_fit_u32(1 << 16, 1 << 20));
+        // Columns past a whole chunk do not count (those products take the any-size kernel anyway).
+        assert!(!gemv_chunks_fit_u32(1 << 16, (1 << 20) + 31));
+    }
+}
