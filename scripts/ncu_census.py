@@ -1,7 +1,11 @@
 #!/usr/bin/env python3
 """Every kernel of a run, summed by name, from ncu's raw CSV (`scripts/gpu-session.sh census`).
 
-Usage: ncu_census.py CSV[.gz] [ROWS]
+Usage: ncu_census.py CSV[.gz] [ROWS] [--from KERNEL]
+
+--from KERNEL counts only the launches after KERNEL's first and prints each kernel's time per launch
+of KERNEL too: for a decode, `--from argmax_f32` leaves out the prompt's prefill and gives the time
+per generated token (each token ends with one argmax).
 
 The CSV is what `ncu --csv --page raw --metrics gpu__time_duration.sum,dram__bytes_read.sum,
 dram__bytes_write.sum,lts__t_bytes.sum` wrote (its own warnings first). Prints the kernels' total
@@ -48,24 +52,44 @@ def kernel_label(name):
 
 
 def main():
-    if len(sys.argv) < 2:
+    args = sys.argv[1:]
+    start = None
+    if "--from" in args:
+        i = args.index("--from")
+        if i + 1 >= len(args):
+            sys.exit(__doc__)
+        start = args[i + 1]
+        del args[i : i + 2]
+    if not args:
         sys.exit(__doc__)
-    top = int(sys.argv[2]) if len(sys.argv) > 2 else 40
+    top = int(args[1]) if len(args) > 1 else 40
     totals = collections.defaultdict(lambda: [0, 0.0, 0.0, 0.0])  # launches, seconds, DRAM bytes, L2 bytes
     launches, seconds = 0, 0.0
-    for name, (t, dram_read, dram_write, l2) in rows_of(sys.argv[1]):
-        k = totals[kernel_label(name)]
+    counting, periods = start is None, 0
+    for name, (t, dram_read, dram_write, l2) in rows_of(args[0]):
+        label = kernel_label(name)
+        if not counting:
+            counting = label == start
+            continue
+        periods += label == start
+        k = totals[label]
         k[0] += 1
         k[1] += t
         k[2] += dram_read + dram_write
         k[3] += l2
         launches += 1
         seconds += t
-    print(f"{launches} kernels, {seconds * 1e3:.1f} ms of kernel time")
-    print(f"{'kernel':52s} {'launches':>8s} {'total ms':>9s} {'µs each':>8s} {'DRAM MB':>8s} {'TB/s':>6s} {'L2 MB':>8s}")
+    if start is not None and periods == 0:
+        sys.exit(f"{args[0]}: no launch of {start} after its first")
+    per = max(periods, 1)
+    print(f"{launches} kernels, {seconds * 1e3:.1f} ms of kernel time", end="")
+    print(f"; {periods} {start} periods: {seconds * 1e3 / per:.3f} ms each" if start else "")
+    head = f"{'kernel':52s} {'launches':>8s} {'total ms':>9s} {'µs each':>8s} {'DRAM MB':>8s} {'TB/s':>6s} {'L2 MB':>8s}"
+    print(head + (f" {'µs/period':>9s}" if start else ""))
     for label, (n, t, dram, l2) in sorted(totals.items(), key=lambda kv: -kv[1][1])[:top]:
         rate = dram / t / 1e12 if t else 0.0
-        print(f"{label[:52]:52s} {n:8d} {t * 1e3:9.2f} {t / n * 1e6:8.1f} {dram / n / 1e6:8.1f} {rate:6.2f} {l2 / n / 1e6:8.1f}")
+        line = f"{label[:52]:52s} {n:8d} {t * 1e3:9.2f} {t / n * 1e6:8.1f} {dram / n / 1e6:8.1f} {rate:6.2f} {l2 / n / 1e6:8.1f}"
+        print(line + (f" {t / per * 1e6:9.1f}" if start else ""))
 
 
 if __name__ == "__main__":
