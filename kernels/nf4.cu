@@ -102,7 +102,8 @@ extern "C" __global__ void gemv_4bit_f32(const uint8_t* packed, const float* abs
 // so that each lane reads its own chunk's x as eight 16-byte loads and the eight lanes that share one
 // such load's wavefront hit eight different groups of four banks (the padding used to be one float
 // per 32, for 32 scalar loads per chunk; ncu, session 38: the shared-memory waits were the kernel's
-// first stall, and the 16-byte loads gave +3.2% decoding); without SX (up to 8 rows, rarer) x is
+// first stall, and the 16-byte loads gave +3.2% decoding); in a 16-bit compute dtype as scaled f16
+// instead, four 16-byte loads per chunk (stage_x_half); without SX (up to 8 rows, rarer) x is
 // read through L1. Template parameters: compute dtype C (0 f32, 1 f16, 2 bf16) and rows of x M.
 #define GEMV_THREADS 256
 
@@ -197,7 +198,7 @@ __device__ void gemv_rows(const uint8_t* packed, const float* absmax, const uint
     // 32 KB) so that lane l's copy l puts a warp's loads on the 32 banks once whatever the bytes: one
     // shared-memory wavefront per 64 weights where the f32 table takes two (ncu, session 39: the
     // shared-memory queue is the GEMVs' second stall, and halving the load instructions alone with an
-    // f32 pair table did not pay). The codes rounded to f16 (2⁻¹² relative) are what bitsandbytes'
+    // f32 pair table did not pay; this table gave +8.5% decoding, session 40). The codes rounded to f16 (2⁻¹² relative) are what bitsandbytes'
     // GEMV multiplies by too; the f32 compute dtype keeps the exact f32 table.
     constexpr bool HALF = SX && M == 1 && C != 0;
     __shared__ __align__(16) uint32_t half_pairs[HALF ? 256 * WARP : 1];
