@@ -189,7 +189,11 @@ struct Codes4 {
 // GEMV_ROWS/2 rows are rows of the first weight (gate), the others the same rows of `up`, and the warp
 // writes y[i] = silu(gate_i) · up_i with both rounded to the compute dtype first, as the two GEMVs'
 // outputs and swiglu_f32 would give them (each row's sum is the same computation either way).
-template <int C, int M, bool SX, int GEMV_ROWS, bool PAIR = false>
+// KSPLIT = 2 (one row of x, no PAIR): the block's warps in two halves over the same rows, half h
+// taking the 32-chunk strides h, h + 2, …, so each row's chunks are split between two warps; half 1
+// hands its lanes' sums to half 0 through shared memory, which adds them lane by lane before the warp
+// sum (`warp` then numbers row groups: GEMV_THREADS / WARP / 2 per block).
+template <int C, int M, bool SX, int GEMV_ROWS, bool PAIR = false, int KSPLIT = 1>
 __device__ void gemv_rows(const uint8_t* packed, const float* absmax, const uint8_t* absmax_q, const float* absmax2, const float* code256, float offset, const float* code16, int blocksize, const float* x, float* y, int m, int rows, int cols, int warp, Codes4 up = {}) {
     __shared__ __align__(256) float lut[16];
     const CodeTable table{smem_addr(lut)};
@@ -207,6 +211,9 @@ __device__ void gemv_rows(const uint8_t* packed, const float* absmax, const uint
     const int lane = threadIdx.x % WARP;
     constexpr int OWN = PAIR ? GEMV_ROWS / 2 : GEMV_ROWS;  // output rows (or pairs) per warp
     const int row0 = warp * OWN;
+    static_assert(KSPLIT == 1 || (KSPLIT == 2 && M == 1 && SX && !PAIR), "the column split takes one staged row of x");
+    const int half = KSPLIT == 1 ? 0 : (int)(threadIdx.x / WARP) / (GEMV_THREADS / WARP / KSPLIT);
+    const int first = lane + half * WARP;  // this lane's first chunk
     const int chunks = cols / 32;  // 16-byte code chunks per row
     // Chunk c's absmax block is c >> shift: blocksize is a power of two (the launcher checks), and a
     // runtime division per chunk and row cost ~12 instructions next to the ~100 of its dot product.
@@ -225,11 +232,11 @@ __device__ void gemv_rows(const uint8_t* packed, const float* absmax, const uint
     // The first codes are requested before x is staged, so both latencies overlap.
     uint4 cur[GEMV_ROWS], nxt[GEMV_ROWS];
     float a_cur[GEMV_ROWS], a_nxt[GEMV_ROWS];  // each chunk's absmax, fetched with its codes
-    if (row0 < rows && lane < chunks)
+    if (row0 < rows && first < chunks)
 #pragma unroll
         for (int r = 0; r < GEMV_ROWS; r++) {
-            cur[r] = load_stream(codes_of(r) + (uint64_t)(chunk0[r] + lane) * 16);
-            a_cur[r] = absmax_of(r, (chunk0[r] + lane) >> shift);
+            cur[r] = load_stream(codes_of(r) + (uint64_t)(chunk0[r] + first) * 16);
+            a_cur[r] = absmax_of(r, (chunk0[r] + first) >> shift);
         }
     load_lut(lut, code16);
     if constexpr (HALF) {
@@ -272,18 +279,20 @@ __device__ void gemv_rows(const uint8_t* packed, const float* absmax, const uint
         }
     }
     __syncthreads();
-    if (row0 >= rows) return;
+    // A split block's warps past the last row stay for its barrier below (their loop reads the last
+    // row again, their sums are never stored).
+    if (KSPLIT == 1 && row0 >= rows) return;
     float acc[GEMV_ROWS][M];
 #pragma unroll
     for (int r = 0; r < GEMV_ROWS; r++)
 #pragma unroll
         for (int j = 0; j < M; j++) acc[r][j] = 0.f;
-    for (int c = lane; c < chunks; c += WARP) {
-        if (c + WARP < chunks)
+    for (int c = first; c < chunks; c += KSPLIT * WARP) {
+        if (c + KSPLIT * WARP < chunks)
 #pragma unroll
             for (int r = 0; r < GEMV_ROWS; r++) {
-                nxt[r] = load_stream(codes_of(r) + (uint64_t)(chunk0[r] + c + WARP) * 16);
-                a_nxt[r] = absmax_of(r, (chunk0[r] + c + WARP) >> shift);
+                nxt[r] = load_stream(codes_of(r) + (uint64_t)(chunk0[r] + c + KSPLIT * WARP) * 16);
+                a_nxt[r] = absmax_of(r, (chunk0[r] + c + KSPLIT * WARP) >> shift);
             }
         if constexpr (HALF) {
             // Word by word over the chunk: a word's 8 x values (scaled f16, one 16-byte load) serve
@@ -366,6 +375,17 @@ __device__ void gemv_rows(const uint8_t* packed, const float* absmax, const uint
             if (lane == 0 && row0 + r < rows) y[row0 + r] = swiglu1(g, u);
         }
     } else {
+        if constexpr (KSPLIT == 2) {
+            __shared__ float part[GEMV_ROWS][GEMV_THREADS / 2];  // half 1's lane sums, row-major: no bank conflicts
+            const int slot = threadIdx.x % (GEMV_THREADS / 2);
+            if (half == 1)
+#pragma unroll
+                for (int r = 0; r < GEMV_ROWS; r++) part[r][slot] = acc[r][0];
+            __syncthreads();
+            if (half == 1) return;
+#pragma unroll
+            for (int r = 0; r < GEMV_ROWS; r++) acc[r][0] += part[r][slot];
+        }
         store_rows<GEMV_ROWS, M>(acc, y, row0, rows, m, C);
     }
 }
@@ -393,6 +413,21 @@ GEMV_ROWS_KERNEL(gemv_4bit_rows_bf16_m1_r2_two_per_sm, 2, 1, true, 2, 2)
 GEMV_ROWS_KERNEL(gemv_4bit_rows_f32_m8, 0, 8, false, 4, 1)
 GEMV_ROWS_KERNEL(gemv_4bit_rows_f16_m8, 1, 8, false, 4, 1)
 GEMV_ROWS_KERNEL(gemv_4bit_rows_bf16_m8, 2, 8, false, 4, 1)
+
+// Matrices of few rows (o and down of a 7B model: 4,096) at four rows per warp and each row's columns
+// split between two warps (KSPLIT): 16 rows per block, 256 blocks of 8 warps for 4,096 rows, two per
+// SM with up to 128 registers. Against the `_two_per_sm` kernels (two rows per warp, whole rows):
+// the same blocks and warps, twice the code bytes in flight per warp, half the chunks per lane, and x
+// read once per four rows instead of two (ncu census, session 40: those kernels read at 1.65 TB/s
+// where the four-row ones reach 2.3–2.4).
+#define GEMV_SPLIT_KERNEL(name, C) \
+    extern "C" __global__ void __launch_bounds__(GEMV_THREADS, 2) name(const uint8_t* packed, const float* absmax, const uint8_t* absmax_q, const float* absmax2, const float* code256, float offset, const float* code16, int blocksize, const float* x, float* y, int m, int rows, int cols) { \
+        const int warp = blockIdx.x * (GEMV_THREADS / WARP / 2) + (int)(threadIdx.x / WARP) % (GEMV_THREADS / WARP / 2); \
+        gemv_rows<C, 1, true, 4, false, 2>(packed, absmax, absmax_q, absmax2, code256, offset, code16, blocksize, x, y, m, rows, cols, warp); \
+    }
+GEMV_SPLIT_KERNEL(gemv_4bit_rows_f32_m1_split, 0)
+GEMV_SPLIT_KERNEL(gemv_4bit_rows_f16_m1_split, 1)
+GEMV_SPLIT_KERNEL(gemv_4bit_rows_bf16_m1_split, 2)
 
 // Decoding's MLP without LoRA on gate/up: y = silu(x·Gᵀ) · (x·Uᵀ) for one row of x in one launch
 // (Backend::linear_swiglu) instead of two GEMVs and swiglu_f32; two pairs of rows per warp.

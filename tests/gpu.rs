@@ -1307,7 +1307,7 @@ fn fused_4bit_matmul_matches_the_cpu_and_the_second_path() {
 /// The decoding GEMVs (kernels/nf4.cu `gemv_4bit_rows_*`) against the CPU at 1, 3 and 8 rows of x:
 /// each shape's projections, up to 4,099 rows of its head, and 6,000 rows, which at two rows per warp
 /// is more blocks than two per SM on the H100 and H200 (the 80-register kernel; 4,096 and 4,099 rows
-/// take the `_two_per_sm` one). Output poisoned.
+/// take the column-split one, or with it switched off the `_two_per_sm` one). Output poisoned.
 #[test]
 fn small_m_4bit_gemv_for_decoding() {
     let mut rng = rand::rngs::StdRng::seed_from_u64(15);
@@ -1330,14 +1330,19 @@ fn small_m_4bit_gemv_for_decoding() {
                     let x = rnd(&mut rng, m * cols, 1.0);
                     let mut y1 = vec![0.0; m * rows];
                     CPU.linear(&x, &cw, m, &mut y1);
-                    let mut y2 = poisoned(m * rows);
-                    gpu().linear(&gpu().upload(&x), &gw, m, &mut y2);
-                    check(
-                        &format!("{} gemv m={m} {rows}x{cols} {qt:?} dq={dq} {c:?}", s.name),
-                        &gpu().download(&y2),
-                        &y1,
-                        tol,
-                    );
+                    // With and without the column-split kernel for few rows (it takes one row of x).
+                    for split in [true, false] {
+                        gpu().set_gemv_split(split);
+                        let mut y2 = poisoned(m * rows);
+                        gpu().linear(&gpu().upload(&x), &gw, m, &mut y2);
+                        check(
+                            &format!("{} gemv m={m} {rows}x{cols} {qt:?} dq={dq} {c:?} split={split}", s.name),
+                            &gpu().download(&y2),
+                            &y1,
+                            tol,
+                        );
+                    }
+                    gpu().set_gemv_split(true);
                 }
             }
         }

@@ -83,6 +83,10 @@ pub struct Cuda {
     /// (`gemv_4bit_many_*`), gate/up with SwiGLU (`gemv_4bit_swiglu_*`); `LLAMATUNE_GEMV_MANY=0`: a
     /// launch per weight.
     gemv_many: std::sync::atomic::AtomicBool,
+    /// [`Cuda::set_gemv_split`]: one-row GEMVs of few rows (a 7B model's o and down) at four rows
+    /// per warp with each row's columns split between two warps (`LLAMATUNE_GEMV_SPLIT=0`: two rows
+    /// per warp).
+    gemv_split: std::sync::atomic::AtomicBool,
     /// [`Backend::keep_weight_expansions`]: a replayed layer's 4-bit weight expansions, held for its
     /// input gradients (`LLAMATUNE_KEEP_EXPANDED=0` ignores the hint).
     kept: std::sync::Mutex<gemm::KeptExpansions>,
@@ -198,7 +202,8 @@ pub use mlp::MlpActs;
 pub use offload::Offloaded;
 pub use quant4::{Fused4bit, FUSED_4BIT_MAX_M};
 use quant4::{
-    GEMM_4BIT, GEMM_4BIT_TILES, GEMV_MANY, GEMV_MANY_LORA, GEMV_MAX_M, GEMV_MAX_X_SMEM, GEMV_ONE_ROW, GEMV_SWIGLU,
+    GEMM_4BIT, GEMM_4BIT_TILES, GEMV_MANY, GEMV_MANY_LORA, GEMV_MAX_M, GEMV_MAX_X_SMEM, GEMV_ONE_ROW, GEMV_SPLIT,
+    GEMV_SWIGLU,
 };
 pub use weights::{CudaWeight, DenseData, DeviceAbsmax};
 use xent::{xent_stream_smem, XentIo, XENT_REG_VALUES, XENT_STREAM};
@@ -270,7 +275,8 @@ impl Cuda {
         for (name, hd) in [("flash_bwd_hd64", 64), ("flash_bwd_hd128", 128)] {
             funcs[name].set_attribute(attr, flash_bwd_smem(hd, true) as i32).map_err(dev_err)?;
         }
-        for name in GEMV_ONE_ROW.iter().chain(&GEMV_MANY).chain(&GEMV_MANY_LORA).chain(&GEMV_SWIGLU) {
+        for name in GEMV_ONE_ROW.iter().chain(&GEMV_SPLIT).chain(&GEMV_MANY).chain(&GEMV_MANY_LORA).chain(&GEMV_SWIGLU)
+        {
             funcs[*name].set_attribute(attr, GEMV_MAX_X_SMEM as i32).map_err(dev_err)?;
         }
         for (name, smem) in SplitKernel::all() {
@@ -352,6 +358,7 @@ impl Cuda {
         let lora_b_gemm = switch_on("LLAMATUNE_LORA_B_GEMM").into();
         let lora_b_concat = switch_on("LLAMATUNE_LORA_B_CONCAT").into();
         let gemv_many = switch_on("LLAMATUNE_GEMV_MANY").into();
+        let gemv_split = switch_on("LLAMATUNE_GEMV_SPLIT").into();
         let dequant_seg = switch_on("LLAMATUNE_DEQUANT_SEG").into();
         let zero_many = switch_on("LLAMATUNE_ZERO_MANY").into();
         let kept = gemm::KeptExpansions::new(switch_on("LLAMATUNE_KEEP_EXPANDED")).into();
@@ -387,6 +394,7 @@ impl Cuda {
             lora_b_gemm,
             lora_b_concat,
             gemv_many,
+            gemv_split,
             kept,
             small_operands: Default::default(),
             dequant_seg,

@@ -35,6 +35,14 @@ pub(super) const GEMV_ONE_ROW: [&str; 9] = [
     "gemv_4bit_rows_bf16_m1_r2_two_per_sm",
 ];
 
+/// The one-row GEMVs for matrices of few rows (kernels/nf4.cu `gemv_4bit_rows_*_m1_split`), indexed by
+/// compute dtype: four rows per warp, each row's columns split between two warps, 16 rows per block.
+pub(super) const GEMV_SPLIT: [&str; 3] =
+    ["gemv_4bit_rows_f32_m1_split", "gemv_4bit_rows_f16_m1_split", "gemv_4bit_rows_bf16_m1_split"];
+
+/// Output rows per block of [`GEMV_SPLIT`]'s kernels.
+const GEMV_SPLIT_ROWS_PER_BLOCK: usize = 16;
+
 pub(super) const GEMV_FEW_ROWS: [&str; 3] =
     ["gemv_4bit_rows_f32_m8", "gemv_4bit_rows_f16_m8", "gemv_4bit_rows_bf16_m8"];
 
@@ -317,9 +325,17 @@ impl Cuda {
             // the 4096-row projections of a 7B model give 1024 warps for 132 SMs × 24 slots).
             let two_rows = staged && *rows < 8192;
             let warps = rows.div_ceil(if two_rows { 2 } else { GEMV_ROWS_PER_WARP });
-            let blocks = warps.div_ceil(GEMV_THREADS / 32);
+            let mut blocks = warps.div_ceil(GEMV_THREADS / 32);
+            let split_blocks = rows.div_ceil(GEMV_SPLIT_ROWS_PER_BLOCK);
+            let split = self.gemv_split.load(std::sync::atomic::Ordering::Relaxed);
             let kernel = match (staged, two_rows) {
                 (true, false) => GEMV_ONE_ROW[compute as usize],
+                // Where two blocks per SM hold the launch, four rows per warp with each row's columns
+                // split between two warps (the same blocks, twice the bytes in flight per warp).
+                (true, true) if split && split_blocks <= 2 * self.sm_count => {
+                    blocks = split_blocks;
+                    GEMV_SPLIT[compute as usize]
+                }
                 // Where the launch leaves a third block per SM no work, its registers go to the two.
                 (true, true) if blocks <= 2 * self.sm_count => GEMV_ONE_ROW[6 + compute as usize],
                 (true, true) => GEMV_ONE_ROW[3 + compute as usize],
@@ -491,6 +507,12 @@ impl Cuda {
             }
         }
         codes
+    }
+
+    /// Turns the column-split one-row GEMV for matrices of few rows on or off (`LLAMATUNE_GEMV_SPLIT=0`;
+    /// off: two rows per warp, whole rows per warp).
+    pub fn set_gemv_split(&self, on: bool) {
+        self.gemv_split.store(on, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Turns the several-weight decoding GEMVs on or off (off: one launch per weight, SwiGLU apart).
