@@ -198,12 +198,13 @@ __device__ void gemv_rows(const uint8_t* packed, const float* absmax, const uint
     // 32 KB) so that lane l's copy l puts a warp's loads on the 32 banks once whatever the bytes: one
     // shared-memory wavefront per 64 weights where the f32 table takes two (ncu, session 39: the
     // shared-memory queue is the GEMVs' second stall, and halving the load instructions alone with an
-    // f32 pair table did not pay; this table gave +8.5% decoding, session 40). The codes rounded to f16 (2⁻¹² relative) are what bitsandbytes'
-    // GEMV multiplies by too; the f32 compute dtype keeps the exact f32 table.
+    // f32 pair table did not pay; this table gave +8.5% decoding, session 40). The codes rounded to
+    // f16 (2⁻¹² relative) are what bitsandbytes' GEMV multiplies by too; the f32 compute dtype keeps
+    // the exact f32 table.
     constexpr bool HALF = SX && M == 1 && C != 0;
     __shared__ __align__(16) uint32_t half_pairs[HALF ? 256 * WARP : 1];
     const uint32_t pair_lane = smem_addr(half_pairs) + (threadIdx.x % WARP) * 4;
-    extern __shared__ __align__(16) float xsh[];  // SX: (cols + cols/8) floats: 36 per 32-column chunk
+    extern __shared__ __align__(16) float xsh[];  // SX: (cols + cols/8) floats: 36 per 32-column chunk (HALF: 80 bytes, stage_x_half)
     const int lane = threadIdx.x % WARP;
     constexpr int OWN = PAIR ? GEMV_ROWS / 2 : GEMV_ROWS;  // output rows (or pairs) per warp
     const int row0 = warp * OWN;
