@@ -144,7 +144,8 @@ __device__ __forceinline__ void stage_x_half(float* xsh, int c, float4 r) {
     m = fmaxf(m, __shfl_xor_sync(group, m, 2));
     m = fmaxf(m, __shfl_xor_sync(group, m, 4));
     const int e = (int)((__float_as_uint(m) >> 23) & 0xff) - 127;  // m in [2^e, 2^(e+1)) (0: e = -127)
-    const int k = max(-100, min(100, 12 - e));
+    // Both 2^k and 2^-k normal: k in [-126, 126], which covers every finite m (e <= 127: k >= -115).
+    const int k = max(-126, min(126, 12 - e));
     const float scale = __uint_as_float((uint32_t)(127 + k) << 23), inv = __uint_as_float((uint32_t)(127 - k) << 23);
     char* chunk = reinterpret_cast<char*>(xsh) + 80 * (c >> 5);
     const __half2 lo = __floats2half2_rn(r.x * scale, r.y * scale), hi = __floats2half2_rn(r.z * scale, r.w * scale);
@@ -202,12 +203,13 @@ __device__ void gemv_rows(const uint8_t* packed, const float* absmax, const uint
     // 32 KB) so that lane l's copy l puts a warp's loads on the 32 banks once whatever the bytes: one
     // shared-memory wavefront per 64 weights where the f32 table takes two (ncu, session 39: the
     // shared-memory queue is the GEMVs' second stall, and halving the load instructions alone with an
-    // f32 pair table did not pay; this table gave +8.5% decoding, session 40). The codes rounded to f16 (2⁻¹² relative) are what bitsandbytes'
-    // GEMV multiplies by too; the f32 compute dtype keeps the exact f32 table.
+    // f32 pair table did not pay; this table gave +8.5% decoding, session 40). The codes rounded to
+    // f16 (2⁻¹² relative) are what bitsandbytes' GEMV multiplies by too; the f32 compute dtype keeps
+    // the exact f32 table.
     constexpr bool HALF = SX && M == 1 && C != 0;
     __shared__ __align__(16) uint32_t half_pairs[HALF ? 256 * WARP : 1];
     const uint32_t pair_lane = smem_addr(half_pairs) + (threadIdx.x % WARP) * 4;
-    extern __shared__ __align__(16) float xsh[];  // SX: (cols + cols/8) floats: 36 per 32-column chunk
+    extern __shared__ __align__(16) float xsh[];  // SX: (cols + cols/8) floats: 36 per 32-column chunk (HALF: 80 bytes, stage_x_half)
     const int lane = threadIdx.x % WARP;
     constexpr int OWN = PAIR ? GEMV_ROWS / 2 : GEMV_ROWS;  // output rows (or pairs) per warp
     const int row0 = warp * OWN;

@@ -179,20 +179,27 @@ pub fn generate<B: Backend>(
         return Ok(out.finish(StopReason::MaxLength));
     }
     if !cfg.do_sample && cfg.repetition_penalty == 1.0 {
-        // Greedy: each step's choice stays on the device for the next, so the step after a token is
-        // queued before the host reads that token and streams it; the device runs step after step.
+        // Greedy: each step's choice stays on the device for the next, so on a backend that queues
+        // work the step after a token is queued before the host reads that token and streams it (the
+        // device runs step after step); one that runs each operation as it is called streams the
+        // token first, so it shows as soon as it is chosen and no step runs past a stop.
         let budget = cfg.max_new_tokens.min(max_total - prompt.len());
+        let ahead = be.queues_work();
         let mut next = decode_step_argmax(be, model, lora, &mut cache, prompt)?;
         let mut queued = std::collections::VecDeque::new();
         let mut launched = 1;
         let mut input = StepToken::Host(next);
         loop {
-            if launched < budget {
+            let mut stop = if ahead { None } else { out.accept(next, on_token)? };
+            if stop.is_none() && launched < budget {
                 queued.push_back(decode_step_greedy_launch(be, model, lora, &mut cache, input)?);
                 launched += 1;
                 input = StepToken::Chosen;
             }
-            if let Some(stop) = out.accept(next, on_token)? {
+            if ahead {
+                stop = out.accept(next, on_token)?;
+            }
+            if let Some(stop) = stop {
                 // At most one step ran past the end; its read is waited for, not left in flight.
                 queued.into_iter().for_each(|p| drop(be.read_wait(p)));
                 return Ok(out.finish(stop));

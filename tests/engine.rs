@@ -64,6 +64,35 @@ fn kv_cache_generation_equals_full_rerun_with_adapter_applied_and_merged() {
     }
 }
 
+/// The CPU runs each operation as it is called, so greedy decoding streams each token before it
+/// computes the next step (a backend that queues work queues the step first): every interval between
+/// two streamed tokens holds one decoding step, the last one too. Streamed the other way round, each
+/// token would show a step late and the last two together (a near-zero last interval).
+#[test]
+fn cpu_greedy_decoding_streams_each_token_before_the_next_step() {
+    assert!(!BE.queues_work());
+    let cfg = tiny_config(false);
+    let model = Llama::<B>::load(&BE, &random_source(&cfg, 5), None).unwrap();
+    let gen = GenerationConfig { max_new_tokens: 9, ..Default::default() };
+    let t = std::time::Instant::now();
+    let mut stamps = Vec::new();
+    let out = generate(&BE, &model, None, None, &[3u32, 4, 5], &gen, &mut |_, _| {
+        stamps.push(t.elapsed().as_secs_f64());
+        true
+    })
+    .unwrap();
+    assert_eq!((out.tokens.len(), stamps.len()), (9, 9));
+    let gaps: Vec<f64> = stamps.windows(2).map(|w| w[1] - w[0]).collect();
+    let mut sorted = gaps.clone();
+    sorted.sort_by(f64::total_cmp);
+    let median = sorted[sorted.len() / 2];
+    let last = gaps[gaps.len() - 1];
+    assert!(
+        last > 0.25 * median,
+        "the last token streamed {last:.2e} s after the one before, a step takes ~{median:.2e} s"
+    );
+}
+
 #[test]
 fn stops_at_eos_and_max_new_tokens() {
     let cfg = tiny_config(true);

@@ -267,6 +267,12 @@ pub trait Backend {
     }
     /// Waits until every queued operation has finished (timing needs it; the CPU is synchronous).
     fn synchronize(&self) {}
+    /// Whether operations return before their work has run (CUDA: queued on a stream). Greedy
+    /// decoding queues the next step before it streams a token only where this holds; a backend that
+    /// runs each operation as it is called (the CPU) would compute that step before the token shows.
+    fn queues_work(&self) -> bool {
+        false
+    }
     /// Starts a new window of the per-op profile when the backend keeps one (`LLAMATUNE_PROFILE=1` on
     /// CUDA), so a benchmark's timed steps leave out the first calls' one-time costs (module loading,
     /// cuBLAS heuristics, page-locked allocations).

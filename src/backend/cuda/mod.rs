@@ -529,6 +529,9 @@ impl Backend for Cuda {
     fn reserved_memory(&self) -> Option<u64> {
         Some(self.pool_attribute(cudarc::driver::sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RESERVED_MEM_CURRENT))
     }
+    fn queues_work(&self) -> bool {
+        true
+    }
     fn energy_joules(&self) -> Option<f64> {
         let nvml = self.nvml.get_or_init(|| energy::Nvml::open(self.ctx.cu_device()));
         nvml.as_ref()?.energy_mj().map(|mj| mj as f64 / 1e3)
