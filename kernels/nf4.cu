@@ -144,7 +144,8 @@ __device__ __forceinline__ void stage_x_half(float* xsh, int c, float4 r) {
     m = fmaxf(m, __shfl_xor_sync(group, m, 2));
     m = fmaxf(m, __shfl_xor_sync(group, m, 4));
     const int e = (int)((__float_as_uint(m) >> 23) & 0xff) - 127;  // m in [2^e, 2^(e+1)) (0: e = -127)
-    const int k = max(-100, min(100, 11 - e));
+    // Both 2^k and 2^-k normal: k in [-126, 126], which covers every finite m (e <= 127: k >= -116).
+    const int k = max(-126, min(126, 11 - e));
     const float scale = __uint_as_float((uint32_t)(127 + k) << 23), inv = __uint_as_float((uint32_t)(127 - k) << 23);
     char* chunk = reinterpret_cast<char*>(xsh) + 80 * (c >> 5);
     const __half2 lo = __floats2half2_rn(r.x * scale, r.y * scale), hi = __floats2half2_rn(r.z * scale, r.w * scale);
