@@ -120,14 +120,14 @@ struct CodeTable {
     }
 };
 
+__device__ __forceinline__ __half2 u32_as_half2(uint32_t v) { return *reinterpret_cast<__half2*>(&v); }
+
 // One entry of the one-row GEMVs' f16 pair table (gemv_rows) at a shared address.
 __device__ __forceinline__ __half2 half_pair(uint32_t addr) {
     uint32_t v;
     asm volatile("ld.shared.b32 %0, [%1];" : "=r"(v) : "r"(addr));
-    return *reinterpret_cast<__half2*>(&v);
+    return u32_as_half2(v);
 }
-
-__device__ __forceinline__ __half2 u32_as_half2(uint32_t v) { return *reinterpret_cast<__half2*>(&v); }
 
 // The one-row 16-bit GEMVs' x (gemv_rows HALF): 32-column chunk k at byte 80k as its 32 values times
 // 2^s_k in f16, then 2^-s_k as an f32 at byte 64 (16 bytes apart from the next chunk's: the eight
@@ -148,8 +148,7 @@ __device__ __forceinline__ void stage_x_half(float* xsh, int c, float4 r) {
     const int k = max(-126, min(126, 11 - e));
     const float scale = __uint_as_float((uint32_t)(127 + k) << 23), inv = __uint_as_float((uint32_t)(127 - k) << 23);
     char* chunk = reinterpret_cast<char*>(xsh) + 80 * (c >> 5);
-    const __half2 lo = __floats2half2_rn(r.x * scale, r.y * scale), hi = __floats2half2_rn(r.z * scale, r.w * scale);
-    *reinterpret_cast<uint2*>(chunk + 2 * (c & 31)) = make_uint2(*reinterpret_cast<const uint32_t*>(&lo), *reinterpret_cast<const uint32_t*>(&hi));
+    *reinterpret_cast<uint2*>(chunk + 2 * (c & 31)) = pack_f16x4(make_float4(r.x * scale, r.y * scale, r.z * scale, r.w * scale));
     if ((c & 31) == 0) *reinterpret_cast<float*>(chunk + 64) = inv;
 }
 
@@ -199,12 +198,13 @@ __device__ void gemv_rows(const uint8_t* packed, const float* absmax, const uint
     // 32 KB) so that lane l's copy l puts a warp's loads on the 32 banks once whatever the bytes: one
     // shared-memory wavefront per 64 weights where the f32 table takes two (ncu, session 39: the
     // shared-memory queue is the GEMVs' second stall, and halving the load instructions alone with an
-    // f32 pair table did not pay; this table gave +8.5% decoding, session 40). The codes rounded to f16 (2⁻¹² relative) are what bitsandbytes'
-    // GEMV multiplies by too; the f32 compute dtype keeps the exact f32 table.
+    // f32 pair table did not pay; this table gave +8.5% decoding, session 40). The codes rounded to
+    // f16 (2⁻¹² relative) are what bitsandbytes' GEMV multiplies by too; the f32 compute dtype keeps
+    // the exact f32 table.
     constexpr bool HALF = SX && M == 1 && C != 0;
     __shared__ __align__(16) uint32_t half_pairs[HALF ? 256 * WARP : 1];
     const uint32_t pair_lane = smem_addr(half_pairs) + (threadIdx.x % WARP) * 4;
-    extern __shared__ __align__(16) float xsh[];  // SX: (cols + cols/8) floats: 36 per 32-column chunk
+    extern __shared__ __align__(16) float xsh[];  // SX: (cols + cols/8) floats: 36 per 32-column chunk (HALF: 80 bytes, stage_x_half)
     const int lane = threadIdx.x % WARP;
     constexpr int OWN = PAIR ? GEMV_ROWS / 2 : GEMV_ROWS;  // output rows (or pairs) per warp
     const int row0 = warp * OWN;
@@ -243,8 +243,7 @@ __device__ void gemv_rows(const uint8_t* packed, const float* absmax, const uint
         for (int j = 0; j < 8; j++) hi[j] = code16[threadIdx.x / 128 + 2 * j];
 #pragma unroll
         for (int j = 0; j < 8; j++) {
-            const __half2 h = __floats2half2_rn(hi[j], lo);
-            const uint32_t v = *reinterpret_cast<const uint32_t*>(&h);
+            const uint32_t v = pack16<1>(hi[j], lo);
             reinterpret_cast<uint4*>(half_pairs)[threadIdx.x + j * GEMV_THREADS] = make_uint4(v, v, v, v);
         }
     }

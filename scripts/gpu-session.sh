@@ -33,6 +33,9 @@
 #   energy OUT: joules per 7B step and the board's mean power over the timed steps (`llamatune bench`'s
 #          "train energy" line: NVML's energy counter around them), classic and all-linear, STEPS timed
 #          steps (default 12) after 2, ENERGY_ARGS appended to each bench (e.g. keep flags)
+#   dcensus OUT: every kernel of whole decoded tokens under ncu, clocks and caches left alone: a
+#          40-token 7B decode after a 16-token training step, launches 4001-4700 (past the step and
+#          the prompt's prefill: ~3,000 launches), summed per token by `ncu_census.py --from argmax_f32`
 #   floor OUT: what one launch that only streams a 7B GEMV's bytes reaches (parity/stream_floor.py,
 #          torch's sums and copy, warm and cold), beside the GEMV bench rows of the same run
 # The GGUF (98 MB) travels in two parts because one call carries at most 64 MiB.
@@ -207,6 +210,15 @@ census)
         python3 scripts/ncu_census.py "$out/census-$1.csv" 40 | tee -a "$out/census.log"
         gzip -f "$out/census-$1.csv"
     done
+    ;;
+dcensus)
+    metrics="gpu__time_duration.sum,dram__bytes_read.sum,dram__bytes_write.sum,lts__t_bytes.sum"
+    timeout 200 ncu --clock-control none --cache-control none --launch-skip 4000 --launch-count 700 \
+        --metrics "$metrics" --csv --page raw --log-file "$out/decode-census.csv" stage/llamatune bench \
+        --device cuda --shape llama2-7b --steps 1 --warmup-steps 0 --max-seq-length 16 \
+        --per-device-train-batch-size 1 --decode-tokens 40 > /dev/null 2>&1
+    python3 scripts/ncu_census.py "$out/decode-census.csv" 30 --from argmax_f32 | tee "$out/decode-census.log"
+    gzip -f "$out/decode-census.csv"
     ;;
 floor)
     timeout 120 python3 parity/stream_floor.py "$out/stream-floor.json" 2>&1 | tee "$out/stream-floor.log"

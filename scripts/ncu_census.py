@@ -3,9 +3,10 @@
 
 Usage: ncu_census.py CSV[.gz] [ROWS] [--from KERNEL]
 
---from KERNEL counts only the launches after KERNEL's first and prints each kernel's time per launch
-of KERNEL too: for a decode, `--from argmax_f32` leaves out the prompt's prefill and gives the time
-per generated token (each token ends with one argmax).
+--from KERNEL counts only the launches after KERNEL's first, up to and including its last, and prints
+each kernel's time per period between two of its launches too: for a decode, `--from argmax_f32`
+leaves out the prompt's prefill and whatever follows the last whole token, and gives the time per
+generated token (each token ends with one argmax).
 
 The CSV is what `ncu --csv --page raw --metrics gpu__time_duration.sum,dram__bytes_read.sum,
 dram__bytes_write.sum,lts__t_bytes.sum` wrote (its own warnings first). Prints the kernels' total
@@ -65,13 +66,14 @@ def main():
     top = int(args[1]) if len(args) > 1 else 40
     totals = collections.defaultdict(lambda: [0, 0.0, 0.0, 0.0])  # launches, seconds, DRAM bytes, L2 bytes
     launches, seconds = 0, 0.0
-    counting, periods = start is None, 0
-    for name, (t, dram_read, dram_write, l2) in rows_of(args[0]):
-        label = kernel_label(name)
-        if not counting:
-            counting = label == start
-            continue
-        periods += label == start
+    rows = [(kernel_label(name), values) for name, values in rows_of(args[0])]
+    if start is not None:
+        marks = [i for i, (label, _) in enumerate(rows) if label == start]
+        if len(marks) < 2:
+            sys.exit(f"{args[0]}: fewer than two launches of {start}")
+        rows = rows[marks[0] + 1 : marks[-1] + 1]
+    periods = len(marks) - 1 if start is not None else 0
+    for label, (t, dram_read, dram_write, l2) in rows:
         k = totals[label]
         k[0] += 1
         k[1] += t
@@ -79,8 +81,6 @@ def main():
         k[3] += l2
         launches += 1
         seconds += t
-    if start is not None and periods == 0:
-        sys.exit(f"{args[0]}: no launch of {start} after its first")
     per = max(periods, 1)
     print(f"{launches} kernels, {seconds * 1e3:.1f} ms of kernel time", end="")
     print(f"; {periods} {start} periods: {seconds * 1e3 / per:.3f} ms each" if start else "")
