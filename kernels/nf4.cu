@@ -132,10 +132,10 @@ __device__ __forceinline__ __half2 half_pair(uint32_t addr) {
 // The one-row 16-bit GEMVs' x (gemv_rows HALF): 32-column chunk k at byte 80k as its 32 values times
 // 2^s_k in f16, then 2^-s_k as an f32 at byte 64 (16 bytes apart from the next chunk's: the eight
 // lanes of a 16-byte load's wavefront read eight different groups of four banks). s_k puts the
-// chunk's largest magnitude in [2^12, 2^13), so that a sum of four products with codes in [-1, 1]
+// chunk's largest magnitude in [2^11, 2^12), so that a sum of eight products with codes in [-1, 1]
 // stays below 2^15 (f16's largest finite value is 65504) whatever x's range (bf16's is f32's), and
 // small chunks keep f16's precision; the scaling is exact, and a value rounded to f16 or bf16 is exact
-// in f16 unless it is more than 2^26 below its chunk's largest. The 8 threads that stage one chunk
+// in f16 unless it is more than 2^25 below its chunk's largest. The 8 threads that stage one chunk
 // (4 values each) are 8 consecutive lanes.
 __device__ __forceinline__ void stage_x_half(float* xsh, int c, float4 r) {
     float m = fmaxf(fmaxf(fabsf(r.x), fabsf(r.y)), fmaxf(fabsf(r.z), fabsf(r.w)));
@@ -144,8 +144,8 @@ __device__ __forceinline__ void stage_x_half(float* xsh, int c, float4 r) {
     m = fmaxf(m, __shfl_xor_sync(group, m, 2));
     m = fmaxf(m, __shfl_xor_sync(group, m, 4));
     const int e = (int)((__float_as_uint(m) >> 23) & 0xff) - 127;  // m in [2^e, 2^(e+1)) (0: e = -127)
-    // Both 2^k and 2^-k normal: k in [-126, 126], which covers every finite m (e <= 127: k >= -115).
-    const int k = max(-126, min(126, 12 - e));
+    // Both 2^k and 2^-k normal: k in [-126, 126], which covers every finite m (e <= 127: k >= -116).
+    const int k = max(-126, min(126, 11 - e));
     const float scale = __uint_as_float((uint32_t)(127 + k) << 23), inv = __uint_as_float((uint32_t)(127 - k) << 23);
     char* chunk = reinterpret_cast<char*>(xsh) + 80 * (c >> 5);
     *reinterpret_cast<uint2*>(chunk + 2 * (c & 31)) = pack_f16x4(make_float4(r.x * scale, r.y * scale, r.z * scale, r.w * scale));
@@ -297,13 +297,14 @@ __device__ void gemv_rows(const uint8_t* packed, const float* absmax, const uint
         if constexpr (HALF) {
             // Word by word over the chunk: a word's 8 x values (scaled f16, one 16-byte load) serve
             // every row; per row, each code byte's pair of values times its pair of x in one f16x2
-            // multiply-add, four bytes summed in f16 (below 2^15: stage_x_half), then widened into f32
+            // multiply-add, eight bytes (two words) summed in f16 (below 2^15: stage_x_half), then widened into f32
             // sums: 2.5 instructions per weight where f32 products took 3.5 (byte permute, address,
             // load, and per weight a widening and an FMA). Products rounded to f16 are what
             // bitsandbytes' GEMV forms too (its products are in the compute dtype).
             const char* xc = reinterpret_cast<const char*>(xsh) + 80 * c;
             const float inv = *reinterpret_cast<const float*>(xc + 64);
             float s0[GEMV_ROWS], s1[GEMV_ROWS];
+            __half2 h[GEMV_ROWS];  // a row's f16 sums over two words
 #pragma unroll
             for (int r = 0; r < GEMV_ROWS; r++) s0[r] = 0.f, s1[r] = 0.f;
 #pragma unroll
@@ -314,12 +315,16 @@ __device__ void gemv_rows(const uint8_t* packed, const float* absmax, const uint
                 for (int r = 0; r < GEMV_ROWS; r++) {
                     const uint32_t w = q4 == 0 ? cur[r].x : q4 == 1 ? cur[r].y : q4 == 2 ? cur[r].z : cur[r].w;
                     auto pair = [&](int byte) { return half_pair(pair_lane + __byte_perm(w, 0, 0x4440 + byte) * (WARP * 4)); };
-                    __half2 h = __hmul2(pair(0), xh[0]);
-                    h = __hfma2(pair(1), xh[1], h);
-                    h = __hfma2(pair(2), xh[2], h);
-                    h = __hfma2(pair(3), xh[3], h);
-                    const float2 f = __half22float2(h);
-                    s0[r] += f.x, s1[r] += f.y;
+                    __half2 hr = q4 % 2 == 0 ? __hmul2(pair(0), xh[0]) : __hfma2(pair(0), xh[0], h[r]);
+                    hr = __hfma2(pair(1), xh[1], hr);
+                    hr = __hfma2(pair(2), xh[2], hr);
+                    hr = __hfma2(pair(3), xh[3], hr);
+                    if (q4 % 2 == 1) {
+                        const float2 f = __half22float2(hr);
+                        s0[r] += f.x, s1[r] += f.y;
+                    } else {
+                        h[r] = hr;
+                    }
                 }
             }
 #pragma unroll
