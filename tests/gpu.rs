@@ -1558,10 +1558,14 @@ fn decoding_gemv_of_several_weights_in_one_launch() {
         let gx = gpu().upload(&x);
         let mut many: Vec<_> = rows.iter().map(|&r| poisoned(r)).collect();
         gpu().linear_many(&gx, &gw.iter().collect::<Vec<_>>(), 1, &mut many.iter_mut().collect::<Vec<_>>());
+        // One launch each, whole rows per warp as in the shared launch (the column-split kernel adds
+        // each row's halves in another order; small_m_4bit_gemv_for_decoding checks it).
         gpu().set_gemv_many(false);
+        gpu().set_gemv_split(false);
         let mut each: Vec<_> = rows.iter().map(|&r| poisoned(r)).collect();
         gpu().linear_many(&gx, &gw.iter().collect::<Vec<_>>(), 1, &mut each.iter_mut().collect::<Vec<_>>());
         gpu().set_gemv_many(true);
+        gpu().set_gemv_split(true);
         let tol = if c == ComputeDtype::F32 { F32_TOL } else { MIXED_TOL };
         for (i, h) in host.into_iter().enumerate() {
             let got = gpu().download(&many[i]);
