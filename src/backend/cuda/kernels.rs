@@ -152,7 +152,14 @@ pub(super) fn kernel_names(module: &str) -> &'static [&'static str] {
             "add16_rmsnorm_f16",
             "rmsnorm_backward_f32",
         ],
-        "rope" => &["rope_f32", "rope_bf16", "rope_bf16_from_bf16", "rope_bf16_from_f16", "rope_cache_f32"],
+        "rope" => &[
+            "rope_f32",
+            "rope_bf16",
+            "rope_bf16_from_bf16",
+            "rope_bf16_from_f16",
+            "rope_cache_f32",
+            "lora_rope_cache_f32",
+        ],
         "xent" => &[
             "cross_entropy_f32",
             XENT_REG[0],

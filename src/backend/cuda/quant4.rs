@@ -619,8 +619,26 @@ impl Cuda {
         r: usize,
         scale: f32,
     ) {
+        self.gemv_4bit_many_lora_a(x, ws, outs, loras, r);
+        let ups = outs.iter_mut().zip(loras.iter_mut()).filter_map(|(y, l)| {
+            let l = l.as_mut()?;
+            Some((l.b, &*l.u, &mut **y))
+        });
+        self.lora_up_many(ups, m, r, scale);
+    }
+
+    /// The launch of [`Cuda::gemv_4bit_many_lora`] without the B products: the frozen products of one
+    /// row of x into `outs` and each branch's `u = x·Aᵀ`.
+    pub(super) fn gemv_4bit_many_lora_a(
+        &self,
+        x: &CudaSlice<f32>,
+        ws: &[&CudaWeight],
+        outs: &mut [&mut CudaSlice<f32>],
+        loras: &mut [Option<LoraDown<'_, Self>>],
+        r: usize,
+    ) {
         let _span = self.span("linear + LoRA A (4-bit GEMV, several weights)");
-        let cols = x.len();
+        let (cols, m) = (x.len(), 1); // one row of x: Cuda::gemv_shares_x
         {
             // The frozen products and, in the blocks after theirs, every branch's u = x·Aᵀ.
             let mut guards = Vec::new();
@@ -638,11 +656,6 @@ impl Cuda {
             ck!(unsafe { b.launch(self.gemv_many_launch(ws[0], blocks)) }, name);
             drop(guards);
         }
-        let ups = outs.iter_mut().zip(loras.iter_mut()).filter_map(|(y, l)| {
-            let l = l.as_mut()?;
-            Some((l.b, &*l.u, &mut **y))
-        });
-        self.lora_up_many(ups, m, r, scale);
     }
 
     /// `out = silu(x·Gᵀ) ⊙ (x·Uᵀ)` for one row of x in one launch (`gemv_4bit_swiglu_*`), for the weight pairs
