@@ -1552,6 +1552,7 @@ fn decoding_qkv_lora_rope_and_cache_in_one_launch() {
             drop(loras);
             [g.download(&q_out), g.download(&kc), g.download(&vc)]
         };
+        g.set_rope_lora(true); // whatever LLAMATUNE_ROPE_LORA says
         let fused = run(true);
         let composed = run(false);
         let cw: Vec<_> = host.iter().map(|h| CPU.upload_weight(h.clone())).collect();
