@@ -132,10 +132,10 @@ __device__ __forceinline__ __half2 half_pair(uint32_t addr) {
 // The one-row 16-bit GEMVs' x (gemv_rows HALF): 32-column chunk k at byte 80k as its 32 values times
 // 2^s_k in f16, then 2^-s_k as an f32 at byte 64 (16 bytes apart from the next chunk's: the eight
 // lanes of a 16-byte load's wavefront read eight different groups of four banks). s_k puts the
-// chunk's largest magnitude in [2^12, 2^13), so that a sum of four products with codes in [-1, 1]
+// chunk's largest magnitude in [2^11, 2^12), so that a sum of eight products with codes in [-1, 1]
 // stays below 2^15 (f16's largest finite value is 65504) whatever x's range (bf16's is f32's), and
 // small chunks keep f16's precision; the scaling is exact, and a value rounded to f16 or bf16 is exact
-// in f16 unless it is more than 2^26 below its chunk's largest. The 8 threads that stage one chunk
+// in f16 unless it is more than 2^25 below its chunk's largest. The 8 threads that stage one chunk
 // (4 values each) are 8 consecutive lanes.
 __device__ __forceinline__ void stage_x_half(float* xsh, int c, float4 r) {
     float m = fmaxf(fmaxf(fabsf(r.x), fabsf(r.y)), fmaxf(fabsf(r.z), fabsf(r.w)));
@@ -144,8 +144,8 @@ __device__ __forceinline__ void stage_x_half(float* xsh, int c, float4 r) {
     m = fmaxf(m, __shfl_xor_sync(group, m, 2));
     m = fmaxf(m, __shfl_xor_sync(group, m, 4));
     const int e = (int)((__float_as_uint(m) >> 23) & 0xff) - 127;  // m in [2^e, 2^(e+1)) (0: e = -127)
-    // Both 2^k and 2^-k normal: k in [-126, 126], which covers every finite m (e <= 127: k >= -115).
-    const int k = max(-126, min(126, 12 - e));
+    // Both 2^k and 2^-k normal: k in [-126, 126], which covers every finite m (e <= 127: k >= -116).
+    const int k = max(-126, min(126, 11 - e));
     const float scale = __uint_as_float((uint32_t)(127 + k) << 23), inv = __uint_as_float((uint32_t)(127 - k) << 23);
     char* chunk = reinterpret_cast<char*>(xsh) + 80 * (c >> 5);
     *reinterpret_cast<uint2*>(chunk + 2 * (c & 31)) = pack_f16x4(make_float4(r.x * scale, r.y * scale, r.z * scale, r.w * scale));
@@ -189,7 +189,11 @@ struct Codes4 {
 // GEMV_ROWS/2 rows are rows of the first weight (gate), the others the same rows of `up`, and the warp
 // writes y[i] = silu(gate_i) · up_i with both rounded to the compute dtype first, as the two GEMVs'
 // outputs and swiglu_f32 would give them (each row's sum is the same computation either way).
-template <int C, int M, bool SX, int GEMV_ROWS, bool PAIR = false>
+// KSPLIT = 2 (one row of x, no PAIR): the block's warps in two halves over the same rows, half h
+// taking the 32-chunk strides h, h + 2, …, so each row's chunks are split between two warps; half 1
+// hands its lanes' sums to half 0 through shared memory, which adds them lane by lane before the warp
+// sum (`warp` then numbers row groups: GEMV_THREADS / WARP / 2 per block).
+template <int C, int M, bool SX, int GEMV_ROWS, bool PAIR = false, int KSPLIT = 1>
 __device__ void gemv_rows(const uint8_t* packed, const float* absmax, const uint8_t* absmax_q, const float* absmax2, const float* code256, float offset, const float* code16, int blocksize, const float* x, float* y, int m, int rows, int cols, int warp, Codes4 up = {}) {
     __shared__ __align__(256) float lut[16];
     const CodeTable table{smem_addr(lut)};
@@ -208,6 +212,9 @@ __device__ void gemv_rows(const uint8_t* packed, const float* absmax, const uint
     const int lane = threadIdx.x % WARP;
     constexpr int OWN = PAIR ? GEMV_ROWS / 2 : GEMV_ROWS;  // output rows (or pairs) per warp
     const int row0 = warp * OWN;
+    static_assert(KSPLIT == 1 || (KSPLIT == 2 && M == 1 && SX && !PAIR), "the column split takes one staged row of x");
+    const int half = KSPLIT == 1 ? 0 : (int)(threadIdx.x / WARP) / (GEMV_THREADS / WARP / KSPLIT);
+    const int first = lane + half * WARP;  // this lane's first chunk
     const int chunks = cols / 32;  // 16-byte code chunks per row
     // Chunk c's absmax block is c >> shift: blocksize is a power of two (the launcher checks), and a
     // runtime division per chunk and row cost ~12 instructions next to the ~100 of its dot product.
@@ -226,11 +233,11 @@ __device__ void gemv_rows(const uint8_t* packed, const float* absmax, const uint
     // The first codes are requested before x is staged, so both latencies overlap.
     uint4 cur[GEMV_ROWS], nxt[GEMV_ROWS];
     float a_cur[GEMV_ROWS], a_nxt[GEMV_ROWS];  // each chunk's absmax, fetched with its codes
-    if (row0 < rows && lane < chunks)
+    if (row0 < rows && first < chunks)
 #pragma unroll
         for (int r = 0; r < GEMV_ROWS; r++) {
-            cur[r] = load_stream(codes_of(r) + (uint64_t)(chunk0[r] + lane) * 16);
-            a_cur[r] = absmax_of(r, (chunk0[r] + lane) >> shift);
+            cur[r] = load_stream(codes_of(r) + (uint64_t)(chunk0[r] + first) * 16);
+            a_cur[r] = absmax_of(r, (chunk0[r] + first) >> shift);
         }
     load_lut(lut, code16);
     if constexpr (HALF) {
@@ -272,29 +279,32 @@ __device__ void gemv_rows(const uint8_t* packed, const float* absmax, const uint
         }
     }
     __syncthreads();
-    if (row0 >= rows) return;
+    // A split block's warps past the last row stay for its barrier below (their loop reads the last
+    // row again, their sums are never stored).
+    if (KSPLIT == 1 && row0 >= rows) return;
     float acc[GEMV_ROWS][M];
 #pragma unroll
     for (int r = 0; r < GEMV_ROWS; r++)
 #pragma unroll
         for (int j = 0; j < M; j++) acc[r][j] = 0.f;
-    for (int c = lane; c < chunks; c += WARP) {
-        if (c + WARP < chunks)
+    for (int c = first; c < chunks; c += KSPLIT * WARP) {
+        if (c + KSPLIT * WARP < chunks)
 #pragma unroll
             for (int r = 0; r < GEMV_ROWS; r++) {
-                nxt[r] = load_stream(codes_of(r) + (uint64_t)(chunk0[r] + c + WARP) * 16);
-                a_nxt[r] = absmax_of(r, (chunk0[r] + c + WARP) >> shift);
+                nxt[r] = load_stream(codes_of(r) + (uint64_t)(chunk0[r] + c + KSPLIT * WARP) * 16);
+                a_nxt[r] = absmax_of(r, (chunk0[r] + c + KSPLIT * WARP) >> shift);
             }
         if constexpr (HALF) {
             // Word by word over the chunk: a word's 8 x values (scaled f16, one 16-byte load) serve
             // every row; per row, each code byte's pair of values times its pair of x in one f16x2
-            // multiply-add, four bytes summed in f16 (below 2^15: stage_x_half), then widened into f32
+            // multiply-add, eight bytes (two words) summed in f16 (below 2^15: stage_x_half), then widened into f32
             // sums: 2.5 instructions per weight where f32 products took 3.5 (byte permute, address,
             // load, and per weight a widening and an FMA). Products rounded to f16 are what
             // bitsandbytes' GEMV forms too (its products are in the compute dtype).
             const char* xc = reinterpret_cast<const char*>(xsh) + 80 * c;
             const float inv = *reinterpret_cast<const float*>(xc + 64);
             float s0[GEMV_ROWS], s1[GEMV_ROWS];
+            __half2 h[GEMV_ROWS];  // a row's f16 sums over two words
 #pragma unroll
             for (int r = 0; r < GEMV_ROWS; r++) s0[r] = 0.f, s1[r] = 0.f;
 #pragma unroll
@@ -305,12 +315,16 @@ __device__ void gemv_rows(const uint8_t* packed, const float* absmax, const uint
                 for (int r = 0; r < GEMV_ROWS; r++) {
                     const uint32_t w = q4 == 0 ? cur[r].x : q4 == 1 ? cur[r].y : q4 == 2 ? cur[r].z : cur[r].w;
                     auto pair = [&](int byte) { return half_pair(pair_lane + __byte_perm(w, 0, 0x4440 + byte) * (WARP * 4)); };
-                    __half2 h = __hmul2(pair(0), xh[0]);
-                    h = __hfma2(pair(1), xh[1], h);
-                    h = __hfma2(pair(2), xh[2], h);
-                    h = __hfma2(pair(3), xh[3], h);
-                    const float2 f = __half22float2(h);
-                    s0[r] += f.x, s1[r] += f.y;
+                    __half2 hr = q4 % 2 == 0 ? __hmul2(pair(0), xh[0]) : __hfma2(pair(0), xh[0], h[r]);
+                    hr = __hfma2(pair(1), xh[1], hr);
+                    hr = __hfma2(pair(2), xh[2], hr);
+                    hr = __hfma2(pair(3), xh[3], hr);
+                    if (q4 % 2 == 1) {
+                        const float2 f = __half22float2(hr);
+                        s0[r] += f.x, s1[r] += f.y;
+                    } else {
+                        h[r] = hr;
+                    }
                 }
             }
 #pragma unroll
@@ -366,6 +380,17 @@ __device__ void gemv_rows(const uint8_t* packed, const float* absmax, const uint
             if (lane == 0 && row0 + r < rows) y[row0 + r] = swiglu1(g, u);
         }
     } else {
+        if constexpr (KSPLIT == 2) {
+            __shared__ float part[GEMV_ROWS][GEMV_THREADS / 2];  // half 1's lane sums, row-major: no bank conflicts
+            const int slot = threadIdx.x % (GEMV_THREADS / 2);
+            if (half == 1)
+#pragma unroll
+                for (int r = 0; r < GEMV_ROWS; r++) part[r][slot] = acc[r][0];
+            __syncthreads();
+            if (half == 1) return;
+#pragma unroll
+            for (int r = 0; r < GEMV_ROWS; r++) acc[r][0] += part[r][slot];
+        }
         store_rows<GEMV_ROWS, M>(acc, y, row0, rows, m, C);
     }
 }
@@ -393,6 +418,21 @@ GEMV_ROWS_KERNEL(gemv_4bit_rows_bf16_m1_r2_two_per_sm, 2, 1, true, 2, 2)
 GEMV_ROWS_KERNEL(gemv_4bit_rows_f32_m8, 0, 8, false, 4, 1)
 GEMV_ROWS_KERNEL(gemv_4bit_rows_f16_m8, 1, 8, false, 4, 1)
 GEMV_ROWS_KERNEL(gemv_4bit_rows_bf16_m8, 2, 8, false, 4, 1)
+
+// Matrices of few rows (o and down of a 7B model: 4,096) at four rows per warp and each row's columns
+// split between two warps (KSPLIT): 16 rows per block, 256 blocks of 8 warps for 4,096 rows, two per
+// SM with up to 128 registers. Against the `_two_per_sm` kernels (two rows per warp, whole rows):
+// the same blocks and warps, twice the code bytes in flight per warp, half the chunks per lane, and x
+// read once per four rows instead of two (ncu census, session 40: those kernels read at 1.65 TB/s
+// where the four-row ones reach 2.3–2.4).
+#define GEMV_SPLIT_KERNEL(name, C) \
+    extern "C" __global__ void __launch_bounds__(GEMV_THREADS, 2) name(const uint8_t* packed, const float* absmax, const uint8_t* absmax_q, const float* absmax2, const float* code256, float offset, const float* code16, int blocksize, const float* x, float* y, int m, int rows, int cols) { \
+        const int warp = blockIdx.x * (GEMV_THREADS / WARP / 2) + (int)(threadIdx.x / WARP) % (GEMV_THREADS / WARP / 2); \
+        gemv_rows<C, 1, true, 4, false, 2>(packed, absmax, absmax_q, absmax2, code256, offset, code16, blocksize, x, y, m, rows, cols, warp); \
+    }
+GEMV_SPLIT_KERNEL(gemv_4bit_rows_f32_m1_split, 0)
+GEMV_SPLIT_KERNEL(gemv_4bit_rows_f16_m1_split, 1)
+GEMV_SPLIT_KERNEL(gemv_4bit_rows_bf16_m1_split, 2)
 
 // Decoding's MLP without LoRA on gate/up: y = silu(x·Gᵀ) · (x·Uᵀ) for one row of x in one launch
 // (Backend::linear_swiglu) instead of two GEMVs and swiglu_f32; two pairs of rows per warp.

@@ -12,7 +12,8 @@ use llamatune::backend::cpu::Cpu;
 use llamatune::backend::cuda::{AttnActs, Cuda, Fused4bit, MlpActs, Operand};
 use llamatune::backend::{
     linear_add_rmsnorm_mlp_gate_up_composed, linear_many_lora_composed, mlp_gate_up_composed, qkv_attn_acts_composed,
-    AdamWStep, AttnShape, Backend, Dropout, HostWeight, LinearGradPart, LoraBranch, LoraDown, LoraGrad, RopeTables,
+    qkv_into_cache_composed, AdamWStep, AttnShape, Backend, Dropout, HostWeight, LinearGradPart, LoraBranch, LoraDown,
+    LoraGrad, RopeTables,
 };
 use llamatune::config::{ComputeDtype, LoraConfig, ModelConfig, QuantConfig, QuantType};
 use llamatune::model::llama::{forward_backward, forward_backward_with, Batch, Checkpointing, Llama, StepOptions};
@@ -1307,7 +1308,7 @@ fn fused_4bit_matmul_matches_the_cpu_and_the_second_path() {
 /// The decoding GEMVs (kernels/nf4.cu `gemv_4bit_rows_*`) against the CPU at 1, 3 and 8 rows of x:
 /// each shape's projections, up to 4,099 rows of its head, and 6,000 rows, which at two rows per warp
 /// is more blocks than two per SM on the H100 and H200 (the 80-register kernel; 4,096 and 4,099 rows
-/// take the `_two_per_sm` one). Output poisoned.
+/// take the column-split one, or with it switched off the `_two_per_sm` one). Output poisoned.
 #[test]
 fn small_m_4bit_gemv_for_decoding() {
     let mut rng = rand::rngs::StdRng::seed_from_u64(15);
@@ -1330,14 +1331,19 @@ fn small_m_4bit_gemv_for_decoding() {
                     let x = rnd(&mut rng, m * cols, 1.0);
                     let mut y1 = vec![0.0; m * rows];
                     CPU.linear(&x, &cw, m, &mut y1);
-                    let mut y2 = poisoned(m * rows);
-                    gpu().linear(&gpu().upload(&x), &gw, m, &mut y2);
-                    check(
-                        &format!("{} gemv m={m} {rows}x{cols} {qt:?} dq={dq} {c:?}", s.name),
-                        &gpu().download(&y2),
-                        &y1,
-                        tol,
-                    );
+                    // With and without the column-split kernel for few rows (it takes one row of x).
+                    for split in [true, false] {
+                        gpu().set_gemv_split(split);
+                        let mut y2 = poisoned(m * rows);
+                        gpu().linear(&gpu().upload(&x), &gw, m, &mut y2);
+                        check(
+                            &format!("{} gemv m={m} {rows}x{cols} {qt:?} dq={dq} {c:?} split={split}", s.name),
+                            &gpu().download(&y2),
+                            &y1,
+                            tol,
+                        );
+                    }
+                    gpu().set_gemv_split(true);
                 }
             }
         }
@@ -1482,6 +1488,112 @@ fn decoding_frozen_products_and_lora_a_in_one_launch() {
     }
 }
 
+/// Decoding's q/k/v products, LoRA B products, RoPE and cache appends (`qkv_into_cache`: on one row
+/// the GEMV with the A products, then `lora_rope_cache_f32`) against the same calls composed on the GPU
+/// (the B products' sums in another order: 1e-6) and against the CPU: the 7B layer with LoRA on q and v
+/// (r = 64), SmolLM2's (9 heads, 3 key/value heads) with LoRA on all three (r = 8), odd heads with one
+/// branch on k (r = 12), and r = 5, which takes the composed path. Outputs, scratch and u poisoned;
+/// the caches start random, and the rows other than the step's must come back unchanged.
+#[test]
+fn decoding_qkv_lora_rope_and_cache_in_one_launch() {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(41);
+    for (cols, (heads, kv_heads, head_dim), with_lora, r, dq, c) in [
+        (4096, (32, 32, 128), [true, false, true], 64, false, ComputeDtype::BF16),
+        (576, (9, 3, 64), [true, true, true], 8, true, ComputeDtype::BF16),
+        (320, (5, 1, 48), [false, true, false], 12, false, ComputeDtype::F16),
+        (320, (5, 1, 48), [true, false, false], 5, false, ComputeDtype::F16),
+    ] {
+        let rows = [heads * head_dim, kv_heads * head_dim, kv_heads * head_dim];
+        let label = format!("{rows:?}x{cols} LoRA {with_lora:?} r={r} dq={dq} {c:?}");
+        let (host, ab) = nf4_weights_with_lora(&mut rng, &rows, cols, r, dq, c);
+        let x = rnd(&mut rng, cols, 1.0);
+        let ang = rnd(&mut rng, head_dim / 2, 50.0);
+        let (cos, sin): (Vec<f32>, Vec<f32>) = ang.iter().map(|a| (a.cos(), a.sin())).unzip();
+        let (capacity, pos, row) = (16, 7, rows[1]);
+        let (kc0, vc0) = (rnd(&mut rng, capacity * row, 1.0), rnd(&mut rng, capacity * row, 1.0));
+        let dims = (heads, kv_heads, head_dim);
+        let g = gpu();
+        let gw: Vec<_> = host.iter().map(|h| g.upload_weight(h.clone())).collect();
+        let ws = [&gw[0], &gw[1], &gw[2]];
+        let gab: Vec<_> = ab.iter().map(|(a, b)| (g.upload(a), g.upload(b))).collect();
+        let (gx, gcos, gsin, gpos) = (g.upload(&x), g.upload(&cos), g.upload(&sin), g.upload(&[pos as f32]));
+        // (q_out, key cache, value cache) of the fused call or the composed one.
+        let run = |fused: bool| {
+            let mut qkv = rows.map(poisoned);
+            let mut us: Vec<_> = rows.iter().map(|_| poisoned(r)).collect();
+            let mut loras: Vec<Option<LoraDown<'_, Cuda>>> = gab
+                .iter()
+                .zip(us.iter_mut())
+                .zip(&with_lora)
+                .map(|(((a, b), u), &on)| on.then_some(LoraDown { a, b, dropout: Dropout::NONE, u, u_ready: false }))
+                .collect();
+            let (mut q_out, mut kc, mut vc) = (poisoned(rows[0]), g.upload(&kc0), g.upload(&vc0));
+            let [q, k, v] = qkv.each_mut();
+            let (rope, cache) = ((&gcos, &gsin), (&mut kc, &mut vc));
+            if fused {
+                assert_eq!(g.qkv_into_cache_fuses(&ws, 1, &loras, r), r % 4 == 0, "{label}: which path");
+                g.qkv_into_cache(&gx, ws, 1, [q, k, v], &mut loras, (r, 0.25), rope, dims, &mut q_out, cache, &gpos);
+            } else {
+                qkv_into_cache_composed(
+                    g,
+                    &gx,
+                    ws,
+                    1,
+                    [q, k, v],
+                    &mut loras,
+                    (r, 0.25),
+                    rope,
+                    dims,
+                    &mut q_out,
+                    cache,
+                    &gpos,
+                );
+            }
+            drop(loras);
+            [g.download(&q_out), g.download(&kc), g.download(&vc)]
+        };
+        g.set_rope_lora(true); // whatever LLAMATUNE_ROPE_LORA says
+        let fused = run(true);
+        let composed = run(false);
+        let cw: Vec<_> = host.iter().map(|h| CPU.upload_weight(h.clone())).collect();
+        let mut cpu_qkv = rows.map(|n| vec![0.0; n]);
+        let mut cpu_us: Vec<_> = rows.iter().map(|_| vec![0.0; r]).collect();
+        let mut cpu_loras: Vec<Option<LoraDown<'_, Cpu<f32>>>> = ab
+            .iter()
+            .zip(cpu_us.iter_mut())
+            .zip(&with_lora)
+            .map(|(((a, b), u), &on)| on.then_some(LoraDown { a, b, dropout: Dropout::NONE, u, u_ready: false }))
+            .collect();
+        let (mut q_cpu, mut kc_cpu, mut vc_cpu) = (vec![0.0; rows[0]], kc0.clone(), vc0.clone());
+        let [q, k, v] = cpu_qkv.each_mut();
+        let cws = [&cw[0], &cw[1], &cw[2]];
+        let cache = (&mut kc_cpu, &mut vc_cpu);
+        CPU.qkv_into_cache(
+            &x,
+            cws,
+            1,
+            [q, k, v],
+            &mut cpu_loras,
+            (r, 0.25),
+            (&cos, &sin),
+            dims,
+            &mut q_cpu,
+            cache,
+            &vec![pos as f32],
+        );
+        drop(cpu_loras);
+        let want = [q_cpu, kc_cpu, vc_cpu];
+        for (i, name) in ["q_out", "key cache", "value cache"].iter().enumerate() {
+            check(&format!("{label} {name} vs composed"), &fused[i], &composed[i], 1e-6);
+            check(&format!("{label} {name} vs CPU"), &fused[i], &want[i], MIXED_TOL);
+        }
+        for (got, start) in [(&fused[1], &kc0), (&fused[2], &vc0)] {
+            let other = |c: &[f32]| [c[..pos * row].to_vec(), c[(pos + 1) * row..].to_vec()].concat();
+            assert_eq!(other(got), other(start), "{label}: a cache row other than the step's changed");
+        }
+    }
+}
+
 /// Decoding's RoPE and KV-cache append in one launch (`rope_into_cache`) against the CPU and, bit
 /// for bit, against rope, rope, kv_write, kv_write on the GPU: SmolLM2's, Llama-2-7B's and odd head
 /// shapes, one token (decoding) and several (a prompt), at a cache position past 0. The caches start
@@ -1553,10 +1665,14 @@ fn decoding_gemv_of_several_weights_in_one_launch() {
         let gx = gpu().upload(&x);
         let mut many: Vec<_> = rows.iter().map(|&r| poisoned(r)).collect();
         gpu().linear_many(&gx, &gw.iter().collect::<Vec<_>>(), 1, &mut many.iter_mut().collect::<Vec<_>>());
+        // One launch each, whole rows per warp as in the shared launch (the column-split kernel adds
+        // each row's halves in another order; small_m_4bit_gemv_for_decoding checks it).
         gpu().set_gemv_many(false);
+        gpu().set_gemv_split(false);
         let mut each: Vec<_> = rows.iter().map(|&r| poisoned(r)).collect();
         gpu().linear_many(&gx, &gw.iter().collect::<Vec<_>>(), 1, &mut each.iter_mut().collect::<Vec<_>>());
         gpu().set_gemv_many(true);
+        gpu().set_gemv_split(true);
         let tol = if c == ComputeDtype::F32 { F32_TOL } else { MIXED_TOL };
         for (i, h) in host.into_iter().enumerate() {
             let got = gpu().download(&many[i]);

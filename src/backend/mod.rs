@@ -920,6 +920,40 @@ pub trait Backend {
         self.kv_write(&k_rot, k_cache, pos, kv_heads * head_dim);
         self.kv_write(v, v_cache, pos, kv_heads * head_dim);
     }
+    /// Decoding's q/k/v: [`Backend::linear_many_lora`] of the three projections `ws` into `qkv`, then
+    /// [`Backend::rope_into_cache`] of them, in one call (CUDA, one row of x: the LoRA B products ride
+    /// in the launch that rotates and appends to the cache, so `qkv` is left without them). `qkv` is
+    /// scratch: what it holds afterwards is not part of the result.
+    #[allow(clippy::too_many_arguments)]
+    fn qkv_into_cache(
+        &self,
+        x: &Self::Buf,
+        ws: [&Self::Weight; 3],
+        m: usize,
+        qkv: [&mut Self::Buf; 3],
+        loras: &mut [Option<LoraDown<'_, Self>>],
+        (r, scale): (usize, f32),
+        (cos, sin): (&Self::Buf, &Self::Buf),
+        dims: (usize, usize, usize),
+        q_out: &mut Self::Buf,
+        (k_cache, v_cache): (&mut Self::Buf, &mut Self::Buf),
+        pos: &Self::Buf,
+    ) {
+        qkv_into_cache_composed(
+            self,
+            x,
+            ws,
+            m,
+            qkv,
+            loras,
+            (r, scale),
+            (cos, sin),
+            dims,
+            q_out,
+            (k_cache, v_cache),
+            pos,
+        );
+    }
     /// [`Backend::attention`] over a KV cache whose `q_offset` is `pos[0]` and `kv_len` is
     /// `pos[0] + q_len` (the shape's own two fields are ignored); no segments.
     #[allow(clippy::too_many_arguments)]
@@ -1044,6 +1078,27 @@ pub fn linear_many_lora_composed<B: Backend + ?Sized>(
     assert_eq!(outs.len(), loras.len(), "linear_many_lora: one LoRA slot per output");
     be.linear_many(x, ws, m, outs);
     lora_branches_into(be, x, outs, loras, m, r, scale);
+}
+
+/// [`Backend::qkv_into_cache`] as [`Backend::linear_many_lora`] then [`Backend::rope_into_cache`]: the
+/// trait's default and the CUDA backend's path where its fused launch does not apply.
+#[allow(clippy::too_many_arguments)]
+pub fn qkv_into_cache_composed<B: Backend + ?Sized>(
+    be: &B,
+    x: &B::Buf,
+    ws: [&B::Weight; 3],
+    m: usize,
+    [q, k, v]: [&mut B::Buf; 3],
+    loras: &mut [Option<LoraDown<'_, B>>],
+    (r, scale): (usize, f32),
+    (cos, sin): (&B::Buf, &B::Buf),
+    dims: (usize, usize, usize),
+    q_out: &mut B::Buf,
+    (k_cache, v_cache): (&mut B::Buf, &mut B::Buf),
+    pos: &B::Buf,
+) {
+    be.linear_many_lora(x, &ws, m, &mut [&mut *q, &mut *k, &mut *v], loras, r, scale);
+    be.rope_into_cache(q, k, v, cos, sin, dims, q_out, k_cache, v_cache, pos);
 }
 
 /// [`Backend::add_rmsnorm_mlp_gate_up`] as [`Backend::add_rmsnorm`] into an f32 output, then

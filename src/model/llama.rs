@@ -864,16 +864,27 @@ impl<'a, B: Backend> Graph<'a, B> {
                 a
             }
             Some((kv, pos)) => {
-                let [q, k, v] = self.linears(t, n1, l, [Proj::Q, Proj::K, Proj::V]);
-                t.done_with(n1);
-                // Rotated q, and the rotated keys and the values appended to the cache, in one call.
+                // The q/k/v products with their LoRA branches, then rotated q, and the rotated keys
+                // and the values appended to the cache, in one call.
                 let be = self.be;
-                let mut q_rot = self.alloc(be.buf_len(t.get(q)));
+                let projs = [Proj::Q, Proj::K, Proj::V];
+                let ws = projs.map(|p| self.model.proj(l, p));
+                let m = be.buf_len(t.get(n1)) / c.hidden_size;
+                let mut qkv = ws.map(|w| self.alloc(m * be.weight_shape(w).0));
+                let mut q_rot = self.alloc(be.buf_len(&qkv[0]));
                 let dims = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
-                let (qv, kv_, vv) = (t.get(q), t.get(k), t.get(v));
-                be.rope_into_cache(qv, kv_, vv, &self.cos, &self.sin, dims, &mut q_rot, &mut kv.k, &mut kv.v, pos);
-                for id in [q, k, v] {
-                    t.done_with(id);
+                let slots = self.lora_u_slots(t, l, projs, m);
+                let lora = (self.lora_rank(), self.lora_scale());
+                let ((), us) = self.with_lora_downs(l, projs, slots, |loras| {
+                    let rope = (&self.cos, &self.sin);
+                    let [q, k, v] = qkv.each_mut();
+                    let cache = (&mut kv.k, &mut kv.v);
+                    be.qkv_into_cache(t.get(n1), ws, m, [q, k, v], loras, lora, rope, dims, &mut q_rot, cache, pos);
+                });
+                self.release_lora_us(t, l, projs, us);
+                t.done_with(n1);
+                for buf in qkv {
+                    t.discard(buf);
                 }
                 let mut a = self.alloc(be.buf_len(&q_rot));
                 let mut lse = self.alloc(self.shape.heads * self.shape.q_len);

@@ -2,7 +2,7 @@
 //! the names of the kernels `Cuda::new` loads from it.
 
 use super::lora::{LORA_DOWN, LORA_DOWN_WIDE, LORA_DU, LORA_OUTER, LORA_OUTER_WIDE};
-use super::quant4::{GEMM_4BIT, GEMV_FEW_ROWS, GEMV_MANY, GEMV_MANY_LORA, GEMV_ONE_ROW, GEMV_SWIGLU};
+use super::quant4::{GEMM_4BIT, GEMV_FEW_ROWS, GEMV_MANY, GEMV_MANY_LORA, GEMV_ONE_ROW, GEMV_SPLIT, GEMV_SWIGLU};
 use super::xent::{XENT_REG, XENT_STREAM, XENT_TWO_PASS};
 
 pub(super) mod embedded {
@@ -84,6 +84,9 @@ pub(super) fn kernel_names(module: &str) -> &'static [&'static str] {
             GEMV_FEW_ROWS[0],
             GEMV_FEW_ROWS[1],
             GEMV_FEW_ROWS[2],
+            GEMV_SPLIT[0],
+            GEMV_SPLIT[1],
+            GEMV_SPLIT[2],
             GEMV_MANY[0],
             GEMV_MANY[1],
             GEMV_MANY[2],
@@ -149,7 +152,14 @@ pub(super) fn kernel_names(module: &str) -> &'static [&'static str] {
             "add16_rmsnorm_f16",
             "rmsnorm_backward_f32",
         ],
-        "rope" => &["rope_f32", "rope_bf16", "rope_bf16_from_bf16", "rope_bf16_from_f16", "rope_cache_f32"],
+        "rope" => &[
+            "rope_f32",
+            "rope_bf16",
+            "rope_bf16_from_bf16",
+            "rope_bf16_from_f16",
+            "rope_cache_f32",
+            "lora_rope_cache_f32",
+        ],
         "xent" => &[
             "cross_entropy_f32",
             XENT_REG[0],

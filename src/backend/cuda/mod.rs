@@ -83,6 +83,13 @@ pub struct Cuda {
     /// (`gemv_4bit_many_*`), gate/up with SwiGLU (`gemv_4bit_swiglu_*`); `LLAMATUNE_GEMV_MANY=0`: a
     /// launch per weight.
     gemv_many: std::sync::atomic::AtomicBool,
+    /// [`Cuda::set_gemv_split`]: one-row GEMVs of few rows (a 7B model's o and down) at four rows
+    /// per warp with each row's columns split between two warps (`LLAMATUNE_GEMV_SPLIT=0`: two rows
+    /// per warp).
+    gemv_split: std::sync::atomic::AtomicBool,
+    /// [`Cuda::set_rope_lora`]: decoding's LoRA B products of q/k/v in the launch that rotates q and k
+    /// and appends k and v to the cache (`LLAMATUNE_ROPE_LORA=0`: two launches).
+    rope_lora: std::sync::atomic::AtomicBool,
     /// [`Backend::keep_weight_expansions`]: a replayed layer's 4-bit weight expansions, held for its
     /// input gradients (`LLAMATUNE_KEEP_EXPANDED=0` ignores the hint).
     kept: std::sync::Mutex<gemm::KeptExpansions>,
@@ -170,6 +177,7 @@ macro_rules! launch {
 
 mod adamw;
 mod attention;
+mod decode_qkv;
 mod decode_state;
 mod energy;
 mod gemm;
@@ -198,7 +206,8 @@ pub use mlp::MlpActs;
 pub use offload::Offloaded;
 pub use quant4::{Fused4bit, FUSED_4BIT_MAX_M};
 use quant4::{
-    GEMM_4BIT, GEMM_4BIT_TILES, GEMV_MANY, GEMV_MANY_LORA, GEMV_MAX_M, GEMV_MAX_X_SMEM, GEMV_ONE_ROW, GEMV_SWIGLU,
+    GEMM_4BIT, GEMM_4BIT_TILES, GEMV_MANY, GEMV_MANY_LORA, GEMV_MAX_M, GEMV_MAX_X_SMEM, GEMV_ONE_ROW, GEMV_SPLIT,
+    GEMV_SWIGLU,
 };
 pub use weights::{CudaWeight, DenseData, DeviceAbsmax};
 use xent::{xent_stream_smem, XentIo, XENT_REG_VALUES, XENT_STREAM};
@@ -270,7 +279,8 @@ impl Cuda {
         for (name, hd) in [("flash_bwd_hd64", 64), ("flash_bwd_hd128", 128)] {
             funcs[name].set_attribute(attr, flash_bwd_smem(hd, true) as i32).map_err(dev_err)?;
         }
-        for name in GEMV_ONE_ROW.iter().chain(&GEMV_MANY).chain(&GEMV_MANY_LORA).chain(&GEMV_SWIGLU) {
+        for name in GEMV_ONE_ROW.iter().chain(&GEMV_SPLIT).chain(&GEMV_MANY).chain(&GEMV_MANY_LORA).chain(&GEMV_SWIGLU)
+        {
             funcs[*name].set_attribute(attr, GEMV_MAX_X_SMEM as i32).map_err(dev_err)?;
         }
         for (name, smem) in SplitKernel::all() {
@@ -352,6 +362,8 @@ impl Cuda {
         let lora_b_gemm = switch_on("LLAMATUNE_LORA_B_GEMM").into();
         let lora_b_concat = switch_on("LLAMATUNE_LORA_B_CONCAT").into();
         let gemv_many = switch_on("LLAMATUNE_GEMV_MANY").into();
+        let gemv_split = switch_on("LLAMATUNE_GEMV_SPLIT").into();
+        let rope_lora = switch_on("LLAMATUNE_ROPE_LORA").into();
         let dequant_seg = switch_on("LLAMATUNE_DEQUANT_SEG").into();
         let zero_many = switch_on("LLAMATUNE_ZERO_MANY").into();
         let kept = gemm::KeptExpansions::new(switch_on("LLAMATUNE_KEEP_EXPANDED")).into();
@@ -387,6 +399,8 @@ impl Cuda {
             lora_b_gemm,
             lora_b_concat,
             gemv_many,
+            gemv_split,
+            rope_lora,
             kept,
             small_operands: Default::default(),
             dequant_seg,
@@ -1158,6 +1172,26 @@ impl Backend for Cuda {
         let a2 = head_dim as i32;
         let a3 = inverse as i32;
         launch!(self, "rope_f32", grid_for(m * heads * head_dim / 2); x, cos, sin, &mut *out, &a0, &a1, &a2, &a3);
+    }
+
+    fn qkv_into_cache(
+        &self,
+        x: &CudaSlice<f32>,
+        ws: [&CudaWeight; 3],
+        m: usize,
+        qkv: [&mut CudaSlice<f32>; 3],
+        loras: &mut [Option<LoraDown<'_, Self>>],
+        lora: (usize, f32),
+        rope: (&CudaSlice<f32>, &CudaSlice<f32>),
+        dims: (usize, usize, usize),
+        q_out: &mut CudaSlice<f32>,
+        cache: (&mut CudaSlice<f32>, &mut CudaSlice<f32>),
+        pos: &CudaSlice<f32>,
+    ) {
+        if !self.qkv_into_cache_fuses(&ws, m, loras, lora.0) {
+            return super::qkv_into_cache_composed(self, x, ws, m, qkv, loras, lora, rope, dims, q_out, cache, pos);
+        }
+        self.qkv_into_cache_fused(x, ws, qkv, loras, lora, rope, dims, q_out, cache, pos);
     }
 
     fn rope_into_cache(

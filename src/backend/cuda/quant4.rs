@@ -35,6 +35,14 @@ pub(super) const GEMV_ONE_ROW: [&str; 9] = [
     "gemv_4bit_rows_bf16_m1_r2_two_per_sm",
 ];
 
+/// The one-row GEMVs for matrices of few rows (kernels/nf4.cu `gemv_4bit_rows_*_m1_split`), indexed by
+/// compute dtype: four rows per warp, each row's columns split between two warps, 16 rows per block.
+pub(super) const GEMV_SPLIT: [&str; 3] =
+    ["gemv_4bit_rows_f32_m1_split", "gemv_4bit_rows_f16_m1_split", "gemv_4bit_rows_bf16_m1_split"];
+
+/// Output rows per block of [`GEMV_SPLIT`]'s kernels.
+const GEMV_SPLIT_ROWS_PER_BLOCK: usize = 16;
+
 pub(super) const GEMV_FEW_ROWS: [&str; 3] =
     ["gemv_4bit_rows_f32_m8", "gemv_4bit_rows_f16_m8", "gemv_4bit_rows_bf16_m8"];
 
@@ -317,9 +325,17 @@ impl Cuda {
             // the 4096-row projections of a 7B model give 1024 warps for 132 SMs × 24 slots).
             let two_rows = staged && *rows < 8192;
             let warps = rows.div_ceil(if two_rows { 2 } else { GEMV_ROWS_PER_WARP });
-            let blocks = warps.div_ceil(GEMV_THREADS / 32);
+            let mut blocks = warps.div_ceil(GEMV_THREADS / 32);
+            let split_blocks = rows.div_ceil(GEMV_SPLIT_ROWS_PER_BLOCK);
+            let split = self.gemv_split.load(std::sync::atomic::Ordering::Relaxed);
             let kernel = match (staged, two_rows) {
                 (true, false) => GEMV_ONE_ROW[compute as usize],
+                // Where two blocks per SM hold the launch, four rows per warp with each row's columns
+                // split between two warps (the same blocks, twice the bytes in flight per warp).
+                (true, true) if split && split_blocks <= 2 * self.sm_count => {
+                    blocks = split_blocks;
+                    GEMV_SPLIT[compute as usize]
+                }
                 // Where the launch leaves a third block per SM no work, its registers go to the two.
                 (true, true) if blocks <= 2 * self.sm_count => GEMV_ONE_ROW[6 + compute as usize],
                 (true, true) => GEMV_ONE_ROW[3 + compute as usize],
@@ -493,6 +509,12 @@ impl Cuda {
         codes
     }
 
+    /// Turns the column-split one-row GEMV for matrices of few rows on or off (`LLAMATUNE_GEMV_SPLIT=0`;
+    /// off: two rows per warp, whole rows per warp).
+    pub fn set_gemv_split(&self, on: bool) {
+        self.gemv_split.store(on, std::sync::atomic::Ordering::Relaxed);
+    }
+
     /// Turns the several-weight decoding GEMVs on or off (off: one launch per weight, SwiGLU apart).
     pub fn set_gemv_many(&self, on: bool) {
         self.gemv_many.store(on, std::sync::atomic::Ordering::Relaxed);
@@ -597,8 +619,26 @@ impl Cuda {
         r: usize,
         scale: f32,
     ) {
+        self.gemv_4bit_many_lora_a(x, ws, outs, loras, r);
+        let ups = outs.iter_mut().zip(loras.iter_mut()).filter_map(|(y, l)| {
+            let l = l.as_mut()?;
+            Some((l.b, &*l.u, &mut **y))
+        });
+        self.lora_up_many(ups, m, r, scale);
+    }
+
+    /// The launch of [`Cuda::gemv_4bit_many_lora`] without the B products: the frozen products of one
+    /// row of x into `outs` and each branch's `u = x·Aᵀ`.
+    pub(super) fn gemv_4bit_many_lora_a(
+        &self,
+        x: &CudaSlice<f32>,
+        ws: &[&CudaWeight],
+        outs: &mut [&mut CudaSlice<f32>],
+        loras: &mut [Option<LoraDown<'_, Self>>],
+        r: usize,
+    ) {
         let _span = self.span("linear + LoRA A (4-bit GEMV, several weights)");
-        let cols = x.len();
+        let (cols, m) = (x.len(), 1); // one row of x: Cuda::gemv_shares_x
         {
             // The frozen products and, in the blocks after theirs, every branch's u = x·Aᵀ.
             let mut guards = Vec::new();
@@ -616,11 +656,6 @@ impl Cuda {
             ck!(unsafe { b.launch(self.gemv_many_launch(ws[0], blocks)) }, name);
             drop(guards);
         }
-        let ups = outs.iter_mut().zip(loras.iter_mut()).filter_map(|(y, l)| {
-            let l = l.as_mut()?;
-            Some((l.b, &*l.u, &mut **y))
-        });
-        self.lora_up_many(ups, m, r, scale);
     }
 
     /// `out = silu(x·Gᵀ) ⊙ (x·Uᵀ)` for one row of x in one launch (`gemv_4bit_swiglu_*`), for the weight pairs
