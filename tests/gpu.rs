@@ -1455,12 +1455,7 @@ fn decoding_frozen_products_and_lora_a_in_one_launch() {
         let run = |shared: bool| {
             let mut ys: Vec<_> = rows.iter().map(|&n| poisoned(n)).collect();
             let mut us: Vec<_> = rows.iter().map(|_| poisoned(r)).collect();
-            let mut loras: Vec<Option<LoraDown<'_, Cuda>>> = gab
-                .iter()
-                .zip(us.iter_mut())
-                .zip(&with_lora)
-                .map(|(((a, b), u), &on)| on.then_some(LoraDown { a, b, dropout: Dropout::NONE, u, u_ready: false }))
-                .collect();
+            let mut loras = lora_downs(&gab, &mut us, &with_lora, &[Dropout::NONE; 3], false);
             let mut outs: Vec<_> = ys.iter_mut().collect();
             if shared {
                 assert!(g.linear_many_lora_shares_launch(&ws, 1, &loras), "{label}: the shared launch must apply");
@@ -1521,12 +1516,7 @@ fn decoding_qkv_lora_rope_and_cache_in_one_launch() {
         let run = |fused: bool| {
             let mut qkv = rows.map(poisoned);
             let mut us: Vec<_> = rows.iter().map(|_| poisoned(r)).collect();
-            let mut loras: Vec<Option<LoraDown<'_, Cuda>>> = gab
-                .iter()
-                .zip(us.iter_mut())
-                .zip(&with_lora)
-                .map(|(((a, b), u), &on)| on.then_some(LoraDown { a, b, dropout: Dropout::NONE, u, u_ready: false }))
-                .collect();
+            let mut loras = lora_downs(&gab, &mut us, &with_lora, &[Dropout::NONE; 3], false);
             let (mut q_out, mut kc, mut vc) = (poisoned(rows[0]), g.upload(&kc0), g.upload(&vc0));
             let [q, k, v] = qkv.each_mut();
             let (rope, cache) = ((&gcos, &gsin), (&mut kc, &mut vc));

@@ -13,7 +13,8 @@ use crate::backend::LoraDown;
 /// Lanes per pair of rows and 16-byte loads per lane and row of B in `lora_rope_cache_f32`
 /// (kernels/rope.cu `ROPE_LORA_LANES`, `ROPE_LORA_K`): ranks up to 4 · 8 · 2 = 64.
 const ROPE_LORA_LANES: usize = 8;
-const ROPE_LORA_MAX_RANK: usize = 4 * ROPE_LORA_LANES * 2;
+const ROPE_LORA_K: usize = 2;
+const ROPE_LORA_MAX_RANK: usize = 4 * ROPE_LORA_LANES * ROPE_LORA_K;
 
 /// kernels/rope.cu `LoraUp`, field for field: B `(rows, r)` and u `(r)`, or nulls (no branch).
 #[repr(C)]
