@@ -920,10 +920,11 @@ pub trait Backend {
         self.kv_write(&k_rot, k_cache, pos, kv_heads * head_dim);
         self.kv_write(v, v_cache, pos, kv_heads * head_dim);
     }
-    /// Decoding's q/k/v: [`Backend::linear_many_lora`] of the three projections `ws` into `qkv`, then
-    /// [`Backend::rope_into_cache`] of them, in one call (CUDA, one row of x: the LoRA B products ride
-    /// in the launch that rotates and appends to the cache, so `qkv` is left without them). `qkv` is
-    /// scratch: what it holds afterwards is not part of the result.
+    /// Decoding's q/k/v: [`Backend::linear_many_lora`] of the three projections `ws` into `qkv` with
+    /// the branches' `lora = (rank, scale)`, then [`Backend::rope_into_cache`] of them with
+    /// `rope = (cos, sin)` into `q_out` and `cache = (keys, values)`, in one call (CUDA, one row of x:
+    /// the LoRA B products ride in the launch that rotates and appends to the cache, so `qkv` is left
+    /// without them). `qkv` is scratch: what it holds afterwards is not part of the result.
     #[allow(clippy::too_many_arguments)]
     fn qkv_into_cache(
         &self,
@@ -932,27 +933,14 @@ pub trait Backend {
         m: usize,
         qkv: [&mut Self::Buf; 3],
         loras: &mut [Option<LoraDown<'_, Self>>],
-        (r, scale): (usize, f32),
-        (cos, sin): (&Self::Buf, &Self::Buf),
+        lora: (usize, f32),
+        rope: (&Self::Buf, &Self::Buf),
         dims: (usize, usize, usize),
         q_out: &mut Self::Buf,
-        (k_cache, v_cache): (&mut Self::Buf, &mut Self::Buf),
+        cache: (&mut Self::Buf, &mut Self::Buf),
         pos: &Self::Buf,
     ) {
-        qkv_into_cache_composed(
-            self,
-            x,
-            ws,
-            m,
-            qkv,
-            loras,
-            (r, scale),
-            (cos, sin),
-            dims,
-            q_out,
-            (k_cache, v_cache),
-            pos,
-        );
+        qkv_into_cache_composed(self, x, ws, m, qkv, loras, lora, rope, dims, q_out, cache, pos);
     }
     /// [`Backend::attention`] over a KV cache whose `q_offset` is `pos[0]` and `kv_len` is
     /// `pos[0] + q_len` (the shape's own two fields are ignored); no segments.
