@@ -638,24 +638,23 @@ impl Cuda {
         r: usize,
     ) {
         let _span = self.span("linear + LoRA A (4-bit GEMV, several weights)");
-        let (cols, m) = (x.len(), 1); // one row of x: Cuda::gemv_shares_x
-        {
-            // The frozen products and, in the blocks after theirs, every branch's u = x·Aᵀ.
-            let mut guards = Vec::new();
-            let (targets, first, kernel) = self.gemv_many_targets(x, ws, outs, &mut guards);
-            let branches = loras.iter_mut().flatten().map(|l| (l.a, &mut *l.u));
-            let (downs, blocks) = self.lora_down_targets(x, branches, m, r, first, &mut guards);
-            let name = GEMV_MANY_LORA[kernel];
-            let CudaWeight::Quant4 { quant_type, blocksize, .. } = ws[0] else { unreachable!("4-bit weights") };
-            let (bs, c32) = (*blocksize as i32, cols as i32);
-            let mut b = self.stream.launch_builder(self.f(name));
-            b.arg(&targets).arg(&self.code256).arg(self.code16(*quant_type)).arg(&bs).arg(x).arg(&c32).arg(&downs);
-            // SAFETY: each target's codes, absmax and output, each branch's A and u, and x are live
-            // buffers whose addresses the guards hold; the kernel reads x (cols), writes each output's
-            // rows and each u's r values.
-            ck!(unsafe { b.launch(self.gemv_many_launch(ws[0], blocks)) }, name);
-            drop(guards);
-        }
+        // One row of x (Cuda::gemv_shares_x). The frozen products and, in the blocks after theirs,
+        // every branch's u = x·Aᵀ.
+        let (cols, m) = (x.len(), 1);
+        let mut guards = Vec::new();
+        let (targets, first, kernel) = self.gemv_many_targets(x, ws, outs, &mut guards);
+        let branches = loras.iter_mut().flatten().map(|l| (l.a, &mut *l.u));
+        let (downs, blocks) = self.lora_down_targets(x, branches, m, r, first, &mut guards);
+        let name = GEMV_MANY_LORA[kernel];
+        let CudaWeight::Quant4 { quant_type, blocksize, .. } = ws[0] else { unreachable!("4-bit weights") };
+        let (bs, c32) = (*blocksize as i32, cols as i32);
+        let mut b = self.stream.launch_builder(self.f(name));
+        b.arg(&targets).arg(&self.code256).arg(self.code16(*quant_type)).arg(&bs).arg(x).arg(&c32).arg(&downs);
+        // SAFETY: each target's codes, absmax and output, each branch's A and u, and x are live
+        // buffers whose addresses the guards hold; the kernel reads x (cols), writes each output's
+        // rows and each u's r values.
+        ck!(unsafe { b.launch(self.gemv_many_launch(ws[0], blocks)) }, name);
+        drop(guards);
     }
 
     /// `out = silu(x·Gᵀ) ⊙ (x·Uᵀ)` for one row of x in one launch (`gemv_4bit_swiglu_*`), for the weight pairs
