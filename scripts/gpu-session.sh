@@ -169,7 +169,7 @@ p)
     ;;
 attn)
     metrics="$(stall_metrics)l1tex__data_bank_conflicts_pipe_lsu_mem_shared_op_ld.sum,l1tex__data_bank_conflicts_pipe_lsu_mem_shared_op_st.sum,l1tex__data_pipe_lsu_wavefronts_mem_shared.sum,smsp__inst_executed.sum,sm__pipe_tensor_op_hmma_cycles_active.avg.pct_of_peak_sustained_active"
-    for k in flash_bwd_hd128 flash_fwd_hd128; do
+    for k in flash_bwd_wgmma_hd128 flash_fwd_wgmma_hd128; do  # the step's kernels on sm_90a
         echo "== ncu $k (launch 4 in the step)" | tee -a "$out/ncu-attn.log"
         timeout 200 ncu --kernel-name "$k" --launch-skip 3 --launch-count 1 --section SpeedOfLight \
             --section Occupancy --section LaunchStats --section WarpStateStats --section SchedulerStats \
