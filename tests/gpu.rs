@@ -596,15 +596,15 @@ fn nf4_weights_with_lora(
     (host, ab)
 }
 
-/// The `linear_many_lora` slots of projections with device LoRA pairs `gab`, where `on`: each writing
+/// The `linear_many_lora` slots of projections with LoRA pairs `gab` on backend `B`, where `on`: each writing
 /// its `u`, or (`u_ready`) reading the value `us` holds instead of computing it.
-fn lora_downs<'a>(
-    gab: &'a [(<Cuda as Backend>::Buf, <Cuda as Backend>::Buf)],
-    us: &'a mut [<Cuda as Backend>::Buf],
+fn lora_downs<'a, B: Backend>(
+    gab: &'a [(B::Buf, B::Buf)],
+    us: &'a mut [B::Buf],
     on: &[bool],
     drops: &[Dropout],
     u_ready: bool,
-) -> Vec<Option<LoraDown<'a, Cuda>>> {
+) -> Vec<Option<LoraDown<'a, B>>> {
     gab.iter()
         .zip(us.iter_mut())
         .zip(on.iter().zip(drops))
@@ -1548,12 +1548,7 @@ fn decoding_qkv_lora_rope_and_cache_in_one_launch() {
         let cw: Vec<_> = host.iter().map(|h| CPU.upload_weight(h.clone())).collect();
         let mut cpu_qkv = rows.map(|n| vec![0.0; n]);
         let mut cpu_us: Vec<_> = rows.iter().map(|_| vec![0.0; r]).collect();
-        let mut cpu_loras: Vec<Option<LoraDown<'_, Cpu<f32>>>> = ab
-            .iter()
-            .zip(cpu_us.iter_mut())
-            .zip(&with_lora)
-            .map(|(((a, b), u), &on)| on.then_some(LoraDown { a, b, dropout: Dropout::NONE, u, u_ready: false }))
-            .collect();
+        let mut cpu_loras = lora_downs::<Cpu<f32>>(&ab, &mut cpu_us, &with_lora, &[Dropout::NONE; 3], false);
         let (mut q_cpu, mut kc_cpu, mut vc_cpu) = (vec![0.0; rows[0]], kc0.clone(), vc0.clone());
         let [q, k, v] = cpu_qkv.each_mut();
         let cws = [&cw[0], &cw[1], &cw[2]];
