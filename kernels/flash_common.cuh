@@ -60,6 +60,15 @@ __device__ __forceinline__ void red_add2(float* p, float2 v) {
     atomicAdd(p + 1, v.y);
 #endif
 }
+// *p .. *(p + 3) += v atomically (p 16-byte aligned): one vector reduction on sm_90.
+__device__ __forceinline__ void red_add4(float* p, float4 v) {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("red.global.add.v4.f32 [%0], {%1, %2, %3, %4};\n" ::"l"(p), "f"(v.x), "f"(v.y), "f"(v.z), "f"(v.w) : "memory");
+#else
+    red_add2(p, make_float2(v.x, v.y));
+    red_add2(p + 2, make_float2(v.z, v.w));
+#endif
+}
 // Rotates a gradient pair back (RoPE's inverse: the angle negated): lo, hi are columns j and j + HD/2,
 // c and sn the angle's cosines and sines at j, j + 1; `unrotate` reads them from table row `row` when
 // there are tables.

@@ -256,7 +256,7 @@ extern "C" __global__ void __launch_bounds__(128, 3) flash_fwd_wgmma_hd128(const
 //   dQ  = dS·K over the block's 128 keys, warpgroup w taking column half w (m64n64; both
 //         warpgroups' dSᵀ through shared memory as one MN-major A, K MN-major),
 // dV and dK stay in registers to the end (then leave through shared memory, a bulk copy per row);
-// each warpgroup adds its half of dQ (rotated back with tables) into dq by vector reductions (dq
+// each warpgroup adds its half of dQ (rotated back with tables) into dq by 16-byte reductions (dq
 // must be zero beforehand). Warpgroup 1 skips the products of a step whose queries all precede its
 // keys (they would be 0) and then reduces dQ over warpgroup 0's keys only; the block skips a step
 // none of its keys is seen in.
@@ -494,8 +494,7 @@ extern "C" __global__ void __launch_bounds__(256, 1) flash_bwd_wgmma_hd128(const
         // for jt + 4.
 #pragma unroll
         for (int e2 = 0; e2 < 2; e2++) {
-            const int ql = 16 * warp + gr + 8 * e2, t = qb * BQ2 + ql;
-            if (t >= g.q_len) continue;
+            const int ql = 16 * warp + gr + 8 * e2, t = qb * BQ2 + ql;  // every lane takes part in the shuffles
             float2 v2[8];
 #pragma unroll
             for (int jt = 0; jt < 8; jt++) v2[jt] = make_float2(dqa[4 * jt + 2 * e2], dqa[4 * jt + 2 * e2 + 1]);
@@ -507,11 +506,20 @@ extern "C" __global__ void __launch_bounds__(256, 1) flash_bwd_wgmma_hd128(const
                 for (int jt = 0; jt < 4; jt++)
                     unrotate_by(*reinterpret_cast<const float2*>(cr + 8 * jt), *reinterpret_cast<const float2*>(sr + 8 * jt), v2[jt], v2[jt + 4]);
             }
-            float* p = dq + cur.qbase + (int64_t)t * qstride + c0;
+            // 16-byte reductions: lanes 2k and 2k + 1 hold columns 4k..4k + 1 and 4k + 2..4k + 3 of each
+            // 8-column group between them; of the groups v2[2i] and v2[2i + 1] the even lane adds the
+            // first's four columns and the odd lane the second's, each taking its neighbour's pair by a
+            // shuffle. Half the reduction instructions of one 8-byte reduction per pair, whose queue
+            // at the load/store unit was the dQ stall (session 23): −3.0% (session 43).
+            const bool even = !(t4 & 1);
+            float* p = dq + cur.qbase + (int64_t)t * qstride + 32 * wg + 4 * (t4 >> 1);
 #pragma unroll
-            for (int jt = 0; jt < 4; jt++) {
-                red_add2(p + 8 * jt, v2[jt]);
-                red_add2(p + 8 * jt + WHD / 2, v2[jt + 4]);
+            for (int i = 0; i < 4; i++) {
+                const float2 mine = even ? v2[2 * i] : v2[2 * i + 1], send = even ? v2[2 * i + 1] : v2[2 * i];
+                const float2 got = make_float2(__shfl_xor_sync(0xffffffffu, send.x, 1), __shfl_xor_sync(0xffffffffu, send.y, 1));
+                const float4 sum4 = even ? make_float4(mine.x, mine.y, got.x, got.y) : make_float4(got.x, got.y, mine.x, mine.y);
+                const int jt = 2 * i + !even;  // the group this lane adds: column 8·(jt % 4), + 64 from 4 on
+                if (t < g.q_len) red_add4(p + 8 * (jt & 3) + (jt >= 4 ? WHD / 2 : 0), sum4);
             }
         }
     }
