@@ -1371,7 +1371,7 @@ impl Backend for Cuda {
         let _span = self.span("attention_backward (saved bf16 inputs)");
         let seg = self.segments_on_device(segments);
         // Q is already in bf16: the prep pass reads only out and dout.
-        let (delta, db) = self.flash_bwd_prep(None, None, out, dout, sh);
+        let (delta, db) = self.flash_bwd_prep(None, None, out, dout, sh, dq);
         self.flash_backward_launch((q, k, v), Some(rope), (lse, &delta, &db), sh, seg.as_ref(), (dq, dk, dv));
     }
 
