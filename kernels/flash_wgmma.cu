@@ -285,7 +285,7 @@ static_assert(BK2 == 2 * BQ2, "the key rows' tables take the two steps' table bu
 // q, dout (batch, q_len, heads, 128) bf16 (q rotated); k, v (batch, kv_cap, kv_heads, 128) bf16 (k
 // rotated); lse, delta (batch, heads, q_len); cos_t, sin_t: null, or the RoPE tables (batch·q_len,
 // 64) that rotated q and k (dq, dk come out un-rotated); dq (f32, zeroed) += ; dk, dv (f32) rows below
-// kv_len written. Grid (kv heads, batch, key blocks of 128, heaviest first), 256 threads.
+// kv_len written. Grid (kv heads, key blocks of 128 heaviest first, batch), 256 threads.
 extern "C" __global__ void __launch_bounds__(256, 1) flash_bwd_wgmma_hd128(const __nv_bfloat16* q, const __nv_bfloat16* k, const __nv_bfloat16* v, const float* lse, const float* delta, const __nv_bfloat16* dout, const uint32_t* seg, const float* cos_t, const float* sin_t, float* dq, float* dk, float* dv, FGEOM_ARGS) {
     grid_dependency_wait();
 #ifdef HAVE_WGMMA
@@ -299,9 +299,11 @@ extern "C" __global__ void __launch_bounds__(256, 1) flash_bwd_wgmma_hd128(const
     uint32_t* const s_kseg = s_qseg + 2 * BQ2;                                // [BK2]
     float* const s_cos = reinterpret_cast<float*>(sp + B_ROPE);  // [2][BQ2][ROPE_LD]
     float* const s_sin = s_cos + 2 * BQ2 * ROPE_LD;
-    // Key block kb is seen by the queries from kb·BK2 on, so the low ones carry the most steps; on z
-    // they start first for every head (as flash.cu's backward).
-    const int kb = blockIdx.z, grp = blockIdx.x, b = blockIdx.y;
+    // Key block kb is seen by the queries from kb·BK2 on, so the low ones carry the most steps; on y
+    // they start first for every head of a batch row, and the batch rows (z) follow one another, so the
+    // blocks in flight share one row's Q, dO and dq in L2 (with the batch on y and the key blocks on z,
+    // every head's first key blocks ran together and re-read Q, dO and dq from DRAM in later waves).
+    const int kb = blockIdx.y, grp = blockIdx.x, b = blockIdx.z;
     const int wg = threadIdx.x >> 7, warp = (threadIdx.x >> 5) & 3, lane = threadIdx.x & 31, gr = lane >> 2, t4 = lane & 3;
     const int rep = g.heads / g.kv_heads;
     const float scale = rsqrtf((float)WHD), sl2 = scale * LOG2E;

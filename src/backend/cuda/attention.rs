@@ -350,11 +350,12 @@ impl Cuda {
         b.arg(&mut *dq).arg(&mut *dk).arg(&mut *dv);
         let g = flash_geom(sh);
         push_geom(&mut b, &g);
-        // Key blocks on z: the heaviest of every head start first. flash.cu: 64 keys and one warpgroup
-        // per block; flash_wgmma.cu: 128 keys and two.
+        // The heaviest key blocks of every head start first. flash.cu: 64 keys and one warpgroup per
+        // block, key blocks on z; flash_wgmma.cu: 128 keys and two, key blocks on y and the batch on z
+        // (one batch row's blocks together, sharing its Q, dO and dq in L2).
         let cfg = if wgmma {
             LaunchConfig {
-                grid_dim: (sh.kv_heads as u32, sh.batch as u32, sh.kv_len.div_ceil(128) as u32),
+                grid_dim: (sh.kv_heads as u32, sh.kv_len.div_ceil(128) as u32, sh.batch as u32),
                 block_dim: (256, 1, 1),
                 shared_mem_bytes: flash_wgmma_bwd_smem(rope.is_some()) as u32,
             }
