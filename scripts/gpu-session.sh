@@ -13,7 +13,8 @@
 #          fp32 cross-entropy timed in the same session (parity/torch_rivals.py)
 #   ab OUT: A/B against the baseline staged by scripts/stage-base.sh: the 7B training step of the classic
 #          and (AB_ALL_LINEAR=1) all-linear recipes, base and new alternating twice, and the criterion
-#          kernel bench rows matching AB_FILTER (default "attention") for both binaries; AB_VARIANTS
+#          kernel bench rows matching AB_FILTER (default "attention") for both binaries, alternating
+#          AB_KERNEL_ROUNDS times (default 2; each run ~30 s, most of it the bench's setup); AB_VARIANTS
 #          adds runs of the new build with settings (e.g. "base new new:LLAMATUNE_KEEP_EXPANDED=0") and
 #          of variants staged by scripts/stage-variant.sh (e.g. "base new down4 down4:LLAMATUNE_PDL=0")
 #   abdecode OUT: the same alternation for the 7B greedy decode (128 new tokens after a 1-step bench)
@@ -145,11 +146,15 @@ ab)
             done
         done
     done
-    for side in base new; do
-        bin=stage/gpu-bench
-        [ $side = base ] && bin=stage/base-gpu-bench
-        echo "== kernel bench ($side)" | tee -a "$out/ab.log"
-        timeout 200 $bin --bench "${AB_FILTER:-attention}" 2>&1 | grep -E "^[A-Za-z].*/|time:" | tee -a "$out/ab.log"
+    # Alternating rounds: the same kernel has read 5% apart between calls on fresh hosts (session 43),
+    # so only rounds of one call are compared.
+    for round in $(seq 1 ${AB_KERNEL_ROUNDS:-2}); do
+        for side in base new; do
+            bin=stage/gpu-bench
+            [ $side = base ] && bin=stage/base-gpu-bench
+            echo "== kernel bench ($side, round $round)" | tee -a "$out/ab.log"
+            timeout 200 $bin --bench "${AB_FILTER:-attention}" 2>&1 | grep -E "^[A-Za-z].*/|time:" | tee -a "$out/ab.log"
+        done
     done
     ;;
 abdecode)
