@@ -276,10 +276,10 @@ extern "C" __global__ void __launch_bounds__(128, 4) flash_fwd_hd128(const float
 // What the backward kernel reads of the queries, in one pass over q, out and dout (batch, q_len,
 // heads, HD), f32: delta (batch, heads, q_len) = rowsum(dout ⊙ out), dout in bf16, and q in bf16,
 // rotated by RoPE when there are tables (cos, sin: (batch·q_len, HD/2)); q and qb null when the
-// caller holds q in bf16 already (saved attention inputs); dq, when not null, zeroed (its layout is
-// out's), which the backward kernel's reductions need, in this pass instead of a memset launch of its
-// own. HD/8 lanes per row, each with four columns j.. of each half (the RoPE pairs j, j + HD/2) of q,
-// out, dout and dq.
+// caller holds q in bf16 already (saved attention inputs); and dq zeroed (its layout is out's), which
+// the backward kernel's reductions need, in this pass instead of a memset launch of its own. HD/8
+// lanes per row, each with four columns j.. of each half (the RoPE pairs j, j + HD/2) of q, out, dout
+// and dq.
 template <int HD>
 __device__ void flash_bwd_prep(const float* q, const float* out, const float* dout, const float* cos_t, const float* sin_t, __nv_bfloat16* qb, __nv_bfloat16* db, float* delta, float* dq, int batch, int q_len, int heads) {
     constexpr int LANES = HD / 8;
@@ -303,10 +303,8 @@ __device__ void flash_bwd_prep(const float* q, const float* out, const float* do
     }
     store4(db + base + j, d1);
     store4(db + base + HD / 2 + j, d2);
-    if (dq) {
-        store4(dq + base + j, make_float4(0.f, 0.f, 0.f, 0.f));
-        store4(dq + base + HD / 2 + j, make_float4(0.f, 0.f, 0.f, 0.f));
-    }
+    store4(dq + base + j, make_float4(0.f, 0.f, 0.f, 0.f));
+    store4(dq + base + HD / 2 + j, make_float4(0.f, 0.f, 0.f, 0.f));
     if (sub == 0) delta[((t / q_len) * heads + h) * q_len + t % q_len] = s;
 }
 #define FLASH_BWD_PREP(HD) \

@@ -310,9 +310,7 @@ impl Cuda {
         push_opt(&mut b, rope.map(|r| r.cos));
         push_opt(&mut b, rope.map(|r| r.sin));
         push_opt(&mut b, qb);
-        b.arg(&mut db).arg(&mut delta);
-        b.arg(dq);
-        b.arg(&b32).arg(&q32).arg(&h32);
+        b.arg(&mut db).arg(&mut delta).arg(dq).arg(&b32).arg(&q32).arg(&h32);
         // SAFETY: one row of HD/8 threads per query row, each reading and writing its own row.
         ck!(unsafe { b.launch(cfg) }, prep);
         (delta, db)
