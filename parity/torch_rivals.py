@@ -28,22 +28,30 @@ def timed(fn, runs=20, warmup=5):
     return statistics.median(ts)
 
 
-def timed_graph(fn):
-    """`timed` of fn captured in a CUDA graph (after warm-up runs on a side stream, as torch's capture
-    wants): its replay runs the same kernels without Python or autograd dispatch, so the figure is the
-    GPU's time plus one launch. Why: the plain timing of SDPA forward+backward moved 222-300 µs between
-    fresh hosts on the same card (2026-11-29) while our kernels moved 0.2%; where the host dispatches
-    slower than the GPU runs, the plain figure times the host. None if capture fails."""
-    try:
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
-            for _ in range(3):
-                fn()
-        torch.cuda.current_stream().wait_stream(s)
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
+def capture_graph(fn, reps=1):
+    """A CUDA graph of `reps` calls of fn, captured after three warm-up calls on a side stream (as
+    torch's capture wants)."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(3):
             fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for _ in range(reps):
+            fn()
+    return g
+
+
+def timed_graph(fn):
+    """`timed` of fn captured in a CUDA graph (`capture_graph`): its replay runs the same kernels
+    without Python or autograd dispatch, so the figure is the GPU's time plus one launch. Why: the
+    plain timing of SDPA forward+backward moved 222-300 µs between fresh hosts on the same card
+    (2026-11-29) while our kernels moved 0.2%; where the host dispatches slower than the GPU runs, the
+    plain figure times the host. None if capture fails."""
+    try:
+        g = capture_graph(fn)
     except RuntimeError as e:
         print(f"graph capture failed: {e}", file=sys.stderr)
         return None
