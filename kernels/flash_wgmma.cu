@@ -95,7 +95,7 @@ static_assert(3 * (WSMEM + 1024) <= 228 * 1024, "three forward blocks per SM");
 
 // q (batch, q_len, heads, 128) bf16, rotated; k, v (batch, kv_cap, kv_heads, 128) bf16, rows from
 // kv_len on never read; out (batch, q_len, heads, 128) f32; lse (batch, heads, q_len), natural log of
-// Σ exp(score). Grid (heads, batch, query blocks of 64, heaviest first), 128 threads, WSMEM bytes.
+// Σ exp(score). Grid (heads, query blocks of 64 heaviest first, batch), 128 threads, WSMEM bytes.
 extern "C" __global__ void __launch_bounds__(128, 3) flash_fwd_wgmma_hd128(const __nv_bfloat16* q, const __nv_bfloat16* k, const __nv_bfloat16* v, const uint32_t* seg, float* out, float* lse, FGEOM_ARGS) {
     grid_dependency_wait();
 #ifdef HAVE_WGMMA
@@ -103,9 +103,10 @@ extern "C" __global__ void __launch_bounds__(128, 3) flash_fwd_wgmma_hd128(const
     extern __shared__ __align__(16) uint8_t dyn[];
     const uint32_t raw = smem_addr(dyn), base = (raw + 1023) & ~1023u;
     uint32_t* kseg = reinterpret_cast<uint32_t*>(dyn + (base - raw) + WSEG_OFF);  // [2][WK]
-    // Causal: query block qb sees qb + 1 key blocks; with the query blocks on z, last first, every
-    // head's heaviest block starts before any lighter one (as flash.cu's forward).
-    const int qb = gridDim.z - 1 - blockIdx.z, h = blockIdx.x, b = blockIdx.y;
+    // Causal: query block qb sees qb + 1 key blocks; with the query blocks on y, last first, every
+    // head's heaviest block of a batch row starts before any lighter one, and the batch rows (z)
+    // follow one another, so the blocks in flight share one row's K and V in L2.
+    const int qb = gridDim.y - 1 - blockIdx.y, h = blockIdx.x, b = blockIdx.z;
     const int warp = threadIdx.x / WARP, lane = threadIdx.x % WARP, gr = lane >> 2, t4 = lane & 3;
     const int grp = h / (g.heads / g.kv_heads);
     const float sl2 = rsqrtf((float)WHD) * LOG2E;  // scores in log2 units

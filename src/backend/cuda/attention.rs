@@ -237,9 +237,15 @@ impl Cuda {
         b.arg(out).arg(lse);
         let g = flash_geom(sh);
         push_geom(&mut b, &g);
+        // Query blocks of 64, the heaviest of every head first: flash.cu's on z; the wgmma kernel's on y
+        // with the batch on z (one batch row's blocks together, sharing its K and V in L2).
+        let query_blocks = sh.q_len.div_ceil(64) as u32;
         let cfg = LaunchConfig {
-            // Query blocks of 64 on z: the heaviest of every head start first (kernels/flash.cu).
-            grid_dim: (sh.heads as u32, sh.batch as u32, sh.q_len.div_ceil(64) as u32),
+            grid_dim: if wgmma {
+                (sh.heads as u32, query_blocks, sh.batch as u32)
+            } else {
+                (sh.heads as u32, sh.batch as u32, query_blocks)
+            },
             block_dim: (128, 1, 1),
             shared_mem_bytes: if wgmma { FLASH_WGMMA_SMEM as u32 } else { 0 },
         };
