@@ -256,14 +256,21 @@ extern "C" __global__ void __launch_bounds__(128, 3) flash_fwd_wgmma_hd128(const
 //   dV += Pᵀ·dO and dK += dSᵀ·Q (m64n128, P and dS from registers, dO and Q MN-major),
 //   dQ  = dS·K over the block's 128 keys, warpgroup w taking column half w (m64n64; both
 //         warpgroups' dSᵀ through shared memory as one MN-major A, K MN-major),
-// dV and dK stay in registers to the end (then leave through shared memory, a bulk copy per row);
-// each warpgroup adds its half of dQ (rotated back with tables) into dq by 16-byte reductions (dq
-// must be zero beforehand). Warpgroup 1 skips the products of a step whose queries all precede its
+// dV and dK stay in registers to the end (then leave through shared memory, a bulk copy per row).
+// dQ leaves the two warpgroups through shared memory: each stores its half of the step's 64 × 128
+// tile, and a third warpgroup (the dQ writer, 40 registers a thread against the others' 232 by
+// setmaxnreg) rotates it back with the tables and adds it into dq by 16-byte reductions (dq must be
+// zero beforehand), while the two go on to the next step; one tile, handed over by named barriers
+// (the writer needs well under a step for it), beside the writer's copy of the step's table rows.
+// Before, the two did the rotation and reductions themselves with the tensor pipe idle (ncu, session
+// 43: ~16% of the samples); with the writer the backward is 5.6% faster (session 44). Warpgroup 1 skips the products of a step whose queries all precede its
 // keys (they would be 0) and then reduces dQ over warpgroup 0's keys only; the block skips a step
 // none of its keys is seen in.
 #define BK2 128    // keys per block
 #define BQ2 64     // queries per step
-#define ROPE_LD 72 // floats per staged RoPE table row (64 used): a quad's float2 reads of 8 rows hit 2 wavefronts
+#define ROPE_LD 72 // floats per staged RoPE table row of the epilogue (64 used): a quad's float2 reads of 8 rows hit 2 wavefronts
+#define DQ_LD 136  // floats per dQ tile row (128 used): a half-warp's float2 stores to 4 rows hit distinct banks
+#define TAB_LD 64  // floats per staged table row of the writer
 // Shared memory (bytes from the 1024-aligned base).
 #define B_K 0                        // K: two 16 KB halves of 128 rows
 #define B_V (B_K + 2 * 16384)        // V: likewise
@@ -271,23 +278,42 @@ extern "C" __global__ void __launch_bounds__(128, 3) flash_fwd_wgmma_hd128(const
 #define B_DO (B_Q + 2 * 16384)       // dO of two steps: likewise
 #define B_DS (B_DO + 2 * 16384)      // dSᵀ of each warpgroup: 64 keys × 64 queries (one 8 KB half)
 #define B_SMALL (B_DS + 2 * 8192)    // lse[2][64], delta[2][64] (f32), query segments [2][64], key segments [128]
-#define B_ROPE (B_SMALL + 4 * (3 * 2 * BQ2 + BK2))  // cos[2][64][ROPE_LD], then sin (f32), with tables
-// Bytes of dynamic shared memory a launch asks for (Cuda::flash_backward_wgmma: FLASH_WGMMA_BWD_SMEM),
-// with and without RoPE tables, 1,024 bytes of alignment slack included.
-#define BWD2_SMEM (B_ROPE + 1024)
-#define BWD2_SMEM_ROPE (B_ROPE + 2 * 2 * BQ2 * ROPE_LD * 4 + 1024)
+#define B_DQ (B_SMALL + 4 * (3 * 2 * BQ2 + BK2))  // dQ tile [64][DQ_LD], then the writer's cos and sin [64][TAB_LD] (f32); the epilogue's key tables
+#define DQ_TILES (BQ2 * DQ_LD * 4 + 2 * BQ2 * TAB_LD * 4)
+#define KEY_TABLES (2 * BK2 * ROPE_LD * 4)  // cos[128][ROPE_LD], then sin
+// Bytes of dynamic shared memory a launch asks for (attention.rs: flash_wgmma_bwd_smem), with and
+// without RoPE tables, 1,024 bytes of alignment slack included.
+#define BWD2_SMEM (B_DQ + DQ_TILES + 1024)
+#define BWD2_SMEM_ROPE (B_DQ + (KEY_TABLES > DQ_TILES ? KEY_TABLES : DQ_TILES) + 1024)
+// Named barriers (0 is __syncthreads'): the two MMA warpgroups among themselves, and the dQ tile's
+// full (stored by them, for the writer) and empty (read by the writer, for them).
+#define BAR_MMA 1
+#define BAR_DQ_FULL 2
+#define BAR_DQ_EMPTY 3
+#define MMA_THREADS 256
+#define BWD2_THREADS 384
 // The epilogue stages dV and dK rows of OUT_LD floats where K, V, Q, dO and dSᵀ were (128 used; 8
 // more so that a quad's float2 stores to 8 rows take 2 wavefronts) and the key rows' tables where
-// the per-step tables were.
+// the dQ tile and the writer's tables were.
 #define OUT_LD 136
 static_assert(2 * BK2 * OUT_LD * 4 <= B_SMALL - B_K, "dV and dK staging overflows the tiles' space");
-static_assert(BK2 == 2 * BQ2, "the key rows' tables take the two steps' table buffers");
+static_assert(BWD2_SMEM_ROPE <= 227 * 1024, "the backward's shared memory exceeds an SM's");
+
+// Named barrier `id` among `threads` threads (a multiple of 32): sync waits for all of them, arrive
+// only counts this thread in (a producer handing data to the threads that sync).
+__device__ __forceinline__ void named_sync(int id, int threads) { asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory"); }
+__device__ __forceinline__ void named_arrive(int id, int threads) { asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(threads) : "memory"); }
+// A warpgroup's registers per thread lowered or raised (all its warps execute it; the raise waits
+// for registers the lowering released).
+template <int N> __device__ __forceinline__ void setmaxnreg_inc() { asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(N)); }
+template <int N> __device__ __forceinline__ void setmaxnreg_dec() { asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(N)); }
 
 // q, dout (batch, q_len, heads, 128) bf16 (q rotated); k, v (batch, kv_cap, kv_heads, 128) bf16 (k
 // rotated); lse, delta (batch, heads, q_len); cos_t, sin_t: null, or the RoPE tables (batch·q_len,
 // 64) that rotated q and k (dq, dk come out un-rotated); dq (f32, zeroed) += ; dk, dv (f32) rows below
-// kv_len written. Grid (kv heads, key blocks of 128 heaviest first, batch), 256 threads.
-extern "C" __global__ void __launch_bounds__(256, 1) flash_bwd_wgmma_hd128(const __nv_bfloat16* q, const __nv_bfloat16* k, const __nv_bfloat16* v, const float* lse, const float* delta, const __nv_bfloat16* dout, const uint32_t* seg, const float* cos_t, const float* sin_t, float* dq, float* dk, float* dv, FGEOM_ARGS) {
+// kv_len written. Grid (kv heads, key blocks of 128 heaviest first, batch), 384 threads: warpgroups
+// 0 and 1 the products, 2 the dQ writer.
+extern "C" __global__ void __launch_bounds__(BWD2_THREADS, 1) flash_bwd_wgmma_hd128(const __nv_bfloat16* q, const __nv_bfloat16* k, const __nv_bfloat16* v, const float* lse, const float* delta, const __nv_bfloat16* dout, const uint32_t* seg, const float* cos_t, const float* sin_t, float* dq, float* dk, float* dv, FGEOM_ARGS) {
     grid_dependency_wait();
 #ifdef HAVE_WGMMA
     MAKE_FGEOM;
@@ -298,8 +324,7 @@ extern "C" __global__ void __launch_bounds__(256, 1) flash_bwd_wgmma_hd128(const
     float* const s_delta = s_lse + 2 * BQ2;                         // [2][BQ2]
     uint32_t* const s_qseg = reinterpret_cast<uint32_t*>(s_delta + 2 * BQ2);  // [2][BQ2]
     uint32_t* const s_kseg = s_qseg + 2 * BQ2;                                // [BK2]
-    float* const s_cos = reinterpret_cast<float*>(sp + B_ROPE);  // [2][BQ2][ROPE_LD]
-    float* const s_sin = s_cos + 2 * BQ2 * ROPE_LD;
+    float* const dq_tile = reinterpret_cast<float*>(sp + B_DQ);  // [BQ2][DQ_LD]
     // Key block kb is seen by the queries from kb·BK2 on, so the low ones carry the most steps; on y
     // they start first for every head of a batch row, and the batch rows (z) follow one another, so the
     // blocks in flight share one row's Q, dO and dq in L2 (with the batch on y and the key blocks on z,
@@ -316,6 +341,61 @@ extern "C" __global__ void __launch_bounds__(256, 1) flash_bwd_wgmma_hd128(const
     const int nq = max(0, (g.q_len + BQ2 - 1) / BQ2 - qb0), steps = rep * nq;  // (head, query block) pairs
     // Step it: flash_common.cuh flash_bwd_step.
     auto step_of = [&](int it) { return flash_bwd_step<WHD>(g, b, grp, rep, qb0, nq, it); };
+    // Whether step it has work (some key of the block is seen by its queries): both roles skip the
+    // same steps, so their hand-overs pair up.
+    auto works = [&](int it) {
+        const int last_q = g.q_offset + step_of(it).qb * BQ2 + BQ2 - 1;  // position of the step's last query
+        return !(kb * BK2 >= g.kv_len || kb * BK2 > last_q);
+    };
+    if (wg == 2) {
+        // The dQ writer: each warp takes two rows per pass (half-warp r on row 8·pass + 2·warp + r),
+        // lane l % 16 columns 4l.. and their RoPE partners 64 further, so one 16-byte reduction per lane
+        // covers 256 contiguous bytes of each of two rows (with one row per lane, each reduction had
+        // touched 32 rows). Each thread copies the table values it reads (so no barrier among the
+        // writers) while the tile is being filled.
+        setmaxnreg_dec<40>();
+        const int w = threadIdx.x - MMA_THREADS, row0 = 2 * (w >> 5) + ((w >> 4) & 1), j = 4 * (w & 15);
+        float* const cs_s = dq_tile + BQ2 * DQ_LD;  // [BQ2][TAB_LD]
+        float* const sn_s = cs_s + BQ2 * TAB_LD;
+        named_arrive(BAR_DQ_EMPTY, BWD2_THREADS);  // the tile starts empty
+        for (int it = 0; it < steps; it++) {
+            if (!works(it)) continue;
+            const FlashBwdStep cur = step_of(it);
+            const int t0 = cur.qb * BQ2;
+            if (cos_t) {
+#pragma unroll
+                for (int pass = 0; pass < BQ2 / 8; pass++) {
+                    const int row = row0 + 8 * pass, t = t0 + row;
+                    const int64_t ti = ((int64_t)b * g.q_len + (t < g.q_len ? t : 0)) * (WHD / 2) + j;
+                    cp_async16(smem_addr(cs_s + row * TAB_LD + j), cos_t + ti, t < g.q_len);
+                    cp_async16(smem_addr(sn_s + row * TAB_LD + j), sin_t + ti, t < g.q_len);
+                }
+                cp_async_commit();
+                cp_async_wait<0>();
+            }
+            named_sync(BAR_DQ_FULL, BWD2_THREADS);
+#pragma unroll 2
+            for (int pass = 0; pass < BQ2 / 8; pass++) {
+                const int row = row0 + 8 * pass, t = t0 + row;
+                const float* tr = dq_tile + row * DQ_LD + j;
+                float4 lo = *reinterpret_cast<const float4*>(tr), hi = *reinterpret_cast<const float4*>(tr + WHD / 2);
+                if (cos_t) {
+                    const float4 cs = *reinterpret_cast<const float4*>(cs_s + row * TAB_LD + j);
+                    const float4 sn = *reinterpret_cast<const float4*>(sn_s + row * TAB_LD + j);
+                    rope_pairs(lo, hi, cs, make_float4(-sn.x, -sn.y, -sn.z, -sn.w));
+                }
+                if (t < g.q_len) {
+                    float* p = dq + cur.qbase + (int64_t)t * qstride + j;
+                    red_add4(p, lo);
+                    red_add4(p + WHD / 2, hi);
+                }
+            }
+            // The tile's loads have returned (the reductions read them), so it may be refilled.
+            named_arrive(BAR_DQ_EMPTY, BWD2_THREADS);
+        }
+        return;
+    }
+    setmaxnreg_inc<232>();
     // Step it's Q and dO tiles, lse, delta and table rows into buffer it & 1 by cp.async, and its query
     // segment ids by plain stores that the next barrier publishes.
     auto issue = [&](int it) {
@@ -323,17 +403,6 @@ extern "C" __global__ void __launch_bounds__(256, 1) flash_bwd_wgmma_hd128(const
         const int buf = it & 1, t0 = st.qb * BQ2;
         copy_tile<BQ2, 256, true>(base + B_Q + buf * 16384, q + st.qbase, qstride, t0, g.q_len);
         copy_tile<BQ2, 256, true>(base + B_DO + buf * 16384, dout + st.qbase, qstride, t0, g.q_len);
-        if (cos_t) {  // 64 rows × 16 chunks of 4 floats, 4 rounds of 16 rows
-            const int c = (threadIdx.x & 15) * 4, r = threadIdx.x >> 4;
-#pragma unroll
-            for (int i = 0; i < BQ2 / 16; i++) {
-                const int row = r + 16 * i, t = t0 + row;
-                const bool ok = t < g.q_len;
-                const int64_t off = ((int64_t)b * g.q_len + (ok ? t : 0)) * (WHD / 2) + c;
-                cp_async16(smem_addr(s_cos + (buf * BQ2 + row) * ROPE_LD + c), cos_t + off, ok);
-                cp_async16(smem_addr(s_sin + (buf * BQ2 + row) * ROPE_LD + c), sin_t + off, ok);
-            }
-        }
         if (threadIdx.x < BQ2) {
             const int t = t0 + threadIdx.x;
             const bool ok = t < g.q_len;
@@ -362,7 +431,7 @@ extern "C" __global__ void __launch_bounds__(256, 1) flash_bwd_wgmma_hd128(const
     for (int it = 0; it < steps; it++) {
         cp_async_wait<0>();   // this thread's copies of step it (and, first, of K and V) have landed ...
         fence_proxy_async();  // ... visible to wgmma's reads ...
-        __syncthreads();      // ... everyone's too; step it − 1's buffers are no longer read
+        named_sync(BAR_MMA, MMA_THREADS);  // ... everyone's too; step it − 1's buffers are no longer read
         if (it + 1 < steps) issue(it + 1);
         cp_async_commit();
         const FlashBwdStep cur = step_of(it);
@@ -473,10 +542,10 @@ extern "C" __global__ void __launch_bounds__(256, 1) flash_bwd_wgmma_hd128(const
         }
         // dQ (64 queries × 64 columns) = dS (64 × the block's 128 keys) · K: warpgroup w takes K's half
         // w (columns paired for RoPE, see copy_tile), the dSᵀ tiles of both warpgroups as one MN-major
-        // A (warpgroup 1's 8 KB after warpgroup 0's: k16 steps 2048 bytes apart throughout), and adds
-        // its columns into dq: one reduction per value of the step, not one per warpgroup.
+        // A (warpgroup 1's 8 KB after warpgroup 0's: k16 steps 2048 bytes apart throughout), and hands
+        // its columns to the writer: one reduction per value of the step, not one per warpgroup.
         fence_proxy_async();  // this thread's dSᵀ stores, visible to wgmma ...
-        __syncthreads();      // ... and both warpgroups'
+        named_sync(BAR_MMA, MMA_THREADS);  // ... and both warpgroups'
         float dqa[WHD / 4];
 #pragma unroll
         for (int i = 0; i < WHD / 4; i++) dqa[i] = 0.f;
@@ -494,37 +563,19 @@ extern "C" __global__ void __launch_bounds__(256, 1) flash_bwd_wgmma_hd128(const
         for (int i = 0; i < WHD / 4; i++) pin(dqa[i]);
         // dQ rows: queries 16·warp + gr (+8) of the step. Value 4jt + e is stored column position
         // 8w + jt, i.e. column 32w + 8jt + 2·t4 + e % 2 for jt < 4 and its RoPE partner 64 further
-        // for jt + 4.
+        // for jt + 4. Into the tile once the writer has emptied it (the step before), then handed over.
+        named_sync(BAR_DQ_EMPTY, BWD2_THREADS);
+        float* const tile = dq_tile;
 #pragma unroll
         for (int e2 = 0; e2 < 2; e2++) {
-            const int ql = 16 * warp + gr + 8 * e2, t = qb * BQ2 + ql;  // every lane takes part in the shuffles
-            float2 v2[8];
+            float* const tr = tile + (16 * warp + gr + 8 * e2) * DQ_LD + 32 * wg + 2 * t4;
 #pragma unroll
-            for (int jt = 0; jt < 8; jt++) v2[jt] = make_float2(dqa[4 * jt + 2 * e2], dqa[4 * jt + 2 * e2 + 1]);
-            const int c0 = 32 * wg + 2 * t4;  // column of v2[0]
-            if (cos_t) {
-                const float* cr = s_cos + (buf * BQ2 + ql) * ROPE_LD + c0;
-                const float* sr = s_sin + (buf * BQ2 + ql) * ROPE_LD + c0;
-#pragma unroll
-                for (int jt = 0; jt < 4; jt++)
-                    unrotate_by(*reinterpret_cast<const float2*>(cr + 8 * jt), *reinterpret_cast<const float2*>(sr + 8 * jt), v2[jt], v2[jt + 4]);
-            }
-            // 16-byte reductions: lanes 2k and 2k + 1 hold columns 4k..4k + 1 and 4k + 2..4k + 3 of each
-            // 8-column group between them; of the groups v2[2i] and v2[2i + 1] the even lane adds the
-            // first's four columns and the odd lane the second's, each taking its neighbour's pair by a
-            // shuffle. Half the reduction instructions of one 8-byte reduction per pair, whose queue
-            // at the load/store unit was the dQ stall (session 23): −3.0% (session 43).
-            const bool even = !(t4 & 1);
-            float* p = dq + cur.qbase + (int64_t)t * qstride + 32 * wg + 4 * (t4 >> 1);
-#pragma unroll
-            for (int i = 0; i < 4; i++) {
-                const float2 mine = even ? v2[2 * i] : v2[2 * i + 1], send = even ? v2[2 * i + 1] : v2[2 * i];
-                const float2 got = make_float2(__shfl_xor_sync(0xffffffffu, send.x, 1), __shfl_xor_sync(0xffffffffu, send.y, 1));
-                const float4 sum4 = even ? make_float4(mine.x, mine.y, got.x, got.y) : make_float4(got.x, got.y, mine.x, mine.y);
-                const int jt = 2 * i + !even;  // the group this lane adds: column 8·(jt % 4), + 64 from 4 on
-                if (t < g.q_len) red_add4(p + 8 * (jt & 3) + (jt >= 4 ? WHD / 2 : 0), sum4);
-            }
+            for (int jt = 0; jt < 8; jt++)
+                *reinterpret_cast<float2*>(tr + 8 * (jt & 3) + (jt >= 4 ? WHD / 2 : 0)) = make_float2(dqa[4 * jt + 2 * e2], dqa[4 * jt + 2 * e2 + 1]);
         }
+        // No fence: the arrive orders the tile's stores before the writer's sync returns (a CTA-scope
+        // fence here also waited for the next step's copies in flight: +34% in session 44's first run).
+        named_arrive(BAR_DQ_FULL, BWD2_THREADS);
     }
     wgmma_wait<0>();
 #pragma unroll
@@ -540,8 +591,9 @@ extern "C" __global__ void __launch_bounds__(256, 1) flash_bwd_wgmma_hd128(const
     // the tables' rows, loaded beside each rotation, had waited a few at a time (ncu: ~20% of the
     // kernel's warp samples on the tables, ~5% on store throttling). The tables' rows of the block's
     // keys come by one round of copies into the per-step tables' place, flying while dV is staged.
-    __syncthreads();  // both warpgroups are done with every tile (K, V, Q, dO, dSᵀ, tables)
-    float* const k_cos = reinterpret_cast<float*>(sp + B_ROPE);  // [BK2][ROPE_LD], with tables
+    named_sync(BAR_MMA, MMA_THREADS);  // both warpgroups are done with every tile (K, V, Q, dO, dSᵀ)
+    named_sync(BAR_DQ_EMPTY, BWD2_THREADS);  // the writer is done with the dQ tile and its tables
+    float* const k_cos = reinterpret_cast<float*>(sp + B_DQ);  // [BK2][ROPE_LD], with tables
     float* const k_sin = k_cos + BK2 * ROPE_LD;
     if (cos_t) {
         const int c = (threadIdx.x & 15) * 4, r = threadIdx.x >> 4;  // 16 rows × 16 chunks per round
@@ -566,7 +618,7 @@ extern "C" __global__ void __launch_bounds__(256, 1) flash_bwd_wgmma_hd128(const
     }
     if (cos_t) cp_async_wait<0>();
     fence_proxy_async();  // the staged dV rows, visible to the bulk copies ...
-    __syncthreads();      // ... all of them; the tables' rows have landed
+    named_sync(BAR_MMA, MMA_THREADS);  // ... all of them; the tables' rows have landed
     // Row r of the block's keys: thread r copies its dV, thread BK2 + r (below) its dK.
     const int out_row = threadIdx.x & (BK2 - 1), out_key = kb * BK2 + out_row;
     const bool copies_out = out_key < g.kv_len;
@@ -588,7 +640,7 @@ extern "C" __global__ void __launch_bounds__(256, 1) flash_bwd_wgmma_hd128(const
         }
     }
     fence_proxy_async();
-    __syncthreads();
+    named_sync(BAR_MMA, MMA_THREADS);
     if (threadIdx.x >= BK2 && copies_out) bulk_store(dk + kbase + (int64_t)out_key * kstride, smem_addr(t_dk + out_row * OUT_LD), WHD * 4);
     bulk_commit();
     bulk_wait_read();  // the block's shared memory must outlive the copies' reads

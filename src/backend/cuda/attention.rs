@@ -35,13 +35,20 @@ pub(super) const FLASH_WGMMA_SMEM: usize = 4 * 64 * 128 * 2 + 2 * 64 * 4 + 1024;
 /// Dynamic shared memory of kernels/flash_wgmma.cu's backward (`BWD2_SMEM`, `BWD2_SMEM_ROPE`): K and V
 /// (128 rows × 128 bf16 each), Q and dO of two steps (64 rows each), each warpgroup's dSᵀ (64 × 64
 /// bf16); lse, delta and query segment ids of two steps (64 each) and 128 key segment ids, 4 bytes
-/// each; with RoPE tables, their cos and sin rows of two steps (64 × 72 f32); 1,024 bytes of
-/// alignment slack.
+/// each; the dQ tile (64 × 136 f32) and the dQ writer's cos and sin rows of a step (64 × 64 f32 each),
+/// whose place the epilogue's key tables take with RoPE (cos and sin rows of 128 keys, 128 × 72 f32
+/// each); 1,024 bytes of alignment slack.
 pub(super) fn flash_wgmma_bwd_smem(rope: bool) -> usize {
     let tiles = 2 * (2 * 128 * 128 + 2 * 2 * 64 * 128 + 2 * 64 * 64);
     let small = 4 * (3 * 2 * 64 + 128);
-    tiles + small + if rope { 2 * 2 * 64 * 72 * 4 } else { 0 } + 1024
+    let dq_writer = 64 * 136 * 4 + 2 * 64 * 64 * 4;
+    let key_tables = 2 * 128 * 72 * 4;
+    tiles + small + if rope { dq_writer.max(key_tables) } else { dq_writer } + 1024
 }
+
+/// Threads of kernels/flash_wgmma.cu's backward (`BWD2_THREADS`): two warpgroups on the products and
+/// the dQ writer.
+pub(super) const FLASH_WGMMA_BWD_THREADS: u32 = 384;
 
 /// Warps per query row of the non-flash attention forward (kernels/attention.cu, SPLIT_WARPS).
 pub(super) const ATTENTION_SPLIT_WARPS: u32 = 8;
@@ -360,7 +367,7 @@ impl Cuda {
         let cfg = if wgmma {
             LaunchConfig {
                 grid_dim: (sh.kv_heads as u32, sh.kv_len.div_ceil(128) as u32, sh.batch as u32),
-                block_dim: (256, 1, 1),
+                block_dim: (FLASH_WGMMA_BWD_THREADS, 1, 1),
                 shared_mem_bytes: flash_wgmma_bwd_smem(rope.is_some()) as u32,
             }
         } else {
