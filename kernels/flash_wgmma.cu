@@ -396,8 +396,8 @@ extern "C" __global__ void __launch_bounds__(BWD2_THREADS, 1) flash_bwd_wgmma_hd
         return;
     }
     setmaxnreg_inc<232>();
-    // Step it's Q and dO tiles, lse, delta and table rows into buffer it & 1 by cp.async, and its query
-    // segment ids by plain stores that the next barrier publishes.
+    // Step it's Q and dO tiles, lse and delta into buffer it & 1 by cp.async, and its query segment
+    // ids by plain stores that the next barrier publishes.
     auto issue = [&](int it) {
         const FlashBwdStep st = step_of(it);
         const int buf = it & 1, t0 = st.qb * BQ2;
@@ -573,8 +573,7 @@ extern "C" __global__ void __launch_bounds__(BWD2_THREADS, 1) flash_bwd_wgmma_hd
             for (int jt = 0; jt < 8; jt++)
                 *reinterpret_cast<float2*>(tr + 8 * (jt & 3) + (jt >= 4 ? WHD / 2 : 0)) = make_float2(dqa[4 * jt + 2 * e2], dqa[4 * jt + 2 * e2 + 1]);
         }
-        // No fence: the arrive orders the tile's stores before the writer's sync returns (a CTA-scope
-        // fence here also waited for the next step's copies in flight: +34% in session 44's first run).
+        // No fence: the arrive orders the tile's stores before the writer's sync returns.
         named_arrive(BAR_DQ_FULL, BWD2_THREADS);
     }
     wgmma_wait<0>();
@@ -590,7 +589,7 @@ extern "C" __global__ void __launch_bounds__(BWD2_THREADS, 1) flash_bwd_wgmma_hd
     // while dK is rotated), where 64 8-byte stores per thread had queued on the load/store unit and
     // the tables' rows, loaded beside each rotation, had waited a few at a time (ncu: ~20% of the
     // kernel's warp samples on the tables, ~5% on store throttling). The tables' rows of the block's
-    // keys come by one round of copies into the per-step tables' place, flying while dV is staged.
+    // keys come by one round of copies into the dQ tile's place, flying while dV is staged.
     named_sync(BAR_MMA, MMA_THREADS);  // both warpgroups are done with every tile (K, V, Q, dO, dSᵀ)
     named_sync(BAR_DQ_EMPTY, BWD2_THREADS);  // the writer is done with the dQ tile and its tables
     float* const k_cos = reinterpret_cast<float*>(sp + B_DQ);  // [BK2][ROPE_LD], with tables
