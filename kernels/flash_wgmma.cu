@@ -437,7 +437,7 @@ extern "C" __global__ void __launch_bounds__(BWD2_THREADS, 1) flash_bwd_wgmma_hd
         const FlashBwdStep cur = step_of(it);
         const int buf = it & 1, qb = cur.qb;
         const int last_q = g.q_offset + qb * BQ2 + BQ2 - 1;  // position of the step's last query
-        if (kb * BK2 >= g.kv_len || kb * BK2 > last_q) continue;  // no key of the block is seen
+        if (!works(it)) continue;  // no key of the block is seen (the writer skips the same steps)
         // Warpgroup 1's keys may all follow the step's queries: it then adds nothing to dV, dK, and dQ
         // reduces over warpgroup 0's keys only.
         const bool upper = kb * BK2 + 64 < g.kv_len && kb * BK2 + 64 <= last_q;

@@ -362,8 +362,9 @@ impl Cuda {
         let g = flash_geom(sh);
         push_geom(&mut b, &g);
         // The heaviest key blocks of every head start first. flash.cu: 64 keys and one warpgroup per
-        // block, key blocks on z; flash_wgmma.cu: 128 keys and two, key blocks on y and the batch on z
-        // (one batch row's blocks together, sharing its Q, dO and dq in L2).
+        // block, key blocks on z; flash_wgmma.cu: 128 keys, two warpgroups on the products and the dQ
+        // writer, key blocks on y and the batch on z (one batch row's blocks together, sharing its Q, dO
+        // and dq in L2).
         let cfg = if wgmma {
             LaunchConfig {
                 grid_dim: (sh.kv_heads as u32, sh.kv_len.div_ceil(128) as u32, sh.batch as u32),
