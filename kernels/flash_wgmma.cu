@@ -273,9 +273,9 @@ extern "C" __global__ void __launch_bounds__(128, 3) flash_fwd_wgmma_hd128(const
 // zero beforehand), while the two go on to the next step; one tile, handed over by named barriers
 // (the writer needs well under a step for it), beside the writer's copy of the step's table rows.
 // Before, the two did the rotation and reductions themselves with the tensor pipe idle (ncu, session
-// 43: ~16% of the samples); with the writer the backward is 5.6% faster (session 44). Warpgroup 1 skips the products of a step whose queries all precede its
-// keys (they would be 0) and then reduces dQ over warpgroup 0's keys only; the block skips a step
-// none of its keys is seen in.
+// 43: ~16% of the samples); with the writer the backward is 5.6% faster (session 44).
+// Warpgroup 1 skips the products of a step whose queries all precede its keys (they would be 0) and
+// then reduces dQ over warpgroup 0's keys only; the block skips a step none of its keys is seen in.
 #define BK2 128    // keys per block
 #define BQ2 64     // queries per step
 #define ROPE_LD 72 // floats per staged RoPE table row of the epilogue (64 used): a quad's float2 reads of 8 rows hit 2 wavefronts
