@@ -44,16 +44,11 @@ __device__ __forceinline__ void wgmma_rs_n128_tb(float* d, const uint32_t* a, ui
 // halves at shared address dst (the second ROWS·128 bytes after the first), zeros from row `valid` on;
 // 16-byte copies by a block of NT threads. A thread's column chunk and its row within each 8-row group
 // are fixed, so its swizzled column is too.
-// With PAIRED, 16-byte chunk c of a row is stored at position swap23(c) (bits 2 and 3 of c swapped):
-// the first half then holds columns 0..31 and 64..95, the second 32..63 and 96..127, so a product
-// whose N is one half still has each column's RoPE partner (j + 64) beside it.
-__device__ __forceinline__ int swap23(int c) { return (c & 3) | ((c >> 1) & 4) | ((c << 1) & 8); }
-template <int ROWS, int NT, bool PAIRED = false>
+template <int ROWS, int NT>
 __device__ __forceinline__ void copy_tile(uint32_t dst, const __nv_bfloat16* src, int64_t stride, int row0, int valid) {
     constexpr int RSTEP = NT / 16;  // rows per round (a multiple of 8)
     const int cc = threadIdx.x & 15, r = threadIdx.x >> 4;  // chunk of the 16 per row; first row
-    const int pos = PAIRED ? swap23(cc) : cc;
-    const uint32_t d0 = dst + (pos >> 3) * (ROWS * 128) + r * 128 + (((pos & 7) ^ (r & 7)) << 4);
+    const uint32_t d0 = dst + (cc >> 3) * (ROWS * 128) + r * 128 + (((cc & 7) ^ (r & 7)) << 4);
     if (row0 + ROWS <= valid) {
         // Every row valid (all but a tile at the end of a sequence): one pointer stepped RSTEP rows a
         // round, ~3 instructions a copy where the clamped row's 64-bit address took ~10 (the forward's
@@ -276,6 +271,9 @@ extern "C" __global__ void __launch_bounds__(128, 3) flash_fwd_wgmma_hd128(const
 // 43: ~16% of the samples); with the writer the backward is 5.6% faster (session 44).
 // Warpgroup 1 skips the products of a step whose queries all precede its keys (they would be 0) and
 // then reduces dQ over warpgroup 0's keys only; the block skips a step none of its keys is seen in.
+// Every tile keeps the head's columns in their order: the writer pairs each dQ column with its RoPE
+// partner from the whole tile, and dK's partners (columns j, j + 64) are one thread's values jt, jt + 8
+// (before the writer, K and Q were stored with partners side by side for the warpgroups' halves).
 #define BK2 128    // keys per block
 #define BQ2 64     // queries per step
 #define ROPE_LD 72 // floats per staged RoPE table row of the epilogue (64 used): a quad's float2 reads of 8 rows hit 2 wavefronts
@@ -411,8 +409,8 @@ extern "C" __global__ void __launch_bounds__(BWD2_THREADS, 1) flash_bwd_wgmma_hd
     auto issue = [&](int it) {
         const FlashBwdStep st = step_of(it);
         const int buf = it & 1, t0 = st.qb * BQ2;
-        copy_tile<BQ2, 256, true>(base + B_Q + buf * 16384, q + st.qbase, qstride, t0, g.q_len);
-        copy_tile<BQ2, 256, true>(base + B_DO + buf * 16384, dout + st.qbase, qstride, t0, g.q_len);
+        copy_tile<BQ2, 256>(base + B_Q + buf * 16384, q + st.qbase, qstride, t0, g.q_len);
+        copy_tile<BQ2, 256>(base + B_DO + buf * 16384, dout + st.qbase, qstride, t0, g.q_len);
         if (threadIdx.x < BQ2) {
             const int t = t0 + threadIdx.x;
             const bool ok = t < g.q_len;
@@ -422,8 +420,8 @@ extern "C" __global__ void __launch_bounds__(BWD2_THREADS, 1) flash_bwd_wgmma_hd
             s_qseg[buf * BQ2 + threadIdx.x] = ok ? seg_of(seg, g, b, g.q_offset + t) : 0u;
         }
     };
-    copy_tile<BK2, 256, true>(base + B_K, k + kbase, kstride, kb * BK2, g.kv_len);
-    copy_tile<BK2, 256, true>(base + B_V, v + kbase, kstride, kb * BK2, g.kv_len);
+    copy_tile<BK2, 256>(base + B_K, k + kbase, kstride, kb * BK2, g.kv_len);
+    copy_tile<BK2, 256>(base + B_V, v + kbase, kstride, kb * BK2, g.kv_len);
     if (threadIdx.x < BK2) {
         const int s = kb * BK2 + threadIdx.x;
         s_kseg[threadIdx.x] = s < g.kv_len ? seg_of(seg, g, b, s) : 0u;
@@ -431,7 +429,7 @@ extern "C" __global__ void __launch_bounds__(BWD2_THREADS, 1) flash_bwd_wgmma_hd
     if (steps > 0) issue(0);
     cp_async_commit();
 
-    float dka[WHD / 2], dva[WHD / 2];  // rows: keys key0 + 16·warp + gr (+8); columns: stored positions
+    float dka[WHD / 2], dva[WHD / 2];  // rows: keys key0 + 16·warp + gr (+8); columns: the head's 128
 #pragma unroll
     for (int i = 0; i < WHD / 2; i++) dka[i] = dva[i] = 0.f;
     // This warpgroup's rows of K and V (64 of each half's 128) and its dSᵀ tile.
@@ -571,17 +569,17 @@ extern "C" __global__ void __launch_bounds__(BWD2_THREADS, 1) flash_bwd_wgmma_hd
         wgmma_wait<0>();
 #pragma unroll
         for (int i = 0; i < WHD / 4; i++) pin(dqa[i]);
-        // dQ rows: queries 16·warp + gr (+8) of the step. Value 4jt + e is stored column position
-        // 8w + jt, i.e. column 32w + 8jt + 2·t4 + e % 2 for jt < 4 and its RoPE partner 64 further
-        // for jt + 4. Into the tile once the writer has emptied it (the step before), then handed over.
+        // dQ rows: queries 16·warp + gr (+8) of the step. Value 4jt + e is column 64w + 8jt + 2·t4 +
+        // e % 2 (warpgroup w's half of K's columns). Into the tile once the writer has emptied it (the
+        // step before), then handed over; the writer pairs each column with its RoPE partner.
         named_sync(BAR_DQ_EMPTY, BWD2_THREADS);
         float* const tile = dq_tile;
 #pragma unroll
         for (int e2 = 0; e2 < 2; e2++) {
-            float* const tr = tile + (16 * warp + gr + 8 * e2) * DQ_LD + 32 * wg + 2 * t4;
+            float* const tr = tile + (16 * warp + gr + 8 * e2) * DQ_LD + 64 * wg + 2 * t4;
 #pragma unroll
             for (int jt = 0; jt < 8; jt++)
-                *reinterpret_cast<float2*>(tr + 8 * (jt & 3) + (jt >= 4 ? WHD / 2 : 0)) = make_float2(dqa[4 * jt + 2 * e2], dqa[4 * jt + 2 * e2 + 1]);
+                *reinterpret_cast<float2*>(tr + 8 * jt) = make_float2(dqa[4 * jt + 2 * e2], dqa[4 * jt + 2 * e2 + 1]);
         }
         // No fence: the arrive orders the tile's stores before the writer's sync returns.
         named_arrive(BAR_DQ_FULL, BWD2_THREADS);
@@ -593,8 +591,8 @@ extern "C" __global__ void __launch_bounds__(BWD2_THREADS, 1) flash_bwd_wgmma_hd
         pin(dva[i]);
     }
     // dK, dV rows of this warpgroup: only this block writes them (dK rotated back with tables). Value
-    // 4jt + e is stored column position jt, i.e. column 8·swap23(jt) + 2·t4 + e % 2; positions jt and
-    // jt + 4 (jt in 0..3, 8..11) are a column and its RoPE partner.
+    // 4jt + e is column 8jt + 2·t4 + e % 2; jt and jt + 8 (jt in 0..7) are a column and its RoPE
+    // partner.
     // Both go out through shared memory: each row staged whole, then one bulk copy per row (dV's
     // while dK is rotated), where 64 8-byte stores per thread had queued on the load/store unit and
     // the tables' rows, loaded beside each rotation, had waited a few at a time (ncu: ~20% of the
@@ -623,7 +621,7 @@ extern "C" __global__ void __launch_bounds__(BWD2_THREADS, 1) flash_bwd_wgmma_hd
         float* const row = t_dv + (e2 ? kl1 : kl0) * OUT_LD + 2 * t4;
 #pragma unroll
         for (int jt = 0; jt < WHD / 8; jt++)
-            *reinterpret_cast<float2*>(row + 8 * swap23(jt)) = make_float2(dva[4 * jt + 2 * e2], dva[4 * jt + 2 * e2 + 1]);
+            *reinterpret_cast<float2*>(row + 8 * jt) = make_float2(dva[4 * jt + 2 * e2], dva[4 * jt + 2 * e2 + 1]);
     }
     if (cos_t) cp_async_wait<0>();
     fence_proxy_async();  // the staged dV rows, visible to the bulk copies ...
@@ -637,11 +635,10 @@ extern "C" __global__ void __launch_bounds__(BWD2_THREADS, 1) flash_bwd_wgmma_hd
         const int kl = e2 ? kl1 : kl0;
         float* const row = t_dk + kl * OUT_LD;
 #pragma unroll
-        for (int jt = 0; jt < 12; jt++) {
-            if (jt & 4) continue;
-            const int d = 8 * swap23(jt) + 2 * t4;
+        for (int jt = 0; jt < 8; jt++) {
+            const int d = 8 * jt + 2 * t4;
             float2 lo = make_float2(dka[4 * jt + 2 * e2], dka[4 * jt + 2 * e2 + 1]);
-            float2 hi = make_float2(dka[4 * (jt + 4) + 2 * e2], dka[4 * (jt + 4) + 2 * e2 + 1]);
+            float2 hi = make_float2(dka[4 * (jt + 8) + 2 * e2], dka[4 * (jt + 8) + 2 * e2 + 1]);
             if (cos_t)
                 unrotate_by(*reinterpret_cast<const float2*>(k_cos + kl * ROPE_LD + d), *reinterpret_cast<const float2*>(k_sin + kl * ROPE_LD + d), lo, hi);
             *reinterpret_cast<float2*>(row + d) = lo;
