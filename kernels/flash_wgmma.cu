@@ -92,16 +92,19 @@ __device__ __forceinline__ void wgmma_ss_n64_tt(float* d, uint64_t da, uint64_t 
 #define WK_OFF (2 * ATOM)          // K of stage 0, then of stage 1 (two halves each)
 #define WV_OFF (WK_OFF + 4 * ATOM) // V (two halves)
 #define WSEG_OFF (WV_OFF + 2 * ATOM)
+#define WBAR_OFF (WSEG_OFF + 2 * WK * 4)  // mbarriers: Q, K of stage 0 and 1, V (the copy engine's loads)
 // Bytes of dynamic shared memory a launch asks for (Cuda::flash_forward_launch: FLASH_WGMMA_SMEM):
-// the tiles, the segment ids, and up to 1023 bytes to reach 1024-byte alignment.
-#define WSMEM (WSEG_OFF + 2 * WK * 4 + 1024)
+// the tiles, the segment ids, the mbarriers, and up to 1023 bytes to reach 1024-byte alignment.
+#define WSMEM (WBAR_OFF + 4 * 8 + 1024)
 static_assert(3 * (WSMEM + 1024) <= 228 * 1024, "three forward blocks per SM");
 
 
 // q (batch, q_len, heads, 128) bf16, rotated; k, v (batch, kv_cap, kv_heads, 128) bf16, rows from
 // kv_len on never read; out (batch, q_len, heads, 128) f32; lse (batch, heads, q_len), natural log of
-// Σ exp(score). Grid (heads, query blocks of 64 heaviest first, batch), 128 threads, WSMEM bytes.
-extern "C" __global__ void __launch_bounds__(128, 3) flash_fwd_wgmma_hd128(const __nv_bfloat16* q, const __nv_bfloat16* k, const __nv_bfloat16* v, const uint32_t* seg, float* out, float* lse, FGEOM_ARGS) {
+// Σ exp(score); tm_q, tm_k, tm_v: tensor maps over q, k and v (tma::head_rows), through which the
+// tiles are read. Grid (heads, query blocks of 64 heaviest first, batch), 128 threads, WSMEM bytes.
+extern "C" __global__ void __launch_bounds__(128, 3) flash_fwd_wgmma_hd128(const __nv_bfloat16* q, const __nv_bfloat16* k, const __nv_bfloat16* v, const uint32_t* seg, float* out, float* lse, FGEOM_ARGS,
+                                                                               const __grid_constant__ TmaMap tm_q, const __grid_constant__ TmaMap tm_k, const __grid_constant__ TmaMap tm_v) {
     grid_dependency_wait();
 #ifdef HAVE_WGMMA
     MAKE_FGEOM;
@@ -120,20 +123,32 @@ extern "C" __global__ void __launch_bounds__(128, 3) flash_fwd_wgmma_hd128(const
     const uint32_t qs1 = r1 < g.q_len ? seg_of(seg, g, b, g.q_offset + r1) : 0u;
     const int q_hi = min(g.q_len, (qb + 1) * WQ);
     const int kv_end = min(g.kv_len, g.q_offset + q_hi);  // keys any query of this block can see
-    const int64_t kbase = ((int64_t)b * g.kv_cap * g.kv_heads + grp) * WHD, kstride = (int64_t)g.kv_heads * WHD;
 
-    copy_tile<64, 128>(base + WQ_OFF, q + ((int64_t)b * g.q_len * g.heads + h) * WHD, (int64_t)g.heads * WHD, qb * WQ, g.q_len);
+    // Q, K and V tiles by the copy engine (Rust: `tma::head_rows`; rows past q_len or kv_len zero),
+    // two 64-column boxes each, counted by an mbarrier per buffer and issued by one thread, where
+    // each of 128 threads issued 8 16-byte copies per tile with their addresses.
+    const uint32_t bar_q = base + WBAR_OFF, bar_k = bar_q + 8, bar_v = bar_q + 24;  // K stage i's at bar_k + 8i
+    if (threadIdx.x == 0) {
+        for (int i = 0; i < 4; i++) mbar_init(bar_q + 8 * i, 1);
+        mbar_init_fence();
+    }
+    __syncthreads();  // the barriers initialized before anyone names them
+    auto load = [&](uint32_t dst, const TmaMap& map, uint32_t bar, int head, int row) {
+        mbar_expect(bar, 2 * ATOM);
+        tma_load_4d(dst, map, bar, 0, head, row, b);
+        tma_load_4d(dst + ATOM, map, bar, 64, head, row, b);
+    };
+    if (threadIdx.x == 0 && kv_end > 0) load(base + WQ_OFF, tm_q, bar_q, h, qb * WQ);  // (waited for in the loop)
     // Key block kb's K into stage kb & 1, and its segment ids by plain stores that the next barrier
     // publishes; its V into the one V buffer (in the loop).
     auto issue_k = [&](int kb) {
-        copy_tile<64, 128>(base + WK_OFF + (kb & 1) * 2 * ATOM, k + kbase, kstride, kb * WK, g.kv_len);
+        if (threadIdx.x == 0) load(base + WK_OFF + (kb & 1) * 2 * ATOM, tm_k, bar_k + 8 * (kb & 1), grp, kb * WK);
         if (threadIdx.x < WK) {
             const int s = kb * WK + threadIdx.x;
             kseg[(kb & 1) * WK + threadIdx.x] = s < g.kv_len ? seg_of(seg, g, b, s) : 0u;
         }
     };
     if (kv_end > 0) issue_k(0);
-    cp_async_commit();  // Q with the first key block's K
 
     // O: accumulator value 4j + e is row r0 (e < 2) or r1, column 8j + 2·t4 + e % 2 (wgmma's m64nN
     // layout: each warp's 16 rows as mma.m16n8k16's C tiles side by side); S likewise over 64 keys.
@@ -143,13 +158,11 @@ extern "C" __global__ void __launch_bounds__(128, 3) flash_fwd_wgmma_hd128(const
     float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.f, l1 = 0.f;
     for (int kb = 0; kb * WK < kv_end; kb++) {
         const int buf = kb & 1;
-        cp_async_wait<0>();  // this thread's copies of K_kb (and Q) have landed ...
-        fence_proxy_async(); // ... visible to wgmma's reads ...
-        __syncthreads();     // ... everyone's too; every warp is done with S_{kb−1} and P·V_{kb−1}
-        copy_tile<64, 128>(base + WV_OFF, v + kbase, kstride, kb * WK, g.kv_len);
-        cp_async_commit();   // V_kb, then K_{kb+1} (possibly no copies): V's group completes first
+        if (kb == 0) mbar_wait(bar_q, 0);     // Q has landed ...
+        mbar_wait(bar_k + 8 * buf, (kb >> 1) & 1);  // ... and K_kb ...
+        __syncthreads();  // ... and the segment ids; every warp is done with S_{kb−1} and P·V_{kb−1}
+        if (threadIdx.x == 0) load(base + WV_OFF, tm_v, bar_v, grp, kb * WK);
         if ((kb + 1) * WK < kv_end) issue_k(kb + 1);
-        cp_async_commit();
         const uint32_t st = base + WK_OFF + buf * 2 * ATOM;
 
         // S = Q·Kᵀ over the head's 128 columns: 8 k16 steps, 32 bytes apart within each half.
@@ -235,9 +248,7 @@ extern "C" __global__ void __launch_bounds__(128, 3) flash_fwd_wgmma_hd128(const
             pa[kk][2] = pack_bf16(sc[8 * kk + 4], sc[8 * kk + 5]);
             pa[kk][3] = pack_bf16(sc[8 * kk + 6], sc[8 * kk + 7]);
         }
-        cp_async_wait<1>();   // this thread's copies of V_kb have landed (K_{kb+1}'s may fly) ...
-        fence_proxy_async();
-        __syncthreads();      // ... everyone's too
+        mbar_wait(bar_v, kb & 1);  // V_kb has landed (K_{kb+1} may fly)
         wgmma_fence();
 #pragma unroll
         for (int kk = 0; kk < WK / 16; kk++) wgmma_rs_n128_tb(o, pa[kk], desc_sw128_mn(base + WV_OFF + kk * 2048, ATOM), 1);
@@ -652,5 +663,32 @@ extern "C" __global__ void __launch_bounds__(BWD2_THREADS, 1) flash_bwd_wgmma_hd
     bulk_wait_read();  // the block's shared memory must outlive the copies' reads
 #else
     __trap();  // built for an arch without wgmma; the host never launches it there
+#endif
+}
+
+// ---- probe of the forward's tensor maps (tests) -------------------------------------------------
+// One 64-row tile of `map` (tma::head_rows) at (head, position t0, sequence b) by the copy engine, both
+// column halves, its 16 KB of shared memory copied as they landed to out: the GPU test compares them
+// byte for byte with copy_tile's layout. One block of 128 threads, 16 KB + 1 KB of dynamic shared memory.
+extern "C" __global__ void tma_probe(const __grid_constant__ TmaMap map, int head, int t0, int b, uint4* out) {
+#ifdef HAVE_WGMMA
+    extern __shared__ __align__(16) uint8_t dyn[];
+    __shared__ __align__(8) uint64_t bar_word;
+    const uint32_t raw = smem_addr(dyn), base = (raw + 1023) & ~1023u, bar = smem_addr(&bar_word);
+    if (threadIdx.x == 0) {
+        mbar_init(bar, 1);
+        mbar_init_fence();
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        mbar_expect(bar, 2 * 8192);
+        tma_load_4d(base, map, bar, 0, head, t0, b);
+        tma_load_4d(base + 8192, map, bar, 64, head, t0, b);
+    }
+    mbar_wait(bar, 0);
+    const uint4* tile = reinterpret_cast<const uint4*>(dyn + (base - raw));
+    for (int i = threadIdx.x; i < 16384 / 16; i += blockDim.x) out[i] = tile[i];
+#else
+    __trap();
 #endif
 }

@@ -8,6 +8,12 @@
 #define HAVE_WGMMA 1
 #endif
 
+// A tensor map (CUtensorMap: 128 opaque bytes, 64-byte aligned), passed by value as a
+// `const __grid_constant__` kernel parameter so that its address may be handed to the copy engine.
+struct alignas(64) TmaMap {
+    unsigned long long opaque[16];
+};
+
 #ifdef HAVE_WGMMA
 // Byte offset of 16-byte chunk `c` of row `r` in a 128-byte-swizzled tile: rows of 128 bytes (64
 // 16-bit values), chunk c stored at c ^ (r % 8), the tile 1024-aligned.
@@ -40,6 +46,27 @@ __device__ __forceinline__ void bulk_store(void* dst, uint32_t src, uint32_t byt
 }
 __device__ __forceinline__ void bulk_commit() { asm volatile("cp.async.bulk.commit_group;\n" ::: "memory"); }
 __device__ __forceinline__ void bulk_wait_read() { asm volatile("cp.async.bulk.wait_group.read 0;\n" ::: "memory"); }
+// Loads by the copy engine into shared memory, counted by an mbarrier: `mbar_init` (one thread, then
+// `mbar_init_fence` and a block barrier before any other thread or copy names it), `mbar_expect` (one
+// arrival that also adds `bytes` to the phase's awaited transfer count), `tma_load_4d` (one box of a tensor map, whose bytes count against the barrier as they
+// land) and `mbar_wait` (until the phase of the given parity has completed: its arrival and its bytes).
+__device__ __forceinline__ void mbar_init(uint32_t bar, uint32_t arrivals) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(arrivals) : "memory");
+}
+__device__ __forceinline__ void mbar_init_fence() { asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory"); }
+__device__ __forceinline__ void mbar_expect(uint32_t bar, uint32_t bytes) {
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
+    uint32_t done = 0;
+    while (!done)
+        asm volatile("{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}\n" : "=r"(done) : "r"(bar), "r"(parity) : "memory");
+}
+__device__ __forceinline__ void tma_load_4d(uint32_t dst, const TmaMap& map, uint32_t bar, int c0, int c1, int c2, int c3) {
+    asm volatile("cp.async.bulk.tensor.4d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4, %5}], [%6];\n" ::"r"(dst),
+                 "l"(reinterpret_cast<uint64_t>(&map)), "r"(c0), "r"(c1), "r"(c2), "r"(c3), "r"(bar)
+                 : "memory");
+}
 // Keeps the compiler from moving accesses to an accumulator across the asynchronous wgmma.
 __device__ __forceinline__ void pin(float& r) { asm volatile("" : "+f"(r)::"memory"); }
 #endif

@@ -3065,3 +3065,43 @@ fn smollm2_qlora_step_and_greedy_answer_match_the_cpu() {
     }
     assert!(greedy_ok, "greedy decoding: GPU tokens {:?} vs CPU {:?}, answer {:?}", b.tokens, a.tokens, b.text);
 }
+
+/// The wgmma backward's tensor maps (`tma::head_rows`) lay a 64-row tile into shared memory as
+/// kernels/flash_wgmma.cu `copy_tile<64, _>` does: 16-byte chunk c of row r in half c / 8 at
+/// r·128 + (c % 8 XOR r % 8)·16; positions past the sequence's length zero (not the next sequence's).
+/// On a mismatch it names the first chunk out of place and where its bytes landed, if anywhere.
+#[test]
+fn tma_boxes_match_copy_tile_layout() {
+    let (batch, len, heads) = (2, 100, 3);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(45);
+    let host: Vec<half::bf16> =
+        rnd(&mut rng, batch * len * heads * 128, 1.0).into_iter().map(half::bf16::from_f32).collect();
+    let place = |r: usize, c: usize| (c >> 3) * 8192 + r * 128 + (((c & 7) ^ (r & 7)) << 4);
+    for (head, t0, b) in [(1, 0, 1), (2, 64, 0)] {
+        let Some(got) = gpu().tma_probe(&host, (batch, len, heads), (head, t0, b)) else {
+            println!("no wgmma on this device: the tensor maps are not used");
+            return;
+        };
+        let chunk = |r: usize, c: usize| -> Vec<u8> {
+            let at = ((b * len + t0 + r) * heads + head) * 128 + 8 * c;
+            host[at..at + 8].iter().flat_map(|v| v.to_bits().to_le_bytes()).collect()
+        };
+        let valid = 64.min(len - t0);
+        let mut want = vec![0u8; 16384];
+        for r in 0..valid {
+            for c in 0..16 {
+                want[place(r, c)..place(r, c) + 16].copy_from_slice(&chunk(r, c));
+            }
+        }
+        if got != want {
+            let first = (0..1024).find(|&i| got[16 * i..16 * i + 16] != want[16 * i..16 * i + 16]).unwrap();
+            let src = (0..valid).flat_map(|r| (0..16).map(move |c| (r, c))).find(|&(r, c)| place(r, c) == 16 * first);
+            let landed =
+                src.and_then(|(r, c)| (0..1024).find(|&i| got[16 * i..16 * i + 16] == chunk(r, c)[..]).map(|i| 16 * i));
+            panic!(
+                "head {head}, position {t0}, sequence {b}: first chunk out of place at byte {} (row, chunk) {src:?}, found at byte {landed:?}",
+                16 * first
+            );
+        }
+    }
+}

@@ -4,7 +4,7 @@
 //! `rope_attention` of backend/mod.rs.
 
 use super::gemm::OperandView;
-use super::{grid_for, push_opt, Cuda};
+use super::{grid_for, push_opt, tma, Cuda};
 use crate::backend::{AttnShape, RopeTables};
 use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 use half::bf16;
@@ -28,9 +28,9 @@ pub(super) enum FlashQ<'a> {
 }
 
 /// Dynamic shared memory of kernels/flash_wgmma.cu's forward (`WSMEM`): Q, two stages of K and one of
-/// V, 64 rows × 128 bf16 each (16 KB), the two stages' 64 key segment ids, and 1,024 bytes of
-/// alignment slack (three blocks fit an SM).
-pub(super) const FLASH_WGMMA_SMEM: usize = 4 * 64 * 128 * 2 + 2 * 64 * 4 + 1024;
+/// V, 64 rows × 128 bf16 each (16 KB), the two stages' 64 key segment ids, four 8-byte mbarriers, and
+/// 1,024 bytes of alignment slack (three blocks fit an SM).
+pub(super) const FLASH_WGMMA_SMEM: usize = 4 * 64 * 128 * 2 + 2 * 64 * 4 + 4 * 8 + 1024;
 
 /// Dynamic shared memory of kernels/flash_wgmma.cu's backward (`BWD2_SMEM`, `BWD2_SMEM_ROPE`): K and V
 /// (128 rows × 128 bf16 each), Q and dO of two steps (64 rows each), each warpgroup's dSᵀ (64 × 64
@@ -244,6 +244,18 @@ impl Cuda {
         b.arg(out).arg(lse);
         let g = flash_geom(sh);
         push_geom(&mut b, &g);
+        // The wgmma kernel reads its tiles by the copy engine, through tensor maps of q, k and v.
+        let maps = match (wgmma, q) {
+            (true, FlashQ::Bf16(q)) => {
+                let map = |t, rows| ck!(tma::head_rows(&self.stream, t, rows), "tensor map");
+                let kv_rows = (sh.batch, sh.kv_capacity, sh.kv_len, sh.kv_heads);
+                Some([map(q, (sh.batch, sh.q_len, sh.q_len, sh.heads)), map(kb, kv_rows), map(vb, kv_rows)])
+            }
+            _ => None,
+        };
+        for m in maps.iter().flatten() {
+            b.arg(m);
+        }
         // Query blocks of 64, the heaviest of every head first: flash.cu's on z; the wgmma kernel's on y
         // with the batch on z (one batch row's blocks together, sharing its K and V in L2).
         let query_blocks = sh.q_len.div_ceil(64) as u32;

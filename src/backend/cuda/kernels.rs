@@ -22,7 +22,7 @@ pub(super) fn kernel_names(module: &str) -> &'static [&'static str] {
             "flash_bwd_hd64",
             "flash_bwd_hd128",
         ],
-        "flash_wgmma" => &["flash_fwd_wgmma_hd128", "flash_bwd_wgmma_hd128"],
+        "flash_wgmma" => &["flash_fwd_wgmma_hd128", "flash_bwd_wgmma_hd128", "tma_probe"],
         "read_floor" => &["read_floor_u2", "read_floor_u4", "read_floor_u8", "read_floor_u16"],
         "decode_state" => &["argmax_f32", "decode_inputs_at_bf16", "decode_inputs_at_f16", "advance_position_f32"],
         "elementwise" => &[

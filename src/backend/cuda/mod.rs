@@ -192,6 +192,7 @@ mod quant4;
 mod read_floor;
 mod residual;
 mod shared_x;
+mod tma;
 mod weights;
 mod xent;
 use crate::backend::switch_on;
