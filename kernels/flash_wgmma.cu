@@ -560,7 +560,7 @@ extern "C" __global__ void __launch_bounds__(BWD2_THREADS, 1) flash_bwd_wgmma_hd
             wgmma_commit();
         }
         // dQ (64 queries × 64 columns) = dS (64 × the block's 128 keys) · K: warpgroup w takes K's half
-        // w (columns paired for RoPE, see copy_tile), the dSᵀ tiles of both warpgroups as one MN-major
+        // w (columns 64w.. in the head's order), the dSᵀ tiles of both warpgroups as one MN-major
         // A (warpgroup 1's 8 KB after warpgroup 0's: k16 steps 2048 bytes apart throughout), and hands
         // its columns to the writer: one reduction per value of the step, not one per warpgroup.
         fence_proxy_async();  // this thread's dSᵀ stores, visible to wgmma ...
