@@ -671,6 +671,7 @@ extern "C" __global__ void __launch_bounds__(BWD2_THREADS, 1) flash_bwd_wgmma_hd
 // column halves, its 16 KB of shared memory copied as they landed to out: the GPU test compares them
 // byte for byte with copy_tile's layout. One block of 128 threads, 16 KB + 1 KB of dynamic shared memory.
 extern "C" __global__ void tma_probe(const __grid_constant__ TmaMap map, int head, int t0, int b, uint4* out) {
+    grid_dependency_wait();
 #ifdef HAVE_WGMMA
     extern __shared__ __align__(16) uint8_t dyn[];
     __shared__ __align__(8) uint64_t bar_word;
