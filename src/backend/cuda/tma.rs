@@ -62,7 +62,7 @@ pub(super) fn head_rows(
 }
 
 impl super::Cuda {
-    /// One 64-row tile of [`head_rows`]' map over `host` (`batch` sequences of `len` positions of
+    /// One 64-row tile of `head_rows`' map over `host` (`batch` sequences of `len` positions of
     /// `heads` head vectors) at (`head`, position `t0`, sequence `b`), both column halves, as the copy
     /// engine lays them into shared memory (16,384 bytes; kernels/flash_wgmma.cu `tma_probe`), for the
     /// test that holds them to copy_tile's layout. `None` without wgmma (the maps serve only the wgmma
