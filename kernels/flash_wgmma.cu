@@ -102,7 +102,8 @@ static_assert(3 * (WSMEM + 1024) <= 228 * 1024, "three forward blocks per SM");
 // q (batch, q_len, heads, 128) bf16, rotated; k, v (batch, kv_cap, kv_heads, 128) bf16, rows from
 // kv_len on never read; out (batch, q_len, heads, 128) f32; lse (batch, heads, q_len), natural log of
 // Σ exp(score); tm_q, tm_k, tm_v: tensor maps over q, k and v (tma::head_rows), through which the
-// tiles are read. Grid (heads, query blocks of 64 heaviest first, batch), 128 threads, WSMEM bytes.
+// tiles are read (the pointers are not read: the launcher, shared with flash.cu, passes the buffers
+// themselves, which is also how cudarc tracks the launch's reads). Grid (heads, query blocks of 64 heaviest first, batch), 128 threads, WSMEM bytes.
 extern "C" __global__ void __launch_bounds__(128, 3) flash_fwd_wgmma_hd128(const __nv_bfloat16* q, const __nv_bfloat16* k, const __nv_bfloat16* v, const uint32_t* seg, float* out, float* lse, FGEOM_ARGS,
                                                                                const __grid_constant__ TmaMap tm_q, const __grid_constant__ TmaMap tm_k, const __grid_constant__ TmaMap tm_v) {
     grid_dependency_wait();

@@ -3066,7 +3066,7 @@ fn smollm2_qlora_step_and_greedy_answer_match_the_cpu() {
     assert!(greedy_ok, "greedy decoding: GPU tokens {:?} vs CPU {:?}, answer {:?}", b.tokens, a.tokens, b.text);
 }
 
-/// The wgmma backward's tensor maps (`tma::head_rows`) lay a 64-row tile into shared memory as
+/// The wgmma forward's tensor maps (`tma::head_rows`) lay a 64-row tile into shared memory as
 /// kernels/flash_wgmma.cu `copy_tile<64, _>` does: 16-byte chunk c of row r in half c / 8 at
 /// r·128 + (c % 8 XOR r % 8)·16; positions past the sequence's length zero (not the next sequence's).
 /// On a mismatch it names the first chunk out of place and where its bytes landed, if anywhere.
